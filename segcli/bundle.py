@@ -1,0 +1,380 @@
+"""Model bundles: a folder with ``segcli.json`` (versioned schema) and safetensors weights.
+
+Everything inference needs (classes, input size S, padding, thresholds, normalisation) lives in
+the bundle, not in CLI defaults, so a bundle trained with ``segcli train`` predicts with no
+further flags. Loading never unpickles: weights are safetensors, and a ``.pt`` file goes through
+``torch.load(weights_only=True)``. Every file path is checked to stay inside the bundle folder and
+its SHA-256 is verified before use.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from segcli.errors import BundleError
+
+SCHEMA_VERSION = 1
+BUNDLE_FILE = "segcli.json"
+METHODS = ("stts", "refine", "direct", "sliding")
+ROLES = ("coarse", "fine")
+
+#: Method parameters and their defaults; a bundle overrides them, CLI flags override the bundle.
+DEFAULT_PARAMS: dict[str, Any] = {
+    "threshold": 0.5,
+    "pad": None,  # None → input_size // 8 (the reference's k)
+    "keep_aspect": True,
+    "min_side": 5,
+    "min_component": 1,
+    "keep_coarse": False,
+    "patches": 8,
+    "criterion": "pixel",
+    "refine_threshold": None,
+    "patch_size": None,  # refine: full-resolution patch side, None → fine input size
+    "overlap": 0.25,
+    "batch_size": 16,
+    "min_volume": 1,
+}
+
+
+def models_dir() -> Path:
+    """Where shipped bundles live: ``$SEGCLI_MODELS`` or the repository's ``models/`` folder."""
+    env = os.environ.get("SEGCLI_MODELS")
+    return Path(env) if env else Path(__file__).resolve().parent.parent / "models"
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _inside(root: Path, rel: str, what: str) -> Path:
+    """Resolve ``rel`` under ``root`` and refuse anything that escapes it (absolute, ``..``, symlinks)."""
+    if not isinstance(rel, str) or not rel or os.path.isabs(rel):
+        raise BundleError(f"{what} path {rel!r} must be a relative path inside the bundle", root)
+    target = (root / rel).resolve()
+    base = root.resolve()
+    if target != base and base not in target.parents:
+        raise BundleError(f"{what} path {rel!r} escapes the bundle folder; refused", root)
+    return target
+
+
+@dataclass
+class NetworkSpec:
+    arch: str
+    config: dict[str, Any]
+    weights: str
+    sha256: str | None = None
+    onnx: str | None = None
+    onnx_sha256: str | None = None
+
+
+@dataclass
+class Bundle:
+    path: Path
+    name: str
+    method: str
+    classes: list[str]
+    in_channels: int
+    input_size: int
+    normalization: dict[str, Any]
+    networks: dict[str, NetworkSpec]
+    params: dict[str, Any] = field(default_factory=dict)
+    info: dict[str, Any] = field(default_factory=dict)
+    training: dict[str, Any] = field(default_factory=dict)
+    raw: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def n_classes(self) -> int:
+        return len(self.classes)
+
+    def param(self, key: str) -> Any:
+        v = self.params.get(key, DEFAULT_PARAMS.get(key))
+        if key == "pad" and v is None:
+            return self.input_size // 8
+        return v
+
+    def network(self, role: str) -> NetworkSpec:
+        """The network for ``role``; a one-network bundle serves both roles (direct training)."""
+        if role in self.networks:
+            return self.networks[role]
+        other = "fine" if role == "coarse" else "coarse"
+        if other in self.networks:
+            return self.networks[other]
+        raise BundleError(f"bundle has no {role!r} network", self.path)
+
+    def weights_path(self, role: str) -> Path:
+        return _inside(self.path, self.network(role).weights, "weights")
+
+    def verify(self) -> list[str]:
+        """Problems with the bundle's files (missing, hash mismatch); empty when all is well."""
+        problems = []
+        for role, spec in self.networks.items():
+            for rel, digest in ((spec.weights, spec.sha256), (spec.onnx, spec.onnx_sha256)):
+                if rel is None:
+                    continue
+                try:
+                    p = _inside(self.path, rel, "weights")
+                except BundleError as exc:
+                    problems.append(str(exc))
+                    continue
+                if not p.is_file():
+                    problems.append(f"{role}: file {rel} is missing")
+                elif digest and sha256_file(p) != digest:
+                    problems.append(f"{role}: {rel} does not match its recorded SHA-256 (corrupted or tampered)")
+        return problems
+
+    def load_module(self, role: str, verify: bool = True):
+        """Build the role's network and load its weights (safely)."""
+        from segcli.nets import build
+
+        spec = self.network(role)
+        path = self.weights_path(role)
+        if not path.is_file():
+            raise BundleError(f"weights file {spec.weights} is missing", self.path)
+        if verify and spec.sha256 and sha256_file(path) != spec.sha256:
+            raise BundleError(f"{spec.weights} does not match its recorded SHA-256 (corrupted or tampered); refused", self.path)
+        cfg = {"in_channels": self.in_channels, "out_channels": _out_channels(self.n_classes), **spec.config}
+        module = build(spec.arch, **cfg)
+        state = load_state_dict(path)
+        _check_state(module, state, path)
+        module.load_state_dict(state, strict=True)
+        return module.eval()
+
+    def summary(self) -> dict[str, Any]:
+        size = sum(p.stat().st_size for p in self.path.rglob("*") if p.is_file())
+        return {
+            "name": self.name,
+            "path": str(self.path),
+            "method": self.method,
+            "task": self.info.get("task", ""),
+            "classes": self.classes,
+            "input_size": self.input_size,
+            "networks": {r: s.arch for r, s in self.networks.items()},
+            "size_bytes": size,
+            "val_score": self.training.get("val_score"),
+            "default_for": self.info.get("default_for", []),
+        }
+
+
+def _out_channels(n_classes: int) -> int:
+    return 1 if n_classes == 2 else n_classes
+
+
+def load_state_dict(path: Path) -> dict[str, Any]:
+    """Read weights without ever unpickling untrusted data."""
+    import torch
+
+    suffix = path.suffix.lower()
+    try:
+        if suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            state = load_file(str(path))
+        elif suffix in (".pt", ".pth", ".ckpt"):
+            try:
+                state = torch.load(path, map_location="cpu", weights_only=True)
+            except Exception as exc:  # the unpickler refused something: that is the point
+                raise BundleError(f"refusing to load {path.name}: it is not a plain weights file ({type(exc).__name__})", path) from None
+            if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
+                state = state["state_dict"]
+        else:
+            raise BundleError(f"unsupported weights format {suffix!r}; use .safetensors", path)
+    except BundleError:
+        raise
+    except Exception as exc:
+        raise BundleError(f"cannot read weights: {exc}", path) from None
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise BundleError("weights file does not hold a flat dict of tensors", path)
+    return {k: (v.float() if v.is_floating_point() else v) for k, v in state.items()}
+
+
+def _check_state(module, state: dict[str, Any], path: Path) -> None:
+    own = module.state_dict()
+    missing = sorted(set(own) - set(state))
+    extra = sorted(set(state) - set(own))
+    if missing or extra:
+        raise BundleError(
+            f"weights do not fit the architecture (missing {len(missing)} e.g. {missing[:2]}, unexpected {len(extra)} e.g. {extra[:2]})",
+            path,
+        )
+    for k, v in own.items():
+        if tuple(v.shape) != tuple(state[k].shape):
+            raise BundleError(f"shape mismatch for {k}: bundle {tuple(state[k].shape)} vs network {tuple(v.shape)} (wrong class or channel count?)", path)
+
+
+def _migrate(raw: dict[str, Any], path: Path) -> dict[str, Any]:
+    """Explicit schema migrations live here; an unknown version is refused, never guessed."""
+    version = raw.get("schema_version")
+    if version == SCHEMA_VERSION:
+        return raw
+    raise BundleError(f"unsupported bundle schema_version {version!r} (this segcli reads version {SCHEMA_VERSION})", path / BUNDLE_FILE)
+
+
+def resolve_model(model: str | os.PathLike[str] | None, kind: str = "2d") -> Path:
+    """A bundle folder from a path, a shipped bundle name, or None for the default of ``kind``."""
+    if model is None:
+        name = default_model_name(kind)
+        if name is None:
+            raise BundleError(f"no default model for {kind} inputs in {models_dir()}; pass --model")
+        return models_dir() / name
+    p = Path(model)
+    if p.is_dir() or p.name == BUNDLE_FILE:
+        return p.parent if p.name == BUNDLE_FILE else p
+    candidate = models_dir() / str(model)
+    if "/" not in str(model) and candidate.is_dir():
+        return candidate
+    known = ", ".join(b.name for b in list_models()) or "none"
+    raise BundleError(f"no bundle at {model!r} and no shipped model of that name (shipped: {known})")
+
+
+def default_model_name(kind: str) -> str | None:
+    """The default named in ``models/index.json`` for ``kind`` ("volume" or "2d")."""
+    index = models_dir() / "index.json"
+    try:
+        data = json.loads(index.read_text())
+    except (OSError, ValueError):
+        return None
+    return (data.get("default_by_kind") or {}).get(kind) or data.get("default")
+
+
+def load_bundle(model: str | os.PathLike[str] | None = None, kind: str = "2d") -> Bundle:
+    """Load and validate a bundle; every problem is a one-line BundleError naming the file."""
+    root = resolve_model(model, kind)
+    cfg_path = root / BUNDLE_FILE
+    if not cfg_path.is_file():
+        raise BundleError(f"not a segcli bundle (no {BUNDLE_FILE})", root)
+    try:
+        raw = json.loads(cfg_path.read_text())
+    except (OSError, ValueError) as exc:
+        raise BundleError(f"cannot parse: {exc}", cfg_path) from None
+    if not isinstance(raw, dict):
+        raise BundleError("must hold a JSON object", cfg_path)
+    raw = _migrate(raw, root)
+    try:
+        nets = {
+            role: NetworkSpec(
+                arch=str(n["arch"]),
+                config=dict(n.get("config", {})),
+                weights=n["weights"],
+                sha256=n.get("sha256"),
+                onnx=n.get("onnx"),
+                onnx_sha256=n.get("onnx_sha256"),
+            )
+            for role, n in raw["networks"].items()
+        }
+        bundle = Bundle(
+            path=root,
+            name=str(raw.get("name", root.name)),
+            method=str(raw["method"]),
+            classes=[str(c) for c in raw["classes"]],
+            in_channels=int(raw["in_channels"]),
+            input_size=int(raw["input_size"]),
+            normalization=dict(raw["normalization"]),
+            networks=nets,
+            params=dict(raw.get("params", {})),
+            info=dict(raw.get("info", {})),
+            training=dict(raw.get("training", {})),
+            raw=raw,
+        )
+    except (KeyError, TypeError, ValueError) as exc:
+        raise BundleError(f"malformed bundle: missing or bad field {exc}", cfg_path) from None
+    if bundle.method not in METHODS:
+        raise BundleError(f"unknown method {bundle.method!r}", cfg_path)
+    if bundle.n_classes < 2:
+        raise BundleError("a bundle needs at least 2 classes (background and one more)", cfg_path)
+    if not nets or not set(nets) <= set(ROLES):
+        raise BundleError(f"networks must be among {ROLES}, got {sorted(nets)}", cfg_path)
+    if bundle.input_size < 8:
+        raise BundleError(f"input_size {bundle.input_size} is too small", cfg_path)
+    from segcli import normalize
+
+    try:
+        normalize.validate(bundle.normalization)
+    except ValueError as exc:
+        raise BundleError(str(exc), cfg_path) from None
+    for role in nets:
+        bundle.weights_path(role)  # path-traversal check up front
+    return bundle
+
+
+def list_models() -> list[Bundle]:
+    """Shipped bundles (folders of models/ with a segcli.json), sorted by name; broken ones skipped."""
+    out = []
+    root = models_dir()
+    if not root.is_dir():
+        return out
+    for d in sorted(root.iterdir()):
+        if (d / BUNDLE_FILE).is_file():
+            try:
+                out.append(load_bundle(d))
+            except Exception:  # listed as broken by `segcli models --verify`, not here
+                continue
+    return out
+
+
+def save_bundle(
+    path: str | os.PathLike[str],
+    *,
+    name: str,
+    method: str,
+    classes: list[str],
+    in_channels: int,
+    input_size: int,
+    normalization: dict[str, Any],
+    networks: dict[str, tuple[str, dict[str, Any], Any]],
+    params: dict[str, Any] | None = None,
+    info: dict[str, Any] | None = None,
+    training: dict[str, Any] | None = None,
+    half: bool = False,
+) -> Path:
+    """Write a bundle: ``networks`` maps role → (arch, config, module). ``half`` stores fp16 weights.
+
+    The JSON is written last and atomically, so a folder with a ``segcli.json`` is always complete.
+    """
+    from safetensors.torch import save_file
+
+    root = Path(path)
+    root.mkdir(parents=True, exist_ok=True)
+    if method not in METHODS:
+        raise BundleError(f"unknown method {method!r}")
+    nets: dict[str, Any] = {}
+    for role, (arch, config, module) in networks.items():
+        if role not in ROLES:
+            raise BundleError(f"unknown network role {role!r}")
+        state = {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}
+        if half:
+            state = {k: (v.half() if v.is_floating_point() else v) for k, v in state.items()}
+        fname = f"{role}.safetensors"
+        tmp = root / f".{fname}.partial"
+        save_file(state, str(tmp), metadata={"arch": arch})
+        os.replace(tmp, root / fname)
+        nets[role] = {"arch": arch, "config": config, "weights": fname, "sha256": sha256_file(root / fname)}
+    doc = {
+        "schema_version": SCHEMA_VERSION,
+        "name": name,
+        "method": method,
+        "classes": list(classes),
+        "in_channels": int(in_channels),
+        "input_size": int(input_size),
+        "normalization": normalization,
+        "networks": nets,
+        "params": params or {},
+        "info": info or {},
+        "training": training or {},
+    }
+    write_json_atomic(root / BUNDLE_FILE, doc)
+    return root
+
+
+def write_json_atomic(path: Path, doc: Any) -> None:
+    tmp = path.with_name(f".{path.name}.partial-{os.getpid()}")
+    tmp.write_text(json.dumps(doc, indent=2) + "\n")
+    os.replace(tmp, path)

@@ -1,0 +1,404 @@
+"""The command line: parse, call :mod:`segcli.api`, report. No segmentation logic lives here.
+
+stdout carries data (``--json``); stderr carries messages and progress. Exit codes:
+0 everything succeeded, 1 some inputs failed (each is named), 2 usage error, 3 internal error
+(a segcli bug: a short message plus the path of a log with the traceback), 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from segcli import __version__
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_BUG, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
+
+app = typer.Typer(
+    name="segcli",
+    help=(
+        "Coarse-to-fine segmentation of large medical images (segment-then-segment, uncertainty-patch "
+        "refinement). Exit codes: 0 ok, 1 some inputs failed, 2 usage error, 3 internal error, 130 interrupted."
+    ),
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+log = logging.getLogger("segcli")
+
+
+def _stderr_console(quiet: bool = False):
+    from rich.console import Console
+
+    return Console(stderr=True, quiet=quiet, no_color=bool(os.environ.get("NO_COLOR")), highlight=False)
+
+
+def _setup_logging(log_file: Path | None) -> Path | None:
+    log.setLevel(logging.DEBUG)
+    if log_file is not None:
+        handler = logging.FileHandler(log_file, encoding="utf-8")
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+        log.addHandler(handler)
+    return log_file
+
+
+def _bug(exc: BaseException, log_file: Path | None) -> None:
+    """A segcli bug: one short line on stderr, the traceback in a log file."""
+    tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+    if log_file is None:
+        fd, name = tempfile.mkstemp(prefix="segcli-crash-", suffix=".log")
+        with os.fdopen(fd, "w") as f:
+            f.write(tb)
+        log_file = Path(name)
+    else:
+        log.error("internal error\n%s", tb)
+    print(f"segcli: internal error ({type(exc).__name__}: {exc}); this is a bug, traceback in {log_file}", file=sys.stderr)
+
+
+def _fail(message: str, code: int) -> typer.Exit:
+    print(f"segcli: error: {message}", file=sys.stderr)
+    return typer.Exit(code)
+
+
+def _read_stdin_paths() -> list[Path]:
+    return [Path(line.rstrip("\n")) for line in sys.stdin if line.strip()]
+
+
+def _expand_inputs(inputs: list[Path], output: Path | None) -> list[tuple[Path, Path | None]]:
+    """(input, root) pairs: files as given, folders walked recursively (root kept to mirror layout)."""
+    from segcli import io
+
+    out: list[tuple[Path, Path | None]] = []
+    for p in inputs:
+        if str(p) == "-":
+            out.extend((q, None) for q in _read_stdin_paths())
+        elif p.is_dir() and not io.is_image_path(p):
+            for q in io.list_images(p):
+                if output is not None and _is_within(q, output):
+                    continue
+                if q.name.split(".")[0].endswith(("_seg", "_probs")):
+                    continue  # our own outputs from an earlier run beside the inputs
+                out.append((q, p))
+        else:
+            out.append((p, None))
+    return out
+
+
+def _is_within(p: Path, folder: Path) -> bool:
+    try:
+        p.resolve().relative_to(folder.resolve())
+        return True
+    except (ValueError, OSError):
+        return False
+
+
+@app.command()
+def predict(
+    inputs: Annotated[list[Path], typer.Argument(help="Images, volumes, DICOM folders or folders of them; '-' reads paths from stdin.")],
+    output: Annotated[Path | None, typer.Option("-o", "--output", help="Output file (one input) or folder. Default: beside each input, as NAME_seg.EXT.")] = None,
+    model: Annotated[str | None, typer.Option("-m", "--model", help="Bundle folder or shipped model name (see `segcli models`). Default: models/index.json.")] = None,
+    method: Annotated[str | None, typer.Option(help="stts | refine | direct | sliding (default: the bundle's).")] = None,
+    backend: Annotated[str, typer.Option(help="torch | onnx")] = "torch",
+    device: Annotated[str, typer.Option(help="auto | cpu | cuda | cuda:N")] = "auto",
+    threads: Annotated[int | None, typer.Option(help="Intra-op threads (default: the cores really available).")] = None,
+    channels: Annotated[str, typer.Option(help="keep | grey | rgb: explicit channel conversion when the image and model differ.")] = "keep",
+    size: Annotated[int | None, typer.Option(help="Network input size S (default: the bundle's).")] = None,
+    pad: Annotated[int | None, typer.Option(help="stts: crop padding k in full-resolution px (default S//8).")] = None,
+    threshold: Annotated[float | None, typer.Option(help="Foreground probability threshold (binary models).")] = None,
+    keep_coarse: Annotated[bool | None, typer.Option("--keep-coarse/--no-keep-coarse", help="stts: keep the rough mask where no crop reached.")] = None,
+    square_resize: Annotated[bool, typer.Option("--square-resize", help="Rough pass squashes the image to S×S (the reference) instead of keeping the aspect ratio.")] = False,
+    patches: Annotated[int | None, typer.Option(help="refine: number of patches refined at full resolution.")] = None,
+    criterion: Annotated[str | None, typer.Option(help="refine: patch ranking, 'pixel' (mean per-pixel uncertainty) or 'mean' (|mean - 0.5|).")] = None,
+    refine_threshold: Annotated[float | None, typer.Option(help="refine: refine every patch whose uncertainty exceeds this.")] = None,
+    patch_size: Annotated[int | None, typer.Option(help="refine: patch side in full-resolution px (default S).")] = None,
+    overlap: Annotated[float | None, typer.Option(help="sliding: tile overlap fraction.")] = None,
+    batch_size: Annotated[int | None, typer.Option(help="Fine-pass batch size.")] = None,
+    min_volume: Annotated[int | None, typer.Option(help="Volumes, stts: drop rough 3D components smaller than this (rough voxels).")] = None,
+    probabilities: Annotated[bool, typer.Option("--probabilities", help="Also write float32 class probabilities (NAME_seg_probs.EXT).")] = False,
+    skip_existing: Annotated[bool, typer.Option("--skip-existing", help="Skip inputs whose mask already exists (resume a batch).")] = False,
+    half: Annotated[bool, typer.Option("--half", help="fp16 autocast on CUDA.")] = False,
+    quiet: Annotated[bool, typer.Option("-q", "--quiet", help="Only errors on stderr.")] = False,
+    json_out: Annotated[bool, typer.Option("--json", help="Print a machine-readable summary on stdout.")] = False,
+    log_file: Annotated[Path | None, typer.Option(help="Write a full debug log (timings per stage) here.")] = None,
+) -> None:
+    """Segment images and volumes; a batch goes on past bad files and exits 1 if any failed."""
+    from segcli.api import Segmenter
+    from segcli.errors import BundleError, SegcliError
+
+    _setup_logging(log_file)
+    console = _stderr_console(quiet)
+    try:
+        seg = Segmenter(
+            model, method=method, backend=backend, device=device, threads=threads, channels=channels, half=half,
+            size=size,
+            overrides={
+                "pad": pad, "threshold": threshold, "keep_coarse": keep_coarse, "keep_aspect": False if square_resize else None,
+                "patches": patches, "criterion": criterion, "refine_threshold": refine_threshold, "patch_size": patch_size,
+                "overlap": overlap, "batch_size": batch_size, "min_volume": min_volume,
+            },
+        )
+        if criterion is not None and criterion not in ("pixel", "mean"):
+            raise _fail(f"--criterion must be 'pixel' or 'mean', not {criterion!r}", EXIT_USAGE)
+        if model is not None:
+            seg.bundle_for("2d")  # a bad --model is a usage error, reported once, not per file
+        items = _expand_inputs(inputs, output)
+    except BundleError as exc:
+        raise _fail(str(exc), EXIT_USAGE) from None
+    except SegcliError as exc:
+        raise _fail(str(exc), exc.exit_code) from None
+    if not items:
+        raise _fail("no input images found", EXIT_USAGE)
+    if len(items) > 1 and output is not None and output.suffix and not output.is_dir():
+        raise _fail(f"-o {output} looks like a file but there are {len(items)} inputs; give a folder", EXIT_USAGE)
+    if output is not None and (len(items) > 1 or any(root for _, root in items)):
+        output.mkdir(parents=True, exist_ok=True)
+
+    reports = []
+    t_start = time.perf_counter()
+    progress_ctx = _progress(console, quiet)
+    with progress_ctx as prog:
+        overall = prog.add_task("files", total=len(items)) if prog else None
+        for path, root in items:
+            stage_task = prog.add_task(f"  {path.name}", total=None) if prog else None
+
+            def on_progress(stage: str, done: int, total: int, _t=stage_task, _n=path.name) -> None:
+                if prog is not None:
+                    prog.update(_t, description=f"  {_n}: {stage}", completed=done, total=total)
+
+            try:
+                rep = seg.predict_file(path, output, probabilities=probabilities, skip_existing=skip_existing,
+                                       input_root=root, progress=on_progress)
+            except KeyboardInterrupt:
+                print("segcli: interrupted; rerun with --skip-existing to resume", file=sys.stderr)
+                raise typer.Exit(EXIT_INTERRUPTED) from None
+            except Exception as exc:  # a bug on one file must not kill the batch
+                from segcli.api import FileReport
+
+                _bug(exc, log_file)
+                rep = FileReport(input=str(path), status="failed", error=f"{path}: internal error ({type(exc).__name__})")
+            reports.append(rep)
+            log.debug("file %s: %s", path, json.dumps(rep.to_dict(), default=str))
+            if prog is not None:
+                prog.remove_task(stage_task)
+                prog.advance(overall)
+            _report_line(console, rep)
+
+    failed = [r for r in reports if r.status == "failed"]
+    summary = {
+        "segcli": __version__,
+        "files": [r.to_dict() for r in reports],
+        "summary": {
+            "total": len(reports),
+            "ok": sum(r.status == "ok" for r in reports),
+            "empty": sum(r.status == "empty" for r in reports),
+            "skipped": sum(r.status == "skipped" for r in reports),
+            "failed": len(failed),
+            "seconds": round(time.perf_counter() - t_start, 3),
+        },
+    }
+    if json_out:
+        sys.stdout.write(json.dumps(summary, indent=2, default=str) + "\n")
+    if failed:
+        print(f"segcli: {len(failed)} of {len(reports)} input(s) failed:", file=sys.stderr)
+        for r in failed:
+            print(f"  {r.error}", file=sys.stderr)
+        raise typer.Exit(EXIT_FAILED)
+
+
+class _NoProgress:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *a):
+        return False
+
+
+def _progress(console, quiet: bool):
+    """A rich progress display on a TTY; nothing at all when stderr is piped or --quiet."""
+    if quiet or not console.is_terminal:
+        return _NoProgress()
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                    console=console, transient=True)
+
+
+def _report_line(console, rep) -> None:
+    if rep.status == "failed":
+        console.print(f"[red]failed[/red]  {rep.error}", markup=True, soft_wrap=True)
+        return
+    for w in rep.warnings:
+        console.print(f"[yellow]warning[/yellow] {rep.input}: {w}", markup=True, soft_wrap=True)
+    if rep.status == "skipped":
+        console.print(f"skipped {rep.input} (exists: {rep.output})", soft_wrap=True)
+        return
+    found = ", ".join(f"{k} {v}" for k, v in rep.voxel_counts.items() if v) or "nothing found"
+    console.print(f"ok      {rep.input} -> {rep.output}  ({rep.seconds.get('total', 0):.2f} s; {found})",
+                  soft_wrap=True, markup=False)
+
+
+@app.command("models")
+def models_cmd(
+    verify: Annotated[bool, typer.Option("--verify", help="Check every bundle's weights against its recorded SHA-256.")] = False,
+    archs: Annotated[bool, typer.Option("--archs", help="List the registered network architectures instead.")] = False,
+    json_out: Annotated[bool, typer.Option("--json")] = False,
+) -> None:
+    """List the shipped model bundles (or the architectures), one line each."""
+    from segcli.bundle import BUNDLE_FILE, load_bundle, models_dir
+    from segcli.errors import SegcliError
+
+    if archs:
+        from segcli.nets import available
+
+        rows = [{"name": n, "description": s.description, "defaults": s.defaults} for n, s in sorted(available().items())]
+        if json_out:
+            print(json.dumps(rows, indent=2))
+        else:
+            for r in rows:
+                print(f"{r['name']:<12} {r['description']}")
+        return
+    rows, bad = [], []
+    root = models_dir()
+    for d in sorted(root.iterdir()) if root.is_dir() else []:
+        if not (d / BUNDLE_FILE).is_file():
+            continue
+        try:
+            b = load_bundle(d)
+            row = b.summary()
+            if verify:
+                problems = b.verify()
+                row["verified"] = not problems
+                if problems:
+                    bad.append(f"{d}: {'; '.join(problems)}")
+            rows.append(row)
+        except SegcliError as exc:
+            bad.append(str(exc))
+    if json_out:
+        print(json.dumps(rows, indent=2, default=str))
+    else:
+        from segcli.bundle import default_model_name
+
+        defaults = {default_model_name("2d"): "default", default_model_name("volume"): "default (volumes)"}
+        for r in rows:
+            score = r.get("val_score")
+            score_s = f"val {score:.3f}" if isinstance(score, (int, float)) else "val n/a"
+            mark = defaults.get(r["name"], "")
+            print(f"{r['name']:<16} {r['method']:<7} {'/'.join(r['classes']):<34} S={r['input_size']:<4} "
+                  f"{r['size_bytes'] / 1e6:5.1f} MB  {score_s}  {r['task']} {mark}".rstrip())
+        if not rows:
+            print(f"no bundles in {root}")
+    for b in bad:
+        print(f"segcli: error: {b}", file=sys.stderr)
+    if bad:
+        raise typer.Exit(EXIT_FAILED)
+
+
+@app.command()
+def info(
+    paths: Annotated[list[Path], typer.Argument(help="Images, volumes or DICOM folders.")],
+    json_out: Annotated[bool, typer.Option("--json")] = False,
+) -> None:
+    """Size, spacing, dtype and intensity range of images."""
+    from segcli import io
+    from segcli.errors import SegcliError
+
+    results, failed = [], 0
+    for p in paths:
+        try:
+            d = io.describe(p)
+            results.append(d)
+            if not json_out:
+                print(f"{p}")
+                for k, v in d.items():
+                    if k != "path":
+                        print(f"  {k:<14} {v}")
+        except SegcliError as exc:
+            failed += 1
+            print(f"segcli: error: {exc}", file=sys.stderr)
+    if json_out:
+        print(json.dumps(results, indent=2, default=str))
+    if failed:
+        raise typer.Exit(EXIT_FAILED)
+
+
+@app.command()
+def doctor(json_out: Annotated[bool, typer.Option("--json")] = False) -> None:
+    """Versions, devices and runtimes actually usable here, and why not."""
+    from segcli.runtimes.device import available_cores
+
+    report: dict[str, Any] = {"segcli": __version__, "python": sys.version.split()[0], "cores_available": available_cores()}
+    try:
+        import torch
+
+        report["torch"] = torch.__version__
+        report["torch_cuda"] = torch.cuda.is_available()
+        report["torch_cuda_devices"] = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+    except Exception as exc:  # report, never crash
+        report["torch"] = f"unusable: {exc}"
+    try:
+        import onnxruntime as ort
+
+        report["onnxruntime"] = ort.__version__
+        report["ort_providers_built"] = ort.get_available_providers()
+    except Exception as exc:
+        report["onnxruntime"] = f"unusable: {exc}"
+    for mod in ("SimpleITK", "tifffile", "numpy", "scipy"):
+        try:
+            m = __import__(mod)
+            report[mod] = getattr(m, "__version__", getattr(m, "Version", lambda: "?")() if mod == "SimpleITK" else "?")
+        except Exception as exc:
+            report[mod] = f"missing: {exc}"
+    if json_out:
+        print(json.dumps(report, indent=2, default=str))
+    else:
+        for k, v in report.items():
+            print(f"{k:<22} {v}")
+
+
+def _register_optional() -> None:
+    import importlib
+    import importlib.util
+
+    if importlib.util.find_spec("segcli.cli_train") is not None:
+        importlib.import_module("segcli.cli_train").register(app)
+
+
+_register_optional()
+
+
+def version_callback(value: bool) -> None:
+    if value:
+        print(f"segcli {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(
+    version: Annotated[bool, typer.Option("--version", callback=version_callback, is_eager=True, help="Print the version.")] = False,
+) -> None:
+    """segcli: coarse-to-fine segmentation of large medical images."""
+
+
+def main() -> None:
+    """Entry point: usage errors exit 2 (click's convention), bugs exit 3 with a log path."""
+    try:
+        app()
+    except KeyboardInterrupt:
+        print("segcli: interrupted", file=sys.stderr)
+        sys.exit(EXIT_INTERRUPTED)
+    except SystemExit:
+        raise
+    except Exception as exc:
+        _bug(exc, None)
+        sys.exit(EXIT_BUG)

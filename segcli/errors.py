@@ -1,0 +1,46 @@
+"""One error family: every failure a user can cause is a SegcliError with a one-line message.
+
+The CLI turns a SegcliError into ``segcli: error: <message>`` and an exit code; anything else is
+treated as a bug (short message plus the path of a log holding the traceback).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+class SegcliError(Exception):
+    """Base class: ``str(err)`` is the one-line message shown to the user."""
+
+    exit_code = 1
+
+    def __init__(self, message: str, path: str | Path | None = None) -> None:
+        self.path = Path(path) if path is not None else None
+        self.message = message
+        super().__init__(f"{path}: {message}" if path is not None else message)
+
+
+class InputError(SegcliError):
+    """An input image is missing, unreadable, corrupt or of an unsupported shape."""
+
+
+class EmptyImageError(InputError):
+    """The image holds a single constant value: nothing to segment (a warning, not a failure)."""
+
+
+class BundleError(SegcliError):
+    """A model bundle is missing, malformed, of an unknown version or fails its checks."""
+
+
+class UsageError(SegcliError):
+    """Bad flags or a bad combination of options (exit code 2)."""
+
+    exit_code = 2
+
+
+class DeviceError(UsageError):
+    """A device or backend was asked for that this machine cannot provide."""
+
+
+class DatasetError(SegcliError):
+    """A training dataset is malformed (missing mask, size mismatch, label out of range)."""

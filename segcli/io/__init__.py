@@ -1,0 +1,448 @@
+"""Image I/O: one entry point that reads any supported image by its content, and writers that put the
+mask back with the input's exact geometry.
+
+Readers are chosen from the file's magic bytes, not its name, so a misnamed file is still read (with a
+warning) and a non-image gets a one-line error naming what it looks like. Heavy libraries
+(SimpleITK, tifffile, Pillow) are imported only when a file needs them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gzip
+import os
+import shutil
+import struct
+import tempfile
+import zlib
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from segcli.errors import InputError, UsageError
+from segcli.io.atomic import split_extension
+
+__all__ = [
+    "LoadedImage",
+    "default_output_path",
+    "describe",
+    "is_image_path",
+    "list_images",
+    "open_image",
+    "write_mask",
+    "write_probabilities",
+]
+
+# Output extensions by writer.
+_SITK_OUT = (".nii", ".nii.gz", ".mha", ".mhd", ".nrrd")
+_TIFF_OUT = (".tif", ".tiff", ".ome.tif", ".ome.tiff")
+_RASTER_OUT = (".png", ".bmp")
+
+# Extension -> the content kind it promises.
+_EXT_KIND = {
+    ".nii": "nifti",
+    ".nii.gz": "nifti-gz",
+    ".mha": "metaimage",
+    ".mhd": "metaimage",
+    ".nrrd": "nrrd",
+    ".nhdr": "nrrd",
+    ".dcm": "dicom",
+    ".tif": "tiff",
+    ".tiff": "tiff",
+    ".ome.tif": "tiff",
+    ".ome.tiff": "tiff",
+    ".btf": "tiff",
+    ".png": "png",
+    ".jpg": "jpeg",
+    ".jpeg": "jpeg",
+    ".bmp": "bmp",
+}
+# Content kind -> extension SimpleITK needs to pick its reader.
+_SITK_ALIAS = {"nifti": ".nii", "nifti-gz": ".nii.gz", "metaimage": ".mha", "nrrd": ".nrrd", "dicom": ".dcm"}
+_OTHER_SIGNATURES = (
+    (b"%PDF", "a PDF document"),
+    (b"PK\x03\x04", "a ZIP archive"),
+    (b"\x93NUMPY", "a NumPy .npy array"),
+    (b"\x89HDF", "an HDF5 file"),
+    (b"GIF8", "a GIF image (unsupported)"),
+    (b"\x00\x00\x00\x0cjP  ", "a JPEG 2000 image (unsupported)"),
+    (b"BZh", "bzip2-compressed data"),
+    (b"\xfd7zXZ", "xz-compressed data"),
+)
+
+
+@dataclass
+class LoadedImage:
+    """A decoded image: channel-last pixels plus what the writers need to reproduce its geometry."""
+
+    path: Path
+    kind: str  # "volume", "medical2d", "tiff" or "raster"
+    array: np.ndarray  # (H, W, C) or canonical (Z, Y, X, C)
+    spacing: tuple[float, ...] | None  # mm, array axis order
+    meta: dict = field(default_factory=dict)
+
+    @property
+    def ndim(self) -> int:
+        """Number of spatial axes (2 or 3)."""
+        return 3 if self.kind == "volume" else 2
+
+    @property
+    def spatial_shape(self) -> tuple[int, ...]:
+        """Array shape without the channel axis: the shape a mask must have."""
+        return tuple(self.array.shape[: self.ndim])
+
+    @property
+    def channels(self) -> int:
+        """Number of channels (1 for grey/scalar images)."""
+        return int(self.array.shape[-1])
+
+
+def _extension(path: Path) -> str:
+    return split_extension(path.name)[1].lower()
+
+
+def _looks_like(head: bytes) -> str:
+    """Human words for content no reader accepts, for the error message."""
+    for magic, words in _OTHER_SIGNATURES:
+        if head.startswith(magic):
+            return words
+    if head.startswith(b"RIFF") and head[8:12] == b"WEBP":
+        return "a WebP image (unsupported)"
+    try:
+        text = head.decode("utf-8")
+    except UnicodeDecodeError:
+        return "binary data"
+    return "text" if all(c.isprintable() or c in "\r\n\t" for c in text) else "binary data"
+
+
+def _nifti_magic(head: bytes) -> bool:
+    return len(head) >= 4 and (
+        struct.unpack("<i", head[:4])[0] in (348, 540) or struct.unpack(">i", head[:4])[0] in (348, 540)
+    )
+
+
+def _sniff(path: Path) -> str | None:
+    """Content kind from magic bytes, or None when no supported reader recognises it."""
+    with open(path, "rb") as fh:
+        head = fh.read(1024)
+    if head.startswith(b"\x1f\x8b"):
+        try:
+            with gzip.open(path, "rb") as gz:
+                inner = gz.read(4)
+        except (EOFError, OSError, zlib.error) as exc:
+            raise InputError(f"truncated or corrupt gzip data ({exc})", path) from None
+        if _nifti_magic(inner):
+            return "nifti-gz"
+        raise InputError("gzip-compressed file that is not a NIfTI image (only .nii.gz is supported)", path)
+    if head[:4] in (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+"):
+        return "tiff"
+    if head.startswith(b"\x89PNG\r\n\x1a\n"):
+        return "png"
+    if head.startswith(b"\xff\xd8\xff"):
+        return "jpeg"
+    if head.startswith(b"BM") and len(head) >= 26:
+        return "bmp"
+    if head.startswith(b"NRRD"):
+        return "nrrd"
+    if len(head) >= 132 and head[128:132] == b"DICM":
+        return "dicom"
+    if len(head) >= 348 and _nifti_magic(head) and head[344:347] in (b"n+1", b"ni1", b"n+2"):
+        return "nifti"
+    if b"ObjectType" in head or (b"NDims" in head and b"ElementType" in head):
+        return "metaimage"
+    return None
+
+
+@contextlib.contextmanager
+def _sitk_name(path: Path, content: str) -> Iterator[Path]:
+    """A path whose extension SimpleITK recognises for ``content``: the file itself or a temporary alias."""
+    want = _SITK_ALIAS[content]
+    ext = _extension(path)
+    if ext == want or (content == "metaimage" and ext == ".mhd") or (content == "nrrd" and ext == ".nhdr"):
+        yield path
+        return
+    with tempfile.TemporaryDirectory(prefix="segcli-") as tmp:
+        alias = Path(tmp) / f"image{want}"
+        try:
+            os.symlink(path.resolve(), alias)
+        except OSError:
+            shutil.copyfile(path, alias)
+        yield alias
+
+
+def open_image(path: Path | str, series_id: str | None = None) -> LoadedImage:
+    """Read any supported image (file or DICOM folder) into a :class:`LoadedImage`, by content."""
+    from segcli.io import medical
+
+    path = Path(path)
+    if path.is_dir():
+        return medical.read_dicom_folder(path, series_id)
+    if not path.exists():
+        raise InputError("file not found", path)
+    try:
+        if path.stat().st_size == 0:
+            raise InputError("file is empty (0 bytes)", path)
+        content = _sniff(path)
+    except PermissionError:
+        raise InputError("permission denied", path) from None
+    warnings: list[str] = []
+    ext = _extension(path)
+    if content is None:
+        if ext == ".dcm":  # DICOM without the 128-byte preamble: let GDCM try
+            content = "dicom"
+        else:
+            with open(path, "rb") as fh:
+                head = fh.read(64)
+            raise InputError(f"not a recognised image (content looks like {_looks_like(head)})", path)
+    claimed = _EXT_KIND.get(ext)
+    if claimed is not None and claimed != content and {claimed, content} != {"nifti", "nifti-gz"}:
+        warnings.append(f"{path}: extension {ext} does not match the content ({content}); read as {content}")
+    if content == "tiff":
+        from segcli.io.tiff import read_tiff
+
+        return read_tiff(path, warnings)
+    if content in ("png", "jpeg", "bmp"):
+        from segcli.io.raster import read_raster
+
+        return read_raster(path, warnings)
+    with _sitk_name(path, content) as readable:
+        return medical.read_file(path, readable, warnings)
+
+
+def _check_array(array: np.ndarray, like: LoadedImage, leading: int = 0) -> None:
+    shape = tuple(array.shape[leading:])
+    if shape != like.spatial_shape:
+        raise ValueError(f"array spatial shape {shape} does not match the input's {like.spatial_shape}")
+
+
+def write_mask(mask: np.ndarray, like: LoadedImage, path: Path | str) -> Path:
+    """Write a uint8 mask with ``like``'s exact geometry, atomically; the format follows ``path``."""
+    path = Path(path)
+    mask = np.asarray(mask)
+    if mask.dtype == bool:
+        mask = mask.astype(np.uint8)
+    if mask.dtype != np.uint8:
+        raise ValueError(f"masks must be uint8, got {mask.dtype}")
+    _check_array(mask, like)
+    ext = _extension(path)
+    if ext in _SITK_OUT:
+        from segcli.io import medical
+
+        medical.write_mask(mask, like, path)
+    elif ext in _TIFF_OUT:
+        from segcli.io.tiff import write_pages
+
+        write_pages(mask, like, path)
+    elif ext in _RASTER_OUT:
+        from segcli.io import raster
+
+        raster.write_mask(mask, like, path)
+    elif ext in (".jpg", ".jpeg"):
+        raise UsageError(
+            "masks are never written as JPEG (lossy compression corrupts labels); use .png", path
+        )
+    else:
+        raise UsageError(f"unsupported output extension {ext or '(none)'!r}", path)
+    return path
+
+
+def write_probabilities(probs: np.ndarray, like: LoadedImage, path: Path | str) -> Path:
+    """Write float32 (K, *spatial) class probabilities with ``like``'s geometry, atomically."""
+    path = Path(path)
+    probs = np.asarray(probs, dtype=np.float32)
+    _check_array(probs, like, leading=1)
+    ext = _extension(path)
+    if ext in _SITK_OUT:
+        from segcli.io import medical
+
+        medical.write_probabilities(probs, like, path)
+    elif ext in _TIFF_OUT:
+        from segcli.io.tiff import write_pages
+
+        write_pages(probs, like, path)
+    else:
+        raise UsageError(
+            f"probabilities are written as .nii.gz/.mha/.nrrd or .tif, not {ext or '(none)'!r}", path
+        )
+    return path
+
+
+def _output_extension(input_path: Path) -> str:
+    """Mask extension for an input: same family, but never JPEG and never a detached .mhd/.raw pair."""
+    if input_path.is_dir():
+        return ".nii.gz"
+    ext = _extension(input_path)
+    mapped = {
+        ".mhd": ".mha",
+        ".nhdr": ".nrrd",
+        ".dcm": ".nii.gz",
+        ".jpg": ".png",
+        ".jpeg": ".png",
+        ".btf": ".tif",
+    }
+    if ext in mapped:
+        return mapped[ext]
+    if ext in _SITK_OUT or ext in _TIFF_OUT or ext in _RASTER_OUT:
+        return ext
+    with contextlib.suppress(OSError, InputError):  # unknown name: go by content
+        content = _sniff(input_path)
+        if content == "tiff":
+            return ".tif"
+        if content in ("png", "jpeg", "bmp"):
+            return ".png"
+    return ".nii.gz"
+
+
+def default_output_path(
+    input_path: Path | str,
+    out: Path | str | None = None,
+    suffix: str = "_seg",
+    is_dir_input_root: Path | str | None = None,
+) -> Path:
+    """Where the mask for ``input_path`` goes: beside it, inside ``out`` (mirroring a walked tree), or ``out``."""
+    input_path = Path(input_path)
+    ext = _output_extension(input_path)
+    stem = input_path.name if input_path.is_dir() else split_extension(input_path.name)[0]
+    name = f"{stem}{suffix}{ext}"
+    if out is None:
+        return input_path.parent / name
+    out_is_dir = str(out).endswith(("/", os.sep)) or Path(out).is_dir()
+    out = Path(out)
+    if not out_is_dir and _extension(out) in (*_SITK_OUT, *_TIFF_OUT, *_RASTER_OUT, ".jpg", ".jpeg"):
+        return out
+    if is_dir_input_root is not None:
+        with contextlib.suppress(ValueError):
+            rel = input_path.parent.resolve().relative_to(Path(is_dir_input_root).resolve())
+            return out / rel / name
+    return out / name
+
+
+def _is_dicom_file(path: Path) -> bool:
+    try:
+        with open(path, "rb") as fh:
+            fh.seek(128)
+            return fh.read(4) == b"DICM"
+    except OSError:
+        return False
+
+
+def _is_dicom_dir(folder: Path, files: list[Path] | None = None) -> bool:
+    """A folder holding .dcm files, or files with DICOM magic that GDCM groups into a series."""
+    if files is None:
+        try:
+            files = [p for p in folder.iterdir() if p.is_file() and not p.name.startswith(".")]
+        except OSError:
+            return False
+    if any(p.suffix.lower() == ".dcm" for p in files):
+        return True
+    candidates = [p for p in files if _extension(p) not in _EXT_KIND]
+    if not any(_is_dicom_file(p) for p in candidates[:8]):
+        return False
+    from segcli.io.medical import dicom_series
+
+    return bool(dicom_series(folder))
+
+
+def is_image_path(p: Path | str) -> bool:
+    """True for a non-hidden file with a supported image extension, or a DICOM series folder."""
+    p = Path(p)
+    if p.name.startswith("."):
+        return False
+    if p.is_dir():
+        return _is_dicom_dir(p)
+    return p.is_file() and _extension(p) in _EXT_KIND
+
+
+def list_images(root: Path | str) -> list[Path]:
+    """All images under ``root`` (DICOM folders as single entries), sorted; safe on symlink loops."""
+    root = Path(root)
+    if not root.is_dir():
+        return [root] if is_image_path(root) else []
+    found: list[Path] = []
+    seen_dirs: set[str] = set()
+    seen_files: set[str] = set()
+    stack = [root]
+    while stack:
+        folder = stack.pop()
+        real = os.path.realpath(folder)
+        if real in seen_dirs:
+            continue
+        seen_dirs.add(real)
+        try:
+            entries = sorted(folder.iterdir())
+        except OSError:
+            continue
+        files, dirs = [], []
+        for entry in entries:
+            if entry.name.startswith("."):
+                continue
+            try:
+                if entry.is_dir():
+                    dirs.append(entry)
+                elif entry.is_file():
+                    files.append(entry)
+            except OSError:
+                continue
+        dicom = _is_dicom_dir(folder, files)
+        if dicom:
+            found.append(folder)
+        for f in files:
+            if _extension(f) not in _EXT_KIND or (dicom and _extension(f) == ".dcm"):
+                continue
+            real_file = os.path.realpath(f)
+            if real_file not in seen_files:
+                seen_files.add(real_file)
+                found.append(f)
+        stack.extend(reversed(dirs))
+    return sorted(found)
+
+
+def describe(path: Path | str, series_id: str | None = None) -> dict[str, Any]:
+    """Facts for ``segcli info``: geometry, dtype, intensity range and container details."""
+    path = Path(path)
+    image = open_image(path, series_id)
+    array = image.array
+    info: dict[str, Any] = {
+        "path": str(path),
+        "kind": image.kind,
+        "spatial_shape": list(image.spatial_shape),
+        "channels": image.channels,
+        "dtype": str(array.dtype),
+        "spacing": list(image.spacing) if image.spacing is not None else None,
+        "intensity": {
+            "min": float(array.min()),
+            "max": float(array.max()),
+            "mean": float(array.mean(dtype=np.float64)),
+        },
+        "warnings": list(image.meta.get("warnings", [])),
+    }
+    if image.meta.get("format") == "sitk":
+        from segcli.io.medical import data_file_size, describe_geometry
+
+        info.update(describe_geometry(image))
+        files = image.meta.get("files") or [path]
+        info["file_size"] = sum(data_file_size(Path(f)) for f in files)
+    else:
+        info["file_size"] = path.stat().st_size
+    if image.kind == "tiff":
+        meta = image.meta
+        keys = (
+            "pages",
+            "series",
+            "levels",
+            "axes",
+            "is_ome",
+            "is_bigtiff",
+            "compression",
+            "resolution",
+            "ome",
+        )
+        info["tiff"] = {k: meta[k] for k in keys}
+    if image.kind == "raster":
+        info["format"] = image.meta["pil_format"]
+        info["mode"] = image.meta["mode"]
+        info["dpi"] = image.meta["dpi"]
+    return info

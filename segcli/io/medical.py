@@ -1,0 +1,362 @@
+"""SimpleITK-backed volumes (NIfTI, MetaImage, NRRD, DICOM): canonical orientation in, exact geometry out.
+
+Volumes are handed to the rest of segcli in one canonical orientation (LPS: array axes S/I, A/P, L/R)
+so models see anatomy the same way whatever the scanner wrote; ``meta`` keeps the signed axis
+permutation that undoes it, so masks are written back with the input's exact size, spacing, origin
+and direction.
+"""
+
+from __future__ import annotations
+
+import gzip
+import os
+import re
+import struct
+import zlib
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from segcli.errors import InputError, UsageError
+
+if TYPE_CHECKING:
+    import SimpleITK as sitk
+
+    from segcli.io import LoadedImage
+
+MAX_VOXELS = 10**10
+# Deflate cannot compress better than ~1032:1, so a header promising more than this many bytes per
+# byte of file is lying (or the file is truncated) whatever the compression.
+MAX_EXPANSION = 2000
+CANONICAL = "LPS"
+
+
+def _short(exc: BaseException) -> str:
+    """One line out of ITK's multi-line exception text (the 'Description:' line when there is one)."""
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+    for ln in lines:
+        if ln.startswith("Description:"):
+            return ln.removeprefix("Description:").strip()[:200]
+    for ln in lines:
+        if "ERROR:" in ln:
+            message = re.sub(r"^\s*\w+\(0x[0-9a-fA-F]+\):\s*", "", ln.split("ERROR:", 1)[1])
+            if message.endswith(":") and lines[-1] != ln:  # NRRD puts the reason on the last line
+                message = f"{message} {lines[-1]}"
+            return message[:200]
+    return (lines[-1] if lines else type(exc).__name__)[:200]
+
+
+def data_file_size(path: Path) -> int:
+    """Bytes on disk holding the image, counting a .mhd/.nhdr header's detached data file."""
+    size = path.stat().st_size
+    if path.suffix.lower() not in (".mhd", ".nhdr"):
+        return size
+    with open(path, "rb") as fh:
+        header = fh.read(65536).decode("latin-1", "replace")
+    for line in header.splitlines():
+        key, sep, value = line.partition("=") if "=" in line else line.partition(":")
+        if sep and key.strip().lower() in ("elementdatafile", "data file", "datafile"):
+            data = path.parent / value.strip()
+            if data.is_file():
+                size += data.stat().st_size
+    return size
+
+
+def check_header(
+    reader: sitk.ImageFileReader, path: Path, n_files: int = 1, file_bytes: int | None = None
+) -> None:
+    """Refuse 4D, tiny and absurdly sized images from the header alone, before any pixel is allocated."""
+    size = list(reader.GetSize())
+    if n_files > 1:
+        size = [*size[:2], n_files]
+    dim = len(size)
+    if dim > 3:
+        extra = size[3:]
+        if any(s > 1 for s in extra):
+            raise InputError(
+                f"4D images are not supported (size {'x'.join(map(str, size))}); split the time/channel axis first",
+                path,
+            )
+    if dim < 2 or min(size[:2]) < 2:
+        raise InputError(
+            f"image is too small ({'x'.join(map(str, size))}); need at least 2 pixels per side", path
+        )
+    voxels = int(np.prod(size, dtype=np.float64))
+    if voxels > MAX_VOXELS:
+        raise InputError(
+            f"header declares {voxels:.3g} voxels, more than the {MAX_VOXELS:.0e} supported", path
+        )
+    if file_bytes is not None:
+        import SimpleITK as sitk
+
+        pixel_bytes = sitk.Image([1, 1], reader.GetPixelID()).GetSizeOfPixelComponent()
+        declared = voxels * pixel_bytes * max(1, reader.GetNumberOfComponents())
+        if declared > MAX_EXPANSION * max(file_bytes, 1):
+            raise InputError(
+                f"header declares {declared:.3g} bytes of pixels but the file holds only {file_bytes} bytes "
+                "(corrupt header or truncated file)",
+                path,
+            )
+
+
+def check_gzip_complete(path: Path) -> None:
+    """Fail on a truncated .nii.gz: ITK silently returns a partly filled volume for one."""
+    with open(path, "rb") as fh:
+        head = gzip.GzipFile(fileobj=fh)
+        try:
+            hdr = head.read(348)
+        except (EOFError, OSError, zlib.error) as exc:
+            raise InputError(f"truncated or corrupt gzip data ({exc})", path) from None
+        fh.seek(-4, os.SEEK_END)
+        isize = struct.unpack("<I", fh.read(4))[0]
+    expected = _nifti_total_bytes(hdr)
+    if expected is not None and expected % 2**32 == isize:
+        return
+    # Size field does not match (multi-member gzip, or truncation): decompress once to be sure.
+    try:
+        with gzip.open(path, "rb") as gz:
+            while gz.read(1 << 24):
+                pass
+    except (EOFError, OSError, zlib.error) as exc:
+        raise InputError(f"file is truncated or corrupt ({exc})", path) from None
+
+
+def check_nifti_complete(path: Path) -> None:
+    """Fail on a truncated uncompressed .nii: ITK reads it without complaint."""
+    with open(path, "rb") as fh:
+        expected = _nifti_total_bytes(fh.read(348))
+    size = path.stat().st_size
+    if expected is not None and size < expected:
+        raise InputError(f"file is truncated (header needs {expected} bytes, file has {size})", path)
+
+
+def _nifti_total_bytes(hdr: bytes) -> int | None:
+    """vox_offset + pixel bytes from a NIfTI-1 header, or None when it is not one we can parse."""
+    if len(hdr) < 348:
+        return None
+    for endian in "<>":
+        if struct.unpack(endian + "i", hdr[:4])[0] == 348:
+            dims = struct.unpack(endian + "8h", hdr[40:56])
+            bitpix = struct.unpack(endian + "h", hdr[72:74])[0]
+            vox_offset = struct.unpack(endian + "f", hdr[108:112])[0]
+            n = int(np.prod([max(d, 1) for d in dims[1 : 1 + max(0, min(dims[0], 7))]], dtype=np.int64))
+            return int(vox_offset) + n * bitpix // 8
+    return None
+
+
+def _orientation(direction: tuple[float, ...]) -> str:
+    import SimpleITK as sitk
+
+    return sitk.DICOMOrientImageFilter.GetOrientationFromDirectionCosines(direction)
+
+
+def _to_loaded(image: sitk.Image, path: Path, warnings: list[str], source: dict[str, Any]) -> LoadedImage:
+    """Canonicalise a SimpleITK image into a LoadedImage whose meta can restore the original geometry."""
+    import SimpleITK as sitk
+
+    from segcli.io import LoadedImage
+
+    dim = image.GetDimension()
+    geometry = {
+        "size": tuple(image.GetSize()),
+        "spacing": tuple(image.GetSpacing()),
+        "origin": tuple(image.GetOrigin()),
+        "direction": tuple(image.GetDirection()),
+    }
+    meta: dict[str, Any] = {"format": "sitk", "geometry": geometry, "warnings": warnings, **source}
+    if dim == 2:
+        array = sitk.GetArrayFromImage(image)
+        array = array[..., None] if image.GetNumberOfComponentsPerPixel() == 1 else array
+        spacing = tuple(reversed(geometry["spacing"]))
+        return LoadedImage(path, "medical2d", array, spacing, meta)
+
+    code = _orientation(geometry["direction"])
+    meta["orientation"] = code
+    canonical = image if code == CANONICAL else sitk.DICOMOrient(image, CANONICAL)
+    # DICOMOrient only permutes and flips axes, so canonical = original . P with P a signed permutation
+    # (sitk x,y,z index order). Keep P to undo it exactly on write.
+    d0 = np.array(geometry["direction"]).reshape(3, 3)
+    d1 = np.array(canonical.GetDirection()).reshape(3, 3)
+    signed_perm = np.rint(np.linalg.solve(d0, d1)).astype(int)
+    meta["signed_perm"] = signed_perm.tolist()
+    array = sitk.GetArrayFromImage(canonical)
+    array = array[..., None] if canonical.GetNumberOfComponentsPerPixel() == 1 else array
+    spacing = tuple(reversed(canonical.GetSpacing()))
+    meta["canonical"] = {"origin": tuple(canonical.GetOrigin()), "direction": tuple(canonical.GetDirection())}
+    return LoadedImage(path, "volume", array, spacing, meta)
+
+
+def to_original_axes(array: np.ndarray, meta: dict[str, Any]) -> np.ndarray:
+    """Undo the canonical reorientation of a (Z,Y,X[,...]) array, giving the on-disk index order."""
+    perm = np.array(meta["signed_perm"])
+    axes, flips = [], []
+    for k in range(3):  # numpy axis k of the original array is sitk axis a = 2 - k
+        a = 2 - k
+        b = int(np.flatnonzero(perm[a])[0])  # canonical sitk axis feeding it
+        axes.append(2 - b)
+        flips.append(perm[a, b] < 0)
+    out = np.transpose(array, axes + list(range(3, array.ndim)))
+    for k, flip in enumerate(flips):
+        if flip:
+            out = np.flip(out, axis=k)
+    return np.ascontiguousarray(out)
+
+
+def read_file(path: Path, read_as: Path, warnings: list[str]) -> LoadedImage:
+    """Read one SimpleITK-readable file; ``read_as`` may be a correctly named alias of a misnamed file."""
+    import SimpleITK as sitk
+
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(read_as))
+    try:
+        reader.ReadImageInformation()
+    except RuntimeError as exc:
+        raise InputError(f"cannot read image header: {_short(exc)}", path) from None
+    check_header(reader, path, file_bytes=data_file_size(read_as.resolve()))
+    if read_as.name.lower().endswith(".nii.gz"):
+        check_gzip_complete(path)
+    elif read_as.name.lower().endswith(".nii"):
+        check_nifti_complete(path)
+    try:
+        image = reader.Execute()
+    except RuntimeError as exc:
+        raise InputError(f"cannot read image data (truncated or corrupt?): {_short(exc)}", path) from None
+    if image.GetDimension() == 4:  # a trailing time axis of length 1
+        size = list(image.GetSize())
+        image = sitk.Extract(image, [*size[:3], 0], [0, 0, 0, 0])
+    return _to_loaded(image, path, warnings, {"source": "file"})
+
+
+def dicom_series(folder: Path) -> dict[str, list[str]]:
+    """Series id -> sorted slice files, as GDCM groups them."""
+    import SimpleITK as sitk
+
+    reader = sitk.ImageSeriesReader()
+    try:
+        ids = reader.GetGDCMSeriesIDs(str(folder))
+        return {sid: list(reader.GetGDCMSeriesFileNames(str(folder), sid)) for sid in ids}
+    except RuntimeError:
+        return {}
+
+
+def read_dicom_folder(folder: Path, series_id: str | None = None) -> LoadedImage:
+    """Read a DICOM series folder; with several series take the largest and say so."""
+    import SimpleITK as sitk
+
+    series = dicom_series(folder)
+    if not series:
+        raise InputError("folder holds no readable DICOM series", folder)
+    warnings: list[str] = []
+    if series_id is not None:
+        if series_id not in series:
+            raise InputError(
+                f"no DICOM series {series_id!r} here (found: {', '.join(sorted(series))})", folder
+            )
+        chosen = series_id
+    else:
+        chosen = max(sorted(series), key=lambda sid: len(series[sid]))
+        if len(series) > 1:
+            warnings.append(
+                f"{folder}: {len(series)} DICOM series found; using {chosen} ({len(series[chosen])} files), "
+                "pass a series id to choose another"
+            )
+    files = series[chosen]
+    info = sitk.ImageFileReader()
+    info.SetFileName(files[0])
+    try:
+        info.ReadImageInformation()
+    except RuntimeError as exc:
+        raise InputError(f"cannot read DICOM header: {_short(exc)}", files[0]) from None
+    check_header(info, folder, n_files=len(files))
+    reader = sitk.ImageSeriesReader()
+    reader.SetFileNames(files)
+    try:
+        image = reader.Execute()
+    except RuntimeError as exc:
+        raise InputError(f"cannot read DICOM series: {_short(exc)}", folder) from None
+    source = {"source": "dicom", "series_id": chosen, "files": files, "n_series": len(series)}
+    return _to_loaded(image, folder, warnings, source)
+
+
+def _geometry_image(array: np.ndarray, like: LoadedImage, vector: bool) -> sitk.Image:
+    """A SimpleITK image of ``array`` (spatial axes in like's layout) with like's original geometry."""
+    import SimpleITK as sitk
+
+    meta = like.meta
+    if meta.get("format") != "sitk":
+        # TIFF/raster input written as NIfTI/MHA: 2D image with the known pixel size.
+        image = sitk.GetImageFromArray(array, isVector=vector)
+        if like.spacing is not None:
+            image.SetSpacing(tuple(float(s) for s in reversed(like.spacing)))
+        return image
+    if like.kind == "volume":
+        array = to_original_axes(array, meta)
+    image = sitk.GetImageFromArray(array, isVector=vector)
+    geometry = meta["geometry"]
+    if tuple(image.GetSize()) != tuple(geometry["size"]):
+        raise ValueError(f"array does not match the input geometry {geometry['size']}")
+    image.SetSpacing(geometry["spacing"])
+    image.SetOrigin(geometry["origin"])
+    image.SetDirection(geometry["direction"])
+    return image
+
+
+def write_image(image: sitk.Image, path: Path) -> None:
+    """Write with compression; .mhd writes its .raw beside it, so both are moved into place together."""
+    import SimpleITK as sitk
+
+    from segcli.io.atomic import atomic_path
+
+    try:
+        if path.suffix.lower() == ".mhd":
+            _write_mhd(image, path)
+            return
+        with atomic_path(path) as tmp:
+            sitk.WriteImage(image, str(tmp), useCompression=True)
+    except RuntimeError as exc:
+        raise UsageError(f"cannot write image: {_short(exc)}", path) from None
+
+
+def _write_mhd(image: sitk.Image, path: Path) -> None:
+    """A .mhd header names its data file, so write into a hidden folder under the final names, then move."""
+    import shutil
+    import tempfile
+
+    import SimpleITK as sitk
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmpdir = Path(tempfile.mkdtemp(prefix=f".{path.stem}.partial-", dir=path.parent))
+    try:
+        sitk.WriteImage(image, str(tmpdir / path.name), useCompression=True)
+        written = sorted(tmpdir.iterdir(), key=lambda p: p.suffix.lower() == ".mhd")  # header last
+        for item in written:
+            os.replace(item, path.parent / item.name)
+    finally:
+        shutil.rmtree(tmpdir, ignore_errors=True)
+
+
+def write_mask(mask: np.ndarray, like: LoadedImage, path: Path) -> None:
+    """Mask (spatial shape of ``like``) -> SimpleITK file with the input's exact geometry."""
+    write_image(_geometry_image(mask, like, vector=False), path)
+
+
+def write_probabilities(probs: np.ndarray, like: LoadedImage, path: Path) -> None:
+    """(K, *spatial) float32 -> one vector image whose K components are the class probabilities."""
+    write_image(_geometry_image(np.moveaxis(probs, 0, -1), like, vector=True), path)
+
+
+def describe_geometry(like: LoadedImage) -> dict[str, Any]:
+    """Geometry as stored on disk (not canonical), for ``segcli info``."""
+    geometry = like.meta["geometry"]
+    out: dict[str, Any] = {
+        "origin": list(geometry["origin"]),
+        "direction": list(geometry["direction"]),
+        "size_on_disk": list(geometry["size"]),
+    }
+    if "orientation" in like.meta:
+        out["orientation"] = like.meta["orientation"]
+    if like.meta.get("source") == "dicom":
+        out["dicom_series"] = like.meta["series_id"]
+        out["dicom_files"] = len(like.meta["files"])
+    return out

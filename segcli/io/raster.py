@@ -1,0 +1,88 @@
+"""PNG / JPEG / BMP through Pillow, pixels kept exactly as stored (no EXIF rotation) so masks align."""
+
+from __future__ import annotations
+
+import warnings as _warnings
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from segcli.errors import InputError, UsageError
+
+if TYPE_CHECKING:
+    from segcli.io import LoadedImage
+
+_TO_RGB = ("CMYK", "YCbCr", "LAB", "HSV", "RGBX")
+_16BIT = ("I;16", "I;16L", "I;16B", "I;16N")
+
+
+def _pixels(img: Any) -> np.ndarray:
+    """(H, W, C) array in the image's own dtype; palettes expanded, 1-bit as 0/255."""
+    mode = img.mode
+    if mode == "P":
+        img = img.convert("RGBA" if "transparency" in img.info else "RGB")
+    elif mode == "PA":
+        img = img.convert("RGBA")
+    elif mode == "1":
+        img = img.convert("L")
+    elif mode in _TO_RGB:
+        img = img.convert("RGB")
+    array = np.asarray(img)
+    if mode in _16BIT:
+        array = array.astype(np.uint16)
+    elif array.dtype.byteorder == ">":
+        array = array.astype(array.dtype.newbyteorder("="))
+    return array[..., None] if array.ndim == 2 else array
+
+
+def read_raster(path: Path, warnings: list[str]) -> LoadedImage:
+    """Decode a PNG/JPEG/BMP fully, turning Pillow's bomb and truncation errors into InputError."""
+    from PIL import Image
+
+    from segcli.io import LoadedImage
+
+    try:
+        with _warnings.catch_warnings():
+            _warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as img:
+                img.load()
+                array = _pixels(img)
+                info = dict(img.info)
+                fmt = img.format
+                mode = img.mode
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise InputError(
+            f"image too large for a PNG/JPEG/BMP reader ({exc}); convert it to tiled TIFF", path
+        ) from None
+    except (OSError, ValueError, SyntaxError, EOFError) as exc:
+        raise InputError(f"cannot decode image (truncated or corrupt?): {exc}", path) from None
+    if min(array.shape[:2]) < 2:
+        raise InputError(
+            f"image is too small ({array.shape[0]}x{array.shape[1]}); need at least 2 pixels per side", path
+        )
+    dpi = info.get("dpi")
+    spacing = None
+    if dpi and all(float(d) > 0 for d in dpi):
+        dpi = (float(dpi[0]), float(dpi[1]))
+        spacing = (25.4 / dpi[1], 25.4 / dpi[0])
+    else:
+        dpi = None
+    meta = {"format": "raster", "pil_format": fmt, "mode": mode, "dpi": dpi, "warnings": warnings}
+    return LoadedImage(path, "raster", array, spacing, meta)
+
+
+def write_mask(mask: np.ndarray, like: LoadedImage, path: Path) -> None:
+    """A 2D uint8 mask as PNG/BMP, with the input's DPI when it had one (or one derived from spacing)."""
+    from PIL import Image
+
+    from segcli.io.atomic import atomic_path
+
+    if mask.ndim != 2:
+        raise UsageError(f"a {mask.ndim}D mask cannot be written as {path.suffix}; use .nii.gz or .tif", path)
+    dpi = like.meta.get("dpi")
+    if dpi is None and like.spacing is not None:
+        dpi = (25.4 / like.spacing[-1], 25.4 / like.spacing[-2])
+    kwargs = {"dpi": dpi} if dpi else {}
+    with atomic_path(path) as tmp:
+        Image.fromarray(mask).save(tmp, format="PNG" if path.suffix.lower() == ".png" else "BMP", **kwargs)

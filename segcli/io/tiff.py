@@ -1,0 +1,207 @@
+"""TIFF / OME-TIFF / BigTIFF through tifffile, keeping resolution tags so masks overlay their slide.
+
+All tifffile handle logic sits in :func:`_open` / :func:`_read_level` so lazy region reads and pyramid
+levels can be added there without touching the rest of segcli.
+"""
+
+from __future__ import annotations
+
+import struct
+import xml.etree.ElementTree as ET
+import zlib
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from segcli.errors import InputError
+
+if TYPE_CHECKING:
+    import tifffile
+
+    from segcli.io import LoadedImage
+
+MAX_PIXELS = 10**10
+TILE_ABOVE = 1024
+BIGTIFF_ABOVE = 2 * 1024**3
+# Resolution unit -> millimetres per unit.
+_UNIT_MM = {2: 25.4, 3: 10.0}
+_OME_UNIT_MM = {"m": 1e3, "cm": 10.0, "mm": 1.0, "µm": 1e-3, "um": 1e-3, "nm": 1e-6, "in": 25.4}
+_CHANNEL_AXES = ("S", "C")
+
+
+def _open(path: Path) -> tifffile.TiffFile:
+    import tifffile
+
+    try:
+        return tifffile.TiffFile(path)
+    except (tifffile.TiffFileError, ValueError, OSError, struct.error) as exc:
+        raise InputError(f"not a readable TIFF ({exc})", path) from None
+
+
+def _check_level(series: tifffile.TiffPageSeries, path: Path) -> None:
+    """Refuse absurd sizes and truncated files from the IFDs alone, before allocating."""
+    pixels = int(np.prod(series.shape, dtype=np.float64))
+    if pixels > MAX_PIXELS:
+        raise InputError(f"TIFF declares {pixels:.3g} pixels, more than the {MAX_PIXELS:.0e} supported", path)
+    file_size = path.stat().st_size
+    for page in series.pages:
+        if page is None:
+            continue
+        ends = [o + n for o, n in zip(page.dataoffsets, page.databytecounts, strict=False) if n]
+        if ends and max(ends) > file_size:
+            raise InputError("TIFF is truncated (pixel data extends past the end of the file)", path)
+
+
+def _read_level(tif: tifffile.TiffFile, path: Path) -> tuple[np.ndarray, str, Any]:
+    """Pixels of series 0, level 0, with its axes string and first page."""
+    series = tif.series[0]
+    level = series.levels[0]
+    _check_level(level, path)
+    try:
+        data = level.asarray()
+    except (ValueError, OSError, EOFError, zlib.error, RuntimeError, IndexError) as exc:
+        raise InputError(f"cannot decode TIFF pixels (truncated or corrupt?): {exc}", path) from None
+    return data, level.axes, level.pages[0]
+
+
+def _to_hwc(data: np.ndarray, axes: str, page: Any, path: Path) -> np.ndarray:
+    """(H, W, C) from tifffile's squeezed axes; stacks of planes are refused for now."""
+    import tifffile
+
+    if page.photometric == tifffile.PHOTOMETRIC.PALETTE and page.colormap is not None and axes == "YX":
+        cmap = np.asarray(page.colormap)
+        cmap = (cmap // 257 if cmap.max() > 255 else cmap).astype(np.uint8)
+        return np.ascontiguousarray(np.moveaxis(cmap[:, data], 0, -1))
+    if axes == "YX":
+        return data[..., None]
+    if axes == "YXS":
+        return data
+    if len(axes) == 3 and axes[0] in _CHANNEL_AXES and axes[1:] == "YX":  # planar samples / OME channels
+        return np.ascontiguousarray(np.moveaxis(data, 0, -1))
+    raise InputError(
+        f"multi-page TIFF stacks are not supported yet (axes {axes}, shape {'x'.join(map(str, data.shape))})",
+        path,
+    )
+
+
+def _resolution(page: Any) -> dict[str, Any]:
+    tags = page.tags
+    out: dict[str, Any] = {}
+    for name in ("XResolution", "YResolution"):
+        tag = tags.get(name)
+        if tag is not None:
+            out[name] = tuple(int(v) for v in tag.value)
+    unit = tags.get("ResolutionUnit")
+    out["ResolutionUnit"] = int(unit.value) if unit is not None else 2  # TIFF default is inch
+    return out
+
+
+def _ome_pixels(tif: tifffile.TiffFile) -> dict[str, Any]:
+    """PhysicalSizeX/Y (+units) from the first OME Pixels element."""
+    if not tif.is_ome or not tif.ome_metadata:
+        return {}
+    try:
+        root = ET.fromstring(tif.ome_metadata)
+    except ET.ParseError:
+        return {}
+    for element in root.iter():
+        if element.tag.endswith("}Pixels") or element.tag == "Pixels":
+            keys = ("PhysicalSizeX", "PhysicalSizeY", "PhysicalSizeXUnit", "PhysicalSizeYUnit")
+            return {k: element.attrib[k] for k in keys if k in element.attrib}
+    return {}
+
+
+def _spacing(resolution: dict[str, Any], ome: dict[str, Any]) -> tuple[float, float] | None:
+    """(y, x) pixel size in mm: OME physical sizes first, else resolution tags in inch/cm."""
+    if "PhysicalSizeX" in ome and "PhysicalSizeY" in ome:
+        try:
+            sx = float(ome["PhysicalSizeX"]) * _OME_UNIT_MM[ome.get("PhysicalSizeXUnit", "µm")]
+            sy = float(ome["PhysicalSizeY"]) * _OME_UNIT_MM[ome.get("PhysicalSizeYUnit", "µm")]
+        except (KeyError, ValueError):
+            pass
+        else:
+            if sx > 0 and sy > 0:
+                return sy, sx
+    mm = _UNIT_MM.get(resolution.get("ResolutionUnit", 1))
+    xres, yres = resolution.get("XResolution"), resolution.get("YResolution")
+    if mm is None or not xres or not yres or 0 in (*xres, *yres):
+        return None
+    return mm * yres[1] / yres[0], mm * xres[1] / xres[0]
+
+
+def read_tiff(path: Path, warnings: list[str]) -> LoadedImage:
+    """Series 0, level 0 of a TIFF as (H, W, C) with resolution metadata."""
+    from segcli.io import LoadedImage
+
+    with _open(path) as tif:
+        if not tif.series:
+            raise InputError("TIFF holds no image series", path)
+        data, axes, page = _read_level(tif, path)
+        array = _to_hwc(data, axes, page, path)
+        resolution = _resolution(page)
+        ome = _ome_pixels(tif)
+        meta = {
+            "format": "tiff",
+            "warnings": warnings,
+            "resolution": resolution,
+            "ome": ome,
+            "is_ome": bool(tif.is_ome),
+            "is_bigtiff": bool(tif.is_bigtiff),
+            "pages": len(tif.pages),
+            "series": len(tif.series),
+            "levels": len(tif.series[0].levels),
+            "axes": axes,
+            "compression": page.compression.name
+            if hasattr(page.compression, "name")
+            else str(page.compression),
+        }
+    if min(array.shape[:2]) < 2:
+        raise InputError(
+            f"image is too small ({array.shape[0]}x{array.shape[1]}); need at least 2 pixels per side", path
+        )
+    return LoadedImage(path, "tiff", array, _spacing(resolution, ome), meta)
+
+
+def _resolution_kwargs(like: LoadedImage) -> dict[str, Any]:
+    """The input's resolution tags, or ones derived from its pixel size (pixels per cm)."""
+    resolution = like.meta.get("resolution")
+    if like.meta.get("format") == "tiff" and resolution and "XResolution" in resolution:
+        return {
+            "resolution": (
+                resolution["XResolution"],
+                resolution.get("YResolution", resolution["XResolution"]),
+            ),
+            "resolutionunit": resolution["ResolutionUnit"],
+        }
+    if like.spacing is not None:
+        sy, sx = like.spacing[-2:]
+        return {"resolution": (10.0 / sx, 10.0 / sy), "resolutionunit": 3}
+    return {}
+
+
+def write_pages(data: np.ndarray, like: LoadedImage, path: Path) -> None:
+    """Write ``data`` (..., H, W) zlib-compressed, tiled when large, BigTIFF when needed, atomically."""
+    import tifffile
+
+    from segcli.io.atomic import atomic_path
+
+    height, width = data.shape[-2:]
+    kwargs: dict[str, Any] = {
+        "compression": "zlib",
+        "photometric": "minisblack",
+        "bigtiff": data.nbytes > BIGTIFF_ABOVE,
+        **_resolution_kwargs(like),
+    }
+    if max(height, width) > TILE_ABOVE:
+        kwargs["tile"] = (256, 256)
+    ome = like.meta.get("ome") or {}
+    if like.meta.get("is_ome") and "PhysicalSizeX" in ome:
+        axes = "YX" if data.ndim == 2 else "CYX"  # OME input is 2D: a mask or K probability planes
+        kwargs["ome"] = True
+        kwargs["metadata"] = {"axes": axes, **ome}
+    else:
+        kwargs["ome"] = False
+        kwargs["metadata"] = None
+    with atomic_path(path) as tmp:
+        tifffile.imwrite(tmp, data, **kwargs)

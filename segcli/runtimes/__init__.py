@@ -1,0 +1,81 @@
+"""Runtimes: torch and ONNX Runtime behind one small interface.
+
+A :class:`Predictor` is built once per network and reused for a whole batch of files. It takes a
+float32 ``(N, C, H, W)`` numpy batch and returns float32 class probabilities ``(N, K, H, W)``
+with ``K >= 2`` (a one-logit binary network is expanded to ``[1 - p, p]``), so the engines see the
+same thing whatever the backend and never import torch or onnxruntime themselves (MONAI's
+``predictor`` idea).
+"""
+
+from __future__ import annotations
+
+from typing import Protocol, runtime_checkable
+
+import numpy as np
+
+
+@runtime_checkable
+class Predictor(Protocol):
+    """What engines call: batch in, probabilities out."""
+
+    n_classes: int
+    in_channels: int
+    backend: str
+    device: str
+
+    def __call__(self, batch: np.ndarray) -> np.ndarray: ...
+
+
+def logits_to_probs(logits: np.ndarray) -> np.ndarray:
+    """Numpy counterpart of the torch conversion, used by ONNX Runtime and tests."""
+    if logits.shape[1] == 1:
+        p = 1.0 / (1.0 + np.exp(-logits.astype(np.float32)))
+        return np.concatenate([1.0 - p, p], axis=1).astype(np.float32)
+    z = logits - logits.max(axis=1, keepdims=True)
+    e = np.exp(z)
+    return (e / e.sum(axis=1, keepdims=True)).astype(np.float32)
+
+
+class FunctionPredictor:
+    """Wrap any ``f(batch) -> probabilities`` as a Predictor (tests, custom pipelines)."""
+
+    backend = "python"
+    device = "cpu"
+
+    def __init__(self, fn, n_classes: int = 2, in_channels: int = 1) -> None:
+        self.fn = fn
+        self.n_classes = n_classes
+        self.in_channels = in_channels
+        self.calls = 0
+        self.items = 0
+
+    def __call__(self, batch: np.ndarray) -> np.ndarray:
+        self.calls += 1
+        self.items += len(batch)
+        out = np.asarray(self.fn(batch), dtype=np.float32)
+        if out.shape[0] != batch.shape[0] or out.shape[2:] != batch.shape[2:]:
+            raise ValueError(f"predictor returned {out.shape} for a batch of {batch.shape}")
+        return out
+
+
+BACKENDS = ("torch", "onnx")
+
+
+def make_predictor(bundle, role: str, *, backend: str = "torch", device: str = "cpu", max_batch: int = 16,
+                   half: bool = False):
+    """Build the predictor for one network of a bundle on the chosen backend and device."""
+    from segcli.errors import UsageError
+
+    if backend == "torch":
+        from segcli.runtimes.torch_backend import TorchPredictor
+
+        module = bundle.load_module(role)
+        return TorchPredictor(module, n_classes=bundle.n_classes, in_channels=bundle.in_channels, device=device,
+                              max_batch=max_batch, half=half)
+    if backend == "onnx":
+        try:
+            from segcli.runtimes.onnx_backend import OnnxPredictor
+        except ModuleNotFoundError:
+            raise UsageError("--backend onnx is not available in this build") from None
+        return OnnxPredictor.from_bundle(bundle, role, device=device, max_batch=max_batch, half=half)
+    raise UsageError(f"unknown backend {backend!r}; use one of {', '.join(BACKENDS)}")

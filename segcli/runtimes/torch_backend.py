@@ -1,0 +1,51 @@
+"""PyTorch runtime: a network in eval mode behind the Predictor interface."""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+class TorchPredictor:
+    """Runs a torch module on batches; chunking keeps memory bounded by ``max_batch``."""
+
+    backend = "torch"
+
+    def __init__(self, module, n_classes: int, in_channels: int, device: str = "cpu", max_batch: int = 16,
+                 half: bool = False, channels_last: bool = False) -> None:
+        import torch
+
+        self.torch = torch
+        self.device = device
+        self.n_classes = n_classes
+        self.in_channels = in_channels
+        self.max_batch = max(1, int(max_batch))
+        self.half = half and device.startswith("cuda")
+        self.channels_last = channels_last
+        self.module = module.to(device).eval()
+        if channels_last:
+            self.module = self.module.to(memory_format=torch.channels_last)
+
+    def _forward(self, x: np.ndarray) -> np.ndarray:
+        torch = self.torch
+        t = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)).to(self.device)
+        if self.channels_last:
+            t = t.contiguous(memory_format=torch.channels_last)
+        with torch.inference_mode():
+            if self.half:
+                with torch.autocast("cuda", dtype=torch.float16):
+                    logits = self.module(t)
+            else:
+                logits = self.module(t)
+            logits = logits.float()
+            if logits.shape[1] == 1:
+                p = torch.sigmoid(logits)
+                probs = torch.cat([1 - p, p], dim=1)
+            else:
+                probs = torch.softmax(logits, dim=1)
+        return probs.cpu().numpy()
+
+    def __call__(self, batch: np.ndarray) -> np.ndarray:
+        if batch.ndim != 4:
+            raise ValueError(f"expected an NCHW batch, got shape {batch.shape}")
+        outs = [self._forward(batch[i : i + self.max_batch]) for i in range(0, len(batch), self.max_batch)]
+        return np.concatenate(outs, axis=0) if outs else np.zeros((0, self.n_classes) + batch.shape[2:], np.float32)

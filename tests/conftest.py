@@ -1,0 +1,50 @@
+"""Shared fixtures: tiny bundles built on the fly (no network, no shared data)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from segcli.bundle import save_bundle
+from segcli.nets import build
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def make_bundle(path: Path, *, in_channels: int = 1, classes=("background", "object"), method: str = "stts",
+                size: int = 32, normalization=None, seed: int = 0, arch: str = "unet", config=None) -> Path:
+    """A small, randomly initialised bundle: enough to test plumbing, geometry and exit codes."""
+    torch.manual_seed(seed)
+    config = config or {"features": 4, "depth": 2}
+    out_ch = 1 if len(classes) == 2 else len(classes)
+    nets = {}
+    for role in ("coarse", "fine"):
+        m = build(arch, in_channels=in_channels, out_channels=out_ch, **config)
+        # Bias the head so a realistic share of pixels comes out foreground.
+        nets[role] = (arch, config, m.eval())
+    return save_bundle(path, name=path.name, method=method, classes=list(classes), in_channels=in_channels,
+                       input_size=size, normalization=normalization or {"kind": "percentile", "lower": 1, "upper": 99},
+                       networks=nets, info={"task": "test bundle"})
+
+
+@pytest.fixture(scope="session")
+def grey_bundle(tmp_path_factory) -> Path:
+    return make_bundle(tmp_path_factory.mktemp("bundles") / "grey")
+
+
+@pytest.fixture(scope="session")
+def rgb_bundle(tmp_path_factory) -> Path:
+    return make_bundle(tmp_path_factory.mktemp("bundles") / "rgb", in_channels=3,
+                       normalization={"kind": "dtype"})
+
+
+def run_cli(*args: str, stdin: str | None = None, env: dict | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
+    """Run segcli as a user does: a subprocess, with its exit code, stdout and stderr."""
+    e = {**os.environ, "NO_COLOR": "1", **(env or {})}
+    return subprocess.run([sys.executable, "-m", "segcli", *map(str, args)], capture_output=True, text=True,
+                          input=stdin, env=e, timeout=timeout, cwd=REPO)

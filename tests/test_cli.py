@@ -1,0 +1,225 @@
+"""The CLI run as a user runs it: subprocesses, real files, exit codes, geometry kept."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import tifffile
+from PIL import Image
+
+from tests.conftest import REPO, make_bundle, run_cli
+
+
+def write_volume(path: Path, shape=(12, 48, 40), spacing=(0.8, 0.9, 2.5), origin=(-10.0, 5.0, 30.0)) -> sitk.Image:
+    rng = np.random.default_rng(1)
+    arr = (rng.normal(-500, 50, shape)).astype(np.int16)
+    arr[3:9, 10:30, 12:28] = 100  # a bright block
+    img = sitk.GetImageFromArray(arr)
+    img.SetSpacing(spacing)
+    img.SetOrigin(origin)
+    # An oblique, non-LPS direction (RAS-like, rotated) so reorientation really happens.
+    c, s = np.cos(0.3), np.sin(0.3)
+    d = np.array([[-c, -s, 0], [s, -c, 0], [0, 0, 1]])
+    img.SetDirection(d.ravel().tolist())
+    sitk.WriteImage(img, str(path))
+    return img
+
+
+def assert_same_geometry(a: sitk.Image, b: sitk.Image) -> None:
+    assert a.GetSize() == b.GetSize()
+    np.testing.assert_allclose(a.GetSpacing(), b.GetSpacing(), atol=1e-6)
+    np.testing.assert_allclose(a.GetOrigin(), b.GetOrigin(), atol=1e-6)
+    np.testing.assert_allclose(a.GetDirection(), b.GetDirection(), atol=1e-6)
+
+
+def png(path: Path, h=64, w=80, seed=0, rgb=False) -> Path:
+    rng = np.random.default_rng(seed)
+    a = rng.integers(0, 60, (h, w, 3) if rgb else (h, w), dtype=np.uint8)
+    a[10:30, 20:50] = 220
+    Image.fromarray(a).save(path)
+    return path
+
+
+def test_help_and_version():
+    r = run_cli("--help")
+    assert r.returncode == 0 and "predict" in r.stdout and "Exit codes" in r.stdout
+    r = run_cli("--version")
+    assert r.returncode == 0 and r.stdout.startswith("segcli ")
+    r = subprocess.run([sys.executable, "-m", "segcli", "predict"], capture_output=True, text=True, cwd=REPO)
+    assert r.returncode == 2
+
+
+@pytest.mark.parametrize("ext", [".nii.gz", ".mha", ".nrrd"])
+def test_predict_volume_keeps_geometry(tmp_path, grey_bundle, ext):
+    src = tmp_path / f"scan{ext}"
+    ref = write_volume(src)
+    r = run_cli("predict", src, "--model", grey_bundle, "--json")
+    assert r.returncode == 0, r.stderr
+    out = tmp_path / f"scan_seg{ext}"
+    assert out.exists()
+    mask = sitk.ReadImage(str(out))
+    assert_same_geometry(ref, mask)
+    assert mask.GetPixelID() == sitk.sitkUInt8
+    rep = json.loads(r.stdout)
+    f = rep["files"][0]
+    assert f["status"] == "ok" and f["output"] == str(out) and f["volume_ml"] is not None
+    assert set(f["seconds"]) >= {"read", "rough", "write", "total"}
+
+
+def test_predict_dicom_folder_writes_nifti(tmp_path, grey_bundle):
+    arr = (np.random.default_rng(0).normal(0, 100, (5, 32, 32))).astype(np.int16)
+    folder = tmp_path / "ct"
+    folder.mkdir()
+    writer = sitk.ImageFileWriter()
+    writer.KeepOriginalImageUIDOn()
+    for z in range(arr.shape[0]):
+        sl = sitk.GetImageFromArray(arr[z : z + 1])
+        sl.SetSpacing((0.7, 0.7, 2.0))
+        for tag, val in {
+            "0008|0060": "CT", "0020|000d": "1.2.3", "0020|000e": "1.2.3.4", "0020|0013": str(z + 1),
+            "0020|0032": f"-5\\7\\{z * 2.0}", "0020|0037": "1\\0\\0\\0\\1\\0", "0028|0030": "0.7\\0.7",
+            "0018|0050": "2.0",
+        }.items():
+            sl.SetMetaData(tag, val)
+        writer.SetFileName(str(folder / f"{z:03d}.dcm"))
+        writer.Execute(sl)
+    r = run_cli("predict", folder, "--model", grey_bundle)
+    assert r.returncode == 0, r.stderr
+    out = tmp_path / "ct_seg.nii.gz"
+    assert out.exists()
+    reader = sitk.ImageSeriesReader()
+    ref = sitk.ReadImage(reader.GetGDCMSeriesFileNames(str(folder)))
+    assert_same_geometry(ref, sitk.ReadImage(str(out)))
+
+
+def test_predict_tiff_keeps_resolution(tmp_path, grey_bundle):
+    a = np.random.default_rng(0).integers(0, 50, (96, 128), dtype=np.uint16)
+    a[20:60, 30:90] = 900
+    src = tmp_path / "slide.tif"
+    tifffile.imwrite(src, a, resolution=(2000.0, 2000.0), resolutionunit="CENTIMETER")
+    r = run_cli("predict", src, "--model", grey_bundle, "--method", "sliding")
+    assert r.returncode == 0, r.stderr
+    with tifffile.TiffFile(tmp_path / "slide_seg.tif") as t:
+        page = t.pages[0]
+        assert page.shape == (96, 128) and page.dtype == np.uint8
+        assert page.tags["XResolution"].value == (2000, 1) and page.tags["YResolution"].value == (2000, 1)
+        assert int(page.tags["ResolutionUnit"].value) == 3
+
+
+@pytest.mark.parametrize("method", ["stts", "refine", "direct", "sliding"])
+def test_every_method_on_png(tmp_path, rgb_bundle, method):
+    src = png(tmp_path / "photo.png", rgb=True)
+    out = tmp_path / "masks" / f"{method}.png"
+    r = run_cli("predict", src, "-o", out, "--model", rgb_bundle, "--method", method, "--json", "--patches", "2")
+    assert r.returncode == 0, r.stderr
+    m = np.asarray(Image.open(out))
+    assert m.shape == (64, 80) and m.dtype == np.uint8 and set(np.unique(m)) <= {0, 1}
+    assert json.loads(r.stdout)["files"][0]["method"] == method
+
+
+def test_channel_mismatch_is_explicit(tmp_path, grey_bundle):
+    src = png(tmp_path / "photo.png", rgb=True)
+    r = run_cli("predict", src, "--model", grey_bundle)
+    assert r.returncode == 1 and "--channels grey" in r.stderr and "photo.png" in r.stderr
+    r = run_cli("predict", src, "--model", grey_bundle, "--channels", "grey")
+    assert r.returncode == 0, r.stderr
+
+
+def test_batch_with_one_corrupt_file(tmp_path, rgb_bundle):
+    src = tmp_path / "in"
+    (src / "sub").mkdir(parents=True)
+    for i in range(19):
+        png(src / ("sub" if i % 2 else ".") / f"img{i:02d}.png", seed=i, rgb=True)
+    (src / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\x00" * 40)
+    out = tmp_path / "out"
+    r = run_cli("predict", src, "-o", out, "--model", rgb_bundle, "--json")
+    assert r.returncode == 1
+    assert "broken.png" in r.stderr
+    masks = sorted(out.rglob("*_seg.png"))
+    assert len(masks) == 19
+    assert (out / "sub").is_dir()  # the folder layout is mirrored
+    summary = json.loads(r.stdout)["summary"]
+    assert summary["ok"] == 19 and summary["failed"] == 1
+    assert not list(out.rglob("*partial*"))
+
+
+def test_skip_existing_after_kill(tmp_path, rgb_bundle):
+    src = tmp_path / "in"
+    src.mkdir()
+    for i in range(40):
+        png(src / f"img{i:02d}.png", h=200, w=240, seed=i, rgb=True)
+    out = tmp_path / "out"
+    proc = subprocess.Popen([sys.executable, "-m", "segcli", "predict", str(src), "-o", str(out), "--model",
+                             str(rgb_bundle), "-q"], cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline and len(list(out.glob("*_seg.png"))) < 3:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    done_before = len(list(out.glob("*_seg.png")))
+    assert 0 < done_before < 40
+    r = run_cli("predict", src, "-o", out, "--model", rgb_bundle, "--skip-existing", "--json")
+    assert r.returncode == 0, r.stderr
+    s = json.loads(r.stdout)["summary"]
+    assert s["skipped"] == done_before and s["ok"] == 40 - done_before
+    finals = sorted(out.glob("*_seg.png"))
+    assert len(finals) == 40
+    for f in finals:
+        assert np.asarray(Image.open(f)).shape == (200, 240)  # complete, decodable masks
+    leftovers = [p for p in out.iterdir() if not p.name.endswith("_seg.png")]
+    assert all(p.name.startswith(".") for p in leftovers)  # partial files never carry the final name
+
+
+def test_errors_are_one_line_and_name_the_file(tmp_path, grey_bundle):
+    missing = tmp_path / "nope.nii.gz"
+    r = run_cli("predict", missing, "--model", grey_bundle)
+    assert r.returncode == 1 and "nope.nii.gz" in r.stderr and "Traceback" not in r.stderr
+
+    vol = tmp_path / "t.nii.gz"
+    write_volume(vol)
+    data = vol.read_bytes()
+    trunc = tmp_path / "trunc.nii.gz"
+    trunc.write_bytes(data[: len(data) // 2])
+    r = run_cli("predict", trunc, "--model", grey_bundle)
+    assert r.returncode == 1 and "trunc.nii.gz" in r.stderr and "Traceback" not in r.stderr
+    assert not (tmp_path / "trunc_seg.nii.gz").exists()
+
+    four = tmp_path / "four.nii.gz"
+    sitk.WriteImage(sitk.GetImageFromArray(np.zeros((2, 3, 8, 8), np.float32), isVector=False), str(four))
+    r = run_cli("predict", four, "--model", grey_bundle)
+    assert r.returncode == 1 and "4D" in r.stderr and "four.nii.gz" in r.stderr
+
+    const = tmp_path / "const.nii.gz"
+    sitk.WriteImage(sitk.GetImageFromArray(np.full((4, 16, 16), 7, np.int16)), str(const))
+    r = run_cli("predict", const, "--model", grey_bundle)
+    assert r.returncode == 0 and "constant" in r.stderr
+    assert sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "const_seg.nii.gz"))).sum() == 0
+
+
+def test_bad_bundle_version_is_a_clear_error(tmp_path):
+    b = make_bundle(tmp_path / "b")
+    cfg = json.loads((b / "segcli.json").read_text())
+    cfg["schema_version"] = 99
+    (b / "segcli.json").write_text(json.dumps(cfg))
+    src = png(tmp_path / "x.png")
+    r = run_cli("predict", src, "--model", b)
+    assert r.returncode == 2 and "schema_version 99" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_info_and_models(tmp_path):
+    vol = tmp_path / "v.nii.gz"
+    write_volume(vol)
+    r = run_cli("info", vol, "--json")
+    assert r.returncode == 0, r.stderr
+    d = json.loads(r.stdout)[0]
+    assert tuple(d["spacing"]) and "min" in json.dumps(d)
+    r = run_cli("models")
+    assert r.returncode == 0

@@ -1,0 +1,133 @@
+"""Engines with fake predictors: the engines never know which runtime is behind a predictor."""
+
+import numpy as np
+
+from segcli.engines.base import ArrayPlane
+from segcli.engines.direct import direct, sliding
+from segcli.engines.refine import refine
+from segcli.engines.stts import stts
+from segcli.engines.volume import per_slice, stts_volume
+from segcli.runtimes import FunctionPredictor
+
+
+def identity_probs(batch: np.ndarray) -> np.ndarray:
+    """A 'network' whose foreground probability is the (normalised) intensity of channel 0."""
+    p = np.clip(batch[:, :1], 0, 1)
+    return np.concatenate([1 - p, p], axis=1)
+
+
+def scene(h=300, w=400):
+    img = np.zeros((1, h, w), np.float32)
+    truth = np.zeros((h, w), np.uint8)
+    for y0, x0, s in [(20, 30, 12), (150, 200, 40), (250, 350, 30)]:
+        img[0, y0 : y0 + s, x0 : x0 + s] = 1.0
+        truth[y0 : y0 + s, x0 : x0 + s] = 1
+    return img, truth
+
+
+def test_stts_segments_every_object_exactly_and_batches_crops():
+    img, truth = scene()
+    coarse = FunctionPredictor(identity_probs)
+    fine = FunctionPredictor(identity_probs)
+    res = stts(ArrayPlane(img), coarse, fine, size=64, batch_size=16)
+    assert res.info["crops"] == 3
+    assert fine.calls == 1 and fine.items == 3  # one batch, not one call per crop
+    assert coarse.calls == 1
+    np.testing.assert_array_equal(res.labels, truth)
+    assert set(res.timings) >= {"rough", "components", "crops", "fine", "fuse"}
+
+
+def test_stts_pixels_outside_crops_are_background_unless_keep_coarse():
+    img, truth = scene()
+    coarse = FunctionPredictor(identity_probs)
+    # A fine network that sees nothing: result is empty without keep_coarse...
+    blind = FunctionPredictor(lambda b: np.concatenate([np.ones_like(b[:, :1]), np.zeros_like(b[:, :1])], 1))
+    assert stts(ArrayPlane(img), coarse, blind, size=64).labels.sum() == 0
+    # ... but crops cover their objects, so keep_coarse only fills pixels no crop reached: still empty.
+    res = stts(ArrayPlane(img), coarse, blind, size=64, keep_coarse=True)
+    assert res.labels.sum() == 0
+    # When no crop survives (min_side too big), keep_coarse falls back to the rough mask.
+    res = stts(ArrayPlane(img), coarse, blind, size=64, keep_coarse=True, min_side=10_000)
+    assert res.info["crops"] == 0
+    assert (res.labels & truth).sum() > 0.8 * truth.sum()
+
+
+def test_stts_object_bigger_than_image_after_padding_is_kept():
+    img = np.zeros((1, 60, 200), np.float32)
+    img[0, 5:55, 90:110] = 1.0  # padded square side > 60 px image height
+    res = stts(ArrayPlane(img), FunctionPredictor(identity_probs), FunctionPredictor(identity_probs), size=64, pad=8)
+    assert res.info["crops"] == 1
+    np.testing.assert_array_equal(res.labels, (img[0] > 0.5).astype(np.uint8))
+
+
+def test_stts_probabilities_match_labels():
+    img, truth = scene()
+    res = stts(ArrayPlane(img), FunctionPredictor(identity_probs), FunctionPredictor(identity_probs), size=64,
+               return_probs=True)
+    assert res.probs.shape == (2,) + truth.shape
+    np.testing.assert_array_equal((res.probs[1] > 0.5).astype(np.uint8), res.labels)
+    np.testing.assert_allclose(res.probs.sum(0), 1.0, atol=1e-5)
+
+
+def test_stts_multiclass_per_class_max():
+    img = np.zeros((1, 100, 100), np.float32)
+    img[0, 10:30, 10:30] = 0.6  # class 1
+    img[0, 60:90, 60:90] = 0.9  # class 2
+
+    def three(b):
+        x = b[:, 0]
+        p = np.stack([(x < 0.3), (x >= 0.3) & (x < 0.75), (x >= 0.75)], 1).astype(np.float32)
+        return p * 0.9 + 0.1 / 3
+
+    res = stts(ArrayPlane(img), FunctionPredictor(three, 3), FunctionPredictor(three, 3), size=32)
+    assert res.labels[20, 20] == 1 and res.labels[75, 75] == 2 and res.labels[50, 50] == 0
+
+
+def test_refine_picks_uncertain_patches_and_all_patches_give_exact_result():
+    img, truth = scene(256, 256)
+    coarse = FunctionPredictor(identity_probs)
+    fine = FunctionPredictor(identity_probs)
+    res = refine(ArrayPlane(img), coarse, fine, size=32, fine_size=32, patches=2, criterion="pixel")
+    assert res.info["patches_refined"] == 2 and res.info["patches_total"] == 64
+    # Refined patches must contain object boundaries (where the rough pass is blurred).
+    for y0, x0, y1, x1 in res.info["refined_boxes"]:
+        t = truth[y0:y1, x0:x1]
+        assert 0 < t.sum() < t.size or t.sum() > 0
+    full = refine(ArrayPlane(img), coarse, fine, size=32, fine_size=32, patches=None, refine_threshold=-1)
+    np.testing.assert_array_equal(full.labels, truth)
+    # Refining more patches never makes this (exact) fine network worse.
+    errs = [np.sum(refine(ArrayPlane(img), coarse, fine, size=32, patches=n).labels != truth) for n in (0, 2, 8)]
+    assert errs[0] >= errs[1] >= errs[2]
+
+
+def test_direct_and_sliding():
+    img, truth = scene(200, 200)
+    d = direct(ArrayPlane(img), FunctionPredictor(identity_probs), size=200)
+    np.testing.assert_array_equal(d.labels, truth)
+    net = FunctionPredictor(identity_probs)
+    s = sliding(ArrayPlane(img), net, size=64, overlap=0.25, batch_size=4)
+    np.testing.assert_array_equal(s.labels, truth)
+    assert s.info["tiles"] == net.items == 16
+
+
+def test_sliding_image_smaller_than_tile():
+    img = np.zeros((1, 20, 30), np.float32)
+    img[0, 5:10, 5:10] = 1
+    s = sliding(ArrayPlane(img), FunctionPredictor(identity_probs), size=64)
+    np.testing.assert_array_equal(s.labels, (img[0] > 0.5).astype(np.uint8))
+
+
+def test_stts_volume_uses_one_box_per_3d_component_and_drops_small_blobs():
+    vol = np.zeros((6, 1, 120, 120), np.float32)
+    vol[1:5, 0, 40:70, 50:80] = 1.0  # a 4-slice object
+    vol[5, 0, 5:7, 5:7] = 1.0  # a tiny one-slice blob
+    planes = [ArrayPlane(v) for v in vol]
+    fine = FunctionPredictor(identity_probs)
+    res = stts_volume(planes, FunctionPredictor(identity_probs), fine, size=60, min_volume=3)
+    assert res.info["components"] == 1
+    assert res.info["crops"] == 4  # the same box on each of the 4 slices
+    expect = (vol[:, 0] > 0.5).astype(np.uint8)
+    expect[5] = 0
+    np.testing.assert_array_equal(res.labels, expect)
+    per = per_slice(planes, lambda p: direct(p, FunctionPredictor(identity_probs), size=120))
+    assert per.labels.shape == (6, 120, 120)
