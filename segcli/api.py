@@ -8,8 +8,10 @@ restored on write.
 from __future__ import annotations
 
 import logging
+import os
 import time
-from collections.abc import Callable
+from collections import deque
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -38,6 +40,7 @@ class FileReport:
     model: str | None = None
     method: str | None = None
     backend: str | None = None
+    providers: dict[str, str] = field(default_factory=dict)
     device: str | None = None
     shape: list[int] | None = None
     spacing: list[float] | None = None
@@ -47,6 +50,7 @@ class FileReport:
     area_mm2: dict[str, float] | None = None
     seconds: dict[str, float] = field(default_factory=dict)
     info: dict[str, Any] = field(default_factory=dict)
+    stats: list[dict[str, Any]] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -71,7 +75,7 @@ class Segmenter:
         model: str | Path | None = None,
         *,
         method: str | None = None,
-        backend: str = "torch",
+        backend: str = "auto",
         device: str = "auto",
         threads: int | None = None,
         channels: str = "keep",
@@ -118,6 +122,26 @@ class Segmenter:
                 max_batch=int(self.param(bundle, "batch_size")), half=self.half,
             )
         return self._predictors[key]
+
+    def roles(self, bundle: Bundle) -> tuple[str, ...]:
+        method = self.method or bundle.method
+        return {"stts": ("coarse", "fine"), "refine": ("coarse", "fine"), "direct": ("coarse",),
+                "sliding": ("fine",)}[method]
+
+    def warm_up(self, kind: str = "2d") -> Bundle:
+        """Load the bundle and build its predictors now, so a bad model fails once, up front."""
+        bundle = self.bundle_for(kind)
+        for role in self.roles(bundle):
+            self.predictor(bundle, role)
+        return bundle
+
+    def providers(self, bundle: Bundle) -> dict[str, str]:
+        """The runtime actually serving each role (e.g. CPUExecutionProvider, torch-cpu)."""
+        out = {}
+        for role in self.roles(bundle):
+            pred = self.predictor(bundle, role)
+            out[role] = f"{pred.backend}:{getattr(pred, 'provider', pred.device)}"
+        return out
 
     def param(self, bundle: Bundle, key: str) -> Any:
         if key in self.overrides:
@@ -222,49 +246,149 @@ class Segmenter:
         skip_existing: bool = False,
         input_root: Path | None = None,
         progress: ProgressFn | None = None,
+        stats: bool = False,
+        lock: bool = False,
     ) -> FileReport:
         """Read, segment and write one input; every user-caused failure becomes a failed report."""
+        job = self._read(Path(path), output, skip_existing=skip_existing, input_root=input_root, lock=lock)
+        self._compute(job, probabilities=probabilities, progress=progress, stats=stats)
+        return self._write(job, probabilities=probabilities)
+
+    def predict_many(
+        self,
+        items: list[tuple[Path, Path | None]],
+        output: str | Path | None = None,
+        *,
+        probabilities: bool = False,
+        skip_existing: bool = False,
+        stats: bool = False,
+        lock: bool = False,
+        prefetch: int = 2,
+        progress_for: Callable[[Path], ProgressFn | None] | None = None,
+    ) -> Iterator[FileReport]:
+        """Reports in input order, with reading of the next files and writing of the previous one
+        overlapped with computing the current one (one reader and one writer thread).
+
+        Decoding a compressed volume and writing a mask release the GIL for most of their time, so on
+        a 2-core machine they overlap with the network instead of adding to it.
+        """
+        from concurrent.futures import Future, ThreadPoolExecutor
+
+        if prefetch <= 0:
+            for path, root in items:
+                yield self.predict_file(path, output, probabilities=probabilities, skip_existing=skip_existing,
+                                        input_root=root, stats=stats, lock=lock,
+                                        progress=progress_for(path) if progress_for else None)
+            return
+        with ThreadPoolExecutor(1, thread_name_prefix="segcli-read") as reader, \
+                ThreadPoolExecutor(1, thread_name_prefix="segcli-write") as writer:
+            pending: deque[Future[_Job]] = deque()
+            it = iter(items)
+
+            def submit_next() -> None:
+                nxt = next(it, None)
+                if nxt is not None:
+                    pending.append(reader.submit(self._read, nxt[0], output, skip_existing=skip_existing,
+                                                 input_root=nxt[1], lock=lock))
+
+            for _ in range(prefetch):
+                submit_next()
+            last_write: Future[FileReport] | None = None
+            while pending:
+                job = pending.popleft().result()
+                submit_next()
+                self._compute(job, probabilities=probabilities, stats=stats,
+                              progress=progress_for(job.path) if progress_for else None)
+                if last_write is not None:
+                    yield last_write.result()
+                last_write = writer.submit(self._write, job, probabilities=probabilities)
+            if last_write is not None:
+                yield last_write.result()
+
+    def _read(self, path: Path, output: str | Path | None, *, skip_existing: bool, input_root: Path | None,
+              lock: bool) -> _Job:
         from segcli import io
 
-        path = Path(path)
-        rep = FileReport(input=str(path))
-        t0 = time.perf_counter()
+        job = _Job(path=path, rep=FileReport(input=str(path)), t0=time.perf_counter())
         try:
             out = io.default_output_path(path, Path(output) if output is not None else None,
                                          is_dir_input_root=input_root)
-            rep.output = str(out)
+            job.out = out
+            job.rep.output = str(out)
+            if lock:
+                job.lock = _try_lock(out)
+                if job.lock is None:
+                    job.rep.status = "skipped"
+                    job.rep.warnings.append("another segcli process holds this output's lock")
+                    return job
             if skip_existing and out.exists():
-                rep.status = "skipped"
-                return rep
+                job.rep.status = "skipped"
+                return job
             t = time.perf_counter()
-            img = io.open_image(path)
-            rep.seconds["read"] = time.perf_counter() - t
-            rep.warnings.extend(img.meta.get("warnings", []))
-            rep.shape = list(img.spatial_shape)
-            rep.spacing = list(img.spacing) if img.spacing else None
-            kind = "volume" if img.ndim == 3 else "2d"
+            job.img = io.open_image(path)
+            job.rep.seconds["read"] = time.perf_counter() - t
+            job.rep.warnings.extend(job.img.meta.get("warnings", []))
+            job.rep.shape = list(job.img.spatial_shape)
+            job.rep.spacing = list(job.img.spacing) if job.img.spacing else None
+        except SegcliError as exc:
+            job.fail(exc)
+        except Exception as exc:  # a reader bug must not kill the batch: report it as one failed file
+            job.fail(exc, bug=True)
+        return job
+
+    def _compute(self, job: _Job, *, probabilities: bool, stats: bool, progress: ProgressFn | None) -> None:
+        img = job.img
+        if img is None or job.rep.status != "ok":
+            return
+        rep = job.rep
+        kind = "volume" if img.ndim == 3 else "2d"
+        try:
             try:
                 res, bundle = self.segment_array(img.array, kind=kind, spacing=img.spacing,
-                                                 return_probs=probabilities, progress=progress, path=path)
+                                                 return_probs=probabilities, progress=progress, path=job.path)
             except EmptyImageError as exc:
                 bundle = self.bundle_for(kind)
                 res = Result(np.zeros(img.spatial_shape, np.uint8))
                 rep.status = "empty"
                 rep.warnings.append(exc.message)
             rep.model, rep.method = bundle.name, (self.method or bundle.method)
-            rep.backend, rep.device = self.backend, self.device
+            rep.device = self.device
+            if rep.status == "ok":
+                rep.providers = self.providers(bundle)
+                rep.backend = "+".join(sorted({p.split(":")[0] for p in rep.providers.values()}))
             rep.seconds.update(res.timings)
             rep.info = {k: v for k, v in res.info.items() if k not in ("boxes", "refined_boxes")}
             self._measure(rep, res.labels, bundle, img.spacing)
-            t = time.perf_counter()
-            io.write_mask(res.labels, img, out)
-            if probabilities and res.probs is not None:
-                io.write_probabilities(res.probs, img, _probs_path(out))
-            rep.seconds["write"] = time.perf_counter() - t
+            if stats:
+                from segcli.stats import label_stats
+
+                rep.stats = label_stats(res.labels, bundle.classes, img.spacing)
+            job.res = res
         except SegcliError as exc:
-            rep.status = "failed"
-            rep.error = str(exc) if exc.path is not None else f"{path}: {exc}"
-        rep.seconds["total"] = time.perf_counter() - t0
+            job.fail(exc)
+        except Exception as exc:  # a segcli bug on one file: report it, keep the batch going
+            job.fail(exc, bug=True)
+
+    def _write(self, job: _Job, *, probabilities: bool) -> FileReport:
+        from segcli import io
+
+        rep = job.rep
+        try:
+            if job.res is not None and job.img is not None and job.out is not None:
+                t = time.perf_counter()
+                io.write_mask(job.res.labels, job.img, job.out)
+                if probabilities and job.res.probs is not None:
+                    io.write_probabilities(job.res.probs, job.img, _probs_path(job.out))
+                rep.seconds["write"] = time.perf_counter() - t
+        except SegcliError as exc:
+            job.fail(exc)
+        except Exception as exc:
+            job.fail(exc, bug=True)
+        finally:
+            _unlock(job.lock)
+            job.img = None
+            job.res = None
+        rep.seconds["total"] = time.perf_counter() - job.t0
         return rep
 
     @staticmethod
@@ -283,6 +407,72 @@ class Segmenter:
                 rep.volume_ml = {k: v * unit / 1000.0 for k, v in rep.voxel_counts.items()}
             else:
                 rep.area_mm2 = {k: v * unit for k, v in rep.voxel_counts.items()}
+
+
+@dataclass
+class _Job:
+    """One file moving through read → compute → write."""
+
+    path: Path
+    rep: FileReport
+    t0: float
+    out: Path | None = None
+    img: Any = None
+    res: Result | None = None
+    lock: Any = None
+
+    def fail(self, exc: BaseException, bug: bool = False) -> None:
+        self.rep.status = "failed"
+        self.img = None
+        self.res = None
+        if bug:
+            self.rep.error = f"{self.path}: internal error ({type(exc).__name__}: {exc}); {crash_log(exc)}"
+        elif isinstance(exc, SegcliError) and exc.path is not None:
+            self.rep.error = str(exc)
+        else:
+            self.rep.error = f"{self.path}: {exc}"
+
+
+def crash_log(exc: BaseException) -> str:
+    """Record a bug's traceback in the debug log, or in a temp file when there is none; say where."""
+    import tempfile
+    import traceback
+
+    tb = "".join(traceback.format_exception(exc))
+    files = [h.baseFilename for h in log.handlers if isinstance(h, logging.FileHandler)]
+    if files:
+        log.error("internal error\n%s", tb)
+        return f"this is a bug, traceback in {files[0]}"
+    fd, name = tempfile.mkstemp(prefix="segcli-crash-", suffix=".log")
+    with os.fdopen(fd, "w") as f:
+        f.write(tb)
+    return f"this is a bug, traceback in {name}"
+
+
+def _try_lock(out: Path):
+    """An advisory lock beside the output, so two processes never compute the same mask at once."""
+    import fcntl
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    lock_path = out.with_name(f".{out.name}.lock")
+    f = open(lock_path, "a+")  # noqa: SIM115 - held until the mask is written
+    try:
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        f.close()
+        return None
+    return f
+
+
+def _unlock(f) -> None:
+    if f is None:
+        return
+    import fcntl
+
+    try:
+        fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+    finally:
+        f.close()
 
 
 def _probs_path(mask_path: Path) -> Path:

@@ -109,7 +109,7 @@ def predict(
     output: Annotated[Path | None, typer.Option("-o", "--output", help="Output file (one input) or folder. Default: beside each input, as NAME_seg.EXT.")] = None,
     model: Annotated[str | None, typer.Option("-m", "--model", help="Bundle folder or shipped model name (see `segcli models`). Default: models/index.json.")] = None,
     method: Annotated[str | None, typer.Option(help="stts | refine | direct | sliding (default: the bundle's).")] = None,
-    backend: Annotated[str, typer.Option(help="torch | onnx")] = "torch",
+    backend: Annotated[str, typer.Option(help="auto (ONNX Runtime when the bundle carries an export, else torch) | torch | onnx")] = "auto",
     device: Annotated[str, typer.Option(help="auto | cpu | cuda | cuda:N")] = "auto",
     threads: Annotated[int | None, typer.Option(help="Intra-op threads (default: the cores really available).")] = None,
     channels: Annotated[str, typer.Option(help="keep | grey | rgb: explicit channel conversion when the image and model differ.")] = "keep",
@@ -125,6 +125,11 @@ def predict(
     overlap: Annotated[float | None, typer.Option(help="sliding: tile overlap fraction.")] = None,
     batch_size: Annotated[int | None, typer.Option(help="Fine-pass batch size.")] = None,
     min_volume: Annotated[int | None, typer.Option(help="Volumes, stts: drop rough 3D components smaller than this (rough voxels).")] = None,
+    shard: Annotated[str | None, typer.Option(help="K/N: process shard K (0-based) of N, balanced by file size (SLURM arrays).")] = None,
+    workers: Annotated[int, typer.Option(help="Processes sharing the cores (threads each = cores // workers).")] = 1,
+    prefetch: Annotated[int, typer.Option(help="Files read ahead while the current one computes (0 = off).")] = 2,
+    stats: Annotated[Path | None, typer.Option(help="Write per-input, per-class statistics (voxels, ml, components, bbox) to this CSV.")] = None,
+    lock: Annotated[bool, typer.Option("--lock", help="Take a lock per output so concurrent segcli processes never compute the same mask.")] = False,
     probabilities: Annotated[bool, typer.Option("--probabilities", help="Also write float32 class probabilities (NAME_seg_probs.EXT).")] = False,
     skip_existing: Annotated[bool, typer.Option("--skip-existing", help="Skip inputs whose mask already exists (resume a batch).")] = False,
     half: Annotated[bool, typer.Option("--half", help="fp16 autocast on CUDA.")] = False,
@@ -151,7 +156,7 @@ def predict(
         if criterion is not None and criterion not in ("pixel", "mean"):
             raise _fail(f"--criterion must be 'pixel' or 'mean', not {criterion!r}", EXIT_USAGE)
         if model is not None:
-            seg.bundle_for("2d")  # a bad --model is a usage error, reported once, not per file
+            seg.warm_up("2d")  # a bad --model is a usage error, reported once, not per file
         items = _expand_inputs(inputs, output)
     except BundleError as exc:
         raise _fail(str(exc), EXIT_USAGE) from None
@@ -164,35 +169,61 @@ def predict(
     if output is not None and (len(items) > 1 or any(root for _, root in items)):
         output.mkdir(parents=True, exist_ok=True)
 
-    reports = []
+    from segcli.batch import check_unique_outputs, run_batch
+    from segcli.shard import parse_shard, select_shard
+
+    try:
+        if shard is not None:
+            k, n = parse_shard(shard)
+            items = select_shard(items, k, n, key=lambda it: it[0])
+        if workers < 1:
+            raise _fail("--workers must be >= 1", EXIT_USAGE)
+    except SegcliError as exc:
+        raise _fail(str(exc), exc.exit_code) from None
+    clashes = check_unique_outputs(items, output)
+    clash_inputs = {c.input for c in clashes}
+    items = [it for it in items if str(it[0]) not in clash_inputs]
+    log.debug("segcli %s: %d input(s), shard %s, workers %d, prefetch %d", __version__, len(items), shard, workers, prefetch)
+
+    reports = list(clashes)
+    for rep in clashes:
+        _report_line(console, rep)
     t_start = time.perf_counter()
-    progress_ctx = _progress(console, quiet)
-    with progress_ctx as prog:
+    seg_kwargs = dict(model=model, method=method, backend=backend, device=device, threads=threads, channels=channels,
+                      half=half, size=size, overrides=seg.overrides)
+    with _progress(console, quiet) as prog:
         overall = prog.add_task("files", total=len(items)) if prog else None
-        for path, root in items:
-            stage_task = prog.add_task(f"  {path.name}", total=None) if prog else None
+        stage = {"task": None}
 
-            def on_progress(stage: str, done: int, total: int, _t=stage_task, _n=path.name) -> None:
+        def progress_for(path: Path):
+            if prog is None:
+                return None
+            if stage["task"] is not None:
+                prog.remove_task(stage["task"])
+            stage["task"] = prog.add_task(f"  {path.name}", total=None)
+
+            def on_progress(name: str, done: int, total: int, _t=stage["task"], _n=path.name) -> None:
+                prog.update(_t, description=f"  {_n}: {name}", completed=done, total=total)
+
+            return on_progress
+
+        try:
+            for rep in run_batch(items, seg_kwargs, output=output, workers=workers, prefetch=prefetch,
+                                 segmenter=seg if workers == 1 else None, progress_for=progress_for,
+                                 probabilities=probabilities, skip_existing=skip_existing,
+                                 stats=stats is not None, lock=lock):
+                reports.append(rep)
+                log.debug("file %s: %s", rep.input, json.dumps(rep.to_dict(), default=str))
                 if prog is not None:
-                    prog.update(_t, description=f"  {_n}: {stage}", completed=done, total=total)
+                    prog.advance(overall)
+                _report_line(console, rep)
+        except KeyboardInterrupt:
+            print("segcli: interrupted; rerun with --skip-existing to resume", file=sys.stderr)
+            raise typer.Exit(EXIT_INTERRUPTED) from None
+    if stats is not None:
+        from segcli.stats import write_stats_csv
 
-            try:
-                rep = seg.predict_file(path, output, probabilities=probabilities, skip_existing=skip_existing,
-                                       input_root=root, progress=on_progress)
-            except KeyboardInterrupt:
-                print("segcli: interrupted; rerun with --skip-existing to resume", file=sys.stderr)
-                raise typer.Exit(EXIT_INTERRUPTED) from None
-            except Exception as exc:  # a bug on one file must not kill the batch
-                from segcli.api import FileReport
-
-                _bug(exc, log_file)
-                rep = FileReport(input=str(path), status="failed", error=f"{path}: internal error ({type(exc).__name__})")
-            reports.append(rep)
-            log.debug("file %s: %s", path, json.dumps(rep.to_dict(), default=str))
-            if prog is not None:
-                prog.remove_task(stage_task)
-                prog.advance(overall)
-            _report_line(console, rep)
+        write_stats_csv(stats, reports)
 
     failed = [r for r in reports if r.status == "failed"]
     summary = {
@@ -332,6 +363,35 @@ def info(
         raise typer.Exit(EXIT_FAILED)
 
 
+@app.command("merge-summaries")
+def merge_summaries_cmd(
+    summaries: Annotated[list[Path], typer.Argument(help="--json summaries written by the shards of one batch.")],
+    output: Annotated[Path | None, typer.Option("-o", "--output", help="Write the merged JSON here (default: stdout).")] = None,
+) -> None:
+    """Combine the --json summaries of several shards (exit 1 if any file failed or was processed twice)."""
+    from segcli.batch import merge_summaries
+
+    docs = []
+    for p in summaries:
+        try:
+            docs.append(json.loads(p.read_text()))
+        except (OSError, ValueError) as exc:
+            raise _fail(f"{p}: not a segcli --json summary ({exc})", EXIT_FAILED) from None
+    merged = merge_summaries(docs)
+    text = json.dumps(merged, indent=2, default=str) + "\n"
+    if output is None:
+        sys.stdout.write(text)
+    else:
+        tmp = output.with_name(f".{output.name}.partial")
+        tmp.write_text(text)
+        tmp.replace(output)
+    s = merged["summary"]
+    print(f"{s['shards']} shard(s): {s['total']} files, {s['ok']} ok, {s['empty']} empty, {s['skipped']} skipped, "
+          f"{s['failed']} failed", file=sys.stderr)
+    if s["failed"] or s["duplicates"]:
+        raise typer.Exit(EXIT_FAILED)
+
+
 @app.command()
 def doctor(json_out: Annotated[bool, typer.Option("--json")] = False) -> None:
     """Versions, devices and runtimes actually usable here, and why not."""
@@ -370,8 +430,9 @@ def _register_optional() -> None:
     import importlib
     import importlib.util
 
-    if importlib.util.find_spec("segcli.cli_train") is not None:
-        importlib.import_module("segcli.cli_train").register(app)
+    for name in ("segcli.cli_train", "segcli.cli_runtime"):
+        if importlib.util.find_spec(name) is not None:
+            importlib.import_module(name).register(app)
 
 
 _register_optional()

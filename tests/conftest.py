@@ -46,5 +46,5 @@ def rgb_bundle(tmp_path_factory) -> Path:
 def run_cli(*args: str, stdin: str | None = None, env: dict | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
     """Run segcli as a user does: a subprocess, with its exit code, stdout and stderr."""
     e = {**os.environ, "NO_COLOR": "1", **(env or {})}
-    return subprocess.run([sys.executable, "-m", "segcli", *map(str, args)], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "segcli", *map(str, args)], capture_output=True, encoding="utf-8", errors="replace",
                           input=stdin, env=e, timeout=timeout, cwd=REPO)

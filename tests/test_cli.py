@@ -223,3 +223,22 @@ def test_info_and_models(tmp_path):
     assert tuple(d["spacing"]) and "min" in json.dumps(d)
     r = run_cli("models")
     assert r.returncode == 0
+
+
+def test_probabilities_and_stdin_paths(tmp_path, grey_bundle):
+    vol = tmp_path / "v.nii.gz"
+    ref = write_volume(vol)
+    p2 = png(tmp_path / "p.png")
+    r = run_cli("predict", "-", "--model", grey_bundle, "--probabilities", "--json", stdin=f"{vol}\n{p2}\n")
+    assert r.returncode == 0, r.stderr
+    probs = sitk.ReadImage(str(tmp_path / "v_seg_probs.nii.gz"))
+    assert probs.GetNumberOfComponentsPerPixel() == 2
+    assert_same_geometry(ref, probs)
+    arr = sitk.GetArrayFromImage(probs)
+    np.testing.assert_allclose(arr.sum(-1), 1.0, atol=1e-4)
+    mask = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "v_seg.nii.gz")))
+    np.testing.assert_array_equal(mask, (arr[..., 1] > 0.5).astype(np.uint8))
+    with tifffile.TiffFile(tmp_path / "p_seg_probs.tif") as t:
+        a = t.asarray()
+    assert a.shape == (2, 64, 80) and a.dtype == np.float32
+    assert [f["status"] for f in json.loads(r.stdout)["files"]] == ["ok", "ok"]

@@ -60,6 +60,14 @@ _EXT_KIND = {
     ".jpeg": "jpeg",
     ".bmp": "bmp",
 }
+# SimpleITK content kind -> the mask extension that keeps its geometry.
+_SITK_CONTENT_OUT = {
+    "nifti": ".nii.gz",
+    "nifti-gz": ".nii.gz",
+    "metaimage": ".mha",
+    "nrrd": ".nrrd",
+    "dicom": ".nii.gz",
+}
 # Content kind -> extension SimpleITK needs to pick its reader.
 _SITK_ALIAS = {"nifti": ".nii", "nifti-gz": ".nii.gz", "metaimage": ".mha", "nrrd": ".nrrd", "dicom": ".dcm"}
 _OTHER_SIGNATURES = (
@@ -199,7 +207,8 @@ def open_image(path: Path | str, series_id: str | None = None) -> LoadedImage:
             raise InputError(f"not a recognised image (content looks like {_looks_like(head)})", path)
     claimed = _EXT_KIND.get(ext)
     if claimed is not None and claimed != content and {claimed, content} != {"nifti", "nifti-gz"}:
-        warnings.append(f"{path}: extension {ext} does not match the content ({content}); read as {content}")
+        # Warnings carry no path: the CLI and `segcli info` print them under the input's name.
+        warnings.append(f"extension {ext} does not match the content ({content}); read as {content}")
     if content == "tiff":
         from segcli.io.tiff import read_tiff
 
@@ -283,17 +292,22 @@ def _output_extension(input_path: Path) -> str:
         ".jpeg": ".png",
         ".btf": ".tif",
     }
+    content = None
+    with contextlib.suppress(OSError, InputError):
+        content = _sniff(input_path)
+    if content in _SITK_CONTENT_OUT and _EXT_KIND.get(ext) not in (None, *_SITK_CONTENT_OUT):
+        # A volume misnamed as .png/.tif: its mask needs a format that keeps 3D geometry, so it
+        # follows the content (which open_image reads, with a warning), not the misleading name.
+        return _SITK_CONTENT_OUT[content]
     if ext in mapped:
         return mapped[ext]
     if ext in _SITK_OUT or ext in _TIFF_OUT or ext in _RASTER_OUT:
         return ext
-    with contextlib.suppress(OSError, InputError):  # unknown name: go by content
-        content = _sniff(input_path)
-        if content == "tiff":
-            return ".tif"
-        if content in ("png", "jpeg", "bmp"):
-            return ".png"
-    return ".nii.gz"
+    if content == "tiff":  # unknown name: go by content
+        return ".tif"
+    if content in ("png", "jpeg", "bmp"):
+        return ".png"
+    return _SITK_CONTENT_OUT.get(content or "", ".nii.gz")
 
 
 def default_output_path(

@@ -145,6 +145,35 @@ def _nifti_total_bytes(hdr: bytes) -> int | None:
     return None
 
 
+_NIFTI_FLOATS = {16: "f4", 64: "f8"}
+
+
+def _nifti_no_finite(path: Path) -> bool:
+    """True when a float NIfTI-1 file's raw voxels hold no finite value at all."""
+    with open(path, "rb") as raw:
+        gz = raw.read(2) == b"\x1f\x8b"
+    try:
+        with (gzip.open if gz else open)(path, "rb") as fh:
+            hdr = fh.read(348)
+            for endian in "<>":
+                if len(hdr) == 348 and struct.unpack(endian + "i", hdr[:4])[0] == 348:
+                    break
+            else:
+                return False
+            code = struct.unpack(endian + "h", hdr[70:72])[0]
+            if code not in _NIFTI_FLOATS:
+                return False
+            dtype = np.dtype(endian + _NIFTI_FLOATS[code])
+            fh.read(max(int(struct.unpack(endian + "f", hdr[108:112])[0]) - 348, 0))
+            while chunk := fh.read(1 << 22):
+                usable = len(chunk) - len(chunk) % dtype.itemsize
+                if np.isfinite(np.frombuffer(chunk[:usable], dtype)).any():
+                    return False
+    except (EOFError, OSError, zlib.error, ValueError, struct.error):
+        return False
+    return True
+
+
 def _orientation(direction: tuple[float, ...]) -> str:
     import SimpleITK as sitk
 
@@ -222,6 +251,12 @@ def read_file(path: Path, read_as: Path, warnings: list[str]) -> LoadedImage:
         image = reader.Execute()
     except RuntimeError as exc:
         raise InputError(f"cannot read image data (truncated or corrupt?): {_short(exc)}", path) from None
+    is_nifti = read_as.name.lower().endswith((".nii", ".nii.gz"))
+    if is_nifti and image.GetPixelID() in (sitk.sitkFloat32, sitk.sitkFloat64):
+        # ITK's NIfTI reader turns NaN/Inf into 0, so an all-NaN volume would look like a constant
+        # one; only an all-zero result needs the (second) look at the raw values.
+        if not sitk.GetArrayViewFromImage(image).any() and _nifti_no_finite(path):
+            raise InputError("image holds no finite values (all NaN or infinite)", path)
     if image.GetDimension() == 4:  # a trailing time axis of length 1
         size = list(image.GetSize())
         image = sitk.Extract(image, [*size[:3], 0], [0, 0, 0, 0])
@@ -258,7 +293,7 @@ def read_dicom_folder(folder: Path, series_id: str | None = None) -> LoadedImage
         chosen = max(sorted(series), key=lambda sid: len(series[sid]))
         if len(series) > 1:
             warnings.append(
-                f"{folder}: {len(series)} DICOM series found; using {chosen} ({len(series[chosen])} files), "
+                f"{len(series)} DICOM series found; using {chosen} ({len(series[chosen])} files), "
                 "pass a series id to choose another"
             )
     files = series[chosen]

@@ -6,9 +6,13 @@ levels can be added there without touching the rest of segcli.
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import struct
+import threading
 import xml.etree.ElementTree as ET
 import zlib
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -22,12 +26,52 @@ if TYPE_CHECKING:
     from segcli.io import LoadedImage
 
 MAX_PIXELS = 10**10
+# Compressed TIFF data cannot honestly expand by more than this (zlib ~1000:1, LZW ~2700:1 on constant
+# data, zstd more): a header declaring more pixel bytes per stored byte than this is lying.
+MAX_EXPANSION = 100_000
 TILE_ABOVE = 1024
 BIGTIFF_ABOVE = 2 * 1024**3
 # Resolution unit -> millimetres per unit.
 _UNIT_MM = {2: 25.4, 3: 10.0}
 _OME_UNIT_MM = {"m": 1e3, "cm": 10.0, "mm": 1.0, "µm": 1e-3, "um": 1e-3, "nm": 1e-6, "in": 25.4}
 _CHANNEL_AXES = ("S", "C")
+
+
+_collecting = threading.local()
+
+
+class _CollectFilter(logging.Filter):
+    """Routes tifffile's log warnings for the file this thread is reading into its warning list.
+
+    Without it tifffile prints multi-line notes straight to stderr (``<tifffile.TiffPage 0 @8>
+    incorrect StripByteCounts count``) next to segcli's one-line messages. Thread-local because the
+    API reads the next file in a background thread.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        sink = getattr(_collecting, "sink", None)
+        if sink is None:
+            return True
+        message = " ".join(record.getMessage().split())
+        if message not in sink and len(sink) < 5:
+            sink.append(message)
+        return False
+
+
+_FILTER = _CollectFilter()
+
+
+@contextlib.contextmanager
+def _collect_log(sink: list[str]) -> Iterator[None]:
+    logger = logging.getLogger("tifffile")
+    if _FILTER not in logger.filters:
+        logger.addFilter(_FILTER)
+    previous = getattr(_collecting, "sink", None)
+    _collecting.sink = sink
+    try:
+        yield
+    finally:
+        _collecting.sink = previous
 
 
 def _open(path: Path) -> tifffile.TiffFile:
@@ -45,12 +89,27 @@ def _check_level(series: tifffile.TiffPageSeries, path: Path) -> None:
     if pixels > MAX_PIXELS:
         raise InputError(f"TIFF declares {pixels:.3g} pixels, more than the {MAX_PIXELS:.0e} supported", path)
     file_size = path.stat().st_size
+    stored, bits = 0, 1
+    compressed = False
     for page in series.pages:
         if page is None:
             continue
         ends = [o + n for o, n in zip(page.dataoffsets, page.databytecounts, strict=False) if n]
         if ends and max(ends) > file_size:
             raise InputError("TIFF is truncated (pixel data extends past the end of the file)", path)
+        stored += int(sum(page.databytecounts))
+        key = page.keyframe  # a TiffFrame shares its tags with its key page
+        compressed = compressed or int(key.compression) != 1 or int(key.photometric) == 6  # YCbCr
+        bits = max(bits, int(key.bitspersample))
+    declared = pixels * bits / 8.0
+    # Uncompressed strips must hold every declared byte; compressed ones at most MAX_EXPANSION:1.
+    limit = MAX_EXPANSION * max(stored, 1) if compressed else stored
+    if declared > limit + 8:
+        raise InputError(
+            f"TIFF declares {declared:.3g} bytes of pixels but its strips/tiles hold only {stored} bytes "
+            "(corrupt header or truncated file)",
+            path,
+        )
 
 
 def _read_level(tif: tifffile.TiffFile, path: Path) -> tuple[np.ndarray, str, Any]:
@@ -134,7 +193,8 @@ def read_tiff(path: Path, warnings: list[str]) -> LoadedImage:
     """Series 0, level 0 of a TIFF as (H, W, C) with resolution metadata."""
     from segcli.io import LoadedImage
 
-    with _open(path) as tif:
+    notes: list[str] = []
+    with _collect_log(notes), _open(path) as tif:
         if not tif.series:
             raise InputError("TIFF holds no image series", path)
         data, axes, page = _read_level(tif, path)
@@ -160,6 +220,7 @@ def read_tiff(path: Path, warnings: list[str]) -> LoadedImage:
         raise InputError(
             f"image is too small ({array.shape[0]}x{array.shape[1]}); need at least 2 pixels per side", path
         )
+    warnings.extend(f"tifffile: {note}" for note in notes)
     return LoadedImage(path, "tiff", array, _spacing(resolution, ome), meta)
 
 

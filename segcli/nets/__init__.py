@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from typing import Any
 
 _REGISTRY: dict[str, ArchSpec] = {}
+_LOADED = False
 
 
 @dataclass(frozen=True)
@@ -56,7 +57,9 @@ def _load_builtin() -> None:
 
 def available() -> dict[str, ArchSpec]:
     """All registered architectures by name."""
-    if not _REGISTRY:
+    global _LOADED
+    if not _LOADED:
+        _LOADED = True
         _load_builtin()
     return dict(_REGISTRY)
 

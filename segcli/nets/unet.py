@@ -51,9 +51,9 @@ class UNet(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h, w = x.shape[-2:]
         m = 2**self.depth
+        # Always pad (even by zero): a conditional would be frozen into an ONNX trace at one size.
         ph, pw = (-h) % m, (-w) % m
-        if ph or pw:
-            x = F.pad(x, (0, pw, 0, ph), mode="replicate" if min(h, w) > 1 else "constant")
+        x = F.pad(x, (0, pw, 0, ph), mode="replicate")
         skips = []
         for enc in self.encoders:
             x = enc(x)

@@ -58,7 +58,7 @@ class FunctionPredictor:
         return out
 
 
-BACKENDS = ("torch", "onnx")
+BACKENDS = ("auto", "torch", "onnx")
 
 
 def make_predictor(bundle, role: str, *, backend: str = "torch", device: str = "cpu", max_batch: int = 16,
@@ -66,12 +66,17 @@ def make_predictor(bundle, role: str, *, backend: str = "torch", device: str = "
     """Build the predictor for one network of a bundle on the chosen backend and device."""
     from segcli.errors import UsageError
 
+    if backend == "auto":
+        # ONNX Runtime beat torch on this CPU at every size measured (benchmarks/README.md), so a
+        # bundle that carries an export uses it; otherwise torch.
+        backend = "onnx" if bundle.network(role).onnx else "torch"
     if backend == "torch":
         from segcli.runtimes.torch_backend import TorchPredictor
 
         module = bundle.load_module(role)
+        # channels_last was faster than contiguous at every size on CPU (benchmarks/bench_runtimes.py).
         return TorchPredictor(module, n_classes=bundle.n_classes, in_channels=bundle.in_channels, device=device,
-                              max_batch=max_batch, half=half)
+                              max_batch=max_batch, half=half, channels_last=device == "cpu")
     if backend == "onnx":
         try:
             from segcli.runtimes.onnx_backend import OnnxPredictor

@@ -9,6 +9,7 @@ class TorchPredictor:
     """Runs a torch module on batches; chunking keeps memory bounded by ``max_batch``."""
 
     backend = "torch"
+    provider = "torch"
 
     def __init__(self, module, n_classes: int, in_channels: int, device: str = "cpu", max_batch: int = 16,
                  half: bool = False, channels_last: bool = False) -> None:
@@ -16,6 +17,7 @@ class TorchPredictor:
 
         self.torch = torch
         self.device = device
+        self.provider = f"torch-{device}"
         self.n_classes = n_classes
         self.in_channels = in_channels
         self.max_batch = max(1, int(max_batch))

@@ -1,0 +1,48 @@
+"""``segcli export``: the CLI face of :mod:`segcli.export` (parse, call, report; no logic here)."""
+
+from __future__ import annotations
+
+import json
+import sys
+from typing import Annotated
+
+import typer
+
+EXIT_FAILED, EXIT_USAGE = 1, 2
+
+
+def register(app: typer.Typer) -> None:
+    """Add the runtime commands to the main app (called from segcli.cli)."""
+
+    @app.command("export")
+    def export_cmd(
+        model: Annotated[str, typer.Argument(help="Bundle folder or shipped model name.")],
+        fp16: Annotated[bool, typer.Option("--fp16", help="Write fp16 models (ROLE.fp16.onnx) for CUDA ONNX Runtime; inputs and outputs stay float32.")] = False,
+        opset: Annotated[int, typer.Option(help="ONNX opset.")] = 17,
+        no_validate: Annotated[bool, typer.Option("--no-validate", help="Skip the torch vs ONNX Runtime parity check (faster, for huge networks).")] = False,
+        json_out: Annotated[bool, typer.Option("--json", help="Print what was written as JSON on stdout.")] = False,
+    ) -> None:
+        """Export a bundle's networks to ONNX (one ROLE.onnx each) and record them in segcli.json."""
+        from segcli.errors import BundleError, SegcliError
+        from segcli.export import export_bundle_detailed
+
+        try:
+            results = export_bundle_detailed(model, fp16=fp16, opset=opset, validate=not no_validate)
+        except BundleError as exc:  # no such bundle, bad JSON, weights tampered: the user's input
+            print(f"segcli: error: {exc}", file=sys.stderr)
+            raise typer.Exit(EXIT_USAGE) from None
+        except SegcliError as exc:
+            print(f"segcli: error: {exc}", file=sys.stderr)
+            raise typer.Exit(exc.exit_code) from None
+        rows = [
+            {"role": r.role, "path": str(r.path), "sha256": r.sha256, "size_bytes": r.size_bytes,
+             "precision": r.precision, "max_diff": r.max_diff}
+            for r in results.values()
+        ]
+        if json_out:
+            sys.stdout.write(json.dumps(rows, indent=2) + "\n")
+            return
+        for r in rows:
+            check = "not validated" if r["max_diff"] is None else f"max diff vs {'fp32' if fp16 else 'torch'} {r['max_diff']:.1e}"
+            size = f"{r['size_bytes'] / 1e6:.1f} MB" if r["size_bytes"] >= 100_000 else f"{r['size_bytes'] / 1e3:.0f} kB"
+            print(f"{r['role']:<7} -> {r['path']}  ({size}, {r['precision']}, {check})", file=sys.stderr)

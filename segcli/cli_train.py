@@ -1,0 +1,217 @@
+"""``segcli train`` and ``segcli evaluate``: parse flags, call :mod:`segcli.train` / :mod:`segcli.evaluate`, report.
+
+No training or scoring logic lives here. Errors are one line on stderr with the error's exit code
+(1 dataset/input problem, 2 usage), 130 after Ctrl-C once the resumable checkpoint is saved.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shlex
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+
+def _fail(message: str, code: int) -> typer.Exit:
+    print(f"segcli: error: {message}", file=sys.stderr)
+    return typer.Exit(code)
+
+
+def _parse_value(text: str) -> Any:
+    """``--arch-config`` values: JSON where it parses (numbers, true/false, lists), else the string."""
+    try:
+        return json.loads(text)
+    except ValueError:
+        low = text.lower()
+        if low in ("true", "false"):
+            return low == "true"
+        return text
+
+
+def parse_arch_config(items: list[str] | None) -> dict[str, Any]:
+    from segcli.errors import UsageError
+
+    out: dict[str, Any] = {}
+    for item in items or []:
+        for part in item.split(","):
+            if not part.strip():
+                continue
+            key, sep, val = part.partition("=")
+            if not sep or not key.strip():
+                raise UsageError(f"--arch-config expects key=value, got {part!r}")
+            out[key.strip()] = _parse_value(val.strip())
+    return out
+
+
+def _normalization(text: str | None) -> dict[str, Any] | None:
+    """``dtype`` | ``percentile`` | ``zscore`` | ``minmax`` | ``ct:CENTER,WIDTH`` | a JSON object."""
+    from segcli.errors import UsageError
+
+    if text is None:
+        return None
+    t = text.strip()
+    if t.startswith("{"):
+        try:
+            return json.loads(t)
+        except ValueError as exc:
+            raise UsageError(f"--normalization: bad JSON ({exc})") from None
+    if t.lower().startswith("ct:"):
+        try:
+            c, w = (float(v) for v in t[3:].split(","))
+        except ValueError:
+            raise UsageError("--normalization ct:CENTER,WIDTH, e.g. ct:40,400") from None
+        return {"kind": "ct_window", "center": c, "width": w}
+    if t in ("dtype", "zscore", "minmax"):
+        return {"kind": t}
+    if t == "percentile":
+        return {"kind": "percentile", "lower": 0.5, "upper": 99.5}
+    raise UsageError(f"--normalization {text!r}: use dtype, percentile, zscore, minmax, ct:CENTER,WIDTH or a JSON spec")
+
+
+def register(app: typer.Typer) -> None:
+    """Add ``train`` and ``evaluate`` to the segcli app."""
+
+    @app.command("train")
+    def train_cmd(
+        data: Annotated[Path | None, typer.Option("--data", "-d", help="Dataset folder: images/ + masks/ (+ dataset.json) or nnU-Net raw imagesTr/ + labelsTr/.")] = None,
+        out: Annotated[Path | None, typer.Option("-o", "--out", help="Output folder; becomes a complete model bundle.")] = None,
+        method: Annotated[str, typer.Option(help="stts | refine | direct")] = "stts",
+        arch: Annotated[str, typer.Option(help="Network architecture (see `segcli models --archs`).")] = "unet",
+        fine_arch: Annotated[str | None, typer.Option(help="Architecture of the second stage (default: --arch).")] = None,
+        size: Annotated[int, typer.Option(help="Network input size S (both stages).")] = 256,
+        epochs: Annotated[int | None, typer.Option(help="Epochs per stage [default: 50].")] = None,
+        fine_epochs: Annotated[int | None, typer.Option(help="Epochs of the second stage (default: --epochs).")] = None,
+        batch_size: Annotated[int, typer.Option(help="Batch size.")] = 16,
+        lr: Annotated[float, typer.Option(help="Peak learning rate.")] = 1e-3,
+        weight_decay: Annotated[float, typer.Option(help="Weight decay.")] = 1e-4,
+        optimizer: Annotated[str, typer.Option(help="adamw | adam | sgd")] = "adamw",
+        schedule: Annotated[str, typer.Option(help="Per-step LR schedule: cosine | poly | constant")] = "cosine",
+        features: Annotated[int | None, typer.Option(help="U-Net width (first-level features).")] = None,
+        arch_config: Annotated[list[str] | None, typer.Option("--arch-config", help="key=value for the architecture (repeatable).")] = None,
+        loss: Annotated[str | None, typer.Option(help="dice | bce | ce | focal | dice+bce | dice+ce | focal+dice (default: dice+bce/ce; refine focal+dice).")] = None,
+        class_weights: Annotated[str | None, typer.Option(help="Comma-separated weight per class for the (B)CE/focal term, e.g. 1,3.")] = None,
+        val_fraction: Annotated[float, typer.Option(help="Fraction of cases held out for validation.")] = 0.2,
+        splits: Annotated[Path | None, typer.Option(help='JSON {"train": [...], "val": [...]} (default: DATA/splits.json if present, else seeded).')] = None,
+        seed: Annotated[int, typer.Option(help="Seed for the split, initial weights, sampling and augmentation.")] = 0,
+        channels: Annotated[str, typer.Option(help="keep | grey | rgb: channel conversion applied to every image.")] = "keep",
+        normalization: Annotated[str | None, typer.Option(help="dtype | percentile | zscore | minmax | ct:C,W | JSON (default: from the data).")] = None,
+        jitter: Annotated[int, typer.Option(help="stts: uniform crop-box jitter in px (training only).")] = 16,
+        pad: Annotated[int | None, typer.Option(help="stts: crop padding in full-res px (default S//8).")] = None,
+        fine_init: Annotated[str, typer.Option(help="random | coarse: initialise the second stage from the first.")] = "random",
+        patches: Annotated[int, typer.Option(help="refine: patches refined per image (inference) and sampled per image per epoch.")] = 8,
+        patch_size: Annotated[int | None, typer.Option(help="refine: patch side in full-res px (default S).")] = None,
+        sampling: Annotated[str, typer.Option(help="refine: uncertain | uniform patch sampling for S2.")] = "uncertain",
+        criterion: Annotated[str, typer.Option(help="refine: pixel | mean uncertainty ranking.")] = "pixel",
+        patience: Annotated[int | None, typer.Option(help="Early stopping: epochs without a better val Dice.")] = None,
+        time_limit: Annotated[str | None, typer.Option(help="Training time budget: seconds or 90s / 10m / 1h30m; split 50/50 between two stages.")] = None,
+        resume: Annotated[Path | None, typer.Option(help="Continue the run in this folder from its checkpoint.pt.")] = None,
+        device: Annotated[str | None, typer.Option(help="auto | cpu | cuda | cuda:N [default: auto]")] = None,
+        amp: Annotated[bool, typer.Option("--amp/--no-amp", help="Mixed precision on CUDA.")] = True,
+        augment: Annotated[bool, typer.Option("--augment/--no-augment", help="Flips, 90° rotations, small affine, intensity jitter.")] = True,
+        cache_gb: Annotated[float | None, typer.Option(help="Memory for full-resolution images (fine crops) [default: 4].")] = None,
+        threads: Annotated[int | None, typer.Option(help="Torch intra-op threads (default: the cores available).")] = None,
+        name: Annotated[str | None, typer.Option(help="Bundle name (default: the output folder's name).")] = None,
+        val_full_res: Annotated[bool, typer.Option("--val-full-res/--no-val-full-res", help="Score the finished bundle at full resolution on val.")] = True,
+        quiet: Annotated[bool, typer.Option("-q", "--quiet", help="Only errors on stderr.")] = False,
+    ) -> None:
+        """Train a coarse-to-fine model; the output folder is a bundle `segcli predict --model` loads."""
+        from segcli.errors import SegcliError
+        from segcli.train import TrainingInterrupted, train
+
+        try:
+            options: dict[str, Any] = {
+                "method": method, "arch": arch, "fine_arch": fine_arch, "size": size, "epochs": epochs,
+                "fine_epochs": fine_epochs, "batch_size": batch_size, "lr": lr, "weight_decay": weight_decay,
+                "optimizer": optimizer, "schedule": schedule, "features": features,
+                "arch_config": parse_arch_config(arch_config), "loss": loss,
+                "class_weights": [float(w) for w in class_weights.split(",")] if class_weights else None,
+                "val_fraction": val_fraction, "splits": str(splits) if splits else None, "seed": seed,
+                "channels": channels, "normalization": _normalization(normalization), "jitter": jitter, "pad": pad,
+                "fine_init": fine_init, "patches": patches, "patch_size": patch_size, "sampling": sampling,
+                "criterion": criterion, "patience": patience, "time_limit": time_limit, "device": device,
+                "amp": amp, "augment": augment, "cache_gb": cache_gb, "threads": threads, "name": name,
+                "val_full_res": val_full_res, "quiet": quiet,
+                "command": shlex.join(["segcli", *sys.argv[1:]]),
+            }
+            if resume is not None:  # only the resumable options count; the rest come from the checkpoint
+                options = {k: options[k] for k in ("epochs", "fine_epochs", "time_limit", "patience", "quiet", "device",
+                                                   "cache_gb", "threads", "val_full_res")}
+            result = train(data, out, resume=resume, **options)
+        except ValueError as exc:
+            raise _fail(f"--class-weights: {exc}", 2) from None
+        except TrainingInterrupted as exc:
+            print(f"segcli: {exc}", file=sys.stderr)
+            raise typer.Exit(exc.exit_code) from None
+        except SegcliError as exc:
+            raise _fail(str(exc), exc.exit_code) from None
+        if not quiet:
+            t = result.training
+            score = t.get("val_score")
+            print(f"model written to {result.out} (val score {score:.4f}: {t.get('val_score_kind')})" if isinstance(score, float)
+                  else f"model written to {result.out}", file=sys.stderr)
+
+    @app.command("evaluate")
+    def evaluate_cmd(
+        predictions: Annotated[Path, typer.Argument(help="Folder of predicted masks (x.png or x_seg.png).")],
+        ground_truth: Annotated[Path, typer.Argument(help="Folder of ground-truth masks (x.png), class ids.")],
+        fov: Annotated[Path | None, typer.Option("--fov", help="Folder of field-of-view masks; score inside them only (DRIVE).")] = None,
+        csv_out: Annotated[Path | None, typer.Option("--csv", help="Write per-case and mean rows as CSV.")] = None,
+        json_out: Annotated[Path | None, typer.Option("--json", help="Write the full result as JSON.")] = None,
+        spacing: Annotated[str | None, typer.Option(help="Pixel spacing in mm, comma-separated in array order (default: from the files; px when unknown).")] = None,
+        hd95: Annotated[bool, typer.Option("--hd95/--no-hd95", help="Compute HD95 (the slowest metric).")] = True,
+        summary: Annotated[bool, typer.Option("--summary", help="Print only the mean rows.")] = False,
+        quiet: Annotated[bool, typer.Option("-q", "--quiet", help="Print nothing but errors.")] = False,
+    ) -> None:
+        """Dice, IoU, precision, recall, HD95 and object-level recall per case and class, and their means."""
+        from segcli.errors import SegcliError
+        from segcli.evaluate import CSV_COLUMNS, evaluate, table_rows
+
+        def warn(msg: str) -> None:
+            if not quiet:
+                print(f"segcli: {msg}", file=sys.stderr)
+
+        try:
+            sp = [float(v) for v in spacing.split(",")] if spacing else None
+        except ValueError:
+            raise _fail(f"--spacing {spacing!r}: comma-separated numbers in mm", 2) from None
+        try:
+            result = evaluate(predictions, ground_truth, fov_dir=fov, spacing=sp, hd95=hd95, csv_path=csv_out,
+                              json_path=json_out, log=warn)
+        except SegcliError as exc:
+            raise _fail(str(exc), exc.exit_code) from None
+        if quiet:
+            return
+        from rich.console import Console
+        from rich.table import Table
+
+        table = Table(title=f"{result['n_cases']} case(s); HD95 in {result['units']}", show_lines=False)
+        heads = ("case", "class", "Dice", "IoU", "prec.", "recall", "HD95", "objects", "hit", "obj. recall")
+        for h in heads:
+            table.add_column(h, justify="left" if h in ("case", "class") else "right")
+        rows = table_rows(result)
+        if summary:
+            rows = [r for r in rows if r[0] == "mean"]
+        first_mean = True
+        for r in rows:
+            if r[0] == "mean" and first_mean:
+                first_mean = False
+                if table.rows:
+                    table.add_section()
+            table.add_row(*[_fmt(v) for v in r[: len(heads)]], style="bold" if r[0] == "mean" else None)
+        Console(highlight=False, width=None if sys.stdout.isatty() else 160).print(table)
+        mean_rows = [r for r in rows if r[0] == "mean"]
+        for r in mean_rows:
+            sizes = ", ".join(f"{b} {_fmt(v)}" for b, v in zip(("small", "medium", "large"), r[len(CSV_COLUMNS) - 3:], strict=True))
+            print(f"object recall by size ({r[1]}): {sizes}  (bins: <0.1 %, 0.1-1 %, >=1 % of the image)")
+        if result["failed"]:
+            raise typer.Exit(1)
+
+
+def _fmt(v: Any) -> str:
+    if isinstance(v, float):
+        return "-" if not math.isfinite(v) else f"{v:.4f}"
+    return str(v)

@@ -1,0 +1,244 @@
+"""ONNX Runtime backend: a bundle's exported ``ROLE.onnx`` behind the Predictor interface.
+
+The .onnx is treated like the weights: its path must stay inside the bundle, its SHA-256 must match
+``segcli.json`` before a byte of it is parsed by ONNX Runtime, and any external-data file it names
+must stay inside the bundle too. The session is built from the very bytes that were hashed, so the
+file cannot change between the check and the load. CUDA is only requested when it can really work
+(ORT built with it *and* torch sees a GPU): asking ORT for CUDA without the libraries prints a page
+of loader errors and silently falls back anyway.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from segcli.errors import BundleError, DeviceError, SegcliError, UsageError
+from segcli.runtimes import logits_to_probs
+
+log = logging.getLogger("segcli")
+
+CUDA_EP = "CUDAExecutionProvider"
+CPU_EP = "CPUExecutionProvider"
+#: Substrings of ORT / CUDA / allocator errors that mean "the batch did not fit".
+OOM_MARKERS = ("out of memory", "failed to allocate memory", "bad_alloc", "bad allocation",
+               "cudaerrormemoryallocation", "cublas_status_alloc_failed", "cudnn_status_alloc_failed")
+
+
+def is_oom(exc: BaseException) -> bool:
+    """Whether an exception from ``session.run`` is an allocation failure (worth a smaller batch)."""
+    if isinstance(exc, MemoryError):
+        return True
+    msg = str(exc).lower()
+    return any(m in msg for m in OOM_MARKERS)
+
+
+def _torch_cuda() -> bool:
+    try:
+        from segcli.runtimes.device import torch_cuda_available
+
+        return torch_cuda_available()
+    except Exception:  # torch missing or broken: then CUDA is not usable either
+        return False
+
+
+def choose_providers(device: str) -> list[Any]:
+    """ORT providers for ``device``: CUDA (then CPU for unsupported nodes) only when really usable."""
+    import onnxruntime as ort
+
+    if device.startswith("cuda"):
+        built = CUDA_EP in ort.get_available_providers()
+        if built and _torch_cuda():
+            idx = device.split(":", 1)[1] if ":" in device else "0"
+            if not idx.isdigit():
+                raise DeviceError(f"unknown device {device!r}; use cpu, cuda or cuda:N")
+            # HEURISTIC: engines send varying batch sizes; EXHAUSTIVE would re-search for each one.
+            return [(CUDA_EP, {"device_id": int(idx), "cudnn_conv_algo_search": "HEURISTIC"}), CPU_EP]
+        why = "onnxruntime was built without CUDA" if not built else "no CUDA device is usable (torch sees none)"
+        log.warning("--device %s with --backend onnx: %s; running ONNX Runtime on the CPU", device, why)
+    return [CPU_EP]
+
+
+def default_threads() -> int:
+    """``--threads`` as the Segmenter applied it to torch, else the cores this process may really use."""
+    from segcli.runtimes.device import available_cores
+
+    if "torch" in sys.modules:  # Segmenter called set_threads(--threads) before building predictors
+        return max(1, int(sys.modules["torch"].get_num_threads()))
+    return available_cores()
+
+
+def make_session(model: bytes | Path, providers: list[Any], threads: int) -> Any:
+    """An inference session with intra-op threads fixed (ORT's own default ignores cgroup quotas)."""
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = max(1, int(threads))
+    so.inter_op_num_threads = 1
+    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    so.log_severity_level = 3  # errors only; warnings about unused initializers are noise here
+    src = str(model) if isinstance(model, Path) else model
+    return ort.InferenceSession(src, so, providers=providers)
+
+
+def _tensors(graph: Any):
+    """Every tensor a graph holds, subgraphs (If/Loop bodies) and sparse initializers included."""
+    yield from graph.initializer
+    for sp in graph.sparse_initializer:
+        yield sp.values
+        yield sp.indices
+    for node in graph.node:
+        for attr in node.attribute:
+            if attr.HasField("t"):
+                yield attr.t
+            yield from attr.tensors
+            if attr.HasField("g"):
+                yield from _tensors(attr.g)
+            for g in attr.graphs:
+                yield from _tensors(g)
+
+
+def external_locations(model: Any) -> list[str]:
+    """The ``location`` of every external-data tensor of an ``onnx.ModelProto`` (loaded without them)."""
+    import onnx
+
+    locs = []
+    for t in _tensors(model.graph):
+        if t.data_location == onnx.TensorProto.EXTERNAL:
+            entry = {e.key: e.value for e in t.external_data}
+            locs.append(entry.get("location", ""))
+    return locs
+
+
+class OnnxPredictor:
+    """Runs an ONNX model under ORT on batches, halving the batch on out-of-memory errors."""
+
+    backend = "onnx"
+
+    def __init__(self, session: Any, *, n_classes: int, in_channels: int, device: str = "cpu",
+                 max_batch: int = 16, metadata: dict[str, str] | None = None, source: str = "") -> None:
+        self.session = session
+        self.n_classes = int(n_classes)
+        self.in_channels = int(in_channels)
+        self.max_batch = max(1, int(max_batch))
+        self.metadata = dict(metadata or {})
+        self.source = source
+        self.providers: list[str] = list(session.get_providers())
+        self.provider: str = self.providers[0]
+        if device.startswith("cuda") and self.provider != CUDA_EP:
+            log.warning("ONNX Runtime could not start CUDA for %s; running on the CPU", source or "the model")
+            device = "cpu"
+        self.device = device
+        inp = session.get_inputs()[0]
+        self.input_name: str = inp.name
+        self.input_dtype = np.float16 if inp.type == "tensor(float16)" else np.float32
+        self._check_io(inp.shape, session.get_outputs()[0].shape)
+
+    def _check_io(self, in_shape: list[Any], out_shape: list[Any]) -> None:
+        """Refuse a model whose fixed channel counts contradict the bundle (wrong file, wrong bundle)."""
+        want_out = 1 if self.n_classes == 2 else self.n_classes
+        if len(in_shape) != 4 or len(out_shape) != 4:
+            raise BundleError(f"{self.source}: ONNX model is not NCHW -> NCHW (input {in_shape}, output {out_shape})")
+        if isinstance(in_shape[1], int) and in_shape[1] != self.in_channels:
+            raise BundleError(f"{self.source}: ONNX model takes {in_shape[1]} channels, the bundle says {self.in_channels}")
+        if isinstance(out_shape[1], int) and out_shape[1] not in (want_out, self.n_classes):
+            raise BundleError(f"{self.source}: ONNX model gives {out_shape[1]} output channels for {self.n_classes} classes")
+
+    # -- construction -------------------------------------------------------------------------------
+    @classmethod
+    def from_bundle(cls, bundle: Any, role: str, *, device: str = "cpu", max_batch: int = 16, half: bool = False,
+                    threads: int | None = None) -> OnnxPredictor:
+        """The bundle's verified ONNX export of ``role``; a bundle without one is a usage error."""
+        import onnx
+
+        from segcli.bundle import _inside
+
+        spec = bundle.network(role)
+        if not spec.onnx:
+            raise UsageError(f"bundle {bundle.path} has no ONNX export; run `segcli export {bundle.path}`")
+        path = _inside(bundle.path, spec.onnx, "onnx")
+        if not path.is_file():
+            raise BundleError(f"ONNX file {spec.onnx} is missing; run `segcli export {bundle.path}`", bundle.path)
+        if not spec.onnx_sha256:
+            raise BundleError(f"{spec.onnx} has no recorded onnx_sha256; run `segcli export {bundle.path}`", bundle.path)
+        data = path.read_bytes()
+        if hashlib.sha256(data).hexdigest() != spec.onnx_sha256:
+            raise BundleError(f"{spec.onnx} does not match its recorded SHA-256 (corrupted or tampered); refused", bundle.path)
+        try:
+            model = onnx.load_model_from_string(data)  # external data, if any, is not read here
+        except Exception as exc:
+            raise BundleError(f"{spec.onnx} is not a readable ONNX model: {exc}", bundle.path) from None
+        meta = {p.key: p.value for p in model.metadata_props}
+        if meta.get("weights_sha256") and spec.sha256 and meta["weights_sha256"] != spec.sha256:
+            raise BundleError(f"{spec.onnx} was exported from other weights than {spec.weights} (stale export); "
+                              f"run `segcli export {bundle.path}`", bundle.path)
+        locs = external_locations(model)
+        rel_dir = Path(spec.onnx).parent
+        for loc in locs:
+            target = _inside(bundle.path, (rel_dir / loc).as_posix() if loc else "", "ONNX external data")
+            if not target.is_file():
+                raise BundleError(f"{spec.onnx} names external data {loc!r}, which is missing", bundle.path)
+        del model
+        providers = choose_providers(device)
+        if providers[0] == CPU_EP:
+            device, half = "cpu", False  # like torch: --half only means something on CUDA
+        if meta.get("precision") == "fp16" and providers[0] == CPU_EP:
+            log.warning("%s is an fp16 export (for CUDA); on the CPU it is slower than fp32: "
+                        "re-export without --fp16", spec.onnx)
+        elif half and meta.get("precision") != "fp16":
+            log.warning("--half with --backend onnx needs an fp16 export (`segcli export --fp16`); running fp32")
+        # With external data ORT must read from the folder, so it gets the path (already checked).
+        source = path if locs else data
+        session = make_session(source, providers, threads or default_threads())
+        return cls(session, n_classes=bundle.n_classes, in_channels=bundle.in_channels, device=device,
+                   max_batch=max_batch, metadata=meta, source=str(path))
+
+    @classmethod
+    def from_file(cls, path: str | Path, *, n_classes: int, in_channels: int, device: str = "cpu", max_batch: int = 16,
+                  threads: int | None = None) -> OnnxPredictor:
+        """A trusted .onnx outside any bundle (benchmarks, experiments): no hash or path checks."""
+        providers = choose_providers(device)
+        if providers[0] == CPU_EP:
+            device = "cpu"
+        session = make_session(Path(path), providers, threads or default_threads())
+        return cls(session, n_classes=n_classes, in_channels=in_channels, device=device, max_batch=max_batch,
+                   source=str(path))
+
+    # -- inference ----------------------------------------------------------------------------------
+    def _run(self, x: np.ndarray) -> np.ndarray:
+        feed = {self.input_name: np.ascontiguousarray(x, dtype=self.input_dtype)}
+        return np.asarray(self.session.run(None, feed)[0], dtype=np.float32)
+
+    def __call__(self, batch: np.ndarray) -> np.ndarray:
+        if batch.ndim != 4:
+            raise ValueError(f"expected an NCHW batch, got shape {batch.shape}")
+        if batch.shape[1] != self.in_channels:
+            raise ValueError(f"batch has {batch.shape[1]} channels, the network takes {self.in_channels}")
+        outs: list[np.ndarray] = []
+        i = 0
+        while i < len(batch):
+            chunk = batch[i : i + self.max_batch]
+            try:
+                logits = self._run(chunk)
+            except Exception as exc:
+                if not is_oom(exc):
+                    raise
+                if len(chunk) == 1:
+                    raise SegcliError(f"out of memory on {self.provider} even with a batch of 1 at "
+                                      f"{chunk.shape[2]}x{chunk.shape[3]}; use --device cpu or a smaller --size") from None
+                # Remember the smaller batch: the next call would run out of memory the same way.
+                self.max_batch = max(1, len(chunk) // 2)
+                log.warning("out of memory on %s with a batch of %d; retrying with %d", self.provider, len(chunk),
+                            self.max_batch)
+                continue
+            outs.append(logits_to_probs(logits))
+            i += len(chunk)
+        if not outs:
+            return np.zeros((0, self.n_classes) + batch.shape[2:], np.float32)
+        return np.concatenate(outs, axis=0)

@@ -1,0 +1,60 @@
+"""Deterministic, size-balanced sharding of a batch for job arrays (SLURM, GNU parallel).
+
+``--shard K/N`` gives shard K (0-based) of N. Files are assigned largest first to the shard with the
+fewest bytes so far (ties: the lowest shard index), so one shard does not get all the big scans and
+every process computes the same assignment from the same listing, with no coordinator.
+"""
+
+from __future__ import annotations
+
+import heapq
+import os
+from pathlib import Path
+from typing import TypeVar
+
+from segcli.errors import UsageError
+
+T = TypeVar("T")
+
+
+def parse_shard(text: str) -> tuple[int, int]:
+    """``"K/N"`` → (K, N) with 0 ≤ K < N."""
+    try:
+        k_s, n_s = text.split("/")
+        k, n = int(k_s), int(n_s)
+    except ValueError:
+        raise UsageError(f"--shard expects K/N (e.g. 0/8), got {text!r}") from None
+    if n < 1 or not 0 <= k < n:
+        raise UsageError(f"--shard {text}: K must be in 0..N-1 (0-based, e.g. SLURM --array=0-{max(n - 1, 0)})")
+    return k, n
+
+
+def input_size(path: Path) -> int:
+    """Bytes on disk; a folder (DICOM series) counts the files directly inside it."""
+    try:
+        if path.is_dir():
+            return sum(e.stat().st_size for e in os.scandir(path) if e.is_file())
+        return path.stat().st_size
+    except OSError:
+        return 0
+
+
+def assign_shards(items: list[T], n: int, key=lambda item: item) -> list[int]:
+    """Shard index of each item, balancing bytes greedily (largest first, LPT scheduling)."""
+    sizes = [input_size(Path(key(it))) for it in items]
+    order = sorted(range(len(items)), key=lambda i: (-sizes[i], str(key(items[i]))))
+    heap = [(0, s) for s in range(n)]
+    out = [0] * len(items)
+    for i in order:
+        load, s = heapq.heappop(heap)
+        out[i] = s
+        heapq.heappush(heap, (load + sizes[i], s))
+    return out
+
+
+def select_shard(items: list[T], k: int, n: int, key=lambda item: item) -> list[T]:
+    """The items of shard K of N, in their original order."""
+    if n == 1:
+        return list(items)
+    shards = assign_shards(items, n, key)
+    return [it for it, s in zip(items, shards, strict=True) if s == k]

@@ -1,0 +1,95 @@
+"""Batch augmentation on tensors: flips, 90° rotations, a small affine warp, intensity jitter.
+
+Everything runs on the whole batch at once (on the training device) with per-sample parameters
+drawn from an explicit ``torch.Generator``, so a seed reproduces the run and resuming restores the
+generator's state. Geometric transforms move image and soft target together; the target is
+warped bilinearly (it is a soft one-hot map), the image's border values are repeated, as the
+inference letterbox does.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass
+class AugmentConfig:
+    """Probabilities and ranges; the defaults are deliberately mild (medical images are not photos)."""
+
+    flip: float = 0.5  # each of horizontal and vertical
+    rot90: bool = True  # only applied to square inputs
+    affine: float = 0.5  # probability of a small affine warp
+    rotate_deg: float = 15.0
+    scale: tuple[float, float] = (0.9, 1.1)
+    translate: float = 0.05  # fraction of the side
+    intensity: float = 0.5  # probability of brightness/contrast jitter
+    brightness: float = 0.1  # additive, in normalised units
+    contrast: float = 0.1  # multiplicative around the sample mean
+
+
+def _u(n: int, lo: float, hi: float, g: torch.Generator) -> torch.Tensor:
+    return torch.rand(n, generator=g) * (hi - lo) + lo
+
+
+def augment(
+    x: torch.Tensor, y: torch.Tensor, g: torch.Generator, cfg: AugmentConfig | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Augment a batch ``x (N, C, H, W)`` and its soft target ``y (N, K, H, W)``; returns new tensors.
+
+    Random numbers are always drawn in the same order and amount, whatever is applied, so the
+    generator's stream (and thus the run) does not depend on which branches fired.
+    """
+    cfg = cfg or AugmentConfig()
+    n = x.shape[0]
+    dev = x.device
+    hflip = torch.rand(n, generator=g) < cfg.flip
+    vflip = torch.rand(n, generator=g) < cfg.flip
+    k90 = torch.randint(0, 4, (n,), generator=g)
+    do_aff = torch.rand(n, generator=g) < cfg.affine
+    ang = _u(n, -cfg.rotate_deg, cfg.rotate_deg, g) * math.pi / 180.0
+    sc = _u(n, cfg.scale[0], cfg.scale[1], g)
+    tx = _u(n, -cfg.translate, cfg.translate, g) * 2.0
+    ty = _u(n, -cfg.translate, cfg.translate, g) * 2.0
+    do_int = torch.rand(n, generator=g) < cfg.intensity
+    bright = _u(n, -cfg.brightness, cfg.brightness, g)
+    contrast = _u(n, 1.0 - cfg.contrast, 1.0 + cfg.contrast, g)
+
+    x = x.clone()
+    y = y.clone()
+    hf = hflip.to(dev)
+    vf = vflip.to(dev)
+    if hf.any():
+        x[hf] = x[hf].flip(-1)
+        y[hf] = y[hf].flip(-1)
+    if vf.any():
+        x[vf] = x[vf].flip(-2)
+        y[vf] = y[vf].flip(-2)
+    if cfg.rot90 and x.shape[-1] == x.shape[-2]:
+        for k in (1, 2, 3):
+            sel = (k90 == k).to(dev)
+            if sel.any():
+                x[sel] = torch.rot90(x[sel], k, dims=(-2, -1))
+                y[sel] = torch.rot90(y[sel], k, dims=(-2, -1))
+    if cfg.affine > 0 and do_aff.any():
+        idx = torch.nonzero(do_aff).flatten()
+        cos, sin = torch.cos(ang[idx]) / sc[idx], torch.sin(ang[idx]) / sc[idx]
+        theta = torch.stack(
+            [torch.stack([cos, -sin, tx[idx]], 1), torch.stack([sin, cos, ty[idx]], 1)], 1
+        ).to(device=dev, dtype=torch.float32)
+        idx = idx.to(dev)
+        xs = x[idx].float()
+        grid = F.affine_grid(theta, list(xs.shape), align_corners=False)
+        x[idx] = F.grid_sample(xs, grid, mode="bilinear", padding_mode="border", align_corners=False).to(x.dtype)
+        y[idx] = F.grid_sample(y[idx].float(), grid, mode="bilinear", padding_mode="border", align_corners=False).to(y.dtype)
+    if cfg.intensity > 0 and do_int.any():
+        sel = do_int.to(dev)
+        xi = x[sel]
+        mean = xi.mean(dim=(1, 2, 3), keepdim=True)
+        c = contrast.to(dev)[sel].view(-1, 1, 1, 1)
+        b = bright.to(dev)[sel].view(-1, 1, 1, 1)
+        x[sel] = (xi - mean) * c + mean + b
+    return x, y

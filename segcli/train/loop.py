@@ -1,0 +1,391 @@
+"""The fit loop of one stage: optimiser, LR schedule, validation, best weights, stop rules, checkpoints.
+
+A stage is described by a :class:`Stage` (model, batch source, validation, loss); the loop knows
+nothing about methods. Stop rules: the epoch count, ``patience`` epochs without a better validation
+score, the stage's time budget (checked after every batch, so a long epoch cannot overrun it),
+and SIGINT. After every epoch the whole state (model, optimiser, scheduler, AMP scaler, best
+weights, numpy/torch/python RNG states) is handed to ``save`` and written atomically, so a
+``kill -9`` loses at most the running epoch and ``--resume`` continues bit-exactly from the last
+finished one. A checkpoint holds only tensors and plain containers (``torch.load(weights_only=True)``).
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import signal
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from segcli.errors import SegcliError
+from segcli.train.augment import AugmentConfig, augment
+from segcli.train.losses import LossFn
+
+Batch = tuple[np.ndarray, np.ndarray]
+
+
+class TrainingInterrupted(SegcliError):
+    """Ctrl-C during training: a resumable checkpoint was written (exit code 130, as shells expect)."""
+
+    exit_code = 130
+
+
+@dataclass
+class Stage:
+    """One network's training: ``batches(rng)`` yields one epoch of (x, soft target) numpy batches."""
+
+    name: str
+    index: int
+    model: torch.nn.Module
+    epochs: int
+    steps_per_epoch: int
+    batches: Callable[[np.random.Generator], Iterator[Batch]]
+    validate: Callable[[torch.nn.Module], dict[str, float]]
+    loss_fn: LossFn
+    time_budget: float | None = None  # seconds for this stage (None: no limit)
+
+
+@dataclass
+class FitOptions:
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
+    optimizer: str = "adamw"
+    schedule: str = "cosine"
+    patience: int | None = None
+    device: str = "cpu"
+    amp: bool = True
+    augment: AugmentConfig | None = field(default_factory=AugmentConfig)
+    seed: int = 0
+
+
+@dataclass
+class StageResult:
+    best_state: dict[str, torch.Tensor]
+    summary: dict[str, Any]
+
+
+class StopFlag:
+    """SIGINT → a flag the loop polls between batches; a second Ctrl-C aborts at once."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._prev: Any = None
+        self._installed = False
+
+    def _handler(self, signum: int, frame: Any) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+
+    def __enter__(self) -> StopFlag:
+        try:
+            self._prev = signal.signal(signal.SIGINT, self._handler)
+            self._installed = True
+        except ValueError:  # not the main thread: no signal handling, Ctrl-C behaves as usual
+            self._installed = False
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self._installed:
+            signal.signal(signal.SIGINT, self._prev)
+
+
+def make_optimizer(name: str, params: Any, lr: float, weight_decay: float) -> torch.optim.Optimizer:
+    name = name.lower()
+    if name == "adam":
+        return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
+    if name == "adamw":
+        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    if name == "sgd":
+        return torch.optim.SGD(params, lr=lr, momentum=0.99, nesterov=True, weight_decay=weight_decay)
+    raise SegcliError(f"unknown optimizer {name!r}; use adam, adamw or sgd")
+
+
+def lr_factor(schedule: str, total_steps: int | list[int]) -> Callable[[int], float]:
+    """Per-step LR multiplier: cosine to 1 % of the base, poly (nnU-Net, power 0.9), or constant.
+
+    ``total_steps`` may be a one-element list, read at every step, so that a time-limited run can
+    shorten its schedule once it knows how many epochs fit (the LR then still anneals to the end).
+    """
+    holder = total_steps if isinstance(total_steps, list) else [total_steps]
+
+    def frac(step: int) -> float:
+        total = max(1, holder[0])
+        return min(step, total) / total
+
+    def cosine(step: int) -> float:
+        return 0.01 + 0.99 * 0.5 * (1.0 + math.cos(math.pi * frac(step)))
+
+    def poly(step: int) -> float:
+        return max(1.0 - frac(step), 0.0) ** 0.9 + 1e-3
+
+    table = {"cosine": cosine, "poly": poly, "constant": lambda step: 1.0, "none": lambda step: 1.0}
+    if schedule not in table:
+        raise SegcliError(f"unknown schedule {schedule!r}; use cosine, poly or constant")
+    return table[schedule]
+
+
+def rng_state(np_rng: np.random.Generator, gen: torch.Generator) -> dict[str, Any]:
+    """All random states as plain containers and tensors (safe for ``weights_only`` loading)."""
+    st: dict[str, Any] = {
+        "numpy": np_rng.bit_generator.state,
+        "torch_aug": gen.get_state(),
+        "torch": torch.get_rng_state(),
+        "python": random.getstate(),
+    }
+    if torch.cuda.is_available():
+        st["cuda"] = torch.cuda.get_rng_state_all()
+    return st
+
+
+def set_rng_state(st: dict[str, Any], np_rng: np.random.Generator, gen: torch.Generator) -> None:
+    np_rng.bit_generator.state = st["numpy"]
+    gen.set_state(st["torch_aug"])
+    torch.set_rng_state(st["torch"])
+    py = st["python"]
+    random.setstate((py[0], tuple(py[1]), py[2]))
+    if "cuda" in st and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(st["cuda"])
+
+
+def _optimizer_step(optim: torch.optim.Optimizer) -> int:
+    """The optimiser's own step counter (Adam keeps one per parameter): proof that a resume restored it."""
+    steps = [int(st["step"]) for st in optim.state_dict()["state"].values() if "step" in st]
+    return max(steps) if steps else 0
+
+
+def _copy_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+
+
+def predict_logits(model: torch.nn.Module, x: np.ndarray, device: str, batch_size: int = 32, amp: bool = False) -> np.ndarray:
+    """Logits for a numpy batch, in chunks, eval mode, no grad (validation and S1 scoring)."""
+    model.eval()
+    outs = []
+    with torch.no_grad():
+        for i in range(0, len(x), batch_size):
+            xb = torch.from_numpy(np.ascontiguousarray(x[i : i + batch_size], dtype=np.float32)).to(device)
+            with torch.autocast(device_type="cuda", dtype=torch.float16, enabled=amp and device.startswith("cuda")):
+                outs.append(model(xb).float().cpu().numpy())
+    return np.concatenate(outs) if outs else np.zeros((0,), np.float32)
+
+
+class Reporter:
+    """Progress: a rich bar on a terminal, one line per epoch otherwise, nothing with ``quiet``."""
+
+    def __init__(self, quiet: bool = False, stream: Any = None) -> None:
+        self.stream = stream or sys.stderr
+        self.quiet = quiet
+        self.live = not quiet and hasattr(self.stream, "isatty") and self.stream.isatty()
+        self._progress: Any = None
+        self._task: Any = None
+
+    def log(self, msg: str) -> None:
+        if self.quiet:
+            return
+        if self._progress is not None:
+            self._progress.console.print(msg)
+        else:
+            print(msg, file=self.stream, flush=True)
+
+    def stage_start(self, name: str, epochs: int, steps: int, start_epoch: int) -> None:
+        if not self.live:
+            return
+        from rich.console import Console
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+        self._progress = Progress(
+            TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+            TextColumn("loss {task.fields[loss]}"), TextColumn("{task.fields[info]}"), TimeRemainingColumn(),
+            console=Console(file=self.stream), transient=False,
+        )
+        self._progress.start()
+        self._task = self._progress.add_task(f"{name} {start_epoch + 1}/{epochs}", total=steps, loss="-", info="")
+
+    def step(self, name: str, epoch: int, epochs: int, done: int, steps: int, loss: float) -> None:
+        if self._progress is not None:
+            self._progress.update(self._task, completed=done, total=steps, loss=f"{loss:.4f}",
+                                  description=f"{name} {epoch + 1}/{epochs}")
+
+    def epoch_end(self, rec: dict[str, Any], eta_s: float) -> None:
+        score = rec.get("val_dice")
+        text = (f"{rec['stage']} epoch {rec['epoch']}/{rec['epochs']}  loss {rec['train_loss']:.4f}  "
+                f"val dice {score:.4f}" if score is not None else
+                f"{rec['stage']} epoch {rec['epoch']}/{rec['epochs']}  loss {rec['train_loss']:.4f}")
+        if rec.get("val_miou") is not None:
+            text += f"  mIoU {rec['val_miou']:.4f}"
+        text += f"  {rec['epoch_s']:.1f} s" + ("  *" if rec.get("best") else "") + f"  ETA {_fmt_eta(eta_s)}"
+        if self._progress is not None:
+            self._progress.update(self._task, info=f"val {score:.3f}" if score is not None else "")
+            self._progress.console.print(text)
+        else:
+            self.log(text)
+
+    def stage_end(self) -> None:
+        if self._progress is not None:
+            self._progress.stop()
+            self._progress = None
+
+
+def _fmt_eta(s: float) -> str:
+    s = max(0, int(round(s)))
+    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
+
+
+def fit(
+    stage: Stage,
+    opts: FitOptions,
+    *,
+    save: Callable[[dict[str, Any]], None],
+    log_metrics: Callable[[dict[str, Any]], None],
+    stop: StopFlag,
+    reporter: Reporter,
+    resume: dict[str, Any] | None = None,
+    checkpoint_hint: str = "",
+) -> StageResult:
+    """Train ``stage`` to its end (epochs, patience, time budget); returns the best weights.
+
+    ``save`` receives the stage state after every epoch (and on Ctrl-C); ``resume`` is such a
+    state. Raises :class:`TrainingInterrupted` after saving when SIGINT was received.
+    """
+    dev = opts.device
+    model = stage.model.to(dev)
+    optim = make_optimizer(opts.optimizer, model.parameters(), opts.lr, opts.weight_decay)
+    total_steps = [stage.epochs * stage.steps_per_epoch]  # shortened when a time budget allows fewer epochs
+    sched = torch.optim.lr_scheduler.LambdaLR(optim, lr_factor(opts.schedule, total_steps))
+    use_amp = opts.amp and dev.startswith("cuda")
+    scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
+    np_rng = np.random.default_rng([opts.seed, stage.index])
+    gen = torch.Generator().manual_seed(opts.seed * 7919 + stage.index)
+    start_epoch, best_score, best_epoch, bad, elapsed = 0, -math.inf, 0, 0, 0.0
+    best_state = _copy_state(model)
+    best_val: dict[str, float] = {}
+    steps_done = 0
+    if resume is not None:
+        model.load_state_dict(resume["model"])
+        optim.load_state_dict(resume["optimizer"])
+        sched.load_state_dict(resume["scheduler"])
+        if resume.get("scaler"):
+            scaler.load_state_dict(resume["scaler"])
+        best_state = resume["best_state"]
+        best_score, best_epoch, bad = float(resume["best_score"]), int(resume["best_epoch"]), int(resume["bad_epochs"])
+        start_epoch, elapsed = int(resume["epoch"]), float(resume["elapsed"])
+        steps_done = int(resume.get("steps", 0))
+        total_steps[0] = int(resume.get("schedule_steps", total_steps[0]))
+        best_val = dict(resume.get("best_val", {}))
+        set_rng_state(resume["rng"], np_rng, gen)
+
+    def state(epoch: int) -> dict[str, Any]:
+        return {
+            "stage": stage.name, "epoch": epoch, "steps": steps_done, "elapsed": elapsed, "schedule_steps": total_steps[0],
+            "model": _copy_state(model), "optimizer": optim.state_dict(), "scheduler": sched.state_dict(),
+            "scaler": scaler.state_dict() if use_amp else {},
+            "best_state": best_state, "best_val": best_val, "best_score": best_score, "best_epoch": best_epoch, "bad_epochs": bad,
+            "rng": rng_state(np_rng, gen),
+        }
+
+    stopped = "epochs"
+    epoch_times: list[float] = []
+    reporter.stage_start(stage.name, stage.epochs, stage.steps_per_epoch, start_epoch)
+    try:
+        # A stage whose budget the previous stage used up still trains one full epoch: a network
+        # that never saw a batch is worse than a budget overrun of one epoch.
+        starved = stage.time_budget is not None and stage.time_budget - elapsed <= 0 and start_epoch == 0
+        for epoch in range(start_epoch, stage.epochs):
+            if stage.time_budget is not None and elapsed >= stage.time_budget and not (starved and epoch == 0):
+                stopped = "time"
+                break
+            t0 = time.perf_counter()
+            model.train()
+            losses: list[float] = []
+            out_of_time = False
+            for xb, yb in stage.batches(np_rng):
+                x = torch.from_numpy(np.ascontiguousarray(xb, dtype=np.float32)).to(dev)
+                y = torch.from_numpy(np.ascontiguousarray(yb, dtype=np.float32)).to(dev)
+                if opts.augment is not None:
+                    x, y = augment(x, y, gen, opts.augment)
+                optim.zero_grad(set_to_none=True)
+                with torch.autocast(device_type="cuda", dtype=torch.float16, enabled=use_amp):
+                    if hasattr(model, "compute_loss"):
+                        loss = model.compute_loss(x, y, stage.loss_fn)
+                    else:
+                        loss = stage.loss_fn(model(x), y)
+                scaler.scale(loss).backward()
+                scaler.step(optim)
+                scaler.update()
+                sched.step()
+                steps_done += 1
+                losses.append(float(loss.detach()))
+                reporter.step(stage.name, epoch, stage.epochs, len(losses), stage.steps_per_epoch, float(np.mean(losses)))
+                if stop.requested:
+                    elapsed += time.perf_counter() - t0
+                    # Keep the partial epoch's progress; resuming repeats this epoch's index.
+                    save(state(epoch))
+                    raise TrainingInterrupted(f"interrupted during {stage.name} epoch {epoch + 1}; "
+                                              f"resumable checkpoint saved{checkpoint_hint}")
+                if stage.time_budget is not None and not starved and elapsed + time.perf_counter() - t0 >= stage.time_budget:
+                    out_of_time = True
+                    break
+            val = stage.validate(model)
+            score = val.get("dice")
+            if score is None or not math.isfinite(score):
+                score = -float(np.mean(losses)) if losses else -math.inf
+            improved = score > best_score
+            if improved:
+                best_score, best_epoch, bad = score, epoch + 1, 0
+                best_state = _copy_state(model)
+                best_val = {k: float(v) for k, v in val.items() if v is not None}
+            else:
+                bad += 1
+            dt = time.perf_counter() - t0
+            elapsed += dt
+            epoch_times.append(dt)
+            if stage.time_budget is not None and len(epoch_times) == 2 and not out_of_time:
+                # Fit the LR schedule to the epochs the budget allows (measured on the 2nd epoch: the
+                # 1st pays one-off warm-up costs), so a time-limited run still anneals.
+                fit_epochs = epoch + 1 + int(max(stage.time_budget - elapsed, 0.0) // max(dt, 1e-6))
+                if fit_epochs < stage.epochs and fit_epochs * stage.steps_per_epoch < total_steps[0]:
+                    total_steps[0] = max(fit_epochs, epoch + 2) * stage.steps_per_epoch
+                    reporter.log(f"{stage.name}: about {fit_epochs} of {stage.epochs} epochs fit the time budget; "
+                                 "LR schedule shortened to match")
+            rec = {
+                "stage": stage.name, "epoch": epoch + 1, "epochs": stage.epochs,
+                "train_loss": float(np.mean(losses)) if losses else float("nan"),
+                "val_dice": val.get("dice"), "val_miou": val.get("miou"),
+                "lr": float(optim.param_groups[0]["lr"]), "epoch_s": round(dt, 3), "elapsed_s": round(elapsed, 3),
+                "steps": steps_done, "best": improved, "partial": out_of_time,
+            }
+            save(state(epoch + 1))
+            log_metrics(rec)
+            remaining = stage.epochs - epoch - 1
+            eta = float(np.mean(epoch_times[-3:])) * remaining
+            if stage.time_budget is not None:
+                eta = min(eta, max(stage.time_budget - elapsed, 0.0))
+            reporter.epoch_end(rec, eta)
+            if out_of_time or starved:
+                stopped = "time"
+                break
+            if opts.patience is not None and bad >= opts.patience:
+                stopped = "patience"
+                break
+    finally:
+        reporter.stage_end()
+    model.load_state_dict(best_state)
+    summary = {
+        "epochs_run": start_epoch + len(epoch_times),
+        "best_epoch": best_epoch,
+        "val_dice": best_val.get("dice"),
+        "val_miou": best_val.get("miou"),
+        "stopped": stopped,
+        "time_s": round(elapsed, 1),
+        "steps": steps_done,
+        "mean_epoch_s": round(float(np.mean(epoch_times)), 3) if epoch_times else None,
+        "optimizer_step": _optimizer_step(optim),
+    }
+    return StageResult(best_state, summary)

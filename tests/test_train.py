@@ -1,0 +1,288 @@
+"""Training: dataset layouts and checks, crop geometry, a tiny end-to-end run, resume, determinism.
+
+Everything runs on the committed fixtures (tests/fixtures/make_fixtures.py) with a 4-feature
+U-Net at S = 32, so the whole file stays well under a minute and a half on two CPU cores.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from segcli.bundle import load_bundle
+from segcli.errors import DatasetError, UsageError
+from segcli.geometry import component_boxes, crop_boxes
+from segcli.train import CHECKPOINT, METRICS, load_checkpoint, parse_duration, train
+from segcli.train.data import crop_candidates, discover, fine_box, load_dataset, make_split
+
+FIX = Path(__file__).parent / "fixtures"
+SHARED = FIX / "shared"
+NNUNET = FIX / "nnunet"
+TINY = {"size": 32, "features": 4, "batch_size": 4, "quiet": True, "threads": 1}
+
+
+# --------------------------------------------------------------------------------------------- datasets
+def test_shared_layout() -> None:
+    spec = discover(SHARED)
+    assert spec.layout == "shared" and spec.name == "tiny-shared"
+    assert spec.classes == ["background", "blob"]
+    assert len(spec.cases) == 8 and spec.cases[0].fov is not None
+    ds = load_dataset(SHARED, seed=0, val_fraction=0.25)
+    assert ds.in_channels == 3 and ds.n_out == 1 and ds.normalization == {"kind": "dtype"}
+    assert len(ds.train) == 6 and len(ds.val) == 2
+    assert ds.train[0].image.dtype == np.uint8  # 8-bit sources stay 8-bit in the cache
+    assert len({s.shape for s in ds.train}) > 1  # images of several sizes
+    grey = load_dataset(SHARED, channels="grey")
+    assert grey.in_channels == 1
+
+
+def test_nnunet_layout_stacks_channels() -> None:
+    spec = discover(NNUNET)
+    assert spec.layout == "nnunet" and spec.classes == ["background", "left", "right"]
+    assert [len(c.images) for c in spec.cases] == [2] * 5
+    ds = load_dataset(NNUNET, val_fraction=0.2)
+    assert ds.in_channels == 2 and ds.n_out == 3
+    s = ds.train[0]
+    assert s.image.shape == (2, *s.shape)
+    assert set(np.unique(s.mask)) == {0, 1, 2}
+
+
+def test_split_is_seeded_and_splits_file_wins(tmp_path: Path) -> None:
+    stems = [f"c{i}" for i in range(10)]
+    a = make_split(stems, seed=3, val_fraction=0.3)
+    assert a.train == make_split(stems, seed=3, val_fraction=0.3).train
+    assert len(a.val) == 3 and not set(a.val) & set(a.train)
+    data = tmp_path / "d"
+    shutil.copytree(SHARED, data)
+    (data / "splits.json").write_text(json.dumps({"train": ["c0", "c1", "c2", "c3"], "val": ["c4"]}))
+    ds = load_dataset(data)
+    assert ds.split.train == ["c0", "c1", "c2", "c3"] and ds.split.val == ["c4"]
+    assert ds.split.source.endswith("splits.json")
+
+
+@pytest.mark.parametrize(
+    "breakage, match",
+    [
+        ("size", r"case 'c1': mask is 10x10 but image is"),
+        ("missing", r"case 'c2': no mask"),
+        ("label", r"case 'c3': mask holds label 2 but the dataset has 2 classes"),
+    ],
+)
+def test_bad_dataset_stops_before_training(tmp_path: Path, breakage: str, match: str) -> None:
+    data = tmp_path / "d"
+    shutil.copytree(SHARED, data)
+    if breakage == "size":
+        Image.fromarray(np.zeros((10, 10), np.uint8)).save(data / "masks" / "c1.png")
+    elif breakage == "missing":
+        (data / "masks" / "c2.png").unlink()
+    else:
+        m = np.array(Image.open(data / "masks" / "c3.png"))
+        m[0, 0] = 2
+        Image.fromarray(m).save(data / "masks" / "c3.png")
+    with pytest.raises(DatasetError, match=match):
+        train(data, tmp_path / "out", method="direct", epochs=1, **TINY)
+    assert not (tmp_path / "out" / CHECKPOINT).exists()
+
+
+def test_parse_duration() -> None:
+    assert parse_duration("10m") == 600 and parse_duration("90") == 90 and parse_duration("1h30m") == 5400
+    with pytest.raises(UsageError):
+        parse_duration("soon")
+
+
+# --------------------------------------------------------------------------------------------- crops
+def test_crop_jitter_bounds() -> None:
+    """Training crops are geometry.crop_boxes' boxes: inside the image, jitter within ±J before squaring."""
+    rng_mask = np.random.default_rng(5)
+    J, pad = 16, 4
+    for trial in range(40):
+        H, W = int(rng_mask.integers(30, 120)), int(rng_mask.integers(30, 120))
+        mask = np.zeros((H, W), bool)
+        for _ in range(int(rng_mask.integers(1, 4))):
+            y, x = int(rng_mask.integers(0, H - 3)), int(rng_mask.integers(0, W - 3))
+            mask[y : y + int(rng_mask.integers(2, 20)), x : x + int(rng_mask.integers(2, 20))] = True
+        base = component_boxes(mask)
+        jittered, final = crop_candidates(base, (H, W), pad, J, np.random.default_rng(trial))
+        # The same draws through the inference function give the same boxes.
+        expect = crop_boxes(mask, (H, W), pad, jitter=J, rng=np.random.default_rng(trial))
+        np.testing.assert_array_equal(final, expect)
+        assert np.all(final[:, :2] >= 0) and np.all(final[:, 2] <= H) and np.all(final[:, 3] <= W)
+        assert np.all(final[:, 2] > final[:, 0]) and np.all(final[:, 3] > final[:, 1])
+        # Jitter acts on (top, left, height, width), each by at most J (so bottom/right by 2J).
+        all_j, _ = crop_candidates(base, (H, W), pad, J, np.random.default_rng(trial))
+        for jb in all_j:
+            d = np.abs(base[:, None, :] - jb[None, None, :])[:, 0]
+            h0, w0 = base[:, 2] - base[:, 0], base[:, 3] - base[:, 1]
+            hj, wj = jb[2] - jb[0], jb[3] - jb[1]
+            ok = (d[:, 0] <= J) & (d[:, 1] <= J) & (np.abs(h0 - hj) <= J) & (np.abs(w0 - wj) <= J)
+            assert ok.any(), (jb, base)
+
+
+def test_fine_box_falls_back_to_whole_image() -> None:
+    ds = load_dataset(SHARED, val_fraction=0.0)
+    empty = next(s for s in ds.train if s.stem == "c5")
+    assert len(empty.boxes) == 0
+    np.testing.assert_array_equal(fine_box(empty, 4, 16, np.random.default_rng(0)), [0, 0, *empty.shape])
+
+
+# --------------------------------------------------------------------------------------------- training
+def _weights(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return {**{f"c.{k}": v for k, v in load_file(str(path / "coarse.safetensors")).items()},
+            **({f"f.{k}": v for k, v in load_file(str(path / "fine.safetensors")).items()}
+               if (path / "fine.safetensors").exists() else {})}
+
+
+def test_stts_two_epochs_makes_a_loadable_bundle(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    res = train(SHARED, out, method="stts", epochs=2, **TINY)
+    b = load_bundle(out)
+    assert b.method == "stts" and b.classes == ["background", "blob"] and b.input_size == 32
+    assert b.in_channels == 3 and b.normalization == {"kind": "dtype"} and b.param("pad") == 4
+    assert set(b.networks) == {"coarse", "fine"} and not b.verify()
+    for role in ("coarse", "fine"):
+        m = b.load_module(role)
+        with torch.no_grad():
+            y = m(torch.rand(2, 3, 32, 32))
+        assert y.shape == (2, 1, 32, 32)
+    t = b.training
+    assert t["dataset"] == "tiny-shared" and t["licence"] == "CC0"
+    assert t["split"]["seed"] == 0 and len(t["split"]["train"]) == 6 and len(t["split"]["val"]) == 2
+    assert set(t["stages"]) == {"coarse", "fine"} and t["stages"]["coarse"]["epochs_run"] == 2
+    assert t["val_score"] is not None and t["command"].startswith("segcli train")
+    assert res.stages["fine"]["epochs_run"] == 2
+    recs = [json.loads(line) for line in (out / METRICS).read_text().splitlines()]
+    assert [(r["stage"], r["epoch"]) for r in recs] == [("coarse", 1), ("coarse", 2), ("fine", 1), ("fine", 2)]
+
+
+def test_refine_multiclass_nnunet(tmp_path: Path) -> None:
+    out = tmp_path / "ref"
+    train(NNUNET, out, method="refine", epochs=1, patches=2, val_full_res=False, **TINY)
+    b = load_bundle(out)
+    assert b.method == "refine" and b.n_classes == 3 and b.in_channels == 2
+    assert b.param("patch_size") == 32 and b.training["stages"]["fine"]["val_miou"] is not None
+
+
+def test_same_seed_same_weights(tmp_path: Path) -> None:
+    opts = dict(method="stts", epochs=1, val_full_res=False, seed=7, **TINY)
+    train(SHARED, tmp_path / "a", **opts)
+    train(SHARED, tmp_path / "b", **opts)
+    wa, wb = _weights(tmp_path / "a"), _weights(tmp_path / "b")
+    assert wa.keys() == wb.keys()
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_existing_run_is_not_clobbered(tmp_path: Path) -> None:
+    out = tmp_path / "r"
+    train(SHARED, out, method="direct", epochs=1, val_full_res=False, **TINY)
+    with pytest.raises(UsageError, match="--resume"):
+        train(SHARED, out, method="direct", epochs=1, **TINY)
+
+
+def _cli_train(out: Path, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "segcli", "train", "--method", "direct", "--data", str(SHARED), "-o", str(out),
+            "--size", "32", "--features", "4", "--batch-size", "2", "--threads", "1", "--no-val-full-res", "-q", *extra]
+
+
+def _wait_for(path: Path, proc: subprocess.Popen, timeout: float = 60.0) -> None:
+    t0 = time.monotonic()
+    while not path.exists():
+        if proc.poll() is not None:
+            raise AssertionError(f"training ended before {path.name} appeared: {proc.stderr.read() if proc.stderr else ''}")
+        if time.monotonic() - t0 > timeout:
+            proc.kill()
+            raise AssertionError(f"no {path.name} after {timeout} s")
+        time.sleep(0.005)
+
+
+def test_resume_after_kill9_is_exact(tmp_path: Path) -> None:
+    """kill -9 after the first checkpoint, --resume: epochs continue and the result equals an unbroken run."""
+    epochs = 12
+    out = tmp_path / "killed"
+    proc = subprocess.Popen(_cli_train(out, "--epochs", str(epochs)), stderr=subprocess.PIPE, text=True)
+    _wait_for(out / CHECKPOINT, proc)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=30)
+    ck = load_checkpoint(out / CHECKPOINT)
+    done = int(ck["current"]["epoch"])
+    assert 1 <= done < epochs, "the run finished before it could be killed"
+    steps_per_epoch = 3  # 6 training images, batch 2
+
+    r = subprocess.run(_cli_train(out, "--epochs", str(epochs), "--resume", str(out)), capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    recs = [json.loads(line) for line in (out / METRICS).read_text().splitlines()]
+    assert [x["epoch"] for x in recs] == list(range(1, epochs + 1))  # no epoch repeated, none lost
+    # The optimiser state travelled: Adam's step counter covers the epochs before AND after the kill.
+    final = load_checkpoint(out / CHECKPOINT)
+    summary = final["finished"]["coarse"]["summary"]
+    assert summary["steps"] == epochs * steps_per_epoch
+    assert summary["optimizer_step"] == epochs * steps_per_epoch  # Adam's own counter, restored from the checkpoint
+    assert final["current"] is None
+    # Same weights as a run that was never interrupted (same seed, same thread count).
+    ref = tmp_path / "ref"
+    subprocess.run(_cli_train(ref, "--epochs", str(epochs)), check=True, capture_output=True, timeout=120)
+    wa, wb = _weights(out), _weights(ref)
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_sigint_saves_checkpoint_and_exits_130(tmp_path: Path) -> None:
+    out = tmp_path / "int"
+    proc = subprocess.Popen(_cli_train(out, "--epochs", "200"), stderr=subprocess.PIPE, text=True)
+    _wait_for(out / CHECKPOINT, proc)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert "--resume" in err
+    ck = load_checkpoint(out / CHECKPOINT)
+    assert ck["current"]["stage"] == "coarse" and ck["current"]["epoch"] < 200
+
+
+def _volume_dataset(root: Path) -> None:
+    """nnU-Net layout with two CT-like int16 volumes whose coarsest spacing is along x."""
+    import SimpleITK as sitk
+
+    (root / "imagesTr").mkdir(parents=True)
+    (root / "labelsTr").mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(3):
+        lab = np.zeros((12, 20, 6), np.uint8)  # (z, y, x) as SimpleITK arrays are
+        lab[3:9, 5 + i : 12 + i, 1:5] = 1
+        img = (rng.normal(-100, 20, lab.shape) + 300.0 * lab).astype(np.int16)
+        for arr, path in ((img, root / "imagesTr" / f"vol_{i:03d}_0000.nii.gz"), (lab, root / "labelsTr" / f"vol_{i:03d}.nii.gz")):
+            im = sitk.GetImageFromArray(arr)
+            im.SetSpacing((3.0, 0.8, 0.8))  # x, y, z in mm: x is the coarse axis
+            sitk.WriteImage(im, str(path))
+    (root / "dataset.json").write_text(json.dumps({"name": "tiny-ct", "channel_names": {"0": "CT"},
+                                                   "labels": {"background": 0, "organ": 1}, "file_ending": ".nii.gz"}))
+
+
+def test_volumes_become_slices_along_the_coarsest_axis(tmp_path: Path) -> None:
+    from segcli.io import open_image
+
+    data = tmp_path / "ct"
+    _volume_dataset(data)
+    ref = open_image(data / "imagesTr" / "vol_000_0000.nii.gz")
+    axis = int(np.argmax(ref.spacing))
+    assert ref.spacing[axis] == pytest.approx(3.0)
+    ds = load_dataset(data, val_fraction=0.34)
+    assert ds.slice_axis == axis
+    n_slices = ref.array.shape[axis]
+    assert len(ds.train) == 2 * n_slices and len(ds.val) == n_slices  # split by volume, never by slice
+    in_plane = tuple(v for i, v in enumerate(ref.array.shape[:3]) if i != axis)
+    assert ds.train[0].shape == in_plane and ds.train[0].stem.startswith(ds.split.train[0])
+    assert ds.normalization["kind"] == "ct_window"  # CT in HU: a fixed window, recorded in the bundle
+    train(data, tmp_path / "out", method="direct", epochs=1, val_full_res=False, **{**TINY, "size": 16})
+    b = load_bundle(tmp_path / "out")
+    assert b.normalization["kind"] == "ct_window" and b.training["slice_axis"] == axis
