@@ -130,6 +130,8 @@ def predict(
     prefetch: Annotated[int, typer.Option(help="Files read ahead while the current one computes (0 = off).")] = 2,
     stats: Annotated[Path | None, typer.Option(help="Write per-input, per-class statistics (voxels, ml, components, bbox) to this CSV.")] = None,
     lock: Annotated[bool, typer.Option("--lock", help="Take a lock per output so concurrent segcli processes never compute the same mask.")] = False,
+    preview: Annotated[bool, typer.Option("--preview", help="Also write NAME_seg_preview.png: the mask over the image (a few slices for a volume).")] = False,
+    arsm_maps: Annotated[Path | None, typer.Option(help="ARSM models: write per-class PNGs of the resolution the gate chose into this folder.")] = None,
     probabilities: Annotated[bool, typer.Option("--probabilities", help="Also write float32 class probabilities (NAME_seg_probs.EXT).")] = False,
     skip_existing: Annotated[bool, typer.Option("--skip-existing", help="Skip inputs whose mask already exists (resume a batch).")] = False,
     half: Annotated[bool, typer.Option("--half", help="fp16 autocast on CUDA.")] = False,
@@ -213,6 +215,7 @@ def predict(
                                  probabilities=probabilities, skip_existing=skip_existing,
                                  stats=stats is not None, lock=lock):
                 reports.append(rep)
+                _extras(seg, rep, preview, arsm_maps)
                 log.debug("file %s: %s", rep.input, json.dumps(rep.to_dict(), default=str))
                 if prog is not None:
                     prog.advance(overall)
@@ -245,6 +248,26 @@ def predict(
         for r in failed:
             print(f"  {r.error}", file=sys.stderr)
         raise typer.Exit(EXIT_FAILED)
+
+
+def _extras(seg, rep, preview: bool, arsm_dir: Path | None) -> None:
+    """--preview and --arsm-maps: pictures after a file is done; a failure here is a warning, not a failed file."""
+    from segcli import viz
+    from segcli.errors import SegcliError
+
+    if rep.status not in ("ok", "empty"):
+        return
+    if preview:
+        try:
+            p = viz.write_preview_for(rep)
+            rep.info["preview"] = str(p)
+        except (SegcliError, ValueError, OSError) as exc:
+            rep.warnings.append(f"no preview: {exc}")
+    if arsm_dir is not None:
+        try:
+            rep.info["arsm_maps"] = [str(p) for p in viz.write_arsm_maps_for(seg, Path(rep.input), arsm_dir)]
+        except (SegcliError, ValueError, OSError) as exc:
+            rep.warnings.append(f"no ARSM maps: {exc}")
 
 
 class _NoProgress:

@@ -49,7 +49,7 @@ def pair_files(pred_dir: str | os.PathLike[str], gt_dir: str | os.PathLike[str])
     """(case, prediction, ground truth) pairs, unpaired predictions, unpaired ground truths.
 
     An exact stem match wins over a suffix-stripped one; probability maps (``*_probs``) that
-    ``segcli predict --probs`` writes next to masks are skipped, not reported.
+    ``segcli predict --probabilities`` writes next to masks, and ``--preview`` pictures, are skipped.
     """
     preds = _mask_files(Path(pred_dir))
     gts = _mask_files(Path(gt_dir))
@@ -58,7 +58,7 @@ def pair_files(pred_dir: str | os.PathLike[str], gt_dir: str | os.PathLike[str])
     # Exact matches first so that x.png is not taken by x_seg.png's stripping.
     rest = []
     for stem, p in preds.items():
-        if stem.endswith("_probs"):
+        if stem.endswith(("_probs", "_preview")):
             continue
         if stem in gts and stem not in pairs:
             pairs[stem] = (p, gts[stem])
