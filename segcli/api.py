@@ -3,6 +3,15 @@
 Like lungmask's inferer, the bundle and its networks are loaded once and reused for a whole batch;
 the orientation of volumes is normalised by ``segcli.io`` (canonical LPS) before slicing and
 restored on write.
+
+Two paths, chosen per file before any pixel is decoded (``_read``):
+
+* in memory (everything by default): decode, normalise, run the engine, write;
+* bounded (TIFF above ``lazy_pixels``, or whenever ``max_memory`` says the in-memory peak would not
+  fit): a :class:`~segcli.io.bigtiff.TiffPlane` reads the rough view from the best pyramid level
+  and crops by region, stts fuses into a spilled tile store, and the mask is streamed into a tiled
+  BigTIFF. Methods that need the whole image (direct, sliding, refine) are estimated first and
+  refused with a one-line message when they would not fit, instead of meeting the OOM killer.
 """
 
 from __future__ import annotations
@@ -18,6 +27,7 @@ from typing import Any
 
 import numpy as np
 
+from segcli import memory
 from segcli import normalize as norm
 from segcli.bundle import DEFAULT_PARAMS, Bundle, load_bundle, resolve_model
 from segcli.engines.base import ArrayPlane, ProgressFn, Result
@@ -26,6 +36,10 @@ from segcli.errors import EmptyImageError, InputError, SegcliError, UsageError
 log = logging.getLogger("segcli")
 
 METHODS = ("stts", "refine", "direct", "sliding")
+# Rough pass factor cap and fine-pass zoom used on images above ``lazy_pixels`` when neither the user
+# nor the bundle sets one (see segcli.engines.stts for the rule).
+HUGE_MAX_DOWNSCALE = 16.0
+HUGE_MAX_ZOOM = 4.0
 
 
 @dataclass
@@ -82,6 +96,13 @@ class Segmenter:
         half: bool = False,
         size: int | None = None,
         overrides: dict[str, Any] | None = None,
+        max_memory: str | int | None = None,
+        pyramid: bool = False,
+        mpp: float | None = None,
+        max_downscale: float | None = None,
+        max_zoom: float | None = None,
+        lazy_pixels: int = memory.LAZY_PIXELS,
+        tile_size: int = 512,
     ) -> None:
         from segcli.runtimes.device import resolve_device, set_threads
 
@@ -103,6 +124,17 @@ class Segmenter:
             raise UsageError(f"unknown method parameter(s): {', '.join(sorted(unknown))}")
         self._bundles: dict[Path, Bundle] = {}
         self._predictors: dict[tuple[Path, str], Any] = {}
+        # Bounded-memory options (see the module docstring and segcli.memory).
+        self.max_memory = max_memory if max_memory is not None else memory.env_budget()
+        self.budget = memory.budget(self.max_memory)
+        self.pyramid = pyramid
+        self.mpp = mpp
+        self.max_downscale = max_downscale
+        self.max_zoom = max_zoom
+        self.lazy_pixels = int(lazy_pixels)
+        if tile_size % 16 or not 16 <= tile_size <= 4096:
+            raise UsageError(f"tile size must be a multiple of 16 between 16 and 4096, not {tile_size}")
+        self.tile_size = int(tile_size)
 
     # -- models ---------------------------------------------------------------------------------
     def bundle_for(self, kind: str) -> Bundle:
@@ -154,15 +186,7 @@ class Segmenter:
     # -- arrays ---------------------------------------------------------------------------------
     def prepare(self, array: np.ndarray, bundle: Bundle, path: Any = None) -> np.ndarray:
         """Channel conversion and normalisation: channel-last input → channel-first float32."""
-        a = norm.convert_channels(array, bundle.in_channels, self.channels, path)
-        if not np.issubdtype(a.dtype, np.number) and a.dtype != np.bool_:
-            raise InputError(f"unsupported pixel type {a.dtype}", path)
-        finite = np.isfinite(a) if a.dtype.kind == "f" else None
-        if finite is not None and not finite.any():
-            raise InputError("image holds no finite values (all NaN or infinite)", path)
-        lo, hi = (np.nanmin(a), np.nanmax(a)) if finite is not None else (a.min(), a.max())
-        if lo == hi:
-            raise EmptyImageError(f"image is constant (every pixel = {lo}); nothing to segment", path)
+        a = self._checked(array, bundle, path)
         x = norm.normalize(a, bundle.normalization)
         return np.moveaxis(x, -1, -3 if x.ndim == 3 else 1)  # (C,H,W) or (Z,C,Y,X)
 
@@ -182,24 +206,91 @@ class Segmenter:
         is_volume = array.ndim == 4
         bundle = self.bundle_for("volume" if is_volume else kind)
         method = self.method or bundle.method
-        x = self.prepare(array, bundle, path)
         if not is_volume:
-            return self._run2d(ArrayPlane(x), bundle, method, return_probs, progress), bundle
+            x = self.prepare(array, bundle, path)
+            return self._run2d(ArrayPlane(x), bundle, method, return_probs, progress, spacing=spacing), bundle
+        from segcli.engines.volume import SlicePlane
+
         axis = slice_axis(spacing)
-        # (Z, C, Y, X) with the slicing axis first.
-        x = np.moveaxis(x, {0: 0, 1: 2, 2: 3}[axis], 0)
-        planes = [ArrayPlane(s) for s in x]
-        res = self._run3d(planes, bundle, method, return_probs, progress)
+        a = self._checked(array, bundle, path)
+        # Slices are normalised one at a time with whole-volume statistics: no float copy of the volume.
+        fn = self.slice_normalizer(a, bundle)
+        planes = [SlicePlane(a, i, axis, fn, bundle.in_channels) for i in range(a.shape[axis])]
+        res = self._run3d(planes, bundle, method, return_probs, progress)  # type: ignore[arg-type]
         res.labels = np.moveaxis(res.labels, 0, axis)
         if res.probs is not None:
             res.probs = np.moveaxis(res.probs, 1, axis + 1)
         res.info["slice_axis"] = axis
         return res, bundle
 
+    def _checked(self, array: np.ndarray, bundle: Bundle, path: Any = None) -> np.ndarray:
+        """Channel conversion and the sanity checks of :meth:`prepare`, without normalising."""
+        a = norm.convert_channels(array, bundle.in_channels, self.channels, path)
+        if not np.issubdtype(a.dtype, np.number) and a.dtype != np.bool_:
+            raise InputError(f"unsupported pixel type {a.dtype}", path)
+        finite = np.isfinite(a) if a.dtype.kind == "f" else None
+        if finite is not None and not finite.any():
+            raise InputError("image holds no finite values (all NaN or infinite)", path)
+        # Constant per channel (a uniform colour, not only a uniform grey): nothing to segment.
+        flat = a.reshape(-1, a.shape[-1])
+        lo = np.nanmin(flat, axis=0) if finite is not None else flat.min(axis=0)
+        hi = np.nanmax(flat, axis=0) if finite is not None else flat.max(axis=0)
+        if np.array_equal(lo, hi):
+            value = lo[0] if lo.size == 1 else tuple(lo.tolist())
+            raise EmptyImageError(f"image is constant (every pixel = {value}); nothing to segment", path)
+        return a
+
+    @staticmethod
+    def slice_normalizer(a: np.ndarray, bundle: Bundle) -> Callable[[np.ndarray], np.ndarray]:
+        """A function normalising any part of ``a`` exactly as ``normalize(a)`` would normalise it whole."""
+        spec = bundle.normalization
+        kind = spec["kind"]
+        if kind in ("percentile", "minmax", "zscore"):
+            stats = norm.image_stats(a, spec)
+            return lambda part: norm.normalize(part, spec, stats)
+        if kind == "dtype" and a.dtype.kind == "f":
+            fin_lo, fin_hi = float(np.nanmin(a)), float(np.nanmax(a))
+            if fin_lo < 0 or fin_hi > 1:  # whole-image min-max, as normalize() does for such floats
+                eff, st = {"kind": "minmax"}, {"lo": fin_lo, "hi": fin_hi}
+                return lambda part: norm.normalize(part, eff, st)
+        return lambda part: norm.normalize(part, spec)
+
     def _common(self, bundle: Bundle) -> dict[str, Any]:
         return {"size": self.size or bundle.input_size, "threshold": float(self.param(bundle, "threshold"))}
 
-    def _run2d(self, plane: ArrayPlane, bundle: Bundle, method: str, return_probs: bool, progress) -> Result:
+    def scale_rule(self, bundle: Bundle, shape: tuple[int, int], spacing: tuple[float, ...] | None
+                   ) -> dict[str, float | None]:
+        """``max_downscale`` and ``max_zoom`` for one image (the rule is in segcli.engines.stts).
+
+        Explicit arguments win, then the bundle's ``max_downscale``/``max_zoom``/``mpp`` (the µm per
+        pixel the coarse network was trained at, used with the image's pixel size); images above
+        ``lazy_pixels`` get HUGE_MAX_DOWNSCALE/HUGE_MAX_ZOOM when nothing else says, so a gigapixel
+        slide is never squeezed into one S×S pass. Smaller images keep the paper's behaviour.
+        """
+        params = bundle.params
+        caps = [float(v) for v in (self.max_downscale, params.get("max_downscale")) if v]
+        coarse_mpp = self.mpp or params.get("mpp")
+        if coarse_mpp and spacing:
+            image_mpp = float(spacing[-1]) * 1000.0  # mm → µm
+            if image_mpp > 0:
+                caps.append(max(1.0, float(coarse_mpp) / image_mpp))
+        huge = shape[0] * shape[1] > self.lazy_pixels
+        max_downscale = min(caps) if caps else (HUGE_MAX_DOWNSCALE if huge else None)
+        zoom = self.max_zoom or params.get("max_zoom") or (HUGE_MAX_ZOOM if huge else None)
+        return {"max_downscale": max_downscale, "max_zoom": float(zoom) if zoom else None}
+
+    def _stts_kwargs(self, bundle: Bundle, plane: Any, spacing: tuple[float, ...] | None) -> dict[str, Any]:
+        p = lambda k: self.param(bundle, k)  # noqa: E731
+        c = self._common(bundle)
+        rule = self.scale_rule(bundle, plane.shape, spacing)
+        batch = memory.fine_batch(self.budget, bundle.in_channels, c["size"], bundle.n_classes,
+                                  rule["max_zoom"] or 1.0, int(p("batch_size")))
+        return {**c, "pad": int(p("pad")), "keep_aspect": bool(p("keep_aspect")), "min_side": int(p("min_side")),
+                "min_component": int(p("min_component")), "keep_coarse": bool(p("keep_coarse")),
+                "batch_size": batch, **rule}
+
+    def _run2d(self, plane: Any, bundle: Bundle, method: str, return_probs: bool, progress,
+               spacing: tuple[float, ...] | None = None, **extra: Any) -> Result:
         from segcli.engines.direct import direct, sliding
         from segcli.engines.refine import refine
         from segcli.engines.stts import stts
@@ -207,10 +298,9 @@ class Segmenter:
         p = lambda k: self.param(bundle, k)  # noqa: E731
         c = self._common(bundle)
         if method == "stts":
-            return stts(plane, self.predictor(bundle, "coarse"), self.predictor(bundle, "fine"), **c,
-                        pad=int(p("pad")), keep_aspect=bool(p("keep_aspect")), min_side=int(p("min_side")),
-                        min_component=int(p("min_component")), keep_coarse=bool(p("keep_coarse")),
-                        batch_size=int(p("batch_size")), return_probs=return_probs, progress=progress)
+            return stts(plane, self.predictor(bundle, "coarse"), self.predictor(bundle, "fine"),
+                        **self._stts_kwargs(bundle, plane, spacing), return_probs=return_probs, progress=progress,
+                        **extra)
         if method == "refine":
             return refine(plane, self.predictor(bundle, "coarse"), self.predictor(bundle, "fine"), **c,
                           patch_size=p("patch_size"), patches=p("patches"), refine_threshold=p("refine_threshold"),
@@ -325,6 +415,18 @@ class Segmenter:
                 job.rep.status = "skipped"
                 return job
             t = time.perf_counter()
+            if self._route_lazy(path, out, job.rep):
+                from segcli.io.bigtiff import TiffPlane
+
+                bundle = self.bundle_for("2d")
+                plane = TiffPlane(path, spec=bundle.normalization, channels_want=bundle.in_channels,
+                                  channel_mode=self.channels, cache_bytes=min(256 * 2**20, self.budget // 8))
+                job.img = _LazyImage(path, plane)
+                job.rep.seconds["read"] = time.perf_counter() - t
+                job.rep.shape = list(plane.shape)
+                job.rep.spacing = list(plane.spacing) if plane.spacing else None
+                job.rep.warnings.extend(f"tifffile: {n}" for n in plane.notes)
+                return job
             job.img = io.open_image(path)
             job.rep.seconds["read"] = time.perf_counter() - t
             job.rep.warnings.extend(job.img.meta.get("warnings", []))
@@ -342,7 +444,11 @@ class Segmenter:
             return
         rep = job.rep
         kind = "volume" if img.ndim == 3 else "2d"
+        if isinstance(img, _LazyImage):
+            self._compute_lazy(job, progress=progress, stats=stats)
+            return
         try:
+            self._check_memory(img, kind, probabilities, job.path)
             try:
                 res, bundle = self.segment_array(img.array, kind=kind, spacing=img.spacing,
                                                  return_probs=probabilities, progress=progress, path=job.path)
@@ -374,7 +480,11 @@ class Segmenter:
 
         rep = job.rep
         try:
-            if job.res is not None and job.img is not None and job.out is not None:
+            if job.res is not None and isinstance(job.img, _LazyImage) and job.out is not None:
+                t = time.perf_counter()
+                self._write_lazy(job, probabilities=probabilities)
+                rep.seconds["write"] = time.perf_counter() - t
+            elif job.res is not None and job.img is not None and job.out is not None:
                 t = time.perf_counter()
                 io.write_mask(job.res.labels, job.img, job.out)
                 if probabilities and job.res.probs is not None:
@@ -386,14 +496,138 @@ class Segmenter:
             job.fail(exc, bug=True)
         finally:
             _unlock(job.lock)
+            if isinstance(job.img, _LazyImage):
+                job.img.close(job.res)
             job.img = None
             job.res = None
         rep.seconds["total"] = time.perf_counter() - job.t0
         return rep
 
+    # -- bounded-memory path --------------------------------------------------------------------------
+    def _route_lazy(self, path: Path, out: Path, rep: FileReport) -> bool:
+        """True when ``path`` is a TIFF that must not be decoded whole (size or budget), from its header.
+
+        Also refuses, before decoding, a whole-image method whose in-memory peak would not fit.
+        """
+        from segcli.io.bigtiff import is_tiff
+
+        if not is_tiff(path):
+            return False
+        head = _tiff_header(path)
+        if head is None:
+            return False  # let the regular reader produce its precise error
+        (H, W), channels, itemsize = head
+        bundle = self.bundle_for("2d")
+        method = self.method or bundle.method
+        c = self.size or bundle.input_size
+        est = memory.estimate_2d((H, W), channels, itemsize, model_channels=bundle.in_channels,
+                                 n_classes=bundle.n_classes, method=method, size=c, return_probs=False)
+        pixels = H * W
+        if pixels <= self.lazy_pixels and est <= self.budget:
+            return False
+        if method != "stts":
+            memory.check_fits(est, self.budget, path, f"--method {method} on this {H}x{W} image",
+                              "use --method stts, which reads only a rough view and the crops")
+            return False
+        if out.name.lower().endswith((".tif", ".tiff")):
+            return True
+        memory.check_fits(est, self.budget, path, f"writing this {H}x{W} mask as {out.suffix}",
+                          "write it as .tif (streamed, tiled) instead")
+        return False
+
+    def _check_memory(self, img: Any, kind: str, probabilities: bool, path: Path) -> None:
+        """Refuse, with the estimate, an in-memory run that would exceed the budget."""
+        bundle = self.bundle_for(kind)
+        arr = img.array
+        if kind == "volume":
+            est = memory.estimate_volume(img.spatial_shape, img.channels, arr.dtype.itemsize,
+                                         model_channels=bundle.in_channels, n_classes=bundle.n_classes,
+                                         return_probs=probabilities)
+            hint = ("drop --probabilities (they are float32 per class and voxel)" if probabilities
+                    else "raise --max-memory or crop the volume")
+            memory.check_fits(est, self.budget, path, f"this {'x'.join(map(str, img.spatial_shape))} volume", hint)
+            return
+        method = self.method or bundle.method
+        est = memory.estimate_2d(img.spatial_shape, img.channels, arr.dtype.itemsize,
+                                 model_channels=bundle.in_channels, n_classes=bundle.n_classes, method=method,
+                                 size=self.size or bundle.input_size, return_probs=probabilities)
+        hint = "use --method stts on a .tif input, which is read by region" if method != "stts" \
+            else "save the image as a tiled TIFF so it can be read by region"
+        memory.check_fits(est, self.budget, path, f"--method {method} on this "
+                          f"{img.spatial_shape[0]}x{img.spatial_shape[1]} image", hint)
+
+    def _compute_lazy(self, job: _Job, *, progress: ProgressFn | None, stats: bool) -> None:
+        from segcli.engines.stts import stts
+
+        img, rep = job.img, job.rep
+        try:
+            bundle = self.bundle_for("2d")
+            try:
+                spill = job.out.parent if job.out is not None else None
+                if spill is not None:
+                    spill.mkdir(parents=True, exist_ok=True)
+                res = stts(img.plane, self.predictor(bundle, "coarse"), self.predictor(bundle, "fine"),
+                           **self._stts_kwargs(bundle, img.plane, img.spacing), progress=progress,
+                           spill_dir=spill, lazy=True, prefetch=True)
+            except EmptyImageError as exc:
+                res = None
+                rep.status = "empty"
+                rep.warnings.append(exc.message)
+            rep.model, rep.method = bundle.name, "stts"
+            rep.device = self.device
+            if res is None:
+                from segcli.engines.base import FuseStore, LazyLabels
+
+                res = Result(LazyLabels(FuseStore(img.spatial_shape, bundle.n_classes, 0.5), None))  # type: ignore[arg-type]
+            else:
+                rep.providers = self.providers(bundle)
+                rep.backend = "+".join(sorted({p.split(":")[0] for p in rep.providers.values()}))
+                rep.seconds.update(res.timings)
+                rep.info = {k: v for k, v in res.info.items() if k not in ("boxes", "refined_boxes")}
+            plane = img.plane
+            rep.info.update({"bounded_memory": True, "pyramid_levels_in": len(plane.levels),
+                             "levels_read": sorted(set(plane.level_reads)),
+                             "segments_decoded": plane.segments_decoded,
+                             "decoded_mb": round(plane.bytes_decoded / 1e6, 1)})
+            if stats:
+                rep.warnings.append("--stats is not computed for images read by region (too large)")
+            job.res = res
+        except SegcliError as exc:
+            job.fail(exc)
+        except Exception as exc:  # a segcli bug on one file: report it, keep the batch going
+            job.fail(exc, bug=True)
+
+    def _write_lazy(self, job: _Job, *, probabilities: bool) -> None:
+        from segcli.io.bigtiff import write_tiled
+
+        img, res, rep = job.img, job.res, job.rep
+        bundle = self.bundle_for("2d")
+        labels = res.labels
+        counts = np.zeros(256, np.int64)
+
+        def count(tile: np.ndarray) -> None:
+            counts[:] += np.bincount(tile.ravel(), minlength=256)[:256]
+
+        plane = img.plane
+        ome = plane.ome if plane.meta.get("is_ome") else None
+        write_tiled(job.out, plane.shape, labels.read, tile=self.tile_size, resolution=plane.resolution,
+                    spacing=plane.spacing, ome=ome, pyramid=self.pyramid, on_tile=count)
+        if probabilities and rep.status == "ok":
+            write_tiled(_probs_path(job.out), (bundle.n_classes, *plane.shape), labels.read_probs,
+                        dtype=np.float32, tile=self.tile_size, resolution=plane.resolution, spacing=plane.spacing,
+                        ome=ome, pyramid=False)
+            rep.warnings.append("probabilities of a bounded-memory run are stored with ~1/127 precision "
+                                "(labels are exact)")
+        self._measure_counts(rep, counts, bundle, plane.spacing, ndim=2)
+
     @staticmethod
     def _measure(rep: FileReport, labels: np.ndarray, bundle: Bundle, spacing) -> None:
         counts = np.bincount(labels.ravel(), minlength=bundle.n_classes)
+        Segmenter._measure_counts(rep, counts, bundle, spacing, ndim=labels.ndim)
+
+    @staticmethod
+    def _measure_counts(rep: FileReport, counts: np.ndarray, bundle: Bundle, spacing, ndim: int) -> None:
+        rep.voxel_counts, rep.classes_found = {}, []
         unit = float(np.prod(spacing)) if spacing else None
         for cid, name in enumerate(bundle.classes):
             if cid == 0:
@@ -403,7 +637,7 @@ class Segmenter:
             if n:
                 rep.classes_found.append(name)
         if unit is not None:
-            if labels.ndim == 3:
+            if ndim == 3:
                 rep.volume_ml = {k: v * unit / 1000.0 for k, v in rep.voxel_counts.items()}
             else:
                 rep.area_mm2 = {k: v * unit for k, v in rep.voxel_counts.items()}
@@ -423,6 +657,8 @@ class _Job:
 
     def fail(self, exc: BaseException, bug: bool = False) -> None:
         self.rep.status = "failed"
+        if isinstance(self.img, _LazyImage):
+            self.img.close(self.res)
         self.img = None
         self.res = None
         if bug:
@@ -431,6 +667,45 @@ class _Job:
             self.rep.error = str(exc)
         else:
             self.rep.error = f"{self.path}: {exc}"
+
+
+class _LazyImage:
+    """What ``_read`` hands on for a TIFF read by region: the plane, and LoadedImage's geometry fields."""
+
+    kind = "tiff"
+    ndim = 2
+
+    def __init__(self, path: Path, plane: Any) -> None:
+        self.path = path
+        self.plane = plane
+        self.spacing = plane.spacing
+        self.meta = plane.meta
+        self.spatial_shape = plane.shape
+        self.channels = plane.raw_channels
+
+    def close(self, res: Result | None) -> None:
+        if res is not None and hasattr(res.labels, "store"):
+            res.labels.store.close()  # type: ignore[union-attr]
+        self.plane.close()
+
+
+def _tiff_header(path: Path) -> tuple[tuple[int, int], int, int] | None:
+    """``((H, W), channels, itemsize)`` of series 0 level 0 from the IFDs alone, or None if not 2D."""
+    import tifffile
+
+    try:
+        with tifffile.TiffFile(path) as tif:
+            level = tif.series[0].levels[0]
+            axes, shape = level.axes, level.shape
+            if axes == "YX":
+                return (int(shape[0]), int(shape[1])), 1, level.dtype.itemsize
+            if axes == "YXS":
+                return (int(shape[0]), int(shape[1])), int(shape[2]), level.dtype.itemsize
+            if len(axes) == 3 and axes[0] in "SC" and axes[1:] == "YX":
+                return (int(shape[1]), int(shape[2])), int(shape[0]), level.dtype.itemsize
+    except Exception:
+        return None
+    return None
 
 
 def crash_log(exc: BaseException) -> str:

@@ -21,6 +21,11 @@ import typer
 
 from segcli import __version__
 
+# Before torch or ONNX Runtime load: OpenMP threads that spin while waiting get descheduled on a
+# machine shared with other jobs (a batch node, CI), which made steps 5-10x slower here; passive
+# waiting costs little on a quiet machine. An explicit setting by the user wins.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_BUG, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
 
 app = typer.Typer(
@@ -130,6 +135,12 @@ def predict(
     prefetch: Annotated[int, typer.Option(help="Files read ahead while the current one computes (0 = off).")] = 2,
     stats: Annotated[Path | None, typer.Option(help="Write per-input, per-class statistics (voxels, ml, components, bbox) to this CSV.")] = None,
     lock: Annotated[bool, typer.Option("--lock", help="Take a lock per output so concurrent segcli processes never compute the same mask.")] = False,
+    max_memory: Annotated[str | None, typer.Option(help="Memory budget, e.g. 2GB: bounds fine batches and caches; whole-image runs that would not fit are refused up front (default: $SEGCLI_MAX_MEMORY or 70% of available memory).")] = None,
+    pyramid: Annotated[bool, typer.Option("--pyramid", help="Big TIFF masks: add pyramid levels (SubIFDs) so slide viewers open them instantly.")] = False,
+    mpp: Annotated[float | None, typer.Option(help="µm/px the coarse network was trained at (overrides the bundle); sets the rough-pass scale on big TIFFs with a resolution.")] = None,
+    max_downscale: Annotated[float | None, typer.Option(help="Big images: the largest allowed factor between full resolution and the rough pass (default 16); beyond it the rough pass runs tiled.")] = None,
+    max_zoom: Annotated[float | None, typer.Option(help="Big images: a fine box wider than S × this is processed as tiles at this zoom (default 4).")] = None,
+    tile_size: Annotated[int, typer.Option(help="Tile size of big TIFF masks.")] = 512,
     preview: Annotated[bool, typer.Option("--preview", help="Also write NAME_seg_preview.png: the mask over the image (a few slices for a volume).")] = False,
     arsm_maps: Annotated[Path | None, typer.Option(help="ARSM models: write per-class PNGs of the resolution the gate chose into this folder.")] = None,
     probabilities: Annotated[bool, typer.Option("--probabilities", help="Also write float32 class probabilities (NAME_seg_probs.EXT).")] = False,
@@ -148,7 +159,8 @@ def predict(
     try:
         seg = Segmenter(
             model, method=method, backend=backend, device=device, threads=threads, channels=channels, half=half,
-            size=size,
+            size=size, max_memory=max_memory, pyramid=pyramid, mpp=mpp, max_downscale=max_downscale,
+            max_zoom=max_zoom, tile_size=tile_size,
             overrides={
                 "pad": pad, "threshold": threshold, "keep_coarse": keep_coarse, "keep_aspect": False if square_resize else None,
                 "patches": patches, "criterion": criterion, "refine_threshold": refine_threshold, "patch_size": patch_size,
@@ -192,7 +204,8 @@ def predict(
         _report_line(console, rep)
     t_start = time.perf_counter()
     seg_kwargs = dict(model=model, method=method, backend=backend, device=device, threads=threads, channels=channels,
-                      half=half, size=size, overrides=seg.overrides)
+                      half=half, size=size, overrides=seg.overrides, max_memory=max_memory, pyramid=pyramid, mpp=mpp,
+                      max_downscale=max_downscale, max_zoom=max_zoom, tile_size=tile_size)
     with _progress(console, quiet) as prog:
         overall = prog.add_task("files", total=len(items)) if prog else None
         stage = {"task": None}

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import shlex
 import sys
 from pathlib import Path
@@ -37,7 +38,8 @@ def parse_arch_config(items: list[str] | None) -> dict[str, Any]:
 
     out: dict[str, Any] = {}
     for item in items or []:
-        for part in item.split(","):
+        # Split "a=1,b=[2,3]" on the commas that start a new key, not inside list values.
+        for part in re.split(r",(?=\s*[A-Za-z_][\w-]*\s*=)", item):
             if not part.strip():
                 continue
             key, sep, val = part.partition("=")

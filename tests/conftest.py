@@ -16,6 +16,16 @@ from segcli.nets import build
 REPO = Path(__file__).resolve().parent.parent
 
 
+@pytest.fixture(autouse=True)
+def _restore_locale():
+    """SimpleITK's DICOM writer switches the process to the C locale; keep that from leaking between tests."""
+    import locale
+
+    saved = locale.setlocale(locale.LC_ALL)
+    yield
+    locale.setlocale(locale.LC_ALL, saved)
+
+
 def make_bundle(path: Path, *, in_channels: int = 1, classes=("background", "object"), method: str = "stts",
                 size: int = 32, normalization=None, seed: int = 0, arch: str = "unet", config=None) -> Path:
     """A small, randomly initialised bundle: enough to test plumbing, geometry and exit codes."""

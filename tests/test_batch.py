@@ -130,7 +130,7 @@ def test_stats_csv_and_lock(tmp_path, rgb_bundle):
     assert r.returncode == 0, r.stderr
     statuses = {Path(f["input"]).name: f["status"] for f in json.loads(r.stdout)["files"]}
     assert statuses == {"img00.png": "ok", "img01.png": "skipped", "img02.png": "ok"}
-    rows = list(csv.DictReader(open(tmp_path / "stats.csv")))
+    rows = list(csv.DictReader((tmp_path / "stats.csv").read_text().splitlines()))
     assert {r["input"] for r in rows} == {str(files[0]), str(files[2])}
     for row in rows:
         mask = np.asarray(Image.open(out / (Path(row["input"]).stem + "_seg.png")))

@@ -254,3 +254,23 @@ def test_volume_sliced_along_a_non_first_axis(tmp_path, grey_bundle, method):
     f = json.loads(r.stdout)["files"][0]
     assert f["info"]["slice_axis"] == 2
     assert_same_geometry(ref, sitk.ReadImage(str(tmp_path / "aniso_seg.nii.gz")))
+
+
+def test_big_tiff_bounded_path_through_the_cli(tmp_path, grey_bundle):
+    """Under a small --max-memory a TIFF goes through the lazy path: tiled BigTIFF out, pyramid, tags kept."""
+    a = np.random.default_rng(0).integers(0, 40, (1536, 1536), dtype=np.uint8)
+    a[300:420, 500:640] = 230
+    src = tmp_path / "slide.tif"
+    tifffile.imwrite(src, a, tile=(256, 256), compression="zlib", resolution=(40000.0, 40000.0),
+                     resolutionunit="CENTIMETER")
+    r = run_cli("predict", src, "--model", grey_bundle, "--max-memory", "40MB", "--pyramid", "--json")
+    assert r.returncode == 0, r.stderr
+    with tifffile.TiffFile(tmp_path / "slide_seg.tif") as t:
+        page = t.pages[0]
+        assert page.shape == (1536, 1536) and page.is_tiled and page.dtype == np.uint8
+        assert page.tags["XResolution"].value == (40000, 1)
+        assert len(page.pages or page.subifds or []) >= 1  # pyramid levels
+    r = run_cli("predict", src, "--model", grey_bundle, "--max-memory", "40MB", "--method", "direct",
+                "-o", tmp_path / "d.tif")
+    assert r.returncode == 1 and "stts" in r.stderr and "slide.tif" in r.stderr
+    assert not (tmp_path / "d.tif").exists()

@@ -7,13 +7,41 @@ Differences from the reference code, each a deliberate fix:
 * ``keep_coarse`` fills pixels that no crop reached with the rough mask (second recall hole);
 * crops share the size S, so the fine pass runs in batches instead of one crop at a time;
 * resizing is area-averaged when shrinking (thin objects survive) and bilinear when enlarging.
+
+Bounded memory and scale on gigapixel images (the rule, so a bigger image is never silently worse):
+
+* **Fusion** never holds a full-resolution float canvas: crop probabilities are max-fused into a
+  :class:`~segcli.engines.base.FuseStore` that keeps only the tiles crops touched (binary: 1 byte
+  per pixel with exact thresholding; on disk, outside RSS, when ``spill_dir`` is given).
+  Pixels no crop reached come from the rough map, upsampled per window (``keep_coarse``) or are
+  background.
+* **Rough pass scale**: with ``f = max(H, W) / S`` the factor between full resolution and a
+  whole-image rough pass, and ``max_downscale`` the largest factor the coarse network may see (from
+  the bundle's ``max_downscale``, or ``mpp_coarse / mpp_image`` when both are known), the rough
+  pass runs on the whole image at S when ``f ≤ max_downscale``; otherwise it runs as a batched
+  sliding window (tiles of S, 25 % overlap, Gaussian blending) over the image downscaled by
+  ``max_downscale``, so a nucleus stays as many pixels wide on a 40k² slide as on a 4k² one.
+* **Fine pass zoom**: a box whose side exceeds ``S × max_zoom`` is not squeezed into one S×S crop;
+  it is covered by overlapping tiles of side ``S × max_zoom`` (25 % overlap), each seen at zoom
+  ``max_zoom``, and each tile writes only its core (the overlaps split half-way), so tile borders
+  never add false positives to the OR fusion.
+* ``Result.info`` records ``rough_factor``, ``rough_tiled``, ``rough_shape``, ``boxes_tiled`` and
+  ``fine_inputs`` (number of network inputs), so reports say what was done.
 """
 
 from __future__ import annotations
 
+import math
+import os
+from concurrent.futures import ThreadPoolExecutor
+
 import numpy as np
 
 from segcli.engines.base import (
+    ArrayPlane,
+    CoarseFill,
+    FuseStore,
+    LazyLabels,
     Plane,
     ProgressFn,
     Result,
@@ -21,9 +49,8 @@ from segcli.engines.base import (
     batched,
     foreground,
     rough_input,
-    upsample_labels,
 )
-from segcli.geometry import crop_boxes, fuse_max
+from segcli.geometry import crop_boxes, sliding_grid
 from segcli.resize import letterbox, resize
 from segcli.runtimes import Predictor
 
@@ -44,6 +71,35 @@ def paste_back(probs: np.ndarray, box: np.ndarray) -> np.ndarray:
     return resize(probs, (side, side), "bilinear")[:, :h, :w]
 
 
+def rough_pass(
+    plane: Plane,
+    coarse: Predictor,
+    *,
+    size: int,
+    keep_aspect: bool = True,
+    max_downscale: float | None = None,
+    batch_size: int = 16,
+    overlap: float = 0.25,
+) -> tuple[np.ndarray, dict[str, object]]:
+    """Rough probabilities ``(K, h, w)`` and what was done; tiled when the image is too big for one S pass."""
+    H, W = plane.shape
+    factor = max(H, W) / size
+    if max_downscale is None or factor <= max_downscale:
+        x, (h, w) = rough_input(plane, size, keep_aspect)
+        rough = coarse(x[None])[0][:, :h, :w]
+        return rough, {"rough_factor": round(factor, 3), "rough_tiled": False, "rough_shape": [h, w]}
+    from segcli.engines.direct import sliding
+
+    f = float(max_downscale)
+    hw = (max(1, math.ceil(H / f)), max(1, math.ceil(W / f)))
+    low = ArrayPlane(plane.downscaled(hw))
+    res = sliding(low, coarse, size=size, overlap=overlap, batch_size=batch_size, return_probs=True)
+    assert res.probs is not None
+    info = {"rough_factor": round(max(H / hw[0], W / hw[1]), 3), "rough_tiled": True, "rough_shape": list(hw),
+            "rough_tiles": res.info.get("tiles", 0)}
+    return res.probs, info
+
+
 def stts(
     plane: Plane,
     coarse: Predictor,
@@ -59,18 +115,73 @@ def stts(
     batch_size: int = 16,
     return_probs: bool = False,
     progress: ProgressFn | None = None,
+    max_downscale: float | None = None,
+    max_zoom: float | None = None,
+    spill_dir: str | os.PathLike | None = None,
+    lazy: bool = False,
+    prefetch: bool = False,
 ) -> Result:
-    """Segment one 2D image with segment-then-segment; see the module docstring."""
+    """Segment one 2D image with segment-then-segment; see the module docstring.
+
+    ``lazy=True`` returns :class:`~segcli.engines.base.LazyLabels` (and no probability array:
+    ``labels.read_probs(box)`` gives them per window) instead of full-size arrays.
+    """
     timer = Timer()
     H, W = plane.shape
     pad = size // 8 if pad is None else pad
     with timer.stage("rough"):
-        x, (h, w) = rough_input(plane, size, keep_aspect)
-        rough = coarse(x[None])[0][:, :h, :w]
+        rough, rinfo = rough_pass(plane, coarse, size=size, keep_aspect=keep_aspect, max_downscale=max_downscale,
+                                  batch_size=batch_size)
     with timer.stage("components"):
         boxes = crop_boxes(foreground(rough, threshold), (H, W), pad, min_size=min_component, min_side=min_side)
-    return fine_pass(plane, fine, boxes, rough, size=size, threshold=threshold, keep_coarse=keep_coarse,
-                     batch_size=batch_size, return_probs=return_probs, timer=timer, progress=progress)
+    res = fine_pass(plane, fine, boxes, rough, size=size, threshold=threshold, keep_coarse=keep_coarse,
+                    batch_size=batch_size, return_probs=return_probs, timer=timer, progress=progress,
+                    max_zoom=max_zoom, spill_dir=spill_dir, lazy=lazy, prefetch=prefetch)
+    res.info.update(rinfo)
+    return res
+
+
+def _cores(start: int, stop: int, starts: list[int], tile: int) -> list[tuple[int, int]]:
+    """Split ``[start, stop)`` among overlapping tiles: each owns up to half-way into its overlaps."""
+    out = []
+    for i, s in enumerate(starts):
+        a = start if i == 0 else (s + starts[i - 1] + tile) // 2
+        b = stop if i == len(starts) - 1 else (starts[i + 1] + s + tile) // 2
+        out.append((a, b))
+    return out
+
+
+def zoom_tiles(boxes: np.ndarray, size: int, max_zoom: float | None,
+               overlap: float = 0.25) -> tuple[np.ndarray, np.ndarray, int]:
+    """Network inputs for ``boxes``: ``(crops, writes, n_tiled)``.
+
+    A box of side ≤ ``S × max_zoom`` is one crop writing itself; a bigger box becomes overlapping
+    tiles of side ``S × max_zoom`` whose write regions (cores) partition the box.
+    """
+    boxes = np.asarray(boxes, dtype=np.int64).reshape(-1, 4)
+    if max_zoom is None or len(boxes) == 0:
+        return boxes, boxes, 0
+    t = max(size, int(round(size * max_zoom)))
+    crops: list[list[int]] = []
+    writes: list[list[int]] = []
+    n_tiled = 0
+    for y0, x0, y1, x1 in boxes.tolist():
+        if max(y1 - y0, x1 - x0) <= t:
+            crops.append([y0, x0, y1, x1])
+            writes.append([y0, x0, y1, x1])
+            continue
+        n_tiled += 1
+        grid = sliding_grid((y1 - y0, x1 - x0), t, overlap)
+        ys = sorted({int(v) for v in grid[:, 0]})
+        xs = sorted({int(v) for v in grid[:, 1]})
+        th, tw = int(grid[0, 2] - grid[0, 0]), int(grid[0, 3] - grid[0, 1])
+        cy = _cores(0, y1 - y0, ys, th)
+        cx = _cores(0, x1 - x0, xs, tw)
+        for yi, ty in enumerate(ys):
+            for xi, tx in enumerate(xs):
+                crops.append([y0 + ty, x0 + tx, y0 + ty + th, x0 + tx + tw])
+                writes.append([y0 + cy[yi][0], x0 + cx[xi][0], y0 + cy[yi][1], x0 + cx[xi][1]])
+    return np.asarray(crops, np.int64).reshape(-1, 4), np.asarray(writes, np.int64).reshape(-1, 4), n_tiled
 
 
 def fine_pass(
@@ -86,42 +197,60 @@ def fine_pass(
     return_probs: bool,
     timer: Timer,
     progress: ProgressFn | None = None,
+    max_zoom: float | None = None,
+    spill_dir: str | os.PathLike | None = None,
+    lazy: bool = False,
+    prefetch: bool = False,
 ) -> Result:
-    """Run the fine network on ``boxes`` in batches and fuse by per-class maximum (OR for binary)."""
+    """Run the fine network on ``boxes`` in batches and fuse by per-class maximum (OR for binary).
+
+    Memory: the fusion store (only tiles crops touched), one batch of crops and the rough map; full
+    arrays are built at the end only when ``lazy`` is false.
+    """
     H, W = plane.shape
     K = rough.shape[0]
-    binary = K == 2
-    # Binary tasks keep only the foreground channel: max-fusion of p₁ is the paper's OR.
-    canvas = np.zeros((1 if binary else K, H, W), dtype=np.float32)
-    covered = np.zeros((H, W), dtype=bool) if (keep_coarse or return_probs) else None
-    done = 0
-    for chunk in batched(list(range(len(boxes))), batch_size):
-        with timer.stage("crops"):
-            xb = fine_inputs(plane, boxes[chunk], size)
-        with timer.stage("fine"):
-            pb = fine(xb)
-        with timer.stage("fuse"):
-            for j, i in enumerate(chunk):
-                p = paste_back(pb[j], boxes[i])
-                fuse_max(canvas, boxes[i], p[1:2] if binary else p)
-                if covered is not None:
-                    y0, x0, y1, x1 = boxes[i]
-                    covered[y0:y1, x0:x1] = True
-        done += len(chunk)
-        if progress:
-            progress("fine", done, len(boxes))
+    crops, writes, n_tiled = zoom_tiles(boxes, size, max_zoom)
+    # Exact float probabilities when the caller will get a full probability array.
+    store = FuseStore((H, W), K, threshold, exact=return_probs and not lazy, spill_dir=spill_dir)
+    order = list(range(len(crops)))
+    chunks = list(batched(order, batch_size))
+    pool = ThreadPoolExecutor(1, thread_name_prefix="segcli-crops") if prefetch and len(chunks) > 1 else None
+    try:
+        nxt = pool.submit(fine_inputs, plane, crops[chunks[0]], size) if pool and chunks else None
+        done = 0
+        for ci, chunk in enumerate(chunks):
+            with timer.stage("crops"):
+                # Decoding the next batch's tiles (zlib releases the GIL) overlaps with this batch's network.
+                xb = nxt.result() if nxt is not None else fine_inputs(plane, crops[chunk], size)
+                nxt = pool.submit(fine_inputs, plane, crops[chunks[ci + 1]], size) \
+                    if pool is not None and ci + 1 < len(chunks) else None
+            with timer.stage("fine"):
+                pb = fine(xb)
+            with timer.stage("fuse"):
+                for j, i in enumerate(chunk):
+                    cy0, cx0 = int(crops[i][0]), int(crops[i][1])
+                    wy0, wx0, wy1, wx1 = (int(v) for v in writes[i])
+                    p = paste_back(pb[j], crops[i])[:, wy0 - cy0 : wy1 - cy0, wx0 - cx0 : wx1 - cx0]
+                    store.fuse(writes[i], p)
+            done += len(chunk)
+            if progress:
+                progress("fine", done, len(crops))
+    finally:
+        if pool is not None:
+            pool.shutdown(wait=True)
+    fill = CoarseFill(rough, (H, W), threshold)
+    info: dict[str, object] = {"crops": int(len(boxes)), "boxes": boxes.tolist(), "fine_inputs": int(len(crops)),
+                               "boxes_tiled": int(n_tiled), "fused_tiles": int(store.touched_tiles)}
+    lazy_labels = LazyLabels(store, fill if keep_coarse else None, fill if keep_coarse else None)
+    if lazy:
+        return Result(lazy_labels, None, timer.t, info)  # type: ignore[arg-type]
     with timer.stage("fuse"):
-        labels = (canvas[0] > threshold).astype(np.uint8) if binary else canvas.argmax(axis=0).astype(np.uint8)
+        labels = np.asarray(lazy_labels)
         probs = None
-        if keep_coarse or return_probs:
-            rough_labels, rough_probs = upsample_labels(rough, (H, W), threshold, want_probs=return_probs)
-            if keep_coarse:
-                labels[~covered] = rough_labels[~covered]
-            if return_probs:
-                probs = np.concatenate([1.0 - canvas, canvas]) if binary else canvas
-                if keep_coarse:
-                    probs[:, ~covered] = rough_probs[:, ~covered]
-                else:
-                    probs[:, ~covered] = 0.0
-                    probs[0, ~covered] = 1.0
-    return Result(labels, probs, timer.t, {"crops": int(len(boxes)), "boxes": boxes.tolist()})
+        if return_probs:
+            probs = np.empty((K, H, W), np.float32)
+            for y in range(0, H, store.tile):
+                y1 = min(H, y + store.tile)
+                probs[:, y:y1] = lazy_labels.read_probs((y, 0, y1, W))
+        store.close()
+    return Result(labels, probs, timer.t, info)

@@ -212,13 +212,29 @@ def open_image(path: Path | str, series_id: str | None = None) -> LoadedImage:
     if content == "tiff":
         from segcli.io.tiff import read_tiff
 
-        return read_tiff(path, warnings)
+        return _checked(read_tiff(path, warnings))
     if content in ("png", "jpeg", "bmp"):
         from segcli.io.raster import read_raster
 
-        return read_raster(path, warnings)
+        return _checked(read_raster(path, warnings))
     with _sitk_name(path, content) as readable:
-        return medical.read_file(path, readable, warnings)
+        return _checked(medical.read_file(path, readable, warnings))
+
+
+def _checked(image: LoadedImage) -> LoadedImage:
+    """Last checks common to every reader: pixel types segcli can normalise, and at least one pixel."""
+    kind = image.array.dtype.kind
+    if kind == "c":
+        raise InputError(
+            f"complex pixels ({image.array.dtype}) are not supported; save the magnitude (or phase) as a "
+            "real image first",
+            image.path,
+        )
+    if kind not in "biuf":
+        raise InputError(f"unsupported pixel type {image.array.dtype}", image.path)
+    if image.array.size == 0:
+        raise InputError(f"image has no pixels (shape {image.array.shape})", image.path)
+    return image
 
 
 def _check_array(array: np.ndarray, like: LoadedImage, leading: int = 0) -> None:
@@ -414,6 +430,19 @@ def list_images(root: Path | str) -> list[Path]:
     return sorted(found)
 
 
+def _intensity(array: np.ndarray) -> dict[str, float | int | None]:
+    """min/max/mean over the finite values (None when there are none, so --json stays valid JSON)."""
+    values = array[np.isfinite(array)] if array.dtype.kind in "fc" else array
+    out: dict[str, float | int | None] = {"min": None, "max": None, "mean": None}
+    if values.size:
+        out.update(
+            min=float(values.min()), max=float(values.max()), mean=float(values.mean(dtype=np.float64))
+        )
+    if values.size != array.size:
+        out["non_finite"] = int(array.size - values.size)
+    return out
+
+
 def describe(path: Path | str, series_id: str | None = None) -> dict[str, Any]:
     """Facts for ``segcli info``: geometry, dtype, intensity range and container details."""
     path = Path(path)
@@ -426,11 +455,7 @@ def describe(path: Path | str, series_id: str | None = None) -> dict[str, Any]:
         "channels": image.channels,
         "dtype": str(array.dtype),
         "spacing": list(image.spacing) if image.spacing is not None else None,
-        "intensity": {
-            "min": float(array.min()),
-            "max": float(array.max()),
-            "mean": float(array.mean(dtype=np.float64)),
-        },
+        "intensity": _intensity(array),
         "warnings": list(image.meta.get("warnings", [])),
     }
     if image.meta.get("format") == "sitk":

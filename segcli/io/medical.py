@@ -9,6 +9,7 @@ and direction.
 from __future__ import annotations
 
 import gzip
+import math
 import os
 import re
 import struct
@@ -82,6 +83,9 @@ def check_header(
         raise InputError(
             f"image is too small ({'x'.join(map(str, size))}); need at least 2 pixels per side", path
         )
+    if min(size) < 1:
+        raise InputError(f"image has no voxels (size {'x'.join(map(str, size))})", path)
+    check_geometry(reader.GetSpacing(), reader.GetDirection(), path)
     voxels = int(np.prod(size, dtype=np.float64))
     if voxels > MAX_VOXELS:
         raise InputError(
@@ -98,6 +102,105 @@ def check_header(
                 "(corrupt header or truncated file)",
                 path,
             )
+
+
+def check_geometry(spacing: tuple[float, ...], direction: tuple[float, ...], path: Path) -> None:
+    """Refuse a header whose spacing or orientation cannot be written back (NaN, zero, singular)."""
+    sp = np.asarray(spacing, dtype=np.float64)
+    if sp.size and not (np.all(np.isfinite(sp)) and np.all(sp > 0)):
+        raise InputError(f"header holds an invalid voxel spacing {tuple(float(v) for v in sp)}", path)
+    d = np.asarray(direction, dtype=np.float64)
+    n = int(round(np.sqrt(d.size)))
+    if n * n != d.size or n == 0:
+        return
+    d = d.reshape(n, n)
+    if not np.all(np.isfinite(d)) or abs(np.linalg.det(d)) < 1e-6:
+        raise InputError(
+            "header holds an invalid orientation (direction matrix not finite or singular)", path
+        )
+
+
+def check_nifti_header(path: Path, gz: bool) -> None:
+    """Refuse NIfTI-1 geometry fields that are not finite: ITK 5.4 can hang for ever on an sform
+    holding inf (it spins in the sform decomposition), and NaN ones give a meaningless orientation."""
+    try:
+        with (gzip.open if gz else open)(path, "rb") as fh:
+            hdr = fh.read(348)
+    except (EOFError, OSError, zlib.error):
+        return  # the reader reports truncation/corruption itself
+    if len(hdr) < 348:
+        return
+    for endian in "<>":
+        if struct.unpack(endian + "i", hdr[:4])[0] == 348:
+            break
+    else:
+        return  # NIfTI-2 or not NIfTI: ITK's own checks apply
+    ndim = struct.unpack(endian + "h", hdr[40:42])[0]
+    pixdim = struct.unpack(endian + "8f", hdr[76:108])
+    qform, sform = struct.unpack(endian + "2h", hdr[252:256])
+    fields = {"pixdim": pixdim[1 : 1 + max(0, min(ndim, 7))]}
+    if qform > 0:
+        fields["qform"] = (pixdim[0], *struct.unpack(endian + "6f", hdr[256:280]))
+    if sform > 0:
+        fields["sform"] = struct.unpack(endian + "12f", hdr[280:328])
+    bad = [name for name, values in fields.items() if not all(math.isfinite(v) for v in values)]
+    if bad:
+        raise InputError(f"corrupt NIfTI header: non-finite values in {' and '.join(bad)}", path)
+
+
+def check_metaimage_header(path: Path) -> None:
+    """Refuse MetaImage headers that crash or hang ITK's MetaIO before it sees them.
+
+    ``NDims`` that is not a small integer (e.g. ``1e30``) segfaults it, and a compressed data stream
+    whose zlib header asks for a preset dictionary (one flipped bit) makes it loop for ever.
+    """
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(65536)
+    except OSError:
+        return
+    fields: dict[str, str] = {}
+    data_start = None
+    offset = 0
+    for raw in head.splitlines(keepends=True):
+        line = raw.decode("latin-1")
+        offset += len(raw)
+        key, sep, value = line.partition("=")
+        if not sep:
+            continue
+        fields[key.strip().lower()] = value.strip()  # lower-case: refuse even what MetaIO might skip
+        if key.strip().lower() == "elementdatafile":
+            data_start = offset
+            break
+    ndims = fields.get("ndims")
+    if ndims is not None and not re.fullmatch(r"[1-9]", ndims):
+        raise InputError(f"corrupt MetaImage header: NDims = {ndims[:20]!r}", path)
+    data_file = fields.get("elementdatafile", "")
+    if data_file and data_file.upper() not in ("LOCAL", "LIST") and not data_file.upper().startswith("LIST "):
+        # A header may name any file as its pixel data; an untrusted header must not read /etc/passwd.
+        first_name = data_file.split()[0]
+        try:
+            target = (path.parent / first_name).resolve()
+        except (ValueError, OSError):  # a NUL byte or an impossible name
+            raise InputError(f"corrupt MetaImage header: ElementDataFile {first_name[:40]!r}", path) from None
+        base = path.parent.resolve()
+        if os.path.isabs(first_name) or (target != base and base not in target.parents):
+            raise InputError(f"MetaImage ElementDataFile {first_name!r} lies outside the header's folder; refused", path)
+    if fields.get("compresseddata", "")[:1] not in ("T", "t", "1") or data_start is None:
+        return  # MetaIO's own test: only the first character counts
+    source = fields.get("elementdatafile", "")
+    try:
+        if source.upper() == "LOCAL":
+            first = head[data_start : data_start + 2]
+        elif source and " " not in source and "%" not in source:  # one detached data file
+            with open(path.parent / source, "rb") as fh:
+                first = fh.read(2)
+        else:
+            return
+    except (OSError, ValueError):  # unreadable or an impossible name (NUL byte): MetaIO will say so
+        return
+    if len(first) == 2 and first[0] & 0x0F == 8 and first[1] & 0x20:
+        raise InputError("corrupt compressed pixel data (the zlib stream asks for a preset dictionary)", path)
 
 
 def check_gzip_complete(path: Path) -> None:
@@ -140,8 +243,10 @@ def _nifti_total_bytes(hdr: bytes) -> int | None:
             dims = struct.unpack(endian + "8h", hdr[40:56])
             bitpix = struct.unpack(endian + "h", hdr[72:74])[0]
             vox_offset = struct.unpack(endian + "f", hdr[108:112])[0]
-            n = int(np.prod([max(d, 1) for d in dims[1 : 1 + max(0, min(dims[0], 7))]], dtype=np.int64))
-            return int(vox_offset) + n * bitpix // 8
+            if not math.isfinite(vox_offset) or vox_offset < 0:
+                return None  # corrupt field: leave the verdict to the reader
+            n = math.prod(max(d, 1) for d in dims[1 : 1 + max(0, min(dims[0], 7))])  # exact, no overflow
+            return int(vox_offset) + n * max(bitpix, 0) // 8
     return None
 
 
@@ -193,6 +298,7 @@ def _to_loaded(image: sitk.Image, path: Path, warnings: list[str], source: dict[
         "origin": tuple(image.GetOrigin()),
         "direction": tuple(image.GetDirection()),
     }
+    check_geometry(geometry["spacing"], geometry["direction"], path)
     meta: dict[str, Any] = {"format": "sitk", "geometry": geometry, "warnings": warnings, **source}
     if dim == 2:
         array = sitk.GetArrayFromImage(image)
@@ -207,7 +313,14 @@ def _to_loaded(image: sitk.Image, path: Path, warnings: list[str], source: dict[
     # (sitk x,y,z index order). Keep P to undo it exactly on write.
     d0 = np.array(geometry["direction"]).reshape(3, 3)
     d1 = np.array(canonical.GetDirection()).reshape(3, 3)
-    signed_perm = np.rint(np.linalg.solve(d0, d1)).astype(int)
+    solved = np.linalg.solve(d0, d1) if np.all(np.isfinite(d1)) else np.full((3, 3), np.nan)
+    signed_perm = np.rint(np.nan_to_num(solved, nan=9.0)).astype(int)
+    if not (
+        set(signed_perm.ravel().tolist()) <= {-1, 0, 1}
+        and np.array_equal(np.abs(signed_perm).sum(0), [1, 1, 1])
+        and np.array_equal(np.abs(signed_perm).sum(1), [1, 1, 1])
+    ):  # would make the mask unwritable in the input's geometry: refuse now, not after segmenting
+        raise InputError(f"cannot reorient the image (direction {code or 'unknown'} is not usable)", path)
     meta["signed_perm"] = signed_perm.tolist()
     array = sitk.GetArrayFromImage(canonical)
     array = array[..., None] if canonical.GetNumberOfComponentsPerPixel() == 1 else array
@@ -236,6 +349,12 @@ def read_file(path: Path, read_as: Path, warnings: list[str]) -> LoadedImage:
     """Read one SimpleITK-readable file; ``read_as`` may be a correctly named alias of a misnamed file."""
     import SimpleITK as sitk
 
+    name = read_as.name.lower()
+    # Headers that make ITK crash the process or hang are refused before ITK sees them.
+    if name.endswith((".nii", ".nii.gz")):
+        check_nifti_header(path, gz=name.endswith(".gz"))
+    elif name.endswith((".mha", ".mhd")):
+        check_metaimage_header(path)
     reader = sitk.ImageFileReader()
     reader.SetFileName(str(read_as))
     try:
@@ -251,22 +370,52 @@ def read_file(path: Path, read_as: Path, warnings: list[str]) -> LoadedImage:
         image = reader.Execute()
     except RuntimeError as exc:
         raise InputError(f"cannot read image data (truncated or corrupt?): {_short(exc)}", path) from None
-    is_nifti = read_as.name.lower().endswith((".nii", ".nii.gz"))
-    if is_nifti and image.GetPixelID() in (sitk.sitkFloat32, sitk.sitkFloat64):
-        # ITK's NIfTI reader turns NaN/Inf into 0, so an all-NaN volume would look like a constant
-        # one; only an all-zero result needs the (second) look at the raw values.
-        if not sitk.GetArrayViewFromImage(image).any() and _nifti_no_finite(path):
-            raise InputError("image holds no finite values (all NaN or infinite)", path)
+    # ITK's NIfTI reader turns NaN/Inf into 0, so an all-NaN volume would look like a constant one
+    # (an empty mask instead of an error). Only an all-zero float result needs the second look at the
+    # raw values; it is then handed on as all-NaN, as the other readers do.
+    all_nan = (
+        read_as.name.lower().endswith((".nii", ".nii.gz"))
+        and image.GetPixelID() in (sitk.sitkFloat32, sitk.sitkFloat64)
+        and not sitk.GetArrayViewFromImage(image).any()
+        and _nifti_no_finite(path)
+    )
     if image.GetDimension() == 4:  # a trailing time axis of length 1
         size = list(image.GetSize())
         image = sitk.Extract(image, [*size[:3], 0], [0, 0, 0, 0])
-    return _to_loaded(image, path, warnings, {"source": "file"})
+    loaded = _to_loaded(image, path, warnings, {"source": "file"})
+    if all_nan:
+        loaded.array = np.full_like(loaded.array, np.nan)
+    return loaded
+
+
+def _may_hold_dicom(folder: Path) -> bool:
+    """A .dcm file, or a file with the DICOM preamble magic, directly in ``folder``."""
+    try:
+        entries = list(os.scandir(folder))
+    except OSError:
+        return False
+    for entry in entries:
+        try:
+            if entry.name.startswith(".") or not entry.is_file():
+                continue
+            if entry.name.lower().endswith(".dcm"):
+                return True
+            with open(entry.path, "rb") as fh:
+                head = fh.read(132)
+            # The preamble magic, or a bare data set starting with group 0002/0008 (no preamble).
+            if head[128:132] == b"DICM" or head[:2] in (b"\x02\x00", b"\x08\x00"):
+                return True
+        except OSError:
+            continue
+    return False
 
 
 def dicom_series(folder: Path) -> dict[str, list[str]]:
     """Series id -> sorted slice files, as GDCM groups them."""
     import SimpleITK as sitk
 
+    if not _may_hold_dicom(folder):
+        return {}  # spare GDCM, which prints a multi-line "No Series were found" warning to stderr
     reader = sitk.ImageSeriesReader()
     try:
         ids = reader.GetGDCMSeriesIDs(str(folder))

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from segcli.errors import InputError, UsageError
+from segcli.io.messages import log_reader_failure, one_line
 
 if TYPE_CHECKING:
     from segcli.io import LoadedImage
@@ -36,6 +37,15 @@ def _pixels(img: Any) -> np.ndarray:
     return array[..., None] if array.ndim == 2 else array
 
 
+def _dpi(value: Any) -> tuple[float, float] | None:
+    """(x, y) dots per inch when the file states a usable pair, else None (a corrupt pHYs is ignored)."""
+    try:
+        x, y = (float(v) for v in value)
+    except (TypeError, ValueError, OverflowError):
+        return None
+    return (x, y) if 1e-6 < x < 1e9 and 1e-6 < y < 1e9 else None
+
+
 def read_raster(path: Path, warnings: list[str]) -> LoadedImage:
     """Decode a PNG/JPEG/BMP fully, turning Pillow's bomb and truncation errors into InputError."""
     from PIL import Image
@@ -55,19 +65,18 @@ def read_raster(path: Path, warnings: list[str]) -> LoadedImage:
         raise InputError(
             f"image too large for a PNG/JPEG/BMP reader ({exc}); convert it to tiled TIFF", path
         ) from None
-    except (OSError, ValueError, SyntaxError, EOFError) as exc:
-        raise InputError(f"cannot decode image (truncated or corrupt?): {exc}", path) from None
-    if min(array.shape[:2]) < 2:
+    except MemoryError:
+        raise InputError("not enough memory to decode this image", path) from None
+    except Exception as exc:  # Pillow's decoders raise many types on corrupt data
+        log_reader_failure(path, exc)
+        raise InputError(f"cannot decode image (truncated or corrupt?): {one_line(exc)}", path) from None
+    if array.ndim != 3 or min(array.shape[:2]) < 2:
         raise InputError(
-            f"image is too small ({array.shape[0]}x{array.shape[1]}); need at least 2 pixels per side", path
+            f"image is too small ({'x'.join(map(str, array.shape[:2]))}); need at least 2 pixels per side",
+            path,
         )
-    dpi = info.get("dpi")
-    spacing = None
-    if dpi and all(float(d) > 0 for d in dpi):
-        dpi = (float(dpi[0]), float(dpi[1]))
-        spacing = (25.4 / dpi[1], 25.4 / dpi[0])
-    else:
-        dpi = None
+    dpi = _dpi(info.get("dpi"))
+    spacing = (25.4 / dpi[1], 25.4 / dpi[0]) if dpi else None
     meta = {"format": "raster", "pil_format": fmt, "mode": mode, "dpi": dpi, "warnings": warnings}
     return LoadedImage(path, "raster", array, spacing, meta)
 

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from segcli.errors import InputError
+from segcli.io.messages import log_reader_failure, one_line
 
 if TYPE_CHECKING:
     import tifffile
@@ -80,7 +81,7 @@ def _open(path: Path) -> tifffile.TiffFile:
     try:
         return tifffile.TiffFile(path)
     except (tifffile.TiffFileError, ValueError, OSError, struct.error) as exc:
-        raise InputError(f"not a readable TIFF ({exc})", path) from None
+        raise InputError(f"not a readable TIFF ({one_line(exc)})", path) from None
 
 
 def _check_level(series: tifffile.TiffPageSeries, path: Path) -> None:
@@ -120,7 +121,9 @@ def _read_level(tif: tifffile.TiffFile, path: Path) -> tuple[np.ndarray, str, An
     try:
         data = level.asarray()
     except (ValueError, OSError, EOFError, zlib.error, RuntimeError, IndexError) as exc:
-        raise InputError(f"cannot decode TIFF pixels (truncated or corrupt?): {exc}", path) from None
+        raise InputError(
+            f"cannot decode TIFF pixels (truncated or corrupt?): {one_line(exc)}", path
+        ) from None
     return data, level.axes, level.pages[0]
 
 
@@ -149,10 +152,15 @@ def _resolution(page: Any) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for name in ("XResolution", "YResolution"):
         tag = tags.get(name)
-        if tag is not None:
-            out[name] = tuple(int(v) for v in tag.value)
+        # A corrupt tag is dropped (pixel size unknown) rather than making the pixels unreadable.
+        with contextlib.suppress(AttributeError, TypeError, ValueError, OverflowError):
+            value = tuple(int(v) for v in tag.value)
+            if len(value) == 2 and all(0 < v < 2**32 for v in value):
+                out[name] = value
     unit = tags.get("ResolutionUnit")
-    out["ResolutionUnit"] = int(unit.value) if unit is not None else 2  # TIFF default is inch
+    out["ResolutionUnit"] = 2  # TIFF default is inch
+    with contextlib.suppress(TypeError, ValueError, OverflowError, AttributeError):
+        out["ResolutionUnit"] = int(unit.value) if int(unit.value) in (1, 2, 3) else 2
     return out
 
 
@@ -180,13 +188,14 @@ def _spacing(resolution: dict[str, Any], ome: dict[str, Any]) -> tuple[float, fl
         except (KeyError, ValueError):
             pass
         else:
-            if sx > 0 and sy > 0:
+            if 0 < sx < 1e6 and 0 < sy < 1e6:  # also refuses NaN and inf from a corrupt header
                 return sy, sx
     mm = _UNIT_MM.get(resolution.get("ResolutionUnit", 1))
     xres, yres = resolution.get("XResolution"), resolution.get("YResolution")
     if mm is None or not xres or not yres or 0 in (*xres, *yres):
         return None
-    return mm * yres[1] / yres[0], mm * xres[1] / xres[0]
+    sy, sx = mm * yres[1] / yres[0], mm * xres[1] / xres[0]
+    return (sy, sx) if 0 < sx < 1e6 and 0 < sy < 1e6 else None
 
 
 def read_tiff(path: Path, warnings: list[str]) -> LoadedImage:
@@ -194,34 +203,48 @@ def read_tiff(path: Path, warnings: list[str]) -> LoadedImage:
     from segcli.io import LoadedImage
 
     notes: list[str] = []
-    with _collect_log(notes), _open(path) as tif:
-        if not tif.series:
-            raise InputError("TIFF holds no image series", path)
-        data, axes, page = _read_level(tif, path)
-        array = _to_hwc(data, axes, page, path)
-        resolution = _resolution(page)
-        ome = _ome_pixels(tif)
-        meta = {
-            "format": "tiff",
-            "warnings": warnings,
-            "resolution": resolution,
-            "ome": ome,
-            "is_ome": bool(tif.is_ome),
-            "is_bigtiff": bool(tif.is_bigtiff),
-            "pages": len(tif.pages),
-            "series": len(tif.series),
-            "levels": len(tif.series[0].levels),
-            "axes": axes,
-            "compression": page.compression.name
-            if hasattr(page.compression, "name")
-            else str(page.compression),
-        }
+    try:
+        with _collect_log(notes), _open(path) as tif:
+            array, spacing, meta = _decode(tif, path, warnings)
+    except InputError:
+        raise
+    except MemoryError:
+        raise InputError("not enough memory to decode this TIFF", path) from None
+    except Exception as exc:  # tifffile parses lazily: a corrupt IFD can fail anywhere, with anything
+        log_reader_failure(path, exc)
+        raise InputError(f"corrupt TIFF ({one_line(exc)})", path) from None
     if min(array.shape[:2]) < 2:
         raise InputError(
             f"image is too small ({array.shape[0]}x{array.shape[1]}); need at least 2 pixels per side", path
         )
     warnings.extend(f"tifffile: {note}" for note in notes)
-    return LoadedImage(path, "tiff", array, _spacing(resolution, ome), meta)
+    return LoadedImage(path, "tiff", array, spacing, meta)
+
+
+def _decode(
+    tif: tifffile.TiffFile, path: Path, warnings: list[str]
+) -> tuple[np.ndarray, tuple[float, float] | None, dict[str, Any]]:
+    """Pixels (H, W, C), pixel size (mm) and meta of series 0, level 0."""
+    if not tif.series:
+        raise InputError("TIFF holds no image series", path)
+    data, axes, page = _read_level(tif, path)
+    array = _to_hwc(data, axes, page, path)
+    resolution = _resolution(page)
+    ome = _ome_pixels(tif)
+    meta = {
+        "format": "tiff",
+        "warnings": warnings,
+        "resolution": resolution,
+        "ome": ome,
+        "is_ome": bool(tif.is_ome),
+        "is_bigtiff": bool(tif.is_bigtiff),
+        "pages": len(tif.pages),
+        "series": len(tif.series),
+        "levels": len(tif.series[0].levels),
+        "axes": axes,
+        "compression": page.compression.name if hasattr(page.compression, "name") else str(page.compression),
+    }
+    return array, _spacing(resolution, ome), meta
 
 
 def _resolution_kwargs(like: LoadedImage) -> dict[str, Any]:

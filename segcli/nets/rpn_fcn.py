@@ -286,6 +286,15 @@ class RPNFCN(nn.Module):
 
     # -- training -------------------------------------------------------------------------------------
 
+    @staticmethod
+    def _class_ids(target: torch.Tensor) -> torch.Tensor:
+        """Class ids (N, H, W) from what a trainer may pass: ids, a (N, 1, H, W) foreground map or one-hot."""
+        if target.dim() == 4:
+            if target.shape[1] == 1:
+                return (target[:, 0] > 0.5).long()
+            return target.argmax(dim=1)
+        return target.long()
+
     def _gt_boxes(self, target: torch.Tensor) -> list[torch.Tensor]:
         valid_fg = (target > 0) & (target < max(self.out_channels, 2))
         fg = valid_fg.cpu().numpy()
@@ -331,6 +340,8 @@ class RPNFCN(nn.Module):
         ``torch.where`` blocks the gradient there, so only ROI pixels still train the head.
         """
         h, w = x.shape[-2:]
+        seg_target = target
+        target = self._class_ids(target)
         xp = pad_to_multiple(x, STRIDE)
         f, obj, reg, anchors = self._rpn(xp)
         proposals = decode_boxes(reg.detach(), anchors.unsqueeze(0))
@@ -366,7 +377,7 @@ class RPNFCN(nn.Module):
         inside = union_mask(boxes, keep, xp.shape[-2], xp.shape[-1])[:, :h, :w]
         s = s[..., :h, :w]
         if self.seg_loss == "loss_fn":
-            loss_seg = loss_fn(torch.where(inside.unsqueeze(1), s, self.bg_logits), target)
+            loss_seg = loss_fn(torch.where(inside.unsqueeze(1), s, self.bg_logits), seg_target)
         else:
             loss_seg = self._roi_ce(s, target, inside)
         return loss_obj / n + loss_reg / n + loss_seg

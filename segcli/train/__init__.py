@@ -98,6 +98,9 @@ class TrainConfig:
     augment: bool = True
     cache_gb: float = 4.0
     workers: int = 2
+    # Torch intra-op threads (None: the cores available). On a machine shared with other jobs, 1 is
+    # much faster than 2: OpenMP's spin-waiting threads get descheduled (measured 5-10x slower steps
+    # with 2 threads under a load of 4 on 2 cores; OMP_WAIT_POLICY=PASSIVE also avoids it).
     threads: int | None = None
     name: str | None = None
     val_full_res: bool = True

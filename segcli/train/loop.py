@@ -11,10 +11,13 @@ finished one. A checkpoint holds only tensors and plain containers (``torch.load
 
 from __future__ import annotations
 
+import contextlib
 import math
+import queue
 import random
 import signal
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -94,6 +97,58 @@ class StopFlag:
     def __exit__(self, *exc: Any) -> None:
         if self._installed:
             signal.signal(signal.SIGINT, self._prev)
+
+
+class Prefetch:
+    """Run a batch iterator in a background thread, ``depth`` batches ahead of the training step.
+
+    Cutting and resizing full-resolution crops is numpy work that releases the GIL, so it overlaps
+    the network's step. One producer thread consumes the sampling RNG in the same order as a plain
+    loop would, so the batches (and the run) are identical with or without it.
+    """
+
+    _END = object()
+
+    def __init__(self, it: Iterator[Batch], depth: int = 2) -> None:
+        self._q: queue.Queue[Any] = queue.Queue(maxsize=depth)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, args=(it,), daemon=True, name="segcli-batches")
+        self._thread.start()
+
+    def _put(self, item: Any) -> bool:
+        while not self._stop.is_set():
+            try:
+                self._q.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def _run(self, it: Iterator[Batch]) -> None:
+        try:
+            for item in it:
+                if not self._put(item):
+                    return
+            self._put(self._END)
+        except BaseException as exc:  # handed to the consumer, raised there
+            self._put(exc)
+
+    def __iter__(self) -> Iterator[Batch]:
+        while True:
+            item = self._q.get()
+            if item is self._END:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+
+    def close(self) -> None:
+        """Stop the producer (a time limit or Ctrl-C ended the epoch early) and wait for it."""
+        self._stop.set()
+        while self._thread.is_alive():
+            with contextlib.suppress(queue.Empty):
+                self._q.get(timeout=0.05)
+        self._thread.join()
 
 
 def make_optimizer(name: str, params: Any, lr: float, weight_decay: float) -> torch.optim.Optimizer:
@@ -305,33 +360,39 @@ def fit(
             model.train()
             losses: list[float] = []
             out_of_time = False
-            for xb, yb in stage.batches(np_rng):
-                x = torch.from_numpy(np.ascontiguousarray(xb, dtype=np.float32)).to(dev)
-                y = torch.from_numpy(np.ascontiguousarray(yb, dtype=np.float32)).to(dev)
-                if opts.augment is not None:
-                    x, y = augment(x, y, gen, opts.augment)
-                optim.zero_grad(set_to_none=True)
-                with torch.autocast(device_type="cuda", dtype=torch.float16, enabled=use_amp):
-                    if hasattr(model, "compute_loss"):
-                        loss = model.compute_loss(x, y, stage.loss_fn)
-                    else:
-                        loss = stage.loss_fn(model(x), y)
-                scaler.scale(loss).backward()
-                scaler.step(optim)
-                scaler.update()
-                sched.step()
-                steps_done += 1
-                losses.append(float(loss.detach()))
-                reporter.step(stage.name, epoch, stage.epochs, len(losses), stage.steps_per_epoch, float(np.mean(losses)))
-                if stop.requested:
-                    elapsed += time.perf_counter() - t0
-                    # Keep the partial epoch's progress; resuming repeats this epoch's index.
-                    save(state(epoch))
-                    raise TrainingInterrupted(f"interrupted during {stage.name} epoch {epoch + 1}; "
-                                              f"resumable checkpoint saved{checkpoint_hint}")
-                if stage.time_budget is not None and not starved and elapsed + time.perf_counter() - t0 >= stage.time_budget:
-                    out_of_time = True
-                    break
+            batches = Prefetch(stage.batches(np_rng))
+            try:
+                for xb, yb in batches:
+                    x = torch.from_numpy(np.ascontiguousarray(xb, dtype=np.float32)).to(dev)
+                    y = torch.from_numpy(np.ascontiguousarray(yb, dtype=np.float32)).to(dev)
+                    if opts.augment is not None:
+                        x, y = augment(x, y, gen, opts.augment)
+                    optim.zero_grad(set_to_none=True)
+                    with torch.autocast(device_type="cuda", dtype=torch.float16, enabled=use_amp):
+                        if hasattr(model, "compute_loss"):
+                            loss = model.compute_loss(x, y, stage.loss_fn)
+                        else:
+                            loss = stage.loss_fn(model(x), y)
+                    scaler.scale(loss).backward()
+                    scaler.step(optim)
+                    scaler.update()
+                    sched.step()
+                    steps_done += 1
+                    losses.append(float(loss.detach()))
+                    reporter.step(stage.name, epoch, stage.epochs, len(losses), stage.steps_per_epoch, float(np.mean(losses)))
+                    if stop.requested:
+                        break
+                    if stage.time_budget is not None and not starved and elapsed + time.perf_counter() - t0 >= stage.time_budget:
+                        out_of_time = True
+                        break
+            finally:
+                batches.close()  # the producer is stopped before any RNG state is read
+            if stop.requested:
+                elapsed += time.perf_counter() - t0
+                # Keep the partial epoch's progress; resuming repeats this epoch's index.
+                save(state(epoch))
+                raise TrainingInterrupted(f"interrupted during {stage.name} epoch {epoch + 1}; "
+                                          f"resumable checkpoint saved{checkpoint_hint}")
             val = stage.validate(model)
             score = val.get("dice")
             if score is None or not math.isfinite(score):

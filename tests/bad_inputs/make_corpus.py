@@ -8,7 +8,8 @@ by hand::
 The corpus has two folders, one per model kind, because channel handling depends on the model:
 
 * ``grey/``: run with a 1-channel model and ``--channels keep`` (the default);
-* ``rgb/``: run with a 3-channel model and ``--channels keep``.
+* ``rgb/``: run with a 3-channel model, once with ``--channels keep`` (the entries marked ``rgb_hint``
+  fail with a hint to pass ``--channels rgb``) and once with ``--channels rgb`` (everything succeeds).
 
 ``manifest.json`` (beside the two folders) lists every entry with the behaviour the tests assert: the
 status in the ``--json`` summary (``failed``, ``ok`` or ``empty``), a substring of the error or warning,
@@ -19,6 +20,7 @@ alone by the folder walk (not images, or a symlink loop's second way into a fold
 from __future__ import annotations
 
 import json
+import locale
 import os
 import struct
 import sys
@@ -39,8 +41,8 @@ class Entry:
     what: str  # the issue's words for it
     status: str  # "failed" | "ok" | "empty" | "ignored" (not an image: the walk skips it)
     message: str | None = None  # substring of the error (failed) or of a warning (ok/empty)
-    output: str | None = None  # mask path relative to the -o folder, for ok/empty
-    shape: tuple[int, ...] | None = None  # the mask's spatial shape, for ok/empty
+    output: str | None = None  # mask path relative to the -o folder (ok/empty, and rgb_hint failures)
+    shape: tuple[int, ...] | None = None  # that mask's spatial shape
     rgb_hint: bool = False  # a failure that ``--channels rgb`` turns into a success
 
     @property
@@ -69,7 +71,20 @@ def _png(path: Path, array: np.ndarray) -> None:
 
 
 def _write_dicom_series(folder: Path, shape: tuple[int, int, int], uid: str, prefix: str, seed: int) -> None:
-    """One file per slice with the position/orientation tags GDCM needs to group and sort a series."""
+    """One file per slice with the position/orientation tags GDCM needs to group and sort a series.
+
+    Writing ImagePositionPatient makes ITK/GDCM switch the whole process to the C locale and not switch
+    back; later ``open()``/``text=True`` calls in the same test process would then decode as ASCII.
+    So the locale is restored afterwards.
+    """
+    saved = locale.setlocale(locale.LC_ALL)
+    try:
+        _write_dicom_slices(folder, shape, uid, prefix, seed)
+    finally:
+        locale.setlocale(locale.LC_ALL, saved)
+
+
+def _write_dicom_slices(folder: Path, shape: tuple[int, int, int], uid: str, prefix: str, seed: int) -> None:
     import SimpleITK as sitk
 
     folder.mkdir(parents=True, exist_ok=True)
@@ -109,6 +124,16 @@ def huge_nifti(path: Path, dims: tuple[int, int, int] = (10000, 10000, 10000)) -
     sitk.WriteImage(sitk.GetImageFromArray(np.zeros((2, 3, 4), np.uint8)), str(path))
     header = bytearray(path.read_bytes())
     header[42:48] = np.array(dims, "<i2").tobytes()
+    path.write_bytes(bytes(header))
+
+
+def _nifti_field(path: Path, offset: int, fmt: str, value: float) -> None:
+    """A small valid .nii with one header field overwritten."""
+    import SimpleITK as sitk
+
+    sitk.WriteImage(sitk.GetImageFromArray(_textured((4, 6, 8), 17).astype(np.int16)), str(path))
+    header = bytearray(path.read_bytes())
+    header[offset : offset + struct.calcsize(fmt)] = struct.pack("<" + fmt, value)
     path.write_bytes(bytes(header))
 
 
@@ -160,12 +185,21 @@ def make_corpus(root: Path | str) -> list[Entry]:
         folder.mkdir(parents=True, exist_ok=True)
     entries: list[Entry] = []
 
-    def add(path: Path, group: str, what: str, status: str, message: str | None = None,
-            output: str | None = None, shape: tuple[int, ...] | None = None, rgb_hint: bool = False) -> None:
+    def add(
+        path: Path,
+        group: str,
+        what: str,
+        status: str,
+        message: str | None = None,
+        output: str | None = None,
+        shape: tuple[int, ...] | None = None,
+        rgb_hint: bool = False,
+    ) -> None:
         if status in ("ok", "empty") and output is None:
             raise ValueError(f"{path}: ok/empty entries need an output name")
-        entries.append(Entry(path.relative_to(root).as_posix(), group, what, status, message, output, shape,
-                             rgb_hint))
+        entries.append(
+            Entry(path.relative_to(root).as_posix(), group, what, status, message, output, shape, rgb_hint)
+        )
 
     # -- truncated files: a header promising more data than the file holds -----------------------------
     noise = _rng(1).random((20, 30, 40)).astype(np.float32)
@@ -186,8 +220,15 @@ def make_corpus(root: Path | str) -> list[Entry]:
     # -- wrong extension: valid content is read by content (warning); garbage is an error ----------------
     p = grey / "png-named-as.tif"
     _png(p, _textured((40, 48), 2))
-    add(p, "grey", "wrong extension, valid content (PNG named .tif)", "ok", "does not match the content",
-        "png-named-as_seg.tif", (40, 48))
+    add(
+        p,
+        "grey",
+        "wrong extension, valid content (PNG named .tif)",
+        "ok",
+        "does not match the content",
+        "png-named-as_seg.tif",
+        (40, 48),
+    )
     p = grey / "volume-named-as.png"
     vol = sitk.GetImageFromArray(_textured((6, 24, 20), 3).astype(np.int16))
     vol.SetSpacing((0.8, 0.8, 2.5))
@@ -195,8 +236,15 @@ def make_corpus(root: Path | str) -> list[Entry]:
     (grey / "volume-named-as.nii.gz").rename(p)
     # A 3D volume cannot be written as PNG and its geometry needs a medical format: the mask follows
     # the content (NIfTI), not the misleading name.
-    add(p, "grey", "wrong extension, valid content (NIfTI volume named .png)", "ok",
-        "does not match the content", "volume-named-as_seg.nii.gz", (6, 24, 20))
+    add(
+        p,
+        "grey",
+        "wrong extension, valid content (NIfTI volume named .png)",
+        "ok",
+        "does not match the content",
+        "volume-named-as_seg.nii.gz",
+        (6, 24, 20),
+    )
     p = grey / "text-named-as.png"
     p.write_text("patient notes, not an image\n" * 4, encoding="utf-8")
     add(p, "grey", "garbage content with an image extension (text)", "failed", "not a recognised image")
@@ -246,7 +294,10 @@ def make_corpus(root: Path | str) -> list[Entry]:
     rgba = _textured((36, 40, 4), 10)
     rgba[..., 3] = 255
     _png(p, rgba)
-    add(p, "rgb", "RGBA PNG, RGB model", "failed", "--channels rgb", rgb_hint=True)
+    add(p, "rgb", "RGBA PNG, RGB model", "failed", "--channels rgb", "rgba_seg.png", (36, 40), rgb_hint=True)
+    p = rgb / "constant-rgb.png"
+    _png(p, np.full((24, 28, 3), 128, np.uint8))  # grey-valued: every pixel and channel the same
+    add(p, "rgb", "all-constant RGB image", "empty", "image is constant", "constant-rgb_seg.png", (24, 28))
     p = rgb / "palette.tif"
     index = _textured((32, 48), 11) % 4
     cmap = np.zeros((3, 256), np.uint16)
@@ -255,29 +306,62 @@ def make_corpus(root: Path | str) -> list[Entry]:
     add(p, "rgb", "paletted TIFF, RGB model (expanded to RGB)", "ok", None, "palette_seg.tif", (32, 48))
     p = rgb / "grey16-for-rgb-model.png"
     _png(p, _textured((30, 34), 12, np.uint16))
-    add(p, "rgb", "16-bit grey PNG, RGB model", "failed", "--channels rgb", rgb_hint=True)
+    add(
+        p,
+        "rgb",
+        "16-bit grey PNG, RGB model",
+        "failed",
+        "--channels rgb",
+        "grey16-for-rgb-model_seg.png",
+        (30, 34),
+        rgb_hint=True,
+    )
 
     # -- DICOM with two series: the largest is used, with a warning ----------------------------------
     mixed = grey / "mixed-series"
     _write_dicom_series(mixed, (3, 16, 16), "1.2.826.0.1.3680043.2.1125.1", "big", 13)
     _write_dicom_series(mixed, (2, 12, 12), "1.2.826.0.1.3680043.2.1125.2", "small", 14)
-    add(mixed, "grey", "DICOM folder with mixed series", "ok", "2 DICOM series found",
-        "mixed-series_seg.nii.gz", (3, 16, 16))
+    add(
+        mixed,
+        "grey",
+        "DICOM folder with mixed series",
+        "ok",
+        "2 DICOM series found",
+        "mixed-series_seg.nii.gz",
+        (3, 16, 16),
+    )
 
     # -- names and folder walks ----------------------------------------------------------------------
     p = grey / "scan with spaces ü é 肺.png"
     _png(p, _textured((36, 30), 15))
-    add(p, "grey", "file name with spaces and non-ASCII characters", "ok", None,
-        "scan with spaces ü é 肺_seg.png", (36, 30))
+    add(
+        p,
+        "grey",
+        "file name with spaces and non-ASCII characters",
+        "ok",
+        None,
+        "scan with spaces ü é 肺_seg.png",
+        (36, 30),
+    )
     p = grey / "nested" / "inner.png"
     _png(p, _textured((28, 28), 16))
     add(p, "grey", "real file beside a symlink loop", "ok", None, "nested/inner_seg.png", (28, 28))
     loop = grey / "nested" / "loop"
     os.symlink("..", loop)  # nested/loop -> grey: a cycle the walk must not follow forever
-    entries.append(Entry(loop.relative_to(root).as_posix(), "grey", "symlink loop in an input folder", "ignored"))
+    entries.append(
+        Entry(loop.relative_to(root).as_posix(), "grey", "symlink loop in an input folder", "ignored")
+    )
     p = grey / "README.txt"
     p.write_text("not an image: the folder walk skips it\n", encoding="utf-8")
     add(p, "grey", "non-image file in the folder", "ignored")
+
+    # -- headers that read but describe an unusable image --------------------------------------------
+    p = grey / "nan-orientation.nii"
+    _nifti_field(p, 280, "f", float("nan"))  # srow_x[0]: the direction matrix becomes NaN
+    add(p, "grey", "NIfTI with NaN in its orientation (sform)", "failed", "non-finite values in sform")
+    p = grey / "complex.nii"
+    _nifti_field(p, 70, "h", 32)  # datatype complex64 (the int16 data reads as half as many complex)
+    add(p, "grey", "complex-valued NIfTI", "failed", "complex pixels")
 
     # -- absurd declared sizes: refused from the header, before allocating ---------------------------
     huge_nifti(grey / "huge-header.nii")
@@ -289,19 +373,41 @@ def make_corpus(root: Path | str) -> list[Entry]:
     huge_tiff(grey / "huge-header.tif")
     add(grey / "huge-header.tif", "grey", "TIFF tags declaring 10^12 pixels", "failed", "declares")
     huge_nifti(grey / "liar-header.nii", (2000, 2000, 100))
-    add(grey / "liar-header.nii", "grey", "NIfTI header declaring 4e8 voxels on a tiny file", "failed",
-        "declares")
+    add(
+        grey / "liar-header.nii",
+        "grey",
+        "NIfTI header declaring 4e8 voxels on a tiny file",
+        "failed",
+        "declares",
+    )
     huge_nrrd(grey / "liar-header.nrrd", b"2000 2000 100")
-    add(grey / "liar-header.nrrd", "grey", "NRRD header declaring 4e8 voxels on a tiny file", "failed",
-        "declares")
+    add(
+        grey / "liar-header.nrrd",
+        "grey",
+        "NRRD header declaring 4e8 voxels on a tiny file",
+        "failed",
+        "declares",
+    )
     huge_mha(grey / "liar-header.mha", b"2000 2000 100")
-    add(grey / "liar-header.mha", "grey", "MHA header declaring 4e8 voxels on a tiny file", "failed",
-        "declares")
+    add(
+        grey / "liar-header.mha",
+        "grey",
+        "MHA header declaring 4e8 voxels on a tiny file",
+        "failed",
+        "declares",
+    )
     huge_tiff(grey / "liar-header.tif", 20000, 20000)
-    add(grey / "liar-header.tif", "grey", "TIFF tags declaring 4e8 pixels on a tiny file", "failed",
-        "truncated")
+    add(
+        grey / "liar-header.tif",
+        "grey",
+        "TIFF tags declaring 4e8 pixels on a tiny file",
+        "failed",
+        "truncated",
+    )
 
-    (root / MANIFEST).write_text(json.dumps([asdict(e) for e in entries], indent=2, ensure_ascii=False), encoding="utf-8")
+    (root / MANIFEST).write_text(
+        json.dumps([asdict(e) for e in entries], indent=2, ensure_ascii=False), encoding="utf-8"
+    )
     return entries
 
 

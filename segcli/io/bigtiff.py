@@ -1,0 +1,487 @@
+"""Huge TIFFs without holding them: a lazy, region-reading :class:`TiffPlane` and a streamed tiled writer.
+
+Reading. A 40,000² RGB slide is 4.8 GB decoded; segment-then-segment only needs a rough view and
+the crops, so :class:`TiffPlane` (the engines' ``Plane`` protocol) never decodes level 0 whole:
+
+* ``downscaled(hw)`` reads the pyramid level (OME/SubIFD or multi-page pyramid) closest to, and not
+  coarser than, the requested scale; without a suitable level it streams the level band by band
+  (a row of tiles or a chunk of strips at a time) through exact area-averaging weights, so memory is
+  one band plus the small output;
+* ``region(box)`` decodes only the tiles/strips the box touches (``page.decode`` on the raw segment
+  bytes; zlib/deflate/packbits/none need no extra codec, LZW/JPEG need ``imagecodecs``), through a
+  byte-bounded LRU cache, because neighbouring stts crops share tiles;
+* pixels are normalised per region with statistics from the rough-level pass (``image_stats`` once
+  per image), so every region is scaled the same way. For affine normalisations (dtype, scale,
+  zscore) and ct_window on stateless kinds the rough view equals that of the in-memory path; for
+  percentile/minmax the rough view is normalised after averaging, which differs only where one rough
+  pixel mixes values on both sides of a clipping bound.
+
+Writing. :func:`write_tiled` streams a mask (or K probability planes) into a tiled, zlib-compressed
+BigTIFF tile by tile from a ``read(box)`` callable, keeps the resolution tags (and OME PhysicalSize
+for OME input), and optionally adds a pyramid as SubIFDs (each level /2, nearest — labels must not be
+averaged) built from spilled per-level tile stores, never from a full-size array. It writes to a hidden
+partial name beside the output and renames (``atomic_path``).
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+from collections import OrderedDict
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from segcli import normalize as norm
+from segcli.errors import EmptyImageError, InputError
+
+# Kinds whose normalisation needs no per-image statistics: they can run on each decoded band.
+_STATELESS = ("scale", "ct_window")
+_SAMPLE = 2_000_000
+
+
+def is_tiff(path: Path | str) -> bool:
+    """TIFF magic bytes (classic or BigTIFF, either byte order)."""
+    try:
+        with open(path, "rb") as fh:
+            return fh.read(4) in (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
+    except OSError:
+        return False
+
+
+class _Level:
+    """One resolution level: its pages (one per channel group) and its segment geometry."""
+
+    def __init__(self, pages: list[Any], path: Path) -> None:
+        self.pages = pages
+        p0 = pages[0]
+        if int(getattr(p0, "imagedepth", 1) or 1) != 1:
+            raise InputError("volumetric (tiled-depth) TIFF pages are not supported by the lazy reader", path)
+        self.height, self.width = int(p0.imagelength), int(p0.imagewidth)
+        self.samples = [int(p.samplesperpixel) for p in pages]
+        self.channels = sum(self.samples)
+        self.dtype = np.dtype(p0.dtype)
+        self.planar = [int(p.planarconfig) == 2 and int(p.samplesperpixel) > 1 for p in pages]
+        if p0.is_tiled:
+            self.seg = (int(p0.tilelength), int(p0.tilewidth))
+        else:
+            self.seg = (min(int(p0.rowsperstrip or self.height), self.height), self.width)
+        self.down = math.ceil(self.height / self.seg[0])
+        self.across = math.ceil(self.width / self.seg[1])
+        for p, planar in zip(pages, self.planar, strict=True):
+            want = (int(p.samplesperpixel) if planar else 1) * self.down * self.across
+            if len(p.dataoffsets) != want:
+                raise InputError(
+                    f"TIFF page has {len(p.dataoffsets)} segments, expected {want}; cannot read it by region",
+                    path,
+                )
+
+    @property
+    def nbytes(self) -> int:
+        return self.height * self.width * self.channels * self.dtype.itemsize
+
+
+class TiffPlane:
+    """A TIFF (series 0) as a :class:`~segcli.engines.base.Plane`: region reads and pyramid-aware overviews.
+
+    ``channels_want``/``channel_mode`` follow ``--channels``; ``spec`` is the bundle's normalisation.
+    ``segments_decoded``/``bytes_decoded`` count what was decoded (per level in ``decoded_by_level``),
+    so tests and reports can prove level 0 was never read whole.
+    """
+
+    def __init__(
+        self,
+        path: Path | str,
+        *,
+        spec: dict[str, Any],
+        channels_want: int | None = None,
+        channel_mode: str = "keep",
+        cache_bytes: int = 128 * 2**20,
+    ) -> None:
+        import tifffile
+
+        from segcli.io import tiff as tiffio
+
+        self.path = Path(path)
+        self.spec = spec
+        self.channel_mode = channel_mode
+        self.notes: list[str] = []
+        try:
+            self.tif = tifffile.TiffFile(self.path)
+        except Exception as exc:
+            raise InputError(f"not a readable TIFF ({exc})", self.path) from None
+        try:
+            if not self.tif.series:
+                raise InputError("TIFF holds no image series", self.path)
+            series = self.tif.series[0]
+            axes = series.levels[0].axes
+            if axes not in ("YX", "YXS") and not (len(axes) == 3 and axes[0] in "SC" and axes[1:] == "YX"):
+                raise InputError(
+                    f"the lazy TIFF reader handles 2D images (axes YX, YXS, CYX), not {axes}", self.path
+                )
+            with tiffio._collect_log(self.notes):
+                tiffio._check_level(series.levels[0], self.path)
+            self.levels = [
+                _Level([p for p in lvl.pages if p is not None], self.path) for lvl in series.levels
+            ]
+            page0 = self.levels[0].pages[0]
+            if int(page0.photometric) == 3:  # palette: let the in-memory reader map colours
+                raise InputError("palette TIFFs are not supported by the lazy reader", self.path)
+            self.resolution = tiffio._resolution(page0)
+            self.ome = tiffio._ome_pixels(self.tif)
+            self.spacing = tiffio._spacing(self.resolution, self.ome)
+            self.meta: dict[str, Any] = {
+                "format": "tiff",
+                "resolution": self.resolution,
+                "ome": self.ome,
+                "is_ome": bool(self.tif.is_ome),
+                "is_bigtiff": bool(self.tif.is_bigtiff),
+                "levels": len(self.levels),
+                "axes": axes,
+                "compression": getattr(page0.compression, "name", str(page0.compression)),
+                "lazy": True,
+                "warnings": [],
+            }
+        except BaseException:
+            self.tif.close()
+            raise
+        lv0 = self.levels[0]
+        self.shape = (lv0.height, lv0.width)
+        self.raw_channels = lv0.channels
+        self.dtype = lv0.dtype
+        self.channels = int(channels_want) if channels_want is not None else lv0.channels
+        if channels_want is not None and channels_want != lv0.channels:
+            # Fail now, with the in-memory path's message, rather than on the first region.
+            norm.convert_channels(
+                np.zeros((1, 1, lv0.channels), lv0.dtype), channels_want, channel_mode, self.path
+            )
+        self.cache_bytes = int(cache_bytes)
+        self._cache: OrderedDict[tuple[int, int, int], np.ndarray] = OrderedDict()
+        self._cached = 0
+        self._io = threading.Lock()
+        self._cache_lock = threading.Lock()
+        self.segments_decoded = 0
+        self.bytes_decoded = 0
+        self.decoded_by_level: dict[int, int] = {}
+        self.level_reads: list[int] = []
+        self._stats: dict[str, float] | None = None
+        self._spec_eff: dict[str, Any] | None = None
+        self._overviews: dict[tuple[int, int], np.ndarray] = {}
+        self._conv_dtype = self._convert(np.zeros((1, 1, lv0.channels), lv0.dtype)).dtype
+        kind = spec["kind"]
+        # Stateless kinds normalise each region on its own exactly as the whole image would be.
+        self._stateless = kind in _STATELESS or (kind == "dtype" and self._conv_dtype.kind != "f")
+
+    # -- bookkeeping ------------------------------------------------------------------------------------
+    def close(self) -> None:
+        self.tif.close()
+        self._cache.clear()
+        self._overviews.clear()
+
+    def __enter__(self) -> TiffPlane:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @property
+    def factors(self) -> list[float]:
+        """Downscale factor of each level relative to level 0."""
+        H, W = self.shape
+        return [max(H / lv.height, W / lv.width) for lv in self.levels]
+
+    def choose_level(self, out_hw: tuple[int, int]) -> int:
+        """The coarsest level still at least as fine as ``out_hw`` (never coarser than asked)."""
+        H, W = self.shape
+        want = min(H / max(out_hw[0], 1), W / max(out_hw[1], 1))
+        best = 0
+        for i, lv in enumerate(self.levels):
+            if lv.height >= out_hw[0] and lv.width >= out_hw[1] and self.factors[i] <= want * (1 + 1e-9):
+                best = i if self.factors[i] >= self.factors[best] else best
+        return best
+
+    # -- raw segment access -----------------------------------------------------------------------------
+    def _segment(self, li: int, pi: int, si: int) -> np.ndarray:
+        """Decoded segment ``(seg_h, seg_w, s)`` (strips cropped at the image bottom), cached."""
+        key = (li, pi, si)
+        with self._cache_lock:
+            hit = self._cache.get(key)
+            if hit is not None:
+                self._cache.move_to_end(key)
+                return hit
+        page = self.levels[li].pages[pi]
+        offset, count = int(page.dataoffsets[si]), int(page.databytecounts[si])
+        lv = self.levels[li]
+        samples = 1 if lv.planar[pi] else lv.samples[pi]
+        if count == 0:
+            arr = np.zeros((*lv.seg, samples), lv.dtype)
+        else:
+            with self._io:
+                fh = self.tif.filehandle
+                fh.seek(offset)
+                data = fh.read(count)
+            try:
+                decoded, _, _ = page.decode(data, si, jpegtables=getattr(page, "jpegtables", None))
+            except Exception as exc:
+                raise InputError(
+                    f"cannot decode TIFF segment {si} of level {li} ({exc})", self.path
+                ) from None
+            arr = np.asarray(decoded).reshape(decoded.shape[-3:])
+        self.segments_decoded += 1
+        self.bytes_decoded += int(arr.nbytes)
+        self.decoded_by_level[li] = self.decoded_by_level.get(li, 0) + 1
+        with self._cache_lock:
+            if arr.nbytes <= self.cache_bytes // 4:
+                self._cache[key] = arr
+                self._cached += arr.nbytes
+                while self._cached > self.cache_bytes and self._cache:
+                    _, old = self._cache.popitem(last=False)
+                    self._cached -= old.nbytes
+        return arr
+
+    def read_raw(self, box: tuple[int, int, int, int] | np.ndarray, level: int = 0) -> np.ndarray:
+        """Raw pixels ``(h, w, C)`` of ``box`` in ``level`` coordinates, decoding only the segments it touches."""
+        y0, x0, y1, x1 = (int(v) for v in box)
+        lv = self.levels[level]
+        if not (0 <= y0 < y1 <= lv.height and 0 <= x0 < x1 <= lv.width):
+            raise ValueError(f"box {(y0, x0, y1, x1)} outside level {level} of shape {(lv.height, lv.width)}")
+        out = np.empty((y1 - y0, x1 - x0, lv.channels), lv.dtype)
+        sh, sw = lv.seg
+        c0 = 0
+        for pi, page_samples in enumerate(lv.samples):
+            planes = page_samples if lv.planar[pi] else 1
+            for plane in range(planes):
+                for ty in range(y0 // sh, (y1 - 1) // sh + 1):
+                    for tx in range(x0 // sw, (x1 - 1) // sw + 1):
+                        si = (plane * lv.down + ty) * lv.across + tx
+                        seg = self._segment(level, pi, si)
+                        a0, a1 = max(y0, ty * sh), min(y1, (ty + 1) * sh)
+                        b0, b1 = max(x0, tx * sw), min(x1, (tx + 1) * sw)
+                        src = seg[a0 - ty * sh : a1 - ty * sh, b0 - tx * sw : b1 - tx * sw]
+                        if lv.planar[pi]:
+                            out[a0 - y0 : a1 - y0, b0 - x0 : b1 - x0, c0 + plane] = src[..., 0]
+                        else:
+                            out[a0 - y0 : a1 - y0, b0 - x0 : b1 - x0, c0 : c0 + page_samples] = src
+            c0 += page_samples
+        return out
+
+    # -- normalisation ----------------------------------------------------------------------------------
+    def _convert(self, raw: np.ndarray) -> np.ndarray:
+        return norm.convert_channels(raw, self.channels, self.channel_mode, self.path)
+
+    def _normalize(self, a: np.ndarray) -> np.ndarray:
+        """Channel-last converted pixels → normalised float32, with this image's statistics."""
+        if self._stateless:
+            return norm.normalize(a, self.spec)
+        if self._spec_eff is None:
+            from segcli.geometry import fit_aspect
+
+            self.downscaled(fit_aspect(self.shape, 1024))  # statistics from an (ideally pyramid) overview
+        return norm.normalize(a, self._spec_eff, self._stats)  # type: ignore[arg-type]
+
+    def _finish_stats(self, sample: np.ndarray, lo: float, hi: float, conv_dtype: np.dtype) -> None:
+        kind = self.spec["kind"]
+        if kind == "dtype" and conv_dtype.kind == "f":
+            # In memory, float 'dtype' input outside [0, 1] is min-max scaled over the whole image.
+            outside = lo < 0 or hi > 1
+            self._spec_eff = {"kind": "minmax"}
+            self._stats = {"lo": lo if outside else 0.0, "hi": hi if outside else 1.0}
+        elif kind in ("percentile", "minmax", "zscore"):
+            self._spec_eff = self.spec
+            self._stats = norm.image_stats(sample, self.spec)
+            if kind == "minmax":
+                self._stats = {"lo": lo, "hi": hi}
+        else:
+            self._spec_eff = self.spec
+            self._stats = None
+
+    # -- Plane protocol ---------------------------------------------------------------------------------
+    def region(self, box: np.ndarray | tuple[int, int, int, int]) -> np.ndarray:
+        """``(C, h, w)`` float32 of a full-resolution box."""
+        a = self._normalize(self._convert(self.read_raw(box, 0)))
+        return np.ascontiguousarray(np.moveaxis(a, -1, 0))
+
+    def downscaled(self, out_hw: tuple[int, int]) -> np.ndarray:
+        """``(C, h, w)`` area-averaged view, from the best pyramid level, streamed band by band."""
+        from segcli.engines.base import resize_weights
+
+        out_hw = (int(out_hw[0]), int(out_hw[1]))
+        if out_hw in self._overviews:
+            return self._overviews[out_hw].copy()
+        li = self.choose_level(out_hw)
+        self.level_reads.append(li)
+        lv = self.levels[li]
+        ry = resize_weights(lv.height, out_hw[0], "area").tocsc()
+        rx = resize_weights(lv.width, out_hw[1], "area")
+        out = np.zeros((self.channels, *out_hw), np.float32)
+        # Bands of whole segment rows, about 32 MB of float64 work at a time.
+        row_bytes = lv.width * max(self.channels, lv.channels) * 8
+        band = max(lv.seg[0], (32 * 2**20 // max(row_bytes, 1)) // lv.seg[0] * lv.seg[0])
+        step = max(1, int(math.sqrt(lv.height * lv.width / _SAMPLE)))
+        samples: list[np.ndarray] = []
+        lo, hi = np.inf, -np.inf
+        for r0 in range(0, lv.height, band):
+            r1 = min(lv.height, r0 + band)
+            a = self._convert(self.read_raw((r0, 0, r1, lv.width), li))
+            fin = a[np.isfinite(a)] if a.dtype.kind == "f" else a
+            if fin.size:
+                lo, hi = min(lo, float(fin.min())), max(hi, float(fin.max()))
+            if not self._stateless and self._spec_eff is None:
+                samples.append(np.ascontiguousarray(a[(-r0) % step :: step, ::step]).reshape(-1))
+            # Stateless kinds are normalised before averaging (exactly the in-memory order); the others
+            # average raw values and are normalised below with the statistics of this pass.
+            y = (
+                norm.normalize(a, self.spec)
+                if self._stateless
+                else np.nan_to_num(a.astype(np.float32), nan=0.0, posinf=0.0, neginf=0.0)
+            )
+            y2 = np.moveaxis(y, -1, 0).reshape(self.channels * (r1 - r0), lv.width)
+            t = np.asarray((rx @ y2.T).T).reshape(self.channels, r1 - r0, out_hw[1])  # columns first
+            wy = ry[:, r0:r1]
+            for c in range(self.channels):
+                out[c] += np.asarray(wy @ t[c], dtype=np.float32)
+        if not np.isfinite(lo):
+            raise InputError("image holds no finite values (all NaN or infinite)", self.path)
+        if lo == hi:
+            raise EmptyImageError(f"image is constant (every pixel = {lo:g}); nothing to segment", self.path)
+        if not self._stateless:
+            if self._spec_eff is None:
+                self._finish_stats(np.concatenate(samples), lo, hi, self._conv_dtype)
+            out = np.moveaxis(norm.normalize(np.moveaxis(out, 0, -1), self._spec_eff, self._stats), -1, 0)  # type: ignore[arg-type]
+        out = np.ascontiguousarray(out, dtype=np.float32)
+        self._overviews = {out_hw: out}
+        return out.copy()
+
+
+# -- writing --------------------------------------------------------------------------------------------
+
+ReadFn = Callable[[tuple[int, int, int, int]], np.ndarray]
+
+
+def _resolution_kwargs(
+    resolution: dict[str, Any] | None, spacing: tuple[float, ...] | None, scale: float = 1.0
+) -> dict[str, Any]:
+    """Resolution tags of the input (scaled for pyramid level), or derived from the pixel size in mm."""
+    if resolution and "XResolution" in resolution:
+        xr = resolution["XResolution"]
+        yr = resolution.get("YResolution", xr)
+        return {
+            "resolution": (xr[0] / xr[1] / scale, yr[0] / yr[1] / scale) if scale != 1.0 else (xr, yr),
+            "resolutionunit": resolution.get("ResolutionUnit", 2),
+        }
+    if spacing is not None:
+        sy, sx = spacing[-2:]
+        return {"resolution": (10.0 / sx / scale, 10.0 / sy / scale), "resolutionunit": 3}
+    return {}
+
+
+def write_tiled(
+    path: Path | str,
+    shape: tuple[int, ...],
+    read: ReadFn,
+    *,
+    dtype: Any = np.uint8,
+    tile: int = 512,
+    resolution: dict[str, Any] | None = None,
+    spacing: tuple[float, ...] | None = None,
+    ome: dict[str, Any] | None = None,
+    pyramid: bool = False,
+    spill_dir: Path | str | None = None,
+    on_tile: Callable[[np.ndarray], None] | None = None,
+) -> Path:
+    """Stream ``read(box)`` tiles into a tiled zlib BigTIFF at ``path`` (atomically); see the module doc.
+
+    ``shape`` is ``(H, W)`` for a mask or ``(K, H, W)`` for probability planes (``read`` then returns
+    ``(K, h, w)``). ``on_tile`` sees every level-0 tile once (e.g. to count labels).
+    """
+    import tifffile
+
+    from segcli.engines.base import TileStore
+    from segcli.io.atomic import atomic_path
+
+    path = Path(path)
+    planes = len(shape) == 3
+    K = int(shape[0]) if planes else 1
+    H, W = int(shape[-2]), int(shape[-1])
+    dtype = np.dtype(dtype)
+    n_levels = 1
+    if pyramid:
+        while max(H, W) / 2**n_levels >= tile and n_levels < 12:
+            n_levels += 1
+    kw: dict[str, Any] = {"compression": "zlib", "photometric": "minisblack", "tile": (tile, tile)}
+    use_ome = bool(ome and "PhysicalSizeX" in ome)
+    kw_meta: dict[str, Any] = {
+        "metadata": {"axes": "CYX" if planes else "YX", **(ome or {})} if use_ome else None
+    }
+    spill = spill_dir if spill_dir is not None else path.parent
+    stores: list[TileStore] = []
+
+    def level_tiles(lvl: int, h: int, w: int, src: ReadFn) -> Iterator[np.ndarray]:
+        # Each level-l tile is also halved (nearest) into the next level's spilled store.
+        nxt = stores[lvl] if lvl < len(stores) else None
+        for k in range(K):
+            for y in range(0, h, tile):
+                for x in range(0, w, tile):
+                    box = (y, x, min(y + tile, h), min(x + tile, w))
+                    t = src(box)
+                    t2 = t[k] if planes else t
+                    if lvl == 0 and on_tile is not None and k == 0:
+                        on_tile(t)
+                    if nxt is not None:
+                        half = t2[::2, ::2]
+                        nxt.maximum(
+                            (
+                                k * ((h + 1) // 2) + y // 2,
+                                x // 2,
+                                k * ((h + 1) // 2) + y // 2 + half.shape[0],
+                                x // 2 + half.shape[1],
+                            ),
+                            half[None],
+                        )
+                    yield np.ascontiguousarray(t2, dtype=dtype)
+
+    try:
+        dims = [(H, W)]
+        for _ in range(1, n_levels):
+            ph, pw = dims[-1]
+            dims.append(((ph + 1) // 2, (pw + 1) // 2))
+        for h, w in dims[1:]:
+            empty = -np.inf if dtype.kind == "f" else 0
+            stores.append(
+                TileStore((K * h, w), 1, dtype, empty, tile=tile, spill_dir=spill, cache_bytes=16 * 2**20)
+            )
+        with atomic_path(path) as tmp, tifffile.TiffWriter(tmp, bigtiff=True, ome=use_ome) as tw:
+            full_shape = (K, H, W) if planes else (H, W)
+            tw.write(
+                level_tiles(0, H, W, read),
+                shape=full_shape,
+                dtype=dtype,
+                subifds=n_levels - 1,
+                **kw,
+                **kw_meta,
+                **_resolution_kwargs(resolution, spacing),
+            )
+            for lvl in range(1, n_levels):
+                h, w = dims[lvl]
+                store = stores[lvl - 1]
+
+                def src(box: tuple[int, int, int, int], store: TileStore = store, h: int = h) -> np.ndarray:
+                    y0, x0, y1, x1 = box
+                    if not planes:
+                        return store.read(box)[0]
+                    return np.stack([store.read((k * h + y0, x0, k * h + y1, x1))[0] for k in range(K)])
+
+                tw.write(
+                    level_tiles(lvl, h, w, src),
+                    shape=(K, h, w) if planes else (h, w),
+                    dtype=dtype,
+                    subfiletype=1,
+                    **kw,
+                    **_resolution_kwargs(resolution, spacing, 2.0**lvl),
+                )
+    finally:
+        for s in stores:
+            s.close()
+    return path

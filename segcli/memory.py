@@ -1,0 +1,131 @@
+"""Memory budget: parse ``--max-memory``, estimate what a run would allocate, refuse before allocating.
+
+Users of nnU-Net/TotalSegmentator/tiatoolbox lose hours to the OOM killer on big inputs (anchors (c)
+1, 2, 11). segcli estimates the peak of the in-memory path from the header alone (shape, dtype,
+channels) and, when it would not fit, either takes the bounded path (segment-then-segment over a lazy
+TIFF) or stops with a one-line message naming the file, the estimate and the way out.
+
+Estimates are deliberately simple sums of the big arrays (the interpreter, the networks and small
+buffers are covered by a fixed overhead); they only need to be right within a factor that the
+budget's headroom absorbs.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from typing import Any
+
+from segcli.errors import InputError, UsageError
+
+_UNITS = {"": 1, "b": 1, "k": 1e3, "kb": 1e3, "m": 1e6, "mb": 1e6, "g": 1e9, "gb": 1e9, "t": 1e12, "tb": 1e12,
+          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+# Interpreter + torch + networks + small buffers, not counted in the per-array estimates.
+OVERHEAD = 600 * 10**6
+# Above this many pixels a TIFF goes through the lazy (bounded-memory) path whatever the budget.
+LAZY_PIXELS = 64 * 10**6
+
+
+def parse_size(value: str | int | float | None) -> int | None:
+    """``"2GB"``, ``"1.5G"``, ``"512MiB"``, ``2_000_000_000`` → bytes; ``None``/``"auto"`` → None."""
+    if value is None:
+        return None
+    if isinstance(value, (int, float)):
+        if value <= 0:
+            raise UsageError(f"--max-memory must be positive, got {value}")
+        return int(value)
+    text = str(value).strip().lower().replace(" ", "")
+    if text in ("", "auto", "none"):
+        return None
+    m = re.fullmatch(r"([0-9]*\.?[0-9]+)([a-z]*)", text)
+    if not m or m.group(2) not in _UNITS:
+        raise UsageError(f"--max-memory {value!r} is not a size; use e.g. 2GB, 1500MB or 4GiB")
+    n = int(float(m.group(1)) * _UNITS[m.group(2)])
+    if n <= 0:
+        raise UsageError(f"--max-memory must be positive, got {value!r}")
+    return n
+
+
+def available_memory() -> int:
+    """Bytes the OS could give us now (MemAvailable, or psutil), with a conservative fallback."""
+    try:
+        import psutil
+
+        return int(psutil.virtual_memory().available)
+    except ImportError:
+        pass
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 4 * 10**9
+
+
+def budget(max_memory: str | int | None) -> int:
+    """The byte budget of one run: the user's ``max_memory``, else 70 % of what is available now."""
+    parsed = parse_size(max_memory)
+    return parsed if parsed is not None else int(0.7 * available_memory())
+
+
+def human(n: float) -> str:
+    """Bytes as a short human string (``1.6 GB``)."""
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if abs(n) < 1000 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000.0
+    return f"{n:.1f} TB"  # pragma: no cover
+
+
+def estimate_2d(shape: tuple[int, int], channels: int, itemsize: int, *, model_channels: int, n_classes: int,
+                method: str, size: int, return_probs: bool) -> int:
+    """Peak bytes of the in-memory 2D path: decoded image, normalised copy, engine buffers, outputs."""
+    H, W = (int(v) for v in shape)
+    px = H * W
+    total = px * channels * itemsize  # decoded image
+    total += px * model_channels * 4  # normalised float32 (C, H, W)
+    total += px  # uint8 labels
+    k_fuse = 1 if n_classes == 2 else n_classes
+    if method == "sliding":
+        total += px * (n_classes + 1) * 4  # float accumulator + weights
+    elif method == "stts":
+        total += px * (k_fuse * 4 if return_probs or n_classes > 2 else 1)  # fusion store
+    if return_probs:
+        total += px * n_classes * 4
+    return total + OVERHEAD
+
+
+def estimate_volume(shape: tuple[int, ...], channels: int, itemsize: int, *, model_channels: int, n_classes: int,
+                    return_probs: bool) -> int:
+    """Peak bytes of a volume: the decoded array, the uint8 mask and (optionally) probabilities.
+
+    Slices are normalised one at a time (see :class:`segcli.engines.volume.SlicePlane`), so no float
+    copy of the volume is counted.
+    """
+    vox = 1
+    for s in shape:
+        vox *= int(s)
+    total = vox * channels * itemsize + vox + OVERHEAD
+    if return_probs:
+        total += 2 * vox * n_classes * 4  # stacked per-slice probabilities + the writer's copy
+    return total
+
+
+def check_fits(estimate: int, limit: int, path: Any, what: str, hint: str) -> None:
+    """Raise a one-line InputError when ``estimate`` exceeds ``limit``, before anything is allocated."""
+    if estimate > limit:
+        raise InputError(f"{what} needs about {human(estimate)} of memory, more than the {human(limit)} "
+                         f"budget (--max-memory); {hint}", path)
+
+
+def fine_batch(limit: int, channels: int, size: int, n_classes: int, zoom: float, wanted: int) -> int:
+    """Largest fine-pass batch ≤ ``wanted`` whose crops, inputs and outputs fit in a quarter of the budget."""
+    per_item = 4 * size * size * (channels + 2 * n_classes) + 4 * channels * int(size * zoom) ** 2
+    return max(1, min(wanted, (limit // 4) // max(per_item, 1)))
+
+
+def env_budget() -> str | None:
+    """``SEGCLI_MAX_MEMORY`` from the environment (the CLI flag wins)."""
+    return os.environ.get("SEGCLI_MAX_MEMORY") or None
