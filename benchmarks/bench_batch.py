@@ -77,7 +77,7 @@ def main() -> None:
                 per_file[name].append(variants[name](out) / len(files))
                 shutil.rmtree(out)
             if rep < max(1, args.reps // 2):  # the per-file loop is slow: fewer rounds
-                t = sum(run(py + [str(f), "-o", str(tmp / "loop" / f.name)]) for f in loop_files)
+                t = sum(run(py + [str(f), "-o", str(tmp / "loop") + "/"]) for f in loop_files)
                 per_file["loop"].append(t / len(loop_files))
                 shutil.rmtree(tmp / "loop")
     med = {k: statistics.median(v) for k, v in per_file.items()}

@@ -25,6 +25,9 @@ from segcli import __version__
 # machine shared with other jobs (a batch node, CI), which made steps 5-10x slower here; passive
 # waiting costs little on a quiet machine. An explicit setting by the user wins.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# numpy's BLAS only runs the engines' small resize products; a second BLAS thread competing with torch's
+# made stts 3x slower overall on a loaded 2-core machine (benchmarks/README.md, bench_speed.py).
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_BUG, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
 
@@ -442,13 +445,28 @@ def doctor(json_out: Annotated[bool, typer.Option("--json")] = False) -> None:
         report["torch_cuda_devices"] = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
     except Exception as exc:  # report, never crash
         report["torch"] = f"unusable: {exc}"
+    if not report.get("torch_cuda"):
+        report["torch_cuda_why_not"] = "no CUDA device visible to torch (CPU-only build or no driver)" \
+            if "+cpu" not in str(report.get("torch", "")) else "this torch build is CPU-only"
     try:
         import onnxruntime as ort
 
         report["onnxruntime"] = ort.__version__
-        report["ort_providers_built"] = ort.get_available_providers()
+        built = ort.get_available_providers()
+        report["ort_providers_built"] = built
+        usable = ["CPUExecutionProvider"]
+        if "CUDAExecutionProvider" in built:
+            if report.get("torch_cuda"):
+                usable.insert(0, "CUDAExecutionProvider")
+            else:
+                report["ort_cuda_why_not"] = "onnxruntime has the CUDA provider, but no CUDA device is usable here"
+        else:
+            report["ort_cuda_why_not"] = "this onnxruntime build has no CUDA provider"
+        report["ort_providers_usable"] = usable
     except Exception as exc:
         report["onnxruntime"] = f"unusable: {exc}"
+    report["default_device"] = "cuda" if report.get("torch_cuda") else "cpu"
+    report["OMP_WAIT_POLICY"] = os.environ.get("OMP_WAIT_POLICY")
     for mod in ("SimpleITK", "tifffile", "numpy", "scipy"):
         try:
             m = __import__(mod)
