@@ -18,6 +18,7 @@ SMALL = {
     "arsm": ["width=w18-small-v1", "base_channels=4", "stem_stride=4"],
     "rpn-fcn": ["width_mult=0.0625"],
     "deconvnet": ["widths=[4,8,16]"],
+    "vgg-fcn": ["width_mult=0.0625"],
 }
 
 

@@ -439,3 +439,44 @@ def rpn_fcn(
         seg_loss,
         min_box_area,
     )
+
+
+class VGGFCN(nn.Module):
+    """RPN-FCN's baseline: the same VGG-BN backbone, fc6/fc7 and stride-16 upsampling, with no RPN and
+    a plain convolution instead of the ROI convolution (the paper's "FCN" row), so the two compare like
+    with like."""
+
+    def __init__(self, in_channels: int, out_channels: int, width_mult: float = 0.25, fc_channels: int | None = None,
+                 fc6_kernel: int | None = None, dropout: float = 0.5) -> None:
+        super().__init__()
+        self.in_channels = in_channels
+        self.out_channels = out_channels
+        widths = [max(4, round(c * width_mult)) for c in (64, 128, 256, 512, 512)]
+        fc = fc_channels or (4096 if width_mult >= 1 else max(16, round(2048 * width_mult)))
+        k6 = fc6_kernel or (7 if width_mult >= 0.5 else 3)
+        self.backbone = _vgg_backbone(in_channels, widths)
+        self.fc6 = nn.Conv2d(widths[-1], fc, k6, padding=k6 // 2)
+        self.fc7 = nn.Conv2d(fc, fc, 1)
+        self.drop = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.score = nn.Conv2d(fc, out_channels, 1)
+        self.up = nn.ConvTranspose2d(out_channels, out_channels, 2 * STRIDE, stride=STRIDE, padding=STRIDE // 2,
+                                     bias=False)
+        kaiming_init(self)
+        self.score.reset_parameters()
+        with torch.no_grad():
+            self.up.weight.copy_(bilinear_kernel(out_channels, 2 * STRIDE))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h, w = x.shape[-2:]
+        f = self.backbone(pad_to_multiple(x, STRIDE))
+        y = self.drop(F.relu(self.fc6(f)))
+        y = self.drop(F.relu(self.fc7(y)))
+        return self.up(self.score(y))[..., :h, :w]
+
+
+@register("vgg-fcn", description="RPN-FCN's baseline: the same VGG-BN FCN without RPN or ROI convolution",
+          width_mult=0.25, fc_channels=None, fc6_kernel=None, dropout=0.5)
+def vgg_fcn(in_channels: int = 3, out_channels: int = 1, width_mult: float = 0.25, fc_channels: int | None = None,
+            fc6_kernel: int | None = None, dropout: float = 0.5) -> VGGFCN:
+    """The FCN half of RPN-FCN on its own (for the paper's comparison)."""
+    return VGGFCN(in_channels, out_channels, width_mult, fc_channels, fc6_kernel, dropout)
