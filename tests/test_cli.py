@@ -16,6 +16,7 @@ import tifffile
 from PIL import Image
 
 from tests.conftest import REPO, make_bundle, run_cli
+from tests.dicom import write_dicom_series
 
 
 def write_volume(path: Path, shape=(12, 48, 40), spacing=(0.8, 0.9, 2.5), origin=(-10.0, 5.0, 30.0)) -> sitk.Image:
@@ -75,22 +76,11 @@ def test_predict_volume_keeps_geometry(tmp_path, grey_bundle, ext):
 
 
 def test_predict_dicom_folder_writes_nifti(tmp_path, grey_bundle):
-    arr = (np.random.default_rng(0).normal(0, 100, (5, 32, 32))).astype(np.int16)
+    vol = sitk.GetImageFromArray((np.random.default_rng(0).normal(0, 100, (5, 32, 32))).astype(np.int16))
+    vol.SetSpacing((0.7, 0.7, 2.0))
+    vol.SetOrigin((-5.0, 7.0, 0.0))
     folder = tmp_path / "ct"
-    folder.mkdir()
-    writer = sitk.ImageFileWriter()
-    writer.KeepOriginalImageUIDOn()
-    for z in range(arr.shape[0]):
-        sl = sitk.GetImageFromArray(arr[z : z + 1])
-        sl.SetSpacing((0.7, 0.7, 2.0))
-        for tag, val in {
-            "0008|0060": "CT", "0020|000d": "1.2.3", "0020|000e": "1.2.3.4", "0020|0013": str(z + 1),
-            "0020|0032": f"-5\\7\\{z * 2.0}", "0020|0037": "1\\0\\0\\0\\1\\0", "0028|0030": "0.7\\0.7",
-            "0018|0050": "2.0",
-        }.items():
-            sl.SetMetaData(tag, val)
-        writer.SetFileName(str(folder / f"{z:03d}.dcm"))
-        writer.Execute(sl)
+    write_dicom_series(folder, vol, "1.2.3.4")
     r = run_cli("predict", folder, "--model", grey_bundle)
     assert r.returncode == 0, r.stderr
     out = tmp_path / "ct_seg.nii.gz"

@@ -25,6 +25,7 @@ from segcli.io import (
     write_probabilities,
 )
 from segcli.io.atomic import atomic_path
+from tests.dicom import write_dicom_series
 
 SPACING = (0.7, 0.9, 2.5)  # sitk (x, y, z)
 ORIGIN = (10.0, -20.0, 30.0)
@@ -58,32 +59,6 @@ def _assert_same_geometry(a: sitk.Image, b: sitk.Image) -> None:
     assert a.GetSize() == b.GetSize()
     for get in ("GetSpacing", "GetOrigin", "GetDirection"):
         assert np.allclose(getattr(a, get)(), getattr(b, get)(), atol=1e-6), get
-
-
-def _write_dicom_series(folder: Path, image: sitk.Image, uid: str, prefix: str = "slice") -> None:
-    """The SimpleITK 'DicomSeriesFromArray' pattern: one file per slice with position/orientation tags."""
-    folder.mkdir(parents=True, exist_ok=True)
-    writer = sitk.ImageFileWriter()
-    writer.KeepOriginalImageUIDOn()
-    d = image.GetDirection()
-    tags = [
-        ("0008|0031", "120000"),
-        ("0008|0021", "20240101"),
-        ("0008|0008", "DERIVED\\SECONDARY"),
-        ("0020|000e", uid),
-        ("0020|0037", "\\".join(map(str, (d[0], d[3], d[6], d[1], d[4], d[7])))),
-        ("0008|103e", "segcli test"),
-        ("0008|0060", "CT"),
-    ]
-    for i in range(image.GetDepth()):
-        slice_i = image[:, :, i]
-        for tag, value in tags:
-            slice_i.SetMetaData(tag, value)
-        slice_i.SetMetaData("0020|0032", "\\".join(map(str, image.TransformIndexToPhysicalPoint((0, 0, i)))))
-        slice_i.SetMetaData("0020|0013", str(i))
-        slice_i.SetMetaData("0028|0030", f"{image.GetSpacing()[1]}\\{image.GetSpacing()[0]}")
-        writer.SetFileName(str(folder / f"{prefix}{i:03d}.dcm"))
-        writer.Execute(slice_i)
 
 
 # --- geometry round trips --------------------------------------------------------------------------
@@ -132,9 +107,9 @@ def test_dicom_series_roundtrip_picks_largest_series(tmp_path: Path) -> None:
     coronal = (1, 0, 0, 0, 0, 1, 0, -1, 0)  # rows along x, columns along -z: not LPS
     source = _volume(coronal, shape=(4, 6, 5))
     folder = tmp_path / "ct"
-    _write_dicom_series(folder, source, "1.2.826.0.1.3680043.2.1125.1")
+    write_dicom_series(folder, source, "1.2.826.0.1.3680043.2.1125.1")
     second = _volume(coronal, shape=(2, 6, 5))
-    _write_dicom_series(folder, second, "1.2.826.0.1.3680043.2.1125.2", prefix="other")
+    write_dicom_series(folder, second, "1.2.826.0.1.3680043.2.1125.2", prefix="other")
 
     loaded = open_image(folder)
     assert loaded.kind == "volume" and loaded.meta["series_id"].endswith(".1")
@@ -390,7 +365,7 @@ def test_list_images_walks_nested_dicom_and_symlink_loop(tmp_path: Path) -> None
     (root / "dcm").mkdir()
     (root / "dcm" / "1.dcm").write_bytes(b"x")
     (root / "dcm" / "2.dcm").write_bytes(b"x")
-    _write_dicom_series(root / "noext", _volume((1, 0, 0, 0, 1, 0, 0, 0, 1), shape=(2, 4, 4)), "1.2.3.4")
+    write_dicom_series(root / "noext", _volume((1, 0, 0, 0, 1, 0, 0, 0, 1), shape=(2, 4, 4)), "1.2.3.4")
     for f in (root / "noext").iterdir():  # DICOM found by content, as scanners often write it
         f.rename(f.with_suffix(""))
     os.symlink(root, root / "sub" / "loop")

@@ -20,7 +20,6 @@ alone by the folder walk (not images, or a symlink loop's second way into a fold
 from __future__ import annotations
 
 import json
-import locale
 import os
 import struct
 import sys
@@ -28,6 +27,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
+
+if __package__ in (None, ""):  # run as a script: make `tests.dicom` importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 MANIFEST = "manifest.json"
 
@@ -71,45 +73,14 @@ def _png(path: Path, array: np.ndarray) -> None:
 
 
 def _write_dicom_series(folder: Path, shape: tuple[int, int, int], uid: str, prefix: str, seed: int) -> None:
-    """One file per slice with the position/orientation tags GDCM needs to group and sort a series.
-
-    Writing ImagePositionPatient makes ITK/GDCM switch the whole process to the C locale and not switch
-    back; later ``open()``/``text=True`` calls in the same test process would then decode as ASCII.
-    So the locale is restored afterwards.
-    """
-    saved = locale.setlocale(locale.LC_ALL)
-    try:
-        _write_dicom_slices(folder, shape, uid, prefix, seed)
-    finally:
-        locale.setlocale(locale.LC_ALL, saved)
-
-
-def _write_dicom_slices(folder: Path, shape: tuple[int, int, int], uid: str, prefix: str, seed: int) -> None:
+    """A random int16 series of ``shape`` (z, y, x) at 0.7 x 0.7 x 2 mm, written with the tests' DICOM helper."""
     import SimpleITK as sitk
 
-    folder.mkdir(parents=True, exist_ok=True)
+    from tests.dicom import write_dicom_series
+
     image = sitk.GetImageFromArray(_rng(seed).normal(0, 100, shape).astype(np.int16))
     image.SetSpacing((0.7, 0.7, 2.0))
-    writer = sitk.ImageFileWriter()
-    writer.KeepOriginalImageUIDOn()
-    tags = [
-        ("0008|0031", "120000"),
-        ("0008|0021", "20240101"),
-        ("0008|0008", "DERIVED\\SECONDARY"),
-        ("0020|000e", uid),
-        ("0020|0037", "1\\0\\0\\0\\1\\0"),
-        ("0008|103e", f"series {prefix}"),
-        ("0008|0060", "CT"),
-    ]
-    for i in range(image.GetDepth()):
-        slice_i = image[:, :, i]
-        for tag, value in tags:
-            slice_i.SetMetaData(tag, value)
-        slice_i.SetMetaData("0020|0032", "\\".join(map(str, image.TransformIndexToPhysicalPoint((0, 0, i)))))
-        slice_i.SetMetaData("0020|0013", str(i))
-        slice_i.SetMetaData("0028|0030", "0.7\\0.7")
-        writer.SetFileName(str(folder / f"{prefix}{i:03d}.dcm"))
-        writer.Execute(slice_i)
+    write_dicom_series(folder, image, uid, prefix, description=f"series {prefix}")
 
 
 def _truncate(path: Path, keep: float = 0.5) -> None:
