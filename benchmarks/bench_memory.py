@@ -10,8 +10,8 @@ Each measurement runs in a child process (this script with ``--child``) that cal
 
     .venv/bin/python benchmarks/bench_memory.py --data ../shared/data/dsb2018-nuclei
 
-Without a bundle trained on dsb2018 under runs/ or models/, a small random-weights U-Net bundle is
-made (head bias set so bare glass is background): RSS and how time scales with crops stay meaningful,
+It uses the shipped ``models/nuclei`` bundle (``--model`` for another). Without one, a small
+random-weights U-Net bundle is made (head bias set so bare glass is background): RSS and how time scales with crops stay meaningful,
 the masks do not.
 """
 
@@ -33,6 +33,8 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parent.parent
 TILE = 512
+GLASS = {"bright": 236, "dark": 8}  # slide-glass grey level: brightfield scan, or fluorescence background
+glass_level = GLASS["bright"]
 
 
 def load_tiles(data: Path, n: int, seed: int = 0) -> list[np.ndarray]:
@@ -74,7 +76,7 @@ def render(box: tuple[int, int, int, int], places, step: int, seed: int) -> np.n
     """Pixels of ``box`` (in level coordinates, level = 1/step) of the procedural slide."""
     y0, x0, y1, x1 = box
     rng = np.random.default_rng((seed, y0, x0, step))
-    img = (236 + rng.integers(-2, 3, (y1 - y0, x1 - x0, 3))).astype(np.uint8)
+    img = (glass_level + rng.integers(-2, 3, (y1 - y0, x1 - x0, 3))).astype(np.uint8)
     for py, px, t in places:
         ty0, tx0 = py // step, px // step
         th, tw = -(-t.shape[0] // step), -(-t.shape[1] // step)
@@ -149,11 +151,9 @@ def make_bench_bundle(folder: Path, data: Path) -> Path:
 
 
 def find_bundle() -> Path | None:
-    for root in (REPO / "runs", REPO / "models"):
-        for j in sorted(root.glob("**/segcli.json")):
-            if "dsb" in str(j.parent).lower() or "nucle" in str(j.parent).lower():
-                return j.parent
-    return None
+    """The shipped nuclei model (trained on dsb2018, stts U-Net), when the checkout has it."""
+    shipped = REPO / "models" / "nuclei"
+    return shipped if (shipped / "segcli.json").is_file() else None
 
 
 def child(args: argparse.Namespace) -> None:
@@ -194,6 +194,10 @@ def main() -> None:
     ap.add_argument("--child", action="store_true")
     ap.add_argument("--bundle"), ap.add_argument("--method"), ap.add_argument("--input"), ap.add_argument("--output")
     ap.add_argument("--kwargs", default="{}")
+    ap.add_argument("--model", type=Path, default=None, help="bundle folder (default: models/nuclei)")
+    ap.add_argument("--glass", choices=sorted(GLASS), default=None,
+                    help="background of the canvases (default: dark with a trained bundle, which saw mostly "
+                         "fluorescence, bright with random weights)")
     args = ap.parse_args()
     if args.child:
         child(args)
@@ -202,8 +206,11 @@ def main() -> None:
 
     tmp = Path(tempfile.mkdtemp(prefix="segcli-bench-mem-", dir=args.tmp))
     print(f"# temp folder {tmp} (deleted at the end); disk free {shutil.disk_usage(tmp).free / 1e9:.0f} GB")
-    bundle = find_bundle()
+    global glass_level
+    bundle = args.model or find_bundle()
     bundle_note = f"trained bundle {bundle}" if bundle else "random-weights U-Net bundle (features 8, depth 3, S=256)"
+    glass_level = GLASS[args.glass or ("dark" if bundle else "bright")]
+    bundle_note += f", glass grey level {glass_level}"
     if bundle is None:
         bundle = make_bench_bundle(tmp, args.data)
     knobs = {"max_downscale": 16, "max_zoom": 4}  # the same scale rule on every path

@@ -640,9 +640,14 @@ def section_refine_sweep(runner: Runner, canvases: dict[str, dict[str, Any]], th
     for k, c in canvases.items():
         pl = ArrayPlane(np.ascontiguousarray(np.broadcast_to(c["grey"], (nets.channels, *c["grey"].shape))))
         jobs = [("sliding", "x", lambda _p, pl=pl: sliding(pl, nets.fine, size=S, overlap=0.25, batch_size=args.batch))]
-        for t in thresholds:
-            jobs.append((f"refine t={t:g}", "x", lambda _p, pl=pl, t=t: refine(
-                pl, nets.coarse, nets.fine, size=S, patches=None, refine_threshold=t, batch_size=args.batch)))
+        settings: dict[str, tuple[float, float | None]] = {}
+        for m in [None, *args.min_patch_std]:
+            for t in thresholds:
+                lab = f"refine t={t:g}" + (f" std>={m:g}" if m else "")
+                settings[lab] = (t, m)
+                jobs.append((lab, "x", lambda _p, pl=pl, t=t, m=m: refine(
+                    pl, nets.coarse, nets.fine, size=S, patches=None, refine_threshold=t, min_patch_std=m,
+                    batch_size=args.batch)))
         runs, results = interleave(runner, {"x": None}, jobs, reps, True)
         sl = summarise(runs[("sliding", "x")], runner.gflops)
         sl_lab = np.asarray(results[("sliding", "x")].labels)
@@ -651,7 +656,7 @@ def section_refine_sweep(runner: Runner, canvases: dict[str, dict[str, Any]], th
             r = summarise(runs[(lab, "x")], runner.gflops)
             res = results[(lab, "x")]
             rows.append({"canvas": k, "side": c["side"], "tile_fraction": c["tile_fraction"], "variant": lab,
-                         "refine_threshold": float(lab.split("=")[1]), **r,
+                         "refine_threshold": settings[lab][0], "min_patch_std": settings[lab][1], **r,
                          "patches_refined": res.info["patches_refined"], "patches_total": res.info["patches_total"],
                          "flops_saved_vs_sliding": 1 - r["flops"] / sl["flops"],
                          "speedup_vs_sliding": sl["median_s"] / r["median_s"],
@@ -841,6 +846,8 @@ def main(argv: list[str] | None = None) -> None:
                     help="stts rough pass cap (default 16 = segcli's huge-image default; 4 with a trained bundle)")
     ap.add_argument("--refine-threshold", type=float, default=0.05)
     ap.add_argument("--refine-thresholds", type=float, nargs="*", default=[0.05, 0.1, 0.2, 0.3, 0.4])
+    ap.add_argument("--min-patch-std", type=float, nargs="*", default=[0.02],
+                    help="refine_sweep: also run with refine's flat-patch skip at these std thresholds")
     ap.add_argument("--t-rough", type=float, default=0.04)
     ap.add_argument("--t-fine", type=float, default=0.1)
     ap.add_argument("--ct-slices", type=int, default=40, help="at most this many slices per volume (every k-th)")

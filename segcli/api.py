@@ -19,6 +19,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+import warnings
 from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
@@ -70,11 +71,22 @@ class FileReport:
         return asdict(self)
 
 
+#: Another axis must be this much coarser than the S/I axis before volumes are sliced along it.
+ANISOTROPY = 1.5
+
+
 def slice_axis(spacing: tuple[float, ...] | None) -> int:
-    """The axis with the coarsest spacing (ties and unknown spacing → axis 0, the canonical S/I axis)."""
+    """Axis 0 (canonical S/I: axial slices) unless another axis is clearly coarser (a sagittal or coronal
+    acquisition), then that one.
+
+    Near-isotropic thin-slice CT (0.7 mm pixels, 0.5 mm slices) stays axial, as 2D models are trained,
+    instead of being cut sagitally because its pixels are a little larger than its slices.
+    """
     if not spacing:
         return 0
-    return int(np.argmax(np.asarray(spacing, dtype=np.float64)))
+    sp = np.asarray(spacing, dtype=np.float64)
+    k = int(np.argmax(sp))
+    return k if sp[k] >= ANISOTROPY * sp[0] else 0
 
 
 class Segmenter:
@@ -103,6 +115,7 @@ class Segmenter:
         max_zoom: float | None = None,
         lazy_pixels: int = memory.LAZY_PIXELS,
         tile_size: int = 512,
+        stream_volumes: bool = True,
     ) -> None:
         from segcli.runtimes.device import resolve_device, set_threads
 
@@ -132,6 +145,7 @@ class Segmenter:
         self.max_downscale = max_downscale
         self.max_zoom = max_zoom
         self.lazy_pixels = int(lazy_pixels)
+        self.stream_volumes = stream_volumes  # NIfTI, raw MetaImage and DICOM series decoded slab by slab
         if tile_size % 16 or not 16 <= tile_size <= 4096:
             raise UsageError(f"tile size must be a multiple of 16 between 16 and 4096, not {tile_size}")
         self.tile_size = int(tile_size)
@@ -203,25 +217,101 @@ class Segmenter:
         """Segment a channel-last array: ``(H, W, C)`` for 2D or ``(Z, Y, X, C)`` for a volume."""
         if array.ndim not in (3, 4):
             raise InputError(f"expected (H, W, C) or (Z, Y, X, C), got shape {array.shape}", path)
-        is_volume = array.ndim == 4
-        bundle = self.bundle_for("volume" if is_volume else kind)
-        method = self.method or bundle.method
-        if not is_volume:
-            x = self.prepare(array, bundle, path)
-            return self._run2d(ArrayPlane(x), bundle, method, return_probs, progress, spacing=spacing), bundle
-        from segcli.engines.volume import SlicePlane
+        if array.ndim == 4:
+            from segcli.io.volstream import ArrayVolume
 
+            return self.segment_volume(ArrayVolume(array), spacing=spacing, return_probs=return_probs,
+                                       progress=progress, path=path)
+        bundle = self.bundle_for(kind)
+        x = self.prepare(array, bundle, path)
+        method = self.method or bundle.method
+        return self._run2d(ArrayPlane(x), bundle, method, return_probs, progress, spacing=spacing), bundle
+
+    def segment_volume(
+        self,
+        source: Any,
+        *,
+        spacing: tuple[float, ...] | None = None,
+        return_probs: bool = False,
+        progress: ProgressFn | None = None,
+        path: Any = None,
+        labels_out: np.ndarray | None = None,
+        probs_out: Any = None,
+    ) -> tuple[Result, Bundle]:
+        """Segment a canonical ``(Z, Y, X, C)`` volume served by a VolumeSource, one slab at a time.
+
+        The source is an in-memory array (:class:`~segcli.io.volstream.ArrayVolume`) or a file read
+        slab by slab (:class:`~segcli.io.volstream.StreamedVolume`); either way only the uint8 mask
+        is full size. One pass over the slabs checks the voxels and collects the normalisation
+        statistics, then the engine reads the slices it needs in order. ``labels_out`` (canonical
+        ``(Z, Y, X)`` uint8, any strides) receives the mask instead of a new array; ``probs_out``
+        (``put(i, (K, H, W))`` per slice ``i`` along the slicing axis) receives the probabilities, which
+        are then not returned as an array.
+        """
+        from segcli.engines.volume import SlicePlane
+        from segcli.io.volstream import SlabCache
+
+        bundle = self.bundle_for("volume")
+        method = self.method or bundle.method
         axis = slice_axis(spacing)
-        a = self._checked(array, bundle, path)
-        # Slices are normalised one at a time with whole-volume statistics: no float copy of the volume.
-        fn = self.slice_normalizer(a, bundle)
-        planes = [SlicePlane(a, i, axis, fn, bundle.in_channels) for i in range(a.shape[axis])]
-        res = self._run3d(planes, bundle, method, return_probs, progress)  # type: ignore[arg-type]
+        cache = SlabCache(source, axis, lambda b: norm.convert_channels(b, bundle.in_channels, self.channels, path))
+        fn = self.volume_normalizer(cache, bundle, path)
+        shape = tuple(s for i, s in enumerate(source.shape[:3]) if i != axis)
+        planes = [SlicePlane(cache, i, shape, fn, bundle.in_channels) for i in range(source.shape[axis])]  # type: ignore[arg-type]
+        out = None if labels_out is None else np.moveaxis(labels_out, axis, 0)
+        res = self._run3d(planes, bundle, method, return_probs, progress, out=out,  # type: ignore[arg-type]
+                          probs_out=probs_out)
         res.labels = np.moveaxis(res.labels, 0, axis)
-        if res.probs is not None:
+        if isinstance(res.probs, np.ndarray):
             res.probs = np.moveaxis(res.probs, 1, axis + 1)
         res.info["slice_axis"] = axis
+        res.info["slabs_read"] = cache.slabs_read
         return res, bundle
+
+    def volume_normalizer(self, cache: Any, bundle: Bundle, path: Any = None) -> Callable[[np.ndarray], np.ndarray]:
+        """One pass over a volume's slabs: the input checks of :meth:`_checked` and a normaliser for any slice.
+
+        ``fn(slice)`` equals the slice of ``normalize(whole volume)``: the strided subsample behind
+        the percentile/min-max/z-score statistics picks the same voxels as ``image_stats`` on the
+        whole array, and float "dtype" inputs get the whole volume's finite range.
+        """
+        spec = bundle.normalization
+        dtype = cache.source.dtype
+        if not np.issubdtype(dtype, np.number) and dtype != np.bool_:
+            raise InputError(f"unsupported pixel type {dtype}", path)
+        per_slice = int(np.prod(cache.source.shape[1:3])) * bundle.in_channels
+        step = max(1, per_slice * cache.source.shape[0] // norm.SAMPLE_VALUES)
+        samples: list[np.ndarray] = []
+        lo = hi = None
+        is_float = False
+        for j0, block in cache.blocks(0):
+            flat = block.reshape(-1)
+            samples.append(flat[(-j0 * per_slice) % step :: step].copy())  # a view would pin the slab
+            is_float = block.dtype.kind == "f"
+            chan = block.reshape(-1, block.shape[-1])
+            with np.errstate(all="ignore"), warnings.catch_warnings():
+                warnings.simplefilter("ignore", RuntimeWarning)  # an all-NaN slab
+                b_lo = np.nanmin(chan, axis=0) if is_float else chan.min(axis=0)
+                b_hi = np.nanmax(chan, axis=0) if is_float else chan.max(axis=0)
+            lo = b_lo if lo is None else np.fmin(lo, b_lo)
+            hi = b_hi if hi is None else np.fmax(hi, b_hi)
+        assert lo is not None and hi is not None
+        no_finite = getattr(cache.source, "no_finite_values", None)
+        if is_float and (np.all(np.isnan(lo)) or (not lo.any() and not hi.any() and no_finite and no_finite())):
+            raise InputError("image holds no finite values (all NaN or infinite)", path)
+        if np.array_equal(lo, hi):
+            value = lo[0] if lo.size == 1 else tuple(lo.tolist())
+            raise EmptyImageError(f"image is constant (every pixel = {value}); nothing to segment", path)
+        kind = spec["kind"]
+        if kind in ("percentile", "minmax", "zscore"):
+            stats = norm.stats_from_sample(np.concatenate(samples), spec)
+            return lambda part: norm.normalize(part, spec, stats)
+        if kind == "dtype" and is_float:
+            fin_lo, fin_hi = float(np.nanmin(lo)), float(np.nanmax(hi))
+            if fin_lo < 0 or fin_hi > 1:  # whole-image min-max, as normalize() does for such floats
+                eff, st = {"kind": "minmax"}, {"lo": fin_lo, "hi": fin_hi}
+                return lambda part: norm.normalize(part, eff, st)
+        return lambda part: norm.normalize(part, spec)
 
     def _checked(self, array: np.ndarray, bundle: Bundle, path: Any = None) -> np.ndarray:
         """Channel conversion and the sanity checks of :meth:`prepare`, without normalising."""
@@ -240,20 +330,11 @@ class Segmenter:
             raise EmptyImageError(f"image is constant (every pixel = {value}); nothing to segment", path)
         return a
 
-    @staticmethod
-    def slice_normalizer(a: np.ndarray, bundle: Bundle) -> Callable[[np.ndarray], np.ndarray]:
-        """A function normalising any part of ``a`` exactly as ``normalize(a)`` would normalise it whole."""
-        spec = bundle.normalization
-        kind = spec["kind"]
-        if kind in ("percentile", "minmax", "zscore"):
-            stats = norm.image_stats(a, spec)
-            return lambda part: norm.normalize(part, spec, stats)
-        if kind == "dtype" and a.dtype.kind == "f":
-            fin_lo, fin_hi = float(np.nanmin(a)), float(np.nanmax(a))
-            if fin_lo < 0 or fin_hi > 1:  # whole-image min-max, as normalize() does for such floats
-                eff, st = {"kind": "minmax"}, {"lo": fin_lo, "hi": fin_hi}
-                return lambda part: norm.normalize(part, eff, st)
-        return lambda part: norm.normalize(part, spec)
+    def slice_normalizer(self, a: np.ndarray, bundle: Bundle) -> Callable[[np.ndarray], np.ndarray]:
+        """A function normalising any part of the in-memory volume ``a`` as ``normalize(a)`` would."""
+        from segcli.io.volstream import ArrayVolume, SlabCache
+
+        return self.volume_normalizer(SlabCache(ArrayVolume(a), 0), bundle)
 
     def _common(self, bundle: Bundle) -> dict[str, Any]:
         return {"size": self.size or bundle.input_size, "threshold": float(self.param(bundle, "threshold"))}
@@ -304,7 +385,8 @@ class Segmenter:
         if method == "refine":
             return refine(plane, self.predictor(bundle, "coarse"), self.predictor(bundle, "fine"), **c,
                           patch_size=p("patch_size"), patches=p("patches"), refine_threshold=p("refine_threshold"),
-                          criterion=str(p("criterion")), keep_aspect=bool(p("keep_aspect")),
+                          criterion=str(p("criterion")), min_patch_std=p("min_patch_std"),
+                          keep_aspect=bool(p("keep_aspect")),
                           batch_size=int(p("batch_size")), return_probs=return_probs, progress=progress)
         if method == "direct":
             return direct(plane, self.predictor(bundle, "coarse"), **c, keep_aspect=bool(p("keep_aspect")),
@@ -314,7 +396,8 @@ class Segmenter:
                            batch_size=int(p("batch_size")), return_probs=return_probs, progress=progress)
         raise UsageError(f"unknown method {method!r}")
 
-    def _run3d(self, planes: list[ArrayPlane], bundle: Bundle, method: str, return_probs: bool, progress) -> Result:
+    def _run3d(self, planes: list[ArrayPlane], bundle: Bundle, method: str, return_probs: bool, progress,
+               out: np.ndarray | None = None, probs_out: Any = None) -> Result:
         from segcli.engines.volume import per_slice, stts_volume
 
         if method == "stts":
@@ -323,8 +406,9 @@ class Segmenter:
                                **self._common(bundle), pad=int(p("pad")), keep_aspect=bool(p("keep_aspect")),
                                min_side=int(p("min_side")), min_volume=int(p("min_volume")),
                                keep_coarse=bool(p("keep_coarse")), batch_size=int(p("batch_size")),
-                               return_probs=return_probs, progress=progress)
-        return per_slice(planes, lambda pl: self._run2d(pl, bundle, method, return_probs, None), progress)
+                               return_probs=return_probs, progress=progress, out=out, probs_out=probs_out)
+        return per_slice(planes, lambda pl: self._run2d(pl, bundle, method, return_probs, None), progress, out=out,
+                         probs_out=probs_out)
 
     # -- files ----------------------------------------------------------------------------------
     def predict_file(
@@ -427,7 +511,12 @@ class Segmenter:
                 job.rep.spacing = list(plane.spacing) if plane.spacing else None
                 job.rep.warnings.extend(f"tifffile: {n}" for n in plane.notes)
                 return job
-            job.img = io.open_image(path)
+            if self.stream_volumes:
+                from segcli.io.volstream import open_streamed
+
+                job.img = open_streamed(path)
+            if job.img is None:
+                job.img = io.open_image(path)
             job.rep.seconds["read"] = time.perf_counter() - t
             job.rep.warnings.extend(job.img.meta.get("warnings", []))
             job.rep.shape = list(job.img.spatial_shape)
@@ -448,10 +537,23 @@ class Segmenter:
             self._compute_lazy(job, progress=progress, stats=stats)
             return
         try:
-            self._check_memory(img, kind, probabilities, job.path)
+            self._check_memory(img, kind, probabilities, job.path, job.out)
             try:
-                res, bundle = self.segment_array(img.array, kind=kind, spacing=img.spacing,
-                                                 return_probs=probabilities, progress=progress, path=job.path)
+                if getattr(img, "meta", {}).get("streamed"):
+                    from segcli.io.medical import canonical_view, file_order_buffer
+
+                    # The mask is written straight into the writer's file-order buffer: no reordering copy;
+                    # probabilities bound for NIfTI are spilled to a temporary file slice by slice.
+                    job.buf = file_order_buffer(img.meta)
+                    spill = self._spill_for(img, job.out) if probabilities else None
+                    res, bundle = self.segment_volume(img, spacing=img.spacing, return_probs=probabilities,
+                                                      progress=progress, path=job.path,
+                                                      labels_out=canonical_view(job.buf, img.meta),
+                                                      probs_out=spill)
+                    res.info["probabilities_streamed"] = spill is not None
+                else:
+                    res, bundle = self.segment_array(img.array, kind=kind, spacing=img.spacing,
+                                                     return_probs=probabilities, progress=progress, path=job.path)
             except EmptyImageError as exc:
                 bundle = self.bundle_for(kind)
                 res = Result(np.zeros(img.spatial_shape, np.uint8))
@@ -485,10 +587,20 @@ class Segmenter:
                 self._write_lazy(job, probabilities=probabilities)
                 rep.seconds["write"] = time.perf_counter() - t
             elif job.res is not None and job.img is not None and job.out is not None:
+                from segcli.io import niftistream
+
                 t = time.perf_counter()
-                io.write_mask(job.res.labels, job.img, job.out)
-                if probabilities and job.res.probs is not None:
-                    io.write_probabilities(job.res.probs, job.img, _probs_path(job.out))
+                if job.buf is not None and job.out.name.lower().endswith((".nii", ".nii.gz")):
+                    niftistream.write_mask(job.buf, job.img.meta, job.out)  # plane by plane, no copy
+                else:
+                    io.write_mask(job.res.labels, job.img, job.out)
+                probs = job.res.probs
+                if probabilities and isinstance(probs, niftistream.SpilledProbs):
+                    niftistream.write_planes(_probs_path(job.out), job.img.meta, probs.shape[0], np.float32,
+                                             niftistream.file_order_planes(probs, job.img.meta,
+                                                                           int(job.res.info["slice_axis"])))
+                elif probabilities and probs is not None:
+                    io.write_probabilities(probs, job.img, _probs_path(job.out))
                 rep.seconds["write"] = time.perf_counter() - t
         except SegcliError as exc:
             job.fail(exc)
@@ -498,8 +610,11 @@ class Segmenter:
             _unlock(job.lock)
             if isinstance(job.img, _LazyImage):
                 job.img.close(job.res)
+            if job.res is not None and hasattr(job.res.probs, "close"):
+                job.res.probs.close()
             job.img = None
             job.res = None
+            job.buf = None
         rep.seconds["total"] = time.perf_counter() - job.t0
         return rep
 
@@ -535,20 +650,35 @@ class Segmenter:
                           "write it as .tif (streamed, tiled) instead")
         return False
 
-    def _check_memory(self, img: Any, kind: str, probabilities: bool, path: Path) -> None:
+    def _spill_for(self, img: Any, out: Path | None) -> Any:
+        """A file-backed probability store when the probabilities of this streamed volume go to NIfTI."""
+        from segcli.io.niftistream import SpilledProbs, streamable_probs
+
+        axis = slice_axis(img.spacing)
+        if out is None or not streamable_probs(img.meta, axis, _probs_path(out)):
+            return None
+        bundle = self.bundle_for("volume")
+        n = img.spatial_shape[axis]
+        hw = tuple(s for i, s in enumerate(img.spatial_shape) if i != axis)
+        return SpilledProbs(bundle.n_classes, n, hw, directory=out.parent)  # type: ignore[arg-type]
+
+    def _check_memory(self, img: Any, kind: str, probabilities: bool, path: Path, out: Path | None = None) -> None:
         """Refuse, with the estimate, an in-memory run that would exceed the budget."""
         bundle = self.bundle_for(kind)
-        arr = img.array
         if kind == "volume":
-            est = memory.estimate_volume(img.spatial_shape, img.channels, arr.dtype.itemsize,
-                                         model_channels=bundle.in_channels, n_classes=bundle.n_classes,
-                                         return_probs=probabilities)
-            hint = ("drop --probabilities (they are float32 per class and voxel)" if probabilities
-                    else "raise --max-memory or crop the volume")
+            from segcli.io.niftistream import streamable_probs
+
+            streamed = bool(img.meta.get("streamed"))
+            spilled = streamed and out is not None and streamable_probs(img.meta, slice_axis(img.spacing), _probs_path(out))
+            est = memory.estimate_volume(img.spatial_shape, img.channels, (img.dtype if streamed else img.array.dtype)
+                                         .itemsize, model_channels=bundle.in_channels, n_classes=bundle.n_classes,
+                                         return_probs=probabilities and not spilled, streamed=streamed)
+            hint = ("drop --probabilities or write a .nii.gz (probabilities are then streamed to disk)"
+                    if probabilities else "raise --max-memory or crop the volume")
             memory.check_fits(est, self.budget, path, f"this {'x'.join(map(str, img.spatial_shape))} volume", hint)
             return
         method = self.method or bundle.method
-        est = memory.estimate_2d(img.spatial_shape, img.channels, arr.dtype.itemsize,
+        est = memory.estimate_2d(img.spatial_shape, img.channels, img.array.dtype.itemsize,
                                  model_channels=bundle.in_channels, n_classes=bundle.n_classes, method=method,
                                  size=self.size or bundle.input_size, return_probs=probabilities)
         hint = "use --method stts on a .tif input, which is read by region" if method != "stts" \
@@ -589,8 +719,7 @@ class Segmenter:
                              "levels_read": sorted(set(plane.level_reads)),
                              "segments_decoded": plane.segments_decoded,
                              "decoded_mb": round(plane.bytes_decoded / 1e6, 1)})
-            if stats:
-                rep.warnings.append("--stats is not computed for images read by region (too large)")
+            job.want_stats = stats  # gathered tile by tile while the mask is written
             job.res = res
         except SegcliError as exc:
             job.fail(exc)
@@ -604,11 +733,18 @@ class Segmenter:
         bundle = self.bundle_for("2d")
         labels = res.labels
         counts = np.zeros(256, np.int64)
-
-        def count(tile: np.ndarray) -> None:
-            counts[:] += np.bincount(tile.ravel(), minlength=256)[:256]
-
         plane = img.plane
+        tile_stats = None
+        if job.want_stats and rep.status == "ok":
+            from segcli.stats import TileStats
+
+            tile_stats = TileStats(bundle.classes, plane.spacing, plane.shape[1])
+
+        def count(tile: np.ndarray, box: tuple[int, int, int, int]) -> None:
+            counts[:] += np.bincount(tile.ravel(), minlength=256)[:256]
+            if tile_stats is not None:
+                tile_stats.add(tile, box)
+
         ome = plane.ome if plane.meta.get("is_ome") else None
         write_tiled(job.out, plane.shape, labels.read, tile=self.tile_size, resolution=plane.resolution,
                     spacing=plane.spacing, ome=ome, pyramid=self.pyramid, on_tile=count)
@@ -619,10 +755,15 @@ class Segmenter:
             rep.warnings.append("probabilities of a bounded-memory run are stored with ~1/127 precision "
                                 "(labels are exact)")
         self._measure_counts(rep, counts, bundle, plane.spacing, ndim=2)
+        if tile_stats is not None:
+            rep.stats = tile_stats.rows()
 
     @staticmethod
     def _measure(rep: FileReport, labels: np.ndarray, bundle: Bundle, spacing) -> None:
-        counts = np.bincount(labels.ravel(), minlength=bundle.n_classes)
+        # Slice by slice: bincount casts to int64, 8 bytes per voxel of a whole volume at once.
+        counts = np.zeros(max(bundle.n_classes, 256), np.int64)
+        for part in labels.reshape(labels.shape[0], -1) if labels.ndim > 1 else [labels]:
+            counts[: 256] += np.bincount(part, minlength=256)[:256]
         Segmenter._measure_counts(rep, counts, bundle, spacing, ndim=labels.ndim)
 
     @staticmethod
@@ -654,6 +795,8 @@ class _Job:
     img: Any = None
     res: Result | None = None
     lock: Any = None
+    buf: Any = None  # a streamed volume's mask in file order
+    want_stats: bool = False
 
     def fail(self, exc: BaseException, bug: bool = False) -> None:
         self.rep.status = "failed"

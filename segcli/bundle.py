@@ -34,6 +34,7 @@ DEFAULT_PARAMS: dict[str, Any] = {
     "patches": 8,
     "criterion": "pixel",
     "refine_threshold": None,
+    "min_patch_std": None,  # refine: skip patches flatter than this (normalised intensity std)
     "patch_size": None,  # refine: full-resolution patch side, None → fine input size
     "overlap": 0.25,
     "batch_size": 16,

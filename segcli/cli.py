@@ -129,6 +129,7 @@ def predict(
     patches: Annotated[int | None, typer.Option(help="refine: number of patches refined at full resolution.")] = None,
     criterion: Annotated[str | None, typer.Option(help="refine: patch ranking, 'pixel' (mean per-pixel uncertainty) or 'mean' (|mean - 0.5|).")] = None,
     refine_threshold: Annotated[float | None, typer.Option(help="refine: refine every patch whose uncertainty exceeds this.")] = None,
+    min_patch_std: Annotated[float | None, typer.Option(help="refine: never refine patches whose rough input is flatter than this std (normalised intensity; e.g. 0.02 skips slide glass).")] = None,
     patch_size: Annotated[int | None, typer.Option(help="refine: patch side in full-resolution px (default S).")] = None,
     overlap: Annotated[float | None, typer.Option(help="sliding: tile overlap fraction.")] = None,
     batch_size: Annotated[int | None, typer.Option(help="Fine-pass batch size.")] = None,
@@ -166,7 +167,7 @@ def predict(
             max_zoom=max_zoom, tile_size=tile_size,
             overrides={
                 "pad": pad, "threshold": threshold, "keep_coarse": keep_coarse, "keep_aspect": False if square_resize else None,
-                "patches": patches, "criterion": criterion, "refine_threshold": refine_threshold, "patch_size": patch_size,
+                "patches": patches, "criterion": criterion, "refine_threshold": refine_threshold, "patch_size": patch_size, "min_patch_std": min_patch_std,
                 "overlap": overlap, "batch_size": batch_size, "min_volume": min_volume,
             },
         )

@@ -249,13 +249,36 @@ def uncertainty_scores(probs: np.ndarray, boxes: np.ndarray, criterion: str = "p
     return scores
 
 
-def select_patches(scores: np.ndarray, n: int | None = None, threshold: float | None = None) -> np.ndarray:
+def patch_std(image: np.ndarray, boxes: np.ndarray) -> np.ndarray:
+    """Largest per-channel standard deviation of ``image`` (``(C, H, W)``) inside each box.
+
+    Summed-area tables make it O(pixels + boxes). refine uses it to skip flat patches (slide glass,
+    the black outside a fundus), where the rough network is uncertain but there is nothing to find.
+    """
+    img = np.asarray(image, dtype=np.float64)
+    out = np.zeros(len(boxes), dtype=np.float64)
+    for c in img:
+        s1 = np.pad(c.cumsum(0).cumsum(1), ((1, 0), (1, 0)))
+        s2 = np.pad((c * c).cumsum(0).cumsum(1), ((1, 0), (1, 0)))
+        for i, (y0, x0, y1, x1) in enumerate(np.asarray(boxes, dtype=np.int64)):
+            n = max((y1 - y0) * (x1 - x0), 1)
+            m1 = (s1[y1, x1] - s1[y0, x1] - s1[y1, x0] + s1[y0, x0]) / n
+            m2 = (s2[y1, x1] - s2[y0, x1] - s2[y1, x0] + s2[y0, x0]) / n
+            out[i] = max(out[i], float(np.sqrt(max(m2 - m1 * m1, 0.0))))
+    return out
+
+
+def select_patches(scores: np.ndarray, n: int | None = None, threshold: float | None = None,
+                   eligible: np.ndarray | None = None) -> np.ndarray:
     """Indices of patches to refine: the top ``n`` by score, or all with score > ``threshold``.
 
-    Ties break by index so the choice is deterministic.
+    Only ``eligible`` patches (a boolean mask; default all) are candidates. Ties break by index so
+    the choice is deterministic.
     """
     scores = np.asarray(scores, dtype=np.float64)
     order = np.lexsort((np.arange(len(scores)), -scores))
+    if eligible is not None:
+        order = order[np.asarray(eligible, bool)[order]]
     if threshold is not None:
         order = order[scores[order] > threshold]
     if n is not None:

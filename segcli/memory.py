@@ -98,16 +98,20 @@ def estimate_2d(shape: tuple[int, int], channels: int, itemsize: int, *, model_c
 
 
 def estimate_volume(shape: tuple[int, ...], channels: int, itemsize: int, *, model_channels: int, n_classes: int,
-                    return_probs: bool) -> int:
-    """Peak bytes of a volume: the decoded array, the uint8 mask and (optionally) probabilities.
+                    return_probs: bool, streamed: bool = False) -> int:
+    """Peak bytes of a volume: the decoded array (or one slab when streamed), the uint8 mask, its
+    reoriented copy for the writer and (optionally) probabilities.
 
     Slices are normalised one at a time (see :class:`segcli.engines.volume.SlicePlane`), so no float
     copy of the volume is counted.
     """
+    from segcli.io.volstream import SLAB_BYTES
+
     vox = 1
     for s in shape:
         vox *= int(s)
-    total = vox * channels * itemsize + vox + OVERHEAD
+    decoded = 3 * SLAB_BYTES if streamed else vox * channels * itemsize
+    total = decoded + 2 * vox + OVERHEAD
     if return_probs:
         total += 2 * vox * n_classes * 4  # stacked per-slice probabilities + the writer's copy
     return total

@@ -31,7 +31,10 @@ def validate(spec: dict[str, Any]) -> dict[str, Any]:
     return spec
 
 
-def _sample(x: np.ndarray, max_values: int = 2_000_000) -> np.ndarray:
+SAMPLE_VALUES = 2_000_000  # statistics come from at most about this many voxels
+
+
+def _sample(x: np.ndarray, max_values: int = SAMPLE_VALUES) -> np.ndarray:
     """A strided subsample for image statistics, so percentiles of a huge image stay cheap."""
     flat = x.reshape(-1)
     step = max(1, flat.size // max_values)
@@ -43,8 +46,13 @@ def image_stats(x: np.ndarray, spec: dict[str, Any]) -> dict[str, float]:
 
     Computed once per image, so region-by-region normalisation of a huge image stays consistent.
     """
+    return stats_from_sample(_sample(np.asarray(x)), spec)
+
+
+def stats_from_sample(sample: np.ndarray, spec: dict[str, Any]) -> dict[str, float]:
+    """:func:`image_stats` from an already drawn subsample (a streamed volume collects it slab by slab)."""
     kind = spec["kind"]
-    s = _sample(np.asarray(x)).astype(np.float64)
+    s = np.asarray(sample).astype(np.float64)
     s = s[np.isfinite(s)]
     if s.size == 0:
         return {"lo": 0.0, "hi": 1.0, "mean": 0.0, "std": 1.0}

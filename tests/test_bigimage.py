@@ -115,8 +115,11 @@ def test_streamed_writer_round_trips_with_tags_and_pyramid(tmp_path: Path) -> No
     write_tiled(out, mask.shape, lambda b: mask[b[0] : b[2], b[1] : b[3]], tile=256,
                 resolution={"XResolution": (20000, 1), "YResolution": (20000, 1), "ResolutionUnit": 3},
                 ome={"PhysicalSizeX": "0.5", "PhysicalSizeY": "0.5", "PhysicalSizeXUnit": "µm"},
-                pyramid=True, on_tile=seen.append)
-    assert sum(t.size for t in seen) == mask.size
+                pyramid=True, on_tile=lambda t, box: seen.append((t, box)))
+    assert sum(t.size for t, _ in seen) == mask.size
+    for t, (y0, x0, y1, x1) in seen:  # each tile comes with its place, in raster order
+        np.testing.assert_array_equal(t, mask[y0:y1, x0:x1])
+    assert [b for _, b in seen] == sorted(b for _, b in seen)
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no partial/spill file left
     with tifffile.TiffFile(out) as tif:
         assert tif.is_bigtiff and tif.is_ome
@@ -276,3 +279,25 @@ def test_parse_size() -> None:
     assert memory.parse_size(None) is None and memory.parse_size("auto") is None
     with pytest.raises(UsageError):
         memory.parse_size("lots")
+
+
+def test_stats_on_the_bounded_path_equal_whole_mask_stats(tmp_path: Path) -> None:
+    """--stats for a TIFF read by region: gathered tile by tile while the mask streams out."""
+    from segcli.stats import label_stats
+
+    img = np.full((1100, 1300), 235, np.uint8)  # bright glass; objects are dark (see identity_probs)
+    for i, (y, x, s) in enumerate([(40, 60, 30), (250, 250, 200), (700, 1000, 120), (1000, 100, 60)]):
+        img[y : y + s, x : x + s] = 10 + i * 10
+    img[600:606, 0:1300] = 5  # a thin line crossing every tile column
+    src = tmp_path / "slide.tif"
+    tifffile.imwrite(src, img, tile=(256, 256), compression="zlib")
+    bundle = make_bundle(tmp_path / "b", size=64, normalization={"kind": "dtype"})
+    seg = Segmenter(bundle, lazy_pixels=0, tile_size=128)
+    b = seg.bundle_for("2d")
+    for role in ("coarse", "fine"):
+        seg._predictors[(b.path.resolve(), role)] = FunctionPredictor(identity_probs)
+    rep = seg.predict_file(src, tmp_path / "m.tif", stats=True)
+    assert rep.status == "ok" and rep.info["bounded_memory"]
+    mask = tifffile.imread(tmp_path / "m.tif")
+    want = label_stats(mask, b.classes, None)
+    assert rep.stats == want and want[0]["components"] >= 3 and want[0]["voxels"] > 0

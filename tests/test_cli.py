@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import signal
 import subprocess
@@ -253,13 +254,24 @@ def test_big_tiff_bounded_path_through_the_cli(tmp_path, grey_bundle):
     src = tmp_path / "slide.tif"
     tifffile.imwrite(src, a, tile=(256, 256), compression="zlib", resolution=(40000.0, 40000.0),
                      resolutionunit="CENTIMETER")
-    r = run_cli("predict", src, "--model", grey_bundle, "--max-memory", "40MB", "--pyramid", "--json")
+    r = run_cli("predict", src, "--model", grey_bundle, "--max-memory", "40MB", "--pyramid", "--json",
+                "--stats", tmp_path / "stats.csv", "--tile-size", "128")
     assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["files"][0]["info"]["bounded_memory"]
     with tifffile.TiffFile(tmp_path / "slide_seg.tif") as t:
         page = t.pages[0]
         assert page.shape == (1536, 1536) and page.is_tiled and page.dtype == np.uint8
         assert page.tags["XResolution"].value == (40000, 1)
         assert len(page.pages or page.subifds or []) >= 1  # pyramid levels
+        mask = page.asarray()
+    # --stats on the bounded path: gathered tile by tile, equal to the statistics of the whole mask
+    from segcli.stats import label_stats
+
+    row = next(csv.DictReader((tmp_path / "stats.csv").read_text().splitlines()))
+    want = label_stats(mask, ["background", "object"], None)[0]
+    assert int(row["voxels"]) == want["voxels"] and int(row["components"]) == want["components"]
+    if want["bbox"]:
+        assert list(map(int, row["bbox"].split())) == want["bbox"]
     r = run_cli("predict", src, "--model", grey_bundle, "--max-memory", "40MB", "--method", "direct",
                 "-o", tmp_path / "d.tif")
     assert r.returncode == 1 and "stts" in r.stderr and "slide.tif" in r.stderr

@@ -100,6 +100,23 @@ def test_refine_picks_uncertain_patches_and_all_patches_give_exact_result():
     assert errs[0] >= errs[1] >= errs[2]
 
 
+def test_refine_skips_flat_patches():
+    """A 'glass' background at probability 0.5 is maximally uncertain but flat: min_patch_std skips it."""
+    img, truth = scene(256, 256)
+    glass = np.where(img > 0, img, 0.5).astype(np.float32)  # uncertain everywhere off the objects
+    net = FunctionPredictor(identity_probs)
+    plain = refine(ArrayPlane(glass), net, net, size=32, patches=None, refine_threshold=0.0)
+    assert plain.info["patches_refined"] == 64  # every patch looks uncertain
+    flat = refine(ArrayPlane(glass), net, net, size=32, patches=None, refine_threshold=0.0, min_patch_std=0.05)
+    refined = {tuple(b) for b in flat.info["refined_boxes"]}
+    boxes = [(y, x, y + 32, x + 32) for y in range(0, 256, 32) for x in range(0, 256, 32)]
+    touched = {b for b in boxes if truth[b[0] : b[2], b[1] : b[3]].any()}
+    clearly = {b for b in boxes if truth[b[0] : b[2], b[1] : b[3]].sum() >= 64}  # not a 2-px sliver
+    assert clearly <= refined <= touched  # glass-only patches are never refined
+    assert len(refined) < 64 / 4
+    assert flat.info["patches_flat"] == 64 - len(refined)
+
+
 def test_direct_and_sliding():
     img, truth = scene(200, 200)
     d = direct(ArrayPlane(img), FunctionPredictor(identity_probs), size=200)

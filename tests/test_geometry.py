@@ -161,3 +161,16 @@ def test_fusion_or_and_per_class_max():
 def test_gaussian_weight_positive_peak_centre():
     w = g.gaussian_weight((9, 9))
     assert w[4, 4] == 1.0 and w.min() > 0 and w[0, 0] < w[2, 2]
+
+
+def test_patch_std_known_answer() -> None:
+    from segcli.geometry import patch_std
+
+    img = np.zeros((2, 4, 6), np.float32)
+    img[0, :, 3:] = 2.0  # channel 0: left half 0, right half 2
+    img[1, 0, 0] = 4.0  # channel 1: one bright pixel in the first box
+    boxes = np.array([[0, 0, 4, 3], [0, 3, 4, 6], [0, 2, 2, 4]])
+    std = patch_std(img, boxes)
+    # box 0: channel 1 holds one 4 among 12 pixels -> sqrt(16/12 - (4/12)^2); box 1: constant;
+    # box 2: channel 0 is half 0, half 2 -> std 1
+    np.testing.assert_allclose(std, [np.sqrt(16 / 12 - (4 / 12) ** 2), 0.0, 1.0], atol=1e-9)

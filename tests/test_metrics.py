@@ -168,3 +168,38 @@ def test_evaluate_cli(folders: tuple[Path, Path], tmp_path: Path) -> None:
     r = subprocess.run([sys.executable, "-m", "segcli", "evaluate", str(tmp_path / "nope"), str(gt_dir)],
                        capture_output=True, text=True, timeout=60)
     assert r.returncode != 0 and "segcli: error:" in r.stderr
+
+
+def test_label_stats_known_answer() -> None:
+    from segcli.stats import label_stats
+
+    lab = np.zeros((6, 10, 12), np.uint8)
+    lab[1:3, 2:5, 3:7] = 1  # 24 voxels
+    lab[4, 8, 11] = 1  # a second component, diagonal-free
+    lab[0:6, 0, 0] = 2  # 6 voxels along z
+    rows = {r["class"]: r for r in label_stats(lab, ["bg", "a", "b", "c"], (2.0, 1.0, 0.5))}
+    assert rows["a"]["voxels"] == 25 and rows["a"]["components"] == 2
+    assert rows["a"]["bbox"] == [1, 2, 3, 5, 9, 12]
+    assert rows["a"]["volume_ml"] == pytest.approx(25 * 1.0 / 1000)
+    assert rows["b"]["bbox"] == [0, 0, 0, 6, 1, 1] and rows["b"]["components"] == 1
+    assert rows["c"] == {"class": "c", "voxels": 0, "volume_ml": 0.0, "area_mm2": None, "components": 0, "bbox": None}
+
+
+@pytest.mark.parametrize("tile", [7, 16, 64])
+def test_tile_stats_equal_whole_map_stats(tile: int) -> None:
+    """Streamed (tile by tile) statistics equal label_stats of the whole map, components merged across edges."""
+    from segcli.stats import TileStats, label_stats
+
+    rng = np.random.default_rng(tile)
+    lab = (rng.random((50, 61)) < 0.08).astype(np.uint8)  # speckle: many components crossing tile edges
+    lab[10:40, 20] = 2  # a long line across several tiles
+    lab[5, 5:55] = 2
+    lab[30:33, 30:33] = 3
+    lab[44, 60] = 1  # the corner
+    classes = ["bg", "a", "b", "c", "d"]
+    ts = TileStats(classes, (0.5, 0.25), width=lab.shape[1])
+    for y in range(0, lab.shape[0], tile):
+        for x in range(0, lab.shape[1], tile):
+            box = (y, x, min(y + tile, lab.shape[0]), min(x + tile, lab.shape[1]))
+            ts.add(lab[box[0] : box[2], box[1] : box[3]], box)
+    assert ts.rows() == label_stats(lab, classes, (0.5, 0.25))

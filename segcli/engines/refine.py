@@ -20,7 +20,7 @@ from segcli.engines.base import (
     rough_input,
     upsample_labels,
 )
-from segcli.geometry import patch_grid, scale_boxes, select_patches, uncertainty_scores
+from segcli.geometry import patch_grid, patch_std, scale_boxes, select_patches, uncertainty_scores
 from segcli.resize import resize
 from segcli.runtimes import Predictor
 
@@ -36,6 +36,7 @@ def refine(
     patches: int | None = 8,
     refine_threshold: float | None = None,
     criterion: str = "pixel",
+    min_patch_std: float | None = None,
     threshold: float = 0.5,
     keep_aspect: bool = True,
     batch_size: int = 16,
@@ -46,7 +47,9 @@ def refine(
 
     ``patch_size`` is the side of a grid patch in full-resolution pixels (default: the fine
     network's input size, so patches are seen at native resolution); ``patches`` caps how many
-    are refined and ``refine_threshold`` refines every patch scoring above it.
+    are refined and ``refine_threshold`` refines every patch scoring above it. ``min_patch_std``
+    skips patches whose rough-pass input is flat (standard deviation below it, in normalised
+    intensity): on slide glass the rough network is uncertain, but there is nothing to refine.
     """
     timer = Timer()
     H, W = plane.shape
@@ -61,7 +64,8 @@ def refine(
         low[:, 2] = np.maximum(low[:, 2], low[:, 0] + 1)
         low[:, 3] = np.maximum(low[:, 3], low[:, 1] + 1)
         scores = uncertainty_scores(rough, low, criterion)
-        chosen = select_patches(scores, n=patches, threshold=refine_threshold)
+        eligible = None if not min_patch_std else patch_std(x[:, :h, :w], low) >= min_patch_std
+        chosen = select_patches(scores, n=patches, threshold=refine_threshold, eligible=eligible)
     with timer.stage("upsample"):
         labels, probs = upsample_labels(rough, (H, W), threshold, want_probs=return_probs)
     done = 0
@@ -81,5 +85,6 @@ def refine(
         if progress:
             progress("fine", done, len(chosen))
     info = {"patches_total": int(len(grid)), "patches_refined": int(len(chosen)), "patch_size": int(patch_size),
+            "patches_flat": 0 if eligible is None else int((~eligible).sum()),
             "refined_boxes": grid[chosen].tolist()}
     return Result(labels, probs, timer.t, info)

@@ -4,10 +4,11 @@ For stts the rough slice masks are stacked and labelled in 3D, so one object get
 square box for all the slices it spans: crops stay consistent from slice to slice, and blobs
 smaller than ``min_volume`` rough voxels (one-slice noise) are dropped before any fine pass.
 
-Memory: slices are normalised one at a time (:class:`SlicePlane`), results are written straight into
-one preallocated uint8 volume, and the rough maps are kept only when ``keep_coarse`` or probabilities
-need them, so a 512×512×1000 CT holds its decoded array, its mask and a slab of slices, never a float
-copy of the volume.
+Memory: slices are fetched (from an in-memory array, or decoded slab by slab from the file, see
+:mod:`segcli.io.volstream`) and normalised one at a time (:class:`SlicePlane`), results are written
+straight into one preallocated uint8 volume, and the rough maps are kept only when ``keep_coarse`` or
+probabilities need them, so a streamed 512×512×1000 CT holds its mask and one slab, never the decoded
+volume or a float copy of it.
 """
 
 from __future__ import annotations
@@ -24,23 +25,22 @@ from segcli.runtimes import Predictor
 
 
 class SlicePlane:
-    """One slice of a channel-last volume, converted and normalised only when an engine reads it.
+    """One slice of a channel-last volume, fetched and normalised only when an engine reads it.
 
-    ``normalize(slice)`` must equal the slice of the whole normalised volume (see
-    ``Segmenter.slice_normalizer``), so results are those of normalising everything up front, at
-    one slice of float memory instead of the whole volume's.
+    ``fetch(index)`` gives the raw ``(H, W, C)`` slice; ``normalize(slice)`` must equal the slice of
+    the whole normalised volume (see ``Segmenter.volume_normalizer``), so results are those of
+    normalising everything up front, at one slice of float memory instead of the whole volume's.
     """
 
-    def __init__(self, volume: np.ndarray, index: int, axis: int, normalize: Callable[[np.ndarray], np.ndarray],
-                 channels: int) -> None:
-        self.volume, self.index, self.axis, self._normalize = volume, index, axis, normalize
+    def __init__(self, fetch: Callable[[int], np.ndarray], index: int, shape: tuple[int, int],
+                 normalize: Callable[[np.ndarray], np.ndarray], channels: int) -> None:
+        self._fetch, self.index, self._normalize = fetch, index, normalize
         self.channels = channels
-        shape = [s for i, s in enumerate(volume.shape[:3]) if i != axis]
         self.shape = (int(shape[0]), int(shape[1]))
 
     def array(self) -> np.ndarray:
         """``(C, H, W)`` float32 of the whole slice."""
-        s = np.take(self.volume, self.index, axis=self.axis)  # (H, W, C) raw
+        s = self._fetch(self.index)  # (H, W, C) raw
         return np.ascontiguousarray(np.moveaxis(self._normalize(s), -1, 0))
 
     def region(self, box: np.ndarray) -> np.ndarray:
@@ -74,9 +74,15 @@ class _Cached:
         return self._get().downscaled(out_hw)
 
 
-def per_slice(planes: Sequence[Plane], fn: Callable[[Plane], Result], progress: ProgressFn | None = None) -> Result:
-    """Apply a 2D engine to every slice, writing into one preallocated volume (no list of slices)."""
-    acc = _Stacker(len(planes))
+def per_slice(planes: Sequence[Plane], fn: Callable[[Plane], Result], progress: ProgressFn | None = None,
+              out: np.ndarray | None = None, probs_out: Any = None) -> Result:
+    """Apply a 2D engine to every slice, writing into one preallocated volume (no list of slices).
+
+    ``out`` (``(Z, H, W)`` uint8, any strides) receives the labels; by default one is allocated.
+    ``probs_out`` (anything with ``put(z, (K, H, W))``, e.g. a file-backed store) receives the
+    probabilities slice by slice instead of a ``(K, Z, H, W)`` array.
+    """
+    acc = _Stacker(len(planes), out, probs_out)
     for z, plane in enumerate(planes):
         acc.add(z, fn(_Cached(plane) if isinstance(plane, SlicePlane) else plane))
         if progress:
@@ -85,12 +91,17 @@ def per_slice(planes: Sequence[Plane], fn: Callable[[Plane], Result], progress: 
 
 
 class _Stacker:
-    """Collects per-slice results into ``(Z, H, W)`` labels and ``(K, Z, H, W)`` probabilities."""
+    """Collects per-slice results into ``(Z, H, W)`` labels and ``(K, Z, H, W)`` probabilities.
 
-    def __init__(self, n: int) -> None:
+    ``out`` may be a strided view of the writer's buffer (see ``segcli.io.medical.canonical_view``),
+    so the mask is written once, in the file's own axis order.
+    """
+
+    def __init__(self, n: int, out: np.ndarray | None = None, probs_out: Any = None) -> None:
         self.n = n
-        self.labels: np.ndarray | None = None
+        self.labels: np.ndarray | None = out
         self.probs: np.ndarray | None = None
+        self.sink = probs_out
         self.timings: dict[str, float] = {}
         self.info: dict[str, int] = {}
 
@@ -98,10 +109,12 @@ class _Stacker:
         lab = np.asarray(r.labels)
         if self.labels is None:
             self.labels = np.zeros((self.n, *lab.shape), np.uint8)
-            if r.probs is not None:
-                self.probs = np.zeros((r.probs.shape[0], self.n, *lab.shape), np.float32)
         self.labels[z] = lab
-        if self.probs is not None and r.probs is not None:
+        if r.probs is not None and self.sink is not None:
+            self.sink.put(z, r.probs)
+        elif r.probs is not None:
+            if self.probs is None:
+                self.probs = np.zeros((r.probs.shape[0], self.n, *lab.shape), np.float32)
             self.probs[:, z] = r.probs
         for k, v in r.timings.items():
             self.timings[k] = self.timings.get(k, 0.0) + v
@@ -111,7 +124,8 @@ class _Stacker:
 
     def result(self) -> Result:
         labels = self.labels if self.labels is not None else np.zeros((0, 0, 0), np.uint8)
-        return Result(labels, self.probs, self.timings, dict(self.info))
+        probs = self.sink if self.sink is not None and self.labels is not None else self.probs
+        return Result(labels, probs, self.timings, dict(self.info))
 
 
 def _stack(results: list[Result]) -> Result:
@@ -136,8 +150,11 @@ def stts_volume(
     batch_size: int = 16,
     return_probs: bool = False,
     progress: ProgressFn | None = None,
+    out: np.ndarray | None = None,
+    probs_out: Any = None,
 ) -> Result:
-    """Segment-then-segment on a stack of slices with 3D connected components."""
+    """Segment-then-segment on a stack of slices with 3D connected components (``out``, ``probs_out``: see
+    per_slice)."""
     timer = Timer()
     H, W = planes[0].shape
     pad = size // 8 if pad is None else pad
@@ -162,7 +179,7 @@ def stts_volume(
         b2 = square_pad_shift(scale_boxes(b2, hw, (H, W)), (H, W), pad)
         keep = valid_boxes(b2, (H, W), min_side)
         zr, b2 = zr[keep], b2[keep]
-    acc = _Stacker(len(planes))
+    acc = _Stacker(len(planes), out, probs_out)
     crops = 0
     for z, plane in enumerate(planes):
         sel = (zr[:, 0] <= z) & (z < zr[:, 1])

@@ -389,12 +389,13 @@ def write_tiled(
     ome: dict[str, Any] | None = None,
     pyramid: bool = False,
     spill_dir: Path | str | None = None,
-    on_tile: Callable[[np.ndarray], None] | None = None,
+    on_tile: Callable[[np.ndarray, tuple[int, int, int, int]], None] | None = None,
 ) -> Path:
     """Stream ``read(box)`` tiles into a tiled zlib BigTIFF at ``path`` (atomically); see the module doc.
 
     ``shape`` is ``(H, W)`` for a mask or ``(K, H, W)`` for probability planes (``read`` then returns
-    ``(K, h, w)``). ``on_tile`` sees every level-0 tile once (e.g. to count labels).
+    ``(K, h, w)``). ``on_tile(tile, box)`` sees every level-0 tile once, in raster order (e.g. to count
+    labels or gather statistics).
     """
     import tifffile
 
@@ -428,7 +429,7 @@ def write_tiled(
                     t = src(box)
                     t2 = t[k] if planes else t
                     if lvl == 0 and on_tile is not None and k == 0:
-                        on_tile(t)
+                        on_tile(t, box)
                     if nxt is not None:
                         half = t2[::2, ::2]
                         nxt.maximum(

@@ -148,17 +148,13 @@ def check_nifti_header(path: Path, gz: bool) -> None:
         raise InputError(f"corrupt NIfTI header: non-finite values in {' and '.join(bad)}", path)
 
 
-def check_metaimage_header(path: Path) -> None:
-    """Refuse MetaImage headers that crash or hang ITK's MetaIO before it sees them.
-
-    ``NDims`` that is not a small integer (e.g. ``1e30``) segfaults it, and a compressed data stream
-    whose zlib header asks for a preset dictionary (one flipped bit) makes it loop for ever.
-    """
+def _metaimage_fields(path: Path) -> tuple[bytes | None, dict[str, str], int | None]:
+    """The first 64 KiB, the header's key = value fields (lower-case keys) and where the pixel data starts."""
     try:
         with open(path, "rb") as fh:
             head = fh.read(65536)
     except OSError:
-        return
+        return None, {}, None
     fields: dict[str, str] = {}
     data_start = None
     offset = 0
@@ -172,6 +168,23 @@ def check_metaimage_header(path: Path) -> None:
         if key.strip().lower() == "elementdatafile":
             data_start = offset
             break
+    return head, fields, data_start
+
+
+def metaimage_compressed(path: Path) -> bool:
+    """MetaIO's own test: the first character of CompressedData (T, t or 1)."""
+    return _metaimage_fields(path)[1].get("compresseddata", "")[:1] in ("T", "t", "1")
+
+
+def check_metaimage_header(path: Path) -> None:
+    """Refuse MetaImage headers that crash or hang ITK's MetaIO before it sees them.
+
+    ``NDims`` that is not a small integer (e.g. ``1e30``) segfaults it, and a compressed data stream
+    whose zlib header asks for a preset dictionary (one flipped bit) makes it loop for ever.
+    """
+    head, fields, data_start = _metaimage_fields(path)
+    if head is None:
+        return
     ndims = fields.get("ndims")
     if ndims is not None and not re.fullmatch(r"[1-9]", ndims):
         raise InputError(f"corrupt MetaImage header: NDims = {ndims[:20]!r}", path)
@@ -285,6 +298,28 @@ def _orientation(direction: tuple[float, ...]) -> str:
     return sitk.DICOMOrientImageFilter.GetOrientationFromDirectionCosines(direction)
 
 
+def signed_permutation(original: tuple[float, ...], canonical: tuple[float, ...], code: str, path: Path) -> np.ndarray:
+    """P with canonical = original . P (sitk x, y, z index order), a signed permutation.
+
+    DICOMOrient only permutes and flips axes; P undoes it exactly on write. A direction it cannot
+    express (degenerate cosines) is refused now, not after segmenting.
+    """
+    d0 = np.array(original).reshape(3, 3)
+    d1 = np.array(canonical).reshape(3, 3)
+    try:
+        solved = np.linalg.solve(d0, d1) if np.all(np.isfinite(d1)) else np.full((3, 3), np.nan)
+    except np.linalg.LinAlgError:
+        solved = np.full((3, 3), np.nan)
+    perm = np.rint(np.nan_to_num(solved, nan=9.0)).astype(int)
+    if not (
+        set(perm.ravel().tolist()) <= {-1, 0, 1}
+        and np.array_equal(np.abs(perm).sum(0), [1, 1, 1])
+        and np.array_equal(np.abs(perm).sum(1), [1, 1, 1])
+    ):
+        raise InputError(f"cannot reorient the image (direction {code or 'unknown'} is not usable)", path)
+    return perm
+
+
 def _to_loaded(image: sitk.Image, path: Path, warnings: list[str], source: dict[str, Any]) -> LoadedImage:
     """Canonicalise a SimpleITK image into a LoadedImage whose meta can restore the original geometry."""
     import SimpleITK as sitk
@@ -309,18 +344,7 @@ def _to_loaded(image: sitk.Image, path: Path, warnings: list[str], source: dict[
     code = _orientation(geometry["direction"])
     meta["orientation"] = code
     canonical = image if code == CANONICAL else sitk.DICOMOrient(image, CANONICAL)
-    # DICOMOrient only permutes and flips axes, so canonical = original . P with P a signed permutation
-    # (sitk x,y,z index order). Keep P to undo it exactly on write.
-    d0 = np.array(geometry["direction"]).reshape(3, 3)
-    d1 = np.array(canonical.GetDirection()).reshape(3, 3)
-    solved = np.linalg.solve(d0, d1) if np.all(np.isfinite(d1)) else np.full((3, 3), np.nan)
-    signed_perm = np.rint(np.nan_to_num(solved, nan=9.0)).astype(int)
-    if not (
-        set(signed_perm.ravel().tolist()) <= {-1, 0, 1}
-        and np.array_equal(np.abs(signed_perm).sum(0), [1, 1, 1])
-        and np.array_equal(np.abs(signed_perm).sum(1), [1, 1, 1])
-    ):  # would make the mask unwritable in the input's geometry: refuse now, not after segmenting
-        raise InputError(f"cannot reorient the image (direction {code or 'unknown'} is not usable)", path)
+    signed_perm = signed_permutation(geometry["direction"], canonical.GetDirection(), code, path)
     meta["signed_perm"] = signed_perm.tolist()
     array = sitk.GetArrayFromImage(canonical)
     array = array[..., None] if canonical.GetNumberOfComponentsPerPixel() == 1 else array
@@ -345,8 +369,8 @@ def to_original_axes(array: np.ndarray, meta: dict[str, Any]) -> np.ndarray:
     return np.ascontiguousarray(out)
 
 
-def read_file(path: Path, read_as: Path, warnings: list[str]) -> LoadedImage:
-    """Read one SimpleITK-readable file; ``read_as`` may be a correctly named alias of a misnamed file."""
+def open_reader(path: Path, read_as: Path) -> sitk.ImageFileReader:
+    """An ImageFileReader with its header read and every header-level refusal applied, no pixels yet."""
     import SimpleITK as sitk
 
     name = read_as.name.lower()
@@ -366,6 +390,36 @@ def read_file(path: Path, read_as: Path, warnings: list[str]) -> LoadedImage:
         check_gzip_complete(path)
     elif read_as.name.lower().endswith(".nii"):
         check_nifti_complete(path)
+    return reader
+
+
+def file_order_buffer(meta: dict[str, Any], dtype: Any = np.uint8) -> np.ndarray:
+    """A zeroed array in the file's own numpy axis order (sitk size reversed), for a mask."""
+    return np.zeros(tuple(reversed(meta["geometry"]["size"][:3])), dtype)
+
+
+def canonical_view(buffer: np.ndarray, meta: dict[str, Any]) -> np.ndarray:
+    """The canonical (Z, Y, X) view of a file-order ``buffer``: the inverse of :func:`to_original_axes`.
+
+    Writing a mask through this view fills ``buffer`` in file order, so ``to_original_axes`` of the
+    view is ``buffer`` itself, with no copy.
+    """
+    perm = np.array(meta["signed_perm"])
+    axes, flips = [], []
+    for k in range(3):
+        a = 2 - k
+        b = int(np.flatnonzero(perm[a])[0])
+        axes.append(2 - b)
+        flips.append(perm[a, b] < 0)
+    view = buffer[tuple(slice(None, None, -1) if f else slice(None) for f in flips)]
+    return np.transpose(view, np.argsort(axes))
+
+
+def read_file(path: Path, read_as: Path, warnings: list[str]) -> LoadedImage:
+    """Read one SimpleITK-readable file; ``read_as`` may be a correctly named alias of a misnamed file."""
+    import SimpleITK as sitk
+
+    reader = open_reader(path, read_as)
     try:
         image = reader.Execute()
     except RuntimeError as exc:
@@ -424,6 +478,24 @@ def dicom_series(folder: Path) -> dict[str, list[str]]:
         return {}
 
 
+def choose_series(folder: Path, series: dict[str, list[str]], series_id: str | None) -> tuple[str, list[str]]:
+    """The requested series, or the largest one with a warning when there are several."""
+    warnings: list[str] = []
+    if series_id is not None:
+        if series_id not in series:
+            raise InputError(
+                f"no DICOM series {series_id!r} here (found: {', '.join(sorted(series))})", folder
+            )
+        return series_id, warnings
+    chosen = max(sorted(series), key=lambda sid: len(series[sid]))
+    if len(series) > 1:
+        warnings.append(
+            f"{len(series)} DICOM series found; using {chosen} ({len(series[chosen])} files), "
+            "pass a series id to choose another"
+        )
+    return chosen, warnings
+
+
 def read_dicom_folder(folder: Path, series_id: str | None = None) -> LoadedImage:
     """Read a DICOM series folder; with several series take the largest and say so."""
     import SimpleITK as sitk
@@ -431,20 +503,7 @@ def read_dicom_folder(folder: Path, series_id: str | None = None) -> LoadedImage
     series = dicom_series(folder)
     if not series:
         raise InputError("folder holds no readable DICOM series", folder)
-    warnings: list[str] = []
-    if series_id is not None:
-        if series_id not in series:
-            raise InputError(
-                f"no DICOM series {series_id!r} here (found: {', '.join(sorted(series))})", folder
-            )
-        chosen = series_id
-    else:
-        chosen = max(sorted(series), key=lambda sid: len(series[sid]))
-        if len(series) > 1:
-            warnings.append(
-                f"{len(series)} DICOM series found; using {chosen} ({len(series[chosen])} files), "
-                "pass a series id to choose another"
-            )
+    chosen, warnings = choose_series(folder, series, series_id)
     files = series[chosen]
     info = sitk.ImageFileReader()
     info.SetFileName(files[0])

@@ -7,8 +7,8 @@ Layouts:
 * ``nnunet`` (nnU-Net v2 raw): ``imagesTr/<case>_0000.<ext>`` (one file per channel, stacked in
   channel order), ``labelsTr/<case>.<ext>``, ``dataset.json`` with ``labels`` and ``channel_names``.
 
-Volumes become 2D slices along the coarsest-spacing axis of the canonical orientation ``segcli.io``
-gives, the axis inference slices along (:func:`segcli.api.slice_axis`). Every case is read and
+Volumes become 2D slices along the axis inference slices along: axial, unless another axis of the
+canonical orientation ``segcli.io`` gives is clearly coarser (:func:`segcli.api.slice_axis`). Every case is read and
 checked (mask present, same size, labels in range) before training starts, so a bad case stops the
 run in seconds with its name instead of crashing an epoch hours later.
 
