@@ -71,16 +71,18 @@ class FileReport:
         return asdict(self)
 
 
-#: Another axis must be this much coarser than the S/I axis before volumes are sliced along it.
-ANISOTROPY = 1.5
+#: Another axis must be this much coarser than the S/I axis before volumes are sliced along it
+#: (nnU-Net's anisotropy threshold).
+ANISOTROPY = 3.0
 
 
 def slice_axis(spacing: tuple[float, ...] | None) -> int:
     """Axis 0 (canonical S/I: axial slices) unless another axis is clearly coarser (a sagittal or coronal
     acquisition), then that one.
 
-    Near-isotropic thin-slice CT (0.7 mm pixels, 0.5 mm slices) stays axial, as 2D models are trained,
-    instead of being cut sagitally because its pixels are a little larger than its slices.
+    Thin-slice CT (0.98 mm pixels, 0.625 mm slices) stays axial, as 2D models are trained, instead of
+    being cut sagittally because its pixels are larger than its slices; a thick-slice sagittal MRI
+    (0.5 mm in plane, 3 mm between slices) is cut along its own slices.
     """
     if not spacing:
         return 0
@@ -610,6 +612,8 @@ class Segmenter:
             _unlock(job.lock)
             if isinstance(job.img, _LazyImage):
                 job.img.close(job.res)
+            elif hasattr(job.img, "close"):  # a streamed volume's temporary decompressed copy
+                job.img.close()
             if job.res is not None and hasattr(job.res.probs, "close"):
                 job.res.probs.close()
             job.img = None

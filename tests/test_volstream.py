@@ -24,7 +24,7 @@ def _volume(path: Path, direction=SAGITTAL, shape=(13, 17, 11), dtype=np.int16) 
     arr = (rng.normal(0, 300, shape)).astype(dtype)
     arr[3:9, 4:12, 2:8] += 900  # one bright blob, so masks are not trivial
     img = sitk.GetImageFromArray(arr)
-    img.SetSpacing((0.8, 1.1, 2.5))
+    img.SetSpacing((0.8, 1.1, 4.0))  # thick file slices: the engine slices along the file's own z
     img.SetOrigin((10.0, -20.0, 30.0))
     img.SetDirection(direction)
     sitk.WriteImage(img, str(path), useCompression=path.name.endswith(".gz"))
@@ -36,8 +36,9 @@ def _volume(path: Path, direction=SAGITTAL, shape=(13, 17, 11), dtype=np.int16) 
 def test_slab_reads_equal_slices_of_the_whole_read(tmp_path: Path, name: str, direction) -> None:
     _volume(tmp_path / name, direction)
     whole = io.open_image(tmp_path / name)
-    vol = open_streamed(tmp_path / name)
-    assert isinstance(vol, StreamedVolume)
+    from segcli.io.medical import open_reader
+
+    vol = StreamedVolume(tmp_path / name, open_reader(tmp_path / name, tmp_path / name), [])  # any axis, any format
     assert vol.shape == whole.array.shape and np.allclose(vol.spacing, whole.spacing)
     assert vol.meta["signed_perm"] == whole.meta["signed_perm"]
     for axis in range(3):
@@ -45,6 +46,18 @@ def test_slab_reads_equal_slices_of_the_whole_read(tmp_path: Path, name: str, di
         for i in range(vol.shape[axis]):
             np.testing.assert_array_equal(cache(i), np.take(whole.array, i, axis=axis))
         assert cache.slabs_read == -(-vol.shape[axis] // 4)  # in order: each slab decoded once
+
+
+def test_gzip_nifti_sliced_across_its_file_slices_is_read_whole(tmp_path: Path) -> None:
+    """Each slab across a .nii.gz's own slices would decompress the whole file: read it once instead."""
+    thin = sitk.GetImageFromArray(np.zeros((6, 8, 10), np.int16))
+    thin.SetSpacing((4.0, 1.0, 1.0))  # x is the coarse axis, so slices are cut across the file's z
+    for name in ("t.nii.gz", "t.nii"):
+        sitk.WriteImage(thin, str(tmp_path / name), useCompression=name.endswith(".gz"))
+    assert open_streamed(tmp_path / "t.nii.gz") is None
+    assert isinstance(open_streamed(tmp_path / "t.nii"), StreamedVolume)  # plain NIfTI: a region read is cheap
+    _volume(tmp_path / "v.nii.gz")  # sliced along its own file slices: streamed
+    assert isinstance(open_streamed(tmp_path / "v.nii.gz"), StreamedVolume)
 
 
 def test_formats_itk_cannot_stream_are_read_whole(tmp_path: Path) -> None:

@@ -13,6 +13,7 @@ normalisation pre-pass have one code path for both.
 from __future__ import annotations
 
 import math
+import os
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -129,6 +130,8 @@ class StreamedVolume:
         self.path = path
         self.reader = reader
         self._files = files
+        self._gz = files is None and path.name.lower().endswith(".nii.gz")
+        self._tmp: Path | None = None
         if geometry is None:
             size = list(reader.GetSize())
             if len(size) == 4:
@@ -168,6 +171,38 @@ class StreamedVolume:
         self.voxels_read = 0
         self.largest_block = 0
 
+    def _inflate(self) -> None:
+        """A .nii.gz is decompressed once into a temporary .nii that ITK then reads by region.
+
+        gzip cannot seek, so each region read of a .nii.gz would decompress from the start of the file:
+        quadratic in the number of slabs, times the engine's passes. The temporary file holds the raw
+        voxels (the volume's size on disk, never in memory) and is deleted by :meth:`close`.
+        """
+        import gzip
+        import shutil
+        import tempfile
+
+        from segcli.io import medical
+
+        fd, name = tempfile.mkstemp(prefix=".segcli-", suffix=".nii")
+        try:
+            with os.fdopen(fd, "wb") as out, gzip.open(self.path, "rb") as src:
+                shutil.copyfileobj(src, out, 4 * 2**20)
+        except (OSError, EOFError) as exc:
+            os.unlink(name)
+            raise InputError(f"cannot decompress: {exc}", self.path) from None
+        self._tmp = Path(name)
+        self.reader = medical.open_reader(self._tmp, self._tmp)
+
+    def close(self) -> None:
+        """Delete the temporary decompressed copy, if any."""
+        tmp, self._tmp = getattr(self, "_tmp", None), None
+        if tmp is not None:
+            tmp.unlink(missing_ok=True)
+
+    def __del__(self) -> None:  # pragma: no cover - safety net
+        self.close()
+
     def no_finite_values(self) -> bool:
         """ITK's NIfTI reader turns NaN/Inf into 0: an all-zero float NIfTI may really be all NaN."""
         from segcli.io import medical
@@ -198,6 +233,8 @@ class StreamedVolume:
             image.SetSpacing(self.meta["geometry"]["spacing"])
             image.SetDirection(self.meta["geometry"]["direction"])
         else:
+            if self._gz and getattr(self, "_tmp", None) is None:
+                self._inflate()
             index = [0] * len(self._size)
             extent = list(self._size)
             index[a], extent[a] = lo, hi - lo
@@ -235,12 +272,16 @@ def open_streamed(path: Path) -> StreamedVolume | None:
         return None  # the whole reader gives the precise error
     if content is None or not streamable(path, content):
         return None
+    from segcli.api import slice_axis
     from segcli.io import medical
 
     reader = medical.open_reader(path, path)  # every header refusal of the whole reader
     if reader.GetDimension() not in (3, 4):
         return None
-    return StreamedVolume(path, reader, [])
+    vol = StreamedVolume(path, reader, [])
+    if content == "nifti-gz" and vol._feed[2 - slice_axis(vol.spacing)] != 2:
+        return None  # slabs across the file's slices would each decompress the whole file: read it once
+    return vol
 
 
 def _open_dicom(folder: Path) -> StreamedVolume | None:
