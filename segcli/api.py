@@ -523,10 +523,8 @@ class Segmenter:
             job.rep.warnings.extend(job.img.meta.get("warnings", []))
             job.rep.shape = list(job.img.spatial_shape)
             job.rep.spacing = list(job.img.spacing) if job.img.spacing else None
-        except SegcliError as exc:
-            job.fail(exc)
-        except Exception as exc:  # a reader bug must not kill the batch: report it as one failed file
-            job.fail(exc, bug=True)
+        except Exception as exc:  # one bad file must not stop the batch
+            job.fail_from(exc)
         return job
 
     def _compute(self, job: _Job, *, probabilities: bool, stats: bool, progress: ProgressFn | None) -> None:
@@ -574,10 +572,8 @@ class Segmenter:
 
                 rep.stats = label_stats(res.labels, bundle.classes, img.spacing)
             job.res = res
-        except SegcliError as exc:
-            job.fail(exc)
-        except Exception as exc:  # a segcli bug on one file: report it, keep the batch going
-            job.fail(exc, bug=True)
+        except Exception as exc:  # one bad file must not stop the batch
+            job.fail_from(exc)
 
     def _write(self, job: _Job, *, probabilities: bool) -> FileReport:
         from segcli import io
@@ -604,10 +600,8 @@ class Segmenter:
                 elif probabilities and probs is not None:
                     io.write_probabilities(probs, job.img, _probs_path(job.out))
                 rep.seconds["write"] = time.perf_counter() - t
-        except SegcliError as exc:
-            job.fail(exc)
-        except Exception as exc:
-            job.fail(exc, bug=True)
+        except Exception as exc:  # one bad file must not stop the batch
+            job.fail_from(exc)
         finally:
             _unlock(job.lock)
             if isinstance(job.img, _LazyImage):
@@ -725,10 +719,8 @@ class Segmenter:
                              "decoded_mb": round(plane.bytes_decoded / 1e6, 1)})
             job.want_stats = stats  # gathered tile by tile while the mask is written
             job.res = res
-        except SegcliError as exc:
-            job.fail(exc)
-        except Exception as exc:  # a segcli bug on one file: report it, keep the batch going
-            job.fail(exc, bug=True)
+        except Exception as exc:  # one bad file must not stop the batch
+            job.fail_from(exc)
 
     def _write_lazy(self, job: _Job, *, probabilities: bool) -> None:
         from segcli.io.bigtiff import write_tiled
@@ -801,6 +793,10 @@ class _Job:
     lock: Any = None
     buf: Any = None  # a streamed volume's mask in file order
     want_stats: bool = False
+
+    def fail_from(self, exc: BaseException) -> None:
+        """Record ``exc`` as this file's failure: a SegcliError as itself, anything else as a bug."""
+        self.fail(exc, bug=not isinstance(exc, SegcliError))
 
     def fail(self, exc: BaseException, bug: bool = False) -> None:
         self.rep.status = "failed"
