@@ -157,6 +157,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--no-coarse-only", action="store_true", help="skip running stts bundles with --method direct")
     ap.add_argument("--limit", type=int, default=None, help="evaluate only the first N val cases (quick checks)")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--reuse", type=Path, default=None,
+                    help="an earlier result JSON: rows of the same bundle, label and val cases are copied, not re-run")
     ap.add_argument("--json", type=Path, default=None)
     ap.add_argument("--plot", type=Path, default=None)
     args = ap.parse_args(argv)
@@ -191,12 +193,22 @@ def main(argv: list[str] | None = None) -> None:
     if not same:
         print("warning: bundles have different val splits; each is evaluated on its own val cases")
     rows = []
+    earlier = {}
+    if args.reuse is not None:  # evaluation is deterministic: same weights and cases give the same row
+        old = json.loads(args.reuse.read_text())
+        earlier = {(r["bundle"], r["label"]): r for r in old["rows"] if r.get("cases") is not None}
     for m, s, p in bundles:
         cases = splits[(m, s, str(p))][: args.limit]
         runs = [(m, m)]
         if m == "stts" and not args.no_coarse_only:
             runs.append(("direct", "stts bundle, coarse only (direct)"))
         for method, label in runs:
+            prev = earlier.get((str(p), label))
+            score = (load_bundle(p).raw.get("training") or {}).get("val_score")
+            if prev is not None and prev["cases"] == len(cases) and prev.get("bundle_val_score") == score:
+                rows.append({**prev, "reused_from": str(args.reuse)})
+                print(f"reused {p} ({label}, S={s}) from {args.reuse}: Dice {prev['dice']:.4f}", flush=True)
+                continue
             print(f"evaluating {p} ({label}, S={s}) on {len(cases)} val cases ...", flush=True)
             r = evaluate(p, method, args.data, cases, args.threads)
             rows.append({"label": label, "method": method, "size": s, "bundle": str(p),

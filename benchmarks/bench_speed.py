@@ -719,6 +719,19 @@ def section_blas(runner: Runner, canvases: dict[str, dict[str, Any]], reps: int,
 # -- report ----------------------------------------------------------------------------------------------
 
 
+def _sweep_axes(ax: Any, result: dict[str, Any]) -> None:
+    ax.axhline(1.0, color="k", lw=0.8)
+    ax.axhline(GOALS["stts_vs_sliding_speedup"], color="r", ls="--", lw=0.8, label="goal 8x")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("fraction of the canvas covered by tiles (1.0 = mosaic)")
+    ax.set_ylabel("sliding time / method time (same rounds)")
+    ax.set_title(f"speed-up over sliding window ({result['settings']['sweep_size']}² sweep; * = big slides)\n"
+                 "labels: Dice vs sliding", fontsize=9)
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=8)
+
+
 def plot(result: dict[str, Any], path: Path) -> None:
     import matplotlib
 
@@ -745,6 +758,23 @@ def plot(result: dict[str, Any], path: Path) -> None:
         ax.legend(fontsize=7)
     ax = axes[0]
     rows = result.get("sweep", [])
+    if not rows and result.get("slides"):  # slides only: speed-up against the canvas side
+        for v, mk in (("stts", "o"), ("stts_z4", "s"), ("refine", "^")):
+            rs = sorted((r for r in result["slides"] if r["variant"] == v), key=lambda r: r["side"])
+            if rs:
+                ax.plot([r["side"] for r in rs], [r["speedup_vs_sliding"] for r in rs], marker=mk, label=v)
+                for r in rs:
+                    est = " (est.)" if r.get("sliding_estimated") else ""
+                    ax.annotate(f"{r['speedup_vs_sliding']:.2f}x{est}, Dice {r['dice_gt']:.3f}",
+                                (r["side"], r["speedup_vs_sliding"]), fontsize=6, textcoords="offset points", xytext=(3, 3))
+        ax.axhline(1.0, color="k", lw=0.8)
+        ax.axhline(GOALS["stts_vs_sliding_speedup"], color="r", ls="--", lw=0.8, label="goal 8x")
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel(f"slide side (px), {result['settings']['slide_fraction']:.0%} covered by tiles")
+        ax.set_ylabel("sliding time / method time (same rounds)")
+        ax.set_title("speed-up over sliding window; labels: ratio, Dice vs ground truth", fontsize=9)
+        ax.grid(alpha=0.3, which="both")
+        ax.legend(fontsize=8)
     for v, mk in (("stts", "o"), ("stts_z4", "s"), ("refine", "^")):
         rs = sorted((r for r in rows if r["variant"] == v), key=lambda r: r["tile_fraction"])
         if rs:
@@ -752,22 +782,14 @@ def plot(result: dict[str, Any], path: Path) -> None:
             for r in rs:
                 ax.annotate(f"{r['dice_vs_sliding']:.3f}", (r["tile_fraction"], r["speedup_vs_sliding"]), fontsize=6,
                             textcoords="offset points", xytext=(3, 3))
-    for r in result.get("slides", []):
+    for r in result.get("slides", []) if rows else []:
         if r["variant"] in ("stts", "stts_z4"):
             ax.scatter([r["tile_fraction"]], [r["speedup_vs_sliding"]], marker="*", s=80, color="k" if r["variant"] == "stts" else "grey",
                        zorder=5)
             ax.annotate(f"{r['side']}² {r['variant']}", (r["tile_fraction"], r["speedup_vs_sliding"]), fontsize=7,
                         textcoords="offset points", xytext=(4, -9))
-    ax.axhline(1.0, color="k", lw=0.8)
-    ax.axhline(GOALS["stts_vs_sliding_speedup"], color="r", ls="--", lw=0.8, label="goal 8x")
-    ax.set_xscale("log")
-    ax.set_yscale("log")
-    ax.set_xlabel("fraction of the canvas covered by tiles (1.0 = mosaic)")
-    ax.set_ylabel("sliding time / method time (same rounds)")
-    ax.set_title(f"speed-up over sliding window ({result['settings']['sweep_size']}² sweep; * = big slides)\n"
-                 "labels: Dice vs sliding", fontsize=9)
-    ax.grid(alpha=0.3, which="both")
-    ax.legend(fontsize=8)
+    if rows or not result.get("slides"):
+        _sweep_axes(ax, result)
 
     ax = axes[1]
     rows = [r for r in result.get("slides", [])]
@@ -791,7 +813,11 @@ def plot(result: dict[str, Any], path: Path) -> None:
 
     ax = axes[2]
     rows = result.get("cells", [])
-    if rows:
+    if not rows:
+        fig.delaxes(ax)
+        if not rsw:
+            fig.set_size_inches(12, 4.8)
+    else:
         ax.plot([r["size"] for r in rows], [r["stts_over_direct"] for r in rows], marker="o", label="ours: stts / direct time")
         ax.plot([r["size"] for r in rows], [r["flops_ratio"] for r in rows], marker="x", ls=":", label="ours: stts / direct FLOPs")
         ax.axhspan(*REF_STTS_OVER_DIRECT, color="orange", alpha=0.3, label="reference 3.5-4.9x")
@@ -832,6 +858,10 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--cell", type=int, default=256, help="tile side on the canvases")
     ap.add_argument("--slide-sizes", type=int, nargs="*", default=[4096, 8192])
     ap.add_argument("--slide-fraction", type=float, default=0.05)
+    ap.add_argument("--slide-variants", nargs="*", default=["sliding", "stts", "stts_z4", "refine"],
+                    help="variants on the slides; the one on the --slide-variants-large canvases too, unless given there")
+    ap.add_argument("--slide-variants-large", nargs="*", default=None,
+                    help="variants on slides above --sliding-once-above pixels (default: --slide-variants)")
     ap.add_argument("--sliding-once-above", type=float, default=40e6,
                     help="canvases above this many pixels run sliding window once (too slow to repeat)")
     ap.add_argument("--sliding-max-pixels", type=float, default=20e6,
@@ -856,7 +886,15 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", type=Path, default=None)
     ap.add_argument("--plot", type=Path, default=None)
+    ap.add_argument("--replot", type=Path, nargs="*", default=None,
+                    help="no measuring: plot the slides of these result JSONs together (e.g. one run per canvas size) to --plot")
     args = ap.parse_args(argv)
+    if args.replot:
+        parts = [json.loads(p.read_text()) for p in args.replot]
+        merged = {**parts[0], "slides": sorted((r for p in parts for r in p.get("slides", [])), key=lambda r: r["side"]),
+                  "sweep": [], "cells": [], "refine_sweep": []}
+        plot(merged, args.plot or Path("speed-slides.png"))
+        return
     if args.model is None and (Path(__file__).resolve().parent.parent / "models" / "nuclei" / "segcli.json").exists():
         args.model = str(Path(__file__).resolve().parent.parent / "models" / "nuclei")
     if args.model == "none":
@@ -936,7 +974,10 @@ def main(argv: list[str] | None = None) -> None:
                     est = {"median_s": ref["median_s"] * n / n0, "flops": ref["flops"] * n / n0,
                            "from": f"{ref['side']}² x {n}/{n0} tiles"}
                     print(f"  sliding window not run at {c['side']}²: estimated {est['median_s']:.0f} s ({est['from']})")
-                result["slides"] += canvas_rows(runner, {k: c}, variants, fns, args.reps, once, warmup_plane=warm,
+                vs = args.slide_variants_large if once and args.slide_variants_large is not None else args.slide_variants
+                if est is None and "sliding" not in vs:
+                    vs = ["sliding", *vs]  # the ratios need it
+                result["slides"] += canvas_rows(runner, {k: c}, vs, fns, args.reps, once, warmup_plane=warm,
                                                 sliding_estimate=est)
         cells_sets = {}
         if "cells" in args.parts or "loop" in args.parts:

@@ -35,7 +35,9 @@ def make_volume(src: Path, out: Path, slices: int, side: int = 512) -> tuple[int
     img = sitk.ReadImage(str(src))
     size, spacing = img.GetSize(), img.GetSpacing()
     new_size = (side, side, slices)
-    new_spacing = tuple(spacing[i] * size[i] / new_size[i] for i in range(3))
+    # The first and last samples land on the first and last voxels: nothing is extrapolated (an extrapolated
+    # slice would be all air, -1024, and join the lungs to the outside air).
+    new_spacing = tuple(spacing[i] * (size[i] - 1) / (new_size[i] - 1) for i in range(3))
     res = sitk.Resample(img, new_size, sitk.Transform(), sitk.sitkLinear, img.GetOrigin(), new_spacing,
                         img.GetDirection(), -1024, sitk.sitkInt16)
     sitk.WriteImage(res, str(out), useCompression=True)
@@ -47,17 +49,20 @@ def child(args: argparse.Namespace) -> None:
     from segcli.api import Segmenter
 
     t = time.perf_counter()
-    seg = Segmenter(args.model, threads=args.threads, stream_volumes=args.stream == "1")
+    seg = Segmenter(args.model, threads=args.threads, stream_volumes=args.stream == "1",
+                    overrides={"lung_gate": False} if args.no_gate else None)
     rep = seg.predict_file(args.input, args.output, probabilities=args.probabilities)
     wall = time.perf_counter() - t
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     print(json.dumps({"status": rep.status, "error": rep.error, "wall_s": wall, "peak_rss": rss,
-                      "seconds": rep.seconds, "info": rep.info}))
+                      "seconds": rep.seconds, "info": rep.info, "voxel_counts": rep.voxel_counts}))
 
 
-def measure(model: str, path: Path, out: Path, stream: bool, threads: int, probabilities: bool = False) -> dict:
+def measure(model: str, path: Path, out: Path, stream: bool, threads: int, probabilities: bool = False,
+            gate: bool = True) -> dict:
     cmd = [sys.executable, __file__, "--child", "--model", model, "--input", str(path), "--output", str(out),
-           "--stream", "1" if stream else "0", "--threads", str(threads)] + (["--probabilities"] if probabilities else [])
+           "--stream", "1" if stream else "0", "--threads", str(threads)] + (["--probabilities"] if probabilities else []) \
+        + ([] if gate else ["--no-gate"])
     r = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
     if r.returncode != 0:
         return {"status": "crashed", "error": r.stderr[-400:]}
@@ -74,6 +79,8 @@ def main() -> None:
     ap.add_argument("--results", type=Path, default=REPO / "benchmarks/results")
     ap.add_argument("--child", action="store_true")
     ap.add_argument("--probabilities", action="store_true", help="also measure runs that write probabilities")
+    ap.add_argument("--gate", action="store_true", help="also measure the streamed run with the bundle's lung gate off")
+    ap.add_argument("--no-gate", action="store_true", help=argparse.SUPPRESS)  # child: lung gate off
     ap.add_argument("--input"), ap.add_argument("--output"), ap.add_argument("--stream")
     args = ap.parse_args()
     if args.child:
@@ -90,28 +97,33 @@ def main() -> None:
             shape = make_volume(args.data / "images/abdomen_3mm.nii.gz", vol, n)
             raw_mb = int(np.prod(shape)) * 2 / 1e6
             masks = {}
-            runs = [(True, False), (False, False)] + ([(True, True), (False, True)] if args.probabilities else [])
-            for stream, probs in runs:
-                out = tmp / f"m{int(stream)}{int(probs)}.nii.gz"
-                r = measure(args.model, vol, out, stream, args.threads, probs)
-                path = ("streamed slabs" if stream else "whole read") + (" + probabilities" if probs else "")
+            runs = [(True, False, True), (False, False, True)] + ([(True, True, True), (False, True, True)] if args.probabilities else []) \
+                + ([(True, False, False)] if args.gate else [])
+            for stream, probs, gate in runs:
+                out = tmp / f"m{int(stream)}{int(probs)}{int(gate)}.nii.gz"
+                r = measure(args.model, vol, out, stream, args.threads, probs, gate)
+                path = ("streamed slabs" if stream else "whole read") + (" + probabilities" if probs else "") \
+                    + ("" if gate else ", lung gate off")
                 row = {"volume": "x".join(map(str, shape)), "int16_mb": round(raw_mb), "file_mb": round(vol.stat().st_size / 1e6),
                        "path": path, "status": r.get("status"),
                        "error": (r.get("error") or "")[:200] or None,
                        "wall_s": round(r["wall_s"], 1) if r.get("wall_s") else None,
                        "peak_rss_mb": round(r["peak_rss"] / 1e6) if r.get("peak_rss") else None,
                        "read_s": round((r.get("seconds") or {}).get("read", 0), 2),
-                       "write_s": round((r.get("seconds") or {}).get("write", 0), 2)}
+                       "write_s": round((r.get("seconds") or {}).get("write", 0), 2),
+                       "lung_gate_s": round((r.get("seconds") or {}).get("lung_gate", 0), 2),
+                       "lesion_voxels": sum((r.get("voxel_counts") or {}).values()) if r.get("voxel_counts") else None}
                 rows.append(row)
                 print(row, flush=True)
-                if out.exists() and not probs:
+                if out.exists() and not probs and gate:
                     masks[stream] = sitk.GetArrayFromImage(sitk.ReadImage(str(out)))
                 for f in tmp.glob("m*.nii.gz"):
                     if f.name.endswith("_probs.nii.gz"):
                         f.unlink()
             if len(masks) == 2:
                 for r in rows[-len(runs):]:
-                    r["masks_equal"] = bool(np.array_equal(masks[True], masks[False]))
+                    if "gate off" not in r["path"]:
+                        r["masks_equal"] = bool(np.array_equal(masks[True], masks[False]))
             vol.unlink()
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

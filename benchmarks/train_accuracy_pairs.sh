@@ -25,3 +25,5 @@ t nuc-direct-256 --method direct --data "$N" --channels rgb --size 256 --time-li
 t nuc-stts-256   --method stts   --data "$N" --channels rgb --size 256 --time-limit 10m
 t kva-direct-128 --method direct --data "$K" --size 128 --time-limit 6m
 t kva-stts-128   --method stts   --data "$K" --size 128 --time-limit 10m
+t kva-direct-256 --method direct --data "$K" --size 256 --time-limit 6m
+t kva-stts-256   --method stts   --data "$K" --size 256 --time-limit 10m

@@ -28,11 +28,12 @@ from typing import Any
 
 import numpy as np
 
-from segcli import memory
+from segcli import lunggate, memory
 from segcli import normalize as norm
 from segcli.bundle import DEFAULT_PARAMS, Bundle, load_bundle, resolve_model
 from segcli.engines.base import ArrayPlane, ProgressFn, Result
 from segcli.errors import EmptyImageError, InputError, SegcliError, UsageError
+from segcli.lunggate import GateParams
 
 log = logging.getLogger("segcli")
 
@@ -266,6 +267,13 @@ class Segmenter:
         res.labels = np.moveaxis(res.labels, 0, axis)
         if isinstance(res.probs, np.ndarray):
             res.probs = np.moveaxis(res.probs, 1, axis + 1)
+        gate = GateParams.from_param(self.param(bundle, "lung_gate"))
+        if gate is not None:  # anatomy check after the network (segcli.lunggate): one more pass over the slabs
+            t = time.perf_counter()
+            cache.release()
+            res.info["lung_gate"] = lunggate.apply(res.labels, cache.blocks(0, slab_bytes=16 << 20),
+                                                   tuple(spacing or (1.0, 1.0, 1.0)), gate)
+            res.timings["lung_gate"] = time.perf_counter() - t
         res.info["slice_axis"] = axis
         res.info["slabs_read"] = cache.slabs_read
         return res, bundle
@@ -566,6 +574,10 @@ class Segmenter:
                 rep.backend = "+".join(sorted({p.split(":")[0] for p in rep.providers.values()}))
             rep.seconds.update(res.timings)
             rep.info = {k: v for k, v in res.info.items() if k not in ("boxes", "refined_boxes")}
+            gate = res.info.get("lung_gate") or {}
+            if gate.get("removed_voxels") and not gate.get("lung_ml"):
+                rep.warnings.append(f"lung gate: no aerated lung found, so all {gate['removed_voxels']} lesion voxels "
+                                    "were removed; if the scan shows lungs, rerun with --no-lung-gate")
             self._measure(rep, res.labels, bundle, img.spacing)
             if stats:
                 from segcli.stats import label_stats

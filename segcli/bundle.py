@@ -39,6 +39,7 @@ DEFAULT_PARAMS: dict[str, Any] = {
     "overlap": 0.25,
     "batch_size": 16,
     "min_volume": 1,
+    "lung_gate": False,  # volumes: keep only lesions in aerated lung (segcli.lunggate); true or a dict of settings
 }
 
 

@@ -134,6 +134,7 @@ def predict(
     overlap: Annotated[float | None, typer.Option(help="sliding: tile overlap fraction.")] = None,
     batch_size: Annotated[int | None, typer.Option(help="Fine-pass batch size.")] = None,
     min_volume: Annotated[int | None, typer.Option(help="Volumes, stts: drop rough 3D components smaller than this (rough voxels).")] = None,
+    lung_gate: Annotated[bool | None, typer.Option("--lung-gate/--no-lung-gate", help="CT volumes: keep only lesions that lie in aerated lung (default: the bundle's; on for covid-ct).")] = None,
     shard: Annotated[str | None, typer.Option(help="K/N: process shard K (0-based) of N, balanced by file size (SLURM arrays).")] = None,
     workers: Annotated[int, typer.Option(help="Processes sharing the cores (threads each = cores // workers).")] = 1,
     prefetch: Annotated[int, typer.Option(help="Files read ahead while the current one computes (0 = off).")] = 2,
@@ -168,7 +169,7 @@ def predict(
             overrides={
                 "pad": pad, "threshold": threshold, "keep_coarse": keep_coarse, "keep_aspect": False if square_resize else None,
                 "patches": patches, "criterion": criterion, "refine_threshold": refine_threshold, "patch_size": patch_size, "min_patch_std": min_patch_std,
-                "overlap": overlap, "batch_size": batch_size, "min_volume": min_volume,
+                "overlap": overlap, "batch_size": batch_size, "min_volume": min_volume, "lung_gate": lung_gate,
             },
         )
         if criterion is not None and criterion not in ("pixel", "mean"):

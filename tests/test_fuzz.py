@@ -25,20 +25,15 @@ from segcli.io import default_output_path, open_image, write_mask
 
 SCALE = max(1, int(os.environ.get("SEGCLI_FUZZ_EXAMPLES", "1")))
 FIXED = not os.environ.get("SEGCLI_FUZZ_RANDOM")  # set it to explore beyond the replayable examples
-FAST = settings(
-    max_examples=100 * SCALE,
-    deadline=None,
-    derandomize=FIXED,
-    database=None,
-    suppress_health_check=[HealthCheck.too_slow],
-)
-IO = settings(
-    max_examples=40 * SCALE,
-    deadline=None,
-    derandomize=FIXED,
-    database=None,
-    suppress_health_check=[HealthCheck.too_slow],
-)
+
+
+def _budget(examples: int) -> settings:
+    return settings(max_examples=examples * SCALE, deadline=None, derandomize=FIXED, database=None,
+                    suppress_health_check=[HealthCheck.too_slow])
+
+
+FAST = _budget(100)  # pure geometry
+IO = _budget(40)  # each example writes and reads a file
 
 
 # --- geometry ------------------------------------------------------------------------------------------

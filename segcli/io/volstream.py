@@ -85,12 +85,23 @@ class SlabCache:
             self.slabs_read += 1
         return np.take(self._block, index - j0, axis=self.axis)
 
-    def blocks(self, axis: int = 0):
-        """Every voxel once, as converted blocks along ``axis`` (for whole-volume statistics)."""
-        step = slab_length(self.source.shape, axis, self.source.dtype.itemsize)
+    def release(self) -> None:
+        """Drop the slab held for the engine (before another pass over the volume)."""
+        self._block = None
+        self._range = (0, 0)
+
+    def blocks(self, axis: int = 0, slab_bytes: int | None = None):
+        """Every voxel once, as converted blocks along ``axis`` (for whole-volume statistics).
+
+        A consumer that drops its block before asking for the next keeps one block alive at a time.
+        """
+        step = slab_length(self.source.shape, axis, self.source.dtype.itemsize, slab_bytes)
         for j0 in range(0, self.source.shape[axis], step):
             block = self.source.block(axis, j0, min(self.source.shape[axis], j0 + step))
-            yield j0, (self.convert(block) if self.convert is not None else block)
+            if self.convert is not None:
+                block = self.convert(block)
+            yield j0, block
+            del block
 
 
 # ------------------------------------------------------------------------------------------ streamed files
