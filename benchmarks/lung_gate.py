@@ -117,11 +117,13 @@ def main() -> None:
     args = ap.parse_args()
     import tempfile
 
+    import onnxruntime
     import torch
 
     with tempfile.TemporaryDirectory() as tmp:
         result = {
-            "machine": {"python": platform.python_version(), "torch": torch.__version__, "cores": len(__import__("os").sched_getaffinity(0))},
+            "machine": {"python": platform.python_version(), "torch": torch.__version__, "onnxruntime": onnxruntime.__version__,
+                        "cores": len(__import__("os").sched_getaffinity(0))},
             "params": vars(GateParams()), "normal_scans": normal_scans(args.data, Path(tmp)),
             "proxy_covid_slices": proxy(args.data, args.pixel_mm, args.margins, GateParams().min_inside),
             "pixel_mm": args.pixel_mm,

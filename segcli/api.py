@@ -305,6 +305,7 @@ class Segmenter:
                 b_hi = np.nanmax(chan, axis=0) if is_float else chan.max(axis=0)
             lo = b_lo if lo is None else np.fmin(lo, b_lo)
             hi = b_hi if hi is None else np.fmax(hi, b_hi)
+            del block, flat, chan  # before the next slab is decoded: one slab alive at a time
         assert lo is not None and hi is not None
         no_finite = getattr(cache.source, "no_finite_values", None)
         if is_float and (np.all(np.isnan(lo)) or (not lo.any() and not hi.any() and no_finite and no_finite())):
