@@ -2,8 +2,9 @@
 
 ``run_batch`` is what ``segcli predict`` calls for any number of inputs. With one worker it streams
 through :meth:`Segmenter.predict_many` (reader and writer threads around the compute). With W
-workers it starts W processes, each building its Segmenter once with ``cores // W`` threads, so
-W × threads never exceeds the cores actually available.
+workers it starts W processes, each building its Segmenter once from the same (pickled)
+:class:`~segcli.options.PredictOptions` with ``cores // W`` threads, so W × threads never exceeds
+the cores actually available.
 """
 
 from __future__ import annotations
@@ -12,7 +13,10 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from segcli.api import FileReport, Segmenter
+from segcli.api import Segmenter
+from segcli.errors import bug_message
+from segcli.options import PredictOptions
+from segcli.report import FileReport
 
 _WORKER: dict[str, Any] = {}
 
@@ -41,45 +45,42 @@ def check_unique_outputs(items: list[tuple[Path, Path | None]], output: Path | N
     return clashes
 
 
-def _init_worker(seg_kwargs: dict[str, Any]) -> None:
-    _WORKER["seg"] = Segmenter(**seg_kwargs)
+def _init_worker(options: PredictOptions) -> None:
+    _WORKER["seg"] = Segmenter(options=options)
 
 
-def _run_one(args: tuple[Path, Path | None, dict[str, Any]]) -> FileReport:
-    path, root, kw = args
+def _run_one(args: tuple[Path, Path | None, Path | None]) -> FileReport:
+    path, root, output = args
     try:
-        return _WORKER["seg"].predict_file(path, input_root=root, **kw)
+        return _WORKER["seg"].predict_file(path, output, input_root=root)
     except Exception as exc:  # never let one file kill a worker
-        return FileReport(input=str(path), status="failed", error=f"{path}: internal error ({type(exc).__name__}: {exc})")
+        return FileReport(input=str(path), status="failed", error=bug_message(exc, path))
 
 
 def run_batch(
     items: list[tuple[Path, Path | None]],
-    seg_kwargs: dict[str, Any],
+    options: PredictOptions,
     *,
     output: Path | None = None,
     workers: int = 1,
     prefetch: int = 2,
     segmenter: Segmenter | None = None,
     progress_for: Callable[[Path], Any] | None = None,
-    **file_kwargs: Any,
 ) -> Iterator[FileReport]:
-    """Yield one report per input, in input order."""
+    """Yield one report per input, in input order (``segmenter``: one already built from ``options``)."""
     if workers <= 1:
-        seg = segmenter or Segmenter(**seg_kwargs)
-        yield from seg.predict_many(items, output, prefetch=prefetch, progress_for=progress_for, **file_kwargs)
+        seg = segmenter or Segmenter(options=options)
+        yield from seg.predict_many(items, output, prefetch=prefetch, progress_for=progress_for)
         return
     import multiprocessing as mp
     from concurrent.futures import ProcessPoolExecutor
 
     from segcli.runtimes.device import available_cores
 
-    threads = max(1, (seg_kwargs.get("threads") or available_cores()) // workers)
-    kw = {**seg_kwargs, "threads": threads}
+    per_worker = options.replace(threads=max(1, (options.threads or available_cores()) // workers))
     with ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn"), initializer=_init_worker,
-                             initargs=(kw,)) as pool:
-        file_kw = {"output": output, **file_kwargs}
-        yield from pool.map(_run_one, [(p, r, file_kw) for p, r in items], chunksize=1)
+                             initargs=(per_worker,)) as pool:
+        yield from pool.map(_run_one, [(p, r, output) for p, r in items], chunksize=1)
 
 
 def merge_summaries(docs: list[dict[str, Any]]) -> dict[str, Any]:

@@ -17,30 +17,11 @@ from pathlib import Path
 from typing import Any
 
 from segcli.errors import BundleError
+from segcli.methods import METHODS, ROLES
+from segcli.params import lookup
 
 SCHEMA_VERSION = 1
 BUNDLE_FILE = "segcli.json"
-METHODS = ("stts", "refine", "direct", "sliding")
-ROLES = ("coarse", "fine")
-
-#: Method parameters and their defaults; a bundle overrides them, CLI flags override the bundle.
-DEFAULT_PARAMS: dict[str, Any] = {
-    "threshold": 0.5,
-    "pad": None,  # None → input_size // 8 (the reference's k)
-    "keep_aspect": True,
-    "min_side": 5,
-    "min_component": 1,
-    "keep_coarse": False,
-    "patches": 8,
-    "criterion": "pixel",
-    "refine_threshold": None,
-    "min_patch_std": None,  # refine: skip patches flatter than this (normalised intensity std)
-    "patch_size": None,  # refine: full-resolution patch side, None → fine input size
-    "overlap": 0.25,
-    "batch_size": 16,
-    "min_volume": 1,
-    "lung_gate": False,  # volumes: keep only lesions in aerated lung (segcli.lunggate); true or a dict of settings
-}
 
 
 def models_dir() -> Path:
@@ -98,10 +79,8 @@ class Bundle:
         return len(self.classes)
 
     def param(self, key: str) -> Any:
-        v = self.params.get(key, DEFAULT_PARAMS.get(key))
-        if key == "pad" and v is None:
-            return self.input_size // 8
-        return v
+        """The bundle's value for a method parameter, else the default (segcli.params)."""
+        return lookup(self.params, key, self.input_size)
 
     def network(self, role: str) -> NetworkSpec:
         """The network for ``role``; a one-network bundle serves both roles (direct training)."""

@@ -11,15 +11,14 @@ import json
 import logging
 import os
 import sys
-import tempfile
 import time
-import traceback
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 
 from segcli import __version__
+from segcli.methods import METHODS
 
 # Before torch or ONNX Runtime load: OpenMP threads that spin while waiting get descheduled on a
 # machine shared with other jobs (a batch node, CI), which made steps 5-10x slower here; passive
@@ -61,17 +60,11 @@ def _setup_logging(log_file: Path | None) -> Path | None:
     return log_file
 
 
-def _bug(exc: BaseException, log_file: Path | None) -> None:
-    """A segcli bug: one short line on stderr, the traceback in a log file."""
-    tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
-    if log_file is None:
-        fd, name = tempfile.mkstemp(prefix="segcli-crash-", suffix=".log")
-        with os.fdopen(fd, "w") as f:
-            f.write(tb)
-        log_file = Path(name)
-    else:
-        log.error("internal error\n%s", tb)
-    print(f"segcli: internal error ({type(exc).__name__}: {exc}); this is a bug, traceback in {log_file}", file=sys.stderr)
+def _bug(exc: BaseException) -> None:
+    """A segcli bug: one short line on stderr, the traceback in the log file or a temporary file."""
+    from segcli.errors import bug_message
+
+    print(f"segcli: {bug_message(exc)}", file=sys.stderr)
 
 
 def _fail(message: str, code: int) -> typer.Exit:
@@ -116,7 +109,7 @@ def predict(
     inputs: Annotated[list[Path], typer.Argument(help="Images, volumes, DICOM folders or folders of them; '-' reads paths from stdin.")],
     output: Annotated[Path | None, typer.Option("-o", "--output", help="Output file (one input) or folder. Default: beside each input, as NAME_seg.EXT.")] = None,
     model: Annotated[str | None, typer.Option("-m", "--model", help="Bundle folder or shipped model name (see `segcli models`). Default: models/index.json.")] = None,
-    method: Annotated[str | None, typer.Option(help="stts | refine | direct | sliding (default: the bundle's).")] = None,
+    method: Annotated[str | None, typer.Option(help=f"{' | '.join(METHODS)} (default: the bundle's).")] = None,
     backend: Annotated[str, typer.Option(help="auto (ONNX Runtime when the bundle carries an export, else torch) | torch | onnx")] = "auto",
     device: Annotated[str, typer.Option(help="auto | cpu | cuda | cuda:N")] = "auto",
     threads: Annotated[int | None, typer.Option(help="Intra-op threads (default: the cores really available).")] = None,
@@ -158,22 +151,25 @@ def predict(
     """Segment images and volumes; a batch goes on past bad files and exits 1 if any failed."""
     from segcli.api import Segmenter
     from segcli.errors import BundleError, SegcliError
+    from segcli.options import PredictOptions
 
     _setup_logging(log_file)
     console = _stderr_console(quiet)
     try:
-        seg = Segmenter(
-            model, method=method, backend=backend, device=device, threads=threads, channels=channels, half=half,
-            size=size, max_memory=max_memory, pyramid=pyramid, mpp=mpp, max_downscale=max_downscale,
-            max_zoom=max_zoom, tile_size=tile_size,
-            overrides={
+        options = PredictOptions(
+            model=model, method=method, backend=backend, device=device, threads=threads, channels=channels,
+            half=half, size=size, max_memory=max_memory, pyramid=pyramid, mpp=mpp, max_downscale=max_downscale,
+            max_zoom=max_zoom, tile_size=tile_size, probabilities=probabilities, skip_existing=skip_existing,
+            stats=stats is not None, lock=lock,
+            params={
                 "pad": pad, "threshold": threshold, "keep_coarse": keep_coarse, "keep_aspect": False if square_resize else None,
                 "patches": patches, "criterion": criterion, "refine_threshold": refine_threshold, "patch_size": patch_size, "min_patch_std": min_patch_std,
                 "overlap": overlap, "batch_size": batch_size, "min_volume": min_volume, "lung_gate": lung_gate,
             },
         )
-        if criterion is not None and criterion not in ("pixel", "mean"):
-            raise _fail(f"--criterion must be 'pixel' or 'mean', not {criterion!r}", EXIT_USAGE)
+        if workers < 1:
+            raise _fail("--workers must be >= 1", EXIT_USAGE)
+        seg = Segmenter(options=options)
         if model is not None:
             seg.warm_up("2d")  # a bad --model is a usage error, reported once, not per file
         items = _expand_inputs(inputs, output)
@@ -195,8 +191,6 @@ def predict(
         if shard is not None:
             k, n = parse_shard(shard)
             items = select_shard(items, k, n, key=lambda it: it[0])
-        if workers < 1:
-            raise _fail("--workers must be >= 1", EXIT_USAGE)
     except SegcliError as exc:
         raise _fail(str(exc), exc.exit_code) from None
     clashes = check_unique_outputs(items, output)
@@ -208,9 +202,6 @@ def predict(
     for rep in clashes:
         _report_line(console, rep)
     t_start = time.perf_counter()
-    seg_kwargs = dict(model=model, method=method, backend=backend, device=device, threads=threads, channels=channels,
-                      half=half, size=size, overrides=seg.overrides, max_memory=max_memory, pyramid=pyramid, mpp=mpp,
-                      max_downscale=max_downscale, max_zoom=max_zoom, tile_size=tile_size)
     with _progress(console, quiet) as prog:
         overall = prog.add_task("files", total=len(items)) if prog else None
         stage = {"task": None}
@@ -228,10 +219,8 @@ def predict(
             return on_progress
 
         try:
-            for rep in run_batch(items, seg_kwargs, output=output, workers=workers, prefetch=prefetch,
-                                 segmenter=seg if workers == 1 else None, progress_for=progress_for,
-                                 probabilities=probabilities, skip_existing=skip_existing,
-                                 stats=stats is not None, lock=lock):
+            for rep in run_batch(items, options, output=output, workers=workers, prefetch=prefetch,
+                                 segmenter=seg if workers == 1 else None, progress_for=progress_for):
                 reports.append(rep)
                 _extras(seg, rep, preview, arsm_maps)
                 log.debug("file %s: %s", rep.input, json.dumps(rep.to_dict(), default=str))
@@ -517,5 +506,5 @@ def main() -> None:
     except SystemExit:
         raise
     except Exception as exc:
-        _bug(exc, None)
+        _bug(exc)
         sys.exit(EXIT_BUG)

@@ -157,21 +157,3 @@ def case_metrics(
         m.update(object_recall(p, g))
         out[int(c)] = m
     return out
-
-
-def batch_dice(pred: np.ndarray, target: np.ndarray) -> np.ndarray:
-    """Per-sample Dice of binary masks stacked on axis 0 (validation during training)."""
-    p = np.asarray(pred, dtype=bool).reshape(len(pred), -1)
-    t = np.asarray(target, dtype=bool).reshape(len(target), -1)
-    tp = (p & t).sum(1)
-    den = p.sum(1) + t.sum(1)
-    return np.where(den > 0, 2.0 * tp / np.maximum(den, 1), 1.0)
-
-
-def batch_iou(pred: np.ndarray, target: np.ndarray) -> np.ndarray:
-    """Per-sample IoU of binary masks stacked on axis 0."""
-    p = np.asarray(pred, dtype=bool).reshape(len(pred), -1)
-    t = np.asarray(target, dtype=bool).reshape(len(target), -1)
-    inter = (p & t).sum(1)
-    union = (p | t).sum(1)
-    return np.where(union > 0, inter / np.maximum(union, 1), 1.0)

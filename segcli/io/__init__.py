@@ -132,7 +132,19 @@ def _nifti_magic(head: bytes) -> bool:
     )
 
 
-def _sniff(path: Path) -> str | None:
+def sniff_input(path: Path) -> str | None:
+    """The content kind of an input file, or None for a folder or a file that cannot be sniffed.
+
+    The pipeline sniffs each input once and hands the kind to the output namer and the readers;
+    None makes them sniff again themselves, so a bad file still gets its precise error.
+    """
+    try:
+        return sniff(path) if Path(path).is_file() else None
+    except (OSError, InputError):
+        return None
+
+
+def sniff(path: Path) -> str | None:
     """Content kind from magic bytes, or None when no supported reader recognises it."""
     with open(path, "rb") as fh:
         head = fh.read(1024)
@@ -181,8 +193,11 @@ def _sitk_name(path: Path, content: str) -> Iterator[Path]:
         yield alias
 
 
-def open_image(path: Path | str, series_id: str | None = None) -> LoadedImage:
-    """Read any supported image (file or DICOM folder) into a :class:`LoadedImage`, by content."""
+def open_image(path: Path | str, series_id: str | None = None, content: str | None = None) -> LoadedImage:
+    """Read any supported image (file or DICOM folder) into a :class:`LoadedImage`, by content.
+
+    ``content``: the kind :func:`sniff` already found, so the file is not sniffed twice.
+    """
     from segcli.io import medical
 
     path = Path(path)
@@ -193,7 +208,8 @@ def open_image(path: Path | str, series_id: str | None = None) -> LoadedImage:
     try:
         if path.stat().st_size == 0:
             raise InputError("file is empty (0 bytes)", path)
-        content = _sniff(path)
+        if content is None:
+            content = sniff(path)
     except PermissionError:
         raise InputError("permission denied", path) from None
     warnings: list[str] = []
@@ -295,7 +311,7 @@ def write_probabilities(probs: np.ndarray, like: LoadedImage, path: Path | str) 
     return path
 
 
-def _output_extension(input_path: Path) -> str:
+def _output_extension(input_path: Path, content: str | None = None) -> str:
     """Mask extension for an input: same family, but never JPEG and never a detached .mhd/.raw pair."""
     if input_path.is_dir():
         return ".nii.gz"
@@ -308,9 +324,9 @@ def _output_extension(input_path: Path) -> str:
         ".jpeg": ".png",
         ".btf": ".tif",
     }
-    content = None
-    with contextlib.suppress(OSError, InputError):
-        content = _sniff(input_path)
+    if content is None:
+        with contextlib.suppress(OSError, InputError):
+            content = sniff(input_path)
     if content in _SITK_CONTENT_OUT and _EXT_KIND.get(ext) not in (None, *_SITK_CONTENT_OUT):
         # A volume misnamed as .png/.tif: its mask needs a format that keeps 3D geometry, so it
         # follows the content (which open_image reads, with a warning), not the misleading name.
@@ -331,10 +347,11 @@ def default_output_path(
     out: Path | str | None = None,
     suffix: str = "_seg",
     is_dir_input_root: Path | str | None = None,
+    content: str | None = None,
 ) -> Path:
     """Where the mask for ``input_path`` goes: beside it, inside ``out`` (mirroring a walked tree), or ``out``."""
     input_path = Path(input_path)
-    ext = _output_extension(input_path)
+    ext = _output_extension(input_path, content)
     stem = input_path.name if input_path.is_dir() else split_extension(input_path.name)[0]
     name = f"{stem}{suffix}{ext}"
     if out is None:

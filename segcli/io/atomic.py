@@ -12,6 +12,7 @@ import os
 import secrets
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 # Extensions made of two suffixes that writers only recognise whole.
 _DOUBLE_EXTENSIONS = (".nii.gz", ".ome.tif", ".ome.tiff")
@@ -67,3 +68,47 @@ def atomic_path(final: Path) -> Iterator[Path]:
             tmp.unlink()
         raise
     _fsync_dir(final.parent)
+
+
+class OutputLock:
+    """An advisory lock beside an output (``.NAME.lock``), so two processes never compute the same mask.
+
+    ``acquire()`` never waits: False means another process holds it (the input is skipped). The lock
+    file is removed on ``release()``. Usable as a context manager.
+    """
+
+    def __init__(self, final: Path) -> None:
+        self.path = Path(final).with_name(f".{Path(final).name}.lock")
+        self._fh: Any = None
+
+    def acquire(self) -> bool:
+        import fcntl
+
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fh = open(self.path, "a+")  # noqa: SIM115 - held until release()
+        try:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            fh.close()
+            return False
+        self._fh = fh
+        return True
+
+    def release(self) -> None:
+        if self._fh is None:
+            return
+        import fcntl
+
+        try:
+            with contextlib.suppress(OSError):
+                self.path.unlink()  # while still held: a waiting process then locks a fresh file
+            fcntl.flock(self._fh.fileno(), fcntl.LOCK_UN)
+        finally:
+            self._fh.close()
+            self._fh = None
+
+    def __enter__(self) -> bool:
+        return self.acquire()
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
