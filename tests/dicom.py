@@ -10,8 +10,12 @@ import SimpleITK as sitk
 
 
 def write_dicom_series(folder: Path, image: sitk.Image, uid: str, prefix: str = "slice",
-                       description: str = "segcli test") -> None:
+                       description: str = "segcli test", frame_of_reference: str | None = None,
+                       study: str | None = None) -> None:
     """One file per slice with position, orientation and spacing tags that reproduce ``image``'s geometry.
+
+    ``frame_of_reference`` adds a FrameOfReferenceUID (a DICOM SEG needs one; GDCM writes none) and
+    ``study`` one StudyInstanceUID for every slice (GDCM makes a new one per file otherwise).
 
     SimpleITK's DICOM writer switches the process to the C locale; the caller's locale is restored.
     """
@@ -30,6 +34,10 @@ def write_dicom_series(folder: Path, image: sitk.Image, uid: str, prefix: str = 
             ("0008|103e", description),
             ("0008|0060", "CT"),
         ]
+        if frame_of_reference:
+            tags.append(("0020|0052", frame_of_reference))
+        if study:
+            tags.append(("0020|000d", study))
         for i in range(image.GetDepth()):
             slice_i = image[:, :, i]
             for tag, value in tags:

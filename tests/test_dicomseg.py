@@ -222,7 +222,7 @@ def test_multi_series_folder_references_only_the_chosen_series(tmp_path):
     referenced = {r.ReferencedSOPInstanceUID for r in seg.ReferencedSeriesSequence[0].ReferencedInstanceSequence}
     assert referenced == {pydicom.dcmread(f).SOPInstanceUID for f in chosen}
     assert not referenced & {pydicom.dcmread(f).SOPInstanceUID for f in other}
-    with pytest.raises(InputError, match="another SeriesInstance"):
+    with pytest.raises(InputError, match="another series"):
         _write(tmp_path / "bad.dcm", np.zeros((len(files) + 1, *SHAPE[1:]), np.uint8), [*files, other[0]])
 
 
@@ -372,3 +372,67 @@ def test_bundle_codes_are_parsed_and_validated(tmp_path):
     raw.pop("codes", None)
     (root / "segcli.json").write_text(json.dumps(raw))
     assert load_bundle(root).codes == {}
+
+
+@pytest.mark.parametrize("geometry", list(GEOMETRIES))
+def test_seg_and_nifti_mask_agree_voxel_by_voxel_in_patient_space(tmp_path, geometry):
+    """The same mask written to NIfTI by segcli and to DICOM SEG lands on the same physical points."""
+    import SimpleITK as sitk
+
+    from segcli.io.medical import read_dicom_folder, to_original_axes, write_mask
+
+    origin, row, col, spacing, descending = GEOMETRIES[geometry]
+    vol = np.random.default_rng(7).integers(-1000, 1000, SHAPE)
+    write_pydicom_series(tmp_path / "ct", vol, origin=origin, row_dir=_unit(row), col_dir=_unit(col),
+                         spacing=spacing, descending=descending)
+    loaded = read_dicom_folder(tmp_path / "ct")
+    canonical = np.zeros(loaded.array.shape[:3], np.uint8)
+    canonical[loaded.array[..., 0] > 600] = 1
+    canonical[loaded.array[..., 0] < -900] = 2
+    canonical[:, :, : canonical.shape[2] // 3] = 0  # an asymmetric cut, so a flip cannot pass
+    write_mask(canonical, loaded, tmp_path / "mask.nii.gz")
+    labels = to_original_axes(canonical, loaded.meta)
+    _write(tmp_path / "seg.dcm", labels, loaded.meta["files"])
+
+    nii = sitk.ReadImage(str(tmp_path / "mask.nii.gz"))
+    nii_arr = sitk.GetArrayFromImage(nii)
+    to_index = np.linalg.inv(np.array(nii.GetDirection()).reshape(3, 3) @ np.diag(nii.GetSpacing()))
+    seg = hd.seg.segread(tmp_path / "seg.dcm")
+    class_of = {int(s.SegmentNumber): CLASSES.index(s.SegmentLabel) for s in seg.SegmentSequence}
+    iop = np.array(seg.SharedFunctionalGroupsSequence[0].PlaneOrientationSequence[0].ImageOrientationPatient, float)
+    ps = np.array(seg.SharedFunctionalGroupsSequence[0].PixelMeasuresSequence[0].PixelSpacing, float)
+    rr, cc = np.mgrid[0:seg.Rows, 0:seg.Columns]
+    pixels = seg.pixel_array.reshape(-1, seg.Rows, seg.Columns)
+    seen = 0
+    for item, frame in zip(seg.PerFrameFunctionalGroupsSequence, pixels, strict=True):
+        ipp = np.array(item.PlanePositionSequence[0].ImagePositionPatient, float)
+        pts = ipp + cc[..., None] * ps[1] * iop[:3] + rr[..., None] * ps[0] * iop[3:]
+        idx = np.rint((pts - np.array(nii.GetOrigin())) @ to_index.T).astype(int)  # (x, y, z) index
+        values = nii_arr[idx[..., 2], idx[..., 1], idx[..., 0]]
+        number = int(item.SegmentIdentificationSequence[0].ReferencedSegmentNumber)
+        np.testing.assert_array_equal(frame.astype(bool), values == class_of[number])
+        seen += int(frame.sum())
+    assert seen == int(np.count_nonzero(nii_arr)) > 0
+
+
+def test_series_from_the_simpleitk_writer_without_slice_thickness(tmp_path):
+    """GDCM writes no SliceThickness: the SEG takes the measured slice distance and says so."""
+    import SimpleITK as sitk
+
+    from segcli.io.medical import read_dicom_folder, to_original_axes
+    from tests.dicom import write_dicom_series
+
+    arr = (np.random.default_rng(0).random((6, 32, 24)) * 1000).astype(np.int16)
+    img = sitk.GetImageFromArray(arr)
+    img.SetSpacing((0.7, 0.8, 2.0))
+    img.SetOrigin((1.0, 2.0, 3.0))
+    img.SetDirection((1, 0, 0, 0, 0, 1, 0, -1, 0))  # coronal slices
+    uid = "1.2.826.0.1.3680043.2.1125.99"
+    write_dicom_series(tmp_path / "ct", img, uid, frame_of_reference=uid + ".1", study=uid + ".2")
+    loaded = read_dicom_folder(tmp_path / "ct")
+    labels = to_original_axes((loaded.array[..., 0] > 800).astype(np.uint8), loaded.meta)
+    report = _write(tmp_path / "seg.dcm", labels, loaded.meta["files"])
+    assert report["slice_thickness_from_spacing"] is True
+    seg = pydicom.dcmread(tmp_path / "seg.dcm")
+    assert float(seg.SharedFunctionalGroupsSequence[0].PixelMeasuresSequence[0].SliceThickness) == pytest.approx(2.0)
+    np.testing.assert_array_equal(dicomseg.align_dicom_seg(tmp_path / "seg.dcm", loaded.meta["files"]), labels)

@@ -153,8 +153,11 @@ def _encoding(compress: bool | str) -> tuple[str, str, str]:
 
 
 # --------------------------------------------------------------------------------------------- write
-def _source_headers(source_files: Sequence[str | os.PathLike[str]], shape: tuple[int, ...]) -> list[Any]:
-    """Headers of the source slices, checked to form one single-frame series with one orientation."""
+def _source_headers(
+    source_files: Sequence[str | os.PathLike[str]], shape: tuple[int, ...]
+) -> tuple[list[Any], float | None]:
+    """Headers of the source slices, checked to form one single-frame series with one orientation,
+    and the median distance between neighbouring slices (None for one slice)."""
     headers = []
     for f in source_files:
         ds = _read_header(f)
@@ -171,9 +174,10 @@ def _source_headers(source_files: Sequence[str | os.PathLike[str]], shape: tuple
     first, path0 = headers[0], source_files[0]
     iop0 = _floats(first.ImageOrientationPatient, 6, "ImageOrientationPatient", path0)
     for ds, f in zip(headers[1:], source_files[1:], strict=True):
-        for key in ("StudyInstanceUID", "SeriesInstanceUID", "FrameOfReferenceUID"):
+        for key, what in (("StudyInstanceUID", "study"), ("SeriesInstanceUID", "series"),
+                          ("FrameOfReferenceUID", "frame of reference")):
             if ds[key].value != first[key].value:
-                raise InputError(f"slice belongs to another {key[:-3]} than {Path(path0).name}; pass one series", f)
+                raise InputError(f"slice belongs to another {what} than {Path(path0).name}; pass one series", f)
         iop = _floats(ds.ImageOrientationPatient, 6, "ImageOrientationPatient", f)
         if not np.allclose(iop, iop0, atol=1e-4):
             raise InputError(f"slice orientation differs from {Path(path0).name}; a DICOM SEG needs one orientation", f)
@@ -185,19 +189,29 @@ def _source_headers(source_files: Sequence[str | os.PathLike[str]], shape: tuple
     if gaps.size and gaps.min() < _POSITION_TOL_MM:
         i = int(order[int(np.argmin(gaps)) + 1])
         raise InputError("two slices of the series share one position; cannot write a DICOM SEG", source_files[i])
-    return headers
+    return headers, (float(np.median(gaps)) if gaps.size else None)
 
 
-def _for_highdicom(ds: Any) -> tuple[Any, list[str]]:
-    """A copy of a source header with every absent Type 2 attribute highdicom copies present but empty."""
+def _for_highdicom(ds: Any, slice_spacing: float | None, path: Any) -> tuple[Any, list[str], bool]:
+    """A copy of a source header that highdicom accepts: absent Type 2 attributes present but empty, and
+    an absent or empty SliceThickness (Type 2 in CT/MR) taken as the distance between the slices."""
     out = ds.copy()
     empty = []
     for key in _TYPE2_COPIED:
         if key not in out:
             setattr(out, key, None)
             empty.append(key)
-    # highdicom copies the orientation exactly; every slice gets the first one (checked equal above)
-    return out, empty
+    thickness_derived = False
+    try:
+        ok = float(out.get("SliceThickness")) > 0
+    except (TypeError, ValueError):
+        ok = False
+    if not ok:
+        if slice_spacing is None:
+            raise InputError("slice has no SliceThickness and no neighbour to measure it from", path)
+        out.SliceThickness = f"{slice_spacing:.6g}"
+        thickness_derived = True
+    return out, empty, thickness_derived
 
 
 def write_dicom_seg(
@@ -242,7 +256,7 @@ def write_dicom_seg(
     bad = [v for v in present if v < 0 or v >= len(classes)]
     if bad:
         raise UsageError(f"label value {bad[0]} has no class (the bundle has {len(classes)} classes)")
-    headers = _source_headers(files, labels.shape)
+    headers, slice_spacing = _source_headers(files, labels.shape)
     base = {
         "path": None,
         "format": "dicom-seg",
@@ -284,11 +298,12 @@ def write_dicom_seg(
         lut[class_id] = number
     seg_array = lut[labels.astype(np.intp, copy=False)]
 
-    sources, emptied = [], set()
-    for ds in headers:
-        copy, empty = _for_highdicom(ds)
+    sources, emptied, thickness_derived = [], set(), False
+    for ds, f in zip(headers, files, strict=True):
+        copy, empty, derived = _for_highdicom(ds, slice_spacing, f)
         sources.append(copy)
         emptied.update(empty)
+        thickness_derived = thickness_derived or derived
     first = headers[0]
     if series_number is None:
         try:
@@ -345,6 +360,7 @@ def write_dicom_seg(
         "study_instance_uid": str(seg.StudyInstanceUID),
         "frame_of_reference_uid": str(seg.FrameOfReferenceUID),
         "empty_type2_attributes": sorted(emptied),
+        "slice_thickness_from_spacing": thickness_derived,
         "bytes": out_path.stat().st_size,
     }
 
