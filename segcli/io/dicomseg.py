@@ -556,6 +556,23 @@ def to_sitk_image(labels: np.ndarray, meta: Mapping[str, Any]):
     return image
 
 
+def dicom_seg_on_grid(path: str | os.PathLike[str], reference, classes: Sequence[str] | None = None) -> np.ndarray:
+    """The SEG's labels resampled (nearest neighbour) onto a SimpleITK ``reference`` image's grid.
+
+    For scoring a SEG against a NIfTI/MHA/NRRD ground truth: returns the label array in the
+    reference's numpy order (``sitk.GetArrayFromImage`` layout); voxels outside the SEG's frames
+    are background. On the source series' own lattice the values are exact, not interpolated.
+    """
+    import SimpleITK as sitk
+
+    labels, meta = read_dicom_seg(path, classes)
+    if labels.size == 0:
+        return np.zeros(tuple(reversed(reference.GetSize())), np.uint8)
+    moved = sitk.Resample(to_sitk_image(labels, meta), reference, sitk.Transform(), sitk.sitkNearestNeighbor, 0,
+                          sitk.sitkUInt8)
+    return sitk.GetArrayFromImage(moved)
+
+
 def align_dicom_seg(
     seg: str | os.PathLike[str],
     source_files: Sequence[str | os.PathLike[str]],
