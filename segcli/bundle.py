@@ -73,6 +73,8 @@ class Bundle:
     info: dict[str, Any] = field(default_factory=dict)
     training: dict[str, Any] = field(default_factory=dict)
     raw: dict[str, Any] = field(default_factory=dict)
+    #: optional DICOM codes per class name (see :func:`parse_codes`); a class without gets a generic code
+    codes: dict[str, dict[str, dict[str, str]]] = field(default_factory=dict)
 
     @property
     def n_classes(self) -> int:
@@ -199,6 +201,42 @@ def _migrate(raw: dict[str, Any], path: Path) -> dict[str, Any]:
     raise BundleError(f"unsupported bundle schema_version {version!r} (this segcli reads version {SCHEMA_VERSION})", path / BUNDLE_FILE)
 
 
+CODE_ROLES = ("category", "type", "region")
+
+
+def parse_codes(value: Any, classes: list[str], where: Path) -> dict[str, dict[str, dict[str, str]]]:
+    """The optional ``codes`` field: ``{class name: {"category": code, "type": code[, "region": code]}}``.
+
+    A code is ``{"scheme": "SCT", "value": "68496003", "meaning": "Polyp of colon"}`` (DICOM coded
+    concept: CID 7150 categories, CID 7151 types, CID 4 regions). Used for DICOM SEG segment descriptions.
+    """
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise BundleError("codes must be an object mapping class names to their codes", where)
+    out: dict[str, dict[str, dict[str, str]]] = {}
+    for name, roles in value.items():
+        if name not in classes:
+            raise BundleError(f"codes: {name!r} is not a class of this bundle ({classes})", where)
+        if not isinstance(roles, dict) or "type" not in roles or "category" not in roles:
+            raise BundleError(f"codes: {name!r} needs a category and a type code", where)
+        unknown = sorted(set(roles) - set(CODE_ROLES))
+        if unknown:
+            raise BundleError(f"codes: {name!r} has unknown {unknown[0]!r} (allowed: {', '.join(CODE_ROLES)})", where)
+        out[name] = {}
+        for role, code in roles.items():
+            ok = isinstance(code, dict) and all(
+                isinstance(code.get(k), str) and code[k].strip() for k in ("scheme", "value", "meaning")
+            )
+            if not ok or len(code["meaning"]) > 64 or len(code["value"]) > 64:
+                raise BundleError(
+                    f"codes: {name!r} {role} must be {{scheme, value, meaning}} strings (meaning up to 64 characters)",
+                    where,
+                )
+            out[name][role] = {k: code[k].strip() for k in ("scheme", "value", "meaning")}
+    return out
+
+
 def resolve_model(model: str | os.PathLike[str] | None, kind: str = "2d") -> Path:
     """A bundle folder from a path, a shipped bundle name, or None for the default of ``kind``."""
     if model is None:
@@ -267,6 +305,7 @@ def load_bundle(model: str | os.PathLike[str] | None = None, kind: str = "2d") -
         )
     except (KeyError, TypeError, ValueError) as exc:
         raise BundleError(f"malformed bundle: missing or bad field {exc}", cfg_path) from None
+    bundle.codes = parse_codes(raw.get("codes"), bundle.classes, cfg_path)
     if bundle.method not in METHODS:
         raise BundleError(f"unknown method {bundle.method!r}", cfg_path)
     if bundle.n_classes < 2:
