@@ -139,6 +139,7 @@ def predict(
     max_downscale: Annotated[float | None, typer.Option(help="Big images: the largest allowed factor between full resolution and the rough pass (default 16); beyond it the rough pass runs tiled.")] = None,
     max_zoom: Annotated[float | None, typer.Option(help="Big images: a fine box wider than S × this is processed as tiles at this zoom (default 4).")] = None,
     tile_size: Annotated[int, typer.Option(help="Tile size of big TIFF masks.")] = 512,
+    output_type: Annotated[str, typer.Option("--output-type", help="auto (the format follows -o's extension, else the input's family) | dicom-seg (a DICOM Segmentation referencing the input series; DICOM series inputs only; implied by -o NAME.dcm).")] = "auto",
     preview: Annotated[bool, typer.Option("--preview", help="Also write NAME_seg_preview.png: the mask over the image (a few slices for a volume).")] = False,
     arsm_maps: Annotated[Path | None, typer.Option(help="ARSM models: write per-class PNGs of the resolution the gate chose into this folder.")] = None,
     probabilities: Annotated[bool, typer.Option("--probabilities", help="Also write float32 class probabilities (NAME_seg_probs.EXT).")] = False,
@@ -160,6 +161,7 @@ def predict(
             model=model, method=method, backend=backend, device=device, threads=threads, channels=channels,
             half=half, size=size, max_memory=max_memory, pyramid=pyramid, mpp=mpp, max_downscale=max_downscale,
             max_zoom=max_zoom, tile_size=tile_size, probabilities=probabilities, skip_existing=skip_existing,
+            output_type="dicom-seg" if output is not None and output.name.lower().endswith(".dcm") else output_type,
             stats=stats is not None, lock=lock,
             params={
                 "pad": pad, "threshold": threshold, "keep_coarse": keep_coarse, "keep_aspect": False if square_resize else None,
@@ -179,6 +181,13 @@ def predict(
         raise _fail(str(exc), exc.exit_code) from None
     if not items:
         raise _fail("no input images found", EXIT_USAGE)
+    if options.output_type == "dicom-seg":
+        from segcli import io
+
+        for path, _ in items:
+            if not io.is_dicom_series(path):
+                raise _fail(f"{path}: --output-type dicom-seg needs a DICOM series folder as input; "
+                            "write NIfTI (the default) for other inputs", EXIT_USAGE)
     if len(items) > 1 and output is not None and output.suffix and not output.is_dir():
         raise _fail(f"-o {output} looks like a file but there are {len(items)} inputs; give a folder", EXIT_USAGE)
     if output is not None and (len(items) > 1 or any(root for _, root in items)):

@@ -19,6 +19,9 @@ from segcli.methods import METHODS
 from segcli.params import TILE_SIZE, check_param, check_range
 
 BACKENDS = ("auto", "torch", "onnx")
+#: ``auto``: the mask format follows ``-o``'s extension, else the input's family (segcli.io);
+#: ``dicom-seg``: a DICOM Segmentation referencing the input series (DICOM series inputs only).
+OUTPUT_TYPES = ("auto", "dicom-seg")
 CHANNEL_MODES = ("keep", "grey", "rgb")
 
 
@@ -50,6 +53,7 @@ class PredictOptions:
     tile_size: int = TILE_SIZE
     stream_volumes: bool = True  # NIfTI, raw MetaImage and DICOM series decoded slab by slab
     # Outputs and batch behaviour
+    output_type: str = "auto"
     probabilities: bool = False
     skip_existing: bool = False
     stats: bool = False
@@ -63,6 +67,8 @@ class PredictOptions:
             raise UsageError(f"unknown method {self.method!r}; use one of {', '.join(METHODS)}")
         if self.backend not in BACKENDS:
             raise UsageError(f"--backend must be one of {', '.join(BACKENDS)}, not {self.backend!r}")
+        if self.output_type not in OUTPUT_TYPES:
+            raise UsageError(f"--output-type must be one of {', '.join(OUTPUT_TYPES)}, not {self.output_type!r}")
         if self.channels not in CHANNEL_MODES:
             raise UsageError(f"--channels must be keep, grey or rgb, not {self.channels!r}")
         set_(self, "params", {k: check_param(k, v) for k, v in dict(self.params or {}).items() if v is not None})

@@ -34,7 +34,7 @@ from segcli.engines.base import ProgressFn, Result
 from segcli.errors import EmptyImageError, SegcliError, bug_message
 from segcli.geometry import slice_axis
 from segcli.io.atomic import OutputLock
-from segcli.io.naming import probabilities_path
+from segcli.io.naming import probabilities_path, with_extension
 from segcli.report import FileReport, count_labels, fill_counts, fill_run
 
 if TYPE_CHECKING:
@@ -134,7 +134,12 @@ class InMemoryRoute:
 
     def write(self, seg: Segmenter, job: Job) -> None:
         assert self.res is not None and job.out is not None
-        io.write_mask(self.res.labels, self.img, job.out)
+        if seg.options.output_type == "dicom-seg":
+            from segcli.io.medical import to_original_axes
+
+            write_dicom_seg(seg, job, to_original_axes(self.res.labels, self.img.meta), self.img.meta)
+        else:
+            io.write_mask(self.res.labels, self.img, job.out)
         if seg.options.probabilities and self.res.probs is not None:
             io.write_probabilities(self.res.probs, self.img, probabilities_path(job.out))
 
@@ -192,7 +197,9 @@ class StreamedVolumeRoute:
 
         res, out = self.res, job.out
         assert res is not None and out is not None
-        if self.buf is not None and out.name.lower().endswith((".nii", ".nii.gz")):
+        if seg.options.output_type == "dicom-seg" and self.buf is not None:
+            write_dicom_seg(seg, job, self.buf, self.vol.meta)
+        elif self.buf is not None and out.name.lower().endswith((".nii", ".nii.gz")):
             niftistream.write_mask(self.buf, self.vol.meta, out)  # plane by plane, no copy
         else:
             io.write_mask(res.labels, self.vol, out)
@@ -289,6 +296,31 @@ class TiledTiffRoute:
         self.plane.close()
 
 
+def write_dicom_seg(seg: Segmenter, job: Job, file_order_labels: np.ndarray, meta: dict[str, Any]) -> None:
+    """The mask as a DICOM SEG referencing the input series (file-order planes, one per source file).
+
+    An empty mask writes no SEG: the report says so and the output field is cleared.
+    """
+    from segcli import __version__
+    from segcli.io import dicomseg
+
+    files = meta.get("files")
+    if meta.get("source") != "dicom" or not files:
+        raise SegcliError("DICOM SEG output needs a DICOM series as input", job.path)
+    bundle = seg.bundle_for("volume")
+    coarse = bundle.networks.get("coarse") or next(iter(bundle.networks.values()))
+    version = str(bundle.raw.get("version") or (coarse.sha256 or "unknown")[:12])
+    assert job.out is not None
+    result = dicomseg.write_dicom_seg(job.out, file_order_labels, files, classes=bundle.classes, codes=bundle.codes,
+                                      bundle_name=bundle.name, bundle_version=version, segcli_version=__version__)
+    job.rep.info["dicom_seg"] = {k: v for k, v in result.items() if k in (
+        "written", "status", "segments", "frames", "compression", "transfer_syntax", "referenced_series_instance_uid",
+        "sop_instance_uid", "series_instance_uid", "bytes")}
+    if not result.get("written"):
+        job.rep.output = None
+        job.rep.warnings.append("no foreground: no DICOM SEG written")
+
+
 # -- choosing a route and checking memory ------------------------------------------------------------
 
 
@@ -373,6 +405,8 @@ def read(seg: Segmenter, path: Path, output: str | Path | None, *, input_root: P
         content = io.sniff_input(path)
         out = io.default_output_path(path, Path(output) if output is not None else None,
                                      is_dir_input_root=input_root, content=content)
+        if opts.output_type == "dicom-seg" and not out.name.lower().endswith(".dcm"):
+            out = with_extension(out, ".dcm")
         job.out = out
         job.rep.output = str(out)
         if opts.lock:

@@ -29,6 +29,7 @@ __all__ = [
     "LoadedImage",
     "default_output_path",
     "describe",
+    "is_dicom_series",
     "is_image_path",
     "list_images",
     "open_image",
@@ -358,7 +359,7 @@ def default_output_path(
         return input_path.parent / name
     out_is_dir = str(out).endswith(("/", os.sep)) or Path(out).is_dir()
     out = Path(out)
-    if not out_is_dir and _extension(out) in (*_SITK_OUT, *_TIFF_OUT, *_RASTER_OUT, ".jpg", ".jpeg"):
+    if not out_is_dir and _extension(out) in (*_SITK_OUT, *_TIFF_OUT, *_RASTER_OUT, ".jpg", ".jpeg", ".dcm"):
         return out
     if is_dir_input_root is not None:
         with contextlib.suppress(ValueError):
@@ -391,6 +392,12 @@ def _is_dicom_dir(folder: Path, files: list[Path] | None = None) -> bool:
     from segcli.io.medical import dicom_series
 
     return bool(dicom_series(folder))
+
+
+def is_dicom_series(p: Path | str) -> bool:
+    """True for a folder holding a DICOM series (what ``--output-type dicom-seg`` can reference)."""
+    p = Path(p)
+    return p.is_dir() and _is_dicom_dir(p)
 
 
 def is_image_path(p: Path | str) -> bool:
@@ -463,6 +470,10 @@ def _intensity(array: np.ndarray) -> dict[str, float | int | None]:
 def describe(path: Path | str, series_id: str | None = None) -> dict[str, Any]:
     """Facts for ``segcli info``: geometry, dtype, intensity range and container details."""
     path = Path(path)
+    from segcli.io.dicomseg import describe_dicom_seg, is_dicom_seg
+
+    if is_dicom_seg(path):
+        return describe_dicom_seg(path)
     image = open_image(path, series_id)
     array = image.array
     info: dict[str, Any] = {

@@ -619,3 +619,24 @@ def align_dicom_seg(
         elif number in mapping:
             out[i][frame > threshold] = mapping[number]
     return out
+
+
+def describe_dicom_seg(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """Facts for ``segcli info`` on a DICOM SEG: its grid, segments, frames and the series it references."""
+    labels, meta = read_dicom_seg(path)
+    p = Path(path)
+    return {
+        "path": str(p),
+        "kind": "dicom-seg",
+        "spatial_shape": list(labels.shape),
+        "channels": 1,
+        "dtype": str(labels.dtype),
+        "spacing": [float(v) for v in reversed(meta["spacing"])],
+        "origin": [float(v) for v in meta["origin"]],
+        "direction": [round(float(v), 6) for v in meta["direction"]],
+        "segments": [{k: s.get(k) for k in ("number", "label", "class_id")} for s in meta["segments"]],
+        "voxels_per_class": {name: int((labels == i).sum()) for i, name in enumerate(meta["classes"]) if i},
+        "referenced_series_instance_uid": meta.get("referenced_series_instance_uid"),
+        "file_size": p.stat().st_size,
+        "warnings": [],
+    }

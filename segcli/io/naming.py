@@ -11,7 +11,8 @@ from segcli.io.atomic import split_extension
 
 #: Mask extension → extension of its probabilities file (PNG cannot hold float32; .nii becomes .nii.gz).
 _PROBS_EXT = {".png": ".tif", ".tif": ".tif", ".tiff": ".tif", ".nii": ".nii.gz", ".nii.gz": ".nii.gz",
-              ".mha": ".mha", ".nrrd": ".nrrd", ".ome.tif": ".ome.tif", ".ome.tiff": ".ome.tif"}
+              ".mha": ".mha", ".nrrd": ".nrrd", ".ome.tif": ".ome.tif", ".ome.tiff": ".ome.tif",
+              ".dcm": ".nii.gz"}
 
 
 def probabilities_path(mask_path: Path) -> Path:
@@ -22,6 +23,12 @@ def probabilities_path(mask_path: Path) -> Path:
     if new_ext is None:
         return mask_path.with_name(mask_path.name + "_probs.tif")
     return mask_path.with_name(f"{stem}_probs{new_ext}")
+
+
+def with_extension(path: Path, ext: str) -> Path:
+    """``path`` with its (possibly double) extension replaced by ``ext``."""
+    path = Path(path)
+    return path.with_name(split_extension(path.name)[0] + ext)
 
 
 def preview_path(mask_path: Path) -> Path:
