@@ -43,6 +43,7 @@ BG = (24, 24, 24)  # canvas behind panels, title and legend
 FG_TEXT = (235, 235, 235)
 DIM_TEXT = (170, 170, 170)
 GAP = 8
+MAX_LEGEND = 12  # legend lines drawn; more classes are summarised in one note
 MAX_PIXELS = 200_000_000
 
 
@@ -342,7 +343,8 @@ def _amount(n: int, total: int, spacing: Sequence[float] | None, ndim: int) -> s
 
 def _entries(labels: np.ndarray, classes: Sequence[str] | None, spacing: Sequence[float] | None) -> list[LegendEntry]:
     counts = _counts(labels)
-    ids = range(1, len(classes)) if classes else [int(c) for c in np.flatnonzero(counts) if c > 0]
+    present = [int(c) for c in np.flatnonzero(counts) if c > 0]
+    ids = sorted(set(range(1, len(classes))) | set(present)) if classes else present
     out = []
     for c in ids:
         name = classes[c] if classes and c < len(classes) else f"class {c}"
@@ -370,7 +372,10 @@ def _compose(panels: list[tuple[np.ndarray, str, str, tuple[int, int], int | Non
     texts: list[str] = []
 
     # Legend lines: [swatch] name  amount, flowing and wrapping to the canvas width.
-    items = [(e.colour, f"{e.name}  {e.amount}") for e in entries]
+    shown = entries if len(entries) <= MAX_LEGEND else entries[: MAX_LEGEND - 1]
+    items = [(e.colour, f"{e.name}  {e.amount}") for e in shown]
+    if len(shown) < len(entries):
+        notes = [f"and {len(entries) - len(shown)} more classes", *notes]
     sw = fs
     rows: list[list[tuple[Any, str, int]]] = [[]]
     x = GAP
@@ -502,6 +507,8 @@ def render_preview(image: Any, labels: np.ndarray, *, classes: Sequence[str] | N
     win = window_for(arr, normalization)
     banner = "nothing found"
     notes = [banner] if empty else []
+    if classes and classes[0].lower() not in ("background", "bg", "0"):
+        notes.append(f"class 0 ({classes[0]}) is not drawn")
     if labels.ndim == 2:
         h, w = labels.shape
         if w < SIDE_BY_SIDE_WIDTH:
@@ -600,12 +607,14 @@ def _paint_errors(rgb: np.ndarray, pred: np.ndarray, truth: np.ndarray) -> None:
 
 def error_preview(image: Any, pred: np.ndarray, truth: np.ndarray, classes: Sequence[str] | None,
                   out_path: str | Path | None, *, spacing: Sequence[float] | None = None,
-                  normalization: dict[str, Any] | None = None, title: str = "", n_slices: int = 4) -> Preview:
+                  normalization: dict[str, Any] | None = None, title: str = "", n_slices: int = 4,
+                  fov: np.ndarray | None = None) -> Preview:
     """Where a prediction fails: false positives (magenta) and false negatives (cyan) over the image, the
     correctly found region outlined (yellow), a legend with their areas and the image's Dice in the title.
 
     A pixel predicted as the wrong class counts as a false positive. ``image`` may be None (a grey
-    background). Writes ``out_path`` atomically unless it is None; returns what was drawn (``.path`` set).
+    background). With a field-of-view mask ``fov`` (as ``evaluate --fov``), only pixels inside it are scored
+    and the outside is shown darkened. Writes ``out_path`` atomically unless it is None; returns what was drawn (``.path`` set).
     """
     pred_a = np.asarray(pred)
     truth_a = np.asarray(truth)
@@ -621,6 +630,11 @@ def error_preview(image: Any, pred: np.ndarray, truth: np.ndarray, classes: Sequ
         if arr.shape[: pred_a.ndim] != pred_a.shape:
             raise ValueError(f"image {arr.shape} and masks {pred_a.shape} differ in shape")
     sp = _spacing_of(image, spacing)
+    outside = None
+    if fov is not None:
+        inside = np.asarray(fov).reshape(pred_a.shape) > 0
+        outside = ~inside
+        pred_a, truth_a = np.where(inside, pred_a, 0).astype(np.uint8), np.where(inside, truth_a, 0).astype(np.uint8)
     fp = (pred_a > 0) & (pred_a != truth_a)
     fn = (truth_a > 0) & (pred_a == 0)
     tp = (pred_a > 0) & (pred_a == truth_a)
@@ -643,6 +657,11 @@ def error_preview(image: Any, pred: np.ndarray, truth: np.ndarray, classes: Sequ
     full_title = f"{head}Dice {dice:.3f}" + (f" (mean of {len(per_class)} classes)" if per_class else "")
     notes = ["Dice per class: " + ", ".join(per_class)] if per_class else []
     win = window_for(arr, normalization)
+    if outside is not None and outside.any():
+        arr = _to_rgb8(arr, win)
+        arr[outside] //= 3
+        win = (0.0, 255.0)
+        notes.append("outside the field of view: darkened, not scored")
     nothing = not (fp.any() or fn.any() or tp.any())
     if nd == 2:
         h, w = pred_a.shape
@@ -698,7 +717,8 @@ def write_error_previews(result: dict[str, Any], out_dir: str | Path, *, images:
     """``segcli evaluate --preview DIR``: one ``CASE_errors.png`` per scored case of an :func:`evaluate` result.
 
     The picture is drawn over the case's source image, looked up by name in ``images``, or else beside the
-    ground-truth folder and in the prediction folder; without one, over grey. A case that cannot be drawn is
+    ground-truth folder and in the prediction folder; without one, over grey. The case's spacing and
+    field-of-view mask (``fov_dir``) come from the result. A case that cannot be drawn is
     reported through ``log`` and skipped.
     """
     from segcli import io
@@ -721,9 +741,13 @@ def write_error_previews(result: dict[str, Any], out_dir: str | Path, *, images:
                 image = None
             if int(np.prod(truth_img.spatial_shape)) > MAX_PIXELS:
                 raise ValueError("image too large for a preview")
-            pv = error_preview(image if image is not None else None, pred_img.array[..., 0],
-                               truth_img.array[..., 0], classes, out_dir / f"{name}_errors.png",
-                               spacing=truth_img.spacing, title=name)
+            fov = None
+            if result.get("fov_dir"):
+                fov_path = find_source_image(name, [result["fov_dir"]])
+                fov = io.open_image(fov_path).array[..., 0] if fov_path is not None else None
+            sp = case.get("spacing") or truth_img.spacing
+            pv = error_preview(image, pred_img.array[..., 0], truth_img.array[..., 0], classes,
+                               out_dir / f"{name}_errors.png", spacing=sp, title=name, fov=fov)
             written.append(pv.path)
         except (SegcliError, ValueError, OSError) as exc:
             if log:
