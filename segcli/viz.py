@@ -304,9 +304,44 @@ def _font(size: int):
         return ImageFont.load_default()
 
 
+# Glyphs Pillow's bundled font lacks: drawn as a raised small digit, or replaced.
+_SUPERSCRIPTS = {"²": "2", "³": "3"}
+_REPLACE = {"×": "x", "–": "-", "—": "-", "μ": "u"}
+
+
+def _segments(text: str) -> list[tuple[str, bool]]:
+    """``text`` as (run, superscript) pieces the default font can draw."""
+    out: list[tuple[str, bool]] = []
+    for ch in text:
+        sup = ch in _SUPERSCRIPTS
+        ch = _SUPERSCRIPTS.get(ch, _REPLACE.get(ch, ch))
+        if out and out[-1][1] == sup:
+            out[-1] = (out[-1][0] + ch, sup)
+        else:
+            out.append((ch, sup))
+    return out
+
+
+def _sup_font(font):
+    size = getattr(font, "size", None)
+    return _font(max(8, int(size * 0.62))) if size else font
+
+
 def _text_w(draw, text: str, font) -> int:
-    x0, _, x1, _ = draw.textbbox((0, 0), text, font=font)
-    return int(x1 - x0)
+    w = 0
+    for run, sup in _segments(text):
+        f = _sup_font(font) if sup else font
+        w += int(draw.textlength(run, font=f))
+    return w
+
+
+def _draw_text(draw, xy: tuple[int, int], text: str, font, fill) -> None:
+    """Draw ``text`` with superscripts raised, left-top anchored at ``xy``."""
+    x, y = xy
+    for run, sup in _segments(text):
+        f = _sup_font(font) if sup else font
+        draw.text((x, y - (2 if sup else 0)), run, fill=fill, font=f)
+        x += int(draw.textlength(run, font=f))
 
 
 def _fit_text(draw, text: str, font, width: int) -> str:
@@ -413,17 +448,17 @@ def _compose(panels: list[tuple[np.ndarray, str, str, tuple[int, int], int | Non
     im = Image.fromarray(canvas)
     draw = ImageDraw.Draw(im)
     t = _fit_text(draw, title, font, width - 2 * GAP)
-    draw.text((GAP, 6), t, fill=FG_TEXT, font=font)
+    _draw_text(draw, (GAP, 6), t, font, FG_TEXT)
     texts.append(t)
     if subtitle:
         s = _fit_text(draw, subtitle, small, width - 2 * GAP)
-        draw.text((GAP, 6 + line), s, fill=DIM_TEXT, font=small)
+        _draw_text(draw, (GAP, 6 + line), s, small, DIM_TEXT)
         texts.append(s)
     for p in placed:
         if p.caption:
             x0, py0, x1, _ = p.box
             c = _fit_text(draw, p.caption, small, x1 - x0)
-            draw.text((x0, py0 - cap_h + 3), c, fill=FG_TEXT, font=small)
+            _draw_text(draw, (x0, py0 - cap_h + 3), c, small, FG_TEXT)
             texts.append(c)
     for i in banner_on:
         x0, py0, x1, py1 = placed[i].box
@@ -440,12 +475,12 @@ def _compose(panels: list[tuple[np.ndarray, str, str, tuple[int, int], int | Non
         for colour, text, wi in row:
             top = y + (line - sw) // 2 - 2
             draw.rectangle((x, top, x + sw - 1, top + sw - 1), fill=tuple(colour))
-            draw.text((x + sw + 6, y), text, fill=FG_TEXT, font=font)
+            _draw_text(draw, (x + sw + 6, y), text, font, FG_TEXT)
             texts.append(text)
             x += wi + 3 * fs // 2
         y += line
     for n in note_lines:
-        draw.text((GAP, y + 2), n, fill=DIM_TEXT, font=small)
+        _draw_text(draw, (GAP, y + 2), n, small, DIM_TEXT)
         texts.append(n)
         y += line
     return np.asarray(im).copy(), placed, legend_box, texts

@@ -82,6 +82,8 @@ def test_areas_in_mm2_with_spacing_and_window_from_normalisation():
     img, lab = two_class_case()
     pv = viz.render_preview(img[..., 0], lab, classes=CLASSES, spacing=(0.5, 0.5))
     assert [e.amount for e in pv.entries] == ["125 mm² (10.4 %)", "150 mm² (12.5 %)"]
+    # The bundled font has no "²": it is drawn as a raised small "2".
+    assert viz._segments("125 mm² (10.4 %)") == [("125 mm", False), ("2", True), (" (10.4 %)", False)]
     assert viz.window_for(np.zeros((4, 4), np.int16), {"kind": "ct_window", "center": 40, "width": 400}) == (-160, 240)
     assert viz.window_for(np.zeros((4, 4, 3), np.uint8), {"kind": "dtype"}) == (0, 255)
     ramp = np.arange(1000, dtype=np.float32).reshape(10, 100)
