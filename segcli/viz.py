@@ -1,80 +1,796 @@
-"""Pictures a person looks at: mask overlays (``--preview``) and ARSM resolution maps (``--arsm-maps``).
+"""Pictures a person looks at: mask previews (``--preview``), error maps, ARSM resolution maps (``--arsm-maps``).
 
-A preview is the fastest way to see that a mask landed on the anatomy and not one voxel off; the
-ARSM maps show, per class, which resolution branch the gate chose (the paper's Figures 7-8).
+A preview is the fastest way to see that a mask landed on the anatomy and not one voxel off. Each class is
+drawn as a full-opacity contour over a light fill, in a colour-blind-safe colour (Okabe-Ito), with a legend
+giving class names and areas or volumes. A small image is shown beside its overlay; a large one is
+downscaled first and its contours are traced on the downscaled mask, so they stay visible. A volume shows a
+few axial slices through the segmented region, each labelled with its slice index, windowed the way the
+bundle normalises intensities. :func:`error_preview` draws false positives and false negatives against a
+ground truth for ``segcli evaluate``. Every PNG is written to a temporary file and renamed into place.
+
+Only numpy, scipy.ndimage and Pillow are used.
 """
 
 from __future__ import annotations
 
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from segcli.resize import resize
-
-# Distinct colours for up to 10 classes (class 0 is never drawn).
+# Okabe & Ito (2008), a palette distinguishable under the common colour-vision deficiencies; black is left
+# out because it vanishes on dark images. Row 0 (background) is never drawn; classes beyond 7 cycle.
 PALETTE = np.array(
-    [[0, 0, 0], [230, 25, 75], [60, 180, 75], [255, 225, 25], [0, 130, 200], [245, 130, 48],
-     [145, 30, 180], [70, 240, 240], [240, 50, 230], [210, 245, 60]], dtype=np.float32)
+    [[0, 0, 0], [86, 180, 233], [230, 159, 0], [0, 158, 115], [240, 228, 66], [213, 94, 0],
+     [204, 121, 167], [0, 114, 178]], dtype=np.uint8)
+FP_COLOUR = (255, 0, 255)  # magenta: predicted, not in the ground truth
+FN_COLOUR = (0, 230, 255)  # cyan: in the ground truth, missed
+TP_COLOUR = (240, 228, 66)  # yellow outline of the correctly found region
 RES_COLOURS = np.array([[215, 48, 39], [252, 141, 89], [145, 191, 219], [69, 117, 180]], dtype=np.uint8)
-MAX_SIDE = 768
+
+FILL_ALPHA = 0.28  # class fill over the image
+ERROR_ALPHA = 0.5  # false positive / negative fill: errors should stand out
+MAX_SIDE = 1600  # longest side of a preview panel for a large image
+SIDE_BY_SIDE_WIDTH = 1024  # images narrower than this are shown as image | overlay
+PAIR_MAX_SIDE = 800  # longest side of each panel in the side-by-side layout
+MIN_SIDE = 320  # tiny images are enlarged (nearest neighbour) to at least this
+SLICE_MAX_SIDE = 400  # one volume slice
+SLICE_MIN_SIDE = 256
+BG = (24, 24, 24)  # canvas behind panels, title and legend
+FG_TEXT = (235, 235, 235)
+DIM_TEXT = (170, 170, 170)
+GAP = 8
+MAX_LEGEND = 12  # legend lines drawn; more classes are summarised in one note
+MAX_PIXELS = 200_000_000
 
 
-def _to_rgb8(img: np.ndarray) -> np.ndarray:
-    """(H, W, C) of any dtype → uint8 RGB with a 1-99 percentile stretch per image."""
-    a = img.astype(np.float32)
-    if a.shape[-1] == 1 or a.shape[-1] == 2:
-        a = np.repeat(a[..., :1], 3, axis=-1)
-    a = a[..., :3]
-    lo, hi = np.percentile(a[np.isfinite(a)], [1, 99]) if np.isfinite(a).any() else (0.0, 1.0)
-    a = np.clip((a - lo) / (hi - lo if hi > lo else 1.0), 0, 1)
-    return (np.nan_to_num(a) * 255).astype(np.uint8)
+# ----------------------------------------------------------------------------------------------- records
 
 
-def overlay(img: np.ndarray, labels: np.ndarray, alpha: float = 0.45) -> np.ndarray:
-    """An RGB picture of ``img`` (H, W, C) with ``labels`` blended in and their outlines drawn."""
+@dataclass
+class LegendEntry:
+    """One legend line: what was drawn in ``colour`` and how much of it there is."""
+
+    label: int  # class id (error maps: 1 = false positive, 2 = false negative, 3 = true positive)
+    name: str
+    colour: tuple[int, int, int]
+    amount: str  # "1,234 px (4.1 %)", "12.5 mm²", "3.21 mL"
+    count: int  # pixels / voxels in the full-resolution mask
+
+
+@dataclass
+class Panel:
+    """Where one picture lies on the canvas and how it maps to the input."""
+
+    kind: str  # "image", "overlay" or "errors"
+    box: tuple[int, int, int, int]  # x0, y0, x1, y1 on the canvas (x1, y1 exclusive)
+    source_shape: tuple[int, int]  # (rows, cols) of the input plane it shows
+    z: int | None = None  # canonical slice index for a volume
+    caption: str = ""
+
+    def to_canvas(self, row: float, col: float) -> tuple[int, int]:
+        """Canvas (y, x) of the centre of input pixel (row, col), as nearest-neighbour display maps it."""
+        x0, y0, x1, y1 = self.box
+        h, w = self.source_shape
+        return (y0 + min(y1 - y0 - 1, int((row + 0.5) * (y1 - y0) / h)),
+                x0 + min(x1 - x0 - 1, int((col + 0.5) * (x1 - x0) / w)))
+
+
+@dataclass
+class Preview:
+    """A rendered preview and a description of what was drawn on it (tests and callers read this)."""
+
+    pixels: np.ndarray  # (H, W, 3) uint8
+    title: str
+    entries: list[LegendEntry]
+    panels: list[Panel]
+    legend_box: tuple[int, int, int, int]
+    texts: list[str] = field(default_factory=list)  # every string drawn, in drawing order
+    empty: bool = False
+    slices: list[int] = field(default_factory=list)  # canonical slice indices shown (volumes)
+    dice: float | None = None
+    layout: str = "overlay"  # "side-by-side", "overlay" or "slices"
+    path: Path | None = None
+
+
+# ------------------------------------------------------------------------------------------- colours
+
+
+def class_colour(label: int) -> tuple[int, int, int]:
+    """The palette colour of class ``label`` (>= 1); classes past the palette cycle through it."""
+    k = 1 + (int(label) - 1) % (len(PALETTE) - 1)
+    return tuple(int(v) for v in PALETTE[k])  # type: ignore[return-value]
+
+
+def window_for(arr: np.ndarray, normalization: dict[str, Any] | None = None) -> tuple[float, float]:
+    """The intensity range shown black to white, following the bundle's normalisation when known.
+
+    A CT window shows that window; ``percentile`` its own percentiles; ``minmax`` the range; 8-bit photos
+    (``dtype``, or no spec) their native 0-255; anything else the 1st-99th percentile.
+    """
+    from segcli.normalize import _sample
+
+    spec = normalization or {}
+    kind = spec.get("kind")
+    if kind == "ct_window":
+        c, w = float(spec["center"]), float(spec["width"])
+        return c - w / 2.0, c + w / 2.0
+    if arr.dtype == np.uint8 and kind in (None, "dtype"):
+        return 0.0, 255.0
+    if arr.dtype == np.bool_:
+        return 0.0, 1.0
+    s = _sample(np.asarray(arr)).astype(np.float64)
+    s = s[np.isfinite(s)]
+    if s.size == 0:
+        return 0.0, 1.0
+    if kind == "dtype" and arr.dtype.kind == "f" and s.min() >= 0 and s.max() <= 1:
+        return 0.0, 1.0
+    if kind == "minmax":
+        lo, hi = float(s.min()), float(s.max())
+    elif kind == "percentile":
+        lo, hi = (float(v) for v in np.percentile(s, [spec.get("lower", 0.5), spec.get("upper", 99.5)]))
+    else:
+        lo, hi = (float(v) for v in np.percentile(s, [1, 99]))
+    return (lo, hi) if hi > lo else (lo, lo + 1.0)
+
+
+def _to_rgb8(img: np.ndarray, window: tuple[float, float] | None = None) -> np.ndarray:
+    """(H, W, C) of any dtype → uint8 RGB, ``window`` (default: 1-99 percentile) mapped to black-white."""
+    a = np.asarray(img)
+    if a.ndim == 2:
+        a = a[..., None]
+    a = a[..., :1].repeat(3, axis=-1) if a.shape[-1] < 3 else a[..., :3]
+    lo, hi = window if window is not None else window_for(a)
+    if a.dtype == np.uint8 and (lo, hi) == (0.0, 255.0):
+        return np.ascontiguousarray(a)
+    f = (a.astype(np.float32) - lo) / (hi - lo)
+    return (np.clip(np.nan_to_num(f), 0, 1) * 255 + 0.5).astype(np.uint8)
+
+
+# ------------------------------------------------------------------------------------------- geometry
+
+
+def _display_size(h: int, w: int, spacing: Sequence[float] | None, max_side: int, min_side: int
+                  ) -> tuple[int, int, int]:
+    """(block factor, rows, cols): shrink by an integer block factor, then fit the physical aspect ratio."""
+    f = max(1, math.ceil(max(h, w) / max_side))
+    bh, bw = math.ceil(h / f), math.ceil(w / f)
+    ry = rx = 1.0
+    if spacing is not None and len(spacing) >= 2 and min(spacing[-2:]) > 0:
+        sy, sx = float(spacing[-2]), float(spacing[-1])
+        ry, rx = sy / min(sy, sx), sx / min(sy, sx)
+        if max(ry, rx) > 10:  # a nonsense spacing should not produce a 1-pixel-wide picture
+            ry = rx = 1.0
+    ph, pw = bh * ry, bw * rx
+    s = 1.0
+    if max(ph, pw) > max_side:
+        s = max_side / max(ph, pw)
+    elif max(ph, pw) < min_side:
+        s = min_side / max(ph, pw)
+        if ry == rx:
+            s = float(max(1, math.floor(s)))  # integer enlargement keeps pixels square and crisp
+    return f, max(1, round(ph * s)), max(1, round(pw * s))
+
+
+def _block_mean(img: np.ndarray, f: int, band: int = 64) -> np.ndarray:
+    """(H, W, C) → (ceil(H/f), ceil(W/f), C) box-filter means, row band by row band."""
+    if f == 1:
+        return img
+    h, w, c = img.shape
+    bh, bw = math.ceil(h / f), math.ceil(w / f)
+    out = np.empty((bh, bw, c), np.float32)
+    for b0 in range(0, bh, band):
+        b1 = min(bh, b0 + band)
+        part = np.asarray(img[b0 * f: b1 * f], dtype=np.float32)
+        part = np.pad(part, ((0, (b1 - b0) * f - part.shape[0]), (0, bw * f - w), (0, 0)), mode="edge")
+        out[b0:b1] = part.reshape(b1 - b0, f, bw, f, c).mean(axis=(1, 3))
+    return out
+
+
+def _block_labels(labels: np.ndarray, f: int, band: int = 64) -> np.ndarray:
+    """Downscale class ids by ``f``: each block takes its most frequent foreground class when that class
+    covers at least a quarter of the block, so a thin vessel survives where nearest sampling breaks it."""
+    if f == 1:
+        return labels
+    h, w = labels.shape
+    bh, bw = math.ceil(h / f), math.ceil(w / f)
+    present = [c for c in np.flatnonzero(_counts(labels)) if c > 0]
+    out = np.zeros((bh, bw), np.uint8)
+    for b0 in range(0, bh, band):
+        b1 = min(bh, b0 + band)
+        part = labels[b0 * f: b1 * f]
+        part = np.pad(part, ((0, (b1 - b0) * f - part.shape[0]), (0, bw * f - w)))
+        part = part.reshape(b1 - b0, f, bw, f)
+        best = np.zeros((b1 - b0, bw), np.int64)
+        for c in present:
+            n = (part == c).sum(axis=(1, 3))
+            win = (n > best) & (4 * n >= f * f)
+            out[b0:b1][win] = c
+            best = np.maximum(best, np.where(win, n, best))
+    return out
+
+
+def _nearest(a: np.ndarray, oh: int, ow: int) -> np.ndarray:
+    h, w = a.shape[:2]
+    if (h, w) == (oh, ow):
+        return a
+    ys = np.minimum((np.arange(oh) * h) // oh, h - 1)
+    xs = np.minimum((np.arange(ow) * w) // ow, w - 1)
+    return a[ys][:, xs]
+
+
+def _counts(labels: np.ndarray) -> np.ndarray:
+    """Pixels per class id, without materialising an int64 copy of a large mask."""
+    counts = np.zeros(256, np.int64)
+    flat = np.asarray(labels).reshape(labels.shape[0], -1) if labels.ndim > 1 else labels[None]
+    for part in flat:
+        counts += np.bincount(np.clip(part, 0, 255).astype(np.uint8), minlength=256)[:256]
+    return counts
+
+
+def _edges(mask: np.ndarray, thickness: int) -> np.ndarray:
+    """Inner boundary band of ``mask`` (``thickness`` px); the image border is not an edge."""
     from scipy import ndimage
 
+    if not mask.any():
+        return mask
+    return mask & ~ndimage.binary_erosion(mask, iterations=thickness, border_value=1)
+
+
+def _thickness(oh: int, ow: int) -> int:
+    return 2 if max(oh, ow) >= 400 else 1
+
+
+# ------------------------------------------------------------------------------------------- drawing
+
+
+def _blend(rgb: np.ndarray, mask: np.ndarray, colour: Sequence[int], alpha: float) -> None:
+    if mask.any():
+        rgb[mask] = ((1 - alpha) * rgb[mask].astype(np.float32) + alpha * np.asarray(colour, np.float32)
+                     + 0.5).astype(np.uint8)
+
+
+def _paint(rgb: np.ndarray, lab: np.ndarray, alpha: float = FILL_ALPHA) -> None:
+    """Fill each class lightly and trace its contour at full opacity, in place, on display-sized arrays."""
+    t = _thickness(*lab.shape)
+    for c in np.unique(lab):
+        if c == 0:
+            continue
+        m = lab == c
+        edge = _edges(m, t)
+        col = class_colour(int(c))
+        _blend(rgb, m & ~edge, col, alpha)
+        rgb[edge] = col
+
+
+def _plane(img: np.ndarray, labels: np.ndarray, spacing: Sequence[float] | None, max_side: int, min_side: int,
+           window: tuple[float, float] | None) -> tuple[np.ndarray, np.ndarray]:
+    """An input plane and its labels at display size (RGB uint8, class ids)."""
     h, w = labels.shape
-    scale = min(1.0, MAX_SIDE / max(h, w))
-    oh, ow = max(1, round(h * scale)), max(1, round(w * scale))
-    rgb = _to_rgb8(np.moveaxis(resize(np.moveaxis(img, -1, 0), (oh, ow), "area"), 0, -1)).astype(np.float32)
-    lab = labels
-    if (oh, ow) != (h, w):
-        ys = (np.arange(oh) * h // oh).astype(int)
-        xs = (np.arange(ow) * w // ow).astype(int)
-        lab = labels[np.ix_(ys, xs)]
-    colours = PALETTE[np.minimum(lab, len(PALETTE) - 1)]
-    fg = lab > 0
-    rgb[fg] = (1 - alpha) * rgb[fg] + alpha * colours[fg]
-    edge = fg & ~ndimage.binary_erosion(fg)
-    rgb[edge] = colours[edge]
-    return rgb.astype(np.uint8)
+    f, oh, ow = _display_size(h, w, spacing, max_side, min_side)
+    arr = np.asarray(img)
+    if arr.ndim == 2:
+        arr = arr[..., None]
+    win = window if window is not None else window_for(arr)
+    if f > 1:
+        small = _block_mean(arr[..., : min(3, arr.shape[-1])], f)
+        rgb = _to_rgb8(small, win)
+    else:
+        rgb = _to_rgb8(arr, win)
+    lab = _block_labels(np.asarray(labels), f) if f > 1 else np.asarray(labels)
+    return np.ascontiguousarray(_nearest(rgb, oh, ow)), _nearest(lab, oh, ow)
 
 
-def preview(image: Any, labels: np.ndarray, out_png: Path, n_slices: int = 3) -> Path:
-    """Write a PNG overlay; a volume shows ``n_slices`` slices through the labelled region side by side."""
+def overlay(img: np.ndarray, labels: np.ndarray, alpha: float = FILL_ALPHA, *,
+            window: tuple[float, float] | None = None, max_side: int = MAX_SIDE) -> np.ndarray:
+    """An RGB picture of ``img`` (H, W, C) with ``labels`` lightly filled and outlined per class.
+
+    Larger than ``max_side``, it is downscaled first and the contours are traced on the downscaled mask.
+    """
+    rgb, lab = _plane(img, labels, None, max_side, 1, window)
+    _paint(rgb, lab, alpha)
+    return rgb
+
+
+def _font(size: int):
+    from PIL import ImageFont
+
+    try:
+        return ImageFont.load_default(size=size)
+    except TypeError:  # Pillow < 10.1 has only the small bitmap font
+        return ImageFont.load_default()
+
+
+# Glyphs Pillow's bundled font lacks: drawn as a raised small digit, or replaced.
+_SUPERSCRIPTS = {"²": "2", "³": "3"}
+_REPLACE = {"×": "x", "–": "-", "—": "-", "μ": "u"}
+
+
+def _segments(text: str) -> list[tuple[str, bool]]:
+    """``text`` as (run, superscript) pieces the default font can draw."""
+    out: list[tuple[str, bool]] = []
+    for ch in text:
+        sup = ch in _SUPERSCRIPTS
+        ch = _SUPERSCRIPTS.get(ch, _REPLACE.get(ch, ch))
+        if out and out[-1][1] == sup:
+            out[-1] = (out[-1][0] + ch, sup)
+        else:
+            out.append((ch, sup))
+    return out
+
+
+def _sup_font(font):
+    size = getattr(font, "size", None)
+    return _font(max(8, int(size * 0.62))) if size else font
+
+
+def _text_w(draw, text: str, font) -> int:
+    w = 0
+    for run, sup in _segments(text):
+        f = _sup_font(font) if sup else font
+        w += int(draw.textlength(run, font=f))
+    return w
+
+
+def _draw_text(draw, xy: tuple[int, int], text: str, font, fill) -> None:
+    """Draw ``text`` with superscripts raised, left-top anchored at ``xy``."""
+    x, y = xy
+    for run, sup in _segments(text):
+        f = _sup_font(font) if sup else font
+        draw.text((x, y - (2 if sup else 0)), run, fill=fill, font=f)
+        x += int(draw.textlength(run, font=f))
+
+
+def _fit_text(draw, text: str, font, width: int) -> str:
+    if _text_w(draw, text, font) <= width:
+        return text
+    while len(text) > 1 and _text_w(draw, text + "…", font) > width:
+        text = text[:-1]
+    return text + "…"
+
+
+def _fmt(v: float, unit: str) -> str:
+    if v == 0:
+        return f"0 {unit}"
+    if abs(v) >= 100:
+        return f"{v:,.0f} {unit}"
+    if abs(v) >= 10:
+        return f"{v:.1f} {unit}"
+    if abs(v) >= 0.01:
+        return f"{v:.2f} {unit}"
+    return f"{v:.2g} {unit}"
+
+
+def _amount(n: int, total: int, spacing: Sequence[float] | None, ndim: int) -> str:
+    """Area (2D) or volume (3D) of ``n`` pixels, in physical units when the spacing is known."""
+    unit = float(np.prod(spacing[-ndim:])) if spacing is not None and len(spacing) >= ndim else None
+    if unit is not None and unit > 0 and ndim == 3:
+        return _fmt(n * unit / 1000.0, "mL")
+    pct = 100.0 * n / total if total else 0.0
+    share = "" if n == 0 else (f" ({pct:.1f} %)" if pct >= 0.1 else " (<0.1 %)")
+    if unit is not None and unit > 0:
+        return _fmt(n * unit, "mm²") + share
+    return f"{n:,} {'voxels' if ndim == 3 else 'px'}{share}"
+
+
+def _entries(labels: np.ndarray, classes: Sequence[str] | None, spacing: Sequence[float] | None) -> list[LegendEntry]:
+    counts = _counts(labels)
+    present = [int(c) for c in np.flatnonzero(counts) if c > 0]
+    ids = sorted(set(range(1, len(classes))) | set(present)) if classes else present
+    out = []
+    for c in ids:
+        name = classes[c] if classes and c < len(classes) else f"class {c}"
+        n = int(counts[c]) if c < len(counts) else 0
+        out.append(LegendEntry(c, name, class_colour(c), _amount(n, labels.size, spacing, labels.ndim), n))
+    return out
+
+
+def _compose(panels: list[tuple[np.ndarray, str, str, tuple[int, int], int | None]], title: str,
+             entries: list[LegendEntry], notes: Sequence[str] = (), banner_on: Sequence[int] = (),
+             banner: str = "", subtitle: str = "") -> tuple[np.ndarray, list[Panel], tuple[int, int, int, int], list[str]]:
+    """Lay panels out in a row under a title bar, captions above each, legend below; returns pixels etc.
+
+    ``panels`` are (rgb, kind, caption, source_shape, z). ``banner`` is written centred on the panels whose
+    indices are in ``banner_on`` (e.g. "nothing found").
+    """
+    from PIL import Image, ImageDraw
+
+    width = sum(p[0].shape[1] for p in panels) + GAP * (len(panels) + 1)
+    width = max(width, 480)
+    fs = int(min(22, max(14, round(width / 75))))
+    font, small = _font(fs), _font(max(12, fs - 2))
+    line = fs + 8
+    probe = ImageDraw.Draw(Image.new("RGB", (8, 8)))
+    texts: list[str] = []
+
+    # Legend lines: [swatch] name  amount, flowing and wrapping to the canvas width.
+    shown = entries if len(entries) <= MAX_LEGEND else entries[: MAX_LEGEND - 1]
+    items = [(e.colour, f"{e.name}  {e.amount}") for e in shown]
+    if len(shown) < len(entries):
+        notes = [f"and {len(entries) - len(shown)} more classes", *notes]
+    sw = fs
+    rows: list[list[tuple[Any, str, int]]] = [[]]
+    x = GAP
+    for colour, text in items:
+        text = _fit_text(probe, text, font, width - 2 * GAP - sw - 8)
+        wi = sw + 6 + _text_w(probe, text, font)
+        if rows[-1] and x + wi > width - GAP:
+            rows.append([])
+            x = GAP
+        rows[-1].append((colour, text, wi))
+        x += wi + 3 * fs // 2
+    note_lines = [_fit_text(probe, n, small, width - 2 * GAP) for n in notes]
+    legend_h = GAP + line * (len([r for r in rows if r]) + len(note_lines)) + GAP // 2
+    has_caps = any(p[2] for p in panels)
+    cap_h = line if has_caps else 0
+    title_h = line + 8 + (line - 4 if subtitle else 0)
+    panel_h = max(p[0].shape[0] for p in panels)
+    height = title_h + cap_h + panel_h + GAP + legend_h
+    canvas = np.empty((height, width, 3), np.uint8)
+    canvas[:] = BG
+    placed: list[Panel] = []
+    x = GAP + (width - (sum(p[0].shape[1] for p in panels) + GAP * (len(panels) + 1))) // 2
+    y0 = title_h + cap_h
+    for rgb, kind, caption, shape, z in panels:
+        ph, pw = rgb.shape[:2]
+        canvas[y0: y0 + ph, x: x + pw] = rgb
+        placed.append(Panel(kind, (x, y0, x + pw, y0 + ph), shape, z, caption))
+        x += pw + GAP
+    for i in banner_on:  # darken a band behind the banner text
+        x0, py0, x1, py1 = placed[i].box
+        cy = (py0 + py1) // 2
+        b0, b1 = max(py0, cy - line // 2 - 4), min(py1, cy + line // 2 + 4)
+        canvas[b0:b1, x0:x1] = (canvas[b0:b1, x0:x1].astype(np.uint16) * 2 // 5).astype(np.uint8)
+
+    im = Image.fromarray(canvas)
+    draw = ImageDraw.Draw(im)
+    t = _fit_text(draw, title, font, width - 2 * GAP)
+    _draw_text(draw, (GAP, 6), t, font, FG_TEXT)
+    texts.append(t)
+    if subtitle:
+        s = _fit_text(draw, subtitle, small, width - 2 * GAP)
+        _draw_text(draw, (GAP, 6 + line), s, small, DIM_TEXT)
+        texts.append(s)
+    for p in placed:
+        if p.caption:
+            x0, py0, x1, _ = p.box
+            c = _fit_text(draw, p.caption, small, x1 - x0)
+            _draw_text(draw, (x0, py0 - cap_h + 3), c, small, FG_TEXT)
+            texts.append(c)
+    for i in banner_on:
+        x0, py0, x1, py1 = placed[i].box
+        b = _fit_text(draw, banner, font, x1 - x0 - 4)
+        draw.text(((x0 + x1) // 2, (py0 + py1) // 2), b, fill=(255, 255, 255), font=font, anchor="mm")
+        texts.append(b)
+    ly = title_h + cap_h + panel_h + GAP
+    legend_box = (0, ly, width, height)
+    y = ly + 2
+    for row in rows:
+        if not row:
+            continue
+        x = GAP
+        for colour, text, wi in row:
+            top = y + (line - sw) // 2 - 2
+            draw.rectangle((x, top, x + sw - 1, top + sw - 1), fill=tuple(colour))
+            _draw_text(draw, (x + sw + 6, y), text, font, FG_TEXT)
+            texts.append(text)
+            x += wi + 3 * fs // 2
+        y += line
+    for n in note_lines:
+        _draw_text(draw, (GAP, y + 2), n, small, DIM_TEXT)
+        texts.append(n)
+        y += line
+    return np.asarray(im).copy(), placed, legend_box, texts
+
+
+# ------------------------------------------------------------------------------------------- previews
+
+
+def _array_of(image: Any) -> np.ndarray:
+    return image.array if hasattr(image, "array") else np.asarray(image)
+
+
+def _file_slice(image: Any, z: int, n: int) -> tuple[str, int]:
+    """The axis letter and index in the file's own voxel order of canonical axial slice ``z``."""
+    perm = getattr(image, "meta", {}).get("signed_perm") if hasattr(image, "meta") else None
+    try:
+        p = np.asarray(perm, dtype=float)
+        a = int(np.flatnonzero(p[:, 2])[0])  # the original sitk axis that canonical z comes from
+        return "xyz"[a], (z if p[a, 2] > 0 else n - 1 - z)
+    except (TypeError, ValueError, IndexError):
+        return "z", z
+
+
+def _pick_slices(score: np.ndarray, n: int) -> list[int]:
+    """``n`` slices evenly spaced through the slices with ``score`` > 0, or through all of them."""
+    zs = np.flatnonzero(score > 0)
+    lo, hi = (int(zs[0]), int(zs[-1])) if len(zs) else (0, len(score) - 1)
+    if hi - lo + 1 <= n:
+        return list(range(lo, hi + 1))
+    picks = np.linspace(lo, hi, n + 2)[1:-1] if len(zs) else np.linspace(lo, hi, n)
+    return sorted({int(round(v)) for v in picks})
+
+
+def _spacing_of(image: Any, spacing: Sequence[float] | None) -> tuple[float, ...] | None:
+    if spacing is not None:
+        return tuple(float(s) for s in spacing)
+    sp = getattr(image, "spacing", None)
+    return tuple(float(s) for s in sp) if sp else None
+
+
+def render_preview(image: Any, labels: np.ndarray, *, classes: Sequence[str] | None = None,
+                   spacing: Sequence[float] | None = None, normalization: dict[str, Any] | None = None,
+                   title: str = "", n_slices: int = 4) -> Preview:
+    """Draw the preview of ``labels`` over ``image`` in memory.
+
+    ``image`` is an array (H, W[, C]) or (Z, Y, X[, C]) or a :class:`segcli.io.LoadedImage` (whose spacing
+    and orientation are then used); ``classes`` names class ids (index 0 = background, never drawn);
+    ``normalization`` is the bundle's spec and chooses the display window.
+    """
+    arr = _array_of(image)
+    labels = np.asarray(labels)
+    if labels.ndim == arr.ndim:  # image without a channel axis
+        arr = arr[..., None]
+    if labels.ndim not in (2, 3) or arr.shape[: labels.ndim] != labels.shape:
+        raise ValueError(f"mask shape {labels.shape} does not match image shape {arr.shape}")
+    sp = _spacing_of(image, spacing)
+    entries = _entries(labels, classes, sp)
+    empty = not any(e.count for e in entries)
+    win = window_for(arr, normalization)
+    banner = "nothing found"
+    notes = [banner] if empty else []
+    if classes and classes[0].lower() not in ("background", "bg", "0"):
+        notes.append(f"class 0 ({classes[0]}) is not drawn")
+    if labels.ndim == 2:
+        h, w = labels.shape
+        if w < SIDE_BY_SIDE_WIDTH:
+            rgb, lab = _plane(arr, labels, sp, PAIR_MAX_SIDE, MIN_SIDE, win)
+            ov = rgb.copy()
+            _paint(ov, lab)
+            panels = [(rgb, "image", "", (h, w), None), (ov, "overlay", "", (h, w), None)]
+            layout = "side-by-side"
+        else:
+            rgb, lab = _plane(arr, labels, sp, MAX_SIDE, MIN_SIDE, win)
+            _paint(rgb, lab)
+            panels = [(rgb, "overlay", "", (h, w), None)]
+            layout = "overlay"
+            if rgb.shape[1] < w:
+                notes.append(f"shown at {rgb.shape[1] / w:.2g}× of {w}×{h} px; contours traced at this scale")
+        pixels, placed, box, texts = _compose(panels, title, entries, notes, [len(panels) - 1] if empty else [],
+                                              banner)
+        return Preview(pixels, title, entries, placed, box, texts, empty, [], None, layout)
+    nz = labels.shape[0]
+    score = (labels.reshape(nz, -1) > 0).sum(1)
+    picks = _pick_slices(score, n_slices)
+    panels = []
+    for z in picks:
+        rgb, lab = _plane(arr[z], labels[z], sp, SLICE_MAX_SIDE, SLICE_MIN_SIDE, win)
+        _paint(rgb, lab)
+        axis, k = _file_slice(image, z, nz)
+        panels.append((rgb, "overlay", f"{axis}={k}/{nz}", labels.shape[1:], z))
+    unit = " HU (the bundle's CT window)" if (normalization or {}).get("kind") == "ct_window" else ""
+    notes.append(f"{'volumes' if sp else 'voxel counts'} over all {nz} slices; "
+                 f"grey levels {win[0]:.4g} to {win[1]:.4g}{unit}")
+    banner_on = list(range(len(panels))) if empty else []
+    pixels, placed, box, texts = _compose(panels, title, entries, notes, banner_on, banner)
+    return Preview(pixels, title, entries, placed, box, texts, empty, picks, None, "slices")
+
+
+def save_png(pixels: np.ndarray, out_png: str | Path) -> Path:
+    """Write an RGB array as PNG atomically (temporary file beside it, then ``os.replace``)."""
     from PIL import Image
 
     from segcli.io.atomic import atomic_path
 
-    arr = image.array if hasattr(image, "array") else image
-    if labels.ndim == 2:
-        pic = overlay(arr, labels)
-    else:
-        zs = np.nonzero(labels.reshape(labels.shape[0], -1).any(1))[0]
-        lo, hi = (int(zs[0]), int(zs[-1])) if len(zs) else (0, labels.shape[0] - 1)
-        picks = np.unique(np.linspace(lo, hi, n_slices + 2)[1:-1].round().astype(int)) if hi > lo else [lo]
-        tiles = [overlay(arr[z], labels[z]) for z in picks]
-        hmax = max(t.shape[0] for t in tiles)
-        tiles = [np.pad(t, ((0, hmax - t.shape[0]), (0, 4), (0, 0))) for t in tiles]
-        pic = np.concatenate(tiles, axis=1)
     out_png = Path(out_png)
-    out_png.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(out_png) as tmp:
-        Image.fromarray(pic).save(tmp, format="PNG")
+        Image.fromarray(np.ascontiguousarray(pixels)).save(tmp, format="PNG", optimize=True)
     return out_png
+
+
+def preview(image: Any, labels: np.ndarray, out_png: Path, n_slices: int = 4, *,
+            classes: Sequence[str] | None = None, spacing: Sequence[float] | None = None,
+            normalization: dict[str, Any] | None = None, title: str = "") -> Path:
+    """Write the preview PNG of :func:`render_preview` to ``out_png``; returns the path."""
+    pv = render_preview(image, labels, classes=classes, spacing=spacing, normalization=normalization,
+                        title=title, n_slices=n_slices)
+    return save_png(pv.pixels, out_png)
+
+
+# ------------------------------------------------------------------------------------------- errors
+
+
+def _dice(pred: np.ndarray, truth: np.ndarray) -> float:
+    """Mean Dice over the foreground classes present in either mask (1.0 when both are empty)."""
+    cp, ct = _counts(pred), _counts(truth)
+    ids = [c for c in range(1, 256) if cp[c] or ct[c]]
+    if not ids:
+        return 1.0
+    scores = []
+    for c in ids:
+        inter = int(((pred == c) & (truth == c)).sum())
+        scores.append(2.0 * inter / (cp[c] + ct[c]))
+    return float(np.mean(scores))
+
+
+def _as_ids(a: np.ndarray, other: np.ndarray) -> np.ndarray:
+    """Class ids of a mask; a 0/255 binary mask against a 0/1 one is read as 0/1 (as evaluate does)."""
+    a = np.asarray(a)
+    if a.ndim == 3 and a.shape[-1] == 1 and other.ndim == 2:
+        a = a[..., 0]
+    if a.dtype.kind == "f":
+        a = np.rint(a)
+    if a.max(initial=0) == 255 and np.all((a == 0) | (a == 255)) and np.asarray(other).max(initial=0) <= 1:
+        return (a > 0).astype(np.uint8)
+    return np.clip(a, 0, 255).astype(np.uint8)
+
+
+def _paint_errors(rgb: np.ndarray, pred: np.ndarray, truth: np.ndarray) -> None:
+    t = _thickness(*pred.shape)
+    tp = (pred > 0) & (pred == truth)
+    fp = (pred > 0) & (pred != truth)
+    fn = (truth > 0) & (pred == 0)
+    for m, col in ((fp, FP_COLOUR), (fn, FN_COLOUR)):
+        e = _edges(m, 1)
+        _blend(rgb, m & ~e, col, ERROR_ALPHA)
+        rgb[e] = col
+    rgb[_edges(tp, max(1, t - 1))] = TP_COLOUR
+
+
+def error_preview(image: Any, pred: np.ndarray, truth: np.ndarray, classes: Sequence[str] | None,
+                  out_path: str | Path | None, *, spacing: Sequence[float] | None = None,
+                  normalization: dict[str, Any] | None = None, title: str = "", n_slices: int = 4,
+                  fov: np.ndarray | None = None) -> Preview:
+    """Where a prediction fails: false positives (magenta) and false negatives (cyan) over the image, the
+    correctly found region outlined (yellow), a legend with their areas and the image's Dice in the title.
+
+    A pixel predicted as the wrong class counts as a false positive. ``image`` may be None (a grey
+    background). With a field-of-view mask ``fov`` (as ``evaluate --fov``), only pixels inside it are scored
+    and the outside is shown darkened. Writes ``out_path`` atomically unless it is None; returns what was drawn (``.path`` set).
+    """
+    pred_a = np.asarray(pred)
+    truth_a = np.asarray(truth)
+    pred_a, truth_a = _as_ids(pred_a, truth_a), _as_ids(truth_a, pred_a)
+    if pred_a.shape != truth_a.shape:
+        raise ValueError(f"prediction {pred_a.shape} and ground truth {truth_a.shape} differ in shape")
+    if image is None:
+        arr = np.full((*pred_a.shape, 1), 96, np.uint8)
+    else:
+        arr = _array_of(image)
+        if arr.ndim == pred_a.ndim:
+            arr = arr[..., None]
+        if arr.shape[: pred_a.ndim] != pred_a.shape:
+            raise ValueError(f"image {arr.shape} and masks {pred_a.shape} differ in shape")
+    sp = _spacing_of(image, spacing)
+    outside = None
+    if fov is not None:
+        inside = np.asarray(fov).reshape(pred_a.shape) > 0
+        outside = ~inside
+        pred_a, truth_a = np.where(inside, pred_a, 0).astype(np.uint8), np.where(inside, truth_a, 0).astype(np.uint8)
+    fp = (pred_a > 0) & (pred_a != truth_a)
+    fn = (truth_a > 0) & (pred_a == 0)
+    tp = (pred_a > 0) & (pred_a == truth_a)
+    total = pred_a.size
+    nd = pred_a.ndim
+    entries = [
+        LegendEntry(1, "false positive", FP_COLOUR, _amount(int(fp.sum()), total, sp, nd), int(fp.sum())),
+        LegendEntry(2, "false negative", FN_COLOUR, _amount(int(fn.sum()), total, sp, nd), int(fn.sum())),
+        LegendEntry(3, "correct (outline)", TP_COLOUR, _amount(int(tp.sum()), total, sp, nd), int(tp.sum())),
+    ]
+    dice = _dice(pred_a, truth_a)
+    names = list(classes) if classes else None
+    per_class = []
+    if names and len(names) > 2:
+        for c in range(1, len(names)):
+            if (pred_a == c).any() or (truth_a == c).any():
+                d = _dice((pred_a == c).astype(np.uint8), (truth_a == c).astype(np.uint8))
+                per_class.append(f"{names[c]} {d:.3f}")
+    head = f"{title} · " if title else ""
+    full_title = f"{head}Dice {dice:.3f}" + (f" (mean of {len(per_class)} classes)" if per_class else "")
+    notes = ["Dice per class: " + ", ".join(per_class)] if per_class else []
+    win = window_for(arr, normalization)
+    if outside is not None and outside.any():
+        arr = _to_rgb8(arr, win)
+        arr[outside] //= 3
+        win = (0.0, 255.0)
+        notes.append("outside the field of view: darkened, not scored")
+    nothing = not (fp.any() or fn.any() or tp.any())
+    if nd == 2:
+        h, w = pred_a.shape
+        side = w < SIDE_BY_SIDE_WIDTH
+        ms = PAIR_MAX_SIDE if side else MAX_SIDE
+        rgb, lab = _plane(arr, pred_a, sp, ms, MIN_SIDE, win)
+        _, tru = _plane(arr[..., :1], truth_a, sp, ms, MIN_SIDE, (0.0, 1.0))
+        ov = rgb.copy()
+        _paint_errors(ov, lab, tru)
+        panels = [(rgb, "image", "", (h, w), None)] if side and image is not None else []
+        panels.append((ov, "errors", "", (h, w), None))
+        picks: list[int] = []
+        layout = "side-by-side" if len(panels) == 2 else "overlay"
+    else:
+        nz = pred_a.shape[0]
+        err = (fp | fn).reshape(nz, -1).sum(1)
+        # The slices with the most errors, shown in slice order; else evenly through the masks.
+        picks = (sorted(int(z) for z in np.argsort(-err, kind="stable")[:n_slices] if err[z] > 0)
+                 or _pick_slices(((pred_a > 0) | (truth_a > 0)).reshape(nz, -1).sum(1), n_slices))
+        panels = []
+        for z in picks:
+            rgb, lab = _plane(arr[z], pred_a[z], sp, SLICE_MAX_SIDE, SLICE_MIN_SIDE, win)
+            _, tru = _plane(arr[z][..., :1], truth_a[z], sp, SLICE_MAX_SIDE, SLICE_MIN_SIDE, (0.0, 1.0))
+            _paint_errors(rgb, lab, tru)
+            axis, k = _file_slice(image, z, nz)
+            panels.append((rgb, "errors", f"{axis}={k}/{nz}", pred_a.shape[1:], z))
+        layout = "slices"
+    banner_on = [i for i, p in enumerate(panels) if p[1] == "errors"] if nothing else []
+    pixels, placed, box, texts = _compose(panels, full_title, entries, notes, banner_on, "nothing in either mask")
+    pv = Preview(pixels, full_title, entries, placed, box, texts, nothing, picks, dice, layout)
+    if out_path is not None:
+        pv.path = save_png(pixels, out_path)
+    return pv
+
+
+def find_source_image(case: str, folders: Sequence[str | Path]) -> Path | None:
+    """The image file named ``case`` (any image extension) in the first of ``folders`` that has one."""
+    from segcli.io import is_image_path
+    from segcli.io.atomic import split_extension
+
+    for d in folders:
+        d = Path(d)
+        if not d.is_dir():
+            continue
+        for p in sorted(d.iterdir()):
+            if p.is_file() and not p.name.startswith(".") and split_extension(p.name)[0] == case and is_image_path(p):
+                return p
+    return None
+
+
+def write_error_previews(result: dict[str, Any], out_dir: str | Path, *, images: str | Path | None = None,
+                         log: Callable[[str], None] | None = None) -> list[Path]:
+    """``segcli evaluate --preview DIR``: one ``CASE_errors.png`` per scored case of an :func:`evaluate` result.
+
+    The picture is drawn over the case's source image, looked up by name in ``images``, or else beside the
+    ground-truth folder and in the prediction folder; without one, over grey. The case's spacing and
+    field-of-view mask (``fov_dir``) come from the result. A case that cannot be drawn is
+    reported through ``log`` and skipped.
+    """
+    from segcli import io
+    from segcli.errors import SegcliError
+
+    classes_map = result.get("classes") or {}
+    classes = [classes_map[k] for k in sorted(classes_map, key=int)] if classes_map else None
+    out_dir = Path(out_dir)
+    written = []
+    for case in result.get("cases", []):
+        name = case["case"]
+        try:
+            pred_img = io.open_image(case["prediction"])
+            truth_img = io.open_image(case["ground_truth"])
+            gt_dir = Path(case["ground_truth"]).parent
+            folders = [images] if images is not None else [gt_dir.parent, Path(case["prediction"]).parent]
+            src = find_source_image(name, folders)
+            image = io.open_image(src) if src is not None else None
+            if image is not None and image.spatial_shape != truth_img.spatial_shape:
+                image = None
+            if int(np.prod(truth_img.spatial_shape)) > MAX_PIXELS:
+                raise ValueError("image too large for a preview")
+            fov = None
+            if result.get("fov_dir"):
+                fov_path = find_source_image(name, [result["fov_dir"]])
+                fov = io.open_image(fov_path).array[..., 0] if fov_path is not None else None
+            sp = case.get("spacing") or truth_img.spacing
+            pv = error_preview(image, pred_img.array[..., 0], truth_img.array[..., 0], classes,
+                               out_dir / f"{name}_errors.png", spacing=sp, title=name, fov=fov)
+            written.append(pv.path)
+        except (SegcliError, ValueError, OSError) as exc:
+            if log:
+                log(f"case {name}: no error preview: {exc}")
+    return written
+
+
+# ------------------------------------------------------------------------------------------- ARSM maps
 
 
 def arsm_maps(module: Any, x: np.ndarray, classes: list[str], out_dir: Path, stem: str) -> list[Path]:
@@ -83,9 +799,6 @@ def arsm_maps(module: Any, x: np.ndarray, classes: list[str], out_dir: Path, ste
     ``x`` is the normalised rough-pass input ``(C, H, W)``. Raises ValueError for a network with no gate.
     """
     import torch
-    from PIL import Image
-
-    from segcli.io.atomic import atomic_path
 
     if not hasattr(module, "gate_maps"):
         raise ValueError("the coarse network has no ARSM gate (train with --arch arsm)")
@@ -94,32 +807,59 @@ def arsm_maps(module: Any, x: np.ndarray, classes: list[str], out_dir: Path, ste
     names = classes if idx.shape[0] == len(classes) else [classes[-1]]
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    paths = []
-    for k, name in enumerate(names):
-        p = out_dir / f"{stem}_arsm_{k}_{name}.png"
-        with atomic_path(p) as tmp:
-            Image.fromarray(RES_COLOURS[idx[k]]).save(tmp, format="PNG")
-        paths.append(p)
-    return paths
+    return [save_png(RES_COLOURS[idx[k]], out_dir / f"{stem}_arsm_{k}_{name}.png") for k, name in enumerate(names)]
 
 
-def write_preview_for(report: Any) -> Path | None:
-    """The ``--preview`` PNG beside a finished mask (``NAME_seg_preview.png``); None if not applicable."""
+# ------------------------------------------------------------------------------------------- CLI hooks
+
+
+def _bundle_info(report: Any, segmenter: Any, kind: str) -> tuple[list[str] | None, dict[str, Any] | None]:
+    """Class names and normalisation for a report: from the segmenter's bundle, else a shipped bundle of
+    the report's model name whose classes match, else names from the report and no normalisation."""
+    names = list(getattr(report, "voxel_counts", {}) or {})
+    bundle = None
+    if segmenter is not None:
+        try:
+            bundle = segmenter.bundle_for(kind)
+        except Exception:  # noqa: BLE001 - best effort: a preview never fails a run
+            bundle = None
+    if bundle is None and getattr(report, "model", None):
+        try:
+            from segcli.bundle import load_bundle
+
+            b = load_bundle(report.model)
+            bundle = b if b.classes[1:] == names else None
+        except Exception:  # noqa: BLE001
+            bundle = None
+    if bundle is not None:
+        return list(bundle.classes), dict(bundle.normalization)
+    return (["background", *names] if names else None), None
+
+
+def write_preview_for(report: Any, *, segmenter: Any = None, normalization: dict[str, Any] | None = None
+                      ) -> Path | None:
+    """The ``--preview`` PNG beside a finished mask (``NAME_seg_preview.png``); None if not applicable.
+
+    Pass the ``segmenter`` (``segcli.api.Segmenter``) that made the report so that the display window
+    follows its bundle's normalisation; without it a shipped bundle of the report's model name is used.
+    """
     from segcli import io
+    from segcli.io.atomic import split_extension
 
     if report.status not in ("ok", "empty") or not report.output:
         return None
     img = io.open_image(report.input)
-    if int(np.prod(img.spatial_shape)) > 200_000_000:
+    if int(np.prod(img.spatial_shape)) > MAX_PIXELS:
         raise ValueError("image too large for a preview")
     mask = io.open_image(report.output).array[..., 0]
+    classes, norm = _bundle_info(report, segmenter, "volume" if img.ndim == 3 else "2d")
     out = Path(report.output)
-    name = out.name
-    for ext in (".nii.gz", ".nii", ".mha", ".nrrd", ".tif", ".tiff", ".png"):
-        if name.endswith(ext):
-            name = name[: -len(ext)]
-            break
-    return preview(img, mask, out.with_name(f"{name}_preview.png"))
+    stem = split_extension(out.name)[0]
+    model = getattr(report, "model", None)
+    method = getattr(report, "method", None)
+    title = Path(report.input).name + (f" · {model}" if model else "") + (f" ({method})" if method else "")
+    return preview(img, mask, out.with_name(f"{stem}_preview.png"), classes=classes,
+                   normalization=normalization or norm, title=title)
 
 
 def write_arsm_maps_for(segmenter: Any, path: Path, out_dir: Path) -> list[Path]:
@@ -130,6 +870,7 @@ def write_arsm_maps_for(segmenter: Any, path: Path, out_dir: Path) -> list[Path]
     from segcli import io
     from segcli.api import slice_axis
     from segcli.engines.base import ArrayPlane, rough_input
+    from segcli.io.atomic import split_extension
 
     img = io.open_image(path)
     kind = "volume" if img.ndim == 3 else "2d"
@@ -141,7 +882,6 @@ def write_arsm_maps_for(segmenter: Any, path: Path, out_dir: Path) -> list[Path]
         x = x[x.shape[0] // 2]
     size = segmenter.size or bundle.input_size
     rough, (h, w) = rough_input(ArrayPlane(x), size, bool(segmenter.param(bundle, "keep_aspect")))
-    stem = Path(path).name.split(".")[0]
+    stem = split_extension(Path(path).name)[0]
     module = bundle.load_module("coarse")
-    paths = arsm_maps(module, rough, bundle.classes, out_dir, stem)
-    return paths
+    return arsm_maps(module, rough, bundle.classes, out_dir, stem)
