@@ -354,6 +354,7 @@ def save_bundle(
     info: dict[str, Any] | None = None,
     training: dict[str, Any] | None = None,
     half: bool = False,
+    codes: dict[str, Any] | None = None,
 ) -> Path:
     """Write a bundle: ``networks`` maps role → (arch, config, module). ``half`` stores fp16 weights.
 
@@ -390,6 +391,8 @@ def save_bundle(
         "info": info or {},
         "training": training or {},
     }
+    if codes:
+        doc["codes"] = codes  # DICOM SEG segment descriptions (see parse_codes)
     write_json_atomic(root / BUNDLE_FILE, doc)
     return root
 
@@ -412,5 +415,5 @@ def pack_bundle(src: str | os.PathLike[str], dst: str | os.PathLike[str], *, nam
     return save_bundle(
         dst, name=name or b.name, method=b.method, classes=b.classes, in_channels=b.in_channels,
         input_size=b.input_size, normalization=b.normalization, networks=nets, params=b.params,
-        info={**b.info, **(info or {})}, training=b.training, half=half,
+        info={**b.info, **(info or {})}, training=b.training, half=half, codes=b.codes,
     )

@@ -275,7 +275,7 @@ def _extras(seg, rep, preview: bool, arsm_dir: Path | None) -> None:
         return
     if preview:
         try:
-            p = viz.write_preview_for(rep)
+            p = viz.write_preview_for(rep, segmenter=seg)
             rep.info["preview"] = str(p)
         except (SegcliError, ValueError, OSError) as exc:
             rep.warnings.append(f"no preview: {exc}")

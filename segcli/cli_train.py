@@ -169,6 +169,8 @@ def register(app: typer.Typer) -> None:
         spacing: Annotated[str | None, typer.Option(help="Pixel spacing in mm, comma-separated in array order (default: from the files; px when unknown).")] = None,
         hd95: Annotated[bool, typer.Option("--hd95/--no-hd95", help="Compute HD95 (the slowest metric).")] = True,
         summary: Annotated[bool, typer.Option("--summary", help="Print only the mean rows.")] = False,
+        preview: Annotated[Path | None, typer.Option("--preview", help="Write CASE_errors.png per case into this folder: false positives magenta, false negatives cyan.")] = None,
+        images: Annotated[Path | None, typer.Option("--images", help="Source images for --preview (default: beside the ground-truth folder, then the predictions folder).")] = None,
         quiet: Annotated[bool, typer.Option("-q", "--quiet", help="Print nothing but errors.")] = False,
     ) -> None:
         """Dice, IoU, precision, recall, HD95 and object-level recall per case and class, and their means."""
@@ -188,6 +190,10 @@ def register(app: typer.Typer) -> None:
                               json_path=json_out, log=warn)
         except SegcliError as exc:
             raise _fail(str(exc), exc.exit_code) from None
+        if preview is not None:
+            from segcli import viz
+
+            viz.write_error_previews(result, preview, images=images, log=warn)
         if quiet:
             return
         from rich.console import Console

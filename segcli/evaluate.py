@@ -28,7 +28,7 @@ from segcli.errors import InputError, SegcliError
 from segcli.io.atomic import split_extension
 
 PRED_SUFFIXES = ("_seg", "_mask", "_pred", "_prediction", "_segmentation", "_label", "_labels", "-seg", "-mask")
-MASK_EXTS = (".png", ".bmp", ".tif", ".tiff", ".nii", ".nii.gz", ".mha", ".mhd", ".nrrd", ".jpg", ".jpeg")
+MASK_EXTS = (".png", ".bmp", ".tif", ".tiff", ".nii", ".nii.gz", ".mha", ".mhd", ".nrrd", ".jpg", ".jpeg", ".dcm")
 METRIC_KEYS = ("dice", "iou", "precision", "recall", "hd95", "object_recall")
 
 
@@ -111,11 +111,39 @@ def _class_names(gt_dir: Path, n: int, classes: Sequence[str] | None) -> list[st
     return names
 
 
-def _score_case(item: tuple[str, Path, Path], fov_dir: Path | None, spacing: Sequence[float] | None) -> dict[str, Any]:
+def _read_seg_pair(pred_path: Path, gt_path: Path, classes: Sequence[str] | None
+                   ) -> tuple[np.ndarray, np.ndarray, tuple[float, ...]]:
+    """A DICOM SEG prediction on the ground truth's own voxel grid (both in the file's array order).
+
+    Segments are matched to classes by name when the class names are known (``--classes`` or the
+    dataset.json beside the ground truth), else numbered in the SEG's segment order.
+    """
+    import SimpleITK as sitk
+
+    from segcli.io.dicomseg import dicom_seg_on_grid
+
+    try:
+        ref = sitk.ReadImage(str(gt_path))
+    except RuntimeError:
+        raise InputError("cannot read this ground truth as a volume to score a DICOM SEG against", gt_path) from None
+    gt = sitk.GetArrayFromImage(ref)
+    if gt.ndim != 3:
+        raise InputError("a DICOM SEG is scored against a 3D ground truth (NIfTI, MHA, NRRD)", gt_path)
+    pred = dicom_seg_on_grid(pred_path, ref, classes)
+    return pred.astype(np.int64), np.rint(gt).astype(np.int64), tuple(float(v) for v in reversed(ref.GetSpacing()))
+
+
+def _score_case(item: tuple[str, Path, Path], fov_dir: Path | None, spacing: Sequence[float] | None,
+                classes: Sequence[str] | None = None) -> dict[str, Any]:
     case, pred_path, gt_path = item
     try:
-        gt, gt_spacing = _read_labels(gt_path)
-        pred, _ = _read_labels(pred_path)
+        from segcli.io.dicomseg import is_dicom_seg
+
+        if is_dicom_seg(pred_path):
+            pred, gt, gt_spacing = _read_seg_pair(pred_path, gt_path, classes)
+        else:
+            gt, gt_spacing = _read_labels(gt_path)
+            pred, _ = _read_labels(pred_path)
         gt = _fix_255(gt, pred)
         pred = _fix_255(pred, gt)
         if pred.shape != gt.shape:
@@ -171,8 +199,10 @@ def evaluate(
     n_workers = workers or min(4, available_cores())
     fov = Path(fov_dir) if fov_dir is not None else None
 
+    seg_classes = classes or (_class_names(gt_dir, 0, None) or None)
+
     def work(item: tuple[str, Path, Path]) -> dict[str, Any]:
-        rec = _score_case(item, fov, spacing)
+        rec = _score_case(item, fov, spacing, seg_classes)
         if "error" in rec:
             return rec
         k = int(max(rec["gt"].max(initial=0), rec["pred"].max(initial=0))) + 1

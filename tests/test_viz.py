@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from segcli import viz
+from segcli import drawing, viz
 from tests.conftest import make_bundle, run_cli
 from tests.test_cli import png, write_volume
 
@@ -28,16 +28,16 @@ def blended(grey: int, colour, alpha: float) -> np.ndarray:
     return np.array([int((1 - alpha) * grey + alpha * c + 0.5) for c in colour])
 
 
-def crop(pv: viz.Preview, panel: viz.Panel) -> np.ndarray:
+def crop(pv: viz.Preview, panel: drawing.Panel) -> np.ndarray:
     x0, y0, x1, y1 = panel.box
     return pv.pixels[y0:y1, x0:x1]
 
 
 def test_palette_is_distinct_and_colour_blind_safe():
-    cols = {viz.class_colour(c) for c in range(1, 8)}
+    cols = {drawing.class_colour(c) for c in range(1, 8)}
     assert len(cols) == 7 and (0, 0, 0) not in cols
-    assert viz.class_colour(1) == (86, 180, 233)  # Okabe-Ito sky blue
-    assert viz.class_colour(8) == viz.class_colour(1)  # cycles past the palette
+    assert drawing.class_colour(1) == (86, 180, 233)  # Okabe-Ito sky blue
+    assert drawing.class_colour(8) == drawing.class_colour(1)  # cycles past the palette
 
 
 def test_two_classes_contours_fill_and_legend():
@@ -50,14 +50,14 @@ def test_two_classes_contours_fill_and_legend():
     s = ov.shape[0] // 60  # tiny images are enlarged by an integer factor
     assert s >= 2 and ov.shape[:2] == (60 * s, 80 * s)
     for c, (r0, r1, c0, c1) in ((1, (10, 30, 10, 35)), (2, (35, 55, 45, 75))):
-        col = np.array(viz.class_colour(c))
+        col = np.array(drawing.class_colour(c))
         # Contour: every side of the rectangle, at full opacity.
         mid_r, mid_c = (r0 + r1) // 2 * s, (c0 + c1) // 2 * s
         for y, x in ((r0 * s, mid_c), (r1 * s - 1, mid_c), (mid_r, c0 * s), (mid_r, c1 * s - 1)):
             assert (ov[y, x] == col).all(), (c, y, x, ov[y, x])
         # Fill: the light blend of the class colour over the grey image.
         got = ov[mid_r, mid_c].astype(int)
-        assert np.abs(got - blended(100, col, viz.FILL_ALPHA)).max() <= 1, (c, got)
+        assert np.abs(got - blended(100, col, drawing.FILL_ALPHA)).max() <= 1, (c, got)
         # The plain image beside it is untouched.
         assert (raw[mid_r, mid_c] == 100).all() and (raw[r0 * s, mid_c] == 100).all()
         # The contour colour appears only on that class's boundary band.
@@ -66,14 +66,14 @@ def test_two_classes_contours_fill_and_legend():
     assert (ov[2 * s, 2 * s] == 100).all()  # background stays the image
     # Legend: one entry per class with its colour and area, and it is drawn.
     assert [(e.label, e.name, e.colour, e.amount, e.count) for e in pv.entries] == [
-        (1, "liver", viz.class_colour(1), "500 px (10.4 %)", 500),
-        (2, "tumour", viz.class_colour(2), "600 px (12.5 %)", 600),
+        (1, "liver", drawing.class_colour(1), "500 px (10.4 %)", 500),
+        (2, "tumour", drawing.class_colour(2), "600 px (12.5 %)", 600),
     ]
     assert "liver  500 px (10.4 %)" in pv.texts and "tumour  600 px (12.5 %)" in pv.texts
     assert pv.texts[0] == "case" and not pv.empty
     x0, y0, x1, y1 = pv.legend_box
     legend = pv.pixels[y0:y1, x0:x1]
-    assert (legend != np.array(viz.BG)).any(-1).mean() > 0.01
+    assert (legend != np.array(drawing.BG)).any(-1).mean() > 0.01
     for e in pv.entries:  # the swatches
         assert (legend == np.array(e.colour)).all(-1).sum() >= 9
 
@@ -83,7 +83,7 @@ def test_areas_in_mm2_with_spacing_and_window_from_normalisation():
     pv = viz.render_preview(img[..., 0], lab, classes=CLASSES, spacing=(0.5, 0.5))
     assert [e.amount for e in pv.entries] == ["125 mm² (10.4 %)", "150 mm² (12.5 %)"]
     # The bundled font has no "²": it is drawn as a raised small "2".
-    assert viz._segments("125 mm² (10.4 %)") == [("125 mm", False), ("2", True), (" (10.4 %)", False)]
+    assert drawing._segments("125 mm² (10.4 %)") == [("125 mm", False), ("2", True), (" (10.4 %)", False)]
     assert viz.window_for(np.zeros((4, 4), np.int16), {"kind": "ct_window", "center": 40, "width": 400}) == (-160, 240)
     assert viz.window_for(np.zeros((4, 4, 3), np.uint8), {"kind": "dtype"}) == (0, 255)
     ramp = np.arange(1000, dtype=np.float32).reshape(10, 100)
@@ -98,7 +98,7 @@ def test_empty_mask_says_nothing_found():
     assert [(e.name, e.count, e.amount) for e in pv.entries] == [("liver", 0, "0 px"), ("tumour", 0, "0 px")]
     ov = crop(pv, pv.panels[1])
     for c in (1, 2):
-        assert not (ov == np.array(viz.class_colour(c))).all(-1).any()
+        assert not (ov == np.array(drawing.class_colour(c))).all(-1).any()
     assert (ov != 100).any(-1).any()  # the banner is written on the overlay
 
 
@@ -112,7 +112,7 @@ def test_large_image_is_downscaled_before_contours():
     assert pv.layout == "overlay" and len(pv.panels) == 1
     ov = crop(pv, pv.panels[0])
     assert max(ov.shape[:2]) <= viz.MAX_SIDE and ov.shape[:2] == (1000, 1500)
-    col1, col2 = np.array(viz.class_colour(1)), np.array(viz.class_colour(2))
+    col1, col2 = np.array(drawing.class_colour(1)), np.array(drawing.class_colour(2))
     assert (ov[:, 500] == col1).all(-1).mean() > 0.9
     # The rectangle's contour is 2 display px wide at this size, traced after downscaling.
     assert (ov[100, 1000:1300] == col2).all() and (ov[101, 1000:1300] == col2).all()
@@ -136,7 +136,7 @@ def test_volume_slices_are_labelled_and_windowed(tmp_path):
         assert (pv.pixels[y, x] == 255).all()
         y, x = p.to_canvas(2, 2)  # air: black
         assert (pv.pixels[y, x] == 0).all()
-        assert (tile == np.array(viz.class_colour(1))).all(-1).any()
+        assert (tile == np.array(drawing.class_colour(1))).all(-1).any()
     assert pv.entries[0].amount == "1.60 mL"  # 800 voxels of 2 mm³
     # The index is the file's own: a volume stored inferior-up is labelled from the other end.
     flipped = SimpleNamespace(array=vol, spacing=(2.0, 1.0, 1.0), meta={"signed_perm": [[1, 0, 0], [0, 1, 0], [0, 0, -1]]})
