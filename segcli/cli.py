@@ -72,38 +72,6 @@ def _fail(message: str, code: int) -> typer.Exit:
     return typer.Exit(code)
 
 
-def _read_stdin_paths() -> list[Path]:
-    return [Path(line.rstrip("\n")) for line in sys.stdin if line.strip()]
-
-
-def _expand_inputs(inputs: list[Path], output: Path | None) -> list[tuple[Path, Path | None]]:
-    """(input, root) pairs: files as given, folders walked recursively (root kept to mirror layout)."""
-    from segcli import io
-
-    out: list[tuple[Path, Path | None]] = []
-    for p in inputs:
-        if str(p) == "-":
-            out.extend((q, None) for q in _read_stdin_paths())
-        elif p.is_dir() and not io.is_image_path(p):
-            for q in io.list_images(p):
-                if output is not None and _is_within(q, output):
-                    continue
-                if q.name.split(".")[0].endswith(("_seg", "_probs")):
-                    continue  # our own outputs from an earlier run beside the inputs
-                out.append((q, p))
-        else:
-            out.append((p, None))
-    return out
-
-
-def _is_within(p: Path, folder: Path) -> bool:
-    try:
-        p.resolve().relative_to(folder.resolve())
-        return True
-    except (ValueError, OSError):
-        return False
-
-
 @app.command()
 def predict(
     inputs: Annotated[list[Path], typer.Argument(help="Images, volumes, DICOM folders or folders of them; '-' reads paths from stdin.")],
@@ -151,8 +119,10 @@ def predict(
 ) -> None:
     """Segment images and volumes; a batch goes on past bad files and exits 1 if any failed."""
     from segcli.api import Segmenter
+    from segcli.batch import check_no_overwrite, check_unique_outputs, expand_inputs, run_batch
     from segcli.errors import BundleError, SegcliError
     from segcli.options import PredictOptions
+    from segcli.shard import parse_shard, select_shard
 
     _setup_logging(log_file)
     console = _stderr_console(quiet)
@@ -174,13 +144,16 @@ def predict(
         seg = Segmenter(options=options)
         if model is not None:
             seg.warm_up("2d")  # a bad --model is a usage error, reported once, not per file
-        items = _expand_inputs(inputs, output)
+        found = expand_inputs(inputs, output, sys.stdin if any(str(p) == "-" for p in inputs) else ())
+        items = found.items
     except BundleError as exc:
         raise _fail(str(exc), EXIT_USAGE) from None
     except SegcliError as exc:
         raise _fail(str(exc), exc.exit_code) from None
     if not items:
-        raise _fail("no input images found", EXIT_USAGE)
+        raise _fail("no input images found" + (f" ({len(found.earlier_outputs)} file(s) named *_seg/*_probs/*_preview "
+                                               "were left out as earlier outputs)" if found.earlier_outputs else ""),
+                    EXIT_USAGE)
     if options.output_type == "dicom-seg":
         from segcli import io
 
@@ -190,19 +163,20 @@ def predict(
                             "write NIfTI (the default) for other inputs", EXIT_USAGE)
     if len(items) > 1 and output is not None and output.suffix and not output.is_dir():
         raise _fail(f"-o {output} looks like a file but there are {len(items)} inputs; give a folder", EXIT_USAGE)
-    if output is not None and (len(items) > 1 or any(root for _, root in items)):
-        output.mkdir(parents=True, exist_ok=True)
-
-    from segcli.batch import check_unique_outputs, run_batch
-    from segcli.shard import parse_shard, select_shard
-
     try:
         if shard is not None:
             k, n = parse_shard(shard)
             items = select_shard(items, k, n, key=lambda it: it[0])
+        check_no_overwrite(items, options, output, preview=preview,
+                           other_outputs=[("--stats", stats), ("--log-file", log_file)])
     except SegcliError as exc:
         raise _fail(str(exc), exc.exit_code) from None
-    clashes = check_unique_outputs(items, output)
+    if output is not None and (len(items) > 1 or any(root for _, root in items)):
+        output.mkdir(parents=True, exist_ok=True)
+    if found.earlier_outputs and not quiet:
+        print(f"segcli: note: left out {len(found.earlier_outputs)} file(s) named *_seg/*_probs/*_preview in the "
+              "input folders (earlier outputs)", file=sys.stderr)
+    clashes = check_unique_outputs(items, output, options)
     clash_inputs = {c.input for c in clashes}
     items = [it for it in items if str(it[0]) not in clash_inputs]
     log.debug("segcli %s: %d input(s), shard %s, workers %d, prefetch %d", __version__, len(items), shard, workers, prefetch)
@@ -254,6 +228,7 @@ def predict(
             "empty": sum(r.status == "empty" for r in reports),
             "skipped": sum(r.status == "skipped" for r in reports),
             "failed": len(failed),
+            "earlier_outputs_left_out": len(found.earlier_outputs),
             "seconds": round(time.perf_counter() - t_start, 3),
         },
     }

@@ -115,12 +115,22 @@ def _read_seg_pair(pred_path: Path, gt_path: Path, classes: Sequence[str] | None
                    ) -> tuple[np.ndarray, np.ndarray, tuple[float, ...]]:
     """A DICOM SEG prediction on the ground truth's own voxel grid (both in the file's array order).
 
-    Segments are matched to classes by name when the class names are known (``--classes`` or the
-    dataset.json beside the ground truth), else numbered in the SEG's segment order.
+    Segments are matched to classes by name. The names come from the caller (``classes``, or the
+    dataset.json beside the ground truth), else from the bundle the SEG names as its algorithm (segcli
+    writes it there), else the SEG's segment order numbers them.
     """
     import SimpleITK as sitk
 
-    from segcli.io.dicomseg import dicom_seg_on_grid
+    from segcli.io.dicomseg import algorithm_name, dicom_seg_on_grid
+
+    if classes is None and (name := algorithm_name(pred_path)):
+        from segcli.bundle import load_bundle, resolve_model
+        from segcli.errors import BundleError
+
+        try:
+            classes = load_bundle(resolve_model(name, "volume")).classes
+        except BundleError:
+            classes = None
 
     try:
         ref = sitk.ReadImage(str(gt_path))

@@ -20,6 +20,7 @@ previous one with computing the current one.
 from __future__ import annotations
 
 import time
+import warnings
 from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -311,8 +312,12 @@ def write_dicom_seg(seg: Segmenter, job: Job, file_order_labels: np.ndarray, met
     coarse = bundle.networks.get("coarse") or next(iter(bundle.networks.values()))
     version = str(bundle.raw.get("version") or (coarse.sha256 or "unknown")[:12])
     assert job.out is not None
-    result = dicomseg.write_dicom_seg(job.out, file_order_labels, files, classes=bundle.classes, codes=bundle.codes,
-                                      bundle_name=bundle.name, bundle_version=version, segcli_version=__version__)
+    with warnings.catch_warnings(record=True) as caught:  # highdicom's remarks become one-line report warnings
+        warnings.simplefilter("always")
+        result = dicomseg.write_dicom_seg(job.out, file_order_labels, files, classes=bundle.classes,
+                                          codes=bundle.codes, bundle_name=bundle.name, bundle_version=version,
+                                          segcli_version=__version__)
+    job.rep.warnings.extend(sorted({f"DICOM SEG: {str(w.message).split('.')[0]}" for w in caught}))
     job.rep.info["dicom_seg"] = {k: v for k, v in result.items() if k in (
         "written", "status", "segments", "frames", "compression", "transfer_syntax", "referenced_series_instance_uid",
         "sop_instance_uid", "series_instance_uid", "bytes")}
@@ -397,16 +402,23 @@ def _check_volume_fits(seg: Segmenter, est: int, shape: tuple[int, ...], path: P
 # -- one file, many files ----------------------------------------------------------------------------------
 
 
+def plan_output(options: Any, path: Path, output: str | Path | None, input_root: Path | None,
+                content: str | None = None) -> Path:
+    """Where the mask of ``path`` goes (``io.default_output_path``, with ``.dcm`` for DICOM SEG output)."""
+    out = io.default_output_path(path, Path(output) if output is not None else None,
+                                 is_dir_input_root=input_root, content=content)
+    if options.output_type == "dicom-seg" and not out.name.lower().endswith(".dcm"):
+        out = with_extension(out, ".dcm")
+    return out
+
+
 def read(seg: Segmenter, path: Path, output: str | Path | None, *, input_root: Path | None) -> Job:
     """Plan the output, take the lock, honour --skip-existing, and open the input on its route."""
     job = Job(path=path, rep=FileReport(input=str(path)), t0=time.perf_counter())
     opts = seg.options
     try:
         content = io.sniff_input(path)
-        out = io.default_output_path(path, Path(output) if output is not None else None,
-                                     is_dir_input_root=input_root, content=content)
-        if opts.output_type == "dicom-seg" and not out.name.lower().endswith(".dcm"):
-            out = with_extension(out, ".dcm")
+        out = plan_output(opts, path, output, input_root, content)
         job.out = out
         job.rep.output = str(out)
         if opts.lock:

@@ -640,3 +640,14 @@ def describe_dicom_seg(path: str | os.PathLike[str]) -> dict[str, Any]:
         "file_size": p.stat().st_size,
         "warnings": [],
     }
+
+
+def algorithm_name(path: str | os.PathLike[str]) -> str | None:
+    """The AlgorithmName of a SEG's first segment (segcli writes its bundle's name there), or None."""
+    pydicom = _pydicom()
+    try:
+        ds = pydicom.dcmread(path, stop_before_pixels=True)
+        item = ds.SegmentSequence[0].SegmentationAlgorithmIdentificationSequence[0]
+        return str(item.AlgorithmName) or None
+    except (AttributeError, IndexError, KeyError, OSError, ValueError):
+        return None
