@@ -73,15 +73,14 @@ def _identity(p: Path) -> tuple[int, int] | None:
 
 
 def check_no_overwrite(items: list[tuple[Path, Path | None]], options: PredictOptions, output: Path | None, *,
-                       preview: bool = False, other_outputs: Iterable[tuple[str, Path | None]] = ()) -> None:
+                       other_outputs: Iterable[tuple[str, Path | None]] = ()) -> None:
     """Refuse (UsageError, exit 2) before any work when a planned output is one of the inputs.
 
     Every mask, probabilities and preview file, and the ``other_outputs`` (--stats, --log-file, ...), is
     compared with every input by resolved path (symlinks followed) and by file identity (hard links),
     including the files of DICOM series folders.
     """
-    from segcli.io.naming import preview_path, probabilities_path
-    from segcli.pipeline import plan_output
+    from segcli.pipeline import plan_output, planned_outputs
 
     by_path: dict[Path, Path] = {}
     by_id: dict[tuple[int, int], Path] = {}
@@ -107,12 +106,7 @@ def check_no_overwrite(items: list[tuple[Path, Path | None]], options: PredictOp
             out = plan_output(options, path, output, root)
         except (OSError, ValueError):
             continue  # the per-file run reports bad names
-        planned = [("mask", out)]
-        if options.probabilities:
-            planned.append(("probabilities", probabilities_path(out)))
-        if preview:
-            planned.append(("preview", preview_path(out)))
-        for what, target in planned:
+        for what, target in planned_outputs(options, out):
             owner = clash(target)
             if owner is not None:
                 same = "itself" if owner == path else f"the input {owner}"

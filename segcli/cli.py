@@ -28,7 +28,15 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 # made stts 3x slower overall on a loaded 2-core machine (benchmarks/README.md, bench_speed.py).
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
-EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_BUG, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_BUG, EXIT_INTERRUPTED, EXIT_TERMINATED = 0, 1, 2, 3, 130, 143
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (SLURM, Kubernetes, ``timeout``), handled like Ctrl-C but exiting 143 (128 + 15)."""
+
+
+def _on_sigterm(signum: int, frame: Any) -> None:
+    raise Terminated()
 
 app = typer.Typer(
     name="segcli",
@@ -51,8 +59,24 @@ def _stderr_console(quiet: bool = False):
     return Console(stderr=True, quiet=quiet, no_color=bool(os.environ.get("NO_COLOR")), highlight=False)
 
 
+def _file_option(flag: str, path: Path | None) -> None:
+    """A file an option writes (--stats, --log-file): never a folder; its missing folders are created,
+    as they are for -o. Fails with exit 2 before any work."""
+    if path is None:
+        return
+    if path.is_dir():
+        raise _fail(f"{flag} {path} is a folder; give a file name", EXIT_USAGE)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        from segcli.io.atomic import os_error_words
+
+        raise _fail(f"{flag} {path}: cannot create its folder ({os_error_words(exc) or exc})", EXIT_USAGE) from None
+
+
 def _setup_logging(log_file: Path | None) -> Path | None:
     log.setLevel(logging.DEBUG)
+    _file_option("--log-file", log_file)
     if log_file is not None:
         handler = logging.FileHandler(log_file, encoding="utf-8")
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
@@ -122,9 +146,11 @@ def predict(
     from segcli.batch import check_no_overwrite, check_unique_outputs, expand_inputs, run_batch
     from segcli.errors import BundleError, SegcliError
     from segcli.options import PredictOptions
+    from segcli.params import check_range
     from segcli.shard import parse_shard, select_shard
 
     _setup_logging(log_file)
+    _file_option("--stats", stats)
     console = _stderr_console(quiet)
     try:
         options = PredictOptions(
@@ -132,15 +158,15 @@ def predict(
             half=half, size=size, max_memory=max_memory, pyramid=pyramid, mpp=mpp, max_downscale=max_downscale,
             max_zoom=max_zoom, tile_size=tile_size, probabilities=probabilities, skip_existing=skip_existing,
             output_type="dicom-seg" if output is not None and output.name.lower().endswith(".dcm") else output_type,
-            stats=stats is not None, lock=lock,
+            stats=stats is not None, lock=lock, preview=preview,
             params={
                 "pad": pad, "threshold": threshold, "keep_coarse": keep_coarse, "keep_aspect": False if square_resize else None,
                 "patches": patches, "criterion": criterion, "refine_threshold": refine_threshold, "patch_size": patch_size, "min_patch_std": min_patch_std,
                 "overlap": overlap, "batch_size": batch_size, "min_volume": min_volume, "lung_gate": lung_gate,
             },
         )
-        if workers < 1:
-            raise _fail("--workers must be >= 1", EXIT_USAGE)
+        check_range("workers", workers, 1, 256)
+        check_range("prefetch", prefetch, 0, 64)
         seg = Segmenter(options=options)
         if model is not None:
             seg.warm_up("2d")  # a bad --model is a usage error, reported once, not per file
@@ -167,7 +193,7 @@ def predict(
         if shard is not None:
             k, n = parse_shard(shard)
             items = select_shard(items, k, n, key=lambda it: it[0])
-        check_no_overwrite(items, options, output, preview=preview,
+        check_no_overwrite(items, options, output,
                            other_outputs=[("--stats", stats), ("--log-file", log_file)])
     except SegcliError as exc:
         raise _fail(str(exc), exc.exit_code) from None
@@ -210,9 +236,10 @@ def predict(
                 if prog is not None:
                     prog.advance(overall)
                 _report_line(console, rep)
-        except KeyboardInterrupt:
-            print("segcli: interrupted; rerun with --skip-existing to resume", file=sys.stderr)
-            raise typer.Exit(EXIT_INTERRUPTED) from None
+        except KeyboardInterrupt as exc:
+            what = "terminated" if isinstance(exc, Terminated) else "interrupted"
+            print(f"segcli: {what}; rerun with --skip-existing to resume", file=sys.stderr)
+            raise typer.Exit(EXIT_TERMINATED if isinstance(exc, Terminated) else EXIT_INTERRUPTED) from None
     if stats is not None:
         from segcli.stats import write_stats_csv
 
@@ -235,9 +262,10 @@ def predict(
     if json_out:
         sys.stdout.write(json.dumps(summary, indent=2, default=str) + "\n")
     if failed:
-        print(f"segcli: {len(failed)} of {len(reports)} input(s) failed:", file=sys.stderr)
-        for r in failed:
-            print(f"  {r.error}", file=sys.stderr)
+        if len(reports) > 1:  # a recap at the end of a long batch log; one input's error was printed once already
+            print(f"segcli: {len(failed)} of {len(reports)} input(s) failed:", file=sys.stderr)
+            for r in failed:
+                print(f"  {r.error}", file=sys.stderr)
         raise typer.Exit(EXIT_FAILED)
 
 
@@ -482,11 +510,15 @@ def _main(
 
 def main() -> None:
     """Entry point: usage errors exit 2 (click's convention), bugs exit 3 with a log path."""
+    import signal
+
+    signal.signal(signal.SIGTERM, _on_sigterm)
     try:
         app()
-    except KeyboardInterrupt:
-        print("segcli: interrupted", file=sys.stderr)
-        sys.exit(EXIT_INTERRUPTED)
+    except KeyboardInterrupt as exc:
+        terminated = isinstance(exc, Terminated)
+        print(f"segcli: {'terminated' if terminated else 'interrupted'}", file=sys.stderr)
+        sys.exit(EXIT_TERMINATED if terminated else EXIT_INTERRUPTED)
     except SystemExit:
         raise
     except Exception as exc:

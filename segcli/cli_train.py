@@ -173,7 +173,12 @@ def register(app: typer.Typer) -> None:
         images: Annotated[Path | None, typer.Option("--images", help="Source images for --preview (default: beside the ground-truth folder, then the predictions folder).")] = None,
         quiet: Annotated[bool, typer.Option("-q", "--quiet", help="Print nothing but errors.")] = False,
     ) -> None:
-        """Dice, IoU, precision, recall, HD95 and object-level recall per case and class, and their means."""
+        """Dice, IoU, precision, recall, HD95 and object-level recall per case and class, and their means.
+
+        A class absent from both the prediction and the ground truth of a case is not scored there (NaN,
+        shown as '-') and is left out of the means, as nnU-Net's evaluation and MONAI's ignore_empty do;
+        `cases_scored` in the JSON says how many cases each class mean covers.
+        """
         from segcli.errors import SegcliError
         from segcli.evaluate import CSV_COLUMNS, evaluate, table_rows
 

@@ -28,6 +28,10 @@ class EmptyImageError(InputError):
     """The image holds a single constant value: nothing to segment (a warning, not a failure)."""
 
 
+class OutputError(SegcliError):
+    """An output cannot be written (disk full, permission denied, read-only file system, ...)."""
+
+
 class BundleError(SegcliError):
     """A model bundle is missing, malformed, of an unknown version or fails its checks."""
 

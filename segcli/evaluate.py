@@ -240,8 +240,9 @@ def evaluate(
         per = {}
         for c in fg:
             m = r["metrics"].get(c)
-            if m is None:  # class absent from both masks of this case: a perfect, empty agreement
-                m = {"dice": 1.0, "iou": 1.0, "precision": 1.0, "recall": 1.0, "hd95": 0.0, "objects": 0, "hit": 0,
+            if m is None:  # class absent from both masks of this case: no score, left out of the means (NaN)
+                nan = float("nan")
+                m = {"dice": nan, "iou": nan, "precision": nan, "recall": nan, "hd95": nan, "objects": 0, "hit": 0,
                      "object_recall": float("nan"), **{f"{b}_{s}": 0 for b in metrics.SIZE_BINS for s in ("objects", "hit")}}
             per[names[c]] = m
         cases.append({"case": r["case"], "prediction": r["prediction"], "ground_truth": r["ground_truth"],
@@ -285,6 +286,7 @@ def _aggregate(rows: list[dict[str, Any]]) -> dict[str, Any]:
     out: dict[str, Any] = {k: _nanmean([r[k] for r in rows]) for k in ("dice", "iou", "precision", "recall")}
     out["hd95"] = _nanmean([r["hd95"] for r in rows])
     out["hd95_undefined"] = int(sum(1 for r in rows if not math.isfinite(r["hd95"])))
+    out["cases_scored"] = int(sum(1 for r in rows if math.isfinite(r["dice"])))  # the class is in either mask
     out["objects"] = int(sum(r["objects"] for r in rows))
     out["hit"] = int(sum(r["hit"] for r in rows))
     out["object_recall"] = out["hit"] / out["objects"] if out["objects"] else float("nan")

@@ -55,6 +55,7 @@ class PredictOptions:
     # Outputs and batch behaviour
     output_type: str = "auto"
     probabilities: bool = False
+    preview: bool = False  # NAME_seg_preview.png (drawn by the caller after the mask; counted by skip_existing)
     skip_existing: bool = False
     stats: bool = False
     lock: bool = False

@@ -19,6 +19,7 @@ previous one with computing the current one.
 
 from __future__ import annotations
 
+import contextlib
 import time
 import warnings
 from collections import deque
@@ -34,7 +35,7 @@ from segcli import io, memory
 from segcli.engines.base import ProgressFn, Result
 from segcli.errors import EmptyImageError, SegcliError, bug_message
 from segcli.geometry import slice_axis
-from segcli.io.atomic import OutputLock
+from segcli.io.atomic import OutputLock, os_error_words
 from segcli.io.naming import probabilities_path, with_extension
 from segcli.report import FileReport, count_labels, fill_counts, fill_run
 
@@ -68,16 +69,29 @@ class Job:
     route: Any = None  # a Route once the input is open
     lock: OutputLock | None = None
 
-    def fail_from(self, exc: BaseException) -> None:
-        """Record ``exc`` as this file's failure: a SegcliError as itself, anything else as a bug."""
+    def fail_from(self, exc: BaseException, writing: bool = False) -> None:
+        """Record ``exc`` as this file's failure: a SegcliError as itself, an operating-system failure (disk
+        full, permission, read-only...) in the user's words naming the user's file, anything else as a bug."""
         self.rep.status = "failed"
         self.close_route()
-        if not isinstance(exc, SegcliError):
+        words = os_error_words(exc)
+        if words is not None:
+            self.rep.error = f"{self._user_path(getattr(exc, 'filename', None), writing)}: {words}"
+        elif not isinstance(exc, SegcliError):
             self.rep.error = bug_message(exc, self.path)
         elif exc.path is not None:
             self.rep.error = str(exc)
         else:
             self.rep.error = f"{self.path}: {exc}"
+
+    def _user_path(self, name: Any, writing: bool) -> Path:
+        """The path the user knows for an OS error's file: the output for its hidden temporary names."""
+        if name is None:
+            return self.out if writing and self.out is not None else self.path
+        p = Path(str(name))
+        if self.out is not None and p.name.startswith(".") and (".partial-" in p.name or p.name.endswith(".lock")):
+            return self.out
+        return p
 
     def close_route(self) -> None:
         if self.route is not None:
@@ -412,6 +426,18 @@ def plan_output(options: Any, path: Path, output: str | Path | None, input_root:
     return out
 
 
+def planned_outputs(options: Any, out: Path) -> list[tuple[str, Path]]:
+    """Every file a run writes for one input, named: the mask, and its probabilities and preview if asked for."""
+    from segcli.io.naming import preview_path
+
+    files = [("mask", out)]
+    if options.probabilities:
+        files.append(("probabilities", probabilities_path(out)))
+    if options.preview:
+        files.append(("preview", preview_path(out)))
+    return files
+
+
 def read(seg: Segmenter, path: Path, output: str | Path | None, *, input_root: Path | None) -> Job:
     """Plan the output, take the lock, honour --skip-existing, and open the input on its route."""
     job = Job(path=path, rep=FileReport(input=str(path)), t0=time.perf_counter())
@@ -428,7 +454,7 @@ def read(seg: Segmenter, path: Path, output: str | Path | None, *, input_root: P
                 job.rep.warnings.append("another segcli process holds this output's lock")
                 return job
             job.lock = lock
-        if opts.skip_existing and out.exists():
+        if opts.skip_existing and all(p.exists() for _, p in planned_outputs(opts, out)):
             job.rep.status = "skipped"
             return job
         t = time.perf_counter()
@@ -454,13 +480,18 @@ def compute(seg: Segmenter, job: Job, progress: ProgressFn | None) -> None:
 
 def write(seg: Segmenter, job: Job) -> FileReport:
     """Write the mask (and what else was asked for), then release everything the job held."""
+    new: list[Path] = []
     try:
         if job.route is not None and job.out is not None and job.rep.status in ("ok", "empty"):
+            new = [p for _, p in planned_outputs(seg.options, job.out) if not p.exists()]
             t = time.perf_counter()
             job.route.write(seg, job)
             job.rep.seconds["write"] = time.perf_counter() - t
     except Exception as exc:  # one bad file must not stop the batch
-        job.fail_from(exc)
+        job.fail_from(exc, writing=True)
+        for p in new:  # a failed input leaves none of its new outputs (a mask without its probabilities)
+            with contextlib.suppress(OSError):
+                p.unlink()
     return job.finish()
 
 
@@ -468,7 +499,11 @@ def run_one(seg: Segmenter, path: Path, output: str | Path | None, *, input_root
             progress: ProgressFn | None = None) -> FileReport:
     """Read, segment and write one input."""
     job = read(seg, path, output, input_root=input_root)
-    compute(seg, job, progress)
+    try:
+        compute(seg, job, progress)
+    except BaseException:  # interrupted: release the lock and temporary files before leaving
+        job.finish()
+        raise
     return write(seg, job)
 
 
@@ -501,12 +536,21 @@ def run_many(seg: Segmenter, items: list[tuple[Path, Path | None]], output: str 
         for _ in range(prefetch):
             submit_next()
         last_write: Future[FileReport] | None = None
-        while pending:
-            job = pending.popleft().result()
-            submit_next()
-            compute(seg, job, progress(job.path))
+        current: Job | None = None
+        try:
+            while pending:
+                current = pending.popleft().result()
+                submit_next()
+                compute(seg, current, progress(current.path))
+                if last_write is not None:
+                    yield last_write.result()
+                last_write, current = writer.submit(write, seg, current), None
             if last_write is not None:
                 yield last_write.result()
-            last_write = writer.submit(write, seg, job)
-        if last_write is not None:
-            yield last_write.result()
+        finally:  # interrupted (SIGINT/SIGTERM) or abandoned: release what unfinished jobs hold (locks, temp files)
+            if current is not None:
+                current.finish()
+            for fut in pending:
+                if not fut.cancel():
+                    with contextlib.suppress(Exception):
+                        fut.result().finish()

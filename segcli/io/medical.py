@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from segcli.errors import InputError, UsageError
+from segcli.errors import InputError, OutputError, UsageError
 
 if TYPE_CHECKING:
     import SimpleITK as sitk
@@ -557,7 +557,12 @@ def write_image(image: sitk.Image, path: Path) -> None:
             return
         with atomic_path(path) as tmp:
             sitk.WriteImage(image, str(tmp), useCompression=True)
-    except RuntimeError as exc:
+    except RuntimeError as exc:  # ITK hides the errno: say what the folder's state explains, if anything
+        from segcli.io.atomic import write_failure_reason
+
+        reason = write_failure_reason(path)
+        if reason is not None:
+            raise OutputError(f"cannot write: {reason}", path) from None
         raise UsageError(f"cannot write image: {_short(exc)}", path) from None
 
 

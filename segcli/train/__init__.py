@@ -743,8 +743,9 @@ def full_res_validation(bundle_dir: Path, ds: Any, cfg: TrainConfig, device: str
         rows.append([[m[c][k] for k in ("dice", "iou", "precision", "recall")] for c in range(1, K)])
         hits += sum(m[c]["hit"] for c in range(1, K))
         objs += sum(m[c]["objects"] for c in range(1, K))
-    a = np.asarray(rows, dtype=np.float64)  # (cases, classes, 4)
-    mean = a.mean(axis=(0, 1))
+    a = np.asarray(rows, dtype=np.float64)  # (cases, classes, 4); NaN where a class is absent from both
+    with np.errstate(invalid="ignore"):
+        mean = np.nan_to_num(np.nanmean(a.reshape(-1, 4), axis=0), nan=0.0) if a.size else np.zeros(4)
     return {"cases": len(rows), "dice": float(mean[0]), "iou": float(mean[1]), "precision": float(mean[2]),
             "recall": float(mean[3]), "object_recall": hits / objs if objs else float("nan"),
             "seconds": round(time.perf_counter() - t0, 1)}
