@@ -75,12 +75,19 @@ def _file_option(flag: str, path: Path | None) -> None:
 
 
 def _setup_logging(log_file: Path | None) -> Path | None:
+    """segcli's debug log (``--log-file``); library warnings (numpy, torch, highdicom) go there, not to stderr."""
     log.setLevel(logging.DEBUG)
     _file_option("--log-file", log_file)
+    logging.captureWarnings(True)
+    lib = logging.getLogger("py.warnings")
+    lib.propagate = False
     if log_file is not None:
         handler = logging.FileHandler(log_file, encoding="utf-8")
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
         log.addHandler(handler)
+        lib.addHandler(handler)
+    else:
+        lib.addHandler(logging.NullHandler())
     return log_file
 
 

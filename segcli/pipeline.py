@@ -37,6 +37,7 @@ from segcli.errors import EmptyImageError, SegcliError, bug_message
 from segcli.geometry import slice_axis
 from segcli.io.atomic import OutputLock, os_error_words
 from segcli.io.naming import probabilities_path, with_extension
+from segcli.prepare import implausible_result, mismatch_warnings
 from segcli.report import FileReport, count_labels, fill_counts, fill_run
 
 if TYPE_CHECKING:
@@ -116,7 +117,10 @@ def _finish_compute(seg: Segmenter, job: Job, res: Result, bundle: Bundle, spaci
     rep = job.rep
     fill_run(rep, res, model=bundle.name, method=seg.plan_for(bundle).method, device=seg.device,
              providers=seg.providers(bundle) if rep.status == "ok" else None)
-    fill_counts(rep, count_labels(res.labels), bundle.classes, spacing, ndim=res.labels.ndim)
+    counts = count_labels(res.labels)
+    fill_counts(rep, counts, bundle.classes, spacing, ndim=res.labels.ndim)
+    if rep.status == "ok" and (note := implausible_result(counts, int(res.labels.size))):
+        rep.warnings.append(note)
     if seg.options.stats:
         from segcli.stats import label_stats
 
@@ -130,6 +134,7 @@ class InMemoryRoute:
         self.img = img
         self.spacing = img.spacing
         self.spatial_shape = img.spatial_shape
+        self.dtype = img.array.dtype
         self.warnings = list(img.meta.get("warnings", []))
         self.res: Result | None = None
 
@@ -169,6 +174,7 @@ class StreamedVolumeRoute:
         self.vol = vol
         self.spacing = vol.spacing
         self.spatial_shape = vol.spatial_shape
+        self.dtype = vol.dtype
         self.warnings = list(vol.meta.get("warnings", []))
         self.res: Result | None = None
         self.buf: np.ndarray | None = None  # the mask in the file's own axis order
@@ -243,6 +249,7 @@ class TiledTiffRoute:
         self.plane = plane
         self.spacing = plane.spacing
         self.spatial_shape = plane.shape
+        self.dtype = getattr(plane, "dtype", None)
         self.warnings = [f"tifffile: {n}" for n in plane.notes]
         self.res: Result | None = None
 
@@ -461,6 +468,11 @@ def read(seg: Segmenter, path: Path, output: str | Path | None, *, input_root: P
         job.route = open_route(seg, path, out, content)
         job.rep.seconds["read"] = time.perf_counter() - t
         job.rep.warnings.extend(job.route.warnings)
+        ndim = len(job.route.spatial_shape)
+        dtype = getattr(job.route, "dtype", None)
+        if dtype is not None:
+            bundle = seg.bundle_for("volume" if ndim == 3 else "2d")
+            job.rep.warnings.extend(mismatch_warnings(bundle, dtype, job.route.spacing, ndim))
         job.rep.shape = list(job.route.spatial_shape)
         job.rep.spacing = list(job.route.spacing) if job.route.spacing else None
     except Exception as exc:  # one bad file must not stop the batch

@@ -98,3 +98,47 @@ def slice_normalizer(a: np.ndarray, bundle: Bundle) -> Callable[[np.ndarray], np
     from segcli.io.volstream import ArrayVolume, SlabCache
 
     return volume_normalizer(SlabCache(ArrayVolume(a), 0), bundle)
+
+
+#: A mask with more foreground than this share of the image is implausible for every shipped task.
+IMPLAUSIBLE_FOREGROUND = 0.95
+
+
+def mismatch_warnings(bundle: Bundle, dtype: np.dtype, spacing: tuple[float, ...] | None, ndim: int) -> list[str]:
+    """What can be told, from the bundle and the input's header alone, about a model fed the wrong kind of image.
+
+    A CT-window model given an 8-bit picture (a PNG or JPEG export of a slice) sees values 0-255 where it
+    learned Hounsfield units; a photo model given 16-bit or float data scales it wrongly; a slide model
+    whose training pixel size is recorded (``mpp``) sees the tissue at another scale. The run goes on:
+    these are warnings in the report and on stderr.
+    """
+    out = []
+    kind = bundle.normalization.get("kind")
+    if kind == "ct_window" and np.dtype(dtype).itemsize == 1:
+        c, w = bundle.normalization.get("center"), bundle.normalization.get("width")
+        out.append(f"model {bundle.name} expects CT in Hounsfield units (window {c}/{w}) but this image is 8-bit; "
+                   "segment the original CT (NIfTI/DICOM), not a screenshot or PNG export")
+    elif kind == "dtype" and np.dtype(dtype).kind == "f" or kind == "dtype" and np.dtype(dtype).itemsize > 2:
+        out.append(f"model {bundle.name} was trained on 8/16-bit images scaled by their type range, but this image "
+                   f"is {np.dtype(dtype)}")
+    modality = str(bundle.info.get("modality") or "")
+    if ndim == 3 and bundle.normalization.get("kind") == "dtype" and modality and "CT" not in modality.upper():
+        out.append(f"model {bundle.name} was trained on 2D {modality} images; this input is a volume")
+    mpp = bundle.params.get("mpp")
+    if mpp and spacing and ndim == 2:
+        image_mpp = float(spacing[-1]) * 1000.0
+        if image_mpp > 0 and not 0.5 <= image_mpp / float(mpp) <= 2.0:
+            out.append(f"pixel size {image_mpp:.3g} µm differs from the {float(mpp):.3g} µm the model {bundle.name} "
+                       "was trained at by more than 2x; objects appear at another scale")
+    return out
+
+
+def implausible_result(counts: np.ndarray, total: int) -> str | None:
+    """A warning when the mask is foreground almost everywhere (a wrong model or wrong normalisation)."""
+    if total <= 0:
+        return None
+    share = 1.0 - float(counts[0]) / total
+    if share > IMPLAUSIBLE_FOREGROUND:
+        return (f"{share:.0%} of the image is foreground: implausible for this model; check the model, the "
+                "image type and its intensities (segcli info)")
+    return None
