@@ -81,7 +81,9 @@ class Segmenter:
         """The bundle serving inputs of ``kind`` ("volume" or "2d"), loaded once."""
         root = resolve_model(self.options.model, "volume" if kind == "volume" else "2d").resolve()
         if root not in self._bundles:
-            self._bundles[root] = load_bundle(root)
+            bundle = load_bundle(root)
+            bundle.allow_unhashed = self.options.allow_unhashed
+            self._bundles[root] = bundle
         return self._bundles[root]
 
     def plan_for(self, bundle: Bundle) -> plan.Plan:

@@ -73,6 +73,8 @@ class Bundle:
     info: dict[str, Any] = field(default_factory=dict)
     training: dict[str, Any] = field(default_factory=dict)
     raw: dict[str, Any] = field(default_factory=dict)
+    #: load weights that carry no sha256 (an explicit user decision: ``--allow-unhashed``)
+    allow_unhashed: bool = False
     #: optional DICOM codes per class name (see :func:`parse_codes`); a class without gets a generic code
     codes: dict[str, dict[str, dict[str, str]]] = field(default_factory=dict)
 
@@ -122,6 +124,9 @@ class Bundle:
         path = self.weights_path(role)
         if not path.is_file():
             raise BundleError(f"weights file {spec.weights} is missing", self.path)
+        if verify and not spec.sha256 and not self.allow_unhashed:
+            raise BundleError(f"{spec.weights} has no recorded sha256 in {BUNDLE_FILE}; unhashed weights are refused "
+                              "(pass --allow-unhashed only for a bundle you made yourself)", self.path)
         if verify and spec.sha256 and sha256_file(path) != spec.sha256:
             raise BundleError(f"{spec.weights} does not match its recorded SHA-256 (corrupted or tampered); refused", self.path)
         cfg = {"in_channels": self.in_channels, "out_channels": _out_channels(self.n_classes), **spec.config}
@@ -250,8 +255,13 @@ def resolve_model(model: str | os.PathLike[str] | None, kind: str = "2d") -> Pat
     candidate = models_dir() / str(model)
     if "/" not in str(model) and candidate.is_dir():
         return candidate
-    known = ", ".join(b.name for b in list_models()) or "none"
-    raise BundleError(f"no bundle at {model!r} and no shipped model of that name (shipped: {known})")
+    names = [b.name for b in list_models()]
+    import difflib
+
+    close = difflib.get_close_matches(str(model), names, n=1, cutoff=0.6)
+    hint = f"did you mean {close[0]!r}? " if close else ""
+    raise BundleError(f"no bundle at {model!r} and no shipped model of that name; {hint}"
+                      f"shipped: {', '.join(names) or 'none'}")
 
 
 def default_model_name(kind: str) -> str | None:
@@ -376,6 +386,7 @@ def save_bundle(
         fname = f"{role}.safetensors"
         tmp = root / f".{fname}.partial"
         save_file(state, str(tmp), metadata={"arch": arch})
+        os.chmod(tmp, _file_mode())  # safetensors writes 0600; a bundle is shared like the rest of its folder
         os.replace(tmp, root / fname)
         nets[role] = {"arch": arch, "config": config, "weights": fname, "sha256": sha256_file(root / fname)}
     doc = {
@@ -395,6 +406,13 @@ def save_bundle(
         doc["codes"] = codes  # DICOM SEG segment descriptions (see parse_codes)
     write_json_atomic(root / BUNDLE_FILE, doc)
     return root
+
+
+def _file_mode() -> int:
+    """0666 less the process umask: the mode an ordinary new file gets (0644 with the usual umask)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
 
 
 def write_json_atomic(path: Path, doc: Any) -> None:

@@ -144,6 +144,7 @@ def predict(
     probabilities: Annotated[bool, typer.Option("--probabilities", help="Also write float32 class probabilities (NAME_seg_probs.EXT).")] = False,
     skip_existing: Annotated[bool, typer.Option("--skip-existing", help="Skip inputs whose mask already exists (resume a batch).")] = False,
     half: Annotated[bool, typer.Option("--half", help="fp16 autocast on CUDA.")] = False,
+    allow_unhashed: Annotated[bool, typer.Option("--allow-unhashed", help="Load weights that have no sha256 in segcli.json (refused otherwise; only for bundles you made yourself).")] = False,
     quiet: Annotated[bool, typer.Option("-q", "--quiet", help="Only errors on stderr.")] = False,
     json_out: Annotated[bool, typer.Option("--json", help="Print a machine-readable summary on stdout.")] = False,
     log_file: Annotated[Path | None, typer.Option(help="Write a full debug log (timings per stage) here.")] = None,
@@ -165,7 +166,7 @@ def predict(
             half=half, size=size, max_memory=max_memory, pyramid=pyramid, mpp=mpp, max_downscale=max_downscale,
             max_zoom=max_zoom, tile_size=tile_size, probabilities=probabilities, skip_existing=skip_existing,
             output_type="dicom-seg" if output is not None and output.name.lower().endswith(".dcm") else output_type,
-            stats=stats is not None, lock=lock, preview=preview,
+            stats=stats is not None, lock=lock, preview=preview, allow_unhashed=allow_unhashed,
             params={
                 "pad": pad, "threshold": threshold, "keep_coarse": keep_coarse, "keep_aspect": False if square_resize else None,
                 "patches": patches, "criterion": criterion, "refine_threshold": refine_threshold, "patch_size": patch_size, "min_patch_std": min_patch_std,

@@ -52,6 +52,7 @@ class PredictOptions:
     lazy_pixels: int = memory.LAZY_PIXELS
     tile_size: int = TILE_SIZE
     stream_volumes: bool = True  # NIfTI, raw MetaImage and DICOM series decoded slab by slab
+    allow_unhashed: bool = False  # load weights without a recorded sha256 (refused otherwise)
     # Outputs and batch behaviour
     output_type: str = "auto"
     probabilities: bool = False

@@ -87,8 +87,12 @@ def test_pickle_weights_are_refused(tmp_path):
     with open(evil, "wb") as f:
         pickle.dump({"x": Boom()}, f)
     edit(b, lambda c: c["networks"]["fine"].update(weights="fine.pt", sha256=None))
+    with pytest.raises(BundleError, match="has no recorded sha256"):
+        load_bundle(b).load_module("fine")  # unhashed weights are refused outright
+    bundle = load_bundle(b)
+    bundle.allow_unhashed = True  # even when the user allows them, a pickle is never unpickled
     with pytest.raises(BundleError, match="refusing to load"):
-        load_bundle(b).load_module("fine")
+        bundle.load_module("fine")
 
 
 def test_plain_pt_state_dict_loads_weights_only(tmp_path):
@@ -96,7 +100,9 @@ def test_plain_pt_state_dict_loads_weights_only(tmp_path):
     m = load_bundle(b).load_module("fine")
     torch.save(m.state_dict(), b / "fine.pt")
     edit(b, lambda c: c["networks"]["fine"].update(weights="fine.pt", sha256=None))
-    m2 = load_bundle(b).load_module("fine")
+    bundle = load_bundle(b)
+    bundle.allow_unhashed = True
+    m2 = bundle.load_module("fine")
     for (k, v), (_, v2) in zip(m.state_dict().items(), m2.state_dict().items(), strict=True):
         assert torch.equal(v.float(), v2.float()), k
 
@@ -122,3 +128,32 @@ def test_channel_conversion_is_explicit():
     assert normalize.convert_channels(rgb, 1, "grey").shape == (4, 4, 1)
     assert normalize.convert_channels(np.zeros((4, 4, 1), np.uint8), 3, "rgb").shape == (4, 4, 3)
     assert normalize.convert_channels(np.zeros((4, 4, 4), np.uint8), 3, "rgb").shape == (4, 4, 3)
+
+
+def test_unhashed_weights_need_the_users_flag(tmp_path):
+    """A segcli.json without sha256 must not load tampered weights in silence (issue 16)."""
+    import numpy as np
+    from PIL import Image
+
+    from tests.conftest import run_cli
+
+    b = make_bundle(tmp_path / "b", in_channels=3, normalization={"kind": "dtype"})
+    edit(b, lambda c: [n.pop("sha256") for n in c["networks"].values()])
+    img = tmp_path / "a.png"
+    Image.fromarray(np.zeros((32, 40, 3), np.uint8) + np.arange(40, dtype=np.uint8)[None, :, None]).save(img)
+    r = run_cli("predict", img, "--model", b, "-o", tmp_path / "m.png")
+    assert r.returncode == 2 and "has no recorded sha256" in r.stderr and not (tmp_path / "m.png").exists()
+    r = run_cli("predict", img, "--model", b, "-o", tmp_path / "m.png", "--allow-unhashed")
+    assert r.returncode == 0, r.stderr
+
+
+def test_bundle_files_are_group_readable(tmp_path):
+    import os
+
+    mask = os.umask(0o022)
+    try:
+        b = make_bundle(tmp_path / "b")
+    finally:
+        os.umask(mask)
+    for f in b.iterdir():
+        assert f.stat().st_mode & 0o777 == 0o644, f
