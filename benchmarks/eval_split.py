@@ -76,7 +76,7 @@ def main() -> None:
     subprocess.run([*segcli, "predict", str(out / "img"), "-o", str(out / "pred"), "--model", str(args.model or args.run),
                     "-q", "--threads", str(args.threads)], check=True)
     print(f"predicted {len(val)} val cases in {time.perf_counter() - t:.1f} s", flush=True)
-    ev = [*segcli, "evaluate", str(out / "pred"), str(out / "gt"), "--json", str(out / "eval.json"),
+    ev = [*segcli, "evaluate", str(out / "pred"), str(out / "gt"), "--json-file", str(out / "eval.json"),
           "--csv", str(out / "eval.csv"), "--summary"]
     if args.fov:
         ev += ["--fov", str(out / "fov")]

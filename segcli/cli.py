@@ -103,59 +103,68 @@ def _fail(message: str, code: int) -> typer.Exit:
     return typer.Exit(code)
 
 
-@app.command()
+@app.command(epilog=(
+    "Examples:\n\n"
+    "  segcli predict scan.nii.gz                     # mask beside it: scan_seg.nii.gz, same grid\n\n"
+    "  segcli predict slides/ -o masks/ --model nuclei --preview\n\n"
+    "  segcli predict series_folder/ -o out/ --output-type dicom-seg\n\n"
+    "  find data -name '*.nii.gz' | segcli predict - -o masks/ --skip-existing --json > run.json\n\n"
+    "  sbatch --array=0-9 --wrap 'segcli predict data/ -o masks/'   # shard K/10 from SLURM's variables"))
 def predict(
     inputs: Annotated[list[Path], typer.Argument(help="Images, volumes, DICOM folders or folders of them; '-' reads paths from stdin.")],
-    output: Annotated[Path | None, typer.Option("-o", "--output", help="Output file (one input) or folder. Default: beside each input, as NAME_seg.EXT.")] = None,
-    model: Annotated[str | None, typer.Option("-m", "--model", help="Bundle folder or shipped model name (see `segcli models`). Default: models/index.json.")] = None,
-    method: Annotated[str | None, typer.Option(help=f"{' | '.join(METHODS)} (default: the bundle's).")] = None,
-    backend: Annotated[str, typer.Option(help="auto (ONNX Runtime when the bundle carries an export, else torch) | torch | onnx")] = "auto",
-    device: Annotated[str, typer.Option(help="auto | cpu | cuda | cuda:N")] = "auto",
-    threads: Annotated[int | None, typer.Option(help="Intra-op threads (default: the cores really available).")] = None,
-    channels: Annotated[str, typer.Option(help="keep | grey | rgb: explicit channel conversion when the image and model differ.")] = "keep",
-    size: Annotated[int | None, typer.Option(help="Network input size S (default: the bundle's).")] = None,
-    pad: Annotated[int | None, typer.Option(help="stts: crop padding k in full-resolution px (default S//8).")] = None,
-    threshold: Annotated[float | None, typer.Option(help="Foreground probability threshold (binary models).")] = None,
-    keep_coarse: Annotated[bool | None, typer.Option("--keep-coarse/--no-keep-coarse", help="stts: keep the rough mask where no crop reached.")] = None,
-    square_resize: Annotated[bool, typer.Option("--square-resize", help="Rough pass squashes the image to S×S (the reference) instead of keeping the aspect ratio.")] = False,
-    patches: Annotated[int | None, typer.Option(help="refine: number of patches refined at full resolution.")] = None,
-    criterion: Annotated[str | None, typer.Option(help="refine: patch ranking, 'pixel' (mean per-pixel uncertainty) or 'mean' (|mean - 0.5|).")] = None,
-    refine_threshold: Annotated[float | None, typer.Option(help="refine: refine every patch whose uncertainty exceeds this.")] = None,
-    min_patch_std: Annotated[float | None, typer.Option(help="refine: never refine patches whose rough input is flatter than this std (normalised intensity; e.g. 0.02 skips slide glass).")] = None,
-    patch_size: Annotated[int | None, typer.Option(help="refine: patch side in full-resolution px (default S).")] = None,
-    overlap: Annotated[float | None, typer.Option(help="sliding: tile overlap fraction.")] = None,
-    batch_size: Annotated[int | None, typer.Option(help="Fine-pass batch size.")] = None,
-    min_volume: Annotated[int | None, typer.Option(help="Volumes, stts: drop rough 3D components smaller than this (rough voxels).")] = None,
-    lung_gate: Annotated[bool | None, typer.Option("--lung-gate/--no-lung-gate", help="CT volumes: keep only lesions that lie in aerated lung (default: the bundle's; on for covid-ct).")] = None,
-    shard: Annotated[str | None, typer.Option(help="K/N: process shard K (0-based) of N, balanced by file size (SLURM arrays).")] = None,
-    workers: Annotated[int, typer.Option(help="Processes sharing the cores (threads each = cores // workers).")] = 1,
-    prefetch: Annotated[int, typer.Option(help="Files read ahead while the current one computes (0 = off).")] = 2,
-    stats: Annotated[Path | None, typer.Option(help="Write per-input, per-class statistics (voxels, ml, components, bbox) to this CSV.")] = None,
-    lock: Annotated[bool, typer.Option("--lock", help="Take a lock per output so concurrent segcli processes never compute the same mask.")] = False,
-    max_memory: Annotated[str | None, typer.Option(help="Memory budget, e.g. 2GB: bounds fine batches and caches; whole-image runs that would not fit are refused up front (default: $SEGCLI_MAX_MEMORY or 70% of available memory).")] = None,
-    pyramid: Annotated[bool, typer.Option("--pyramid", help="Big TIFF masks: add pyramid levels (SubIFDs) so slide viewers open them instantly.")] = False,
-    mpp: Annotated[float | None, typer.Option(help="µm/px the coarse network was trained at (overrides the bundle); sets the rough-pass scale on big TIFFs with a resolution.")] = None,
-    max_downscale: Annotated[float | None, typer.Option(help="Big images: the largest allowed factor between full resolution and the rough pass (default 16); beyond it the rough pass runs tiled.")] = None,
-    max_zoom: Annotated[float | None, typer.Option(help="Big images: a fine box wider than S × this is processed as tiles at this zoom (default 4).")] = None,
-    tile_size: Annotated[int, typer.Option(help="Tile size of big TIFF masks.")] = 512,
-    output_type: Annotated[str, typer.Option("--output-type", help="auto (the format follows -o's extension, else the input's family) | dicom-seg (a DICOM Segmentation referencing the input series; DICOM series inputs only; implied by -o NAME.dcm).")] = "auto",
-    preview: Annotated[bool, typer.Option("--preview", help="Also write NAME_seg_preview.png: the mask over the image (a few slices for a volume).")] = False,
-    arsm_maps: Annotated[Path | None, typer.Option(help="ARSM models: write per-class PNGs of the resolution the gate chose into this folder.")] = None,
-    probabilities: Annotated[bool, typer.Option("--probabilities", help="Also write float32 class probabilities (NAME_seg_probs.EXT).")] = False,
-    skip_existing: Annotated[bool, typer.Option("--skip-existing", help="Skip inputs whose mask already exists (resume a batch).")] = False,
-    half: Annotated[bool, typer.Option("--half", help="fp16 autocast on CUDA.")] = False,
-    allow_unhashed: Annotated[bool, typer.Option("--allow-unhashed", help="Load weights that have no sha256 in segcli.json (refused otherwise; only for bundles you made yourself).")] = False,
-    quiet: Annotated[bool, typer.Option("-q", "--quiet", help="Only errors on stderr.")] = False,
-    json_out: Annotated[bool, typer.Option("--json", help="Print a machine-readable summary on stdout.")] = False,
-    log_file: Annotated[Path | None, typer.Option(help="Write a full debug log (timings per stage) here.")] = None,
+    output: Annotated[Path | None, typer.Option("-o", "--output", help="Output file (one input) or folder. Default: beside each input, as NAME_seg.EXT.", rich_help_panel="Input and output")] = None,
+    model: Annotated[str | None, typer.Option("-m", "--model", help="Bundle folder or shipped model name (see `segcli models`). Default: models/index.json.", rich_help_panel="Model and method")] = None,
+    method: Annotated[str | None, typer.Option(help=f"{' | '.join(METHODS)} (default: the bundle's).", rich_help_panel="Model and method")] = None,
+    backend: Annotated[str, typer.Option(help="auto (ONNX Runtime when the bundle carries an export, else torch) | torch | onnx", rich_help_panel="Performance")] = "auto",
+    device: Annotated[str, typer.Option(help="auto | cpu | cuda | cuda:N", rich_help_panel="Performance")] = "auto",
+    threads: Annotated[int | None, typer.Option(help="Intra-op threads (default: the cores really available) [1–1024].", rich_help_panel="Performance")] = None,
+    channels: Annotated[str, typer.Option(help="keep | grey | rgb: explicit channel conversion when the image and model differ.", rich_help_panel="Model and method")] = "keep",
+    size: Annotated[int | None, typer.Option(help="Network input size S (default: the bundle's) [8–8192].", rich_help_panel="Model and method")] = None,
+    pad: Annotated[int | None, typer.Option(help="stts: crop padding k in full-resolution px (default S//8) [≥ 0].", rich_help_panel="Method parameters")] = None,
+    threshold: Annotated[float | None, typer.Option(help="Foreground probability threshold (binary models) [0–1]. Default: the bundle's, else 0.5.", rich_help_panel="Method parameters")] = None,
+    keep_coarse: Annotated[bool | None, typer.Option("--keep-coarse/--no-keep-coarse", help="stts: keep the rough mask where no crop reached. Default: the bundle's, else off.", rich_help_panel="Method parameters")] = None,
+    square_resize: Annotated[bool, typer.Option("--square-resize", help="Rough pass squashes the image to S×S (the reference) instead of keeping the aspect ratio.", rich_help_panel="Method parameters", metavar=" ")] = False,
+    patches: Annotated[int | None, typer.Option(help="refine: number of patches refined at full resolution [≥ 0]. Default: the bundle's, else 8.", rich_help_panel="Method parameters")] = None,
+    criterion: Annotated[str | None, typer.Option(help="refine: patch ranking, 'pixel' (mean per-pixel uncertainty) or 'mean' (|mean - 0.5|). Default: the bundle's, else pixel.", rich_help_panel="Method parameters")] = None,
+    refine_threshold: Annotated[float | None, typer.Option(help="refine: refine every patch whose uncertainty exceeds this. Default: the bundle's, else off.", rich_help_panel="Method parameters")] = None,
+    min_patch_std: Annotated[float | None, typer.Option(help="refine: never refine patches whose rough input is flatter than this std (normalised intensity; e.g. 0.02 skips slide glass) [≥ 0]. Default: the bundle's, else off.", rich_help_panel="Method parameters")] = None,
+    patch_size: Annotated[int | None, typer.Option(help="refine: patch side in full-resolution px (default S) [≥ 8].", rich_help_panel="Method parameters")] = None,
+    overlap: Annotated[float | None, typer.Option(help="sliding: tile overlap fraction [0–0.95]. Default: the bundle's, else 0.25.", rich_help_panel="Method parameters")] = None,
+    batch_size: Annotated[int | None, typer.Option(help="Fine-pass batch size [1–4096]. Default: the bundle's, else 16.", rich_help_panel="Performance")] = None,
+    min_volume: Annotated[int | None, typer.Option(help="Volumes, stts: drop rough 3D components smaller than this (rough voxels) [≥ 1]. Default: the bundle's, else 1.", rich_help_panel="Method parameters")] = None,
+    lung_gate: Annotated[bool | None, typer.Option("--lung-gate/--no-lung-gate", help="CT volumes: keep only lesions that lie in aerated lung (default: the bundle's; on for covid-ct).", rich_help_panel="Method parameters")] = None,
+    shard: Annotated[str | None, typer.Option(help="K/N: process shard K (0-based) of N, balanced by file size. Default: from a SLURM or Grid Engine job array's variables, if any.", rich_help_panel="Batch and cluster")] = None,
+    workers: Annotated[int, typer.Option(help="Processes sharing the cores (threads each = cores // workers) [1–256].", rich_help_panel="Performance")] = 1,
+    prefetch: Annotated[int, typer.Option(help="Files read ahead while the current one computes (0 = off) [0–64].", rich_help_panel="Performance")] = 2,
+    stats: Annotated[Path | None, typer.Option(help="Write per-input, per-class statistics (voxels, ml, components, bbox) to this CSV. Default: none.", rich_help_panel="Input and output")] = None,
+    lock: Annotated[bool, typer.Option("--lock", help="Take a lock per output so concurrent segcli processes never compute the same mask.", rich_help_panel="Batch and cluster", metavar=" ")] = False,
+    max_memory: Annotated[str | None, typer.Option(help="Memory budget, e.g. 2GB: bounds fine batches and caches; whole-image runs that would not fit are refused up front (default: $SEGCLI_MAX_MEMORY or 70% of available memory).", rich_help_panel="Memory and big images")] = None,
+    pyramid: Annotated[bool, typer.Option("--pyramid", help="Big TIFF masks: add pyramid levels (SubIFDs) so slide viewers open them instantly.", rich_help_panel="Memory and big images", metavar=" ")] = False,
+    mpp: Annotated[float | None, typer.Option(help="µm/px the coarse network was trained at (overrides the bundle); sets the rough-pass scale on big TIFFs with a resolution [> 0]. Default: the bundle's mpp, if any.", rich_help_panel="Memory and big images")] = None,
+    max_downscale: Annotated[float | None, typer.Option(help="Big images: the largest allowed factor between full resolution and the rough pass (default 16); beyond it the rough pass runs tiled [≥ 1].", rich_help_panel="Memory and big images")] = None,
+    max_zoom: Annotated[float | None, typer.Option(help="Big images: a fine box wider than S × this is processed as tiles at this zoom (default 4) [≥ 1].", rich_help_panel="Memory and big images")] = None,
+    tile_size: Annotated[int, typer.Option(help="Tile size of big TIFF masks [16–4096, a multiple of 16].", rich_help_panel="Memory and big images")] = 512,
+    output_type: Annotated[str, typer.Option("--output-type", help="auto (the format follows -o's extension, else the input's family) | dicom-seg (a DICOM Segmentation referencing the input series; DICOM series inputs only; implied by -o NAME.dcm).", rich_help_panel="Input and output")] = "auto",
+    preview: Annotated[bool, typer.Option("--preview", help="Also write NAME_seg_preview.png: the mask over the image (a few slices for a volume).", rich_help_panel="Input and output", metavar=" ")] = False,
+    arsm_maps: Annotated[Path | None, typer.Option(help="ARSM models: write per-class PNGs of the resolution the gate chose into this folder. Default: none.", rich_help_panel="Input and output")] = None,
+    probabilities: Annotated[bool, typer.Option("--probabilities", help="Also write float32 class probabilities (NAME_seg_probs.EXT).", rich_help_panel="Input and output", metavar=" ")] = False,
+    skip_existing: Annotated[bool, typer.Option("--skip-existing", help="Skip inputs whose mask already exists (resume a batch).", rich_help_panel="Input and output", metavar=" ")] = False,
+    half: Annotated[bool, typer.Option("--half", help="fp16 autocast on CUDA.", rich_help_panel="Performance", metavar=" ")] = False,
+    allow_unhashed: Annotated[bool, typer.Option("--allow-unhashed", help="Load weights that have no sha256 in segcli.json (refused otherwise; only for bundles you made yourself).", rich_help_panel="Model and method", metavar=" ")] = False,
+    quiet: Annotated[bool, typer.Option("-q", "--quiet", help="Only errors on stderr.", rich_help_panel="Reporting", metavar=" ")] = False,
+    json_out: Annotated[bool, typer.Option("--json", help="Print a machine-readable summary on stdout.", rich_help_panel="Reporting", metavar=" ")] = False,
+    log_file: Annotated[Path | None, typer.Option(help="Write a full debug log (timings per stage, library warnings) here. Default: none.", rich_help_panel="Reporting")] = None,
 ) -> None:
-    """Segment images and volumes; a batch goes on past bad files and exits 1 if any failed."""
+    """Segment images and volumes; a batch goes on past bad files and exits 1 if any failed.
+
+    Method parameters left unset take the bundle's values (see segcli models), else segcli's defaults.
+    """
     from segcli.api import Segmenter
     from segcli.batch import check_no_overwrite, check_unique_outputs, expand_inputs, run_batch
     from segcli.errors import BundleError, SegcliError
     from segcli.options import PredictOptions
     from segcli.params import check_range
-    from segcli.shard import parse_shard, select_shard
+    from segcli.shard import parse_shard, select_shard, shard_from_env
 
     _setup_logging(log_file)
     _file_option("--stats", stats)
@@ -198,6 +207,10 @@ def predict(
     if len(items) > 1 and output is not None and output.suffix and not output.is_dir():
         raise _fail(f"-o {output} looks like a file but there are {len(items)} inputs; give a folder", EXIT_USAGE)
     try:
+        if shard is None and (from_env := shard_from_env()) is not None:
+            shard = from_env[0]
+            if not quiet:
+                print(f"segcli: shard {shard} (from {from_env[1]})", file=sys.stderr)
         if shard is not None:
             k, n = parse_shard(shard)
             items = select_shard(items, k, n, key=lambda it: it[0])
@@ -269,12 +282,23 @@ def predict(
     }
     if json_out:
         sys.stdout.write(json.dumps(summary, indent=2, default=str) + "\n")
+    if not quiet and len(reports) > 1:
+        _summary_line(summary["summary"])
     if failed:
         if len(reports) > 1:  # a recap at the end of a long batch log; one input's error was printed once already
             print(f"segcli: {len(failed)} of {len(reports)} input(s) failed:", file=sys.stderr)
             for r in failed:
                 print(f"  {r.error}", file=sys.stderr)
         raise typer.Exit(EXIT_FAILED)
+
+
+def _summary_line(s: dict[str, Any]) -> None:
+    """One closing line for a human or a SLURM log: counts, time and throughput."""
+    done = s["ok"] + s["empty"]
+    rate = f", {done / s['seconds']:.2f} files/s" if s["seconds"] > 0 and done else ""
+    left = f", {s['earlier_outputs_left_out']} earlier outputs left out" if s.get("earlier_outputs_left_out") else ""
+    print(f"segcli: {s['total']} input(s): {s['ok']} ok, {s['empty']} empty, {s['skipped']} skipped, "
+          f"{s['failed']} failed in {s['seconds']:.1f} s{rate}{left}", file=sys.stderr)
 
 
 def _extras(seg, rep, preview: bool, arsm_dir: Path | None) -> None:
@@ -329,11 +353,11 @@ def _report_line(console, rep) -> None:
                   soft_wrap=True, markup=False)
 
 
-@app.command("models")
+@app.command("models", epilog=("Examples:\n\n" + "\n\n".join(['  segcli models', '  segcli models --verify', '  segcli models --archs', "  segcli models --json | jq '.[].name'"])))
 def models_cmd(
     verify: Annotated[bool, typer.Option("--verify", help="Check every bundle's weights against its recorded SHA-256.")] = False,
     archs: Annotated[bool, typer.Option("--archs", help="List the registered network architectures instead.")] = False,
-    json_out: Annotated[bool, typer.Option("--json")] = False,
+    json_out: Annotated[bool, typer.Option("--json", help="Print JSON on stdout instead of the table.", metavar=" ")] = False,
 ) -> None:
     """List the shipped model bundles (or the architectures), one line each."""
     from segcli.bundle import BUNDLE_FILE, load_bundle, models_dir
@@ -385,10 +409,10 @@ def models_cmd(
         raise typer.Exit(EXIT_FAILED)
 
 
-@app.command()
+@app.command(epilog=("Examples:\n\n" + "\n\n".join(['  segcli info scan.nii.gz', '  segcli info series_folder/ slide.svs', '  segcli info mask.dcm --json'])))
 def info(
     paths: Annotated[list[Path], typer.Argument(help="Images, volumes or DICOM folders.")],
-    json_out: Annotated[bool, typer.Option("--json")] = False,
+    json_out: Annotated[bool, typer.Option("--json", help="Print JSON on stdout instead of the table.", metavar=" ")] = False,
 ) -> None:
     """Size, spacing, dtype and intensity range of images."""
     from segcli import io
@@ -413,7 +437,7 @@ def info(
         raise typer.Exit(EXIT_FAILED)
 
 
-@app.command("merge-summaries")
+@app.command("merge-summaries", epilog=("Examples:\n\n" + "\n\n".join(['  segcli merge-summaries shard-*.json -o all.json', '  segcli merge-summaries shard-0.json shard-1.json | jq .summary'])))
 def merge_summaries_cmd(
     summaries: Annotated[list[Path], typer.Argument(help="--json summaries written by the shards of one batch.")],
     output: Annotated[Path | None, typer.Option("-o", "--output", help="Write the merged JSON here (default: stdout).")] = None,
@@ -442,8 +466,8 @@ def merge_summaries_cmd(
         raise typer.Exit(EXIT_FAILED)
 
 
-@app.command()
-def doctor(json_out: Annotated[bool, typer.Option("--json")] = False) -> None:
+@app.command(epilog=("Examples:\n\n" + "\n\n".join(['  segcli doctor', '  segcli doctor --json'])))
+def doctor(json_out: Annotated[bool, typer.Option("--json", help="Print JSON on stdout instead of the table.", metavar=" ")] = False) -> None:
     """Versions, devices and runtimes actually usable here, and why not."""
     from segcli.runtimes.device import available_cores
 

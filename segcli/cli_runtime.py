@@ -14,7 +14,7 @@ EXIT_FAILED, EXIT_USAGE = 1, 2
 def register(app: typer.Typer) -> None:
     """Add the runtime commands to the main app (called from segcli.cli)."""
 
-    @app.command("export")
+    @app.command("export", epilog=("Examples:\n\n" + "\n\n".join(['  segcli export models/mine', '  segcli export polyp --json', '  segcli export models/mine --fp16'])))
     def export_cmd(
         model: Annotated[str, typer.Argument(help="Bundle folder or shipped model name.")],
         fp16: Annotated[bool, typer.Option("--fp16", help="Write fp16 models (ROLE.fp16.onnx) for CUDA ONNX Runtime; inputs and outputs stay float32.")] = False,

@@ -80,10 +80,10 @@ def _normalization(text: str | None) -> dict[str, Any] | None:
 def register(app: typer.Typer) -> None:
     """Add ``train`` and ``evaluate`` to the segcli app."""
 
-    @app.command("train")
+    @app.command("train", epilog=("Examples:\n\n" + "\n\n".join(['  segcli train --method stts --arch unet --data mydataset/ -o models/mine --size 64', '  segcli train --data nnUNet_raw/Dataset001_X -o models/x --time-limit 2h', '  segcli train --data mydataset/ -o models/mine --resume --time-limit 30m', '  segcli train --method direct --arch deconvnet --data mydataset/ -o models/dc --size 128'])))
     def train_cmd(
-        data: Annotated[Path | None, typer.Option("--data", "-d", help="Dataset folder: images/ + masks/ (+ dataset.json) or nnU-Net raw imagesTr/ + labelsTr/.")] = None,
-        out: Annotated[Path | None, typer.Option("-o", "--out", help="Output folder; becomes a complete model bundle.")] = None,
+        data: Annotated[Path | None, typer.Option("--data", "-d", help="Dataset folder: images/ + masks/ (+ dataset.json) or nnU-Net raw imagesTr/ + labelsTr/. Required unless --resume; no default.")] = None,
+        out: Annotated[Path | None, typer.Option("-o", "--out", help="Output folder; becomes a complete model bundle. Required unless --resume; no default.")] = None,
         method: Annotated[str, typer.Option(help=" | ".join(TRAINABLE))] = "stts",
         arch: Annotated[str, typer.Option(help="Network architecture (see `segcli models --archs`).")] = "unet",
         fine_arch: Annotated[str | None, typer.Option(help="Architecture of the second stage (default: --arch).")] = None,
@@ -95,10 +95,10 @@ def register(app: typer.Typer) -> None:
         weight_decay: Annotated[float, typer.Option(help="Weight decay.")] = 1e-4,
         optimizer: Annotated[str, typer.Option(help="adamw | adam | sgd")] = "adamw",
         schedule: Annotated[str, typer.Option(help="Per-step LR schedule: cosine | poly | constant")] = "cosine",
-        features: Annotated[int | None, typer.Option(help="U-Net width (first-level features).")] = None,
-        arch_config: Annotated[list[str] | None, typer.Option("--arch-config", help="key=value for the architecture (repeatable).")] = None,
+        features: Annotated[int | None, typer.Option(help="U-Net width (first-level features). Default: the architecture's (16 for unet).")] = None,
+        arch_config: Annotated[list[str] | None, typer.Option("--arch-config", help="key=value for the architecture (repeatable). Default: none.")] = None,
         loss: Annotated[str | None, typer.Option(help="dice | bce | ce | focal | dice+bce | dice+ce | focal+dice (default: dice+bce/ce; refine focal+dice).")] = None,
-        class_weights: Annotated[str | None, typer.Option(help="Comma-separated weight per class for the (B)CE/focal term, e.g. 1,3.")] = None,
+        class_weights: Annotated[str | None, typer.Option(help="Comma-separated weight per class for the (B)CE/focal term, e.g. 1,3. Default: all 1.")] = None,
         val_fraction: Annotated[float, typer.Option(help="Fraction of cases held out for validation.")] = 0.2,
         splits: Annotated[Path | None, typer.Option(help='JSON {"train": [...], "val": [...]} (default: DATA/splits.json if present, else seeded).')] = None,
         seed: Annotated[int, typer.Option(help="Seed for the split, initial weights, sampling and augmentation.")] = 0,
@@ -111,9 +111,9 @@ def register(app: typer.Typer) -> None:
         patch_size: Annotated[int | None, typer.Option(help="refine: patch side in full-res px (default S).")] = None,
         sampling: Annotated[str, typer.Option(help="refine: uncertain | uniform patch sampling for S2.")] = "uncertain",
         criterion: Annotated[str, typer.Option(help="refine: pixel | mean uncertainty ranking.")] = DEFAULT_PARAMS["criterion"],
-        patience: Annotated[int | None, typer.Option(help="Early stopping: epochs without a better val Dice.")] = None,
-        time_limit: Annotated[str | None, typer.Option(help="Training time budget: seconds or 90s / 10m / 1h30m; split 50/50 between two stages.")] = None,
-        resume: Annotated[Path | None, typer.Option(help="Continue the run in this folder from its checkpoint.pt.")] = None,
+        patience: Annotated[int | None, typer.Option(help="Early stopping: epochs without a better val Dice. Default: off.")] = None,
+        time_limit: Annotated[str | None, typer.Option(help="Training time budget: seconds or 90s / 10m / 1h30m; split 50/50 between two stages. Default: no limit.")] = None,
+        resume: Annotated[Path | None, typer.Option(help="Continue the run in this folder from its checkpoint.pt. Default: a new run.")] = None,
         device: Annotated[str | None, typer.Option(help="auto | cpu | cuda | cuda:N [default: auto]")] = None,
         amp: Annotated[bool, typer.Option("--amp/--no-amp", help="Mixed precision on CUDA.")] = True,
         augment: Annotated[bool, typer.Option("--augment/--no-augment", help="Flips, 90° rotations, small affine, intensity jitter.")] = True,
@@ -159,17 +159,18 @@ def register(app: typer.Typer) -> None:
             print(f"model written to {result.out} (val score {score:.4f}: {t.get('val_score_kind')})" if isinstance(score, float)
                   else f"model written to {result.out}", file=sys.stderr)
 
-    @app.command("evaluate")
+    @app.command("evaluate", epilog=("Examples:\n\n" + "\n\n".join(['  segcli evaluate masks/ ground_truth/', '  segcli evaluate masks/ ground_truth/ --json > scores.json', '  segcli evaluate masks/ ground_truth/ --fov fov/ --csv scores.csv', '  segcli evaluate masks/ ground_truth/ --preview errors/'])))
     def evaluate_cmd(
         predictions: Annotated[Path, typer.Argument(help="Folder of predicted masks (x.png or x_seg.png).")],
         ground_truth: Annotated[Path, typer.Argument(help="Folder of ground-truth masks (x.png), class ids.")],
-        fov: Annotated[Path | None, typer.Option("--fov", help="Folder of field-of-view masks; score inside them only (DRIVE).")] = None,
-        csv_out: Annotated[Path | None, typer.Option("--csv", help="Write per-case and mean rows as CSV.")] = None,
-        json_out: Annotated[Path | None, typer.Option("--json", help="Write the full result as JSON.")] = None,
+        fov: Annotated[Path | None, typer.Option("--fov", help="Folder of field-of-view masks; score inside them only (DRIVE). Default: the whole image.")] = None,
+        csv_out: Annotated[Path | None, typer.Option("--csv", help="Write per-case and mean rows as CSV. Default: none.")] = None,
+        json_out: Annotated[bool, typer.Option("--json", help="Print the full result as JSON on stdout (as every segcli command's --json does); the table is not printed.", metavar=" ")] = False,
+        json_file: Annotated[Path | None, typer.Option("--json-file", help="Also write the full result as JSON to this file. Default: none.")] = None,
         spacing: Annotated[str | None, typer.Option(help="Pixel spacing in mm, comma-separated in array order (default: from the files; px when unknown).")] = None,
         hd95: Annotated[bool, typer.Option("--hd95/--no-hd95", help="Compute HD95 (the slowest metric).")] = True,
         summary: Annotated[bool, typer.Option("--summary", help="Print only the mean rows.")] = False,
-        preview: Annotated[Path | None, typer.Option("--preview", help="Write CASE_errors.png per case into this folder: false positives magenta, false negatives cyan.")] = None,
+        preview: Annotated[Path | None, typer.Option("--preview", help="Write CASE_errors.png per case into this folder: false positives magenta, false negatives cyan. Default: none.")] = None,
         images: Annotated[Path | None, typer.Option("--images", help="Source images for --preview (default: beside the ground-truth folder, then the predictions folder).")] = None,
         quiet: Annotated[bool, typer.Option("-q", "--quiet", help="Print nothing but errors.")] = False,
     ) -> None:
@@ -192,13 +193,18 @@ def register(app: typer.Typer) -> None:
             raise _fail(f"--spacing {spacing!r}: comma-separated numbers in mm", 2) from None
         try:
             result = evaluate(predictions, ground_truth, fov_dir=fov, spacing=sp, hd95=hd95, csv_path=csv_out,
-                              json_path=json_out, log=warn)
+                              json_path=json_file, log=warn)
         except SegcliError as exc:
             raise _fail(str(exc), exc.exit_code) from None
         if preview is not None:
             from segcli import viz
 
             viz.write_error_previews(result, preview, images=images, log=warn)
+        if json_out:
+            from segcli.evaluate import to_json
+
+            sys.stdout.write(to_json(result) + "\n")
+            return
         if quiet:
             return
         from rich.console import Console

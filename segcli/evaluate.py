@@ -270,7 +270,7 @@ def evaluate(
         "failed": [{"case": r["case"], "error": r["error"]} for r in failed],
     }
     if json_path is not None:
-        Path(json_path).write_text(json.dumps(_clean(result), indent=2) + "\n")
+        Path(json_path).write_text(to_json(result) + "\n")
     if csv_path is not None:
         write_csv(result, csv_path)
     return result
@@ -297,6 +297,13 @@ def _aggregate(rows: list[dict[str, Any]]) -> dict[str, Any]:
         out[f"{b}_hit"] = h
         out[f"object_recall_{b}"] = h / n if n else float("nan")
     return out
+
+
+def to_json(result: dict[str, Any]) -> str:
+    """The result as JSON text: NaN (a class not scored) as null, floats to 6 significant digits."""
+    from segcli.report import tidy
+
+    return json.dumps(tidy(_clean(result)), indent=2)
 
 
 def _clean(v: Any) -> Any:

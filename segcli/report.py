@@ -40,7 +40,21 @@ class FileReport:
     stats: list[dict[str, Any]] | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        """The ``--json`` record, floats rounded to 6 significant digits (no 0.00044331249999999997)."""
+        return tidy(asdict(self))
+
+
+def tidy(value: Any) -> Any:
+    """Floats rounded to 6 significant digits, recursively through dicts, lists and tuples."""
+    if isinstance(value, float):
+        return float(f"{value:.6g}") if np.isfinite(value) else value
+    if isinstance(value, dict):
+        return {k: tidy(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [tidy(v) for v in value]
+    if isinstance(value, np.generic):
+        return tidy(value.item())
+    return value
 
 
 def fill_run(rep: FileReport, res: Any, *, model: str, method: str, device: str,

@@ -58,3 +58,29 @@ def select_shard(items: list[T], k: int, n: int, key=lambda item: item) -> list[
         return list(items)
     shards = assign_shards(items, n, key)
     return [it for it, s in zip(items, shards, strict=True) if s == k]
+
+
+def shard_from_env(env: dict[str, str] | None = None) -> tuple[str, str] | None:
+    """``("K/N", where)`` from a job array's environment when ``--shard`` is not given, else None.
+
+    SLURM: ``SLURM_ARRAY_TASK_ID`` minus ``SLURM_ARRAY_TASK_MIN`` of ``SLURM_ARRAY_TASK_COUNT`` (so
+    ``--array=1-10`` works as well as ``0-9``); Grid Engine: ``SGE_TASK_ID`` with ``SGE_TASK_FIRST``,
+    ``SGE_TASK_LAST`` and ``SGE_TASK_STEPSIZE``. A step other than 1 in SLURM (``--array=0-9:2``) is not
+    a contiguous shard set and is refused rather than guessed.
+    """
+    e = os.environ if env is None else env
+    try:
+        if "SLURM_ARRAY_TASK_ID" in e and "SLURM_ARRAY_TASK_COUNT" in e:
+            task, count = int(e["SLURM_ARRAY_TASK_ID"]), int(e["SLURM_ARRAY_TASK_COUNT"])
+            first = int(e.get("SLURM_ARRAY_TASK_MIN", "0"))
+            step = int(e.get("SLURM_ARRAY_TASK_STEP", "1"))
+            if step != 1:
+                raise UsageError(f"SLURM array step {step}: use --array=A-B without a step, or give --shard K/N")
+            return f"{task - first}/{count}", "SLURM_ARRAY_TASK_ID"
+        if e.get("SGE_TASK_ID", "undefined") != "undefined" and "SGE_TASK_LAST" in e:
+            task, first = int(e["SGE_TASK_ID"]), int(e.get("SGE_TASK_FIRST", "1"))
+            last, step = int(e["SGE_TASK_LAST"]), int(e.get("SGE_TASK_STEPSIZE", "1"))
+            return f"{(task - first) // step}/{(last - first) // step + 1}", "SGE_TASK_ID"
+    except ValueError:
+        raise UsageError("the job array's task variables are not numbers; give --shard K/N") from None
+    return None
