@@ -39,7 +39,6 @@ import json
 import os
 import secrets
 import time
-import uuid
 from pathlib import Path
 from typing import Any
 
@@ -71,40 +70,41 @@ def _cv2() -> Any:
     return cv2
 
 
-def _ring_area2(r: np.ndarray) -> int:
-    """Twice the signed area of an open ring of integer points (positive: counter-clockwise in x, y)."""
-    x, y = r[:, 0], r[:, 1]
-    return int(np.dot(x, np.roll(y, -1)) - np.dot(np.roll(x, -1), y))
+def _cyclic(seg: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """For points grouped by ring id ``seg`` (rings contiguous): ring starts, ends, and each point's
+    previous and next point within its ring (cyclically)."""
+    n = len(seg)
+    new = np.ones(n, bool)
+    new[1:] = seg[1:] != seg[:-1]
+    starts = np.flatnonzero(new)
+    ends = np.append(starts[1:], n)
+    nxt = np.arange(1, n + 1)
+    nxt[ends - 1] = starts
+    prv = np.arange(-1, n - 1)
+    prv[starts] = ends - 1
+    return starts, ends, prv, nxt
 
 
-def _corners(c: np.ndarray) -> np.ndarray:
-    """Lattice contour (padded doubled grid, (x, y)) → the open ring of pixel corners where it turns."""
-    p = c.reshape(-1, 2).astype(np.int64)
-    q = np.roll(p, -1, axis=0)
-    diag = (p[:, 0] != q[:, 0]) & (p[:, 1] != q[:, 1])
-    # A diagonal step joins two edge midpoints; of its two candidate corners, the one with both
-    # coordinates odd (a pixel corner in the padded grid) is the one on the object's edge.
-    first = ((p[:, 0] & 1) == 1) & ((q[:, 1] & 1) == 1)
-    corner = np.where(first[:, None], np.column_stack([p[:, 0], q[:, 1]]), np.column_stack([q[:, 0], p[:, 1]]))
-    both = np.empty((2 * len(p), 2), np.int64)
-    both[0::2], both[1::2] = p, corner
-    keep = np.ones(2 * len(p), bool)
-    keep[1::2] = diag
-    pts = both[keep]
-    pts = pts[((pts[:, 0] & 1) == 1) & ((pts[:, 1] & 1) == 1)]
-    return _turns((pts - 1) // 2)
+def _turns(pts: np.ndarray, seg: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Drop repeated, then collinear points of rings (every edge axis-aligned)."""
+    _, _, _, nxt = _cyclic(seg)
+    keep = (pts[nxt] != pts).any(axis=1)
+    pts, seg = pts[keep], seg[keep]
+    _, _, prv, nxt = _cyclic(seg)
+    d1, d2 = pts - pts[prv], pts[nxt] - pts
+    keep = d1[:, 0] * d2[:, 1] - d1[:, 1] * d2[:, 0] != 0
+    return pts[keep], seg[keep]
 
 
-def _turns(pts: np.ndarray) -> np.ndarray:
-    """Drop repeated and collinear points of an open ring."""
-    pts = pts[(np.roll(pts, -1, axis=0) != pts).any(axis=1)]
-    d1 = pts - np.roll(pts, 1, axis=0)
-    d2 = np.roll(pts, -1, axis=0) - pts
-    return pts[d1[:, 0] * d2[:, 1] - d1[:, 1] * d2[:, 0] != 0]
+def _trace_all(mask: np.ndarray, shift: tuple[int, int]) -> list[tuple[int, int, list[Any]]]:
+    """Every object of a 2-D bool mask → ``(y, x, rings)``: a pixel of the object (the first in raster
+    order), then its exterior ring (counter-clockwise) and holes (clockwise), closed lists of ``[x, y]``
+    pixel corners, shifted by ``shift`` = (x, y).
 
-
-def _trace(mask: np.ndarray) -> tuple[np.ndarray, list[np.ndarray]]:
-    """One 4-connected object (bool crop) → exterior (CCW) and hole (CW) rings, open, in crop pixels."""
+    Objects here are the 8-connected regions of the closed pixel squares; for them to be 4-connected
+    objects, no two 4-connected components of ``mask`` may touch at a corner only (the caller makes
+    sure). All contours of the mask are post-processed at once, in numpy.
+    """
     cv2 = _cv2()
     h, w = mask.shape
     d = np.zeros((2 * h + 3, 2 * w + 3), np.uint8)
@@ -112,22 +112,105 @@ def _trace(mask: np.ndarray) -> tuple[np.ndarray, list[np.ndarray]]:
     d = cv2.dilate(d, _K3)
     found = cv2.findContours(d, cv2.RETR_CCOMP, cv2.CHAIN_APPROX_NONE)
     contours, hier = found[-2], found[-1]
-    ext: np.ndarray | None = None
-    holes: list[np.ndarray] = []
-    for c, hrow in zip(contours, hier[0], strict=True):
-        r = _corners(c)
-        if hrow[3] < 0:
-            if ext is not None:  # cannot happen for one 4-connected component
-                raise AssertionError("a 4-connected object traced as several outer contours")
-            ext = r if _ring_area2(r) > 0 else r[::-1]
+    if not contours:
+        return []
+    lens = np.fromiter((len(c) for c in contours), np.int64, len(contours))
+    p = np.concatenate(contours).reshape(-1, 2).astype(np.int64)  # (x, y) in the padded doubled grid
+    seg = np.repeat(np.arange(len(lens)), lens)
+    _, _, _, nxt = _cyclic(seg)
+    q = p[nxt]
+    diag = (p[:, 0] != q[:, 0]) & (p[:, 1] != q[:, 1])
+    # A diagonal step joins two edge midpoints and cuts a pixel corner; of its two candidate points the
+    # one with both coordinates odd (a pixel corner in this grid) lies on the object's edge: put it back.
+    first = ((p[:, 0] & 1) == 1) & ((q[:, 1] & 1) == 1)
+    both = np.empty((2 * len(p), 2), np.int64)
+    both[0::2] = p
+    both[1::2, 0] = np.where(first, p[:, 0], q[:, 0])
+    both[1::2, 1] = np.where(first, q[:, 1], p[:, 1])
+    keep = np.ones(2 * len(p), bool)
+    keep[1::2] = diag
+    keep &= ((both[:, 0] & 1) == 1) & ((both[:, 1] & 1) == 1)  # pixel corners only
+    pts, seg = _turns((both[keep] - 1) >> 1, np.repeat(seg, 2)[keep])
+    starts, ends, _, nxt = _cyclic(seg)
+    if len(starts) != len(contours):  # pragma: no cover - every traced ring has corners
+        raise AssertionError("a traced contour vanished")
+    x, y = pts[:, 0], pts[:, 1]
+    area2 = np.add.reduceat(x * y[nxt] - x[nxt] * y, starts)
+    outer = hier[0][:, 3] < 0
+    # exterior counter-clockwise (positive area), holes clockwise: reverse the rings that are not
+    flip = np.repeat(np.where(outer, area2 < 0, area2 > 0), ends - starts)
+    idx = np.arange(len(pts))
+    first_of, last_of = np.repeat(starts, ends - starts), np.repeat(ends - 1, ends - starts)
+    pts = pts[np.where(flip, first_of + last_of - idx, idx)]
+    # the first pixel of each object: its top-left corner is the ring's lowest (y, x)
+    key = pts[:, 1] * (w + 1) + pts[:, 0]
+    top = np.minimum.reduceat(key, starts)
+    py, px = (top // (w + 1)).tolist(), (top % (w + 1)).tolist()
+    # close the rings and turn them into lists in one go
+    n_ring = ends - starts
+    gather = np.repeat(starts, n_ring + 1) + np.arange(len(pts) + len(starts)) - np.repeat(
+        starts + np.arange(len(starts)), n_ring + 1)
+    at_end = np.zeros(len(gather), bool)
+    at_end[np.cumsum(n_ring + 1) - 1] = True
+    gather[at_end] = starts
+    closed = (pts[gather] + np.asarray(shift, np.int64)).tolist()
+    c_starts = (starts + np.arange(len(starts))).tolist()
+    c_ends = (ends + np.arange(1, len(starts) + 1)).tolist()
+    objs: list[tuple[int, int, list[Any]]] = []
+    where: dict[int, list[Any]] = {}
+    parents = hier[0][:, 3].tolist()
+    for i, parent in enumerate(parents):
+        ring = closed[c_starts[i] : c_ends[i]]
+        if parent < 0:
+            rings = [ring]
+            where[i] = rings
+            objs.append((py[i], px[i], rings))
         else:
-            holes.append(r if _ring_area2(r) < 0 else r[::-1])
-    assert ext is not None
-    return ext, holes
+            where[parent].append(ring)
+    return objs
 
 
-def _closed(r: np.ndarray) -> list[list[int]]:
-    out = r.tolist()
+def _layers(lab: np.ndarray, n: int) -> list[np.ndarray]:
+    """Split 4-connected objects (labels 1..n) into masks in which no two objects touch, not even at a
+    corner, so that each mask can be traced in one pass. Usually one mask; objects that meet others
+    corner to corner are spread over a few more (a greedy colouring of that contact graph)."""
+    pairs = []
+    for a, b in ((lab[:-1, :-1], lab[1:, 1:]), (lab[:-1, 1:], lab[1:, :-1])):
+        # two objects meeting at a corner: the other two pixels of that 2x2 are not in either
+        hit = (a != b) & (a > 0) & (b > 0)
+        if hit.any():
+            pairs.append(np.column_stack([a[hit], b[hit]]))
+    if not pairs:
+        return [lab > 0]
+    pr = np.concatenate(pairs)
+    pr = np.unique(np.sort(pr, axis=1), axis=0)
+    adj: dict[int, list[int]] = {}
+    for a, b in pr.tolist():
+        adj.setdefault(a, []).append(b)
+        adj.setdefault(b, []).append(a)
+    colour = np.zeros(n + 1, np.int64)
+    done: dict[int, int] = {}
+    for k in sorted(adj):
+        used = {done[m] for m in adj[k] if m in done}
+        col = 0
+        while col in used:
+            col += 1
+        done[k] = col
+        colour[k] = col
+    colour[0] = -1
+    per_pixel = colour[lab]
+    return [per_pixel == r for r in range(int(colour.max()) + 1)]
+
+
+def _polygon_json(rings: list[Any]) -> str:
+    return '{"type":"Polygon","coordinates":' + json.dumps(rings, separators=(",", ":")) + "}"
+
+
+def _ring_list(coords: Any) -> list[list[int]]:
+    """A shapely ring's coordinates → a closed list of integer [x, y] turning points."""
+    pts = np.rint(np.asarray(coords)[:-1]).astype(np.int64)
+    pts, _ = _turns(pts, np.zeros(len(pts), np.int64))
+    out = pts.tolist()
     out.append(out[0])
     return out
 
@@ -181,11 +264,14 @@ class GeoJSONWriter:
         self._um2 = self.spacing[0] * self.spacing[1] * 1e6 if self.spacing else None
         self.off_y, self.off_x = (int(v) for v in offset)
         self._props: dict[int, str] = {}
-        self.counts: dict[str, int] = {name: 0 for name in self.classes[1:]}
         self.summary: dict[str, Any] | None = None
         self._t0 = time.perf_counter()
         self._busy = 0.0
-        self._uuid_base = secrets.randbits(128)
+        # ids: UUID version 4 strings, a random prefix per file and the feature number in the last group
+        r = secrets.token_hex(10)
+        self._uid = f"{r[:8]}-{r[8:12]}-4{r[12:15]}-{'89ab'[int(r[15], 16) & 3]}{r[16:19]}-"
+        self._enc = json.JSONEncoder(separators=(",", ":")).encode
+        self._count: dict[int, int] = {}
         self._n = 0
         # union-find over piece ids (0 = no piece); seams hold piece ids
         self._parent: list[int] = [0]
@@ -198,7 +284,6 @@ class GeoJSONWriter:
         self._x_start = 0
         self._next_x = 0
         self.max_open_pieces = 0
-        self.max_open_vertices = 0
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._tmp = self.path.parent / partial_name(self.path)
         self._fh: Any = open(self._tmp, "w", encoding="utf-8", newline="\n", buffering=1 << 20)  # noqa: SIM115
@@ -227,39 +312,35 @@ class GeoJSONWriter:
             self._props[c] = s
         return s
 
-    def _write(self, c: int, area: int, geometry: str) -> None:
-        props = self._class_props(c)
+    def _write(self, c: int, area: int, rings: list[Any] | None, geometry: str | None = None) -> None:
+        """One Feature: ``rings`` (closed lists, exterior first) or a ready ``geometry`` JSON text."""
+        props = self._props.get(c) or self._class_props(c)
+        if geometry is None:
+            geometry = '{"type":"Polygon","coordinates":' + self._enc(rings) + "}"
         meas = f'"Area (px)":{area}'
         if self._um2 is not None:
             meas += f',"Area (\u00b5m\u00b2)":{round(area * self._um2, 4)!r}'
-        uid = uuid.UUID(int=(self._uuid_base + self._n) % (1 << 128), version=4)
         sep = ",\n" if self._n else ""
-        self._fh.write(f'{sep}{{"type":"Feature","id":"{uid}","geometry":{geometry},'
-                       f'"properties":{{{props},"measurements":{{{meas}}}}}}}')
+        self._fh.write(f'{sep}{{"type":"Feature","id":"{self._uid}{self._n:012x}",'
+                       f'"geometry":{geometry},"properties":{{{props},"measurements":{{{meas}}}}}}}')
         self._n += 1
-        name = self.classes[c] if c < len(self.classes) else f"class {c}"
-        self.counts[name] = self.counts.get(name, 0) + 1
-
-    @staticmethod
-    def _polygon_json(ext: np.ndarray, holes: list[np.ndarray]) -> str:
-        rings = [_closed(ext)] + [_closed(h) for h in holes]
-        return '{"type":"Polygon","coordinates":' + json.dumps(rings, separators=(",", ":")) + "}"
+        self._count[c] = self._count.get(c, 0) + 1
 
     def _emit_root(self, root: int) -> None:
         piece = self._open.pop(root)
         self._front.pop(root, None)
         geoms = piece.geoms
-        if len(geoms) == 1 and isinstance(geoms[0], tuple):
-            self._write(piece.cls, piece.area, self._polygon_json(*geoms[0]))
+        if len(geoms) == 1 and isinstance(geoms[0], list):
+            self._write(piece.cls, piece.area, [r.tolist() for r in geoms[0]])
             return
-        self._write(piece.cls, piece.area, self._shapely_json(self._merge(geoms)))
+        self._write(piece.cls, piece.area, None, self._shapely_json(self._merge(geoms)))
 
     @staticmethod
     def _merge(geoms: list[Any]) -> Any:
         import shapely
         from shapely.geometry import Polygon
 
-        polys = [Polygon(g[0], g[1]) if isinstance(g, tuple) else g for g in geoms]
+        polys = [Polygon(g[0], g[1:]) if isinstance(g, list) else g for g in geoms]
         return polys[0] if len(polys) == 1 else shapely.union_all(polys)
 
     def _shapely_json(self, geom: Any) -> str:
@@ -269,13 +350,22 @@ class GeoJSONWriter:
         parts = list(geom.geoms) if geom.geom_type == "MultiPolygon" else [geom]
         polys = []
         for p in parts:
-            ext = _turns(np.rint(np.asarray(p.exterior.coords)[:-1]).astype(np.int64))
-            holes = [_turns(np.rint(np.asarray(h.coords)[:-1]).astype(np.int64)) for h in p.interiors]
-            polys.append([_closed(ext)] + [_closed(h) for h in holes])
+            polys.append([_ring_list(p.exterior.coords)] + [_ring_list(h.coords) for h in p.interiors])
         if len(polys) == 1:  # never a one-element MultiPolygon
-            return '{"type":"Polygon","coordinates":' + json.dumps(polys[0], separators=(",", ":")) + "}"
+            return _polygon_json(polys[0])
         # Pieces joined across a seam share an edge, so this is not expected; kept rather than lost.
         return '{"type":"MultiPolygon","coordinates":' + json.dumps(polys, separators=(",", ":")) + "}"
+
+    def _name(self, c: int) -> str:
+        return self.classes[c] if c < len(self.classes) else f"class {c}"
+
+    @property
+    def counts(self) -> dict[str, int]:
+        """Objects written so far, per class name (every foreground class, 0 where none)."""
+        out = {name: 0 for name in self.classes[1:]}
+        for c, k in sorted(self._count.items()):
+            out[self._name(c)] = out.get(self._name(c), 0) + k
+        return out
 
     # -- union-find ------------------------------------------------------------------------------
     def _find(self, a: int) -> int:
@@ -301,13 +391,13 @@ class GeoJSONWriter:
             pa.geoms = [self._merge(pa.geoms)]
         self._front[ra] = self._front.get(ra, 0) + self._front.pop(rb, 0)
 
-    def _new_piece(self, cls: int, area: int, ext: np.ndarray, holes: list[np.ndarray]) -> int:
+    def _new_piece(self, cls: int, area: int, rings: list[Any]) -> int:
         g = len(self._parent)
         self._parent.append(g)
         if g >= len(self._pcls):
             self._pcls = np.concatenate([self._pcls, np.zeros(len(self._pcls), np.int64)])
         self._pcls[g] = cls
-        self._open[g] = _Piece(cls, area, [(ext, holes)])
+        self._open[g] = _Piece(cls, area, [[np.asarray(r, np.int32) for r in rings]])
         return g
 
     def _count_front(self, ids: np.ndarray, sign: int, touched: set[int]) -> None:
@@ -408,19 +498,20 @@ class GeoJSONWriter:
         for line in (lab[0], lab[-1], lab[:, 0], lab[:, -1]):
             on_edge[line] = True
         on_edge[0] = False
-        areas = np.bincount(lab.ravel(), minlength=n + 1)
+        areas = np.bincount(lab.ravel(), minlength=n + 1).tolist()
         gid = np.zeros(n + 1, np.int64)
         ox, oy = x0 + self.off_x, y0 + self.off_y
-        for k, sl in enumerate(ndimage.find_objects(lab), start=1):
-            ext, holes = _trace(lab[sl] == k)
-            shift = np.array([sl[1].start + ox, sl[0].start + oy], np.int64)
-            ext = ext + shift
-            holes = [hr + shift for hr in holes]
-            if on_edge[k]:
-                gid[k] = self._new_piece(c, int(areas[k]), ext, holes)
-                new.append(int(gid[k]))
+        found: list[tuple[int, list[Any]]] = []
+        for layer in _layers(lab, n):
+            found.extend((int(lab[py, px]), rings) for py, px, rings in _trace_all(layer, (ox, oy)))
+        on_edge_l = on_edge.tolist()
+        for k, rings in found:
+            if on_edge_l[k]:
+                g = self._new_piece(c, areas[k], rings)
+                gid[k] = g
+                new.append(g)
             else:
-                self._write(c, int(areas[k]), self._polygon_json(ext, holes))
+                self._write(c, areas[k], rings)
         top, bot, lcol, rcol = edges
         for mine, line in ((top, lab[0]), (bot, lab[-1]), (lcol, lab[:, 0]), (rcol, lab[:, -1])):
             hit = line > 0
@@ -437,8 +528,8 @@ class GeoJSONWriter:
         total = 0
         for p in self._open.values():
             for g in p.geoms:
-                if isinstance(g, tuple):
-                    total += len(g[0]) + sum(len(h) for h in g[1])
+                if isinstance(g, list):
+                    total += sum(len(r) for r in g)
                 else:
                     import shapely
 
@@ -466,7 +557,7 @@ class GeoJSONWriter:
         self._busy += time.perf_counter() - t0
         self.summary = {
             "path": str(self.path),
-            "objects": dict(self.counts),
+            "objects": self.counts,
             "features": self._n,
             "connectivity": CONNECTIVITY,
             "seconds": round(self._busy, 3),
