@@ -383,3 +383,27 @@ def test_on_tile_of_write_tiled(tmp_path: Path) -> None:
         return sorted(shapely.normalize(shape(f["geometry"])).wkt for f in d["features"])
 
     assert geoms(doc) == geoms(ref)
+
+
+def test_objects_on_seams_are_written_when_complete(tmp_path: Path) -> None:
+    """Objects across vertical and horizontal tile edges wait for one tile (or one tile row) only."""
+    T, n = 16, 8
+    labels = np.zeros((T * n, T * n), np.uint8)
+    for ty in range(n):
+        for tx in range(1, n):  # a square across every vertical edge, in the middle of the tile row
+            labels[ty * T + 6 : ty * T + 9, tx * T - 2 : tx * T + 2] = 1
+        if ty:  # and one across the horizontal edge above, inside tile column 0
+            labels[ty * T - 2 : ty * T + 2, 5:8] = 1
+    w = GeoJSONWriter(tmp_path / "q.geojson", ["bg", "x"])
+    after_row = []
+    for ty in range(n):
+        for tx in range(n):
+            box = (ty * T, tx * T, ty * T + T, tx * T + T)
+            w.add_tile(labels[box[0] : box[2], box[1] : box[3]], box)
+            assert len(w._open) <= n + 1
+        after_row.append(w._n)
+    summary = w.close()
+    # after tile row r, the vertical-edge squares of rows 0..r and the horizontal ones above row r are out
+    assert after_row == [(n - 1) * (r + 1) + r for r in range(n)]
+    assert summary["features"] == (n - 1) * n + (n - 1)
+    check_roundtrip(labels, ["bg", "x"], load(tmp_path / "q.geojson"))

@@ -96,7 +96,7 @@ def _turns(pts: np.ndarray, seg: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return pts[keep], seg[keep]
 
 
-def _trace_all(mask: np.ndarray, shift: tuple[int, int]) -> list[tuple[int, int, list[Any]]]:
+def _trace_all(mask: np.ndarray, shift: tuple[int, int]) -> _Traced | None:
     """Every object of a 2-D bool mask → ``(y, x, rings)``: a pixel of the object (the first in raster
     order), then its exterior ring (counter-clockwise) and holes (clockwise), closed lists of ``[x, y]``
     pixel corners, shifted by ``shift`` = (x, y).
@@ -113,7 +113,7 @@ def _trace_all(mask: np.ndarray, shift: tuple[int, int]) -> list[tuple[int, int,
     found = cv2.findContours(d, cv2.RETR_CCOMP, cv2.CHAIN_APPROX_NONE)
     contours, hier = found[-2], found[-1]
     if not contours:
-        return []
+        return None
     lens = np.fromiter((len(c) for c in contours), np.int64, len(contours))
     p = np.concatenate(contours).reshape(-1, 2).astype(np.int64)  # (x, y) in the padded doubled grid
     seg = np.repeat(np.arange(len(lens)), lens)
@@ -146,28 +146,80 @@ def _trace_all(mask: np.ndarray, shift: tuple[int, int]) -> list[tuple[int, int,
     key = pts[:, 1] * (w + 1) + pts[:, 0]
     top = np.minimum.reduceat(key, starts)
     py, px = (top // (w + 1)).tolist(), (top % (w + 1)).tolist()
-    # close the rings and turn them into lists in one go
+    # close the rings (repeat each ring's first point at its end) and shift them into place
     n_ring = ends - starts
     gather = np.repeat(starts, n_ring + 1) + np.arange(len(pts) + len(starts)) - np.repeat(
         starts + np.arange(len(starts)), n_ring + 1)
     at_end = np.zeros(len(gather), bool)
     at_end[np.cumsum(n_ring + 1) - 1] = True
     gather[at_end] = starts
-    closed = (pts[gather] + np.asarray(shift, np.int64)).tolist()
-    c_starts = (starts + np.arange(len(starts))).tolist()
-    c_ends = (ends + np.arange(1, len(starts) + 1)).tolist()
-    objs: list[tuple[int, int, list[Any]]] = []
+    closed = pts[gather] + np.asarray(shift, np.int64)
+    text, chars = _json_points(closed)
+    c_starts = starts + np.arange(len(starts))
+    c_ends = ends + np.arange(1, len(starts) + 1)
+    spans = zip(c_starts.tolist(), c_ends.tolist(), chars[c_starts].tolist(), (chars[c_ends] - 1).tolist(),
+                strict=True)
+    objs: list[tuple[int, int, list[tuple[int, int, int, int]]]] = []
     where: dict[int, list[Any]] = {}
-    parents = hier[0][:, 3].tolist()
-    for i, parent in enumerate(parents):
-        ring = closed[c_starts[i] : c_ends[i]]
+    for i, (parent, span) in enumerate(zip(hier[0][:, 3].tolist(), spans, strict=True)):
         if parent < 0:
-            rings = [ring]
+            rings = [span]
             where[i] = rings
             objs.append((py[i], px[i], rings))
         else:
-            where[parent].append(ring)
-    return objs
+            where[parent].append(span)
+    return _Traced(closed, text, objs)
+
+
+class _Traced:
+    """The rings of one traced mask: points (closed rings, one after the other), their JSON text, and per
+    object ``(y, x, rings)`` with each ring as ``(first point, end point, first char, end char)``."""
+
+    __slots__ = ("objs", "pts", "text")
+
+    def __init__(self, pts: np.ndarray, text: str, objs: list[Any]) -> None:
+        self.pts, self.text, self.objs = pts, text, objs
+
+    def coordinates(self, rings: list[tuple[int, int, int, int]]) -> str:
+        """GeoJSON ``coordinates`` text of one polygon."""
+        t = self.text
+        return "[" + ",".join(["[" + t[ca:cb] + "]" for _, _, ca, cb in rings]) + "]"
+
+    def arrays(self, rings: list[tuple[int, int, int, int]]) -> list[np.ndarray]:
+        return [self.pts[a:b].astype(np.int32) for a, b, _, _ in rings]
+
+
+_POW10 = 10 ** np.arange(19, dtype=np.int64)
+
+
+def _json_points(v: np.ndarray) -> tuple[str, np.ndarray]:
+    """Integer points (M, 2) → one string ``[x,y],[x,y],...[x,y],`` (each point followed by a comma) and
+    each point's first character (M + 1 offsets), written with numpy rather than point by point."""
+    m = len(v)
+    neg = (v < 0).astype(np.int64)
+    a = np.abs(v)
+    nd = np.searchsorted(_POW10, a, side="right")  # decimal digits
+    nd[a == 0] = 1
+    lx, ly = nd[:, 0] + neg[:, 0], nd[:, 1] + neg[:, 1]
+    length = lx + ly + 4  # "[" x "," y "]" ","
+    off = np.zeros(m + 1, np.int64)
+    np.cumsum(length, out=off[1:])
+    buf = np.empty(int(off[-1]), np.uint8)
+    o = off[:-1]
+    buf[o] = ord("[")
+    buf[o + 1 + lx] = ord(",")
+    buf[o + 2 + lx + ly] = ord("]")
+    buf[o + 3 + lx + ly] = ord(",")
+    for col, start in ((0, o + 1), (1, o + 2 + lx)):
+        n, s, val = nd[:, col], neg[:, col], a[:, col]
+        if s.any():
+            buf[start[s == 1]] = ord("-")
+        first = start + s
+        for j in range(int(n.max(initial=1))):
+            sel = n > j
+            digit = (val[sel] // _POW10[n[sel] - 1 - j]) % 10
+            buf[first[sel] + j] = digit + ord("0")
+    return buf.tobytes().decode("ascii"), off
 
 
 def _layers(lab: np.ndarray, n: int) -> list[np.ndarray]:
@@ -200,10 +252,6 @@ def _layers(lab: np.ndarray, n: int) -> list[np.ndarray]:
     colour[0] = -1
     per_pixel = colour[lab]
     return [per_pixel == r for r in range(int(colour.max()) + 1)]
-
-
-def _polygon_json(rings: list[Any]) -> str:
-    return '{"type":"Polygon","coordinates":' + json.dumps(rings, separators=(",", ":")) + "}"
 
 
 def _ring_list(coords: Any) -> list[list[int]]:
@@ -312,11 +360,13 @@ class GeoJSONWriter:
             self._props[c] = s
         return s
 
-    def _write(self, c: int, area: int, rings: list[Any] | None, geometry: str | None = None) -> None:
-        """One Feature: ``rings`` (closed lists, exterior first) or a ready ``geometry`` JSON text."""
+    def _write(self, c: int, area: int, rings: list[Any] | None, coords: str | None = None,
+               kind: str = "Polygon") -> None:
+        """One Feature: ``rings`` (closed lists, exterior first), or its ``coords`` as JSON text."""
         props = self._props.get(c) or self._class_props(c)
-        if geometry is None:
-            geometry = '{"type":"Polygon","coordinates":' + self._enc(rings) + "}"
+        if coords is None:
+            coords = self._enc(rings)
+        geometry = '{"type":"' + kind + '","coordinates":' + coords + "}"
         meas = f'"Area (px)":{area}'
         if self._um2 is not None:
             meas += f',"Area (\u00b5m\u00b2)":{round(area * self._um2, 4)!r}'
@@ -333,7 +383,8 @@ class GeoJSONWriter:
         if len(geoms) == 1 and isinstance(geoms[0], list):
             self._write(piece.cls, piece.area, [r.tolist() for r in geoms[0]])
             return
-        self._write(piece.cls, piece.area, None, self._shapely_json(self._merge(geoms)))
+        kind, coords = self._shapely_coords(self._merge(geoms))
+        self._write(piece.cls, piece.area, None, coords, kind)
 
     @staticmethod
     def _merge(geoms: list[Any]) -> Any:
@@ -343,7 +394,7 @@ class GeoJSONWriter:
         polys = [Polygon(g[0], g[1:]) if isinstance(g, list) else g for g in geoms]
         return polys[0] if len(polys) == 1 else shapely.union_all(polys)
 
-    def _shapely_json(self, geom: Any) -> str:
+    def _shapely_coords(self, geom: Any) -> tuple[str, str]:
         import shapely
 
         geom = shapely.orient_polygons(geom)
@@ -352,9 +403,9 @@ class GeoJSONWriter:
         for p in parts:
             polys.append([_ring_list(p.exterior.coords)] + [_ring_list(h.coords) for h in p.interiors])
         if len(polys) == 1:  # never a one-element MultiPolygon
-            return _polygon_json(polys[0])
+            return "Polygon", self._enc(polys[0])
         # Pieces joined across a seam share an edge, so this is not expected; kept rather than lost.
-        return '{"type":"MultiPolygon","coordinates":' + json.dumps(polys, separators=(",", ":")) + "}"
+        return "MultiPolygon", self._enc(polys)
 
     def _name(self, c: int) -> str:
         return self.classes[c] if c < len(self.classes) else f"class {c}"
@@ -397,7 +448,7 @@ class GeoJSONWriter:
         if g >= len(self._pcls):
             self._pcls = np.concatenate([self._pcls, np.zeros(len(self._pcls), np.int64)])
         self._pcls[g] = cls
-        self._open[g] = _Piece(cls, area, [[np.asarray(r, np.int32) for r in rings]])
+        self._open[g] = _Piece(cls, area, [rings])
         return g
 
     def _count_front(self, ids: np.ndarray, sign: int, touched: set[int]) -> None:
@@ -475,7 +526,9 @@ class GeoJSONWriter:
         self._link(top, above)
         if left is not None:
             self._link(lcol, left)
-        self._count_front(above, -1, touched)
+        self._count_front(above, -1, touched)  # those seams are now covered
+        if left is not None:
+            self._count_front(left, -1, touched)
         self._count_front(bot, 1, touched)
         self._count_front(rcol, 1, touched)
         self._bottom[c0:c1] = bot
@@ -501,17 +554,19 @@ class GeoJSONWriter:
         areas = np.bincount(lab.ravel(), minlength=n + 1).tolist()
         gid = np.zeros(n + 1, np.int64)
         ox, oy = x0 + self.off_x, y0 + self.off_y
-        found: list[tuple[int, list[Any]]] = []
-        for layer in _layers(lab, n):
-            found.extend((int(lab[py, px]), rings) for py, px, rings in _trace_all(layer, (ox, oy)))
         on_edge_l = on_edge.tolist()
-        for k, rings in found:
-            if on_edge_l[k]:
-                g = self._new_piece(c, areas[k], rings)
-                gid[k] = g
-                new.append(g)
-            else:
-                self._write(c, areas[k], rings)
+        for layer in _layers(lab, n):
+            traced = _trace_all(layer, (ox, oy))
+            if traced is None:
+                continue
+            for py, px, rings in traced.objs:
+                k = int(lab[py, px])
+                if on_edge_l[k]:
+                    g = self._new_piece(c, areas[k], traced.arrays(rings))
+                    gid[k] = g
+                    new.append(g)
+                else:
+                    self._write(c, areas[k], None, traced.coordinates(rings))
         top, bot, lcol, rcol = edges
         for mine, line in ((top, lab[0]), (bot, lab[-1]), (lcol, lab[:, 0]), (rcol, lab[:, -1])):
             hit = line > 0
