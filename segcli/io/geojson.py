@@ -11,12 +11,15 @@ object's pixel squares is always one polygon: two pixels touching only at a corn
 squares at a single point, which no valid Polygon can describe. A hole may touch its exterior, or
 another hole, at a single corner point (valid in the OGC/GeoJSON model); background is 8-connected.
 
-Tracing. Each object's pixels are drawn into a grid of twice the resolution in which pixel ``(i, j)``
-covers the closed 3×3 block of lattice points around ``(2i + 1, 2j + 1)``: its corners, edge midpoints
-and centre. OpenCV's border following (``cv2.findContours``) then walks lattice points that lie exactly
-on pixel edges; where it cuts a corner diagonally (between two edge midpoints) the skipped pixel corner
-is put back, and only pixel corners where the direction turns are kept. The result is exact: the
-polygons rasterised at pixel centres give back the mask.
+Tracing. The objects of one class in a tile are drawn into a grid of twice the resolution in which
+pixel ``(i, j)`` covers the closed 3×3 block of lattice points around ``(2i + 1, 2j + 1)``: its corners,
+edge midpoints and centre. OpenCV's border following (``cv2.findContours``, outer rings and holes) then
+walks lattice points that lie exactly on pixel edges; where it cuts a corner diagonally (between two edge
+midpoints) the skipped pixel corner is put back, and only pixel corners where the direction turns are
+kept. The result is exact: the polygons rasterised at pixel centres give back the mask. In that grid two
+objects that touch at a corner would share a lattice point, so such objects are traced in separate passes
+(a greedy colouring of the corner-contact graph; nearly always one or two passes per tile). All rings of
+a pass are post-processed together in numpy, and their JSON text is written by numpy too.
 
 Streaming. :meth:`GeoJSONWriter.add_tile` takes tiles in raster order (a row of tiles left to right,
 then the next row), as :func:`segcli.io.bigtiff.write_tiled` hands them to ``on_tile``. An object that
