@@ -407,3 +407,26 @@ def test_objects_on_seams_are_written_when_complete(tmp_path: Path) -> None:
     assert after_row == [(n - 1) * (r + 1) + r for r in range(n)]
     assert summary["features"] == (n - 1) * n + (n - 1)
     check_roundtrip(labels, ["bg", "x"], load(tmp_path / "q.geojson"))
+
+
+def test_roundtrip_property(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """Any small mask, any tile size: the polygons are the mask."""
+    hypothesis = pytest.importorskip("hypothesis")
+    st = pytest.importorskip("hypothesis.strategies")
+    hnp = pytest.importorskip("hypothesis.extra.numpy")
+    out = tmp_path_factory.mktemp("prop") / "p.geojson"
+
+    @hypothesis.settings(max_examples=60, deadline=None)
+    @hypothesis.given(hnp.arrays(np.uint8, hnp.array_shapes(min_dims=2, max_dims=2, min_side=1, max_side=14),
+                                 elements=st.integers(0, 2)),
+                      st.integers(1, 9), st.integers(1, 9))
+    def check(labels: np.ndarray, th: int, tw: int) -> None:
+        H, W = labels.shape
+        with GeoJSONWriter(out, ["bg", "a", "b"]) as w:
+            for y in range(0, H, th):
+                for x in range(0, W, tw):
+                    box = (y, x, min(y + th, H), min(x + tw, W))
+                    w.add_tile(labels[box[0] : box[2], box[1] : box[3]], box)
+        check_roundtrip(labels, ["bg", "a", "b"], load(out))
+
+    check()
