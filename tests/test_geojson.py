@@ -430,3 +430,18 @@ def test_roundtrip_property(tmp_path_factory: pytest.TempPathFactory) -> None:
         check_roundtrip(labels, ["bg", "a", "b"], load(out))
 
     check()
+
+
+def test_step_by_step_tracing_gives_the_same_rings(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The compressed trace (the fast path) and the step-by-step one (its fallback) agree."""
+    import cv2
+
+    labels = blobs((70, 90), 40, seed=7)
+    rng = np.random.default_rng(7)
+    labels[40:70, 60:90] = (rng.random((30, 30)) < 0.5) * 2
+    write_geojson(tmp_path / "fast.geojson", labels, ["bg", "a", "b"], tile=32)
+    monkeypatch.setattr(cv2, "CHAIN_APPROX_SIMPLE", cv2.CHAIN_APPROX_NONE)
+    write_geojson(tmp_path / "slow.geojson", labels, ["bg", "a", "b"], tile=32)
+    fast, slow = load(tmp_path / "fast.geojson"), load(tmp_path / "slow.geojson")
+    assert [f["geometry"] for f in fast["features"]] == [f["geometry"] for f in slow["features"]]
+    check_roundtrip(labels, ["bg", "a", "b"], slow)

@@ -113,16 +113,23 @@ def _trace_all(mask: np.ndarray, shift: tuple[int, int]) -> _Traced | None:
     d = np.zeros((2 * h + 3, 2 * w + 3), np.uint8)
     d[2 : 2 * h + 1 : 2, 2 : 2 * w + 1 : 2] = mask
     d = cv2.dilate(d, _K3)
-    found = cv2.findContours(d, cv2.RETR_CCOMP, cv2.CHAIN_APPROX_NONE)
-    contours, hier = found[-2], found[-1]
-    if not contours:
-        return None
-    lens = np.fromiter((len(c) for c in contours), np.int64, len(contours))
-    p = np.concatenate(contours).reshape(-1, 2).astype(np.int64)  # (x, y) in the padded doubled grid
-    seg = np.repeat(np.arange(len(lens)), lens)
-    _, _, _, nxt = _cyclic(seg)
-    q = p[nxt]
-    diag = (p[:, 0] != q[:, 0]) & (p[:, 1] != q[:, 1])
+    # Straight runs come compressed (CHAIN_APPROX_SIMPLE). A run of several diagonal steps is not expected
+    # in this grid (each diagonal step ends on an edge midpoint next to a pixel corner); if one shows up,
+    # the mask is traced again step by step, where every diagonal step is handled on its own.
+    for method in (cv2.CHAIN_APPROX_SIMPLE, cv2.CHAIN_APPROX_NONE):
+        found = cv2.findContours(d, cv2.RETR_CCOMP, method)
+        contours, hier = found[-2], found[-1]
+        if not contours:
+            return None
+        lens = np.fromiter((len(c) for c in contours), np.int64, len(contours))
+        p = np.concatenate(contours).reshape(-1, 2).astype(np.int64)  # (x, y) in the padded doubled grid
+        seg = np.repeat(np.arange(len(lens)), lens)
+        _, _, _, nxt = _cyclic(seg)
+        q = p[nxt]
+        step = np.abs(q - p)
+        diag = (step[:, 0] > 0) & (step[:, 1] > 0)
+        if not (step[diag] > 1).any():
+            break
     # A diagonal step joins two edge midpoints and cuts a pixel corner; of its two candidate points the
     # one with both coordinates odd (a pixel corner in this grid) lies on the object's edge: put it back.
     first = ((p[:, 0] & 1) == 1) & ((q[:, 1] & 1) == 1)
