@@ -155,7 +155,7 @@ def _trace_all(mask: np.ndarray, shift: tuple[int, int]) -> _Traced | None:
     # the first pixel of each object: its top-left corner is the ring's lowest (y, x)
     key = pts[:, 1] * (w + 1) + pts[:, 0]
     top = np.minimum.reduceat(key, starts)
-    py, px = (top // (w + 1)).tolist(), (top % (w + 1)).tolist()
+    first_y, first_x = top // (w + 1), top % (w + 1)
     # close the rings (repeat each ring's first point at its end) and shift them into place
     n_ring = ends - starts
     gather = np.repeat(starts, n_ring + 1) + np.arange(len(pts) + len(starts)) - np.repeat(
@@ -169,26 +169,30 @@ def _trace_all(mask: np.ndarray, shift: tuple[int, int]) -> _Traced | None:
     c_ends = ends + np.arange(1, len(starts) + 1)
     spans = zip(c_starts.tolist(), c_ends.tolist(), chars[c_starts].tolist(), (chars[c_ends] - 1).tolist(),
                 strict=True)
-    objs: list[tuple[int, int, list[tuple[int, int, int, int]]]] = []
+    objs: list[list[tuple[int, int, int, int]]] = []
     where: dict[int, list[Any]] = {}
-    for i, (parent, span) in enumerate(zip(hier[0][:, 3].tolist(), spans, strict=True)):
+    parents = hier[0][:, 3]
+    for i, (parent, span) in enumerate(zip(parents.tolist(), spans, strict=True)):
         if parent < 0:
             rings = [span]
             where[i] = rings
-            objs.append((py[i], px[i], rings))
+            objs.append(rings)
         else:
             where[parent].append(span)
-    return _Traced(closed, text, objs)
+    outer = parents < 0
+    return _Traced(closed, text, objs, first_y[outer], first_x[outer])
 
 
 class _Traced:
     """The rings of one traced mask: points (closed rings, one after the other), their JSON text, and per
-    object ``(y, x, rings)`` with each ring as ``(first point, end point, first char, end char)``."""
+    object its rings, each as ``(first point, end point, first char, end char)``, and its first pixel in
+    raster order (``first_y``, ``first_x``, in mask pixels)."""
 
-    __slots__ = ("objs", "pts", "text")
+    __slots__ = ("first_x", "first_y", "pts", "rings", "text")
 
-    def __init__(self, pts: np.ndarray, text: str, objs: list[Any]) -> None:
-        self.pts, self.text, self.objs = pts, text, objs
+    def __init__(self, pts: np.ndarray, text: str, rings: list[Any], first_y: np.ndarray,
+                 first_x: np.ndarray) -> None:
+        self.pts, self.text, self.rings, self.first_y, self.first_x = pts, text, rings, first_y, first_x
 
     def coordinates(self, rings: list[tuple[int, int, int, int]]) -> str:
         """GeoJSON ``coordinates`` text of one polygon."""
@@ -232,25 +236,31 @@ def _json_points(v: np.ndarray) -> tuple[str, np.ndarray]:
     return buf.tobytes().decode("ascii"), off
 
 
-def _layers(lab: np.ndarray, n: int) -> list[np.ndarray]:
-    """Split 4-connected objects (labels 1..n) into masks in which no two objects touch, not even at a
-    corner, so that each mask can be traced in one pass. Usually one mask; objects that meet others
-    corner to corner are spread over a few more (a greedy colouring of that contact graph)."""
+def _layers(lab: np.ndarray, n: int, mask: np.ndarray) -> list[np.ndarray]:
+    """Split 4-connected objects (``lab``, labels 1..n, ``mask = lab > 0``) into masks in which no two
+    objects touch, not even at a corner, so that each mask can be traced in one pass. Usually one mask;
+    objects that meet others corner to corner are spread over a few more (a greedy colouring of that
+    contact graph)."""
     pairs = []
-    for a, b in ((lab[:-1, :-1], lab[1:, 1:]), (lab[:-1, 1:], lab[1:, :-1])):
-        # two objects meeting at a corner: the other two pixels of that 2x2 are not in either
-        hit = (a != b) & (a > 0) & (b > 0)
-        if hit.any():
-            pairs.append(np.column_stack([a[hit], b[hit]]))
+    m00, m11, m01, m10 = mask[:-1, :-1], mask[1:, 1:], mask[:-1, 1:], mask[1:, :-1]
+    for (a, b, oy, ox), cross in (((m00, m11, 1, 1), m01 | m10), ((m01, m10, 1, -1), m00 | m11)):
+        # two pixels meeting at a corner only (the other two of that 2x2 are not in the mask)
+        ys, xs = np.nonzero(a & b & ~cross)
+        if len(ys):
+            x0 = xs if ox > 0 else xs + 1
+            la, lb = lab[ys, x0], lab[ys + oy, x0 + ox]
+            diff = la != lb
+            if diff.any():
+                pairs.append(np.column_stack([la[diff], lb[diff]]))
     if not pairs:
-        return [lab > 0]
-    pr = np.concatenate(pairs)
-    pr = np.unique(np.sort(pr, axis=1), axis=0)
+        return [mask]
+    pr = np.sort(np.concatenate(pairs).astype(np.int64), axis=1)
+    keys = np.unique(pr[:, 0] * (n + 1) + pr[:, 1])
     adj: dict[int, list[int]] = {}
-    for a, b in pr.tolist():
+    for a, b in zip((keys // (n + 1)).tolist(), (keys % (n + 1)).tolist(), strict=True):
         adj.setdefault(a, []).append(b)
         adj.setdefault(b, []).append(a)
-    colour = np.zeros(n + 1, np.int64)
+    colour = np.zeros(n + 1, np.uint8 if len(adj) < 255 else np.int64)
     done: dict[int, int] = {}
     for k in sorted(adj):
         used = {done[m] for m in adj[k] if m in done}
@@ -258,10 +268,10 @@ def _layers(lab: np.ndarray, n: int) -> list[np.ndarray]:
         while col in used:
             col += 1
         done[k] = col
-        colour[k] = col
-    colour[0] = -1
+    colour[list(done)] = list(done.values())
+    n_layers = max(done.values()) + 1
     per_pixel = colour[lab]
-    return [per_pixel == r for r in range(int(colour.max()) + 1)]
+    return [mask & (per_pixel == 0)] + [per_pixel == r for r in range(1, n_layers)]
 
 
 def _ring_list(coords: Any) -> list[list[int]]:
@@ -527,11 +537,11 @@ class GeoJSONWriter:
         top, bot = np.zeros(w, np.int64), np.zeros(w, np.int64)
         lcol, rcol = np.zeros(h, np.int64), np.zeros(h, np.int64)
         new: list[int] = []
-        present = np.flatnonzero(np.bincount(t.ravel()))
-        for c in present.tolist():
-            if c == 0:
-                continue
-            self._pieces_of_class(t, int(c), y0, x0, (top, bot, lcol, rcol), new)
+        top_value = int(t.max()) if t.size else 0
+        present = [top_value] if top_value <= 1 else np.flatnonzero(np.bincount(t.ravel())).tolist()
+        for c in present:
+            if c > 0:
+                self._pieces_of_class(t, int(c), y0, x0, (top, bot, lcol, rcol), new)
         # Join pieces across the seams, then move the seams on.
         self._link(top, above)
         if left is not None:
@@ -565,12 +575,12 @@ class GeoJSONWriter:
         gid = np.zeros(n + 1, np.int64)
         ox, oy = x0 + self.off_x, y0 + self.off_y
         on_edge_l = on_edge.tolist()
-        for layer in _layers(lab, n):
+        for layer in _layers(lab, n, lab > 0):
             traced = _trace_all(layer, (ox, oy))
             if traced is None:
                 continue
-            for py, px, rings in traced.objs:
-                k = int(lab[py, px])
+            ks = lab[traced.first_y, traced.first_x].tolist()
+            for k, rings in zip(ks, traced.rings, strict=True):
                 if on_edge_l[k]:
                     g = self._new_piece(c, areas[k], traced.arrays(rings))
                     gid[k] = g
