@@ -50,7 +50,7 @@ import numpy as np
 __all__ = ["CONNECTIVITY", "GeoJSONWriter", "default_colours", "write_geojson"]
 
 CONNECTIVITY = 4
-_MERGE_EVERY = 32  # pieces of one growing object merged into one polygon this often
+_CHUNK = 256  # the pieces of a growing object are merged (among themselves) once this many have gathered
 _K3 = None  # the 3x3 dilation kernel, made when OpenCV is first needed
 
 
@@ -286,10 +286,12 @@ def _ring_list(coords: Any) -> list[list[int]]:
 class _Piece:
     """An edge-touching part of an object (or several parts already merged) that is still open."""
 
-    __slots__ = ("area", "cls", "geoms")
+    __slots__ = ("area", "chunks", "cls", "geoms", "vertices")
 
     def __init__(self, cls: int, area: int, geoms: list[Any]) -> None:
-        self.cls, self.area, self.geoms = cls, area, geoms
+        self.cls, self.area, self.geoms = cls, area, geoms  # geoms: rings of pieces (int32 arrays)
+        self.chunks: list[Any] = []  # shapely polygons, each the union of _CHUNK pieces
+        self.vertices = sum(len(r) for g in geoms for r in g)
 
 
 class GeoJSONWriter:
@@ -351,7 +353,9 @@ class GeoJSONWriter:
         self._row: tuple[int, int] | None = None
         self._x_start = 0
         self._next_x = 0
-        self.max_open_pieces = 0
+        self.max_open_objects = 0  # objects with a piece on a seam, at most, after any tile
+        self.max_open_vertices = 0  # their vertices (rings kept as int32 [x, y]: 8 bytes each)
+        self._open_vertices = 0
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._tmp = self.path.parent / partial_name(self.path)
         self._fh: Any = open(self._tmp, "w", encoding="utf-8", newline="\n", buffering=1 << 20)  # noqa: SIM115
@@ -399,19 +403,20 @@ class GeoJSONWriter:
     def _emit_root(self, root: int) -> None:
         piece = self._open.pop(root)
         self._front.pop(root, None)
+        self._open_vertices -= piece.vertices
         geoms = piece.geoms
-        if len(geoms) == 1 and isinstance(geoms[0], list):
+        if len(geoms) == 1 and not piece.chunks:
             self._write(piece.cls, piece.area, [r.tolist() for r in geoms[0]])
             return
-        kind, coords = self._shapely_coords(self._merge(geoms))
+        kind, coords = self._shapely_coords(self._merge(geoms, piece.chunks))
         self._write(piece.cls, piece.area, None, coords, kind)
 
     @staticmethod
-    def _merge(geoms: list[Any]) -> Any:
+    def _merge(geoms: list[Any], chunks: list[Any]) -> Any:
         import shapely
         from shapely.geometry import Polygon
 
-        polys = [Polygon(g[0], g[1:]) if isinstance(g, list) else g for g in geoms]
+        polys = chunks + [Polygon(g[0], g[1:]) for g in geoms]
         return polys[0] if len(polys) == 1 else shapely.union_all(polys)
 
     def _shapely_coords(self, geom: Any) -> tuple[str, str]:
@@ -458,8 +463,19 @@ class GeoJSONWriter:
         pa, pb = self._open[ra], self._open.pop(rb)
         pa.area += pb.area
         pa.geoms.extend(pb.geoms)
-        if len(pa.geoms) > _MERGE_EVERY:
-            pa.geoms = [self._merge(pa.geoms)]
+        pa.chunks.extend(pb.chunks)
+        pa.vertices += pb.vertices
+        if len(pa.geoms) >= _CHUNK:
+            # Only the new pieces are merged, never again the chunks already made: the cost stays that of
+            # one cascaded union, however many tiles the object spans.
+            import shapely
+
+            chunk = self._merge(pa.geoms, [])
+            delta = int(shapely.get_num_coordinates(chunk)) - sum(len(r) for g in pa.geoms for r in g)
+            self._open_vertices += delta
+            pa.vertices += delta
+            pa.chunks.append(chunk)
+            pa.geoms = []
         self._front[ra] = self._front.get(ra, 0) + self._front.pop(rb, 0)
 
     def _new_piece(self, cls: int, area: int, rings: list[Any]) -> int:
@@ -468,7 +484,9 @@ class GeoJSONWriter:
         if g >= len(self._pcls):
             self._pcls = np.concatenate([self._pcls, np.zeros(len(self._pcls), np.int64)])
         self._pcls[g] = cls
-        self._open[g] = _Piece(cls, area, [rings])
+        piece = _Piece(cls, area, [rings])
+        self._open[g] = piece
+        self._open_vertices += piece.vertices
         return g
 
     def _count_front(self, ids: np.ndarray, sign: int, touched: set[int]) -> None:
@@ -593,23 +611,8 @@ class GeoJSONWriter:
             mine[hit] = gid[line[hit]]
 
     def _track_memory(self) -> None:
-        n = len(self._open)
-        if n > self.max_open_pieces:
-            self.max_open_pieces = n
-
-    @property
-    def open_vertices(self) -> int:
-        """Vertices held by the objects still open (a measure of the writer's memory)."""
-        total = 0
-        for p in self._open.values():
-            for g in p.geoms:
-                if isinstance(g, list):
-                    total += sum(len(r) for r in g)
-                else:
-                    import shapely
-
-                    total += int(shapely.get_num_coordinates(g))
-        return total
+        self.max_open_objects = max(self.max_open_objects, len(self._open))
+        self.max_open_vertices = max(self.max_open_vertices, self._open_vertices)
 
     # -- finishing -------------------------------------------------------------------------------
     def close(self) -> dict[str, Any]:
@@ -636,7 +639,8 @@ class GeoJSONWriter:
             "features": self._n,
             "connectivity": CONNECTIVITY,
             "seconds": round(self._busy, 3),
-            "max_open_pieces": self.max_open_pieces,
+            "max_open_objects": self.max_open_objects,
+            "max_open_vertices": self.max_open_vertices,
         }
         return self.summary
 
