@@ -29,8 +29,10 @@ of piece ids of the tile row above (one int64 per image column) and the right co
 tile. A joined object is written as soon as none of its pieces lies on a seam that a tile still to come
 can reach; its pieces are merged with ``shapely.union_all`` (pixel-exact rings merge exactly along the
 shared edges). Memory is thus the open pieces along one row of tiles, plus whole objects that are still
-growing (a vessel or tissue region spanning many tiles keeps its pieces until it ends; they are merged
-into one polygon every 32 pieces so the list stays short).
+growing: a vessel or tissue region spanning many tiles keeps its pieces (int32 rings, about the size of
+its own output) until it ends, and every 256 new pieces are merged among themselves so that the final
+union stays one cascaded union. ``summary["max_open_objects"]`` and ``["max_open_vertices"]`` say how
+much was held at most. The union-find keeps one small entry per edge piece ever made.
 
 The file is written to a hidden partial name beside the output and renamed when :meth:`close` succeeds.
 """
@@ -335,7 +337,6 @@ class GeoJSONWriter:
         self.off_y, self.off_x = (int(v) for v in offset)
         self._props: dict[int, str] = {}
         self.summary: dict[str, Any] | None = None
-        self._t0 = time.perf_counter()
         self._busy = 0.0
         # ids: UUID version 4 strings, a random prefix per file and the feature number in the last group
         r = secrets.token_hex(10)
