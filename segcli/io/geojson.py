@@ -57,11 +57,10 @@ _K3 = None  # the 3x3 dilation kernel, made when OpenCV is first needed
 
 
 def default_colours(classes: list[str]) -> dict[str, list[int]]:
-    """segcli's preview palette (class 1 red, 2 green, 3 yellow, ...), cycled past ten classes."""
-    from segcli.viz import PALETTE
+    """The colours segcli's previews draw each class in (``segcli.drawing.class_colour``)."""
+    from segcli.drawing import class_colour
 
-    pal = PALETTE.astype(int).tolist()
-    return {name: pal[1 + (i - 1) % (len(pal) - 1)] for i, name in enumerate(classes) if i > 0}
+    return {name: list(class_colour(i)) for i, name in enumerate(classes) if i > 0}
 
 
 def _cv2() -> Any:
