@@ -157,19 +157,7 @@ def _trace_all(mask: np.ndarray, shift: tuple[int, int]) -> _Traced | None:
     key = pts[:, 1] * (w + 1) + pts[:, 0]
     top = np.minimum.reduceat(key, starts)
     first_y, first_x = top // (w + 1), top % (w + 1)
-    # close the rings (repeat each ring's first point at its end) and shift them into place
-    n_ring = ends - starts
-    gather = np.repeat(starts, n_ring + 1) + np.arange(len(pts) + len(starts)) - np.repeat(
-        starts + np.arange(len(starts)), n_ring + 1)
-    at_end = np.zeros(len(gather), bool)
-    at_end[np.cumsum(n_ring + 1) - 1] = True
-    gather[at_end] = starts
-    closed = pts[gather] + np.asarray(shift, np.int64)
-    text, chars = _json_points(closed)
-    c_starts = starts + np.arange(len(starts))
-    c_ends = ends + np.arange(1, len(starts) + 1)
-    spans = zip(c_starts.tolist(), c_ends.tolist(), chars[c_starts].tolist(), (chars[c_ends] - 1).tolist(),
-                strict=True)
+    closed, text, spans = _close_rings(pts, starts, ends, shift)
     objs: list[list[tuple[int, int, int, int]]] = []
     where: dict[int, list[Any]] = {}
     parents = hier[0][:, 3]
@@ -182,6 +170,43 @@ def _trace_all(mask: np.ndarray, shift: tuple[int, int]) -> _Traced | None:
             where[parent].append(span)
     outer = parents < 0
     return _Traced(closed, text, objs, first_y[outer], first_x[outer])
+
+
+def _close_rings(pts: np.ndarray, starts: np.ndarray, ends: np.ndarray, shift: tuple[int, int] = (0, 0),
+                 ) -> tuple[np.ndarray, str, list[tuple[int, int, int, int]]]:
+    """Open rings (``pts[starts[i]:ends[i]]``) → closed and shifted points, their JSON text, and per ring
+    ``(first point, end point, first char, end char)`` in those (a ring's text is ``text[ca:cb]``)."""
+    n_ring = ends - starts
+    gather = np.repeat(starts, n_ring + 1) + np.arange(len(pts) + len(starts)) - np.repeat(
+        starts + np.arange(len(starts)), n_ring + 1)
+    at_end = np.zeros(len(gather), bool)
+    at_end[np.cumsum(n_ring + 1) - 1] = True
+    gather[at_end] = starts  # each ring's first point repeated at its end
+    closed = pts[gather] + np.asarray(shift, np.int64)
+    text, chars = _json_points(closed)
+    c_starts = starts + np.arange(len(starts))
+    c_ends = ends + np.arange(1, len(starts) + 1)
+    spans = list(zip(c_starts.tolist(), c_ends.tolist(), chars[c_starts].tolist(),
+                     (chars[c_ends] - 1).tolist(), strict=True))
+    return closed, text, spans
+
+
+def _polygon_texts(coords: np.ndarray, ring_offsets: np.ndarray, poly_offsets: np.ndarray) -> list[str]:
+    """Polygons as closed rings one after the other (``coords``, with shapely's ragged-array offsets) →
+    each polygon's GeoJSON ``coordinates`` text, with repeated and collinear points dropped."""
+    pts = np.rint(coords).astype(np.int64)
+    ring_of = np.repeat(np.arange(len(ring_offsets) - 1), np.diff(ring_offsets))
+    last = np.zeros(len(pts), bool)
+    last[ring_offsets[1:] - 1] = True
+    pts, seg = _turns(pts[~last], ring_of[~last])
+    starts, ends, _, _ = _cyclic(seg)
+    if len(starts) != len(ring_offsets) - 1:  # pragma: no cover - a ring always keeps its corners
+        raise AssertionError("a ring vanished")
+    _, text, spans = _close_rings(pts, starts, ends)
+    out = []
+    for a, b in zip(poly_offsets[:-1].tolist(), poly_offsets[1:].tolist(), strict=True):
+        out.append("[" + ",".join(["[" + text[ca:cb] + "]" for _, _, ca, cb in spans[a:b]]) + "]")
+    return out
 
 
 class _Traced:
@@ -282,6 +307,19 @@ def _ring_list(coords: Any) -> list[list[int]]:
     out = pts.tolist()
     out.append(out[0])
     return out
+
+
+def _from_rings(polys: list[list[np.ndarray]]) -> np.ndarray:
+    """Polygons given as lists of closed rings (exterior first) → an array of shapely Polygons, in one call."""
+    import shapely
+
+    rings = [r for p in polys for r in p]
+    ring_off = np.zeros(len(rings) + 1, np.int64)
+    np.cumsum([len(r) for r in rings], out=ring_off[1:])
+    poly_off = np.zeros(len(polys) + 1, np.int64)
+    np.cumsum([len(p) for p in polys], out=poly_off[1:])
+    coords = np.concatenate(rings).astype(np.float64)
+    return shapely.from_ragged_array(shapely.GeometryType.POLYGON, coords, (ring_off, poly_off))
 
 
 class _Piece:
@@ -400,23 +438,50 @@ class GeoJSONWriter:
         self._n += 1
         self._count[c] = self._count.get(c, 0) + 1
 
-    def _emit_root(self, root: int) -> None:
-        piece = self._open.pop(root)
-        self._front.pop(root, None)
-        self._open_vertices -= piece.vertices
-        geoms = piece.geoms
-        if len(geoms) == 1 and not piece.chunks:
-            self._write(piece.cls, piece.area, [r.tolist() for r in geoms[0]])
-            return
-        kind, coords = self._shapely_coords(self._merge(geoms, piece.chunks))
-        self._write(piece.cls, piece.area, None, coords, kind)
+    def _emit_roots(self, roots: list[int]) -> None:
+        """Write the objects of these union-find roots, now complete: one piece as it is, two pieces merged
+        with one vectorised ``shapely.union`` over all such pairs, more with ``union_all`` each."""
+        import shapely
+
+        pieces = []
+        for r in roots:
+            piece = self._open.pop(r)
+            self._front.pop(r, None)
+            self._open_vertices -= piece.vertices
+            pieces.append(piece)
+        coords: list[str | None] = [None] * len(pieces)
+        kinds = ["Polygon"] * len(pieces)
+        merged: list[Any] = [None] * len(pieces)
+        pairs = [i for i, p in enumerate(pieces) if not p.chunks and len(p.geoms) == 2]
+        if pairs:
+            polys = _from_rings([g for i in pairs for g in pieces[i].geoms])
+            for i, u in zip(pairs, shapely.union(polys[0::2], polys[1::2]), strict=True):
+                merged[i] = u
+        for i, p in enumerate(pieces):
+            if merged[i] is None and (p.chunks or len(p.geoms) > 1):
+                merged[i] = self._merge(p.geoms, p.chunks)
+        todo = [i for i, m in enumerate(merged) if m is not None]
+        if todo:
+            geoms = shapely.orient_polygons(np.array([merged[i] for i in todo], dtype=object))
+            simple = shapely.get_type_id(geoms) == shapely.GeometryType.POLYGON
+            if simple.any():
+                _, flat, (ring_off, poly_off) = shapely.to_ragged_array(geoms[simple])
+                for i, text in zip(np.asarray(todo)[simple].tolist(), _polygon_texts(flat, ring_off, poly_off),
+                                   strict=True):
+                    coords[i] = text
+            for i, g in zip(np.asarray(todo)[~simple].tolist(), geoms[~simple], strict=True):
+                kinds[i], coords[i] = self._shapely_coords(g)
+        for i, p in enumerate(pieces):
+            if coords[i] is None:  # a single piece: its rings are exact and oriented already
+                self._write(p.cls, p.area, [r.tolist() for r in p.geoms[0]])
+            else:
+                self._write(p.cls, p.area, None, coords[i], kinds[i])
 
     @staticmethod
     def _merge(geoms: list[Any], chunks: list[Any]) -> Any:
         import shapely
-        from shapely.geometry import Polygon
 
-        polys = chunks + [Polygon(g[0], g[1:]) for g in geoms]
+        polys = chunks + (list(_from_rings(geoms)) if geoms else [])
         return polys[0] if len(polys) == 1 else shapely.union_all(polys)
 
     def _shapely_coords(self, geom: Any) -> tuple[str, str]:
@@ -572,9 +637,8 @@ class GeoJSONWriter:
         self._bottom[c0:c1] = bot
         self._right = rcol
         touched.update(new)
-        for r in sorted({self._find(g) for g in touched}):
-            if r in self._open and self._front.get(r, 0) == 0:
-                self._emit_root(r)
+        self._emit_roots([r for r in sorted({self._find(g) for g in touched})
+                          if r in self._open and self._front.get(r, 0) == 0])
         self._track_memory()
         self._busy += time.perf_counter() - t0
 
@@ -621,8 +685,9 @@ class GeoJSONWriter:
             raise ValueError("GeoJSONWriter is already closed")
         t0 = time.perf_counter()
         try:
-            for r in sorted(self._open):
-                self._emit_root(r)
+            rest = sorted(self._open)
+            for i in range(0, len(rest), 4096):
+                self._emit_roots(rest[i : i + 4096])
             self._fh.write("\n]}\n")
             self._fh.flush()
             os.fsync(self._fh.fileno())
