@@ -101,9 +101,9 @@ def _turns(pts: np.ndarray, seg: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _trace_all(mask: np.ndarray, shift: tuple[int, int]) -> _Traced | None:
-    """Every object of a 2-D bool mask → ``(y, x, rings)``: a pixel of the object (the first in raster
-    order), then its exterior ring (counter-clockwise) and holes (clockwise), closed lists of ``[x, y]``
-    pixel corners, shifted by ``shift`` = (x, y).
+    """Every object of a 2-D bool mask: its exterior ring (counter-clockwise) and holes (clockwise) as
+    pixel corners ``[x, y]`` shifted by ``shift`` = (x, y), and its first pixel in raster order (so the
+    caller can look up its label); ``None`` for an empty mask.
 
     Objects here are the 8-connected regions of the closed pixel squares; for them to be 4-connected
     objects, no two 4-connected components of ``mask`` may touch at a corner only (the caller makes
