@@ -95,7 +95,7 @@ def register(app: typer.Typer) -> None:
         weight_decay: Annotated[float, typer.Option(help="Weight decay.")] = 1e-4,
         optimizer: Annotated[str, typer.Option(help="adamw | adam | sgd")] = "adamw",
         schedule: Annotated[str, typer.Option(help="Per-step LR schedule: cosine | poly | constant")] = "cosine",
-        features: Annotated[int | None, typer.Option(help="U-Net width (first-level features). Default: the architecture's (16 for unet).")] = None,
+        features: Annotated[int | None, typer.Option(help="U-Net width (first-level features). Default: the architecture's (32 for unet).")] = None,
         arch_config: Annotated[list[str] | None, typer.Option("--arch-config", help="key=value for the architecture (repeatable). Default: none.")] = None,
         loss: Annotated[str | None, typer.Option(help="dice | bce | ce | focal | dice+bce | dice+ce | focal+dice (default: dice+bce/ce; refine focal+dice).")] = None,
         class_weights: Annotated[str | None, typer.Option(help="Comma-separated weight per class for the (B)CE/focal term, e.g. 1,3. Default: all 1.")] = None,

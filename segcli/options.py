@@ -56,6 +56,7 @@ class PredictOptions:
     # Outputs and batch behaviour
     output_type: str = "auto"
     probabilities: bool = False
+    geojson: bool = False  # NAME_seg.geojson: one polygon per object, for QuPath (2D inputs)
     preview: bool = False  # NAME_seg_preview.png (drawn by the caller after the mask; counted by skip_existing)
     skip_existing: bool = False
     stats: bool = False

@@ -35,8 +35,8 @@ from segcli import io, memory
 from segcli.engines.base import ProgressFn, Result
 from segcli.errors import EmptyImageError, SegcliError, bug_message
 from segcli.geometry import slice_axis
-from segcli.io.atomic import OutputLock, os_error_words
-from segcli.io.naming import probabilities_path, with_extension
+from segcli.io.atomic import OutputLock, os_error_words, split_extension
+from segcli.io.naming import geojson_path, probabilities_path, with_extension
 from segcli.prepare import implausible_result, mismatch_warnings
 from segcli.report import FileReport, count_labels, fill_counts, fill_run
 
@@ -160,6 +160,16 @@ class InMemoryRoute:
             write_dicom_seg(seg, job, to_original_axes(self.res.labels, self.img.meta), self.img.meta)
         else:
             io.write_mask(self.res.labels, self.img, job.out)
+        if seg.options.geojson:
+            if self.img.ndim != 2:
+                job.rep.warnings.append("GeoJSON is written for 2D images only; none for this volume")
+            else:
+                from segcli.io.geojson import write_geojson
+
+                bundle = seg.bundle_for("2d")
+                job.rep.info["geojson"] = write_geojson(geojson_path(job.out), self.res.labels, bundle.classes,
+                                                        spacing=self.img.spacing,
+                                                        detection_classes=detection_classes(bundle))
         if seg.options.probabilities and self.res.probs is not None:
             io.write_probabilities(self.res.probs, self.img, probabilities_path(job.out))
 
@@ -298,9 +308,28 @@ class TiledTiffRoute:
             if tile_stats is not None:
                 tile_stats.add(tile, box)
 
+        geo = None
+        if opts.geojson:  # polygons built tile by tile as the mask streams out; the slide is never held whole
+            from segcli.io.geojson import GeoJSONWriter
+
+            geo = GeoJSONWriter(geojson_path(job.out), bundle.classes, spacing=plane.spacing,
+                                detection_classes=detection_classes(bundle))
+
+        def on_tile(tile: np.ndarray, box: tuple[int, int, int, int]) -> None:
+            count(tile, box)
+            if geo is not None:
+                geo.add_tile(tile, box)
+
         ome = plane.ome if plane.meta.get("is_ome") else None
-        write_tiled(job.out, plane.shape, labels.read, tile=opts.tile_size, resolution=plane.resolution,
-                    spacing=plane.spacing, ome=ome, pyramid=opts.pyramid, on_tile=count)
+        try:
+            write_tiled(job.out, plane.shape, labels.read, tile=opts.tile_size, resolution=plane.resolution,
+                        spacing=plane.spacing, ome=ome, pyramid=opts.pyramid, on_tile=on_tile)
+        except BaseException:
+            if geo is not None:
+                geo.abort()
+            raise
+        if geo is not None:
+            rep.info["geojson"] = geo.close()
         if opts.probabilities and rep.status == "ok":
             write_tiled(probabilities_path(job.out), (bundle.n_classes, *plane.shape), labels.read_probs,
                         dtype=np.float32, tile=opts.tile_size, resolution=plane.resolution, spacing=plane.spacing,
@@ -316,6 +345,18 @@ class TiledTiffRoute:
             self.res.labels.store.close()  # type: ignore[union-attr]
         self.res = None
         self.plane.close()
+
+
+#: Class names QuPath should get as detections (cells, nuclei) when the bundle does not say; others are annotations.
+_DETECTION_NAMES = ("nucleus", "nuclei", "cell", "cells", "mitosis", "lymphocyte")
+
+
+def detection_classes(bundle: Bundle) -> set[str]:
+    """Classes written as QuPath detections: the bundle's ``geojson_detections`` param, else cell-like names."""
+    named = bundle.params.get("geojson_detections")
+    if named is not None:
+        return set(named) & set(bundle.classes)
+    return {c for c in bundle.classes[1:] if c.lower() in _DETECTION_NAMES}
 
 
 def write_dicom_seg(seg: Segmenter, job: Job, file_order_labels: np.ndarray, meta: dict[str, Any]) -> None:
@@ -426,6 +467,10 @@ def _check_volume_fits(seg: Segmenter, est: int, shape: tuple[int, ...], path: P
 def plan_output(options: Any, path: Path, output: str | Path | None, input_root: Path | None,
                 content: str | None = None) -> Path:
     """Where the mask of ``path`` goes (``io.default_output_path``, with ``.dcm`` for DICOM SEG output)."""
+    if output is not None and str(output).lower().endswith(".geojson"):
+        # -o slide.geojson: the objects go there, the mask beside it under the same stem
+        ext = split_extension(io.default_output_path(path, None, content=content).name)[1]
+        return with_extension(Path(output), ext)
     out = io.default_output_path(path, Path(output) if output is not None else None,
                                  is_dir_input_root=input_root, content=content)
     if options.output_type == "dicom-seg" and not out.name.lower().endswith(".dcm"):
@@ -434,10 +479,13 @@ def plan_output(options: Any, path: Path, output: str | Path | None, input_root:
 
 
 def planned_outputs(options: Any, out: Path) -> list[tuple[str, Path]]:
-    """Every file a run writes for one input, named: the mask, and its probabilities and preview if asked for."""
-    from segcli.io.naming import preview_path
+    """Every file a run writes for one input, named: the mask, and its GeoJSON, probabilities and preview if
+    asked for."""
+    from segcli.io.naming import geojson_path, preview_path
 
     files = [("mask", out)]
+    if options.geojson:
+        files.append(("GeoJSON", geojson_path(out)))
     if options.probabilities:
         files.append(("probabilities", probabilities_path(out)))
     if options.preview:

@@ -31,6 +31,11 @@ def with_extension(path: Path, ext: str) -> Path:
     return path.with_name(split_extension(path.name)[0] + ext)
 
 
+def geojson_path(mask_path: Path) -> Path:
+    """``NAME.geojson`` beside the mask ``NAME.EXT`` (objects as polygons for QuPath)."""
+    return with_extension(mask_path, ".geojson")
+
+
 def preview_path(mask_path: Path) -> Path:
     """``NAME_preview.png`` beside the mask ``NAME.EXT``."""
     mask_path = Path(mask_path)
