@@ -32,6 +32,7 @@ __all__ = [
     "is_image_path",
     "list_images",
     "open_image",
+    "sniff",
     "write_mask",
     "write_probabilities",
 ]
@@ -132,7 +133,7 @@ def _nifti_magic(head: bytes) -> bool:
     )
 
 
-def _sniff(path: Path) -> str | None:
+def sniff(path: Path) -> str | None:
     """Content kind from magic bytes, or None when no supported reader recognises it."""
     with open(path, "rb") as fh:
         head = fh.read(1024)
@@ -193,7 +194,7 @@ def open_image(path: Path | str, series_id: str | None = None) -> LoadedImage:
     try:
         if path.stat().st_size == 0:
             raise InputError("file is empty (0 bytes)", path)
-        content = _sniff(path)
+        content = sniff(path)
     except PermissionError:
         raise InputError("permission denied", path) from None
     warnings: list[str] = []
@@ -310,7 +311,7 @@ def _output_extension(input_path: Path) -> str:
     }
     content = None
     with contextlib.suppress(OSError, InputError):
-        content = _sniff(input_path)
+        content = sniff(input_path)
     if content in _SITK_CONTENT_OUT and _EXT_KIND.get(ext) not in (None, *_SITK_CONTENT_OUT):
         # A volume misnamed as .png/.tif: its mask needs a format that keeps 3D geometry, so it
         # follows the content (which open_image reads, with a warning), not the misleading name.

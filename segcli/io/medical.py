@@ -33,7 +33,7 @@ MAX_EXPANSION = 2000
 CANONICAL = "LPS"
 
 
-def _short(exc: BaseException) -> str:
+def itk_message(exc: BaseException) -> str:
     """One line out of ITK's multi-line exception text (the 'Description:' line when there is one)."""
     lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
     for ln in lines:
@@ -148,7 +148,7 @@ def check_nifti_header(path: Path, gz: bool) -> None:
         raise InputError(f"corrupt NIfTI header: non-finite values in {' and '.join(bad)}", path)
 
 
-def _metaimage_fields(path: Path) -> tuple[bytes | None, dict[str, str], int | None]:
+def metaimage_fields(path: Path) -> tuple[bytes | None, dict[str, str], int | None]:
     """The first 64 KiB, the header's key = value fields (lower-case keys) and where the pixel data starts."""
     try:
         with open(path, "rb") as fh:
@@ -173,7 +173,7 @@ def _metaimage_fields(path: Path) -> tuple[bytes | None, dict[str, str], int | N
 
 def metaimage_compressed(path: Path) -> bool:
     """MetaIO's own test: the first character of CompressedData (T, t or 1)."""
-    return _metaimage_fields(path)[1].get("compresseddata", "")[:1] in ("T", "t", "1")
+    return metaimage_fields(path)[1].get("compresseddata", "")[:1] in ("T", "t", "1")
 
 
 def check_metaimage_header(path: Path) -> None:
@@ -182,7 +182,7 @@ def check_metaimage_header(path: Path) -> None:
     ``NDims`` that is not a small integer (e.g. ``1e30``) segfaults it, and a compressed data stream
     whose zlib header asks for a preset dictionary (one flipped bit) makes it loop for ever.
     """
-    head, fields, data_start = _metaimage_fields(path)
+    head, fields, data_start = metaimage_fields(path)
     if head is None:
         return
     ndims = fields.get("ndims")
@@ -266,7 +266,7 @@ def _nifti_total_bytes(hdr: bytes) -> int | None:
 _NIFTI_FLOATS = {16: "f4", 64: "f8"}
 
 
-def _nifti_no_finite(path: Path) -> bool:
+def nifti_no_finite(path: Path) -> bool:
     """True when a float NIfTI-1 file's raw voxels hold no finite value at all."""
     with open(path, "rb") as raw:
         gz = raw.read(2) == b"\x1f\x8b"
@@ -292,7 +292,8 @@ def _nifti_no_finite(path: Path) -> bool:
     return True
 
 
-def _orientation(direction: tuple[float, ...]) -> str:
+def orientation_code(direction: tuple[float, ...]) -> str:
+    """Three-letter orientation code (e.g. ``LPS``, ``RAS``) of a 3x3 direction matrix, as ITK names it."""
     import SimpleITK as sitk
 
     return sitk.DICOMOrientImageFilter.GetOrientationFromDirectionCosines(direction)
@@ -341,7 +342,7 @@ def _to_loaded(image: sitk.Image, path: Path, warnings: list[str], source: dict[
         spacing = tuple(reversed(geometry["spacing"]))
         return LoadedImage(path, "medical2d", array, spacing, meta)
 
-    code = _orientation(geometry["direction"])
+    code = orientation_code(geometry["direction"])
     meta["orientation"] = code
     canonical = image if code == CANONICAL else sitk.DICOMOrient(image, CANONICAL)
     signed_perm = signed_permutation(geometry["direction"], canonical.GetDirection(), code, path)
@@ -384,7 +385,7 @@ def open_reader(path: Path, read_as: Path) -> sitk.ImageFileReader:
     try:
         reader.ReadImageInformation()
     except RuntimeError as exc:
-        raise InputError(f"cannot read image header: {_short(exc)}", path) from None
+        raise InputError(f"cannot read image header: {itk_message(exc)}", path) from None
     check_header(reader, path, file_bytes=data_file_size(read_as.resolve()))
     if read_as.name.lower().endswith(".nii.gz"):
         check_gzip_complete(path)
@@ -423,7 +424,7 @@ def read_file(path: Path, read_as: Path, warnings: list[str]) -> LoadedImage:
     try:
         image = reader.Execute()
     except RuntimeError as exc:
-        raise InputError(f"cannot read image data (truncated or corrupt?): {_short(exc)}", path) from None
+        raise InputError(f"cannot read image data (truncated or corrupt?): {itk_message(exc)}", path) from None
     # ITK's NIfTI reader turns NaN/Inf into 0, so an all-NaN volume would look like a constant one
     # (an empty mask instead of an error). Only an all-zero float result needs the second look at the
     # raw values; it is then handed on as all-NaN, as the other readers do.
@@ -431,7 +432,7 @@ def read_file(path: Path, read_as: Path, warnings: list[str]) -> LoadedImage:
         read_as.name.lower().endswith((".nii", ".nii.gz"))
         and image.GetPixelID() in (sitk.sitkFloat32, sitk.sitkFloat64)
         and not sitk.GetArrayViewFromImage(image).any()
-        and _nifti_no_finite(path)
+        and nifti_no_finite(path)
     )
     if image.GetDimension() == 4:  # a trailing time axis of length 1
         size = list(image.GetSize())
@@ -510,14 +511,14 @@ def read_dicom_folder(folder: Path, series_id: str | None = None) -> LoadedImage
     try:
         info.ReadImageInformation()
     except RuntimeError as exc:
-        raise InputError(f"cannot read DICOM header: {_short(exc)}", files[0]) from None
+        raise InputError(f"cannot read DICOM header: {itk_message(exc)}", files[0]) from None
     check_header(info, folder, n_files=len(files))
     reader = sitk.ImageSeriesReader()
     reader.SetFileNames(files)
     try:
         image = reader.Execute()
     except RuntimeError as exc:
-        raise InputError(f"cannot read DICOM series: {_short(exc)}", folder) from None
+        raise InputError(f"cannot read DICOM series: {itk_message(exc)}", folder) from None
     source = {"source": "dicom", "series_id": chosen, "files": files, "n_series": len(series)}
     return _to_loaded(image, folder, warnings, source)
 
@@ -558,7 +559,7 @@ def write_image(image: sitk.Image, path: Path) -> None:
         with atomic_path(path) as tmp:
             sitk.WriteImage(image, str(tmp), useCompression=True)
     except RuntimeError as exc:
-        raise UsageError(f"cannot write image: {_short(exc)}", path) from None
+        raise UsageError(f"cannot write image: {itk_message(exc)}", path) from None
 
 
 def _write_mhd(image: sitk.Image, path: Path) -> None:

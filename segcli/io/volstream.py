@@ -113,9 +113,9 @@ def streamable(path: Path, content: str) -> bool:
     if content == "nifti-gz":
         return name.endswith(".nii.gz")
     if content == "metaimage" and name.endswith((".mha", ".mhd")):
-        from segcli.io.medical import _metaimage_fields, metaimage_compressed
+        from segcli.io.medical import metaimage_compressed, metaimage_fields
 
-        source = _metaimage_fields(path)[1].get("elementdatafile", "").upper()
+        source = metaimage_fields(path)[1].get("elementdatafile", "").upper()
         return not metaimage_compressed(path) and not source.startswith("LIST") and "%" not in source
     return False
 
@@ -158,7 +158,7 @@ class StreamedVolume:
             size, direction, self._dim = list(geometry["size"]), tuple(geometry["direction"]), 3
         self._size = size
         medical.check_geometry(geometry["spacing"], geometry["direction"], path)
-        code = medical._orientation(direction)
+        code = medical.orientation_code(direction)
         dummy = sitk.Image([2, 2, 2], sitk.sitkUInt8)
         dummy.SetDirection(direction)
         canon = dummy if code == medical.CANONICAL else sitk.DICOMOrient(dummy, medical.CANONICAL)
@@ -218,7 +218,7 @@ class StreamedVolume:
         """ITK's NIfTI reader turns NaN/Inf into 0: an all-zero float NIfTI may really be all NaN."""
         from segcli.io import medical
 
-        return self.path.name.lower().endswith((".nii", ".nii.gz")) and medical._nifti_no_finite(self.path)
+        return self.path.name.lower().endswith((".nii", ".nii.gz")) and medical.nifti_no_finite(self.path)
 
     def block(self, axis: int, i0: int, i1: int) -> np.ndarray:
         """Decode canonical slices ``i0:i1`` along numpy ``axis`` and return them canonical, channel-last."""
@@ -238,7 +238,7 @@ class StreamedVolume:
             try:
                 image = series.Execute()
             except RuntimeError as exc:
-                raise InputError(f"cannot read DICOM series: {medical._short(exc)}", self.path) from None
+                raise InputError(f"cannot read DICOM series: {medical.itk_message(exc)}", self.path) from None
             if image.GetDimension() == 2:  # a lone file may read as 2D: restore the slice axis
                 image = sitk.JoinSeries(image)
             image.SetSpacing(self.meta["geometry"]["spacing"])
@@ -256,7 +256,7 @@ class StreamedVolume:
             try:
                 image = self.reader.Execute()
             except RuntimeError as exc:
-                raise InputError(f"cannot read image data (truncated or corrupt?): {medical._short(exc)}",
+                raise InputError(f"cannot read image data (truncated or corrupt?): {medical.itk_message(exc)}",
                                  self.path) from None
         if self.meta["orientation"] != medical.CANONICAL:
             image = sitk.DICOMOrient(image, medical.CANONICAL)
@@ -278,7 +278,7 @@ def open_streamed(path: Path) -> StreamedVolume | None:
     if not path.is_file():
         return None
     try:
-        content = io._sniff(path)
+        content = io.sniff(path)
     except InputError:
         return None  # the whole reader gives the precise error
     if content is None or not streamable(path, content):
