@@ -188,7 +188,9 @@ def open_image(path: Path | str, series_id: str | None = None) -> LoadedImage:
 
     path = Path(path)
     if path.is_dir():
-        return medical.read_dicom_folder(path, series_id)
+        from segcli.io.dicomseries import read_dicom_folder
+
+        return read_dicom_folder(path, series_id)
     if not path.exists():
         raise InputError("file not found", path)
     try:
@@ -372,7 +374,7 @@ def _is_dicom_dir(folder: Path, files: list[Path] | None = None) -> bool:
     candidates = [p for p in files if _extension(p) not in _EXT_KIND]
     if not any(_is_dicom_file(p) for p in candidates[:8]):
         return False
-    from segcli.io.medical import dicom_series
+    from segcli.io.dicomseries import dicom_series
 
     return bool(dicom_series(folder))
 
