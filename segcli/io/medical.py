@@ -147,7 +147,7 @@ def check_nifti_header(path: Path, warnings: list[str] | None = None) -> None:
         raise InputError(f"corrupt NIfTI header: non-finite values in {' and '.join(bad)}", path)
     if qform > 0 or sform <= 0:  # pixdim is part of the geometry ITK uses
         for k in range(1, min(ndim, 3) + 1):
-            if pixdim[k] > 0:
+            if pixdim[k] != 0:  # a negative size is ITK's |pixdim| (old Analyze flips); only 0 is unknown
                 continue
             if int(fields["dim"][k]) > 1:
                 raise InputError(f"NIfTI header gives voxel size {pixdim[k]:g} along axis {k} (pixdim[{k}]); "
