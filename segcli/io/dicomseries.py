@@ -1,8 +1,8 @@
 """DICOM series folders: grouping, a check of the whole series before any pixel is decoded, and pixel
 reads that name the file at fault.
 
-ITK's series reader takes the slice spacing from the slice positions it is given and drops files
-GDCM cannot parse, so a series with a missing, duplicated, truncated or tilted slice would be read
+ITK's series reader takes the slice spacing from the slice positions it is given, and GDCM's grouping
+drops files it cannot parse, so a series with a missing, duplicated, truncated or tilted slice would be read
 as a regular grid in the wrong place. :func:`check_series` reads every file's header (pydicom,
 pixel data not loaded) and either refuses the series with one line naming the problem and the
 slice positions, or returns the files in slice order with the grid they define:
@@ -15,8 +15,8 @@ slice positions, or returns the files in slice order with the grid they define:
   slices;
 - no in-plane shift between neighbouring slices beyond the same tolerance (a gantry tilt or a
   sheared acquisition: refused, segcli does not resample tilted series);
-- no file of the series left out by GDCM (a truncated or unreadable file), and no slice whose
-  uncompressed pixel data is shorter than its header says.
+- no DICOM-looking file in the folder that names no series (a truncated or unreadable file), and no
+  slice whose uncompressed pixel data is shorter than its header says.
 
 What was corrected (slices reordered because the file names do not follow their positions) is
 listed in the plan's ``notes``; :func:`read_dicom_folder` puts them in ``meta["notes"]`` and in
@@ -96,19 +96,32 @@ def may_hold_dicom(folder: Path) -> bool:
     return bool(dicom_files(folder))
 
 
-def dicom_series(folder: Path) -> dict[str, list[str]]:
-    """Series id -> slice files, as GDCM groups and orders them."""
-    import SimpleITK as sitk
+def _group(folder: Path) -> tuple[dict[str, list[str]], list[str]]:
+    """(SeriesInstanceUID -> files, files that look like DICOM but name no series), read with pydicom.
 
-    if not may_hold_dicom(folder):
-        return {}  # spare GDCM, which prints a multi-line "No Series were found" warning to stderr
-    reader = sitk.ImageSeriesReader()
-    try:
-        with captured_native_stderr():
-            ids = reader.GetGDCMSeriesIDs(str(folder))
-            return {sid: list(reader.GetGDCMSeriesFileNames(str(folder), sid)) for sid in ids}
-    except RuntimeError:
-        return {}
+    pydicom rather than GDCM: GDCM leaves out files it cannot parse without a word (a truncated
+    slice would silently disappear) and prints decoder messages on stderr while it scans.
+    """
+    import pydicom
+
+    series: dict[str, list[str]] = {}
+    orphans: list[str] = []
+    for path in dicom_files(folder):
+        try:
+            ds = pydicom.dcmread(path, stop_before_pixels=True, force=True, specific_tags=["SeriesInstanceUID"])
+            uid = str(ds.get("SeriesInstanceUID", "") or "").strip()
+        except Exception:  # pydicom raises many types on damaged files
+            uid = ""
+        if uid:
+            series.setdefault(uid, []).append(path)
+        elif Path(path).name.upper() != "DICOMDIR":
+            orphans.append(path)
+    return series, orphans
+
+
+def dicom_series(folder: Path) -> dict[str, list[str]]:
+    """SeriesInstanceUID -> the files of that series directly in ``folder`` (sorted by name)."""
+    return _group(folder)[0]
 
 
 def choose_series(folder: Path, series: dict[str, list[str]], series_id: str | None) -> tuple[str, list[str]]:
@@ -233,22 +246,19 @@ def _check_file(h: SliceHeader, folder: Path) -> None:
         raise InputError(f"{h.name} has no usable {missing}; the slices cannot be placed", folder)
 
 
-def _left_out(folder: Path, series: dict[str, list[str]], chosen: str) -> None:
-    """Refuse a DICOM file of the folder that GDCM left out of every series when it may belong to this one."""
-    grouped = {os.path.realpath(f) for files in series.values() for f in files}
-    for path in dicom_files(folder):
-        if os.path.realpath(path) in grouped or Path(path).name.upper() == "DICOMDIR":
-            continue
+def _left_out(folder: Path, orphans: list[str]) -> None:
+    """Refuse the series when a file of its folder looks like DICOM but cannot be placed in any series."""
+    for path in orphans:
         try:
             h = read_header(path)
         except InputError as exc:
             raise InputError(f"{Path(path).name} cannot be read as DICOM ({exc.message}); "
                              "a truncated or corrupt file in the series folder", folder) from None
-        if h.sop_class == _DICOMDIR or (h.series_uid and h.series_uid != chosen):
-            continue  # another series (or a DICOMDIR): not part of this volume
+        if h.sop_class == _DICOMDIR:
+            continue
         _check_file(h, folder)  # names the truncation or the multi-frame file when that is why
-        raise InputError(f"{h.name} was left out of the series by the DICOM reader (truncated or corrupt file?)",
-                         folder)
+        raise InputError(f"{h.name} names no series (no SeriesInstanceUID): a truncated or foreign file in the "
+                         "series folder; remove it or move the series", folder)
 
 
 def _pos(z: float) -> str:
@@ -259,9 +269,12 @@ def _natural(name: str) -> list[Any]:
     return [int(t) if t.isdigit() else t.lower() for t in re.split(r"(\d+)", name)]
 
 
-def check_series(folder: Path, files: list[str], series: dict[str, list[str]], chosen: str) -> SeriesPlan:
-    """Every header of the series checked together; the files in slice order with their grid, or InputError."""
-    _left_out(folder, series, chosen)
+def check_series(folder: Path, files: list[str], orphans: list[str] = ()) -> SeriesPlan:
+    """Every header of the series checked together; the files in slice order with their grid, or InputError.
+
+    ``orphans``: files of the folder that look like DICOM but name no series (refused: they may be
+    slices of this one)."""
+    _left_out(folder, list(orphans))
     headers = [read_header(f) for f in files]
     for h in headers:
         _check_file(h, folder)
@@ -343,29 +356,35 @@ def _vec(v: np.ndarray) -> str:
 
 # ------------------------------------------------------------------------------------------- pixels
 @contextlib.contextmanager
-def captured_native_stderr() -> Iterator[list[str]]:
-    """Send what C++ code (GDCM, OpenJPEG, CharLS) prints on file descriptor 2 to a buffer instead.
+def captured_native_stderr() -> Iterator[None]:
+    """Hold back what C++ code (GDCM, OpenJPEG, CharLS) prints on file descriptor 2 while a decoder runs.
 
-    The captured text is appended to the yielded list when the block ends. Process-wide while it
-    lasts, so it is held only around a decoder call.
+    When the block raises, the text is dropped: the caller turns the failure into one line of its own.
+    When it succeeds, the text is written to stderr after all, so nothing another thread printed in the
+    meantime is lost. The redirection is process-wide, so it is held only around a decoder call.
     """
-    out: list[str] = []
     with contextlib.suppress(Exception):
         sys.stderr.flush()
     try:
         saved = os.dup(2)
     except OSError:
-        yield out
+        yield
         return
+    failed = False
     with tempfile.TemporaryFile() as tmp:
         os.dup2(tmp.fileno(), 2)
         try:
-            yield out
+            yield
+        except BaseException:
+            failed = True
+            raise
         finally:
             os.dup2(saved, 2)
             os.close(saved)
-            tmp.seek(0)
-            out.append(tmp.read(65536).decode("utf-8", "replace"))
+            if not failed:
+                tmp.seek(0)
+                while chunk := tmp.read(1 << 16):
+                    os.write(2, chunk)
 
 
 def _syntax_name(uid: str) -> str:
@@ -407,11 +426,11 @@ def read_pixels(folder: Path, files: list[str], syntax: dict[str, str] | None = 
 
 def plan_folder(folder: Path, series_id: str | None = None) -> tuple[SeriesPlan, str, list[str], int]:
     """(checked plan, chosen series id, warnings, number of series) for a folder; InputError when unusable."""
-    series = dicom_series(folder)
+    series, orphans = _group(folder)
     if not series:
         raise InputError("folder holds no readable DICOM series", folder)
     chosen, warnings = choose_series(folder, series, series_id)
-    plan = check_series(folder, series[chosen], series, chosen)
+    plan = check_series(folder, series[chosen], orphans)
     return plan, chosen, warnings + plan.notes, len(series)
 
 
