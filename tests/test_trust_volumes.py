@@ -320,3 +320,23 @@ def test_streamed_gzip_errors_name_the_users_file(tmp_path: Path, monkeypatch: p
         vol.block(0, 0, 1)
     assert err.value.path == path and vol._tmp is None
     shutil.rmtree(tmp_path / "b", ignore_errors=True)
+
+
+def test_header_only_files_are_not_images(tmp_path: Path, corpus: Path) -> None:
+    """`segcli info` (io.describe) refuses a header without its data, whatever the format."""
+    img = sitk.GetImageFromArray(np.zeros((6, 24, 20), np.int16))
+    sitk.WriteImage(img, str(tmp_path / "v.nrrd"))
+    raw = (tmp_path / "v.nrrd").read_bytes()
+    (tmp_path / "h.nrrd").write_bytes(raw[: raw.index(b"\n\n") + 2])
+    slice_file = (corpus / "regular" / "slice000.dcm").read_bytes()
+    (tmp_path / "short.dcm").write_bytes(slice_file[:-100])
+    (tmp_path / "header.dcm").write_bytes(slice_file[:400])
+    expected = {
+        "h.nrrd": "truncated: header says 5760 bytes of voxels, file holds 0",
+        "short.dcm": "truncated: header says 960 bytes of pixels, file holds 860",
+        "header.dcm": "DICOM file holds no pixel data (header only, or truncated)",
+    }
+    for name, message in expected.items():
+        with pytest.raises(InputError) as err:
+            io.describe(tmp_path / name)
+        assert err.value.message == message and err.value.path == tmp_path / name

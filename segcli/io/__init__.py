@@ -220,6 +220,10 @@ def open_image(path: Path | str, series_id: str | None = None) -> LoadedImage:
         from segcli.io.raster import read_raster
 
         return _checked(read_raster(path, warnings))
+    if content == "dicom":  # a lone slice file: short pixel data is named before ITK mistakes it
+        from segcli.io.dicomseries import check_single_file
+
+        check_single_file(path)
     with _sitk_name(path, content) as readable:
         return _checked(medical.read_file(path, readable, warnings))
 

@@ -246,6 +246,16 @@ def _check_file(h: SliceHeader, folder: Path) -> None:
         raise InputError(f"{h.name} has no usable {missing}; the slices cannot be placed", folder)
 
 
+def check_single_file(path: Path) -> None:
+    """A lone DICOM file read as an image: refuse missing or short pixel data before ITK sees it."""
+    h = read_header(str(path))
+    if not h.has_pixels:
+        raise InputError("DICOM file holds no pixel data (header only, or truncated)", path)
+    if h.pixel_bytes is not None and h.pixel_available is not None and h.pixel_available < h.pixel_bytes:
+        raise InputError(f"truncated: header says {h.pixel_bytes} bytes of pixels, file holds {h.pixel_available}",
+                         path)
+
+
 def _left_out(folder: Path, orphans: list[str]) -> None:
     """Refuse the series when a file of its folder looks like DICOM but cannot be placed in any series."""
     for path in orphans:
