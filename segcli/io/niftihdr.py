@@ -146,8 +146,12 @@ def patch_file(path: Path, geometry: dict[str, Any]) -> None:
         return
     fd, name = tempfile.mkstemp(prefix=f".{path.name}.hdr-", dir=path.parent)
     try:
+        with gzip.open(path, "rb") as peek:
+            fields = parse(peek.read(540))
+        # uint8 masks: level 6 (mostly zeros, cheap); float probabilities: level 1, as niftistream does
+        level = 6 if fields is not None and fields["datatype"] == 2 else 1
         with (gzip.open(path, "rb") as src, os.fdopen(fd, "wb") as raw_out,
-              gzip.GzipFile(fileobj=raw_out, mode="wb", compresslevel=6, mtime=0) as out):
+              gzip.GzipFile(fileobj=raw_out, mode="wb", compresslevel=level, mtime=0) as out):
             head = bytearray(src.read(540))
             patch_header(head, geometry)
             out.write(head)
