@@ -340,3 +340,21 @@ def test_header_only_files_are_not_images(tmp_path: Path, corpus: Path) -> None:
         with pytest.raises(InputError) as err:
             io.describe(tmp_path / name)
         assert err.value.message == message and err.value.path == tmp_path / name
+
+
+def test_oblique_series_passes_and_keeps_the_grid(tmp_path: Path) -> None:
+    """An oblique (rotated) series: positions are projected on its own normal, not on z."""
+    from tests.dicom import make_descending
+
+    c, s = np.cos(0.4), np.sin(0.4)
+    direction = (1.0, 0.0, 0.0, 0.0, c, -s, 0.0, s, c)
+    src = regular_series(tmp_path / "obl", direction=direction)
+    regular_series(tmp_path / "desc", direction=direction)
+    make_descending(tmp_path / "desc")
+    for name in ("obl", "desc"):
+        img = io.open_image(tmp_path / name)
+        g = img.meta["geometry"]
+        np.testing.assert_allclose(g["spacing"], src.GetSpacing(), atol=1e-5)
+        np.testing.assert_allclose(g["origin"], src.GetOrigin(), atol=1e-4)
+        np.testing.assert_allclose(g["direction"], direction, atol=1e-5)
+        assert bool(img.meta["notes"]) == (name == "desc")

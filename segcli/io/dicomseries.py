@@ -279,15 +279,8 @@ def _natural(name: str) -> list[Any]:
     return [int(t) if t.isdigit() else t.lower() for t in re.split(r"(\d+)", name)]
 
 
-def check_series(folder: Path, files: list[str], orphans: list[str] = ()) -> SeriesPlan:
-    """Every header of the series checked together; the files in slice order with their grid, or InputError.
-
-    ``orphans``: files of the folder that look like DICOM but name no series (refused: they may be
-    slices of this one)."""
-    _left_out(folder, list(orphans))
-    headers = [read_header(f) for f in files]
-    for h in headers:
-        _check_file(h, folder)
+def _check_alike(headers: list[SliceHeader], folder: Path) -> None:
+    """Every slice the size, orientation and pixel spacing of the first."""
     first = headers[0]
     for h in headers[1:]:
         if (h.rows, h.columns) != (first.rows, first.columns):
@@ -300,24 +293,16 @@ def check_series(folder: Path, files: list[str], orphans: list[str] = ()) -> Ser
                 h.pixel_spacing is not None and not np.allclose(h.pixel_spacing, first.pixel_spacing, rtol=1e-4)):
             raise InputError(f"pixel spacing differs: {h.name} has {h.pixel_spacing}, "
                              f"{first.name} {first.pixel_spacing}", folder)
-    syntax = {h.path: h.transfer_syntax for h in headers}
-    if len(headers) == 1:
-        return SeriesPlan([first.path], None, [], syntax)
-    row, col = first.orientation[:3], first.orientation[3:]
-    normal = np.cross(row, col)
-    if not (abs(np.linalg.norm(row) - 1) < 1e-3 and abs(np.linalg.norm(col) - 1) < 1e-3 and abs(row @ col) < 1e-3):
-        raise InputError(f"ImageOrientationPatient {_vec(first.orientation)} is not two orthogonal unit "
-                         "vectors", folder)
-    normal /= np.linalg.norm(normal)
-    depth = np.array([h.position @ normal for h in headers])
-    order = np.argsort(depth, kind="stable")
-    headers = [headers[i] for i in order]
-    depth = depth[order]
+
+
+def _check_grid(headers: list[SliceHeader], depth: np.ndarray, normal: np.ndarray, folder: Path) -> None:
+    """Slices sorted along the normal (``depth``) form one regular line: no duplicate, gap or tilt."""
     gaps = np.diff(depth)
-    for i in np.flatnonzero(gaps < DUPLICATE_MM):
-        same = int(np.sum(gaps < DUPLICATE_MM))
+    duplicates = np.flatnonzero(gaps < DUPLICATE_MM)
+    if duplicates.size:
+        i, n = int(duplicates[0]), int(duplicates.size)
         raise InputError(f"duplicate slice position: {headers[i].name} and {headers[i + 1].name} are both at "
-                         f"{_pos(depth[i])} ({same} duplicate{'s' if same > 1 else ''}; several echoes, phases "
+                         f"{_pos(depth[i])} ({n} duplicate{'s' if n > 1 else ''}; several echoes, phases "
                          "or acquisitions in one series?)", folder)
     spacing = float(np.median(gaps))
     tol = spacing_tolerance(spacing)
@@ -331,17 +316,41 @@ def check_series(folder: Path, files: list[str], orphans: list[str] = ()) -> Ser
         if k >= 2 and abs(gaps[i] - k * spacing) <= tol * k:
             raise InputError(f"missing slice(s): {where}", folder)
         raise InputError(f"uneven slice spacing: {where}", folder)
-    positions = np.array([h.position for h in headers])
-    steps = np.diff(positions, axis=0)
-    shifts = steps - np.outer(steps @ normal, normal)
-    norms = np.linalg.norm(shifts, axis=1)
-    if norms.max() > tol:
-        i = int(np.argmax(norms))
-        angle = float(np.degrees(np.arctan2(norms[i], spacing)))
-        raise InputError(f"gantry tilt or sheared slices: {headers[i + 1].name} is shifted {norms[i]:.3g} mm "
+    steps = np.diff(np.array([h.position for h in headers]), axis=0)
+    shifts = np.linalg.norm(steps - np.outer(steps @ normal, normal), axis=1)  # in-plane part of each step
+    if shifts.max() > tol:
+        i = int(np.argmax(shifts))
+        angle = float(np.degrees(np.arctan2(shifts[i], spacing)))
+        raise InputError(f"gantry tilt or sheared slices: {headers[i + 1].name} is shifted {shifts[i]:.3g} mm "
                          f"in-plane from {headers[i].name} ({_pos(depth[i])} to {_pos(depth[i + 1])}, about "
                          f"{angle:.2g} degrees); segcli does not resample tilted series: correct it first "
                          "(dcm2niix does)", folder)
+
+
+def check_series(folder: Path, files: list[str], orphans: list[str] = ()) -> SeriesPlan:
+    """Every header of the series checked together; the files in slice order with their grid, or InputError.
+
+    ``orphans``: files of the folder that look like DICOM but name no series (refused: they may be
+    slices of this one)."""
+    _left_out(folder, list(orphans))
+    headers = [read_header(f) for f in files]
+    for h in headers:
+        _check_file(h, folder)
+    _check_alike(headers, folder)
+    first = headers[0]
+    syntax = {h.path: h.transfer_syntax for h in headers}
+    if len(headers) == 1:
+        return SeriesPlan([first.path], None, [], syntax)
+    row, col = first.orientation[:3], first.orientation[3:]
+    if not (abs(np.linalg.norm(row) - 1) < 1e-3 and abs(np.linalg.norm(col) - 1) < 1e-3 and abs(row @ col) < 1e-3):
+        raise InputError(f"ImageOrientationPatient {_vec(first.orientation)} is not two orthogonal unit "
+                         "vectors", folder)
+    normal = np.cross(row, col)
+    normal /= np.linalg.norm(normal)
+    depth = np.array([h.position @ normal for h in headers])
+    order = np.argsort(depth, kind="stable")
+    headers, depth = [headers[i] for i in order], depth[order]
+    _check_grid(headers, depth, normal, folder)
     notes = []
     names = [h.name for h in headers]
     if names != sorted(names, key=_natural):
