@@ -96,11 +96,12 @@ def may_hold_dicom(folder: Path) -> bool:
     return bool(dicom_files(folder))
 
 
-def _group(folder: Path) -> tuple[dict[str, list[str]], list[str]]:
+def _group(folder: Path, headers: dict[str, SliceHeader] | None = None) -> tuple[dict[str, list[str]], list[str]]:
     """(SeriesInstanceUID -> files, files that look like DICOM but name no series), read with pydicom.
 
     pydicom rather than GDCM: GDCM leaves out files it cannot parse without a word (a truncated
-    slice would silently disappear) and prints decoder messages on stderr while it scans.
+    slice would silently disappear) and prints decoder messages on stderr while it scans. With
+    ``headers`` (a dict to fill), every file's header is read whole once, for :func:`check_series`.
     """
     import pydicom
 
@@ -108,8 +109,12 @@ def _group(folder: Path) -> tuple[dict[str, list[str]], list[str]]:
     orphans: list[str] = []
     for path in dicom_files(folder):
         try:
-            ds = pydicom.dcmread(path, stop_before_pixels=True, force=True, specific_tags=["SeriesInstanceUID"])
-            uid = str(ds.get("SeriesInstanceUID", "") or "").strip()
+            if headers is None:
+                ds = pydicom.dcmread(path, stop_before_pixels=True, force=True, specific_tags=["SeriesInstanceUID"])
+                uid = str(ds.get("SeriesInstanceUID", "") or "").strip()
+            else:
+                headers[path] = read_header(path)
+                uid = headers[path].series_uid or ""
         except Exception:  # pydicom raises many types on damaged files
             uid = ""
         if uid:
@@ -327,13 +332,15 @@ def _check_grid(headers: list[SliceHeader], depth: np.ndarray, normal: np.ndarra
                          "(dcm2niix does)", folder)
 
 
-def check_series(folder: Path, files: list[str], orphans: list[str] = ()) -> SeriesPlan:
+def check_series(folder: Path, files: list[str], orphans: list[str] = (),
+                 known: dict[str, SliceHeader] | None = None) -> SeriesPlan:
     """Every header of the series checked together; the files in slice order with their grid, or InputError.
 
     ``orphans``: files of the folder that look like DICOM but name no series (refused: they may be
-    slices of this one)."""
+    slices of this one); ``known``: headers already read."""
     _left_out(folder, list(orphans))
-    headers = [read_header(f) for f in files]
+    known = known or {}
+    headers = [known[f] if f in known else read_header(f) for f in files]
     for h in headers:
         _check_file(h, folder)
     _check_alike(headers, folder)
@@ -445,11 +452,12 @@ def read_pixels(folder: Path, files: list[str], syntax: dict[str, str] | None = 
 
 def plan_folder(folder: Path, series_id: str | None = None) -> tuple[SeriesPlan, str, list[str], int]:
     """(checked plan, chosen series id, warnings, number of series) for a folder; InputError when unusable."""
-    series, orphans = _group(folder)
+    headers: dict[str, SliceHeader] = {}
+    series, orphans = _group(folder, headers)
     if not series:
         raise InputError("folder holds no readable DICOM series", folder)
     chosen, warnings = choose_series(folder, series, series_id)
-    plan = check_series(folder, series[chosen], orphans)
+    plan = check_series(folder, series[chosen], orphans, headers)
     return plan, chosen, warnings + plan.notes, len(series)
 
 
