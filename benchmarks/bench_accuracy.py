@@ -101,8 +101,8 @@ def evaluate(path: Path, method: str, data: Path, cases: list[str], threads: int
                 pooled[k] = pooled.get(k, 0) + int(v)
         per_case.append({"case": stem, **m, "objects": obj["objects"], "hit": obj["hit"],
                          "crops": res.info.get("crops")})
-    out: dict[str, Any] = {k: float(np.mean([c[k] for c in per_case])) for k in ("dice", "iou", "precision", "recall")}
-    out["dice_std"] = float(np.std([c["dice"] for c in per_case]))
+    out: dict[str, Any] = {k: float(np.nanmean([c[k] for c in per_case])) for k in ("dice", "iou", "precision", "recall")}
+    out["dice_std"] = float(np.nanstd([c["dice"] for c in per_case]))
     out["object_recall"] = pooled["hit"] / pooled["objects"] if pooled.get("objects") else float("nan")
     for b in metrics.SIZE_BINS:
         n = pooled.get(f"{b}_objects", 0)

@@ -477,8 +477,9 @@ def canvas_rows(runner: Runner, canvases: dict[str, dict[str, Any]], variants: l
 def section_loop(runner: Runner, canvas: dict[str, Any], reps: int, args: argparse.Namespace,
                  cells: list | None = None) -> list[dict[str, Any]]:
     """Batched fine stage vs the reference loop, on the same boxes (paper crops: each box → one S×S input)."""
-    from segcli.engines.base import ArrayPlane, Timer, foreground
+    from segcli.engines.base import ArrayPlane, Timer
     from segcli.engines.stts import fine_pass, rough_pass
+    from segcli.fusion import foreground
     from segcli.geometry import crop_boxes
 
     nets = runner.nets

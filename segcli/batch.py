@@ -2,34 +2,135 @@
 
 ``run_batch`` is what ``segcli predict`` calls for any number of inputs. With one worker it streams
 through :meth:`Segmenter.predict_many` (reader and writer threads around the compute). With W
-workers it starts W processes, each building its Segmenter once with ``cores // W`` threads, so
-W × threads never exceeds the cores actually available.
+workers it starts W processes, each building its Segmenter once from the same (pickled)
+:class:`~segcli.options.PredictOptions` with ``cores // W`` threads, so W × threads never exceeds
+the cores actually available.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+import os
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from segcli.api import FileReport, Segmenter
+from segcli.api import Segmenter
+from segcli.errors import UsageError, bug_message
+from segcli.options import PredictOptions
+from segcli.report import FileReport
 
 _WORKER: dict[str, Any] = {}
 
 
-def check_unique_outputs(items: list[tuple[Path, Path | None]], output: Path | None) -> list[FileReport]:
+#: Name endings of segcli's own outputs: a folder walk leaves such files out (they are earlier results).
+OUTPUT_SUFFIXES = ("_seg", "_probs", "_preview")
+
+
+@dataclass
+class Inputs:
+    """What a command line's inputs expand to: (input, walked root) pairs, and the files a walk left out."""
+
+    items: list[tuple[Path, Path | None]] = field(default_factory=list)
+    earlier_outputs: list[Path] = field(default_factory=list)  # *_seg.* etc. found in walked folders
+
+
+def expand_inputs(inputs: list[Path], output: Path | None, stdin: Iterable[str] = ()) -> Inputs:
+    """Files as given, folders walked recursively (the root kept to mirror the layout), '-' from ``stdin``."""
+    from segcli import io
+
+    found = Inputs()
+    for p in inputs:
+        if str(p) == "-":
+            found.items.extend((Path(line.rstrip("\n")), None) for line in stdin if line.strip())
+        elif p.is_dir() and not io.is_image_path(p):
+            for q in io.list_images(p):
+                if output is not None and _is_within(q, output):
+                    continue
+                if q.name.split(".")[0].endswith(OUTPUT_SUFFIXES):
+                    found.earlier_outputs.append(q)  # our own outputs from an earlier run beside the inputs
+                    continue
+                found.items.append((q, p))
+        else:
+            found.items.append((p, None))
+    return found
+
+
+def _is_within(p: Path, folder: Path) -> bool:
+    try:
+        p.resolve().relative_to(folder.resolve())
+        return True
+    except (ValueError, OSError):
+        return False
+
+
+def _identity(p: Path) -> tuple[int, int] | None:
+    try:
+        st = os.stat(p)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
+
+
+def check_no_overwrite(items: list[tuple[Path, Path | None]], options: PredictOptions, output: Path | None, *,
+                       other_outputs: Iterable[tuple[str, Path | None]] = ()) -> None:
+    """Refuse (UsageError, exit 2) before any work when a planned output is one of the inputs.
+
+    Every mask, probabilities and preview file, and the ``other_outputs`` (--stats, --log-file, ...), is
+    compared with every input by resolved path (symlinks followed) and by file identity (hard links),
+    including the files of DICOM series folders.
+    """
+    from segcli.pipeline import plan_output, planned_outputs
+
+    by_path: dict[Path, Path] = {}
+    by_id: dict[tuple[int, int], Path] = {}
+
+    def add(f: Path, owner: Path) -> None:
+        by_path.setdefault(f.resolve(), owner)
+        ident = _identity(f)
+        if ident is not None:
+            by_id.setdefault(ident, owner)
+
+    for path, _ in items:
+        add(path, path)
+        if path.is_dir():
+            for f in path.iterdir():
+                if f.is_file():
+                    add(f, path)
+
+    def clash(target: Path) -> Path | None:
+        return by_path.get(target.resolve()) or by_id.get(_identity(target) or (-1, -1))
+
+    for path, root in items:
+        try:
+            out = plan_output(options, path, output, root)
+        except (OSError, ValueError):
+            continue  # the per-file run reports bad names
+        for what, target in planned_outputs(options, out):
+            owner = clash(target)
+            if owner is not None:
+                same = "itself" if owner == path else f"the input {owner}"
+                raise UsageError(f"{path}: its {what} {target} would overwrite {same}; refusing (choose another "
+                                 "-o)")
+    for what, target in other_outputs:
+        if target is not None and (owner := clash(target)) is not None:
+            raise UsageError(f"{what} {target} would overwrite the input {owner}; refusing")
+
+
+def check_unique_outputs(items: list[tuple[Path, Path | None]], output: Path | None,
+                         options: PredictOptions) -> list[FileReport]:
     """Inputs whose mask would overwrite another input's mask (``a.png`` and ``a.jpg`` → ``a_seg.png``).
 
     Such a pair is refused up front; otherwise two workers, or one worker twice, would write the
     same file.
     """
-    from segcli import io
+    from segcli.pipeline import plan_output
 
     seen: dict[Path, Path] = {}
     clashes = []
     for path, root in items:
         try:
-            out = io.default_output_path(path, output, is_dir_input_root=root).resolve()
+            out = plan_output(options, path, output, root).resolve()
         except Exception:  # the per-file run reports bad names properly
             continue
         if out in seen and seen[out] != path:
@@ -41,45 +142,42 @@ def check_unique_outputs(items: list[tuple[Path, Path | None]], output: Path | N
     return clashes
 
 
-def _init_worker(seg_kwargs: dict[str, Any]) -> None:
-    _WORKER["seg"] = Segmenter(**seg_kwargs)
+def _init_worker(options: PredictOptions) -> None:
+    _WORKER["seg"] = Segmenter(options=options)
 
 
-def _run_one(args: tuple[Path, Path | None, dict[str, Any]]) -> FileReport:
-    path, root, kw = args
+def _run_one(args: tuple[Path, Path | None, Path | None]) -> FileReport:
+    path, root, output = args
     try:
-        return _WORKER["seg"].predict_file(path, input_root=root, **kw)
+        return _WORKER["seg"].predict_file(path, output, input_root=root)
     except Exception as exc:  # never let one file kill a worker
-        return FileReport(input=str(path), status="failed", error=f"{path}: internal error ({type(exc).__name__}: {exc})")
+        return FileReport(input=str(path), status="failed", error=bug_message(exc, path))
 
 
 def run_batch(
     items: list[tuple[Path, Path | None]],
-    seg_kwargs: dict[str, Any],
+    options: PredictOptions,
     *,
     output: Path | None = None,
     workers: int = 1,
     prefetch: int = 2,
     segmenter: Segmenter | None = None,
     progress_for: Callable[[Path], Any] | None = None,
-    **file_kwargs: Any,
 ) -> Iterator[FileReport]:
-    """Yield one report per input, in input order."""
+    """Yield one report per input, in input order (``segmenter``: one already built from ``options``)."""
     if workers <= 1:
-        seg = segmenter or Segmenter(**seg_kwargs)
-        yield from seg.predict_many(items, output, prefetch=prefetch, progress_for=progress_for, **file_kwargs)
+        seg = segmenter or Segmenter(options=options)
+        yield from seg.predict_many(items, output, prefetch=prefetch, progress_for=progress_for)
         return
     import multiprocessing as mp
     from concurrent.futures import ProcessPoolExecutor
 
     from segcli.runtimes.device import available_cores
 
-    threads = max(1, (seg_kwargs.get("threads") or available_cores()) // workers)
-    kw = {**seg_kwargs, "threads": threads}
+    per_worker = options.replace(threads=max(1, (options.threads or available_cores()) // workers))
     with ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn"), initializer=_init_worker,
-                             initargs=(kw,)) as pool:
-        file_kw = {"output": output, **file_kwargs}
-        yield from pool.map(_run_one, [(p, r, file_kw) for p, r in items], chunksize=1)
+                             initargs=(per_worker,)) as pool:
+        yield from pool.map(_run_one, [(p, r, output) for p, r in items], chunksize=1)
 
 
 def merge_summaries(docs: list[dict[str, Any]]) -> dict[str, Any]:

@@ -17,30 +17,11 @@ from pathlib import Path
 from typing import Any
 
 from segcli.errors import BundleError
+from segcli.methods import METHODS, ROLES
+from segcli.params import lookup
 
 SCHEMA_VERSION = 1
 BUNDLE_FILE = "segcli.json"
-METHODS = ("stts", "refine", "direct", "sliding")
-ROLES = ("coarse", "fine")
-
-#: Method parameters and their defaults; a bundle overrides them, CLI flags override the bundle.
-DEFAULT_PARAMS: dict[str, Any] = {
-    "threshold": 0.5,
-    "pad": None,  # None → input_size // 8 (the reference's k)
-    "keep_aspect": True,
-    "min_side": 5,
-    "min_component": 1,
-    "keep_coarse": False,
-    "patches": 8,
-    "criterion": "pixel",
-    "refine_threshold": None,
-    "min_patch_std": None,  # refine: skip patches flatter than this (normalised intensity std)
-    "patch_size": None,  # refine: full-resolution patch side, None → fine input size
-    "overlap": 0.25,
-    "batch_size": 16,
-    "min_volume": 1,
-    "lung_gate": False,  # volumes: keep only lesions in aerated lung (segcli.lunggate); true or a dict of settings
-}
 
 
 def models_dir() -> Path:
@@ -92,16 +73,16 @@ class Bundle:
     info: dict[str, Any] = field(default_factory=dict)
     training: dict[str, Any] = field(default_factory=dict)
     raw: dict[str, Any] = field(default_factory=dict)
+    #: optional DICOM codes per class name (see :func:`parse_codes`); a class without gets a generic code
+    codes: dict[str, dict[str, dict[str, str]]] = field(default_factory=dict)
 
     @property
     def n_classes(self) -> int:
         return len(self.classes)
 
     def param(self, key: str) -> Any:
-        v = self.params.get(key, DEFAULT_PARAMS.get(key))
-        if key == "pad" and v is None:
-            return self.input_size // 8
-        return v
+        """The bundle's value for a method parameter, else the default (segcli.params)."""
+        return lookup(self.params, key, self.input_size)
 
     def network(self, role: str) -> NetworkSpec:
         """The network for ``role``; a one-network bundle serves both roles (direct training)."""
@@ -220,6 +201,42 @@ def _migrate(raw: dict[str, Any], path: Path) -> dict[str, Any]:
     raise BundleError(f"unsupported bundle schema_version {version!r} (this segcli reads version {SCHEMA_VERSION})", path / BUNDLE_FILE)
 
 
+CODE_ROLES = ("category", "type", "region")
+
+
+def parse_codes(value: Any, classes: list[str], where: Path) -> dict[str, dict[str, dict[str, str]]]:
+    """The optional ``codes`` field: ``{class name: {"category": code, "type": code[, "region": code]}}``.
+
+    A code is ``{"scheme": "SCT", "value": "68496003", "meaning": "Polyp of colon"}`` (DICOM coded
+    concept: CID 7150 categories, CID 7151 types, CID 4 regions). Used for DICOM SEG segment descriptions.
+    """
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise BundleError("codes must be an object mapping class names to their codes", where)
+    out: dict[str, dict[str, dict[str, str]]] = {}
+    for name, roles in value.items():
+        if name not in classes:
+            raise BundleError(f"codes: {name!r} is not a class of this bundle ({classes})", where)
+        if not isinstance(roles, dict) or "type" not in roles or "category" not in roles:
+            raise BundleError(f"codes: {name!r} needs a category and a type code", where)
+        unknown = sorted(set(roles) - set(CODE_ROLES))
+        if unknown:
+            raise BundleError(f"codes: {name!r} has unknown {unknown[0]!r} (allowed: {', '.join(CODE_ROLES)})", where)
+        out[name] = {}
+        for role, code in roles.items():
+            ok = isinstance(code, dict) and all(
+                isinstance(code.get(k), str) and code[k].strip() for k in ("scheme", "value", "meaning")
+            )
+            if not ok or len(code["meaning"]) > 64 or len(code["value"]) > 64:
+                raise BundleError(
+                    f"codes: {name!r} {role} must be {{scheme, value, meaning}} strings (meaning up to 64 characters)",
+                    where,
+                )
+            out[name][role] = {k: code[k].strip() for k in ("scheme", "value", "meaning")}
+    return out
+
+
 def resolve_model(model: str | os.PathLike[str] | None, kind: str = "2d") -> Path:
     """A bundle folder from a path, a shipped bundle name, or None for the default of ``kind``."""
     if model is None:
@@ -288,6 +305,7 @@ def load_bundle(model: str | os.PathLike[str] | None = None, kind: str = "2d") -
         )
     except (KeyError, TypeError, ValueError) as exc:
         raise BundleError(f"malformed bundle: missing or bad field {exc}", cfg_path) from None
+    bundle.codes = parse_codes(raw.get("codes"), bundle.classes, cfg_path)
     if bundle.method not in METHODS:
         raise BundleError(f"unknown method {bundle.method!r}", cfg_path)
     if bundle.n_classes < 2:
@@ -336,6 +354,7 @@ def save_bundle(
     info: dict[str, Any] | None = None,
     training: dict[str, Any] | None = None,
     half: bool = False,
+    codes: dict[str, Any] | None = None,
 ) -> Path:
     """Write a bundle: ``networks`` maps role → (arch, config, module). ``half`` stores fp16 weights.
 
@@ -372,6 +391,8 @@ def save_bundle(
         "info": info or {},
         "training": training or {},
     }
+    if codes:
+        doc["codes"] = codes  # DICOM SEG segment descriptions (see parse_codes)
     write_json_atomic(root / BUNDLE_FILE, doc)
     return root
 
@@ -394,5 +415,5 @@ def pack_bundle(src: str | os.PathLike[str], dst: str | os.PathLike[str], *, nam
     return save_bundle(
         dst, name=name or b.name, method=b.method, classes=b.classes, in_channels=b.in_channels,
         input_size=b.input_size, normalization=b.normalization, networks=nets, params=b.params,
-        info={**b.info, **(info or {})}, training=b.training, half=half,
+        info={**b.info, **(info or {})}, training=b.training, half=half, codes=b.codes,
     )

@@ -11,15 +11,14 @@ import json
 import logging
 import os
 import sys
-import tempfile
 import time
-import traceback
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 
 from segcli import __version__
+from segcli.methods import METHODS
 
 # Before torch or ONNX Runtime load: OpenMP threads that spin while waiting get descheduled on a
 # machine shared with other jobs (a batch node, CI), which made steps 5-10x slower here; passive
@@ -29,7 +28,15 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 # made stts 3x slower overall on a loaded 2-core machine (benchmarks/README.md, bench_speed.py).
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
-EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_BUG, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_BUG, EXIT_INTERRUPTED, EXIT_TERMINATED = 0, 1, 2, 3, 130, 143
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (SLURM, Kubernetes, ``timeout``), handled like Ctrl-C but exiting 143 (128 + 15)."""
+
+
+def _on_sigterm(signum: int, frame: Any) -> None:
+    raise Terminated()
 
 app = typer.Typer(
     name="segcli",
@@ -52,26 +59,43 @@ def _stderr_console(quiet: bool = False):
     return Console(stderr=True, quiet=quiet, no_color=bool(os.environ.get("NO_COLOR")), highlight=False)
 
 
+def _file_option(flag: str, path: Path | None) -> None:
+    """A file an option writes (--stats, --log-file): never a folder; its missing folders are created,
+    as they are for -o. Fails with exit 2 before any work."""
+    if path is None:
+        return
+    if path.is_dir():
+        raise _fail(f"{flag} {path} is a folder; give a file name", EXIT_USAGE)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        from segcli.io.atomic import os_error_words
+
+        raise _fail(f"{flag} {path}: cannot create its folder ({os_error_words(exc) or exc})", EXIT_USAGE) from None
+
+
 def _setup_logging(log_file: Path | None) -> Path | None:
+    """segcli's debug log (``--log-file``); library warnings (numpy, torch, highdicom) go there, not to stderr."""
     log.setLevel(logging.DEBUG)
+    _file_option("--log-file", log_file)
+    logging.captureWarnings(True)
+    lib = logging.getLogger("py.warnings")
+    lib.propagate = False
     if log_file is not None:
         handler = logging.FileHandler(log_file, encoding="utf-8")
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
         log.addHandler(handler)
+        lib.addHandler(handler)
+    else:
+        lib.addHandler(logging.NullHandler())
     return log_file
 
 
-def _bug(exc: BaseException, log_file: Path | None) -> None:
-    """A segcli bug: one short line on stderr, the traceback in a log file."""
-    tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
-    if log_file is None:
-        fd, name = tempfile.mkstemp(prefix="segcli-crash-", suffix=".log")
-        with os.fdopen(fd, "w") as f:
-            f.write(tb)
-        log_file = Path(name)
-    else:
-        log.error("internal error\n%s", tb)
-    print(f"segcli: internal error ({type(exc).__name__}: {exc}); this is a bug, traceback in {log_file}", file=sys.stderr)
+def _bug(exc: BaseException) -> None:
+    """A segcli bug: one short line on stderr, the traceback in the log file or a temporary file."""
+    from segcli.errors import bug_message
+
+    print(f"segcli: {bug_message(exc)}", file=sys.stderr)
 
 
 def _fail(message: str, code: int) -> typer.Exit:
@@ -79,44 +103,12 @@ def _fail(message: str, code: int) -> typer.Exit:
     return typer.Exit(code)
 
 
-def _read_stdin_paths() -> list[Path]:
-    return [Path(line.rstrip("\n")) for line in sys.stdin if line.strip()]
-
-
-def _expand_inputs(inputs: list[Path], output: Path | None) -> list[tuple[Path, Path | None]]:
-    """(input, root) pairs: files as given, folders walked recursively (root kept to mirror layout)."""
-    from segcli import io
-
-    out: list[tuple[Path, Path | None]] = []
-    for p in inputs:
-        if str(p) == "-":
-            out.extend((q, None) for q in _read_stdin_paths())
-        elif p.is_dir() and not io.is_image_path(p):
-            for q in io.list_images(p):
-                if output is not None and _is_within(q, output):
-                    continue
-                if q.name.split(".")[0].endswith(("_seg", "_probs")):
-                    continue  # our own outputs from an earlier run beside the inputs
-                out.append((q, p))
-        else:
-            out.append((p, None))
-    return out
-
-
-def _is_within(p: Path, folder: Path) -> bool:
-    try:
-        p.resolve().relative_to(folder.resolve())
-        return True
-    except (ValueError, OSError):
-        return False
-
-
 @app.command()
 def predict(
     inputs: Annotated[list[Path], typer.Argument(help="Images, volumes, DICOM folders or folders of them; '-' reads paths from stdin.")],
     output: Annotated[Path | None, typer.Option("-o", "--output", help="Output file (one input) or folder. Default: beside each input, as NAME_seg.EXT.")] = None,
     model: Annotated[str | None, typer.Option("-m", "--model", help="Bundle folder or shipped model name (see `segcli models`). Default: models/index.json.")] = None,
-    method: Annotated[str | None, typer.Option(help="stts | refine | direct | sliding (default: the bundle's).")] = None,
+    method: Annotated[str | None, typer.Option(help=f"{' | '.join(METHODS)} (default: the bundle's).")] = None,
     backend: Annotated[str, typer.Option(help="auto (ONNX Runtime when the bundle carries an export, else torch) | torch | onnx")] = "auto",
     device: Annotated[str, typer.Option(help="auto | cpu | cuda | cuda:N")] = "auto",
     threads: Annotated[int | None, typer.Option(help="Intra-op threads (default: the cores really available).")] = None,
@@ -146,6 +138,7 @@ def predict(
     max_downscale: Annotated[float | None, typer.Option(help="Big images: the largest allowed factor between full resolution and the rough pass (default 16); beyond it the rough pass runs tiled.")] = None,
     max_zoom: Annotated[float | None, typer.Option(help="Big images: a fine box wider than S × this is processed as tiles at this zoom (default 4).")] = None,
     tile_size: Annotated[int, typer.Option(help="Tile size of big TIFF masks.")] = 512,
+    output_type: Annotated[str, typer.Option("--output-type", help="auto (the format follows -o's extension, else the input's family) | dicom-seg (a DICOM Segmentation referencing the input series; DICOM series inputs only; implied by -o NAME.dcm).")] = "auto",
     preview: Annotated[bool, typer.Option("--preview", help="Also write NAME_seg_preview.png: the mask over the image (a few slices for a volume).")] = False,
     arsm_maps: Annotated[Path | None, typer.Option(help="ARSM models: write per-class PNGs of the resolution the gate chose into this folder.")] = None,
     probabilities: Annotated[bool, typer.Option("--probabilities", help="Also write float32 class probabilities (NAME_seg_probs.EXT).")] = False,
@@ -157,49 +150,66 @@ def predict(
 ) -> None:
     """Segment images and volumes; a batch goes on past bad files and exits 1 if any failed."""
     from segcli.api import Segmenter
+    from segcli.batch import check_no_overwrite, check_unique_outputs, expand_inputs, run_batch
     from segcli.errors import BundleError, SegcliError
+    from segcli.options import PredictOptions
+    from segcli.params import check_range
+    from segcli.shard import parse_shard, select_shard
 
     _setup_logging(log_file)
+    _file_option("--stats", stats)
     console = _stderr_console(quiet)
     try:
-        seg = Segmenter(
-            model, method=method, backend=backend, device=device, threads=threads, channels=channels, half=half,
-            size=size, max_memory=max_memory, pyramid=pyramid, mpp=mpp, max_downscale=max_downscale,
-            max_zoom=max_zoom, tile_size=tile_size,
-            overrides={
+        options = PredictOptions(
+            model=model, method=method, backend=backend, device=device, threads=threads, channels=channels,
+            half=half, size=size, max_memory=max_memory, pyramid=pyramid, mpp=mpp, max_downscale=max_downscale,
+            max_zoom=max_zoom, tile_size=tile_size, probabilities=probabilities, skip_existing=skip_existing,
+            output_type="dicom-seg" if output is not None and output.name.lower().endswith(".dcm") else output_type,
+            stats=stats is not None, lock=lock, preview=preview,
+            params={
                 "pad": pad, "threshold": threshold, "keep_coarse": keep_coarse, "keep_aspect": False if square_resize else None,
                 "patches": patches, "criterion": criterion, "refine_threshold": refine_threshold, "patch_size": patch_size, "min_patch_std": min_patch_std,
                 "overlap": overlap, "batch_size": batch_size, "min_volume": min_volume, "lung_gate": lung_gate,
             },
         )
-        if criterion is not None and criterion not in ("pixel", "mean"):
-            raise _fail(f"--criterion must be 'pixel' or 'mean', not {criterion!r}", EXIT_USAGE)
+        check_range("workers", workers, 1, 256)
+        check_range("prefetch", prefetch, 0, 64)
+        seg = Segmenter(options=options)
         if model is not None:
             seg.warm_up("2d")  # a bad --model is a usage error, reported once, not per file
-        items = _expand_inputs(inputs, output)
+        found = expand_inputs(inputs, output, sys.stdin if any(str(p) == "-" for p in inputs) else ())
+        items = found.items
     except BundleError as exc:
         raise _fail(str(exc), EXIT_USAGE) from None
     except SegcliError as exc:
         raise _fail(str(exc), exc.exit_code) from None
     if not items:
-        raise _fail("no input images found", EXIT_USAGE)
+        raise _fail("no input images found" + (f" ({len(found.earlier_outputs)} file(s) named *_seg/*_probs/*_preview "
+                                               "were left out as earlier outputs)" if found.earlier_outputs else ""),
+                    EXIT_USAGE)
+    if options.output_type == "dicom-seg":
+        from segcli import io
+
+        for path, _ in items:
+            if not io.is_dicom_series(path):
+                raise _fail(f"{path}: --output-type dicom-seg needs a DICOM series folder as input; "
+                            "write NIfTI (the default) for other inputs", EXIT_USAGE)
     if len(items) > 1 and output is not None and output.suffix and not output.is_dir():
         raise _fail(f"-o {output} looks like a file but there are {len(items)} inputs; give a folder", EXIT_USAGE)
-    if output is not None and (len(items) > 1 or any(root for _, root in items)):
-        output.mkdir(parents=True, exist_ok=True)
-
-    from segcli.batch import check_unique_outputs, run_batch
-    from segcli.shard import parse_shard, select_shard
-
     try:
         if shard is not None:
             k, n = parse_shard(shard)
             items = select_shard(items, k, n, key=lambda it: it[0])
-        if workers < 1:
-            raise _fail("--workers must be >= 1", EXIT_USAGE)
+        check_no_overwrite(items, options, output,
+                           other_outputs=[("--stats", stats), ("--log-file", log_file)])
     except SegcliError as exc:
         raise _fail(str(exc), exc.exit_code) from None
-    clashes = check_unique_outputs(items, output)
+    if output is not None and (len(items) > 1 or any(root for _, root in items)):
+        output.mkdir(parents=True, exist_ok=True)
+    if found.earlier_outputs and not quiet:
+        print(f"segcli: note: left out {len(found.earlier_outputs)} file(s) named *_seg/*_probs/*_preview in the "
+              "input folders (earlier outputs)", file=sys.stderr)
+    clashes = check_unique_outputs(items, output, options)
     clash_inputs = {c.input for c in clashes}
     items = [it for it in items if str(it[0]) not in clash_inputs]
     log.debug("segcli %s: %d input(s), shard %s, workers %d, prefetch %d", __version__, len(items), shard, workers, prefetch)
@@ -208,9 +218,6 @@ def predict(
     for rep in clashes:
         _report_line(console, rep)
     t_start = time.perf_counter()
-    seg_kwargs = dict(model=model, method=method, backend=backend, device=device, threads=threads, channels=channels,
-                      half=half, size=size, overrides=seg.overrides, max_memory=max_memory, pyramid=pyramid, mpp=mpp,
-                      max_downscale=max_downscale, max_zoom=max_zoom, tile_size=tile_size)
     with _progress(console, quiet) as prog:
         overall = prog.add_task("files", total=len(items)) if prog else None
         stage = {"task": None}
@@ -228,19 +235,18 @@ def predict(
             return on_progress
 
         try:
-            for rep in run_batch(items, seg_kwargs, output=output, workers=workers, prefetch=prefetch,
-                                 segmenter=seg if workers == 1 else None, progress_for=progress_for,
-                                 probabilities=probabilities, skip_existing=skip_existing,
-                                 stats=stats is not None, lock=lock):
+            for rep in run_batch(items, options, output=output, workers=workers, prefetch=prefetch,
+                                 segmenter=seg if workers == 1 else None, progress_for=progress_for):
                 reports.append(rep)
                 _extras(seg, rep, preview, arsm_maps)
                 log.debug("file %s: %s", rep.input, json.dumps(rep.to_dict(), default=str))
                 if prog is not None:
                     prog.advance(overall)
                 _report_line(console, rep)
-        except KeyboardInterrupt:
-            print("segcli: interrupted; rerun with --skip-existing to resume", file=sys.stderr)
-            raise typer.Exit(EXIT_INTERRUPTED) from None
+        except KeyboardInterrupt as exc:
+            what = "terminated" if isinstance(exc, Terminated) else "interrupted"
+            print(f"segcli: {what}; rerun with --skip-existing to resume", file=sys.stderr)
+            raise typer.Exit(EXIT_TERMINATED if isinstance(exc, Terminated) else EXIT_INTERRUPTED) from None
     if stats is not None:
         from segcli.stats import write_stats_csv
 
@@ -256,15 +262,17 @@ def predict(
             "empty": sum(r.status == "empty" for r in reports),
             "skipped": sum(r.status == "skipped" for r in reports),
             "failed": len(failed),
+            "earlier_outputs_left_out": len(found.earlier_outputs),
             "seconds": round(time.perf_counter() - t_start, 3),
         },
     }
     if json_out:
         sys.stdout.write(json.dumps(summary, indent=2, default=str) + "\n")
     if failed:
-        print(f"segcli: {len(failed)} of {len(reports)} input(s) failed:", file=sys.stderr)
-        for r in failed:
-            print(f"  {r.error}", file=sys.stderr)
+        if len(reports) > 1:  # a recap at the end of a long batch log; one input's error was printed once already
+            print(f"segcli: {len(failed)} of {len(reports)} input(s) failed:", file=sys.stderr)
+            for r in failed:
+                print(f"  {r.error}", file=sys.stderr)
         raise typer.Exit(EXIT_FAILED)
 
 
@@ -277,7 +285,7 @@ def _extras(seg, rep, preview: bool, arsm_dir: Path | None) -> None:
         return
     if preview:
         try:
-            p = viz.write_preview_for(rep)
+            p = viz.write_preview_for(rep, segmenter=seg)
             rep.info["preview"] = str(p)
         except (SegcliError, ValueError, OSError) as exc:
             rep.warnings.append(f"no preview: {exc}")
@@ -509,13 +517,17 @@ def _main(
 
 def main() -> None:
     """Entry point: usage errors exit 2 (click's convention), bugs exit 3 with a log path."""
+    import signal
+
+    signal.signal(signal.SIGTERM, _on_sigterm)
     try:
         app()
-    except KeyboardInterrupt:
-        print("segcli: interrupted", file=sys.stderr)
-        sys.exit(EXIT_INTERRUPTED)
+    except KeyboardInterrupt as exc:
+        terminated = isinstance(exc, Terminated)
+        print(f"segcli: {'terminated' if terminated else 'interrupted'}", file=sys.stderr)
+        sys.exit(EXIT_TERMINATED if terminated else EXIT_INTERRUPTED)
     except SystemExit:
         raise
     except Exception as exc:
-        _bug(exc, None)
+        _bug(exc)
         sys.exit(EXIT_BUG)

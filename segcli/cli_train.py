@@ -16,6 +16,9 @@ from typing import Annotated, Any
 
 import typer
 
+from segcli.methods import TRAINABLE
+from segcli.params import DEFAULT_PARAMS
+
 
 def _fail(message: str, code: int) -> typer.Exit:
     print(f"segcli: error: {message}", file=sys.stderr)
@@ -81,7 +84,7 @@ def register(app: typer.Typer) -> None:
     def train_cmd(
         data: Annotated[Path | None, typer.Option("--data", "-d", help="Dataset folder: images/ + masks/ (+ dataset.json) or nnU-Net raw imagesTr/ + labelsTr/.")] = None,
         out: Annotated[Path | None, typer.Option("-o", "--out", help="Output folder; becomes a complete model bundle.")] = None,
-        method: Annotated[str, typer.Option(help="stts | refine | direct")] = "stts",
+        method: Annotated[str, typer.Option(help=" | ".join(TRAINABLE))] = "stts",
         arch: Annotated[str, typer.Option(help="Network architecture (see `segcli models --archs`).")] = "unet",
         fine_arch: Annotated[str | None, typer.Option(help="Architecture of the second stage (default: --arch).")] = None,
         size: Annotated[int, typer.Option(help="Network input size S (both stages).")] = 256,
@@ -104,10 +107,10 @@ def register(app: typer.Typer) -> None:
         jitter: Annotated[int, typer.Option(help="stts: uniform crop-box jitter in px (training only).")] = 16,
         pad: Annotated[int | None, typer.Option(help="stts: crop padding in full-res px (default S//8).")] = None,
         fine_init: Annotated[str, typer.Option(help="random | coarse: initialise the second stage from the first.")] = "random",
-        patches: Annotated[int, typer.Option(help="refine: patches refined per image (inference) and sampled per image per epoch.")] = 8,
+        patches: Annotated[int, typer.Option(help="refine: patches refined per image (inference) and sampled per image per epoch.")] = DEFAULT_PARAMS["patches"],
         patch_size: Annotated[int | None, typer.Option(help="refine: patch side in full-res px (default S).")] = None,
         sampling: Annotated[str, typer.Option(help="refine: uncertain | uniform patch sampling for S2.")] = "uncertain",
-        criterion: Annotated[str, typer.Option(help="refine: pixel | mean uncertainty ranking.")] = "pixel",
+        criterion: Annotated[str, typer.Option(help="refine: pixel | mean uncertainty ranking.")] = DEFAULT_PARAMS["criterion"],
         patience: Annotated[int | None, typer.Option(help="Early stopping: epochs without a better val Dice.")] = None,
         time_limit: Annotated[str | None, typer.Option(help="Training time budget: seconds or 90s / 10m / 1h30m; split 50/50 between two stages.")] = None,
         resume: Annotated[Path | None, typer.Option(help="Continue the run in this folder from its checkpoint.pt.")] = None,
@@ -166,9 +169,16 @@ def register(app: typer.Typer) -> None:
         spacing: Annotated[str | None, typer.Option(help="Pixel spacing in mm, comma-separated in array order (default: from the files; px when unknown).")] = None,
         hd95: Annotated[bool, typer.Option("--hd95/--no-hd95", help="Compute HD95 (the slowest metric).")] = True,
         summary: Annotated[bool, typer.Option("--summary", help="Print only the mean rows.")] = False,
+        preview: Annotated[Path | None, typer.Option("--preview", help="Write CASE_errors.png per case into this folder: false positives magenta, false negatives cyan.")] = None,
+        images: Annotated[Path | None, typer.Option("--images", help="Source images for --preview (default: beside the ground-truth folder, then the predictions folder).")] = None,
         quiet: Annotated[bool, typer.Option("-q", "--quiet", help="Print nothing but errors.")] = False,
     ) -> None:
-        """Dice, IoU, precision, recall, HD95 and object-level recall per case and class, and their means."""
+        """Dice, IoU, precision, recall, HD95 and object-level recall per case and class, and their means.
+
+        A class absent from both the prediction and the ground truth of a case is not scored there (NaN,
+        shown as '-') and is left out of the means, as nnU-Net's evaluation and MONAI's ignore_empty do;
+        `cases_scored` in the JSON says how many cases each class mean covers.
+        """
         from segcli.errors import SegcliError
         from segcli.evaluate import CSV_COLUMNS, evaluate, table_rows
 
@@ -185,6 +195,10 @@ def register(app: typer.Typer) -> None:
                               json_path=json_out, log=warn)
         except SegcliError as exc:
             raise _fail(str(exc), exc.exit_code) from None
+        if preview is not None:
+            from segcli import viz
+
+            viz.write_error_previews(result, preview, images=images, log=warn)
         if quiet:
             return
         from rich.console import Console

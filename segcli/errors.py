@@ -28,6 +28,10 @@ class EmptyImageError(InputError):
     """The image holds a single constant value: nothing to segment (a warning, not a failure)."""
 
 
+class OutputError(SegcliError):
+    """An output cannot be written (disk full, permission denied, read-only file system, ...)."""
+
+
 class BundleError(SegcliError):
     """A model bundle is missing, malformed, of an unknown version or fails its checks."""
 
@@ -44,3 +48,32 @@ class DeviceError(UsageError):
 
 class DatasetError(SegcliError):
     """A training dataset is malformed (missing mask, size mismatch, label out of range)."""
+
+
+def crash_log(exc: BaseException) -> str:
+    """Record a bug's traceback in the debug log file, or in a temporary file when there is none.
+
+    Returns the words that end the user's one-line message ("this is a bug, traceback in PATH"); the
+    CLI, the pipeline and batch workers all report bugs through this one function.
+    """
+    import logging
+    import os
+    import tempfile
+    import traceback
+
+    tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+    log = logging.getLogger("segcli")
+    files = [h.baseFilename for h in log.handlers if isinstance(h, logging.FileHandler)]
+    if files:
+        log.error("internal error\n%s", tb)
+        return f"this is a bug, traceback in {files[0]}"
+    fd, name = tempfile.mkstemp(prefix="segcli-crash-", suffix=".log")
+    with os.fdopen(fd, "w") as f:
+        f.write(tb)
+    return f"this is a bug, traceback in {name}"
+
+
+def bug_message(exc: BaseException, path: object = None) -> str:
+    """The one line for an unexpected exception: what happened, and where the traceback went."""
+    where = f"{path}: " if path is not None else ""
+    return f"{where}internal error ({type(exc).__name__}: {exc}); {crash_log(exc)}"

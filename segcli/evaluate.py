@@ -28,7 +28,7 @@ from segcli.errors import InputError, SegcliError
 from segcli.io.atomic import split_extension
 
 PRED_SUFFIXES = ("_seg", "_mask", "_pred", "_prediction", "_segmentation", "_label", "_labels", "-seg", "-mask")
-MASK_EXTS = (".png", ".bmp", ".tif", ".tiff", ".nii", ".nii.gz", ".mha", ".mhd", ".nrrd", ".jpg", ".jpeg")
+MASK_EXTS = (".png", ".bmp", ".tif", ".tiff", ".nii", ".nii.gz", ".mha", ".mhd", ".nrrd", ".jpg", ".jpeg", ".dcm")
 METRIC_KEYS = ("dice", "iou", "precision", "recall", "hd95", "object_recall")
 
 
@@ -111,11 +111,49 @@ def _class_names(gt_dir: Path, n: int, classes: Sequence[str] | None) -> list[st
     return names
 
 
-def _score_case(item: tuple[str, Path, Path], fov_dir: Path | None, spacing: Sequence[float] | None) -> dict[str, Any]:
+def _read_seg_pair(pred_path: Path, gt_path: Path, classes: Sequence[str] | None
+                   ) -> tuple[np.ndarray, np.ndarray, tuple[float, ...]]:
+    """A DICOM SEG prediction on the ground truth's own voxel grid (both in the file's array order).
+
+    Segments are matched to classes by name. The names come from the caller (``classes``, or the
+    dataset.json beside the ground truth), else from the bundle the SEG names as its algorithm (segcli
+    writes it there), else the SEG's segment order numbers them.
+    """
+    import SimpleITK as sitk
+
+    from segcli.io.dicomseg import algorithm_name, dicom_seg_on_grid
+
+    if classes is None and (name := algorithm_name(pred_path)):
+        from segcli.bundle import load_bundle, resolve_model
+        from segcli.errors import BundleError
+
+        try:
+            classes = load_bundle(resolve_model(name, "volume")).classes
+        except BundleError:
+            classes = None
+
+    try:
+        ref = sitk.ReadImage(str(gt_path))
+    except RuntimeError:
+        raise InputError("cannot read this ground truth as a volume to score a DICOM SEG against", gt_path) from None
+    gt = sitk.GetArrayFromImage(ref)
+    if gt.ndim != 3:
+        raise InputError("a DICOM SEG is scored against a 3D ground truth (NIfTI, MHA, NRRD)", gt_path)
+    pred = dicom_seg_on_grid(pred_path, ref, classes)
+    return pred.astype(np.int64), np.rint(gt).astype(np.int64), tuple(float(v) for v in reversed(ref.GetSpacing()))
+
+
+def _score_case(item: tuple[str, Path, Path], fov_dir: Path | None, spacing: Sequence[float] | None,
+                classes: Sequence[str] | None = None) -> dict[str, Any]:
     case, pred_path, gt_path = item
     try:
-        gt, gt_spacing = _read_labels(gt_path)
-        pred, _ = _read_labels(pred_path)
+        from segcli.io.dicomseg import is_dicom_seg
+
+        if is_dicom_seg(pred_path):
+            pred, gt, gt_spacing = _read_seg_pair(pred_path, gt_path, classes)
+        else:
+            gt, gt_spacing = _read_labels(gt_path)
+            pred, _ = _read_labels(pred_path)
         gt = _fix_255(gt, pred)
         pred = _fix_255(pred, gt)
         if pred.shape != gt.shape:
@@ -171,8 +209,10 @@ def evaluate(
     n_workers = workers or min(4, available_cores())
     fov = Path(fov_dir) if fov_dir is not None else None
 
+    seg_classes = classes or (_class_names(gt_dir, 0, None) or None)
+
     def work(item: tuple[str, Path, Path]) -> dict[str, Any]:
-        rec = _score_case(item, fov, spacing)
+        rec = _score_case(item, fov, spacing, seg_classes)
         if "error" in rec:
             return rec
         k = int(max(rec["gt"].max(initial=0), rec["pred"].max(initial=0))) + 1
@@ -200,8 +240,9 @@ def evaluate(
         per = {}
         for c in fg:
             m = r["metrics"].get(c)
-            if m is None:  # class absent from both masks of this case: a perfect, empty agreement
-                m = {"dice": 1.0, "iou": 1.0, "precision": 1.0, "recall": 1.0, "hd95": 0.0, "objects": 0, "hit": 0,
+            if m is None:  # class absent from both masks of this case: no score, left out of the means (NaN)
+                nan = float("nan")
+                m = {"dice": nan, "iou": nan, "precision": nan, "recall": nan, "hd95": nan, "objects": 0, "hit": 0,
                      "object_recall": float("nan"), **{f"{b}_{s}": 0 for b in metrics.SIZE_BINS for s in ("objects", "hit")}}
             per[names[c]] = m
         cases.append({"case": r["case"], "prediction": r["prediction"], "ground_truth": r["ground_truth"],
@@ -245,6 +286,7 @@ def _aggregate(rows: list[dict[str, Any]]) -> dict[str, Any]:
     out: dict[str, Any] = {k: _nanmean([r[k] for r in rows]) for k in ("dice", "iou", "precision", "recall")}
     out["hd95"] = _nanmean([r["hd95"] for r in rows])
     out["hd95_undefined"] = int(sum(1 for r in rows if not math.isfinite(r["hd95"])))
+    out["cases_scored"] = int(sum(1 for r in rows if math.isfinite(r["dice"])))  # the class is in either mask
     out["objects"] = int(sum(r["objects"] for r in rows))
     out["hit"] = int(sum(r["hit"] for r in rows))
     out["object_recall"] = out["hit"] / out["objects"] if out["objects"] else float("nan")

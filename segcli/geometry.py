@@ -286,17 +286,23 @@ def select_patches(scores: np.ndarray, n: int | None = None, threshold: float | 
     return order
 
 
-def fuse_max(canvas: np.ndarray, box: np.ndarray, probs: np.ndarray) -> None:
-    """Fuse crop probabilities into a ``(K, H, W)`` canvas by per-class maximum, in place.
+# -- volumes: which axis 2D networks slice along ------------------------------------------------------------
 
-    For a binary task this is exactly the paper's OR fusion: a pixel is foreground if any crop
-    covering it says foreground (max p > t ⇔ OR of p > t).
+#: Another axis must be this much coarser than the S/I axis before volumes are sliced along it
+#: (nnU-Net's anisotropy threshold).
+ANISOTROPY = 3.0
+
+
+def slice_axis(spacing: tuple[float, ...] | None) -> int:
+    """Axis 0 (canonical S/I: axial slices) unless another axis is clearly coarser (a sagittal or coronal
+    acquisition), then that one.
+
+    Thin-slice CT (0.98 mm pixels, 0.625 mm slices) stays axial, as 2D models are trained, instead of
+    being cut sagittally because its pixels are larger than its slices; a thick-slice sagittal MRI
+    (0.5 mm in plane, 3 mm between slices) is cut along its own slices.
     """
-    y0, x0, y1, x1 = (int(v) for v in box)
-    np.maximum(canvas[:, y0:y1, x0:x1], probs, out=canvas[:, y0:y1, x0:x1])
-
-
-def fuse_or(canvas: np.ndarray, box: np.ndarray, mask: np.ndarray) -> None:
-    """OR a binary crop mask into a binary canvas, in place."""
-    y0, x0, y1, x1 = (int(v) for v in box)
-    np.logical_or(canvas[y0:y1, x0:x1], mask, out=canvas[y0:y1, x0:x1])
+    if not spacing:
+        return 0
+    sp = np.asarray(spacing, dtype=np.float64)
+    k = int(np.argmax(sp))
+    return k if sp[k] >= ANISOTROPY * sp[0] else 0

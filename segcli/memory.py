@@ -24,6 +24,8 @@ _UNITS = {"": 1, "b": 1, "k": 1e3, "kb": 1e3, "m": 1e6, "mb": 1e6, "g": 1e9, "gb
 OVERHEAD = 600 * 10**6
 # Above this many pixels a TIFF goes through the lazy (bounded-memory) path whatever the budget.
 LAZY_PIXELS = 64 * 10**6
+# Decoded bytes per slab of a streamed volume; the ITK buffer and the reoriented copy double it.
+SLAB_BYTES = 64 * 2**20
 
 
 def parse_size(value: str | int | float | None) -> int | None:
@@ -105,8 +107,6 @@ def estimate_volume(shape: tuple[int, ...], channels: int, itemsize: int, *, mod
     Slices are normalised one at a time (see :class:`segcli.engines.volume.SlicePlane`), so no float
     copy of the volume is counted.
     """
-    from segcli.io.volstream import SLAB_BYTES
-
     vox = 1
     for s in shape:
         vox *= int(s)

@@ -2,9 +2,10 @@
 
 Conventions (chosen so that a mean over cases is always defined and never flatters a method):
 
-* Every ratio with a zero denominator (Dice, IoU, precision, recall) is 1.0 when the class is
-  absent from both prediction and ground truth, and 0.0 otherwise. A case where the network
-  predicts nothing and there is nothing to find is perfect; any one-sided miss scores 0.
+* A class absent from both prediction and ground truth has no Dice, IoU, precision or recall: they
+  are NaN and left out of every mean (the convention of nnU-Net's evaluation and of MONAI's
+  ``ignore_empty``). Counting such cases as 1.0 inflated multi-class means with classes an image
+  simply does not contain. Any other zero denominator (a one-sided miss) scores 0.0.
 * HD95 is the larger of the two directed 95th-percentile surface distances (MONAI's
   ``compute_hausdorff_distance(percentile=95)``), in mm when the pixel spacing is known, else in
   pixels. Surfaces are the mask minus its erosion (face connectivity). It is 0.0 when both masks
@@ -31,7 +32,7 @@ SIZE_BINS: dict[str, tuple[float, float]] = {"small": (0.0, 0.001), "medium": (0
 def _ratio(num: float, den: float, both_empty: bool) -> float:
     if den > 0:
         return float(num) / float(den)
-    return 1.0 if both_empty else 0.0
+    return float("nan") if both_empty else 0.0
 
 
 def confusion(pred: np.ndarray, gt: np.ndarray, fov: np.ndarray | None = None) -> tuple[int, int, int]:
@@ -157,21 +158,3 @@ def case_metrics(
         m.update(object_recall(p, g))
         out[int(c)] = m
     return out
-
-
-def batch_dice(pred: np.ndarray, target: np.ndarray) -> np.ndarray:
-    """Per-sample Dice of binary masks stacked on axis 0 (validation during training)."""
-    p = np.asarray(pred, dtype=bool).reshape(len(pred), -1)
-    t = np.asarray(target, dtype=bool).reshape(len(target), -1)
-    tp = (p & t).sum(1)
-    den = p.sum(1) + t.sum(1)
-    return np.where(den > 0, 2.0 * tp / np.maximum(den, 1), 1.0)
-
-
-def batch_iou(pred: np.ndarray, target: np.ndarray) -> np.ndarray:
-    """Per-sample IoU of binary masks stacked on axis 0."""
-    p = np.asarray(pred, dtype=bool).reshape(len(pred), -1)
-    t = np.asarray(target, dtype=bool).reshape(len(target), -1)
-    inter = (p & t).sum(1)
-    union = (p | t).sum(1)
-    return np.where(union > 0, inter / np.maximum(union, 1), 1.0)

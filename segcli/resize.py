@@ -9,8 +9,12 @@ object vanishes under nearest but survives as a faint signal under area averagin
 from __future__ import annotations
 
 from functools import lru_cache
+from typing import TYPE_CHECKING
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from scipy import sparse
 
 
 @lru_cache(maxsize=256)
@@ -85,3 +89,60 @@ def resize_rows(img: np.ndarray, out_hw: tuple[int, int], rows: tuple[int, int],
     rx = resize_matrix(w, int(out_hw[1]), mode)
     x = np.asarray(img, dtype=np.float32)
     return np.matmul(np.matmul(ry, x), rx.T)
+
+
+# -- windowed resizing: the weights of resize(), for a window of the output, without dense matrices ---------
+
+
+@lru_cache(maxsize=32)
+def resize_weights(n_in: int, n_out: int, mode: str = "bilinear") -> sparse.csr_matrix:
+    """The same ``(n_out, n_in)`` weights as :func:`segcli.resize.resize_matrix`, as a sparse matrix.
+
+    ``resize_matrix(2500, 40000)`` is 400 MB dense; a 40k-pixel slide needs its rows and columns
+    only a window at a time, and the band of non-zeros is 2 (bilinear) or ⌈n_in/n_out⌉+1 (area) wide.
+    """
+    from scipy import sparse
+
+    scale = n_in / n_out
+    if mode == "bilinear" or (mode == "area" and n_out >= n_in):
+        c = np.clip((np.arange(n_out) + 0.5) * scale - 0.5, 0, n_in - 1)
+        i0 = np.floor(c).astype(np.int64)
+        i1 = np.minimum(i0 + 1, n_in - 1)
+        f = c - i0
+        rows = np.concatenate([np.arange(n_out), np.arange(n_out)])
+        cols = np.concatenate([i0, i1])
+        vals = np.concatenate([1.0 - f, f])
+    elif mode == "area":
+        edges = np.arange(n_out + 1) * scale
+        a, b = edges[:-1], edges[1:]
+        j0 = np.floor(a).astype(np.int64)
+        j1 = np.minimum(np.ceil(b).astype(np.int64), n_in)
+        width = int((j1 - j0).max())
+        j = j0[:, None] + np.arange(width)[None]
+        w = np.minimum(b[:, None], j + 1) - np.maximum(a[:, None], j)
+        ok = (j < j1[:, None]) & (w > 0)
+        w = np.where(ok, w, 0.0)
+        w /= w.sum(axis=1, keepdims=True)
+        rows = np.repeat(np.arange(n_out), width)[ok.ravel()]
+        cols, vals = j.ravel()[ok.ravel()], w.ravel()[ok.ravel()]
+    else:
+        raise ValueError(f"windowed resize supports bilinear and area, not {mode!r}")
+    m = sparse.coo_matrix((vals, (rows, cols)), shape=(n_out, n_in), dtype=np.float64).tocsr()
+    m.sum_duplicates()
+    return m.astype(np.float32)
+
+
+def resize_window(img: np.ndarray, out_hw: tuple[int, int], box: np.ndarray | tuple[int, int, int, int],
+                  mode: str = "bilinear") -> np.ndarray:
+    """``resize(img, out_hw, mode)[..., y0:y1, x0:x1]`` computed for the window only."""
+    y0, x0, y1, x1 = (int(v) for v in box)
+    h, w = img.shape[-2:]
+    ry = resize_weights(h, int(out_hw[0]), mode)[y0:y1]
+    rx = resize_weights(w, int(out_hw[1]), mode)[x0:x1]
+    # Only the input rows/columns the window touches take part: a small dense product.
+    r_lo, r_hi = int(ry.indices.min()), int(ry.indices.max()) + 1
+    c_lo, c_hi = int(rx.indices.min()), int(rx.indices.max()) + 1
+    ryd = ry[:, r_lo:r_hi].toarray()
+    rxd = rx[:, c_lo:c_hi].toarray()
+    x = np.asarray(img[..., r_lo:r_hi, c_lo:c_hi], dtype=np.float32)
+    return np.matmul(np.matmul(ryd, x), rxd.T)

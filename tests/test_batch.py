@@ -11,8 +11,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from segcli.api import Segmenter, _try_lock, _unlock
+from segcli.api import Segmenter
 from segcli.errors import UsageError
+from segcli.io.atomic import OutputLock
 from segcli.shard import assign_shards, input_size, parse_shard, select_shard
 from tests.conftest import run_cli
 
@@ -121,12 +122,13 @@ def test_clashing_outputs_are_refused(tmp_path, rgb_bundle):
 def test_stats_csv_and_lock(tmp_path, rgb_bundle):
     files = _pngs(tmp_path / "in", 3)
     out = tmp_path / "out"
-    held = _try_lock(out / "img01_seg.png")
+    held = OutputLock(out / "img01_seg.png")
+    assert held.acquire()
     try:
         r = run_cli("predict", tmp_path / "in", "-o", out, "--model", rgb_bundle, "--lock",
                     "--stats", tmp_path / "stats.csv", "--json")
     finally:
-        _unlock(held)
+        held.release()
     assert r.returncode == 0, r.stderr
     statuses = {Path(f["input"]).name: f["status"] for f in json.loads(r.stdout)["files"]}
     assert statuses == {"img00.png": "ok", "img01.png": "skipped", "img02.png": "ok"}

@@ -10,10 +10,12 @@ import tifffile
 
 from segcli import memory
 from segcli.api import Segmenter
-from segcli.engines.base import ArrayPlane, FuseStore, Quantizer
+from segcli.engines.base import ArrayPlane
 from segcli.engines.stts import stts, zoom_tiles
 from segcli.errors import UsageError
+from segcli.fusion import FuseStore, Quantizer
 from segcli.io.bigtiff import TiffPlane, write_tiled
+from segcli.prepare import slice_normalizer
 from segcli.resize import resize
 from segcli.runtimes import FunctionPredictor
 from tests.conftest import make_bundle
@@ -262,7 +264,7 @@ def test_volume_slices_are_normalised_like_the_whole_volume(tmp_path: Path) -> N
     vol = np.random.default_rng(0).normal(100, 30, (6, 40, 50, 1)).astype(np.float32)
     seg = Segmenter(bundle, method="direct")
     b = seg.bundle_for("volume")
-    fn = seg.slice_normalizer(vol, b)
+    fn = slice_normalizer(vol, b)
     from segcli import normalize as norm
 
     whole = norm.normalize(vol, b.normalization)

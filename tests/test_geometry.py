@@ -6,6 +6,18 @@ import pytest
 from segcli import geometry as g
 
 
+def fuse_max(canvas: np.ndarray, box: np.ndarray, probs: np.ndarray) -> None:
+    """The paper's OR fusion on a dense canvas: per-class maximum in place (the reference for FuseStore)."""
+    y0, x0, y1, x1 = (int(v) for v in box)
+    np.maximum(canvas[:, y0:y1, x0:x1], probs, out=canvas[:, y0:y1, x0:x1])
+
+
+def fuse_or(canvas: np.ndarray, box: np.ndarray, mask: np.ndarray) -> None:
+    """OR a binary crop mask into a binary canvas, in place."""
+    y0, x0, y1, x1 = (int(v) for v in box)
+    np.logical_or(canvas[y0:y1, x0:x1], mask, out=canvas[y0:y1, x0:x1])
+
+
 def test_component_boxes_2d_uses_8_connectivity():
     m = np.zeros((10, 10), bool)
     m[1, 1] = m[2, 2] = True  # diagonal neighbours: one component under 8-connectivity
@@ -143,18 +155,18 @@ def test_uncertainty_multiclass_margin():
 
 def test_fusion_or_and_per_class_max():
     canvas = np.zeros((1, 6, 6), np.float32)
-    g.fuse_max(canvas, np.array([0, 0, 4, 4]), np.full((1, 4, 4), 0.7, np.float32))
-    g.fuse_max(canvas, np.array([2, 2, 6, 6]), np.full((1, 4, 4), 0.2, np.float32))
+    fuse_max(canvas, np.array([0, 0, 4, 4]), np.full((1, 4, 4), 0.7, np.float32))
+    fuse_max(canvas, np.array([2, 2, 6, 6]), np.full((1, 4, 4), 0.2, np.float32))
     assert canvas[0, 3, 3] == np.float32(0.7) and canvas[0, 5, 5] == np.float32(0.2) and canvas[0, 0, 5] == 0
     # OR: a pixel is foreground if any crop says so.
     m = np.zeros((6, 6), bool)
-    g.fuse_or(m, np.array([0, 0, 3, 3]), np.eye(3, dtype=bool))
-    g.fuse_or(m, np.array([0, 0, 3, 3]), np.zeros((3, 3), bool))
+    fuse_or(m, np.array([0, 0, 3, 3]), np.eye(3, dtype=bool))
+    fuse_or(m, np.array([0, 0, 3, 3]), np.zeros((3, 3), bool))
     assert m[:3, :3].tolist() == np.eye(3, dtype=bool).tolist()
     # Multi-class: per-class maximum in the overlap, then argmax.
     c = np.zeros((3, 2, 2), np.float32)
-    g.fuse_max(c, np.array([0, 0, 2, 2]), np.broadcast_to(np.array([0.2, 0.7, 0.1], np.float32)[:, None, None], (3, 2, 2)))
-    g.fuse_max(c, np.array([0, 1, 2, 2]), np.broadcast_to(np.array([0.1, 0.1, 0.8], np.float32)[:, None, None], (3, 2, 1)))
+    fuse_max(c, np.array([0, 0, 2, 2]), np.broadcast_to(np.array([0.2, 0.7, 0.1], np.float32)[:, None, None], (3, 2, 2)))
+    fuse_max(c, np.array([0, 1, 2, 2]), np.broadcast_to(np.array([0.1, 0.1, 0.8], np.float32)[:, None, None], (3, 2, 1)))
     assert c.argmax(0).tolist() == [[1, 2], [1, 2]]
 
 

@@ -8,17 +8,10 @@ from __future__ import annotations
 
 import numpy as np
 
-from segcli.engines.base import (
-    Plane,
-    ProgressFn,
-    Result,
-    Timer,
-    batched,
-    labels_from_probs,
-    rough_input,
-    upsample_labels,
-)
+from segcli.engines.base import Plane, ProgressFn, Result, Timer, batched, rough_input, upsample_labels
+from segcli.fusion import WeightedMean
 from segcli.geometry import gaussian_weight, sliding_grid
+from segcli.params import DEFAULT_PARAMS as D
 from segcli.resize import letterbox
 from segcli.runtimes import Predictor
 
@@ -28,8 +21,8 @@ def direct(
     net: Predictor,
     *,
     size: int,
-    threshold: float = 0.5,
-    keep_aspect: bool = True,
+    threshold: float = D["threshold"],
+    keep_aspect: bool = D["keep_aspect"],
     return_probs: bool = False,
     progress: ProgressFn | None = None,
 ) -> Result:
@@ -48,9 +41,9 @@ def sliding(
     net: Predictor,
     *,
     size: int,
-    overlap: float = 0.25,
-    threshold: float = 0.5,
-    batch_size: int = 16,
+    overlap: float = D["overlap"],
+    threshold: float = D["threshold"],
+    batch_size: int = D["batch_size"],
     return_probs: bool = False,
     progress: ProgressFn | None = None,
 ) -> Result:
@@ -59,8 +52,7 @@ def sliding(
     H, W = plane.shape
     tiles = sliding_grid((H, W), size, overlap)
     g = gaussian_weight((size, size))
-    acc: np.ndarray | None = None
-    weight = np.zeros((H, W), dtype=np.float32)
+    acc: WeightedMean | None = None
     done = 0
     for chunk in batched(list(range(len(tiles))), batch_size):
         with timer.stage("crops"):
@@ -69,16 +61,13 @@ def sliding(
             pb = net(xb)
         with timer.stage("fuse"):
             if acc is None:
-                acc = np.zeros((pb.shape[1], H, W), dtype=np.float32)
+                acc = WeightedMean((H, W), pb.shape[1], threshold, g)
             for j, i in enumerate(chunk):
-                y0, x0, y1, x1 = tiles[i]
-                gw = g[: y1 - y0, : x1 - x0]
-                acc[:, y0:y1, x0:x1] += pb[j][:, : y1 - y0, : x1 - x0] * gw
-                weight[y0:y1, x0:x1] += gw
+                acc.aggregate(tiles[i], pb[j])
         done += len(chunk)
         if progress:
             progress("tiles", done, len(tiles))
+    assert acc is not None  # a plane always has at least one tile
     with timer.stage("fuse"):
-        acc /= weight[None]
-        labels = labels_from_probs(acc, threshold)
-    return Result(labels, acc if return_probs else None, timer.t, {"tiles": int(len(tiles))})
+        labels, probs = acc.finalize(return_probs)
+    return Result(labels, probs, timer.t, {"tiles": int(len(tiles))})

@@ -10,17 +10,10 @@ from __future__ import annotations
 
 import numpy as np
 
-from segcli.engines.base import (
-    Plane,
-    ProgressFn,
-    Result,
-    Timer,
-    batched,
-    labels_from_probs,
-    rough_input,
-    upsample_labels,
-)
+from segcli.engines.base import Plane, ProgressFn, Result, Timer, batched, rough_input, upsample_labels
+from segcli.fusion import labels_from_probs
 from segcli.geometry import patch_grid, patch_std, scale_boxes, select_patches, uncertainty_scores
+from segcli.params import DEFAULT_PARAMS as D
 from segcli.resize import resize
 from segcli.runtimes import Predictor
 
@@ -33,13 +26,13 @@ def refine(
     size: int,
     fine_size: int | None = None,
     patch_size: int | None = None,
-    patches: int | None = 8,
-    refine_threshold: float | None = None,
-    criterion: str = "pixel",
-    min_patch_std: float | None = None,
-    threshold: float = 0.5,
-    keep_aspect: bool = True,
-    batch_size: int = 16,
+    patches: int | None = D["patches"],
+    refine_threshold: float | None = D["refine_threshold"],
+    criterion: str = D["criterion"],
+    min_patch_std: float | None = D["min_patch_std"],
+    threshold: float = D["threshold"],
+    keep_aspect: bool = D["keep_aspect"],
+    batch_size: int = D["batch_size"],
     return_probs: bool = False,
     progress: ProgressFn | None = None,
 ) -> Result:

@@ -11,7 +11,7 @@ Differences from the reference code, each a deliberate fix:
 Bounded memory and scale on gigapixel images (the rule, so a bigger image is never silently worse):
 
 * **Fusion** never holds a full-resolution float canvas: crop probabilities are max-fused into a
-  :class:`~segcli.engines.base.FuseStore` that keeps only the tiles crops touched (binary: 1 byte
+  :class:`~segcli.fusion.FuseStore` that keeps only the tiles crops touched (binary: 1 byte
   per pixel with exact thresholding; on disk, outside RSS, when ``spill_dir`` is given).
   Pixels no crop reached come from the rough map, upsampled per window (``keep_coarse``) or are
   background.
@@ -37,20 +37,11 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
-from segcli.engines.base import (
-    ArrayPlane,
-    CoarseFill,
-    FuseStore,
-    LazyLabels,
-    Plane,
-    ProgressFn,
-    Result,
-    Timer,
-    batched,
-    foreground,
-    rough_input,
-)
+from segcli.engines.base import ArrayPlane, Plane, ProgressFn, Result, Timer, batched, rough_input
+from segcli.fusion import CoarseFill, FuseStore, LazyLabels, foreground
 from segcli.geometry import crop_boxes, sliding_grid
+from segcli.params import DEFAULT_PARAMS as D
+from segcli.params import default_pad
 from segcli.resize import letterbox, resize
 from segcli.runtimes import Predictor
 
@@ -107,12 +98,12 @@ def stts(
     *,
     size: int,
     pad: int | None = None,
-    threshold: float = 0.5,
-    keep_aspect: bool = True,
-    min_side: int = 5,
-    min_component: int = 1,
-    keep_coarse: bool = False,
-    batch_size: int = 16,
+    threshold: float = D["threshold"],
+    keep_aspect: bool = D["keep_aspect"],
+    min_side: int = D["min_side"],
+    min_component: int = D["min_component"],
+    keep_coarse: bool = D["keep_coarse"],
+    batch_size: int = D["batch_size"],
     return_probs: bool = False,
     progress: ProgressFn | None = None,
     max_downscale: float | None = None,
@@ -123,12 +114,12 @@ def stts(
 ) -> Result:
     """Segment one 2D image with segment-then-segment; see the module docstring.
 
-    ``lazy=True`` returns :class:`~segcli.engines.base.LazyLabels` (and no probability array:
+    ``lazy=True`` returns :class:`~segcli.fusion.LazyLabels` (and no probability array:
     ``labels.read_probs(box)`` gives them per window) instead of full-size arrays.
     """
     timer = Timer()
     H, W = plane.shape
-    pad = size // 8 if pad is None else pad
+    pad = default_pad(size) if pad is None else pad
     with timer.stage("rough"):
         rough, rinfo = rough_pass(plane, coarse, size=size, keep_aspect=keep_aspect, max_downscale=max_downscale,
                                   batch_size=batch_size)
@@ -231,7 +222,7 @@ def fine_pass(
                     cy0, cx0 = int(crops[i][0]), int(crops[i][1])
                     wy0, wx0, wy1, wx1 = (int(v) for v in writes[i])
                     p = paste_back(pb[j], crops[i])[:, wy0 - cy0 : wy1 - cy0, wx0 - cx0 : wx1 - cx0]
-                    store.fuse(writes[i], p)
+                    store.aggregate(writes[i], p)
             done += len(chunk)
             if progress:
                 progress("fine", done, len(crops))
@@ -241,16 +232,9 @@ def fine_pass(
     fill = CoarseFill(rough, (H, W), threshold)
     info: dict[str, object] = {"crops": int(len(boxes)), "boxes": boxes.tolist(), "fine_inputs": int(len(crops)),
                                "boxes_tiled": int(n_tiled), "fused_tiles": int(store.touched_tiles)}
-    lazy_labels = LazyLabels(store, fill if keep_coarse else None, fill if keep_coarse else None)
     if lazy:
+        lazy_labels = LazyLabels(store, fill if keep_coarse else None, fill if keep_coarse else None)
         return Result(lazy_labels, None, timer.t, info)  # type: ignore[arg-type]
     with timer.stage("fuse"):
-        labels = np.asarray(lazy_labels)
-        probs = None
-        if return_probs:
-            probs = np.empty((K, H, W), np.float32)
-            for y in range(0, H, store.tile):
-                y1 = min(H, y + store.tile)
-                probs[:, y:y1] = lazy_labels.read_probs((y, 0, y1, W))
-        store.close()
+        labels, probs = store.finalize(return_probs, fill if keep_coarse else None)
     return Result(labels, probs, timer.t, info)

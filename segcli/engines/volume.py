@@ -18,9 +18,12 @@ from typing import Any
 
 import numpy as np
 
-from segcli.engines.base import ArrayPlane, Plane, ProgressFn, Result, Timer, batched, foreground, rough_input
+from segcli.engines.base import ArrayPlane, Plane, ProgressFn, Result, Timer, batched, rough_input
 from segcli.engines.stts import fine_pass
+from segcli.fusion import foreground
 from segcli.geometry import boxes3d_to_2d, component_boxes, scale_boxes, square_pad_shift, valid_boxes
+from segcli.params import DEFAULT_PARAMS as D
+from segcli.params import default_pad
 from segcli.runtimes import Predictor
 
 
@@ -28,7 +31,7 @@ class SlicePlane:
     """One slice of a channel-last volume, fetched and normalised only when an engine reads it.
 
     ``fetch(index)`` gives the raw ``(H, W, C)`` slice; ``normalize(slice)`` must equal the slice of
-    the whole normalised volume (see ``Segmenter.volume_normalizer``), so results are those of
+    the whole normalised volume (see ``segcli.prepare.volume_normalizer``), so results are those of
     normalising everything up front, at one slice of float memory instead of the whole volume's.
     """
 
@@ -128,13 +131,6 @@ class _Stacker:
         return Result(labels, probs, self.timings, dict(self.info))
 
 
-def _stack(results: list[Result]) -> Result:
-    acc = _Stacker(len(results))
-    for z, r in enumerate(results):
-        acc.add(z, r)
-    return acc.result()
-
-
 def stts_volume(
     planes: Sequence[Plane],
     coarse: Predictor,
@@ -142,12 +138,12 @@ def stts_volume(
     *,
     size: int,
     pad: int | None = None,
-    threshold: float = 0.5,
-    keep_aspect: bool = True,
-    min_side: int = 5,
-    min_volume: int = 1,
-    keep_coarse: bool = False,
-    batch_size: int = 16,
+    threshold: float = D["threshold"],
+    keep_aspect: bool = D["keep_aspect"],
+    min_side: int = D["min_side"],
+    min_volume: int = D["min_volume"],
+    keep_coarse: bool = D["keep_coarse"],
+    batch_size: int = D["batch_size"],
     return_probs: bool = False,
     progress: ProgressFn | None = None,
     out: np.ndarray | None = None,
@@ -157,7 +153,7 @@ def stts_volume(
     per_slice)."""
     timer = Timer()
     H, W = planes[0].shape
-    pad = size // 8 if pad is None else pad
+    pad = default_pad(size) if pad is None else pad
     rough: list[np.ndarray] = []
     fgs: list[np.ndarray] = []
     keep_rough = keep_coarse or return_probs

@@ -29,6 +29,7 @@ __all__ = [
     "LoadedImage",
     "default_output_path",
     "describe",
+    "is_dicom_series",
     "is_image_path",
     "list_images",
     "open_image",
@@ -133,6 +134,18 @@ def _nifti_magic(head: bytes) -> bool:
     )
 
 
+def sniff_input(path: Path) -> str | None:
+    """The content kind of an input file, or None for a folder or a file that cannot be sniffed.
+
+    The pipeline sniffs each input once and hands the kind to the output namer and the readers;
+    None makes them sniff again themselves, so a bad file still gets its precise error.
+    """
+    try:
+        return sniff(path) if Path(path).is_file() else None
+    except (OSError, InputError):
+        return None
+
+
 def sniff(path: Path) -> str | None:
     """Content kind from magic bytes, or None when no supported reader recognises it."""
     with open(path, "rb") as fh:
@@ -182,8 +195,11 @@ def _sitk_name(path: Path, content: str) -> Iterator[Path]:
         yield alias
 
 
-def open_image(path: Path | str, series_id: str | None = None) -> LoadedImage:
-    """Read any supported image (file or DICOM folder) into a :class:`LoadedImage`, by content."""
+def open_image(path: Path | str, series_id: str | None = None, content: str | None = None) -> LoadedImage:
+    """Read any supported image (file or DICOM folder) into a :class:`LoadedImage`, by content.
+
+    ``content``: the kind :func:`sniff` already found, so the file is not sniffed twice.
+    """
     from segcli.io import medical
 
     path = Path(path)
@@ -196,7 +212,8 @@ def open_image(path: Path | str, series_id: str | None = None) -> LoadedImage:
     try:
         if path.stat().st_size == 0:
             raise InputError("file is empty (0 bytes)", path)
-        content = sniff(path)
+        if content is None:
+            content = sniff(path)
     except PermissionError:
         raise InputError("permission denied", path) from None
     warnings: list[str] = []
@@ -302,7 +319,7 @@ def write_probabilities(probs: np.ndarray, like: LoadedImage, path: Path | str) 
     return path
 
 
-def _output_extension(input_path: Path) -> str:
+def _output_extension(input_path: Path, content: str | None = None) -> str:
     """Mask extension for an input: same family, but never JPEG and never a detached .mhd/.raw pair."""
     if input_path.is_dir():
         return ".nii.gz"
@@ -315,9 +332,9 @@ def _output_extension(input_path: Path) -> str:
         ".jpeg": ".png",
         ".btf": ".tif",
     }
-    content = None
-    with contextlib.suppress(OSError, InputError):
-        content = sniff(input_path)
+    if content is None:
+        with contextlib.suppress(OSError, InputError):
+            content = sniff(input_path)
     if content in _SITK_CONTENT_OUT and _EXT_KIND.get(ext) not in (None, *_SITK_CONTENT_OUT):
         # A volume misnamed as .png/.tif: its mask needs a format that keeps 3D geometry, so it
         # follows the content (which open_image reads, with a warning), not the misleading name.
@@ -338,17 +355,18 @@ def default_output_path(
     out: Path | str | None = None,
     suffix: str = "_seg",
     is_dir_input_root: Path | str | None = None,
+    content: str | None = None,
 ) -> Path:
     """Where the mask for ``input_path`` goes: beside it, inside ``out`` (mirroring a walked tree), or ``out``."""
     input_path = Path(input_path)
-    ext = _output_extension(input_path)
+    ext = _output_extension(input_path, content)
     stem = input_path.name if input_path.is_dir() else split_extension(input_path.name)[0]
     name = f"{stem}{suffix}{ext}"
     if out is None:
         return input_path.parent / name
     out_is_dir = str(out).endswith(("/", os.sep)) or Path(out).is_dir()
     out = Path(out)
-    if not out_is_dir and _extension(out) in (*_SITK_OUT, *_TIFF_OUT, *_RASTER_OUT, ".jpg", ".jpeg"):
+    if not out_is_dir and _extension(out) in (*_SITK_OUT, *_TIFF_OUT, *_RASTER_OUT, ".jpg", ".jpeg", ".dcm"):
         return out
     if is_dir_input_root is not None:
         with contextlib.suppress(ValueError):
@@ -381,6 +399,12 @@ def _is_dicom_dir(folder: Path, files: list[Path] | None = None) -> bool:
     from segcli.io.dicomseries import dicom_series
 
     return bool(dicom_series(folder))
+
+
+def is_dicom_series(p: Path | str) -> bool:
+    """True for a folder holding a DICOM series (what ``--output-type dicom-seg`` can reference)."""
+    p = Path(p)
+    return p.is_dir() and _is_dicom_dir(p)
 
 
 def is_image_path(p: Path | str) -> bool:
@@ -453,6 +477,10 @@ def _intensity(array: np.ndarray) -> dict[str, float | int | None]:
 def describe(path: Path | str, series_id: str | None = None) -> dict[str, Any]:
     """Facts for ``segcli info``: geometry, dtype, intensity range and container details."""
     path = Path(path)
+    from segcli.io.dicomseg import describe_dicom_seg, is_dicom_seg
+
+    if is_dicom_seg(path):
+        return describe_dicom_seg(path)
     image = open_image(path, series_id)
     array = image.array
     info: dict[str, Any] = {

@@ -8,10 +8,12 @@ pick the output format from it.
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import secrets
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 # Extensions made of two suffixes that writers only recognise whole.
 _DOUBLE_EXTENSIONS = (".nii.gz", ".ome.tif", ".ome.tiff")
@@ -29,10 +31,67 @@ def split_extension(name: str) -> tuple[str, str]:
     return stem, "." + ext
 
 
+#: Most file systems allow 255 bytes per name; the temporary name must fit whenever the final one does.
+NAME_MAX = 255
+
+
 def partial_name(final: Path) -> str:
-    """A hidden name that cannot be mistaken for a final output but keeps the real extension."""
+    """A hidden name that cannot be mistaken for a final output but keeps the real extension.
+
+    The stem is shortened when needed, so a long but valid output name never fails because of the
+    temporary name's extra characters.
+    """
     stem, ext = split_extension(final.name)
-    return f".{stem}.partial-{os.getpid()}-{secrets.token_hex(4)}{ext}"
+    tag = f".partial-{os.getpid()}-{secrets.token_hex(4)}{ext}"
+    room = NAME_MAX - 1 - len(tag.encode())
+    while len(stem.encode()) > room:
+        stem = stem[:-1]
+    return f".{stem}{tag}"
+
+
+#: errno → words for a user: operating-system failures are the user's situation, not segcli bugs.
+OS_ERRORS = {
+    errno.EACCES: "permission denied",
+    errno.EPERM: "operation not permitted",
+    errno.EROFS: "read-only file system",
+    errno.ENOSPC: "no space left on the device",
+    errno.EDQUOT: "disk quota exceeded",
+    errno.ENAMETOOLONG: "file name too long",
+    errno.EFBIG: "file too large (a file-size limit is in force)",
+    errno.ENOENT: "no such file or folder",
+    errno.EISDIR: "is a folder, not a file",
+    errno.ENOTDIR: "a part of the path is not a folder",
+    errno.EIO: "input/output error",
+    errno.ENXIO: "no such device",
+    errno.ETXTBSY: "file busy",
+}
+
+
+def os_error_words(exc: BaseException) -> str | None:
+    """The user's words for an OSError segcli cannot fix (None for anything else)."""
+    if isinstance(exc, OSError) and exc.errno in OS_ERRORS:
+        return OS_ERRORS[exc.errno]
+    return None
+
+
+def write_failure_reason(final: Path) -> str | None:
+    """Why writing ``final`` probably failed when a library (ITK, Pillow) hid the errno: the folder's state."""
+    folder = Path(final).parent
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    try:
+        st = os.statvfs(folder)
+    except OSError:
+        return None
+    if st.f_flag & os.ST_RDONLY:
+        return OS_ERRORS[errno.EROFS]
+    if not os.access(folder, os.W_OK):
+        return OS_ERRORS[errno.EACCES]
+    if st.f_bavail == 0:
+        return OS_ERRORS[errno.ENOSPC]
+    if len(Path(final).name.encode()) > NAME_MAX:
+        return OS_ERRORS[errno.ENAMETOOLONG]
+    return None
 
 
 def _fsync_file(path: Path) -> None:
@@ -67,3 +126,47 @@ def atomic_path(final: Path) -> Iterator[Path]:
             tmp.unlink()
         raise
     _fsync_dir(final.parent)
+
+
+class OutputLock:
+    """An advisory lock beside an output (``.NAME.lock``), so two processes never compute the same mask.
+
+    ``acquire()`` never waits: False means another process holds it (the input is skipped). The lock
+    file is removed on ``release()``. Usable as a context manager.
+    """
+
+    def __init__(self, final: Path) -> None:
+        self.path = Path(final).with_name(f".{Path(final).name}.lock")
+        self._fh: Any = None
+
+    def acquire(self) -> bool:
+        import fcntl
+
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fh = open(self.path, "a+")  # noqa: SIM115 - held until release()
+        try:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            fh.close()
+            return False
+        self._fh = fh
+        return True
+
+    def release(self) -> None:
+        if self._fh is None:
+            return
+        import fcntl
+
+        try:
+            with contextlib.suppress(OSError):
+                self.path.unlink()  # while still held: a waiting process then locks a fresh file
+            fcntl.flock(self._fh.fileno(), fcntl.LOCK_UN)
+        finally:
+            self._fh.close()
+            self._fh = None
+
+    def __enter__(self) -> bool:
+        return self.acquire()
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()

@@ -51,6 +51,28 @@ def is_tiff(path: Path | str) -> bool:
         return False
 
 
+def tiff_header(path: Path | str) -> tuple[tuple[int, int], int, int] | None:
+    """``((H, W), channels, itemsize)`` of series 0 level 0 from the IFDs alone, or None if not 2D.
+
+    The pipeline decides from this, before decoding a pixel, whether a TIFF is read by region.
+    """
+    import tifffile
+
+    try:
+        with tifffile.TiffFile(path) as tif:
+            level = tif.series[0].levels[0]
+            axes, shape = level.axes, level.shape
+            if axes == "YX":
+                return (int(shape[0]), int(shape[1])), 1, level.dtype.itemsize
+            if axes == "YXS":
+                return (int(shape[0]), int(shape[1])), int(shape[2]), level.dtype.itemsize
+            if len(axes) == 3 and axes[0] in "SC" and axes[1:] == "YX":
+                return (int(shape[1]), int(shape[2])), int(shape[0]), level.dtype.itemsize
+    except Exception:
+        return None
+    return None
+
+
 class _Level:
     """One resolution level: its pages (one per channel group) and its segment geometry."""
 
@@ -305,7 +327,7 @@ class TiffPlane:
 
     def downscaled(self, out_hw: tuple[int, int]) -> np.ndarray:
         """``(C, h, w)`` area-averaged view, from the best pyramid level, streamed band by band."""
-        from segcli.engines.base import resize_weights
+        from segcli.resize import resize_weights
 
         out_hw = (int(out_hw[0]), int(out_hw[1]))
         if out_hw in self._overviews:
@@ -399,7 +421,7 @@ def write_tiled(
     """
     import tifffile
 
-    from segcli.engines.base import TileStore
+    from segcli.fusion import TileStore
     from segcli.io.atomic import atomic_path
 
     path = Path(path)

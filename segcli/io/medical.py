@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from segcli.errors import InputError, UsageError
+from segcli.errors import InputError, OutputError, UsageError
 
 if TYPE_CHECKING:
     import SimpleITK as sitk
@@ -584,7 +584,12 @@ def write_image(image: sitk.Image, path: Path, nifti_geometry: dict[str, Any] | 
                 from segcli.io import niftihdr
 
                 niftihdr.patch_file(tmp, nifti_geometry)
-    except RuntimeError as exc:
+    except RuntimeError as exc:  # ITK hides the errno: say what the folder's state explains, if anything
+        from segcli.io.atomic import write_failure_reason
+
+        reason = write_failure_reason(path)
+        if reason is not None:
+            raise OutputError(f"cannot write: {reason}", path) from None
         raise UsageError(f"cannot write image: {itk_message(exc)}", path) from None
 
 

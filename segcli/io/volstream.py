@@ -20,8 +20,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from segcli.errors import InputError
-
-SLAB_BYTES = 64 * 2**20  # decoded bytes per slab; the ITK buffer and the reoriented copy double it
+from segcli.memory import SLAB_BYTES
 
 
 class VolumeSource(Protocol):
@@ -270,21 +269,25 @@ class StreamedVolume:
         return arr
 
 
-def open_streamed(path: Path) -> StreamedVolume | None:
-    """A :class:`StreamedVolume` for a 3D NIfTI, raw MetaImage or DICOM series, else None (read it whole)."""
+def open_streamed(path: Path, content: str | None = None) -> StreamedVolume | None:
+    """A :class:`StreamedVolume` for a 3D NIfTI, raw MetaImage or DICOM series, else None (read it whole).
+
+    ``content``: the kind :func:`segcli.io.sniff` already found for a file.
+    """
     from segcli import io
 
     if path.is_dir():
         return _open_dicom(path)
     if not path.is_file():
         return None
-    try:
-        content = io.sniff(path)
-    except InputError:
-        return None  # the whole reader gives the precise error
+    if content is None:
+        try:
+            content = io.sniff(path)
+        except InputError:
+            return None  # the whole reader gives the precise error
     if content is None or not streamable(path, content):
         return None
-    from segcli.api import slice_axis
+    from segcli.geometry import slice_axis
     from segcli.io import medical
 
     warnings: list[str] = []
@@ -304,7 +307,7 @@ def _open_dicom(folder: Path) -> StreamedVolume | None:
     series is refused here, with the same message as the whole reader) and its grid comes from every
     file's position. A single file goes to the whole reader.
     """
-    from segcli.api import slice_axis
+    from segcli.geometry import slice_axis
     from segcli.io import dicomseries
 
     if not dicomseries.may_hold_dicom(folder):

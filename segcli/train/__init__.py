@@ -44,14 +44,15 @@ from typing import Any
 import numpy as np
 
 from segcli.errors import BundleError, DatasetError, UsageError
+from segcli.methods import TRAINABLE, roles
+from segcli.params import CRITERIA, DEFAULT_PARAMS, default_pad
 from segcli.train.loop import Reporter, TrainingInterrupted
 
 __all__ = ["TrainConfig", "TrainResult", "TrainingInterrupted", "parse_duration", "train", "CHECKPOINT", "METRICS"]
 
 CHECKPOINT = "checkpoint.pt"
 METRICS = "metrics.jsonl"
-METHODS = ("stts", "refine", "direct")
-STAGES = {"stts": ("coarse", "fine"), "refine": ("coarse", "fine"), "direct": ("coarse",)}
+METHODS = TRAINABLE  # the methods segcli.methods marks trainable
 #: Options a ``--resume`` may change; everything else comes from the checkpoint.
 RESUME_OVERRIDES = frozenset({"epochs", "fine_epochs", "time_limit", "patience", "quiet", "device", "cache_gb",
                               "threads", "amp", "val_full_res", "workers"})
@@ -84,12 +85,12 @@ class TrainConfig:
     channels: str = "keep"
     normalization: dict[str, Any] | None = None  # default chosen from the data (data.choose_normalization)
     jitter: int = 16
-    pad: int | None = None  # default S // 8
+    pad: int | None = None  # default segcli.params.default_pad(S)
     fine_init: str = "random"  # or "coarse"
-    patches: int = 8
+    patches: int = DEFAULT_PARAMS["patches"]
     patch_size: int | None = None  # default S
     sampling: str = "uncertain"  # or "uniform"
-    criterion: str = "pixel"
+    criterion: str = DEFAULT_PARAMS["criterion"]
     patience: int | None = None
     time_limit: float | None = None  # seconds of training
     stage_split: float = 0.5
@@ -151,8 +152,8 @@ def _check_config(cfg: TrainConfig) -> None:
         raise UsageError(f"--fine-init must be random or coarse, not {cfg.fine_init!r}")
     if cfg.sampling not in ("uncertain", "uniform"):
         raise UsageError(f"--sampling must be uncertain or uniform, not {cfg.sampling!r}")
-    if cfg.criterion not in ("pixel", "mean"):
-        raise UsageError(f"--criterion must be pixel or mean, not {cfg.criterion!r}")
+    if cfg.criterion not in CRITERIA:
+        raise UsageError(f"--criterion must be {' or '.join(CRITERIA)}, not {cfg.criterion!r}")
     if cfg.jitter < 0:
         raise UsageError("--jitter must be >= 0")
     if not 0.0 < cfg.stage_split < 1.0:
@@ -285,7 +286,7 @@ def _stts_fine_stage(ds: Any, cfg: TrainConfig, model: Any, loss_fn: Any, index:
     from segcli.train.loop import Stage, predict_logits
 
     S = cfg.size
-    pad = cfg.pad if cfg.pad is not None else S // 8
+    pad = cfg.pad if cfg.pad is not None else default_pad(S)
     n = len(ds.train)
 
     def batches(rng: np.random.Generator) -> Iterator[tuple[np.ndarray, np.ndarray]]:
@@ -565,7 +566,7 @@ def _run(cfg: TrainConfig, ckpt: dict[str, Any] | None, reporter: Reporter) -> T
     opts = FitOptions(lr=cfg.lr, weight_decay=cfg.weight_decay, optimizer=cfg.optimizer, schedule=cfg.schedule,
                       patience=cfg.patience, device=device, amp=cfg.amp,
                       augment=AugmentConfig() if cfg.augment else None, seed=cfg.seed)
-    stage_names = STAGES[cfg.method]
+    stage_names = roles(cfg.method)
     arch_of = {"coarse": cfg.arch, "fine": cfg.fine_arch or cfg.arch}
     conf_of = {r: net_config(cfg, arch_of[r]) for r in stage_names}
 
@@ -701,9 +702,10 @@ def _write_bundle(out_dir: Path, cfg: TrainConfig, ds: Any, models: dict[str, An
     from segcli.bundle import save_bundle
 
     S = cfg.size
-    params: dict[str, Any] = {"threshold": 0.5, "keep_aspect": True}
+    params: dict[str, Any] = {"threshold": DEFAULT_PARAMS["threshold"], "keep_aspect": DEFAULT_PARAMS["keep_aspect"]}
     if cfg.method == "stts":
-        params.update(pad=cfg.pad if cfg.pad is not None else S // 8, min_side=5, min_component=1)
+        params.update(pad=cfg.pad if cfg.pad is not None else default_pad(S), min_side=DEFAULT_PARAMS["min_side"],
+                      min_component=DEFAULT_PARAMS["min_component"])
     elif cfg.method == "refine":
         params.update(patches=cfg.patches, patch_size=cfg.patch_size or S, criterion=cfg.criterion)
     fg = ", ".join(ds.classes[1:])
@@ -741,8 +743,9 @@ def full_res_validation(bundle_dir: Path, ds: Any, cfg: TrainConfig, device: str
         rows.append([[m[c][k] for k in ("dice", "iou", "precision", "recall")] for c in range(1, K)])
         hits += sum(m[c]["hit"] for c in range(1, K))
         objs += sum(m[c]["objects"] for c in range(1, K))
-    a = np.asarray(rows, dtype=np.float64)  # (cases, classes, 4)
-    mean = a.mean(axis=(0, 1))
+    a = np.asarray(rows, dtype=np.float64)  # (cases, classes, 4); NaN where a class is absent from both
+    with np.errstate(invalid="ignore"):
+        mean = np.nan_to_num(np.nanmean(a.reshape(-1, 4), axis=0), nan=0.0) if a.size else np.zeros(4)
     return {"cases": len(rows), "dice": float(mean[0]), "iou": float(mean[1]), "precision": float(mean[2]),
             "recall": float(mean[3]), "object_recall": hits / objs if objs else float("nan"),
             "seconds": round(time.perf_counter() - t0, 1)}

@@ -8,7 +8,7 @@ Layouts:
   channel order), ``labelsTr/<case>.<ext>``, ``dataset.json`` with ``labels`` and ``channel_names``.
 
 Volumes become 2D slices along the axis inference slices along: axial, unless another axis of the
-canonical orientation ``segcli.io`` gives is clearly coarser (:func:`segcli.api.slice_axis`). Every case is read and
+canonical orientation ``segcli.io`` gives is clearly coarser (:func:`segcli.geometry.slice_axis`). Every case is read and
 checked (mask present, same size, labels in range) before training starts, so a bad case stops the
 run in seconds with its name instead of crashing an epoch hours later.
 
@@ -30,7 +30,14 @@ from typing import Any
 import numpy as np
 
 from segcli.errors import DatasetError, InputError, SegcliError, UsageError
-from segcli.geometry import component_boxes, fit_aspect, jitter_boxes, square_pad_shift, valid_boxes
+from segcli.geometry import (
+    component_boxes,
+    fit_aspect,
+    jitter_boxes,
+    slice_axis,
+    square_pad_shift,
+    valid_boxes,
+)
 from segcli.io.atomic import split_extension
 from segcli.resize import letterbox, resize
 
@@ -244,15 +251,6 @@ def read_array(path: Path) -> tuple[np.ndarray, tuple[float, ...] | None, bool]:
 
     img = open_image(path)
     return img.array, (tuple(img.spacing) if img.spacing else None), img.kind == "volume"
-
-
-def slice_axis(spacing: tuple[float, ...] | None) -> int:
-    """The axis inference slices volumes along (delegates to the API so both always agree)."""
-    try:
-        from segcli.api import slice_axis as api_axis
-    except ImportError:  # pragma: no cover - API module not importable
-        return 0 if not spacing else int(np.argmax(np.asarray(spacing, dtype=np.float64)))
-    return api_axis(spacing)
 
 
 def choose_normalization(dtype: np.dtype, modality: str | None, samples: Sequence[tuple[np.ndarray, np.ndarray]]) -> dict[str, Any]:

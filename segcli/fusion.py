@@ -1,0 +1,328 @@
+"""Fusion: turning many overlapping window predictions into one label image, in bounded memory.
+
+Every engine hands its network outputs to an aggregator with the same two calls,
+``aggregate(box, probs)`` per window and ``finalize(return_probs)`` once, so the fusion rule is
+a choice of aggregator, not engine code:
+
+* :class:`FuseStore`: per-class maximum (OR for binary tasks, the segment-then-segment paper's rule),
+  stored only where windows reached, 1 byte per pixel for binary tasks, optionally spilled to disk;
+  :class:`LazyLabels` reads it back window by window for masks too large to hold.
+* :class:`WeightedMean`: Gaussian-weighted mean of overlapping tiles (the sliding-window rule).
+
+:class:`CoarseFill` supplies the upsampled rough map where no window reached.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import threading
+from collections import OrderedDict
+from collections.abc import Iterator
+from contextlib import suppress
+from typing import Protocol
+
+import numpy as np
+
+from segcli.resize import resize_window
+
+
+def foreground(probs: np.ndarray, threshold: float) -> np.ndarray:
+    """Binary foreground from ``(K, ...)`` probabilities: p₁ > t for K = 2, argmax ≠ 0 otherwise."""
+    if probs.shape[0] == 2:
+        return probs[1] > threshold
+    return probs.argmax(axis=0) != 0
+
+
+def labels_from_probs(probs: np.ndarray, threshold: float) -> np.ndarray:
+    """uint8 labels from ``(K, ...)`` probabilities: p₁ > t for K = 2, argmax otherwise."""
+    if probs.shape[0] == 2:
+        return (probs[1] > threshold).astype(np.uint8)
+    return probs.argmax(axis=0).astype(np.uint8)
+
+
+class Aggregator(Protocol):
+    """What engines fuse window predictions through (see the module docstring)."""
+
+    def aggregate(self, box: np.ndarray | tuple[int, ...], probs: np.ndarray) -> None:
+        """Add ``probs`` ``(K, h, w)`` predicted for the full-resolution box ``(y0, x0, y1, x1)``."""
+        ...
+
+    def finalize(self, return_probs: bool) -> tuple[np.ndarray, np.ndarray | None]:
+        """uint8 labels ``(H, W)`` and, if asked, float32 probabilities ``(K, H, W)``."""
+        ...
+
+
+class WeightedMean:
+    """Weighted mean of overlapping windows (Gaussian importance in sliding windows), dense in memory."""
+
+    def __init__(self, shape: tuple[int, int], n_classes: int, threshold: float, weight: np.ndarray) -> None:
+        self.shape = (int(shape[0]), int(shape[1]))
+        self.threshold = threshold
+        self.window_weight = np.asarray(weight, dtype=np.float32)
+        self.acc = np.zeros((n_classes, *self.shape), dtype=np.float32)
+        self.weight = np.zeros(self.shape, dtype=np.float32)
+
+    def aggregate(self, box: np.ndarray | tuple[int, ...], probs: np.ndarray) -> None:
+        y0, x0, y1, x1 = (int(v) for v in box)
+        gw = self.window_weight[: y1 - y0, : x1 - x0]
+        self.acc[:, y0:y1, x0:x1] += probs[:, : y1 - y0, : x1 - x0] * gw
+        self.weight[y0:y1, x0:x1] += gw
+
+    def finalize(self, return_probs: bool) -> tuple[np.ndarray, np.ndarray | None]:
+        self.acc /= self.weight[None]
+        return labels_from_probs(self.acc, self.threshold), (self.acc if return_probs else None)
+
+
+class CoarseFill:
+    """Labels and probabilities of the upsampled rough map, for any window, on demand.
+
+    Pixels no crop reached take these values under ``keep_coarse``; computing them per window means
+    the full-resolution float map (K×H×W×4 bytes, 12.8 GB at 40k² and K = 2) never exists.
+    """
+
+    def __init__(self, rough: np.ndarray, full_hw: tuple[int, int], threshold: float) -> None:
+        self.rough = np.asarray(rough, dtype=np.float32)
+        self.full_hw = (int(full_hw[0]), int(full_hw[1]))
+        self.threshold = threshold
+
+    def probs(self, box: np.ndarray | tuple[int, int, int, int]) -> np.ndarray:
+        return resize_window(self.rough, self.full_hw, box, "bilinear")
+
+    def labels(self, box: np.ndarray | tuple[int, int, int, int]) -> np.ndarray:
+        return labels_from_probs(self.probs(box), self.threshold)
+
+
+# -- bounded fusion of crop probabilities ------------------------------------------------------------------
+
+
+class Quantizer:
+    """uint8 codes for a foreground probability that keep ``p > t`` exact: ``q ≥ 128 ⇔ p > t``.
+
+    The code is monotone in p, so max-fusion of codes equals the code of the max-fused probability:
+    binary OR-fusion through 1 byte per pixel gives exactly the labels of float fusion, and
+    probabilities good to ~1/127 of their side of the threshold. 0 means "no crop reached here".
+    """
+
+    def __init__(self, threshold: float) -> None:
+        self.t = float(min(max(threshold, 1e-6), 1.0))
+
+    def encode(self, p: np.ndarray) -> np.ndarray:
+        p = np.clip(np.asarray(p, dtype=np.float32), 0.0, 1.0)
+        t = self.t
+        lo = 1.0 + np.floor(p / t * 126.999)
+        hi = 128.0 + np.floor((p - t) / max(1.0 - t, 1e-6) * 127.999)
+        return np.where(p > t, hi, lo).astype(np.uint8)
+
+    def decode(self, q: np.ndarray) -> np.ndarray:
+        q = q.astype(np.float32)
+        t = self.t
+        return np.where(q >= 128, t + (q - 127.5) / 128.0 * (1.0 - t), (q - 0.5) / 127.0 * t).astype(np.float32)
+
+
+class TileStore:
+    """A ``(kc, H, W)`` array kept as ``tile``² tiles, created on first write, optionally spilled to disk.
+
+    With ``spill_dir`` tiles live in an unlinked temporary file read and written with
+    ``pread``/``pwrite`` behind a small LRU cache: unlike ``np.memmap``, page-cache pages then never
+    count as the process's resident memory, so peak RSS stays flat however large the image.
+    """
+
+    def __init__(self, shape: tuple[int, int], kc: int, dtype: np.dtype | type, empty: float, *, tile: int = 512,
+                 spill_dir: str | os.PathLike | None = None, cache_bytes: int = 64 * 2**20) -> None:
+        self.shape = (int(shape[0]), int(shape[1]))
+        self.kc = int(kc)
+        self.dtype = np.dtype(dtype)
+        self.empty = empty
+        self.tile = int(tile)
+        self.tile_bytes = self.kc * self.tile * self.tile * self.dtype.itemsize
+        self._cache: OrderedDict[tuple[int, int], np.ndarray] = OrderedDict()
+        self._dirty: set[tuple[int, int]] = set()
+        self._slots: dict[tuple[int, int], int] = {}
+        self._lock = threading.RLock()
+        self._fd: int | None = None
+        self.cache_tiles = max(4, cache_bytes // self.tile_bytes) if spill_dir is not None else None
+        if spill_dir is not None:
+            fd, name = tempfile.mkstemp(prefix=".segcli-tiles-", suffix=".bin", dir=spill_dir)
+            os.unlink(name)  # gone from the folder at once; the space is freed when the fd closes
+            self._fd = fd
+
+    def _tiles(self, box: tuple[int, int, int, int]) -> Iterator[tuple[tuple[int, int], tuple[int, int, int, int]]]:
+        y0, x0, y1, x1 = box
+        T = self.tile
+        for ty in range(y0 // T, (y1 - 1) // T + 1):
+            for tx in range(x0 // T, (x1 - 1) // T + 1):
+                yield (ty, tx), (max(y0, ty * T), max(x0, tx * T), min(y1, (ty + 1) * T), min(x1, (tx + 1) * T))
+
+    def _get(self, key: tuple[int, int], create: bool) -> np.ndarray | None:
+        arr = self._cache.get(key)
+        if arr is not None:
+            self._cache.move_to_end(key)
+            return arr
+        if self._fd is not None and key in self._slots:
+            raw = os.pread(self._fd, self.tile_bytes, self._slots[key] * self.tile_bytes)
+            arr = np.frombuffer(raw, dtype=self.dtype).reshape(self.kc, self.tile, self.tile).copy()
+        elif create:
+            arr = np.full((self.kc, self.tile, self.tile), self.empty, dtype=self.dtype)
+        else:
+            return None
+        self._cache[key] = arr
+        self._evict()
+        return arr
+
+    def _evict(self) -> None:
+        if self.cache_tiles is None or self._fd is None:
+            return
+        while len(self._cache) > self.cache_tiles:
+            key, arr = self._cache.popitem(last=False)
+            if key in self._dirty:
+                slot = self._slots.setdefault(key, len(self._slots))
+                os.pwrite(self._fd, arr.tobytes(), slot * self.tile_bytes)
+                self._dirty.discard(key)
+
+    @property
+    def touched_tiles(self) -> int:
+        return len(set(self._slots) | set(self._cache))
+
+    def maximum(self, box: np.ndarray | tuple[int, ...], values: np.ndarray) -> None:
+        """``store[:, box] = max(store[:, box], values)`` for ``values`` of shape ``(kc, h, w)``."""
+        y0, x0, y1, x1 = (int(v) for v in box)
+        T = self.tile
+        with self._lock:
+            for key, (a0, b0, a1, b1) in self._tiles((y0, x0, y1, x1)):
+                arr = self._get(key, create=True)
+                assert arr is not None
+                dst = arr[:, a0 - key[0] * T : a1 - key[0] * T, b0 - key[1] * T : b1 - key[1] * T]
+                np.maximum(dst, values[:, a0 - y0 : a1 - y0, b0 - x0 : b1 - x0], out=dst)
+                self._dirty.add(key)
+
+    def read(self, box: np.ndarray | tuple[int, ...]) -> np.ndarray:
+        """Stored values ``(kc, h, w)`` for a box (``empty`` where nothing was written)."""
+        y0, x0, y1, x1 = (int(v) for v in box)
+        out = np.full((self.kc, y1 - y0, x1 - x0), self.empty, dtype=self.dtype)
+        T = self.tile
+        with self._lock:
+            for key, (a0, b0, a1, b1) in self._tiles((y0, x0, y1, x1)):
+                arr = self._get(key, create=False)
+                if arr is not None:
+                    out[:, a0 - y0 : a1 - y0, b0 - x0 : b1 - x0] = \
+                        arr[:, a0 - key[0] * T : a1 - key[0] * T, b0 - key[1] * T : b1 - key[1] * T]
+        return out
+
+    def close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+        self._cache.clear()
+
+    def __del__(self) -> None:  # pragma: no cover - best effort
+        with suppress(Exception):
+            self.close()
+
+
+class FuseStore(TileStore):
+    """Per-class maximum of crop probabilities, only where crops reached (a :class:`TileStore`).
+
+    Binary tasks store the foreground channel as :class:`Quantizer` codes (1 byte/pixel, exact
+    labels); multi-class tasks, or callers wanting exact probabilities (``exact=True``), store
+    float32 with -1 meaning "no crop". Untouched tiles cost nothing.
+    """
+
+    def __init__(self, shape: tuple[int, int], n_classes: int, threshold: float, *, exact: bool = False,
+                 tile: int = 512, spill_dir: str | os.PathLike | None = None, cache_bytes: int = 64 * 2**20) -> None:
+        self.n_classes = n_classes
+        self.binary = n_classes == 2
+        self.quant = Quantizer(threshold) if (self.binary and not exact) else None
+        self.threshold = threshold
+        super().__init__(shape, 1 if self.binary else n_classes, np.uint8 if self.quant else np.float32,
+                         0 if self.quant else -1.0, tile=tile, spill_dir=spill_dir, cache_bytes=cache_bytes)
+
+    # fusion and reads ---------------------------------------------------------------------------------
+    def aggregate(self, box: np.ndarray | tuple[int, ...], probs: np.ndarray) -> None:
+        """Max-fuse ``probs`` — ``(K, h, w)`` for the box ``(y0, x0, y1, x1)`` — into the store."""
+        p = probs[1:2] if self.binary else probs
+        self.maximum(box, self.quant.encode(p) if self.quant else np.asarray(p, dtype=np.float32))
+
+    fuse = aggregate  # the paper's word for it
+
+    def finalize(self, return_probs: bool, fill: CoarseFill | None = None) -> tuple[np.ndarray, np.ndarray | None]:
+        """Full-size labels (and probabilities) with ``fill`` where no window reached; closes the store."""
+        lazy = LazyLabels(self, fill, fill)
+        labels = np.asarray(lazy)
+        probs = None
+        if return_probs:
+            H, W = self.shape
+            probs = np.empty((self.n_classes, H, W), np.float32)
+            for y in range(0, H, self.tile):
+                y1 = min(H, y + self.tile)
+                probs[:, y:y1] = lazy.read_probs((y, 0, y1, W))
+        self.close()
+        return labels, probs
+
+    def covered(self, stored: np.ndarray) -> np.ndarray:
+        return stored[0] != self.empty if self.quant else stored[0] >= 0
+
+    def labels(self, box: np.ndarray | tuple[int, ...], fill: CoarseFill | None = None) -> np.ndarray:
+        """uint8 labels of a box: fused crops where they reached, else the rough labels or background."""
+        v = self.read(box)
+        if self.quant:
+            lab = (v[0] >= 128).astype(np.uint8)
+        elif self.binary:
+            lab = (v[0] > self.threshold).astype(np.uint8)
+        else:
+            lab = v.argmax(axis=0).astype(np.uint8)
+        if fill is not None:
+            cov = self.covered(v)
+            if not cov.all():
+                lab = np.where(cov, lab, fill.labels(box)).astype(np.uint8)
+        return lab
+
+    def probs(self, box: np.ndarray | tuple[int, ...], fill: CoarseFill | None = None) -> np.ndarray:
+        """float32 ``(K, h, w)``: fused probabilities; rough ones (``fill``) or background elsewhere."""
+        v = self.read(box)
+        cov = self.covered(v)
+        if self.binary:
+            p1 = self.quant.decode(v[0]) if self.quant else v[0]
+            p = np.stack([1.0 - p1, p1]).astype(np.float32)
+        else:
+            p = v.astype(np.float32)
+        if not cov.all():
+            if fill is not None:
+                other = fill.probs(box)
+            else:
+                other = np.zeros_like(p)
+                other[0] = 1.0
+            p = np.where(cov[None], p, other).astype(np.float32)
+        return p
+
+
+class LazyLabels:
+    """A label image that exists only as a :class:`FuseStore` plus a rough map, read window by window.
+
+    It is what stts returns for inputs too large to hold (``Result.labels``); the streamed TIFF
+    writer asks it for one output tile at a time. ``np.asarray`` materialises it (small images only).
+    """
+
+    ndim = 2
+    dtype = np.dtype(np.uint8)
+
+    def __init__(self, store: FuseStore, fill: CoarseFill | None, probs_fill: CoarseFill | None = None) -> None:
+        self.store = store
+        self.fill = fill
+        self.probs_fill = probs_fill
+        self.shape = store.shape
+
+    def read(self, box: np.ndarray | tuple[int, ...]) -> np.ndarray:
+        return self.store.labels(box, self.fill)
+
+    def read_probs(self, box: np.ndarray | tuple[int, ...]) -> np.ndarray:
+        return self.store.probs(box, self.probs_fill)
+
+    def __array__(self, dtype: object = None, copy: object = None) -> np.ndarray:
+        out = np.empty(self.shape, np.uint8)
+        T = self.store.tile
+        for y in range(0, self.shape[0], T):
+            for x in range(0, self.shape[1], T):
+                box = (y, x, min(y + T, self.shape[0]), min(x + T, self.shape[1]))
+                out[box[0] : box[2], box[1] : box[3]] = self.read(box)
+        return out if dtype is None else out.astype(dtype)

@@ -1,0 +1,37 @@
+"""Names of the files written beside a mask: probabilities, previews.
+
+One place decides them, so ``--skip-existing``, the preview writer and the overwrite checks agree.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from segcli.io.atomic import split_extension
+
+#: Mask extension → extension of its probabilities file (PNG cannot hold float32; .nii becomes .nii.gz).
+_PROBS_EXT = {".png": ".tif", ".tif": ".tif", ".tiff": ".tif", ".nii": ".nii.gz", ".nii.gz": ".nii.gz",
+              ".mha": ".mha", ".nrrd": ".nrrd", ".ome.tif": ".ome.tif", ".ome.tiff": ".ome.tif",
+              ".dcm": ".nii.gz"}
+
+
+def probabilities_path(mask_path: Path) -> Path:
+    """``NAME_probs.EXT`` beside the mask ``NAME.EXT`` (float32 class probabilities)."""
+    mask_path = Path(mask_path)
+    stem, ext = split_extension(mask_path.name)
+    new_ext = _PROBS_EXT.get(ext)
+    if new_ext is None:
+        return mask_path.with_name(mask_path.name + "_probs.tif")
+    return mask_path.with_name(f"{stem}_probs{new_ext}")
+
+
+def with_extension(path: Path, ext: str) -> Path:
+    """``path`` with its (possibly double) extension replaced by ``ext``."""
+    path = Path(path)
+    return path.with_name(split_extension(path.name)[0] + ext)
+
+
+def preview_path(mask_path: Path) -> Path:
+    """``NAME_preview.png`` beside the mask ``NAME.EXT``."""
+    mask_path = Path(mask_path)
+    return mask_path.with_name(f"{split_extension(mask_path.name)[0]}_preview.png")

@@ -1,0 +1,69 @@
+"""The method table: which methods exist, which networks each needs, and which can be trained.
+
+Prediction (segcli.plan), bundles (segcli.bundle) and training (segcli.train) all read this one
+table, so adding a method is one row here plus its engine.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+
+@dataclass(frozen=True)
+class Method:
+    """A coarse-to-fine (or baseline) method: its network roles and whether ``segcli train`` makes it."""
+
+    name: str
+    roles: tuple[str, ...]  # the predictors its engine takes, in order
+    trainable: bool
+    summary: str
+    engine: str  # "module:function" of its 2D engine, imported when first used
+    params: tuple[str, ...]  # method parameters (segcli.params) its engine takes besides size and threshold
+    volume_engine: str | None = None  # a 3D engine ("module:function"); None: the 2D engine slice by slice
+    volume_params: tuple[str, ...] = ()
+
+
+TABLE: dict[str, Method] = {
+    m.name: m
+    for m in (
+        Method("stts", ("coarse", "fine"), True,
+               "segment-then-segment: rough pass, crops of its components, fine pass", "segcli.engines.stts:stts",
+               ("pad", "keep_aspect", "min_side", "min_component", "keep_coarse", "batch_size"),
+               "segcli.engines.volume:stts_volume",  # components in 3D: one crop set across slices
+               ("pad", "keep_aspect", "min_side", "min_volume", "keep_coarse", "batch_size")),
+        Method("refine", ("coarse", "fine"), True,
+               "rough pass, then the most uncertain patches at full resolution", "segcli.engines.refine:refine",
+               ("patch_size", "patches", "refine_threshold", "criterion", "min_patch_std", "keep_aspect",
+                "batch_size")),
+        Method("direct", ("coarse",), True,
+               "one network on the downscaled image (the papers' baseline)", "segcli.engines.direct:direct",
+               ("keep_aspect",)),
+        Method("sliding", ("fine",), False,
+               "full-resolution sliding window with Gaussian blending (MONAI/nnU-Net)", "segcli.engines.direct:sliding",
+               ("overlap", "batch_size")),
+    )
+}
+
+#: Every method ``segcli predict`` runs, in the order help texts list them.
+METHODS: tuple[str, ...] = tuple(TABLE)
+#: Methods ``segcli train`` makes bundles for.
+TRAINABLE: tuple[str, ...] = tuple(m.name for m in TABLE.values() if m.trainable)
+#: Network roles a bundle may hold.
+ROLES: tuple[str, ...] = ("coarse", "fine")
+
+
+def roles(method: str) -> tuple[str, ...]:
+    """The network roles ``method`` runs (a KeyError for an unknown method)."""
+    return TABLE[method].roles
+
+
+def engine(method: str, volume: bool = False) -> Callable[..., Any]:
+    """The 2D engine function of ``method``, or its 3D one with ``volume`` (a KeyError if it has none)."""
+    spec = TABLE[method].volume_engine if volume else TABLE[method].engine
+    if spec is None:
+        raise KeyError(f"{method} has no volume engine")
+    module, func = spec.split(":")
+    return getattr(importlib.import_module(module), func)

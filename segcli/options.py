@@ -1,0 +1,107 @@
+"""One frozen options object for a prediction run, validated once.
+
+The CLI builds a :class:`PredictOptions` from its flags, Python callers build one directly (or let
+:class:`~segcli.api.Segmenter` build it from keyword arguments), and worker processes receive the
+same object pickled. Everything that can be wrong with an option is found here, before any model
+is loaded or any file read (exit code 2 on the command line).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from segcli import memory
+from segcli.errors import UsageError
+from segcli.methods import METHODS
+from segcli.params import TILE_SIZE, check_param, check_range
+
+BACKENDS = ("auto", "torch", "onnx")
+#: ``auto``: the mask format follows ``-o``'s extension, else the input's family (segcli.io);
+#: ``dicom-seg``: a DICOM Segmentation referencing the input series (DICOM series inputs only).
+OUTPUT_TYPES = ("auto", "dicom-seg")
+CHANNEL_MODES = ("keep", "grey", "rgb")
+
+
+@dataclass(frozen=True)
+class PredictOptions:
+    """How to segment: model and method, runtime, memory rules and what to write besides the mask.
+
+    ``params`` overrides the bundle's method parameters (threshold, pad, patches, ...; see
+    :mod:`segcli.params`); entries that are None are dropped, so a CLI flag left unset keeps the
+    bundle's value.
+    """
+
+    model: str | None = None
+    method: str | None = None
+    backend: str = "auto"
+    device: str = "auto"
+    threads: int | None = None
+    channels: str = "keep"
+    half: bool = False
+    size: int | None = None
+    params: dict[str, Any] = field(default_factory=dict)
+    # Memory and big images (segcli.memory, segcli.engines.stts)
+    max_memory: str | int | None = None
+    pyramid: bool = False
+    mpp: float | None = None
+    max_downscale: float | None = None
+    max_zoom: float | None = None
+    lazy_pixels: int = memory.LAZY_PIXELS
+    tile_size: int = TILE_SIZE
+    stream_volumes: bool = True  # NIfTI, raw MetaImage and DICOM series decoded slab by slab
+    # Outputs and batch behaviour
+    output_type: str = "auto"
+    probabilities: bool = False
+    preview: bool = False  # NAME_seg_preview.png (drawn by the caller after the mask; counted by skip_existing)
+    skip_existing: bool = False
+    stats: bool = False
+    lock: bool = False
+
+    def __post_init__(self) -> None:
+        set_ = object.__setattr__  # frozen: normalise in place once, here
+        if self.model is not None:
+            set_(self, "model", str(self.model))
+        if self.method is not None and self.method not in METHODS:
+            raise UsageError(f"unknown method {self.method!r}; use one of {', '.join(METHODS)}")
+        if self.backend not in BACKENDS:
+            raise UsageError(f"--backend must be one of {', '.join(BACKENDS)}, not {self.backend!r}")
+        if self.output_type not in OUTPUT_TYPES:
+            raise UsageError(f"--output-type must be one of {', '.join(OUTPUT_TYPES)}, not {self.output_type!r}")
+        if self.channels not in CHANNEL_MODES:
+            raise UsageError(f"--channels must be keep, grey or rgb, not {self.channels!r}")
+        set_(self, "params", {k: check_param(k, v) for k, v in dict(self.params or {}).items() if v is not None})
+        if self.threads is not None:
+            check_range("threads", self.threads, 1, 1024)
+        if self.size is not None:
+            check_range("size", self.size, 8, 8192)
+        for name in ("mpp", "max_downscale", "max_zoom"):
+            v = getattr(self, name)
+            if v is not None:
+                check_range(name, float(v), 1e-6 if name == "mpp" else 1.0, None)
+        if self.tile_size % 16 or not 16 <= self.tile_size <= 4096:
+            raise UsageError(f"tile size must be a multiple of 16 between 16 and 4096, not {self.tile_size}")
+        if self.max_memory is None and memory.env_budget() is not None:
+            set_(self, "max_memory", memory.env_budget())
+        memory.budget(self.max_memory)  # a malformed --max-memory fails here, not on the first file
+
+    @property
+    def budget(self) -> int:
+        """The memory budget in bytes (``max_memory``, else a share of what is available)."""
+        return memory.budget(self.max_memory)
+
+    def replace(self, **changes: Any) -> PredictOptions:
+        """A copy with ``changes`` applied (and validated)."""
+        return dataclasses.replace(self, **changes)
+
+    @classmethod
+    def from_kwargs(cls, model: str | Path | None = None, *, overrides: dict[str, Any] | None = None,
+                    **kwargs: Any) -> PredictOptions:
+        """The Segmenter's historical keyword form: ``overrides`` is the ``params`` mapping."""
+        unknown = set(kwargs) - {f.name for f in dataclasses.fields(cls)}
+        if unknown:
+            raise TypeError(f"unknown option(s): {', '.join(sorted(unknown))}")
+        params = {**(overrides or {}), **kwargs.pop("params", {})}
+        return cls(model=str(model) if model is not None else None, params=params, **kwargs)

@@ -1,0 +1,568 @@
+"""One file's way through segcli: read → compute → write, on one of three routes chosen once.
+
+The input's content is sniffed once (:func:`segcli.io.sniff_input`); from that, its header and the
+memory budget, :func:`open_route` picks how the file is served:
+
+* :class:`InMemoryRoute`: decode whole, normalise, run the engine, write (photos, small TIFFs, the
+  volumes that cannot be streamed);
+* :class:`StreamedVolumeRoute`: NIfTI, raw MetaImage and DICOM series decoded slab by slab, the mask
+  written straight into the writer's file-order buffer and NIfTI probabilities spilled to disk;
+* :class:`TiledTiffRoute`: TIFFs too large to hold (above ``lazy_pixels``, or beyond the budget): a
+  TiffPlane reads the rough view from the best pyramid level and crops by region, stts fuses into a
+  spilled tile store, and the mask is streamed into a tiled BigTIFF. Methods that need the whole
+  image are estimated first and refused with a one-line message instead of meeting the OOM killer.
+
+Each route offers the same three calls — ``compute``, ``write``, ``close`` — and fills its report
+through :mod:`segcli.report`. :func:`run_many` overlaps reading the next file and writing the
+previous one with computing the current one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+import warnings
+from collections import deque
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol
+
+import numpy as np
+
+from segcli import io, memory
+from segcli.engines.base import ProgressFn, Result
+from segcli.errors import EmptyImageError, SegcliError, bug_message
+from segcli.geometry import slice_axis
+from segcli.io.atomic import OutputLock, os_error_words
+from segcli.io.naming import probabilities_path, with_extension
+from segcli.prepare import implausible_result, mismatch_warnings
+from segcli.report import FileReport, count_labels, fill_counts, fill_run
+
+if TYPE_CHECKING:
+    from segcli.api import Segmenter
+    from segcli.bundle import Bundle
+
+
+class Route(Protocol):
+    """How one opened input is computed and written (see the module docstring)."""
+
+    spacing: tuple[float, ...] | None
+    spatial_shape: tuple[int, ...]
+    warnings: list[str]
+
+    def compute(self, seg: Segmenter, job: Job, progress: ProgressFn | None) -> None: ...
+
+    def write(self, seg: Segmenter, job: Job) -> None: ...
+
+    def close(self) -> None: ...
+
+
+@dataclass
+class Job:
+    """One file moving through read → compute → write."""
+
+    path: Path
+    rep: FileReport
+    t0: float
+    out: Path | None = None
+    route: Any = None  # a Route once the input is open
+    lock: OutputLock | None = None
+
+    def fail_from(self, exc: BaseException, writing: bool = False) -> None:
+        """Record ``exc`` as this file's failure: a SegcliError as itself, an operating-system failure (disk
+        full, permission, read-only...) in the user's words naming the user's file, anything else as a bug."""
+        self.rep.status = "failed"
+        self.close_route()
+        words = os_error_words(exc)
+        if words is not None:
+            self.rep.error = f"{self._user_path(getattr(exc, 'filename', None), writing)}: {words}"
+        elif not isinstance(exc, SegcliError):
+            self.rep.error = bug_message(exc, self.path)
+        elif exc.path is not None:
+            self.rep.error = str(exc)
+        else:
+            self.rep.error = f"{self.path}: {exc}"
+
+    def _user_path(self, name: Any, writing: bool) -> Path:
+        """The path the user knows for an OS error's file: the output for its hidden temporary names."""
+        if name is None:
+            return self.out if writing and self.out is not None else self.path
+        p = Path(str(name))
+        if self.out is not None and p.name.startswith(".") and (".partial-" in p.name or p.name.endswith(".lock")):
+            return self.out
+        return p
+
+    def close_route(self) -> None:
+        if self.route is not None:
+            self.route.close()
+            self.route = None
+
+    def finish(self) -> FileReport:
+        """Release the lock and the route's resources; stamp the total time."""
+        if self.lock is not None:
+            self.lock.release()
+            self.lock = None
+        self.close_route()
+        self.rep.seconds["total"] = time.perf_counter() - self.t0
+        return self.rep
+
+
+# -- routes ----------------------------------------------------------------------------------------
+
+
+def _finish_compute(seg: Segmenter, job: Job, res: Result, bundle: Bundle, spacing: Any) -> None:
+    """What every route records after its engine ran: run facts, class counts, optional statistics."""
+    rep = job.rep
+    fill_run(rep, res, model=bundle.name, method=seg.plan_for(bundle).method, device=seg.device,
+             providers=seg.providers(bundle) if rep.status == "ok" else None)
+    counts = count_labels(res.labels)
+    fill_counts(rep, counts, bundle.classes, spacing, ndim=res.labels.ndim)
+    if rep.status == "ok" and (note := implausible_result(counts, int(res.labels.size))):
+        rep.warnings.append(note)
+    if seg.options.stats:
+        from segcli.stats import label_stats
+
+        rep.stats = label_stats(res.labels, bundle.classes, spacing)
+
+
+class InMemoryRoute:
+    """An image decoded whole (:class:`segcli.io.LoadedImage`)."""
+
+    def __init__(self, img: io.LoadedImage) -> None:
+        self.img = img
+        self.spacing = img.spacing
+        self.spatial_shape = img.spatial_shape
+        self.dtype = img.array.dtype
+        self.warnings = list(img.meta.get("warnings", []))
+        self.res: Result | None = None
+
+    def compute(self, seg: Segmenter, job: Job, progress: ProgressFn | None) -> None:
+        img = self.img
+        kind = "volume" if img.ndim == 3 else "2d"
+        check_in_memory(seg, kind, img.spatial_shape, img.channels, img.array.dtype.itemsize, job.path)
+        try:
+            res, bundle = seg.segment_array(img.array, kind=kind, spacing=img.spacing,
+                                            return_probs=seg.options.probabilities, progress=progress, path=job.path)
+        except EmptyImageError as exc:
+            bundle, res = seg.bundle_for(kind), Result(np.zeros(img.spatial_shape, np.uint8))
+            job.rep.status = "empty"
+            job.rep.warnings.append(exc.message)
+        _finish_compute(seg, job, res, bundle, img.spacing)
+        self.res = res
+
+    def write(self, seg: Segmenter, job: Job) -> None:
+        assert self.res is not None and job.out is not None
+        if seg.options.output_type == "dicom-seg":
+            from segcli.io.medical import to_original_axes
+
+            write_dicom_seg(seg, job, to_original_axes(self.res.labels, self.img.meta), self.img.meta)
+        else:
+            io.write_mask(self.res.labels, self.img, job.out)
+        if seg.options.probabilities and self.res.probs is not None:
+            io.write_probabilities(self.res.probs, self.img, probabilities_path(job.out))
+
+    def close(self) -> None:
+        self.res = None
+
+
+class StreamedVolumeRoute:
+    """A volume decoded slab by slab (:class:`segcli.io.volstream.StreamedVolume`)."""
+
+    def __init__(self, vol: Any) -> None:
+        self.vol = vol
+        self.spacing = vol.spacing
+        self.spatial_shape = vol.spatial_shape
+        self.dtype = vol.dtype
+        self.warnings = list(vol.meta.get("warnings", []))
+        self.res: Result | None = None
+        self.buf: np.ndarray | None = None  # the mask in the file's own axis order
+
+    def compute(self, seg: Segmenter, job: Job, progress: ProgressFn | None) -> None:
+        from segcli.io.medical import canonical_view, file_order_buffer
+        from segcli.io.niftistream import SpilledProbs, streamable_probs
+
+        vol, opts = self.vol, seg.options
+        bundle = seg.bundle_for("volume")
+        axis = slice_axis(vol.spacing)
+        spilled = bool(opts.probabilities and job.out is not None
+                       and streamable_probs(vol.meta, axis, probabilities_path(job.out)))
+        est = memory.estimate_volume(vol.spatial_shape, vol.channels, vol.dtype.itemsize,
+                                     model_channels=bundle.in_channels, n_classes=bundle.n_classes,
+                                     return_probs=opts.probabilities and not spilled, streamed=True)
+        _check_volume_fits(seg, est, vol.spatial_shape, job.path)
+        spill = None
+        if spilled:  # probabilities bound for NIfTI go to a temporary file slice by slice
+            assert job.out is not None
+            hw = tuple(s for i, s in enumerate(vol.spatial_shape) if i != axis)
+            spill = SpilledProbs(bundle.n_classes, vol.spatial_shape[axis], hw, directory=job.out.parent)  # type: ignore[arg-type]
+        # The mask goes straight into the writer's file-order buffer: no reordering copy.
+        self.buf = file_order_buffer(vol.meta)
+        try:
+            res, bundle = seg.segment_volume(vol, spacing=vol.spacing, return_probs=opts.probabilities,
+                                             progress=progress, path=job.path,
+                                             labels_out=canonical_view(self.buf, vol.meta), probs_out=spill)
+            res.info["probabilities_streamed"] = spill is not None
+        except EmptyImageError as exc:
+            res = Result(np.zeros(vol.spatial_shape, np.uint8))
+            job.rep.status = "empty"
+            job.rep.warnings.append(exc.message)
+            if spill is not None:
+                spill.close()
+        _finish_compute(seg, job, res, bundle, vol.spacing)
+        self.res = res
+
+    def write(self, seg: Segmenter, job: Job) -> None:
+        from segcli.io import niftistream
+
+        res, out = self.res, job.out
+        assert res is not None and out is not None
+        if seg.options.output_type == "dicom-seg" and self.buf is not None:
+            write_dicom_seg(seg, job, self.buf, self.vol.meta)
+        elif self.buf is not None and out.name.lower().endswith((".nii", ".nii.gz")):
+            niftistream.write_mask(self.buf, self.vol.meta, out)  # plane by plane, no copy
+        else:
+            io.write_mask(res.labels, self.vol, out)
+        if not seg.options.probabilities or res.probs is None:
+            return
+        if isinstance(res.probs, niftistream.SpilledProbs):
+            niftistream.write_planes(probabilities_path(out), self.vol.meta, res.probs.shape[0], np.float32,
+                                     niftistream.file_order_planes(res.probs, self.vol.meta,
+                                                                   int(res.info["slice_axis"])))
+        else:
+            io.write_probabilities(res.probs, self.vol, probabilities_path(out))
+
+    def close(self) -> None:
+        if self.res is not None and hasattr(self.res.probs, "close"):
+            self.res.probs.close()  # type: ignore[union-attr]
+        self.res = None
+        self.buf = None
+        self.vol.close()  # a streamed volume's temporary decompressed copy
+
+
+class TiledTiffRoute:
+    """A TIFF read by region (:class:`segcli.io.bigtiff.TiffPlane`), segmented by stts into a spilled
+    store and written as a tiled BigTIFF, tile by tile."""
+
+    def __init__(self, plane: Any) -> None:
+        self.plane = plane
+        self.spacing = plane.spacing
+        self.spatial_shape = plane.shape
+        self.dtype = getattr(plane, "dtype", None)
+        self.warnings = [f"tifffile: {n}" for n in plane.notes]
+        self.res: Result | None = None
+
+    def compute(self, seg: Segmenter, job: Job, progress: ProgressFn | None) -> None:
+        from segcli import plan
+        from segcli.fusion import FuseStore, LazyLabels
+
+        rep, plane = job.rep, self.plane
+        bundle = seg.bundle_for("2d")
+        p = seg.plan_for(bundle)
+        spill = job.out.parent if job.out is not None else None
+        if spill is not None:
+            spill.mkdir(parents=True, exist_ok=True)
+        try:
+            kw = plan.kwargs_2d(p, bundle, seg.options, seg.budget, plane.shape, plane.spacing)
+            res = plan.run_2d(p, plane, seg.predictors(bundle), kw, return_probs=False, progress=progress,
+                              spill_dir=spill, lazy=True, prefetch=True)
+        except EmptyImageError as exc:
+            res = Result(LazyLabels(FuseStore(plane.shape, bundle.n_classes, 0.5), None))  # type: ignore[arg-type]
+            rep.status = "empty"
+            rep.warnings.append(exc.message)
+        fill_run(rep, res, model=bundle.name, method=p.method, device=seg.device,
+                 providers=seg.providers(bundle) if rep.status == "ok" else None)
+        rep.info.update({"bounded_memory": True, "pyramid_levels_in": len(plane.levels),
+                         "levels_read": sorted(set(plane.level_reads)),
+                         "segments_decoded": plane.segments_decoded,
+                         "decoded_mb": round(plane.bytes_decoded / 1e6, 1)})
+        self.res = res  # counts and statistics are gathered tile by tile while the mask is written
+
+    def write(self, seg: Segmenter, job: Job) -> None:
+        from segcli.io.bigtiff import write_tiled
+
+        res, rep, plane, opts = self.res, job.rep, self.plane, seg.options
+        assert res is not None and job.out is not None
+        bundle = seg.bundle_for("2d")
+        labels: Any = res.labels
+        counts = np.zeros(256, np.int64)
+        tile_stats = None
+        if opts.stats and rep.status == "ok":
+            from segcli.stats import TileStats
+
+            tile_stats = TileStats(bundle.classes, plane.spacing, plane.shape[1])
+
+        def count(tile: np.ndarray, box: tuple[int, int, int, int]) -> None:
+            counts[:] += np.bincount(tile.ravel(), minlength=256)[:256]
+            if tile_stats is not None:
+                tile_stats.add(tile, box)
+
+        ome = plane.ome if plane.meta.get("is_ome") else None
+        write_tiled(job.out, plane.shape, labels.read, tile=opts.tile_size, resolution=plane.resolution,
+                    spacing=plane.spacing, ome=ome, pyramid=opts.pyramid, on_tile=count)
+        if opts.probabilities and rep.status == "ok":
+            write_tiled(probabilities_path(job.out), (bundle.n_classes, *plane.shape), labels.read_probs,
+                        dtype=np.float32, tile=opts.tile_size, resolution=plane.resolution, spacing=plane.spacing,
+                        ome=ome, pyramid=False)
+            rep.warnings.append("probabilities of a bounded-memory run are stored with ~1/127 precision "
+                                "(labels are exact)")
+        fill_counts(rep, counts, bundle.classes, plane.spacing, ndim=2)
+        if tile_stats is not None:
+            rep.stats = tile_stats.rows()
+
+    def close(self) -> None:
+        if self.res is not None and hasattr(self.res.labels, "store"):
+            self.res.labels.store.close()  # type: ignore[union-attr]
+        self.res = None
+        self.plane.close()
+
+
+def write_dicom_seg(seg: Segmenter, job: Job, file_order_labels: np.ndarray, meta: dict[str, Any]) -> None:
+    """The mask as a DICOM SEG referencing the input series (file-order planes, one per source file).
+
+    An empty mask writes no SEG: the report says so and the output field is cleared.
+    """
+    from segcli import __version__
+    from segcli.io import dicomseg
+
+    files = meta.get("files")
+    if meta.get("source") != "dicom" or not files:
+        raise SegcliError("DICOM SEG output needs a DICOM series as input", job.path)
+    bundle = seg.bundle_for("volume")
+    coarse = bundle.networks.get("coarse") or next(iter(bundle.networks.values()))
+    version = str(bundle.raw.get("version") or (coarse.sha256 or "unknown")[:12])
+    assert job.out is not None
+    with warnings.catch_warnings(record=True) as caught:  # highdicom's remarks become one-line report warnings
+        warnings.simplefilter("always")
+        result = dicomseg.write_dicom_seg(job.out, file_order_labels, files, classes=bundle.classes,
+                                          codes=bundle.codes, bundle_name=bundle.name, bundle_version=version,
+                                          segcli_version=__version__)
+    job.rep.warnings.extend(sorted({f"DICOM SEG: {str(w.message).split('.')[0]}" for w in caught}))
+    job.rep.info["dicom_seg"] = {k: v for k, v in result.items() if k in (
+        "written", "status", "segments", "frames", "compression", "transfer_syntax", "referenced_series_instance_uid",
+        "sop_instance_uid", "series_instance_uid", "bytes")}
+    if not result.get("written"):
+        job.rep.output = None
+        job.rep.warnings.append("no foreground: no DICOM SEG written")
+
+
+# -- choosing a route and checking memory ------------------------------------------------------------
+
+
+def open_route(seg: Segmenter, path: Path, out: Path, content: str | None) -> Route:
+    """Open ``path`` on the route its content, header and the memory budget call for (see the module)."""
+    if content == "tiff" and _wants_tiles(seg, path, out):
+        from segcli.io.bigtiff import TiffPlane
+
+        bundle = seg.bundle_for("2d")
+        return TiledTiffRoute(TiffPlane(path, spec=bundle.normalization, channels_want=bundle.in_channels,
+                                        channel_mode=seg.options.channels,
+                                        cache_bytes=min(256 * 2**20, seg.budget // 8)))
+    if seg.options.stream_volumes and content not in ("tiff", "png", "jpeg", "bmp"):
+        from segcli.io.volstream import open_streamed
+
+        vol = open_streamed(path, content=content)
+        if vol is not None:
+            return StreamedVolumeRoute(vol)
+    return InMemoryRoute(io.open_image(path, content=content))
+
+
+def _wants_tiles(seg: Segmenter, path: Path, out: Path) -> bool:
+    """True when this TIFF must not be decoded whole (size or budget), from its header alone.
+
+    Also refuses, before decoding, a whole-image method whose in-memory peak would not fit.
+    """
+    from segcli.io.bigtiff import tiff_header
+
+    head = tiff_header(path)
+    if head is None:
+        return False  # let the regular reader produce its precise error
+    (H, W), channels, itemsize = head
+    bundle = seg.bundle_for("2d")
+    p = seg.plan_for(bundle)
+    est = memory.estimate_2d((H, W), channels, itemsize, model_channels=bundle.in_channels,
+                             n_classes=bundle.n_classes, method=p.method, size=p.size, return_probs=False)
+    if seg.options.lazy_pixels >= H * W and est <= seg.budget:
+        return False
+    if p.method != "stts":
+        memory.check_fits(est, seg.budget, path, f"--method {p.method} on this {H}x{W} image",
+                          "use --method stts, which reads only a rough view and the crops")
+        return False
+    if out.name.lower().endswith((".tif", ".tiff")):
+        return True
+    memory.check_fits(est, seg.budget, path, f"writing this {H}x{W} mask as {out.suffix}",
+                      "write it as .tif (streamed, tiled) instead")
+    return False
+
+
+def check_in_memory(seg: Segmenter, kind: str, shape: tuple[int, ...], channels: int, itemsize: int,
+                    path: Path) -> None:
+    """Refuse, with the estimate, an in-memory run that would exceed the budget."""
+    bundle = seg.bundle_for(kind)
+    probabilities = seg.options.probabilities
+    if kind == "volume":
+        est = memory.estimate_volume(shape, channels, itemsize, model_channels=bundle.in_channels,
+                                     n_classes=bundle.n_classes, return_probs=probabilities)
+        _check_volume_fits(seg, est, shape, path)
+        return
+    p = seg.plan_for(bundle)
+    est = memory.estimate_2d(shape, channels, itemsize, model_channels=bundle.in_channels,  # type: ignore[arg-type]
+                             n_classes=bundle.n_classes, method=p.method, size=p.size, return_probs=probabilities)
+    hint = "use --method stts on a .tif input, which is read by region" if p.method != "stts" \
+        else "save the image as a tiled TIFF so it can be read by region"
+    memory.check_fits(est, seg.budget, path, f"--method {p.method} on this {shape[0]}x{shape[1]} image", hint)
+
+
+def _check_volume_fits(seg: Segmenter, est: int, shape: tuple[int, ...], path: Path) -> None:
+    hint = ("drop --probabilities or write a .nii.gz (probabilities are then streamed to disk)"
+            if seg.options.probabilities else "raise --max-memory or crop the volume")
+    memory.check_fits(est, seg.budget, path, f"this {'x'.join(map(str, shape))} volume", hint)
+
+
+# -- one file, many files ----------------------------------------------------------------------------------
+
+
+def plan_output(options: Any, path: Path, output: str | Path | None, input_root: Path | None,
+                content: str | None = None) -> Path:
+    """Where the mask of ``path`` goes (``io.default_output_path``, with ``.dcm`` for DICOM SEG output)."""
+    out = io.default_output_path(path, Path(output) if output is not None else None,
+                                 is_dir_input_root=input_root, content=content)
+    if options.output_type == "dicom-seg" and not out.name.lower().endswith(".dcm"):
+        out = with_extension(out, ".dcm")
+    return out
+
+
+def planned_outputs(options: Any, out: Path) -> list[tuple[str, Path]]:
+    """Every file a run writes for one input, named: the mask, and its probabilities and preview if asked for."""
+    from segcli.io.naming import preview_path
+
+    files = [("mask", out)]
+    if options.probabilities:
+        files.append(("probabilities", probabilities_path(out)))
+    if options.preview:
+        files.append(("preview", preview_path(out)))
+    return files
+
+
+def read(seg: Segmenter, path: Path, output: str | Path | None, *, input_root: Path | None) -> Job:
+    """Plan the output, take the lock, honour --skip-existing, and open the input on its route."""
+    job = Job(path=path, rep=FileReport(input=str(path)), t0=time.perf_counter())
+    opts = seg.options
+    try:
+        content = io.sniff_input(path)
+        out = plan_output(opts, path, output, input_root, content)
+        job.out = out
+        job.rep.output = str(out)
+        if opts.lock:
+            lock = OutputLock(out)
+            if not lock.acquire():
+                job.rep.status = "skipped"
+                job.rep.warnings.append("another segcli process holds this output's lock")
+                return job
+            job.lock = lock
+        if opts.skip_existing and all(p.exists() for _, p in planned_outputs(opts, out)):
+            job.rep.status = "skipped"
+            return job
+        t = time.perf_counter()
+        job.route = open_route(seg, path, out, content)
+        job.rep.seconds["read"] = time.perf_counter() - t
+        job.rep.warnings.extend(job.route.warnings)
+        ndim = len(job.route.spatial_shape)
+        dtype = getattr(job.route, "dtype", None)
+        if dtype is not None:
+            bundle = seg.bundle_for("volume" if ndim == 3 else "2d")
+            job.rep.warnings.extend(mismatch_warnings(bundle, dtype, job.route.spacing, ndim))
+        job.rep.shape = list(job.route.spatial_shape)
+        job.rep.spacing = list(job.route.spacing) if job.route.spacing else None
+    except Exception as exc:  # one bad file must not stop the batch
+        job.fail_from(exc)
+    return job
+
+
+def compute(seg: Segmenter, job: Job, progress: ProgressFn | None) -> None:
+    """Run the route's engine; a failure is recorded on the job, never raised."""
+    if job.route is None or job.rep.status != "ok":
+        return
+    try:
+        job.route.compute(seg, job, progress)
+    except Exception as exc:  # one bad file must not stop the batch
+        job.fail_from(exc)
+
+
+def write(seg: Segmenter, job: Job) -> FileReport:
+    """Write the mask (and what else was asked for), then release everything the job held."""
+    new: list[Path] = []
+    try:
+        if job.route is not None and job.out is not None and job.rep.status in ("ok", "empty"):
+            new = [p for _, p in planned_outputs(seg.options, job.out) if not p.exists()]
+            t = time.perf_counter()
+            job.route.write(seg, job)
+            job.rep.seconds["write"] = time.perf_counter() - t
+    except Exception as exc:  # one bad file must not stop the batch
+        job.fail_from(exc, writing=True)
+        for p in new:  # a failed input leaves none of its new outputs (a mask without its probabilities)
+            with contextlib.suppress(OSError):
+                p.unlink()
+    return job.finish()
+
+
+def run_one(seg: Segmenter, path: Path, output: str | Path | None, *, input_root: Path | None = None,
+            progress: ProgressFn | None = None) -> FileReport:
+    """Read, segment and write one input."""
+    job = read(seg, path, output, input_root=input_root)
+    try:
+        compute(seg, job, progress)
+    except BaseException:  # interrupted: release the lock and temporary files before leaving
+        job.finish()
+        raise
+    return write(seg, job)
+
+
+def run_many(seg: Segmenter, items: list[tuple[Path, Path | None]], output: str | Path | None, *,
+             prefetch: int = 2, progress_for: Callable[[Path], ProgressFn | None] | None = None
+             ) -> Iterator[FileReport]:
+    """Reports in input order, with reading of the next files and writing of the previous one
+    overlapped with computing the current one (one reader and one writer thread).
+
+    Decoding a compressed volume and writing a mask release the GIL for most of their time, so on
+    a 2-core machine they overlap with the network instead of adding to it.
+    """
+    def progress(path: Path) -> ProgressFn | None:
+        return progress_for(path) if progress_for else None
+
+    if prefetch <= 0:
+        for path, root in items:
+            yield run_one(seg, path, output, input_root=root, progress=progress(path))
+        return
+    with ThreadPoolExecutor(1, thread_name_prefix="segcli-read") as reader, \
+            ThreadPoolExecutor(1, thread_name_prefix="segcli-write") as writer:
+        pending: deque[Future[Job]] = deque()
+        it = iter(items)
+
+        def submit_next() -> None:
+            nxt = next(it, None)
+            if nxt is not None:
+                pending.append(reader.submit(read, seg, nxt[0], output, input_root=nxt[1]))
+
+        for _ in range(prefetch):
+            submit_next()
+        last_write: Future[FileReport] | None = None
+        current: Job | None = None
+        try:
+            while pending:
+                current = pending.popleft().result()
+                submit_next()
+                compute(seg, current, progress(current.path))
+                if last_write is not None:
+                    yield last_write.result()
+                last_write, current = writer.submit(write, seg, current), None
+            if last_write is not None:
+                yield last_write.result()
+        finally:  # interrupted (SIGINT/SIGTERM) or abandoned: release what unfinished jobs hold (locks, temp files)
+            if current is not None:
+                current.finish()
+            for fut in pending:
+                if not fut.cancel():
+                    with contextlib.suppress(Exception):
+                        fut.result().finish()

@@ -1,0 +1,144 @@
+"""Input checks and normalisation: what a network may see, decided before it sees it.
+
+Channel conversion (``--channels``), refusal of unusable pixels (unsupported types, all-NaN), the
+"constant image" case (reported as empty, not failed) and the bundle's normalisation. For volumes one
+pass over the slabs does the checks and collects the statistics, so no float copy of the volume is
+ever made (see :func:`volume_normalizer`).
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+from segcli import normalize as norm
+from segcli.bundle import Bundle
+from segcli.errors import EmptyImageError, InputError
+
+
+def prepare(array: np.ndarray, bundle: Bundle, channels: str = "keep", path: Any = None) -> np.ndarray:
+    """Channel conversion, checks and normalisation: channel-last input → channel-first float32."""
+    a = checked(array, bundle, channels, path)
+    x = norm.normalize(a, bundle.normalization)
+    return np.moveaxis(x, -1, -3 if x.ndim == 3 else 1)  # (C,H,W) or (Z,C,Y,X)
+
+
+def volume_normalizer(cache: Any, bundle: Bundle, path: Any = None) -> Callable[[np.ndarray], np.ndarray]:
+    """One pass over a volume's slabs: the input checks of :func:`checked` and a normaliser for any slice.
+
+    ``fn(slice)`` equals the slice of ``normalize(whole volume)``: the strided subsample behind
+    the percentile/min-max/z-score statistics picks the same voxels as ``image_stats`` on the
+    whole array, and float "dtype" inputs get the whole volume's finite range.
+    """
+    spec = bundle.normalization
+    dtype = cache.source.dtype
+    if not np.issubdtype(dtype, np.number) and dtype != np.bool_:
+        raise InputError(f"unsupported pixel type {dtype}", path)
+    per_slice = int(np.prod(cache.source.shape[1:3])) * bundle.in_channels
+    step = max(1, per_slice * cache.source.shape[0] // norm.SAMPLE_VALUES)
+    samples: list[np.ndarray] = []
+    lo = hi = None
+    is_float = False
+    for j0, block in cache.blocks(0):
+        flat = block.reshape(-1)
+        samples.append(flat[(-j0 * per_slice) % step :: step].copy())  # a view would pin the slab
+        is_float = block.dtype.kind == "f"
+        chan = block.reshape(-1, block.shape[-1])
+        with np.errstate(all="ignore"), warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # an all-NaN slab
+            b_lo = np.nanmin(chan, axis=0) if is_float else chan.min(axis=0)
+            b_hi = np.nanmax(chan, axis=0) if is_float else chan.max(axis=0)
+        lo = b_lo if lo is None else np.fmin(lo, b_lo)
+        hi = b_hi if hi is None else np.fmax(hi, b_hi)
+        del block, flat, chan  # before the next slab is decoded: one slab alive at a time
+    assert lo is not None and hi is not None
+    no_finite = getattr(cache.source, "no_finite_values", None)
+    if is_float and (np.all(np.isnan(lo)) or (not lo.any() and not hi.any() and no_finite and no_finite())):
+        raise InputError("image holds no finite values (all NaN or infinite)", path)
+    if np.array_equal(lo, hi):
+        value = lo[0] if lo.size == 1 else tuple(lo.tolist())
+        raise EmptyImageError(f"image is constant (every pixel = {value}); nothing to segment", path)
+    kind = spec["kind"]
+    if kind in ("percentile", "minmax", "zscore"):
+        stats = norm.stats_from_sample(np.concatenate(samples), spec)
+        return lambda part: norm.normalize(part, spec, stats)
+    if kind == "dtype" and is_float:
+        fin_lo, fin_hi = float(np.nanmin(lo)), float(np.nanmax(hi))
+        if fin_lo < 0 or fin_hi > 1:  # whole-image min-max, as normalize() does for such floats
+            eff, st = {"kind": "minmax"}, {"lo": fin_lo, "hi": fin_hi}
+            return lambda part: norm.normalize(part, eff, st)
+    return lambda part: norm.normalize(part, spec)
+
+def checked(array: np.ndarray, bundle: Bundle, channels: str = "keep", path: Any = None) -> np.ndarray:
+    """Channel conversion and the sanity checks of :func:`prepare`, without normalising.
+
+    A constant image (per channel: a uniform colour too) is an EmptyImageError, which callers report
+    as "empty", not as a failure.
+    """
+    a = norm.convert_channels(array, bundle.in_channels, channels, path)
+    if not np.issubdtype(a.dtype, np.number) and a.dtype != np.bool_:
+        raise InputError(f"unsupported pixel type {a.dtype}", path)
+    finite = np.isfinite(a) if a.dtype.kind == "f" else None
+    if finite is not None and not finite.any():
+        raise InputError("image holds no finite values (all NaN or infinite)", path)
+    # Constant per channel (a uniform colour, not only a uniform grey): nothing to segment.
+    flat = a.reshape(-1, a.shape[-1])
+    lo = np.nanmin(flat, axis=0) if finite is not None else flat.min(axis=0)
+    hi = np.nanmax(flat, axis=0) if finite is not None else flat.max(axis=0)
+    if np.array_equal(lo, hi):
+        value = lo[0] if lo.size == 1 else tuple(lo.tolist())
+        raise EmptyImageError(f"image is constant (every pixel = {value}); nothing to segment", path)
+    return a
+
+def slice_normalizer(a: np.ndarray, bundle: Bundle) -> Callable[[np.ndarray], np.ndarray]:
+    """A function normalising any part of the in-memory volume ``a`` as ``normalize(a)`` would."""
+    from segcli.io.volstream import ArrayVolume, SlabCache
+
+    return volume_normalizer(SlabCache(ArrayVolume(a), 0), bundle)
+
+
+#: A mask with more foreground than this share of the image is implausible for every shipped task.
+IMPLAUSIBLE_FOREGROUND = 0.95
+
+
+def mismatch_warnings(bundle: Bundle, dtype: np.dtype, spacing: tuple[float, ...] | None, ndim: int) -> list[str]:
+    """What can be told, from the bundle and the input's header alone, about a model fed the wrong kind of image.
+
+    A CT-window model given an 8-bit picture (a PNG or JPEG export of a slice) sees values 0-255 where it
+    learned Hounsfield units; a photo model given 16-bit or float data scales it wrongly; a slide model
+    whose training pixel size is recorded (``mpp``) sees the tissue at another scale. The run goes on:
+    these are warnings in the report and on stderr.
+    """
+    out = []
+    kind = bundle.normalization.get("kind")
+    if kind == "ct_window" and np.dtype(dtype).itemsize == 1:
+        c, w = bundle.normalization.get("center"), bundle.normalization.get("width")
+        out.append(f"model {bundle.name} expects CT in Hounsfield units (window {c}/{w}) but this image is 8-bit; "
+                   "segment the original CT (NIfTI/DICOM), not a screenshot or PNG export")
+    elif kind == "dtype" and np.dtype(dtype).kind == "f" or kind == "dtype" and np.dtype(dtype).itemsize > 2:
+        out.append(f"model {bundle.name} was trained on 8/16-bit images scaled by their type range, but this image "
+                   f"is {np.dtype(dtype)}")
+    modality = str(bundle.info.get("modality") or "")
+    if ndim == 3 and bundle.normalization.get("kind") == "dtype" and modality and "CT" not in modality.upper():
+        out.append(f"model {bundle.name} was trained on 2D {modality} images; this input is a volume")
+    mpp = bundle.params.get("mpp")
+    if mpp and spacing and ndim == 2:
+        image_mpp = float(spacing[-1]) * 1000.0
+        if image_mpp > 0 and not 0.5 <= image_mpp / float(mpp) <= 2.0:
+            out.append(f"pixel size {image_mpp:.3g} µm differs from the {float(mpp):.3g} µm the model {bundle.name} "
+                       "was trained at by more than 2x; objects appear at another scale")
+    return out
+
+
+def implausible_result(counts: np.ndarray, total: int) -> str | None:
+    """A warning when the mask is foreground almost everywhere (a wrong model or wrong normalisation)."""
+    if total <= 0:
+        return None
+    share = 1.0 - float(counts[0]) / total
+    if share > IMPLAUSIBLE_FOREGROUND:
+        return (f"{share:.0%} of the image is foreground: implausible for this model; check the model, the "
+                "image type and its intensities (segcli info)")
+    return None

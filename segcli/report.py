@@ -1,0 +1,84 @@
+"""What happened to one input: the ``--json`` record, the CLI's line, and the code that fills them.
+
+Every route of :mod:`segcli.pipeline` (in memory, streamed volume, tiled TIFF) fills its report
+through the same functions here, so the fields mean the same whatever path a file took.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+
+#: Result.info keys too large for a report (the crop boxes themselves).
+_BULKY_INFO = ("boxes", "refined_boxes")
+
+
+@dataclass
+class FileReport:
+    """What happened to one input: the ``--json`` record and the CLI's line."""
+
+    input: str
+    output: str | None = None
+    status: str = "ok"  # ok | failed | skipped | empty
+    error: str | None = None
+    warnings: list[str] = field(default_factory=list)
+    model: str | None = None
+    method: str | None = None
+    backend: str | None = None
+    providers: dict[str, str] = field(default_factory=dict)
+    device: str | None = None
+    shape: list[int] | None = None
+    spacing: list[float] | None = None
+    classes_found: list[str] = field(default_factory=list)
+    voxel_counts: dict[str, int] = field(default_factory=dict)
+    volume_ml: dict[str, float] | None = None
+    area_mm2: dict[str, float] | None = None
+    seconds: dict[str, float] = field(default_factory=dict)
+    info: dict[str, Any] = field(default_factory=dict)
+    stats: list[dict[str, Any]] | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def fill_run(rep: FileReport, res: Any, *, model: str, method: str, device: str,
+             providers: dict[str, str] | None) -> None:
+    """Model, method, runtime and the engine's timings and info (``providers`` None: nothing ran)."""
+    rep.model, rep.method, rep.device = model, method, device
+    if providers is not None:
+        rep.providers = providers
+        rep.backend = "+".join(sorted({p.split(":")[0] for p in providers.values()}))
+    rep.seconds.update(res.timings)
+    rep.info.update({k: v for k, v in res.info.items() if k not in _BULKY_INFO})
+    gate = res.info.get("lung_gate") or {}
+    if gate.get("removed_voxels") and not gate.get("lung_ml"):
+        rep.warnings.append(f"lung gate: no aerated lung found, so all {gate['removed_voxels']} lesion voxels "
+                            "were removed; if the scan shows lungs, rerun with --no-lung-gate")
+
+
+def count_labels(labels: np.ndarray) -> np.ndarray:
+    """Voxels per label value (256 bins), slice by slice: bincount casts to int64, 8 bytes a voxel at once."""
+    counts = np.zeros(256, np.int64)
+    for part in labels.reshape(labels.shape[0], -1) if labels.ndim > 1 else [labels]:
+        counts += np.bincount(part, minlength=256)[:256]
+    return counts
+
+
+def fill_counts(rep: FileReport, counts: np.ndarray, classes: list[str], spacing: Any, ndim: int) -> None:
+    """Per-class voxel counts, the classes found, and mL (volumes) or mm² (2D) when the spacing is known."""
+    rep.voxel_counts, rep.classes_found = {}, []
+    unit = float(np.prod(spacing)) if spacing else None
+    for cid, name in enumerate(classes):
+        if cid == 0:
+            continue
+        n = int(counts[cid]) if cid < len(counts) else 0
+        rep.voxel_counts[name] = n
+        if n:
+            rep.classes_found.append(name)
+    if unit is not None:
+        if ndim == 3:
+            rep.volume_ml = {k: v * unit / 1000.0 for k, v in rep.voxel_counts.items()}
+        else:
+            rep.area_mm2 = {k: v * unit for k, v in rep.voxel_counts.items()}

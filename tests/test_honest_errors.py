@@ -1,0 +1,187 @@
+"""Honest errors and exit codes (issue 16): options checked before work, operating-system failures in the
+user's words, SIGTERM like SIGINT, --skip-existing only when every output exists, evaluate's empty classes."""
+
+from __future__ import annotations
+
+import json
+import math
+import resource
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from segcli.evaluate import evaluate
+from tests.conftest import REPO, run_cli
+
+
+def _png(path: Path, seed: int = 0, h: int = 48, w: int = 64) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.random.default_rng(seed).integers(0, 255, (h, w, 3), dtype=np.uint8)).save(path)
+    return path
+
+
+@pytest.mark.parametrize("flags, first_words", [
+    (["--threads", "0"], "segcli: error: --threads must be between 1 and 1024, not 0"),
+    (["--threads", "100000"], "segcli: error: --threads must be between 1 and 1024, not 100000"),
+    (["--size", "7"], "segcli: error: --size must be between 8 and 8192, not 7"),
+    (["--patches", "-3"], "segcli: error: --patches must be >= 0, not -3"),
+    (["--overlap", "-0.5"], "segcli: error: --overlap must be between 0 and 0.95, not -0.5"),
+    (["--threshold", "nan"], "segcli: error: --threshold must be a finite number, not nan"),
+    (["--threshold", "1.5"], "segcli: error: --threshold must be between 0 and 1, not 1.5"),
+    (["--batch-size", "0"], "segcli: error: --batch-size must be between 1 and 4096, not 0"),
+    (["--pad", "-1"], "segcli: error: --pad must be >= 0, not -1"),
+    (["--prefetch", "-1"], "segcli: error: --prefetch must be between 0 and 64, not -1"),
+    (["--workers", "0"], "segcli: error: --workers must be between 1 and 256, not 0"),
+    (["--tile-size", "100"], "segcli: error: tile size must be a multiple of 16"),
+    (["--max-memory", "lots"], "segcli: error: "),
+    (["--backend", "tensorrt"], "segcli: error: --backend must be one of auto, torch, onnx"),
+])
+def test_numeric_options_are_checked_before_work(tmp_path, rgb_bundle, flags, first_words):
+    a = _png(tmp_path / "a.png")
+    r = run_cli("predict", a, "--model", rgb_bundle, "-o", tmp_path / "out", *flags)
+    assert r.returncode == 2, (r.returncode, r.stderr)
+    assert r.stderr.startswith(first_words), r.stderr
+    assert "Traceback" not in r.stderr and not (tmp_path / "out").exists()
+
+
+def test_stats_and_log_file_options(tmp_path, rgb_bundle):
+    a = _png(tmp_path / "a.png")
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    r = run_cli("predict", a, "--model", rgb_bundle, "--stats", folder)
+    assert r.returncode == 2 and r.stderr.startswith(f"segcli: error: --stats {folder} is a folder")
+    r = run_cli("predict", a, "--model", rgb_bundle, "--log-file", folder)
+    assert r.returncode == 2 and r.stderr.startswith(f"segcli: error: --log-file {folder} is a folder")
+    # missing folders are created for every output option, as for -o
+    r = run_cli("predict", a, "--model", rgb_bundle, "-o", tmp_path / "o" / "m.png",
+                "--stats", tmp_path / "s" / "stats.csv", "--log-file", tmp_path / "l" / "run.log")
+    assert r.returncode == 0, r.stderr
+    assert (tmp_path / "s" / "stats.csv").is_file() and (tmp_path / "l" / "run.log").is_file()
+
+
+def test_disk_full_is_one_line_naming_the_output(tmp_path, rgb_bundle):
+    """A file-size limit (RLIMIT_FSIZE) makes every write fail as a full disk would: exit 1, no bug report."""
+    a = _png(tmp_path / "a.png", h=256, w=256)
+
+    def limit() -> None:
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # EFBIG instead of a kill
+        resource.setrlimit(resource.RLIMIT_FSIZE, (200, 200))
+
+    out = tmp_path / "out" / "a_seg.png"
+    r = subprocess.run([sys.executable, "-m", "segcli", "predict", str(a), "--model", str(rgb_bundle), "-o", str(out)],
+                       capture_output=True, text=True, cwd=REPO, preexec_fn=limit, timeout=300)
+    assert r.returncode == 1, r.stderr
+    assert f"{out}: file too large" in r.stderr or f"{out}: cannot write" in r.stderr, r.stderr
+    assert "this is a bug" not in r.stderr and "Traceback" not in r.stderr
+    assert not out.exists() and not [p for p in out.parent.iterdir() if ".partial-" in p.name]
+
+
+@pytest.fixture
+def small_mount(tmp_path):
+    """A tiny tmpfs (root: mounted for real, as CI runs here); yields a function mounting it with options."""
+    import os
+
+    mounted = []
+
+    def mount(options: str) -> Path:
+        if os.geteuid() != 0:
+            pytest.skip("mounting a tmpfs needs root (CI runs as root)")
+        point = tmp_path / f"mnt{len(mounted)}"
+        point.mkdir()
+        r = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(point)], capture_output=True)
+        if r.returncode:
+            pytest.skip(f"this sandbox refuses mount: {r.stderr.decode().strip()}")
+        mounted.append(point)
+        return point
+
+    yield mount
+    for point in mounted:
+        subprocess.run(["umount", "-l", str(point)], capture_output=True)
+
+
+def test_read_only_file_system_is_the_users_situation(tmp_path, rgb_bundle, small_mount):
+    ro = small_mount("ro,size=1m")
+    a = _png(tmp_path / "a.png")
+    r = run_cli("predict", a, "--model", rgb_bundle, "-o", ro / "m.png")
+    assert r.returncode == 1, r.stderr
+    assert r.stderr.startswith(f"failed  {ro / 'm.png'}: read-only file system"), r.stderr
+    assert "this is a bug" not in r.stderr and "Traceback" not in r.stderr
+
+
+def test_full_disk_is_the_users_situation(tmp_path, rgb_bundle, small_mount):
+    full = small_mount("size=64k")
+    (full / "filler").write_bytes(b"\0" * (60 << 10))
+    a = _png(tmp_path / "a.png", h=512, w=512)
+    r = run_cli("predict", a, "--model", rgb_bundle, "-o", full / "m.png", "--probabilities")
+    assert r.returncode == 1, r.stderr
+    assert f"{full / 'm.png'}: " in r.stderr and "no space left" in r.stderr, r.stderr
+    assert "this is a bug" not in r.stderr and "Traceback" not in r.stderr
+    assert sorted(p.name for p in full.iterdir()) == ["filler"]  # no partial files left behind
+
+
+def test_long_output_name_does_not_fail_on_the_temporary_name(tmp_path, rgb_bundle):
+    stem = "x" * (255 - len("_seg.png"))
+    a = _png(tmp_path / (stem[:-4] + "abcd.png"))  # a 251-byte name; its mask name is 255 bytes, the limit
+    r = run_cli("predict", a, "--model", rgb_bundle, "-o", tmp_path / "out" / "")
+    assert r.returncode == 0, r.stderr
+    assert len(list((tmp_path / "out").glob("*_seg.png"))) == 1
+
+
+def test_sigterm_is_handled_like_sigint(tmp_path, rgb_bundle):
+    src = tmp_path / "in"
+    for i in range(40):
+        _png(src / f"img{i:02d}.png", seed=i, h=200, w=240)
+    out = tmp_path / "out"
+    proc = subprocess.Popen([sys.executable, "-m", "segcli", "predict", str(src), "-o", str(out), "--model",
+                             str(rgb_bundle), "--lock"], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and len(list(out.glob("*_seg.png"))) < 2:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143, err
+    assert err.strip().splitlines()[-1] == "segcli: terminated; rerun with --skip-existing to resume"
+    assert not [p for p in out.iterdir() if ".partial-" in p.name]
+    assert not list(out.glob(".*.lock"))  # locks are removed with their outputs
+    for f in out.glob("*_seg.png"):
+        assert np.asarray(Image.open(f)).shape == (200, 240)
+
+
+def test_skip_existing_needs_every_asked_output(tmp_path, rgb_bundle):
+    a = _png(tmp_path / "a.png")
+    r = run_cli("predict", a, "--model", rgb_bundle, "-o", tmp_path / "o" / "")
+    assert r.returncode == 0
+    r = run_cli("predict", a, "--model", rgb_bundle, "-o", tmp_path / "o" / "", "--skip-existing", "--probabilities",
+                "--json")
+    assert r.returncode == 0 and json.loads(r.stdout)["summary"]["ok"] == 1  # the probabilities were missing
+    assert (tmp_path / "o" / "a_seg_probs.tif").is_file()
+    r = run_cli("predict", a, "--model", rgb_bundle, "-o", tmp_path / "o" / "", "--skip-existing", "--probabilities",
+                "--json")
+    assert json.loads(r.stdout)["summary"]["skipped"] == 1
+
+
+def test_evaluate_leaves_classes_absent_from_both_out_of_the_mean(tmp_path):
+    pred, gt = tmp_path / "pred", tmp_path / "gt"
+    pred.mkdir()
+    gt.mkdir()
+    a = np.zeros((20, 20), np.uint8)
+    a[2:8, 2:8] = 1  # class 1 only; class 2 absent from both
+    b = np.zeros((20, 20), np.uint8)
+    b[2:8, 2:8] = 1
+    b[12:18, 12:18] = 2  # class 2 present in the ground truth, missed
+    Image.fromarray(a).save(pred / "x.png")
+    Image.fromarray(a).save(gt / "x.png")
+    Image.fromarray(a).save(pred / "y.png")
+    Image.fromarray(b).save(gt / "y.png")
+    res = evaluate(pred, gt, classes=["background", "one", "two"], hd95=False)
+    per_case = {c["case"]: c["metrics"] for c in res["cases"]}
+    assert math.isnan(per_case["x"]["two"]["dice"])  # absent from both: no score
+    assert res["mean"]["two"]["dice"] == 0.0 and res["mean"]["two"]["cases_scored"] == 1  # only y counts
+    assert res["mean"]["one"]["dice"] == 1.0 and res["mean"]["all"]["dice"] == pytest.approx(0.5)
