@@ -202,7 +202,7 @@ def test_empty_mask_writes_nothing(tmp_path):
 
 
 def test_multi_series_folder_references_only_the_chosen_series(tmp_path):
-    from segcli.io.medical import dicom_series
+    from segcli.io.dicomseries import dicom_series
 
     folder = tmp_path / "mixed"
     study, frame = pydicom.uid.generate_uid(), pydicom.uid.generate_uid()
@@ -244,7 +244,8 @@ def test_jpeg2000_sources_are_not_decoded(tmp_path):
 
 def test_segcli_reader_file_order_is_the_labels_convention(tmp_path):
     """The caller's recipe: to_original_axes(canonical mask, meta) with meta["files"] is per-file, per-pixel."""
-    from segcli.io.medical import read_dicom_folder, to_original_axes
+    from segcli.io.dicomseries import read_dicom_folder
+    from segcli.io.medical import to_original_axes
 
     origin, row, col, spacing, _ = GEOMETRIES["oblique"]
     vol = np.random.default_rng(5).integers(-1000, 1000, SHAPE)
@@ -379,7 +380,8 @@ def test_seg_and_nifti_mask_agree_voxel_by_voxel_in_patient_space(tmp_path, geom
     """The same mask written to NIfTI by segcli and to DICOM SEG lands on the same physical points."""
     import SimpleITK as sitk
 
-    from segcli.io.medical import read_dicom_folder, to_original_axes, write_mask
+    from segcli.io.dicomseries import read_dicom_folder
+    from segcli.io.medical import to_original_axes, write_mask
 
     origin, row, col, spacing, descending = GEOMETRIES[geometry]
     vol = np.random.default_rng(7).integers(-1000, 1000, SHAPE)
@@ -419,7 +421,8 @@ def test_series_from_the_simpleitk_writer_without_slice_thickness(tmp_path):
     """GDCM writes no SliceThickness: the SEG takes the measured slice distance and says so."""
     import SimpleITK as sitk
 
-    from segcli.io.medical import read_dicom_folder, to_original_axes
+    from segcli.io.dicomseries import read_dicom_folder
+    from segcli.io.medical import to_original_axes
     from tests.dicom import write_dicom_series
 
     arr = (np.random.default_rng(0).random((6, 32, 24)) * 1000).astype(np.int16)
@@ -443,7 +446,8 @@ def test_seg_on_a_nifti_ground_truth_grid(tmp_path, geometry):
     """What `segcli evaluate` needs: a SEG scored on a NIfTI grid gives the NIfTI mask back exactly."""
     import SimpleITK as sitk
 
-    from segcli.io.medical import read_dicom_folder, to_original_axes, write_mask
+    from segcli.io.dicomseries import read_dicom_folder
+    from segcli.io.medical import to_original_axes, write_mask
 
     origin, row, col, spacing, descending = GEOMETRIES[geometry]
     vol = np.random.default_rng(3).integers(-1000, 1000, SHAPE)

@@ -33,6 +33,7 @@ __all__ = [
     "is_image_path",
     "list_images",
     "open_image",
+    "sniff",
     "write_mask",
     "write_probabilities",
 ]
@@ -203,7 +204,9 @@ def open_image(path: Path | str, series_id: str | None = None, content: str | No
 
     path = Path(path)
     if path.is_dir():
-        return medical.read_dicom_folder(path, series_id)
+        from segcli.io.dicomseries import read_dicom_folder
+
+        return read_dicom_folder(path, series_id)
     if not path.exists():
         raise InputError("file not found", path)
     try:
@@ -234,6 +237,10 @@ def open_image(path: Path | str, series_id: str | None = None, content: str | No
         from segcli.io.raster import read_raster
 
         return _checked(read_raster(path, warnings))
+    if content == "dicom":  # a lone slice file: short pixel data is named before ITK mistakes it
+        from segcli.io.dicomseries import check_single_file
+
+        check_single_file(path)
     with _sitk_name(path, content) as readable:
         return _checked(medical.read_file(path, readable, warnings))
 
@@ -389,7 +396,7 @@ def _is_dicom_dir(folder: Path, files: list[Path] | None = None) -> bool:
     candidates = [p for p in files if _extension(p) not in _EXT_KIND]
     if not any(_is_dicom_file(p) for p in candidates[:8]):
         return False
-    from segcli.io.medical import dicom_series
+    from segcli.io.dicomseries import dicom_series
 
     return bool(dicom_series(folder))
 

@@ -8,12 +8,14 @@ and direction.
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import math
 import os
 import re
 import struct
 import zlib
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -33,7 +35,7 @@ MAX_EXPANSION = 2000
 CANONICAL = "LPS"
 
 
-def _short(exc: BaseException) -> str:
+def itk_message(exc: BaseException) -> str:
     """One line out of ITK's multi-line exception text (the 'Description:' line when there is one)."""
     lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
     for ln in lines:
@@ -120,35 +122,44 @@ def check_geometry(spacing: tuple[float, ...], direction: tuple[float, ...], pat
         )
 
 
-def check_nifti_header(path: Path, gz: bool) -> None:
-    """Refuse NIfTI-1 geometry fields that are not finite: ITK 5.4 can hang for ever on an sform
-    holding inf (it spins in the sform decomposition), and NaN ones give a meaningless orientation."""
-    try:
-        with (gzip.open if gz else open)(path, "rb") as fh:
-            hdr = fh.read(348)
-    except (EOFError, OSError, zlib.error):
-        return  # the reader reports truncation/corruption itself
-    if len(hdr) < 348:
-        return
-    for endian in "<>":
-        if struct.unpack(endian + "i", hdr[:4])[0] == 348:
-            break
-    else:
-        return  # NIfTI-2 or not NIfTI: ITK's own checks apply
-    ndim = struct.unpack(endian + "h", hdr[40:42])[0]
-    pixdim = struct.unpack(endian + "8f", hdr[76:108])
-    qform, sform = struct.unpack(endian + "2h", hdr[252:256])
-    fields = {"pixdim": pixdim[1 : 1 + max(0, min(ndim, 7))]}
+def check_nifti_header(path: Path, warnings: list[str] | None = None) -> None:
+    """Refuse NIfTI geometry fields that ITK would mishandle, in segcli's words.
+
+    Non-finite values: ITK 5.4 can hang for ever on an sform holding inf (it spins in the sform
+    decomposition), and NaN ones give a meaningless orientation. A zero voxel size (pixdim) where the
+    qform or pixdim defines the geometry: ITK silently takes 1 mm. On an axis of one voxel that is
+    harmless and only noted; otherwise refused. Differing qform and sform are noted in ``warnings``.
+    """
+    from segcli.io import niftihdr
+
+    fields = niftihdr.parse(niftihdr.read_raw(path))
+    if fields is None:
+        return  # not NIfTI, or too short: the reader reports it
+    ndim = max(0, min(int(fields["dim"][0]), 7))
+    pixdim, qform, sform = fields["pixdim"], fields["qform_code"], fields["sform_code"]
+    values = {"pixdim": pixdim[1 : 1 + ndim]}
     if qform > 0:
-        fields["qform"] = (pixdim[0], *struct.unpack(endian + "6f", hdr[256:280]))
+        values["qform"] = (pixdim[0], *fields["quatern"], *fields["qoffset"])
     if sform > 0:
-        fields["sform"] = struct.unpack(endian + "12f", hdr[280:328])
-    bad = [name for name, values in fields.items() if not all(math.isfinite(v) for v in values)]
+        values["sform"] = fields["srow"]
+    bad = [name for name, v in values.items() if not all(math.isfinite(x) for x in v)]
     if bad:
         raise InputError(f"corrupt NIfTI header: non-finite values in {' and '.join(bad)}", path)
+    if qform > 0 or sform <= 0:  # pixdim is part of the geometry ITK uses
+        for k in range(1, min(ndim, 3) + 1):
+            if pixdim[k] != 0:  # a negative size is ITK's |pixdim| (old Analyze flips); only 0 is unknown
+                continue
+            if int(fields["dim"][k]) > 1:
+                raise InputError(f"NIfTI header gives voxel size {pixdim[k]:g} along axis {k} (pixdim[{k}]); "
+                                 "the voxel spacing is unknown, fix the header first", path)
+            if warnings is not None:
+                warnings.append(f"NIfTI pixdim[{k}] is {pixdim[k]:g} on an axis of one voxel; taken as 1 mm")
+    if warnings is not None and niftihdr.transforms_disagree(fields):
+        warnings.append(f"NIfTI qform (code {qform}) and sform (code {sform}) place the voxels differently; "
+                        "a NIfTI mask keeps both exactly as in the input (other output formats hold only one of them)")
 
 
-def _metaimage_fields(path: Path) -> tuple[bytes | None, dict[str, str], int | None]:
+def metaimage_fields(path: Path) -> tuple[bytes | None, dict[str, str], int | None]:
     """The first 64 KiB, the header's key = value fields (lower-case keys) and where the pixel data starts."""
     try:
         with open(path, "rb") as fh:
@@ -173,7 +184,7 @@ def _metaimage_fields(path: Path) -> tuple[bytes | None, dict[str, str], int | N
 
 def metaimage_compressed(path: Path) -> bool:
     """MetaIO's own test: the first character of CompressedData (T, t or 1)."""
-    return _metaimage_fields(path)[1].get("compresseddata", "")[:1] in ("T", "t", "1")
+    return metaimage_fields(path)[1].get("compresseddata", "")[:1] in ("T", "t", "1")
 
 
 def check_metaimage_header(path: Path) -> None:
@@ -182,7 +193,7 @@ def check_metaimage_header(path: Path) -> None:
     ``NDims`` that is not a small integer (e.g. ``1e30``) segfaults it, and a compressed data stream
     whose zlib header asks for a preset dictionary (one flipped bit) makes it loop for ever.
     """
-    head, fields, data_start = _metaimage_fields(path)
+    head, fields, data_start = metaimage_fields(path)
     if head is None:
         return
     ndims = fields.get("ndims")
@@ -216,57 +227,92 @@ def check_metaimage_header(path: Path) -> None:
         raise InputError("corrupt compressed pixel data (the zlib stream asks for a preset dictionary)", path)
 
 
+def truncated(path: Path, declared: int, held: int, what: str = "voxels") -> InputError:
+    """The one message for data shorter than its header says."""
+    return InputError(f"truncated: header says {declared} bytes of {what}, file holds {held}", path)
+
+
 def check_gzip_complete(path: Path) -> None:
-    """Fail on a truncated .nii.gz: ITK silently returns a partly filled volume for one."""
+    """Fail on a truncated or short .nii.gz: ITK silently zero-fills a partly filled volume.
+
+    A complete single-member stream whose size field (ISIZE) equals the header's promise is accepted
+    without decompressing it; otherwise the stream is decompressed once and its length compared.
+    """
+    from segcli.io import niftihdr
+
     with open(path, "rb") as fh:
         head = gzip.GzipFile(fileobj=fh)
         try:
-            hdr = head.read(348)
+            hdr = head.read(540)
         except (EOFError, OSError, zlib.error) as exc:
             raise InputError(f"truncated or corrupt gzip data ({exc})", path) from None
         fh.seek(-4, os.SEEK_END)
         isize = struct.unpack("<I", fh.read(4))[0]
-    expected = _nifti_total_bytes(hdr)
-    if expected is not None and expected % 2**32 == isize:
+    fields = niftihdr.parse(hdr)
+    offset = niftihdr.vox_offset(fields) if fields else None
+    need = niftihdr.expected_voxel_bytes(fields) if fields else None
+    if offset is not None and need is not None and (offset + need) % 2**32 == isize:
         return
-    # Size field does not match (multi-member gzip, or truncation): decompress once to be sure.
+    total = 0
     try:
         with gzip.open(path, "rb") as gz:
-            while gz.read(1 << 24):
-                pass
+            while chunk := gz.read(1 << 24):
+                total += len(chunk)
     except (EOFError, OSError, zlib.error) as exc:
         raise InputError(f"file is truncated or corrupt ({exc})", path) from None
+    if offset is not None and need is not None and total < offset + need:
+        raise truncated(path, need, max(0, total - offset))
 
 
 def check_nifti_complete(path: Path) -> None:
     """Fail on a truncated uncompressed .nii: ITK reads it without complaint."""
+    from segcli.io import niftihdr
+
     with open(path, "rb") as fh:
-        expected = _nifti_total_bytes(fh.read(348))
+        fields = niftihdr.parse(fh.read(540))
+    offset = niftihdr.vox_offset(fields) if fields else None
+    need = niftihdr.expected_voxel_bytes(fields) if fields else None
     size = path.stat().st_size
-    if expected is not None and size < expected:
-        raise InputError(f"file is truncated (header needs {expected} bytes, file has {size})", path)
+    if offset is not None and need is not None and size < offset + need:
+        raise truncated(path, need, max(0, size - offset))
 
 
-def _nifti_total_bytes(hdr: bytes) -> int | None:
-    """vox_offset + pixel bytes from a NIfTI-1 header, or None when it is not one we can parse."""
-    if len(hdr) < 348:
-        return None
-    for endian in "<>":
-        if struct.unpack(endian + "i", hdr[:4])[0] == 348:
-            dims = struct.unpack(endian + "8h", hdr[40:56])
-            bitpix = struct.unpack(endian + "h", hdr[72:74])[0]
-            vox_offset = struct.unpack(endian + "f", hdr[108:112])[0]
-            if not math.isfinite(vox_offset) or vox_offset < 0:
-                return None  # corrupt field: leave the verdict to the reader
-            n = math.prod(max(d, 1) for d in dims[1 : 1 + max(0, min(dims[0], 7))])  # exact, no overflow
-            return int(vox_offset) + n * max(bitpix, 0) // 8
-    return None
+_MET_BYTES = {"MET_UCHAR": 1, "MET_CHAR": 1, "MET_USHORT": 2, "MET_SHORT": 2, "MET_UINT": 4, "MET_INT": 4,
+              "MET_FLOAT": 4, "MET_DOUBLE": 8, "MET_LONG_LONG": 8, "MET_ULONG_LONG": 8}
+
+
+def check_metaimage_complete(path: Path) -> None:
+    """Fail on uncompressed MetaImage data shorter than the header says, before MetaIO prints its own lines."""
+    head, fields, data_start = metaimage_fields(path)
+    if head is None or data_start is None or metaimage_compressed(path):
+        return
+    try:
+        dims = [int(v) for v in fields.get("dimsize", "").split()]
+        channels = int(fields.get("elementnumberofchannels", "1"))
+    except ValueError:
+        return
+    width = _MET_BYTES.get(fields.get("elementtype", "").upper())
+    if not dims or width is None or int(fields.get("headersize", "0") or 0) != 0:
+        return
+    need = math.prod(dims) * width * max(channels, 1)
+    source = fields.get("elementdatafile", "")
+    if source.upper() == "LOCAL":
+        held = path.stat().st_size - data_start
+    elif source and " " not in source and "%" not in source and not source.upper().startswith("LIST"):
+        try:
+            held = (path.parent / source).stat().st_size
+        except (OSError, ValueError):
+            return  # MetaIO names the missing file
+    else:
+        return
+    if held < need:
+        raise truncated(path, need, held)
 
 
 _NIFTI_FLOATS = {16: "f4", 64: "f8"}
 
 
-def _nifti_no_finite(path: Path) -> bool:
+def nifti_no_finite(path: Path) -> bool:
     """True when a float NIfTI-1 file's raw voxels hold no finite value at all."""
     with open(path, "rb") as raw:
         gz = raw.read(2) == b"\x1f\x8b"
@@ -292,7 +338,8 @@ def _nifti_no_finite(path: Path) -> bool:
     return True
 
 
-def _orientation(direction: tuple[float, ...]) -> str:
+def orientation_code(direction: tuple[float, ...]) -> str:
+    """Three-letter orientation code (e.g. ``LPS``, ``RAS``) of a 3x3 direction matrix, as ITK names it."""
     import SimpleITK as sitk
 
     return sitk.DICOMOrientImageFilter.GetOrientationFromDirectionCosines(direction)
@@ -320,7 +367,7 @@ def signed_permutation(original: tuple[float, ...], canonical: tuple[float, ...]
     return perm
 
 
-def _to_loaded(image: sitk.Image, path: Path, warnings: list[str], source: dict[str, Any]) -> LoadedImage:
+def to_loaded(image: sitk.Image, path: Path, warnings: list[str], source: dict[str, Any]) -> LoadedImage:
     """Canonicalise a SimpleITK image into a LoadedImage whose meta can restore the original geometry."""
     import SimpleITK as sitk
 
@@ -341,7 +388,7 @@ def _to_loaded(image: sitk.Image, path: Path, warnings: list[str], source: dict[
         spacing = tuple(reversed(geometry["spacing"]))
         return LoadedImage(path, "medical2d", array, spacing, meta)
 
-    code = _orientation(geometry["direction"])
+    code = orientation_code(geometry["direction"])
     meta["orientation"] = code
     canonical = image if code == CANONICAL else sitk.DICOMOrient(image, CANONICAL)
     signed_perm = signed_permutation(geometry["direction"], canonical.GetDirection(), code, path)
@@ -369,28 +416,78 @@ def to_original_axes(array: np.ndarray, meta: dict[str, Any]) -> np.ndarray:
     return np.ascontiguousarray(out)
 
 
-def open_reader(path: Path, read_as: Path) -> sitk.ImageFileReader:
-    """An ImageFileReader with its header read and every header-level refusal applied, no pixels yet."""
+@contextlib.contextmanager
+def itk_quiet() -> Iterator[None]:
+    """ITK's warning blocks off while a reader runs (segcli says what matters in its own words)."""
+    import SimpleITK as sitk
+
+    previous = sitk.ProcessObject.GetGlobalWarningDisplay()
+    sitk.ProcessObject.SetGlobalWarningDisplay(False)
+    try:
+        yield
+    finally:
+        sitk.ProcessObject.SetGlobalWarningDisplay(previous)
+
+
+def open_reader(path: Path, read_as: Path, warnings: list[str] | None = None) -> sitk.ImageFileReader:
+    """An ImageFileReader with its header read and every header-level refusal applied, no pixels yet.
+
+    ``path`` is the user's file (named in every message); ``read_as`` the name ITK opens (an alias
+    with the right extension, or a decompressed copy).
+    """
     import SimpleITK as sitk
 
     name = read_as.name.lower()
     # Headers that make ITK crash the process or hang are refused before ITK sees them.
     if name.endswith((".nii", ".nii.gz")):
-        check_nifti_header(path, gz=name.endswith(".gz"))
+        check_nifti_header(path, warnings)
     elif name.endswith((".mha", ".mhd")):
         check_metaimage_header(path)
     reader = sitk.ImageFileReader()
     reader.SetFileName(str(read_as))
     try:
-        reader.ReadImageInformation()
+        with itk_quiet():
+            reader.ReadImageInformation()
     except RuntimeError as exc:
-        raise InputError(f"cannot read image header: {_short(exc)}", path) from None
+        if name.endswith((".nii", ".nii.gz")):
+            from segcli.io import niftihdr
+
+            if (niftihdr.parse(niftihdr.read_raw(path)) or {}).get("version") == 2:
+                raise InputError("NIfTI-2 files cannot be read by the SimpleITK in use; save it as NIfTI-1 "
+                                 "(nibabel: nib.Nifti1Image.from_image)", path) from None
+        raise InputError(f"cannot read image header: {itk_message(exc)}", path) from None
     check_header(reader, path, file_bytes=data_file_size(read_as.resolve()))
-    if read_as.name.lower().endswith(".nii.gz"):
+    if name.endswith(".nii.gz"):
         check_gzip_complete(path)
-    elif read_as.name.lower().endswith(".nii"):
+    elif name.endswith(".nii"):
         check_nifti_complete(path)
+    elif name.endswith((".mha", ".mhd")):
+        check_metaimage_complete(read_as)
     return reader
+
+
+def source_fields(path: Path, read_as: Path) -> dict[str, Any]:
+    """``meta`` entries of a file source: for NIfTI, the header geometry the writers copy back."""
+    source: dict[str, Any] = {"source": "file"}
+    if read_as.name.lower().endswith((".nii", ".nii.gz")):
+        from segcli.io import niftihdr
+
+        geometry = niftihdr.geometry_fields(path)
+        if geometry is not None:
+            source["nifti_geometry"] = geometry
+    return source
+
+
+def _data_error(exc: RuntimeError, path: Path) -> InputError:
+    """ITK's read failure in segcli's words; NRRD's short-data messages become the truncation message."""
+    message = itk_message(exc)
+    found = re.search(r"expected (\d+) bytes but received (\d+)", message)
+    if found:
+        return truncated(path, int(found[1]), int(found[2]))
+    found = re.search(r"fread got only (\d+) (\d+)-sized things, not (\d+)", message)
+    if found:
+        return truncated(path, int(found[3]) * int(found[2]), int(found[1]) * int(found[2]))
+    return InputError(f"cannot read image data (truncated or corrupt?): {message}", path)
 
 
 def file_order_buffer(meta: dict[str, Any], dtype: Any = np.uint8) -> np.ndarray:
@@ -419,11 +516,12 @@ def read_file(path: Path, read_as: Path, warnings: list[str]) -> LoadedImage:
     """Read one SimpleITK-readable file; ``read_as`` may be a correctly named alias of a misnamed file."""
     import SimpleITK as sitk
 
-    reader = open_reader(path, read_as)
+    reader = open_reader(path, read_as, warnings)
     try:
-        image = reader.Execute()
+        with itk_quiet():
+            image = reader.Execute()
     except RuntimeError as exc:
-        raise InputError(f"cannot read image data (truncated or corrupt?): {_short(exc)}", path) from None
+        raise _data_error(exc, path) from None
     # ITK's NIfTI reader turns NaN/Inf into 0, so an all-NaN volume would look like a constant one
     # (an empty mask instead of an error). Only an all-zero float result needs the second look at the
     # raw values; it is then handed on as all-NaN, as the other readers do.
@@ -431,95 +529,15 @@ def read_file(path: Path, read_as: Path, warnings: list[str]) -> LoadedImage:
         read_as.name.lower().endswith((".nii", ".nii.gz"))
         and image.GetPixelID() in (sitk.sitkFloat32, sitk.sitkFloat64)
         and not sitk.GetArrayViewFromImage(image).any()
-        and _nifti_no_finite(path)
+        and nifti_no_finite(path)
     )
     if image.GetDimension() == 4:  # a trailing time axis of length 1
         size = list(image.GetSize())
         image = sitk.Extract(image, [*size[:3], 0], [0, 0, 0, 0])
-    loaded = _to_loaded(image, path, warnings, {"source": "file"})
+    loaded = to_loaded(image, path, warnings, source_fields(path, read_as))
     if all_nan:
         loaded.array = np.full_like(loaded.array, np.nan)
     return loaded
-
-
-def _may_hold_dicom(folder: Path) -> bool:
-    """A .dcm file, or a file with the DICOM preamble magic, directly in ``folder``."""
-    try:
-        entries = list(os.scandir(folder))
-    except OSError:
-        return False
-    for entry in entries:
-        try:
-            if entry.name.startswith(".") or not entry.is_file():
-                continue
-            if entry.name.lower().endswith(".dcm"):
-                return True
-            with open(entry.path, "rb") as fh:
-                head = fh.read(132)
-            # The preamble magic, or a bare data set starting with group 0002/0008 (no preamble).
-            if head[128:132] == b"DICM" or head[:2] in (b"\x02\x00", b"\x08\x00"):
-                return True
-        except OSError:
-            continue
-    return False
-
-
-def dicom_series(folder: Path) -> dict[str, list[str]]:
-    """Series id -> sorted slice files, as GDCM groups them."""
-    import SimpleITK as sitk
-
-    if not _may_hold_dicom(folder):
-        return {}  # spare GDCM, which prints a multi-line "No Series were found" warning to stderr
-    reader = sitk.ImageSeriesReader()
-    try:
-        ids = reader.GetGDCMSeriesIDs(str(folder))
-        return {sid: list(reader.GetGDCMSeriesFileNames(str(folder), sid)) for sid in ids}
-    except RuntimeError:
-        return {}
-
-
-def choose_series(folder: Path, series: dict[str, list[str]], series_id: str | None) -> tuple[str, list[str]]:
-    """The requested series, or the largest one with a warning when there are several."""
-    warnings: list[str] = []
-    if series_id is not None:
-        if series_id not in series:
-            raise InputError(
-                f"no DICOM series {series_id!r} here (found: {', '.join(sorted(series))})", folder
-            )
-        return series_id, warnings
-    chosen = max(sorted(series), key=lambda sid: len(series[sid]))
-    if len(series) > 1:
-        warnings.append(
-            f"{len(series)} DICOM series found; using {chosen} ({len(series[chosen])} files), "
-            "pass a series id to choose another"
-        )
-    return chosen, warnings
-
-
-def read_dicom_folder(folder: Path, series_id: str | None = None) -> LoadedImage:
-    """Read a DICOM series folder; with several series take the largest and say so."""
-    import SimpleITK as sitk
-
-    series = dicom_series(folder)
-    if not series:
-        raise InputError("folder holds no readable DICOM series", folder)
-    chosen, warnings = choose_series(folder, series, series_id)
-    files = series[chosen]
-    info = sitk.ImageFileReader()
-    info.SetFileName(files[0])
-    try:
-        info.ReadImageInformation()
-    except RuntimeError as exc:
-        raise InputError(f"cannot read DICOM header: {_short(exc)}", files[0]) from None
-    check_header(info, folder, n_files=len(files))
-    reader = sitk.ImageSeriesReader()
-    reader.SetFileNames(files)
-    try:
-        image = reader.Execute()
-    except RuntimeError as exc:
-        raise InputError(f"cannot read DICOM series: {_short(exc)}", folder) from None
-    source = {"source": "dicom", "series_id": chosen, "files": files, "n_series": len(series)}
-    return _to_loaded(image, folder, warnings, source)
 
 
 def _geometry_image(array: np.ndarray, like: LoadedImage, vector: bool) -> sitk.Image:
@@ -545,8 +563,12 @@ def _geometry_image(array: np.ndarray, like: LoadedImage, vector: bool) -> sitk.
     return image
 
 
-def write_image(image: sitk.Image, path: Path) -> None:
-    """Write with compression; .mhd writes its .raw beside it, so both are moved into place together."""
+def write_image(image: sitk.Image, path: Path, nifti_geometry: dict[str, Any] | None = None) -> None:
+    """Write with compression; .mhd writes its .raw beside it, so both are moved into place together.
+
+    ``nifti_geometry`` (a NIfTI input's header fields) is written into a NIfTI output's header, so the
+    output keeps the input's qform and sform exactly (ITK would set both from one of them).
+    """
     import SimpleITK as sitk
 
     from segcli.io.atomic import atomic_path
@@ -556,14 +578,19 @@ def write_image(image: sitk.Image, path: Path) -> None:
             _write_mhd(image, path)
             return
         with atomic_path(path) as tmp:
-            sitk.WriteImage(image, str(tmp), useCompression=True)
+            with itk_quiet():
+                sitk.WriteImage(image, str(tmp), useCompression=True)
+            if nifti_geometry is not None and path.name.lower().endswith((".nii", ".nii.gz")):
+                from segcli.io import niftihdr
+
+                niftihdr.patch_file(tmp, nifti_geometry)
     except RuntimeError as exc:  # ITK hides the errno: say what the folder's state explains, if anything
         from segcli.io.atomic import write_failure_reason
 
         reason = write_failure_reason(path)
         if reason is not None:
             raise OutputError(f"cannot write: {reason}", path) from None
-        raise UsageError(f"cannot write image: {_short(exc)}", path) from None
+        raise UsageError(f"cannot write image: {itk_message(exc)}", path) from None
 
 
 def _write_mhd(image: sitk.Image, path: Path) -> None:
@@ -586,12 +613,12 @@ def _write_mhd(image: sitk.Image, path: Path) -> None:
 
 def write_mask(mask: np.ndarray, like: LoadedImage, path: Path) -> None:
     """Mask (spatial shape of ``like``) -> SimpleITK file with the input's exact geometry."""
-    write_image(_geometry_image(mask, like, vector=False), path)
+    write_image(_geometry_image(mask, like, vector=False), path, like.meta.get("nifti_geometry"))
 
 
 def write_probabilities(probs: np.ndarray, like: LoadedImage, path: Path) -> None:
     """(K, *spatial) float32 -> one vector image whose K components are the class probabilities."""
-    write_image(_geometry_image(np.moveaxis(probs, 0, -1), like, vector=True), path)
+    write_image(_geometry_image(np.moveaxis(probs, 0, -1), like, vector=True), path, like.meta.get("nifti_geometry"))
 
 
 def describe_geometry(like: LoadedImage) -> dict[str, Any]:

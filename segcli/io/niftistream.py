@@ -3,7 +3,8 @@
 SimpleITK can only write a whole image, and building one copies the array. A NIfTI-1 file is a
 352-byte header followed by the voxels (x fastest, then y, z, then vector components), so segcli
 lets ITK write the header of a ONE-slice image with the input's exact geometry (spacing, origin,
-direction: ITK computes the qform and sform), patches the slice count into it, and streams the
+direction: ITK computes the qform and sform), patches the slice count into it (and, for a NIfTI input,
+the input's own qform, sform, codes and voxel size: see :mod:`segcli.io.niftihdr`), and streams the
 planes after it, gzip-compressed for ``.nii.gz``.
 
 Probabilities of a streamed volume are spilled to a temporary file slice by slice as the engine
@@ -46,6 +47,10 @@ def nifti_header(meta: dict[str, Any], components: int, dtype: np.dtype) -> byte
     if struct.unpack(endian + "h", head[46:48])[0] != 1:
         raise RuntimeError("unexpected NIfTI header from ITK (dim[3] of a one-slice image is not 1)")
     head[46:48] = struct.pack(endian + "h", int(size[2]))
+    if meta.get("nifti_geometry") is not None:
+        from segcli.io import niftihdr
+
+        niftihdr.patch_header(head, meta["nifti_geometry"])
     return bytes(head)
 
 

@@ -112,9 +112,9 @@ def streamable(path: Path, content: str) -> bool:
     if content == "nifti-gz":
         return name.endswith(".nii.gz")
     if content == "metaimage" and name.endswith((".mha", ".mhd")):
-        from segcli.io.medical import _metaimage_fields, metaimage_compressed
+        from segcli.io.medical import metaimage_compressed, metaimage_fields
 
-        source = _metaimage_fields(path)[1].get("elementdatafile", "").upper()
+        source = metaimage_fields(path)[1].get("elementdatafile", "").upper()
         return not metaimage_compressed(path) and not source.startswith("LIST") and "%" not in source
     return False
 
@@ -157,7 +157,7 @@ class StreamedVolume:
             size, direction, self._dim = list(geometry["size"]), tuple(geometry["direction"]), 3
         self._size = size
         medical.check_geometry(geometry["spacing"], geometry["direction"], path)
-        code = medical._orientation(direction)
+        code = medical.orientation_code(direction)
         dummy = sitk.Image([2, 2, 2], sitk.sitkUInt8)
         dummy.SetDirection(direction)
         canon = dummy if code == medical.CANONICAL else sitk.DICOMOrient(dummy, medical.CANONICAL)
@@ -202,7 +202,12 @@ class StreamedVolume:
             os.unlink(name)
             raise InputError(f"cannot decompress: {exc}", self.path) from None
         self._tmp = Path(name)
-        self.reader = medical.open_reader(self._tmp, self._tmp)
+        try:  # the checks run on the copy, but every message names the user's file
+            reader = medical.open_reader(self._tmp, self._tmp)
+        except InputError as exc:
+            self.close()
+            raise InputError(exc.message, self.path) from None
+        self.reader = reader
 
     def close(self) -> None:
         """Delete the temporary decompressed copy, if any."""
@@ -217,7 +222,7 @@ class StreamedVolume:
         """ITK's NIfTI reader turns NaN/Inf into 0: an all-zero float NIfTI may really be all NaN."""
         from segcli.io import medical
 
-        return self.path.name.lower().endswith((".nii", ".nii.gz")) and medical._nifti_no_finite(self.path)
+        return self.path.name.lower().endswith((".nii", ".nii.gz")) and medical.nifti_no_finite(self.path)
 
     def block(self, axis: int, i0: int, i1: int) -> np.ndarray:
         """Decode canonical slices ``i0:i1`` along numpy ``axis`` and return them canonical, channel-last."""
@@ -232,14 +237,9 @@ class StreamedVolume:
         if self._files is not None:  # a DICOM series: the slab is a run of slice files
             if a != 2:
                 raise ValueError("a DICOM series is streamed along its slice axis only")
-            series = sitk.ImageSeriesReader()
-            series.SetFileNames(self._files[lo:hi])
-            try:
-                image = series.Execute()
-            except RuntimeError as exc:
-                raise InputError(f"cannot read DICOM series: {medical._short(exc)}", self.path) from None
-            if image.GetDimension() == 2:  # a lone file may read as 2D: restore the slice axis
-                image = sitk.JoinSeries(image)
+            from segcli.io.dicomseries import read_pixels
+
+            image = read_pixels(self.path, self._files[lo:hi], self.meta.get("transfer_syntax"))
             image.SetSpacing(self.meta["geometry"]["spacing"])
             image.SetDirection(self.meta["geometry"]["direction"])
         else:
@@ -253,9 +253,10 @@ class StreamedVolume:
             self.reader.SetExtractIndex(index)
             self.reader.SetExtractSize(extent)
             try:
-                image = self.reader.Execute()
+                with medical.itk_quiet():
+                    image = self.reader.Execute()
             except RuntimeError as exc:
-                raise InputError(f"cannot read image data (truncated or corrupt?): {medical._short(exc)}",
+                raise InputError(f"cannot read image data (truncated or corrupt?): {medical.itk_message(exc)}",
                                  self.path) from None
         if self.meta["orientation"] != medical.CANONICAL:
             image = sitk.DICOMOrient(image, medical.CANONICAL)
@@ -289,10 +290,11 @@ def open_streamed(path: Path, content: str | None = None) -> StreamedVolume | No
     from segcli.geometry import slice_axis
     from segcli.io import medical
 
-    reader = medical.open_reader(path, path)  # every header refusal of the whole reader
+    warnings: list[str] = []
+    reader = medical.open_reader(path, path, warnings)  # every header refusal of the whole reader
     if reader.GetDimension() not in (3, 4):
         return None
-    vol = StreamedVolume(path, reader, [])
+    vol = StreamedVolume(path, reader, warnings, source=medical.source_fields(path, path))
     if content == "nifti-gz" and vol._feed[2 - slice_axis(vol.spacing)] != 2:
         return None  # slabs across the file's slices would each decompress the whole file: read it once
     return vol
@@ -301,37 +303,22 @@ def open_streamed(path: Path, content: str | None = None) -> StreamedVolume | No
 def _open_dicom(folder: Path) -> StreamedVolume | None:
     """A DICOM series streamed file run by file run, when the engine slices along its slice axis.
 
-    The series geometry is that of its first two files (ITK's series reader takes the slice spacing
-    from them too); anything unusual (one file, unreadable headers) goes to the whole reader, which
-    gives the precise error.
+    The whole series is checked first (:func:`segcli.io.dicomseries.check_series`: an irregular
+    series is refused here, with the same message as the whole reader) and its grid comes from every
+    file's position. A single file goes to the whole reader.
     """
-    import SimpleITK as sitk
-
     from segcli.geometry import slice_axis
-    from segcli.io import medical
+    from segcli.io import dicomseries
 
-    series = medical.dicom_series(folder)
-    if not series:
+    if not dicomseries.may_hold_dicom(folder):
         return None
-    chosen, warnings = medical.choose_series(folder, series, None)
-    files = series[chosen]
-    if len(files) < 2:
+    plan, chosen, warnings, n_series = dicomseries.plan_folder(folder)
+    if plan.geometry is None:
         return None
-    info = sitk.ImageFileReader()
-    info.SetFileName(files[0])
-    try:
-        info.ReadImageInformation()
-        two = sitk.ImageSeriesReader()
-        two.SetFileNames(files[:2])
-        head = two.Execute()
-    except RuntimeError:
-        return None
-    medical.check_header(info, folder, n_files=len(files))
-    size = (*info.GetSize()[:2], len(files))
-    geometry = {"size": size, "spacing": tuple(head.GetSpacing()), "origin": tuple(head.GetOrigin()),
-                "direction": tuple(head.GetDirection())}
-    source = {"source": "dicom", "series_id": chosen, "files": files, "n_series": len(series)}
-    vol = StreamedVolume(folder, info, warnings, geometry=geometry, files=files, source=source)
+    info = dicomseries.header_reader(plan, folder)
+    source = {"source": "dicom", "series_id": chosen, "files": plan.files, "n_series": n_series,
+              "notes": list(plan.notes), "transfer_syntax": plan.transfer_syntax}
+    vol = StreamedVolume(folder, info, warnings, geometry=dict(plan.geometry), files=plan.files, source=source)
     if vol._feed[2 - slice_axis(vol.spacing)] != 2:
         return None  # sliced across the files: every slab would need every file
     return vol

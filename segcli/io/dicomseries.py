@@ -1,0 +1,502 @@
+"""DICOM series folders: grouping, a check of the whole series before any pixel is decoded, and pixel
+reads that name the file at fault.
+
+ITK's series reader takes the slice spacing from the slice positions it is given, and GDCM's grouping
+drops files it cannot parse, so a series with a missing, duplicated, truncated or tilted slice would be read
+as a regular grid in the wrong place. :func:`check_series` reads every file's header (pydicom,
+pixel data not loaded) and either refuses the series with one line naming the problem and the
+slice positions, or returns the files in slice order with the grid they define:
+
+- every ImageOrientationPatient equal to the first within ``ORIENTATION_TOL``;
+- Rows, Columns and PixelSpacing equal; one frame per file (no enhanced multi-frame file);
+- positions projected on the slice normal (row × column cosines) sorted ascending; no two closer
+  than ``DUPLICATE_MM``; every gap equal to the median gap within ``spacing_tolerance`` (1 % of the
+  median gap or 0.01 mm, whichever is larger); a gap of about k median gaps is reported as missing
+  slices;
+- no in-plane shift between neighbouring slices beyond the same tolerance (a gantry tilt or a
+  sheared acquisition: refused, segcli does not resample tilted series);
+- no DICOM-looking file in the folder that names no series (a truncated or unreadable file), and no
+  slice whose uncompressed pixel data is shorter than its header says.
+
+What was corrected (slices reordered because the file names do not follow their positions) is
+listed in the plan's ``notes``; :func:`read_dicom_folder` puts them in ``meta["notes"]`` and in
+``meta["warnings"]``, which the report and stderr show.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import sys
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from segcli.errors import InputError
+
+if TYPE_CHECKING:
+    import SimpleITK as sitk
+
+    from segcli.io import LoadedImage
+
+ORIENTATION_TOL = 1e-4  # direction cosines
+DUPLICATE_MM = 1e-3  # two slices closer than this along the normal are at the same position
+SPACING_REL_TOL = 0.01
+SPACING_ABS_TOL_MM = 0.01
+# Multi-frame SOP classes (enhanced CT/MR/PET/XA and the like) whose geometry lives in per-frame groups.
+_ENHANCED = {
+    "1.2.840.10008.5.1.4.1.1.2.1", "1.2.840.10008.5.1.4.1.1.2.2", "1.2.840.10008.5.1.4.1.1.4.1",
+    "1.2.840.10008.5.1.4.1.1.4.3", "1.2.840.10008.5.1.4.1.1.4.4", "1.2.840.10008.5.1.4.1.1.130",
+    "1.2.840.10008.5.1.4.1.1.128.1", "1.2.840.10008.5.1.4.1.1.12.1.1", "1.2.840.10008.5.1.4.1.1.12.2.1",
+}
+_DICOMDIR = "1.2.840.10008.1.3.10"
+
+
+def spacing_tolerance(spacing: float) -> float:
+    """How far a gap (or an in-plane shift) may differ from the series spacing: 1 % or 0.01 mm."""
+    return max(SPACING_ABS_TOL_MM, SPACING_REL_TOL * abs(spacing))
+
+
+# ------------------------------------------------------------------------------------------- grouping
+def _looks_dicom(path: str, name: str) -> bool:
+    if name.lower().endswith(".dcm"):
+        return True
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(132)
+    except OSError:
+        return False
+    # The preamble magic, or a bare data set starting with group 0002/0008 (no preamble).
+    return head[128:132] == b"DICM" or head[:2] in (b"\x02\x00", b"\x08\x00")
+
+
+def dicom_files(folder: Path) -> list[str]:
+    """The non-hidden regular files directly in ``folder`` that look like DICOM, sorted."""
+    try:
+        entries = list(os.scandir(folder))
+    except OSError:
+        return []
+    out = []
+    for entry in entries:
+        try:
+            if not entry.name.startswith(".") and entry.is_file() and _looks_dicom(entry.path, entry.name):
+                out.append(entry.path)
+        except OSError:
+            continue
+    return sorted(out)
+
+
+def may_hold_dicom(folder: Path) -> bool:
+    """A .dcm file, or a file with the DICOM preamble magic, directly in ``folder``."""
+    return bool(dicom_files(folder))
+
+
+def _group(folder: Path, headers: dict[str, SliceHeader] | None = None) -> tuple[dict[str, list[str]], list[str]]:
+    """(SeriesInstanceUID -> files, files that look like DICOM but name no series), read with pydicom.
+
+    pydicom rather than GDCM: GDCM leaves out files it cannot parse without a word (a truncated
+    slice would silently disappear) and prints decoder messages on stderr while it scans. With
+    ``headers`` (a dict to fill), every file's header is read whole once, for :func:`check_series`.
+    """
+    import pydicom
+
+    series: dict[str, list[str]] = {}
+    orphans: list[str] = []
+    for path in dicom_files(folder):
+        try:
+            if headers is None:
+                ds = pydicom.dcmread(path, stop_before_pixels=True, force=True, specific_tags=["SeriesInstanceUID"])
+                uid = str(ds.get("SeriesInstanceUID", "") or "").strip()
+            else:
+                headers[path] = read_header(path)
+                uid = headers[path].series_uid or ""
+        except Exception:  # pydicom raises many types on damaged files
+            uid = ""
+        if uid:
+            series.setdefault(uid, []).append(path)
+        elif Path(path).name.upper() != "DICOMDIR":
+            orphans.append(path)
+    return series, orphans
+
+
+def dicom_series(folder: Path) -> dict[str, list[str]]:
+    """SeriesInstanceUID -> the files of that series directly in ``folder`` (sorted by name)."""
+    return _group(folder)[0]
+
+
+def choose_series(folder: Path, series: dict[str, list[str]], series_id: str | None) -> tuple[str, list[str]]:
+    """The requested series, or the largest one with a warning when there are several."""
+    warnings: list[str] = []
+    if series_id is not None:
+        if series_id not in series:
+            raise InputError(
+                f"no DICOM series {series_id!r} here (found: {', '.join(sorted(series))})", folder
+            )
+        return series_id, warnings
+    chosen = max(sorted(series), key=lambda sid: len(series[sid]))
+    if len(series) > 1:
+        warnings.append(
+            f"{len(series)} DICOM series found; using {chosen} ({len(series[chosen])} files), "
+            "pass a series id to choose another"
+        )
+    return chosen, warnings
+
+
+# ------------------------------------------------------------------------------------------- the check
+@dataclass
+class SliceHeader:
+    """What the check needs from one file's header."""
+
+    path: str
+    series_uid: str | None
+    position: np.ndarray | None
+    orientation: np.ndarray | None
+    rows: int
+    columns: int
+    frames: int
+    pixel_spacing: tuple[float, ...] | None
+    sop_class: str
+    transfer_syntax: str
+    pixel_bytes: int | None  # bytes the header declares for native (uncompressed) pixel data
+    pixel_available: int | None  # bytes of it the file really holds
+    has_pixels: bool
+
+    @property
+    def name(self) -> str:
+        return Path(self.path).name
+
+
+@dataclass
+class SeriesPlan:
+    """Files in slice order (ascending along the normal), the grid they define, and what was corrected."""
+
+    files: list[str]
+    geometry: dict[str, Any] | None  # size, spacing, origin, direction (sitk order); None for one file
+    notes: list[str] = field(default_factory=list)
+    transfer_syntax: dict[str, str] = field(default_factory=dict)
+
+
+def _floats(value: Any, n: int) -> np.ndarray | None:
+    try:
+        out = np.array([float(v) for v in value], dtype=np.float64)
+    except (TypeError, ValueError):
+        return None
+    return out if out.size == n and np.all(np.isfinite(out)) else None
+
+
+def read_header(path: str) -> SliceHeader:
+    """One file's header (pixel data located, never loaded); InputError naming the file when unreadable."""
+    import pydicom
+
+    try:
+        ds = pydicom.dcmread(path, defer_size=1024, force=True)
+    except Exception as exc:  # pydicom raises many types on damaged files
+        raise InputError(f"cannot read DICOM header ({type(exc).__name__}: {str(exc)[:120]})", Path(path)) from None
+    meta = getattr(ds, "file_meta", None)
+    syntax = str(getattr(meta, "TransferSyntaxUID", "") or "")
+    pixel_bytes = available = None
+    has_pixels = False
+    try:
+        element = ds.get_item("PixelData") if "PixelData" in ds else None
+    except Exception:
+        element = None
+    if element is not None:
+        has_pixels = True
+        length = getattr(element, "length", None)
+        tell = getattr(element, "value_tell", None)
+        if length is not None and tell is not None and length != 0xFFFFFFFF:  # native, not encapsulated
+            available = max(0, min(length, os.path.getsize(path) - tell))
+            try:
+                bits = int(ds.get("BitsAllocated", 0) or 0)
+                samples = int(ds.get("SamplesPerPixel", 1) or 1)
+                frames = int(ds.get("NumberOfFrames", 1) or 1)
+                declared = int(ds.get("Rows", 0) or 0) * int(ds.get("Columns", 0) or 0) * samples * frames
+                pixel_bytes = max(length, declared * bits // 8)
+            except (TypeError, ValueError):
+                pixel_bytes = length
+    try:
+        frames = int(ds.get("NumberOfFrames", 1) or 1)
+    except (TypeError, ValueError):
+        frames = 1
+    spacing = _floats(ds.get("PixelSpacing"), 2)
+    return SliceHeader(
+        path=path, series_uid=str(ds.get("SeriesInstanceUID", "") or "") or None,
+        position=_floats(ds.get("ImagePositionPatient"), 3),
+        orientation=_floats(ds.get("ImageOrientationPatient"), 6),
+        rows=int(ds.get("Rows", 0) or 0), columns=int(ds.get("Columns", 0) or 0), frames=frames,
+        pixel_spacing=tuple(spacing.tolist()) if spacing is not None else None,
+        sop_class=str(ds.get("SOPClassUID", "") or getattr(meta, "MediaStorageSOPClassUID", "") or ""),
+        transfer_syntax=syntax, pixel_bytes=pixel_bytes, pixel_available=available, has_pixels=has_pixels,
+    )
+
+
+def _check_file(h: SliceHeader, folder: Path) -> None:
+    """Refusals that concern one file on its own."""
+    if h.frames > 1 or h.sop_class in _ENHANCED:
+        raise InputError(
+            f"{h.name} is a multi-frame (enhanced) DICOM file with {h.frames} frames inside a series folder; "
+            "segcli reads series of single-frame files (convert it with dcm2niix first)", folder)
+    if not h.has_pixels:
+        raise InputError(f"{h.name} holds no pixel data (truncated file?)", folder)
+    if h.pixel_bytes is not None and h.pixel_available is not None and h.pixel_available < h.pixel_bytes:
+        raise InputError(f"truncated: header of {h.name} says {h.pixel_bytes} bytes of pixels, the file "
+                         f"holds {h.pixel_available}", folder)
+    if h.position is None or h.orientation is None:
+        missing = "ImagePositionPatient" if h.position is None else "ImageOrientationPatient"
+        raise InputError(f"{h.name} has no usable {missing}; the slices cannot be placed", folder)
+
+
+def check_single_file(path: Path) -> None:
+    """A lone DICOM file read as an image: refuse missing or short pixel data before ITK sees it."""
+    h = read_header(str(path))
+    if not h.has_pixels:
+        raise InputError("DICOM file holds no pixel data (header only, or truncated)", path)
+    if h.pixel_bytes is not None and h.pixel_available is not None and h.pixel_available < h.pixel_bytes:
+        raise InputError(f"truncated: header says {h.pixel_bytes} bytes of pixels, file holds {h.pixel_available}",
+                         path)
+
+
+def _left_out(folder: Path, orphans: list[str]) -> None:
+    """Refuse the series when a file of its folder looks like DICOM but cannot be placed in any series."""
+    for path in orphans:
+        try:
+            h = read_header(path)
+        except InputError as exc:
+            raise InputError(f"{Path(path).name} cannot be read as DICOM ({exc.message}); "
+                             "a truncated or corrupt file in the series folder", folder) from None
+        if h.sop_class == _DICOMDIR:
+            continue
+        _check_file(h, folder)  # names the truncation or the multi-frame file when that is why
+        raise InputError(f"{h.name} names no series (no SeriesInstanceUID): a truncated or foreign file in the "
+                         "series folder; remove it or move the series", folder)
+
+
+def _pos(z: float) -> str:
+    return f"z={z:.6g}"
+
+
+def _natural(name: str) -> list[Any]:
+    return [int(t) if t.isdigit() else t.lower() for t in re.split(r"(\d+)", name)]
+
+
+def _check_alike(headers: list[SliceHeader], folder: Path) -> None:
+    """Every slice the size, orientation and pixel spacing of the first."""
+    first = headers[0]
+    for h in headers[1:]:
+        if (h.rows, h.columns) != (first.rows, first.columns):
+            raise InputError(f"slices of different sizes: {h.name} is {h.columns}x{h.rows} pixels, "
+                             f"{first.name} is {first.columns}x{first.rows}", folder)
+        if not np.allclose(h.orientation, first.orientation, atol=ORIENTATION_TOL, rtol=0):
+            raise InputError(f"slice orientation differs: {h.name} has ImageOrientationPatient "
+                             f"{_vec(h.orientation)}, {first.name} {_vec(first.orientation)}", folder)
+        if (h.pixel_spacing is None) != (first.pixel_spacing is None) or (
+                h.pixel_spacing is not None and not np.allclose(h.pixel_spacing, first.pixel_spacing, rtol=1e-4)):
+            raise InputError(f"pixel spacing differs: {h.name} has {h.pixel_spacing}, "
+                             f"{first.name} {first.pixel_spacing}", folder)
+
+
+def _check_grid(headers: list[SliceHeader], depth: np.ndarray, normal: np.ndarray, folder: Path) -> None:
+    """Slices sorted along the normal (``depth``) form one regular line: no duplicate, gap or tilt."""
+    gaps = np.diff(depth)
+    duplicates = np.flatnonzero(gaps < DUPLICATE_MM)
+    if duplicates.size:
+        i, n = int(duplicates[0]), int(duplicates.size)
+        raise InputError(f"duplicate slice position: {headers[i].name} and {headers[i + 1].name} are both at "
+                         f"{_pos(depth[i])} ({n} duplicate{'s' if n > 1 else ''}; several echoes, phases "
+                         "or acquisitions in one series?)", folder)
+    spacing = float(np.median(gaps))
+    tol = spacing_tolerance(spacing)
+    bad = np.flatnonzero(np.abs(gaps - spacing) > tol)
+    if bad.size:
+        i = int(bad[0])
+        k = round(gaps[i] / spacing)
+        more = f" (and {bad.size - 1} more uneven gap{'s' if bad.size > 2 else ''})" if bad.size > 1 else ""
+        where = (f"gap of {gaps[i]:.6g} mm between {_pos(depth[i])} ({headers[i].name}) and "
+                 f"{_pos(depth[i + 1])} ({headers[i + 1].name}) where spacing is {spacing:.6g} mm{more}")
+        if k >= 2 and abs(gaps[i] - k * spacing) <= tol * k:
+            raise InputError(f"missing slice(s): {where}", folder)
+        raise InputError(f"uneven slice spacing: {where}", folder)
+    steps = np.diff(np.array([h.position for h in headers]), axis=0)
+    shifts = np.linalg.norm(steps - np.outer(steps @ normal, normal), axis=1)  # in-plane part of each step
+    if shifts.max() > tol:
+        i = int(np.argmax(shifts))
+        angle = float(np.degrees(np.arctan2(shifts[i], spacing)))
+        raise InputError(f"gantry tilt or sheared slices: {headers[i + 1].name} is shifted {shifts[i]:.3g} mm "
+                         f"in-plane from {headers[i].name} ({_pos(depth[i])} to {_pos(depth[i + 1])}, about "
+                         f"{angle:.2g} degrees); segcli does not resample tilted series: correct it first "
+                         "(dcm2niix does)", folder)
+
+
+def check_series(folder: Path, files: list[str], orphans: list[str] = (),
+                 known: dict[str, SliceHeader] | None = None) -> SeriesPlan:
+    """Every header of the series checked together; the files in slice order with their grid, or InputError.
+
+    ``orphans``: files of the folder that look like DICOM but name no series (refused: they may be
+    slices of this one); ``known``: headers already read."""
+    _left_out(folder, list(orphans))
+    known = known or {}
+    headers = [known[f] if f in known else read_header(f) for f in files]
+    for h in headers:
+        _check_file(h, folder)
+    _check_alike(headers, folder)
+    first = headers[0]
+    syntax = {h.path: h.transfer_syntax for h in headers}
+    if len(headers) == 1:
+        return SeriesPlan([first.path], None, [], syntax)
+    row, col = first.orientation[:3], first.orientation[3:]
+    if not (abs(np.linalg.norm(row) - 1) < 1e-3 and abs(np.linalg.norm(col) - 1) < 1e-3 and abs(row @ col) < 1e-3):
+        raise InputError(f"ImageOrientationPatient {_vec(first.orientation)} is not two orthogonal unit "
+                         "vectors", folder)
+    normal = np.cross(row, col)
+    normal /= np.linalg.norm(normal)
+    depth = np.array([h.position @ normal for h in headers])
+    order = np.argsort(depth, kind="stable")
+    headers, depth = [headers[i] for i in order], depth[order]
+    _check_grid(headers, depth, normal, folder)
+    notes = []
+    names = [h.name for h in headers]
+    if names != sorted(names, key=_natural):
+        how = "in descending order" if names == sorted(names, key=_natural, reverse=True) else "out of order"
+        notes.append(f"DICOM file names run {how} of slice position; the {len(names)} slices were ordered by "
+                     "ImagePositionPatient along the slice normal")
+    ps = first.pixel_spacing
+    geometry = {
+        "size": (first.columns, first.rows, len(headers)),
+        # PixelSpacing is (row spacing, column spacing) = (y, x); without it, ITK's in-plane spacing is used
+        "spacing": (float(ps[1]) if ps else None, float(ps[0]) if ps else None,
+                    float((depth[-1] - depth[0]) / (len(headers) - 1))),
+        "origin": tuple(float(v) for v in headers[0].position),
+        "direction": tuple(float(v) for v in np.column_stack([row, col, normal]).ravel()),
+    }
+    return SeriesPlan([h.path for h in headers], geometry, notes, syntax)
+
+
+def _vec(v: np.ndarray) -> str:
+    return "(" + ", ".join(f"{x:.6g}" for x in v) + ")"
+
+
+# ------------------------------------------------------------------------------------------- pixels
+@contextlib.contextmanager
+def captured_native_stderr() -> Iterator[None]:
+    """Hold back what C++ code (GDCM, OpenJPEG, CharLS) prints on file descriptor 2 while a decoder runs.
+
+    When the block raises, the text is dropped: the caller turns the failure into one line of its own.
+    When it succeeds, the text is written to stderr after all, so nothing another thread printed in the
+    meantime is lost. The redirection is process-wide, so it is held only around a decoder call.
+    """
+    with contextlib.suppress(Exception):
+        sys.stderr.flush()
+    try:
+        saved = os.dup(2)
+    except OSError:
+        yield
+        return
+    failed = False
+    with tempfile.TemporaryFile() as tmp:
+        os.dup2(tmp.fileno(), 2)
+        try:
+            yield
+        except BaseException:
+            failed = True
+            raise
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            if not failed:
+                tmp.seek(0)
+                while chunk := tmp.read(1 << 16):
+                    os.write(2, chunk)
+
+
+def _syntax_name(uid: str) -> str:
+    try:
+        from pydicom.uid import UID
+
+        return UID(uid).name if uid else "unknown transfer syntax"
+    except Exception:
+        return uid
+
+
+def read_pixels(folder: Path, files: list[str], syntax: dict[str, str] | None = None) -> sitk.Image:
+    """The slices ``files`` (in that order) as one image; a decoding failure names the file at fault."""
+    import SimpleITK as sitk
+
+    from segcli.io.medical import itk_message, itk_quiet
+
+    reader = sitk.ImageSeriesReader()
+    reader.SetFileNames(files)
+    try:
+        with itk_quiet(), captured_native_stderr():
+            image = reader.Execute()
+    except RuntimeError as exc:
+        reason = itk_message(exc)
+    else:
+        if image.GetDimension() == 2:  # a lone file may read as 2D: restore the slice axis
+            image = sitk.JoinSeries(image)
+        return image
+    for f in files:  # find the file that does not decode, one by one
+        try:
+            with itk_quiet(), captured_native_stderr():
+                sitk.ReadImage(f)
+        except RuntimeError as exc:
+            ts = (syntax or {}).get(f, "")
+            raise InputError(f"cannot decode the pixel data of {Path(f).name} ({_syntax_name(ts)}): corrupt or "
+                             f"unsupported compressed data ({itk_message(exc)[:120]})", folder) from None
+    raise InputError(f"cannot read DICOM series: {reason}", folder)
+
+
+def plan_folder(folder: Path, series_id: str | None = None) -> tuple[SeriesPlan, str, list[str], int]:
+    """(checked plan, chosen series id, warnings, number of series) for a folder; InputError when unusable."""
+    headers: dict[str, SliceHeader] = {}
+    series, orphans = _group(folder, headers)
+    if not series:
+        raise InputError("folder holds no readable DICOM series", folder)
+    chosen, warnings = choose_series(folder, series, series_id)
+    plan = check_series(folder, series[chosen], orphans, headers)
+    return plan, chosen, warnings + plan.notes, len(series)
+
+
+def header_reader(plan: SeriesPlan, folder: Path) -> sitk.ImageFileReader:
+    """An ImageFileReader with the first slice's header read (pixel type, components), checked."""
+    import SimpleITK as sitk
+
+    from segcli.io.medical import check_header, itk_message, itk_quiet
+
+    info = sitk.ImageFileReader()
+    info.SetFileName(plan.files[0])
+    try:
+        with itk_quiet(), captured_native_stderr():
+            info.ReadImageInformation()
+    except RuntimeError as exc:
+        raise InputError(f"cannot read DICOM header of {Path(plan.files[0]).name}: {itk_message(exc)}",
+                         folder) from None
+    check_header(info, folder, n_files=len(plan.files))
+    if plan.geometry is not None:  # no PixelSpacing: the in-plane spacing ITK found (ImagerPixelSpacing or 1)
+        x, y, z = plan.geometry["spacing"]
+        plan.geometry["spacing"] = (x or float(info.GetSpacing()[0]), y or float(info.GetSpacing()[1]), z)
+    return info
+
+
+def read_dicom_folder(folder: Path, series_id: str | None = None) -> LoadedImage:
+    """Read a checked DICOM series folder; with several series take the largest and say so."""
+    from segcli.io.medical import to_loaded
+
+    plan, chosen, warnings, n_series = plan_folder(folder, series_id)
+    header_reader(plan, folder)
+    image = read_pixels(folder, plan.files, plan.transfer_syntax)
+    geometry = plan.geometry
+    if geometry is not None:
+        if tuple(image.GetSize()) != tuple(geometry["size"]):
+            raise InputError(f"the series decodes to {image.GetSize()} voxels, its headers say "
+                             f"{geometry['size']}", folder)
+        image.SetSpacing(geometry["spacing"])
+        image.SetOrigin(geometry["origin"])
+        image.SetDirection(geometry["direction"])
+    source = {"source": "dicom", "series_id": chosen, "files": plan.files, "n_series": n_series,
+              "notes": list(plan.notes)}
+    return to_loaded(image, folder, warnings, source)
