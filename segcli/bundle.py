@@ -242,6 +242,43 @@ def parse_codes(value: Any, classes: list[str], where: Path) -> dict[str, dict[s
     return out
 
 
+#: The JSON types of segcli.json's fields (required ones first), checked before anything is read from them.
+_FIELDS: dict[str, tuple[type | tuple[type, ...], str, bool]] = {
+    "method": (str, "a string", True),
+    "classes": (list, "a list of class names", True),
+    "in_channels": (int, "an integer", True),
+    "input_size": (int, "an integer", True),
+    "normalization": (dict, "an object", True),
+    "networks": (dict, "an object mapping roles to networks", True),
+    "name": (str, "a string", False),
+    "params": (dict, "an object", False),
+    "info": (dict, "an object", False),
+    "training": (dict, "an object", False),
+}
+
+
+def _check_shape(raw: dict[str, Any], where: Path) -> None:
+    """One-line refusals for a segcli.json of the wrong shape (wrong types, missing fields, NUL bytes)."""
+    for key, (kind, words, required) in _FIELDS.items():
+        if key not in raw:
+            if required:
+                raise BundleError(f"malformed bundle: the field {key!r} is missing", where)
+            continue
+        value = raw[key]
+        if not isinstance(value, kind) or isinstance(value, bool):
+            raise BundleError(f"malformed bundle: {key!r} must be {words}, not {type(value).__name__}", where)
+    if not all(isinstance(c, str) and c and "\x00" not in c for c in raw["classes"]):
+        raise BundleError("malformed bundle: 'classes' must be non-empty strings without NUL characters", where)
+    for role, net in raw["networks"].items():
+        if not isinstance(net, dict) or not isinstance(net.get("arch"), str) or not isinstance(net.get("weights"), str):
+            raise BundleError(f"malformed bundle: network {role!r} must be an object with 'arch' and 'weights' "
+                              "strings", where)
+        if not isinstance(net.get("config", {}), dict):
+            raise BundleError(f"malformed bundle: network {role!r} 'config' must be an object", where)
+        if "\x00" in net["weights"] or "\x00" in net["arch"]:
+            raise BundleError(f"malformed bundle: network {role!r} names hold NUL characters", where)
+
+
 def resolve_model(model: str | os.PathLike[str] | None, kind: str = "2d") -> Path:
     """A bundle folder from a path, a shipped bundle name, or None for the default of ``kind``."""
     if model is None:
@@ -282,11 +319,14 @@ def load_bundle(model: str | os.PathLike[str] | None = None, kind: str = "2d") -
         raise BundleError(f"not a segcli bundle (no {BUNDLE_FILE})", root)
     try:
         raw = json.loads(cfg_path.read_text())
+    except RecursionError:
+        raise BundleError("cannot parse: JSON nested too deeply", cfg_path) from None
     except (OSError, ValueError) as exc:
         raise BundleError(f"cannot parse: {exc}", cfg_path) from None
     if not isinstance(raw, dict):
         raise BundleError("must hold a JSON object", cfg_path)
     raw = _migrate(raw, root)
+    _check_shape(raw, cfg_path)
     try:
         nets = {
             role: NetworkSpec(
@@ -313,7 +353,7 @@ def load_bundle(model: str | os.PathLike[str] | None = None, kind: str = "2d") -
             training=dict(raw.get("training", {})),
             raw=raw,
         )
-    except (KeyError, TypeError, ValueError) as exc:
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
         raise BundleError(f"malformed bundle: missing or bad field {exc}", cfg_path) from None
     bundle.codes = parse_codes(raw.get("codes"), bundle.classes, cfg_path)
     if bundle.method not in METHODS:

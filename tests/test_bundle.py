@@ -44,7 +44,7 @@ def test_half_weights_load_as_float32(tmp_path):
     "mutate, message",
     [
         (lambda c: c.update(schema_version=99), "schema_version 99"),
-        (lambda c: c.pop("classes"), "missing or bad field"),
+        (lambda c: c.pop("classes"), "the field 'classes' is missing"),
         (lambda c: c.update(classes=["bg", "a", "b"]), "shape mismatch"),
         (lambda c: c.update(method="magic"), "unknown method"),
         (lambda c: c["networks"]["fine"].update(weights="../../etc/passwd"), "escapes the bundle"),
@@ -157,3 +157,31 @@ def test_bundle_files_are_group_readable(tmp_path):
         os.umask(mask)
     for f in b.iterdir():
         assert f.stat().st_mode & 0o777 == 0o644, f
+
+
+@pytest.mark.parametrize("change, words", [
+    (lambda c: c.update(classes=5), "'classes' must be a list of class names, not int"),
+    (lambda c: c.update(networks=[1, 2]), "'networks' must be an object mapping roles to networks, not list"),
+    (lambda c: c["networks"]["fine"].update(config="abc"), "network 'fine' 'config' must be an object"),
+    (lambda c: c.update(params=[1]), "'params' must be an object, not list"),
+    (lambda c: c.update(normalization="dtype"), "'normalization' must be an object, not str"),
+    (lambda c: c.update(input_size="big"), "'input_size' must be an integer, not str"),
+    (lambda c: c.update(input_size=True), "'input_size' must be an integer, not bool"),
+    (lambda c: c.update(name={"a": 1}), "'name' must be a string, not dict"),
+    (lambda c: c["networks"]["fine"].update(weights=5), "network 'fine' must be an object with 'arch' and 'weights'"),
+    (lambda c: c.update(classes=["background", "a\x00b"]), "'classes' must be non-empty strings without NUL"),
+    (lambda c: c.pop("method"), "the field 'method' is missing"),
+])
+def test_malformed_bundle_json_of_any_shape_is_one_line(tmp_path, change, words):
+    b = make_bundle(tmp_path / "b")
+    edit(b, change)
+    with pytest.raises(BundleError) as err:
+        load_bundle(b)
+    assert words in str(err.value) and "\n" not in str(err.value)
+
+
+def test_deeply_nested_bundle_json(tmp_path):
+    b = make_bundle(tmp_path / "b")
+    (b / "segcli.json").write_text("[" * 100_000 + "]" * 100_000)
+    with pytest.raises(BundleError, match="nested too deeply"):
+        load_bundle(b)
