@@ -211,10 +211,12 @@ class _Job:
 
     @property
     def ckpt_path(self) -> Path:
+        """Where the checkpoint is written after every epoch."""
         return self.out_dir / CHECKPOINT
 
     @property
     def metrics_path(self) -> Path:
+        """The per-epoch metrics log."""
         return self.out_dir / METRICS
 
     def doc(self, current_state: dict[str, Any] | None) -> dict[str, Any]:

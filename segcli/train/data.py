@@ -389,6 +389,7 @@ class _SampleCache:
     giving the rest a loader that re-reads them from disk."""
 
     def __init__(self, budget: int, want: int, channels: str, normalization: dict[str, Any], keep_uint8: bool) -> None:
+        """An empty cache with ``budget`` bytes for in-memory images."""
         self.budget, self.want, self.channels = budget, want, channels
         self.normalization, self.keep_uint8 = normalization, keep_uint8
         self.used = 0

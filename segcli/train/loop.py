@@ -298,6 +298,7 @@ class _StageRun:
     :func:`fit` reads as the epoch's steps and a checkpoint is one method."""
 
     def __init__(self, stage: Stage, opts: FitOptions) -> None:
+        """Build the optimiser, schedule, scaler and generators in the order that fixes the random streams."""
         self.stage, self.opts = stage, opts
         self.dev = dev = opts.device
         self.model = stage.model.to(dev)
