@@ -382,8 +382,8 @@ def legend_entries(labels: np.ndarray, classes: Sequence[str] | None, spacing: S
 
 
 def compose(panels: list[tuple[np.ndarray, str, str, tuple[int, int], int | None]], title: str,
-             entries: list[LegendEntry], notes: Sequence[str] = (), banner_on: Sequence[int] = (),
-             banner: str = "", subtitle: str = "") -> tuple[np.ndarray, list[Panel], tuple[int, int, int, int], list[str]]:
+            entries: list[LegendEntry], notes: Sequence[str] = (), banner_on: Sequence[int] = (),
+            banner: str = "", subtitle: str = "") -> tuple[np.ndarray, list[Panel], tuple[int, int, int, int], list[str]]:
     """Lay panels out in a row under a title bar, captions above each, legend below; returns pixels etc.
 
     ``panels`` are (rgb, kind, caption, source_shape, z). ``banner`` is written centred on the panels whose
@@ -399,22 +399,10 @@ def compose(panels: list[tuple[np.ndarray, str, str, tuple[int, int], int | None
     probe = ImageDraw.Draw(Image.new("RGB", (8, 8)))
     texts: list[str] = []
 
-    # Legend lines: [swatch] name  amount, flowing and wrapping to the canvas width.
     shown = entries if len(entries) <= MAX_LEGEND else entries[: MAX_LEGEND - 1]
-    items = [(e.colour, f"{e.name}  {e.amount}") for e in shown]
     if len(shown) < len(entries):
         notes = [f"and {len(entries) - len(shown)} more classes", *notes]
-    sw = fs
-    rows: list[list[tuple[Any, str, int]]] = [[]]
-    x = GAP
-    for colour, text in items:
-        text = _fit_text(probe, text, font, width - 2 * GAP - sw - 8)
-        wi = sw + 6 + _text_w(probe, text, font)
-        if rows[-1] and x + wi > width - GAP:
-            rows.append([])
-            x = GAP
-        rows[-1].append((colour, text, wi))
-        x += wi + 3 * fs // 2
+    rows = _legend_rows(probe, [(e.colour, f"{e.name}  {e.amount}") for e in shown], font, fs, width)
     note_lines = [_fit_text(probe, n, small, width - 2 * GAP) for n in notes]
     legend_h = GAP + line * (len([r for r in rows if r]) + len(note_lines)) + GAP // 2
     has_caps = any(p[2] for p in panels)
@@ -424,19 +412,7 @@ def compose(panels: list[tuple[np.ndarray, str, str, tuple[int, int], int | None
     height = title_h + cap_h + panel_h + GAP + legend_h
     canvas = np.empty((height, width, 3), np.uint8)
     canvas[:] = BG
-    placed: list[Panel] = []
-    x = GAP + (width - (sum(p[0].shape[1] for p in panels) + GAP * (len(panels) + 1))) // 2
-    y0 = title_h + cap_h
-    for rgb, kind, caption, shape, z in panels:
-        ph, pw = rgb.shape[:2]
-        canvas[y0: y0 + ph, x: x + pw] = rgb
-        placed.append(Panel(kind, (x, y0, x + pw, y0 + ph), shape, z, caption))
-        x += pw + GAP
-    for i in banner_on:  # darken a band behind the banner text
-        x0, py0, x1, py1 = placed[i].box
-        cy = (py0 + py1) // 2
-        b0, b1 = max(py0, cy - line // 2 - 4), min(py1, cy + line // 2 + 4)
-        canvas[b0:b1, x0:x1] = (canvas[b0:b1, x0:x1].astype(np.uint16) * 2 // 5).astype(np.uint8)
+    placed = _place_panels(canvas, panels, width, title_h + cap_h, banner_on, line)
 
     im = Image.fromarray(canvas)
     draw = ImageDraw.Draw(im)
@@ -460,7 +436,49 @@ def compose(panels: list[tuple[np.ndarray, str, str, tuple[int, int], int | None
         texts.append(b)
     ly = title_h + cap_h + panel_h + GAP
     legend_box = (0, ly, width, height)
-    y = ly + 2
+    texts += _draw_legend(draw, rows, note_lines, ly + 2, font, small, fs)
+    return np.asarray(im).copy(), placed, legend_box, texts
+
+
+def _legend_rows(probe: Any, items: list[tuple[Any, str]], font: Any, fs: int, width: int) -> list[list[tuple[Any, str, int]]]:
+    """Legend lines: [swatch] name  amount, flowing and wrapping to the canvas width."""
+    sw = fs
+    rows: list[list[tuple[Any, str, int]]] = [[]]
+    x = GAP
+    for colour, text in items:
+        text = _fit_text(probe, text, font, width - 2 * GAP - sw - 8)
+        wi = sw + 6 + _text_w(probe, text, font)
+        if rows[-1] and x + wi > width - GAP:
+            rows.append([])
+            x = GAP
+        rows[-1].append((colour, text, wi))
+        x += wi + 3 * fs // 2
+    return rows
+
+
+def _place_panels(canvas: np.ndarray, panels: list[tuple[np.ndarray, str, str, tuple[int, int], int | None]],
+                  width: int, y0: int, banner_on: Sequence[int], line: int) -> list[Panel]:
+    """Copy the panels into the canvas, centred in a row, and darken a band behind each banner."""
+    placed: list[Panel] = []
+    x = GAP + (width - (sum(p[0].shape[1] for p in panels) + GAP * (len(panels) + 1))) // 2
+    for rgb, kind, caption, shape, z in panels:
+        ph, pw = rgb.shape[:2]
+        canvas[y0: y0 + ph, x: x + pw] = rgb
+        placed.append(Panel(kind, (x, y0, x + pw, y0 + ph), shape, z, caption))
+        x += pw + GAP
+    for i in banner_on:  # darken a band behind the banner text
+        x0, py0, x1, py1 = placed[i].box
+        cy = (py0 + py1) // 2
+        b0, b1 = max(py0, cy - line // 2 - 4), min(py1, cy + line // 2 + 4)
+        canvas[b0:b1, x0:x1] = (canvas[b0:b1, x0:x1].astype(np.uint16) * 2 // 5).astype(np.uint8)
+    return placed
+
+
+def _draw_legend(draw: Any, rows: list[list[tuple[Any, str, int]]], note_lines: list[str], y: int, font: Any,
+                 small: Any, fs: int) -> list[str]:
+    """Draw the legend rows (swatch and text) and the notes from ``y`` down; returns the texts drawn."""
+    line, sw = fs + 8, fs
+    texts = []
     for row in rows:
         if not row:
             continue
@@ -476,7 +494,7 @@ def compose(panels: list[tuple[np.ndarray, str, str, tuple[int, int], int | None
         _draw_text(draw, (GAP, y + 2), n, small, DIM_TEXT)
         texts.append(n)
         y += line
-    return np.asarray(im).copy(), placed, legend_box, texts
+    return texts
 
 
 # ------------------------------------------------------------------------------------------- previews

@@ -195,15 +195,7 @@ def evaluate(
     ``unpaired``; raises InputError only if nothing pairs at all.
     """
     gt_dir = Path(gt_dir)
-    pairs, unpaired_pred, unpaired_gt = pair_files(pred_dir, gt_dir)
-    if log:
-        for p in unpaired_pred:
-            log(f"no ground truth for prediction {p.name} (looked for the same stem in {gt_dir})")
-        for p in unpaired_gt:
-            log(f"no prediction for ground truth {p.name}")
-    if not pairs:
-        raise InputError(f"no prediction pairs with a ground-truth file by name ({len(unpaired_pred)} prediction(s), "
-                         f"{len(unpaired_gt)} ground truth(s)); predictions x.png or x_seg.png pair with x.png", pred_dir)
+    pairs, unpaired_pred, unpaired_gt = _paired(pred_dir, gt_dir, log)
     from segcli.runtimes.device import available_cores
 
     n_workers = workers or min(4, available_cores())
@@ -212,16 +204,7 @@ def evaluate(
     seg_classes = classes or (_class_names(gt_dir, 0, None) or None)
 
     def work(item: tuple[str, Path, Path]) -> dict[str, Any]:
-        rec = _score_case(item, fov, spacing, seg_classes)
-        if "error" in rec:
-            return rec
-        k = int(max(rec["gt"].max(initial=0), rec["pred"].max(initial=0))) + 1
-        rec["n_labels"] = k
-        rec["metrics"] = metrics.case_metrics(rec["pred"], rec["gt"], range(1, max(k, 2)), spacing=rec["spacing"],
-                                              fov=rec["fov"], with_hd95=hd95)
-        for key in ("pred", "gt", "fov"):
-            rec.pop(key)
-        return rec
+        return _measure_case(item, fov, spacing, seg_classes, hd95)
 
     with ThreadPoolExecutor(max_workers=n_workers) as ex:
         recs = list(ex.map(work, pairs))
@@ -235,19 +218,72 @@ def evaluate(
     n_classes = max(2, max(r["n_labels"] for r in good), len(classes) if classes else 0)
     names = _class_names(gt_dir, n_classes, classes)
     fg = list(range(1, n_classes))
-    cases = []
-    for r in good:
-        per = {}
-        for c in fg:
-            m = r["metrics"].get(c)
-            if m is None:  # class absent from both masks of this case: no score, left out of the means (NaN)
-                nan = float("nan")
-                m = {"dice": nan, "iou": nan, "precision": nan, "recall": nan, "hd95": nan, "objects": 0, "hit": 0,
-                     "object_recall": float("nan"), **{f"{b}_{s}": 0 for b in metrics.SIZE_BINS for s in ("objects", "hit")}}
-            per[names[c]] = m
-        cases.append({"case": r["case"], "prediction": r["prediction"], "ground_truth": r["ground_truth"],
-                      "spacing": list(r["spacing"]) if r["spacing"] else None, "metrics": per})
+    cases = [_case_entry(r, fg, names) for r in good]
     units = {("mm" if r["spacing"] else "px") for r in good}
+    result = {
+        "pred_dir": str(pred_dir), "gt_dir": str(gt_dir), "fov_dir": str(fov_dir) if fov_dir else None,
+        "units": units.pop() if len(units) == 1 else "mixed (mm where spacing is known, else px)",
+        "classes": {str(c): names[c] for c in range(n_classes)},
+        "n_cases": len(cases),
+        "size_bins": {b: [lo, None if math.isinf(hi) else hi] for b, (lo, hi) in metrics.SIZE_BINS.items()},
+        "cases": cases,
+        "mean": _means(cases, fg, names),
+        "unpaired": {"predictions": [str(p) for p in unpaired_pred], "ground_truth": [str(p) for p in unpaired_gt]},
+        "failed": [{"case": r["case"], "error": r["error"]} for r in failed],
+    }
+    if json_path is not None:
+        Path(json_path).write_text(to_json(result) + "\n")
+    if csv_path is not None:
+        write_csv(result, csv_path)
+    return result
+
+
+def _paired(pred_dir: str | os.PathLike[str], gt_dir: Path,
+            log: Callable[[str], None] | None) -> tuple[list[tuple[str, Path, Path]], list[Path], list[Path]]:
+    """The prediction/truth pairs, each file without a counterpart logged; InputError when nothing pairs."""
+    pairs, unpaired_pred, unpaired_gt = pair_files(pred_dir, gt_dir)
+    if log:
+        for p in unpaired_pred:
+            log(f"no ground truth for prediction {p.name} (looked for the same stem in {gt_dir})")
+        for p in unpaired_gt:
+            log(f"no prediction for ground truth {p.name}")
+    if not pairs:
+        raise InputError(f"no prediction pairs with a ground-truth file by name ({len(unpaired_pred)} prediction(s), "
+                         f"{len(unpaired_gt)} ground truth(s)); predictions x.png or x_seg.png pair with x.png", pred_dir)
+    return pairs, unpaired_pred, unpaired_gt
+
+
+def _measure_case(item: tuple[str, Path, Path], fov: Path | None, spacing: Sequence[float] | None,
+                  seg_classes: Sequence[str] | None, hd95: bool) -> dict[str, Any]:
+    """One pair read and scored (a worker's job); the masks are dropped once measured."""
+    rec = _score_case(item, fov, spacing, seg_classes)
+    if "error" in rec:
+        return rec
+    k = int(max(rec["gt"].max(initial=0), rec["pred"].max(initial=0))) + 1
+    rec["n_labels"] = k
+    rec["metrics"] = metrics.case_metrics(rec["pred"], rec["gt"], range(1, max(k, 2)), spacing=rec["spacing"],
+                                          fov=rec["fov"], with_hd95=hd95)
+    for key in ("pred", "gt", "fov"):
+        rec.pop(key)
+    return rec
+
+
+def _case_entry(r: dict[str, Any], fg: list[int], names: list[str]) -> dict[str, Any]:
+    """One case's table entry: metrics per class name, NaN for a class absent from both masks."""
+    per = {}
+    for c in fg:
+        m = r["metrics"].get(c)
+        if m is None:  # class absent from both masks of this case: no score, left out of the means (NaN)
+            nan = float("nan")
+            m = {"dice": nan, "iou": nan, "precision": nan, "recall": nan, "hd95": nan, "objects": 0, "hit": 0,
+                 "object_recall": float("nan"), **{f"{b}_{s}": 0 for b in metrics.SIZE_BINS for s in ("objects", "hit")}}
+        per[names[c]] = m
+    return {"case": r["case"], "prediction": r["prediction"], "ground_truth": r["ground_truth"],
+            "spacing": list(r["spacing"]) if r["spacing"] else None, "metrics": per}
+
+
+def _means(cases: list[dict[str, Any]], fg: list[int], names: list[str]) -> dict[str, Any]:
+    """Per-class means over the cases and, with several foreground classes, their mean as "all"."""
     mean: dict[str, Any] = {}
     for c in fg:
         name = names[c]
@@ -258,22 +294,7 @@ def evaluate(
         objs = sum(mean[names[c]]["objects"] for c in fg)
         hits = sum(mean[names[c]]["hit"] for c in fg)
         mean["all"].update(objects=objs, hit=hits, object_recall=hits / objs if objs else float("nan"))
-    result = {
-        "pred_dir": str(pred_dir), "gt_dir": str(gt_dir), "fov_dir": str(fov_dir) if fov_dir else None,
-        "units": units.pop() if len(units) == 1 else "mixed (mm where spacing is known, else px)",
-        "classes": {str(c): names[c] for c in range(n_classes)},
-        "n_cases": len(cases),
-        "size_bins": {b: [lo, None if math.isinf(hi) else hi] for b, (lo, hi) in metrics.SIZE_BINS.items()},
-        "cases": cases,
-        "mean": mean,
-        "unpaired": {"predictions": [str(p) for p in unpaired_pred], "ground_truth": [str(p) for p in unpaired_gt]},
-        "failed": [{"case": r["case"], "error": r["error"]} for r in failed],
-    }
-    if json_path is not None:
-        Path(json_path).write_text(to_json(result) + "\n")
-    if csv_path is not None:
-        write_csv(result, csv_path)
-    return result
+    return mean
 
 
 def _nanmean(values: Sequence[float]) -> float:

@@ -188,6 +188,7 @@ def _as_ids(a: np.ndarray, other: np.ndarray) -> np.ndarray:
 
 
 def _paint_errors(rgb: np.ndarray, pred: np.ndarray, truth: np.ndarray) -> None:
+    """Fill false positives and negatives, outline the correctly found region, on the drawn plane."""
     t = contour_width(*pred.shape)
     tp = (pred > 0) & (pred == truth)
     fp = (pred > 0) & (pred != truth)
@@ -210,19 +211,7 @@ def error_preview(image: Any, pred: np.ndarray, truth: np.ndarray, classes: Sequ
     background). With a field-of-view mask ``fov`` (as ``evaluate --fov``), only pixels inside it are scored
     and the outside is shown darkened. Writes ``out_path`` atomically unless it is None; returns what was drawn (``.path`` set).
     """
-    pred_a = np.asarray(pred)
-    truth_a = np.asarray(truth)
-    pred_a, truth_a = _as_ids(pred_a, truth_a), _as_ids(truth_a, pred_a)
-    if pred_a.shape != truth_a.shape:
-        raise ValueError(f"prediction {pred_a.shape} and ground truth {truth_a.shape} differ in shape")
-    if image is None:
-        arr = np.full((*pred_a.shape, 1), 96, np.uint8)
-    else:
-        arr = _array_of(image)
-        if arr.ndim == pred_a.ndim:
-            arr = arr[..., None]
-        if arr.shape[: pred_a.ndim] != pred_a.shape:
-            raise ValueError(f"image {arr.shape} and masks {pred_a.shape} differ in shape")
+    arr, pred_a, truth_a = _error_inputs(image, pred, truth)
     sp = _spacing_of(image, spacing)
     outside = None
     if fov is not None:
@@ -239,6 +228,47 @@ def error_preview(image: Any, pred: np.ndarray, truth: np.ndarray, classes: Sequ
         LegendEntry(2, "false negative", FN_COLOUR, amount_text(int(fn.sum()), total, sp, nd), int(fn.sum())),
         LegendEntry(3, "correct (outline)", TP_COLOUR, amount_text(int(tp.sum()), total, sp, nd), int(tp.sum())),
     ]
+    dice, full_title, notes = _dice_title(pred_a, truth_a, classes, title)
+    win = window_for(arr, normalization)
+    if outside is not None and outside.any():
+        arr = to_rgb8(arr, win)
+        arr[outside] //= 3
+        win = (0.0, 255.0)
+        notes.append("outside the field of view: darkened, not scored")
+    nothing = not (fp.any() or fn.any() or tp.any())
+    if nd == 2:
+        panels, picks, layout = _error_panels_2d(image, arr, pred_a, truth_a, sp, win)
+    else:
+        panels, picks, layout = _error_panels_slices(image, arr, pred_a, truth_a, fp | fn, sp, win, n_slices)
+    banner_on = [i for i, p in enumerate(panels) if p[1] == "errors"] if nothing else []
+    pixels, placed, box, texts = compose(panels, full_title, entries, notes, banner_on, "nothing in either mask")
+    pv = Preview(pixels, full_title, entries, placed, box, texts, nothing, picks, dice, layout)
+    if out_path is not None:
+        pv.path = save_png(pixels, out_path)
+    return pv
+
+
+def _error_inputs(image: Any, pred: np.ndarray, truth: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The image (grey when None) channel-last, and both masks as class ids; shapes must agree."""
+    pred_a = np.asarray(pred)
+    truth_a = np.asarray(truth)
+    pred_a, truth_a = _as_ids(pred_a, truth_a), _as_ids(truth_a, pred_a)
+    if pred_a.shape != truth_a.shape:
+        raise ValueError(f"prediction {pred_a.shape} and ground truth {truth_a.shape} differ in shape")
+    if image is None:
+        arr = np.full((*pred_a.shape, 1), 96, np.uint8)
+    else:
+        arr = _array_of(image)
+        if arr.ndim == pred_a.ndim:
+            arr = arr[..., None]
+        if arr.shape[: pred_a.ndim] != pred_a.shape:
+            raise ValueError(f"image {arr.shape} and masks {pred_a.shape} differ in shape")
+    return arr, pred_a, truth_a
+
+
+def _dice_title(pred_a: np.ndarray, truth_a: np.ndarray, classes: Sequence[str] | None,
+                title: str) -> tuple[float, str, list[str]]:
+    """The image's Dice, the title that shows it, and a note with each class's Dice when there are several."""
     dice = _dice(pred_a, truth_a)
     names = list(classes) if classes else None
     per_class = []
@@ -250,45 +280,40 @@ def error_preview(image: Any, pred: np.ndarray, truth: np.ndarray, classes: Sequ
     head = f"{title} · " if title else ""
     full_title = f"{head}Dice {dice:.3f}" + (f" (mean of {len(per_class)} classes)" if per_class else "")
     notes = ["Dice per class: " + ", ".join(per_class)] if per_class else []
-    win = window_for(arr, normalization)
-    if outside is not None and outside.any():
-        arr = to_rgb8(arr, win)
-        arr[outside] //= 3
-        win = (0.0, 255.0)
-        notes.append("outside the field of view: darkened, not scored")
-    nothing = not (fp.any() or fn.any() or tp.any())
-    if nd == 2:
-        h, w = pred_a.shape
-        side = w < SIDE_BY_SIDE_WIDTH
-        ms = PAIR_MAX_SIDE if side else MAX_SIDE
-        rgb, lab = draw_plane(arr, pred_a, sp, ms, MIN_SIDE, win)
-        _, tru = draw_plane(arr[..., :1], truth_a, sp, ms, MIN_SIDE, (0.0, 1.0))
-        ov = rgb.copy()
-        _paint_errors(ov, lab, tru)
-        panels = [(rgb, "image", "", (h, w), None)] if side and image is not None else []
-        panels.append((ov, "errors", "", (h, w), None))
-        picks: list[int] = []
-        layout = "side-by-side" if len(panels) == 2 else "overlay"
-    else:
-        nz = pred_a.shape[0]
-        err = (fp | fn).reshape(nz, -1).sum(1)
-        # The slices with the most errors, shown in slice order; else evenly through the masks.
-        picks = (sorted(int(z) for z in np.argsort(-err, kind="stable")[:n_slices] if err[z] > 0)
-                 or _pick_slices(((pred_a > 0) | (truth_a > 0)).reshape(nz, -1).sum(1), n_slices))
-        panels = []
-        for z in picks:
-            rgb, lab = draw_plane(arr[z], pred_a[z], sp, SLICE_MAX_SIDE, SLICE_MIN_SIDE, win)
-            _, tru = draw_plane(arr[z][..., :1], truth_a[z], sp, SLICE_MAX_SIDE, SLICE_MIN_SIDE, (0.0, 1.0))
-            _paint_errors(rgb, lab, tru)
-            axis, k = _file_slice(image, z, nz)
-            panels.append((rgb, "errors", f"{axis}={k}/{nz}", pred_a.shape[1:], z))
-        layout = "slices"
-    banner_on = [i for i, p in enumerate(panels) if p[1] == "errors"] if nothing else []
-    pixels, placed, box, texts = compose(panels, full_title, entries, notes, banner_on, "nothing in either mask")
-    pv = Preview(pixels, full_title, entries, placed, box, texts, nothing, picks, dice, layout)
-    if out_path is not None:
-        pv.path = save_png(pixels, out_path)
-    return pv
+    return dice, full_title, notes
+
+
+def _error_panels_2d(image: Any, arr: np.ndarray, pred_a: np.ndarray, truth_a: np.ndarray,
+                     sp: tuple[float, ...] | None, win: tuple[float, float]) -> tuple[list[Any], list[int], str]:
+    """A 2D image's errors panel, beside the plain image when it is narrow enough."""
+    h, w = pred_a.shape
+    side = w < SIDE_BY_SIDE_WIDTH
+    ms = PAIR_MAX_SIDE if side else MAX_SIDE
+    rgb, lab = draw_plane(arr, pred_a, sp, ms, MIN_SIDE, win)
+    _, tru = draw_plane(arr[..., :1], truth_a, sp, ms, MIN_SIDE, (0.0, 1.0))
+    ov = rgb.copy()
+    _paint_errors(ov, lab, tru)
+    panels = [(rgb, "image", "", (h, w), None)] if side and image is not None else []
+    panels.append((ov, "errors", "", (h, w), None))
+    return panels, [], "side-by-side" if len(panels) == 2 else "overlay"
+
+
+def _error_panels_slices(image: Any, arr: np.ndarray, pred_a: np.ndarray, truth_a: np.ndarray, wrong: np.ndarray,
+                         sp: tuple[float, ...] | None, win: tuple[float, float],
+                         n_slices: int) -> tuple[list[Any], list[int], str]:
+    """A volume's errors on the slices with the most of them, in slice order; else evenly through the masks."""
+    nz = pred_a.shape[0]
+    err = wrong.reshape(nz, -1).sum(1)
+    picks = (sorted(int(z) for z in np.argsort(-err, kind="stable")[:n_slices] if err[z] > 0)
+             or _pick_slices(((pred_a > 0) | (truth_a > 0)).reshape(nz, -1).sum(1), n_slices))
+    panels = []
+    for z in picks:
+        rgb, lab = draw_plane(arr[z], pred_a[z], sp, SLICE_MAX_SIDE, SLICE_MIN_SIDE, win)
+        _, tru = draw_plane(arr[z][..., :1], truth_a[z], sp, SLICE_MAX_SIDE, SLICE_MIN_SIDE, (0.0, 1.0))
+        _paint_errors(rgb, lab, tru)
+        axis, k = _file_slice(image, z, nz)
+        panels.append((rgb, "errors", f"{axis}={k}/{nz}", pred_a.shape[1:], z))
+    return panels, picks, "slices"
 
 
 def find_source_image(case: str, folders: Sequence[str | Path]) -> Path | None:

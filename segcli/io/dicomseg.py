@@ -16,12 +16,12 @@ the 1-bit packed pixel data in a Deflated Explicit VR Little Endian file (lossle
 whole data set, read by DCMTK, GDCM, dcm4che, pydicom and dcmjs).
 
 Reading (:func:`read_dicom_seg`) rebuilds a label volume on the regular grid spanned by the SEG's
-frames; :func:`align_dicom_seg` puts it back on the source series' own files by position.
+frames; :func:`align_dicom_seg` puts it back on the source series' own files by position. Both live in
+:mod:`segcli.io.dicomseg_read` and are importable from here.
 """
 
 from __future__ import annotations
 
-import contextlib
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -30,11 +30,22 @@ from typing import Any
 import numpy as np
 
 from segcli.errors import InputError, UsageError
-from segcli.io.messages import log_reader_failure, one_line
-
-SEG_SOP_CLASS_UID = "1.2.840.10008.5.1.4.1.1.66.4"
-LABELMAP_SEG_SOP_CLASS_UID = "1.2.840.10008.5.1.4.1.1.66.7"
-_SEG_CLASSES = (SEG_SOP_CLASS_UID, LABELMAP_SEG_SOP_CLASS_UID)
+from segcli.io.dicomseg_read import (  # noqa: F401  (the reading side, importable from here as before)
+    LABELMAP_SEG_SOP_CLASS_UID,
+    POSITION_TOL_MM,
+    SEG_SOP_CLASS_UID,
+    algorithm_name,
+    align_dicom_seg,
+    describe_dicom_seg,
+    dicom_floats,
+    dicom_seg_on_grid,
+    is_dicom_seg,
+    plane_normal,
+    read_dicom_seg,
+    read_header,
+    to_sitk_image,
+)
+from segcli.io.messages import one_line
 
 EXPLICIT_LE = "1.2.840.10008.1.2.1"
 DEFLATED_LE = "1.2.840.10008.1.2.1.99"
@@ -59,19 +70,10 @@ _TYPE2_COPIED = (
 _REQUIRED = ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "SOPClassUID", "FrameOfReferenceUID",
              "ImagePositionPatient", "ImageOrientationPatient", "PixelSpacing", "Rows", "Columns")
 
-_POSITION_TOL_MM = 1e-3  # DS values carry 16 characters; positions matched closer than this are equal
-
 
 # ------------------------------------------------------------------------------------------- helpers
-def _pydicom():
-    try:
-        import pydicom
-    except ImportError:  # pragma: no cover - a declared dependency
-        raise UsageError("DICOM SEG needs pydicom and highdicom: pip install highdicom") from None
-    return pydicom
-
-
 def _highdicom():
+    """highdicom, or a UsageError saying how to install it."""
     try:
         import highdicom
     except ImportError:  # pragma: no cover - a declared dependency
@@ -79,52 +81,8 @@ def _highdicom():
     return highdicom
 
 
-def is_dicom_seg(path: str | os.PathLike[str]) -> bool:
-    """True for a readable DICOM file whose SOP Class is Segmentation (or Label Map Segmentation)."""
-    p = Path(path)
-    if not p.is_file():
-        return False
-    try:
-        with open(p, "rb") as fh:
-            head = fh.read(132)
-    except OSError:
-        return False
-    if head[128:132] != b"DICM" and head[:2] not in (b"\x02\x00", b"\x08\x00"):
-        return False
-    pydicom = _pydicom()
-    try:
-        ds = pydicom.dcmread(p, stop_before_pixels=True, specific_tags=["SOPClassUID"])
-    except Exception:
-        return False
-    uid = str(ds.get("SOPClassUID", "") or getattr(ds.get("file_meta", None), "MediaStorageSOPClassUID", ""))
-    return uid in _SEG_CLASSES
-
-
-def _read_header(path: str | os.PathLike[str]):
-    pydicom = _pydicom()
-    try:
-        return pydicom.dcmread(path, stop_before_pixels=True)
-    except Exception as exc:
-        log_reader_failure(path, exc)
-        raise InputError(f"cannot read DICOM header: {one_line(exc)}", path) from None
-
-
-def _floats(value: Any, n: int, what: str, path: Any) -> np.ndarray:
-    try:
-        out = np.array([float(v) for v in value], dtype=float)
-    except (TypeError, ValueError):
-        out = np.array([])
-    if out.shape != (n,) or not np.all(np.isfinite(out)):
-        raise InputError(f"{what} is not {n} finite numbers", path)
-    return out
-
-
-def _normal(iop: np.ndarray) -> np.ndarray:
-    n = np.cross(iop[:3], iop[3:])
-    return n / np.linalg.norm(n)
-
-
 def _code(spec: Mapping[str, str] | None):
+    """A pydicom Code from a bundle's code spec (the generic Tissue code when none)."""
     from pydicom.sr.coding import Code
 
     spec = spec or GENERIC_CODE
@@ -132,6 +90,7 @@ def _code(spec: Mapping[str, str] | None):
 
 
 def _code_text(spec: Mapping[str, str] | None) -> str:
+    """A code as scheme:value:meaning for the report."""
     spec = spec or GENERIC_CODE
     return f"{spec['scheme']}:{spec['value']}:{spec['meaning']}"
 
@@ -143,6 +102,7 @@ def _lo(text: str) -> str:
 
 
 def _encoding(compress: bool | str) -> tuple[str, str, str]:
+    """(built, saved transfer syntax, report name) for a ``compress`` value."""
     if isinstance(compress, bool):
         key = "deflate" if compress else "none"
     else:
@@ -160,7 +120,7 @@ def _source_headers(
     and the median distance between neighbouring slices (None for one slice)."""
     headers = []
     for f in source_files:
-        ds = _read_header(f)
+        ds = read_header(f)
         missing = [k for k in _REQUIRED if k not in ds or ds[k].value in (None, "")]
         if missing:
             raise InputError(f"DICOM slice lacks {', '.join(missing)}: cannot place a DICOM SEG on it", f)
@@ -172,21 +132,21 @@ def _source_headers(
             )
         headers.append(ds)
     first, path0 = headers[0], source_files[0]
-    iop0 = _floats(first.ImageOrientationPatient, 6, "ImageOrientationPatient", path0)
+    iop0 = dicom_floats(first.ImageOrientationPatient, 6, "ImageOrientationPatient", path0)
     for ds, f in zip(headers[1:], source_files[1:], strict=True):
         for key, what in (("StudyInstanceUID", "study"), ("SeriesInstanceUID", "series"),
                           ("FrameOfReferenceUID", "frame of reference")):
             if ds[key].value != first[key].value:
                 raise InputError(f"slice belongs to another {what} than {Path(path0).name}; pass one series", f)
-        iop = _floats(ds.ImageOrientationPatient, 6, "ImageOrientationPatient", f)
+        iop = dicom_floats(ds.ImageOrientationPatient, 6, "ImageOrientationPatient", f)
         if not np.allclose(iop, iop0, atol=1e-4):
             raise InputError(f"slice orientation differs from {Path(path0).name}; a DICOM SEG needs one orientation", f)
-    normal = _normal(iop0)
-    dist = [float(_floats(ds.ImagePositionPatient, 3, "ImagePositionPatient", f) @ normal)
+    normal = plane_normal(iop0)
+    dist = [float(dicom_floats(ds.ImagePositionPatient, 3, "ImagePositionPatient", f) @ normal)
             for ds, f in zip(headers, source_files, strict=True)]
     order = np.argsort(dist)
     gaps = np.diff(np.asarray(dist)[order])
-    if gaps.size and gaps.min() < _POSITION_TOL_MM:
+    if gaps.size and gaps.min() < POSITION_TOL_MM:
         i = int(order[int(np.argmin(gaps)) + 1])
         raise InputError("two slices of the series share one position; cannot write a DICOM SEG", source_files[i])
     return headers, (float(np.median(gaps)) if gaps.size else None)
@@ -242,15 +202,7 @@ def write_dicom_seg(
     """
     out_path = Path(out_path)
     files = [str(f) for f in source_files]
-    labels = np.asarray(labels)
-    if labels.ndim == 2 and len(files) == 1:
-        labels = labels[None]
-    if labels.ndim != 3 or labels.shape[0] != len(files) or not files:
-        raise UsageError(
-            f"labels must be (n_files, rows, cols) with n_files = {len(files)} source files, got shape {labels.shape}"
-        )
-    if labels.dtype.kind not in "ui" and labels.dtype != bool:
-        raise UsageError(f"labels must hold integer class ids, got dtype {labels.dtype}")
+    labels = _checked_labels(labels, files)
     built_ts, saved_ts, encoding = _encoding(compress)
     present = [int(v) for v in np.unique(labels) if v != 0]
     bad = [v for v in present if v < 0 or v >= len(classes)]
@@ -270,9 +222,58 @@ def write_dicom_seg(
                 "message": "no foreground voxels: no DICOM SEG written"}
 
     hd = _highdicom()
+    descriptions, segments, seg_array = _segments(hd, labels, present, classes, codes or {}, bundle_name,
+                                                  bundle_version)
+    sources, emptied, thickness_derived = _highdicom_sources(headers, files, slice_spacing)
+    description = series_description or f"segcli {bundle_name} {bundle_version}"
+    seg = _build_seg(hd, sources, seg_array, descriptions, _series_number(headers[0], series_number), description,
+                     f"{bundle_name} {bundle_version} by segcli {segcli_version}", segcli_version, built_ts, files[0])
+    if saved_ts != built_ts:
+        seg.file_meta.TransferSyntaxUID = saved_ts
+
+    _save_seg(seg, out_path)
+    n_frames = int(seg.NumberOfFrames)
+    return {
+        **base,
+        "written": True,
+        "status": "written",
+        "path": str(out_path),
+        "segments": segments,
+        "frames": n_frames,
+        "slices_with_foreground": int(np.count_nonzero(labels.reshape(len(files), -1).any(axis=1))),
+        "compression": encoding,
+        "transfer_syntax": saved_ts,
+        "sop_instance_uid": str(seg.SOPInstanceUID),
+        "series_instance_uid": str(seg.SeriesInstanceUID),
+        "study_instance_uid": str(seg.StudyInstanceUID),
+        "frame_of_reference_uid": str(seg.FrameOfReferenceUID),
+        "empty_type2_attributes": sorted(emptied),
+        "slice_thickness_from_spacing": thickness_derived,
+        "bytes": out_path.stat().st_size,
+    }
+
+
+def _checked_labels(labels: np.ndarray, files: list[str]) -> np.ndarray:
+    """``labels`` as ``(n_files, rows, cols)`` integer class ids (one 2D plane for one file); else UsageError."""
+    labels = np.asarray(labels)
+    if labels.ndim == 2 and len(files) == 1:
+        labels = labels[None]
+    if labels.ndim != 3 or labels.shape[0] != len(files) or not files:
+        raise UsageError(
+            f"labels must be (n_files, rows, cols) with n_files = {len(files)} source files, got shape {labels.shape}"
+        )
+    if labels.dtype.kind not in "ui" and labels.dtype != bool:
+        raise UsageError(f"labels must hold integer class ids, got dtype {labels.dtype}")
+    return labels
+
+
+def _segments(hd: Any, labels: np.ndarray, present: list[int], classes: Sequence[str],
+              codes: Mapping[str, Mapping[str, Mapping[str, str]]], bundle_name: str,
+              bundle_version: str) -> tuple[list[Any], list[dict[str, Any]], np.ndarray]:
+    """One segment per class present (numbered 1.. in class order): highdicom descriptions, the report's
+    entries, and the labels renumbered to segment numbers."""
     from pydicom.sr.codedict import codes as dcm_codes
 
-    codes = codes or {}
     algorithm = hd.AlgorithmIdentificationSequence(
         name=_lo(bundle_name), family=dcm_codes.cid7162.ArtificialIntelligence, version=_lo(bundle_version),
     )
@@ -296,24 +297,24 @@ def write_dicom_seg(
                          **({"region": _code_text(region)} if region else {}),
                          "voxels": int(np.count_nonzero(labels == class_id))})
         lut[class_id] = number
-    seg_array = lut[labels.astype(np.intp, copy=False)]
+    return descriptions, segments, lut[labels.astype(np.intp, copy=False)]
 
-    sources, emptied, thickness_derived = [], set(), False
-    for ds, f in zip(headers, files, strict=True):
-        copy, empty, derived = _for_highdicom(ds, slice_spacing, f)
-        sources.append(copy)
-        emptied.update(empty)
-        thickness_derived = thickness_derived or derived
-    first = headers[0]
+
+def _series_number(first: Any, series_number: int | None) -> int:
+    """The SEG's SeriesNumber: the caller's, else the source's + 1000; within DICOM's IS range."""
     if series_number is None:
         try:
             series_number = int(first.get("SeriesNumber") or 0) + 1000
         except (TypeError, ValueError):
             series_number = 1000
-    series_number = min(max(int(series_number), 1), 2**31 - 1)
-    description = series_description or f"segcli {bundle_name} {bundle_version}"
+    return min(max(int(series_number), 1), 2**31 - 1)
+
+
+def _build_seg(hd: Any, sources: list[Any], seg_array: np.ndarray, descriptions: list[Any], series_number: int,
+               description: str, content: str, segcli_version: str, built_ts: str, path0: str) -> Any:
+    """The highdicom Segmentation (new series and instance UIDs); a series it refuses is an InputError."""
     try:
-        seg = hd.seg.Segmentation(
+        return hd.seg.Segmentation(
             source_images=sources,
             pixel_array=seg_array,
             segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
@@ -326,17 +327,31 @@ def write_dicom_seg(
             manufacturer_model_name="segcli",
             software_versions=_lo(segcli_version),
             device_serial_number="0",
-            content_description=_lo(f"{bundle_name} {bundle_version} by segcli {segcli_version}"),
+            content_description=_lo(content),
             content_label="SEGCLI",
             series_description=_lo(description),
             transfer_syntax_uid=built_ts,
             omit_empty_frames=True,
         )
     except (ValueError, TypeError, AttributeError, KeyError) as exc:
-        raise InputError(f"cannot build a DICOM SEG on this series: {one_line(exc)}", files[0]) from None
-    if saved_ts != built_ts:
-        seg.file_meta.TransferSyntaxUID = saved_ts
+        raise InputError(f"cannot build a DICOM SEG on this series: {one_line(exc)}", path0) from None
 
+
+def _highdicom_sources(headers: list[Any], files: list[str],
+                       slice_spacing: float | None) -> tuple[list[Any], set[str], bool]:
+    """The source headers as highdicom accepts them, the Type 2 attributes written empty, and whether a
+    SliceThickness was taken from the slice spacing."""
+    sources, emptied, thickness_derived = [], set(), False
+    for ds, f in zip(headers, files, strict=True):
+        copy, empty, derived = _for_highdicom(ds, slice_spacing, f)
+        sources.append(copy)
+        emptied.update(empty)
+        thickness_derived = thickness_derived or derived
+    return sources, emptied, thickness_derived
+
+
+def _save_seg(seg: Any, out_path: Path) -> None:
+    """Save atomically (no partial file on a failure); an OS failure is a UsageError naming the output."""
     from segcli.io.atomic import atomic_path
 
     try:
@@ -344,310 +359,3 @@ def write_dicom_seg(
             seg.save_as(tmp, enforce_file_format=True)
     except OSError as exc:
         raise UsageError(f"cannot write DICOM SEG: {one_line(exc)}", out_path) from None
-    n_frames = int(seg.NumberOfFrames)
-    return {
-        **base,
-        "written": True,
-        "status": "written",
-        "path": str(out_path),
-        "segments": segments,
-        "frames": n_frames,
-        "slices_with_foreground": int(np.count_nonzero(labels.reshape(len(files), -1).any(axis=1))),
-        "compression": encoding,
-        "transfer_syntax": saved_ts,
-        "sop_instance_uid": str(seg.SOPInstanceUID),
-        "series_instance_uid": str(seg.SeriesInstanceUID),
-        "study_instance_uid": str(seg.StudyInstanceUID),
-        "frame_of_reference_uid": str(seg.FrameOfReferenceUID),
-        "empty_type2_attributes": sorted(emptied),
-        "slice_thickness_from_spacing": thickness_derived,
-        "bytes": out_path.stat().st_size,
-    }
-
-
-# ---------------------------------------------------------------------------------------------- read
-def _frame_items(ds: Any, path: Any) -> list[tuple[np.ndarray, int, str | None]]:
-    """(ImagePositionPatient, segment number, referenced source SOP Instance UID) of every frame."""
-    per_frame = ds.get("PerFrameFunctionalGroupsSequence")
-    n_frames = int(ds.get("NumberOfFrames", 1) or 1)
-    if per_frame is None or len(per_frame) != n_frames:
-        raise InputError("DICOM SEG has no per-frame functional groups for each frame", path)
-    shared = ds.SharedFunctionalGroupsSequence[0] if "SharedFunctionalGroupsSequence" in ds else None
-    labelmap = ds.SOPClassUID == LABELMAP_SEG_SOP_CLASS_UID
-    items = []
-    for i, item in enumerate(per_frame):
-        pos_seq = item.get("PlanePositionSequence") or (shared.get("PlanePositionSequence") if shared else None)
-        if not pos_seq:
-            raise InputError(f"DICOM SEG frame {i + 1} has no PlanePositionSequence", path)
-        pos = _floats(pos_seq[0].ImagePositionPatient, 3, "ImagePositionPatient", path)
-        if labelmap:
-            number = 0
-        else:
-            ident = item.get("SegmentIdentificationSequence") or (
-                shared.get("SegmentIdentificationSequence") if shared else None
-            )
-            if not ident:
-                raise InputError(f"DICOM SEG frame {i + 1} names no segment", path)
-            number = int(ident[0].ReferencedSegmentNumber)
-        ref = None
-        with contextlib.suppress(AttributeError, IndexError, KeyError, TypeError):
-            ref = str(item.DerivationImageSequence[0].SourceImageSequence[0].ReferencedSOPInstanceUID)
-        items.append((pos, number, ref))
-    return items
-
-
-def _shared_value(ds: Any, seq: str, key: str, path: Any) -> Any:
-    for group in ("SharedFunctionalGroupsSequence", "PerFrameFunctionalGroupsSequence"):
-        if group in ds and len(ds[group].value) and seq in ds[group].value[0]:
-            inner = ds[group].value[0][seq].value
-            if len(inner) and key in inner[0]:
-                return inner[0][key].value
-    raise InputError(f"DICOM SEG lacks {key}", path)
-
-
-def _segment_class_ids(ds: Any, classes: Sequence[str] | None, path: Any) -> tuple[dict[int, int], list[str]]:
-    """Segment number -> class id, and the class names: the caller's (matched by label) or the SEG's own."""
-    segments = {int(s.SegmentNumber): str(s.get("SegmentLabel", f"segment {s.SegmentNumber}"))
-                for s in ds.get("SegmentSequence", [])}
-    if classes is None:
-        numbers = sorted(n for n in segments if n > 0)
-        names = ["background"] + [segments[n] for n in numbers]
-        return {n: i for i, n in enumerate(numbers, start=1)}, names
-    lookup = {str(c).strip().lower(): i for i, c in enumerate(classes)}
-    mapping = {}
-    for number, label in segments.items():
-        if number == 0:
-            continue
-        key = label.strip().lower()
-        if key not in lookup:
-            raise InputError(f"DICOM SEG segment {number} {label!r} is none of the classes {list(classes)}", path)
-        mapping[number] = lookup[key]
-    return mapping, list(classes)
-
-
-def read_dicom_seg(
-    path: str | os.PathLike[str], classes: Sequence[str] | None = None
-) -> tuple[np.ndarray, dict[str, Any]]:
-    """A DICOM SEG as a uint8 label volume ``(Z, Y, X)`` on the regular grid spanned by its frames.
-
-    Z runs along the slice normal (row direction x column direction), ascending; Y along the columns
-    of a frame (its rows), X along its rows (its columns). ``meta`` holds the SimpleITK-style geometry
-    of that grid (``origin`` of voxel (0, 0, 0), ``spacing`` (x, y, z), ``direction`` row-major 3x3
-    with columns x, y, z), the ``classes``, the segments, the referenced series and the ``positions``
-    of the grid's slices. The grid covers the slices that have frames (a SEG omits empty ones); use
-    :func:`align_dicom_seg` with the source files for the full series, or resample with
-    :func:`to_sitk_image`. With ``classes`` (the bundle's), segment labels are matched to class names
-    (case-insensitive) and voxels carry those class ids; without, segment ``k``-th gets id ``k``.
-    Overlapping segments: the later segment wins (``meta["overlap"]`` is True).
-    """
-    volume, meta, _ = _read(path, classes)
-    return volume, meta
-
-
-def _read(
-    path: str | os.PathLike[str], classes: Sequence[str] | None, grid: bool = True
-) -> tuple[np.ndarray, dict[str, Any], np.ndarray]:
-    """Volume (empty when ``grid`` is False and the frames are irregular), meta and the raw frames."""
-    path = Path(path)
-    if not is_dicom_seg(path):
-        raise InputError("not a DICOM SEG (SOP Class is not Segmentation)", path)
-    pydicom = _pydicom()
-    try:
-        ds = pydicom.dcmread(path)
-        frames = ds.pixel_array
-    except Exception as exc:
-        log_reader_failure(path, exc)
-        raise InputError(f"cannot read DICOM SEG: {one_line(exc)}", path) from None
-    rows, cols = int(ds.Rows), int(ds.Columns)
-    frames = np.asarray(frames).reshape(-1, rows, cols)
-    items = _frame_items(ds, path)
-    if len(items) != frames.shape[0]:
-        raise InputError("DICOM SEG frame count does not match its pixel data", path)
-    iop = _floats(_shared_value(ds, "PlaneOrientationSequence", "ImageOrientationPatient", path), 6,
-                  "ImageOrientationPatient", path)
-    pixel_spacing = _floats(_shared_value(ds, "PixelMeasuresSequence", "PixelSpacing", path), 2, "PixelSpacing", path)
-    normal = _normal(iop)
-    fractional = str(ds.get("SegmentationType", "BINARY")) == "FRACTIONAL"
-    threshold = (int(ds.get("MaximumFractionalValue", 255)) / 2.0) if fractional else 0
-    mapping, names = _segment_class_ids(ds, classes, path)
-
-    dists = np.array([float(pos @ normal) for pos, _, _ in items]) if items else np.zeros(0)
-    unique: list[float] = []
-    for d in np.sort(dists):
-        if not unique or d - unique[-1] > _POSITION_TOL_MM:
-            unique.append(float(d))
-    slice_spacing = None
-    with contextlib.suppress(InputError, TypeError, ValueError):
-        slice_spacing = float(_shared_value(ds, "PixelMeasuresSequence", "SpacingBetweenSlices", path))
-    steps = np.diff(unique)
-    if slice_spacing is None or slice_spacing <= 0:
-        slice_spacing = float(steps.min()) if steps.size else 1.0
-        if not steps.size:
-            with contextlib.suppress(InputError, TypeError, ValueError):
-                slice_spacing = float(_shared_value(ds, "PixelMeasuresSequence", "SliceThickness", path) or 1.0)
-    regular = True
-    if steps.size:
-        k = steps / slice_spacing
-        regular = not np.any(np.abs(k - np.rint(k)) > 1e-2)
-        if not regular and grid:
-            raise InputError("DICOM SEG frames are not on a regular slice grid; align it to the source series", path)
-    n_slices = int(round((unique[-1] - unique[0]) / slice_spacing)) + 1 if unique and regular else 0
-    volume = np.zeros((n_slices, rows, cols), dtype=np.uint8)
-    positions: list[list[float] | None] = [None] * n_slices
-    overlap = False
-    for (pos, number, _), frame in zip(items, frames, strict=True):
-        if number != 0 and number not in mapping:
-            raise InputError(f"DICOM SEG frame refers to undescribed segment {number}", path)
-        if not regular:
-            continue
-        z = int(round((float(pos @ normal) - unique[0]) / slice_spacing))
-        positions[z] = [float(v) for v in pos]
-        if number == 0:  # a LABELMAP SEG: pixel values are segment numbers
-            for seg_number, class_id in mapping.items():
-                volume[z][frame == seg_number] = class_id
-            continue
-        mask = frame > threshold
-        overlap = overlap or bool(np.any(volume[z][mask]))
-        volume[z][mask] = mapping[number]
-    origin_pos = items[int(np.argmin(dists))][0] if items else np.zeros(3)
-    # The in-plane origin of every frame lies on one line along the normal for a SEG built on a series;
-    # the grid's origin is the lowest frame's position.
-    for z in range(n_slices):
-        if positions[z] is None:
-            positions[z] = [float(v) for v in origin_pos + normal * z * slice_spacing]
-    direction = np.stack([iop[:3], iop[3:], normal], axis=1)
-    refs = ds.get("ReferencedSeriesSequence") or []
-    meta = {
-        "format": "dicom-seg",
-        "path": str(path),
-        "classes": names,
-        "segments": [
-            {"number": int(s.SegmentNumber), "label": str(s.get("SegmentLabel", "")),
-             "class_id": mapping.get(int(s.SegmentNumber))}
-            for s in ds.get("SegmentSequence", []) if int(s.SegmentNumber) > 0
-        ],
-        "spacing": (float(pixel_spacing[1]), float(pixel_spacing[0]), float(slice_spacing)),
-        "origin": tuple(float(v) for v in origin_pos),
-        "direction": tuple(float(v) for v in direction.ravel()),
-        "positions": positions,
-        "frames": len(items),
-        "overlap": overlap,
-        "segmentation_type": str(ds.get("SegmentationType", "")),
-        "threshold": threshold,
-        "frame_of_reference_uid": str(ds.get("FrameOfReferenceUID", "")),
-        "study_instance_uid": str(ds.get("StudyInstanceUID", "")),
-        "series_instance_uid": str(ds.get("SeriesInstanceUID", "")),
-        "referenced_series_instance_uid": str(refs[0].SeriesInstanceUID) if len(refs) else None,
-        "frame_references": [ref for _, _, ref in items],
-        "frame_positions": [[float(v) for v in pos] for pos, _, _ in items],
-        "frame_segments": [number for _, number, _ in items],
-    }
-    return volume, meta, frames
-
-
-def to_sitk_image(labels: np.ndarray, meta: Mapping[str, Any]):
-    """A SimpleITK image of :func:`read_dicom_seg`'s volume with its geometry (for resampling or NIfTI)."""
-    import SimpleITK as sitk
-
-    image = sitk.GetImageFromArray(np.ascontiguousarray(labels))
-    image.SetSpacing(tuple(meta["spacing"]))
-    image.SetOrigin(tuple(meta["origin"]))
-    image.SetDirection(tuple(meta["direction"]))
-    return image
-
-
-def dicom_seg_on_grid(path: str | os.PathLike[str], reference, classes: Sequence[str] | None = None) -> np.ndarray:
-    """The SEG's labels resampled (nearest neighbour) onto a SimpleITK ``reference`` image's grid.
-
-    For scoring a SEG against a NIfTI/MHA/NRRD ground truth: returns the label array in the
-    reference's numpy order (``sitk.GetArrayFromImage`` layout); voxels outside the SEG's frames
-    are background. On the source series' own lattice the values are exact, not interpolated.
-    """
-    import SimpleITK as sitk
-
-    labels, meta = read_dicom_seg(path, classes)
-    if labels.size == 0:
-        return np.zeros(tuple(reversed(reference.GetSize())), np.uint8)
-    moved = sitk.Resample(to_sitk_image(labels, meta), reference, sitk.Transform(), sitk.sitkNearestNeighbor, 0,
-                          sitk.sitkUInt8)
-    return sitk.GetArrayFromImage(moved)
-
-
-def align_dicom_seg(
-    seg: str | os.PathLike[str],
-    source_files: Sequence[str | os.PathLike[str]],
-    classes: Sequence[str] | None = None,
-) -> np.ndarray:
-    """The SEG's labels on the source series' own grid: ``(len(source_files), rows, cols)`` in file order.
-
-    Each SEG frame goes to the source slice at its ImagePositionPatient (same orientation, rows and
-    columns and frame of reference required); slices without a frame are background. This is the
-    inverse of :func:`write_dicom_seg`: ``align_dicom_seg(out, files)`` gives back its ``labels``.
-    """
-    _, meta, frames = _read(seg, classes, grid=False)
-    seg_path = meta["path"]
-    files = [str(f) for f in source_files]
-    if not files:
-        raise UsageError("no source files to align the DICOM SEG to")
-    rows, cols = frames.shape[1:]
-    mapping = {s["number"]: s["class_id"] for s in meta["segments"]}
-    threshold = meta["threshold"]
-    iop = np.array(meta["direction"]).reshape(3, 3)[:, :2].T.ravel()
-    out = np.zeros((len(files), rows, cols), dtype=np.uint8)
-    positions = []
-    for f in files:
-        src = _read_header(f)
-        if (int(src.Rows), int(src.Columns)) != (rows, cols):
-            raise InputError(f"slice is {src.Rows}x{src.Columns} but the DICOM SEG is {rows}x{cols}", f)
-        if meta["frame_of_reference_uid"] and str(src.get("FrameOfReferenceUID", "")) != meta["frame_of_reference_uid"]:
-            raise InputError(f"slice is in another frame of reference than the DICOM SEG {Path(seg_path).name}", f)
-        src_iop = _floats(src.ImageOrientationPatient, 6, "ImageOrientationPatient", f)
-        if not np.allclose(src_iop, iop, atol=1e-4):
-            raise InputError(f"slice orientation differs from the DICOM SEG {Path(seg_path).name}", f)
-        positions.append(_floats(src.ImagePositionPatient, 3, "ImagePositionPatient", f))
-    positions_arr = np.stack(positions)
-    for pos, number, frame in zip(meta["frame_positions"], meta["frame_segments"], frames, strict=True):
-        d = np.linalg.norm(positions_arr - np.asarray(pos), axis=1)
-        i = int(np.argmin(d))
-        if d[i] > max(_POSITION_TOL_MM, 1e-3 * float(meta["spacing"][2])):
-            raise InputError(
-                f"DICOM SEG frame at {[round(v, 3) for v in pos]} matches no slice of the source series", seg_path
-            )
-        if number == 0:
-            for seg_number, class_id in mapping.items():
-                out[i][frame == seg_number] = class_id
-        elif number in mapping:
-            out[i][frame > threshold] = mapping[number]
-    return out
-
-
-def describe_dicom_seg(path: str | os.PathLike[str]) -> dict[str, Any]:
-    """Facts for ``segcli info`` on a DICOM SEG: its grid, segments, frames and the series it references."""
-    labels, meta = read_dicom_seg(path)
-    p = Path(path)
-    return {
-        "path": str(p),
-        "kind": "dicom-seg",
-        "spatial_shape": list(labels.shape),
-        "channels": 1,
-        "dtype": str(labels.dtype),
-        "spacing": [float(v) for v in reversed(meta["spacing"])],
-        "origin": [float(v) for v in meta["origin"]],
-        "direction": [round(float(v), 6) for v in meta["direction"]],
-        "segments": [{k: s.get(k) for k in ("number", "label", "class_id")} for s in meta["segments"]],
-        "voxels_per_class": {name: int((labels == i).sum()) for i, name in enumerate(meta["classes"]) if i},
-        "referenced_series_instance_uid": meta.get("referenced_series_instance_uid"),
-        "file_size": p.stat().st_size,
-        "warnings": [],
-    }
-
-
-def algorithm_name(path: str | os.PathLike[str]) -> str | None:
-    """The AlgorithmName of a SEG's first segment (segcli writes its bundle's name there), or None."""
-    pydicom = _pydicom()
-    try:
-        ds = pydicom.dcmread(path, stop_before_pixels=True)
-        item = ds.SegmentSequence[0].SegmentationAlgorithmIdentificationSequence[0]
-        return str(item.AlgorithmName) or None
-    except (AttributeError, IndexError, KeyError, OSError, ValueError):
-        return None

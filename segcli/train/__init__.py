@@ -28,162 +28,47 @@ Stage budgets: each stage gets ``epochs`` (``fine_epochs`` for the second, defau
 
 from __future__ import annotations
 
-import inspect
 import json
 import math
 import os
 import random
-import re
-import shlex
 import time
-from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from segcli.errors import BundleError, DatasetError, UsageError
-from segcli.methods import TRAINABLE, roles
-from segcli.params import CRITERIA, DEFAULT_PARAMS, default_pad
+from segcli.methods import roles
+from segcli.params import DEFAULT_PARAMS, default_pad
+from segcli.train.config import (
+    METHODS,  # noqa: F401  (importable from segcli.train as before the split)
+    RESUME_OVERRIDES,
+    TrainConfig,
+    TrainResult,
+    check_config,
+    cli_equivalent,
+    net_config,
+    parse_duration,
+)
 from segcli.train.loop import Reporter, TrainingInterrupted
+from segcli.train.stages import (
+    coarse_stage,
+    refine_fine_stage,
+    rough_scores,  # noqa: F401  (importable from segcli.train as before the split)
+    score_batch,  # noqa: F401
+    stts_fine_stage,
+)
 
 __all__ = ["TrainConfig", "TrainResult", "TrainingInterrupted", "parse_duration", "train", "CHECKPOINT", "METRICS"]
 
 CHECKPOINT = "checkpoint.pt"
 METRICS = "metrics.jsonl"
-METHODS = TRAINABLE  # the methods segcli.methods marks trainable
-#: Options a ``--resume`` may change; everything else comes from the checkpoint.
-RESUME_OVERRIDES = frozenset({"epochs", "fine_epochs", "time_limit", "patience", "quiet", "device", "cache_gb",
-                              "threads", "amp", "val_full_res", "workers"})
-
-
-@dataclass
-class TrainConfig:
-    """Every training option; the defaults are the ones ``segcli train`` uses."""
-
-    data: str | None = None
-    out: str | None = None
-    method: str = "stts"
-    arch: str = "unet"
-    fine_arch: str | None = None  # default: arch
-    size: int = 256  # S: network input side for both stages
-    epochs: int = 50
-    fine_epochs: int | None = None  # default: epochs
-    batch_size: int = 16
-    lr: float = 1e-3
-    weight_decay: float = 1e-4
-    optimizer: str = "adamw"
-    schedule: str = "cosine"
-    features: int | None = None
-    arch_config: dict[str, Any] = field(default_factory=dict)
-    loss: str | None = None  # default per method (losses.default_loss)
-    class_weights: list[float] | None = None
-    val_fraction: float = 0.2
-    splits: str | None = None
-    seed: int = 0
-    channels: str = "keep"
-    normalization: dict[str, Any] | None = None  # default chosen from the data (data.choose_normalization)
-    jitter: int = 16
-    pad: int | None = None  # default segcli.params.default_pad(S)
-    fine_init: str = "random"  # or "coarse"
-    patches: int = DEFAULT_PARAMS["patches"]
-    patch_size: int | None = None  # default S
-    sampling: str = "uncertain"  # or "uniform"
-    criterion: str = DEFAULT_PARAMS["criterion"]
-    patience: int | None = None
-    time_limit: float | None = None  # seconds of training
-    stage_split: float = 0.5
-    device: str = "auto"
-    amp: bool = True
-    augment: bool = True
-    cache_gb: float = 4.0
-    workers: int = 2
-    # Torch intra-op threads (None: the cores available). On a machine shared with other jobs, 1 is
-    # much faster than 2: OpenMP's spin-waiting threads get descheduled (measured 5-10x slower steps
-    # with 2 threads under a load of 4 on 2 cores; OMP_WAIT_POLICY=PASSIVE also avoids it).
-    threads: int | None = None
-    name: str | None = None
-    val_full_res: bool = True
-    quiet: bool = False
-    command: str | None = None
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-
-@dataclass
-class TrainResult:
-    out: Path
-    training: dict[str, Any]
-    stages: dict[str, dict[str, Any]]
-
-
-def parse_duration(value: str | float | int | None) -> float | None:
-    """Seconds from ``600``, ``"600"``, ``"90s"``, ``"10m"``, ``"1.5h"`` or ``"1h30m"``."""
-    if value is None:
-        return None
-    if isinstance(value, int | float):
-        return float(value)
-    text = str(value).strip().lower()
-    if not text:
-        return None
-    try:
-        return float(text)
-    except ValueError:
-        pass
-    parts = re.findall(r"(\d+(?:\.\d+)?)\s*([hms])", text)
-    if not parts or re.sub(r"(\d+(?:\.\d+)?)\s*([hms])", "", text).strip():
-        raise UsageError(f"--time-limit {value!r}: use seconds or a duration like 90s, 10m, 1h30m")
-    return float(sum(float(n) * {"h": 3600, "m": 60, "s": 1}[u] for n, u in parts))
-
-
-# --------------------------------------------------------------------------------------------- helpers
-def _check_config(cfg: TrainConfig) -> None:
-    if cfg.method not in METHODS:
-        raise UsageError(f"unknown method {cfg.method!r} for training; use {', '.join(METHODS)}")
-    if cfg.size < 8:
-        raise UsageError(f"--size must be at least 8, got {cfg.size}")
-    if cfg.epochs < 1 or (cfg.fine_epochs is not None and cfg.fine_epochs < 1):
-        raise UsageError("--epochs must be at least 1")
-    if cfg.batch_size < 1:
-        raise UsageError("--batch-size must be at least 1")
-    if cfg.fine_init not in ("random", "coarse"):
-        raise UsageError(f"--fine-init must be random or coarse, not {cfg.fine_init!r}")
-    if cfg.sampling not in ("uncertain", "uniform"):
-        raise UsageError(f"--sampling must be uncertain or uniform, not {cfg.sampling!r}")
-    if cfg.criterion not in CRITERIA:
-        raise UsageError(f"--criterion must be {' or '.join(CRITERIA)}, not {cfg.criterion!r}")
-    if cfg.jitter < 0:
-        raise UsageError("--jitter must be >= 0")
-    if not 0.0 < cfg.stage_split < 1.0:
-        raise UsageError("stage_split must be in (0, 1)")
-    if cfg.fine_init == "coarse" and cfg.method == "direct":
-        raise UsageError("--fine-init coarse needs a two-stage method (stts or refine)")
-    if cfg.fine_init == "coarse" and (cfg.fine_arch or cfg.arch) != cfg.arch:
-        raise UsageError("--fine-init coarse needs the same architecture for both stages")
-    from segcli.nets import available
-
-    archs = available()
-    for a in {cfg.arch, cfg.fine_arch or cfg.arch}:
-        if a not in archs:
-            raise UsageError(f"unknown architecture {a!r}; known: {', '.join(sorted(archs))}")
-
-
-def net_config(cfg: TrainConfig, arch: str) -> dict[str, Any]:
-    """The arch config stored in the bundle: ``--arch-config`` plus ``--features`` where it applies."""
-    from segcli.nets import available
-
-    conf = dict(cfg.arch_config)
-    if cfg.features is not None:
-        params = inspect.signature(available()[arch].factory).parameters
-        if "features" not in params:
-            raise UsageError(f"--features does not apply to architecture {arch!r}; use --arch-config")
-        conf["features"] = int(cfg.features)
-    return conf
 
 
 def _build_net(arch: str, conf: dict[str, Any], in_ch: int, out_ch: int, seed: int) -> Any:
+    """A fresh network whose initial weights depend on the seed and the stage only."""
     import torch
 
     from segcli.nets import build
@@ -193,211 +78,6 @@ def _build_net(arch: str, conf: dict[str, Any], in_ch: int, out_ch: int, seed: i
         return build(arch, in_channels=in_ch, out_channels=out_ch, **conf)
     except BundleError as exc:
         raise UsageError(str(exc)) from None
-
-
-def _chunks(order: np.ndarray, bs: int) -> list[np.ndarray]:
-    """Batches of ``bs``; a trailing batch of one joins the previous one (BatchNorm needs two)."""
-    out = [order[i : i + bs] for i in range(0, len(order), bs)]
-    if len(out) > 1 and len(out[-1]) == 1:
-        out[-2] = np.concatenate([out[-2], out[-1]])
-        out.pop()
-    return out
-
-
-def _n_steps(n: int, bs: int) -> int:
-    return len(_chunks(np.arange(n), bs)) if n else 0
-
-
-def score_batch(logits: np.ndarray, target: np.ndarray, valid: np.ndarray | None = None, pooled: bool = False) -> dict[str, float]:
-    """Validation Dice (foreground classes) and, for K > 2, mIoU (all classes) on network outputs.
-
-    Per-image means (as papers report), or pooled over the set with ``pooled`` (patches, where
-    one patch's Dice is too unstable to average). ``valid`` crops each letterboxed image.
-    """
-    n = len(logits)
-    if n == 0:
-        return {}
-    binary = logits.shape[1] == 1
-    k = 2 if binary else logits.shape[1]
-    conf = np.zeros((n, k, 3), dtype=np.int64)  # tp, fp, fn per image and class
-    for i in range(n):
-        lg, t = logits[i], target[i]
-        if valid is not None:
-            h, w = valid[i]
-            lg, t = lg[:, :h, :w], t[:, :h, :w]
-        if binary:
-            p = (lg[0] > 0).astype(np.int64)
-            g = (t[0] >= 0.5).astype(np.int64)
-        else:
-            p = lg.argmax(0)
-            g = t.argmax(0)
-        for c in range(k):
-            pc, gc = p == c, g == c
-            tp = int(np.count_nonzero(pc & gc))
-            conf[i, c] = (tp, int(np.count_nonzero(pc)) - tp, int(np.count_nonzero(gc)) - tp)
-    if pooled:
-        conf = conf.sum(0, keepdims=True)
-    tp, fp, fn = conf[..., 0], conf[..., 1], conf[..., 2]
-    den = 2 * tp + fp + fn
-    dice = np.where(den > 0, 2 * tp / np.maximum(den, 1), 1.0)
-    union = tp + fp + fn
-    iou = np.where(union > 0, tp / np.maximum(union, 1), 1.0)
-    out = {"dice": float(dice[:, 1:].mean())}
-    if not binary:
-        out["miou"] = float(iou.mean())
-    return out
-
-
-# --------------------------------------------------------------------------------------------- stages
-def _coarse_stage(ds: Any, cfg: TrainConfig, model: Any, loss_fn: Any, index: int, device: str, log: Callable[[str], None]) -> Any:
-    from segcli.train.data import CoarseCache, to_float
-    from segcli.train.loop import Stage, predict_logits
-
-    S = cfg.size
-    train_side = int(round(1.05 * S)) if cfg.method == "refine" else S
-    t0 = time.perf_counter()
-    train_cache = CoarseCache.build(ds.train, train_side, ds.n_out, ds.uint8)
-    val_cache = CoarseCache.build(ds.val, S, ds.n_out, ds.uint8)
-    log(f"coarse inputs cached at {train_side}x{train_side} in {time.perf_counter() - t0:.1f} s "
-        f"({(train_cache.x.nbytes + train_cache.y.nbytes + val_cache.x.nbytes + val_cache.y.nbytes) / 2**20:.0f} MiB)")
-    n = len(ds.train)
-
-    def batches(rng: np.random.Generator) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-        for idx in _chunks(rng.permutation(n), cfg.batch_size):
-            x = to_float(train_cache.x[idx])
-            y = train_cache.y[idx].astype(np.float32)
-            if train_side > S:  # refine S1: random S×S crop of the 1.05·S image
-                off = rng.integers(0, train_side - S + 1, size=(len(idx), 2))
-                x = np.stack([x[j, :, a : a + S, b : b + S] for j, (a, b) in enumerate(off)])
-                y = np.stack([y[j, :, a : a + S, b : b + S] for j, (a, b) in enumerate(off)])
-            yield x, y
-
-    def validate(m: Any) -> dict[str, float]:
-        if not len(val_cache.x):
-            return {}
-        logits = predict_logits(m, to_float(val_cache.x), device, 2 * cfg.batch_size, cfg.amp)
-        return score_batch(logits, val_cache.y.astype(np.float32), val_cache.valid)
-
-    return Stage("coarse", index, model, cfg.epochs, _n_steps(n, cfg.batch_size), batches, validate, loss_fn)
-
-
-def _stts_fine_stage(ds: Any, cfg: TrainConfig, model: Any, loss_fn: Any, index: int, device: str, log: Callable[[str], None]) -> Any:
-    from segcli.train.data import crop_candidates, crop_to_input, crop_to_target, fine_box
-    from segcli.train.loop import Stage, predict_logits
-
-    S = cfg.size
-    pad = cfg.pad if cfg.pad is not None else default_pad(S)
-    n = len(ds.train)
-
-    def batches(rng: np.random.Generator) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-        for idx in _chunks(rng.permutation(n), cfg.batch_size):
-            xs, ys = [], []
-            for i in idx:
-                s = ds.train[i]
-                box = fine_box(s, pad, cfg.jitter, rng)
-                img = s.get_image()
-                xs.append(crop_to_input(img, box, S))
-                ys.append(crop_to_target(s.mask, box, S, ds.n_out))
-            yield np.stack(xs), np.stack(ys)
-
-    # Validation: every unjittered GT crop of every val image (whole image when empty), fixed.
-    vx, vy = [], []
-    rng0 = np.random.default_rng(0)
-    for s in ds.val:
-        _, boxes = crop_candidates(s.boxes, s.shape, pad, 0, rng0)
-        if len(boxes) == 0:
-            boxes = np.array([[0, 0, s.shape[0], s.shape[1]]])
-        img = s.get_image()
-        for b in boxes[:16]:
-            vx.append(crop_to_input(img, b, S))
-            vy.append(crop_to_target(s.mask, b, S, ds.n_out))
-    val_x = np.stack(vx).astype(np.float16) if vx else np.zeros((0,))
-    val_y = np.stack(vy).astype(np.float16) if vy else np.zeros((0,))
-    log(f"fine stage: {len(vx)} validation crops, pad {pad} px, jitter ±{cfg.jitter} px")
-
-    def validate(m: Any) -> dict[str, float]:
-        if not len(val_x):
-            return {}
-        logits = predict_logits(m, val_x.astype(np.float32), device, 2 * cfg.batch_size, cfg.amp)
-        return score_batch(logits, val_y.astype(np.float32))
-
-    epochs = cfg.fine_epochs or cfg.epochs
-    return Stage("fine", index, model, epochs, _n_steps(n, cfg.batch_size), batches, validate, loss_fn)
-
-
-def rough_scores(model: Any, samples: list[Any], size: int, patch: int, criterion: str, device: str,
-                 batch_size: int = 32) -> list[tuple[np.ndarray, np.ndarray]]:
-    """Per sample: the full-res patch grid and S1's uncertainty score per patch (the refine engine's ranking)."""
-    from segcli.geometry import patch_grid, scale_boxes, uncertainty_scores
-    from segcli.runtimes import logits_to_probs
-    from segcli.train.data import coarse_input
-    from segcli.train.loop import predict_logits
-
-    out = []
-    for i in range(0, len(samples), batch_size):
-        chunk = samples[i : i + batch_size]
-        xs, hws = zip(*(coarse_input(s.get_image(), size) for s in chunk), strict=True)
-        probs = logits_to_probs(predict_logits(model, np.stack(xs), device, batch_size))
-        for s, p, (h, w) in zip(chunk, probs, hws, strict=True):
-            grid = patch_grid(s.shape, patch)
-            low = scale_boxes(grid, s.shape, (h, w))
-            low[:, 2] = np.maximum(low[:, 2], low[:, 0] + 1)
-            low[:, 3] = np.maximum(low[:, 3], low[:, 1] + 1)
-            out.append((grid, uncertainty_scores(p[:, :h, :w], low, criterion)))
-    return out
-
-
-def _refine_fine_stage(ds: Any, cfg: TrainConfig, model: Any, loss_fn: Any, index: int, device: str,
-                       log: Callable[[str], None], s1: Any) -> Any:
-    from segcli.geometry import select_patches
-    from segcli.train.data import patch_region, patch_to_input, patch_to_target
-    from segcli.train.loop import Stage, predict_logits
-
-    S = cfg.size
-    P = cfg.patch_size or S
-    k = max(1, cfg.patches)
-    t0 = time.perf_counter()
-    train_scores = rough_scores(s1, ds.train, S, P, cfg.criterion, device)
-    val_scores = rough_scores(s1, ds.val, S, P, cfg.criterion, device)
-    tops = [select_patches(sc, n=k) for _, sc in train_scores]
-    log(f"refine S2: S1 uncertainty ranked {sum(len(g) for g, _ in train_scores)} train patches of {P} px "
-        f"in {time.perf_counter() - t0:.1f} s; sampling {cfg.sampling}, {k} patches per image per epoch")
-    n = len(ds.train)
-    uncertain = cfg.sampling == "uncertain"
-
-    def batches(rng: np.random.Generator) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-        items = np.repeat(np.arange(n), k)
-        for idx in _chunks(rng.permutation(items), cfg.batch_size):
-            xs, ys = [], []
-            for i in idx:
-                s = ds.train[i]
-                grid, _ = train_scores[i]
-                if uncertain and rng.random() < 0.75:
-                    j = int(tops[i][rng.integers(len(tops[i]))])
-                else:
-                    j = int(rng.integers(len(grid)))
-                box = patch_region(s.shape, grid[j], P // 4, rng)
-                xs.append(patch_to_input(s.get_image(), box, S))
-                ys.append(patch_to_target(s.mask, box, S, ds.n_out))
-            yield np.stack(xs), np.stack(ys)
-
-    vx, vy = [], []
-    for s, (grid, sc) in zip(ds.val, val_scores, strict=True):
-        img = s.get_image()
-        for j in select_patches(sc, n=k):
-            vx.append(patch_to_input(img, grid[j], S))
-            vy.append(patch_to_target(s.mask, grid[j], S, ds.n_out))
-    val_x = np.stack(vx).astype(np.float16) if vx else np.zeros((0,))
-    val_y = np.stack(vy).astype(np.float16) if vy else np.zeros((0,))
-
-    def validate(m: Any) -> dict[str, float]:
-        if not len(val_x):
-            return {}
-        logits = predict_logits(m, val_x.astype(np.float32), device, 2 * cfg.batch_size, cfg.amp)
-        return score_batch(logits, val_y.astype(np.float32), pooled=True)
-
-    epochs = cfg.fine_epochs or cfg.epochs
-    return Stage("fine", index, model, epochs, _n_steps(n * k, cfg.batch_size), batches, validate, loss_fn)
 
 
 # --------------------------------------------------------------------------------------------- checkpoint
@@ -439,27 +119,6 @@ def _trim_metrics(path: Path, done: dict[str, int], current: tuple[str, int] | N
         if st in done and ep <= done[st] or current is not None and st == current[0] and ep <= current[1]:
             keep.append(line)
     path.write_text("".join(k + "\n" for k in keep))
-
-
-def cli_equivalent(cfg: TrainConfig) -> str:
-    """The ``segcli train`` command that reproduces ``cfg`` (recorded when none was given)."""
-    default = TrainConfig()
-    args = ["segcli", "train", "--data", str(cfg.data), "-o", str(cfg.out)]
-    skip = {"data", "out", "command", "quiet", "arch_config", "normalization", "class_weights"}
-    for f in fields(TrainConfig):
-        v = getattr(cfg, f.name)
-        if f.name in skip or v == getattr(default, f.name):
-            continue
-        flag = "--" + f.name.replace("_", "-")
-        if isinstance(v, bool):
-            args.append(flag if v else "--no-" + f.name.replace("_", "-"))
-        else:
-            args += [flag, str(v)]
-    for k, v in cfg.arch_config.items():
-        args += ["--arch-config", f"{k}={v}"]
-    if cfg.class_weights:
-        args += ["--class-weights", ",".join(str(w) for w in cfg.class_weights)]
-    return shlex.join(args)
 
 
 # --------------------------------------------------------------------------------------------- main
@@ -509,7 +168,7 @@ def train(
         ignored = []
     if given.get("command"):
         cfg.command = given["command"]
-    _check_config(cfg)
+    check_config(cfg)
     reporter = reporter or Reporter(cfg.quiet)
     log = reporter.log
     if ignored:
@@ -521,6 +180,7 @@ def train(
 
 
 def _setup_determinism(seed: int, device: str) -> None:
+    """Seed every generator and ask torch for deterministic kernels, so a seeded run repeats exactly."""
     import torch
 
     random.seed(seed)
@@ -532,18 +192,49 @@ def _setup_determinism(seed: int, device: str) -> None:
         torch.backends.cudnn.benchmark = False
 
 
-def _run(cfg: TrainConfig, ckpt: dict[str, Any] | None, reporter: Reporter) -> TrainResult:
-    from segcli.runtimes.device import resolve_device, set_threads
-    from segcli.train.augment import AugmentConfig
-    from segcli.train.data import load_dataset
-    from segcli.train.loop import FitOptions, StopFlag, fit
-    from segcli.train.losses import default_loss, make_loss
+@dataclass
+class _Job:
+    """What every stage of one run shares, built once by :func:`_run` so the stage loop reads as steps."""
 
-    log = reporter.log
-    device = resolve_device(cfg.device)
-    threads = set_threads(cfg.threads)
-    _setup_determinism(cfg.seed, device)
-    t_start = time.perf_counter()
+    cfg: TrainConfig
+    ds: Any
+    device: str
+    threads: int
+    loss_name: str
+    loss_fn: Any
+    opts: Any
+    arch_of: dict[str, str]
+    conf_of: dict[str, dict[str, Any]]
+    out_dir: Path
+    finished: dict[str, dict[str, Any]]
+    current: dict[str, Any] | None
+
+    @property
+    def ckpt_path(self) -> Path:
+        """Where the checkpoint is written after every epoch."""
+        return self.out_dir / CHECKPOINT
+
+    @property
+    def metrics_path(self) -> Path:
+        """The per-epoch metrics log."""
+        return self.out_dir / METRICS
+
+    def doc(self, current_state: dict[str, Any] | None) -> dict[str, Any]:
+        """The checkpoint document: config, split, finished stages and the running stage's state."""
+        return {"format": "segcli-train-checkpoint", "version": 1, "config": self.cfg.to_dict(),
+                "split": {"train": self.ds.split.train, "val": self.ds.split.val},
+                "finished": self.finished, "current": current_state}
+
+    def log_metrics(self, rec: dict[str, Any]) -> None:
+        """Append one epoch's record to metrics.jsonl."""
+        with open(self.metrics_path, "a") as fh:
+            fh.write(json.dumps(_jsonable(rec)) + "\n")
+
+
+def _load_checked_dataset(cfg: TrainConfig, ckpt: dict[str, Any] | None, log: Any) -> Any:
+    """Read the dataset; on resume refuse one whose split changed, and record the normalisation chosen."""
+    from segcli.train.data import load_dataset
+
     ds = load_dataset(cfg.data, seed=cfg.seed, val_fraction=cfg.val_fraction, splits_file=cfg.splits,
                       channels=cfg.channels, normalization=cfg.normalization, cache_gb=cfg.cache_gb,
                       workers=cfg.workers, log=log)
@@ -551,25 +242,23 @@ def _run(cfg: TrainConfig, ckpt: dict[str, Any] | None, reporter: Reporter) -> T
         raise DatasetError("the dataset's cases changed since the checkpoint was written; cannot resume", cfg.data)
     if cfg.normalization is None:
         cfg.normalization = ds.normalization  # recorded, so a resume normalises identically
-    out_dir = Path(cfg.out)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    ckpt_path = out_dir / CHECKPOINT
-    metrics_path = out_dir / METRICS
-    if cfg.command is None:
-        cfg.command = cli_equivalent(cfg)
+    return ds
 
-    loss_name = cfg.loss or default_loss(cfg.method, ds.n_out)
+
+def _loss(cfg: TrainConfig, n_out: int) -> tuple[str, Any]:
+    """The loss's name (the method's default unless --loss) and the loss function; a bad one is a usage error."""
+    from segcli.train.losses import default_loss, make_loss
+
+    loss_name = cfg.loss or default_loss(cfg.method, n_out)
     try:
-        loss_fn = make_loss(loss_name, ds.n_out, cfg.class_weights)
+        return loss_name, make_loss(loss_name, n_out, cfg.class_weights)
     except ValueError as exc:
         raise UsageError(str(exc)) from None
-    opts = FitOptions(lr=cfg.lr, weight_decay=cfg.weight_decay, optimizer=cfg.optimizer, schedule=cfg.schedule,
-                      patience=cfg.patience, device=device, amp=cfg.amp,
-                      augment=AugmentConfig() if cfg.augment else None, seed=cfg.seed)
-    stage_names = roles(cfg.method)
-    arch_of = {"coarse": cfg.arch, "fine": cfg.fine_arch or cfg.arch}
-    conf_of = {r: net_config(cfg, arch_of[r]) for r in stage_names}
 
+
+def _resume_state(ckpt: dict[str, Any] | None, out_dir: Path, log: Any) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    """The finished stages and the running stage's state; trims or starts metrics.jsonl to match."""
+    metrics_path = out_dir / METRICS
     finished: dict[str, dict[str, Any]] = dict(ckpt["finished"]) if ckpt else {}
     current = ckpt.get("current") if ckpt else None
     if ckpt is not None:
@@ -579,69 +268,111 @@ def _run(cfg: TrainConfig, ckpt: dict[str, Any] | None, reporter: Reporter) -> T
                                        else f"stages done: {', '.join(finished) or 'none'}"))
     else:
         metrics_path.write_text("")
+    return finished, current
 
-    def doc(current_state: dict[str, Any] | None) -> dict[str, Any]:
-        return {"format": "segcli-train-checkpoint", "version": 1, "config": cfg.to_dict(),
-                "split": {"train": ds.split.train, "val": ds.split.val},
-                "finished": finished, "current": current_state}
 
-    def log_metrics(rec: dict[str, Any]) -> None:
-        with open(metrics_path, "a") as fh:
-            fh.write(json.dumps(_jsonable(rec)) + "\n")
+def _make_stage(job: _Job, idx: int, role: str, model: Any, models: dict[str, Any], log: Any) -> Any:
+    """The stage of ``role`` for this method, with its share of the time limit."""
+    cfg, finished, stage_names = job.cfg, job.finished, roles(job.cfg.method)
+    if role == "coarse":
+        stage = coarse_stage(job.ds, cfg, model, job.loss_fn, idx, job.device, log)
+    elif cfg.method == "stts":
+        stage = stts_fine_stage(job.ds, cfg, model, job.loss_fn, idx, job.device, log)
+    else:
+        stage = refine_fine_stage(job.ds, cfg, model, job.loss_fn, idx, job.device, log, models["coarse"])
+    if cfg.time_limit is not None:
+        spent = sum(float(v["summary"]["time_s"]) for v in finished.values())
+        share = cfg.stage_split if (len(stage_names) == 2 and idx == 0) else 1.0
+        stage.time_budget = max(cfg.time_limit * share - spent, 0.0) if idx == 0 else max(cfg.time_limit - spent, 0.0)
+    return stage
 
-    hint = f"; continue with --resume {out_dir}"
+
+def _train_stages(job: _Job, reporter: Reporter) -> dict[str, Any]:
+    """Train every stage not yet finished (resuming the running one); returns the trained networks."""
+    from segcli.train.loop import StopFlag, fit
+
+    cfg, log, current = job.cfg, reporter.log, job.current
+    hint = f"; continue with --resume {job.out_dir}"
     models: dict[str, Any] = {}
     with StopFlag() as stop:
-        for idx, role in enumerate(stage_names):
-            model = _build_net(arch_of[role], conf_of[role], ds.in_channels, ds.n_out, cfg.seed * 1000 + idx)
-            if role in finished:
-                model.load_state_dict(finished[role]["state"])
-                models[role] = model.to(device)
+        for idx, role in enumerate(roles(cfg.method)):
+            model = _build_net(job.arch_of[role], job.conf_of[role], job.ds.in_channels, job.ds.n_out, cfg.seed * 1000 + idx)
+            if role in job.finished:
+                model.load_state_dict(job.finished[role]["state"])
+                models[role] = model.to(job.device)
                 continue
             if role == "fine" and cfg.fine_init == "coarse" and not (current and current["stage"] == "fine"):
-                model.load_state_dict(finished["coarse"]["state"])
-            if role == "coarse":
-                stage = _coarse_stage(ds, cfg, model, loss_fn, idx, device, log)
-            elif cfg.method == "stts":
-                stage = _stts_fine_stage(ds, cfg, model, loss_fn, idx, device, log)
-            else:
-                stage = _refine_fine_stage(ds, cfg, model, loss_fn, idx, device, log, models["coarse"])
-            if cfg.time_limit is not None:
-                spent = sum(float(v["summary"]["time_s"]) for v in finished.values())
-                share = cfg.stage_split if (len(stage_names) == 2 and idx == 0) else 1.0
-                stage.time_budget = max(cfg.time_limit * share - spent, 0.0) if idx == 0 else max(cfg.time_limit - spent, 0.0)
+                model.load_state_dict(job.finished["coarse"]["state"])
+            stage = _make_stage(job, idx, role, model, models, log)
             resume_state = current if current and current["stage"] == role else None
-            log(f"stage {role}: {arch_of[role]} {conf_of[role]}, {sum(p.numel() for p in model.parameters()):,} params, "
-                f"{stage.epochs} epochs x {stage.steps_per_epoch} steps, loss {loss_name}, device {device} ({threads} threads)"
-                + (f", budget {stage.time_budget:.0f} s" if stage.time_budget is not None else ""))
-            result = fit(stage, opts, save=lambda st: save_checkpoint(ckpt_path, doc(st)), log_metrics=log_metrics,
-                         stop=stop, reporter=reporter, resume=resume_state, checkpoint_hint=hint)
-            finished[role] = {"state": result.best_state, "summary": result.summary}
+            log(f"stage {role}: {job.arch_of[role]} {job.conf_of[role]}, {sum(p.numel() for p in model.parameters()):,} params, "
+                f"{stage.epochs} epochs x {stage.steps_per_epoch} steps, loss {job.loss_name}, device {job.device} "
+                f"({job.threads} threads)" + (f", budget {stage.time_budget:.0f} s" if stage.time_budget is not None else ""))
+            result = fit(stage, job.opts, save=lambda st: save_checkpoint(job.ckpt_path, job.doc(st)),
+                         log_metrics=job.log_metrics, stop=stop, reporter=reporter, resume=resume_state,
+                         checkpoint_hint=hint)
+            job.finished[role] = {"state": result.best_state, "summary": result.summary}
             current = None
-            save_checkpoint(ckpt_path, doc(None))
+            save_checkpoint(job.ckpt_path, job.doc(None))
             models[role] = stage.model
             log(f"stage {role} done: best val dice {result.summary['val_dice']} at epoch {result.summary['best_epoch']}, "
                 f"{result.summary['epochs_run']} epochs, stopped by {result.summary['stopped']}, {result.summary['time_s']} s")
+    return models
+
+
+def _run(cfg: TrainConfig, ckpt: dict[str, Any] | None, reporter: Reporter) -> TrainResult:
+    """One training run from a checked config: data, stages, bundle, then the full-resolution score."""
+    from segcli.runtimes.device import resolve_device, set_threads
+    from segcli.train.augment import AugmentConfig
+    from segcli.train.loop import FitOptions
+
+    log = reporter.log
+    device = resolve_device(cfg.device)
+    threads = set_threads(cfg.threads)
+    _setup_determinism(cfg.seed, device)
+    t_start = time.perf_counter()
+    ds = _load_checked_dataset(cfg, ckpt, log)
+    out_dir = Path(cfg.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if cfg.command is None:
+        cfg.command = cli_equivalent(cfg)
+
+    loss_name, loss_fn = _loss(cfg, ds.n_out)
+    opts = FitOptions(lr=cfg.lr, weight_decay=cfg.weight_decay, optimizer=cfg.optimizer, schedule=cfg.schedule,
+                      patience=cfg.patience, device=device, amp=cfg.amp,
+                      augment=AugmentConfig() if cfg.augment else None, seed=cfg.seed)
+    stage_names = roles(cfg.method)
+    arch_of = {"coarse": cfg.arch, "fine": cfg.fine_arch or cfg.arch}
+    conf_of = {r: net_config(cfg, arch_of[r]) for r in stage_names}
+    finished, current = _resume_state(ckpt, out_dir, log)
+    job = _Job(cfg, ds, device, threads, loss_name, loss_fn, opts, arch_of, conf_of, out_dir, finished, current)
+    models = _train_stages(job, reporter)
 
     stages = {r: dict(finished[r]["summary"]) for r in stage_names}
     training = _training_section(cfg, ds, stages, loss_name, device, time.perf_counter() - t_start)
     _write_bundle(out_dir, cfg, ds, models, arch_of, conf_of, training)
     if cfg.val_full_res and ds.val:
-        try:
-            full = full_res_validation(out_dir, ds, cfg, device)
-        except Exception as exc:  # an extra: the bundle is already written, never lose the run over it
-            log(f"full-resolution validation skipped: {type(exc).__name__}: {exc}")
-            full = None
-        if full is not None:
-            training["val_full_res"] = full
-            training["val_score"] = full["dice"]
-            training["val_score_kind"] = f"{cfg.method} Dice at full resolution on the val split (mean over cases)"
-            _write_bundle(out_dir, cfg, ds, models, arch_of, conf_of, training)
-            log(f"full resolution ({cfg.method}, {full['cases']} val cases): dice {full['dice']:.4f}  iou {full['iou']:.4f}  "
-                f"precision {full['precision']:.4f}  recall {full['recall']:.4f}  object recall {full['object_recall']:.4f}  "
-                f"({full['seconds']:.1f} s)")
+        _add_full_res_validation(job, models, training, log)
     log(f"bundle written to {out_dir}")
     return TrainResult(out_dir, training, stages)
+
+
+def _add_full_res_validation(job: _Job, models: dict[str, Any], training: dict[str, Any], log: Any) -> None:
+    """Score the written bundle as ``segcli predict`` runs it and rewrite it with that score (never fatal)."""
+    cfg, ds, out_dir = job.cfg, job.ds, job.out_dir
+    try:
+        full = full_res_validation(out_dir, ds, cfg, job.device)
+    except Exception as exc:  # an extra: the bundle is already written, never lose the run over it
+        log(f"full-resolution validation skipped: {type(exc).__name__}: {exc}")
+        full = None
+    if full is not None:
+        training["val_full_res"] = full
+        training["val_score"] = full["dice"]
+        training["val_score_kind"] = f"{cfg.method} Dice at full resolution on the val split (mean over cases)"
+        _write_bundle(out_dir, cfg, ds, models, job.arch_of, job.conf_of, training)
+        log(f"full resolution ({cfg.method}, {full['cases']} val cases): dice {full['dice']:.4f}  iou {full['iou']:.4f}  "
+            f"precision {full['precision']:.4f}  recall {full['recall']:.4f}  object recall {full['object_recall']:.4f}  "
+            f"({full['seconds']:.1f} s)")
 
 
 def _jsonable(v: Any) -> Any:
@@ -723,7 +454,7 @@ def full_res_validation(bundle_dir: Path, ds: Any, cfg: TrainConfig, device: str
     from segcli import metrics
     from segcli.api import Segmenter
     from segcli.errors import EmptyImageError
-    from segcli.train.data import _read_case
+    from segcli.train.data import read_case
 
     t0 = time.perf_counter()
     seg = Segmenter(bundle_dir, backend="torch", device=device, channels=cfg.channels, threads=cfg.threads)
@@ -733,7 +464,7 @@ def full_res_validation(bundle_dir: Path, ds: Any, cfg: TrainConfig, device: str
     hits = objs = 0
     for stem in ds.split.val:
         case = by_stem[stem]
-        img, mask, sp, vol = _read_case(case)
+        img, mask, sp, vol = read_case(case)
         try:
             res, _ = seg.segment_array(img, kind="volume" if vol else "2d", spacing=sp, path=case.images[0])
         except EmptyImageError:

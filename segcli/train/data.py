@@ -1,11 +1,5 @@
-"""Training datasets: discovery (two layouts), checks, splits, and in-memory caches.
-
-Layouts:
-
-* ``shared``: ``images/<stem>.<ext>``, ``masks/<stem>.<ext>`` (uint8 class ids), optional
-  ``fov/<stem>.png`` and ``dataset.json`` with ``{"labels": {"background": 0, "polyp": 1}, ...}``.
-* ``nnunet`` (nnU-Net v2 raw): ``imagesTr/<case>_0000.<ext>`` (one file per channel, stacked in
-  channel order), ``labelsTr/<case>.<ext>``, ``dataset.json`` with ``labels`` and ``channel_names``.
+"""Training datasets: reading and checks, splits, and in-memory caches. Discovery of the two layouts
+(``shared``: images/ + masks/; ``nnunet``: imagesTr/ + labelsTr/) is in :mod:`segcli.train.discover`.
 
 Volumes become 2D slices along the axis inference slices along: axial, unless another axis of the
 canonical orientation ``segcli.io`` gives is clearly coarser (:func:`segcli.geometry.slice_axis`). Every case is read and
@@ -23,7 +17,7 @@ import json
 import os
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -38,148 +32,14 @@ from segcli.geometry import (
     square_pad_shift,
     valid_boxes,
 )
-from segcli.io.atomic import split_extension
 from segcli.resize import letterbox, resize
-
-IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".nii", ".nii.gz", ".mha", ".mhd", ".nrrd")
-
-
-# --------------------------------------------------------------------------------------------- discovery
-@dataclass
-class Case:
-    """One training case: its channel files (one unless nnU-Net splits channels), mask and FOV."""
-
-    stem: str
-    images: list[Path]
-    mask: Path
-    fov: Path | None = None
-
-
-@dataclass
-class DatasetSpec:
-    root: Path
-    name: str
-    layout: str  # "shared" | "nnunet"
-    classes: list[str] | None  # None: infer from the masks
-    cases: list[Case]
-    modality: str | None = None
-    licence: str | None = None
-    meta: dict[str, Any] = field(default_factory=dict)
-
-
-def _files(folder: Path) -> dict[str, Path]:
-    out: dict[str, Path] = {}
-    for p in sorted(folder.iterdir()):
-        if p.name.startswith(".") or not p.is_file():
-            continue
-        stem, ext = split_extension(p.name)
-        if ext.lower() in IMAGE_EXTS:
-            out.setdefault(stem, p)
-    return out
-
-
-def parse_labels(labels: Any, where: Path) -> list[str]:
-    """Class names ordered by id from a ``{"name": id}`` map; ids must be 0..K-1 without gaps."""
-    if not isinstance(labels, dict) or not labels:
-        raise DatasetError('"labels" must map class names to integer ids, e.g. {"background": 0, "polyp": 1}', where)
-    by_id: dict[int, str] = {}
-    for name, v in labels.items():
-        if isinstance(v, list | tuple):
-            raise DatasetError(f'label {name!r} is region-based ({v}); only one integer id per class is supported', where)
-        if isinstance(v, bool) or not isinstance(v, int):
-            raise DatasetError(f'label {name!r} has id {v!r}; ids must be integers', where)
-        if v in by_id:
-            raise DatasetError(f'labels {by_id[v]!r} and {name!r} share id {v}', where)
-        by_id[v] = str(name)
-    ids = sorted(by_id)
-    if ids != list(range(len(ids))):
-        raise DatasetError(f"label ids must be 0..{len(ids) - 1} without gaps, got {ids}", where)
-    if len(ids) < 2:
-        raise DatasetError("need at least two classes (background and one more)", where)
-    return [by_id[i] for i in ids]
-
-
-def discover(root: str | os.PathLike[str]) -> DatasetSpec:
-    """Find the cases of a dataset folder in either layout; a missing mask or image is an error."""
-    root = Path(root)
-    if not root.is_dir():
-        raise DatasetError("dataset folder not found", root)
-    meta: dict[str, Any] = {}
-    js = root / "dataset.json"
-    if js.is_file():
-        try:
-            meta = json.loads(js.read_text())
-        except (OSError, ValueError) as exc:
-            raise DatasetError(f"cannot parse dataset.json: {exc}", js) from None
-        if not isinstance(meta, dict):
-            raise DatasetError("dataset.json must hold a JSON object", js)
-    classes = parse_labels(meta["labels"], js) if "labels" in meta else None
-    if (root / "imagesTr").is_dir():
-        layout = "nnunet"
-        cases = _discover_nnunet(root, meta)
-    elif (root / "images").is_dir():
-        layout = "shared"
-        cases = _discover_shared(root)
-    else:
-        raise DatasetError("not a dataset: expected images/ + masks/ or imagesTr/ + labelsTr/", root)
-    if not cases:
-        raise DatasetError("no images found", root)
-    modality = meta.get("modality")
-    if modality is None and isinstance(meta.get("channel_names"), dict):
-        modality = next(iter(meta["channel_names"].values()), None)
-    return DatasetSpec(
-        root=root,
-        name=str(meta.get("name") or root.resolve().name),
-        layout=layout,
-        classes=classes,
-        cases=cases,
-        modality=str(modality) if modality is not None else None,
-        licence=meta.get("licence") or meta.get("license") or meta.get("licence_name"),
-        meta=meta,
-    )
-
-
-def _discover_shared(root: Path) -> list[Case]:
-    images = _files(root / "images")
-    masks_dir = root / "masks"
-    if not masks_dir.is_dir():
-        raise DatasetError("has images/ but no masks/ folder", root)
-    masks = _files(masks_dir)
-    fovs = _files(root / "fov") if (root / "fov").is_dir() else {}
-    for stem in images:
-        if stem not in masks:
-            raise DatasetError(f"case {stem!r}: no mask in masks/ for image {images[stem].name}", root)
-    for stem in masks:
-        if stem not in images:
-            raise DatasetError(f"case {stem!r}: mask {masks[stem].name} has no image in images/", root)
-    return [Case(s, [images[s]], masks[s], fovs.get(s)) for s in sorted(images)]
-
-
-def _discover_nnunet(root: Path, meta: dict[str, Any]) -> list[Case]:
-    labels_dir = root / "labelsTr"
-    if not labels_dir.is_dir():
-        raise DatasetError("has imagesTr/ but no labelsTr/ folder", root)
-    n_ch = len(meta["channel_names"]) if isinstance(meta.get("channel_names"), dict) else None
-    chans: dict[str, dict[int, Path]] = {}
-    for stem, p in _files(root / "imagesTr").items():
-        case, sep, idx = stem.rpartition("_")
-        if not sep or len(idx) != 4 or not idx.isdigit():
-            raise DatasetError(f"image {p.name} lacks the nnU-Net channel suffix _0000", root / "imagesTr")
-        chans.setdefault(case, {})[int(idx)] = p
-    labels = _files(labels_dir)
-    cases = []
-    for case in sorted(chans):
-        got = sorted(chans[case])
-        want = list(range(n_ch if n_ch is not None else len(got)))
-        if got != want:
-            raise DatasetError(f"case {case!r}: channel files {got} but expected {want} (_0000.._{len(want) - 1:04d})", root / "imagesTr")
-        if case not in labels:
-            raise DatasetError(f"case {case!r}: no label file in labelsTr/", root)
-        cases.append(Case(case, [chans[case][i] for i in want], labels[case]))
-    for stem in labels:
-        if stem not in chans:
-            raise DatasetError(f"case {stem!r}: label {labels[stem].name} has no image in imagesTr/", root)
-    return cases
+from segcli.train.discover import (  # noqa: F401  (IMAGE_EXTS, parse_labels: importable here as before)
+    IMAGE_EXTS,
+    Case,
+    DatasetSpec,
+    discover,
+    parse_labels,
+)
 
 
 # --------------------------------------------------------------------------------------------- splits
@@ -382,7 +242,7 @@ class LoadedDataset:
         return bool(self.train) and self.train[0].image is not None and self.train[0].image.dtype == np.uint8
 
 
-def _read_case(case: Case) -> tuple[np.ndarray, np.ndarray, tuple[float, ...] | None, bool]:
+def read_case(case: Case) -> tuple[np.ndarray, np.ndarray, tuple[float, ...] | None, bool]:
     """Raw stacked image (channel-last), mask (spatial), spacing, is-volume; DatasetError on problems."""
     try:
         parts = [read_array(p) for p in case.images]
@@ -447,73 +307,20 @@ def load_dataset(
     n_train = len(split.train)
 
     with ThreadPoolExecutor(max_workers=max(1, workers)) as ex:
-        raw = list(ex.map(_read_case, order))
+        raw = list(ex.map(read_case, order))
 
     want = {"grey": 1, "rgb": 3}.get(channels, raw[0][0].shape[-1])
-    classes = spec.classes
-    max_label = max(int(m.max(initial=0)) for _, m, _, _ in raw)
-    if classes is None:
-        n = max(2, max_label + 1)
-        classes = ["background"] + [f"class_{i}" for i in range(1, n)]
-    for case, (_, m, _, _) in zip(order, raw, strict=True):
-        top = int(m.max(initial=0))
-        if top >= len(classes):
-            raise DatasetError(
-                f"case {case.stem!r}: mask holds label {top} but the dataset has {len(classes)} classes "
-                f"(0..{len(classes) - 1}: {', '.join(classes)})", case.mask)
-    converted = []
-    for case, (img, m, sp, vol) in zip(order, raw, strict=True):
-        try:
-            img = convert(img, want, channels, case.images[0])
-        except SegcliError as exc:
-            raise DatasetError(f"case {case.stem!r}: {exc.message}", case.images[0]) from None
-        converted.append((img, m, sp, vol))
-    raw = converted
-
-    dtypes = {img.dtype for img, _, _, _ in raw}
-    if normalization is None:
-        all8 = dtypes <= {np.dtype(np.uint8)}
-        normalization = choose_normalization(np.dtype(np.uint8) if all8 else np.dtype(np.float32), spec.modality,
-                                             [(img, m) for img, m, _, _ in raw[:n_train]])
-    from segcli import normalize as norm
-
-    try:
-        norm.validate(normalization)
-    except ValueError as exc:
-        raise UsageError(str(exc)) from None
-    keep_uint8 = normalization["kind"] == "dtype" and dtypes <= {np.dtype(np.uint8)}
-
-    budget = int(cache_gb * (1 << 30))
-    used = 0
-    samples: list[Sample] = []
-    axis_used: int | None = None
-    for ci, (case, (img, m, sp, vol)) in enumerate(zip(order, raw, strict=True)):
-        if not keep_uint8:
-            # Whole image (whole volume) at once: per-image statistics as inference computes them.
-            img = norm.normalize(img, normalization)
-        if vol:
-            axis = slice_axis(sp)
-            axis_used = axis
-            imgs = np.moveaxis(img, axis, 0)
-            masks = np.moveaxis(m, axis, 0)
-            sp2 = tuple(v for i, v in enumerate(sp) if i != axis) if sp else None
-            items = [(f"{case.stem}_s{z:04d}", imgs[z], masks[z], sp2, z) for z in range(imgs.shape[0])]
-        else:
-            items = [(case.stem, img, m, sp, None)]
-        for stem, a, mk, sp_, z in items:
-            x = np.ascontiguousarray(np.moveaxis(a, -1, 0))
-            nbytes = x.nbytes
-            keep = used + nbytes <= budget
-            used += nbytes if keep else 0
-            loader = None
-            if not keep:
-                loader = _make_loader(case, z, axis_used if vol else None, want, channels, normalization, keep_uint8)
-            boxes = component_boxes(mk > 0)
-            samples.append(Sample(stem, case.stem, tuple(mk.shape), x if keep else None, np.ascontiguousarray(mk),
-                                  sp_, boxes, loader))
+    classes = _checked_classes(spec, order, raw)
+    raw = _converted(order, raw, want, channels)
+    normalization, keep_uint8 = _normalization(normalization, spec, raw, n_train)
+    cache = _SampleCache(int(cache_gb * (1 << 30)), want, channels, normalization, keep_uint8)
+    n_train_samples = 0
+    for ci, (case, item) in enumerate(zip(order, raw, strict=True)):
+        cache.add_case(case, *item)
         if ci == n_train - 1:
-            n_train_samples = len(samples)
+            n_train_samples = len(cache.samples)
     del raw
+    samples, used, axis_used = cache.samples, cache.used, cache.axis_used
     train, val = samples[:n_train_samples], samples[n_train_samples:]
     in_channels = train[0].get_image().shape[0]
     ds = LoadedDataset(spec, classes, in_channels, normalization, split, train, val, axis_used,
@@ -527,6 +334,96 @@ def load_dataset(
             msg += f" ({sum(s.image is None for s in samples)} images beyond --cache-gb, re-read from disk)"
         log(msg)
     return ds
+
+
+Raw = tuple[np.ndarray, np.ndarray, tuple[float, ...] | None, bool]
+
+
+def _checked_classes(spec: DatasetSpec, order: list[Case], raw: list[Raw]) -> list[str]:
+    """The class names (the dataset's, or class_1.. from the largest label); a label beyond them stops the run."""
+    classes = spec.classes
+    max_label = max(int(m.max(initial=0)) for _, m, _, _ in raw)
+    if classes is None:
+        n = max(2, max_label + 1)
+        classes = ["background"] + [f"class_{i}" for i in range(1, n)]
+    for case, (_, m, _, _) in zip(order, raw, strict=True):
+        top = int(m.max(initial=0))
+        if top >= len(classes):
+            raise DatasetError(
+                f"case {case.stem!r}: mask holds label {top} but the dataset has {len(classes)} classes "
+                f"(0..{len(classes) - 1}: {', '.join(classes)})", case.mask)
+    return classes
+
+
+def _converted(order: list[Case], raw: list[Raw], want: int, channels: str) -> list[Raw]:
+    """Every image converted to ``want`` channels, a failure named by its case."""
+    converted = []
+    for case, (img, m, sp, vol) in zip(order, raw, strict=True):
+        try:
+            img = convert(img, want, channels, case.images[0])
+        except SegcliError as exc:
+            raise DatasetError(f"case {case.stem!r}: {exc.message}", case.images[0]) from None
+        converted.append((img, m, sp, vol))
+    return converted
+
+
+def _normalization(normalization: dict[str, Any] | None, spec: DatasetSpec, raw: list[Raw],
+                   n_train: int) -> tuple[dict[str, Any], bool]:
+    """The normalisation (given, or chosen from the training cases), checked; and whether uint8 stays uint8."""
+    from segcli import normalize as norm
+
+    dtypes = {img.dtype for img, _, _, _ in raw}
+    if normalization is None:
+        all8 = dtypes <= {np.dtype(np.uint8)}
+        normalization = choose_normalization(np.dtype(np.uint8) if all8 else np.dtype(np.float32), spec.modality,
+                                             [(img, m) for img, m, _, _ in raw[:n_train]])
+    try:
+        norm.validate(normalization)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    return normalization, normalization["kind"] == "dtype" and dtypes <= {np.dtype(np.uint8)}
+
+
+class _SampleCache:
+    """Cuts cases into samples (volumes into slices), keeping images in memory up to the byte budget and
+    giving the rest a loader that re-reads them from disk."""
+
+    def __init__(self, budget: int, want: int, channels: str, normalization: dict[str, Any], keep_uint8: bool) -> None:
+        """An empty cache with ``budget`` bytes for in-memory images."""
+        self.budget, self.want, self.channels = budget, want, channels
+        self.normalization, self.keep_uint8 = normalization, keep_uint8
+        self.used = 0
+        self.samples: list[Sample] = []
+        self.axis_used: int | None = None
+
+    def add_case(self, case: Case, img: np.ndarray, m: np.ndarray, sp: tuple[float, ...] | None, vol: bool) -> None:
+        """Normalise one case and append its samples."""
+        from segcli import normalize as norm
+
+        if not self.keep_uint8:
+            # Whole image (whole volume) at once: per-image statistics as inference computes them.
+            img = norm.normalize(img, self.normalization)
+        if vol:
+            axis = slice_axis(sp)
+            self.axis_used = axis
+            imgs = np.moveaxis(img, axis, 0)
+            masks = np.moveaxis(m, axis, 0)
+            sp2 = tuple(v for i, v in enumerate(sp) if i != axis) if sp else None
+            items = [(f"{case.stem}_s{z:04d}", imgs[z], masks[z], sp2, z) for z in range(imgs.shape[0])]
+        else:
+            items = [(case.stem, img, m, sp, None)]
+        for stem, a, mk, sp_, z in items:
+            x = np.ascontiguousarray(np.moveaxis(a, -1, 0))
+            nbytes = x.nbytes
+            keep = self.used + nbytes <= self.budget
+            self.used += nbytes if keep else 0
+            loader = None
+            if not keep:
+                loader = _make_loader(case, z, self.axis_used if vol else None, self.want, self.channels,
+                                      self.normalization, self.keep_uint8)
+            boxes = component_boxes(mk > 0)
+            self.samples.append(Sample(stem, case.stem, tuple(mk.shape), x if keep else None, np.ascontiguousarray(mk),
+                                       sp_, boxes, loader))
 
 
 def convert(img: np.ndarray, want: int, mode: str, path: Path) -> np.ndarray:
@@ -552,7 +449,7 @@ def _make_loader(case: Case, z: int | None, axis: int | None, want: int, channel
     def load() -> np.ndarray:
         from segcli import normalize as norm
 
-        img, _, _, _ = _read_case(case)
+        img, _, _, _ = read_case(case)
         img = convert(img, want, channels, case.images[0])
         if not keep_uint8:
             img = norm.normalize(img, normalization)

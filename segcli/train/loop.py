@@ -293,6 +293,149 @@ def _fmt_eta(s: float) -> str:
     return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
 
 
+class _StageRun:
+    """The mutable state of one stage's training (network, optimiser, RNGs, best weights, counters), so that
+    :func:`fit` reads as the epoch's steps and a checkpoint is one method."""
+
+    def __init__(self, stage: Stage, opts: FitOptions) -> None:
+        """Build the optimiser, schedule, scaler and generators in the order that fixes the random streams."""
+        self.stage, self.opts = stage, opts
+        self.dev = dev = opts.device
+        self.model = stage.model.to(dev)
+        self.optim = make_optimizer(opts.optimizer, self.model.parameters(), opts.lr, opts.weight_decay)
+        self.total_steps = [stage.epochs * stage.steps_per_epoch]  # shortened when a time budget allows fewer epochs
+        self.sched = torch.optim.lr_scheduler.LambdaLR(self.optim, lr_factor(opts.schedule, self.total_steps))
+        self.use_amp = opts.amp and dev.startswith("cuda")
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.use_amp)
+        self.np_rng = np.random.default_rng([opts.seed, stage.index])
+        self.gen = torch.Generator().manual_seed(opts.seed * 7919 + stage.index)
+        self.start_epoch, self.best_score, self.best_epoch, self.bad, self.elapsed = 0, -math.inf, 0, 0, 0.0
+        self.best_state = _copy_state(self.model)
+        self.best_val: dict[str, float] = {}
+        self.steps_done = 0
+        self.epoch_times: list[float] = []
+
+    def restore(self, resume: dict[str, Any]) -> None:
+        """Continue from a saved stage state: weights, optimiser, schedule, scaler, counters and RNGs."""
+        self.model.load_state_dict(resume["model"])
+        self.optim.load_state_dict(resume["optimizer"])
+        self.sched.load_state_dict(resume["scheduler"])
+        if resume.get("scaler"):
+            self.scaler.load_state_dict(resume["scaler"])
+        self.best_state = resume["best_state"]
+        self.best_score, self.best_epoch, self.bad = (float(resume["best_score"]), int(resume["best_epoch"]),
+                                                      int(resume["bad_epochs"]))
+        self.start_epoch, self.elapsed = int(resume["epoch"]), float(resume["elapsed"])
+        self.steps_done = int(resume.get("steps", 0))
+        self.total_steps[0] = int(resume.get("schedule_steps", self.total_steps[0]))
+        self.best_val = dict(resume.get("best_val", {}))
+        set_rng_state(resume["rng"], self.np_rng, self.gen)
+
+    def state(self, epoch: int) -> dict[str, Any]:
+        """The whole stage state for a checkpoint (what :meth:`restore` reads back)."""
+        return {
+            "stage": self.stage.name, "epoch": epoch, "steps": self.steps_done, "elapsed": self.elapsed,
+            "schedule_steps": self.total_steps[0],
+            "model": _copy_state(self.model), "optimizer": self.optim.state_dict(), "scheduler": self.sched.state_dict(),
+            "scaler": self.scaler.state_dict() if self.use_amp else {},
+            "best_state": self.best_state, "best_val": self.best_val, "best_score": self.best_score,
+            "best_epoch": self.best_epoch, "bad_epochs": self.bad,
+            "rng": rng_state(self.np_rng, self.gen),
+        }
+
+    def train_epoch(self, epoch: int, t0: float, starved: bool, stop: StopFlag, reporter: Reporter) -> tuple[list[float], bool]:
+        """One epoch's optimiser steps; stops early on Ctrl-C or the time budget. Returns (losses, out of time)."""
+        stage, opts, dev, model = self.stage, self.opts, self.dev, self.model
+        self.model.train()
+        losses: list[float] = []
+        out_of_time = False
+        batches = Prefetch(stage.batches(self.np_rng))
+        try:
+            for xb, yb in batches:
+                x = torch.from_numpy(np.ascontiguousarray(xb, dtype=np.float32)).to(dev)
+                y = torch.from_numpy(np.ascontiguousarray(yb, dtype=np.float32)).to(dev)
+                if opts.augment is not None:
+                    x, y = augment(x, y, self.gen, opts.augment)
+                self.optim.zero_grad(set_to_none=True)
+                with torch.autocast(device_type="cuda", dtype=torch.float16, enabled=self.use_amp):
+                    if hasattr(model, "compute_loss"):
+                        loss = model.compute_loss(x, y, stage.loss_fn)
+                    else:
+                        loss = stage.loss_fn(model(x), y)
+                self.scaler.scale(loss).backward()
+                self.scaler.step(self.optim)
+                self.scaler.update()
+                self.sched.step()
+                self.steps_done += 1
+                losses.append(float(loss.detach()))
+                reporter.step(stage.name, epoch, stage.epochs, len(losses), stage.steps_per_epoch, float(np.mean(losses)))
+                if stop.requested:
+                    break
+                if stage.time_budget is not None and not starved and self.elapsed + time.perf_counter() - t0 >= stage.time_budget:
+                    out_of_time = True
+                    break
+        finally:
+            batches.close()  # the producer is stopped before any RNG state is read
+        return losses, out_of_time
+
+    def score(self, epoch: int, val: dict[str, float], losses: list[float]) -> bool:
+        """Record the epoch's validation; keeps the best weights. True when the score improved."""
+        score = val.get("dice")
+        if score is None or not math.isfinite(score):
+            score = -float(np.mean(losses)) if losses else -math.inf
+        improved = score > self.best_score
+        if improved:
+            self.best_score, self.best_epoch, self.bad = score, epoch + 1, 0
+            self.best_state = _copy_state(self.model)
+            self.best_val = {k: float(v) for k, v in val.items() if v is not None}
+        else:
+            self.bad += 1
+        return improved
+
+    def fit_schedule(self, epoch: int, dt: float, reporter: Reporter) -> None:
+        """Shorten the LR schedule to the epochs the time budget allows, so a time-limited run still anneals."""
+        stage = self.stage
+        # Measured on the 2nd epoch: the 1st pays one-off warm-up costs.
+        fit_epochs = epoch + 1 + int(max(stage.time_budget - self.elapsed, 0.0) // max(dt, 1e-6))
+        if fit_epochs < stage.epochs and fit_epochs * stage.steps_per_epoch < self.total_steps[0]:
+            self.total_steps[0] = max(fit_epochs, epoch + 2) * stage.steps_per_epoch
+            reporter.log(f"{stage.name}: about {fit_epochs} of {stage.epochs} epochs fit the time budget; "
+                         "LR schedule shortened to match")
+
+    def record(self, epoch: int, losses: list[float], val: dict[str, float], dt: float, improved: bool,
+               out_of_time: bool) -> dict[str, Any]:
+        """The epoch's line in metrics.jsonl."""
+        return {
+            "stage": self.stage.name, "epoch": epoch + 1, "epochs": self.stage.epochs,
+            "train_loss": float(np.mean(losses)) if losses else float("nan"),
+            "val_dice": val.get("dice"), "val_miou": val.get("miou"),
+            "lr": float(self.optim.param_groups[0]["lr"]), "epoch_s": round(dt, 3), "elapsed_s": round(self.elapsed, 3),
+            "steps": self.steps_done, "best": improved, "partial": out_of_time,
+        }
+
+    def eta(self, epoch: int) -> float:
+        """Seconds left: the mean of the last epochs times those remaining, capped by the time budget."""
+        remaining = self.stage.epochs - epoch - 1
+        eta = float(np.mean(self.epoch_times[-3:])) * remaining
+        if self.stage.time_budget is not None:
+            eta = min(eta, max(self.stage.time_budget - self.elapsed, 0.0))
+        return eta
+
+    def summary(self, stopped: str) -> dict[str, Any]:
+        """The stage's summary for the checkpoint and the bundle."""
+        return {
+            "epochs_run": self.start_epoch + len(self.epoch_times),
+            "best_epoch": self.best_epoch,
+            "val_dice": self.best_val.get("dice"),
+            "val_miou": self.best_val.get("miou"),
+            "stopped": stopped,
+            "time_s": round(self.elapsed, 1),
+            "steps": self.steps_done,
+            "mean_epoch_s": round(float(np.mean(self.epoch_times)), 3) if self.epoch_times else None,
+            "optimizer_step": _optimizer_step(self.optim),
+        }
+
+
 def fit(
     stage: Stage,
     opts: FitOptions,
@@ -309,144 +452,45 @@ def fit(
     ``save`` receives the stage state after every epoch (and on Ctrl-C); ``resume`` is such a
     state. Raises :class:`TrainingInterrupted` after saving when SIGINT was received.
     """
-    dev = opts.device
-    model = stage.model.to(dev)
-    optim = make_optimizer(opts.optimizer, model.parameters(), opts.lr, opts.weight_decay)
-    total_steps = [stage.epochs * stage.steps_per_epoch]  # shortened when a time budget allows fewer epochs
-    sched = torch.optim.lr_scheduler.LambdaLR(optim, lr_factor(opts.schedule, total_steps))
-    use_amp = opts.amp and dev.startswith("cuda")
-    scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
-    np_rng = np.random.default_rng([opts.seed, stage.index])
-    gen = torch.Generator().manual_seed(opts.seed * 7919 + stage.index)
-    start_epoch, best_score, best_epoch, bad, elapsed = 0, -math.inf, 0, 0, 0.0
-    best_state = _copy_state(model)
-    best_val: dict[str, float] = {}
-    steps_done = 0
+    run = _StageRun(stage, opts)
     if resume is not None:
-        model.load_state_dict(resume["model"])
-        optim.load_state_dict(resume["optimizer"])
-        sched.load_state_dict(resume["scheduler"])
-        if resume.get("scaler"):
-            scaler.load_state_dict(resume["scaler"])
-        best_state = resume["best_state"]
-        best_score, best_epoch, bad = float(resume["best_score"]), int(resume["best_epoch"]), int(resume["bad_epochs"])
-        start_epoch, elapsed = int(resume["epoch"]), float(resume["elapsed"])
-        steps_done = int(resume.get("steps", 0))
-        total_steps[0] = int(resume.get("schedule_steps", total_steps[0]))
-        best_val = dict(resume.get("best_val", {}))
-        set_rng_state(resume["rng"], np_rng, gen)
-
-    def state(epoch: int) -> dict[str, Any]:
-        return {
-            "stage": stage.name, "epoch": epoch, "steps": steps_done, "elapsed": elapsed, "schedule_steps": total_steps[0],
-            "model": _copy_state(model), "optimizer": optim.state_dict(), "scheduler": sched.state_dict(),
-            "scaler": scaler.state_dict() if use_amp else {},
-            "best_state": best_state, "best_val": best_val, "best_score": best_score, "best_epoch": best_epoch, "bad_epochs": bad,
-            "rng": rng_state(np_rng, gen),
-        }
-
+        run.restore(resume)
     stopped = "epochs"
-    epoch_times: list[float] = []
-    reporter.stage_start(stage.name, stage.epochs, stage.steps_per_epoch, start_epoch)
+    reporter.stage_start(stage.name, stage.epochs, stage.steps_per_epoch, run.start_epoch)
     try:
         # A stage whose budget the previous stage used up still trains one full epoch: a network
         # that never saw a batch is worse than a budget overrun of one epoch.
-        starved = stage.time_budget is not None and stage.time_budget - elapsed <= 0 and start_epoch == 0
-        for epoch in range(start_epoch, stage.epochs):
-            if stage.time_budget is not None and elapsed >= stage.time_budget and not (starved and epoch == 0):
+        starved = stage.time_budget is not None and stage.time_budget - run.elapsed <= 0 and run.start_epoch == 0
+        for epoch in range(run.start_epoch, stage.epochs):
+            if stage.time_budget is not None and run.elapsed >= stage.time_budget and not (starved and epoch == 0):
                 stopped = "time"
                 break
             t0 = time.perf_counter()
-            model.train()
-            losses: list[float] = []
-            out_of_time = False
-            batches = Prefetch(stage.batches(np_rng))
-            try:
-                for xb, yb in batches:
-                    x = torch.from_numpy(np.ascontiguousarray(xb, dtype=np.float32)).to(dev)
-                    y = torch.from_numpy(np.ascontiguousarray(yb, dtype=np.float32)).to(dev)
-                    if opts.augment is not None:
-                        x, y = augment(x, y, gen, opts.augment)
-                    optim.zero_grad(set_to_none=True)
-                    with torch.autocast(device_type="cuda", dtype=torch.float16, enabled=use_amp):
-                        if hasattr(model, "compute_loss"):
-                            loss = model.compute_loss(x, y, stage.loss_fn)
-                        else:
-                            loss = stage.loss_fn(model(x), y)
-                    scaler.scale(loss).backward()
-                    scaler.step(optim)
-                    scaler.update()
-                    sched.step()
-                    steps_done += 1
-                    losses.append(float(loss.detach()))
-                    reporter.step(stage.name, epoch, stage.epochs, len(losses), stage.steps_per_epoch, float(np.mean(losses)))
-                    if stop.requested:
-                        break
-                    if stage.time_budget is not None and not starved and elapsed + time.perf_counter() - t0 >= stage.time_budget:
-                        out_of_time = True
-                        break
-            finally:
-                batches.close()  # the producer is stopped before any RNG state is read
+            losses, out_of_time = run.train_epoch(epoch, t0, starved, stop, reporter)
             if stop.requested:
-                elapsed += time.perf_counter() - t0
+                run.elapsed += time.perf_counter() - t0
                 # Keep the partial epoch's progress; resuming repeats this epoch's index.
-                save(state(epoch))
+                save(run.state(epoch))
                 raise TrainingInterrupted(f"interrupted during {stage.name} epoch {epoch + 1}; "
                                           f"resumable checkpoint saved{checkpoint_hint}")
-            val = stage.validate(model)
-            score = val.get("dice")
-            if score is None or not math.isfinite(score):
-                score = -float(np.mean(losses)) if losses else -math.inf
-            improved = score > best_score
-            if improved:
-                best_score, best_epoch, bad = score, epoch + 1, 0
-                best_state = _copy_state(model)
-                best_val = {k: float(v) for k, v in val.items() if v is not None}
-            else:
-                bad += 1
+            val = stage.validate(run.model)
+            improved = run.score(epoch, val, losses)
             dt = time.perf_counter() - t0
-            elapsed += dt
-            epoch_times.append(dt)
-            if stage.time_budget is not None and len(epoch_times) == 2 and not out_of_time:
-                # Fit the LR schedule to the epochs the budget allows (measured on the 2nd epoch: the
-                # 1st pays one-off warm-up costs), so a time-limited run still anneals.
-                fit_epochs = epoch + 1 + int(max(stage.time_budget - elapsed, 0.0) // max(dt, 1e-6))
-                if fit_epochs < stage.epochs and fit_epochs * stage.steps_per_epoch < total_steps[0]:
-                    total_steps[0] = max(fit_epochs, epoch + 2) * stage.steps_per_epoch
-                    reporter.log(f"{stage.name}: about {fit_epochs} of {stage.epochs} epochs fit the time budget; "
-                                 "LR schedule shortened to match")
-            rec = {
-                "stage": stage.name, "epoch": epoch + 1, "epochs": stage.epochs,
-                "train_loss": float(np.mean(losses)) if losses else float("nan"),
-                "val_dice": val.get("dice"), "val_miou": val.get("miou"),
-                "lr": float(optim.param_groups[0]["lr"]), "epoch_s": round(dt, 3), "elapsed_s": round(elapsed, 3),
-                "steps": steps_done, "best": improved, "partial": out_of_time,
-            }
-            save(state(epoch + 1))
+            run.elapsed += dt
+            run.epoch_times.append(dt)
+            if stage.time_budget is not None and len(run.epoch_times) == 2 and not out_of_time:
+                run.fit_schedule(epoch, dt, reporter)
+            rec = run.record(epoch, losses, val, dt, improved, out_of_time)
+            save(run.state(epoch + 1))
             log_metrics(rec)
-            remaining = stage.epochs - epoch - 1
-            eta = float(np.mean(epoch_times[-3:])) * remaining
-            if stage.time_budget is not None:
-                eta = min(eta, max(stage.time_budget - elapsed, 0.0))
-            reporter.epoch_end(rec, eta)
+            reporter.epoch_end(rec, run.eta(epoch))
             if out_of_time or starved:
                 stopped = "time"
                 break
-            if opts.patience is not None and bad >= opts.patience:
+            if opts.patience is not None and run.bad >= opts.patience:
                 stopped = "patience"
                 break
     finally:
         reporter.stage_end()
-    model.load_state_dict(best_state)
-    summary = {
-        "epochs_run": start_epoch + len(epoch_times),
-        "best_epoch": best_epoch,
-        "val_dice": best_val.get("dice"),
-        "val_miou": best_val.get("miou"),
-        "stopped": stopped,
-        "time_s": round(elapsed, 1),
-        "steps": steps_done,
-        "mean_epoch_s": round(float(np.mean(epoch_times)), 3) if epoch_times else None,
-        "optimizer_step": _optimizer_step(optim),
-    }
-    return StageResult(best_state, summary)
+    run.model.load_state_dict(run.best_state)
+    return StageResult(run.best_state, run.summary(stopped))

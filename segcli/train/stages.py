@@ -1,0 +1,223 @@
+"""The training stages of each method: how batches are cut (inputs as inference builds them) and how a
+stage is validated. Each function returns a :class:`segcli.train.loop.Stage` that ``fit`` trains; see
+:mod:`segcli.train` for what each method's stages are."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import numpy as np
+
+from segcli.params import default_pad
+from segcli.train.config import TrainConfig
+
+
+def _chunks(order: np.ndarray, bs: int) -> list[np.ndarray]:
+    """Batches of ``bs``; a trailing batch of one joins the previous one (BatchNorm needs two)."""
+    out = [order[i : i + bs] for i in range(0, len(order), bs)]
+    if len(out) > 1 and len(out[-1]) == 1:
+        out[-2] = np.concatenate([out[-2], out[-1]])
+        out.pop()
+    return out
+
+
+def _n_steps(n: int, bs: int) -> int:
+    """Steps per epoch for ``n`` items, counted as :func:`_chunks` cuts them."""
+    return len(_chunks(np.arange(n), bs)) if n else 0
+
+
+def score_batch(logits: np.ndarray, target: np.ndarray, valid: np.ndarray | None = None, pooled: bool = False) -> dict[str, float]:
+    """Validation Dice (foreground classes) and, for K > 2, mIoU (all classes) on network outputs.
+
+    Per-image means (as papers report), or pooled over the set with ``pooled`` (patches, where
+    one patch's Dice is too unstable to average). ``valid`` crops each letterboxed image.
+    """
+    n = len(logits)
+    if n == 0:
+        return {}
+    binary = logits.shape[1] == 1
+    k = 2 if binary else logits.shape[1]
+    conf = np.zeros((n, k, 3), dtype=np.int64)  # tp, fp, fn per image and class
+    for i in range(n):
+        lg, t = logits[i], target[i]
+        if valid is not None:
+            h, w = valid[i]
+            lg, t = lg[:, :h, :w], t[:, :h, :w]
+        if binary:
+            p = (lg[0] > 0).astype(np.int64)
+            g = (t[0] >= 0.5).astype(np.int64)
+        else:
+            p = lg.argmax(0)
+            g = t.argmax(0)
+        for c in range(k):
+            pc, gc = p == c, g == c
+            tp = int(np.count_nonzero(pc & gc))
+            conf[i, c] = (tp, int(np.count_nonzero(pc)) - tp, int(np.count_nonzero(gc)) - tp)
+    if pooled:
+        conf = conf.sum(0, keepdims=True)
+    tp, fp, fn = conf[..., 0], conf[..., 1], conf[..., 2]
+    den = 2 * tp + fp + fn
+    dice = np.where(den > 0, 2 * tp / np.maximum(den, 1), 1.0)
+    union = tp + fp + fn
+    iou = np.where(union > 0, tp / np.maximum(union, 1), 1.0)
+    out = {"dice": float(dice[:, 1:].mean())}
+    if not binary:
+        out["miou"] = float(iou.mean())
+    return out
+
+
+# --------------------------------------------------------------------------------------------- stages
+def coarse_stage(ds: Any, cfg: TrainConfig, model: Any, loss_fn: Any, index: int, device: str, log: Callable[[str], None]) -> Any:
+    """The coarse network on whole images at S (refine S1: random S crops of a 1.05·S image)."""
+    from segcli.train.data import CoarseCache, to_float
+    from segcli.train.loop import Stage, predict_logits
+
+    S = cfg.size
+    train_side = int(round(1.05 * S)) if cfg.method == "refine" else S
+    t0 = time.perf_counter()
+    train_cache = CoarseCache.build(ds.train, train_side, ds.n_out, ds.uint8)
+    val_cache = CoarseCache.build(ds.val, S, ds.n_out, ds.uint8)
+    log(f"coarse inputs cached at {train_side}x{train_side} in {time.perf_counter() - t0:.1f} s "
+        f"({(train_cache.x.nbytes + train_cache.y.nbytes + val_cache.x.nbytes + val_cache.y.nbytes) / 2**20:.0f} MiB)")
+    n = len(ds.train)
+
+    def batches(rng: np.random.Generator) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        for idx in _chunks(rng.permutation(n), cfg.batch_size):
+            x = to_float(train_cache.x[idx])
+            y = train_cache.y[idx].astype(np.float32)
+            if train_side > S:  # refine S1: random S×S crop of the 1.05·S image
+                off = rng.integers(0, train_side - S + 1, size=(len(idx), 2))
+                x = np.stack([x[j, :, a : a + S, b : b + S] for j, (a, b) in enumerate(off)])
+                y = np.stack([y[j, :, a : a + S, b : b + S] for j, (a, b) in enumerate(off)])
+            yield x, y
+
+    def validate(m: Any) -> dict[str, float]:
+        if not len(val_cache.x):
+            return {}
+        logits = predict_logits(m, to_float(val_cache.x), device, 2 * cfg.batch_size, cfg.amp)
+        return score_batch(logits, val_cache.y.astype(np.float32), val_cache.valid)
+
+    return Stage("coarse", index, model, cfg.epochs, _n_steps(n, cfg.batch_size), batches, validate, loss_fn)
+
+
+def stts_fine_stage(ds: Any, cfg: TrainConfig, model: Any, loss_fn: Any, index: int, device: str, log: Callable[[str], None]) -> Any:
+    """stts' fine network on jittered crops of the ground truth's components, validated on fixed crops."""
+    from segcli.train.data import crop_candidates, crop_to_input, crop_to_target, fine_box
+    from segcli.train.loop import Stage, predict_logits
+
+    S = cfg.size
+    pad = cfg.pad if cfg.pad is not None else default_pad(S)
+    n = len(ds.train)
+
+    def batches(rng: np.random.Generator) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        for idx in _chunks(rng.permutation(n), cfg.batch_size):
+            xs, ys = [], []
+            for i in idx:
+                s = ds.train[i]
+                box = fine_box(s, pad, cfg.jitter, rng)
+                img = s.get_image()
+                xs.append(crop_to_input(img, box, S))
+                ys.append(crop_to_target(s.mask, box, S, ds.n_out))
+            yield np.stack(xs), np.stack(ys)
+
+    # Validation: every unjittered GT crop of every val image (whole image when empty), fixed.
+    vx, vy = [], []
+    rng0 = np.random.default_rng(0)
+    for s in ds.val:
+        _, boxes = crop_candidates(s.boxes, s.shape, pad, 0, rng0)
+        if len(boxes) == 0:
+            boxes = np.array([[0, 0, s.shape[0], s.shape[1]]])
+        img = s.get_image()
+        for b in boxes[:16]:
+            vx.append(crop_to_input(img, b, S))
+            vy.append(crop_to_target(s.mask, b, S, ds.n_out))
+    val_x = np.stack(vx).astype(np.float16) if vx else np.zeros((0,))
+    val_y = np.stack(vy).astype(np.float16) if vy else np.zeros((0,))
+    log(f"fine stage: {len(vx)} validation crops, pad {pad} px, jitter ±{cfg.jitter} px")
+
+    def validate(m: Any) -> dict[str, float]:
+        if not len(val_x):
+            return {}
+        logits = predict_logits(m, val_x.astype(np.float32), device, 2 * cfg.batch_size, cfg.amp)
+        return score_batch(logits, val_y.astype(np.float32))
+
+    epochs = cfg.fine_epochs or cfg.epochs
+    return Stage("fine", index, model, epochs, _n_steps(n, cfg.batch_size), batches, validate, loss_fn)
+
+
+def rough_scores(model: Any, samples: list[Any], size: int, patch: int, criterion: str, device: str,
+                 batch_size: int = 32) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Per sample: the full-res patch grid and S1's uncertainty score per patch (the refine engine's ranking)."""
+    from segcli.geometry import patch_grid, scale_boxes, uncertainty_scores
+    from segcli.runtimes import logits_to_probs
+    from segcli.train.data import coarse_input
+    from segcli.train.loop import predict_logits
+
+    out = []
+    for i in range(0, len(samples), batch_size):
+        chunk = samples[i : i + batch_size]
+        xs, hws = zip(*(coarse_input(s.get_image(), size) for s in chunk), strict=True)
+        probs = logits_to_probs(predict_logits(model, np.stack(xs), device, batch_size))
+        for s, p, (h, w) in zip(chunk, probs, hws, strict=True):
+            grid = patch_grid(s.shape, patch)
+            low = scale_boxes(grid, s.shape, (h, w))
+            low[:, 2] = np.maximum(low[:, 2], low[:, 0] + 1)
+            low[:, 3] = np.maximum(low[:, 3], low[:, 1] + 1)
+            out.append((grid, uncertainty_scores(p[:, :h, :w], low, criterion)))
+    return out
+
+
+def refine_fine_stage(ds: Any, cfg: TrainConfig, model: Any, loss_fn: Any, index: int, device: str,
+                       log: Callable[[str], None], s1: Any) -> Any:
+    """refine's S2 on full-res patches, most of them where the trained S1 is least certain."""
+    from segcli.geometry import select_patches
+    from segcli.train.data import patch_region, patch_to_input, patch_to_target
+    from segcli.train.loop import Stage, predict_logits
+
+    S = cfg.size
+    P = cfg.patch_size or S
+    k = max(1, cfg.patches)
+    t0 = time.perf_counter()
+    train_scores = rough_scores(s1, ds.train, S, P, cfg.criterion, device)
+    val_scores = rough_scores(s1, ds.val, S, P, cfg.criterion, device)
+    tops = [select_patches(sc, n=k) for _, sc in train_scores]
+    log(f"refine S2: S1 uncertainty ranked {sum(len(g) for g, _ in train_scores)} train patches of {P} px "
+        f"in {time.perf_counter() - t0:.1f} s; sampling {cfg.sampling}, {k} patches per image per epoch")
+    n = len(ds.train)
+    uncertain = cfg.sampling == "uncertain"
+
+    def batches(rng: np.random.Generator) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        items = np.repeat(np.arange(n), k)
+        for idx in _chunks(rng.permutation(items), cfg.batch_size):
+            xs, ys = [], []
+            for i in idx:
+                s = ds.train[i]
+                grid, _ = train_scores[i]
+                if uncertain and rng.random() < 0.75:
+                    j = int(tops[i][rng.integers(len(tops[i]))])
+                else:
+                    j = int(rng.integers(len(grid)))
+                box = patch_region(s.shape, grid[j], P // 4, rng)
+                xs.append(patch_to_input(s.get_image(), box, S))
+                ys.append(patch_to_target(s.mask, box, S, ds.n_out))
+            yield np.stack(xs), np.stack(ys)
+
+    vx, vy = [], []
+    for s, (grid, sc) in zip(ds.val, val_scores, strict=True):
+        img = s.get_image()
+        for j in select_patches(sc, n=k):
+            vx.append(patch_to_input(img, grid[j], S))
+            vy.append(patch_to_target(s.mask, grid[j], S, ds.n_out))
+    val_x = np.stack(vx).astype(np.float16) if vx else np.zeros((0,))
+    val_y = np.stack(vy).astype(np.float16) if vy else np.zeros((0,))
+
+    def validate(m: Any) -> dict[str, float]:
+        if not len(val_x):
+            return {}
+        logits = predict_logits(m, val_x.astype(np.float32), device, 2 * cfg.batch_size, cfg.amp)
+        return score_batch(logits, val_y.astype(np.float32), pooled=True)
+
+    epochs = cfg.fine_epochs or cfg.epochs
+    return Stage("fine", index, model, epochs, _n_steps(n * k, cfg.batch_size), batches, validate, loss_fn)
