@@ -22,7 +22,7 @@ import numpy as np
 
 from segcli import lunggate, plan
 from segcli.bundle import Bundle, load_bundle, resolve_model
-from segcli.engines.base import ArrayPlane, ProgressFn, Result
+from segcli.engines.base import ArrayPlane, ProgressFn, Result, ScaledLabels, ScaledPlane
 from segcli.errors import InputError
 from segcli.geometry import slice_axis
 from segcli.lunggate import GateParams
@@ -153,10 +153,24 @@ class Segmenter:
                                        progress=progress, path=path)
         bundle = self.bundle_for(kind)
         p = self.plan_for(bundle)
-        plane = ArrayPlane(self.prepare(array, bundle, path))
+        plane: Any = ArrayPlane(self.prepare(array, bundle, path))
+        scale = plan.physical_factor(bundle, spacing)
+        if scale is not None:  # seen at the bundle's training pixel size (segcli.plan.physical_factor)
+            plane = ScaledPlane(plane, scale[0])
+            spacing = (*spacing[:-2], *(float(bundle.params["training_mpp"]) / 1000.0,) * 2)  # type: ignore[index]
         kw = plan.kwargs_2d(p, bundle, self.options, self.budget, plane.shape, spacing)
-        return plan.run_2d(p, plane, self.predictors(bundle), kw, return_probs=return_probs,
-                           progress=progress), bundle
+        res = plan.run_2d(p, plane, self.predictors(bundle), kw, return_probs=return_probs, progress=progress)
+        if scale is not None:
+            full = array.shape[:2]
+            res.labels = np.asarray(ScaledLabels(res.labels, scale[0], full))
+            if res.probs is not None:
+                from segcli.resize import resize
+
+                res.probs = resize(res.probs, full, "bilinear")
+            res.info["resampled"] = {"image_mpp": round(scale[1], 4),
+                                     "training_mpp": float(bundle.params["training_mpp"]),
+                                     "network_shape": list(plane.shape)}
+        return res, bundle
 
     def segment_volume(
         self,

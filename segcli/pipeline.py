@@ -274,9 +274,22 @@ class TiledTiffRoute:
         if spill is not None:
             spill.mkdir(parents=True, exist_ok=True)
         try:
-            kw = plan.kwargs_2d(p, bundle, seg.options, seg.budget, plane.shape, plane.spacing)
-            res = plan.run_2d(p, plane, seg.predictors(bundle), kw, return_probs=False, progress=progress,
+            net_plane, spacing, scale = plane, plane.spacing, plan.physical_factor(bundle, plane.spacing)
+            if scale is not None:  # the slide seen at the bundle's training pixel size (segcli.plan)
+                from segcli.engines.base import ScaledPlane
+
+                net_plane = ScaledPlane(plane, scale[0])
+                spacing = (float(bundle.params["training_mpp"]) / 1000.0,) * 2
+            kw = plan.kwargs_2d(p, bundle, seg.options, seg.budget, net_plane.shape, spacing)
+            res = plan.run_2d(p, net_plane, seg.predictors(bundle), kw, return_probs=False, progress=progress,
                               spill_dir=spill, lazy=True, prefetch=True)
+            if scale is not None:
+                from segcli.engines.base import ScaledLabels
+
+                res.labels = ScaledLabels(res.labels, scale[0], plane.shape)  # type: ignore[assignment]
+                res.info["resampled"] = {"image_mpp": round(scale[1], 4),
+                                         "training_mpp": float(bundle.params["training_mpp"]),
+                                         "network_shape": list(net_plane.shape)}
         except EmptyImageError as exc:
             res = Result(LazyLabels(FuseStore(plane.shape, bundle.n_classes, 0.5), None))  # type: ignore[arg-type]
             rep.status = "empty"

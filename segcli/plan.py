@@ -81,6 +81,33 @@ def scale_rule(bundle: Bundle, options: PredictOptions, shape: tuple[int, int],
     return {"max_downscale": max_downscale, "max_zoom": float(zoom) if zoom else None}
 
 
+#: Pixel sizes (µm) that are physical enough to rescale by: slide and microscopy scans, not a photo's 72 dpi.
+MPP_RANGE = (0.05, 50.0)
+#: Below this relative difference a slide is used at its own pixel size (no resampling).
+MPP_TOLERANCE = 0.1
+
+
+def physical_factor(bundle: Bundle, spacing: tuple[float, ...] | None) -> tuple[float, float] | None:
+    """``(factor, image_mpp)`` when the image must be resampled to the bundle's ``training_mpp``, else None.
+
+    The rule: a bundle trained at ``training_mpp`` µm/px (0.25 for 40× H&E) sees every slide at that
+    pixel size. A 20× slide (0.5 µm/px) is read at twice its size (factor 0.5 source pixels per network
+    pixel), a 80× one at half; the mask is written on the slide's own grid. Images without a physical pixel
+    size (or one outside :data:`MPP_RANGE`, such as a photo's dpi) and sizes within :data:`MPP_TOLERANCE` of
+    the training one are used as they are.
+    """
+    train = bundle.params.get("training_mpp")
+    if not train or not spacing:
+        return None
+    image_mpp = float(spacing[-1]) * 1000.0  # mm → µm
+    if not MPP_RANGE[0] <= image_mpp <= MPP_RANGE[1]:
+        return None
+    factor = float(train) / image_mpp
+    if abs(factor - 1.0) <= MPP_TOLERANCE:
+        return None
+    return factor, image_mpp
+
+
 def kwargs_2d(plan: Plan, bundle: Bundle, options: PredictOptions, budget: int, shape: tuple[int, int],
               spacing: tuple[float, ...] | None) -> dict[str, Any]:
     """The engine's keyword arguments for one image: stts adds the scale rule and a budget-sized batch."""

@@ -109,8 +109,9 @@ def mismatch_warnings(bundle: Bundle, dtype: np.dtype, spacing: tuple[float, ...
 
     A CT-window model given an 8-bit picture (a PNG or JPEG export of a slice) sees values 0-255 where it
     learned Hounsfield units; a photo model given 16-bit or float data scales it wrongly; a slide model
-    whose training pixel size is recorded (``mpp``) sees the tissue at another scale. The run goes on:
-    these are warnings in the report and on stderr.
+    with a recorded ``training_mpp`` cannot be matched to an image that says nothing of its pixel size
+    (with one, the image is resampled: segcli.plan.physical_factor). The run goes on: these are warnings
+    in the report and on stderr.
     """
     out = []
     kind = bundle.normalization.get("kind")
@@ -124,12 +125,15 @@ def mismatch_warnings(bundle: Bundle, dtype: np.dtype, spacing: tuple[float, ...
     modality = str(bundle.info.get("modality") or "")
     if ndim == 3 and bundle.normalization.get("kind") == "dtype" and modality and "CT" not in modality.upper():
         out.append(f"model {bundle.name} was trained on 2D {modality} images; this input is a volume")
-    mpp = bundle.params.get("mpp")
-    if mpp and spacing and ndim == 2:
-        image_mpp = float(spacing[-1]) * 1000.0
-        if image_mpp > 0 and not 0.5 <= image_mpp / float(mpp) <= 2.0:
-            out.append(f"pixel size {image_mpp:.3g} µm differs from the {float(mpp):.3g} µm the model {bundle.name} "
-                       "was trained at by more than 2x; objects appear at another scale")
+    train = bundle.params.get("training_mpp")
+    if train and ndim == 2:
+        from segcli.plan import MPP_RANGE
+
+        image_mpp = float(spacing[-1]) * 1000.0 if spacing else 0.0
+        if not MPP_RANGE[0] <= image_mpp <= MPP_RANGE[1]:
+            out.append(f"model {bundle.name} was trained at {float(train):.3g} µm/px but this image carries no "
+                       "physical pixel size, so it is used as it is; if it was scanned at another magnification, "
+                       "objects appear at another scale")
     return out
 
 

@@ -61,6 +61,81 @@ class ArrayPlane:
         return np.stack([np.asarray((rx @ (ry @ c).T).T, dtype=np.float32) for c in self.array])
 
 
+class ScaledPlane:
+    """A Plane seen at another pixel size: ``factor`` source pixels per plane pixel (2.0 halves the image).
+
+    It lets a network trained at one physical pixel size (a bundle's ``training_mpp``) see a slide scanned at
+    another one at its own scale. Regions are read from the source (one pixel of margin for the
+    interpolation) and resized; nothing is held whole.
+    """
+
+    def __init__(self, source: Plane, factor: float) -> None:
+        self.source = source
+        self.factor = float(factor)
+        self.channels = source.channels
+        H, W = source.shape
+        self.shape = (max(1, round(H / self.factor)), max(1, round(W / self.factor)))
+
+    def region(self, box: np.ndarray) -> np.ndarray:
+        y0, x0, y1, x1 = (int(v) for v in box)
+        H, W = self.source.shape
+        f = self.factor
+        sy0, sx0 = max(0, int(np.floor(y0 * f)) - 1), max(0, int(np.floor(x0 * f)) - 1)
+        sy1, sx1 = min(H, int(np.ceil(y1 * f)) + 1), min(W, int(np.ceil(x1 * f)) + 1)
+        src = np.asarray(self.source.region(np.array([sy0, sx0, sy1, sx1])), dtype=np.float32)
+        # the plane box in source pixels, relative to the block read: resize the block, then cut exactly
+        scale_h, scale_w = (sy1 - sy0) / f, (sx1 - sx0) / f
+        big = resize(src, (max(1, round(scale_h)), max(1, round(scale_w))), "area" if f > 1 else "bilinear")
+        oy, ox = round(y0 - sy0 / f), round(x0 - sx0 / f)
+        out = big[:, oy : oy + (y1 - y0), ox : ox + (x1 - x0)]
+        if out.shape[1:] != (y1 - y0, x1 - x0):  # rounding at the image edge: pad by repeating the border
+            out = np.pad(out, ((0, 0), (0, y1 - y0 - out.shape[1]), (0, x1 - x0 - out.shape[2])), mode="edge")
+        return out
+
+    def downscaled(self, out_hw: tuple[int, int]) -> np.ndarray:
+        return self.source.downscaled(out_hw)
+
+
+class ScaledLabels:
+    """Labels computed on a :class:`ScaledPlane`, read back on the source grid window by window (nearest)."""
+
+    ndim = 2
+    dtype = np.dtype(np.uint8)
+
+    def __init__(self, labels: object, factor: float, shape: tuple[int, int]) -> None:
+        self.labels = labels  # an array or LazyLabels on the scaled grid
+        self.factor = float(factor)
+        self.shape = (int(shape[0]), int(shape[1]))
+        self.store = getattr(labels, "store", None)
+
+    def _map(self, box: np.ndarray | tuple[int, ...]) -> tuple[tuple[int, int, int, int], np.ndarray, np.ndarray]:
+        y0, x0, y1, x1 = (int(v) for v in box)
+        f = self.factor
+        hs, ws = (self.labels.shape[-2], self.labels.shape[-1])  # type: ignore[attr-defined]
+        ys = np.minimum((np.arange(y0, y1) + 0.5) / f, hs - 1e-6).astype(np.int64)
+        xs = np.minimum((np.arange(x0, x1) + 0.5) / f, ws - 1e-6).astype(np.int64)
+        sbox = (int(ys.min()), int(xs.min()), int(ys.max()) + 1, int(xs.max()) + 1)
+        return sbox, ys - sbox[0], xs - sbox[1]
+
+    def _read(self, box: np.ndarray | tuple[int, ...], probs: bool) -> np.ndarray:
+        sbox, ys, xs = self._map(box)
+        if hasattr(self.labels, "read"):
+            block = self.labels.read_probs(sbox) if probs else self.labels.read(sbox)  # type: ignore[attr-defined]
+        else:
+            block = np.asarray(self.labels)[..., sbox[0] : sbox[2], sbox[1] : sbox[3]]
+        return block[..., ys[:, None], xs[None, :]]
+
+    def read(self, box: np.ndarray | tuple[int, ...]) -> np.ndarray:
+        return self._read(box, False)
+
+    def read_probs(self, box: np.ndarray | tuple[int, ...]) -> np.ndarray:
+        return self._read(box, True)
+
+    def __array__(self, dtype: object = None, copy: object = None) -> np.ndarray:
+        out = self.read((0, 0, *self.shape))
+        return out if dtype is None else out.astype(dtype)
+
+
 @dataclass
 class Result:
     """Engine output: uint8 labels at full resolution, optional probabilities, and what happened."""
