@@ -78,8 +78,8 @@ class Segmenter:
 
     # -- models ---------------------------------------------------------------------------------
     def bundle_for(self, kind: str) -> Bundle:
-        """The bundle serving inputs of ``kind`` ("volume" or "2d"), loaded once."""
-        root = resolve_model(self.options.model, "volume" if kind == "volume" else "2d").resolve()
+        """The bundle serving inputs of ``kind`` ("2d", "slide" or "volume"), loaded once."""
+        root = resolve_model(self.options.model, kind).resolve()
         if root not in self._bundles:
             bundle = load_bundle(root)
             bundle.allow_unhashed = self.options.allow_unhashed

@@ -302,13 +302,15 @@ def resolve_model(model: str | os.PathLike[str] | None, kind: str = "2d") -> Pat
 
 
 def default_model_name(kind: str) -> str | None:
-    """The default named in ``models/index.json`` for ``kind`` ("volume" or "2d")."""
+    """The default named in ``models/index.json`` for ``kind`` ("2d", "slide" or "volume")."""
     index = models_dir() / "index.json"
     try:
         data = json.loads(index.read_text())
     except (OSError, ValueError):
         return None
-    return (data.get("default_by_kind") or {}).get(kind) or data.get("default")
+    by_kind = data.get("default_by_kind") or {}
+    # a slide (RGB TIFF) falls back to the 2D default when the index names no slide model
+    return by_kind.get(kind) or (by_kind.get("2d") if kind == "slide" else None) or data.get("default")
 
 
 def load_bundle(model: str | os.PathLike[str] | None = None, kind: str = "2d") -> Bundle:

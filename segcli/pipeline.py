@@ -130,8 +130,9 @@ def _finish_compute(seg: Segmenter, job: Job, res: Result, bundle: Bundle, spaci
 class InMemoryRoute:
     """An image decoded whole (:class:`segcli.io.LoadedImage`)."""
 
-    def __init__(self, img: io.LoadedImage) -> None:
+    def __init__(self, img: io.LoadedImage, kind: str = "2d") -> None:
         self.img = img
+        self.kind = "volume" if img.ndim == 3 else kind  # "2d", "slide" (an RGB TIFF) or "volume"
         self.spacing = img.spacing
         self.spatial_shape = img.spatial_shape
         self.dtype = img.array.dtype
@@ -140,7 +141,7 @@ class InMemoryRoute:
 
     def compute(self, seg: Segmenter, job: Job, progress: ProgressFn | None) -> None:
         img = self.img
-        kind = "volume" if img.ndim == 3 else "2d"
+        kind = self.kind
         check_in_memory(seg, kind, img.spatial_shape, img.channels, img.array.dtype.itemsize, job.path)
         try:
             res, bundle = seg.segment_array(img.array, kind=kind, spacing=img.spacing,
@@ -166,7 +167,7 @@ class InMemoryRoute:
             else:
                 from segcli.io.geojson import write_geojson
 
-                bundle = seg.bundle_for("2d")
+                bundle = seg.bundle_for(self.kind)
                 job.rep.info["geojson"] = write_geojson(geojson_path(job.out), self.res.labels, bundle.classes,
                                                         spacing=self.img.spacing,
                                                         detection_classes=detection_classes(bundle))
@@ -179,6 +180,8 @@ class InMemoryRoute:
 
 class StreamedVolumeRoute:
     """A volume decoded slab by slab (:class:`segcli.io.volstream.StreamedVolume`)."""
+
+    kind = "volume"
 
     def __init__(self, vol: Any) -> None:
         self.vol = vol
@@ -255,8 +258,9 @@ class TiledTiffRoute:
     """A TIFF read by region (:class:`segcli.io.bigtiff.TiffPlane`), segmented by stts into a spilled
     store and written as a tiled BigTIFF, tile by tile."""
 
-    def __init__(self, plane: Any) -> None:
+    def __init__(self, plane: Any, kind: str = "slide") -> None:
         self.plane = plane
+        self.kind = kind
         self.spacing = plane.spacing
         self.spatial_shape = plane.shape
         self.dtype = getattr(plane, "dtype", None)
@@ -268,7 +272,7 @@ class TiledTiffRoute:
         from segcli.fusion import FuseStore, LazyLabels
 
         rep, plane = job.rep, self.plane
-        bundle = seg.bundle_for("2d")
+        bundle = seg.bundle_for(self.kind)
         p = seg.plan_for(bundle)
         spill = job.out.parent if job.out is not None else None
         if spill is not None:
@@ -307,7 +311,7 @@ class TiledTiffRoute:
 
         res, rep, plane, opts = self.res, job.rep, self.plane, seg.options
         assert res is not None and job.out is not None
-        bundle = seg.bundle_for("2d")
+        bundle = seg.bundle_for(self.kind)
         labels: Any = res.labels
         counts = np.zeros(256, np.int64)
         tile_stats = None
@@ -405,35 +409,40 @@ def write_dicom_seg(seg: Segmenter, job: Job, file_order_labels: np.ndarray, met
 
 
 def open_route(seg: Segmenter, path: Path, out: Path, content: str | None) -> Route:
-    """Open ``path`` on the route its content, header and the memory budget call for (see the module)."""
-    if content == "tiff" and _wants_tiles(seg, path, out):
-        from segcli.io.bigtiff import TiffPlane
+    """Open ``path`` on the route its content, header and the memory budget call for (see the module).
 
-        bundle = seg.bundle_for("2d")
-        return TiledTiffRoute(TiffPlane(path, spec=bundle.normalization, channels_want=bundle.in_channels,
-                                        channel_mode=seg.options.channels,
-                                        cache_bytes=min(256 * 2**20, seg.budget // 8)))
+    An RGB TIFF is a "slide": with no ``--model`` it gets the shipped default for slides (models/index.json),
+    while photos (PNG, JPEG) get the default for 2D images.
+    """
+    kind = "2d"
+    if content == "tiff":
+        from segcli.io.bigtiff import tiff_header
+
+        head = tiff_header(path)
+        kind = "slide" if head is not None and head[1] in (3, 4) else "2d"
+        if head is not None and _wants_tiles(seg, path, out, kind, head):
+            from segcli.io.bigtiff import TiffPlane
+
+            bundle = seg.bundle_for(kind)
+            return TiledTiffRoute(TiffPlane(path, spec=bundle.normalization, channels_want=bundle.in_channels,
+                                            channel_mode=seg.options.channels,
+                                            cache_bytes=min(256 * 2**20, seg.budget // 8)), kind)
     if seg.options.stream_volumes and content not in ("tiff", "png", "jpeg", "bmp"):
         from segcli.io.volstream import open_streamed
 
         vol = open_streamed(path, content=content)
         if vol is not None:
             return StreamedVolumeRoute(vol)
-    return InMemoryRoute(io.open_image(path, content=content))
+    return InMemoryRoute(io.open_image(path, content=content), kind)
 
 
-def _wants_tiles(seg: Segmenter, path: Path, out: Path) -> bool:
+def _wants_tiles(seg: Segmenter, path: Path, out: Path, kind: str, head: tuple) -> bool:
     """True when this TIFF must not be decoded whole (size or budget), from its header alone.
 
     Also refuses, before decoding, a whole-image method whose in-memory peak would not fit.
     """
-    from segcli.io.bigtiff import tiff_header
-
-    head = tiff_header(path)
-    if head is None:
-        return False  # let the regular reader produce its precise error
     (H, W), channels, itemsize = head
-    bundle = seg.bundle_for("2d")
+    bundle = seg.bundle_for(kind)
     p = seg.plan_for(bundle)
     est = memory.estimate_2d((H, W), channels, itemsize, model_channels=bundle.in_channels,
                              n_classes=bundle.n_classes, method=p.method, size=p.size, return_probs=False)
@@ -532,7 +541,7 @@ def read(seg: Segmenter, path: Path, output: str | Path | None, *, input_root: P
         ndim = len(job.route.spatial_shape)
         dtype = getattr(job.route, "dtype", None)
         if dtype is not None:
-            bundle = seg.bundle_for("volume" if ndim == 3 else "2d")
+            bundle = seg.bundle_for(job.route.kind)
             job.rep.warnings.extend(mismatch_warnings(bundle, dtype, job.route.spacing, ndim))
         job.rep.shape = list(job.route.spatial_shape)
         job.rep.spacing = list(job.route.spacing) if job.route.spacing else None
