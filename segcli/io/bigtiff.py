@@ -51,6 +51,33 @@ def is_tiff(path: Path | str) -> bool:
         return False
 
 
+def _hw_channels(axes: str, shape: tuple[int, ...]) -> tuple[tuple[int, int], int] | None:
+    """``((H, W), channels)`` for the 2D layouts the readers handle (YX, YXS, SYX/CYX), else None."""
+    if axes == "YX":
+        return (int(shape[0]), int(shape[1])), 1
+    if axes == "YXS":
+        return (int(shape[0]), int(shape[1])), int(shape[2])
+    if len(axes) == 3 and axes[0] in "SC" and axes[1:] == "YX":
+        return (int(shape[1]), int(shape[2])), int(shape[0])
+    return None
+
+
+def tiff_header(path: Path | str) -> tuple[tuple[int, int], int, int] | None:
+    """``((H, W), channels, itemsize)`` of series 0 level 0 from the IFDs alone, or None if not a 2D TIFF.
+
+    Decodes no pixels; None also for an unreadable file (the regular reader then gives the precise error).
+    """
+    import tifffile
+
+    try:
+        with tifffile.TiffFile(path) as tif:
+            level = tif.series[0].levels[0]
+            found = _hw_channels(level.axes, level.shape)
+            return None if found is None else (found[0], found[1], level.dtype.itemsize)
+    except Exception:
+        return None
+
+
 class _Level:
     """One resolution level: its pages (one per channel group) and its segment geometry."""
 
@@ -83,70 +110,68 @@ class _Level:
         return self.height * self.width * self.channels * self.dtype.itemsize
 
 
-class TiffPlane:
-    """A TIFF (series 0) as a :class:`~segcli.engines.base.Plane`: region reads and pyramid-aware overviews.
+def is_reduction(base_hw: tuple[int, int], hw: tuple[int, int], previous_hw: tuple[int, int]) -> bool:
+    """True when ``hw`` is a proper pyramid level of ``base_hw``: smaller than ``previous_hw`` and the same
+    aspect ratio (within rounding), so a slide's label or macro image is never taken for a level."""
+    (H, W), (h, w) = base_hw, hw
+    if h <= 0 or w <= 0 or h > previous_hw[0] or w > previous_hw[1] or (h, w) == tuple(previous_hw):
+        return False
+    f = W / w
+    return abs(h - H / f) <= max(2.0, 0.01 * h)
 
-    ``channels_want``/``channel_mode`` follow ``--channels``; ``spec`` is the bundle's normalisation.
-    ``segments_decoded``/``bytes_decoded`` count what was decoded (per level in ``decoded_by_level``),
-    so tests and reports can prove level 0 was never read whole.
+
+_ASSOCIATED = ("label", "macro", "thumbnail", "overview")
+
+
+def _extra_levels(tif: Any, base: _Level) -> list[list[Any]]:
+    """Reduced-resolution pages stored as separate main IFDs after a one-level series 0 (a multi-page
+    pyramid that tifffile does not group): tiled, same samples and dtype, same aspect; label, macro
+    and thumbnail images (by NewSubfileType or description) are skipped."""
+    found: list[list[Any]] = []
+    p0 = base.pages[0]
+    if len(base.pages) != 1 or not p0.is_tiled:
+        return found
+    previous = (base.height, base.width)
+    for page in tif.pages:
+        if not hasattr(page, "is_tiled") or page is p0 or not page.is_tiled:
+            continue
+        description = str(getattr(page, "description", "") or "").lower()
+        if int(page.subfiletype) & ~1 or any(word in description[:200] for word in _ASSOCIATED):
+            continue
+        if int(page.samplesperpixel) != int(p0.samplesperpixel) or np.dtype(page.dtype) != base.dtype:
+            continue
+        hw = (int(page.imagelength), int(page.imagewidth))
+        if is_reduction((base.height, base.width), hw, previous):
+            found.append([page])
+            previous = hw
+    return found
+
+
+class RegionPlane:
+    """What every lazy slide reader shares (the engines' ``Plane`` protocol over a level pyramid).
+
+    A subclass sets ``path``, ``levels`` (objects with ``height``, ``width``, ``seg`` (segment h, w),
+    ``channels``, ``dtype``), ``resolution``, ``ome``, ``spacing``, ``mpp``, ``magnification``,
+    ``meta`` and ``notes``, implements ``read_raw(box, level)`` and ``close()``, then calls
+    :meth:`_setup`. Normalisation, pyramid level choice, the streamed overview and region reads
+    live here once.
     """
 
-    def __init__(
-        self,
-        path: Path | str,
-        *,
-        spec: dict[str, Any],
-        channels_want: int | None = None,
-        channel_mode: str = "keep",
-        cache_bytes: int = 128 * 2**20,
+    path: Path
+    levels: list[Any]
+    resolution: dict[str, Any]
+    ome: dict[str, Any]
+    spacing: tuple[float, float] | None
+    mpp: tuple[float, float] | None
+    magnification: float | None
+    meta: dict[str, Any]
+    notes: list[str]
+
+    def _setup(
+        self, spec: dict[str, Any], channels_want: int | None, channel_mode: str, cache_bytes: int
     ) -> None:
-        import tifffile
-
-        from segcli.io import tiff as tiffio
-
-        self.path = Path(path)
         self.spec = spec
         self.channel_mode = channel_mode
-        self.notes: list[str] = []
-        try:
-            self.tif = tifffile.TiffFile(self.path)
-        except Exception as exc:
-            raise InputError(f"not a readable TIFF ({exc})", self.path) from None
-        try:
-            if not self.tif.series:
-                raise InputError("TIFF holds no image series", self.path)
-            series = self.tif.series[0]
-            axes = series.levels[0].axes
-            if axes not in ("YX", "YXS") and not (len(axes) == 3 and axes[0] in "SC" and axes[1:] == "YX"):
-                raise InputError(
-                    f"the lazy TIFF reader handles 2D images (axes YX, YXS, CYX), not {axes}", self.path
-                )
-            with tiffio._collect_log(self.notes):
-                tiffio._check_level(series.levels[0], self.path)
-            self.levels = [
-                _Level([p for p in lvl.pages if p is not None], self.path) for lvl in series.levels
-            ]
-            page0 = self.levels[0].pages[0]
-            if int(page0.photometric) == 3:  # palette: let the in-memory reader map colours
-                raise InputError("palette TIFFs are not supported by the lazy reader", self.path)
-            self.resolution = tiffio._resolution(page0)
-            self.ome = tiffio._ome_pixels(self.tif)
-            self.spacing = tiffio._spacing(self.resolution, self.ome)
-            self.meta: dict[str, Any] = {
-                "format": "tiff",
-                "resolution": self.resolution,
-                "ome": self.ome,
-                "is_ome": bool(self.tif.is_ome),
-                "is_bigtiff": bool(self.tif.is_bigtiff),
-                "levels": len(self.levels),
-                "axes": axes,
-                "compression": getattr(page0.compression, "name", str(page0.compression)),
-                "lazy": True,
-                "warnings": [],
-            }
-        except BaseException:
-            self.tif.close()
-            raise
         lv0 = self.levels[0]
         self.shape = (lv0.height, lv0.width)
         self.raw_channels = lv0.channels
@@ -160,6 +185,7 @@ class TiffPlane:
         self.cache_bytes = int(cache_bytes)
         self._cache: OrderedDict[tuple[int, int, int], np.ndarray] = OrderedDict()
         self._cached = 0
+        self._caching = True
         self._io = threading.Lock()
         self._cache_lock = threading.Lock()
         self.segments_decoded = 0
@@ -176,15 +202,17 @@ class TiffPlane:
 
     # -- bookkeeping ------------------------------------------------------------------------------------
     def close(self) -> None:
-        self.tif.close()
         self._cache.clear()
         self._overviews.clear()
 
-    def __enter__(self) -> TiffPlane:
+    def __enter__(self) -> RegionPlane:
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+    def read_raw(self, box: tuple[int, int, int, int] | np.ndarray, level: int = 0) -> np.ndarray:
+        raise NotImplementedError
 
     @property
     def factors(self) -> list[float]:
@@ -202,70 +230,10 @@ class TiffPlane:
                 best = i if self.factors[i] >= self.factors[best] else best
         return best
 
-    # -- raw segment access -----------------------------------------------------------------------------
-    def _segment(self, li: int, pi: int, si: int) -> np.ndarray:
-        """Decoded segment ``(seg_h, seg_w, s)`` (strips cropped at the image bottom), cached."""
-        key = (li, pi, si)
-        with self._cache_lock:
-            hit = self._cache.get(key)
-            if hit is not None:
-                self._cache.move_to_end(key)
-                return hit
-        page = self.levels[li].pages[pi]
-        offset, count = int(page.dataoffsets[si]), int(page.databytecounts[si])
-        lv = self.levels[li]
-        samples = 1 if lv.planar[pi] else lv.samples[pi]
-        if count == 0:
-            arr = np.zeros((*lv.seg, samples), lv.dtype)
-        else:
-            with self._io:
-                fh = self.tif.filehandle
-                fh.seek(offset)
-                data = fh.read(count)
-            try:
-                decoded, _, _ = page.decode(data, si, jpegtables=getattr(page, "jpegtables", None))
-            except Exception as exc:
-                raise InputError(
-                    f"cannot decode TIFF segment {si} of level {li} ({exc})", self.path
-                ) from None
-            arr = np.asarray(decoded).reshape(decoded.shape[-3:])
-        self.segments_decoded += 1
-        self.bytes_decoded += int(arr.nbytes)
-        self.decoded_by_level[li] = self.decoded_by_level.get(li, 0) + 1
-        with self._cache_lock:
-            if arr.nbytes <= self.cache_bytes // 4:
-                self._cache[key] = arr
-                self._cached += arr.nbytes
-                while self._cached > self.cache_bytes and self._cache:
-                    _, old = self._cache.popitem(last=False)
-                    self._cached -= old.nbytes
-        return arr
-
-    def read_raw(self, box: tuple[int, int, int, int] | np.ndarray, level: int = 0) -> np.ndarray:
-        """Raw pixels ``(h, w, C)`` of ``box`` in ``level`` coordinates, decoding only the segments it touches."""
-        y0, x0, y1, x1 = (int(v) for v in box)
-        lv = self.levels[level]
-        if not (0 <= y0 < y1 <= lv.height and 0 <= x0 < x1 <= lv.width):
-            raise ValueError(f"box {(y0, x0, y1, x1)} outside level {level} of shape {(lv.height, lv.width)}")
-        out = np.empty((y1 - y0, x1 - x0, lv.channels), lv.dtype)
-        sh, sw = lv.seg
-        c0 = 0
-        for pi, page_samples in enumerate(lv.samples):
-            planes = page_samples if lv.planar[pi] else 1
-            for plane in range(planes):
-                for ty in range(y0 // sh, (y1 - 1) // sh + 1):
-                    for tx in range(x0 // sw, (x1 - 1) // sw + 1):
-                        si = (plane * lv.down + ty) * lv.across + tx
-                        seg = self._segment(level, pi, si)
-                        a0, a1 = max(y0, ty * sh), min(y1, (ty + 1) * sh)
-                        b0, b1 = max(x0, tx * sw), min(x1, (tx + 1) * sw)
-                        src = seg[a0 - ty * sh : a1 - ty * sh, b0 - tx * sw : b1 - tx * sw]
-                        if lv.planar[pi]:
-                            out[a0 - y0 : a1 - y0, b0 - x0 : b1 - x0, c0 + plane] = src[..., 0]
-                        else:
-                            out[a0 - y0 : a1 - y0, b0 - x0 : b1 - x0, c0 : c0 + page_samples] = src
-            c0 += page_samples
-        return out
+    def _count(self, level: int, segments: int, nbytes: int) -> None:
+        self.segments_decoded += segments
+        self.bytes_decoded += int(nbytes)
+        self.decoded_by_level[level] = self.decoded_by_level.get(level, 0) + segments
 
     # -- normalisation ----------------------------------------------------------------------------------
     def _convert(self, raw: np.ndarray) -> np.ndarray:
@@ -303,8 +271,31 @@ class TiffPlane:
         a = self._normalize(self._convert(self.read_raw(box, 0)))
         return np.ascontiguousarray(np.moveaxis(a, -1, 0))
 
+    def _chunks(self, li: int) -> Iterator[tuple[int, int, int, int]]:
+        """The overview pass's pieces of level ``li``, in raster order: one row of segments at a time
+        (several rows of short strips), split into runs of whole tiles of about ``_CHUNK`` bytes of
+        float32, so the working set is independent of the slide's size. Strips are never split across
+        (each column piece would decode the whole strip again)."""
+        lv = self.levels[li]
+        sh, sw = lv.seg
+        px_bytes = max(self.channels, lv.channels) * 4
+        if sw >= lv.width:  # strips: as many as fit, at least one
+            rows = max(sh, (_CHUNK // max(lv.width * px_bytes, 1)) // sh * sh)
+            cols = lv.width
+        else:
+            rows = sh
+            cols = max(1, _CHUNK // max(sh * sw * px_bytes, 1)) * sw
+        for r0 in range(0, lv.height, rows):
+            for c0 in range(0, lv.width, cols):
+                yield r0, c0, min(lv.height, r0 + rows), min(lv.width, c0 + cols)
+
     def downscaled(self, out_hw: tuple[int, int]) -> np.ndarray:
-        """``(C, h, w)`` area-averaged view, from the best pyramid level, streamed band by band."""
+        """``(C, h, w)`` area-averaged view, from the best pyramid level, streamed piece by piece.
+
+        Pieces are rows of segments cut into runs of tiles (:meth:`_chunks`); each is decoded (not
+        cached: the overview never revisits a tile), averaged into the few output rows and columns it
+        covers, and dropped. Peak memory is one piece plus the output, whatever the slide's size.
+        """
         from segcli.engines.base import resize_weights
 
         out_hw = (int(out_hw[0]), int(out_hw[1]))
@@ -314,34 +305,37 @@ class TiffPlane:
         self.level_reads.append(li)
         lv = self.levels[li]
         ry = resize_weights(lv.height, out_hw[0], "area").tocsc()
-        rx = resize_weights(lv.width, out_hw[1], "area")
+        rx = resize_weights(lv.width, out_hw[1], "area").tocsc()
         out = np.zeros((self.channels, *out_hw), np.float32)
-        # Bands of whole segment rows, about 32 MB of float64 work at a time.
-        row_bytes = lv.width * max(self.channels, lv.channels) * 8
-        band = max(lv.seg[0], (32 * 2**20 // max(row_bytes, 1)) // lv.seg[0] * lv.seg[0])
         step = max(1, int(math.sqrt(lv.height * lv.width / _SAMPLE)))
         samples: list[np.ndarray] = []
         lo, hi = np.inf, -np.inf
-        for r0 in range(0, lv.height, band):
-            r1 = min(lv.height, r0 + band)
-            a = self._convert(self.read_raw((r0, 0, r1, lv.width), li))
-            fin = a[np.isfinite(a)] if a.dtype.kind == "f" else a
-            if fin.size:
-                lo, hi = min(lo, float(fin.min())), max(hi, float(fin.max()))
-            if not self._stateless and self._spec_eff is None:
-                samples.append(np.ascontiguousarray(a[(-r0) % step :: step, ::step]).reshape(-1))
-            # Stateless kinds are normalised before averaging (exactly the in-memory order); the others
-            # average raw values and are normalised below with the statistics of this pass.
-            y = (
-                norm.normalize(a, self.spec)
-                if self._stateless
-                else np.nan_to_num(a.astype(np.float32), nan=0.0, posinf=0.0, neginf=0.0)
-            )
-            y2 = np.moveaxis(y, -1, 0).reshape(self.channels * (r1 - r0), lv.width)
-            t = np.asarray((rx @ y2.T).T).reshape(self.channels, r1 - r0, out_hw[1])  # columns first
-            wy = ry[:, r0:r1]
-            for c in range(self.channels):
-                out[c] += np.asarray(wy @ t[c], dtype=np.float32)
+        self._caching = False
+        try:
+            for r0, c0, r1, c1 in self._chunks(li):
+                a = self._convert(self.read_raw((r0, c0, r1, c1), li))
+                fin = a[np.isfinite(a)] if a.dtype.kind == "f" else a
+                if fin.size:
+                    lo, hi = min(lo, float(fin.min())), max(hi, float(fin.max()))
+                if not self._stateless and self._spec_eff is None:
+                    sub = a[(-r0) % step :: step, (-c0) % step :: step]
+                    samples.append(np.ascontiguousarray(sub).reshape(-1))
+                # Stateless kinds are normalised before averaging (exactly the in-memory order); the
+                # others average raw values and are normalised below with the statistics of this pass.
+                y = (
+                    norm.normalize(a, self.spec)
+                    if self._stateless
+                    else np.nan_to_num(a.astype(np.float32), nan=0.0, posinf=0.0, neginf=0.0)
+                )
+                del a
+                wy, o0, o1 = _window(ry, r0, r1)
+                wx, q0, q1 = _window(rx, c0, c1)
+                y2 = np.moveaxis(y, -1, 0).reshape(self.channels * (r1 - r0), c1 - c0)
+                t = np.asarray((wx @ y2.T).T).reshape(self.channels, r1 - r0, q1 - q0)  # columns first
+                for c in range(self.channels):
+                    out[c, o0:o1, q0:q1] += np.asarray(wy @ t[c], dtype=np.float32)
+        finally:
+            self._caching = True
         if not np.isfinite(lo):
             raise InputError("image holds no finite values (all NaN or infinite)", self.path)
         if lo == hi:
@@ -355,26 +349,183 @@ class TiffPlane:
         return out.copy()
 
 
+# Bytes of float32 work per overview piece (a run of tiles of one tile row).
+_CHUNK = 16 * 2**20
+
+
+def _window(weights: Any, i0: int, i1: int) -> tuple[Any, int, int]:
+    """Columns ``i0:i1`` of a CSC weight matrix cut to the output rows they touch: (block, o0, o1)."""
+    block = weights[:, i0:i1]
+    if block.nnz == 0:
+        return block[:0], 0, 0
+    o0, o1 = int(block.indices.min()), int(block.indices.max()) + 1
+    return block[o0:o1].tocsr(), o0, o1
+
+
+class TiffPlane(RegionPlane):
+    """A TIFF (series 0) as a :class:`~segcli.engines.base.Plane`: region reads and pyramid-aware overviews.
+
+    ``channels_want``/``channel_mode`` follow ``--channels``; ``spec`` is the bundle's normalisation.
+    ``segments_decoded``/``bytes_decoded`` count what was decoded (per level in ``decoded_by_level``),
+    so tests and reports can prove level 0 was never read whole. ``mpp`` ((y, x) µm),
+    ``magnification`` and ``spacing`` ((y, x) mm) come from the slide's metadata
+    (:func:`segcli.io.tiff.physical_size`); ``resolution`` holds tags that agree with them.
+    """
+
+    def __init__(
+        self,
+        path: Path | str,
+        *,
+        spec: dict[str, Any],
+        channels_want: int | None = None,
+        channel_mode: str = "keep",
+        cache_bytes: int = 128 * 2**20,
+    ) -> None:
+        import tifffile
+
+        from segcli.io import tiff as tiffio
+
+        self.path = Path(path)
+        self.notes: list[str] = []
+        try:
+            self.tif = tifffile.TiffFile(self.path)
+        except Exception as exc:
+            raise InputError(f"not a readable TIFF ({exc})", self.path) from None
+        try:
+            with tiffio.collect_log(self.notes):
+                self._open_levels(tiffio)
+        except BaseException:
+            self.tif.close()
+            raise
+        self._setup(spec, channels_want, channel_mode, cache_bytes)
+
+    def _open_levels(self, tiffio: Any) -> None:
+        if not self.tif.series:
+            raise InputError("TIFF holds no image series", self.path)
+        series = self.tif.series[0]
+        axes = series.levels[0].axes
+        if _hw_channels(axes, series.levels[0].shape) is None:
+            raise InputError(f"the lazy TIFF reader handles 2D images (axes YX, YXS, CYX), not {axes}", self.path)
+        tiffio.check_level(series.levels[0], self.path)
+        levels = [_Level([p for p in lvl.pages if p is not None], self.path) for lvl in series.levels]
+        # Keep only proper reductions, in order (never a label or macro image that a writer put in).
+        self.levels = [levels[0]]
+        dropped = 0
+        for lv in levels[1:]:
+            prev = self.levels[-1]
+            same = lv.channels == prev.channels and lv.dtype == prev.dtype
+            if same and is_reduction(self.shape0, (lv.height, lv.width), (prev.height, prev.width)):
+                self.levels.append(lv)
+            else:
+                dropped += 1
+        if len(levels) == 1:
+            self.levels += [_Level(pages, self.path) for pages in _extra_levels(self.tif, levels[0])]
+        if dropped:
+            self.notes.append(f"{dropped} pyramid level(s) with another size ratio or pixel type ignored")
+        page0 = self.levels[0].pages[0]
+        if int(page0.photometric) == 3:  # palette: let the in-memory reader map colours
+            raise InputError("palette TIFFs are not supported by the lazy reader", self.path)
+        resolution = tiffio.resolution_of(page0)
+        self.ome = tiffio.ome_pixels(self.tif)
+        phys = tiffio.physical_size(self.tif, page0, resolution, self.ome)
+        self.spacing = phys["spacing"]
+        self.mpp = phys["mpp"]
+        self.magnification = phys["magnification"]
+        self.resolution = tiffio.consistent_resolution(resolution, self.spacing)
+        self.meta = {
+            "format": "tiff",
+            "resolution": self.resolution,
+            "ome": self.ome,
+            "is_ome": bool(self.tif.is_ome),
+            "is_bigtiff": bool(self.tif.is_bigtiff),
+            "is_svs": bool(getattr(self.tif, "is_svs", False)),
+            "levels": len(self.levels),
+            "axes": axes,
+            "compression": getattr(page0.compression, "name", str(page0.compression)),
+            "mpp": self.mpp,
+            "magnification": self.magnification,
+            "mpp_source": phys["mpp_source"],
+            "lazy": True,
+            "warnings": [],
+        }
+
+    @property
+    def shape0(self) -> tuple[int, int]:
+        return (self.levels[0].height, self.levels[0].width)
+
+    def close(self) -> None:
+        self.tif.close()
+        super().close()
+
+    # -- raw segment access -----------------------------------------------------------------------------
+    def _segment(self, li: int, pi: int, si: int) -> np.ndarray:
+        """Decoded segment ``(seg_h, seg_w, s)`` (strips cropped at the image bottom), cached."""
+        key = (li, pi, si)
+        with self._cache_lock:
+            hit = self._cache.get(key)
+            if hit is not None:
+                self._cache.move_to_end(key)
+                return hit
+        page = self.levels[li].pages[pi]
+        offset, count = int(page.dataoffsets[si]), int(page.databytecounts[si])
+        lv = self.levels[li]
+        samples = 1 if lv.planar[pi] else lv.samples[pi]
+        if count == 0:
+            arr = np.zeros((*lv.seg, samples), lv.dtype)
+        else:
+            with self._io:
+                fh = self.tif.filehandle
+                fh.seek(offset)
+                data = fh.read(count)
+            try:
+                # JPEG tiles may share their tables (Aperio writes JPEGTables once per page); page.decode
+                # applies them and the YCbCr → RGB conversion through imagecodecs.
+                decoded, _, _ = page.decode(data, si, jpegtables=getattr(page, "jpegtables", None))
+            except Exception as exc:
+                raise InputError(
+                    f"cannot decode TIFF segment {si} of level {li} ({exc})", self.path
+                ) from None
+            arr = np.asarray(decoded).reshape(decoded.shape[-3:])
+        self._count(li, 1, arr.nbytes)
+        with self._cache_lock:
+            if self._caching and arr.nbytes <= self.cache_bytes // 4:
+                self._cache[key] = arr
+                self._cached += arr.nbytes
+                while self._cached > self.cache_bytes and self._cache:
+                    _, old = self._cache.popitem(last=False)
+                    self._cached -= old.nbytes
+        return arr
+
+    def read_raw(self, box: tuple[int, int, int, int] | np.ndarray, level: int = 0) -> np.ndarray:
+        """Raw pixels ``(h, w, C)`` of ``box`` in ``level`` coordinates, decoding only the segments it touches."""
+        y0, x0, y1, x1 = (int(v) for v in box)
+        lv = self.levels[level]
+        if not (0 <= y0 < y1 <= lv.height and 0 <= x0 < x1 <= lv.width):
+            raise ValueError(f"box {(y0, x0, y1, x1)} outside level {level} of shape {(lv.height, lv.width)}")
+        out = np.empty((y1 - y0, x1 - x0, lv.channels), lv.dtype)
+        sh, sw = lv.seg
+        c0 = 0
+        for pi, page_samples in enumerate(lv.samples):
+            planes = page_samples if lv.planar[pi] else 1
+            for plane in range(planes):
+                for ty in range(y0 // sh, (y1 - 1) // sh + 1):
+                    for tx in range(x0 // sw, (x1 - 1) // sw + 1):
+                        si = (plane * lv.down + ty) * lv.across + tx
+                        seg = self._segment(level, pi, si)
+                        a0, a1 = max(y0, ty * sh), min(y1, (ty + 1) * sh)
+                        b0, b1 = max(x0, tx * sw), min(x1, (tx + 1) * sw)
+                        src = seg[a0 - ty * sh : a1 - ty * sh, b0 - tx * sw : b1 - tx * sw]
+                        if lv.planar[pi]:
+                            out[a0 - y0 : a1 - y0, b0 - x0 : b1 - x0, c0 + plane] = src[..., 0]
+                        else:
+                            out[a0 - y0 : a1 - y0, b0 - x0 : b1 - x0, c0 : c0 + page_samples] = src
+            c0 += page_samples
+        return out
+
+
 # -- writing --------------------------------------------------------------------------------------------
 
 ReadFn = Callable[[tuple[int, int, int, int]], np.ndarray]
-
-
-def _resolution_kwargs(
-    resolution: dict[str, Any] | None, spacing: tuple[float, ...] | None, scale: float = 1.0
-) -> dict[str, Any]:
-    """Resolution tags of the input (scaled for pyramid level), or derived from the pixel size in mm."""
-    if resolution and "XResolution" in resolution:
-        xr = resolution["XResolution"]
-        yr = resolution.get("YResolution", xr)
-        return {
-            "resolution": (xr[0] / xr[1] / scale, yr[0] / yr[1] / scale) if scale != 1.0 else (xr, yr),
-            "resolutionunit": resolution.get("ResolutionUnit", 2),
-        }
-    if spacing is not None:
-        sy, sx = spacing[-2:]
-        return {"resolution": (10.0 / sx / scale, 10.0 / sy / scale), "resolutionunit": 3}
-    return {}
 
 
 def write_tiled(
@@ -401,6 +552,7 @@ def write_tiled(
 
     from segcli.engines.base import TileStore
     from segcli.io.atomic import atomic_path
+    from segcli.io.tiff import resolution_tags
 
     path = Path(path)
     planes = len(shape) == 3
@@ -462,7 +614,7 @@ def write_tiled(
                 subifds=n_levels - 1,
                 **kw,
                 **kw_meta,
-                **_resolution_kwargs(resolution, spacing),
+                **resolution_tags(resolution, spacing),
             )
             for lvl in range(1, n_levels):
                 h, w = dims[lvl]
@@ -480,7 +632,7 @@ def write_tiled(
                     dtype=dtype,
                     subfiletype=1,
                     **kw,
-                    **_resolution_kwargs(resolution, spacing, 2.0**lvl),
+                    **resolution_tags(resolution, spacing, 2.0**lvl),
                 )
     finally:
         for s in stores:
