@@ -345,12 +345,19 @@ class RegionPlane:
                 self._finish_stats(np.concatenate(samples), lo, hi, self._conv_dtype)
             out = np.moveaxis(norm.normalize(np.moveaxis(out, 0, -1), self._spec_eff, self._stats), -1, 0)  # type: ignore[arg-type]
         out = np.ascontiguousarray(out, dtype=np.float32)
+        if out.nbytes > _KEEP_OVERVIEW:
+            # A big overview (the tiled rough pass of a huge slide) is handed over, not kept as well:
+            # a second copy would make peak memory grow with the slide.
+            self._overviews = {}
+            return out
         self._overviews = {out_hw: out}
         return out.copy()
 
 
 # Bytes of float32 work per overview piece (a run of tiles of one tile row).
 _CHUNK = 16 * 2**20
+# Overviews up to this size are kept for a repeated request (statistics, then the rough pass).
+_KEEP_OVERVIEW = 16 * 2**20
 
 
 def _window(weights: Any, i0: int, i1: int) -> tuple[Any, int, int]:
