@@ -25,6 +25,7 @@ partial name beside the output and renames (``atomic_path``).
 
 from __future__ import annotations
 
+import itertools
 import math
 import threading
 from collections import OrderedDict
@@ -132,7 +133,7 @@ def _extra_levels(tif: Any, base: _Level) -> list[list[Any]]:
     if len(base.pages) != 1 or not p0.is_tiled:
         return found
     previous = (base.height, base.width)
-    for page in tif.pages:
+    for page in itertools.islice(tif.pages, 64):  # a pyramid has a few pages, a stack may have thousands
         if not hasattr(page, "is_tiled") or page is p0 or not page.is_tiled:
             continue
         description = str(getattr(page, "description", "") or "").lower()
