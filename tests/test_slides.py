@@ -327,3 +327,36 @@ def test_bounded_path_keeps_the_slide_mpp(svs, rgb_bundle, tmp_path: Path) -> No
     assert rep.info.get("bounded_memory") and rep.spacing == pytest.approx([0.00025, 0.00025])
     x, y, unit = _px_per_cm(tmp_path / "m.tif")
     assert (x, y, unit) == (pytest.approx(40000), pytest.approx(40000), 3)
+
+
+def test_ome_physical_size_units_and_objective(tmp_path: Path) -> None:
+    """OME-XML PhysicalSizeX/Y in nm and the objective's NominalMagnification; the tags follow the OME size."""
+    img = tissue(256, 384)
+    xml = (
+        '<?xml version="1.0" encoding="UTF-8"?>'
+        '<OME xmlns="http://www.openmicroscopy.org/Schemas/OME/2016-06">'
+        '<Instrument ID="Instrument:0"><Objective ID="Objective:0" NominalMagnification="20.0"/></Instrument>'
+        '<Image ID="Image:0"><Pixels ID="Pixels:0" DimensionOrder="XYCZT" Type="uint8" SizeX="384" SizeY="256" '
+        'SizeC="3" SizeZ="1" SizeT="1" PhysicalSizeX="500" PhysicalSizeXUnit="nm" PhysicalSizeY="500" '
+        'PhysicalSizeYUnit="nm"><Channel ID="Channel:0:0" SamplesPerPixel="3"/>'
+        '<TiffData IFD="0" PlaneCount="1"/></Pixels></Image></OME>'
+    )
+    path = tmp_path / "s.ome.tif"
+    # Resolution tags that disagree (72 dpi from an editor): OME wins and the tags are made to agree.
+    tifffile.imwrite(path, img, tile=(TILE, TILE), photometric="rgb", description=xml, metadata=None,
+                     resolution=(72, 72), resolutionunit=2)
+    with TiffPlane(path, spec=DTYPE) as plane:
+        assert plane.meta["is_ome"] and plane.meta["mpp_source"] == "ome"
+        assert plane.mpp == pytest.approx((0.5, 0.5)) and plane.magnification == 20
+        xr = plane.resolution["XResolution"]
+        assert plane.resolution["ResolutionUnit"] == 3 and xr[0] / xr[1] == pytest.approx(20000)
+
+
+def test_plain_tiff_resolution_tags_give_mpp(tmp_path: Path) -> None:
+    path = tmp_path / "r.tif"
+    tifffile.imwrite(path, tissue(256, 256), tile=(TILE, TILE), resolution=(25400 / 0.5, 25400 / 0.5),
+                     resolutionunit=2, photometric="rgb")  # pixels per inch at 0.5 µm/px
+    with TiffPlane(path, spec=DTYPE) as plane:
+        assert plane.meta["mpp_source"] == "tiff" and plane.mpp == pytest.approx((0.5, 0.5), rel=1e-4)
+        assert plane.magnification is None
+        assert plane.resolution["ResolutionUnit"] == 2  # the file's own tags agree: kept as they are

@@ -428,6 +428,9 @@ class TiffPlane(RegionPlane):
                 dropped += 1
         if len(levels) == 1:
             self.levels += [_Level(pages, self.path) for pages in _extra_levels(self.tif, levels[0])]
+        for lv in self.levels:  # tifffile builds each page's decoder lazily, not thread-safely: now, here
+            for page in lv.pages:
+                page.decode  # noqa: B018
         if dropped:
             self.notes.append(f"{dropped} pyramid level(s) with another size ratio or pixel type ignored")
         page0 = self.levels[0].pages[0]
@@ -486,9 +489,13 @@ class TiffPlane(RegionPlane):
                 fh.seek(offset)
                 data = fh.read(count)
             try:
-                # JPEG tiles may share their tables (Aperio writes JPEGTables once per page); page.decode
-                # applies them and the YCbCr → RGB conversion through imagecodecs.
-                decoded, _, _ = page.decode(data, si, jpegtables=getattr(page, "jpegtables", None))
+                # JPEG tiles may share their tables (Aperio writes JPEGTables once per page) or, in NDPI,
+                # be restart-marker runs of one big JPEG whose header tifffile keeps (``jpegheader``);
+                # page.decode applies them and the YCbCr → RGB conversion through imagecodecs.
+                jpeg = {"jpegtables": getattr(page, "jpegtables", None)}
+                if getattr(page, "jpegheader", None) is not None:
+                    jpeg["jpegheader"] = page.jpegheader
+                decoded, _, _ = page.decode(data, si, **jpeg)
             except Exception as exc:
                 raise InputError(
                     f"cannot decode TIFF segment {si} of level {li} ({exc})", self.path
