@@ -195,7 +195,7 @@ def test_other_tile_codecs(tmp_path: Path, compression: str) -> None:
 def test_openslide_opens_the_same_svs(svs) -> None:
     pytest.importorskip("openslide", reason="openslide-python/openslide-bin not installable on this platform")
     path, img = svs
-    assert osr.vendor(path) == "aperio"
+    assert osr.vendor(path) == "aperio" and osr.slide_header(path) == ((700, 1000), 3, 1)
     with osr.OpenSlidePlane(path, spec=DTYPE, channels_want=3) as plane, TiffPlane(path, spec=DTYPE) as tp:
         assert plane.shape == (700, 1000) and plane.channels == 3
         assert [(lv.height, lv.width) for lv in plane.levels] == [(lv.height, lv.width) for lv in tp.levels]

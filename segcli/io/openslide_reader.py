@@ -7,10 +7,10 @@ library needed): ``pip install "segcli[slides]"``. :class:`OpenSlidePlane` has t
 ``magnification``, ``resolution``, ``meta``, ``read_raw(box, level)``, ``region``, ``downscaled``,
 ``close`` and the decode counters), so the bounded-memory path uses it unchanged.
 
-Which reader (:func:`wants_openslide`): a file whose extension is one of OpenSlide's own formats, or
-whose content is not a TIFF, goes to OpenSlide; a TIFF goes to tifffile first (Aperio SVS, NDPI,
-OME-TIFF, generic pyramids), and to OpenSlide only when tifffile cannot read it by region and
-OpenSlide recognises a vendor format (:func:`open_plane`).
+Which reader (:func:`open_plane`): a file whose extension is one of OpenSlide's own formats
+(:func:`wants_openslide`) goes to OpenSlide; a TIFF by content goes to tifffile first (Aperio SVS,
+NDPI, OME-TIFF, generic pyramids) and to OpenSlide only when tifffile cannot read it by region and
+OpenSlide's own sniffing (``detect_format``) names a vendor format for it.
 """
 
 from __future__ import annotations
@@ -58,12 +58,11 @@ def vendor(path: Path | str) -> str | None:
 
 
 def wants_openslide(path: Path | str) -> bool:
-    """True for a file only OpenSlide reads right: one of its vendor extensions, or a non-TIFF file
-    (a MIRAX index, a VMS text header) whatever its name. Sniffs four bytes; never imports OpenSlide."""
-    path = Path(path)
-    if path.suffix.lower() in OPENSLIDE_EXTENSIONS:
-        return True
-    return path.is_file() and not is_tiff(path) and path.suffix.lower() not in (".tif", ".tiff", ".btf")
+    """True for a file only OpenSlide reads right: one of its vendor extensions (MIRAX ``.mrxs`` and
+    Hamamatsu ``.vms`` are not TIFFs at all; Leica ``.scn`` and Ventana ``.bif`` are TIFFs that tifffile
+    would read wrongly). Goes by the name only and never imports OpenSlide; TIFFs by any other name go
+    to tifffile first (see :func:`open_plane`)."""
+    return Path(path).suffix.lower() in OPENSLIDE_EXTENSIONS
 
 
 def is_slide(path: Path | str) -> bool:
