@@ -360,3 +360,24 @@ def test_plain_tiff_resolution_tags_give_mpp(tmp_path: Path) -> None:
         assert plane.meta["mpp_source"] == "tiff" and plane.mpp == pytest.approx((0.5, 0.5), rel=1e-4)
         assert plane.magnification is None
         assert plane.resolution["ResolutionUnit"] == 2  # the file's own tags agree: kept as they are
+
+
+@pytest.mark.parametrize("spec", [DTYPE, {"kind": "percentile", "lower": 1, "upper": 99}])
+@pytest.mark.parametrize("layout", ["tiled", "striped"])
+def test_spilled_overview_equals_downscaled(tmp_path: Path, monkeypatch, spec: dict, layout: str) -> None:
+    img = np.random.default_rng(5).integers(0, 256, (500, 900, 3), dtype=np.uint8)
+    path = tmp_path / f"{layout}.tif"
+    if layout == "tiled":
+        tifffile.imwrite(path, img, tile=(64, 64), compression="zlib")
+    else:
+        tifffile.imwrite(path, img, rowsperstrip=24, compression="zlib")
+    monkeypatch.setattr(bigtiff, "_CHUNK", 64 * 64 * 3 * 4 * 3)
+    with TiffPlane(path, spec=spec, channels_want=3) as a, TiffPlane(path, spec=spec, channels_want=3) as b:
+        want = a.downscaled((47, 83))
+        with b.overview_plane((47, 83), spill_dir=tmp_path) as view:
+            assert view.shape == (47, 83) and view.channels == 3
+            assert not list(tmp_path.glob("segcli-overview-*"))  # unlinked at once
+            np.testing.assert_allclose(view.region((0, 0, 47, 83)), want, atol=1e-6)
+            np.testing.assert_allclose(view.region((10, 20, 30, 70)), want[:, 10:30, 20:70], atol=1e-6)
+        # Later full-resolution regions of the spilled plane are normalised with the same statistics.
+        np.testing.assert_allclose(b.region((5, 5, 60, 80)), a.region((5, 5, 60, 80)), atol=1e-6)

@@ -290,62 +290,102 @@ class RegionPlane:
             for c0 in range(0, lv.width, cols):
                 yield r0, c0, min(lv.height, r0 + rows), min(lv.width, c0 + cols)
 
-    def downscaled(self, out_hw: tuple[int, int]) -> np.ndarray:
-        """``(C, h, w)`` area-averaged view, from the best pyramid level, streamed piece by piece.
+    def _overview_rows(self, out_hw: tuple[int, int]) -> Iterator[tuple[int, np.ndarray]]:
+        """Finished rows ``(o0, (C, n, w) float32)`` of the area-averaged view at ``out_hw``, top to bottom.
 
-        Pieces are rows of segments cut into runs of tiles (:meth:`_chunks`); each is decoded (not
-        cached: the overview never revisits a tile), averaged into the few output rows and columns it
-        covers, and dropped. Peak memory is one piece plus the output, whatever the slide's size.
+        The best pyramid level is read in pieces (:meth:`_chunks`): each is decoded (not cached: the
+        overview never revisits a tile), averaged into the few output rows and columns it covers, and
+        dropped; an output row is handed out as soon as the last input row it averages has been read.
+        Stateless normalisations are applied before averaging (the in-memory order); for the others the
+        rows are raw averages, and the statistics of this pass are set (``_finish_stats``) when it ends,
+        for :meth:`_normalize_view`. Memory: one piece and a few output rows, whatever the slide's size.
         """
         from segcli.engines.base import resize_weights
 
-        out_hw = (int(out_hw[0]), int(out_hw[1]))
-        if out_hw in self._overviews:
-            return self._overviews[out_hw].copy()
         li = self.choose_level(out_hw)
         self.level_reads.append(li)
         lv = self.levels[li]
         ry = resize_weights(lv.height, out_hw[0], "area").tocsc()
         rx = resize_weights(lv.width, out_hw[1], "area").tocsc()
-        out = np.zeros((self.channels, *out_hw), np.float32)
+        ryr = ry.tocsr()
+        last_in = np.maximum.reduceat(ryr.indices, ryr.indptr[:-1])  # last input row of each output row
         step = max(1, int(math.sqrt(lv.height * lv.width / _SAMPLE)))
         samples: list[np.ndarray] = []
         lo, hi = np.inf, -np.inf
+        start = 0  # the first output row not handed out yet
+        window = np.zeros((self.channels, 0, out_hw[1]), np.float32)  # output rows start, start + 1, ...
         self._caching = False
         try:
-            for r0, c0, r1, c1 in self._chunks(li):
-                a = self._convert(self.read_raw((r0, c0, r1, c1), li))
-                fin = a[np.isfinite(a)] if a.dtype.kind == "f" else a
-                if fin.size:
-                    lo, hi = min(lo, float(fin.min())), max(hi, float(fin.max()))
-                if not self._stateless and self._spec_eff is None:
-                    sub = a[(-r0) % step :: step, (-c0) % step :: step]
-                    samples.append(np.ascontiguousarray(sub).reshape(-1))
-                # Stateless kinds are normalised before averaging (exactly the in-memory order); the
-                # others average raw values and are normalised below with the statistics of this pass.
-                y = (
-                    norm.normalize(a, self.spec)
-                    if self._stateless
-                    else np.nan_to_num(a.astype(np.float32), nan=0.0, posinf=0.0, neginf=0.0)
-                )
-                del a
+            for r0, r1, pieces in self._rows_of_chunks(li):
                 wy, o0, o1 = _window(ry, r0, r1)
-                wx, q0, q1 = _window(rx, c0, c1)
-                y2 = np.moveaxis(y, -1, 0).reshape(self.channels * (r1 - r0), c1 - c0)
-                t = np.asarray((wx @ y2.T).T).reshape(self.channels, r1 - r0, q1 - q0)  # columns first
-                for c in range(self.channels):
-                    out[c, o0:o1, q0:q1] += np.asarray(wy @ t[c], dtype=np.float32)
+                if o1 - start > window.shape[1]:
+                    grow = np.zeros((self.channels, o1 - start - window.shape[1], out_hw[1]), np.float32)
+                    window = np.concatenate([window, grow], axis=1)
+                for c0, c1 in pieces:
+                    a = self._convert(self.read_raw((r0, c0, r1, c1), li))
+                    fin = a[np.isfinite(a)] if a.dtype.kind == "f" else a
+                    if fin.size:
+                        lo, hi = min(lo, float(fin.min())), max(hi, float(fin.max()))
+                    if not self._stateless and self._spec_eff is None:
+                        sub = a[(-r0) % step :: step, (-c0) % step :: step]
+                        samples.append(np.ascontiguousarray(sub).reshape(-1))
+                    y = (
+                        norm.normalize(a, self.spec)
+                        if self._stateless
+                        else np.nan_to_num(a.astype(np.float32), nan=0.0, posinf=0.0, neginf=0.0)
+                    )
+                    del a
+                    wx, q0, q1 = _window(rx, c0, c1)
+                    y2 = np.moveaxis(y, -1, 0).reshape(self.channels * (r1 - r0), c1 - c0)
+                    t = np.asarray((wx @ y2.T).T).reshape(self.channels, r1 - r0, q1 - q0)  # columns first
+                    for c in range(self.channels):
+                        window[c, o0 - start : o1 - start, q0:q1] += np.asarray(wy @ t[c], dtype=np.float32)
+                done = int(np.searchsorted(last_in, r1, side="left"))  # rows whose inputs are all read
+                if done > start:
+                    yield start, window[:, : done - start]
+                    window = window[:, done - start :].copy()
+                    start = done
         finally:
             self._caching = True
+        if start < out_hw[0]:  # pragma: no cover - every row's last input is read by the end
+            yield start, window[:, : out_hw[0] - start]
         if not np.isfinite(lo):
             raise InputError("image holds no finite values (all NaN or infinite)", self.path)
         if lo == hi:
             raise EmptyImageError(f"image is constant (every pixel = {lo:g}); nothing to segment", self.path)
-        if not self._stateless:
-            if self._spec_eff is None:
-                self._finish_stats(np.concatenate(samples), lo, hi, self._conv_dtype)
-            out = np.moveaxis(norm.normalize(np.moveaxis(out, 0, -1), self._spec_eff, self._stats), -1, 0)  # type: ignore[arg-type]
-        out = np.ascontiguousarray(out, dtype=np.float32)
+        if not self._stateless and self._spec_eff is None:
+            self._finish_stats(np.concatenate(samples), lo, hi, self._conv_dtype)
+
+    def _rows_of_chunks(self, li: int) -> Iterator[tuple[int, int, list[tuple[int, int]]]]:
+        """:meth:`_chunks` grouped by row band: ``(r0, r1, [(c0, c1), ...])``."""
+        rows: dict[tuple[int, int], list[tuple[int, int]]] = {}
+        for r0, c0, r1, c1 in self._chunks(li):
+            if rows and (r0, r1) not in rows:
+                ((p0, p1), pieces), = rows.items()
+                yield p0, p1, pieces
+                rows.clear()
+            rows.setdefault((r0, r1), []).append((c0, c1))
+        for (p0, p1), pieces in rows.items():
+            yield p0, p1, pieces
+
+    def _normalize_view(self, rows: np.ndarray) -> np.ndarray:
+        """Raw averaged ``(C, n, w)`` overview rows → normalised (a no-op for stateless kinds)."""
+        if self._stateless:
+            return rows
+        out = norm.normalize(np.moveaxis(rows, 0, -1), self._spec_eff, self._stats)  # type: ignore[arg-type]
+        return np.ascontiguousarray(np.moveaxis(out, -1, 0), dtype=np.float32)
+
+    def downscaled(self, out_hw: tuple[int, int]) -> np.ndarray:
+        """``(C, h, w)`` area-averaged view, from the best pyramid level, streamed piece by piece
+        (:meth:`_overview_rows`). Peak memory is one piece plus the output, whatever the slide's size;
+        :meth:`overview_plane` does without the output too."""
+        out_hw = (int(out_hw[0]), int(out_hw[1]))
+        if out_hw in self._overviews:
+            return self._overviews[out_hw].copy()
+        out = np.empty((self.channels, *out_hw), np.float32)
+        for o0, rows in self._overview_rows(out_hw):
+            out[:, o0 : o0 + rows.shape[1]] = rows
+        out = self._normalize_view(out)
         if out.nbytes > _KEEP_OVERVIEW:
             # A big overview (the tiled rough pass of a huge slide) is handed over, not kept as well:
             # a second copy would make peak memory grow with the slide.
@@ -353,6 +393,64 @@ class RegionPlane:
             return out
         self._overviews = {out_hw: out}
         return out.copy()
+
+    def overview_plane(self, out_hw: tuple[int, int], spill_dir: Path | str | None = None) -> SpilledOverview:
+        """The view :meth:`downscaled` would return, as a Plane kept in a temporary file (read back by
+        region), so a huge slide's rough pass never holds its whole overview in memory. Close it."""
+        return SpilledOverview(self, (int(out_hw[0]), int(out_hw[1])), spill_dir)
+
+
+class SpilledOverview:
+    """A :class:`RegionPlane`'s area-averaged overview as a Plane: rows written to a temporary file as
+    they are finished, ``region`` reads rows back with ``pread`` (no memory map, so pages read stay out
+    of this process's resident set) and normalises them. ``region(box)`` equals
+    ``plane.downscaled(shape)[:, y0:y1, x0:x1]``."""
+
+    def __init__(self, plane: RegionPlane, out_hw: tuple[int, int], spill_dir: Path | str | None = None) -> None:
+        import os
+        import tempfile
+
+        self.plane = plane
+        self.shape = out_hw
+        self.channels = plane.channels
+        fd, name = tempfile.mkstemp(prefix="segcli-overview-", suffix=".f32", dir=spill_dir)
+        os.unlink(name)  # gone from the folder at once; the space is freed when fd closes
+        self._fd = fd
+        self._row_bytes = out_hw[1] * self.channels * 4
+        try:
+            for o0, rows in plane._overview_rows(out_hw):
+                data = np.ascontiguousarray(np.moveaxis(rows, 0, -1), dtype=np.float32)  # (n, w, C)
+                os.pwrite(fd, data.tobytes(), o0 * self._row_bytes)
+        except BaseException:
+            os.close(fd)
+            raise
+
+    def region(self, box: np.ndarray | tuple[int, int, int, int]) -> np.ndarray:
+        import os
+
+        y0, x0, y1, x1 = (int(v) for v in box)
+        n = (y1 - y0) * self._row_bytes
+        raw = os.pread(self._fd, n, y0 * self._row_bytes)
+        rows = np.frombuffer(raw, np.float32).reshape(y1 - y0, self.shape[1], self.channels)[:, x0:x1]
+        return self.plane._normalize_view(np.ascontiguousarray(np.moveaxis(rows, -1, 0)))
+
+    def downscaled(self, out_hw: tuple[int, int]) -> np.ndarray:
+        from segcli.engines.base import ArrayPlane
+
+        return ArrayPlane(self.region((0, 0, *self.shape))).downscaled(out_hw)
+
+    def close(self) -> None:
+        import os
+
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+    def __enter__(self) -> SpilledOverview:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 # Bytes of float32 work per overview piece (a run of tiles of one tile row).
