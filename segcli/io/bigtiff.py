@@ -3,13 +3,17 @@
 Reading. A 40,000² RGB slide is 4.8 GB decoded; segment-then-segment only needs a rough view and
 the crops, so :class:`TiffPlane` (the engines' ``Plane`` protocol) never decodes level 0 whole:
 
-* ``downscaled(hw)`` reads the pyramid level (OME/SubIFD or multi-page pyramid) closest to, and not
-  coarser than, the requested scale; without a suitable level it streams the level band by band
-  (a row of tiles or a chunk of strips at a time) through exact area-averaging weights, so memory is
-  one band plus the small output;
+* ``downscaled(hw)`` reads the pyramid level (OME/SubIFD, SVS, NDPI or multi-page pyramid; a label,
+  macro or thumbnail image is never taken for a level) closest to, and not coarser than, the
+  requested scale; without a suitable level it streams the level in pieces (a run of tiles of one
+  tile row, or a chunk of strips) through exact area-averaging weights, so memory is one piece plus
+  the output; ``overview_plane(hw)`` keeps even the output in a temporary file (:class:`SpilledOverview`);
 * ``region(box)`` decodes only the tiles/strips the box touches (``page.decode`` on the raw segment
-  bytes; zlib/deflate/packbits/none need no extra codec, LZW/JPEG need ``imagecodecs``), through a
-  byte-bounded LRU cache, because neighbouring stts crops share tiles;
+  bytes, with JPEG tables / NDPI JPEG headers; zlib/deflate/packbits/none natively, JPEG, JPEG 2000,
+  LZW, WebP, JPEG XR/XL through ``imagecodecs``), through a byte-bounded LRU cache, because
+  neighbouring stts crops share tiles;
+* the pixel size (``mpp``, ``spacing``) and ``magnification`` come from the slide's own metadata
+  (:func:`segcli.io.tiff.physical_size`: OME, Aperio ``MPP``/``AppMag``, NDPI, resolution tags);
 * pixels are normalised per region with statistics from the rough-level pass (``image_stats`` once
   per image), so every region is scaled the same way. For affine normalisations (dtype, scale,
   zscore) and ct_window on stateless kinds the rough view equals that of the in-memory path; for
