@@ -14,7 +14,7 @@ import pytest
 import tifffile
 
 from segcli.errors import InputError
-from segcli.io import bigtiff
+from segcli.io import bigtiff, lazyplane
 from segcli.io import openslide_reader as osr
 from segcli.io.bigtiff import TiffPlane, tiff_header
 from segcli.resize import resize
@@ -287,7 +287,7 @@ def test_overview_streams_runs_of_tiles_without_caching(tmp_path: Path, monkeypa
     img = np.random.default_rng(3).integers(0, 256, (600, 1100, 3), dtype=np.uint8)
     path = tmp_path / "flat.tif"
     tifffile.imwrite(path, img, tile=(64, 64), compression="zlib")
-    monkeypatch.setattr(bigtiff, "_CHUNK", 64 * 64 * 3 * 4 * 3)  # three tiles per piece
+    monkeypatch.setattr(lazyplane, "_CHUNK", 64 * 64 * 3 * 4 * 3)  # three tiles per piece
     with TiffPlane(path, spec=DTYPE, channels_want=3) as plane:
         pieces = list(plane._chunks(0))
         assert all(y1 - y0 <= 64 and x1 - x0 <= 3 * 64 for y0, x0, y1, x1 in pieces)
@@ -371,7 +371,7 @@ def test_spilled_overview_equals_downscaled(tmp_path: Path, monkeypatch, spec: d
         tifffile.imwrite(path, img, tile=(64, 64), compression="zlib")
     else:
         tifffile.imwrite(path, img, rowsperstrip=24, compression="zlib")
-    monkeypatch.setattr(bigtiff, "_CHUNK", 64 * 64 * 3 * 4 * 3)
+    monkeypatch.setattr(lazyplane, "_CHUNK", 64 * 64 * 3 * 4 * 3)
     with TiffPlane(path, spec=spec, channels_want=3) as a, TiffPlane(path, spec=spec, channels_want=3) as b:
         want = a.downscaled((47, 83))
         with b.overview_plane((47, 83), spill_dir=tmp_path) as view:

@@ -23,7 +23,8 @@ from typing import Any
 import numpy as np
 
 from segcli.errors import InputError
-from segcli.io.bigtiff import RegionPlane, TiffPlane, is_tiff
+from segcli.io.bigtiff import TiffPlane, is_tiff
+from segcli.io.lazyplane import RegionPlane
 
 # Formats whose pixels live outside a plain TIFF layout (several files, overlapping tiles, or several
 # images per file): tifffile would read the wrong thing or nothing.
@@ -85,7 +86,7 @@ def slide_header(path: Path | str) -> tuple[tuple[int, int], int, int] | None:
 
 
 class _SlideLevel:
-    """One OpenSlide level in the shape :class:`~segcli.io.bigtiff.RegionPlane` expects."""
+    """One OpenSlide level in the shape :class:`~segcli.io.lazyplane.RegionPlane` expects."""
 
     def __init__(self, width: int, height: int, downsample: float, tile: tuple[int, int]) -> None:
         self.height, self.width = int(height), int(width)
