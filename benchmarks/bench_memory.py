@@ -87,12 +87,14 @@ def render(box: tuple[int, int, int, int], places, step: int, seed: int) -> np.n
     return img
 
 
-def write_images(folder: Path, size: int, places, name: str, seed: int = 0) -> tuple[Path, Path]:
+def write_images(folder: Path, size: int, places, name: str, seed: int = 0, pyramid: bool = True,
+                 striped_too: bool = True) -> tuple[Path, Path | None]:
+    """A tiled BigTIFF (with a pyramid of SubIFDs unless ``pyramid`` is False) and a striped TIFF."""
     import tifffile
 
     tiled, striped = folder / f"{name}_tiled.tif", folder / f"{name}_striped.tif"
     levels = 1
-    while size / 2**levels >= 1024:
+    while pyramid and size / 2**levels >= 1024:
         levels += 1
 
     def tiles(step: int, n: int):
@@ -107,6 +109,8 @@ def write_images(folder: Path, size: int, places, name: str, seed: int = 0) -> t
         for lv in range(1, levels):
             n = -(-size // 2**lv)
             tw.write(tiles(2**lv, n), shape=(n, n, 3), dtype=np.uint8, tile=(TILE, TILE), subfiletype=1, **kw)
+    if not striped_too:
+        return tiled, None
 
     def strips():  # tifffile takes non-tiled iterators as already-encoded strips
         for y in range(0, size, 64):
@@ -198,7 +202,14 @@ def main() -> None:
     ap.add_argument("--glass", choices=sorted(GLASS), default=None,
                     help="background of the canvases (default: dark with a trained bundle, which saw mostly "
                          "fluorescence, bright with random weights)")
+    ap.add_argument("--no-pyramid", action="store_true",
+                    help="only the slide sizes, as tiled TIFFs WITHOUT a pyramid (the rough view is then "
+                         "decimated from level 0 tile run by tile run); skips the mosaic check, the striped "
+                         "files and the in-memory rows; results go to bench_memory_nopyramid.json")
     args = ap.parse_args()
+    if args.no_pyramid:
+        no_pyramid(args)
+        return
     if args.child:
         child(args)
         return
@@ -268,6 +279,35 @@ def main() -> None:
     out = {"bundle": bundle_note, "correctness_mosaic4k": correctness, "rows": rows}
     (args.results / "bench_memory.json").write_text(json.dumps(out, indent=1))
     plot(rows, args.results / "bench_memory.png")
+    print(json.dumps(out, indent=1))
+
+
+def no_pyramid(args: argparse.Namespace) -> None:
+    """Peak RSS of the bounded path on tiled TIFFs without a pyramid, one size after the other."""
+    global glass_level
+    tmp = Path(tempfile.mkdtemp(prefix="segcli-bench-mem-", dir=args.tmp))
+    bundle = args.model or find_bundle()
+    glass_level = GLASS[args.glass or ("dark" if bundle else "bright")]
+    rows: list[dict] = []
+    try:
+        if bundle is None:
+            bundle = make_bench_bundle(tmp, args.data)
+        tiles = load_tiles(args.data, 12)
+        for size in args.sizes:
+            t0 = time.perf_counter()
+            tiled, _ = write_images(tmp, size, placements(size, tiles, dense=False), f"flat{size}",
+                                    pyramid=False, striped_too=False)
+            print(f"# {size}² tiled, no pyramid, written in {time.perf_counter() - t0:.0f} s "
+                  f"({tiled.stat().st_size / 1e9:.2f} GB)", flush=True)
+            r = measure(bundle, "stts", tiled, tmp / "o.tif", lazy_pixels=0, max_downscale=16, max_zoom=4)
+            rows.append({"image": f"slide {size}² tiled, no pyramid", "path": "bounded stts", **_row(r)})
+            print(rows[-1], flush=True)
+            tiled.unlink()
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    args.results.mkdir(parents=True, exist_ok=True)
+    out = {"bundle": str(bundle), "glass": glass_level, "rows": rows}
+    (args.results / "bench_memory_nopyramid.json").write_text(json.dumps(out, indent=1))
     print(json.dumps(out, indent=1))
 
 

@@ -1,15 +1,21 @@
 """Huge TIFFs without holding them: a lazy, region-reading :class:`TiffPlane` and a streamed tiled writer.
 
 Reading. A 40,000² RGB slide is 4.8 GB decoded; segment-then-segment only needs a rough view and
-the crops, so :class:`TiffPlane` (the engines' ``Plane`` protocol) never decodes level 0 whole:
+the crops, so :class:`TiffPlane` (the engines' ``Plane`` protocol, on the shared
+:class:`~segcli.io.lazyplane.RegionPlane`) never decodes level 0 whole:
 
-* ``downscaled(hw)`` reads the pyramid level (OME/SubIFD or multi-page pyramid) closest to, and not
-  coarser than, the requested scale; without a suitable level it streams the level band by band
-  (a row of tiles or a chunk of strips at a time) through exact area-averaging weights, so memory is
-  one band plus the small output;
+* ``downscaled(hw)`` reads the pyramid level (OME/SubIFD, SVS, NDPI or multi-page pyramid; a label,
+  macro or thumbnail image is never taken for a level) closest to, and not coarser than, the
+  requested scale; without a suitable level it streams the level in pieces (a run of tiles of one
+  tile row, or a chunk of strips) through exact area-averaging weights, so memory is one piece plus
+  the output; ``overview_plane(hw)`` keeps even the output in a temporary file
+  (:class:`~segcli.io.lazyplane.SpilledOverview`);
 * ``region(box)`` decodes only the tiles/strips the box touches (``page.decode`` on the raw segment
-  bytes; zlib/deflate/packbits/none need no extra codec, LZW/JPEG need ``imagecodecs``), through a
-  byte-bounded LRU cache, because neighbouring stts crops share tiles;
+  bytes, with JPEG tables / NDPI JPEG headers; zlib/deflate/packbits/none natively, JPEG, JPEG 2000,
+  LZW, WebP, JPEG XR/XL through ``imagecodecs``), through a byte-bounded LRU cache, because
+  neighbouring stts crops share tiles;
+* the pixel size (``mpp``, ``spacing``) and ``magnification`` come from the slide's own metadata
+  (:func:`segcli.io.tiff.physical_size`: OME, Aperio ``MPP``/``AppMag``, NDPI, resolution tags);
 * pixels are normalised per region with statistics from the rough-level pass (``image_stats`` once
   per image), so every region is scaled the same way. For affine normalisations (dtype, scale,
   zscore) and ct_window on stateless kinds the rough view equals that of the in-memory path; for
@@ -25,21 +31,16 @@ partial name beside the output and renames (``atomic_path``).
 
 from __future__ import annotations
 
+import itertools
 import math
-import threading
-from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from segcli import normalize as norm
-from segcli.errors import EmptyImageError, InputError
-
-# Kinds whose normalisation needs no per-image statistics: they can run on each decoded band.
-_STATELESS = ("scale", "ct_window")
-_SAMPLE = 2_000_000
+from segcli.errors import InputError
+from segcli.io.lazyplane import RegionPlane
 
 
 def is_tiff(path: Path | str) -> bool:
@@ -51,26 +52,31 @@ def is_tiff(path: Path | str) -> bool:
         return False
 
 
-def tiff_header(path: Path | str) -> tuple[tuple[int, int], int, int] | None:
-    """``((H, W), channels, itemsize)`` of series 0 level 0 from the IFDs alone, or None if not 2D.
+def _hw_channels(axes: str, shape: tuple[int, ...]) -> tuple[tuple[int, int], int] | None:
+    """``((H, W), channels)`` for the 2D layouts the readers handle (YX, YXS, SYX/CYX), else None."""
+    if axes == "YX":
+        return (int(shape[0]), int(shape[1])), 1
+    if axes == "YXS":
+        return (int(shape[0]), int(shape[1])), int(shape[2])
+    if len(axes) == 3 and axes[0] in "SC" and axes[1:] == "YX":
+        return (int(shape[1]), int(shape[2])), int(shape[0])
+    return None
 
-    The pipeline decides from this, before decoding a pixel, whether a TIFF is read by region.
+
+def tiff_header(path: Path | str) -> tuple[tuple[int, int], int, int] | None:
+    """``((H, W), channels, itemsize)`` of series 0 level 0 from the IFDs alone, or None if not a 2D TIFF.
+
+    Decodes no pixels; None also for an unreadable file (the regular reader then gives the precise error).
     """
     import tifffile
 
     try:
         with tifffile.TiffFile(path) as tif:
             level = tif.series[0].levels[0]
-            axes, shape = level.axes, level.shape
-            if axes == "YX":
-                return (int(shape[0]), int(shape[1])), 1, level.dtype.itemsize
-            if axes == "YXS":
-                return (int(shape[0]), int(shape[1])), int(shape[2]), level.dtype.itemsize
-            if len(axes) == 3 and axes[0] in "SC" and axes[1:] == "YX":
-                return (int(shape[1]), int(shape[2])), int(shape[0]), level.dtype.itemsize
+            found = _hw_channels(level.axes, level.shape)
+            return None if found is None else (found[0], found[1], level.dtype.itemsize)
     except Exception:
         return None
-    return None
 
 
 class _Level:
@@ -105,12 +111,51 @@ class _Level:
         return self.height * self.width * self.channels * self.dtype.itemsize
 
 
-class TiffPlane:
+def is_reduction(base_hw: tuple[int, int], hw: tuple[int, int], previous_hw: tuple[int, int]) -> bool:
+    """True when ``hw`` is a proper pyramid level of ``base_hw``: smaller than ``previous_hw`` and the same
+    aspect ratio (within rounding), so a slide's label or macro image is never taken for a level."""
+    (H, W), (h, w) = base_hw, hw
+    if h <= 0 or w <= 0 or h > previous_hw[0] or w > previous_hw[1] or (h, w) == tuple(previous_hw):
+        return False
+    f = W / w
+    return abs(h - H / f) <= max(2.0, 0.01 * h)
+
+
+_ASSOCIATED = ("label", "macro", "thumbnail", "overview")
+
+
+def _extra_levels(tif: Any, base: _Level) -> list[list[Any]]:
+    """Reduced-resolution pages stored as separate main IFDs after a one-level series 0 (a multi-page
+    pyramid that tifffile does not group): tiled, same samples and dtype, same aspect; label, macro
+    and thumbnail images (by NewSubfileType or description) are skipped."""
+    found: list[list[Any]] = []
+    p0 = base.pages[0]
+    if len(base.pages) != 1 or not p0.is_tiled:
+        return found
+    previous = (base.height, base.width)
+    for page in itertools.islice(tif.pages, 64):  # a pyramid has a few pages, a stack may have thousands
+        if not hasattr(page, "is_tiled") or page is p0 or not page.is_tiled:
+            continue
+        description = str(getattr(page, "description", "") or "").lower()
+        if int(page.subfiletype) & ~1 or any(word in description[:200] for word in _ASSOCIATED):
+            continue
+        if int(page.samplesperpixel) != int(p0.samplesperpixel) or np.dtype(page.dtype) != base.dtype:
+            continue
+        hw = (int(page.imagelength), int(page.imagewidth))
+        if is_reduction((base.height, base.width), hw, previous):
+            found.append([page])
+            previous = hw
+    return found
+
+
+class TiffPlane(RegionPlane):
     """A TIFF (series 0) as a :class:`~segcli.engines.base.Plane`: region reads and pyramid-aware overviews.
 
     ``channels_want``/``channel_mode`` follow ``--channels``; ``spec`` is the bundle's normalisation.
     ``segments_decoded``/``bytes_decoded`` count what was decoded (per level in ``decoded_by_level``),
-    so tests and reports can prove level 0 was never read whole.
+    so tests and reports can prove level 0 was never read whole. ``mpp`` ((y, x) µm),
+    ``magnification`` and ``spacing`` ((y, x) mm) come from the slide's metadata
+    (:func:`segcli.io.tiff.physical_size`); ``resolution`` holds tags that agree with them.
     """
 
     def __init__(
@@ -127,102 +172,79 @@ class TiffPlane:
         from segcli.io import tiff as tiffio
 
         self.path = Path(path)
-        self.spec = spec
-        self.channel_mode = channel_mode
         self.notes: list[str] = []
         try:
             self.tif = tifffile.TiffFile(self.path)
         except Exception as exc:
             raise InputError(f"not a readable TIFF ({exc})", self.path) from None
         try:
-            if not self.tif.series:
-                raise InputError("TIFF holds no image series", self.path)
-            series = self.tif.series[0]
-            axes = series.levels[0].axes
-            if axes not in ("YX", "YXS") and not (len(axes) == 3 and axes[0] in "SC" and axes[1:] == "YX"):
-                raise InputError(
-                    f"the lazy TIFF reader handles 2D images (axes YX, YXS, CYX), not {axes}", self.path
-                )
-            with tiffio._collect_log(self.notes):
-                tiffio._check_level(series.levels[0], self.path)
-            self.levels = [
-                _Level([p for p in lvl.pages if p is not None], self.path) for lvl in series.levels
-            ]
-            page0 = self.levels[0].pages[0]
-            if int(page0.photometric) == 3:  # palette: let the in-memory reader map colours
-                raise InputError("palette TIFFs are not supported by the lazy reader", self.path)
-            self.resolution = tiffio._resolution(page0)
-            self.ome = tiffio._ome_pixels(self.tif)
-            self.spacing = tiffio._spacing(self.resolution, self.ome)
-            self.meta: dict[str, Any] = {
-                "format": "tiff",
-                "resolution": self.resolution,
-                "ome": self.ome,
-                "is_ome": bool(self.tif.is_ome),
-                "is_bigtiff": bool(self.tif.is_bigtiff),
-                "levels": len(self.levels),
-                "axes": axes,
-                "compression": getattr(page0.compression, "name", str(page0.compression)),
-                "lazy": True,
-                "warnings": [],
-            }
+            with tiffio.collect_log(self.notes):
+                self._open_levels(tiffio)
         except BaseException:
             self.tif.close()
             raise
-        lv0 = self.levels[0]
-        self.shape = (lv0.height, lv0.width)
-        self.raw_channels = lv0.channels
-        self.dtype = lv0.dtype
-        self.channels = int(channels_want) if channels_want is not None else lv0.channels
-        if channels_want is not None and channels_want != lv0.channels:
-            # Fail now, with the in-memory path's message, rather than on the first region.
-            norm.convert_channels(
-                np.zeros((1, 1, lv0.channels), lv0.dtype), channels_want, channel_mode, self.path
-            )
-        self.cache_bytes = int(cache_bytes)
-        self._cache: OrderedDict[tuple[int, int, int], np.ndarray] = OrderedDict()
-        self._cached = 0
-        self._io = threading.Lock()
-        self._cache_lock = threading.Lock()
-        self.segments_decoded = 0
-        self.bytes_decoded = 0
-        self.decoded_by_level: dict[int, int] = {}
-        self.level_reads: list[int] = []
-        self._stats: dict[str, float] | None = None
-        self._spec_eff: dict[str, Any] | None = None
-        self._overviews: dict[tuple[int, int], np.ndarray] = {}
-        self._conv_dtype = self._convert(np.zeros((1, 1, lv0.channels), lv0.dtype)).dtype
-        kind = spec["kind"]
-        # Stateless kinds normalise each region on its own exactly as the whole image would be.
-        self._stateless = kind in _STATELESS or (kind == "dtype" and self._conv_dtype.kind != "f")
+        self._setup(spec, channels_want, channel_mode, cache_bytes)
 
-    # -- bookkeeping ------------------------------------------------------------------------------------
-    def close(self) -> None:
-        self.tif.close()
-        self._cache.clear()
-        self._overviews.clear()
-
-    def __enter__(self) -> TiffPlane:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
+    def _open_levels(self, tiffio: Any) -> None:
+        if not self.tif.series:
+            raise InputError("TIFF holds no image series", self.path)
+        series = self.tif.series[0]
+        axes = series.levels[0].axes
+        if _hw_channels(axes, series.levels[0].shape) is None:
+            raise InputError(f"the lazy TIFF reader handles 2D images (axes YX, YXS, CYX), not {axes}", self.path)
+        tiffio.check_level(series.levels[0], self.path)
+        levels = [_Level([p for p in lvl.pages if p is not None], self.path) for lvl in series.levels]
+        # Keep only proper reductions, in order (never a label or macro image that a writer put in).
+        self.levels = [levels[0]]
+        dropped = 0
+        for lv in levels[1:]:
+            prev = self.levels[-1]
+            same = lv.channels == prev.channels and lv.dtype == prev.dtype
+            if same and is_reduction(self.shape0, (lv.height, lv.width), (prev.height, prev.width)):
+                self.levels.append(lv)
+            else:
+                dropped += 1
+        if len(levels) == 1:
+            self.levels += [_Level(pages, self.path) for pages in _extra_levels(self.tif, levels[0])]
+        for lv in self.levels:  # tifffile builds each page's decoder lazily, not thread-safely: now, here
+            for page in lv.pages:
+                page.decode  # noqa: B018
+        if dropped:
+            self.notes.append(f"{dropped} pyramid level(s) with another size ratio or pixel type ignored")
+        page0 = self.levels[0].pages[0]
+        if int(page0.photometric) == 3:  # palette: let the in-memory reader map colours
+            raise InputError("palette TIFFs are not supported by the lazy reader", self.path)
+        resolution = tiffio.resolution_of(page0)
+        self.ome = tiffio.ome_pixels(self.tif)
+        phys = tiffio.physical_size(self.tif, page0, resolution, self.ome)
+        self.spacing = phys["spacing"]
+        self.mpp = phys["mpp"]
+        self.magnification = phys["magnification"]
+        self.resolution = tiffio.consistent_resolution(resolution, self.spacing)
+        self.meta = {
+            "format": "tiff",
+            "resolution": self.resolution,
+            "ome": self.ome,
+            "is_ome": bool(self.tif.is_ome),
+            "is_bigtiff": bool(self.tif.is_bigtiff),
+            "is_svs": bool(getattr(self.tif, "is_svs", False)),
+            "levels": len(self.levels),
+            "axes": axes,
+            "compression": getattr(page0.compression, "name", str(page0.compression)),
+            "mpp": self.mpp,
+            "magnification": self.magnification,
+            "mpp_source": phys["mpp_source"],
+            "lazy": True,
+            "warnings": [],
+        }
 
     @property
-    def factors(self) -> list[float]:
-        """Downscale factor of each level relative to level 0."""
-        H, W = self.shape
-        return [max(H / lv.height, W / lv.width) for lv in self.levels]
+    def shape0(self) -> tuple[int, int]:
+        return (self.levels[0].height, self.levels[0].width)
 
-    def choose_level(self, out_hw: tuple[int, int]) -> int:
-        """The coarsest level still at least as fine as ``out_hw`` (never coarser than asked)."""
-        H, W = self.shape
-        want = min(H / max(out_hw[0], 1), W / max(out_hw[1], 1))
-        best = 0
-        for i, lv in enumerate(self.levels):
-            if lv.height >= out_hw[0] and lv.width >= out_hw[1] and self.factors[i] <= want * (1 + 1e-9):
-                best = i if self.factors[i] >= self.factors[best] else best
-        return best
+    def close(self) -> None:
+        self.tif.close()
+        super().close()
 
     # -- raw segment access -----------------------------------------------------------------------------
     def _segment(self, li: int, pi: int, si: int) -> np.ndarray:
@@ -245,17 +267,21 @@ class TiffPlane:
                 fh.seek(offset)
                 data = fh.read(count)
             try:
-                decoded, _, _ = page.decode(data, si, jpegtables=getattr(page, "jpegtables", None))
+                # JPEG tiles may share their tables (Aperio writes JPEGTables once per page) or, in NDPI,
+                # be restart-marker runs of one big JPEG whose header tifffile keeps (``jpegheader``);
+                # page.decode applies them and the YCbCr → RGB conversion through imagecodecs.
+                jpeg = {"jpegtables": getattr(page, "jpegtables", None)}
+                if getattr(page, "jpegheader", None) is not None:
+                    jpeg["jpegheader"] = page.jpegheader
+                decoded, _, _ = page.decode(data, si, **jpeg)
             except Exception as exc:
                 raise InputError(
                     f"cannot decode TIFF segment {si} of level {li} ({exc})", self.path
                 ) from None
             arr = np.asarray(decoded).reshape(decoded.shape[-3:])
-        self.segments_decoded += 1
-        self.bytes_decoded += int(arr.nbytes)
-        self.decoded_by_level[li] = self.decoded_by_level.get(li, 0) + 1
+        self._count(li, 1, arr.nbytes)
         with self._cache_lock:
-            if arr.nbytes <= self.cache_bytes // 4:
+            if self._caching and arr.nbytes <= self.cache_bytes // 4:
                 self._cache[key] = arr
                 self._cached += arr.nbytes
                 while self._cached > self.cache_bytes and self._cache:
@@ -289,114 +315,10 @@ class TiffPlane:
             c0 += page_samples
         return out
 
-    # -- normalisation ----------------------------------------------------------------------------------
-    def _convert(self, raw: np.ndarray) -> np.ndarray:
-        return norm.convert_channels(raw, self.channels, self.channel_mode, self.path)
-
-    def _normalize(self, a: np.ndarray) -> np.ndarray:
-        """Channel-last converted pixels → normalised float32, with this image's statistics."""
-        if self._stateless:
-            return norm.normalize(a, self.spec)
-        if self._spec_eff is None:
-            from segcli.geometry import fit_aspect
-
-            self.downscaled(fit_aspect(self.shape, 1024))  # statistics from an (ideally pyramid) overview
-        return norm.normalize(a, self._spec_eff, self._stats)  # type: ignore[arg-type]
-
-    def _finish_stats(self, sample: np.ndarray, lo: float, hi: float, conv_dtype: np.dtype) -> None:
-        kind = self.spec["kind"]
-        if kind == "dtype" and conv_dtype.kind == "f":
-            # In memory, float 'dtype' input outside [0, 1] is min-max scaled over the whole image.
-            outside = lo < 0 or hi > 1
-            self._spec_eff = {"kind": "minmax"}
-            self._stats = {"lo": lo if outside else 0.0, "hi": hi if outside else 1.0}
-        elif kind in ("percentile", "minmax", "zscore"):
-            self._spec_eff = self.spec
-            self._stats = norm.image_stats(sample, self.spec)
-            if kind == "minmax":
-                self._stats = {"lo": lo, "hi": hi}
-        else:
-            self._spec_eff = self.spec
-            self._stats = None
-
-    # -- Plane protocol ---------------------------------------------------------------------------------
-    def region(self, box: np.ndarray | tuple[int, int, int, int]) -> np.ndarray:
-        """``(C, h, w)`` float32 of a full-resolution box."""
-        a = self._normalize(self._convert(self.read_raw(box, 0)))
-        return np.ascontiguousarray(np.moveaxis(a, -1, 0))
-
-    def downscaled(self, out_hw: tuple[int, int]) -> np.ndarray:
-        """``(C, h, w)`` area-averaged view, from the best pyramid level, streamed band by band."""
-        from segcli.resize import resize_weights
-
-        out_hw = (int(out_hw[0]), int(out_hw[1]))
-        if out_hw in self._overviews:
-            return self._overviews[out_hw].copy()
-        li = self.choose_level(out_hw)
-        self.level_reads.append(li)
-        lv = self.levels[li]
-        ry = resize_weights(lv.height, out_hw[0], "area").tocsc()
-        rx = resize_weights(lv.width, out_hw[1], "area")
-        out = np.zeros((self.channels, *out_hw), np.float32)
-        # Bands of whole segment rows, about 32 MB of float64 work at a time.
-        row_bytes = lv.width * max(self.channels, lv.channels) * 8
-        band = max(lv.seg[0], (32 * 2**20 // max(row_bytes, 1)) // lv.seg[0] * lv.seg[0])
-        step = max(1, int(math.sqrt(lv.height * lv.width / _SAMPLE)))
-        samples: list[np.ndarray] = []
-        lo, hi = np.inf, -np.inf
-        for r0 in range(0, lv.height, band):
-            r1 = min(lv.height, r0 + band)
-            a = self._convert(self.read_raw((r0, 0, r1, lv.width), li))
-            fin = a[np.isfinite(a)] if a.dtype.kind == "f" else a
-            if fin.size:
-                lo, hi = min(lo, float(fin.min())), max(hi, float(fin.max()))
-            if not self._stateless and self._spec_eff is None:
-                samples.append(np.ascontiguousarray(a[(-r0) % step :: step, ::step]).reshape(-1))
-            # Stateless kinds are normalised before averaging (exactly the in-memory order); the others
-            # average raw values and are normalised below with the statistics of this pass.
-            y = (
-                norm.normalize(a, self.spec)
-                if self._stateless
-                else np.nan_to_num(a.astype(np.float32), nan=0.0, posinf=0.0, neginf=0.0)
-            )
-            y2 = np.moveaxis(y, -1, 0).reshape(self.channels * (r1 - r0), lv.width)
-            t = np.asarray((rx @ y2.T).T).reshape(self.channels, r1 - r0, out_hw[1])  # columns first
-            wy = ry[:, r0:r1]
-            for c in range(self.channels):
-                out[c] += np.asarray(wy @ t[c], dtype=np.float32)
-        if not np.isfinite(lo):
-            raise InputError("image holds no finite values (all NaN or infinite)", self.path)
-        if lo == hi:
-            raise EmptyImageError(f"image is constant (every pixel = {lo:g}); nothing to segment", self.path)
-        if not self._stateless:
-            if self._spec_eff is None:
-                self._finish_stats(np.concatenate(samples), lo, hi, self._conv_dtype)
-            out = np.moveaxis(norm.normalize(np.moveaxis(out, 0, -1), self._spec_eff, self._stats), -1, 0)  # type: ignore[arg-type]
-        out = np.ascontiguousarray(out, dtype=np.float32)
-        self._overviews = {out_hw: out}
-        return out.copy()
-
 
 # -- writing --------------------------------------------------------------------------------------------
 
 ReadFn = Callable[[tuple[int, int, int, int]], np.ndarray]
-
-
-def _resolution_kwargs(
-    resolution: dict[str, Any] | None, spacing: tuple[float, ...] | None, scale: float = 1.0
-) -> dict[str, Any]:
-    """Resolution tags of the input (scaled for pyramid level), or derived from the pixel size in mm."""
-    if resolution and "XResolution" in resolution:
-        xr = resolution["XResolution"]
-        yr = resolution.get("YResolution", xr)
-        return {
-            "resolution": (xr[0] / xr[1] / scale, yr[0] / yr[1] / scale) if scale != 1.0 else (xr, yr),
-            "resolutionunit": resolution.get("ResolutionUnit", 2),
-        }
-    if spacing is not None:
-        sy, sx = spacing[-2:]
-        return {"resolution": (10.0 / sx / scale, 10.0 / sy / scale), "resolutionunit": 3}
-    return {}
 
 
 def write_tiled(
@@ -423,6 +345,7 @@ def write_tiled(
 
     from segcli.fusion import TileStore
     from segcli.io.atomic import atomic_path
+    from segcli.io.tiff import resolution_tags
 
     path = Path(path)
     planes = len(shape) == 3
@@ -484,7 +407,7 @@ def write_tiled(
                 subifds=n_levels - 1,
                 **kw,
                 **kw_meta,
-                **_resolution_kwargs(resolution, spacing),
+                **resolution_tags(resolution, spacing),
             )
             for lvl in range(1, n_levels):
                 h, w = dims[lvl]
@@ -502,7 +425,7 @@ def write_tiled(
                     dtype=dtype,
                     subfiletype=1,
                     **kw,
-                    **_resolution_kwargs(resolution, spacing, 2.0**lvl),
+                    **resolution_tags(resolution, spacing, 2.0**lvl),
                 )
     finally:
         for s in stores:

@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import re
 import struct
 import threading
 import xml.etree.ElementTree as ET
 import zlib
 from collections.abc import Iterator
+from fractions import Fraction
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -63,7 +65,8 @@ _FILTER = _CollectFilter()
 
 
 @contextlib.contextmanager
-def _collect_log(sink: list[str]) -> Iterator[None]:
+def collect_log(sink: list[str]) -> Iterator[None]:
+    """Within the block, tifffile's log messages of this thread go to ``sink`` (at most 5, deduplicated)."""
     logger = logging.getLogger("tifffile")
     if _FILTER not in logger.filters:
         logger.addFilter(_FILTER)
@@ -84,7 +87,7 @@ def _open(path: Path) -> tifffile.TiffFile:
         raise InputError(f"not a readable TIFF ({one_line(exc)})", path) from None
 
 
-def _check_level(series: tifffile.TiffPageSeries, path: Path) -> None:
+def check_level(series: tifffile.TiffPageSeries, path: Path) -> None:
     """Refuse absurd sizes and truncated files from the IFDs alone, before allocating."""
     pixels = int(np.prod(series.shape, dtype=np.float64))
     if pixels > MAX_PIXELS:
@@ -117,7 +120,7 @@ def _read_level(tif: tifffile.TiffFile, path: Path) -> tuple[np.ndarray, str, An
     """Pixels of series 0, level 0, with its axes string and first page."""
     series = tif.series[0]
     level = series.levels[0]
-    _check_level(level, path)
+    check_level(level, path)
     try:
         data = level.asarray()
     except (ValueError, OSError, EOFError, zlib.error, RuntimeError, IndexError) as exc:
@@ -147,7 +150,7 @@ def _to_hwc(data: np.ndarray, axes: str, page: Any, path: Path) -> np.ndarray:
     )
 
 
-def _resolution(page: Any) -> dict[str, Any]:
+def resolution_of(page: Any) -> dict[str, Any]:
     tags = page.tags
     out: dict[str, Any] = {}
     for name in ("XResolution", "YResolution"):
@@ -164,7 +167,7 @@ def _resolution(page: Any) -> dict[str, Any]:
     return out
 
 
-def _ome_pixels(tif: tifffile.TiffFile) -> dict[str, Any]:
+def ome_pixels(tif: tifffile.TiffFile) -> dict[str, Any]:
     """PhysicalSizeX/Y (+units) from the first OME Pixels element."""
     if not tif.is_ome or not tif.ome_metadata:
         return {}
@@ -198,13 +201,93 @@ def _spacing(resolution: dict[str, Any], ome: dict[str, Any]) -> tuple[float, fl
     return (sy, sx) if 0 < sx < 1e6 and 0 < sy < 1e6 else None
 
 
+_APERIO_MPP = re.compile(r"\bMPP\s*=\s*([0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+)?)")
+_APERIO_MAG = re.compile(r"\bAppMag\s*=\s*([0-9]*\.?[0-9]+)")
+
+
+def _positive(value: Any, upper: float) -> float | None:
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        return None
+    return v if 0 < v < upper else None  # also refuses NaN and inf
+
+
+def _magnification(tif: tifffile.TiffFile, page: Any) -> float | None:
+    """Objective magnification: Aperio ``AppMag``, NDPI ``Magnification`` tag, OME NominalMagnification."""
+    description = str(getattr(page, "description", "") or "")
+    if description.startswith("Aperio"):
+        m = _APERIO_MAG.search(description)
+        if m:
+            return _positive(m.group(1), 1e4)
+    if getattr(tif, "is_ndpi", False):
+        with contextlib.suppress(Exception):
+            return _positive(page.ndpi_tags.get("Magnification"), 1e4)
+    if tif.is_ome and tif.ome_metadata:
+        with contextlib.suppress(ET.ParseError):
+            for element in ET.fromstring(tif.ome_metadata).iter():
+                if element.tag.endswith("Objective") and "NominalMagnification" in element.attrib:
+                    return _positive(element.attrib["NominalMagnification"], 1e4)
+    return None
+
+
+def physical_size(
+    tif: tifffile.TiffFile, page: Any, resolution: dict[str, Any], ome: dict[str, Any]
+) -> dict[str, Any]:
+    """The slide's pixel size and magnification from its own metadata.
+
+    Returns ``spacing`` ((y, x) mm or None), ``mpp`` ((y, x) µm or None), ``magnification`` (float or
+    None) and ``mpp_source``: ``ome`` (PhysicalSizeX/Y with units), ``aperio`` (``MPP = …`` in the
+    ImageDescription), ``ndpi`` or ``tiff`` (X/YResolution in inch or cm; NDPI writes them in cm).
+    """
+    spacing = _spacing(resolution, {})
+    source = ("ndpi" if getattr(tif, "is_ndpi", False) else "tiff") if spacing else None
+    description = str(getattr(page, "description", "") or "")
+    if description.startswith("Aperio"):
+        m = _APERIO_MPP.search(description)
+        mpp = _positive(m.group(1), 1e6) if m else None
+        if mpp is not None:
+            spacing, source = (mpp / 1000.0, mpp / 1000.0), "aperio"
+    if ome:
+        from_ome = _spacing({}, ome)
+        if from_ome is not None:
+            spacing, source = from_ome, "ome"
+    return {
+        "spacing": spacing,
+        "mpp": (spacing[0] * 1000.0, spacing[1] * 1000.0) if spacing else None,
+        "magnification": _magnification(tif, page),
+        "mpp_source": source,
+    }
+
+
+def _rational(value: float) -> tuple[int, int]:
+    f = Fraction(value).limit_denominator(10_000)
+    while f.numerator >= 2**32 or f.denominator >= 2**32:  # pragma: no cover - absurd sizes only
+        f = Fraction(f.numerator // 2, max(1, f.denominator // 2))
+    return (max(1, f.numerator), max(1, f.denominator))
+
+
+def consistent_resolution(
+    resolution: dict[str, Any], spacing: tuple[float, float] | None
+) -> dict[str, Any]:
+    """``resolution`` tags that say ``spacing``: the file's own when they agree (within 0.1 %), else
+    pixels per cm derived from ``spacing`` (e.g. an Aperio slide whose only pixel size is ``MPP``)."""
+    if spacing is None:
+        return resolution
+    own = _spacing(resolution, {})
+    if own is not None and all(abs(a - b) <= 1e-3 * b for a, b in zip(own, spacing, strict=True)):
+        return resolution
+    sy, sx = spacing
+    return {"XResolution": _rational(10.0 / sx), "YResolution": _rational(10.0 / sy), "ResolutionUnit": 3}
+
+
 def read_tiff(path: Path, warnings: list[str]) -> LoadedImage:
     """Series 0, level 0 of a TIFF as (H, W, C) with resolution metadata."""
     from segcli.io import LoadedImage
 
     notes: list[str] = []
     try:
-        with _collect_log(notes), _open(path) as tif:
+        with collect_log(notes), _open(path) as tif:
             array, spacing, meta = _decode(tif, path, warnings)
     except InputError:
         raise
@@ -229,8 +312,11 @@ def _decode(
         raise InputError("TIFF holds no image series", path)
     data, axes, page = _read_level(tif, path)
     array = _to_hwc(data, axes, page, path)
-    resolution = _resolution(page)
-    ome = _ome_pixels(tif)
+    resolution = resolution_of(page)
+    ome = ome_pixels(tif)
+    phys = physical_size(tif, page, resolution, ome)
+    spacing = phys["spacing"]
+    resolution = consistent_resolution(resolution, spacing)
     meta = {
         "format": "tiff",
         "warnings": warnings,
@@ -243,25 +329,38 @@ def _decode(
         "levels": len(tif.series[0].levels),
         "axes": axes,
         "compression": page.compression.name if hasattr(page.compression, "name") else str(page.compression),
+        "mpp": phys["mpp"],
+        "magnification": phys["magnification"],
+        "mpp_source": phys["mpp_source"],
     }
-    return array, _spacing(resolution, ome), meta
+    return array, spacing, meta
+
+
+def resolution_tags(
+    resolution: dict[str, Any] | None, spacing: tuple[float, ...] | None, scale: float = 1.0
+) -> dict[str, Any]:
+    """``resolution``/``resolutionunit`` keywords for ``tifffile`` writes: the one place masks get their tags.
+
+    The input's own tags when it has them (divided by ``scale`` for a pyramid level ``scale`` times
+    coarser), else tags derived from the pixel size in mm (pixels per cm), else none.
+    """
+    if resolution and "XResolution" in resolution:
+        xr = resolution["XResolution"]
+        yr = resolution.get("YResolution", xr)
+        return {
+            "resolution": (xr[0] / xr[1] / scale, yr[0] / yr[1] / scale) if scale != 1.0 else (xr, yr),
+            "resolutionunit": resolution.get("ResolutionUnit", 2),
+        }
+    if spacing is not None:
+        sy, sx = spacing[-2:]
+        return {"resolution": (10.0 / sx / scale, 10.0 / sy / scale), "resolutionunit": 3}
+    return {}
 
 
 def _resolution_kwargs(like: LoadedImage) -> dict[str, Any]:
     """The input's resolution tags, or ones derived from its pixel size (pixels per cm)."""
-    resolution = like.meta.get("resolution")
-    if like.meta.get("format") == "tiff" and resolution and "XResolution" in resolution:
-        return {
-            "resolution": (
-                resolution["XResolution"],
-                resolution.get("YResolution", resolution["XResolution"]),
-            ),
-            "resolutionunit": resolution["ResolutionUnit"],
-        }
-    if like.spacing is not None:
-        sy, sx = like.spacing[-2:]
-        return {"resolution": (10.0 / sx, 10.0 / sy), "resolutionunit": 3}
-    return {}
+    resolution = like.meta.get("resolution") if like.meta.get("format") == "tiff" else None
+    return resolution_tags(resolution, like.spacing)
 
 
 def write_pages(data: np.ndarray, like: LoadedImage, path: Path) -> None:
