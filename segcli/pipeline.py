@@ -33,7 +33,7 @@ import numpy as np
 
 from segcli import io, memory
 from segcli.engines.base import ProgressFn, Result
-from segcli.errors import EmptyImageError, SegcliError, bug_message
+from segcli.errors import EmptyImageError, SegcliError, UsageError, bug_message
 from segcli.geometry import slice_axis
 from segcli.io.atomic import OutputLock, os_error_words, split_extension
 from segcli.io.naming import geojson_path, probabilities_path, with_extension
@@ -127,6 +127,11 @@ def _finish_compute(seg: Segmenter, job: Job, res: Result, bundle: Bundle, spaci
         rep.stats = label_stats(res.labels, bundle.classes, spacing)
 
 
+def _slide_facts(meta: dict[str, Any]) -> dict[str, Any]:
+    """Pixel size (µm) and objective magnification from a slide's own metadata, when it has them."""
+    return {k: meta[k] for k in ("mpp", "magnification", "mpp_source") if meta.get(k) is not None}
+
+
 class InMemoryRoute:
     """An image decoded whole (:class:`segcli.io.LoadedImage`)."""
 
@@ -151,6 +156,7 @@ class InMemoryRoute:
             job.rep.status = "empty"
             job.rep.warnings.append(exc.message)
         _finish_compute(seg, job, res, bundle, img.spacing)
+        job.rep.info.update(_slide_facts(img.meta))
         self.res = res
 
     def write(self, seg: Segmenter, job: Job) -> None:
@@ -264,7 +270,7 @@ class TiledTiffRoute:
         self.spacing = plane.spacing
         self.spatial_shape = plane.shape
         self.dtype = getattr(plane, "dtype", None)
-        self.warnings = [f"tifffile: {n}" for n in plane.notes]
+        self.warnings = [f"{plane.meta.get('format', 'tifffile')}: {n}" for n in plane.notes]
         self.res: Result | None = None
 
     def compute(self, seg: Segmenter, job: Job, progress: ProgressFn | None) -> None:
@@ -300,6 +306,7 @@ class TiledTiffRoute:
             rep.warnings.append(exc.message)
         fill_run(rep, res, model=bundle.name, method=p.method, device=seg.device,
                  providers=seg.providers(bundle) if rep.status == "ok" else None)
+        rep.info.update(_slide_facts(plane.meta))
         rep.info.update({"bounded_memory": True, "pyramid_levels_in": len(plane.levels),
                          "levels_read": sorted(set(plane.level_reads)),
                          "segments_decoded": plane.segments_decoded,
@@ -414,19 +421,25 @@ def open_route(seg: Segmenter, path: Path, out: Path, content: str | None) -> Ro
     An RGB TIFF is a "slide": with no ``--model`` it gets the shipped default for slides (models/index.json),
     while photos (PNG, JPEG) get the default for 2D images.
     """
+    from segcli.io.openslide_reader import wants_openslide
+
     kind = "2d"
-    if content == "tiff":
+    vendor = wants_openslide(path)  # MIRAX, Leica, Ventana...: only OpenSlide reads them, always by region
+    if content == "tiff" or vendor:
         from segcli.io.bigtiff import tiff_header
 
-        head = tiff_header(path)
-        kind = "slide" if head is not None and head[1] in (3, 4) else "2d"
-        if head is not None and _wants_tiles(seg, path, out, kind, head):
-            from segcli.io.bigtiff import TiffPlane
+        head = None if vendor else tiff_header(path)
+        kind = "slide" if vendor or (head is not None and head[1] in (3, 4)) else "2d"
+        if vendor and not out.name.lower().endswith((".tif", ".tiff")):
+            raise UsageError(f"a {path.suffix} slide is read by region, so its mask is written as a tiled .tif, "
+                             f"not {out.suffix}", path)
+        if vendor or (head is not None and _wants_tiles(seg, path, out, kind, head)):
+            from segcli.io.openslide_reader import open_plane
 
             bundle = seg.bundle_for(kind)
-            return TiledTiffRoute(TiffPlane(path, spec=bundle.normalization, channels_want=bundle.in_channels,
-                                            channel_mode=seg.options.channels,
-                                            cache_bytes=min(256 * 2**20, seg.budget // 8)), kind)
+            return TiledTiffRoute(open_plane(path, spec=bundle.normalization, channels_want=bundle.in_channels,
+                                             channel_mode=seg.options.channels,
+                                             cache_bytes=min(256 * 2**20, seg.budget // 8)), kind)
     if seg.options.stream_volumes and content not in ("tiff", "png", "jpeg", "bmp"):
         from segcli.io.volstream import open_streamed
 

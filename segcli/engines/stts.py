@@ -83,8 +83,13 @@ def rough_pass(
 
     f = float(max_downscale)
     hw = (max(1, math.ceil(H / f)), max(1, math.ceil(W / f)))
-    low = ArrayPlane(plane.downscaled(hw))
-    res = sliding(low, coarse, size=size, overlap=overlap, batch_size=batch_size, return_probs=True)
+    # A slide reader can keep the overview in a temporary file (read back by region) instead of in memory.
+    low = plane.overview_plane(hw) if hasattr(plane, "overview_plane") else ArrayPlane(plane.downscaled(hw))
+    try:
+        res = sliding(low, coarse, size=size, overlap=overlap, batch_size=batch_size, return_probs=True)
+    finally:
+        if hasattr(low, "close"):
+            low.close()
     assert res.probs is not None
     info = {"rough_factor": round(max(H / hw[0], W / hw[1]), 3), "rough_tiled": True, "rough_shape": list(hw),
             "rough_tiles": res.info.get("tiles", 0)}

@@ -57,6 +57,15 @@ _EXT_KIND = {
     ".ome.tif": "tiff",
     ".ome.tiff": "tiff",
     ".btf": "tiff",
+    ".svs": "tiff",
+    ".ndpi": "tiff",
+    # whole-slide formats only OpenSlide reads (segcli.io.openslide_reader): always by region
+    ".mrxs": "slide",
+    ".vms": "slide",
+    ".vmu": "slide",
+    ".scn": "slide",
+    ".bif": "slide",
+    ".svslide": "slide",
     ".png": "png",
     ".jpg": "jpeg",
     ".jpeg": "jpeg",
@@ -331,6 +340,9 @@ def _output_extension(input_path: Path, content: str | None = None) -> str:
         ".jpg": ".png",
         ".jpeg": ".png",
         ".btf": ".tif",
+        ".svs": ".tif",
+        ".ndpi": ".tif",
+        **dict.fromkeys((".mrxs", ".vms", ".vmu", ".scn", ".bif", ".svslide"), ".tif"),
     }
     if content is None:
         with contextlib.suppress(OSError, InputError):
