@@ -185,3 +185,30 @@ def test_evaluate_leaves_classes_absent_from_both_out_of_the_mean(tmp_path):
     assert math.isnan(per_case["x"]["two"]["dice"])  # absent from both: no score
     assert res["mean"]["two"]["dice"] == 0.0 and res["mean"]["two"]["cases_scored"] == 1  # only y counts
     assert res["mean"]["one"]["dice"] == 1.0 and res["mean"]["all"]["dice"] == pytest.approx(0.5)
+
+
+def test_exif_orientation_is_applied_and_reported(tmp_path, rgb_bundle):
+    img = Image.fromarray(np.random.default_rng(0).integers(0, 255, (40, 60, 3), dtype=np.uint8))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # stored sideways: displayed rotated by 90 degrees
+    img.save(tmp_path / "phone.jpg", exif=exif.tobytes())
+    r = run_cli("predict", tmp_path / "phone.jpg", "--model", rgb_bundle, "--json")
+    assert r.returncode == 0, r.stderr
+    f = json.loads(r.stdout)["files"][0]
+    assert f["shape"] == [60, 40] and any(w.startswith("EXIF orientation 6 applied") for w in f["warnings"])
+    assert np.asarray(Image.open(tmp_path / "phone_seg.png")).shape == (60, 40)
+
+
+def test_ignored_frames_and_series_are_named(tmp_path, rgb_bundle):
+    import tifffile
+
+    frames = [Image.fromarray(np.full((32, 32, 3), v, np.uint8)) for v in (10, 120, 240)]
+    frames[0].save(tmp_path / "anim.png", save_all=True, append_images=frames[1:])
+    with tifffile.TiffWriter(tmp_path / "two.ome.tif", ome=True) as tw:  # an OME-TIFF with two images
+        tw.write(np.random.default_rng(1).integers(0, 255, (32, 32, 3), np.uint8), photometric="rgb")
+        tw.write(np.zeros((16, 16, 3), np.uint8), photometric="rgb")
+    r = run_cli("predict", tmp_path / "anim.png", tmp_path / "two.ome.tif", "--model", rgb_bundle, "--json")
+    assert r.returncode == 0, r.stderr
+    warn = {Path(f["input"]).name: f["warnings"] for f in json.loads(r.stdout)["files"]}
+    assert "animated image: only the first of its 3 frames is segmented" in warn["anim.png"]
+    assert any("only series 0 is segmented; 1 more series ignored" in w for w in warn["two.ome.tif"]), warn

@@ -211,6 +211,8 @@ class TiffPlane(RegionPlane):
                 page.decode  # noqa: B018
         if dropped:
             self.notes.append(f"{dropped} pyramid level(s) with another size ratio or pixel type ignored")
+        if (note := tiffio.ignored_series_note(self.tif)) is not None:
+            self.notes.append(note)
         page0 = self.levels[0].pages[0]
         if int(page0.photometric) == 3:  # palette: let the in-memory reader map colours
             raise InputError("palette TIFFs are not supported by the lazy reader", self.path)

@@ -1,4 +1,9 @@
-"""PNG / JPEG / BMP through Pillow, pixels kept exactly as stored (no EXIF rotation) so masks align."""
+"""PNG / JPEG / BMP through Pillow.
+
+A photo's EXIF orientation is applied, so the mask matches the image as every viewer displays it (a phone
+or endoscope frame stored sideways); the report says so. Frames after the first of an animated image are
+named as ignored.
+"""
 
 from __future__ import annotations
 
@@ -48,7 +53,7 @@ def _dpi(value: Any) -> tuple[float, float] | None:
 
 def read_raster(path: Path, warnings: list[str]) -> LoadedImage:
     """Decode a PNG/JPEG/BMP fully, turning Pillow's bomb and truncation errors into InputError."""
-    from PIL import Image
+    from PIL import Image, ImageOps
 
     from segcli.io import LoadedImage
 
@@ -57,7 +62,10 @@ def read_raster(path: Path, warnings: list[str]) -> LoadedImage:
             _warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(path) as img:
                 img.load()
-                array = _pixels(img)
+                frames = int(getattr(img, "n_frames", 1) or 1)
+                orientation = int(img.getexif().get(0x0112, 1) or 1)
+                shown = ImageOps.exif_transpose(img) if orientation in range(2, 9) else img
+                array = _pixels(shown)
                 info = dict(img.info)
                 fmt = img.format
                 mode = img.mode
@@ -75,9 +83,17 @@ def read_raster(path: Path, warnings: list[str]) -> LoadedImage:
             f"image is too small ({'x'.join(map(str, array.shape[:2]))}); need at least 2 pixels per side",
             path,
         )
+    if orientation in range(2, 9):
+        warnings.append(f"EXIF orientation {orientation} applied: the mask matches the image as displayed, "
+                        "not its stored pixel order")
+    if frames > 1:
+        warnings.append(f"animated image: only the first of its {frames} frames is segmented")
     dpi = _dpi(info.get("dpi"))
+    if dpi and orientation in (5, 6, 7, 8):  # rotated by 90 degrees: the axes swap
+        dpi = (dpi[1], dpi[0])
     spacing = (25.4 / dpi[1], 25.4 / dpi[0]) if dpi else None
-    meta = {"format": "raster", "pil_format": fmt, "mode": mode, "dpi": dpi, "warnings": warnings}
+    meta = {"format": "raster", "pil_format": fmt, "mode": mode, "dpi": dpi, "warnings": warnings,
+            "exif_orientation": orientation, "frames": frames}
     return LoadedImage(path, "raster", array, spacing, meta)
 
 

@@ -312,6 +312,8 @@ def _decode(
         raise InputError("TIFF holds no image series", path)
     data, axes, page = _read_level(tif, path)
     array = _to_hwc(data, axes, page, path)
+    if (note := ignored_series_note(tif)) is not None:
+        warnings.append(note)
     resolution = resolution_of(page)
     ome = ome_pixels(tif)
     phys = physical_size(tif, page, resolution, ome)
@@ -334,6 +336,16 @@ def _decode(
         "mpp_source": phys["mpp_source"],
     }
     return array, spacing, meta
+
+
+def ignored_series_note(tif: tifffile.TiffFile) -> str | None:
+    """Names the series after the first, which segcli does not segment (OME images, slide label/macro)."""
+    rest = tif.series[1:]
+    if not rest:
+        return None
+    names = [(s.name or s.kind or f"series {i}").strip() for i, s in enumerate(rest, start=1)]
+    shown = ", ".join(names[:6]) + (f" and {len(names) - 6} more" if len(names) > 6 else "")
+    return f"only series 0 is segmented; {len(rest)} more series ignored ({shown})"
 
 
 def resolution_tags(
