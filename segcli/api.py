@@ -52,6 +52,7 @@ class Segmenter:
         self.device = resolve_device(options.device)
         self.threads = set_threads(options.threads)
         self.budget = options.budget
+        self.budget_share = 1  # > 1 in a read-ahead batch: ``budget`` is one file's share (see predict_many)
         self._bundles: dict[Path, Bundle] = {}
         self._predictors: dict[tuple[Path, str], Any] = {}
 
@@ -257,16 +258,22 @@ class Segmenter:
         from segcli import pipeline
 
         seg = self._with(file_options)
+        if prefetch > 0 and len(items) > 1:  # files read ahead are held while one computes: each gets a share
+            seg = seg._with({}, budget=seg.budget // (1 + prefetch))
+            seg.budget_share = 1 + prefetch
         yield from pipeline.run_many(seg, items, output, prefetch=prefetch, progress_for=progress_for)
 
-    def _with(self, file_options: dict[str, Any]) -> Segmenter:
-        """This Segmenter, or a sibling sharing its models whose options carry per-call file options."""
+    def _with(self, file_options: dict[str, Any], budget: int | None = None) -> Segmenter:
+        """This Segmenter, or a sibling sharing its models whose options carry per-call file options (and,
+        for a read-ahead batch, its share of the memory budget)."""
         changes = {k: v for k, v in file_options.items() if getattr(self.options, k, None) != v}
-        if not changes:
+        if not changes and budget is None:
             return self
         sib = object.__new__(Segmenter)
         sib.__dict__.update(self.__dict__)
-        sib.options = self.options.replace(**changes)
+        sib.options = self.options.replace(**changes) if changes else self.options
+        if budget is not None:
+            sib.budget = budget
         return sib
 
 

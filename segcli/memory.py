@@ -117,11 +117,16 @@ def estimate_volume(shape: tuple[int, ...], channels: int, itemsize: int, *, mod
     return total
 
 
-def check_fits(estimate: int, limit: int, path: Any, what: str, hint: str) -> None:
-    """Raise a one-line InputError when ``estimate`` exceeds ``limit``, before anything is allocated."""
+def check_fits(estimate: int, limit: int, path: Any, what: str, hint: str, share: int = 1) -> None:
+    """Raise a one-line InputError when ``estimate`` exceeds ``limit``, before anything is allocated.
+
+    ``share`` > 1: ``limit`` is one file's share of the budget while ``share - 1`` more are read ahead.
+    """
     if estimate > limit:
-        raise InputError(f"{what} needs about {human(estimate)} of memory, more than the {human(limit)} "
-                         f"budget (--max-memory); {hint}", path)
+        whose = (f"its 1/{share} share of the {human(limit * share)} budget (--max-memory) while {share - 1} "
+                 "more file(s) are read ahead; --prefetch 0 gives one file all of it" if share > 1
+                 else f"the {human(limit)} budget (--max-memory)")
+        raise InputError(f"{what} needs about {human(estimate)} of memory, more than {whose}; {hint}", path)
 
 
 def fine_batch(limit: int, channels: int, size: int, n_classes: int, zoom: float, wanted: int) -> int:

@@ -446,6 +446,10 @@ def open_route(seg: Segmenter, path: Path, out: Path, content: str | None) -> Ro
         vol = open_streamed(path, content=content)
         if vol is not None:
             return StreamedVolumeRoute(vol)
+    if content in ("nrrd", "metaimage", "nifti", "nifti-gz") and (head := io.header_size(path, content)):
+        shape, channels, itemsize = head  # read whole: refuse from the header, before decoding, if it won't fit
+        if len(shape) in (2, 3):
+            check_in_memory(seg, "volume" if len(shape) == 3 else kind, shape, channels, itemsize, path)
     return InMemoryRoute(io.open_image(path, content=content), kind)
 
 
@@ -463,12 +467,12 @@ def _wants_tiles(seg: Segmenter, path: Path, out: Path, kind: str, head: tuple) 
         return False
     if p.method != "stts":
         memory.check_fits(est, seg.budget, path, f"--method {p.method} on this {H}x{W} image",
-                          "use --method stts, which reads only a rough view and the crops")
+                          "use --method stts, which reads only a rough view and the crops", share=seg.budget_share)
         return False
     if out.name.lower().endswith((".tif", ".tiff")):
         return True
     memory.check_fits(est, seg.budget, path, f"writing this {H}x{W} mask as {out.suffix}",
-                      "write it as .tif (streamed, tiled) instead")
+                      "write it as .tif (streamed, tiled) instead", share=seg.budget_share)
     return False
 
 
@@ -487,13 +491,13 @@ def check_in_memory(seg: Segmenter, kind: str, shape: tuple[int, ...], channels:
                              n_classes=bundle.n_classes, method=p.method, size=p.size, return_probs=probabilities)
     hint = "use --method stts on a .tif input, which is read by region" if p.method != "stts" \
         else "save the image as a tiled TIFF so it can be read by region"
-    memory.check_fits(est, seg.budget, path, f"--method {p.method} on this {shape[0]}x{shape[1]} image", hint)
+    memory.check_fits(est, seg.budget, path, f"--method {p.method} on this {shape[0]}x{shape[1]} image", hint, share=seg.budget_share)
 
 
 def _check_volume_fits(seg: Segmenter, est: int, shape: tuple[int, ...], path: Path) -> None:
     hint = ("drop --probabilities or write a .nii.gz (probabilities are then streamed to disk)"
             if seg.options.probabilities else "raise --max-memory or crop the volume")
-    memory.check_fits(est, seg.budget, path, f"this {'x'.join(map(str, shape))} volume", hint)
+    memory.check_fits(est, seg.budget, path, f"this {'x'.join(map(str, shape))} volume", hint, share=seg.budget_share)
 
 
 # -- one file, many files ----------------------------------------------------------------------------------

@@ -212,3 +212,41 @@ def test_ignored_frames_and_series_are_named(tmp_path, rgb_bundle):
     warn = {Path(f["input"]).name: f["warnings"] for f in json.loads(r.stdout)["files"]}
     assert "animated image: only the first of its 3 frames is segmented" in warn["anim.png"]
     assert any("only series 0 is segmented; 1 more series ignored" in w for w in warn["two.ome.tif"]), warn
+
+
+def test_compressed_volume_over_budget_is_refused_from_its_header(tmp_path, grey_bundle):
+    """A compressed NRRD is read whole: its size comes from the header and it is refused before decoding."""
+    import SimpleITK as sitk
+
+    z = np.linspace(0, 1, 320, dtype=np.float32)
+    vol = z[:, None, None] + 0.5 * z[None, :, None] + 0.25 * z[None, None, :]  # 131 MB decoded, small on disk
+    sitk.WriteImage(sitk.GetImageFromArray(vol), str(tmp_path / "v.nrrd"), useCompression=True)
+    del vol
+    cmd = [sys.executable, "-m", "segcli", "predict", str(tmp_path / "v.nrrd"), "--model", str(grey_bundle),
+           "--max-memory", "150MB", "-o", str(tmp_path / "m.nrrd")]
+    r = subprocess.run(["/usr/bin/time", "-v", *cmd], capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert r.returncode == 1
+    assert f"{tmp_path / 'v.nrrd'}: this 320x320x320 volume needs about" in r.stderr
+    assert "more than the 150.0 MB budget" in r.stderr
+    peak_kb = int(next(line.split(":")[1] for line in r.stderr.splitlines() if "Maximum resident" in line))
+    sitk.WriteImage(sitk.GetImageFromArray(np.zeros((4, 4, 4), np.float32)), str(tmp_path / "tiny.nrrd"),
+                    useCompression=True)  # the same refusal for a tiny volume: the same libraries loaded
+    baseline = subprocess.run(["/usr/bin/time", "-v", *cmd[:4], str(tmp_path / "tiny.nrrd"), *cmd[5:]],
+                              capture_output=True, text=True, cwd=REPO, timeout=300)
+    base_kb = int(next(line.split(":")[1] for line in baseline.stderr.splitlines() if "Maximum resident" in line))
+    assert peak_kb - base_kb < 40_000, (peak_kb, base_kb)  # the 131 MB of voxels were never decoded
+    assert not (tmp_path / "m.nrrd").exists()
+
+
+def test_read_ahead_files_share_the_budget(tmp_path, grey_bundle):
+    import SimpleITK as sitk
+
+    for i in range(2):
+        sitk.WriteImage(sitk.GetImageFromArray(np.random.default_rng(i).normal(size=(8, 64, 64)).astype(np.float32)),
+                        str(tmp_path / f"v{i}.nii.gz"))
+    r = run_cli("predict", tmp_path / "v0.nii.gz", tmp_path / "v1.nii.gz", "--model", grey_bundle,
+                "--max-memory", "900MB", "-o", tmp_path / "o")
+    assert r.returncode == 1 and "its 1/3 share of the 900.0 MB budget" in r.stderr, r.stderr
+    r = run_cli("predict", tmp_path / "v0.nii.gz", tmp_path / "v1.nii.gz", "--model", grey_bundle,
+                "--max-memory", "900MB", "-o", tmp_path / "o", "--prefetch", "0")
+    assert r.returncode == 0, r.stderr

@@ -254,6 +254,28 @@ def open_image(path: Path | str, series_id: str | None = None, content: str | No
         return _checked(medical.read_file(path, readable, warnings))
 
 
+def header_size(path: Path, content: str) -> tuple[tuple[int, ...], int, int] | None:
+    """``(spatial shape, channels, bytes per value)`` of an ITK-format file from its header alone, or None.
+
+    Lets the caller refuse, with an estimate, a compressed NRRD or MetaImage too big for the memory budget
+    before a single voxel is decoded (those are read whole).
+    """
+    import SimpleITK as sitk
+
+    from segcli.io import medical
+
+    if content not in _SITK_ALIAS or path.is_dir():
+        return None
+    try:
+        with _sitk_name(path, content) as readable:
+            reader = medical.open_reader(path, readable)
+    except (InputError, OSError, RuntimeError):
+        return None  # the regular reader gives the precise error
+    one = sitk.Image([1] * reader.GetDimension(), reader.GetPixelID(), reader.GetNumberOfComponents())
+    itemsize = sitk.GetArrayViewFromImage(one).dtype.itemsize
+    return tuple(int(v) for v in reversed(reader.GetSize())), int(reader.GetNumberOfComponents()), itemsize
+
+
 def _checked(image: LoadedImage) -> LoadedImage:
     """Last checks common to every reader: pixel types segcli can normalise, and at least one pixel."""
     kind = image.array.dtype.kind
