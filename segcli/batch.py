@@ -117,6 +117,29 @@ def check_no_overwrite(items: list[tuple[Path, Path | None]], options: PredictOp
             raise UsageError(f"{what} {target} would overwrite the input {owner}; refusing")
 
 
+#: Input content kinds that are (or may be) 3D, and mask formats that cannot hold a 3D mask.
+_VOLUME_CONTENT = ("nifti", "nifti-gz", "nrrd", "metaimage", "dicom")
+_FLAT_OUTPUTS = (".png", ".bmp", ".jpg", ".jpeg")
+
+
+def check_output_formats(items: list[tuple[Path, Path | None]], options: PredictOptions, output: Path | None) -> None:
+    """Refuse (exit 2, before any work) an output format that cannot hold the result: a volume's mask as PNG."""
+    from segcli import io
+    from segcli.pipeline import plan_output
+
+    if output is None or output.suffix.lower() not in _FLAT_OUTPUTS:
+        return
+    for path, root in items:
+        content = "dicom" if io.is_dicom_series(path) else io.sniff_input(path)
+        if content in _VOLUME_CONTENT and content != "dicom":
+            head = io.header_size(path, content)
+            if head is None or len(head[0]) < 3 or min(head[0]) < 2:
+                continue  # a 2D (or one-slice) image fits a PNG; an unreadable one gets its own error later
+        if content in _VOLUME_CONTENT:
+            out = plan_output(options, path, output, root, content)
+            raise UsageError(f"{path}: a volume's mask cannot be written as {out.suffix}; use .nii.gz, .mha or .nrrd")
+
+
 def check_unique_outputs(items: list[tuple[Path, Path | None]], output: Path | None,
                          options: PredictOptions) -> list[FileReport]:
     """Inputs whose mask would overwrite another input's mask (``a.png`` and ``a.jpg`` → ``a_seg.png``).

@@ -161,7 +161,13 @@ def predict(
     Method parameters left unset take the bundle's values (see segcli models), else segcli's defaults.
     """
     from segcli.api import Segmenter
-    from segcli.batch import check_no_overwrite, check_unique_outputs, expand_inputs, run_batch
+    from segcli.batch import (
+        check_no_overwrite,
+        check_output_formats,
+        check_unique_outputs,
+        expand_inputs,
+        run_batch,
+    )
     from segcli.errors import BundleError, SegcliError
     from segcli.options import PredictOptions
     from segcli.params import check_range
@@ -216,6 +222,7 @@ def predict(
         if shard is not None:
             k, n = parse_shard(shard)
             items = select_shard(items, k, n, key=lambda it: it[0])
+        check_output_formats(items, options, output)
         check_no_overwrite(items, options, output,
                            other_outputs=[("--stats", stats), ("--log-file", log_file)])
     except SegcliError as exc:

@@ -250,3 +250,13 @@ def test_read_ahead_files_share_the_budget(tmp_path, grey_bundle):
     r = run_cli("predict", tmp_path / "v0.nii.gz", tmp_path / "v1.nii.gz", "--model", grey_bundle,
                 "--max-memory", "900MB", "-o", tmp_path / "o", "--prefetch", "0")
     assert r.returncode == 0, r.stderr
+
+
+def test_volume_mask_as_png_is_refused_before_work(tmp_path, grey_bundle):
+    import SimpleITK as sitk
+
+    sitk.WriteImage(sitk.GetImageFromArray(np.random.default_rng(0).normal(size=(6, 20, 20)).astype(np.float32)),
+                    str(tmp_path / "v.nii.gz"))
+    r = run_cli("predict", tmp_path / "v.nii.gz", "--model", grey_bundle, "-o", tmp_path / "m.png")
+    assert r.returncode == 2
+    assert r.stderr.startswith(f"segcli: error: {tmp_path / 'v.nii.gz'}: a volume's mask cannot be written as .png")
