@@ -80,7 +80,7 @@ def check_no_overwrite(items: list[tuple[Path, Path | None]], options: PredictOp
     compared with every input by resolved path (symlinks followed) and by file identity (hard links),
     including the files of DICOM series folders.
     """
-    from segcli.pipeline import plan_output, planned_outputs
+    from segcli.outputs import plan_output, planned_outputs
 
     by_path: dict[Path, Path] = {}
     by_id: dict[tuple[int, int], Path] = {}
@@ -125,7 +125,7 @@ _FLAT_OUTPUTS = (".png", ".bmp", ".jpg", ".jpeg")
 def check_output_formats(items: list[tuple[Path, Path | None]], options: PredictOptions, output: Path | None) -> None:
     """Refuse (exit 2, before any work) an output format that cannot hold the result: a volume's mask as PNG."""
     from segcli import io
-    from segcli.pipeline import plan_output
+    from segcli.outputs import plan_output
 
     if output is None or output.suffix.lower() not in _FLAT_OUTPUTS:
         return
@@ -147,7 +147,7 @@ def check_unique_outputs(items: list[tuple[Path, Path | None]], output: Path | N
     Such a pair is refused up front; otherwise two workers, or one worker twice, would write the
     same file.
     """
-    from segcli.pipeline import plan_output
+    from segcli.outputs import plan_output
 
     seen: dict[Path, Path] = {}
     clashes = []
