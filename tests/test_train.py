@@ -286,3 +286,22 @@ def test_volumes_become_slices_along_the_coarsest_axis(tmp_path: Path) -> None:
     train(data, tmp_path / "out", method="direct", epochs=1, val_full_res=False, **{**TINY, "size": 16})
     b = load_bundle(tmp_path / "out")
     assert b.normalization["kind"] == "ct_window" and b.training["slice_axis"] == axis
+
+
+def test_nnunet_rgb_images_in_one_file(tmp_path: Path) -> None:
+    """nnU-Net v2's RGB convention (its Dataset120): one case_0000.png, channel_names R, G, B (issue 20)."""
+    from PIL import Image
+
+    root = tmp_path / "Dataset120_Road"
+    (root / "imagesTr").mkdir(parents=True)
+    (root / "labelsTr").mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(4):
+        Image.fromarray(rng.integers(0, 255, (24, 32, 3), dtype=np.uint8)).save(root / "imagesTr" / f"r_{i:03d}_0000.png")
+        Image.fromarray((rng.random((24, 32)) > 0.5).astype(np.uint8)).save(root / "labelsTr" / f"r_{i:03d}.png")
+    (root / "dataset.json").write_text(json.dumps({"channel_names": {"0": "R", "1": "G", "2": "B"},
+                                                   "labels": {"background": 0, "road": 1}, "file_ending": ".png"}))
+    spec = discover(root)
+    assert [len(c.images) for c in spec.cases] == [1] * 4
+    ds = load_dataset(root, val_fraction=0.25)
+    assert ds.in_channels == 3 and ds.train[0].image.shape[0] == 3

@@ -132,6 +132,16 @@ def _discover_shared(root: Path) -> list[Case]:
     return [Case(s, [images[s]], masks[s], fovs.get(s)) for s in sorted(images)]
 
 
+def _rgb_channels(names: Any) -> bool:
+    """dataset.json's ``channel_names`` are R, G, B (nnU-Net v2 stores such images as one RGB file)."""
+    if not isinstance(names, dict) or len(names) != 3:
+        return False
+    words = [str(names.get(k, names.get(int(k) if str(k).isdigit() else k, ""))).strip().lower()
+             for k in sorted(names, key=lambda k: int(k) if str(k).isdigit() else 99)]
+    return [w[:1] for w in words] == ["r", "g", "b"] and all(w in ("r", "g", "b", "red", "green", "blue")
+                                                             for w in words)
+
+
 def _discover_nnunet(root: Path, meta: dict[str, Any]) -> list[Case]:
     labels_dir = root / "labelsTr"
     if not labels_dir.is_dir():
@@ -145,9 +155,12 @@ def _discover_nnunet(root: Path, meta: dict[str, Any]) -> list[Case]:
         chans.setdefault(case, {})[int(idx)] = p
     labels = _files(labels_dir)
     cases = []
+    rgb = _rgb_channels(meta.get("channel_names"))
     for case in sorted(chans):
         got = sorted(chans[case])
         want = list(range(n_ch if n_ch is not None else len(got)))
+        if rgb and got == [0]:
+            want = [0]  # nnU-Net's natural-image convention: one case_0000.png holds R, G and B
         if got != want:
             raise DatasetError(f"case {case!r}: channel files {got} but expected {want} (_0000.._{len(want) - 1:04d})", root / "imagesTr")
         if case not in labels:
