@@ -148,8 +148,23 @@ class Bundle:
             "networks": {r: s.arch for r, s in self.networks.items()},
             "size_bytes": size,
             "val_score": self.training.get("val_score"),
+            "val_score_means": self.score_words(),
             "default_for": self.info.get("default_for", []),
         }
+
+    def score_words(self) -> str:
+        """What ``val_score`` is: the metric, over how many held-out images, how measured (for `segcli models`)."""
+        card = self.info.get("headline")  # a card's own figure (segcli evaluate on a named split) wins
+        if isinstance(card, dict) and "value" in card:
+            return (f"{card.get('metric', 'Dice')} {float(card['value']):.3f} on {card.get('split', 'held-out data')}")
+        full = self.training.get("val_full_res") or {}
+        if self.training.get("val_score") is None:
+            return "no score recorded"
+        n = full.get("cases")
+        fg = self.n_classes - 1
+        what = "Dice" if fg == 1 else f"mean Dice of {fg} classes"
+        where = f"{n} validation images" if n else "the validation split"
+        return f"{what} {float(self.training['val_score']):.3f} on {where} (full resolution, seed split)"
 
 
 def _out_channels(n_classes: int) -> int:

@@ -403,13 +403,14 @@ def models_cmd(
     else:
         from segcli.bundle import default_model_name
 
-        defaults = {default_model_name("2d"): "default", default_model_name("volume"): "default (volumes)"}
+        defaults = {default_model_name("2d"): "default (photos)", default_model_name("volume"): "default (volumes)"}
+        slide = default_model_name("slide")
+        defaults[slide] = "default (slides)" if slide != default_model_name("2d") else "default (photos, slides)"
         for r in rows:
-            score = r.get("val_score")
-            score_s = f"val {score:.3f}" if isinstance(score, (int, float)) else "val n/a"
             mark = defaults.get(r["name"], "")
-            print(f"{r['name']:<16} {r['method']:<7} {'/'.join(r['classes']):<34} S={r['input_size']:<4} "
-                  f"{r['size_bytes'] / 1e6:5.1f} MB  {score_s}  {r['task']} {mark}".rstrip())
+            print(f"{r['name']:<16} {r['method']:<7} S={r['input_size']:<4} {r['size_bytes'] / 1e6:5.1f} MB  "
+                  f"{'/'.join(r['classes'])}  {mark}".rstrip())
+            print(f"{'':16} {r['val_score_means']}; {r['task']}")
         if not rows:
             print(f"no bundles in {root}")
     for b in bad:
