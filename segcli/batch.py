@@ -140,6 +140,25 @@ def check_output_formats(items: list[tuple[Path, Path | None]], options: Predict
             raise UsageError(f"{path}: a volume's mask cannot be written as {out.suffix}; use .nii.gz, .mha or .nrrd")
 
 
+def kinds_needed(items: list[tuple[Path, Path | None]]) -> set[str]:
+    """Which default bundles a batch will load ("2d", "slide", "volume"), from each input's header."""
+    from segcli import io
+    from segcli.io.bigtiff import tiff_header
+
+    kinds: set[str] = set()
+    for path, _ in items:
+        content = "dicom" if io.is_dicom_series(path) else io.sniff_input(path)
+        if content == "tiff":
+            head = tiff_header(path)
+            kinds.add("slide" if head is not None and head[1] in (3, 4) else "2d")
+        elif content in _VOLUME_CONTENT:
+            head = None if content == "dicom" else io.header_size(path, content)
+            kinds.add("2d" if head is not None and (len(head[0]) < 3 or min(head[0]) < 2) else "volume")
+        elif content is not None:
+            kinds.add("2d")
+    return kinds
+
+
 def check_unique_outputs(items: list[tuple[Path, Path | None]], output: Path | None,
                          options: PredictOptions) -> list[FileReport]:
     """Inputs whose mask would overwrite another input's mask (``a.png`` and ``a.jpg`` → ``a_seg.png``).

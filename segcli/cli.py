@@ -166,6 +166,7 @@ def predict(
         check_output_formats,
         check_unique_outputs,
         expand_inputs,
+        kinds_needed,
         run_batch,
     )
     from segcli.errors import BundleError, SegcliError
@@ -205,6 +206,12 @@ def predict(
         raise _fail("no input images found" + (f" ({len(found.earlier_outputs)} file(s) named *_seg/*_probs/*_preview "
                                                "were left out as earlier outputs)" if found.earlier_outputs else ""),
                     EXIT_USAGE)
+    if model is None and (backend != "auto" or device != "auto"):
+        try:  # a runtime the default bundles cannot serve fails once, here, not once per file
+            for kind in sorted(kinds_needed(items)):
+                seg.warm_up(kind)
+        except SegcliError as exc:
+            raise _fail(str(exc), EXIT_USAGE) from None
     if options.output_type == "dicom-seg":
         from segcli import io
 

@@ -260,3 +260,16 @@ def test_volume_mask_as_png_is_refused_before_work(tmp_path, grey_bundle):
     r = run_cli("predict", tmp_path / "v.nii.gz", "--model", grey_bundle, "-o", tmp_path / "m.png")
     assert r.returncode == 2
     assert r.stderr.startswith(f"segcli: error: {tmp_path / 'v.nii.gz'}: a volume's mask cannot be written as .png")
+
+
+def test_a_backend_the_default_bundle_cannot_serve_fails_once(tmp_path, rgb_bundle):
+    import shutil
+
+    models = tmp_path / "models"
+    shutil.copytree(rgb_bundle, models / "rgb")
+    (models / "index.json").write_text(json.dumps({"default": "rgb", "default_by_kind": {"2d": "rgb"}}))
+    files = [_png(tmp_path / f"in{i}.png", seed=i) for i in range(3)]
+    r = run_cli("predict", *files, "--backend", "onnx", "-o", tmp_path / "out", env={"SEGCLI_MODELS": str(models)})
+    assert r.returncode == 2, r.stderr
+    assert r.stderr.startswith("segcli: error: bundle ") and "has no ONNX export" in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1 and not (tmp_path / "out").exists()
