@@ -82,7 +82,8 @@ class CoarseFill:
     """
 
     def __init__(self, rough: np.ndarray, full_hw: tuple[int, int], threshold: float) -> None:
-        self.rough = np.asarray(rough, dtype=np.float32)
+        # float16 rough maps (huge slides) stay float16: windows are cast as they are read
+        self.rough = rough if rough.dtype in (np.float16, np.float32) else np.asarray(rough, dtype=np.float32)
         self.full_hw = (int(full_hw[0]), int(full_hw[1]))
         self.threshold = threshold
 
