@@ -299,3 +299,26 @@ def test_threads_follow_the_setting(exported: Path) -> None:
     assert p(x).shape == (3, 2, 32, 32) and p(x[:0]).shape == (0, 2, 32, 32)
     with pytest.raises(ValueError, match="channels"):
         p(np.zeros((1, 3, 8, 8), np.float32))
+
+
+def test_onnx_runs_never_import_torch(tmp_path: Path) -> None:
+    """An exported bundle on ONNX Runtime: the whole predict command runs without importing torch (issue 19:
+    importing torch only to ask about CUDA cost about 1.4 s per run)."""
+    import subprocess
+    import sys
+
+    b = tmp_path / "b"
+    save_bundle(b, name="b", method="stts", classes=["bg", "fg"], in_channels=3, input_size=32,
+                normalization={"kind": "dtype"},
+                networks={r: ("unet", {"features": 4, "depth": 2}, build("unet", in_channels=3, out_channels=1,
+                                                                           features=4, depth=2).eval())
+                          for r in ("coarse", "fine")})
+    export_bundle(b)
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (40, 50, 3), dtype=np.uint8)).save(tmp_path / "a.png")
+    code = ("import sys\nfrom segcli.cli import main\nsys.argv = ['segcli', 'predict', sys.argv[1], '--model', "
+            "sys.argv[2], '--backend', 'onnx', '-q']\ntry:\n    main()\nexcept SystemExit as e:\n"
+            "    print('exit', e.code)\nprint('torch imported:', 'torch' in sys.modules)")
+    r = subprocess.run([sys.executable, "-c", code, str(tmp_path / "a.png"), str(b)], capture_output=True, text=True,
+                       cwd=Path(__file__).resolve().parent.parent, timeout=300)
+    assert "torch imported: False" in r.stdout, (r.stdout, r.stderr)
+    assert (tmp_path / "a_seg.png").is_file()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 from segcli.errors import DeviceError
@@ -31,7 +32,16 @@ def available_cores() -> int:
     return max(1, n)
 
 
+def cuda_possible() -> bool:
+    """False when this machine has no NVIDIA driver at all, decided without importing torch (1.4 s)."""
+    if os.environ.get("CUDA_VISIBLE_DEVICES", None) in ("", "-1"):
+        return False
+    return any(Path(p).exists() for p in ("/dev/nvidiactl", "/dev/nvidia0", "/proc/driver/nvidia", "/dev/dxg"))
+
+
 def torch_cuda_available() -> bool:
+    if not cuda_possible():
+        return False
     import torch
 
     return bool(torch.cuda.is_available())
@@ -57,10 +67,30 @@ def resolve_device(device: str = "auto") -> str:
     raise DeviceError(f"unknown device {device!r}; use auto, cpu, cuda or cuda:N")
 
 
+_THREADS: list[int] = []  # the count set_threads chose, applied to torch when (and if) torch is loaded
+
+
 def set_threads(threads: int | None = None) -> int:
-    """Set torch intra-op threads to ``threads`` or the cores really available; returns the count."""
+    """Intra-op threads: ``threads`` or the cores really available; returns the count.
+
+    torch gets it now if it is already loaded, else when a torch predictor is built (:func:`apply_threads`),
+    so a run on ONNX Runtime never imports torch at all.
+    """
+    n = threads if threads and threads > 0 else available_cores()
+    _THREADS[:] = [n]
+    if "torch" in sys.modules:
+        sys.modules["torch"].set_num_threads(n)
+    return n
+
+
+def chosen_threads() -> int:
+    """The count of the last :func:`set_threads`, else the cores really available."""
+    return _THREADS[0] if _THREADS else available_cores()
+
+
+def apply_threads() -> None:
+    """Give torch the chosen thread count (called as a torch predictor is built)."""
     import torch
 
-    n = threads if threads and threads > 0 else available_cores()
-    torch.set_num_threads(n)
-    return n
+    if _THREADS and torch.get_num_threads() != _THREADS[0]:
+        torch.set_num_threads(_THREADS[0])

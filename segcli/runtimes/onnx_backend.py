@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -65,12 +64,10 @@ def choose_providers(device: str) -> list[Any]:
 
 
 def default_threads() -> int:
-    """``--threads`` as the Segmenter applied it to torch, else the cores this process may really use."""
-    from segcli.runtimes.device import available_cores
+    """``--threads`` as the Segmenter chose it (segcli.runtimes.device.set_threads), else the cores available."""
+    from segcli.runtimes.device import chosen_threads
 
-    if "torch" in sys.modules:  # Segmenter called set_threads(--threads) before building predictors
-        return max(1, int(sys.modules["torch"].get_num_threads()))
-    return available_cores()
+    return max(1, chosen_threads())
 
 
 def make_session(model: bytes | Path, providers: list[Any], threads: int) -> Any:

@@ -15,6 +15,9 @@ class TorchPredictor:
                  half: bool = False, channels_last: bool = False) -> None:
         import torch
 
+        from segcli.runtimes.device import apply_threads
+
+        apply_threads()
         self.torch = torch
         self.device = device
         self.provider = f"torch-{device}"

@@ -322,13 +322,14 @@ def _train_stages(job: _Job, reporter: Reporter) -> dict[str, Any]:
 
 def _run(cfg: TrainConfig, ckpt: dict[str, Any] | None, reporter: Reporter) -> TrainResult:
     """One training run from a checked config: data, stages, bundle, then the full-resolution score."""
-    from segcli.runtimes.device import resolve_device, set_threads
+    from segcli.runtimes.device import apply_threads, resolve_device, set_threads
     from segcli.train.augment import AugmentConfig
     from segcli.train.loop import FitOptions
 
     log = reporter.log
     device = resolve_device(cfg.device)
     threads = set_threads(cfg.threads)
+    apply_threads()  # training always runs torch
     _setup_determinism(cfg.seed, device)
     t_start = time.perf_counter()
     ds = _load_checked_dataset(cfg, ckpt, log)
