@@ -273,6 +273,9 @@ def test_cuda_requested_only_when_really_usable(monkeypatch: pytest.MonkeyPatch,
 
     monkeypatch.setattr(ort, "InferenceSession", spy)
     monkeypatch.setattr(ort, "get_available_providers", lambda: [CUDA_EP, CPU_EP])
+    import segcli.runtimes.device as device
+
+    monkeypatch.setattr(device, "cuda_possible", lambda: True)  # as on a machine with an NVIDIA driver
     # ORT lists CUDA, torch says there is no usable GPU: CPU only, CUDA never requested
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert choose_providers("cuda") == [CPU_EP]

@@ -481,8 +481,10 @@ def fit(
             if stage.time_budget is not None and len(run.epoch_times) == 2 and not out_of_time:
                 run.fit_schedule(epoch, dt, reporter)
             rec = run.record(epoch, losses, val, dt, improved, out_of_time)
-            save(run.state(epoch + 1))
+            # The log line first, then the checkpoint: a kill between the two leaves a line past the checkpoint,
+            # which --resume trims and writes again (the other order lost the line for good).
             log_metrics(rec)
+            save(run.state(epoch + 1))
             reporter.epoch_end(rec, run.eta(epoch))
             if out_of_time or starved:
                 stopped = "time"
