@@ -8,6 +8,10 @@ a choice of aggregator, not engine code:
   stored only where windows reached, 1 byte per pixel for binary tasks, optionally spilled to disk;
   :class:`LazyLabels` reads it back window by window for masks too large to hold.
 * :class:`WeightedMean`: Gaussian-weighted mean of overlapping tiles (the sliding-window rule).
+* stts's other fusion rules (:data:`FUSION_RULES`, chosen with :func:`make_fusion`, in memory):
+  :class:`MeanFuse` (mean over the crops that reach a pixel), :class:`CentreFuse` (Gaussian weight
+  towards each crop's centre) and :class:`OwnBoxFuse` (max, each crop writing only inside its own
+  object's box plus a margin). ``benchmarks/bench_stts_ablation.py`` compares them.
 
 :class:`CoarseFill` supplies the upsampled rough map where no window reached.
 """
