@@ -240,6 +240,21 @@ def table(out: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def dumps(out: dict[str, Any]) -> str:
+    """JSON with one line per case (floats to 4 decimals), so a 180-image run stays small and diffable."""
+    def rnd(x: Any) -> Any:
+        return round(x, 4) if isinstance(x, float) else x
+
+    rows = []
+    for r in out["rows"]:
+        head = {k: v for k, v in r.items() if k != "per_case"}
+        cases = ",\n".join("    " + json.dumps({k: rnd(v) for k, v in c.items()}) for c in r.get("per_case", []))
+        body = json.dumps(head, indent=1)[:-2]
+        rows.append(f"{body},\n \"per_case\": [\n{cases}\n ]\n}}")
+    top = json.dumps({k: v for k, v in out.items() if k != "rows"}, indent=1)[:-2]
+    return top + ',\n "rows": [\n' + ",\n".join(rows) + "\n ]\n}\n"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--data", type=Path, required=True, help="dataset folder (images/, masks/, optional instances/)")
@@ -252,7 +267,7 @@ def main() -> None:
     out = run(args)
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(out, indent=1) + "\n")
+        args.json.write_text(dumps(out))
     print(f"{out['dataset']} · {out['model']} · S={out['size']} · {out['cases']} val cases")
     print(table(out))
 
