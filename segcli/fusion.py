@@ -8,6 +8,10 @@ a choice of aggregator, not engine code:
   stored only where windows reached, 1 byte per pixel for binary tasks, optionally spilled to disk;
   :class:`LazyLabels` reads it back window by window for masks too large to hold.
 * :class:`WeightedMean`: Gaussian-weighted mean of overlapping tiles (the sliding-window rule).
+* stts's other fusion rules (:data:`FUSION_RULES`, chosen with :func:`make_fusion`, in memory):
+  :class:`MeanFuse` (mean over the crops that reach a pixel), :class:`CentreFuse` (Gaussian weight
+  towards each crop's centre) and :class:`OwnBoxFuse` (max, each crop writing only inside its own
+  object's box plus a margin). ``benchmarks/bench_stts_ablation.py`` compares them.
 
 :class:`CoarseFill` supplies the upsampled rough map where no window reached.
 """
@@ -327,3 +331,105 @@ class LazyLabels:
                 box = (y, x, min(y + T, self.shape[0]), min(x + T, self.shape[1]))
                 out[box[0] : box[2], box[1] : box[3]] = self.read(box)
         return out if dtype is None else out.astype(dtype)
+
+
+# -- alternative fusion rules for stts (issue 22 ablations; in memory, dense) ---------------------------------
+
+FUSION_RULES = ("max", "mean", "centre", "own-box")
+
+
+def centre_weight(h: int, w: int, sigma_scale: float = 0.125) -> np.ndarray:
+    """Gaussian importance of an ``(h, w)`` crop: 1 at its centre, σ = ``sigma_scale`` × side per axis.
+
+    The sliding-window rule (nnU-Net: σ = side / 8), floored at 1e-6 so that a pixel only one crop
+    reaches, at its very border, still takes that crop's probability.
+    """
+    ys = np.arange(h, dtype=np.float64) - (h - 1) / 2.0
+    xs = np.arange(w, dtype=np.float64) - (w - 1) / 2.0
+    sy, sx = max(h * sigma_scale, 1e-6), max(w * sigma_scale, 1e-6)
+    g = np.exp(-(ys[:, None] ** 2) / (2 * sy * sy) - (xs[None, :] ** 2) / (2 * sx * sx))
+    return np.maximum(g, 1e-6).astype(np.float32)
+
+
+class MeanFuse:
+    """Mean of crop probabilities over the crops that reach each pixel (dense K×H×W float32).
+
+    Pixels no crop reached are background, or the rough map's values with ``fill`` (``keep_coarse``).
+    """
+
+    def __init__(self, shape: tuple[int, int], n_classes: int, threshold: float) -> None:
+        self.shape = (int(shape[0]), int(shape[1]))
+        self.n_classes = n_classes
+        self.threshold = threshold
+        self.acc = np.zeros((n_classes, *self.shape), dtype=np.float32)
+        self.weight = np.zeros(self.shape, dtype=np.float32)
+        self.touched_tiles = 0  # Result.info parity with FuseStore; dense, so no tiles
+
+    def weights(self, box: tuple[int, int, int, int], crop: tuple[int, int, int, int]) -> np.ndarray:
+        return np.ones((box[2] - box[0], box[3] - box[1]), dtype=np.float32)
+
+    def aggregate(self, box: np.ndarray | tuple[int, ...], probs: np.ndarray,
+                  crop: np.ndarray | tuple[int, ...] | None = None,
+                  own: np.ndarray | tuple[int, ...] | None = None) -> None:
+        """Add ``probs`` ``(K, h, w)`` for ``box``; ``crop`` (default ``box``) is the network's window."""
+        b = tuple(int(v) for v in box)
+        c = b if crop is None else tuple(int(v) for v in crop)
+        y0, x0, y1, x1 = b
+        w = self.weights(b, c)  # type: ignore[arg-type]
+        self.acc[:, y0:y1, x0:x1] += np.asarray(probs, dtype=np.float32)[:, : y1 - y0, : x1 - x0] * w
+        self.weight[y0:y1, x0:x1] += w
+
+    def finalize(self, return_probs: bool, fill: CoarseFill | None = None) -> tuple[np.ndarray, np.ndarray | None]:
+        cov = self.weight > 0
+        probs = self.acc
+        np.divide(probs, self.weight[None], out=probs, where=cov[None])
+        if not cov.all():
+            if fill is not None:
+                other = fill.probs((0, 0, *self.shape))
+            else:
+                other = np.zeros_like(probs)
+                other[0] = 1.0
+            probs = np.where(cov[None], probs, other).astype(np.float32)
+        return labels_from_probs(probs, self.threshold), (probs if return_probs else None)
+
+
+class CentreFuse(MeanFuse):
+    """Weighted mean of crop probabilities, each crop weighted by :func:`centre_weight` over its window."""
+
+    def __init__(self, shape: tuple[int, int], n_classes: int, threshold: float, sigma_scale: float = 0.125) -> None:
+        super().__init__(shape, n_classes, threshold)
+        self.sigma_scale = sigma_scale
+
+    def weights(self, box: tuple[int, int, int, int], crop: tuple[int, int, int, int]) -> np.ndarray:
+        g = centre_weight(crop[2] - crop[0], crop[3] - crop[1], self.sigma_scale)
+        return g[box[0] - crop[0] : box[2] - crop[0], box[1] - crop[1] : box[3] - crop[1]]
+
+
+class OwnBoxFuse(FuseStore):
+    """Max fusion where each crop writes only inside ``own`` (its object's box plus a margin)."""
+
+    def aggregate(self, box: np.ndarray | tuple[int, ...], probs: np.ndarray,  # type: ignore[override]
+                  crop: np.ndarray | tuple[int, ...] | None = None,
+                  own: np.ndarray | tuple[int, ...] | None = None) -> None:
+        y0, x0, y1, x1 = (int(v) for v in box)
+        if own is not None:
+            a0, b0, a1, b1 = max(y0, int(own[0])), max(x0, int(own[1])), min(y1, int(own[2])), min(x1, int(own[3]))
+            if a1 <= a0 or b1 <= b0:
+                return
+            probs = probs[:, a0 - y0 : a1 - y0, b0 - x0 : b1 - x0]
+            y0, x0, y1, x1 = a0, b0, a1, b1
+        super().aggregate((y0, x0, y1, x1), probs)
+
+
+def make_fusion(rule: str, shape: tuple[int, int], n_classes: int, threshold: float, *, exact: bool = False,
+                spill_dir: str | os.PathLike | None = None) -> FuseStore | MeanFuse:
+    """The aggregator of one stts fusion rule (:data:`FUSION_RULES`); ``max`` is :class:`FuseStore`."""
+    if rule == "max":
+        return FuseStore(shape, n_classes, threshold, exact=exact, spill_dir=spill_dir)
+    if rule == "own-box":
+        return OwnBoxFuse(shape, n_classes, threshold, exact=exact, spill_dir=spill_dir)
+    if rule == "mean":
+        return MeanFuse(shape, n_classes, threshold)
+    if rule == "centre":
+        return CentreFuse(shape, n_classes, threshold)
+    raise ValueError(f"unknown fusion rule {rule!r}; expected one of {', '.join(FUSION_RULES)}")

@@ -38,8 +38,15 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 
 from segcli.engines.base import ArrayPlane, Plane, ProgressFn, Result, Timer, batched, rough_input
-from segcli.fusion import CoarseFill, FuseStore, LazyLabels, foreground
-from segcli.geometry import crop_boxes, sliding_grid
+from segcli.fusion import FUSION_RULES, CoarseFill, FuseStore, LazyLabels, foreground, make_fusion
+from segcli.geometry import (
+    component_boxes,
+    crop_boxes,
+    scale_boxes,
+    sliding_grid,
+    square_pad_shift,
+    valid_boxes,
+)
 from segcli.params import DEFAULT_PARAMS as D
 from segcli.params import default_pad
 from segcli.resize import letterbox, resize
@@ -118,11 +125,18 @@ def stts(
     spill_dir: str | os.PathLike | None = None,
     lazy: bool = False,
     prefetch: bool = False,
+    fusion: str = "max",
+    own_margin: int | None = None,
 ) -> Result:
     """Segment one 2D image with segment-then-segment; see the module docstring.
 
     ``lazy=True`` returns :class:`~segcli.fusion.LazyLabels` (and no probability array:
     ``labels.read_probs(box)`` gives them per window) instead of full-size arrays.
+
+    ``fusion`` chooses how overlapping crops combine (:data:`~segcli.fusion.FUSION_RULES`): ``max``
+    (default, the paper's OR), ``mean``, ``centre`` (Gaussian-weighted mean) or ``own-box`` (each crop
+    writes only inside its object's unpadded box grown by ``own_margin`` px, default pad // 2, max
+    among those). Rules other than ``max`` hold dense arrays and need ``lazy=False``.
     """
     timer = Timer()
     H, W = plane.shape
@@ -130,13 +144,36 @@ def stts(
     with timer.stage("rough"):
         rough, rinfo = rough_pass(plane, coarse, size=size, keep_aspect=keep_aspect, max_downscale=max_downscale,
                                   batch_size=batch_size)
+    own = None
     with timer.stage("components"):
-        boxes = crop_boxes(foreground(rough, threshold), (H, W), pad, min_size=min_component, min_side=min_side)
+        if fusion == "own-box":
+            margin = pad // 2 if own_margin is None else int(own_margin)
+            boxes, own = boxes_and_own(foreground(rough, threshold), (H, W), pad, margin,
+                                       min_size=min_component, min_side=min_side)
+        else:
+            boxes = crop_boxes(foreground(rough, threshold), (H, W), pad, min_size=min_component, min_side=min_side)
     res = fine_pass(plane, fine, boxes, rough, size=size, threshold=threshold, keep_coarse=keep_coarse,
                     batch_size=batch_size, return_probs=return_probs, timer=timer, progress=progress,
-                    max_zoom=max_zoom, spill_dir=spill_dir, lazy=lazy, prefetch=prefetch)
+                    max_zoom=max_zoom, spill_dir=spill_dir, lazy=lazy, prefetch=prefetch, fusion=fusion,
+                    own_boxes=own)
     res.info.update(rinfo)
     return res
+
+
+def boxes_and_own(mask: np.ndarray, image_shape: tuple[int, int], pad: int, margin: int, *, min_size: int = 1,
+                  min_side: int = 5) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`~segcli.geometry.crop_boxes` and, for each kept crop, its component's full-resolution box
+    before squaring and padding, grown by ``margin`` px and clipped to the image (``own-box`` fusion)."""
+    raw = component_boxes(mask, min_size=min_size)
+    if mask.shape != tuple(image_shape):
+        raw = scale_boxes(raw, mask.shape, image_shape)
+    raw = np.asarray(raw, dtype=np.int64).reshape(-1, 4)
+    sq = square_pad_shift(raw, image_shape, pad)
+    keep = valid_boxes(sq, image_shape, min_side)
+    H, W = image_shape
+    own = raw[keep] + np.asarray([-margin, -margin, margin, margin], dtype=np.int64)
+    own = np.clip(own, 0, [H, W, H, W])
+    return sq[keep], own
 
 
 def _cores(start: int, stop: int, starts: list[int], tile: int) -> list[tuple[int, int]]:
@@ -199,17 +236,29 @@ def fine_pass(
     spill_dir: str | os.PathLike | None = None,
     lazy: bool = False,
     prefetch: bool = False,
+    fusion: str = "max",
+    own_boxes: np.ndarray | None = None,
 ) -> Result:
     """Run the fine network on ``boxes`` in batches and fuse by per-class maximum (OR for binary).
 
     Memory: the fusion store (only tiles crops touched), one batch of crops and the rough map; full
-    arrays are built at the end only when ``lazy`` is false.
+    arrays are built at the end only when ``lazy`` is false. ``fusion`` picks another rule (see
+    :func:`stts`); ``own_boxes`` (one per box) are the write regions of ``own-box`` fusion.
     """
+    if fusion not in FUSION_RULES:
+        raise ValueError(f"unknown fusion rule {fusion!r}; expected one of {', '.join(FUSION_RULES)}")
+    if lazy and fusion != "max":
+        raise ValueError(f"fusion {fusion!r} needs the in-memory path (lazy=False)")
     H, W = plane.shape
     K = rough.shape[0]
     crops, writes, n_tiled = zoom_tiles(boxes, size, max_zoom)
+    parents = None
+    if fusion == "own-box" and own_boxes is not None:
+        # zoom_tiles keeps box order and puts a box's tiles together: count them per box.
+        counts = [len(zoom_tiles(np.asarray(b)[None], size, max_zoom)[0]) for b in np.asarray(boxes).reshape(-1, 4)]
+        parents = np.repeat(np.arange(len(counts)), counts)
     # Exact float probabilities when the caller will get a full probability array.
-    store = FuseStore((H, W), K, threshold, exact=return_probs and not lazy, spill_dir=spill_dir)
+    store = make_fusion(fusion, (H, W), K, threshold, exact=return_probs and not lazy, spill_dir=spill_dir)
     order = list(range(len(crops)))
     chunks = list(batched(order, batch_size))
     pool = ThreadPoolExecutor(1, thread_name_prefix="segcli-crops") if prefetch and len(chunks) > 1 else None
@@ -229,7 +278,11 @@ def fine_pass(
                     cy0, cx0 = int(crops[i][0]), int(crops[i][1])
                     wy0, wx0, wy1, wx1 = (int(v) for v in writes[i])
                     p = paste_back(pb[j], crops[i])[:, wy0 - cy0 : wy1 - cy0, wx0 - cx0 : wx1 - cx0]
-                    store.aggregate(writes[i], p)
+                    if fusion == "max":
+                        store.aggregate(writes[i], p)
+                    else:
+                        own = own_boxes[parents[i]] if parents is not None and own_boxes is not None else None
+                        store.aggregate(writes[i], p, crop=crops[i], own=own)  # type: ignore[call-arg]
             done += len(chunk)
             if progress:
                 progress("fine", done, len(crops))
@@ -240,6 +293,7 @@ def fine_pass(
     info: dict[str, object] = {"crops": int(len(boxes)), "boxes": boxes.tolist(), "fine_inputs": int(len(crops)),
                                "boxes_tiled": int(n_tiled), "fused_tiles": int(store.touched_tiles)}
     if lazy:
+        assert isinstance(store, FuseStore)
         lazy_labels = LazyLabels(store, fill if keep_coarse else None, fill if keep_coarse else None)
         return Result(lazy_labels, None, timer.t, info)  # type: ignore[arg-type]
     with timer.stage("fuse"):
