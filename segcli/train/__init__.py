@@ -96,6 +96,7 @@ class TrainConfig:
     device: str = "auto"
     amp: bool = True
     augment: bool = True
+    stain_jitter: float = 0.0  # HED stain jitter amplitude (RGB H&E; 0 = off), see train.augment
     cache_gb: float = 4.0
     workers: int = 2
     # Torch intra-op threads (None: the cores available). On a machine shared with other jobs, 1 is
@@ -155,6 +156,8 @@ def _check_config(cfg: TrainConfig) -> None:
         raise UsageError(f"--criterion must be pixel or mean, not {cfg.criterion!r}")
     if cfg.jitter < 0:
         raise UsageError("--jitter must be >= 0")
+    if not 0.0 <= cfg.stain_jitter < 1.0:
+        raise UsageError(f"--stain-jitter must be in [0, 1), got {cfg.stain_jitter}")
     if not 0.0 < cfg.stage_split < 1.0:
         raise UsageError("stage_split must be in (0, 1)")
     if cfg.fine_init == "coarse" and cfg.method == "direct":
@@ -550,6 +553,8 @@ def _run(cfg: TrainConfig, ckpt: dict[str, Any] | None, reporter: Reporter) -> T
         raise DatasetError("the dataset's cases changed since the checkpoint was written; cannot resume", cfg.data)
     if cfg.normalization is None:
         cfg.normalization = ds.normalization  # recorded, so a resume normalises identically
+    if cfg.stain_jitter and cfg.augment and (ds.in_channels != 3 or (cfg.normalization or {}).get("kind") != "dtype"):
+        raise UsageError("--stain-jitter needs RGB images with the dtype normalisation (8-bit H&E; try --channels rgb)")
     out_dir = Path(cfg.out)
     out_dir.mkdir(parents=True, exist_ok=True)
     ckpt_path = out_dir / CHECKPOINT
@@ -564,7 +569,7 @@ def _run(cfg: TrainConfig, ckpt: dict[str, Any] | None, reporter: Reporter) -> T
         raise UsageError(str(exc)) from None
     opts = FitOptions(lr=cfg.lr, weight_decay=cfg.weight_decay, optimizer=cfg.optimizer, schedule=cfg.schedule,
                       patience=cfg.patience, device=device, amp=cfg.amp,
-                      augment=AugmentConfig() if cfg.augment else None, seed=cfg.seed)
+                      augment=AugmentConfig(stain=cfg.stain_jitter) if cfg.augment else None, seed=cfg.seed)
     stage_names = STAGES[cfg.method]
     arch_of = {"coarse": cfg.arch, "fine": cfg.fine_arch or cfg.arch}
     conf_of = {r: net_config(cfg, arch_of[r]) for r in stage_names}
@@ -684,6 +689,7 @@ def _training_section(cfg: TrainConfig, ds: Any, stages: dict[str, dict[str, Any
         "lr": cfg.lr,
         "batch_size": cfg.batch_size,
         "augment": cfg.augment,
+        "stain_jitter": cfg.stain_jitter,
         "jitter": cfg.jitter if cfg.method == "stts" else None,
         "fine_init": cfg.fine_init if cfg.method != "direct" else None,
         "sampling": cfg.sampling if cfg.method == "refine" else None,
