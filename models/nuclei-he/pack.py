@@ -1,9 +1,9 @@
 """Pack the nuclei-he training run into this folder (fp16 weights, chosen method, sample, held-out scores).
 
-    python models/nuclei-he/pack.py RUN --method sliding --scores runs/eval/SCORES.json [--scores ...]
+    python models/nuclei-he/pack.py RUN --method sliding --scores LABEL=runs/eval/SCORES.json [--scores ...]
 
-RUN is the `segcli train` output; each --scores is `segcli evaluate --json` output of the held-out split,
-named by the method in its file stem after the last '-' (e.g. r2-sliding.json). The sample is a 320x320
+RUN is the `segcli train` output; each --scores is a label (how predict was run) and the `segcli evaluate
+--json` output of the held-out split. The sample is a 320x320
 crop of a held-out tile (the models test caps a sample at 200 KB) with its ground truth.
 """
 
@@ -55,9 +55,9 @@ def main() -> None:
     }
     split = json.loads((HERE / "splits.json").read_text())
     held = {}
-    for p in args.scores:
-        p = Path(p)
-        held[p.stem.split("-", 1)[1]] = {"file": p.name, **{k: v for k, v in mean_scores(p).items()}}
+    for item in args.scores:
+        label, _, p = item.rpartition("=")
+        held[label] = {"file": Path(p).name, **mean_scores(Path(p))}
     training = dict(b.training)
     if args.command:
         training["command"] = args.command
