@@ -101,6 +101,49 @@ def test_parse_duration() -> None:
 
 
 # --------------------------------------------------------------------------------------------- crops
+def test_stain_jitter_known_answers() -> None:
+    from segcli.train.augment import _RGB_FROM_HED, stain_jitter
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(2, 3, 8, 8, generator=g) * 0.9 + 0.05
+    one, zero = torch.ones(2, 3), torch.zeros(2, 3)
+    assert torch.allclose(stain_jitter(x, one, zero), x, atol=1e-5)  # identity
+    # a pure-haematoxylin pixel: OD = c * h; doubling H doubles its optical density, E/D untouched
+    h = _RGB_FROM_HED[0].float()
+    px = torch.exp(-0.5 * h).view(1, 3, 1, 1)
+    twice = stain_jitter(px, torch.tensor([[2.0, 1.0, 1.0]]), torch.zeros(1, 3))
+    assert torch.allclose(twice.flatten(), torch.exp(-1.0 * h), atol=1e-5)
+    assert torch.allclose(stain_jitter(px, torch.tensor([[1.0, 3.0, 0.5]]), torch.zeros(1, 3)), px, atol=1e-5)
+    white = torch.ones(1, 3, 2, 2)
+    assert torch.equal(stain_jitter(white, torch.tensor([[1.3, 0.7, 1.1]]), torch.zeros(1, 3)), white)
+
+
+def test_stain_jitter_is_opt_in_and_only_recolours() -> None:
+    from segcli.train.augment import AugmentConfig, augment
+
+    x = torch.rand(4, 3, 16, 16, generator=torch.Generator().manual_seed(1))
+    y = (x[:, :1] > 0.5).float().repeat(1, 2, 1, 1)
+    xa, ya = augment(x, y, torch.Generator().manual_seed(3), AugmentConfig())
+    xb, yb = augment(x, y, torch.Generator().manual_seed(3), AugmentConfig(stain=0.2))
+    assert torch.equal(ya, yb)  # same geometry: the stain draws come after all the others
+    assert not torch.allclose(xa, xb) and torch.isfinite(xb).all()
+    xc, _ = augment(x, y, torch.Generator().manual_seed(3), AugmentConfig(stain=0.0))
+    assert torch.equal(xa, xc)  # off by default, and off leaves the random stream alone
+    with pytest.raises(ValueError, match="RGB"):
+        augment(x[:, :1], y, torch.Generator().manual_seed(3), AugmentConfig(stain=0.1))
+
+
+def test_stain_jitter_trains_and_is_recorded(tmp_path: Path) -> None:
+    out = tmp_path / "he"
+    train(SHARED, out, method="direct", epochs=1, val_full_res=False, stain_jitter=0.1, **TINY)
+    b = load_bundle(out)
+    assert b.training["stain_jitter"] == 0.1
+    with pytest.raises(UsageError, match="stain-jitter"):
+        train(SHARED, tmp_path / "bad", method="direct", epochs=1, stain_jitter=1.5, **TINY)
+    with pytest.raises(UsageError, match="stain-jitter"):
+        train(NNUNET, tmp_path / "grey", method="direct", epochs=1, stain_jitter=0.1, **TINY)
+
+
 def test_crop_jitter_bounds() -> None:
     """Training crops are geometry.crop_boxes' boxes: inside the image, jitter within ±J before squaring."""
     rng_mask = np.random.default_rng(5)

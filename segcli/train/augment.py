@@ -1,4 +1,5 @@
-"""Batch augmentation on tensors: flips, 90° rotations, a small affine warp, intensity jitter.
+"""Batch augmentation on tensors: flips, 90° rotations, a small affine warp, intensity jitter, and
+(opt-in, RGB H&E only) stain jitter in HED optical-density space.
 
 Everything runs on the whole batch at once (on the training device) with per-sample parameters
 drawn from an explicit ``torch.Generator``, so a seed reproduces the run and resuming restores the
@@ -29,6 +30,33 @@ class AugmentConfig:
     intensity: float = 0.5  # probability of brightness/contrast jitter
     brightness: float = 0.1  # additive, in normalised units
     contrast: float = 0.1  # multiplicative around the sample mean
+    # HED stain jitter (Tellez et al. 2018): 0 = off. For RGB in [0, 1] (the dtype rule on 8-bit
+    # images): each sample's haematoxylin/eosin/DAB concentrations (Ruifrok-Johnston colour
+    # deconvolution) are scaled by U(1-s, 1+s) and shifted by U(-s, s). Its random numbers are drawn
+    # only when s > 0, so runs without it keep their exact random stream.
+    stain: float = 0.0
+
+
+# Ruifrok & Johnston (2001) stain vectors, rows = haematoxylin, eosin, DAB, in optical density.
+_RGB_FROM_HED = torch.tensor([[0.65, 0.70, 0.29], [0.07, 0.99, 0.11], [0.27, 0.57, 0.78]], dtype=torch.float64)
+_RGB_FROM_HED = _RGB_FROM_HED / _RGB_FROM_HED.norm(dim=1, keepdim=True)
+_HED_FROM_RGB = torch.linalg.inv(_RGB_FROM_HED)
+_OD_MIN = 1e-6  # smallest transmitted fraction used for log(); keeps pure black finite
+
+
+def stain_jitter(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+    """RGB ``x (N, 3, H, W)`` in [0, 1] → the same tissue with stain amounts ``c * scale + shift``.
+
+    ``scale``/``shift`` are ``(N, 3)`` per sample and stain (H, E, D). ``scale=1, shift=0`` returns
+    ``x`` (up to float rounding, and values below ``_OD_MIN`` raised to it).
+    """
+    dt = x.dtype
+    od = -torch.log(x.float().clamp(_OD_MIN, 1.0))  # (N, 3, H, W), natural-log optical density
+    m = _HED_FROM_RGB.to(device=x.device, dtype=torch.float32)
+    hed = torch.einsum("nchw,cs->nshw", od, m)
+    hed = hed * scale.to(x.device, torch.float32).view(-1, 3, 1, 1) + shift.to(x.device, torch.float32).view(-1, 3, 1, 1)
+    od = torch.einsum("nshw,sc->nchw", hed, _RGB_FROM_HED.to(device=x.device, dtype=torch.float32))
+    return torch.exp(-od).clamp(0.0, 1.0).to(dt)
 
 
 def _u(n: int, lo: float, hi: float, g: torch.Generator) -> torch.Tensor:
@@ -57,6 +85,11 @@ def augment(
     do_int = torch.rand(n, generator=g) < cfg.intensity
     bright = _u(n, -cfg.brightness, cfg.brightness, g)
     contrast = _u(n, 1.0 - cfg.contrast, 1.0 + cfg.contrast, g)
+    if cfg.stain > 0:
+        if x.shape[1] != 3:
+            raise ValueError(f"stain jitter needs RGB inputs, got {x.shape[1]} channel(s)")
+        s_scale = _u(n * 3, 1.0 - cfg.stain, 1.0 + cfg.stain, g).view(n, 3)
+        s_shift = _u(n * 3, -cfg.stain, cfg.stain, g).view(n, 3)
 
     x = x.clone()
     y = y.clone()
@@ -85,6 +118,8 @@ def augment(
         grid = F.affine_grid(theta, list(xs.shape), align_corners=False)
         x[idx] = F.grid_sample(xs, grid, mode="bilinear", padding_mode="border", align_corners=False).to(x.dtype)
         y[idx] = F.grid_sample(y[idx].float(), grid, mode="bilinear", padding_mode="border", align_corners=False).to(y.dtype)
+    if cfg.stain > 0:
+        x = stain_jitter(x, s_scale, s_shift)
     if cfg.intensity > 0 and do_int.any():
         sel = do_int.to(dev)
         xi = x[sel]
