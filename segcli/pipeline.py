@@ -290,8 +290,15 @@ class TiledTiffRoute:
 
                 net_plane = ScaledPlane(plane, scale[0])
                 spacing = (float(bundle.params["training_mpp"]) / 1000.0,) * 2
-            kw = plan.kwargs_2d(p, bundle, seg.options, seg.budget, net_plane.shape, spacing)
-            res = plan.run_2d(p, net_plane, seg.predictors(bundle), kw, return_probs=False, progress=progress,
+            run = p
+            extra: dict[str, Any] = {}
+            if p.method == "sliding":  # full-resolution windows, only where the rough pass finds tissue
+                run = plan.Plan("stts", p.size, p.params)
+                extra = {"crop_mode": "grid", "overlap": p["overlap"]}
+            kw = plan.kwargs_2d(run, bundle, seg.options, seg.budget, net_plane.shape, spacing)
+            if extra:
+                kw.update(extra, max_zoom=None)
+            res = plan.run_2d(run, net_plane, seg.predictors(bundle), kw, return_probs=False, progress=progress,
                               spill_dir=spill, lazy=True, prefetch=True)
             if scale is not None:
                 from segcli.engines.base import ScaledLabels
@@ -374,6 +381,10 @@ class TiledTiffRoute:
 # -- choosing a route and checking memory ------------------------------------------------------------
 
 
+#: Methods the bounded (tiled TIFF) route runs: stts, and sliding as windows over the rough pass's tissue.
+BOUNDED_METHODS = ("stts", "sliding")
+
+
 def open_route(seg: Segmenter, path: Path, out: Path, content: str | None) -> Route:
     """Open ``path`` on the route its content, header and the memory budget call for (see the module).
 
@@ -424,7 +435,7 @@ def _wants_tiles(seg: Segmenter, path: Path, out: Path, kind: str, head: tuple) 
                              n_classes=bundle.n_classes, method=p.method, size=p.size, return_probs=False)
     if seg.options.lazy_pixels >= H * W and est <= seg.budget:
         return False
-    if p.method != "stts":
+    if p.method not in BOUNDED_METHODS:
         memory.check_fits(est, seg.budget, path, f"--method {p.method} on this {H}x{W} image",
                           "use --method stts, which reads only a rough view and the crops", share=seg.budget_share)
         return False

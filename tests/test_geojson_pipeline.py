@@ -79,3 +79,27 @@ def test_cli_geojson_output_name(tmp_path):
     assert json.loads((tmp_path / "out" / "objects.geojson").read_text())["type"] == "FeatureCollection"
     r = run_cli("predict", tmp_path / "a.png", "--model", bundle, "--geojson")
     assert r.returncode == 0 and (tmp_path / "a_seg.geojson").is_file()
+
+
+def test_sliding_on_a_slide_runs_bounded_over_tissue_only(tmp_path):
+    """A bundle whose method is sliding runs on a slide too big to hold: full-resolution windows, only where the
+    rough pass finds tissue, same mask as the in-memory sliding window (issue 17: nuclei-he is sliding)."""
+    img = np.full((900, 1100), 235, np.uint8)
+    for y, x, s in [(40, 60, 30), (600, 900, 80)]:
+        img[y : y + s, x : x + s] = 20
+    tifffile.imwrite(tmp_path / "slide.tif", img, tile=(128, 128), compression="zlib")
+    bundle = make_bundle(tmp_path / "b", size=64, normalization={"kind": "dtype"}, method="sliding")
+    masks, infos = {}, {}
+    for name, lazy in (("lazy", 0), ("mem", 10**9)):
+        seg = Segmenter(bundle, lazy_pixels=lazy, tile_size=128)
+        b = seg.bundle_for("2d")
+        for role in ("coarse", "fine"):
+            seg._predictors[(b.path.resolve(), role)] = FunctionPredictor(dark_probs)
+        rep = seg.predict_file(tmp_path / "slide.tif", tmp_path / name / "m.tif")
+        assert rep.status == "ok" and rep.method == "sliding", rep.error
+        masks[name], infos[name] = tifffile.imread(tmp_path / name / "m.tif"), rep.info
+    assert infos["lazy"]["bounded_memory"]
+    kept, grid = infos["lazy"]["windows"]["kept"], infos["lazy"]["windows"]["grid"]
+    assert 0 < kept < grid / 4  # the glass is skipped
+    a, b = masks["lazy"] > 0, masks["mem"] > 0
+    assert a.sum() > 0 and 2 * (a & b).sum() / (a.sum() + b.sum()) >= 0.99

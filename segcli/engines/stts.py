@@ -127,8 +127,14 @@ def stts(
     prefetch: bool = False,
     fusion: str = "max",
     own_margin: int | None = None,
+    crop_mode: str = "components",
+    overlap: float = D["overlap"],
 ) -> Result:
     """Segment one 2D image with segment-then-segment; see the module docstring.
+
+    ``crop_mode="grid"`` replaces the component crops by the windows of a full-resolution sliding grid
+    (side S, ``overlap``) that touch the rough pass's foreground: a sliding window that skips glass, in
+    bounded memory. It is how a bundle whose method is ``sliding`` runs on a slide too big to hold.
 
     ``lazy=True`` returns :class:`~segcli.fusion.LazyLabels` (and no probability array:
     ``labels.read_probs(box)`` gives them per window) instead of full-size arrays.
@@ -146,7 +152,9 @@ def stts(
                                   batch_size=batch_size)
     own = None
     with timer.stage("components"):
-        if fusion == "own-box":
+        if crop_mode == "grid":
+            boxes = tissue_windows(foreground(rough, threshold), (H, W), size, overlap)
+        elif fusion == "own-box":
             margin = pad // 2 if own_margin is None else int(own_margin)
             boxes, own = boxes_and_own(foreground(rough, threshold), (H, W), pad, margin,
                                        min_size=min_component, min_side=min_side)
@@ -157,7 +165,27 @@ def stts(
                     max_zoom=max_zoom, spill_dir=spill_dir, lazy=lazy, prefetch=prefetch, fusion=fusion,
                     own_boxes=own)
     res.info.update(rinfo)
+    if crop_mode == "grid":
+        res.info["windows"] = {"kept": int(len(boxes)), "grid": int(len(sliding_grid((H, W), size, overlap)))}
     return res
+
+
+def tissue_windows(fg_low: np.ndarray, image_shape: tuple[int, int], size: int, overlap: float) -> np.ndarray:
+    """The sliding-grid windows (side ``size``) whose footprint on the rough mask holds foreground.
+
+    The rough mask is grown by one rough pixel first, so a window that an object only grazes is kept.
+    """
+    from scipy import ndimage
+
+    H, W = image_shape
+    grid = sliding_grid((H, W), size, overlap)
+    fg = ndimage.binary_dilation(fg_low, iterations=1) if fg_low.any() else fg_low
+    h, w = fg.shape
+    sy, sx = h / H, w / W
+    keep = [i for i, (y0, x0, y1, x1) in enumerate(grid.tolist())
+            if fg[int(y0 * sy): max(int(y0 * sy) + 1, int(np.ceil(y1 * sy))),
+                  int(x0 * sx): max(int(x0 * sx) + 1, int(np.ceil(x1 * sx)))].any()]
+    return np.asarray(grid, np.int64).reshape(-1, 4)[keep]
 
 
 def boxes_and_own(mask: np.ndarray, image_shape: tuple[int, int], pad: int, margin: int, *, min_size: int = 1,
