@@ -298,6 +298,11 @@ class TiledTiffRoute:
             kw = plan.kwargs_2d(run, bundle, seg.options, seg.budget, net_plane.shape, spacing)
             if extra:
                 kw.update(extra, max_zoom=None)
+                # The rough pass only has to find tissue here: cap its grid at GRID_ROUGH_PIXELS so its dense
+                # accumulators stay small on a 40k² slide (4096² at 0.98 µm/px would hold 1.3 GB of floats).
+                H, W = net_plane.shape
+                floor = (H * W / GRID_ROUGH_PIXELS) ** 0.5
+                kw["max_downscale"] = max(kw.get("max_downscale") or 1.0, floor)
             res = plan.run_2d(run, net_plane, seg.predictors(bundle), kw, return_probs=False, progress=progress,
                               spill_dir=spill, lazy=True, prefetch=True)
             if scale is not None:
@@ -380,6 +385,9 @@ class TiledTiffRoute:
 
 # -- choosing a route and checking memory ------------------------------------------------------------
 
+
+#: Largest rough grid (pixels) of a bounded sliding run, whose rough pass only selects tissue windows.
+GRID_ROUGH_PIXELS = 2048 * 2048
 
 #: Methods the bounded (tiled TIFF) route runs: stts, and sliding as windows over the rough pass's tissue.
 BOUNDED_METHODS = ("stts", "sliding")
