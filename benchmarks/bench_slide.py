@@ -173,6 +173,8 @@ def score(mask_path: Path, size: int, tiles: list[dict]) -> dict:
     import tifffile
 
     tp = pred_fg = pred_glass = 0
+    per_tp = [0] * len(tiles)
+    per_pred = [0] * len(tiles)
     gt_fg = sum(int(t["mask"].sum()) for t in tiles)
     segments = 0
     with tifffile.TiffFile(mask_path) as tf:
@@ -198,7 +200,7 @@ def score(mask_path: Path, size: int, tiles: list[dict]) -> dict:
             if not fg:
                 continue
             inside = 0
-            for t in tiles:
+            for j, t in enumerate(tiles):
                 th, tw = t["mask"].shape
                 a0, a1 = max(y0, t["y"]), min(y0 + h, t["y"] + th)
                 b0, b1 = max(x0, t["x"]), min(x0 + w, t["x"] + tw)
@@ -206,14 +208,26 @@ def score(mask_path: Path, size: int, tiles: list[dict]) -> dict:
                     continue
                 p = seg[a0 - y0 : a1 - y0, b0 - x0 : b1 - x0]
                 g = t["mask"][a0 - t["y"] : a1 - t["y"], b0 - t["x"] : b1 - t["x"]] > 0
-                tp += int((p & g).sum())
-                inside += int(p.sum())
+                both, np_ = int((p & g).sum()), int(p.sum())
+                tp += both
+                inside += np_
+                per_tp[j] += both
+                per_pred[j] += np_
             pred_glass += fg - inside
     fp, fn = pred_fg - tp, gt_fg - tp
     return {"dice": round(2 * tp / max(1, pred_fg + gt_fg), 4), "precision": round(tp / max(1, pred_fg), 4),
             "recall": round(tp / max(1, gt_fg), 4), "tp_px": tp, "fp_px": fp, "fn_px": fn,
             "pred_fg_px": pred_fg, "gt_fg_px": gt_fg, "fp_on_glass_px": pred_glass,
-            "pred_fg_fraction_of_slide": round(pred_fg / (size * size), 5), "segments_read": segments}
+            "pred_fg_fraction_of_slide": round(pred_fg / (size * size), 5), "segments_read": segments,
+            "per_tile": [{"name": t["name"], "y": t["y"], "x": t["x"], "gt_px": int(t["mask"].sum()),
+                          "pred_px": per_pred[j], "tp_px": per_tp[j],
+                          "dice": round(2 * per_tp[j] / max(1, per_pred[j] + int(t["mask"].sum())), 4)}
+                         for j, t in enumerate(tiles)],
+            # a tile the model calls (almost) all nucleus, or where it finds (almost) nothing
+            "tiles_filled": sum(per_pred[j] > 0.9 * t["mask"].size for j, t in enumerate(tiles)),
+            "tiles_empty": sum(per_pred[j] < 0.01 * t["mask"].size for j, t in enumerate(tiles)),
+            "median_tile_dice": round(float(np.median([2 * per_tp[j] / max(1, per_pred[j] + int(t["mask"].sum()))
+                                                       for j, t in enumerate(tiles)])), 4)}
 
 
 def read_region(path: Path, y: int, x: int, h: int, w: int) -> np.ndarray:
@@ -263,8 +277,9 @@ def plot(doc: dict, png: Path) -> None:
     models = list(dict.fromkeys(r["model"] for r in runs))
     sizes = sorted({r["size"] for r in runs})
     prev = doc.get("preview") or {}
-    ncol = 3 + (1 if prev else 0)
-    fig, ax = plt.subplots(1, ncol, figsize=(4.2 * ncol, 4.0))
+    npv = len(prev.get("pred", {})) if prev else 0
+    ncol = 3 + npv
+    fig, ax = plt.subplots(1, ncol, figsize=(4.2 * ncol, 4.2))
     width = 0.8 / len(models)
     for j, m in enumerate(models):
         label = Path(m).name
@@ -279,17 +294,15 @@ def plot(doc: dict, png: Path) -> None:
     ax[2].set_ylim(0, 1)
     ax[2].set_title("Dice vs the tiles' masks")
     ax[0].legend(fontsize=8)
-    if prev:
-        a = ax[3]
-        img = np.asarray(prev["image"])
-        a.imshow(img)
-        colours = ["#00ff00", "#ff00ff", "#00ffff", "#ffff00"]
-        a.contour(prev["gt"], levels=[0.5], colors=colours[0], linewidths=0.6)
-        for j, lab in enumerate(prev["pred"].values()):
-            if lab.any():
-                a.contour(lab, levels=[0.5], colors=colours[1 + j % 3], linewidths=0.6)
-        names = ", ".join(f"{Path(m).name} ({['magenta', 'cyan', 'yellow'][j % 3]})" for j, m in enumerate(prev["pred"]))
-        a.set_title(f"{prev['name']}: truth (green), {names}", fontsize=7)
+    for j, (m, lab) in enumerate((prev.get("pred") or {}).items()):
+        a = ax[3 + j]
+        a.imshow(np.asarray(prev["image"]))
+        over = np.zeros(lab.shape + (4,), np.float32)
+        over[lab] = (1.0, 0.0, 1.0, 0.35)
+        a.imshow(over)
+        a.contour(np.asarray(prev["gt"]), levels=[0.5], colors="#00ff00", linewidths=0.5)
+        a.set_title(f"{Path(m).name} on {prev['name'][:12]} ({prev['size'] // 1000}k² slide)\n"
+                    "prediction magenta, truth outlined green", fontsize=8)
         a.axis("off")
     load = doc.get("load_end", {}).get("loadavg")
     fig.suptitle(f"bench_slide.py: SVS-like JPEG pyramid of MoNuSeg tiles on glass, "
@@ -408,6 +421,14 @@ def run_one(slide: Path, size: int, tiles: list[dict], model: str, out: Path, ex
     cmd = ["/usr/bin/time", "-v", sys.executable, "-m", "segcli", "predict", str(slide), "-o", str(out) + "/",
            "--model", model, "--geojson", "--json", *extra]
     env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    bundle = Path(model) / "segcli.json"
+    if bundle.is_file():  # a bundle given by path may still be changing: say which one was measured
+        import hashlib
+
+        bundle_id = {"segcli_json_sha256": hashlib.sha256(bundle.read_bytes()).hexdigest(),
+                     "mtime": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(bundle.stat().st_mtime))}
+    else:
+        bundle_id = {"shipped": model}
     before = load()
     print(f"  $ {' '.join(cmd[2:])}   [load {before['loadavg']}]", flush=True)
     t0 = time.perf_counter()
@@ -415,7 +436,7 @@ def run_one(slide: Path, size: int, tiles: list[dict], model: str, out: Path, ex
     wall = time.perf_counter() - t0
     after = load()
     row: dict = {"size": size, "model": model, "command": " ".join(["segcli", *cmd[5:]]), "returncode": r.returncode,
-                 "wall_s": round(wall, 1), **time_v(r.stderr), "load_before": before, "load_after": after}
+                 "bundle": bundle_id, "wall_s": round(wall, 1), **time_v(r.stderr), "load_before": before, "load_after": after}
     if r.returncode != 0:
         row["stderr_tail"] = r.stderr[-3000:]
         print(f"  FAILED rc={r.returncode}\n{r.stderr[-3000:]}", flush=True)
@@ -515,7 +536,7 @@ def main() -> None:
                     t = placed[0]
                     h, w = t["mask"].shape
                     lab = read_region(Path(row["report"]["output"]), t["y"], t["x"], h, w) > 0
-                    pv = preview.setdefault("data", {"name": t["name"], "image": t["img"][::2, ::2],
+                    pv = preview.setdefault("data", {"name": t["name"], "size": size, "image": t["img"][::2, ::2],
                                                      "gt": t["mask"][::2, ::2], "pred": {}})
                     pv["pred"][model] = lab[::2, ::2]
                 args.results.write_text(json.dumps(doc, indent=1, default=str) + "\n")
