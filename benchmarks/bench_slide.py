@@ -432,7 +432,16 @@ def run_one(slide: Path, size: int, tiles: list[dict], model: str, out: Path, ex
     before = load()
     print(f"  $ {' '.join(cmd[2:])}   [load {before['loadavg']}]", flush=True)
     t0 = time.perf_counter()
-    r = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, env=env, timeout=timeout)
+    # Its own process group, so a timeout ends segcli too (not only /usr/bin/time).
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO, env=env,
+                            start_new_session=True)
+    try:
+        stdout, stderr = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, 15)
+        stdout, stderr = proc.communicate()
+        stderr += f"\n[bench_slide: stopped after the {timeout:.0f} s timeout]"
+    r = subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr)
     wall = time.perf_counter() - t0
     after = load()
     row: dict = {"size": size, "model": model, "command": " ".join(["segcli", *cmd[5:]]), "returncode": r.returncode,
