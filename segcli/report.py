@@ -66,6 +66,10 @@ def fill_run(rep: FileReport, res: Any, *, model: str, method: str, device: str,
         rep.backend = "+".join(sorted({p.split(":")[0] for p in providers.values()}))
     rep.seconds.update(res.timings)
     rep.info.update({k: v for k, v in res.info.items() if k not in _BULKY_INFO})
+    n, full = res.info.get("fine_inputs"), res.info.get("fine_inputs_filled")
+    if isinstance(n, int) and isinstance(full, int) and n >= 3 and full == n:
+        rep.warnings.append(f"every one of the {n} fine-pass crops came out foreground from edge to edge: "
+                            "implausible; check the model and the image type")
     gate = res.info.get("lung_gate") or {}
     if gate.get("removed_voxels") and not gate.get("lung_ml"):
         rep.warnings.append(f"lung gate: no aerated lung found, so all {gate['removed_voxels']} lesion voxels "

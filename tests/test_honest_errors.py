@@ -273,3 +273,32 @@ def test_a_backend_the_default_bundle_cannot_serve_fails_once(tmp_path, rgb_bund
     assert r.returncode == 2, r.stderr
     assert r.stderr.startswith("segcli: error: bundle ") and "has no ONNX export" in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1 and not (tmp_path / "out").exists()
+
+
+def test_every_crop_filled_is_flagged(tmp_path):
+    """A fine network that fills every crop from edge to edge is a wrong model or input: the report says so."""
+    from segcli.api import Segmenter
+    from segcli.runtimes import FunctionPredictor
+    from tests.conftest import make_bundle
+
+    img = np.full((200, 240, 3), 230, np.uint8)
+    for y, x in [(20, 30), (120, 60), (60, 180), (150, 190)]:
+        img[y : y + 12, x : x + 12] = 20
+    Image.fromarray(img).save(tmp_path / "a.png")
+    bundle = make_bundle(tmp_path / "b", in_channels=3, size=32, normalization={"kind": "dtype"})
+
+    def dark(batch):
+        p = (batch[:, :1] < 0.5).astype(np.float32)
+        return np.concatenate([1 - p, p], axis=1)
+
+    def everything(batch):
+        return np.concatenate([np.zeros_like(batch[:, :1]), np.ones_like(batch[:, :1])], axis=1)
+
+    for fine, flagged in ((dark, False), (everything, True)):
+        seg = Segmenter(bundle, method="stts")
+        b = seg.bundle_for("2d")
+        seg._predictors[(b.path.resolve(), "coarse")] = FunctionPredictor(dark)
+        seg._predictors[(b.path.resolve(), "fine")] = FunctionPredictor(fine)
+        rep = seg.predict_file(tmp_path / "a.png", tmp_path / f"m{flagged}.png")
+        assert rep.status == "ok" and rep.info["crops"] >= 3
+        assert any("came out foreground from edge to edge" in w for w in rep.warnings) == flagged, rep.warnings

@@ -293,6 +293,7 @@ def fine_pass(
     try:
         nxt = pool.submit(fine_inputs, plane, crops[chunks[0]], size) if pool and chunks else None
         done = 0
+        filled = 0  # fine outputs that are foreground from edge to edge: a sign of a wrong model or input
         for ci, chunk in enumerate(chunks):
             with timer.stage("crops"):
                 # Decoding the next batch's tiles (zlib releases the GIL) overlaps with this batch's network.
@@ -306,6 +307,7 @@ def fine_pass(
                     cy0, cx0 = int(crops[i][0]), int(crops[i][1])
                     wy0, wx0, wy1, wx1 = (int(v) for v in writes[i])
                     p = paste_back(pb[j], crops[i])[:, wy0 - cy0 : wy1 - cy0, wx0 - cx0 : wx1 - cx0]
+                    filled += bool(foreground(p, threshold).all())
                     if fusion == "max":
                         store.aggregate(writes[i], p)
                     else:
@@ -319,7 +321,8 @@ def fine_pass(
             pool.shutdown(wait=True)
     fill = CoarseFill(rough, (H, W), threshold)
     info: dict[str, object] = {"crops": int(len(boxes)), "boxes": boxes.tolist(), "fine_inputs": int(len(crops)),
-                               "boxes_tiled": int(n_tiled), "fused_tiles": int(store.touched_tiles)}
+                               "boxes_tiled": int(n_tiled), "fused_tiles": int(store.touched_tiles),
+                               "fine_inputs_filled": int(filled)}
     if lazy:
         assert isinstance(store, FuseStore)
         lazy_labels = LazyLabels(store, fill if keep_coarse else None, fill if keep_coarse else None)
