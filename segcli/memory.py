@@ -87,7 +87,10 @@ def estimate_2d(shape: tuple[int, int], channels: int, itemsize: int, *, model_c
     H, W = (int(v) for v in shape)
     px = H * W
     total = px * channels * itemsize  # decoded image
-    total += px * model_channels * 4  # normalised float32 (C, H, W)
+    # Normalised float32 (C, H, W), held up to three times at the peak (the normaliser's temporary, the
+    # channel-first copy, the engine's plane): a 9000² RGB refine run peaked at 3.6 GB where one copy
+    # predicted 1.9 GB (benchmarks/README.md, bench_slide findings).
+    total += px * model_channels * 4 * 3
     total += px  # uint8 labels
     k_fuse = 1 if n_classes == 2 else n_classes
     if method == "sliding":
