@@ -17,9 +17,12 @@ from segcli.io.atomic import split_extension
 from segcli.io.naming import geojson_path, preview_path, probabilities_path, with_extension
 
 if TYPE_CHECKING:
-    from segcli.api import Segmenter
     from segcli.bundle import Bundle
-    from segcli.pipeline import Job
+
+#: segcli.api.Segmenter and segcli.pipeline.Job: both import this module, so they are not imported here,
+#: not even for type checking (segcli keeps no import cycle).
+Segmenter = Any
+Job = Any
 
 
 def plan_output(options: Any, path: Path, output: str | Path | None, input_root: Path | None,

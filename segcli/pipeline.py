@@ -41,8 +41,11 @@ from segcli.prepare import implausible_result, mismatch_warnings
 from segcli.report import FileReport, count_labels, fill_counts, fill_run
 
 if TYPE_CHECKING:
-    from segcli.api import Segmenter
     from segcli.bundle import Bundle
+
+#: The segcli.api.Segmenter driving a run. It is not imported even for type checking: api imports this
+#: module, and segcli keeps no import cycle, type-only ones included.
+Segmenter = Any
 
 
 class Route(Protocol):

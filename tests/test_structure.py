@@ -24,17 +24,11 @@ def _modules() -> dict[str, Path]:
 
 
 def _imports(path: Path, name: str, known: set[str]) -> set[str]:
-    """segcli modules imported anywhere in ``path`` (module level, functions, TYPE_CHECKING blocks excluded)."""
+    """segcli modules imported anywhere in ``path``: module level, inside functions, and in TYPE_CHECKING blocks."""
     tree = ast.parse(path.read_text(), filename=str(path))
     is_pkg = path.name == "__init__.py"
     out: set[str] = set()
-    type_only: set[int] = set()
     for node in ast.walk(tree):
-        if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
-            type_only.update(id(n) for n in ast.walk(node))
-    for node in ast.walk(tree):
-        if id(node) in type_only:
-            continue
         targets: list[str] = []
         if isinstance(node, ast.Import):
             targets = [a.name for a in node.names]

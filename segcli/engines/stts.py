@@ -247,6 +247,20 @@ def zoom_tiles(boxes: np.ndarray, size: int, max_zoom: float | None,
     return np.asarray(crops, np.int64).reshape(-1, 4), np.asarray(writes, np.int64).reshape(-1, 4), n_tiled
 
 
+def _check_fusion(fusion: str, lazy: bool) -> None:
+    """A known fusion rule, and one the chosen path can hold (only ``max`` streams to a spilled store)."""
+    if fusion not in FUSION_RULES:
+        raise ValueError(f"unknown fusion rule {fusion!r}; expected one of {', '.join(FUSION_RULES)}")
+    if lazy and fusion != "max":
+        raise ValueError(f"fusion {fusion!r} needs the in-memory path (lazy=False)")
+
+
+def _parents(boxes: np.ndarray, size: int, max_zoom: float | None) -> np.ndarray:
+    """The box each fine input comes from: zoom_tiles keeps box order and puts a box's tiles together."""
+    counts = [len(zoom_tiles(np.asarray(b)[None], size, max_zoom)[0]) for b in np.asarray(boxes).reshape(-1, 4)]
+    return np.repeat(np.arange(len(counts)), counts)
+
+
 def fine_pass(
     plane: Plane,
     fine: Predictor,
@@ -273,18 +287,11 @@ def fine_pass(
     arrays are built at the end only when ``lazy`` is false. ``fusion`` picks another rule (see
     :func:`stts`); ``own_boxes`` (one per box) are the write regions of ``own-box`` fusion.
     """
-    if fusion not in FUSION_RULES:
-        raise ValueError(f"unknown fusion rule {fusion!r}; expected one of {', '.join(FUSION_RULES)}")
-    if lazy and fusion != "max":
-        raise ValueError(f"fusion {fusion!r} needs the in-memory path (lazy=False)")
+    _check_fusion(fusion, lazy)
     H, W = plane.shape
     K = rough.shape[0]
     crops, writes, n_tiled = zoom_tiles(boxes, size, max_zoom)
-    parents = None
-    if fusion == "own-box" and own_boxes is not None:
-        # zoom_tiles keeps box order and puts a box's tiles together: count them per box.
-        counts = [len(zoom_tiles(np.asarray(b)[None], size, max_zoom)[0]) for b in np.asarray(boxes).reshape(-1, 4)]
-        parents = np.repeat(np.arange(len(counts)), counts)
+    parents = _parents(boxes, size, max_zoom) if fusion == "own-box" and own_boxes is not None else None
     # Exact float probabilities when the caller will get a full probability array.
     store = make_fusion(fusion, (H, W), K, threshold, exact=return_probs and not lazy, spill_dir=spill_dir)
     order = list(range(len(crops)))
