@@ -7,6 +7,7 @@ streamed area-averaged overview, region reads) and :class:`SpilledOverview`.
 
 from __future__ import annotations
 
+import abc
 import math
 import threading
 from collections import OrderedDict
@@ -24,7 +25,7 @@ _STATELESS = ("scale", "ct_window")
 _SAMPLE = 2_000_000
 
 
-class RegionPlane:
+class RegionPlane(abc.ABC):
     """What every lazy slide reader shares (the engines' ``Plane`` protocol over a level pyramid).
 
     A subclass sets ``path``, ``levels`` (objects with ``height``, ``width``, ``seg`` (segment h, w),
@@ -88,8 +89,9 @@ class RegionPlane:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
+    @abc.abstractmethod
     def read_raw(self, box: tuple[int, int, int, int] | np.ndarray, level: int = 0) -> np.ndarray:
-        raise NotImplementedError
+        """Channel-last raw pixels of ``box`` (level-0 coordinates) read from ``level``: each reader's own."""
 
     @property
     def factors(self) -> list[float]:
