@@ -25,7 +25,7 @@ def _modules() -> dict[str, Path]:
 
 def _imports(path: Path, name: str, known: set[str]) -> set[str]:
     """segcli modules imported anywhere in ``path``: module level, inside functions, and in TYPE_CHECKING blocks."""
-    tree = ast.parse(path.read_text(), filename=str(path))
+    tree = ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
     is_pkg = path.name == "__init__.py"
     out: set[str] = set()
     for node in ast.walk(tree):
@@ -113,21 +113,21 @@ def test_module_and_function_sizes():
     too_long = []
     for path in PKG.rglob("*.py"):
         rel = str(path.relative_to(PKG.parent))
-        lines = path.read_text().count("\n")
+        lines = path.read_text(encoding="utf-8").count("\n")
         if lines > 650 and rel not in LONG_MODULES:
             too_long.append(f"{rel}: {lines} lines")
-        for node in ast.walk(ast.parse(path.read_text())):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
             if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
                 n = (node.end_lineno or node.lineno) - node.lineno + 1
                 if n > 80 and node.name not in LONG_FUNCTIONS:
                     too_long.append(f"{rel}:{node.lineno} {node.name}(): {n} lines")
-    assert (PKG / "api.py").read_text().count("\n") < 400
+    assert (PKG / "api.py").read_text(encoding="utf-8").count("\n") < 400
     assert not too_long, "\n".join(too_long)
 
 
 @pytest.mark.parametrize("fact", ["S // 8", "size // 8", "input_size // 8", '("stts", "refine", "direct"'])
 def test_each_default_written_once(fact):
     """The crop padding default and the method lists live only in segcli.params / segcli.methods."""
-    hits = [str(p.relative_to(PKG.parent)) for p in PKG.rglob("*.py") if fact in p.read_text()
+    hits = [str(p.relative_to(PKG.parent)) for p in PKG.rglob("*.py") if fact in p.read_text(encoding="utf-8")
             and p.name not in ("params.py", "methods.py")]
     assert not hits, f"{fact!r} written outside segcli/params.py and segcli/methods.py: {hits}"

@@ -36,15 +36,10 @@ def load_pydicom():
 
 def is_dicom_seg(path: str | os.PathLike[str]) -> bool:
     """True for a readable DICOM file whose SOP Class is Segmentation (or Label Map Segmentation)."""
+    from segcli.io.dicomseries import has_dicom_magic
+
     p = Path(path)
-    if not p.is_file():
-        return False
-    try:
-        with open(p, "rb") as fh:
-            head = fh.read(132)
-    except OSError:
-        return False
-    if head[128:132] != b"DICM" and head[:2] not in (b"\x02\x00", b"\x08\x00"):
+    if not p.is_file() or not has_dicom_magic(p):
         return False
     pydicom = load_pydicom()
     try:

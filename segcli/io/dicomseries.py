@@ -63,16 +63,18 @@ def spacing_tolerance(spacing: float) -> float:
 
 
 # ------------------------------------------------------------------------------------------- grouping
-def _looks_dicom(path: str, name: str) -> bool:
-    if name.lower().endswith(".dcm"):
-        return True
+def has_dicom_magic(path: str | Path) -> bool:
+    """The preamble magic ``DICM``, or a bare data set starting with group 0002/0008 (no preamble)."""
     try:
         with open(path, "rb") as fh:
             head = fh.read(132)
     except OSError:
         return False
-    # The preamble magic, or a bare data set starting with group 0002/0008 (no preamble).
     return head[128:132] == b"DICM" or head[:2] in (b"\x02\x00", b"\x08\x00")
+
+
+def _looks_dicom(path: str, name: str) -> bool:
+    return name.lower().endswith(".dcm") or has_dicom_magic(path)
 
 
 def dicom_files(folder: Path) -> list[str]:
