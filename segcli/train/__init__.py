@@ -279,7 +279,7 @@ def _make_stage(job: _Job, idx: int, role: str, model: Any, models: dict[str, An
     if role == "coarse":
         stage = coarse_stage(job.ds, cfg, model, job.loss_fn, idx, job.device, log)
     elif cfg.method == "stts":
-        stage = stts_fine_stage(job.ds, cfg, model, job.loss_fn, idx, job.device, log)
+        stage = stts_fine_stage(job.ds, cfg, model, job.loss_fn, idx, job.device, log, models["coarse"])
     else:
         stage = refine_fine_stage(job.ds, cfg, model, job.loss_fn, idx, job.device, log, models["coarse"])
     if cfg.time_limit is not None:

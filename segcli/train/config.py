@@ -50,6 +50,8 @@ class TrainConfig:
     jitter: int = 16
     pad: int | None = None  # default segcli.params.default_pad(S)
     fine_init: str = "random"  # or "coarse"
+    fine_crops: str = "rough"  # stts: rough | rough-only | gt (see segcli.train.stts_crops)
+    crops_per_image: int = 8  # stts: fine crops per image per epoch
     patches: int = DEFAULT_PARAMS["patches"]
     patch_size: int | None = None  # default S
     sampling: str = "uncertain"  # or "uniform"
@@ -120,6 +122,10 @@ def check_config(cfg: TrainConfig) -> None:
         raise UsageError(f"--sampling must be uncertain or uniform, not {cfg.sampling!r}")
     if cfg.criterion not in CRITERIA:
         raise UsageError(f"--criterion must be {' or '.join(CRITERIA)}, not {cfg.criterion!r}")
+    if cfg.fine_crops not in ("rough", "rough-only", "gt"):
+        raise UsageError(f"--fine-crops must be rough, rough-only or gt, not {cfg.fine_crops!r}")
+    if cfg.crops_per_image < 1:
+        raise UsageError(f"--crops-per-image must be at least 1, got {cfg.crops_per_image}")
     if cfg.jitter < 0:
         raise UsageError("--jitter must be >= 0")
     if not 0.0 < cfg.stage_split < 1.0:

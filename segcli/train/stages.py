@@ -4,6 +4,7 @@ stage is validated. Each function returns a :class:`segcli.train.loop.Stage` tha
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -102,49 +103,49 @@ def coarse_stage(ds: Any, cfg: TrainConfig, model: Any, loss_fn: Any, index: int
     return Stage("coarse", index, model, cfg.epochs, _n_steps(n, cfg.batch_size), batches, validate, loss_fn)
 
 
-def stts_fine_stage(ds: Any, cfg: TrainConfig, model: Any, loss_fn: Any, index: int, device: str, log: Callable[[str], None]) -> Any:
-    """stts' fine network on jittered crops of the ground truth's components, validated on fixed crops."""
-    from segcli.train.data import crop_candidates, crop_to_input, crop_to_target, fine_box
+def stts_fine_stage(ds: Any, cfg: TrainConfig, model: Any, loss_fn: Any, index: int, device: str,
+                    log: Callable[[str], None], s1: Any) -> Any:
+    """stts' fine network on the crops inference gives it (see :mod:`segcli.train.stts_crops`).
+
+    ``crops_per_image`` crops per image per epoch, each from the trained coarse network's rough-mask
+    components or (``gt_share`` of them) from the ground truth's; validated by the stts engine at
+    full resolution on the val images, so the kept checkpoint is the best full pipeline.
+    """
+    from segcli.runtimes import logits_to_probs
+    from segcli.train.data import crop_to_input, crop_to_target
     from segcli.train.loop import Stage, predict_logits
+    from segcli.train.stts_crops import CropSampler, rough_maps, stts_validation
 
     S = cfg.size
     pad = cfg.pad if cfg.pad is not None else default_pad(S)
+    k = max(1, cfg.crops_per_image)
+    t0 = time.perf_counter()
+    train_maps = rough_maps(s1, ds.train, S, device)
+    val_maps = rough_maps(s1, ds.val, S, device)
+    gt_share = {"rough": 0.5, "rough-only": 0.0, "gt": 1.0}[cfg.fine_crops]
+    sampler = CropSampler(pad, cfg.jitter, gt_share)
+    n_rough = sum(len(m.boxes) for m in train_maps)
+    log(f"stts fine: rough pass on {len(ds.train)} + {len(ds.val)} images in {time.perf_counter() - t0:.1f} s; "
+        f"{n_rough} rough components (train); crops {cfg.fine_crops} (ground truth share {gt_share:g}), "
+        f"{k} per image per epoch, pad {pad} px, jitter ±{cfg.jitter} px")
     n = len(ds.train)
 
     def batches(rng: np.random.Generator) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-        for idx in _chunks(rng.permutation(n), cfg.batch_size):
+        for idx in _chunks(rng.permutation(np.repeat(np.arange(n), k)), cfg.batch_size):
             xs, ys = [], []
             for i in idx:
                 s = ds.train[i]
-                box = fine_box(s, pad, cfg.jitter, rng)
-                img = s.get_image()
-                xs.append(crop_to_input(img, box, S))
+                box = sampler.box(s, train_maps[i].boxes, rng)
+                xs.append(crop_to_input(s.get_image(), box, S))
                 ys.append(crop_to_target(s.mask, box, S, ds.n_out))
             yield np.stack(xs), np.stack(ys)
 
-    # Validation: every unjittered GT crop of every val image (whole image when empty), fixed.
-    vx, vy = [], []
-    rng0 = np.random.default_rng(0)
-    for s in ds.val:
-        _, boxes = crop_candidates(s.boxes, s.shape, pad, 0, rng0)
-        if len(boxes) == 0:
-            boxes = np.array([[0, 0, s.shape[0], s.shape[1]]])
-        img = s.get_image()
-        for b in boxes[:16]:
-            vx.append(crop_to_input(img, b, S))
-            vy.append(crop_to_target(s.mask, b, S, ds.n_out))
-    val_x = np.stack(vx).astype(np.float16) if vx else np.zeros((0,))
-    val_y = np.stack(vy).astype(np.float16) if vy else np.zeros((0,))
-    log(f"fine stage: {len(vx)} validation crops, pad {pad} px, jitter ±{cfg.jitter} px")
+    def predict(m: Any, x: np.ndarray) -> np.ndarray:
+        return logits_to_probs(predict_logits(m, x, device, 2 * cfg.batch_size, cfg.amp))
 
-    def validate(m: Any) -> dict[str, float]:
-        if not len(val_x):
-            return {}
-        logits = predict_logits(m, val_x.astype(np.float32), device, 2 * cfg.batch_size, cfg.amp)
-        return score_batch(logits, val_y.astype(np.float32))
-
-    epochs = cfg.fine_epochs or cfg.epochs
-    return Stage("fine", index, model, epochs, _n_steps(n, cfg.batch_size), batches, validate, loss_fn)
+    validate = stts_validation(ds.val, val_maps, S, pad, len(ds.classes), predict, 2 * cfg.batch_size)
+    epochs = cfg.fine_epochs or max(1, math.ceil(cfg.epochs / k))
+    return Stage("fine", index, model, epochs, _n_steps(n * k, cfg.batch_size), batches, validate, loss_fn)
 
 
 def rough_scores(model: Any, samples: list[Any], size: int, patch: int, criterion: str, device: str,
