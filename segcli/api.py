@@ -100,6 +100,7 @@ class Segmenter:
             self._predictors[key] = make_predictor(
                 bundle, role, backend=self.options.backend, device=self.device,
                 max_batch=int(self.param(bundle, "batch_size")), half=self.options.half,
+                onnx_cache=self.options.onnx_cache,
             )
         return self._predictors[key]
 

@@ -115,7 +115,8 @@ def predict(
     output: Annotated[Path | None, typer.Option("-o", "--output", help="Output file (one input) or folder. Default: beside each input, as NAME_seg.EXT.", rich_help_panel="Input and output")] = None,
     model: Annotated[str | None, typer.Option("-m", "--model", help="Bundle folder or shipped model name (see `segcli models`). Default: models/index.json.", rich_help_panel="Model and method")] = None,
     method: Annotated[str | None, typer.Option(help=f"{' | '.join(METHODS)} (default: the bundle's).", rich_help_panel="Model and method")] = None,
-    backend: Annotated[str, typer.Option(help="auto (ONNX Runtime when the bundle carries an export, else torch) | torch | onnx", rich_help_panel="Performance")] = "auto",
+    backend: Annotated[str, typer.Option(help="auto (ONNX Runtime on the CPU: the bundle's export, else one made on first use and cached; torch on CUDA) | torch | onnx", rich_help_panel="Performance")] = "auto",
+    onnx_cache: Annotated[str | None, typer.Option(help="Folder for first-use ONNX exports, or off [default: $SEGCLI_ONNX_CACHE, else ~/.cache/segcli/onnx]", rich_help_panel="Performance")] = None,
     device: Annotated[str, typer.Option(help="auto | cpu | cuda | cuda:N", rich_help_panel="Performance")] = "auto",
     threads: Annotated[int | None, typer.Option(help="Intra-op threads (default: the cores really available) [1–1024].", rich_help_panel="Performance")] = None,
     channels: Annotated[str, typer.Option(help="keep | grey | rgb: explicit channel conversion when the image and model differ.", rich_help_panel="Model and method")] = "keep",
@@ -179,7 +180,7 @@ def predict(
     console = _stderr_console(quiet)
     try:
         options = PredictOptions(
-            model=model, method=method, backend=backend, device=device, threads=threads, channels=channels,
+            model=model, method=method, backend=backend, onnx_cache=onnx_cache, device=device, threads=threads, channels=channels,
             half=half, size=size, max_memory=max_memory, pyramid=pyramid, mpp=mpp, max_downscale=max_downscale,
             max_zoom=max_zoom, tile_size=tile_size, probabilities=probabilities, skip_existing=skip_existing,
             output_type="dicom-seg" if output is not None and output.name.lower().endswith(".dcm") else output_type,
@@ -518,6 +519,7 @@ def doctor(json_out: Annotated[bool, typer.Option("--json", help="Print JSON on 
     except Exception as exc:
         report["onnxruntime"] = f"unusable: {exc}"
     report["default_device"] = "cuda" if report.get("torch_cuda") else "cpu"
+    report["onnx_cache"] = _bundle_runtimes(report)
     report["OMP_WAIT_POLICY"] = os.environ.get("OMP_WAIT_POLICY")
     for mod in ("SimpleITK", "tifffile", "numpy", "scipy"):
         try:
@@ -529,7 +531,28 @@ def doctor(json_out: Annotated[bool, typer.Option("--json", help="Print JSON on 
         print(json.dumps(report, indent=2, default=str))
     else:
         for k, v in report.items():
-            print(f"{k:<22} {v}")
+            if k != "onnx_cache":
+                print(f"{k:<22} {v}")
+        oc = report["onnx_cache"]
+        print(f"{'onnx_cache':<22} {oc['folder']}" + (f"  ({oc['note']})" if oc.get("note") else ""))
+        for name, roles in oc["bundles"].items():
+            for role, what in roles.items():
+                print(f"{'  ' + name + '/' + role:<22} {what}")
+
+
+def _bundle_runtimes(report: dict[str, Any]) -> dict[str, Any]:
+    """What ``--backend auto`` runs for each shipped bundle here: runtime, precision and why (doctor)."""
+    from segcli.bundle import list_models
+    from segcli.runtimes.onnx_cache import ENV, cache_root, status
+
+    root = cache_root()
+    out: dict[str, Any] = {"folder": str(root) if root else f"off ({ENV})", "bundles": {}}
+    if report.get("default_device") == "cuda":
+        out["note"] = "on CUDA, --backend auto runs torch (fp16 with --half) unless a bundle carries an export"
+    if not str(report.get("onnxruntime", "")).startswith("unusable"):
+        for b in list_models():
+            out["bundles"][b.name] = {role: status(b, role) for role in b.networks}
+    return out
 
 
 def _register_optional() -> None:

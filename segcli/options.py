@@ -37,6 +37,7 @@ class PredictOptions:
     model: str | None = None
     method: str | None = None
     backend: str = "auto"
+    onnx_cache: str | None = None  # folder for first-use ONNX exports, or "off" (None: $SEGCLI_ONNX_CACHE or the default)
     device: str = "auto"
     threads: int | None = None
     channels: str = "keep"
@@ -72,6 +73,9 @@ class PredictOptions:
             raise UsageError(f"--backend must be one of {', '.join(BACKENDS)}, not {self.backend!r}")
         if self.output_type not in OUTPUT_TYPES:
             raise UsageError(f"--output-type must be one of {', '.join(OUTPUT_TYPES)}, not {self.output_type!r}")
+        if self.onnx_cache is not None and self.onnx_cache.strip().lower() not in ("off", "0", "none", "false", "no") \
+                and Path(self.onnx_cache).expanduser().is_file():
+            raise UsageError(f"--onnx-cache {self.onnx_cache} is a file, not a folder (give a folder, or off)")
         if self.channels not in CHANNEL_MODES:
             raise UsageError(f"--channels must be keep, grey or rgb, not {self.channels!r}")
         set_(self, "params", {k: check_param(k, v) for k, v in dict(self.params or {}).items() if v is not None})

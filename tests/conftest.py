@@ -16,6 +16,19 @@ from segcli.nets import build
 REPO = Path(__file__).resolve().parent.parent
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _onnx_cache(tmp_path_factory):
+    """First-use ONNX exports go to a folder of this test session, never the user's ~/.cache; the suite
+    runs the default path (``--backend auto`` = ONNX Runtime through the cache), as users do."""
+    saved = os.environ.get("SEGCLI_ONNX_CACHE")
+    os.environ["SEGCLI_ONNX_CACHE"] = str(tmp_path_factory.mktemp("onnx-cache"))
+    yield
+    if saved is None:
+        os.environ.pop("SEGCLI_ONNX_CACHE", None)
+    else:
+        os.environ["SEGCLI_ONNX_CACHE"] = saved
+
+
 @pytest.fixture(autouse=True)
 def _restore_locale():
     """SimpleITK's DICOM writer switches the process to the C locale; keep that from leaking between tests."""

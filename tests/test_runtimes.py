@@ -217,9 +217,9 @@ def test_tampered_stale_and_escaping_exports_refused(exported: Path, tmp_path: P
         OnnxPredictor.from_bundle(load_bundle(b), "coarse")
 
 
-def test_no_export_is_a_usage_error(grey_bundle: Path) -> None:
-    with pytest.raises(UsageError, match=r"has no ONNX export; run `segcli export"):
-        make_predictor(load_bundle(grey_bundle), "fine", backend="onnx")
+def test_no_export_and_no_cache_is_a_usage_error(grey_bundle: Path) -> None:
+    with pytest.raises(UsageError, match=r"has no ONNX export and none could be made \(the ONNX cache is off\); run `segcli export"):
+        make_predictor(load_bundle(grey_bundle), "fine", backend="onnx", onnx_cache="off")
 
 
 class _FakeSession:

@@ -62,14 +62,34 @@ BACKENDS = ("auto", "torch", "onnx")
 
 
 def make_predictor(bundle, role: str, *, backend: str = "torch", device: str = "cpu", max_batch: int = 16,
-                   half: bool = False):
-    """Build the predictor for one network of a bundle on the chosen backend and device."""
+                   half: bool = False, onnx_cache: str | None = None):
+    """Build the predictor for one network of a bundle on the chosen backend and device.
+
+    ``auto``: the bundle's own ONNX export when it has one; on the CPU otherwise a first-use export
+    from the per-user cache (:mod:`segcli.runtimes.onnx_cache`; ``onnx_cache`` is ``--onnx-cache``);
+    torch when neither is possible (the reason is logged).
+    """
+    import importlib.util
+    import logging
+
     from segcli.errors import UsageError
 
     if backend == "auto":
-        # ONNX Runtime beat torch on this CPU at every size measured (benchmarks/README.md), so a
-        # bundle that carries an export uses it; otherwise torch.
-        backend = "onnx" if bundle.network(role).onnx else "torch"
+        # ONNX Runtime beat torch on this CPU at every size measured (benchmarks/README.md).
+        if bundle.network(role).onnx:
+            backend = "onnx"
+        elif not device.startswith("cuda") and importlib.util.find_spec("onnxruntime") is not None:
+            from segcli.runtimes.onnx_cache import cached_export
+
+            data, where = cached_export(bundle, role, onnx_cache)
+            if data is not None:
+                from segcli.runtimes.onnx_backend import OnnxPredictor
+
+                return OnnxPredictor.from_cache(bundle, role, data, where, max_batch=max_batch)
+            logging.getLogger("segcli").info("%s/%s runs on torch: %s", bundle.name, role, where)
+            backend = "torch"
+        else:
+            backend = "torch"
     if backend == "torch":
         from segcli.runtimes.torch_backend import TorchPredictor
 
@@ -82,5 +102,13 @@ def make_predictor(bundle, role: str, *, backend: str = "torch", device: str = "
             from segcli.runtimes.onnx_backend import OnnxPredictor
         except ModuleNotFoundError:
             raise UsageError("--backend onnx is not available in this build") from None
+        if not bundle.network(role).onnx:
+            from segcli.runtimes.onnx_cache import cached_export
+
+            data, where = cached_export(bundle, role, onnx_cache)
+            if data is None:
+                raise UsageError(f"bundle {bundle.path} has no ONNX export and none could be made ({where}); "
+                                 f"run `segcli export {bundle.path}` or use --backend torch")
+            return OnnxPredictor.from_cache(bundle, role, data, where, device=device, max_batch=max_batch)
         return OnnxPredictor.from_bundle(bundle, role, device=device, max_batch=max_batch, half=half)
     raise UsageError(f"unknown backend {backend!r}; use one of {', '.join(BACKENDS)}")

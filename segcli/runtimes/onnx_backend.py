@@ -197,6 +197,16 @@ class OnnxPredictor:
                    max_batch=max_batch, metadata=meta, source=str(path))
 
     @classmethod
+    def from_cache(cls, bundle: Any, role: str, data: bytes, source: str, *, device: str = "cpu", max_batch: int = 16,
+                   threads: int | None = None) -> OnnxPredictor:
+        """A verified fp32 export from :mod:`segcli.runtimes.onnx_cache`."""
+        providers = choose_providers(device)
+        session = make_session(data, providers, threads or default_threads())
+        return cls(session, n_classes=bundle.n_classes, in_channels=bundle.in_channels,
+                   device=device if providers[0] != CPU_EP else "cpu", max_batch=max_batch,
+                   metadata={"precision": "fp32"}, source=source)
+
+    @classmethod
     def from_file(cls, path: str | Path, *, n_classes: int, in_channels: int, device: str = "cpu", max_batch: int = 16,
                   threads: int | None = None) -> OnnxPredictor:
         """A trusted .onnx outside any bundle (benchmarks, experiments): no hash or path checks."""

@@ -1,0 +1,200 @@
+"""First-use ONNX exports in a per-user cache, so every bundle runs on ONNX Runtime without a user step.
+
+``--backend auto`` (the default) on the CPU runs a network on ONNX Runtime: the bundle's own export
+when it carries one, else an export made on first use and kept in a cache folder. Why a cache and
+not shipped files: an fp32 export doubles a bundle's size (the repository keeps bundles near
+10 MB), and bundles users train themselves get the same speed with no extra command.
+
+* **Where**: ``$SEGCLI_ONNX_CACHE``, else ``$XDG_CACHE_HOME/segcli/onnx``, else
+  ``~/.cache/segcli/onnx``. ``SEGCLI_ONNX_CACHE=off`` (or ``--onnx-cache off``) turns it off: the
+  bundle then runs on torch unless it carries an export.
+* **Key**: the network's recorded weights SHA-256 plus its architecture, configuration, channel and
+  class counts, the opset and this exporter's version; new weights never reuse an old export.
+* **Trust**: the weights file is hashed against ``segcli.json`` on every use (as the torch path
+  does), the cached file's SHA-256 must match its sidecar record, and its metadata must name the
+  same weights; anything else is ignored and rebuilt.
+* **Faithful**: each export is checked against torch on two input shapes (:func:`segcli.export.parity`)
+  before it is recorded; a network that does not export faithfully is recorded as such, once,
+  and keeps running on torch.
+* **Safe**: files are written under a temporary name and renamed (atomic); an exclusive lock file
+  makes a second process that starts at the same time wait for the first export, then reuse it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger("segcli")
+
+ENV = "SEGCLI_ONNX_CACHE"
+OFF = ("off", "0", "none", "false", "no")
+#: Bumped when the export recipe changes, so older cached files are not reused.
+EXPORT_VERSION = 1
+OPSET = 17
+
+
+def cache_root(setting: str | None = None) -> Path | None:
+    """The cache folder: ``setting`` (``--onnx-cache``), else the environment, else the per-user default; None when off."""
+    value = setting if setting is not None else os.environ.get(ENV)
+    if value is not None and value.strip().lower() in OFF:
+        return None
+    if value and value.strip():
+        return Path(value).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "segcli" / "onnx"
+
+
+def cache_key(bundle: Any, role: str) -> str:
+    """What the export depends on, hashed: recorded weights hash, architecture, shapes, opset, recipe."""
+    spec = bundle.network(role)
+    doc = {"weights_sha256": spec.sha256, "arch": spec.arch, "config": spec.config, "in_channels": bundle.in_channels,
+           "n_classes": bundle.n_classes, "opset": OPSET, "recipe": EXPORT_VERSION}
+    return hashlib.sha256(json.dumps(doc, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def cache_paths(root: Path, bundle: Any, role: str) -> tuple[Path, Path]:
+    """(the .onnx, its JSON record) for one network."""
+    key = cache_key(bundle, role)[:40]
+    return root / f"{key}.onnx", root / f"{key}.json"
+
+
+@contextlib.contextmanager
+def _exclusive(lock_path: Path) -> Iterator[None]:
+    """An exclusive lock on ``lock_path`` (waits for another exporter); a no-op where fcntl is missing."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - Windows: the atomic rename alone keeps the cache consistent
+        yield
+        return
+    with open(lock_path, "a+") as fh:
+        fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.partial-{os.getpid()}")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
+def _read_record(path: Path) -> dict[str, Any] | None:
+    try:
+        doc = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return doc if isinstance(doc, dict) else None
+
+
+def lookup(root: Path, bundle: Any, role: str) -> tuple[bytes | None, dict[str, Any] | None]:
+    """The verified cached export's bytes and record, ``(None, record)`` for a recorded refusal, or ``(None, None)``."""
+    onnx_path, rec_path = cache_paths(root, bundle, role)
+    rec = _read_record(rec_path)
+    if rec is None:
+        return None, None
+    if not rec.get("ok"):
+        return None, rec
+    try:
+        data = onnx_path.read_bytes()
+    except OSError:
+        return None, None
+    if hashlib.sha256(data).hexdigest() != rec.get("sha256") or rec.get("weights_sha256") != bundle.network(role).sha256:
+        log.warning("cached ONNX export %s does not match its record; rebuilding it", onnx_path)
+        return None, None
+    return data, rec
+
+
+def build(root: Path, bundle: Any, role: str) -> tuple[bytes | None, dict[str, Any]]:
+    """Export ``role`` into the cache (under the lock; another process may have done it meanwhile)."""
+    root.mkdir(parents=True, exist_ok=True)
+    onnx_path, rec_path = cache_paths(root, bundle, role)
+    with _exclusive(root / f"{onnx_path.stem}.lock"):
+        data, rec = lookup(root, bundle, role)
+        if data is not None or rec is not None:
+            return data, rec or {}
+        from segcli import __version__
+        from segcli.errors import SegcliError
+        from segcli.export import PARITY_TOL, export_module, onnx_metadata, parity, validation_inputs
+
+        t0 = time.perf_counter()
+        module = bundle.load_module(role)  # verifies the weights' SHA-256
+        rec = {"bundle": bundle.name, "role": role, "weights_sha256": bundle.network(role).sha256,
+               "segcli": __version__, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+        try:
+            model = export_module(module, in_channels=bundle.in_channels, input_size=bundle.input_size, opset=OPSET,
+                                  metadata=onnx_metadata(bundle, role))
+            data = model.SerializeToString()
+            diff = parity(module, data, validation_inputs(bundle.in_channels, bundle.input_size))
+        except SegcliError as exc:
+            rec.update(ok=False, reason=str(exc))
+            _write_atomic(rec_path, json.dumps(rec, indent=1).encode())
+            return None, rec
+        rec["max_rel_logit_diff"] = diff
+        if diff > PARITY_TOL:
+            rec.update(ok=False, reason=f"ONNX Runtime disagrees with torch (max relative logit difference {diff:.2e})")
+            _write_atomic(rec_path, json.dumps(rec, indent=1).encode())
+            return None, rec
+        _write_atomic(onnx_path, data)
+        rec.update(ok=True, sha256=hashlib.sha256(data).hexdigest(), bytes=len(data),
+                   export_seconds=round(time.perf_counter() - t0, 2))
+        _write_atomic(rec_path, json.dumps(rec, indent=1).encode())  # the record last: it is what makes the file count
+        log.info("exported %s/%s to ONNX for ONNX Runtime (%.1f s, cached in %s)", bundle.name, role,
+                 rec["export_seconds"], root)
+        return data, rec
+
+
+def cached_export(bundle: Any, role: str, setting: str | None = None) -> tuple[bytes | None, str]:
+    """The network's faithful ONNX export from the cache, building it on first use; ``(None, why)`` when none."""
+    root = cache_root(setting)
+    if root is None:
+        return None, "the ONNX cache is off"
+    if not bundle.network(role).sha256:
+        return None, "the weights have no recorded SHA-256 to key an export by"
+    verify_weights(bundle, role)
+    data, rec = lookup(root, bundle, role)
+    if data is None and rec is None:
+        try:
+            data, rec = build(root, bundle, role)
+        except ImportError as exc:
+            return None, f"exporting needs torch and onnx ({exc.name} is missing)"
+        except OSError as exc:
+            return None, f"cannot write the ONNX cache {root}: {exc.strerror or exc}"
+    if data is None:
+        return None, str((rec or {}).get("reason", "no export"))
+    return data, str(cache_paths(root, bundle, role)[0])
+
+
+def verify_weights(bundle: Any, role: str) -> None:
+    """The weights file must still match segcli.json, as the torch path requires (a cache never hides tampering)."""
+    from segcli.bundle import sha256_file
+    from segcli.errors import BundleError
+
+    spec = bundle.network(role)
+    path = bundle.weights_path(role)
+    if sha256_file(path) != spec.sha256:
+        raise BundleError(f"{spec.weights} does not match its recorded SHA-256 (corrupted or tampered); refused", bundle.path)
+
+
+def status(bundle: Any, role: str, setting: str | None = None) -> str:
+    """What ``--backend auto`` will run for ``role`` on the CPU, without exporting anything (``segcli doctor``)."""
+    if bundle.network(role).onnx:
+        return "onnxruntime fp32 (the bundle's export)"
+    root = cache_root(setting)
+    if root is None:
+        return "torch fp32 (ONNX cache off)"
+    data, rec = lookup(root, bundle, role)
+    if data is not None:
+        return "onnxruntime fp32 (cached export)"
+    if rec is not None:
+        return f"torch fp32 (export refused: {rec.get('reason')})"
+    return "onnxruntime fp32 (exported on first use)"
