@@ -100,9 +100,13 @@ class Segmenter:
             self._predictors[key] = make_predictor(
                 bundle, role, backend=self.options.backend, device=self.device,
                 max_batch=int(self.param(bundle, "batch_size")), half=self.options.half,
-                onnx_cache=self.options.onnx_cache,
+                onnx_cache=self.options.onnx_cache, precision=self.options.precision,
             )
         return self._predictors[key]
+
+    def set_predictor(self, bundle: Bundle, role: str, predictor: Any) -> None:
+        """Serve ``role`` of ``bundle`` with ``predictor`` (a wrapper, a quantised model: segcli.quantize)."""
+        self._predictors[(bundle.path.resolve(), role)] = predictor
 
     def predictors(self, bundle: Bundle) -> Callable[[str], Any]:
         """``role → predictor`` for ``bundle``, as the planner's engines ask for them."""
@@ -123,7 +127,8 @@ class Segmenter:
         out = {}
         for role in self.roles(bundle):
             pred = self.predictor(bundle, role)
-            out[role] = f"{pred.backend}:{getattr(pred, 'provider', pred.device)}"
+            prec = getattr(pred, "metadata", {}).get("precision", "fp32")
+            out[role] = f"{pred.backend}:{getattr(pred, 'provider', pred.device)}" + (f":{prec}" if prec != "fp32" else "")
         return out
 
     def param(self, bundle: Bundle, key: str) -> Any:

@@ -57,6 +57,8 @@ class NetworkSpec:
     sha256: str | None = None
     onnx: str | None = None
     onnx_sha256: str | None = None
+    int8: str | None = None  # statically quantised QDQ export (segcli.quantize), checked against fp32
+    int8_sha256: str | None = None
 
 
 @dataclass
@@ -102,7 +104,7 @@ class Bundle:
         """Problems with the bundle's files (missing, hash mismatch); empty when all is well."""
         problems = []
         for role, spec in self.networks.items():
-            for rel, digest in ((spec.weights, spec.sha256), (spec.onnx, spec.onnx_sha256)):
+            for rel, digest in ((spec.weights, spec.sha256), (spec.onnx, spec.onnx_sha256), (spec.int8, spec.int8_sha256)):
                 if rel is None:
                     continue
                 try:
@@ -353,6 +355,8 @@ def load_bundle(model: str | os.PathLike[str] | None = None, kind: str = "2d") -
                 sha256=n.get("sha256"),
                 onnx=n.get("onnx"),
                 onnx_sha256=n.get("onnx_sha256"),
+                int8=n.get("int8"),
+                int8_sha256=n.get("int8_sha256"),
             )
             for role, n in raw["networks"].items()
         }

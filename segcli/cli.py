@@ -7,6 +7,7 @@ stdout carries data (``--json``); stderr carries messages and progress. Exit cod
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -116,6 +117,7 @@ def predict(
     model: Annotated[str | None, typer.Option("-m", "--model", help="Bundle folder or shipped model name (see `segcli models`). Default: models/index.json.", rich_help_panel="Model and method")] = None,
     method: Annotated[str | None, typer.Option(help=f"{' | '.join(METHODS)} (default: the bundle's).", rich_help_panel="Model and method")] = None,
     backend: Annotated[str, typer.Option(help="auto (ONNX Runtime on the CPU: the bundle's export, else one made on first use and cached; torch on CUDA) | torch | onnx", rich_help_panel="Performance")] = "auto",
+    precision: Annotated[str, typer.Option(help="auto (int8 where the bundle carries a checked int8 export, on the CPU; else fp32) | fp32 | bf16 (torch, CPUs with native bf16) | int8", rich_help_panel="Performance")] = "auto",
     onnx_cache: Annotated[str | None, typer.Option(help="Folder for first-use ONNX exports, or off [default: $SEGCLI_ONNX_CACHE, else ~/.cache/segcli/onnx]", rich_help_panel="Performance")] = None,
     device: Annotated[str, typer.Option(help="auto | cpu | cuda | cuda:N", rich_help_panel="Performance")] = "auto",
     threads: Annotated[int | None, typer.Option(help="Intra-op threads (default: the cores really available) [1–1024].", rich_help_panel="Performance")] = None,
@@ -180,7 +182,7 @@ def predict(
     console = _stderr_console(quiet)
     try:
         options = PredictOptions(
-            model=model, method=method, backend=backend, onnx_cache=onnx_cache, device=device, threads=threads, channels=channels,
+            model=model, method=method, backend=backend, precision=precision, onnx_cache=onnx_cache, device=device, threads=threads, channels=channels,
             half=half, size=size, max_memory=max_memory, pyramid=pyramid, mpp=mpp, max_downscale=max_downscale,
             max_zoom=max_zoom, tile_size=tile_size, probabilities=probabilities, skip_existing=skip_existing,
             output_type="dicom-seg" if output is not None and output.name.lower().endswith(".dcm") else output_type,
@@ -516,6 +518,12 @@ def doctor(json_out: Annotated[bool, typer.Option("--json", help="Print JSON on 
         else:
             report["ort_cuda_why_not"] = "this onnxruntime build has no CUDA provider"
         report["ort_providers_usable"] = usable
+        report["ort_builds_installed"] = dists = _ort_dists()
+        if len(dists) > 1:
+            report["ort_warning"] = (f"both {' and '.join(dists)} are installed and share one module; keep one: "
+                                     "pip uninstall -y onnxruntime && pip install --force-reinstall --no-deps onnxruntime-gpu")
+        elif "CUDAExecutionProvider" not in built:
+            report["ort_cuda_how"] = 'pip install "segcli[gpu]" (onnxruntime-gpu), then remove the CPU build (README)'
     except Exception as exc:
         report["onnxruntime"] = f"unusable: {exc}"
     report["default_device"] = "cuda" if report.get("torch_cuda") else "cpu"
@@ -538,6 +546,17 @@ def doctor(json_out: Annotated[bool, typer.Option("--json", help="Print JSON on 
         for name, roles in oc["bundles"].items():
             for role, what in roles.items():
                 print(f"{'  ' + name + '/' + role:<22} {what}")
+
+
+def _ort_dists() -> list[str]:
+    """The ONNX Runtime distributions pip installed (two at once is the classic broken-CUDA setup)."""
+    from importlib import metadata
+
+    found = []
+    for name in ("onnxruntime", "onnxruntime-gpu"):
+        with contextlib.suppress(metadata.PackageNotFoundError):
+            found.append(f"{name} {metadata.version(name)}")
+    return found
 
 
 def _bundle_runtimes(report: dict[str, Any]) -> dict[str, Any]:

@@ -4,11 +4,38 @@ from __future__ import annotations
 
 import json
 import sys
+from pathlib import Path
 from typing import Annotated
 
 import typer
 
 EXIT_FAILED, EXIT_USAGE = 1, 2
+
+
+def _export_int8(model: str, images: Path | None, json_out: bool) -> None:
+    """``segcli export --precision int8``: build, check and record the int8 variant (segcli.quantize)."""
+    from segcli.batch import expand_inputs
+    from segcli.errors import BundleError, SegcliError
+    from segcli.quantize import build_int8
+
+    try:
+        if images is None or not images.is_dir():
+            raise BundleError("--precision int8 needs --images DIR: a folder of images to calibrate and check on", images or Path("."))
+        paths = [p for p, _ in expand_inputs([images], None, ()).items]
+        rec = build_int8(model, paths)
+    except BundleError as exc:
+        print(f"segcli: error: {exc}", file=sys.stderr)
+        raise typer.Exit(EXIT_USAGE) from None
+    except SegcliError as exc:
+        print(f"segcli: error: {exc}", file=sys.stderr)
+        raise typer.Exit(exc.exit_code) from None
+    if json_out:
+        sys.stdout.write(json.dumps(rec, indent=2) + "\n")
+    verdict = "kept" if rec["passed"] else "NOT kept (auto stays fp32)"
+    print(f"int8: Dice vs fp32 mean {rec['dice_vs_fp32_mean']:.4f}, min {rec['dice_vs_fp32_min']:.4f} on "
+          f"{rec['check_images']} check images ({rec['calibration_images']} calibrated); {verdict}", file=sys.stderr)
+    if not rec["passed"]:
+        raise typer.Exit(1)
 
 
 def register(app: typer.Typer) -> None:
@@ -19,6 +46,8 @@ def register(app: typer.Typer) -> None:
         model: Annotated[str, typer.Argument(help="Bundle folder or shipped model name.")],
         fp16: Annotated[bool, typer.Option("--fp16", help="Write fp16 models (ROLE.fp16.onnx) for CUDA ONNX Runtime; inputs and outputs stay float32.")] = False,
         opset: Annotated[int, typer.Option(help="ONNX opset.")] = 17,
+        precision: Annotated[str, typer.Option(help="fp32 (ROLE.onnx) | int8: quantised ROLE.int8.onnx, calibrated on half of --images and kept only if its masks match fp32 (Dice >= 0.99) on the other half.")] = "fp32",
+        images: Annotated[Path | None, typer.Option(help="int8: a folder of images like the ones the model will see (the bundle's training or validation images).")] = None,
         no_validate: Annotated[bool, typer.Option("--no-validate", help="Skip the torch vs ONNX Runtime parity check (faster, for huge networks).")] = False,
         json_out: Annotated[bool, typer.Option("--json", help="Print what was written as JSON on stdout.")] = False,
     ) -> None:
@@ -26,6 +55,12 @@ def register(app: typer.Typer) -> None:
         from segcli.errors import BundleError, SegcliError
         from segcli.export import export_bundle_detailed
 
+        if precision not in ("fp32", "int8"):
+            print(f"segcli: error: --precision must be fp32 or int8, not {precision!r}", file=sys.stderr)
+            raise typer.Exit(EXIT_USAGE)
+        if precision == "int8":
+            _export_int8(model, images, json_out)
+            return
         try:
             results = export_bundle_detailed(model, fp16=fp16, opset=opset, validate=not no_validate)
         except BundleError as exc:  # no such bundle, bad JSON, weights tampered: the user's input

@@ -17,6 +17,7 @@ from segcli import memory
 from segcli.errors import UsageError
 from segcli.methods import METHODS
 from segcli.params import TILE_SIZE, check_param, check_range
+from segcli.runtimes import PRECISIONS
 
 BACKENDS = ("auto", "torch", "onnx")
 #: ``auto``: the mask format follows ``-o``'s extension, else the input's family (segcli.io);
@@ -37,6 +38,7 @@ class PredictOptions:
     model: str | None = None
     method: str | None = None
     backend: str = "auto"
+    precision: str = "auto"  # segcli.runtimes.PRECISIONS
     onnx_cache: str | None = None  # folder for first-use ONNX exports, or "off" (None: $SEGCLI_ONNX_CACHE or the default)
     device: str = "auto"
     threads: int | None = None
@@ -71,6 +73,8 @@ class PredictOptions:
             raise UsageError(f"unknown method {self.method!r}; use one of {', '.join(METHODS)}")
         if self.backend not in BACKENDS:
             raise UsageError(f"--backend must be one of {', '.join(BACKENDS)}, not {self.backend!r}")
+        if self.precision not in PRECISIONS:
+            raise UsageError(f"--precision must be one of {', '.join(PRECISIONS)}, not {self.precision!r}")
         if self.output_type not in OUTPUT_TYPES:
             raise UsageError(f"--output-type must be one of {', '.join(OUTPUT_TYPES)}, not {self.output_type!r}")
         if self.onnx_cache is not None and self.onnx_cache.strip().lower() not in ("off", "0", "none", "false", "no") \

@@ -9,6 +9,7 @@ same thing whatever the backend and never import torch or onnxruntime themselves
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Protocol, runtime_checkable
 
 import numpy as np
@@ -59,26 +60,59 @@ class FunctionPredictor:
 
 
 BACKENDS = ("auto", "torch", "onnx")
+#: ``fp32``; ``bf16`` (torch autocast, CPUs with native bf16); ``int8`` (the bundle's checked QDQ export on
+#: ONNX Runtime); ``auto``: int8 where the bundle records a passing check and the device is the CPU, else fp32.
+PRECISIONS = ("auto", "fp32", "bf16", "int8")
+
+
+def cpu_has_bf16() -> bool:
+    """Whether this CPU computes bf16 natively (AVX512-BF16 or AMX); emulated bf16 is slower than fp32."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text().split()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def int8_ok(bundle, role: str) -> bool:
+    """The bundle carries an int8 export of ``role`` whose recorded check against fp32 passed."""
+    check = (bundle.raw.get("precision_checks") or {}).get("int8") or {}
+    return bool(bundle.network(role).int8) and bool(check.get("passed"))
 
 
 def make_predictor(bundle, role: str, *, backend: str = "torch", device: str = "cpu", max_batch: int = 16,
-                   half: bool = False, onnx_cache: str | None = None):
-    """Build the predictor for one network of a bundle on the chosen backend and device.
+                   half: bool = False, onnx_cache: str | None = None, precision: str = "fp32"):
+    """Build the predictor for one network of a bundle on the chosen backend, device and precision.
 
-    ``auto``: the bundle's own ONNX export when it has one; on the CPU otherwise a first-use export
-    from the per-user cache (:mod:`segcli.runtimes.onnx_cache`; ``onnx_cache`` is ``--onnx-cache``);
-    torch when neither is possible (the reason is logged).
+    ``auto`` backend: the bundle's own ONNX export when it has one; on the CPU otherwise a first-use
+    export from the per-user cache (:mod:`segcli.runtimes.onnx_cache`; ``onnx_cache`` is
+    ``--onnx-cache``); torch when neither is possible (the reason is logged).
     """
     import importlib.util
     import logging
 
     from segcli.errors import UsageError
 
+    cpu = not device.startswith("cuda")
+    if precision == "auto":
+        precision = "int8" if cpu and backend != "torch" and int8_ok(bundle, role) else "fp32"
+    if precision == "int8":
+        if not cpu or backend == "torch":
+            raise UsageError("--precision int8 runs on ONNX Runtime on the CPU (not with --backend torch or --device cuda)")
+        from segcli.runtimes.onnx_backend import OnnxPredictor
+
+        return OnnxPredictor.from_bundle(bundle, role, device="cpu", max_batch=max_batch, variant="int8")
+    if precision == "bf16":
+        if backend == "onnx":
+            raise UsageError("--precision bf16 runs on torch (ONNX Runtime has no bf16 convolutions on the CPU)")
+        if cpu and not cpu_has_bf16():
+            raise UsageError("--precision bf16: this CPU has no native bf16 (AVX512-BF16 or AMX); use fp32 or int8")
+        backend = "torch"
     if backend == "auto":
         # ONNX Runtime beat torch on this CPU at every size measured (benchmarks/README.md).
         if bundle.network(role).onnx:
             backend = "onnx"
-        elif not device.startswith("cuda") and importlib.util.find_spec("onnxruntime") is not None:
+        elif cpu and importlib.util.find_spec("onnxruntime") is not None:
             from segcli.runtimes.onnx_cache import cached_export
 
             data, where = cached_export(bundle, role, onnx_cache)
@@ -96,7 +130,7 @@ def make_predictor(bundle, role: str, *, backend: str = "torch", device: str = "
         module = bundle.load_module(role)
         # channels_last was faster than contiguous at every size on CPU (benchmarks/bench_runtimes.py).
         return TorchPredictor(module, n_classes=bundle.n_classes, in_channels=bundle.in_channels, device=device,
-                              max_batch=max_batch, half=half, channels_last=device == "cpu")
+                              max_batch=max_batch, half=half, channels_last=device == "cpu", bf16=precision == "bf16")
     if backend == "onnx":
         try:
             from segcli.runtimes.onnx_backend import OnnxPredictor

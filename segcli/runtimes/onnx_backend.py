@@ -150,44 +150,46 @@ class OnnxPredictor:
     # -- construction -------------------------------------------------------------------------------
     @classmethod
     def from_bundle(cls, bundle: Any, role: str, *, device: str = "cpu", max_batch: int = 16, half: bool = False,
-                    threads: int | None = None) -> OnnxPredictor:
-        """The bundle's verified ONNX export of ``role``; a bundle without one is a usage error."""
+                    threads: int | None = None, variant: str = "fp32") -> OnnxPredictor:
+        """The bundle's verified ONNX export of ``role`` (``variant="int8"``: its quantised one); none is a usage error."""
         import onnx
 
         from segcli.bundle import _inside
 
         spec = bundle.network(role)
-        if not spec.onnx:
-            raise UsageError(f"bundle {bundle.path} has no ONNX export; run `segcli export {bundle.path}`")
-        path = _inside(bundle.path, spec.onnx, "onnx")
+        rel, digest = (spec.int8, spec.int8_sha256) if variant == "int8" else (spec.onnx, spec.onnx_sha256)
+        how = f"segcli export {bundle.path}" + (" --precision int8 --images DIR" if variant == "int8" else "")
+        if not rel:
+            raise UsageError(f"bundle {bundle.path} has no {'int8' if variant == 'int8' else 'ONNX'} export; run `{how}`")
+        path = _inside(bundle.path, rel, "onnx")
         if not path.is_file():
-            raise BundleError(f"ONNX file {spec.onnx} is missing; run `segcli export {bundle.path}`", bundle.path)
-        if not spec.onnx_sha256:
-            raise BundleError(f"{spec.onnx} has no recorded onnx_sha256; run `segcli export {bundle.path}`", bundle.path)
+            raise BundleError(f"ONNX file {rel} is missing; run `{how}`", bundle.path)
+        if not digest:
+            raise BundleError(f"{rel} has no recorded SHA-256; run `{how}`", bundle.path)
         data = path.read_bytes()
-        if hashlib.sha256(data).hexdigest() != spec.onnx_sha256:
-            raise BundleError(f"{spec.onnx} does not match its recorded SHA-256 (corrupted or tampered); refused", bundle.path)
+        if hashlib.sha256(data).hexdigest() != digest:
+            raise BundleError(f"{rel} does not match its recorded SHA-256 (corrupted or tampered); refused", bundle.path)
         try:
             model = onnx.load_model_from_string(data)  # external data, if any, is not read here
         except Exception as exc:
-            raise BundleError(f"{spec.onnx} is not a readable ONNX model: {exc}", bundle.path) from None
+            raise BundleError(f"{rel} is not a readable ONNX model: {exc}", bundle.path) from None
         meta = {p.key: p.value for p in model.metadata_props}
         if meta.get("weights_sha256") and spec.sha256 and meta["weights_sha256"] != spec.sha256:
-            raise BundleError(f"{spec.onnx} was exported from other weights than {spec.weights} (stale export); "
-                              f"run `segcli export {bundle.path}`", bundle.path)
+            raise BundleError(f"{rel} was exported from other weights than {spec.weights} (stale export); "
+                              f"run `{how}`", bundle.path)
         locs = external_locations(model)
-        rel_dir = Path(spec.onnx).parent
+        rel_dir = Path(rel).parent
         for loc in locs:
             target = _inside(bundle.path, (rel_dir / loc).as_posix() if loc else "", "ONNX external data")
             if not target.is_file():
-                raise BundleError(f"{spec.onnx} names external data {loc!r}, which is missing", bundle.path)
+                raise BundleError(f"{rel} names external data {loc!r}, which is missing", bundle.path)
         del model
         providers = choose_providers(device)
         if providers[0] == CPU_EP:
             device, half = "cpu", False  # like torch: --half only means something on CUDA
         if meta.get("precision") == "fp16" and providers[0] == CPU_EP:
             log.warning("%s is an fp16 export (for CUDA); on the CPU it is slower than fp32: "
-                        "re-export without --fp16", spec.onnx)
+                        "re-export without --fp16", rel)
         elif half and meta.get("precision") != "fp16":
             log.warning("--half with --backend onnx needs an fp16 export (`segcli export --fp16`); running fp32")
         # With external data ORT must read from the folder, so it gets the path (already checked).

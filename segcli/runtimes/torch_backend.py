@@ -12,7 +12,7 @@ class TorchPredictor:
     provider = "torch"
 
     def __init__(self, module, n_classes: int, in_channels: int, device: str = "cpu", max_batch: int = 16,
-                 half: bool = False, channels_last: bool = False) -> None:
+                 half: bool = False, channels_last: bool = False, bf16: bool = False) -> None:
         import torch
 
         from segcli.runtimes.device import apply_threads
@@ -25,6 +25,9 @@ class TorchPredictor:
         self.in_channels = in_channels
         self.max_batch = max(1, int(max_batch))
         self.half = half and device.startswith("cuda")
+        self.bf16 = bf16 and not self.half  # autocast to bfloat16 (CPUs with AVX512-BF16/AMX, recent GPUs)
+        if self.bf16:
+            self.provider = f"torch-{device}-bf16"
         self.channels_last = channels_last
         self.module = module.to(device).eval()
         if channels_last:
@@ -38,6 +41,9 @@ class TorchPredictor:
         with torch.inference_mode():
             if self.half:
                 with torch.autocast("cuda", dtype=torch.float16):
+                    logits = self.module(t)
+            elif self.bf16:
+                with torch.autocast("cuda" if self.device.startswith("cuda") else "cpu", dtype=torch.bfloat16):
                     logits = self.module(t)
             else:
                 logits = self.module(t)
