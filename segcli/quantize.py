@@ -163,6 +163,7 @@ def build_int8(bundle_dir: str | os.PathLike[str], images: list[Path], *, seed: 
     dices = [dice_labels(a, b) for a, b in zip(ref, got, strict=True)]
     record = {"dice_vs_fp32_mean": round(float(np.mean(dices)), 5), "dice_vs_fp32_min": round(float(np.min(dices)), 5),
               "check_images": len(check), "calibration_images": len(calib),
+              "check_files": [p.name for p in check], "calibration_files": [p.name for p in calib],
               "calibration_inputs": {r: len(rec.kept) for r, rec in recorders.items()},
               "threshold": MIN_DICE, "passed": bool(np.mean(dices) >= MIN_DICE),
               "method": "QDQ static, per-channel int8 weights, uint8 activations, MinMax calibration",
