@@ -96,6 +96,8 @@ def normalize(x: np.ndarray, spec: dict[str, Any], stats: dict[str, float] | Non
         y = (y - stats["mean"]) / (stats["std"] if stats["std"] > 0 else 1.0)
     else:  # pragma: no cover - validate() guards this
         raise ValueError(kind)
+    if kind in ("dtype", "ct_window", "percentile", "minmax") and src_dtype.kind in "uib":
+        return y.astype(np.float32, copy=False)  # integer pixels cannot become NaN or infinite here: skip a pass
     return np.nan_to_num(y, nan=0.0, posinf=0.0, neginf=0.0).astype(np.float32, copy=False)
 
 

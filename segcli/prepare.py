@@ -86,12 +86,22 @@ def checked(array: np.ndarray, bundle: Bundle, channels: str = "keep", path: Any
         raise InputError("image holds no finite values (all NaN or infinite)", path)
     # Constant per channel (a uniform colour, not only a uniform grey): nothing to segment.
     flat = a.reshape(-1, a.shape[-1])
+    if _varies(flat):
+        return a  # the usual case, decided on a sparse sample without a pass over every pixel
     lo = np.nanmin(flat, axis=0) if finite is not None else flat.min(axis=0)
     hi = np.nanmax(flat, axis=0) if finite is not None else flat.max(axis=0)
     if np.array_equal(lo, hi):
         value = lo[0] if lo.size == 1 else tuple(lo.tolist())
         raise EmptyImageError(f"image is constant (every pixel = {value}); nothing to segment", path)
     return a
+
+def _varies(flat: np.ndarray, samples: int = 4096) -> bool:
+    """True when a strided sample of finite pixels already holds two different values (so not constant)."""
+    sample = flat[:: max(1, len(flat) // samples)]
+    if sample.dtype.kind == "f":
+        sample = sample[np.isfinite(sample).all(axis=1)]
+    return len(sample) > 1 and bool((sample != sample[0]).any())
+
 
 def slice_normalizer(a: np.ndarray, bundle: Bundle) -> Callable[[np.ndarray], np.ndarray]:
     """A function normalising any part of the in-memory volume ``a`` as ``normalize(a)`` would."""
