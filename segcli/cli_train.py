@@ -117,7 +117,7 @@ def register(app: typer.Typer) -> None:
         time_limit: Annotated[str | None, typer.Option(help="Training time budget: seconds or 90s / 10m / 1h30m; split 50/50 between two stages. Default: no limit.")] = None,
         resume: Annotated[Path | None, typer.Option(help="Continue the run in this folder from its checkpoint.pt. Default: a new run.")] = None,
         device: Annotated[str | None, typer.Option(help="auto | cpu | cuda | cuda:N [default: auto]")] = None,
-        amp: Annotated[bool, typer.Option("--amp/--no-amp", help="Mixed precision on CUDA.")] = True,
+        amp: Annotated[bool, typer.Option("--amp/--no-amp", help="Mixed precision: fp16 on CUDA, bf16 on a CPU with native bf16 (AVX512-BF16/AMX); validation stays fp32.")] = True,
         augment: Annotated[bool, typer.Option("--augment/--no-augment", help="Flips, 90° rotations, small affine, intensity jitter.")] = True,
         stain_jitter: Annotated[float, typer.Option(help="HED stain jitter amplitude for RGB H&E (e.g. 0.1; 0 = off): stain amounts × U(1±s) + U(±s).")] = 0.0,
         cache_gb: Annotated[float | None, typer.Option(help="Memory for full-resolution images (fine crops) [default: 4].")] = None,

@@ -324,6 +324,7 @@ def _train_stages(job: _Job, reporter: Reporter) -> dict[str, Any]:
 
 def _run(cfg: TrainConfig, ckpt: dict[str, Any] | None, reporter: Reporter) -> TrainResult:
     """One training run from a checked config: data, stages, bundle, then the full-resolution score."""
+    from segcli.runtimes import cpu_has_bf16
     from segcli.runtimes.device import apply_threads, resolve_device, set_threads
     from segcli.train.augment import AugmentConfig
     from segcli.train.loop import FitOptions
@@ -343,6 +344,7 @@ def _run(cfg: TrainConfig, ckpt: dict[str, Any] | None, reporter: Reporter) -> T
     loss_name, loss_fn = _loss(cfg, ds.n_out)
     opts = FitOptions(lr=cfg.lr, weight_decay=cfg.weight_decay, optimizer=cfg.optimizer, schedule=cfg.schedule,
                       patience=cfg.patience, device=device, amp=cfg.amp,
+                      cpu_bf16=cfg.amp and device == "cpu" and cpu_has_bf16(), channels_last=device == "cpu",
                       augment=AugmentConfig(stain=cfg.stain_jitter) if cfg.augment else None, seed=cfg.seed)
     stage_names = roles(cfg.method)
     arch_of = {"coarse": cfg.arch, "fine": cfg.fine_arch or cfg.arch}
@@ -376,6 +378,17 @@ def _add_full_res_validation(job: _Job, models: dict[str, Any], training: dict[s
         log(f"full resolution ({cfg.method}, {full['cases']} val cases): dice {full['dice']:.4f}  iou {full['iou']:.4f}  "
             f"precision {full['precision']:.4f}  recall {full['recall']:.4f}  object recall {full['object_recall']:.4f}  "
             f"({full['seconds']:.1f} s)")
+
+
+def _train_precision(cfg: TrainConfig, device: str) -> str:
+    """How the training steps computed (validation and the recorded scores are always fp32)."""
+    from segcli.runtimes import cpu_has_bf16
+
+    if cfg.amp and device.startswith("cuda"):
+        return "fp16 autocast (CUDA)"
+    if cfg.amp and device == "cpu" and cpu_has_bf16():
+        return "bf16 autocast, channels_last (CPU)"
+    return "fp32" + (", channels_last" if device == "cpu" else "")
 
 
 def _jsonable(v: Any) -> Any:
@@ -426,6 +439,9 @@ def _training_section(cfg: TrainConfig, ds: Any, stages: dict[str, dict[str, Any
         "seed": cfg.seed,
         "channels": cfg.channels,
         "device": device,
+        "train_precision": _train_precision(cfg, device),
+        "fine_crops": cfg.fine_crops if cfg.method == "stts" else None,
+        "crops_per_image": cfg.crops_per_image if cfg.method == "stts" else None,
         "torch": torch.__version__,
         "seconds": round(seconds, 1),
         "config": cfg.to_dict(),

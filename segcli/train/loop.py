@@ -62,7 +62,9 @@ class FitOptions:
     schedule: str = "cosine"
     patience: int | None = None
     device: str = "cpu"
-    amp: bool = True
+    amp: bool = True  # fp16 autocast on CUDA; bf16 autocast on a CPU with native bf16 (see cpu_bf16)
+    cpu_bf16: bool = False  # set by segcli.train when amp is on, the device is the CPU and it computes bf16
+    channels_last: bool = False  # NHWC activations (faster convolutions on the CPU)
     augment: AugmentConfig | None = field(default_factory=AugmentConfig)
     seed: int = 0
 
@@ -216,7 +218,8 @@ def _optimizer_step(optim: torch.optim.Optimizer) -> int:
 
 
 def _copy_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    return {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+    # contiguous(): a channels_last model's 4D weights are NHWC-strided, and safetensors wants plain layout.
+    return {k: v.detach().to("cpu", copy=True).contiguous() for k, v in model.state_dict().items()}
 
 
 def predict_logits(model: torch.nn.Module, x: np.ndarray, device: str, batch_size: int = 32, amp: bool = False) -> np.ndarray:
@@ -302,10 +305,13 @@ class _StageRun:
         self.stage, self.opts = stage, opts
         self.dev = dev = opts.device
         self.model = stage.model.to(dev)
+        if opts.channels_last:
+            self.model = self.model.to(memory_format=torch.channels_last)
         self.optim = make_optimizer(opts.optimizer, self.model.parameters(), opts.lr, opts.weight_decay)
         self.total_steps = [stage.epochs * stage.steps_per_epoch]  # shortened when a time budget allows fewer epochs
         self.sched = torch.optim.lr_scheduler.LambdaLR(self.optim, lr_factor(opts.schedule, self.total_steps))
         self.use_amp = opts.amp and dev.startswith("cuda")
+        self.use_bf16 = opts.cpu_bf16 and dev == "cpu"
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.use_amp)
         self.np_rng = np.random.default_rng([opts.seed, stage.index])
         self.gen = torch.Generator().manual_seed(opts.seed * 7919 + stage.index)
@@ -343,6 +349,12 @@ class _StageRun:
             "rng": rng_state(self.np_rng, self.gen),
         }
 
+    def _autocast(self) -> Any:
+        """fp16 autocast on CUDA, bf16 on a CPU that computes it natively, else nothing."""
+        if self.use_amp:
+            return torch.autocast(device_type="cuda", dtype=torch.float16)
+        return torch.autocast(device_type="cpu", dtype=torch.bfloat16, enabled=self.use_bf16)
+
     def train_epoch(self, epoch: int, t0: float, starved: bool, stop: StopFlag, reporter: Reporter) -> tuple[list[float], bool]:
         """One epoch's optimiser steps; stops early on Ctrl-C or the time budget. Returns (losses, out of time)."""
         stage, opts, dev, model = self.stage, self.opts, self.dev, self.model
@@ -356,12 +368,16 @@ class _StageRun:
                 y = torch.from_numpy(np.ascontiguousarray(yb, dtype=np.float32)).to(dev)
                 if opts.augment is not None:
                     x, y = augment(x, y, self.gen, opts.augment)
+                if opts.channels_last:
+                    x = x.contiguous(memory_format=torch.channels_last)
                 self.optim.zero_grad(set_to_none=True)
-                with torch.autocast(device_type="cuda", dtype=torch.float16, enabled=self.use_amp):
+                with self._autocast():
                     if hasattr(model, "compute_loss"):
                         loss = model.compute_loss(x, y, stage.loss_fn)
                     else:
-                        loss = stage.loss_fn(model(x), y)
+                        out = model(x)
+                if not hasattr(model, "compute_loss"):
+                    loss = stage.loss_fn(out.float(), y)  # the loss in fp32 whatever the autocast
                 self.scaler.scale(loss).backward()
                 self.scaler.step(self.optim)
                 self.scaler.update()
