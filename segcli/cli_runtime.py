@@ -47,7 +47,7 @@ def register(app: typer.Typer) -> None:
         fp16: Annotated[bool, typer.Option("--fp16", help="Write fp16 models (ROLE.fp16.onnx) for CUDA ONNX Runtime; inputs and outputs stay float32.")] = False,
         opset: Annotated[int, typer.Option(help="ONNX opset.")] = 17,
         precision: Annotated[str, typer.Option(help="fp32 (ROLE.onnx) | int8: quantised ROLE.int8.onnx, calibrated on half of --images and kept only if its masks match fp32 (Dice >= 0.99) on the other half.")] = "fp32",
-        images: Annotated[Path | None, typer.Option(help="int8: a folder of images like the ones the model will see (the bundle's training or validation images).")] = None,
+        images: Annotated[Path | None, typer.Option(help="int8: a folder of images like the ones the model will see (the bundle's training or validation images). Default: none (needed for int8).")] = None,
         no_validate: Annotated[bool, typer.Option("--no-validate", help="Skip the torch vs ONNX Runtime parity check (faster, for huge networks).")] = False,
         json_out: Annotated[bool, typer.Option("--json", help="Print what was written as JSON on stdout.")] = False,
     ) -> None:
