@@ -39,6 +39,10 @@ class TrainingInterrupted(SegcliError):
     exit_code = 130
 
 
+#: Longest gap between two mid-stage checkpoints (seconds of wall time).
+CHECKPOINT_EVERY_S = 30.0
+
+
 @dataclass
 class Stage:
     """One network's training: ``batches(rng)`` yields one epoch of (x, soft target) numpy batches."""
@@ -472,6 +476,7 @@ def fit(
     if resume is not None:
         run.restore(resume)
     stopped = "epochs"
+    last_save: float | None = None
     reporter.stage_start(stage.name, stage.epochs, stage.steps_per_epoch, run.start_epoch)
     try:
         # A stage whose budget the previous stage used up still trains one full epoch: a network
@@ -500,7 +505,14 @@ def fit(
             # The log line first, then the checkpoint: a kill between the two leaves a line past the checkpoint,
             # which --resume trims and writes again (the other order lost the line for good).
             log_metrics(rec)
-            save(run.state(epoch + 1))
+            # A checkpoint after the first epoch, then at most every CHECKPOINT_EVERY_S: with 1-s epochs a
+            # save per epoch (model, optimiser and best weights through torch.save) cost a quarter of the run.
+            # The stage's end is saved by the caller; a kill loses at most that long, and --resume trims
+            # the metric lines past the checkpoint.
+            now = time.perf_counter()
+            if last_save is None or now - last_save >= CHECKPOINT_EVERY_S:
+                save(run.state(epoch + 1))
+                last_save = now
             reporter.epoch_end(rec, run.eta(epoch))
             if out_of_time or starved:
                 stopped = "time"
