@@ -79,7 +79,9 @@ def fill_run(rep: FileReport, res: Any, *, model: str, method: str, device: str,
 def count_labels(labels: np.ndarray) -> np.ndarray:
     """Voxels per label value (256 bins), slice by slice: bincount casts to int64, 8 bytes a voxel at once."""
     counts = np.zeros(256, np.int64)
-    for part in labels.reshape(labels.shape[0], -1) if labels.ndim > 1 else [labels]:
+    # A 2D mask in one call (per row, a 500-row photo took 530 bincounts: 15 ms); a volume per slice.
+    parts = [labels.reshape(-1)] if labels.ndim <= 2 else (labels[i].reshape(-1) for i in range(labels.shape[0]))
+    for part in parts:
         counts += np.bincount(part, minlength=256)[:256]
     return counts
 
