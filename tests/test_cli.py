@@ -215,7 +215,7 @@ def test_info_and_models(tmp_path):
     r = run_cli("models")
     assert r.returncode == 0
     # each model's number says what it is: metric, how many held-out images, how measured (issue 20)
-    assert "Dice 0.726 on 180 validation images (full resolution, seed split)" in r.stdout
+    assert "Dice 0.829 on 180 validation images (full resolution, seed split)" in r.stdout
 
 
 def test_probabilities_and_stdin_paths(tmp_path, grey_bundle):
