@@ -133,3 +133,22 @@ def test_bf16_runs_where_the_cpu_has_it_and_is_refused_elsewhere(bundle: Path) -
             make_predictor(b, "coarse", backend="auto", precision="bf16")
     with pytest.raises(UsageError, match="--precision bf16 runs on torch"):
         make_predictor(b, "coarse", backend="onnx", precision="bf16")
+
+
+def test_int8_where_the_bundle_has_it_fp32_elsewhere(bundle: Path, tmp_path: Path, monkeypatch) -> None:
+    """nuclei-he ships int8 for its fine network only: --precision int8 must still run (coarse in fp32)."""
+    monkeypatch.setattr(quantize, "MIN_DICE", 0.0)
+    quantize.build_int8(bundle, _images(tmp_path / "imgs"))
+    doc = json.loads((bundle / "segcli.json").read_text())
+    (bundle / "coarse.int8.onnx").unlink()
+    doc["networks"]["coarse"].pop("int8")
+    doc["networks"]["coarse"].pop("int8_sha256")
+    (bundle / "segcli.json").write_text(json.dumps(doc))
+    b = load_bundle(bundle)
+    assert make_predictor(b, "fine", backend="auto", precision="int8").metadata["precision"] == "int8"
+    assert make_predictor(b, "coarse", backend="auto", precision="int8").metadata["precision"] == "fp32"
+    r = run_cli("predict", tmp_path / "imgs" / "img1.png", "-o", tmp_path / "o/", "--model", bundle, "--json",
+                "--precision", "int8")
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["files"][0]["providers"] == {"coarse": "onnx:CPUExecutionProvider",
+                                                             "fine": "onnx:CPUExecutionProvider:int8"}

@@ -96,6 +96,11 @@ def make_predictor(bundle, role: str, *, backend: str = "torch", device: str = "
     cpu = not device.startswith("cuda")
     if precision == "auto":
         precision = "int8" if cpu and backend != "torch" and int8_ok(bundle, role) else "fp32"
+    if precision == "int8" and not bundle.network(role).int8 and any(n.int8 for n in bundle.networks.values()):
+        # --precision int8 asks for the bundle's int8 variants; a network without one (nuclei-he's coarse
+        # network, used only by stts) runs fp32, and the report's providers say which ran how.
+        logging.getLogger("segcli").warning("%s/%s has no int8 variant; it runs fp32", bundle.name, role)
+        precision = "fp32"
     if precision == "int8":
         if not cpu or backend == "torch":
             raise UsageError("--precision int8 runs on ONNX Runtime on the CPU (not with --backend torch or --device cuda)")
