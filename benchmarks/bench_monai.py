@@ -257,16 +257,8 @@ def run_variant(name: str, inp: Path, kind: str, out: Path, sw_batch: int, timeo
                "--model", MODEL, "--json", *SEGCLI_VARIANTS[name]]
     before = bs.load()
     print(f"  [{name}] $ {' '.join(cmd[2:])}   [load {before['loadavg']}]", flush=True)
-    t0 = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO, env=env,
-                            start_new_session=True)
-    try:
-        stdout, stderr = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, 15)
-        stdout, stderr = proc.communicate()
-        stderr += f"\n[bench_monai: stopped after the {timeout:.0f} s timeout]"
-    wall = time.perf_counter() - t0
+    proc, wall = bs.run_timed(cmd, env, timeout, "bench_monai")
+    stdout, stderr = proc.stdout, proc.stderr
     after = bs.load()
     shown = ["monai.inferers.sliding_window_inference (this script's --worker-monai)", *cmd[4:]] if name == "monai" \
         else ["segcli", *cmd[5:]]

@@ -414,6 +414,21 @@ def report_of(stdout: str) -> dict:
     return doc[0]
 
 
+def run_timed(cmd: list[str], env: dict, timeout: float, tag: str) -> tuple[subprocess.CompletedProcess, float]:
+    """Run ``cmd`` from the repository in its own process group (a timeout ends the whole tree, not only
+    /usr/bin/time); returns the completed process and the wall seconds."""
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO, env=env,
+                            start_new_session=True)
+    try:
+        stdout, stderr = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, 15)
+        stdout, stderr = proc.communicate()
+        stderr += f"\n[{tag}: stopped after the {timeout:.0f} s timeout]"
+    return subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr), time.perf_counter() - t0
+
+
 def run_one(slide: Path, size: int, tiles: list[dict], model: str, out: Path, extra: list[str], timeout: float) -> dict:
     if out.exists():
         shutil.rmtree(out)
@@ -431,18 +446,7 @@ def run_one(slide: Path, size: int, tiles: list[dict], model: str, out: Path, ex
         bundle_id = {"shipped": model}
     before = load()
     print(f"  $ {' '.join(cmd[2:])}   [load {before['loadavg']}]", flush=True)
-    t0 = time.perf_counter()
-    # Its own process group, so a timeout ends segcli too (not only /usr/bin/time).
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO, env=env,
-                            start_new_session=True)
-    try:
-        stdout, stderr = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, 15)
-        stdout, stderr = proc.communicate()
-        stderr += f"\n[bench_slide: stopped after the {timeout:.0f} s timeout]"
-    r = subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr)
-    wall = time.perf_counter() - t0
+    r, wall = run_timed(cmd, env, timeout, "bench_slide")
     after = load()
     row: dict = {"size": size, "model": model, "command": " ".join(["segcli", *cmd[5:]]), "returncode": r.returncode,
                  "bundle": bundle_id, "wall_s": round(wall, 1), **time_v(r.stderr), "load_before": before, "load_after": after}
