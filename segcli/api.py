@@ -27,6 +27,7 @@ from segcli.errors import InputError
 from segcli.geometry import slice_axis
 from segcli.lunggate import GateParams
 from segcli.options import PredictOptions
+from segcli.plan import Staged2D
 from segcli.prepare import prepare, volume_normalizer
 from segcli.report import FileReport
 
@@ -158,6 +159,16 @@ class Segmenter:
 
             return self.segment_volume(ArrayVolume(array), spacing=spacing, return_probs=return_probs,
                                        progress=progress, path=path)
+        staged = self.stage_2d(array, kind=kind, spacing=spacing, path=path)
+        return self.run_staged(staged, return_probs=return_probs, progress=progress), staged.bundle
+
+    def stage_2d(self, array: np.ndarray, *, kind: str = "2d", spacing: tuple[float, ...] | None = None,
+                 path: Any = None, prime: bool = False) -> Staged2D:
+        """Everything before the networks for a ``(H, W, C)`` array: channels, normalisation, the plane,
+        the engine's arguments and (``prime``) the rough pass's downscaled view.
+
+        A batch calls this in its reader thread, so that work overlaps the previous image's networks.
+        """
         bundle = self.bundle_for(kind)
         p = self.plan_for(bundle)
         plane: Any = ArrayPlane(self.prepare(array, bundle, path))
@@ -166,9 +177,19 @@ class Segmenter:
             plane = ScaledPlane(plane, scale[0])
             spacing = (*spacing[:-2], *(float(bundle.params["training_mpp"]) / 1000.0,) * 2)  # type: ignore[index]
         kw = plan.kwargs_2d(p, bundle, self.options, self.budget, plane.shape, spacing)
-        res = plan.run_2d(p, plane, self.predictors(bundle), kw, return_probs=return_probs, progress=progress)
+        if prime:
+            plan.prime_2d(p, plane, kw)
+        return Staged2D(bundle=bundle, plan=p, plane=plane, kwargs=kw, full_shape=tuple(array.shape[:2]),
+                        scale=scale)
+
+    def run_staged(self, staged: Staged2D, *, return_probs: bool = False,
+                   progress: ProgressFn | None = None) -> Result:
+        """The networks and fusion for a :meth:`stage_2d` result; the mask is on the array's own grid."""
+        bundle, scale = staged.bundle, staged.scale
+        res = plan.run_2d(staged.plan, staged.plane, self.predictors(bundle), staged.kwargs,
+                          return_probs=return_probs, progress=progress)
         if scale is not None:
-            full = array.shape[:2]
+            full = staged.full_shape
             res.labels = np.asarray(ScaledLabels(res.labels, scale[0], full))
             if res.probs is not None:
                 from segcli.resize import resize
@@ -176,8 +197,8 @@ class Segmenter:
                 res.probs = resize(res.probs, full, "bilinear")
             res.info["resampled"] = {"image_mpp": round(scale[1], 4),
                                      "training_mpp": float(bundle.params["training_mpp"]),
-                                     "network_shape": list(plane.shape)}
-        return res, bundle
+                                     "network_shape": list(staged.plane.shape)}
+        return res
 
     def segment_volume(
         self,

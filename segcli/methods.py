@@ -24,6 +24,7 @@ class Method:
     params: tuple[str, ...]  # method parameters (segcli.params) its engine takes besides size and threshold
     volume_engine: str | None = None  # a 3D engine ("module:function"); None: the 2D engine slice by slice
     volume_params: tuple[str, ...] = ()
+    rough_pass: bool = True  # starts with one pass over the whole image downscaled to S (prefetched in batches)
 
 
 TABLE: dict[str, Method] = {
@@ -43,7 +44,7 @@ TABLE: dict[str, Method] = {
                ("keep_aspect",)),
         Method("sliding", ("fine",), False,
                "full-resolution sliding window with Gaussian blending (MONAI/nnU-Net)", "segcli.engines.direct:sliding",
-               ("overlap", "batch_size")),
+               ("overlap", "batch_size"), rough_pass=False),
     )
 }
 

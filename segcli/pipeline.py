@@ -37,6 +37,7 @@ from segcli.geometry import slice_axis
 from segcli.io.atomic import OutputLock, os_error_words
 from segcli.io.naming import geojson_path, probabilities_path
 from segcli.outputs import detection_classes, plan_output, planned_outputs, write_dicom_seg
+from segcli.plan import Staged2D
 from segcli.prepare import implausible_result, mismatch_warnings
 from segcli.report import FileReport, count_labels, fill_counts, fill_run
 
@@ -120,7 +121,7 @@ def _finish_compute(seg: Segmenter, job: Job, res: Result, bundle: Bundle, spaci
     rep = job.rep
     fill_run(rep, res, model=bundle.name, method=seg.plan_for(bundle).method, device=seg.device,
              providers=seg.providers(bundle) if rep.status == "ok" else None)
-    counts = count_labels(res.labels)
+    counts = count_labels(res.labels, len(bundle.classes))
     fill_counts(rep, counts, bundle.classes, spacing, ndim=res.labels.ndim)
     if rep.status == "ok" and (note := implausible_result(counts, int(res.labels.size))):
         rep.warnings.append(note)
@@ -146,14 +147,37 @@ class InMemoryRoute:
         self.dtype = img.array.dtype
         self.warnings = list(img.meta.get("warnings", []))
         self.res: Result | None = None
+        self.staged: Staged2D | None = None
+        self.empty: EmptyImageError | None = None
+
+    def stage(self, seg: Segmenter, job: Job) -> None:
+        """In the reader thread: the memory check, then normalisation and the rough pass's downscaled view
+        of a 2D image, so they overlap the networks of the image before."""
+        img = self.img
+        check_in_memory(seg, self.kind, img.spatial_shape, img.channels, img.array.dtype.itemsize, job.path)
+        if img.ndim != 2:
+            return
+        try:
+            self.staged = seg.stage_2d(img.array, kind=self.kind, spacing=img.spacing, path=job.path, prime=True)
+        except EmptyImageError as exc:  # reported as "empty" by compute
+            self.empty = exc
 
     def compute(self, seg: Segmenter, job: Job, progress: ProgressFn | None) -> None:
         img = self.img
         kind = self.kind
-        check_in_memory(seg, kind, img.spatial_shape, img.channels, img.array.dtype.itemsize, job.path)
+        if self.staged is None and self.empty is None:
+            self.stage(seg, job)
         try:
-            res, bundle = seg.segment_array(img.array, kind=kind, spacing=img.spacing,
-                                            return_probs=seg.options.probabilities, progress=progress, path=job.path)
+            if self.empty is not None:
+                raise self.empty
+            if self.staged is not None:
+                res, bundle = seg.run_staged(self.staged, return_probs=seg.options.probabilities,
+                                             progress=progress), self.staged.bundle
+                self.staged = None  # the float copy of the image goes as soon as it is used
+            else:
+                res, bundle = seg.segment_array(img.array, kind=kind, spacing=img.spacing,
+                                                return_probs=seg.options.probabilities, progress=progress,
+                                                path=job.path)
         except EmptyImageError as exc:
             bundle, res = seg.bundle_for(kind), Result(np.zeros(img.spatial_shape, np.uint8))
             job.rep.status = "empty"
@@ -185,6 +209,7 @@ class InMemoryRoute:
 
     def close(self) -> None:
         self.res = None
+        self.staged = None
 
 
 class StreamedVolumeRoute:
@@ -514,6 +539,10 @@ def read(seg: Segmenter, path: Path, output: str | Path | None, *, input_root: P
             job.rep.warnings.extend(mismatch_warnings(bundle, dtype, job.route.spacing, ndim))
         job.rep.shape = list(job.route.spatial_shape)
         job.rep.spacing = list(job.route.spacing) if job.route.spacing else None
+        if isinstance(job.route, InMemoryRoute):
+            t = time.perf_counter()
+            job.route.stage(seg, job)
+            job.rep.seconds["prepare"] = time.perf_counter() - t
     except Exception as exc:  # one bad file must not stop the batch
         job.fail_from(exc)
     return job

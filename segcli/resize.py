@@ -41,13 +41,15 @@ def resize_matrix(n_in: int, n_out: int, mode: str = "area") -> np.ndarray:
         np.add.at(m, (np.arange(n_out), i0), 1.0 - f)
         np.add.at(m, (np.arange(n_out), i1), f)
     elif mode == "area":
+        # Overlap of output cell [a, b) with input pixel [j, j + 1), for all pairs at once.
         edges = np.arange(n_out + 1) * scale
-        for i in range(n_out):
-            a, b = edges[i], edges[i + 1]
-            j0, j1 = int(np.floor(a)), min(int(np.ceil(b)), n_in)
-            for j in range(j0, j1):
-                m[i, j] = min(b, j + 1) - max(a, j)
-            m[i] /= m[i].sum()
+        j = np.arange(n_in)
+        step = max(1, (1 << 22) // n_in)  # blocks of output rows: temporaries stay near 32 MB
+        for i0 in range(0, n_out, step):
+            i1 = min(n_out, i0 + step)
+            blk = np.minimum(edges[i0 + 1 : i1 + 1, None], j + 1.0) - np.maximum(edges[i0:i1, None], j)
+            np.maximum(blk, 0.0, out=blk)
+            m[i0:i1] = blk / blk.sum(axis=1, keepdims=True)
     else:
         raise ValueError(f"unknown resize mode {mode!r}")
     return m.astype(np.float32)

@@ -142,3 +142,29 @@ def test_stats_csv_and_lock(tmp_path, rgb_bundle):
             ys, xs = np.nonzero(mask == 1)
             assert (y0, x0, y1, x1) == (ys.min(), xs.min(), ys.max() + 1, xs.max() + 1)
             assert int(row["components"]) >= 1
+
+
+@pytest.mark.parametrize("method", ["stts", "refine", "direct", "sliding"])
+def test_staged_batch_equals_one_array_at_a_time(tmp_path, rgb_bundle, method):
+    """Normalisation and the rough pass's downscaled view are made in the reader thread: the masks must be
+    exactly those of ``segment_array``, images of several sizes and aspect ratios, and a constant image
+    still reports "empty"."""
+    rng = np.random.default_rng(7)
+    folder = tmp_path / "in"
+    folder.mkdir()
+    shapes = [(48, 56), (130, 40), (37, 200), (64, 64), (90, 91)]
+    files = []
+    for i, (h, w) in enumerate(shapes):
+        a = rng.integers(0, 255, (h, w, 3), dtype=np.uint8)
+        a[h // 4 : h // 2, w // 3 : w // 2] = 250  # a bright block, so the toy network finds something
+        files.append(folder / f"im{i}.png")
+        Image.fromarray(a).save(files[-1])
+    files.append(folder / "flat.png")
+    Image.fromarray(np.full((40, 40, 3), 9, np.uint8)).save(files[-1])
+    seg = Segmenter(rgb_bundle, method=method)
+    reports = list(seg.predict_many([(f, None) for f in files], tmp_path / "out", prefetch=2))
+    assert [r.status for r in reports] == ["ok"] * len(shapes) + ["empty"]
+    assert all("prepare" in r.seconds for r in reports)
+    for f, r in zip(files[:-1], reports[:-1], strict=True):
+        want, _ = seg.segment_array(np.asarray(Image.open(f)))
+        np.testing.assert_array_equal(np.asarray(Image.open(r.output)), want.labels, err_msg=f.name)

@@ -148,3 +148,28 @@ def test_stts_volume_uses_one_box_per_3d_component_and_drops_small_blobs():
     np.testing.assert_array_equal(res.labels, expect)
     per = per_slice(planes, lambda p: direct(p, FunctionPredictor(identity_probs), size=120))
     assert per.labels.shape == (6, 120, 120)
+
+
+def test_array_plane_keeps_its_last_downscaled_view():
+    """The batch reader makes the rough pass's view ahead of time; the engine must get that very array,
+    and another size must be computed afresh (and equal a plain resize)."""
+    from segcli.resize import resize
+
+    img = np.random.default_rng(0).random((3, 50, 70), dtype=np.float32)
+    plane = ArrayPlane(img)
+    a = plane.downscaled((10, 14))
+    assert plane.downscaled((10, 14)) is a and not a.flags.writeable
+    b = plane.downscaled((5, 7))
+    np.testing.assert_array_equal(b, resize(img, (5, 7), "area"))
+    np.testing.assert_array_equal(plane.downscaled((10, 14)), a)
+
+
+def test_area_weights_known_answers():
+    """Box-filter overlaps: 4 → 2 averages pairs; 3 → 2 splits the middle pixel; rows sum to one."""
+    from segcli.resize import resize_matrix
+
+    np.testing.assert_allclose(resize_matrix(4, 2, "area"), [[0.5, 0.5, 0, 0], [0, 0, 0.5, 0.5]])
+    np.testing.assert_allclose(resize_matrix(3, 2, "area"), [[2 / 3, 1 / 3, 0], [0, 1 / 3, 2 / 3]], rtol=1e-6)
+    m = resize_matrix(1920, 64, "area")
+    np.testing.assert_allclose(m.sum(axis=1), 1.0, rtol=1e-5)
+    assert (np.count_nonzero(m, axis=1) <= 32).all()

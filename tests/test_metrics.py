@@ -206,3 +206,17 @@ def test_tile_stats_equal_whole_map_stats(tile: int) -> None:
             box = (y, x, min(y + tile, lab.shape[0]), min(x + tile, lab.shape[1]))
             ts.add(lab[box[0] : box[2], box[1] : box[3]], box)
     assert ts.rows() == label_stats(lab, classes, (0.5, 0.25))
+
+
+def test_count_labels_fast_path_matches_bincount() -> None:
+    """The per-class count for few classes equals bincount, and a value outside the classes is not lost."""
+    from segcli.report import count_labels
+
+    m = np.zeros((7, 9), np.uint8)
+    m[1:3, 2:5] = 1
+    m[5, 0] = 2
+    full = count_labels(m)
+    assert full[0] == 56 and full[1] == 6 and full[2] == 1
+    np.testing.assert_array_equal(count_labels(m, 3), full)
+    np.testing.assert_array_equal(count_labels(m, 2), full)  # label 2 is outside 2 classes: bincount again
+    np.testing.assert_array_equal(count_labels(np.zeros((0, 4), np.uint8), 2), np.zeros(256))

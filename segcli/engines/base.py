@@ -45,12 +45,23 @@ class ArrayPlane:
         self.array = np.asarray(array, dtype=np.float32)
         self.channels = int(array.shape[0])
         self.shape = (int(array.shape[1]), int(array.shape[2]))
+        self._low: tuple[tuple[int, int], np.ndarray] | None = None  # the last downscaled view
 
     def region(self, box: np.ndarray) -> np.ndarray:
         y0, x0, y1, x1 = (int(v) for v in box)
         return self.array[:, y0:y1, x0:x1]
 
     def downscaled(self, out_hw: tuple[int, int]) -> np.ndarray:
+        """The area-averaged view; the last one is kept, so a batch's reader thread can make it in advance."""
+        key = (int(out_hw[0]), int(out_hw[1]))
+        if self._low is not None and self._low[0] == key:
+            return self._low[1]
+        low = self._downscale(key)
+        low.flags.writeable = False  # shared between callers
+        self._low = (key, low)
+        return low
+
+    def _downscale(self, out_hw: tuple[int, int]) -> np.ndarray:
         h, w = self.shape
         if max(h, w) <= 2048:
             return resize(self.array, out_hw, "area")

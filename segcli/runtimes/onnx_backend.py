@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 from pathlib import Path
 from typing import Any
 
@@ -80,6 +81,10 @@ def make_session(model: bytes | Path, providers: list[Any], threads: int) -> Any
     so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     so.log_severity_level = 3  # errors only; warnings about unused initializers are noise here
+    if os.environ.get("SEGCLI_ORT_SPIN") != "1":
+        # ORT's pool threads busy-wait after each run by default; between small calls (a 64² network per
+        # photo) that burnt half the CPU of a batch and starved the reader and writer threads.
+        so.add_session_config_entry("session.intra_op.allow_spinning", "0")
     src = str(model) if isinstance(model, Path) else model
     return ort.InferenceSession(src, so, providers=providers)
 
