@@ -325,3 +325,20 @@ def test_onnx_runs_never_import_torch(tmp_path: Path) -> None:
                        cwd=Path(__file__).resolve().parent.parent, timeout=300)
     assert "torch imported: False" in r.stdout, (r.stdout, r.stderr)
     assert (tmp_path / "a_seg.png").is_file()
+
+
+def test_torch_predictor_takes_a_read_only_array_without_warning_or_writing_it():
+    """A plane's downscaled view is shared and read-only; the torch runtime must neither warn nor touch it."""
+    import warnings
+
+    from segcli.runtimes.torch_backend import TorchPredictor
+
+    x = np.random.default_rng(0).random((1, 3, 16, 16), dtype=np.float32)
+    x.flags.writeable = False
+    before = x.copy()
+    pred = TorchPredictor(torch.nn.Conv2d(3, 1, 1), n_classes=2, in_channels=3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        out = pred(x)
+    assert out.shape == (1, 2, 16, 16)
+    np.testing.assert_array_equal(x, before)

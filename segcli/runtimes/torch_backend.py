@@ -35,7 +35,8 @@ class TorchPredictor:
 
     def _forward(self, x: np.ndarray) -> np.ndarray:
         torch = self.torch
-        t = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)).to(self.device)
+        # Writable (a copy only if not): torch warns on read-only arrays, such as a plane's shared downscaled view.
+        t = torch.from_numpy(np.require(x, np.float32, ["C", "W"])).to(self.device)
         if self.channels_last:
             t = t.contiguous(memory_format=torch.channels_last)
         with torch.inference_mode():
