@@ -414,11 +414,12 @@ def report_of(stdout: str) -> dict:
     return doc[0]
 
 
-def run_timed(cmd: list[str], env: dict, timeout: float, tag: str) -> tuple[subprocess.CompletedProcess, float]:
-    """Run ``cmd`` from the repository in its own process group (a timeout ends the whole tree, not only
-    /usr/bin/time); returns the completed process and the wall seconds."""
+def run_timed(cmd: list[str], env: dict, timeout: float, tag: str,
+              cwd: Path = REPO) -> tuple[subprocess.CompletedProcess, float]:
+    """Run ``cmd`` from ``cwd`` (the repository) in its own process group (a timeout ends the whole tree, not
+    only /usr/bin/time); returns the completed process and the wall seconds."""
     t0 = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO, env=env,
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=cwd, env=env,
                             start_new_session=True)
     try:
         stdout, stderr = proc.communicate(timeout=timeout)
