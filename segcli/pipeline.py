@@ -368,7 +368,7 @@ class TiledTiffRoute:
             tile_stats = TileStats(bundle.classes, plane.spacing, plane.shape[1])
 
         def count(tile: np.ndarray, box: tuple[int, int, int, int]) -> None:
-            counts[:] += np.bincount(tile.ravel(), minlength=256)[:256]
+            counts[:] += count_labels(tile, len(bundle.classes))
             if tile_stats is not None:
                 tile_stats.add(tile, box)
 
