@@ -134,7 +134,7 @@ def main() -> None:
     if args.json:
         doc = {"what": f"{args.n} frames of {args.data.name}, segcli predict --model {args.model}, {args.before} "
                        "(earlier release) vs this tree, interleaved; plus one-image runs of the bundled polyp sample",
-               "command": " ".join(sys.argv), "code": code, "machine": machine_info(), "rows": rows, "summary": summary}
+               "command": " ".join(sys.argv), "code": code, "machine": machine_info(os.cpu_count() or 1), "rows": rows, "summary": summary}
         args.json.write_text(json.dumps(doc, indent=1) + "\n")
     shutil.rmtree(work, ignore_errors=True)
 
