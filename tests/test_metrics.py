@@ -220,3 +220,19 @@ def test_count_labels_fast_path_matches_bincount() -> None:
     np.testing.assert_array_equal(count_labels(m, 3), full)
     np.testing.assert_array_equal(count_labels(m, 2), full)  # label 2 is outside 2 classes: bincount again
     np.testing.assert_array_equal(count_labels(np.zeros((0, 4), np.uint8), 2), np.zeros(256))
+
+
+def test_refine_warns_when_it_refines_a_sliver_of_a_large_image() -> None:
+    """16 of 3,969 patches (a slide at the default budget) leaves the mask to the rough pass: say so; a photo's
+    8 of 25 patches is the method working as intended and stays quiet."""
+    from segcli.engines.base import Result
+    from segcli.report import FileReport, fill_run
+
+    def warnings(total: int, refined: int) -> list[str]:
+        rep = FileReport(input="x.tif")
+        res = Result(np.zeros((4, 4), np.uint8), info={"patches_total": total, "patches_refined": refined})
+        fill_run(rep, res, model="m", method="refine", device="cpu", providers={"coarse": "onnx:CPU"})
+        return rep.warnings
+
+    assert warnings(3969, 16)[0].startswith("refine re-segmented 16 of 3969 patches (0.4 %)")
+    assert warnings(25, 8) == [] and warnings(3969, 3969) == [] and warnings(200, 10) == []
