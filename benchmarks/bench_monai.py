@@ -34,7 +34,6 @@ import platform
 import shutil
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -427,13 +426,7 @@ def main() -> None:
         hh, mm = map(int, args.stop_at.split(":"))
         now = time.gmtime()
         stop = time.mktime(time.struct_time((now.tm_year, now.tm_mon, now.tm_mday, hh, mm, 0, 0, 0, 0))) - time.timezone
-    tmp = None
-    work = args.workdir
-    if work is None:
-        tmp = tempfile.mkdtemp(prefix="bench_monai-")
-        work = Path(tmp)
-    work.mkdir(parents=True, exist_ok=True)
-    args.results.parent.mkdir(parents=True, exist_ok=True)
+    work, tmp = bs.make_workdir(args.workdir, "bench_monai-", args.results)
     env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
 
     def sub(*a: str) -> dict:

@@ -414,6 +414,16 @@ def report_of(stdout: str) -> dict:
     return doc[0]
 
 
+def make_workdir(workdir: Path | None, prefix: str, results: Path) -> tuple[Path, str | None]:
+    """The benchmark's scratch folder (``workdir``, or a new temporary one, returned second so the caller
+    deletes it), and the results' folder, both created."""
+    tmp = None if workdir is not None else tempfile.mkdtemp(prefix=prefix)
+    work = workdir if workdir is not None else Path(tmp)  # type: ignore[arg-type]
+    work.mkdir(parents=True, exist_ok=True)
+    results.parent.mkdir(parents=True, exist_ok=True)
+    return work, tmp
+
+
 def run_timed(cmd: list[str], env: dict, timeout: float, tag: str,
               cwd: Path = REPO) -> tuple[subprocess.CompletedProcess, float]:
     """Run ``cmd`` from ``cwd`` (the repository) in its own process group (a timeout ends the whole tree, not
@@ -501,13 +511,7 @@ def main() -> None:
     ap.add_argument("--extra", nargs=argparse.REMAINDER, default=[], help="more segcli predict flags (last)")
     args = ap.parse_args()
 
-    tmp = None
-    work = args.workdir
-    if work is None:
-        tmp = tempfile.mkdtemp(prefix="bench_slide-")
-        work = Path(tmp)
-    work.mkdir(parents=True, exist_ok=True)
-    args.results.parent.mkdir(parents=True, exist_ok=True)
+    work, tmp = make_workdir(args.workdir, "bench_slide-", args.results)
     import imagecodecs
     import tifffile
 

@@ -149,12 +149,14 @@ class InMemoryRoute:
         self.res: Result | None = None
         self.staged: Staged2D | None = None
         self.empty: EmptyImageError | None = None
+        self.checked = False  # stage() ran: the memory check is done (and a 2D image prepared)
 
     def stage(self, seg: Segmenter, job: Job) -> None:
         """In the reader thread: the memory check, then normalisation and the rough pass's downscaled view
         of a 2D image, so they overlap the networks of the image before."""
         img = self.img
         check_in_memory(seg, self.kind, img.spatial_shape, img.channels, img.array.dtype.itemsize, job.path)
+        self.checked = True
         if img.ndim != 2:
             return
         try:
@@ -165,7 +167,7 @@ class InMemoryRoute:
     def compute(self, seg: Segmenter, job: Job, progress: ProgressFn | None) -> None:
         img = self.img
         kind = self.kind
-        if self.staged is None and self.empty is None:
+        if not self.checked:
             self.stage(seg, job)
         try:
             if self.empty is not None:

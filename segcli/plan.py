@@ -141,7 +141,7 @@ def prime_2d(plan: Plan, plane: Plane, kwargs: dict[str, Any]) -> None:
     """
     if not TABLE[plan.method].rough_pass or not hasattr(plane, "downscaled"):
         return
-    size, keep_aspect = int(kwargs["size"]), bool(kwargs.get("keep_aspect", True))
+    size, keep_aspect = int(kwargs["size"]), bool(kwargs["keep_aspect"])  # a rough-pass method's parameter
     cap = kwargs.get("max_downscale")
     if cap is not None and max(plane.shape) / size > float(cap):
         return

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import locale
 import os
 import subprocess
 import sys
@@ -29,14 +30,18 @@ def _onnx_cache(tmp_path_factory):
         os.environ["SEGCLI_ONNX_CACHE"] = saved
 
 
+_SESSION_LOCALE = locale.setlocale(locale.LC_ALL)
+
+
 @pytest.fixture(autouse=True)
 def _restore_locale():
-    """SimpleITK's DICOM writer switches the process to the C locale; keep that from leaking between tests."""
-    import locale
+    """SimpleITK's DICOM writer switches the process to the C locale; keep that from leaking between tests.
 
-    saved = locale.setlocale(locale.LC_ALL)
+    Restored to the locale the session started with, not the one a test found: a module-scoped fixture
+    that wrote DICOM before the test would otherwise make the C locale the one "restored".
+    """
     yield
-    locale.setlocale(locale.LC_ALL, saved)
+    locale.setlocale(locale.LC_ALL, _SESSION_LOCALE)
 
 
 def make_bundle(path: Path, *, in_channels: int = 1, classes=("background", "object"), method: str = "stts",

@@ -55,7 +55,7 @@ def test_help_and_version():
     assert r.returncode == 0 and "predict" in r.stdout and "Exit codes" in r.stdout
     r = run_cli("--version")
     assert r.returncode == 0 and r.stdout.startswith("segcli ")
-    r = subprocess.run([sys.executable, "-m", "segcli", "predict"], capture_output=True, text=True, cwd=REPO)
+    r = subprocess.run([sys.executable, "-m", "segcli", "predict"], capture_output=True, encoding="utf-8", cwd=REPO)
     assert r.returncode == 2
 
 

@@ -173,3 +173,11 @@ def test_area_weights_known_answers():
     m = resize_matrix(1920, 64, "area")
     np.testing.assert_allclose(m.sum(axis=1), 1.0, rtol=1e-5)
     assert (np.count_nonzero(m, axis=1) <= 32).all()
+
+
+def test_rough_pass_methods_take_keep_aspect():
+    """plan.prime_2d makes the rough view from the method's keep_aspect: every rough-pass method must take it."""
+    from segcli.methods import TABLE
+
+    assert {m.name for m in TABLE.values() if m.rough_pass} == {"stts", "refine", "direct"}
+    assert all("keep_aspect" in m.params for m in TABLE.values() if m.rough_pass)
