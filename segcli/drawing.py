@@ -277,17 +277,6 @@ def draw_plane(img: np.ndarray, labels: np.ndarray, spacing: Sequence[float] | N
     return np.ascontiguousarray(_nearest(rgb, oh, ow)), _nearest(lab, oh, ow)
 
 
-def overlay(img: np.ndarray, labels: np.ndarray, alpha: float = FILL_ALPHA, *,
-            window: tuple[float, float] | None = None, max_side: int = MAX_SIDE) -> np.ndarray:
-    """An RGB picture of ``img`` (H, W, C) with ``labels`` lightly filled and outlined per class.
-
-    Larger than ``max_side``, it is downscaled first and the contours are traced on the downscaled mask.
-    """
-    rgb, lab = draw_plane(img, labels, None, max_side, 1, window)
-    paint_labels(rgb, lab, alpha)
-    return rgb
-
-
 def _font(size: int):
     from PIL import ImageFont
 

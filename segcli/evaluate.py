@@ -29,7 +29,6 @@ from segcli.io.atomic import split_extension
 
 PRED_SUFFIXES = ("_seg", "_mask", "_pred", "_prediction", "_segmentation", "_label", "_labels", "-seg", "-mask")
 MASK_EXTS = (".png", ".bmp", ".tif", ".tiff", ".nii", ".nii.gz", ".mha", ".mhd", ".nrrd", ".jpg", ".jpeg", ".dcm")
-METRIC_KEYS = ("dice", "iou", "precision", "recall", "hd95", "object_recall")
 
 
 def _mask_files(folder: Path) -> dict[str, Path]:

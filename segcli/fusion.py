@@ -24,7 +24,6 @@ import threading
 from collections import OrderedDict
 from collections.abc import Iterator
 from contextlib import suppress
-from typing import Protocol
 
 import numpy as np
 
@@ -43,18 +42,6 @@ def labels_from_probs(probs: np.ndarray, threshold: float) -> np.ndarray:
     if probs.shape[0] == 2:
         return (probs[1] > threshold).astype(np.uint8)
     return probs.argmax(axis=0).astype(np.uint8)
-
-
-class Aggregator(Protocol):
-    """What engines fuse window predictions through (see the module docstring)."""
-
-    def aggregate(self, box: np.ndarray | tuple[int, ...], probs: np.ndarray) -> None:
-        """Add ``probs`` ``(K, h, w)`` predicted for the full-resolution box ``(y0, x0, y1, x1)``."""
-        ...
-
-    def finalize(self, return_probs: bool) -> tuple[np.ndarray, np.ndarray | None]:
-        """uint8 labels ``(H, W)`` and, if asked, float32 probabilities ``(K, H, W)``."""
-        ...
 
 
 class WeightedMean:

@@ -21,10 +21,12 @@ A failed check is recorded too, and ``--precision auto`` then keeps fp32.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -87,13 +89,26 @@ def _quantise(fp32: bytes, inputs: list[np.ndarray]) -> bytes:
             x = next(self.it, None)
             return None if x is None else {"input": x[None].astype(np.float32)}
 
-    with tempfile.TemporaryDirectory(prefix="segcli-int8-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="segcli-int8-") as tmp, _working_dir(tmp):
+        # ORT's shape inference saves "sym_shape_infer_temp.onnx" (+ external data) into the working
+        # directory when it gives up; two such files once landed at the top of this repository.
         src, pre, dst = (Path(tmp) / n for n in ("fp32.onnx", "pre.onnx", "int8.onnx"))
         src.write_bytes(fp32)
         quant_pre_process(str(src), str(pre), skip_symbolic_shape=True)
         quantize_static(str(pre), str(dst), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
                         activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
         return _with_metadata(dst.read_bytes(), fp32)
+
+
+@contextlib.contextmanager
+def _working_dir(path: str) -> Iterator[None]:
+    """Run ORT's quantiser inside ``path`` so its temporaries never land in the user's folder."""
+    before = os.getcwd()
+    os.chdir(path)
+    try:
+        yield
+    finally:
+        os.chdir(before)
 
 
 def _with_metadata(q: bytes, fp32: bytes) -> bytes:

@@ -31,8 +31,6 @@ from segcli.fusion import foreground
 from segcli.geometry import component_boxes, scale_boxes
 from segcli.params import DEFAULT_PARAMS as D
 
-FINE_CROPS = ("rough", "gt")
-
 
 @dataclass
 class RoughMap:
