@@ -210,7 +210,7 @@ def parity(module: Any, model_bytes: bytes, inputs: list[np.ndarray]) -> float:
 
 
 def _fp16_gap(fp32: bytes, fp16: bytes, inputs: list[np.ndarray]) -> float:
-    from segcli.runtimes import logits_to_probs
+    from segcli.runtimes.predictor import logits_to_probs
 
     a, b = _session(fp32), _session(fp16)
     return max(float(np.abs(logits_to_probs(a.run(None, {INPUT_NAME: x})[0])

@@ -13,7 +13,7 @@ from segcli.fusion import WeightedMean
 from segcli.geometry import gaussian_weight, sliding_grid
 from segcli.params import DEFAULT_PARAMS as D
 from segcli.resize import letterbox
-from segcli.runtimes import Predictor
+from segcli.runtimes.predictor import Predictor
 
 
 def direct(

@@ -15,7 +15,7 @@ from segcli.fusion import labels_from_probs
 from segcli.geometry import patch_grid, patch_std, scale_boxes, select_patches, uncertainty_scores
 from segcli.params import DEFAULT_PARAMS as D
 from segcli.resize import resize
-from segcli.runtimes import Predictor
+from segcli.runtimes.predictor import Predictor
 
 
 def refine(

@@ -50,7 +50,7 @@ from segcli.geometry import (
 from segcli.params import DEFAULT_PARAMS as D
 from segcli.params import default_pad
 from segcli.resize import letterbox, resize
-from segcli.runtimes import Predictor
+from segcli.runtimes.predictor import Predictor
 
 
 def fine_inputs(plane: Plane, boxes: np.ndarray, size: int) -> np.ndarray:

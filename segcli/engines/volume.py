@@ -24,7 +24,7 @@ from segcli.fusion import foreground
 from segcli.geometry import boxes3d_to_2d, component_boxes, scale_boxes, square_pad_shift, valid_boxes
 from segcli.params import DEFAULT_PARAMS as D
 from segcli.params import default_pad
-from segcli.runtimes import Predictor
+from segcli.runtimes.predictor import Predictor
 
 
 class SlicePlane:

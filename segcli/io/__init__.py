@@ -16,7 +16,6 @@ import struct
 import tempfile
 import zlib
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +23,7 @@ import numpy as np
 
 from segcli.errors import InputError, UsageError
 from segcli.io.atomic import split_extension
+from segcli.io.types import LoadedImage
 
 __all__ = [
     "LoadedImage",
@@ -91,32 +91,6 @@ _OTHER_SIGNATURES = (
     (b"BZh", "bzip2-compressed data"),
     (b"\xfd7zXZ", "xz-compressed data"),
 )
-
-
-@dataclass
-class LoadedImage:
-    """A decoded image: channel-last pixels plus what the writers need to reproduce its geometry."""
-
-    path: Path
-    kind: str  # "volume", "medical2d", "tiff" or "raster"
-    array: np.ndarray  # (H, W, C) or canonical (Z, Y, X, C)
-    spacing: tuple[float, ...] | None  # mm, array axis order
-    meta: dict = field(default_factory=dict)
-
-    @property
-    def ndim(self) -> int:
-        """Number of spatial axes (2 or 3)."""
-        return 3 if self.kind == "volume" else 2
-
-    @property
-    def spatial_shape(self) -> tuple[int, ...]:
-        """Array shape without the channel axis: the shape a mask must have."""
-        return tuple(self.array.shape[: self.ndim])
-
-    @property
-    def channels(self) -> int:
-        """Number of channels (1 for grey/scalar images)."""
-        return int(self.array.shape[-1])
 
 
 def _extension(path: Path) -> str:

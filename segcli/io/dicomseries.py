@@ -42,7 +42,7 @@ from segcli.errors import InputError
 if TYPE_CHECKING:
     import SimpleITK as sitk
 
-    from segcli.io import LoadedImage
+    from segcli.io.types import LoadedImage
 
 ORIENTATION_TOL = 1e-4  # direction cosines
 DUPLICATE_MM = 1e-3  # two slices closer than this along the normal are at the same position

@@ -26,7 +26,7 @@ from segcli.errors import InputError, OutputError, UsageError
 if TYPE_CHECKING:
     import SimpleITK as sitk
 
-    from segcli.io import LoadedImage
+    from segcli.io.types import LoadedImage
 
 MAX_VOXELS = 10**10
 # Deflate cannot compress better than ~1032:1, so a header promising more than this many bytes per
@@ -371,7 +371,7 @@ def to_loaded(image: sitk.Image, path: Path, warnings: list[str], source: dict[s
     """Canonicalise a SimpleITK image into a LoadedImage whose meta can restore the original geometry."""
     import SimpleITK as sitk
 
-    from segcli.io import LoadedImage
+    from segcli.io.types import LoadedImage
 
     dim = image.GetDimension()
     geometry = {

@@ -17,7 +17,7 @@ from segcli.errors import InputError, UsageError
 from segcli.io.messages import log_reader_failure, one_line
 
 if TYPE_CHECKING:
-    from segcli.io import LoadedImage
+    from segcli.io.types import LoadedImage
 
 _TO_RGB = ("CMYK", "YCbCr", "LAB", "HSV", "RGBX")
 _16BIT = ("I;16", "I;16L", "I;16B", "I;16N")
@@ -55,7 +55,7 @@ def read_raster(path: Path, warnings: list[str]) -> LoadedImage:
     """Decode a PNG/JPEG/BMP fully, turning Pillow's bomb and truncation errors into InputError."""
     from PIL import Image, ImageOps
 
-    from segcli.io import LoadedImage
+    from segcli.io.types import LoadedImage
 
     try:
         with _warnings.catch_warnings():

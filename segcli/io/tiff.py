@@ -26,7 +26,7 @@ from segcli.io.messages import log_reader_failure, one_line
 if TYPE_CHECKING:
     import tifffile
 
-    from segcli.io import LoadedImage
+    from segcli.io.types import LoadedImage
 
 MAX_PIXELS = 10**10
 # Compressed TIFF data cannot honestly expand by more than this (zlib ~1000:1, LZW ~2700:1 on constant
@@ -283,7 +283,7 @@ def consistent_resolution(
 
 def read_tiff(path: Path, warnings: list[str]) -> LoadedImage:
     """Series 0, level 0 of a TIFF as (H, W, C) with resolution metadata."""
-    from segcli.io import LoadedImage
+    from segcli.io.types import LoadedImage
 
     notes: list[str] = []
     try:

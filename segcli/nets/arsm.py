@@ -24,9 +24,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from segcli.nets import register
 from segcli.nets.hrnet import HRNetBackbone, concat_branches
 from segcli.nets.layers import conv_bn_relu, kaiming_init, resize_to
+from segcli.nets.registry import register
 
 GATE_EVAL_MODES = ("expectation", "mc", "hard")
 NUM_RESOLUTIONS = 4

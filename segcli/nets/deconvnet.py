@@ -19,8 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from segcli.nets import register
 from segcli.nets.layers import kaiming_init, max_unpool_scatter, pad_to_multiple
+from segcli.nets.registry import register
 
 # (encoder widths per block, convs per block) and the decoder's per-block output widths, from the
 # reference DeconvNet_inference_deploy.prototxt

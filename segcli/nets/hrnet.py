@@ -18,8 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from segcli.nets import register
 from segcli.nets.layers import conv_bn_relu, kaiming_init, resize_to
+from segcli.nets.registry import register
 
 
 @dataclass(frozen=True)

@@ -28,8 +28,8 @@ import torch.nn.functional as F
 from scipy import ndimage
 from torch import nn
 
-from segcli.nets import register
 from segcli.nets.layers import bilinear_kernel, kaiming_init, pad_to_multiple
+from segcli.nets.registry import register
 
 STRIDE = 16
 BG_LOGIT = 30.0  # |logit| that makes sigmoid/softmax say "background" with p > 1 - 1e-13

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from segcli.nets import register
+from segcli.nets.registry import register
 
 
 def _block(cin: int, cout: int) -> nn.Sequential:

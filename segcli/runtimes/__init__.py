@@ -10,54 +10,11 @@ same thing whatever the backend and never import torch or onnxruntime themselves
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Protocol, runtime_checkable
 
-import numpy as np
+from segcli.runtimes.predictor import FunctionPredictor, Predictor, logits_to_probs
 
-
-@runtime_checkable
-class Predictor(Protocol):
-    """What engines call: batch in, probabilities out."""
-
-    n_classes: int
-    in_channels: int
-    backend: str
-    device: str
-
-    def __call__(self, batch: np.ndarray) -> np.ndarray: ...
-
-
-def logits_to_probs(logits: np.ndarray) -> np.ndarray:
-    """Numpy counterpart of the torch conversion, used by ONNX Runtime and tests."""
-    if logits.shape[1] == 1:
-        p = 1.0 / (1.0 + np.exp(-logits.astype(np.float32)))
-        return np.concatenate([1.0 - p, p], axis=1).astype(np.float32)
-    z = logits - logits.max(axis=1, keepdims=True)
-    e = np.exp(z)
-    return (e / e.sum(axis=1, keepdims=True)).astype(np.float32)
-
-
-class FunctionPredictor:
-    """Wrap any ``f(batch) -> probabilities`` as a Predictor (tests, custom pipelines)."""
-
-    backend = "python"
-    device = "cpu"
-
-    def __init__(self, fn, n_classes: int = 2, in_channels: int = 1) -> None:
-        self.fn = fn
-        self.n_classes = n_classes
-        self.in_channels = in_channels
-        self.calls = 0
-        self.items = 0
-
-    def __call__(self, batch: np.ndarray) -> np.ndarray:
-        self.calls += 1
-        self.items += len(batch)
-        out = np.asarray(self.fn(batch), dtype=np.float32)
-        if out.shape[0] != batch.shape[0] or out.shape[2:] != batch.shape[2:]:
-            raise ValueError(f"predictor returned {out.shape} for a batch of {batch.shape}")
-        return out
-
+__all__ = ["BACKENDS", "PRECISIONS", "FunctionPredictor", "Predictor", "cpu_has_bf16", "int8_ok", "logits_to_probs",
+           "make_predictor"]
 
 BACKENDS = ("auto", "torch", "onnx")
 #: ``fp32``; ``bf16`` (torch autocast, CPUs with native bf16); ``int8`` (the bundle's checked QDQ export on

@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from segcli.errors import BundleError, DeviceError, SegcliError, UsageError
-from segcli.runtimes import logits_to_probs
+from segcli.runtimes.predictor import logits_to_probs
 
 log = logging.getLogger("segcli")
 

@@ -111,7 +111,7 @@ def stts_fine_stage(ds: Any, cfg: TrainConfig, model: Any, loss_fn: Any, index: 
     components or (``gt_share`` of them) from the ground truth's; validated by the stts engine at
     full resolution on the val images, so the kept checkpoint is the best full pipeline.
     """
-    from segcli.runtimes import logits_to_probs
+    from segcli.runtimes.predictor import logits_to_probs
     from segcli.train.data import crop_to_input, crop_to_target
     from segcli.train.loop import Stage, predict_logits
     from segcli.train.stts_crops import CropSampler, rough_maps, stts_validation
@@ -152,7 +152,7 @@ def rough_scores(model: Any, samples: list[Any], size: int, patch: int, criterio
                  batch_size: int = 32) -> list[tuple[np.ndarray, np.ndarray]]:
     """Per sample: the full-res patch grid and S1's uncertainty score per patch (the refine engine's ranking)."""
     from segcli.geometry import patch_grid, scale_boxes, uncertainty_scores
-    from segcli.runtimes import logits_to_probs
+    from segcli.runtimes.predictor import logits_to_probs
     from segcli.train.data import coarse_input
     from segcli.train.loop import predict_logits
 

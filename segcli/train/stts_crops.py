@@ -43,7 +43,7 @@ class RoughMap:
 def rough_maps(model: Any, samples: list[Any], size: int, device: str, threshold: float = D["threshold"],
                min_component: int = D["min_component"], batch_size: int = 32) -> list[RoughMap]:
     """The frozen coarse network's rough pass on each sample, as the stts engine runs it (no tiling)."""
-    from segcli.runtimes import logits_to_probs
+    from segcli.runtimes.predictor import logits_to_probs
     from segcli.train.data import coarse_input
     from segcli.train.loop import predict_logits
 
