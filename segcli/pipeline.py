@@ -104,12 +104,12 @@ class Job:
             self.route = None
 
     def finish(self) -> FileReport:
-        """Release the lock and the route's resources; stamp the total time."""
+        """Release the lock and the route's resources; stamp the total time (once: cleanup may call it again)."""
         if self.lock is not None:
             self.lock.release()
             self.lock = None
         self.close_route()
-        self.rep.seconds["total"] = time.perf_counter() - self.t0
+        self.rep.seconds.setdefault("total", time.perf_counter() - self.t0)
         return self.rep
 
 
@@ -608,17 +608,22 @@ def run_many(seg: Segmenter, items: list[tuple[Path, Path | None]], output: str 
     with ThreadPoolExecutor(1, thread_name_prefix="segcli-read") as reader, \
             ThreadPoolExecutor(1, thread_name_prefix="segcli-write") as writer:
         pending: deque[Future[Job]] = deque()
+        opened: list[Job] = []  # every job a read returned, appended by the reader thread (never interrupted)
         it = iter(items)
+
+        def read_one(path: Path, root: Path | None) -> Job:
+            job = read(seg, path, output, input_root=root)
+            opened.append(job)
+            return job
 
         def submit_next() -> None:
             nxt = next(it, None)
             if nxt is not None:
-                pending.append(reader.submit(read, seg, nxt[0], output, input_root=nxt[1]))
+                pending.append(reader.submit(read_one, nxt[0], nxt[1]))
 
         for _ in range(prefetch):
             submit_next()
         last_write: Future[FileReport] | None = None
-        current: Job | None = None
         try:
             while pending:
                 current = pending.popleft().result()
@@ -626,13 +631,14 @@ def run_many(seg: Segmenter, items: list[tuple[Path, Path | None]], output: str 
                 compute(seg, current, progress(current.path))
                 if last_write is not None:
                     yield last_write.result()
-                last_write, current = writer.submit(write, seg, current), None
+                last_write = writer.submit(write, seg, current)
             if last_write is not None:
                 yield last_write.result()
-        finally:  # interrupted (SIGINT/SIGTERM) or abandoned: release what unfinished jobs hold (locks, temp files)
-            if current is not None:
-                current.finish()
-            for fut in pending:
-                if not fut.cancel():
-                    with contextlib.suppress(Exception):
-                        fut.result().finish()
+        finally:
+            # Interrupted (SIGINT/SIGTERM) or abandoned: a signal can land between any two statements above,
+            # so rather than tracking which future was where, stop both threads and release what every
+            # opened job still holds (locks, temporary files). Written jobs released theirs already.
+            reader.shutdown(wait=True, cancel_futures=True)
+            writer.shutdown(wait=True)
+            for job in opened:
+                job.finish()
