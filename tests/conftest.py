@@ -22,7 +22,14 @@ def _onnx_cache(tmp_path_factory):
     """First-use ONNX exports go to a folder of this test session, never the user's ~/.cache; the suite
     runs the default path (``--backend auto`` = ONNX Runtime through the cache), as users do."""
     saved = os.environ.get("SEGCLI_ONNX_CACHE")
-    os.environ["SEGCLI_ONNX_CACHE"] = str(tmp_path_factory.mktemp("onnx-cache"))
+    base = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        # pytest-xdist workers share one cache (it is safe across processes, as two jobs of a user's are),
+        # so the same tiny networks are exported once, not once per worker
+        base = base.parent
+    cache = base / "onnx-cache"
+    cache.mkdir(exist_ok=True)
+    os.environ["SEGCLI_ONNX_CACHE"] = str(cache)
     yield
     if saved is None:
         os.environ.pop("SEGCLI_ONNX_CACHE", None)
