@@ -98,32 +98,99 @@ def may_hold_dicom(folder: Path) -> bool:
     return bool(dicom_files(folder))
 
 
-def _group(folder: Path, headers: dict[str, SliceHeader] | None = None) -> tuple[dict[str, list[str]], list[str]]:
-    """(SeriesInstanceUID -> files, files that look like DICOM but name no series), read with pydicom.
+_NON_IMAGE = {  # SOP class UID (or prefix ending in ".") -> what the object is
+    "1.2.840.10008.5.1.4.1.1.88.59": "key object selection (KO)",
+    "1.2.840.10008.5.1.4.1.1.88.": "structured report (SR)",
+    "1.2.840.10008.5.1.4.1.1.11.": "presentation state (PR)",
+    "1.2.840.10008.5.1.4.1.1.66": "raw data (RAW)",
+    "1.2.840.10008.5.1.4.1.1.66.4": "segmentation (SEG)",
+    "1.2.840.10008.5.1.4.1.1.104.1": "encapsulated PDF",
+    "1.2.840.10008.5.1.4.1.1.481.": "radiotherapy object (RT)",
+    "1.3.12.2.1107.5.9.1": "Siemens CSA non-image object",
+    _DICOMDIR: "DICOMDIR",
+}
+_NON_IMAGE_MODALITY = {"SR": "structured report (SR)", "PR": "presentation state (PR)",
+                       "KO": "key object selection (KO)", "RAW": "raw data (RAW)"}
 
-    pydicom rather than GDCM: GDCM leaves out files it cannot parse without a word (a truncated
-    slice would silently disappear) and prints decoder messages on stderr while it scans. With
-    ``headers`` (a dict to fill), every file's header is read whole once, for :func:`check_series`.
-    """
+
+def non_image_kind(sop_class: str, modality: str = "", has_pixels: bool = True) -> str | None:
+    """What a non-image object is (SR, PR, KO, RAW...), or None for an image."""
+    for uid, what in _NON_IMAGE.items():
+        if sop_class == uid or (uid.endswith(".") and sop_class.startswith(uid)):
+            return what
+    return None if has_pixels else _NON_IMAGE_MODALITY.get(modality.upper())
+
+
+_KEY_TAGS = ["SeriesInstanceUID", "SOPClassUID", "Modality", "Rows", "Columns", "ImageOrientationPatient",
+             "PixelSpacing", "SeriesNumber", "PixelData"]
+
+
+def _series_key(path: str) -> tuple[str, str | None]:
+    """(series id, non-image kind) from a light header read; "" when the file names no series.
+
+    A file without SeriesInstanceUID but with an image grid gets a stand-in id built from its
+    SeriesNumber, size, orientation and pixel spacing, as dcm2niix groups anonymised exports."""
     import pydicom
 
-    series: dict[str, list[str]] = {}
-    orphans: list[str] = []
+    ds = pydicom.dcmread(path, stop_before_pixels=False, force=True, specific_tags=_KEY_TAGS, defer_size=64)
+    has_pixels = "PixelData" in ds
+    kind = non_image_kind(str(ds.get("SOPClassUID", "") or ""), str(ds.get("Modality", "") or ""), has_pixels)
+    uid = str(ds.get("SeriesInstanceUID", "") or "").strip()
+    if uid or kind:
+        return uid, kind
+    rows, cols = ds.get("Rows"), ds.get("Columns")
+    iop, ps = _floats(ds.get("ImageOrientationPatient"), 6), _floats(ds.get("PixelSpacing"), 2)
+    if not has_pixels or not rows or not cols or iop is None:
+        return "", None
+    spacing = "x".join(f"{v:.4g}" for v in ps) if ps is not None else "-"
+    normal = "".join("+" if v > 1e-3 else "-" if v < -1e-3 else "0" for v in np.round(iop, 3))
+    return f"{NO_UID_PREFIX}{ds.get('SeriesNumber', '') or 0}-{cols}x{rows}-{spacing}mm-{normal}", None
+
+
+NO_UID_PREFIX = "no-uid:series-"
+
+
+@dataclass
+class FolderScan:
+    """What a folder holds: image series by id, files naming no series, and skipped non-image objects."""
+
+    series: dict[str, list[str]]
+    orphans: list[str]
+    skipped: dict[str, list[str]]  # kind -> file names
+
+
+def scan_folder(folder: Path) -> FolderScan:
+    """Group the DICOM files of ``folder`` into series, read with pydicom.
+
+    pydicom rather than GDCM: GDCM leaves out files it cannot parse without a word (a truncated
+    slice would silently disappear) and prints decoder messages on stderr while it scans.
+    """
+    scan = FolderScan({}, [], {})
     for path in dicom_files(folder):
         try:
-            if headers is None:
-                ds = pydicom.dcmread(path, stop_before_pixels=True, force=True, specific_tags=["SeriesInstanceUID"])
-                uid = str(ds.get("SeriesInstanceUID", "") or "").strip()
-            else:
-                headers[path] = read_header(path)
-                uid = headers[path].series_uid or ""
+            uid, kind = _series_key(path)
         except Exception:  # pydicom raises many types on damaged files
-            uid = ""
-        if uid:
-            series.setdefault(uid, []).append(path)
+            uid, kind = "", None
+        if kind is not None:
+            if kind != "DICOMDIR":
+                scan.skipped.setdefault(kind, []).append(Path(path).name)
+        elif uid:
+            scan.series.setdefault(uid, []).append(path)
         elif Path(path).name.upper() != "DICOMDIR":
-            orphans.append(path)
-    return series, orphans
+            scan.orphans.append(path)
+    return scan
+
+
+def _group(folder: Path) -> tuple[dict[str, list[str]], list[str]]:
+    scan = scan_folder(folder)
+    return scan.series, scan.orphans
+
+
+def scan_warnings(scan: FolderScan) -> list[str]:
+    """One warning per kind of skipped object, and one for series grouped without a SeriesInstanceUID."""
+    out = [f"skipped {len(names)} non-image object{'s' if len(names) > 1 else ''}: {kind} ({', '.join(names[:3])}"
+           f"{', ...' if len(names) > 3 else ''})" for kind, names in sorted(scan.skipped.items())]
+    return out
 
 
 def dicom_series(folder: Path) -> dict[str, list[str]]:
@@ -167,6 +234,10 @@ class SliceHeader:
     pixel_bytes: int | None  # bytes the header declares for native (uncompressed) pixel data
     pixel_available: int | None  # bytes of it the file really holds
     has_pixels: bool
+    image_type: str = ""  # ImageType joined with "\\" (MOSAIC marks a Siemens mosaic)
+    sop_uid: str = ""
+    series_number: str = ""
+    mosaic_tiles: int = 0  # Siemens NumberOfImagesInMosaic (0019,100A), 0 when absent
 
     @property
     def name(self) -> str:
@@ -181,6 +252,7 @@ class SeriesPlan:
     geometry: dict[str, Any] | None  # size, spacing, origin, direction (sitk order); None for one file
     notes: list[str] = field(default_factory=list)
     transfer_syntax: dict[str, str] = field(default_factory=dict)
+    convert: str | None = None  # why the series goes to the converter (mosaic, multi-frame, 4D), else None
 
 
 def _floats(value: Any, n: int) -> np.ndarray | None:
@@ -234,7 +306,30 @@ def read_header(path: str) -> SliceHeader:
         pixel_spacing=tuple(spacing.tolist()) if spacing is not None else None,
         sop_class=str(ds.get("SOPClassUID", "") or getattr(meta, "MediaStorageSOPClassUID", "") or ""),
         transfer_syntax=syntax, pixel_bytes=pixel_bytes, pixel_available=available, has_pixels=has_pixels,
+        image_type="\\".join(str(v) for v in _multi(ds.get("ImageType"))).upper(),
+        sop_uid=str(ds.get("SOPInstanceUID", "") or ""), series_number=str(ds.get("SeriesNumber", "") or ""),
+        mosaic_tiles=_mosaic_tiles(ds),
     )
+
+
+def _multi(value: Any) -> list[Any]:
+    if value is None:
+        return []
+    return list(value) if isinstance(value, (list, tuple)) or type(value).__name__ == "MultiValue" else [value]
+
+
+def _mosaic_tiles(ds: Any) -> int:
+    """Siemens NumberOfImagesInMosaic from the private tag (0019,100A), 0 when absent or unreadable."""
+    try:
+        element = ds.get((0x0019, 0x100A))
+        if element is None:
+            return 0
+        value = element.value
+        if isinstance(value, bytes):
+            return int.from_bytes(value[:2], "little") if len(value) >= 2 else 0
+        return int(value[0] if isinstance(value, (list, tuple)) else value)
+    except Exception:  # private tags come in any VR
+        return 0
 
 
 def _check_file(h: SliceHeader, folder: Path) -> None:
@@ -251,6 +346,12 @@ def _check_file(h: SliceHeader, folder: Path) -> None:
     if h.position is None or h.orientation is None:
         missing = "ImagePositionPatient" if h.position is None else "ImageOrientationPatient"
         raise InputError(f"{h.name} has no usable {missing}; the slices cannot be placed", folder)
+
+
+def check_one_volume(volume: int | None, path: Path) -> None:
+    """``--volume N`` with N > 1 on an input that holds one volume is an error, not a silent volume 1."""
+    if volume is not None and volume != 1:
+        raise InputError(f"--volume {volume}: this input holds one volume", path)
 
 
 def check_single_file(path: Path) -> None:
@@ -334,6 +435,35 @@ def _check_grid(headers: list[SliceHeader], depth: np.ndarray, normal: np.ndarra
                          "(dcm2niix does)", folder)
 
 
+def is_mosaic(h: SliceHeader) -> bool:
+    """A Siemens mosaic: one file holding every slice of a volume as tiles of one plane."""
+    return "MOSAIC" in h.image_type.split("\\") or h.mosaic_tiles > 1
+
+
+def converter_reason(headers: list[SliceHeader]) -> str | None:
+    """Why a series cannot be stacked file by file (it then goes to dcm2niix), or None.
+
+    A mosaic holds a volume per file, an enhanced file holds its frames' geometry in functional
+    groups, and a series whose slice positions all repeat the same number of times (distinct
+    SOP instances) is 4D: echoes, phases, diffusion directions or time points."""
+    if any(h.frames > 1 or h.sop_class in _ENHANCED for h in headers):
+        return "an enhanced multi-frame DICOM"
+    if any(is_mosaic(h) for h in headers):
+        return "a Siemens mosaic"
+    if len(headers) < 2 or any(h.position is None or h.orientation is None for h in headers):
+        return None
+    first = headers[0].orientation
+    if any(not np.allclose(h.orientation, first, atol=ORIENTATION_TOL, rtol=0) for h in headers):
+        return None
+    normal = np.cross(first[:3], first[3:])
+    depth = np.round(np.array([h.position @ normal for h in headers]) / DUPLICATE_MM).astype(np.int64)
+    _, counts = np.unique(depth, return_counts=True)
+    uids = {h.sop_uid for h in headers}
+    if counts.min() > 1 and counts.min() == counts.max() and len(uids) == len(headers) and "" not in uids:
+        return f"a 4D series ({int(counts[0])} images at each of {counts.size} slice positions)"
+    return None
+
+
 def check_series(folder: Path, files: list[str], orphans: list[str] = (),
                  known: dict[str, SliceHeader] | None = None) -> SeriesPlan:
     """Every header of the series checked together; the files in slice order with their grid, or InputError.
@@ -343,11 +473,14 @@ def check_series(folder: Path, files: list[str], orphans: list[str] = (),
     _left_out(folder, list(orphans))
     known = known or {}
     headers = [known[f] if f in known else read_header(f) for f in files]
+    syntax = {h.path: h.transfer_syntax for h in headers}
+    reason = converter_reason(headers)
+    if reason is not None:
+        return SeriesPlan([h.path for h in headers], None, [], syntax, convert=reason)
     for h in headers:
         _check_file(h, folder)
     _check_alike(headers, folder)
     first = headers[0]
-    syntax = {h.path: h.transfer_syntax for h in headers}
     if len(headers) == 1:
         return SeriesPlan([first.path], None, [], syntax)
     row, col = first.orientation[:3], first.orientation[3:]
@@ -454,12 +587,22 @@ def read_pixels(folder: Path, files: list[str], syntax: dict[str, str] | None = 
 
 def plan_folder(folder: Path, series_id: str | None = None) -> tuple[SeriesPlan, str, list[str], int]:
     """(checked plan, chosen series id, warnings, number of series) for a folder; InputError when unusable."""
-    headers: dict[str, SliceHeader] = {}
-    series, orphans = _group(folder, headers)
+    scan = scan_folder(folder)
+    series = scan.series
     if not series:
+        skipped = sum(len(v) for v in scan.skipped.values())
+        if skipped and not scan.orphans:
+            raise InputError(f"folder holds no image series, only non-image DICOM objects: "
+                             f"{'; '.join(f'{len(v)} {k}' for k, v in sorted(scan.skipped.items()))}", folder)
+        if scan.orphans:
+            _left_out(folder, scan.orphans)
         raise InputError("folder holds no readable DICOM series", folder)
     chosen, warnings = choose_series(folder, series, series_id)
-    plan = check_series(folder, series[chosen], orphans, headers)
+    warnings = scan_warnings(scan) + warnings
+    if chosen.startswith(NO_UID_PREFIX):
+        warnings.append(f"the DICOM files carry no SeriesInstanceUID: {len(series[chosen])} files grouped by series "
+                        "number, size, orientation and pixel spacing")
+    plan = check_series(folder, series[chosen], scan.orphans)
     return plan, chosen, warnings + plan.notes, len(series)
 
 
@@ -484,11 +627,20 @@ def header_reader(plan: SeriesPlan, folder: Path) -> sitk.ImageFileReader:
     return info
 
 
-def read_dicom_folder(folder: Path, series_id: str | None = None) -> LoadedImage:
-    """Read a checked DICOM series folder; with several series take the largest and say so."""
+def read_dicom_folder(folder: Path, series_id: str | None = None, volume: int | None = None) -> LoadedImage:
+    """Read a checked DICOM series folder; with several series take the largest and say so.
+
+    Mosaics, enhanced multi-frame files and 4D series go to dcm2niix (:mod:`segcli.io.dicomconvert`);
+    ``volume`` (1-based) picks one volume of a 4D series."""
     from segcli.io.medical import to_loaded
 
     plan, chosen, warnings, n_series = plan_folder(folder, series_id)
+    if plan.convert is not None:
+        from segcli.io.dicomconvert import read_converted
+
+        return read_converted(folder, plan.files, plan.convert, volume, warnings,
+                              {"series_id": chosen, "n_series": n_series})
+    check_one_volume(volume, folder)
     header_reader(plan, folder)
     image = read_pixels(folder, plan.files, plan.transfer_syntax)
     geometry = plan.geometry
