@@ -22,8 +22,10 @@ Each unit ends as one of:
 from __future__ import annotations
 
 import argparse
+import gzip
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -70,7 +72,12 @@ def refs(root: Path) -> dict[str, list[Path]]:
     for nii in sorted(root.glob("*.nii*")):
         side = Path(str(nii).removesuffix(".gz").removesuffix(".nii") + ".json")
         try:
-            number = str(json.loads(side.read_text()).get("SeriesNumber", ""))
+            if side.exists():
+                text = side.read_text()
+            else:
+                with gzip.open(f"{side}.gz", "rt") as fh:
+                    text = fh.read()
+            number = str(json.loads(text).get("SeriesNumber", ""))
         except (OSError, ValueError):
             continue
         found.setdefault(number, []).append(nii)
@@ -188,7 +195,27 @@ def predict(links: list[Path], out: Path, bundle_args: list[str]) -> dict[str, d
     return {Path(f["input"]).name: f for f in files}
 
 
+def gunzipped(root: Path, work: Path) -> Path:
+    """``root`` itself, or (when its In/ holds .dcm.gz files, as dcm_qa_xa30i does) a copy of In/ with them
+    decompressed, as the repository's own batch.sh does before converting; Ref/ is linked."""
+    if not any(root.glob("In/**/*.dcm.gz")):
+        return root
+    copy = work / f"{root.name}-gunzipped"
+    for path in sorted((root / "In").rglob("*")):
+        if path.is_file():
+            dest = copy / path.relative_to(root)
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            if path.name.endswith(".gz"):
+                with gzip.open(path, "rb") as src, open(dest.with_suffix(""), "wb") as out:
+                    shutil.copyfileobj(src, out)
+            else:
+                os.symlink(path, dest)
+    os.symlink(root / "Ref", copy / "Ref")
+    return copy
+
+
 def run_repo(root: Path, work: Path, bundle_args: list[str]) -> list[dict]:
+    root = gunzipped(root, work)
     found = units(root)
     by_number = refs(root / "Ref")
     stage = work / f"{root.name}-in"

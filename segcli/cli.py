@@ -223,6 +223,10 @@ def predict(
             if not io.is_dicom_series(path):
                 raise _fail(f"{path}: --output-type dicom-seg needs a DICOM series folder as input; "
                             "write NIfTI (the default) for other inputs", EXIT_USAGE)
+            from segcli.io.dicomseries import seg_refusal
+
+            if (why := seg_refusal(path)) is not None:
+                raise _fail(f"{path}: --output-type dicom-seg: {why}", EXIT_USAGE)
     if len(items) > 1 and output is not None and output.suffix and not output.is_dir():
         raise _fail(f"-o {output} looks like a file but there are {len(items)} inputs; give a folder", EXIT_USAGE)
     try:

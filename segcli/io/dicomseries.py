@@ -38,6 +38,13 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from segcli.errors import InputError
+from segcli.io.dicomscan import DICOMDIR as _DICOMDIR
+from segcli.io.dicomscan import NO_UID_PREFIX, scan_folder, scan_warnings
+from segcli.io.dicomscan import dicom_files as dicom_files  # re-exported: callers import these from here
+from segcli.io.dicomscan import dicom_series as dicom_series
+from segcli.io.dicomscan import floats as _floats
+from segcli.io.dicomscan import has_dicom_magic as has_dicom_magic
+from segcli.io.dicomscan import may_hold_dicom as may_hold_dicom
 
 if TYPE_CHECKING:
     import SimpleITK as sitk
@@ -54,7 +61,6 @@ _ENHANCED = {
     "1.2.840.10008.5.1.4.1.1.4.3", "1.2.840.10008.5.1.4.1.1.4.4", "1.2.840.10008.5.1.4.1.1.130",
     "1.2.840.10008.5.1.4.1.1.128.1", "1.2.840.10008.5.1.4.1.1.12.1.1", "1.2.840.10008.5.1.4.1.1.12.2.1",
 }
-_DICOMDIR = "1.2.840.10008.1.3.10"
 
 
 def spacing_tolerance(spacing: float) -> float:
@@ -63,141 +69,6 @@ def spacing_tolerance(spacing: float) -> float:
 
 
 # ------------------------------------------------------------------------------------------- grouping
-def has_dicom_magic(path: str | Path) -> bool:
-    """The preamble magic ``DICM``, or a bare data set starting with group 0002/0008 (no preamble)."""
-    try:
-        with open(path, "rb") as fh:
-            head = fh.read(132)
-    except OSError:
-        return False
-    return head[128:132] == b"DICM" or head[:2] in (b"\x02\x00", b"\x08\x00")
-
-
-def _looks_dicom(path: str, name: str) -> bool:
-    return name.lower().endswith(".dcm") or has_dicom_magic(path)
-
-
-def dicom_files(folder: Path) -> list[str]:
-    """The non-hidden regular files directly in ``folder`` that look like DICOM, sorted."""
-    try:
-        entries = list(os.scandir(folder))
-    except OSError:
-        return []
-    out = []
-    for entry in entries:
-        try:
-            if not entry.name.startswith(".") and entry.is_file() and _looks_dicom(entry.path, entry.name):
-                out.append(entry.path)
-        except OSError:
-            continue
-    return sorted(out)
-
-
-def may_hold_dicom(folder: Path) -> bool:
-    """A .dcm file, or a file with the DICOM preamble magic, directly in ``folder``."""
-    return bool(dicom_files(folder))
-
-
-_NON_IMAGE = {  # SOP class UID (or prefix ending in ".") -> what the object is
-    "1.2.840.10008.5.1.4.1.1.88.59": "key object selection (KO)",
-    "1.2.840.10008.5.1.4.1.1.88.": "structured report (SR)",
-    "1.2.840.10008.5.1.4.1.1.11.": "presentation state (PR)",
-    "1.2.840.10008.5.1.4.1.1.66": "raw data (RAW)",
-    "1.2.840.10008.5.1.4.1.1.66.4": "segmentation (SEG)",
-    "1.2.840.10008.5.1.4.1.1.104.1": "encapsulated PDF",
-    "1.2.840.10008.5.1.4.1.1.481.": "radiotherapy object (RT)",
-    "1.3.12.2.1107.5.9.1": "Siemens CSA non-image object",
-    _DICOMDIR: "DICOMDIR",
-}
-_NON_IMAGE_MODALITY = {"SR": "structured report (SR)", "PR": "presentation state (PR)",
-                       "KO": "key object selection (KO)", "RAW": "raw data (RAW)"}
-
-
-def non_image_kind(sop_class: str, modality: str = "", has_pixels: bool = True) -> str | None:
-    """What a non-image object is (SR, PR, KO, RAW...), or None for an image."""
-    for uid, what in _NON_IMAGE.items():
-        if sop_class == uid or (uid.endswith(".") and sop_class.startswith(uid)):
-            return what
-    return None if has_pixels else _NON_IMAGE_MODALITY.get(modality.upper())
-
-
-_KEY_TAGS = ["SeriesInstanceUID", "SOPClassUID", "Modality", "Rows", "Columns", "ImageOrientationPatient",
-             "PixelSpacing", "SeriesNumber", "PixelData"]
-
-
-def _series_key(path: str) -> tuple[str, str | None]:
-    """(series id, non-image kind) from a light header read; "" when the file names no series.
-
-    A file without SeriesInstanceUID but with an image grid gets a stand-in id built from its
-    SeriesNumber, size, orientation and pixel spacing, as dcm2niix groups anonymised exports."""
-    import pydicom
-
-    ds = pydicom.dcmread(path, stop_before_pixels=False, force=True, specific_tags=_KEY_TAGS, defer_size=64)
-    has_pixels = "PixelData" in ds
-    kind = non_image_kind(str(ds.get("SOPClassUID", "") or ""), str(ds.get("Modality", "") or ""), has_pixels)
-    uid = str(ds.get("SeriesInstanceUID", "") or "").strip()
-    if uid or kind:
-        return uid, kind
-    rows, cols = ds.get("Rows"), ds.get("Columns")
-    iop, ps = _floats(ds.get("ImageOrientationPatient"), 6), _floats(ds.get("PixelSpacing"), 2)
-    if not has_pixels or not rows or not cols or iop is None:
-        return "", None
-    spacing = "x".join(f"{v:.4g}" for v in ps) if ps is not None else "-"
-    normal = "".join("+" if v > 1e-3 else "-" if v < -1e-3 else "0" for v in np.round(iop, 3))
-    return f"{NO_UID_PREFIX}{ds.get('SeriesNumber', '') or 0}-{cols}x{rows}-{spacing}mm-{normal}", None
-
-
-NO_UID_PREFIX = "no-uid:series-"
-
-
-@dataclass
-class FolderScan:
-    """What a folder holds: image series by id, files naming no series, and skipped non-image objects."""
-
-    series: dict[str, list[str]]
-    orphans: list[str]
-    skipped: dict[str, list[str]]  # kind -> file names
-
-
-def scan_folder(folder: Path) -> FolderScan:
-    """Group the DICOM files of ``folder`` into series, read with pydicom.
-
-    pydicom rather than GDCM: GDCM leaves out files it cannot parse without a word (a truncated
-    slice would silently disappear) and prints decoder messages on stderr while it scans.
-    """
-    scan = FolderScan({}, [], {})
-    for path in dicom_files(folder):
-        try:
-            uid, kind = _series_key(path)
-        except Exception:  # pydicom raises many types on damaged files
-            uid, kind = "", None
-        if kind is not None:
-            if kind != "DICOMDIR":
-                scan.skipped.setdefault(kind, []).append(Path(path).name)
-        elif uid:
-            scan.series.setdefault(uid, []).append(path)
-        elif Path(path).name.upper() != "DICOMDIR":
-            scan.orphans.append(path)
-    return scan
-
-
-def _group(folder: Path) -> tuple[dict[str, list[str]], list[str]]:
-    scan = scan_folder(folder)
-    return scan.series, scan.orphans
-
-
-def scan_warnings(scan: FolderScan) -> list[str]:
-    """One warning per kind of skipped object, and one for series grouped without a SeriesInstanceUID."""
-    out = [f"skipped {len(names)} non-image object{'s' if len(names) > 1 else ''}: {kind} ({', '.join(names[:3])}"
-           f"{', ...' if len(names) > 3 else ''})" for kind, names in sorted(scan.skipped.items())]
-    return out
-
-
-def dicom_series(folder: Path) -> dict[str, list[str]]:
-    """SeriesInstanceUID -> the files of that series directly in ``folder`` (sorted by name)."""
-    return _group(folder)[0]
-
-
 def choose_series(folder: Path, series: dict[str, list[str]], series_id: str | None) -> tuple[str, list[str]]:
     """The requested series, or the largest one with a warning when there are several."""
     warnings: list[str] = []
@@ -253,14 +124,6 @@ class SeriesPlan:
     notes: list[str] = field(default_factory=list)
     transfer_syntax: dict[str, str] = field(default_factory=dict)
     convert: str | None = None  # why the series goes to the converter (mosaic, multi-frame, 4D), else None
-
-
-def _floats(value: Any, n: int) -> np.ndarray | None:
-    try:
-        out = np.array([float(v) for v in value], dtype=np.float64)
-    except (TypeError, ValueError):
-        return None
-    return out if out.size == n and np.all(np.isfinite(out)) else None
 
 
 def read_header(path: str) -> SliceHeader:
@@ -338,14 +201,19 @@ def _check_file(h: SliceHeader, folder: Path) -> None:
         raise InputError(
             f"{h.name} is a multi-frame (enhanced) DICOM file with {h.frames} frames inside a series folder; "
             "segcli reads series of single-frame files (convert it with dcm2niix first)", folder)
+    _check_pixels(h, folder)
+    if h.position is None or h.orientation is None:
+        missing = "ImagePositionPatient" if h.position is None else "ImageOrientationPatient"
+        raise InputError(f"{h.name} has no usable {missing}; the slices cannot be placed", folder)
+
+
+def _check_pixels(h: SliceHeader, folder: Path) -> None:
+    """Pixel data present and as long as the header says (checked for every route, dcm2niix's too)."""
     if not h.has_pixels:
         raise InputError(f"{h.name} holds no pixel data (truncated file?)", folder)
     if h.pixel_bytes is not None and h.pixel_available is not None and h.pixel_available < h.pixel_bytes:
         raise InputError(f"truncated: header of {h.name} says {h.pixel_bytes} bytes of pixels, the file "
                          f"holds {h.pixel_available}", folder)
-    if h.position is None or h.orientation is None:
-        missing = "ImagePositionPatient" if h.position is None else "ImageOrientationPatient"
-        raise InputError(f"{h.name} has no usable {missing}; the slices cannot be placed", folder)
 
 
 def check_one_volume(volume: int | None, path: Path) -> None:
@@ -443,11 +311,14 @@ def is_mosaic(h: SliceHeader) -> bool:
 def converter_reason(headers: list[SliceHeader]) -> str | None:
     """Why a series cannot be stacked file by file (it then goes to dcm2niix), or None.
 
-    A mosaic holds a volume per file, an enhanced file holds its frames' geometry in functional
+    A mosaic holds a volume per file, an enhanced file (every file of the series) holds its frames' geometry in functional
     groups, and a series whose slice positions all repeat the same number of times (distinct
     SOP instances) is 4D: echoes, phases, diffusion directions or time points."""
-    if any(h.frames > 1 or h.sop_class in _ENHANCED for h in headers):
+    multi = [h.frames > 1 or h.sop_class in _ENHANCED for h in headers]
+    if all(multi):
         return "an enhanced multi-frame DICOM"
+    if any(multi):
+        return None  # a multi-frame file among single-frame slices: refused by the checks, named
     if any(is_mosaic(h) for h in headers):
         return "a Siemens mosaic"
     if len(headers) < 2 or any(h.position is None or h.orientation is None for h in headers):
@@ -476,6 +347,8 @@ def check_series(folder: Path, files: list[str], orphans: list[str] = (),
     syntax = {h.path: h.transfer_syntax for h in headers}
     reason = converter_reason(headers)
     if reason is not None:
+        for h in headers:
+            _check_pixels(h, folder)
         return SeriesPlan([h.path for h in headers], None, [], syntax, convert=reason)
     for h in headers:
         _check_file(h, folder)
@@ -596,6 +469,9 @@ def plan_folder(folder: Path, series_id: str | None = None) -> tuple[SeriesPlan,
                              f"{'; '.join(f'{len(v)} {k}' for k, v in sorted(scan.skipped.items()))}", folder)
         if scan.orphans:
             _left_out(folder, scan.orphans)
+        if any(name.lower().endswith(".dcm.gz") for name in os.listdir(folder)):
+            raise InputError("folder holds gzip-compressed DICOM files (.dcm.gz); decompress them first "
+                             "(gunzip *.dcm.gz)", folder)
         raise InputError("folder holds no readable DICOM series", folder)
     chosen, warnings = choose_series(folder, series, series_id)
     warnings = scan_warnings(scan) + warnings
@@ -604,6 +480,23 @@ def plan_folder(folder: Path, series_id: str | None = None) -> tuple[SeriesPlan,
                         "number, size, orientation and pixel spacing")
     plan = check_series(folder, series[chosen], scan.orphans)
     return plan, chosen, warnings + plan.notes, len(series)
+
+
+def seg_refusal(folder: Path) -> str | None:
+    """Why a DICOM SEG cannot reference this series (said before any work), or None.
+
+    A SEG's frames reference single-frame source images by SOP Instance UID; a series dcm2niix places
+    (mosaic, multi-frame, 4D) or one without UIDs has no such one-to-one reference here."""
+    try:
+        plan, chosen, _warnings, _n = plan_folder(folder)
+    except InputError:
+        return None  # the reader names the problem when the file is processed
+    if plan.convert is not None:
+        return (f"{plan.convert} cannot be referenced by segcli's DICOM SEG (single-frame series only); "
+                "write NIfTI (the default)")
+    if chosen.startswith(NO_UID_PREFIX):
+        return "the DICOM files carry no SeriesInstanceUID, so a DICOM SEG cannot reference them; write NIfTI"
+    return None
 
 
 def header_reader(plan: SeriesPlan, folder: Path) -> sitk.ImageFileReader:
