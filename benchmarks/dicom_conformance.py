@@ -113,13 +113,14 @@ def ref_in_mask_order(ref_data: np.ndarray, ref_aff: np.ndarray, mask_shape, mas
     return out if out.shape == tuple(mask_shape[:3]) else None
 
 
-def decoded(unit: Path, volume: int | None) -> np.ndarray:
-    """What segcli decodes for ``unit``, in the order of the mask it writes (nibabel x, y, z)."""
+def decoded(unit: Path, volume: int | None) -> tuple[np.ndarray, str]:
+    """What segcli decodes for ``unit``, in the order of the mask it writes (nibabel x, y, z), and the route."""
     from segcli import io
     from segcli.io.medical import to_original_axes
 
     img = io.open_image(unit, volume=volume)
-    return np.transpose(to_original_axes(img.array[..., 0], img.meta), (2, 1, 0)).astype(np.float64)
+    values = np.transpose(to_original_axes(img.array[..., 0], img.meta), (2, 1, 0)).astype(np.float64)
+    return values, "dcm2niix" if img.meta.get("source") == "dicom-converted" else "segcli"
 
 
 def fresh_refs(unit: Path, work: Path) -> dict[str, list[Path]]:
@@ -160,7 +161,8 @@ def judge(unit: Path, number: str, report: dict | None, candidates: list[Path], 
         return {**row, "result": "no-ref"}
     mask = nib.load(report["output"])
     best = (float("inf"), float("inf"), "")
-    values = decoded(unit, volume)
+    values, route = decoded(unit, volume)
+    row.update(route=route, read_s=(report.get("seconds") or {}).get("read"))
     for ref_path in candidates:
         ref = nib.load(str(ref_path))
         err = grid_error(mask.shape, mask.affine, ref.shape, ref.affine)
