@@ -48,21 +48,30 @@ def _header(path: Path):
         return None
 
 
-def units(root: Path) -> list[tuple[Path, str]]:
-    """(path, SeriesNumber) for every DICOM folder under ``root/In`` and every multi-frame file in it."""
-    from segcli.io.dicomseries import dicom_files
+def units(root: Path, work: Path) -> list[tuple[Path, str, str]]:
+    """(path, SeriesNumber, label) for every series under ``root/In`` and every multi-frame file in it.
+
+    A folder holding one series is a unit as it is; a folder holding several (Philips exports put
+    every series in one folder) gives one unit per series, a folder of links to that series' files."""
+    from segcli.io.dicomscan import scan_folder
 
     out = []
     for folder, _dirs, _files in sorted(os.walk(root / "In")):
-        files = dicom_files(Path(folder))
-        if not files:
-            continue
-        first = _header(Path(files[0]))
-        out.append((Path(folder), str(getattr(first, "SeriesNumber", "") or "")))
-        for f in files:
-            ds = _header(Path(f))
-            if ds is not None and int(getattr(ds, "NumberOfFrames", 1) or 1) > 1 and len(files) > 1:
-                out.append((Path(f), str(getattr(ds, "SeriesNumber", "") or "")))
+        series = scan_folder(Path(folder)).series
+        for _uid, files in sorted(series.items()):
+            first = _header(Path(files[0]))
+            number = str(getattr(first, "SeriesNumber", "") or "")
+            unit, label = Path(folder), str(Path(folder).relative_to(root))
+            if len(series) > 1:
+                label += f" (series {number})"
+                unit = Path(tempfile.mkdtemp(dir=work, prefix=f"series-{number}-"))
+                for f in files:
+                    os.symlink(f, unit / Path(f).name)
+            out.append((unit, number, label))
+            for f in files:
+                ds = _header(Path(f))
+                if ds is not None and int(getattr(ds, "NumberOfFrames", 1) or 1) > 1 and len(files) > 1:
+                    out.append((Path(f), str(getattr(ds, "SeriesNumber", "") or ""), str(Path(f).relative_to(root))))
     return out
 
 
@@ -218,23 +227,23 @@ def gunzipped(root: Path, work: Path) -> Path:
 
 def run_repo(root: Path, work: Path, bundle_args: list[str]) -> list[dict]:
     root = gunzipped(root, work)
-    found = units(root)
+    found = units(root, work)
     by_number = refs(root / "Ref")
     stage = work / f"{root.name}-in"
     stage.mkdir(parents=True)
     links = []
-    for i, (unit, _) in enumerate(found):
+    for i, (unit, _, _) in enumerate(found):
         link = stage / (f"u{i:04d}" + (".dcm" if unit.is_file() else ""))
         os.symlink(unit, link)
         links.append(link)
     reports = predict(links, work / f"{root.name}-out", bundle_args)
     rows, again = [], []
-    for (unit, number), link in zip(found, links, strict=True):
+    for (unit, number, label), link in zip(found, links, strict=True):
         candidates, source = by_number.get(number, []), "Ref"
         if not candidates:
             candidates, source = fresh_refs(unit, work).get(number, []), "dcm2niix " + _version()
         row = judge(link, number, reports.get(link.name), candidates, None)
-        row.update(unit=str(unit.relative_to(root)), reference=source)
+        row.update(unit=label, reference=source)
         rows.append(row)
         if row["result"] == "refused-4D":
             again.append((row, link, candidates))

@@ -6,10 +6,12 @@ per echo, phase, diffusion direction or time point. dcm2niix (the field's refere
 shipped as the ``dcm2niix`` PyPI package) places all of these; segcli runs it as a subprocess on the
 chosen series' files only, in a private temporary folder, and reads the NIfTI it writes.
 
-Why wrap rather than own the code: on dcm2niix's own validation sets (benchmarks/README.md, "DICOM
-conformance"), the wrapped converter reproduces the reference grid for every mosaic and enhanced file
-that is present, where the file-by-file reader misplaced 38 mosaics in silence; the conversion costs
-about 0.1 s per series of that size.
+Why wrap rather than own the code (measured, benchmarks/README.md "DICOM conformance"): on dcm2niix's
+own validation sets the wrapped converter reproduces the reference grid and intensities of every mosaic
+and enhanced file present, where segcli's file-by-file reader had written 38 mosaics on a wrong grid in
+silence, and highdicom's volume API placed all 26 mosaics of dcm_qa as flat tile sheets and raised on
+every 4D series. A conversion costs 0.05-0.19 s per series of these sizes (64x64x35 to 82x82x48x21) on
+the 2-core development machine.
 
 A converted image with more than one volume (a 4D series, or echoes that dcm2niix writes as separate
 files) is refused with one line naming the fourth dimension, unless ``volume`` picks one (1-based).
