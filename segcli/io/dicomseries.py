@@ -109,6 +109,7 @@ class SliceHeader:
     sop_uid: str = ""
     series_number: str = ""
     mosaic_tiles: int = 0  # Siemens NumberOfImagesInMosaic (0019,100A), 0 when absent
+    philips_float: float | None = None  # 1 / (RescaleSlope x Philips ScaleSlope (2005,100E)), when present
 
     @property
     def name(self) -> str:
@@ -124,6 +125,7 @@ class SeriesPlan:
     notes: list[str] = field(default_factory=list)
     transfer_syntax: dict[str, str] = field(default_factory=dict)
     convert: str | None = None  # why the series goes to the converter (mosaic, multi-frame, 4D), else None
+    scale: list[float] | None = None  # per file (in ``files`` order): Philips precise-float factors, else None
 
 
 def read_header(path: str) -> SliceHeader:
@@ -171,7 +173,7 @@ def read_header(path: str) -> SliceHeader:
         transfer_syntax=syntax, pixel_bytes=pixel_bytes, pixel_available=available, has_pixels=has_pixels,
         image_type="\\".join(str(v) for v in _multi(ds.get("ImageType"))).upper(),
         sop_uid=str(ds.get("SOPInstanceUID", "") or ""), series_number=str(ds.get("SeriesNumber", "") or ""),
-        mosaic_tiles=_mosaic_tiles(ds),
+        mosaic_tiles=_mosaic_tiles(ds), philips_float=_philips_float(ds),
     )
 
 
@@ -179,6 +181,30 @@ def _multi(value: Any) -> list[Any]:
     if value is None:
         return []
     return list(value) if isinstance(value, (list, tuple)) or type(value).__name__ == "MultiValue" else [value]
+
+
+def _philips_float(ds: Any) -> float | None:
+    """Philips "precise float" factor 1 / (RescaleSlope x ScaleSlope), as dcm2niix applies by default.
+
+    Philips MR stores display values (RescaleSlope/Intercept) and, in the private ScaleSlope (2005,100E),
+    the factor back to the scanner's floating-point values; dcm2niix writes those (its ``-p y``), so the
+    model sees the same values only when segcli divides the display value by RescaleSlope x ScaleSlope."""
+    try:
+        if "PHILIPS" not in str(ds.get("Manufacturer", "") or "").upper():
+            return None
+        element = ds.get((0x2005, 0x100E))
+        if element is None:
+            return None
+        value = element.value
+        if isinstance(value, bytes):
+            import struct
+
+            value = struct.unpack("<f", value[:4])[0]
+        scale = float(value[0] if isinstance(value, (list, tuple)) else value)
+        slope = float(ds.get("RescaleSlope", 1) or 1)
+        return 1.0 / (slope * scale) if scale > 0 and slope > 0 and np.isfinite(scale) else None
+    except Exception:  # private tags come in any VR
+        return None
 
 
 def _mosaic_tiles(ds: Any) -> int:
@@ -381,7 +407,13 @@ def check_series(folder: Path, files: list[str], orphans: list[str] = (),
         "origin": tuple(float(v) for v in headers[0].position),
         "direction": tuple(float(v) for v in np.column_stack([row, col, normal]).ravel()),
     }
-    return SeriesPlan([h.path for h in headers], geometry, notes, syntax)
+    scale = [h.philips_float for h in headers]
+    if all(f is not None for f in scale) and any(abs(f - 1.0) > 1e-9 for f in scale):
+        notes.append("Philips precise-float scaling applied (display value / (RescaleSlope x ScaleSlope)), "
+                     "as dcm2niix does")
+    else:
+        scale = None
+    return SeriesPlan([h.path for h in headers], geometry, notes, syntax, scale=scale)
 
 
 def _vec(v: np.ndarray) -> str:
@@ -456,6 +488,17 @@ def read_pixels(folder: Path, files: list[str], syntax: dict[str, str] | None = 
             raise InputError(f"cannot decode the pixel data of {Path(f).name} ({_syntax_name(ts)}): corrupt or "
                              f"unsupported compressed data ({itk_message(exc)[:120]})", folder) from None
     raise InputError(f"cannot read DICOM series: {reason}", folder)
+
+
+def _rescaled(image: sitk.Image, factors: list[float]) -> sitk.Image:
+    """``image`` (one plane per file) with plane k multiplied by ``factors[k]``, as float32."""
+    import SimpleITK as sitk
+
+    arr = sitk.GetArrayFromImage(image).astype(np.float32)
+    arr *= np.asarray(factors, np.float32).reshape((-1,) + (1,) * (arr.ndim - 1))
+    out = sitk.GetImageFromArray(arr, isVector=image.GetNumberOfComponentsPerPixel() > 1)
+    out.CopyInformation(image)
+    return out
 
 
 def plan_folder(folder: Path, series_id: str | None = None) -> tuple[SeriesPlan, str, list[str], int]:
@@ -536,6 +579,8 @@ def read_dicom_folder(folder: Path, series_id: str | None = None, volume: int | 
     check_one_volume(volume, folder)
     header_reader(plan, folder)
     image = read_pixels(folder, plan.files, plan.transfer_syntax)
+    if plan.scale is not None:
+        image = _rescaled(image, plan.scale)
     geometry = plan.geometry
     if geometry is not None:
         if tuple(image.GetSize()) != tuple(geometry["size"]):

@@ -332,8 +332,8 @@ def _open_dicom(folder: Path) -> StreamedVolume | None:
     if not dicomseries.may_hold_dicom(folder):
         return None
     plan, chosen, warnings, n_series = dicomseries.plan_folder(folder)
-    if plan.geometry is None or plan.convert is not None:
-        return None  # one file, or a series dcm2niix places: the whole reader
+    if plan.geometry is None or plan.convert is not None or plan.scale is not None:
+        return None  # one file, a series dcm2niix places, or Philips float scaling: the whole reader
     info = dicomseries.header_reader(plan, folder)
     source = {"source": "dicom", "series_id": chosen, "files": plan.files, "n_series": n_series,
               "notes": list(plan.notes), "transfer_syntax": plan.transfer_syntax}
