@@ -136,11 +136,13 @@ def write_enhanced(path: Path, volumes: np.ndarray, *, row_dir, col_dir, origin,
 
 
 def write_classic(folder: Path, volumes: np.ndarray, *, row_dir=(1, 0, 0), col_dir=(0, 1, 0), origin=(0, 0, 0),
-                  spacing=(1.0, 1.0, 2.0), uids: bool = True, echo_times=None) -> list[Path]:
+                  spacing=(1.0, 1.0, 2.0), uids: bool = True, echo_times=None,
+                  philips: tuple[float, float] | None = None) -> list[Path]:
     """Single-frame MR files, one per (volume, slice) of ``volumes`` (t, n, rows, cols).
 
     ``echo_times``: one per volume (a multi-echo series); ``uids=False`` writes no Study, Series or SOP
-    Instance UID (an anonymised export)."""
+    Instance UID (an anonymised export); ``philips`` = (RescaleSlope, ScaleSlope) writes a Philips series
+    with the private ScaleSlope (2005,100E)."""
     from pydicom.uid import generate_uid
 
     t, n, r, c = volumes.shape
@@ -165,6 +167,11 @@ def write_classic(folder: Path, volumes: np.ndarray, *, row_dir=(1, 0, 0), col_d
             if echo_times is not None:
                 ds.EchoTime, ds.EchoNumbers = f"{echo_times[v]:g}", v + 1
             ds.Rows, ds.Columns = r, c
+            if philips is not None:
+                ds.Manufacturer = "Philips Medical Systems"
+                ds.RescaleSlope, ds.RescaleIntercept = f"{philips[0]:g}", "0"
+                ds.add_new((0x2005, 0x0010), "LO", "Philips MR Imaging DD 001")
+                ds.add_new((0x2005, 0x100E), "FL", philips[1])
             ds.PixelData = volumes[v, k].astype(np.uint16).tobytes()
             path = folder / f"im{v * n + k + 1:04d}.dcm"
             ds.save_as(path, enforce_file_format=uids)

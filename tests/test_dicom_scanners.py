@@ -126,6 +126,15 @@ def test_structured_report_skipped_and_named(tmp_path):
         io.open_image(only)
 
 
+def test_philips_precise_float_scaling_as_dcm2niix(tmp_path):
+    """Display value (stored x 2) divided by RescaleSlope x ScaleSlope: stored / 0.25, dcm2niix's default."""
+    truth = coded(1, 3, 4, 5)
+    write_classic(tmp_path / "ph", truth, philips=(2.0, 0.25))
+    img = io.open_image(tmp_path / "ph")
+    assert any(n.startswith("Philips precise-float scaling applied") for n in img.meta["warnings"])
+    assert_placed(img, truth[0].astype(np.float64) / 0.25, (0, 0, 0), (1, 0, 0), (0, 1, 0), (1.0, 1.0, 2.0))
+
+
 def test_sagittal_thick_slices_stream_along_every_axis(tmp_path):
     """A thick-slice sagittal series (the engine slices across the files): every block equals the whole read."""
     from segcli.io.volstream import open_streamed
