@@ -230,7 +230,9 @@ def _check_file(h: SliceHeader, folder: Path) -> None:
     _check_pixels(h, folder)
     if h.position is None or h.orientation is None:
         missing = "ImagePositionPatient" if h.position is None else "ImageOrientationPatient"
-        raise InputError(f"{h.name} has no usable {missing}; the slices cannot be placed", folder)
+        what = " (a secondary capture: a derived picture without patient geometry)" if h.sop_class.startswith(
+            "1.2.840.10008.5.1.4.1.1.7") else ""
+        raise InputError(f"{h.name} has no usable {missing}{what}; the slices cannot be placed", folder)
 
 
 def _check_pixels(h: SliceHeader, folder: Path) -> None:
@@ -290,7 +292,8 @@ def _check_alike(headers: list[SliceHeader], folder: Path) -> None:
                              f"{first.name} is {first.columns}x{first.rows}", folder)
         if not np.allclose(h.orientation, first.orientation, atol=ORIENTATION_TOL, rtol=0):
             raise InputError(f"slice orientation differs: {h.name} has ImageOrientationPatient "
-                             f"{_vec(h.orientation)}, {first.name} {_vec(first.orientation)}", folder)
+                             f"{_vec(h.orientation)}, {first.name} {_vec(first.orientation)} (a localizer with "
+                             "several planes?)", folder)
         if (h.pixel_spacing is None) != (first.pixel_spacing is None) or (
                 h.pixel_spacing is not None and not np.allclose(h.pixel_spacing, first.pixel_spacing, rtol=1e-4)):
             raise InputError(f"pixel spacing differs: {h.name} has {h.pixel_spacing}, "
