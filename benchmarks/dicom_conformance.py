@@ -7,7 +7,7 @@ call (``--json``), each under a unique link name so masks never collide.
 
 Each unit ends as one of:
 
-- ``OK``: the mask's grid matches a Ref NIfTI of the same SeriesNumber (same shape after reorientation,
+- ``OK``: the mask's grid matches a Ref NIfTI of the same SeriesNumber and SeriesDescription (same shape after reorientation,
   every voxel-centre corner within 0.01 mm, read with nibabel) and the intensities segcli decodes
   (read by segcli's own reader, put in the mask's voxel order) equal that Ref's to 1e-3 of its range;
 - ``refused-4D``: refused with "4D DICOM ..." and the Ref of that series is 4D (or split in several files);
@@ -16,7 +16,11 @@ Each unit ends as one of:
   segcli takes it from the first and last positions, dcm2niix from the first two);
 - ``wrong``: a mask was written but matches no Ref, or a 4D refusal where the Ref is one 3D volume;
 - ``crash``: an internal error ("this is a bug"), or no report for the unit;
-- ``no-ref``: a mask or refusal where the repository has no Ref for that SeriesNumber (not scored).
+- ``no-ref``: a mask or refusal where neither the repository's Ref nor the packaged dcm2niix gives a NIfTI
+  for that series (not scored).
+
+Where the repository's Ref NIfTI is unavailable here (a few large files), the packaged dcm2niix's own
+conversion of the unit is the reference, and the row says so.
 
     python benchmarks/dicom_conformance.py --root /work/dcmqa --out benchmarks/results/dicom_conformance.json
 """
@@ -43,12 +47,17 @@ CORNER_MM = 0.01
 NEAR_MM = 0.05
 
 
+def series_key(number: object, description: object) -> str:
+    """SeriesNumber and SeriesDescription together: series numbers repeat across sessions (dcm_qa_ge)."""
+    return f"{number or ''}|{str(description or '').strip()}"
+
+
 def _header(path: Path):
     import pydicom
 
     try:
         return pydicom.dcmread(str(path), stop_before_pixels=True, force=True,
-                               specific_tags=["SeriesNumber", "NumberOfFrames", "SOPClassUID"])
+                               specific_tags=["SeriesNumber", "SeriesDescription", "NumberOfFrames", "SOPClassUID"])
     except Exception:
         return None
 
@@ -65,23 +74,24 @@ def units(root: Path, work: Path) -> list[tuple[Path, str, str]]:
         series = scan_folder(Path(folder)).series
         for _uid, files in sorted(series.items()):
             first = _header(Path(files[0]))
-            number = str(getattr(first, "SeriesNumber", "") or "")
+            number = series_key(getattr(first, "SeriesNumber", ""), getattr(first, "SeriesDescription", ""))
             unit, label = Path(folder), str(Path(folder).relative_to(root))
             if len(series) > 1:
-                label += f" (series {number})"
-                unit = Path(tempfile.mkdtemp(dir=work, prefix=f"series-{number}-"))
+                label += f" (series {number.split('|')[0]})"
+                unit = Path(tempfile.mkdtemp(dir=work, prefix="series-"))
                 for f in files:
                     os.symlink(f, unit / Path(f).name)
             out.append((unit, number, label))
             for f in files:
                 ds = _header(Path(f))
                 if ds is not None and int(getattr(ds, "NumberOfFrames", 1) or 1) > 1 and len(files) > 1:
-                    out.append((Path(f), str(getattr(ds, "SeriesNumber", "") or ""), str(Path(f).relative_to(root))))
+                    key = series_key(getattr(ds, "SeriesNumber", ""), getattr(ds, "SeriesDescription", ""))
+                    out.append((Path(f), key, str(Path(f).relative_to(root))))
     return out
 
 
 def refs(root: Path) -> dict[str, list[Path]]:
-    """SeriesNumber -> NIfTI files (from their JSON sidecars) under ``root``."""
+    """Series key (number and description) -> NIfTI files (from their JSON sidecars) under ``root``."""
     found: dict[str, list[Path]] = {}
     for nii in sorted(root.glob("*.nii*")):
         side = Path(str(nii).removesuffix(".gz").removesuffix(".nii") + ".json")
@@ -91,7 +101,8 @@ def refs(root: Path) -> dict[str, list[Path]]:
             else:
                 with gzip.open(f"{side}.gz", "rt") as fh:
                     text = fh.read()
-            number = str(json.loads(text).get("SeriesNumber", ""))
+            side_fields = json.loads(text)
+            number = series_key(side_fields.get("SeriesNumber", ""), side_fields.get("SeriesDescription", ""))
         except (OSError, ValueError):
             continue
         found.setdefault(number, []).append(nii)
