@@ -103,6 +103,14 @@ def test_multi_echo_series_is_4d_not_duplicate(tmp_path):
     assert_placed(img, truth[1], (1, 2, 3), ROW, COL, (1.0, 1.0, 2.0))
 
 
+def test_4d_volume_keeps_the_scaling(tmp_path):
+    """A picked volume of a 4D Philips series carries dcm2niix's precise-float values (stored / ScaleSlope)."""
+    truth = coded(2, 3, 4, 5)
+    write_classic(tmp_path / "ph4d", truth, philips=(2.0, 0.25))  # repeats: one 4D NIfTI from dcm2niix
+    img = io.open_image(tmp_path / "ph4d", volume=2)
+    assert_placed(img, truth[1].astype(np.float64) / 0.25, (0, 0, 0), (1, 0, 0), (0, 1, 0), (1.0, 1.0, 2.0))
+
+
 def test_series_without_uids_grouped_with_a_warning(tmp_path):
     truth = coded(1, 4, 6, 5)
     write_classic(tmp_path / "anon", truth, uids=False, row_dir=ROW, col_dir=COL, origin=(5, 5, 5))

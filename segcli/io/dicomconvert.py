@@ -101,17 +101,19 @@ def _volumes(written: list[Path]) -> list[tuple[Path, int | None]]:
 
 
 def _extract(nii: Path, k: int, dest: Path) -> Path:
-    """Volume ``k`` of a 4D NIfTI as a 3D NIfTI with the same header (scaling kept, raw values copied)."""
+    """Volume ``k`` of a 4D NIfTI as a 3D float32 NIfTI with the same grid and the scaled values.
+
+    The scaling (scl_slope/scl_inter, e.g. Philips precise-float values) is applied here: nibabel
+    would write unscaled values with a reset scaling, which lost it (measured on dcm_qa_philips)."""
     import nibabel as nib
     import numpy as np
 
     img = nib.load(str(nii))
-    data = np.asarray(img.dataobj.get_unscaled()[..., k])
+    data = np.asarray(img.dataobj[..., k], dtype=np.float32)
     header = img.header.copy()
     header.set_data_shape(data.shape)
-    out = nib.Nifti1Image(data, None, header)
-    out.header.set_slope_inter(*img.header.get_slope_inter())
-    nib.save(out, str(dest))
+    header.set_data_dtype(np.float32)
+    nib.save(nib.Nifti1Image(data, img.affine, header), str(dest))
     return dest
 
 
