@@ -38,13 +38,17 @@ class Inputs:
 def expand_inputs(inputs: list[Path], output: Path | None, stdin: Iterable[str] = ()) -> Inputs:
     """Files as given, folders walked recursively (the root kept to mirror the layout), '-' from ``stdin``."""
     from segcli import io
+    from segcli.io.dicomseries import may_hold_dicom
 
     found = Inputs()
     for p in inputs:
         if str(p) == "-":
             found.items.extend((Path(line.rstrip("\n")), None) for line in stdin if line.strip())
         elif p.is_dir() and not io.is_image_path(p):
-            for q in io.list_images(p):
+            images = io.list_images(p)
+            if not images and may_hold_dicom(p):  # DICOM but no image series (SR, PR...): the reader says why
+                found.items.append((p, None))
+            for q in images:
                 if output is not None and _is_within(q, output):
                     continue
                 if q.name.split(".")[0].endswith(OUTPUT_SUFFIXES):

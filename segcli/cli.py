@@ -147,6 +147,7 @@ def predict(
     max_downscale: Annotated[float | None, typer.Option(help="Big images: the largest allowed factor between full resolution and the rough pass (default 16); beyond it the rough pass runs tiled [≥ 1].", rich_help_panel="Memory and big images")] = None,
     max_zoom: Annotated[float | None, typer.Option(help="Big images: a fine box wider than S × this is processed as tiles at this zoom (default 4) [≥ 1].", rich_help_panel="Memory and big images")] = None,
     tile_size: Annotated[int, typer.Option(help="Tile size of big TIFF masks [16–4096, a multiple of 16].", rich_help_panel="Memory and big images")] = 512,
+    volume: Annotated[int | None, typer.Option(help="4D DICOM (echoes, phases, diffusion directions, time points): segment volume N (1-based); refused without it. Default: none.", rich_help_panel="Input and output")] = None,
     output_type: Annotated[str, typer.Option("--output-type", help="auto (the format follows -o's extension, else the input's family) | dicom-seg (a DICOM Segmentation referencing the input series; DICOM series inputs only; implied by -o NAME.dcm).", rich_help_panel="Input and output")] = "auto",
     geojson: Annotated[bool, typer.Option("--geojson", help="Also write NAME_seg.geojson: one polygon per object in level-0 pixels, for QuPath (2D images and slides; built tile by tile). -o NAME.geojson implies it.", rich_help_panel="Input and output", metavar=" ")] = False,
     preview: Annotated[bool, typer.Option("--preview", help="Also write NAME_seg_preview.png: the mask over the image (a few slices for a volume).", rich_help_panel="Input and output", metavar=" ")] = False,
@@ -186,7 +187,7 @@ def predict(
             half=half, size=size, max_memory=max_memory, pyramid=pyramid, mpp=mpp, max_downscale=max_downscale,
             max_zoom=max_zoom, tile_size=tile_size, probabilities=probabilities, skip_existing=skip_existing,
             output_type="dicom-seg" if output is not None and output.name.lower().endswith(".dcm") else output_type,
-            stats=stats is not None, lock=lock, preview=preview, allow_unhashed=allow_unhashed,
+            stats=stats is not None, lock=lock, preview=preview, allow_unhashed=allow_unhashed, volume=volume,
             geojson=geojson or (output is not None and output.name.lower().endswith(".geojson")),
             params={
                 "pad": pad, "threshold": threshold, "keep_coarse": keep_coarse, "keep_aspect": False if square_resize else None,
@@ -222,6 +223,10 @@ def predict(
             if not io.is_dicom_series(path):
                 raise _fail(f"{path}: --output-type dicom-seg needs a DICOM series folder as input; "
                             "write NIfTI (the default) for other inputs", EXIT_USAGE)
+            from segcli.io.dicomseries import seg_refusal
+
+            if (why := seg_refusal(path)) is not None:
+                raise _fail(f"{path}: --output-type dicom-seg: {why}", EXIT_USAGE)
     if len(items) > 1 and output is not None and output.suffix and not output.is_dir():
         raise _fail(f"-o {output} looks like a file but there are {len(items)} inputs; give a folder", EXIT_USAGE)
     try:

@@ -56,6 +56,7 @@ class PredictOptions:
     tile_size: int = TILE_SIZE
     stream_volumes: bool = True  # NIfTI, raw MetaImage and DICOM series decoded slab by slab
     allow_unhashed: bool = False  # load weights without a recorded sha256 (refused otherwise)
+    volume: int | None = None  # 1-based volume of a 4D DICOM series (echo, phase, direction, time point)
     # Outputs and batch behaviour
     output_type: str = "auto"
     probabilities: bool = False
@@ -87,6 +88,8 @@ class PredictOptions:
             check_range("threads", self.threads, 1, 1024)
         if self.size is not None:
             check_range("size", self.size, 8, 8192)
+        if self.volume is not None:
+            check_range("volume", self.volume, 1, None)
         for name in ("mpp", "max_downscale", "max_zoom"):
             v = getattr(self, name)
             if v is not None:

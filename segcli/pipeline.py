@@ -32,7 +32,7 @@ import numpy as np
 
 from segcli import io, memory
 from segcli.engines.base import ProgressFn, Result
-from segcli.errors import EmptyImageError, SegcliError, UsageError, bug_message
+from segcli.errors import EmptyImageError, InputError, SegcliError, UsageError, bug_message
 from segcli.geometry import slice_axis
 from segcli.io.atomic import OutputLock, os_error_words
 from segcli.io.naming import geojson_path, probabilities_path
@@ -453,12 +453,14 @@ def open_route(seg: Segmenter, path: Path, out: Path, content: str | None) -> Ro
 
         vol = open_streamed(path, content=content)
         if vol is not None:
+            if seg.options.volume not in (None, 1):
+                raise InputError(f"--volume {seg.options.volume}: this input holds one volume", path)
             return StreamedVolumeRoute(vol)
     if content in ("nrrd", "metaimage", "nifti", "nifti-gz") and (head := io.header_size(path, content)):
         shape, channels, itemsize = head  # read whole: refuse from the header, before decoding, if it won't fit
         if len(shape) in (2, 3):
             check_in_memory(seg, "volume" if len(shape) == 3 else kind, shape, channels, itemsize, path)
-    return InMemoryRoute(io.open_image(path, content=content), kind)
+    return InMemoryRoute(io.open_image(path, content=content, volume=seg.options.volume), kind)
 
 
 def _wants_tiles(seg: Segmenter, path: Path, out: Path, kind: str, head: tuple) -> bool:

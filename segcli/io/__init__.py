@@ -178,18 +178,21 @@ def _sitk_name(path: Path, content: str) -> Iterator[Path]:
         yield alias
 
 
-def open_image(path: Path | str, series_id: str | None = None, content: str | None = None) -> LoadedImage:
+def open_image(path: Path | str, series_id: str | None = None, content: str | None = None,
+               volume: int | None = None) -> LoadedImage:
     """Read any supported image (file or DICOM folder) into a :class:`LoadedImage`, by content.
 
-    ``content``: the kind :func:`sniff` already found, so the file is not sniffed twice.
+    ``content``: the kind :func:`sniff` already found, so the file is not sniffed twice. ``volume``
+    (1-based) picks one volume of a 4D DICOM series; for any other input only 1 is accepted.
     """
     from segcli.io import medical
+    from segcli.io.dicomseries import check_one_volume
 
     path = Path(path)
     if path.is_dir():
         from segcli.io.dicomseries import read_dicom_folder
 
-        return read_dicom_folder(path, series_id)
+        return read_dicom_folder(path, series_id, volume)
     if not path.exists():
         raise InputError("file not found", path)
     try:
@@ -220,10 +223,16 @@ def open_image(path: Path | str, series_id: str | None = None, content: str | No
         from segcli.io.raster import read_raster
 
         return _checked(read_raster(path, warnings))
-    if content == "dicom":  # a lone slice file: short pixel data is named before ITK mistakes it
-        from segcli.io.dicomseries import check_single_file
+    if content == "dicom":  # a lone file: mosaic or multi-frame to dcm2niix; short pixel data named
+        from segcli.io.dicomseries import check_single_file, converter_reason, read_header
 
+        reason = converter_reason([read_header(str(path))])
+        if reason is not None:
+            from segcli.io.dicomconvert import read_converted
+
+            return _checked(read_converted(path, [str(path)], reason, volume, warnings))
         check_single_file(path)
+    check_one_volume(volume, path)
     with _sitk_name(path, content) as readable:
         return _checked(medical.read_file(path, readable, warnings))
 

@@ -38,6 +38,13 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from segcli.errors import InputError
+from segcli.io.dicomscan import DICOMDIR as _DICOMDIR
+from segcli.io.dicomscan import NO_UID_PREFIX, scan_folder, scan_warnings
+from segcli.io.dicomscan import dicom_files as dicom_files  # re-exported: callers import these from here
+from segcli.io.dicomscan import dicom_series as dicom_series
+from segcli.io.dicomscan import floats as _floats
+from segcli.io.dicomscan import has_dicom_magic as has_dicom_magic
+from segcli.io.dicomscan import may_hold_dicom as may_hold_dicom
 
 if TYPE_CHECKING:
     import SimpleITK as sitk
@@ -54,7 +61,6 @@ _ENHANCED = {
     "1.2.840.10008.5.1.4.1.1.4.3", "1.2.840.10008.5.1.4.1.1.4.4", "1.2.840.10008.5.1.4.1.1.130",
     "1.2.840.10008.5.1.4.1.1.128.1", "1.2.840.10008.5.1.4.1.1.12.1.1", "1.2.840.10008.5.1.4.1.1.12.2.1",
 }
-_DICOMDIR = "1.2.840.10008.1.3.10"
 
 
 def spacing_tolerance(spacing: float) -> float:
@@ -63,74 +69,6 @@ def spacing_tolerance(spacing: float) -> float:
 
 
 # ------------------------------------------------------------------------------------------- grouping
-def has_dicom_magic(path: str | Path) -> bool:
-    """The preamble magic ``DICM``, or a bare data set starting with group 0002/0008 (no preamble)."""
-    try:
-        with open(path, "rb") as fh:
-            head = fh.read(132)
-    except OSError:
-        return False
-    return head[128:132] == b"DICM" or head[:2] in (b"\x02\x00", b"\x08\x00")
-
-
-def _looks_dicom(path: str, name: str) -> bool:
-    return name.lower().endswith(".dcm") or has_dicom_magic(path)
-
-
-def dicom_files(folder: Path) -> list[str]:
-    """The non-hidden regular files directly in ``folder`` that look like DICOM, sorted."""
-    try:
-        entries = list(os.scandir(folder))
-    except OSError:
-        return []
-    out = []
-    for entry in entries:
-        try:
-            if not entry.name.startswith(".") and entry.is_file() and _looks_dicom(entry.path, entry.name):
-                out.append(entry.path)
-        except OSError:
-            continue
-    return sorted(out)
-
-
-def may_hold_dicom(folder: Path) -> bool:
-    """A .dcm file, or a file with the DICOM preamble magic, directly in ``folder``."""
-    return bool(dicom_files(folder))
-
-
-def _group(folder: Path, headers: dict[str, SliceHeader] | None = None) -> tuple[dict[str, list[str]], list[str]]:
-    """(SeriesInstanceUID -> files, files that look like DICOM but name no series), read with pydicom.
-
-    pydicom rather than GDCM: GDCM leaves out files it cannot parse without a word (a truncated
-    slice would silently disappear) and prints decoder messages on stderr while it scans. With
-    ``headers`` (a dict to fill), every file's header is read whole once, for :func:`check_series`.
-    """
-    import pydicom
-
-    series: dict[str, list[str]] = {}
-    orphans: list[str] = []
-    for path in dicom_files(folder):
-        try:
-            if headers is None:
-                ds = pydicom.dcmread(path, stop_before_pixels=True, force=True, specific_tags=["SeriesInstanceUID"])
-                uid = str(ds.get("SeriesInstanceUID", "") or "").strip()
-            else:
-                headers[path] = read_header(path)
-                uid = headers[path].series_uid or ""
-        except Exception:  # pydicom raises many types on damaged files
-            uid = ""
-        if uid:
-            series.setdefault(uid, []).append(path)
-        elif Path(path).name.upper() != "DICOMDIR":
-            orphans.append(path)
-    return series, orphans
-
-
-def dicom_series(folder: Path) -> dict[str, list[str]]:
-    """SeriesInstanceUID -> the files of that series directly in ``folder`` (sorted by name)."""
-    return _group(folder)[0]
-
-
 def choose_series(folder: Path, series: dict[str, list[str]], series_id: str | None) -> tuple[str, list[str]]:
     """The requested series, or the largest one with a warning when there are several."""
     warnings: list[str] = []
@@ -167,6 +105,11 @@ class SliceHeader:
     pixel_bytes: int | None  # bytes the header declares for native (uncompressed) pixel data
     pixel_available: int | None  # bytes of it the file really holds
     has_pixels: bool
+    image_type: str = ""  # ImageType joined with "\\" (MOSAIC marks a Siemens mosaic)
+    sop_uid: str = ""
+    series_number: str = ""
+    mosaic_tiles: int = 0  # Siemens NumberOfImagesInMosaic (0019,100A), 0 when absent
+    philips_float: float | None = None  # 1 / (RescaleSlope x Philips ScaleSlope (2005,100E)), when present
 
     @property
     def name(self) -> str:
@@ -181,14 +124,8 @@ class SeriesPlan:
     geometry: dict[str, Any] | None  # size, spacing, origin, direction (sitk order); None for one file
     notes: list[str] = field(default_factory=list)
     transfer_syntax: dict[str, str] = field(default_factory=dict)
-
-
-def _floats(value: Any, n: int) -> np.ndarray | None:
-    try:
-        out = np.array([float(v) for v in value], dtype=np.float64)
-    except (TypeError, ValueError):
-        return None
-    return out if out.size == n and np.all(np.isfinite(out)) else None
+    convert: str | None = None  # why the series goes to the converter (mosaic, multi-frame, 4D), else None
+    scale: list[float] | None = None  # per file (in ``files`` order): Philips precise-float factors, else None
 
 
 def read_header(path: str) -> SliceHeader:
@@ -234,7 +171,54 @@ def read_header(path: str) -> SliceHeader:
         pixel_spacing=tuple(spacing.tolist()) if spacing is not None else None,
         sop_class=str(ds.get("SOPClassUID", "") or getattr(meta, "MediaStorageSOPClassUID", "") or ""),
         transfer_syntax=syntax, pixel_bytes=pixel_bytes, pixel_available=available, has_pixels=has_pixels,
+        image_type="\\".join(str(v) for v in _multi(ds.get("ImageType"))).upper(),
+        sop_uid=str(ds.get("SOPInstanceUID", "") or ""), series_number=str(ds.get("SeriesNumber", "") or ""),
+        mosaic_tiles=_mosaic_tiles(ds), philips_float=_philips_float(ds),
     )
+
+
+def _multi(value: Any) -> list[Any]:
+    if value is None:
+        return []
+    return list(value) if isinstance(value, (list, tuple)) or type(value).__name__ == "MultiValue" else [value]
+
+
+def _philips_float(ds: Any) -> float | None:
+    """Philips "precise float" factor 1 / (RescaleSlope x ScaleSlope), as dcm2niix applies by default.
+
+    Philips MR stores display values (RescaleSlope/Intercept) and, in the private ScaleSlope (2005,100E),
+    the factor back to the scanner's floating-point values; dcm2niix writes those (its ``-p y``), so the
+    model sees the same values only when segcli divides the display value by RescaleSlope x ScaleSlope."""
+    try:
+        if "PHILIPS" not in str(ds.get("Manufacturer", "") or "").upper():
+            return None
+        element = ds.get((0x2005, 0x100E))
+        if element is None:
+            return None
+        value = element.value
+        if isinstance(value, bytes):
+            import struct
+
+            value = struct.unpack("<f", value[:4])[0]
+        scale = float(value[0] if isinstance(value, (list, tuple)) else value)
+        slope = float(ds.get("RescaleSlope", 1) or 1)
+        return 1.0 / (slope * scale) if scale > 0 and slope > 0 and np.isfinite(scale) else None
+    except Exception:  # private tags come in any VR
+        return None
+
+
+def _mosaic_tiles(ds: Any) -> int:
+    """Siemens NumberOfImagesInMosaic from the private tag (0019,100A), 0 when absent or unreadable."""
+    try:
+        element = ds.get((0x0019, 0x100A))
+        if element is None:
+            return 0
+        value = element.value
+        if isinstance(value, bytes):
+            return int.from_bytes(value[:2], "little") if len(value) >= 2 else 0
+        return int(value[0] if isinstance(value, (list, tuple)) else value)
+    except Exception:  # private tags come in any VR
+        return 0
 
 
 def _check_file(h: SliceHeader, folder: Path) -> None:
@@ -243,14 +227,27 @@ def _check_file(h: SliceHeader, folder: Path) -> None:
         raise InputError(
             f"{h.name} is a multi-frame (enhanced) DICOM file with {h.frames} frames inside a series folder; "
             "segcli reads series of single-frame files (convert it with dcm2niix first)", folder)
+    _check_pixels(h, folder)
+    if h.position is None or h.orientation is None:
+        missing = "ImagePositionPatient" if h.position is None else "ImageOrientationPatient"
+        what = " (a secondary capture: a derived picture without patient geometry)" if h.sop_class.startswith(
+            "1.2.840.10008.5.1.4.1.1.7") else ""
+        raise InputError(f"{h.name} has no usable {missing}{what}; the slices cannot be placed", folder)
+
+
+def _check_pixels(h: SliceHeader, folder: Path) -> None:
+    """Pixel data present and as long as the header says (checked for every route, dcm2niix's too)."""
     if not h.has_pixels:
         raise InputError(f"{h.name} holds no pixel data (truncated file?)", folder)
     if h.pixel_bytes is not None and h.pixel_available is not None and h.pixel_available < h.pixel_bytes:
         raise InputError(f"truncated: header of {h.name} says {h.pixel_bytes} bytes of pixels, the file "
                          f"holds {h.pixel_available}", folder)
-    if h.position is None or h.orientation is None:
-        missing = "ImagePositionPatient" if h.position is None else "ImageOrientationPatient"
-        raise InputError(f"{h.name} has no usable {missing}; the slices cannot be placed", folder)
+
+
+def check_one_volume(volume: int | None, path: Path) -> None:
+    """``--volume N`` with N > 1 on an input that holds one volume is an error, not a silent volume 1."""
+    if volume is not None and volume != 1:
+        raise InputError(f"--volume {volume}: this input holds one volume", path)
 
 
 def check_single_file(path: Path) -> None:
@@ -295,7 +292,8 @@ def _check_alike(headers: list[SliceHeader], folder: Path) -> None:
                              f"{first.name} is {first.columns}x{first.rows}", folder)
         if not np.allclose(h.orientation, first.orientation, atol=ORIENTATION_TOL, rtol=0):
             raise InputError(f"slice orientation differs: {h.name} has ImageOrientationPatient "
-                             f"{_vec(h.orientation)}, {first.name} {_vec(first.orientation)}", folder)
+                             f"{_vec(h.orientation)}, {first.name} {_vec(first.orientation)} (a localizer with "
+                             "several planes?)", folder)
         if (h.pixel_spacing is None) != (first.pixel_spacing is None) or (
                 h.pixel_spacing is not None and not np.allclose(h.pixel_spacing, first.pixel_spacing, rtol=1e-4)):
             raise InputError(f"pixel spacing differs: {h.name} has {h.pixel_spacing}, "
@@ -334,6 +332,38 @@ def _check_grid(headers: list[SliceHeader], depth: np.ndarray, normal: np.ndarra
                          "(dcm2niix does)", folder)
 
 
+def is_mosaic(h: SliceHeader) -> bool:
+    """A Siemens mosaic: one file holding every slice of a volume as tiles of one plane."""
+    return "MOSAIC" in h.image_type.split("\\") or h.mosaic_tiles > 1
+
+
+def converter_reason(headers: list[SliceHeader]) -> str | None:
+    """Why a series cannot be stacked file by file (it then goes to dcm2niix), or None.
+
+    A mosaic holds a volume per file, an enhanced file (every file of the series) holds its frames' geometry in functional
+    groups, and a series whose slice positions all repeat the same number of times (distinct
+    SOP instances) is 4D: echoes, phases, diffusion directions or time points."""
+    multi = [h.frames > 1 or h.sop_class in _ENHANCED for h in headers]
+    if all(multi):
+        return "an enhanced multi-frame DICOM"
+    if any(multi):
+        return None  # a multi-frame file among single-frame slices: refused by the checks, named
+    if any(is_mosaic(h) for h in headers):
+        return "a Siemens mosaic"
+    if len(headers) < 2 or any(h.position is None or h.orientation is None for h in headers):
+        return None
+    first = headers[0].orientation
+    if any(not np.allclose(h.orientation, first, atol=ORIENTATION_TOL, rtol=0) for h in headers):
+        return None
+    normal = np.cross(first[:3], first[3:])
+    depth = np.round(np.array([h.position @ normal for h in headers]) / DUPLICATE_MM).astype(np.int64)
+    _, counts = np.unique(depth, return_counts=True)
+    uids = {h.sop_uid for h in headers}
+    if counts.min() > 1 and counts.min() == counts.max() and len(uids) == len(headers) and "" not in uids:
+        return f"a 4D series ({int(counts[0])} images at each of {counts.size} slice positions)"
+    return None
+
+
 def check_series(folder: Path, files: list[str], orphans: list[str] = (),
                  known: dict[str, SliceHeader] | None = None) -> SeriesPlan:
     """Every header of the series checked together; the files in slice order with their grid, or InputError.
@@ -343,11 +373,16 @@ def check_series(folder: Path, files: list[str], orphans: list[str] = (),
     _left_out(folder, list(orphans))
     known = known or {}
     headers = [known[f] if f in known else read_header(f) for f in files]
+    syntax = {h.path: h.transfer_syntax for h in headers}
+    reason = converter_reason(headers)
+    if reason is not None:
+        for h in headers:
+            _check_pixels(h, folder)
+        return SeriesPlan([h.path for h in headers], None, [], syntax, convert=reason)
     for h in headers:
         _check_file(h, folder)
     _check_alike(headers, folder)
     first = headers[0]
-    syntax = {h.path: h.transfer_syntax for h in headers}
     if len(headers) == 1:
         return SeriesPlan([first.path], None, [], syntax)
     row, col = first.orientation[:3], first.orientation[3:]
@@ -375,7 +410,13 @@ def check_series(folder: Path, files: list[str], orphans: list[str] = (),
         "origin": tuple(float(v) for v in headers[0].position),
         "direction": tuple(float(v) for v in np.column_stack([row, col, normal]).ravel()),
     }
-    return SeriesPlan([h.path for h in headers], geometry, notes, syntax)
+    scale = [h.philips_float for h in headers]
+    if all(f is not None for f in scale) and any(abs(f - 1.0) > 1e-9 for f in scale):
+        notes.append("Philips precise-float scaling applied (display value / (RescaleSlope x ScaleSlope)), "
+                     "as dcm2niix does")
+    else:
+        scale = None
+    return SeriesPlan([h.path for h in headers], geometry, notes, syntax, scale=scale)
 
 
 def _vec(v: np.ndarray) -> str:
@@ -452,15 +493,56 @@ def read_pixels(folder: Path, files: list[str], syntax: dict[str, str] | None = 
     raise InputError(f"cannot read DICOM series: {reason}", folder)
 
 
+def _rescaled(image: sitk.Image, factors: list[float]) -> sitk.Image:
+    """``image`` (one plane per file) with plane k multiplied by ``factors[k]``, as float32."""
+    import SimpleITK as sitk
+
+    arr = sitk.GetArrayFromImage(image).astype(np.float32)
+    arr *= np.asarray(factors, np.float32).reshape((-1,) + (1,) * (arr.ndim - 1))
+    out = sitk.GetImageFromArray(arr, isVector=image.GetNumberOfComponentsPerPixel() > 1)
+    out.CopyInformation(image)
+    return out
+
+
 def plan_folder(folder: Path, series_id: str | None = None) -> tuple[SeriesPlan, str, list[str], int]:
     """(checked plan, chosen series id, warnings, number of series) for a folder; InputError when unusable."""
-    headers: dict[str, SliceHeader] = {}
-    series, orphans = _group(folder, headers)
+    scan = scan_folder(folder)
+    series = scan.series
     if not series:
+        skipped = sum(len(v) for v in scan.skipped.values())
+        if skipped and not scan.orphans:
+            raise InputError(f"folder holds no image series, only non-image DICOM objects: "
+                             f"{'; '.join(f'{len(v)} {k}' for k, v in sorted(scan.skipped.items()))}", folder)
+        if scan.orphans:
+            _left_out(folder, scan.orphans)
+        if any(name.lower().endswith(".dcm.gz") for name in os.listdir(folder)):
+            raise InputError("folder holds gzip-compressed DICOM files (.dcm.gz); decompress them first "
+                             "(gunzip *.dcm.gz)", folder)
         raise InputError("folder holds no readable DICOM series", folder)
     chosen, warnings = choose_series(folder, series, series_id)
-    plan = check_series(folder, series[chosen], orphans, headers)
+    warnings = scan_warnings(scan) + warnings
+    if chosen.startswith(NO_UID_PREFIX):
+        warnings.append(f"the DICOM files carry no SeriesInstanceUID: {len(series[chosen])} files grouped by series "
+                        "number, size, orientation and pixel spacing")
+    plan = check_series(folder, series[chosen], scan.orphans)
     return plan, chosen, warnings + plan.notes, len(series)
+
+
+def seg_refusal(folder: Path) -> str | None:
+    """Why a DICOM SEG cannot reference this series (said before any work), or None.
+
+    A SEG's frames reference single-frame source images by SOP Instance UID; a series dcm2niix places
+    (mosaic, multi-frame, 4D) or one without UIDs has no such one-to-one reference here."""
+    try:
+        plan, chosen, _warnings, _n = plan_folder(folder)
+    except InputError:
+        return None  # the reader names the problem when the file is processed
+    if plan.convert is not None:
+        return (f"{plan.convert} cannot be referenced by segcli's DICOM SEG (single-frame series only); "
+                "write NIfTI (the default)")
+    if chosen.startswith(NO_UID_PREFIX):
+        return "the DICOM files carry no SeriesInstanceUID, so a DICOM SEG cannot reference them; write NIfTI"
+    return None
 
 
 def header_reader(plan: SeriesPlan, folder: Path) -> sitk.ImageFileReader:
@@ -484,13 +566,24 @@ def header_reader(plan: SeriesPlan, folder: Path) -> sitk.ImageFileReader:
     return info
 
 
-def read_dicom_folder(folder: Path, series_id: str | None = None) -> LoadedImage:
-    """Read a checked DICOM series folder; with several series take the largest and say so."""
+def read_dicom_folder(folder: Path, series_id: str | None = None, volume: int | None = None) -> LoadedImage:
+    """Read a checked DICOM series folder; with several series take the largest and say so.
+
+    Mosaics, enhanced multi-frame files and 4D series go to dcm2niix (:mod:`segcli.io.dicomconvert`);
+    ``volume`` (1-based) picks one volume of a 4D series."""
     from segcli.io.medical import to_loaded
 
     plan, chosen, warnings, n_series = plan_folder(folder, series_id)
+    if plan.convert is not None:
+        from segcli.io.dicomconvert import read_converted
+
+        return read_converted(folder, plan.files, plan.convert, volume, warnings,
+                              {"series_id": chosen, "n_series": n_series})
+    check_one_volume(volume, folder)
     header_reader(plan, folder)
     image = read_pixels(folder, plan.files, plan.transfer_syntax)
+    if plan.scale is not None:
+        image = _rescaled(image, plan.scale)
     geometry = plan.geometry
     if geometry is not None:
         if tuple(image.GetSize()) != tuple(geometry["size"]):

@@ -224,6 +224,31 @@ class StreamedVolume:
 
         return self.path.name.lower().endswith((".nii", ".nii.gz")) and medical.nifti_no_finite(self.path)
 
+    def _dicom_block(self, a: int, lo: int, hi: int) -> Any:
+        """Original-axis range ``lo:hi`` along sitk axis ``a`` of a DICOM series, as a sitk image.
+
+        Along the slice axis that is a run of files. Across it (a sagittal or coronal series whose
+        engine slices another way) every file is decoded, a run of files at a time, and only the
+        rows or columns of the range are kept, so memory stays one run plus the block."""
+        import SimpleITK as sitk
+
+        from segcli.io.dicomseries import read_pixels
+
+        syntax = self.meta.get("transfer_syntax")
+        if a == 2:
+            image = read_pixels(self.path, self._files[lo:hi], syntax)
+        else:
+            run = slab_length((len(self._files), self._size[1], self._size[0]), 0, self.dtype.itemsize)
+            parts = []
+            for j in range(0, len(self._files), run):
+                arr = sitk.GetArrayFromImage(read_pixels(self.path, self._files[j:j + run], syntax))
+                parts.append(np.ascontiguousarray(arr[:, lo:hi] if a == 1 else arr[:, :, lo:hi]))
+                del arr
+            image = sitk.GetImageFromArray(np.concatenate(parts, axis=0), isVector=self.channels > 1)
+        image.SetSpacing(self.meta["geometry"]["spacing"])
+        image.SetDirection(self.meta["geometry"]["direction"])
+        return image
+
     def block(self, axis: int, i0: int, i1: int) -> np.ndarray:
         """Decode canonical slices ``i0:i1`` along numpy ``axis`` and return them canonical, channel-last."""
         import SimpleITK as sitk
@@ -235,13 +260,7 @@ class StreamedVolume:
         n = self._size[a]
         lo, hi = (n - i1, n - i0) if self._flip[b] else (i0, i1)
         if self._files is not None:  # a DICOM series: the slab is a run of slice files
-            if a != 2:
-                raise ValueError("a DICOM series is streamed along its slice axis only")
-            from segcli.io.dicomseries import read_pixels
-
-            image = read_pixels(self.path, self._files[lo:hi], self.meta.get("transfer_syntax"))
-            image.SetSpacing(self.meta["geometry"]["spacing"])
-            image.SetDirection(self.meta["geometry"]["direction"])
+            image = self._dicom_block(a, lo, hi)
         else:
             if self._gz and getattr(self, "_tmp", None) is None:
                 self._inflate()
@@ -313,8 +332,8 @@ def _open_dicom(folder: Path) -> StreamedVolume | None:
     if not dicomseries.may_hold_dicom(folder):
         return None
     plan, chosen, warnings, n_series = dicomseries.plan_folder(folder)
-    if plan.geometry is None:
-        return None
+    if plan.geometry is None or plan.convert is not None or plan.scale is not None:
+        return None  # one file, a series dcm2niix places, or Philips float scaling: the whole reader
     info = dicomseries.header_reader(plan, folder)
     source = {"source": "dicom", "series_id": chosen, "files": plan.files, "n_series": n_series,
               "notes": list(plan.notes), "transfer_syntax": plan.transfer_syntax}

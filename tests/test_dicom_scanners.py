@@ -1,0 +1,183 @@
+"""DICOM as scanners write it: mosaics, enhanced multi-frame files, 4D series, series without UIDs, non-image
+objects and sagittal stacks, each placed voxel by voxel against an independent reader (the positions the
+fixture wrote with pydicom, and nibabel's Siemens mosaic reader)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from segcli import io
+from segcli.errors import InputError
+from segcli.io.medical import to_original_axes
+from tests.conftest import run_cli
+from tests.dicom_scanners import coded, write_classic, write_enhanced, write_mosaic, write_sr
+
+TILT = np.radians(12)
+ROW, COL = (1.0, 0.0, 0.0), (0.0, float(np.cos(TILT)), float(np.sin(TILT)))  # an oblique axial plane
+SAG_ROW, SAG_COL = (0.0, 1.0, 0.0), (0.0, 0.0, -1.0)  # sagittal: rows run A->P, columns head->feet
+
+
+def world_values(img) -> tuple[np.ndarray, np.ndarray]:
+    """(LPS position of every voxel centre, its value) from segcli's geometry, in file order."""
+    g = img.meta["geometry"]
+    arr = to_original_axes(img.array[..., 0], img.meta)  # (z, y, x) of the sitk grid
+    z, y, x = np.meshgrid(*(np.arange(s) for s in arr.shape), indexing="ij")
+    idx = np.stack([x, y, z], -1).reshape(-1, 3) * np.asarray(g["spacing"])
+    pos = idx @ np.asarray(g["direction"]).reshape(3, 3).T + np.asarray(g["origin"])
+    return pos, arr.reshape(-1)
+
+
+def assert_placed(img, truth: np.ndarray, origin, row, col, spacing) -> None:
+    """Every voxel segcli decoded sits where the fixture wrote that value (0.01 mm), and all are there.
+
+    ``truth`` is (slices, rows, cols); voxel (k, y, x) of it lies at ``origin + x*sc*row + y*sr*col +
+    k*sz*normal`` with ``spacing`` = (sr, sc, sz), the DICOM definition."""
+    row, col = np.asarray(row, float), np.asarray(col, float)
+    axes = np.column_stack([row * spacing[1], col * spacing[0], np.cross(row, col) * spacing[2]])
+    pos, values = world_values(img)
+    idx = np.linalg.solve(axes, (pos - np.asarray(origin, float)).T).T  # (x, y, k) in the fixture's grid
+    assert np.abs(idx - np.rint(idx)).max() * max(spacing) < 0.01
+    x, y, k = np.rint(idx).astype(int).T
+    assert values.size == truth.size
+    assert sorted(zip(k, y, x, strict=True)) == sorted(np.ndindex(truth.shape))
+    np.testing.assert_array_equal(values, truth[k, y, x])
+
+
+# ------------------------------------------------------------------------------------------ mosaics
+def test_mosaic_demosaiced_where_nibabel_places_it(tmp_path):
+    """A 5-slice oblique mosaic (3x3 tile sheet) becomes 10x8x5 voxels, origin corrected as dcm2niix does."""
+    import warnings
+
+    import pydicom
+
+    with warnings.catch_warnings():  # nibabel calls its DICOM readers experimental on import
+        warnings.simplefilter("ignore")
+        from nibabel.nicom import dicomwrappers
+
+    truth = coded(1, 5, 8, 10)[0]
+    path = tmp_path / "mosaic" / "m.dcm"
+    write_mosaic(path, truth, row_dir=ROW, col_dir=COL, origin=(-40, -30, 20), spacing=(2.0, 2.5, 3.0))
+    img = io.open_image(path.parent)
+    assert img.meta["geometry"]["size"][2] == 5 and img.meta["source"] == "dicom-converted"
+    assert_placed(img, truth, (-40, -30, 20), ROW, COL, (2.0, 2.5, 3.0))
+    w = dicomwrappers.wrapper_from_data(pydicom.dcmread(path))
+    np.testing.assert_allclose(w.image_position, (-40, -30, 20), atol=1e-3)  # the independent origin correction
+    assert io.open_image(path).meta["geometry"] == img.meta["geometry"]  # the file alone: the same grid
+
+
+# ------------------------------------------------------------------------------------------ enhanced
+def test_enhanced_frames_placed_in_any_order(tmp_path):
+    """Frames stored shuffled, in a sagittal file: each placed from its own PlanePositionSequence."""
+    truth = coded(1, 6, 7, 9)
+    order = [(0, k) for k in (3, 0, 5, 1, 4, 2)]
+    path = tmp_path / "enh" / "sag.dcm"
+    write_enhanced(path, truth, row_dir=SAG_ROW, col_dir=SAG_COL, origin=(30, -50, 60), frame_order=order)
+    for source in (path, path.parent):
+        img = io.open_image(source)
+        assert_placed(img, truth[0], (30, -50, 60), SAG_ROW, SAG_COL, (1.5, 1.0, 2.5))
+
+
+def test_enhanced_two_volumes_refused_then_picked(tmp_path):
+    truth = coded(2, 4, 6, 8)
+    path = tmp_path / "enh4d" / "f.dcm"
+    write_enhanced(path, truth, row_dir=ROW, col_dir=COL, origin=(0, 0, 0))
+    with pytest.raises(InputError) as err:
+        io.open_image(path)
+    assert err.value.message.startswith("4D DICOM (an enhanced multi-frame DICOM): 2 volumes along ")
+    assert "--volume N (1 to 2)" in err.value.message
+    assert_placed(io.open_image(path, volume=2), truth[1], (0, 0, 0), ROW, COL, (1.5, 1.0, 2.5))
+    with pytest.raises(InputError, match="--volume 3: this DICOM holds 2 volumes"):
+        io.open_image(path, volume=3)
+
+
+# ------------------------------------------------------------------------------------------ classic series
+def test_multi_echo_series_is_4d_not_duplicate(tmp_path):
+    truth = coded(2, 3, 6, 5)
+    write_classic(tmp_path / "me", truth, echo_times=(5.0, 10.0), row_dir=ROW, col_dir=COL, origin=(1, 2, 3))
+    with pytest.raises(InputError) as err:
+        io.open_image(tmp_path / "me")
+    assert err.value.message.startswith("4D DICOM (a 4D series (2 images at each of 3 slice positions)): "
+                                        "2 volumes along echoes; segment one with --volume N (1 to 2)")
+    img = io.open_image(tmp_path / "me", volume=2)
+    assert_placed(img, truth[1], (1, 2, 3), ROW, COL, (1.0, 1.0, 2.0))
+
+
+def test_4d_volume_keeps_the_scaling(tmp_path):
+    """A picked volume of a 4D Philips series carries dcm2niix's precise-float values (stored / ScaleSlope)."""
+    truth = coded(2, 3, 4, 5)
+    write_classic(tmp_path / "ph4d", truth, philips=(2.0, 0.25))  # repeats: one 4D NIfTI from dcm2niix
+    img = io.open_image(tmp_path / "ph4d", volume=2)
+    assert_placed(img, truth[1].astype(np.float64) / 0.25, (0, 0, 0), (1, 0, 0), (0, 1, 0), (1.0, 1.0, 2.0))
+
+
+def test_series_without_uids_grouped_with_a_warning(tmp_path):
+    truth = coded(1, 4, 6, 5)
+    write_classic(tmp_path / "anon", truth, uids=False, row_dir=ROW, col_dir=COL, origin=(5, 5, 5))
+    img = io.open_image(tmp_path / "anon")
+    assert any("carry no SeriesInstanceUID: 4 files grouped" in w for w in img.meta["warnings"])
+    assert_placed(img, truth[0], (5, 5, 5), ROW, COL, (1.0, 1.0, 2.0))
+    assert io.is_dicom_series(tmp_path / "anon")
+
+
+def test_structured_report_skipped_and_named(tmp_path):
+    truth = coded(1, 3, 6, 5)
+    write_classic(tmp_path / "s", truth)
+    write_sr(tmp_path / "s" / "report.dcm")
+    img = io.open_image(tmp_path / "s")
+    assert "skipped 1 non-image object: structured report (SR) (report.dcm)" in img.meta["warnings"]
+    assert_placed(img, truth[0], (0, 0, 0), (1, 0, 0), (0, 1, 0), (1.0, 1.0, 2.0))
+    only = tmp_path / "only-sr"
+    only.mkdir()
+    write_sr(only / "a.dcm")
+    with pytest.raises(InputError, match="folder holds no image series, only non-image DICOM objects: 1 structured"):
+        io.open_image(only)
+
+
+def test_philips_precise_float_scaling_as_dcm2niix(tmp_path):
+    """Display value (stored x 2) divided by RescaleSlope x ScaleSlope: stored / 0.25, dcm2niix's default."""
+    truth = coded(1, 3, 4, 5)
+    write_classic(tmp_path / "ph", truth, philips=(2.0, 0.25))
+    img = io.open_image(tmp_path / "ph")
+    assert any(n.startswith("Philips precise-float scaling applied") for n in img.meta["warnings"])
+    assert_placed(img, truth[0].astype(np.float64) / 0.25, (0, 0, 0), (1, 0, 0), (0, 1, 0), (1.0, 1.0, 2.0))
+
+
+def test_sagittal_thick_slices_stream_along_every_axis(tmp_path):
+    """A thick-slice sagittal series (the engine slices across the files): every block equals the whole read."""
+    from segcli.io.volstream import open_streamed
+
+    truth = coded(1, 5, 12, 10)
+    write_classic(tmp_path / "sag", truth, row_dir=SAG_ROW, col_dir=SAG_COL, origin=(-20, 40, 70),
+                  spacing=(0.9, 0.9, 5.0))
+    whole = io.open_image(tmp_path / "sag")
+    assert_placed(whole, truth[0], (-20, 40, 70), SAG_ROW, SAG_COL, (0.9, 0.9, 5.0))
+    vol = open_streamed(tmp_path / "sag")
+    assert vol is not None
+    for axis in range(3):
+        n = vol.shape[axis]
+        parts = [vol.block(axis, i, min(n, i + 3)) for i in range(0, n, 3)]
+        np.testing.assert_array_equal(np.concatenate(parts, axis=axis), whole.array)
+
+
+# ------------------------------------------------------------------------------------------ the CLI
+def test_cli_volume_checked_before_work(tmp_path):
+    write_mosaic(tmp_path / "mos" / "m.dcm", coded(1, 4, 6, 6)[0], row_dir=ROW, col_dir=COL, origin=(0, 0, 0))
+    bad = run_cli("predict", tmp_path / "mos", "--volume", "0", "-o", tmp_path / "out/")
+    assert bad.returncode == 2 and "--volume must be >= 1, not 0" in bad.stderr
+
+
+def test_cli_dicom_seg_refused_for_mosaic_before_work(tmp_path):
+    write_mosaic(tmp_path / "mos" / "m.dcm", coded(1, 4, 6, 6)[0], row_dir=ROW, col_dir=COL, origin=(0, 0, 0))
+    seg = run_cli("predict", tmp_path / "mos", "--output-type", "dicom-seg", "-o", tmp_path / "out/")
+    assert seg.returncode == 2
+    assert "--output-type dicom-seg: a Siemens mosaic cannot be referenced by segcli's DICOM SEG" in seg.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_cli_info_names_the_fourth_dimension(tmp_path):
+    write_classic(tmp_path / "me", coded(3, 2, 4, 4), echo_times=(2.0, 4.0, 6.0))
+    done = run_cli("info", tmp_path / "me")
+    assert done.returncode == 1
+    assert done.stderr.strip().endswith("4D DICOM (a 4D series (3 images at each of 2 slice positions)): 3 volumes "
+                                        "along echoes; segment one with --volume N (1 to 3)")
