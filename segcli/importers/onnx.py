@@ -100,25 +100,45 @@ def torchscript_to_onnx(path: Path, facts: ImportFacts) -> bytes:
 
 
 def module_to_onnx(module: Any, facts: ImportFacts, where: Path) -> bytes:
-    """Trace a torch module to ONNX and refuse the result unless ORT reproduces torch's output."""
+    """Trace a torch module to ONNX at its window (fixed H, W; any batch) and refuse the result unless
+    ONNX Runtime reproduces torch's output. The window is fixed because tracing freezes size-dependent
+    branches, and segcli only ever feeds an imported network full windows."""
+    import tempfile
+    import warnings
+
+    import onnx
     import torch
 
-    from segcli.export import export_module
+    from segcli.export import check
     from segcli.runtimes.onnx_backend import CPU_EP, make_session
 
-    model = export_module(module, in_channels=facts.in_channels, input_size=facts.input_size)
+    module = module.eval()
+    s, c = facts.input_size, facts.in_channels
+    with tempfile.TemporaryDirectory(prefix="segcli-import-") as tmp:
+        f = Path(tmp) / "model.onnx"
+        try:
+            with torch.no_grad(), warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                torch.onnx.export(module, (torch.rand(1, c, s, s),), str(f), dynamo=False, opset_version=17,
+                                  input_names=["input"], output_names=["logits"], do_constant_folding=True,
+                                  dynamic_axes={"input": {0: "N"}, "logits": {0: "N"}})
+        except Exception as exc:
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            raise BundleError(f"the ONNX exporter failed on {type(module).__name__}: {first[:200]}", where) from None
+        model = onnx.load(str(f))
+    check(model)
     data = model.SerializeToString()
-    x = np.random.default_rng(1).standard_normal((1, facts.in_channels, facts.input_size, facts.input_size))
-    x = x.astype(np.float32)
+    x = np.random.default_rng(1).standard_normal((2, c, s, s)).astype(np.float32)
     with torch.inference_mode():
         want = module(torch.from_numpy(x))
     want = (want[0] if isinstance(want, (list, tuple)) else want).float().numpy()
     got = make_session(data, [CPU_EP], 1).run(None, {"input": x})[0]
-    diff = float(np.abs(got - want).max()) / max(1.0, float(np.abs(want).max()))
-    if got.shape != want.shape or diff > 1e-3:
+    diff = float(np.abs(got - want).max()) / max(1.0, float(np.abs(want).max())) if got.shape == want.shape else 1.0
+    if diff > 1e-3:
         raise BundleError(f"the ONNX conversion does not reproduce torch (relative max diff {diff:.1e}); "
                           "export it to ONNX yourself and import that", where)
-    facts.notes.append(f"converted to ONNX by segcli; ONNX Runtime vs torch relative max diff {diff:.1e}")
+    facts.notes.append(f"converted to ONNX by segcli at {s}² windows; ONNX Runtime vs torch relative max diff "
+                       f"{diff:.1e}")
     return data
 
 
