@@ -168,3 +168,39 @@ def test_cli_import_and_predict(files, tmp_path):
     assert r.returncode == 0, r.stderr
     got = np.asarray(Image.open(tmp_path / "img_seg.png"))
     assert np.mean(got == _by_hand(files["logits"], _image(), 0.5)) > 0.999
+
+
+class Dark(torch.nn.Module):
+    """A 'tissue' detector anyone can check: logit > 0 where the 3x3 mean of the pixel values is below ~0.5."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c = torch.nn.Conv2d(3, 1, 3, padding=1)
+        with torch.no_grad():
+            self.c.weight.fill_(-20 / 27)
+            self.c.bias.fill_(10.0)
+
+    def forward(self, x):
+        return self.c(x)
+
+
+def test_slide_runs_tissue_only_in_bounded_memory(tmp_path):
+    import tifffile
+
+    torch.onnx.export(Dark().eval(), (torch.rand(1, 3, 64, 64),), str(tmp_path / "dark.onnx"), dynamo=False,
+                      opset_version=17, input_names=["x"], output_names=["y"],
+                      dynamic_axes={"x": {0: "n", 2: "h", 3: "w"}, "y": {0: "n", 2: "h", 3: "w"}})
+    spec = _spec(tmp_path / "s.json", classes=["background", "tissue"], input_size=64)
+    out = import_onnx(tmp_path / "dark.onnx", spec, tmp_path / "b")
+    H, W = 1500, 2000
+    img = np.full((H, W, 3), 240, np.uint8)  # glass
+    yy, xx = np.ogrid[:H, :W]
+    for cy, cx, r in ((400, 500, 200), (1000, 1500, 300)):
+        img[(yy - cy) ** 2 + (xx - cx) ** 2 < r * r] = 60  # tissue
+    tifffile.imwrite(tmp_path / "slide.tif", img, tile=(256, 256), photometric="rgb", compression="zlib")
+    rep = Segmenter(out, lazy_pixels=500_000).predict_file(tmp_path / "slide.tif", tmp_path / "slide_seg.tif")
+    assert rep.status == "ok", rep.error
+    assert rep.info["bounded_memory"] and rep.info["windows"]["kept"] < rep.info["windows"]["grid"] / 3
+    m = tifffile.imread(tmp_path / "slide_seg.tif") > 0
+    truth = img[..., 0] < 128
+    assert 2 * np.sum(m & truth) / (m.sum() + truth.sum()) > 0.995
