@@ -13,7 +13,7 @@ import hashlib
 from pathlib import Path
 from typing import Any
 
-from segcli.errors import BundleError
+from segcli.errors import BundleError, UsageError
 from segcli.importers.common import (
     ImportFacts,
     check_facts,
@@ -54,7 +54,11 @@ def _literal(value: Any, top: dict[str, Any], where: Path, key: str) -> Any:
 def build_network(cfg: dict[str, Any], where: Path) -> tuple[Any, dict[str, Any]]:
     """The network of ``network_def``: a class of ``monai.networks.nets`` with literal arguments."""
     import torch
-    from monai.networks import nets
+
+    try:
+        from monai.networks import nets
+    except ModuleNotFoundError:
+        raise UsageError("segcli import monai needs MONAI while importing: pip install 'segcli[monai]'") from None
 
     net_def = cfg.get("network_def")
     if not isinstance(net_def, dict) or "_target_" not in net_def:
