@@ -116,6 +116,7 @@ def register(app: typer.Typer) -> None:
         patience: Annotated[int | None, typer.Option(help="Early stopping: epochs without a better val Dice. Default: off.")] = None,
         time_limit: Annotated[str | None, typer.Option(help="Training time budget: seconds or 90s / 10m / 1h30m; split 50/50 between two stages. Default: no limit.")] = None,
         resume: Annotated[Path | None, typer.Option(help="Continue the run in this folder from its checkpoint.pt. Default: a new run.")] = None,
+        init: Annotated[str | None, typer.Option("--init", help="Fine-tune this bundle (folder or shipped name): its method, networks, size and normalisation are kept, its weights are the start. Default: none (random weights).")] = None,
         device: Annotated[str | None, typer.Option(help="auto | cpu | cuda | cuda:N [default: auto]")] = None,
         amp: Annotated[bool, typer.Option("--amp/--no-amp", help="Mixed precision: fp16 on CUDA, bf16 on a CPU with native bf16 (AVX512-BF16/AMX); validation stays fp32.")] = True,
         augment: Annotated[bool, typer.Option("--augment/--no-augment", help="Flips, 90° rotations, small affine, intensity jitter.")] = True,
@@ -142,7 +143,7 @@ def register(app: typer.Typer) -> None:
                 "fine_init": fine_init, "fine_crops": fine_crops, "crops_per_image": crops_per_image, "patches": patches, "patch_size": patch_size, "sampling": sampling,
                 "criterion": criterion, "patience": patience, "time_limit": time_limit, "device": device,
                 "amp": amp, "augment": augment, "stain_jitter": stain_jitter, "cache_gb": cache_gb, "threads": threads, "name": name,
-                "val_full_res": val_full_res, "quiet": quiet,
+                "val_full_res": val_full_res, "quiet": quiet, "init": init,
                 "command": shlex.join(["segcli", *sys.argv[1:]]),
             }
             if resume is not None:  # only the resumable options count; the rest come from the checkpoint

@@ -204,3 +204,12 @@ def test_slide_runs_tissue_only_in_bounded_memory(tmp_path):
     m = tifffile.imread(tmp_path / "slide_seg.tif") > 0
     truth = img[..., 0] < 128
     assert 2 * np.sum(m & truth) / (m.sum() + truth.sum()) > 0.995
+
+
+def test_imported_graph_cannot_be_fine_tuned(files, tmp_path):
+    from segcli.errors import UsageError
+    from segcli.train import train
+
+    out = import_onnx(files["logits"], files["spec"], tmp_path / "b")
+    with pytest.raises(UsageError, match="imported ONNX graph, which segcli cannot train"):
+        train(Path(__file__).parent / "fixtures" / "shared", tmp_path / "ft", init=str(out), epochs=1, quiet=True)
