@@ -144,8 +144,7 @@ def register(app: typer.Typer) -> None:
                 "criterion": criterion, "patience": patience, "time_limit": time_limit, "device": device,
                 "amp": amp, "augment": augment, "stain_jitter": stain_jitter, "cache_gb": cache_gb, "threads": threads, "name": name,
                 "val_full_res": val_full_res, "quiet": quiet, "init": init,
-                "command": shlex.join(["segcli", *sys.argv[1:]]),
-            }
+                "command": shlex.join(["segcli", *sys.argv[1:]])}
             if resume is not None:  # only the resumable options count; the rest come from the checkpoint
                 options = {k: options[k] for k in ("epochs", "fine_epochs", "time_limit", "patience", "quiet", "device",
                                                    "cache_gb", "threads", "val_full_res")}
