@@ -13,7 +13,7 @@ import torch
 
 from segcli.api import Segmenter
 from segcli.bundle import load_bundle
-from segcli.errors import BundleError
+from segcli.errors import BundleError, UsageError
 from segcli.importers.onnx import import_onnx
 from segcli.runtimes import make_predictor
 from tests.conftest import run_cli
@@ -207,9 +207,44 @@ def test_slide_runs_tissue_only_in_bounded_memory(tmp_path):
 
 
 def test_imported_graph_cannot_be_fine_tuned(files, tmp_path):
-    from segcli.errors import UsageError
     from segcli.train import train
 
     out = import_onnx(files["logits"], files["spec"], tmp_path / "b")
     with pytest.raises(UsageError, match="imported ONNX graph, which segcli cannot train"):
         train(Path(__file__).parent / "fixtures" / "shared", tmp_path / "ft", init=str(out), epochs=1, quiet=True)
+
+
+def _blobs(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
+    img = np.full((h, w, 3), 240, np.uint8)
+    yy, xx = np.ogrid[:h, :w]
+    for _ in range(3):
+        cy, cx, r = rng.integers(0, h), rng.integers(0, w), rng.integers(h // 10, h // 4)
+        img[(yy - cy) ** 2 + (xx - cx) ** 2 < r * r] = 60
+    return img
+
+
+def test_pair_distils_a_rough_network_without_labels(tmp_path):
+    from PIL import Image
+
+    from segcli.train.pair import train_pair
+
+    torch.onnx.export(Dark().eval(), (torch.rand(1, 3, 64, 64),), str(tmp_path / "dark.onnx"), dynamo=False,
+                      opset_version=17, input_names=["x"], output_names=["y"],
+                      dynamic_axes={"x": {0: "n", 2: "h", 3: "w"}, "y": {0: "n", 2: "h", 3: "w"}})
+    spec = _spec(tmp_path / "s.json", classes=["background", "tissue"], input_size=64)
+    fine = import_onnx(tmp_path / "dark.onnx", spec, tmp_path / "fine")
+    rng = np.random.default_rng(0)
+    (tmp_path / "imgs").mkdir()
+    for i in range(8):
+        Image.fromarray(_blobs(rng, 128, 160)).save(tmp_path / "imgs" / f"i{i}.png")
+    train_pair(tmp_path / "imgs", tmp_path / "pair", str(fine), epochs=3, features=4, batch_size=4, quiet=True,
+               threads=1, val_full_res=False)
+    b = load_bundle(tmp_path / "pair")
+    assert set(b.networks) == {"coarse", "fine"} and b.method == "sliding" and not b.verify()
+    assert b.networks["fine"].sha256 == load_bundle(fine).networks["fine"].sha256
+    assert b.training["distilled"] is True and b.network("coarse").arch == "unet"
+    with pytest.raises(UsageError, match="drop that option"):
+        train_pair(tmp_path / "imgs", tmp_path / "p2", str(fine), size=32)
+    with pytest.raises(UsageError, match="one-network sliding bundle"):
+        train_pair(tmp_path / "imgs", tmp_path / "p3", str(tmp_path / "pair"))
+
