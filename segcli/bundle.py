@@ -123,6 +123,9 @@ class Bundle:
         from segcli.nets import build
 
         spec = self.network(role)
+        if spec.arch == "onnx":  # an imported graph (segcli.importers): there is no torch network to build
+            raise BundleError(f"the {role} network is an imported ONNX model; it runs on ONNX Runtime only "
+                              "(--backend onnx or auto, fp32), not torch", self.path)
         path = self.weights_path(role)
         if not path.is_file():
             raise BundleError(f"weights file {spec.weights} is missing", self.path)

@@ -583,7 +583,7 @@ def _register_optional() -> None:
     import importlib
     import importlib.util
 
-    for name in ("segcli.cli_train", "segcli.cli_runtime"):
+    for name in ("segcli.cli_train", "segcli.cli_runtime", "segcli.cli_import"):
         if importlib.util.find_spec(name) is not None:
             importlib.import_module(name).register(app)
 

@@ -116,6 +116,8 @@ def register(app: typer.Typer) -> None:
         patience: Annotated[int | None, typer.Option(help="Early stopping: epochs without a better val Dice. Default: off.")] = None,
         time_limit: Annotated[str | None, typer.Option(help="Training time budget: seconds or 90s / 10m / 1h30m; split 50/50 between two stages. Default: no limit.")] = None,
         resume: Annotated[Path | None, typer.Option(help="Continue the run in this folder from its checkpoint.pt. Default: a new run.")] = None,
+        pair: Annotated[str | None, typer.Option("--pair", help="Train only the rough network for this one-network bundle (an imported model), at its window and normalisation (--method and --size come from it); without masks in --data its own predictions are the labels (distillation). Default: none.")] = None,
+        init: Annotated[str | None, typer.Option("--init", help="Fine-tune this bundle (folder or shipped name): its method, networks, size and normalisation are kept, its weights are the start. Default: none (random weights).")] = None,
         device: Annotated[str | None, typer.Option(help="auto | cpu | cuda | cuda:N [default: auto]")] = None,
         amp: Annotated[bool, typer.Option("--amp/--no-amp", help="Mixed precision: fp16 on CUDA, bf16 on a CPU with native bf16 (AVX512-BF16/AMX); validation stays fp32.")] = True,
         augment: Annotated[bool, typer.Option("--augment/--no-augment", help="Flips, 90° rotations, small affine, intensity jitter.")] = True,
@@ -142,13 +144,12 @@ def register(app: typer.Typer) -> None:
                 "fine_init": fine_init, "fine_crops": fine_crops, "crops_per_image": crops_per_image, "patches": patches, "patch_size": patch_size, "sampling": sampling,
                 "criterion": criterion, "patience": patience, "time_limit": time_limit, "device": device,
                 "amp": amp, "augment": augment, "stain_jitter": stain_jitter, "cache_gb": cache_gb, "threads": threads, "name": name,
-                "val_full_res": val_full_res, "quiet": quiet,
-                "command": shlex.join(["segcli", *sys.argv[1:]]),
-            }
+                "val_full_res": val_full_res, "quiet": quiet, "init": init,
+                "command": shlex.join(["segcli", *sys.argv[1:]])}
             if resume is not None:  # only the resumable options count; the rest come from the checkpoint
                 options = {k: options[k] for k in ("epochs", "fine_epochs", "time_limit", "patience", "quiet", "device",
                                                    "cache_gb", "threads", "val_full_res")}
-            result = train(data, out, resume=resume, **options)
+            result = (_train_pair(data, out, pair, options) if pair else train(data, out, resume=resume, **options))
         except ValueError as exc:
             raise _fail(f"--class-weights: {exc}", 2) from None
         except TrainingInterrupted as exc:
@@ -156,11 +157,7 @@ def register(app: typer.Typer) -> None:
             raise typer.Exit(exc.exit_code) from None
         except SegcliError as exc:
             raise _fail(str(exc), exc.exit_code) from None
-        if not quiet:
-            t = result.training
-            score = t.get("val_score")
-            print(f"model written to {result.out} (val score {score:.4f}: {t.get('val_score_kind')})" if isinstance(score, float)
-                  else f"model written to {result.out}", file=sys.stderr)
+        _report(result, quiet)
 
     @app.command("evaluate", epilog=("Examples:\n\n" + "\n\n".join(['  segcli evaluate masks/ ground_truth/', '  segcli evaluate masks/ ground_truth/ --json > scores.json', '  segcli evaluate masks/ ground_truth/ --fov fov/ --csv scores.csv', '  segcli evaluate masks/ ground_truth/ --preview errors/'])))
     def evaluate_cmd(
@@ -234,6 +231,24 @@ def register(app: typer.Typer) -> None:
             print(f"object recall by size ({r[1]}): {sizes}  (bins: <0.1 %, 0.1-1 %, >=1 % of the image)")
         if result["failed"]:
             raise typer.Exit(1)
+
+
+def _report(result: Any, quiet: bool) -> None:
+    if not quiet:
+        t = result.training
+        score = t.get("val_score")
+        print(f"model written to {result.out} (val score {score:.4f}: {t.get('val_score_kind')})" if isinstance(score, float)
+              else f"model written to {result.out}", file=sys.stderr)
+
+
+def _train_pair(data: Path | None, out: Path | None, pair: str, options: dict[str, Any]) -> Any:
+    """``--pair``: the rough network for a one-network bundle (segcli.train.pair)."""
+    from segcli.errors import UsageError
+    from segcli.train.pair import train_pair
+
+    if data is None or out is None:
+        raise UsageError("--pair needs --data (images, masks optional) and -o OUTPUT")
+    return train_pair(data, out, pair, **{k: v for k, v in options.items() if k not in ("method", "size", "command")})
 
 
 def _fmt(v: Any) -> str:

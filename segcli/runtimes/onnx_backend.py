@@ -124,8 +124,10 @@ class OnnxPredictor:
     backend = "onnx"
 
     def __init__(self, session: Any, *, n_classes: int, in_channels: int, device: str = "cpu",
-                 max_batch: int = 16, metadata: dict[str, str] | None = None, source: str = "") -> None:
+                 max_batch: int = 16, metadata: dict[str, str] | None = None, source: str = "",
+                 output: str = "logits") -> None:
         self.session = session
+        self.output = output  # "probabilities": an imported graph that ends in its own softmax / sigmoid
         self.n_classes = int(n_classes)
         self.in_channels = int(in_channels)
         self.max_batch = max(1, int(max_batch))
@@ -140,6 +142,10 @@ class OnnxPredictor:
         inp = session.get_inputs()[0]
         self.input_name: str = inp.name
         self.input_dtype = np.float16 if inp.type == "tensor(float16)" else np.float32
+        #: an imported graph with a fixed batch size: runs that many windows at a time, the last call padded
+        self.fixed_batch = inp.shape[0] if isinstance(inp.shape[0], int) and inp.shape[0] > 0 else None
+        if self.fixed_batch:
+            self.max_batch = self.fixed_batch
         self._check_io(inp.shape, session.get_outputs()[0].shape)
 
     def _check_io(self, in_shape: list[Any], out_shape: list[Any]) -> None:
@@ -201,7 +207,7 @@ class OnnxPredictor:
         source = path if locs else data
         session = make_session(source, providers, threads or default_threads())
         return cls(session, n_classes=bundle.n_classes, in_channels=bundle.in_channels, device=device,
-                   max_batch=max_batch, metadata=meta, source=str(path))
+                   max_batch=max_batch, metadata=meta, source=str(path), output=spec.config.get("output", "logits"))
 
     @classmethod
     def from_cache(cls, bundle: Any, role: str, data: bytes, source: str, *, device: str = "cpu", max_batch: int = 16,
@@ -226,8 +232,11 @@ class OnnxPredictor:
 
     # -- inference ----------------------------------------------------------------------------------
     def _run(self, x: np.ndarray) -> np.ndarray:
+        n = len(x)
+        if self.fixed_batch and n < self.fixed_batch:
+            x = np.concatenate([x, np.zeros((self.fixed_batch - n, *x.shape[1:]), x.dtype)])
         feed = {self.input_name: np.ascontiguousarray(x, dtype=self.input_dtype)}
-        return np.asarray(self.session.run(None, feed)[0], dtype=np.float32)
+        return np.asarray(self.session.run(None, feed)[0][:n], dtype=np.float32)
 
     def __call__(self, batch: np.ndarray) -> np.ndarray:
         if batch.ndim != 4:
@@ -251,8 +260,14 @@ class OnnxPredictor:
                 log.warning("out of memory on %s with a batch of %d; retrying with %d", self.provider, len(chunk),
                             self.max_batch)
                 continue
-            outs.append(logits_to_probs(logits))
+            outs.append(logits_to_probs(logits) if self.output == "logits" else _as_probs(logits))
             i += len(chunk)
         if not outs:
             return np.zeros((0, self.n_classes) + batch.shape[2:], np.float32)
         return np.concatenate(outs, axis=0)
+
+
+def _as_probs(p: np.ndarray) -> np.ndarray:
+    """An imported graph's own probabilities; one sigmoid channel becomes ``[1 - p, p]`` like a logit would."""
+    p = np.clip(p, 0.0, 1.0)
+    return np.concatenate([1.0 - p, p], axis=1).astype(np.float32) if p.shape[1] == 1 else p

@@ -168,6 +168,10 @@ def train(
         ignored = []
     if given.get("command"):
         cfg.command = given["command"]
+    if cfg.init and ckpt is None:
+        from segcli.train.init_from import apply_init
+
+        apply_init(cfg)  # the bundle's method, networks, size and normalisation
     check_config(cfg)
     reporter = reporter or Reporter(cfg.quiet)
     log = reporter.log
@@ -303,7 +307,11 @@ def _train_stages(job: _Job, reporter: Reporter) -> dict[str, Any]:
                 model.load_state_dict(job.finished[role]["state"])
                 models[role] = model.to(job.device)
                 continue
-            if role == "fine" and cfg.fine_init == "coarse" and not (current and current["stage"] == "fine"):
+            if cfg.init and not (current and current["stage"] == role):
+                from segcli.train.init_from import load_init_weights
+
+                load_init_weights(model, cfg, role)
+            elif role == "fine" and cfg.fine_init == "coarse" and not (current and current["stage"] == "fine"):
                 model.load_state_dict(job.finished["coarse"]["state"])
             stage = _make_stage(job, idx, role, model, models, log)
             resume_state = current if current and current["stage"] == role else None
@@ -336,6 +344,9 @@ def _run(cfg: TrainConfig, ckpt: dict[str, Any] | None, reporter: Reporter) -> T
     _setup_determinism(cfg.seed, device)
     t_start = time.perf_counter()
     ds = _load_checked_dataset(cfg, ckpt, log)
+    from segcli.train.init_from import check_dataset, role_configs
+
+    check_dataset(cfg, ds)
     out_dir = Path(cfg.out)
     out_dir.mkdir(parents=True, exist_ok=True)
     if cfg.command is None:
@@ -348,7 +359,7 @@ def _run(cfg: TrainConfig, ckpt: dict[str, Any] | None, reporter: Reporter) -> T
                       augment=AugmentConfig(stain=cfg.stain_jitter) if cfg.augment else None, seed=cfg.seed)
     stage_names = roles(cfg.method)
     arch_of = {"coarse": cfg.arch, "fine": cfg.fine_arch or cfg.arch}
-    conf_of = {r: net_config(cfg, arch_of[r]) for r in stage_names}
+    conf_of = role_configs(cfg) or {r: net_config(cfg, arch_of[r]) for r in stage_names}
     finished, current = _resume_state(ckpt, out_dir, log)
     job = _Job(cfg, ds, device, threads, loss_name, loss_fn, opts, arch_of, conf_of, out_dir, finished, current)
     models = _train_stages(job, reporter)

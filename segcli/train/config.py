@@ -73,6 +73,7 @@ class TrainConfig:
     val_full_res: bool = True
     quiet: bool = False
     command: str | None = None
+    init: str | None = None  # bundle to fine-tune from (segcli.train.init_from)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
