@@ -9,6 +9,8 @@ model cards was produced this way.
 
 RUN is the training output folder (its segcli.json holds the split), DATA the dataset folder, OUT a
 scratch folder; ``--model`` scores another bundle (e.g. the packed ``models/<name>``) on RUN's split.
+``--splits FILE --part test`` scores the cases FILE lists under ``test`` instead: a split that neither
+training nor checkpoint selection saw (RUN then only names the model).
 """
 
 from __future__ import annotations
@@ -57,9 +59,13 @@ def main() -> None:
     ap.add_argument("--model", default=None, help="bundle to score (default: RUN)")
     ap.add_argument("--fov", action="store_true", help="score inside DATA/fov masks only (DRIVE)")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--splits", type=Path, default=None, help="JSON with a --part list (e.g. a test split)")
+    ap.add_argument("--part", default="test", help="which list of --splits to score (default: test)")
     args = ap.parse_args()
-    cfg = json.loads((args.run / "segcli.json").read_text())
-    val = cfg["training"]["split"]["val"]
+    if args.splits is not None:
+        val = json.loads(args.splits.read_text())[args.part]
+    else:
+        val = json.loads((args.run / "segcli.json").read_text())["training"]["split"]["val"]
     out = args.out
     shutil.rmtree(out, ignore_errors=True)
     for sub in ("img", "gt", "fov"):
