@@ -13,7 +13,8 @@ Criteria (higher score = refine first):
   rough pixels in the patch, sum of (1 - max_k p_k).
 * ``learned``: ridge regression, fitted on the FIT cases, of each patch's measured gain (rough errors
   minus fine errors, pixels, inside the scored region) on rough-pass features: raw and calibrated
-  uncertainty, entropy, foreground fraction, rough-mask boundary length, input mean and std.
+  uncertainty, entropy, foreground fraction, rough-mask boundary length, input mean, std and mean
+  gradient magnitude (fine detail the rough pass cannot resolve).
 * ``oracle``: the measured gain itself, which no criterion computed before the fine pass can beat: the
   upper bound on what any ranking could save.
 
@@ -44,7 +45,7 @@ sys.path.insert(0, str(REPO))
 
 CRITERIA = ("pixel", "mean", "pixel-cal", "expected-errors", "learned", "oracle")
 FEATURES = ("pixel", "mean", "pixel-cal", "expected-errors", "entropy", "fg-fraction", "boundary", "input-mean",
-            "input-std", "valid-fraction")
+            "input-std", "input-gradient", "valid-fraction")
 
 
 @dataclass
@@ -142,6 +143,8 @@ def features(c: Case, t: float) -> np.ndarray:
     edge = np.zeros(c.rough.shape, np.float32)
     edge[:, 1:] += c.rough[:, 1:] != c.rough[:, :-1]
     edge[1:, :] += c.rough[1:, :] != c.rough[:-1, :]
+    gy, gx = np.gradient(c.image.mean(axis=0))
+    grad = np.hypot(gy, gx)
     rows = []
     for y0, x0, y1, x1 in c.grid:
         sl = (slice(y0, y1), slice(x0, x1))
@@ -150,7 +153,8 @@ def features(c: Case, t: float) -> np.ndarray:
         img = c.image[:, y0:y1, x0:x1]
         rows.append([u_raw[sl].mean(), 1.0 - (top2[1] - top2[0]), u_cal[sl].mean(), err[sl].sum(), ent[sl].mean(),
                      float((c.rough[sl] > 0).mean()), edge[sl].mean(), float(img.mean()),
-                     float(img.reshape(img.shape[0], -1).std(axis=1).max()), float(c.valid[sl].mean())])
+                     float(img.reshape(img.shape[0], -1).std(axis=1).max()), float(grad[sl].mean()),
+                     float(c.valid[sl].mean())])
     return np.asarray(rows, dtype=np.float64)
 
 
@@ -280,7 +284,7 @@ def plot(doc: dict, path: Path) -> None:
     ax.axhline(ref - doc["summary"]["tolerance"], color="grey", lw=0.8, ls=":", label=f"all patches - {doc['summary']['tolerance']}")
     ax.set(xlabel="fraction of patches refined (= fraction of fine FLOPs)",
            ylabel={"dice": "Dice (mean over images)", "miou": "mIoU (pooled)"}[metric],
-           title=f"{doc['model']}: {len(doc['test_cases'])} test images")
+           title=f"{doc['model']}: {len(doc['test_cases'])} images, {doc['protocol']}")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
