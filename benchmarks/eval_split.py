@@ -81,7 +81,7 @@ def main() -> None:
     t = time.perf_counter()
     subprocess.run([*segcli, "predict", str(out / "img"), "-o", str(out / "pred"), "--model", str(args.model or args.run),
                     "-q", "--threads", str(args.threads)], check=True)
-    print(f"predicted {len(val)} val cases in {time.perf_counter() - t:.1f} s", flush=True)
+    print(f"predicted {len(val)} cases in {time.perf_counter() - t:.1f} s", flush=True)
     ev = [*segcli, "evaluate", str(out / "pred"), str(out / "gt"), "--json-file", str(out / "eval.json"),
           "--csv", str(out / "eval.csv"), "--summary"]
     if args.fov:
