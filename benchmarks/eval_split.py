@@ -9,6 +9,8 @@ model cards was produced this way.
 
 RUN is the training output folder (its segcli.json holds the split), DATA the dataset folder, OUT a
 scratch folder; ``--model`` scores another bundle (e.g. the packed ``models/<name>``) on RUN's split.
+``--splits FILE --part test`` scores the cases FILE lists under ``test`` instead: a split that neither
+training nor checkpoint selection saw (RUN then only names the model).
 """
 
 from __future__ import annotations
@@ -57,9 +59,13 @@ def main() -> None:
     ap.add_argument("--model", default=None, help="bundle to score (default: RUN)")
     ap.add_argument("--fov", action="store_true", help="score inside DATA/fov masks only (DRIVE)")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--splits", type=Path, default=None, help="JSON with a --part list (e.g. a test split)")
+    ap.add_argument("--part", default="test", help="which list of --splits to score (default: test)")
     args = ap.parse_args()
-    cfg = json.loads((args.run / "segcli.json").read_text())
-    val = cfg["training"]["split"]["val"]
+    if args.splits is not None:
+        val = json.loads(args.splits.read_text())[args.part]
+    else:
+        val = json.loads((args.run / "segcli.json").read_text())["training"]["split"]["val"]
     out = args.out
     shutil.rmtree(out, ignore_errors=True)
     for sub in ("img", "gt", "fov"):
@@ -75,7 +81,7 @@ def main() -> None:
     t = time.perf_counter()
     subprocess.run([*segcli, "predict", str(out / "img"), "-o", str(out / "pred"), "--model", str(args.model or args.run),
                     "-q", "--threads", str(args.threads)], check=True)
-    print(f"predicted {len(val)} val cases in {time.perf_counter() - t:.1f} s", flush=True)
+    print(f"predicted {len(val)} cases in {time.perf_counter() - t:.1f} s", flush=True)
     ev = [*segcli, "evaluate", str(out / "pred"), str(out / "gt"), "--json-file", str(out / "eval.json"),
           "--csv", str(out / "eval.csv"), "--summary"]
     if args.fov:

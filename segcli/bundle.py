@@ -154,6 +154,7 @@ class Bundle:
             "size_bytes": size,
             "val_score": self.training.get("val_score"),
             "val_score_means": self.score_words(),
+            "reproduce": (self.info.get("headline") or {}).get("command") if isinstance(self.info.get("headline"), dict) else None,
             "default_for": self.info.get("default_for", []),
         }
 
@@ -161,7 +162,11 @@ class Bundle:
         """What ``val_score`` is: the metric, over how many held-out images, how measured (for `segcli models`)."""
         card = self.info.get("headline")  # a card's own figure (segcli evaluate on a named split) wins
         if isinstance(card, dict) and "value" in card:
-            return (f"{card.get('metric', 'Dice')} {float(card['value']):.3f} on {card.get('split', 'held-out data')}")
+            words = f"{card.get('metric', 'Dice')} {float(card['value']):.3f} on {card.get('split', 'held-out data')}"
+            val = card.get("validation")  # the split that chose the checkpoint, shown beside the test figure
+            if isinstance(val, dict) and "value" in val:
+                words += f" (validation {float(val['value']):.3f} on {val.get('split', 'the val split')})"
+            return words
         full = self.training.get("val_full_res") or {}
         if self.training.get("val_score") is None:
             return "no score recorded"

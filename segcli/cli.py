@@ -426,6 +426,8 @@ def models_cmd(
             print(f"{r['name']:<16} {r['method']:<7} S={r['input_size']:<4} {r['size_bytes'] / 1e6:5.1f} MB  "
                   f"{'/'.join(r['classes'])}  {mark}".rstrip())
             print(f"{'':16} {r['val_score_means']}; {r['task']}")
+            if r.get("reproduce"):
+                print(f"{'':16} reproduce: {r['reproduce']}")
         if not rows:
             print(f"no bundles in {root}")
     for b in bad:

@@ -214,8 +214,10 @@ def test_info_and_models(tmp_path):
     assert tuple(d["spacing"]) and "min" in json.dumps(d)
     r = run_cli("models")
     assert r.returncode == 0
-    # each model's number says what it is: metric, how many held-out images, how measured (issue 20)
-    assert "Dice 0.829 on 180 validation images (full resolution, seed split)" in r.stdout
+    # each model's number says what it is: metric, how many held-out images, how measured (issue 20), and
+    # whether those images also chose the checkpoint, with the command that reproduces it (issue 33)
+    assert "Dice 0.829 on 180 kvasir-seg validation images (seed-0 split of the 900 shared; they also chose" in r.stdout
+    assert "reproduce: python benchmarks/eval_split.py models/polyp /work/shared/data/kvasir-seg" in r.stdout
 
 
 def test_probabilities_and_stdin_paths(tmp_path, grey_bundle):

@@ -123,3 +123,18 @@ def test_default_model_for_ct_volumes_is_covid_ct(tmp_path):
     sample, _ = _sample("covid-ct")
     assert sample.name.endswith(".nii.gz")
     assert _default_model(sample, tmp_path) == "covid-ct"
+
+
+@pytest.mark.parametrize("name", BUNDLES)
+def test_headline_names_its_split_and_command(name):
+    """Each card's figure says how many images it is on, whether they chose the checkpoint, and how to
+    reproduce it (issue 33): a validation figure must not pass for a test figure."""
+    head = load_bundle(MODELS / name).info["headline"]
+    assert float(head["value"]) > 0
+    assert any(ch.isdigit() for ch in head["split"]), head["split"]  # a split size
+    assert "benchmarks/eval_split.py" in head["command"]
+    val = head.get("validation")
+    if val is None:  # no separate test split: the words must say the figure also selected the model
+        assert "chose" in head["split"] or "never seen" in head["split"], head["split"]
+    else:
+        assert "--part test" in head["command"] or "not reproducible" in head["split"], head
