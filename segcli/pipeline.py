@@ -185,6 +185,7 @@ class InMemoryRoute:
             job.rep.status = "empty"
             job.rep.warnings.append(exc.message)
         _finish_compute(seg, job, res, bundle, img.spacing)
+        job.rep.info["memory_plan"] = seg.memory_plan(kind).to_dict()
         job.rep.info.update(_slide_facts(img.meta))
         self.res = res
 
@@ -325,7 +326,11 @@ class TiledTiffRoute:
             if p.method == "sliding":  # full-resolution windows, only where the rough pass finds tissue
                 run = plan.Plan("stts", p.size, p.params)
                 extra = {"crop_mode": "grid", "overlap": p["overlap"]}
-            kw = plan.kwargs_2d(run, bundle, seg.options, seg.budget, net_plane.shape, spacing)
+            mplan = seg.memory_plan(self.kind, bounded=True)
+            kw = plan.kwargs_2d(run, bundle, seg.options, seg.budget, net_plane.shape, spacing, batch=mplan.batch,
+                                rough_batch=mplan.rough_batch)
+            kw["fuse_cache"] = mplan.fuse_cache
+            rep.info["memory_plan"] = mplan.to_dict()
             if extra:
                 kw.update(extra, max_zoom=None)
                 # The rough pass only has to find tissue here: cap its grid at GRID_ROUGH_PIXELS so its dense
@@ -445,9 +450,10 @@ def open_route(seg: Segmenter, path: Path, out: Path, content: str | None) -> Ro
             from segcli.io.openslide_reader import open_plane
 
             bundle = seg.bundle_for(kind)
+            mplan = seg.memory_plan(kind, bounded=True)
             return TiledTiffRoute(open_plane(path, spec=bundle.normalization, channels_want=bundle.in_channels,
                                              channel_mode=seg.options.channels,
-                                             cache_bytes=min(256 * 2**20, seg.budget // 8)), kind)
+                                             cache_bytes=mplan.region_cache), kind)
     if seg.options.stream_volumes and content not in ("tiff", "png", "jpeg", "bmp"):
         from segcli.io.volstream import open_streamed
 
