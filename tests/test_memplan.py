@@ -132,3 +132,40 @@ def test_cli_completes_under_a_hard_limit_at_the_budget_the_plan_asks_for(tmp_pa
     peak_kb = int(next(x.split(":")[1] for x in ok.stderr.splitlines() if "Maximum resident" in x))
     assert peak_kb * 1024 <= 1.05 * budget, (peak_kb, budget)
     assert rep["memory"]["peak_rss_mb"] <= 1.05 * budget / MB
+
+
+def _dark(batch: np.ndarray) -> np.ndarray:
+    p = (batch[:, :1] < 0.5).astype(np.float32)
+    return np.concatenate([1 - p, p], axis=1)
+
+
+def test_a_resampled_20x_slide_stays_a_slide_and_glass_is_never_computed(tmp_path: Path, monkeypatch) -> None:
+    """The mpp rule doubles a 20x slide: counted at the networks' size it takes the bounded route, whose
+    sliding windows cover only what the rough pass finds (never the glass)."""
+    from segcli import pipeline
+    from segcli.runtimes import FunctionPredictor
+    from tests.conftest import make_bundle
+
+    bundle = make_bundle(tmp_path / "he", in_channels=3, size=64, method="sliding", normalization={"kind": "dtype"})
+    doc = json.loads((bundle / "segcli.json").read_text())
+    doc["params"]["training_mpp"] = 0.25
+    (bundle / "segcli.json").write_text(json.dumps(doc))
+    img = np.full((640, 640, 3), 235, np.uint8)
+    img[100:180, 200:300] = 40  # one patch of "tissue" on glass
+    monkeypatch.setattr(pipeline, "SLIDE_PIXELS", 10**6)  # 640² is 0.4 MPix, 1280² once resampled: 1.6 MPix
+    reports = {}
+    for mpp in (0.5, 0.25):
+        src = tmp_path / f"s{mpp}.tif"
+        tifffile.imwrite(src, img, photometric="rgb", resolution=(1e4 / mpp, 1e4 / mpp), resolutionunit="CENTIMETER")
+        seg = Segmenter(bundle, max_memory="8GB")
+        b = seg.bundle_for("slide")
+        for role in ("coarse", "fine"):
+            seg.set_predictor(b, role, FunctionPredictor(_dark, in_channels=3))
+        reports[mpp] = seg.predict_file(src, tmp_path / f"o{mpp}.tif")
+        assert reports[mpp].status == "ok", reports[mpp].error
+    r20 = reports[0.5]
+    assert r20.info.get("bounded_memory") and r20.info["resampled"]["network_shape"] == [1280, 1280]
+    assert 0 < r20.info["windows"]["kept"] < r20.info["windows"]["grid"] / 4  # tissue windows only
+    assert "bounded_memory" not in reports[0.25].info  # 0.4 MPix at its own pixel size: in memory
+    mask = tifffile.imread(tmp_path / "o0.5.tif")
+    assert mask.shape == (640, 640) and mask[110:170, 210:290].all() and not mask[400:, 400:].any()
