@@ -104,13 +104,29 @@ def _directed(src: np.ndarray, dst: np.ndarray, shape: tuple[int, int], sampling
         near = dst[(dst[:, 0] >= w0) & (dst[:, 0] < w1)]
         if not len(near):
             continue
-        img = np.ones((w1 - w0, x1 - x0), bool)
-        img[near[:, 0] - w0, near[:, 1] - x0] = False
-        dt = ndimage.distance_transform_edt(img, sampling=sampling)
+        img = np.ones((w1 - w0, x1 - x0), np.uint8)
+        img[near[:, 0] - w0, near[:, 1] - x0] = 0
+        dt, unit = _edt(img, sampling)
         pts = src[sel]
         d = dt[pts[:, 0] - w0, pts[:, 1] - x0]
+        if unit is not None:  # squared pixel distances are integers: rounding restores SciPy's float64 values
+            d = np.sqrt(np.rint(d.astype(np.float64) ** 2)) * unit
         out[sel] = np.where(d <= h, d, np.inf)
     return out
+
+
+def _edt(img: np.ndarray, sampling: tuple[float, float]) -> tuple[np.ndarray, float | None]:
+    """Exact Euclidean distance of every non-zero pixel to the nearest zero one, and the pixel size when the
+    map is in float32 pixels (see :func:`_directed`).
+
+    OpenCV's precise L2 transform (exact, float32) where pixels are square: 5x faster than SciPy's, whose
+    feature transform took 46 of the 107 s of a 12000² pair; SciPy's for anisotropic pixels.
+    """
+    if sampling[0] == sampling[1]:
+        import cv2
+
+        return cv2.distanceTransform(img, cv2.DIST_L2, cv2.DIST_MASK_PRECISE), sampling[0]
+    return ndimage.distance_transform_edt(img.astype(bool), sampling=sampling), None
 
 
 def _p95(d: np.ndarray) -> float | None:
