@@ -206,7 +206,21 @@ def main() -> None:
                     help="only the slide sizes, as tiled TIFFs WITHOUT a pyramid (the rough view is then "
                          "decimated from level 0 tile run by tile run); skips the mosaic check, the striped "
                          "files and the in-memory rows; results go to bench_memory_nopyramid.json")
+    ap.add_argument("--sweep", action="store_true", help="the budget sweep of benchmarks/budget_sweep.py "
+                    "(--data is then the monuseg folder)")
+    ap.add_argument("--budgets", type=int, nargs="+", default=[400, 600, 800, 1200], help="MB (--sweep)")
+    ap.add_argument("--cases", nargs="+", default=["svs16k", "tiled16k", "flat16k", "striped16k", "svs20x16k",
+                                                   "svs40k", "tiled40k", "flat40k", "striped40k", "svs20x40k",
+                                                   "ct", "photos", "eval12k"], help="sweep inputs (--sweep)")
+    ap.add_argument("--kvasir", type=Path, default=REPO.parent / "shared/data/kvasir-seg")
+    ap.add_argument("--workdir", type=Path, default=None, help="sweep inputs are made and kept here")
+    ap.add_argument("--timeout", type=float, default=3600)
     args = ap.parse_args()
+    if args.sweep:
+        from budget_sweep import sweep
+
+        sweep(args)
+        return
     if args.no_pyramid:
         no_pyramid(args)
         return

@@ -56,6 +56,8 @@ class Segmenter:
         self.budget_share = 1  # > 1 in a read-ahead batch: ``budget`` is one file's share (see predict_many)
         self._bundles: dict[Path, Bundle] = {}
         self._predictors: dict[tuple[Path, str], Any] = {}
+        self._plans: dict[tuple[str, int, bool], Any] = {}  # segcli.memplan.MemoryPlan per (kind, budget)
+        self.workers = 1  # > 1: this process is one of W workers and its budget is already its 1/W share
 
     # Read-only views of the options that callers (viz, benchmarks) use.
     @property
@@ -123,6 +125,39 @@ class Segmenter:
             self.predictor(bundle, role)
         return bundle
 
+    def memory_plan(self, kind: str, bounded: bool | None = None) -> Any:
+        """The run's :class:`segcli.memplan.MemoryPlan` for inputs of ``kind``, made once before work.
+
+        Raises :class:`segcli.memplan.BudgetError` (a usage error) when even batch 1 does not fit. The
+        networks and the interpreter are held once per process, so a read-ahead sibling plans with the
+        whole budget (its images are checked against their share, segcli.pipeline).
+        """
+        from segcli import memplan
+
+        budget = self.budget * self.budget_share
+        bounded = kind == "slide" if bounded is None else bounded
+        key = (kind, budget, bounded)
+        if key not in self._plans:
+            bundle = self.warm_up(kind)
+            base = memplan.rss_now()  # before measuring: measuring sessions may leave allocator slack behind
+            p = self.plan_for(bundle)
+            costs, hows = {}, set()
+            # A bounded route runs a sliding bundle as stts over tissue windows: both networks hold arenas.
+            roles = plan.Plan("stts", p.size, p.params).roles if bounded and p.method == "sliding" else p.roles
+            for role in roles:
+                table, how = memplan.network_cost(self.predictor(bundle, role), p.size)
+                costs[role] = table
+                hows.add(how)
+            wanted = int(p["batch_size"])
+            if "batch_size" not in self.options.params and not self.device.startswith("cuda"):
+                wanted = min(wanted, memplan.FAST_BATCH)
+            self._plans[key] = memplan.make_plan(
+                budget=budget, kind="slide" if bounded else kind, name=bundle.name, base=base, costs=costs,
+                how="estimated" if "estimated" in hows else "measured", size=p.size,
+                channels=bundle.in_channels, n_classes=bundle.n_classes, zoom=float(self.options.max_zoom or bundle.params.get("max_zoom") or 1.0),
+                wanted=wanted, workers=self.workers, user_budget=self.options.max_memory is not None)
+        return self._plans[key]
+
     def providers(self, bundle: Bundle) -> dict[str, str]:
         """The runtime actually serving each role (e.g. CPUExecutionProvider, torch-cpu)."""
         out = {}
@@ -176,7 +211,9 @@ class Segmenter:
         if scale is not None:  # seen at the bundle's training pixel size (segcli.plan.physical_factor)
             plane = ScaledPlane(plane, scale[0])
             spacing = (*spacing[:-2], *(float(bundle.params["training_mpp"]) / 1000.0,) * 2)  # type: ignore[index]
-        kw = plan.kwargs_2d(p, bundle, self.options, self.budget, plane.shape, spacing)
+        mplan = self.memory_plan(kind)
+        kw = plan.kwargs_2d(p, bundle, self.options, self.budget, plane.shape, spacing, batch=mplan.batch,
+                            rough_batch=mplan.rough_batch)
         if prime:
             plan.prime_2d(p, plane, kw)
         return Staged2D(bundle=bundle, plan=p, plane=plane, kwargs=kw, full_shape=tuple(array.shape[:2]),
@@ -235,7 +272,8 @@ class Segmenter:
         planes = [SlicePlane(cache, i, shape, fn, bundle.in_channels) for i in range(source.shape[axis])]  # type: ignore[arg-type]
         out = None if labels_out is None else np.moveaxis(labels_out, axis, 0)
         res = plan.run_3d(p, planes, self.predictors(bundle),  # type: ignore[arg-type]
-                          lambda pl: plan.kwargs_2d(p, bundle, self.options, self.budget, pl.shape, None),
+                          lambda pl: plan.kwargs_2d(p, bundle, self.options, self.budget, pl.shape, None,
+                                                    batch=self.memory_plan("volume").batch),
                           return_probs=return_probs, progress=progress, out=out, probs_out=probs_out)
         res.labels = np.moveaxis(res.labels, 0, axis)
         if isinstance(res.probs, np.ndarray):

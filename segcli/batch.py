@@ -144,6 +144,15 @@ def check_output_formats(items: list[tuple[Path, Path | None]], options: Predict
             raise UsageError(f"{path}: a volume's mask cannot be written as {out.suffix}; use .nii.gz, .mha or .nrrd")
 
 
+def check_budget(seg: Segmenter, items: list[tuple[Path, Path | None]], workers: int) -> None:
+    """Make the memory plan of every kind of input in ``items`` now (each worker gets 1/``workers`` of the
+    budget), so a budget below the smallest plan is refused before any file is read (segcli.memplan)."""
+    seg.workers = max(1, workers)
+    seg.budget = seg.options.budget // seg.workers
+    for kind in sorted(kinds_needed(items)):
+        seg.memory_plan(kind)
+
+
 def kinds_needed(items: list[tuple[Path, Path | None]]) -> set[str]:
     """Which default bundles a batch will load ("2d", "slide", "volume"), from each input's header."""
     from segcli import io
@@ -220,7 +229,9 @@ def run_batch(
 
     from segcli.runtimes.device import available_cores
 
-    per_worker = options.replace(threads=max(1, (options.threads or available_cores()) // workers))
+    # Each worker is a process with its own interpreter, networks and caches: it plans for its share.
+    per_worker = options.replace(threads=max(1, (options.threads or available_cores()) // workers),
+                                 max_memory=options.budget // workers)
     with ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn"), initializer=_init_worker,
                              initargs=(per_worker,)) as pool:
         yield from pool.map(_run_one, [(p, r, output) for p, r in items], chunksize=1)

@@ -166,6 +166,7 @@ def predict(
     """
     from segcli.api import Segmenter
     from segcli.batch import (
+        check_budget,
         check_no_overwrite,
         check_output_formats,
         check_unique_outputs,
@@ -216,6 +217,11 @@ def predict(
                 seg.warm_up(kind)
         except SegcliError as exc:
             raise _fail(str(exc), EXIT_USAGE) from None
+    if options.max_memory is not None or workers > 1:
+        try:  # the memory plan of each kind of input, made before any work: too small a budget is refused here
+            check_budget(seg, items, workers)
+        except SegcliError as exc:
+            raise _fail(str(exc), exc.exit_code) from None
     if options.output_type == "dicom-seg":
         from segcli import io
 
@@ -291,8 +297,11 @@ def predict(
         write_stats_csv(stats, reports)
 
     failed = [r for r in reports if r.status == "failed"]
+    from segcli.memplan import peak_rss
+
     summary = {
         "segcli": __version__,
+        "memory": {"budget_mb": round(options.budget / 1e6, 1), "workers": workers, **peak_rss()},
         "files": [r.to_dict() for r in reports],
         "summary": {
             "total": len(reports),

@@ -255,6 +255,18 @@ def _paired(pred_dir: str | os.PathLike[str], gt_dir: Path,
 def _measure_case(item: tuple[str, Path, Path], fov: Path | None, spacing: Sequence[float] | None,
                   seg_classes: Sequence[str] | None, hd95: bool) -> dict[str, Any]:
     """One pair read and scored (a worker's job); the masks are dropped once measured."""
+    from segcli import metrics_stream
+
+    case, pred_path, gt_path = item
+    if metrics_stream.wants_streaming(pred_path, gt_path):  # a big 2D pair: band by band, never held whole
+        head = {"case": case, "prediction": str(pred_path), "ground_truth": str(gt_path)}
+        try:
+            fovs = _mask_files(fov) if fov is not None else {}
+            if fov is not None and case not in fovs:
+                raise InputError(f"no field-of-view mask for case {case!r} in {fov}", fov)
+            return {**head, **metrics_stream.score_streamed(pred_path, gt_path, fovs.get(case), spacing, hd95)}
+        except SegcliError as exc:
+            return {**head, "error": str(exc)}
     rec = _score_case(item, fov, spacing, seg_classes)
     if "error" in rec:
         return rec

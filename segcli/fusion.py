@@ -409,12 +409,14 @@ class OwnBoxFuse(FuseStore):
 
 
 def make_fusion(rule: str, shape: tuple[int, int], n_classes: int, threshold: float, *, exact: bool = False,
-                spill_dir: str | os.PathLike | None = None) -> FuseStore | MeanFuse:
-    """The aggregator of one stts fusion rule (:data:`FUSION_RULES`); ``max`` is :class:`FuseStore`."""
+                spill_dir: str | os.PathLike | None = None, cache_bytes: int = 64 * 2**20) -> FuseStore | MeanFuse:
+    """The aggregator of one stts fusion rule (:data:`FUSION_RULES`); ``max`` is :class:`FuseStore`.
+
+    ``cache_bytes``: the tile cache of a spilled store (its share of the memory plan, segcli.memplan)."""
     if rule == "max":
-        return FuseStore(shape, n_classes, threshold, exact=exact, spill_dir=spill_dir)
+        return FuseStore(shape, n_classes, threshold, exact=exact, spill_dir=spill_dir, cache_bytes=cache_bytes)
     if rule == "own-box":
-        return OwnBoxFuse(shape, n_classes, threshold, exact=exact, spill_dir=spill_dir)
+        return OwnBoxFuse(shape, n_classes, threshold, exact=exact, spill_dir=spill_dir, cache_bytes=cache_bytes)
     if rule == "mean":
         return MeanFuse(shape, n_classes, threshold)
     if rule == "centre":

@@ -185,6 +185,7 @@ class InMemoryRoute:
             job.rep.status = "empty"
             job.rep.warnings.append(exc.message)
         _finish_compute(seg, job, res, bundle, img.spacing)
+        job.rep.info["memory_plan"] = seg.memory_plan(kind).to_dict()
         job.rep.info.update(_slide_facts(img.meta))
         self.res = res
 
@@ -325,7 +326,11 @@ class TiledTiffRoute:
             if p.method == "sliding":  # full-resolution windows, only where the rough pass finds tissue
                 run = plan.Plan("stts", p.size, p.params)
                 extra = {"crop_mode": "grid", "overlap": p["overlap"]}
-            kw = plan.kwargs_2d(run, bundle, seg.options, seg.budget, net_plane.shape, spacing)
+            mplan = seg.memory_plan(self.kind, bounded=True)
+            kw = plan.kwargs_2d(run, bundle, seg.options, seg.budget, net_plane.shape, spacing, batch=mplan.batch,
+                                rough_batch=mplan.rough_batch)
+            kw["fuse_cache"] = mplan.fuse_cache
+            rep.info["memory_plan"] = mplan.to_dict()
             if extra:
                 kw.update(extra, max_zoom=None)
                 # The rough pass only has to find tissue here: cap its grid at GRID_ROUGH_PIXELS so its dense
@@ -422,6 +427,11 @@ GRID_ROUGH_PIXELS = 2048 * 2048
 #: Methods the bounded (tiled TIFF) route runs: stts, and sliding as windows over the rough pass's tissue.
 BOUNDED_METHODS = ("stts", "sliding")
 
+#: An RGB TIFF with more pixels than this, as the networks see it (after the mpp rule's resampling), takes
+#: the bounded route: an 8000² slide slid in memory over all 1,764 windows took 37 s and 2.29 GB where
+#: its 324 tissue windows were the only ones with anything to find (issue 28).
+SLIDE_PIXELS = 16 * 2**20
+
 
 def open_route(seg: Segmenter, path: Path, out: Path, content: str | None) -> Route:
     """Open ``path`` on the route its content, header and the memory budget call for (see the module).
@@ -445,9 +455,10 @@ def open_route(seg: Segmenter, path: Path, out: Path, content: str | None) -> Ro
             from segcli.io.openslide_reader import open_plane
 
             bundle = seg.bundle_for(kind)
+            mplan = seg.memory_plan(kind, bounded=True)
             return TiledTiffRoute(open_plane(path, spec=bundle.normalization, channels_want=bundle.in_channels,
                                              channel_mode=seg.options.channels,
-                                             cache_bytes=min(256 * 2**20, seg.budget // 8)), kind)
+                                             cache_bytes=mplan.region_cache), kind)
     if seg.options.stream_volumes and content not in ("tiff", "png", "jpeg", "bmp"):
         from segcli.io.volstream import open_streamed
 
@@ -471,19 +482,41 @@ def _wants_tiles(seg: Segmenter, path: Path, out: Path, kind: str, head: tuple) 
     (H, W), channels, itemsize = head
     bundle = seg.bundle_for(kind)
     p = seg.plan_for(bundle)
+    from segcli.plan import physical_factor
+
+    scale = physical_factor(bundle, _tiff_spacing(path)) if kind == "slide" else None
+    if scale is not None:  # the networks see the slide resampled to the bundle's pixel size: count those pixels
+        H, W = max(1, round(H / scale[0])), max(1, round(W / scale[0]))
     est = memory.estimate_2d((H, W), channels, itemsize, model_channels=bundle.in_channels,
                              n_classes=bundle.n_classes, method=p.method, size=p.size, return_probs=False)
+    tif_out = out.name.lower().endswith((".tif", ".tiff"))
+    if kind == "slide" and p.method in BOUNDED_METHODS and H * W > SLIDE_PIXELS and tif_out:
+        return True  # a slide, resampled or not: tissue windows only, never glass, in bounded memory
     if seg.options.lazy_pixels >= H * W and est <= seg.budget:
         return False
     if p.method not in BOUNDED_METHODS:
         memory.check_fits(est, seg.budget, path, f"--method {p.method} on this {H}x{W} image",
                           "use --method stts, which reads only a rough view and the crops", share=seg.budget_share)
         return False
-    if out.name.lower().endswith((".tif", ".tiff")):
+    if tif_out:
         return True
     memory.check_fits(est, seg.budget, path, f"writing this {H}x{W} mask as {out.suffix}",
                       "write it as .tif (streamed, tiled) instead", share=seg.budget_share)
     return False
+
+
+def _tiff_spacing(path: Path) -> tuple[float, ...] | None:
+    """The (y, x) pixel size in mm a TIFF's own metadata gives (tags, OME, Aperio), without decoding pixels."""
+    import tifffile
+
+    from segcli.io import tiff as tiffio
+
+    try:
+        with tifffile.TiffFile(path) as tif:
+            page0 = tif.series[0].levels[0].pages[0]
+            return tiffio.physical_size(tif, page0, tiffio.resolution_of(page0), tiffio.ome_pixels(tif))["spacing"]
+    except Exception:  # unreadable metadata: the reader reports it; here it only means "no pixel size"
+        return None
 
 
 def check_in_memory(seg: Segmenter, kind: str, shape: tuple[int, ...], channels: int, itemsize: int,

@@ -109,14 +109,20 @@ def physical_factor(bundle: Bundle, spacing: tuple[float, ...] | None) -> tuple[
 
 
 def kwargs_2d(plan: Plan, bundle: Bundle, options: PredictOptions, budget: int, shape: tuple[int, int],
-              spacing: tuple[float, ...] | None) -> dict[str, Any]:
-    """The engine's keyword arguments for one image: stts adds the scale rule and a budget-sized batch."""
+              spacing: tuple[float, ...] | None, batch: int | None = None,
+              rough_batch: int | None = None) -> dict[str, Any]:
+    """The engine's keyword arguments for one image: stts adds the scale rule and a budget-sized batch
+    (``batch``: the run's memory plan, segcli.memplan, caps it)."""
     kw = plan.engine_kwargs()
+    if batch is not None and "batch_size" in kw:
+        kw["batch_size"] = max(1, min(int(kw["batch_size"]), int(batch)))
     if plan.method == "stts":
         rule = scale_rule(bundle, options, shape, spacing)
         kw["batch_size"] = memory.fine_batch(budget, bundle.in_channels, plan.size, bundle.n_classes,
-                                             rule["max_zoom"] or 1.0, plan["batch_size"])
+                                             rule["max_zoom"] or 1.0, min(plan["batch_size"], batch or plan["batch_size"]))
         kw.update(rule)
+        if rough_batch is not None:
+            kw["rough_batch"] = max(1, int(rough_batch))
     return kw
 
 

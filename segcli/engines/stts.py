@@ -129,6 +129,8 @@ def stts(
     own_margin: int | None = None,
     crop_mode: str = "components",
     overlap: float = D["overlap"],
+    fuse_cache: int = 64 * 2**20,
+    rough_batch: int | None = None,
 ) -> Result:
     """Segment one 2D image with segment-then-segment; see the module docstring.
 
@@ -149,7 +151,7 @@ def stts(
     pad = default_pad(size) if pad is None else pad
     with timer.stage("rough"):
         rough, rinfo = rough_pass(plane, coarse, size=size, keep_aspect=keep_aspect, max_downscale=max_downscale,
-                                  batch_size=batch_size)
+                                  batch_size=rough_batch or batch_size)
     own = None
     with timer.stage("components"):
         if crop_mode == "grid":
@@ -163,7 +165,7 @@ def stts(
     res = fine_pass(plane, fine, boxes, rough, size=size, threshold=threshold, keep_coarse=keep_coarse,
                     batch_size=batch_size, return_probs=return_probs, timer=timer, progress=progress,
                     max_zoom=max_zoom, spill_dir=spill_dir, lazy=lazy, prefetch=prefetch, fusion=fusion,
-                    own_boxes=own)
+                    own_boxes=own, fuse_cache=fuse_cache)
     res.info.update(rinfo)
     if crop_mode == "grid":
         res.info["windows"] = {"kept": int(len(boxes)), "grid": int(len(sliding_grid((H, W), size, overlap)))}
@@ -280,6 +282,7 @@ def fine_pass(
     prefetch: bool = False,
     fusion: str = "max",
     own_boxes: np.ndarray | None = None,
+    fuse_cache: int = 64 * 2**20,
 ) -> Result:
     """Run the fine network on ``boxes`` in batches and fuse by per-class maximum (OR for binary).
 
@@ -293,7 +296,8 @@ def fine_pass(
     crops, writes, n_tiled = zoom_tiles(boxes, size, max_zoom)
     parents = _parents(boxes, size, max_zoom) if fusion == "own-box" and own_boxes is not None else None
     # Exact float probabilities when the caller will get a full probability array.
-    store = make_fusion(fusion, (H, W), K, threshold, exact=return_probs and not lazy, spill_dir=spill_dir)
+    store = make_fusion(fusion, (H, W), K, threshold, exact=return_probs and not lazy, spill_dir=spill_dir,
+                        cache_bytes=fuse_cache)
     order = list(range(len(crops)))
     chunks = list(batched(order, batch_size))
     pool = ThreadPoolExecutor(1, thread_name_prefix="segcli-crops") if prefetch and len(chunks) > 1 else None

@@ -72,10 +72,17 @@ def default_threads() -> int:
 
 
 def make_session(model: bytes | Path, providers: list[Any], threads: int) -> Any:
-    """An inference session with intra-op threads fixed (ORT's own default ignores cgroup quotas)."""
+    """An inference session with intra-op threads fixed (ORT's own default ignores cgroup quotas).
+
+    The CPU arena stays on, the memory pattern goes off: on nuclei-he's 256² U-Net the pattern doubled
+    the per-item memory (batch 8: 129 MB against 58 MB) with no measurable speed gain, while dropping the
+    arena cost both memory (146 MB) and time (benchmarks/README.md, memory plan).
+    """
     import onnxruntime as ort
 
     so = ort.SessionOptions()
+    so.enable_cpu_mem_arena = True
+    so.enable_mem_pattern = False
     so.intra_op_num_threads = max(1, int(threads))
     so.inter_op_num_threads = 1
     so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
@@ -125,9 +132,11 @@ class OnnxPredictor:
 
     def __init__(self, session: Any, *, n_classes: int, in_channels: int, device: str = "cpu",
                  max_batch: int = 16, metadata: dict[str, str] | None = None, source: str = "",
-                 output: str = "logits") -> None:
+                 output: str = "logits", model: bytes | Path | None = None, threads: int = 1) -> None:
         self.session = session
         self.output = output  # "probabilities": an imported graph that ends in its own softmax / sigmoid
+        self.model_source = model  # the verified bytes (or trusted path): segcli.memplan measures a copy
+        self.threads = int(threads)
         self.n_classes = int(n_classes)
         self.in_channels = int(in_channels)
         self.max_batch = max(1, int(max_batch))
@@ -205,19 +214,22 @@ class OnnxPredictor:
             log.warning("--half with --backend onnx needs an fp16 export (`segcli export --fp16`); running fp32")
         # With external data ORT must read from the folder, so it gets the path (already checked).
         source = path if locs else data
-        session = make_session(source, providers, threads or default_threads())
+        threads = threads or default_threads()
+        session = make_session(source, providers, threads)
         return cls(session, n_classes=bundle.n_classes, in_channels=bundle.in_channels, device=device,
-                   max_batch=max_batch, metadata=meta, source=str(path), output=spec.config.get("output", "logits"))
+                   max_batch=max_batch, metadata=meta, source=str(path), output=spec.config.get("output", "logits"),
+                   model=source, threads=threads)
 
     @classmethod
     def from_cache(cls, bundle: Any, role: str, data: bytes, source: str, *, device: str = "cpu", max_batch: int = 16,
                    threads: int | None = None) -> OnnxPredictor:
         """A verified fp32 export from :mod:`segcli.runtimes.onnx_cache`."""
         providers = choose_providers(device)
-        session = make_session(data, providers, threads or default_threads())
+        threads = threads or default_threads()
+        session = make_session(data, providers, threads)
         return cls(session, n_classes=bundle.n_classes, in_channels=bundle.in_channels,
                    device=device if providers[0] != CPU_EP else "cpu", max_batch=max_batch,
-                   metadata={"precision": "fp32"}, source=source)
+                   metadata={"precision": "fp32"}, source=source, model=data, threads=threads)
 
     @classmethod
     def from_file(cls, path: str | Path, *, n_classes: int, in_channels: int, device: str = "cpu", max_batch: int = 16,
@@ -226,9 +238,18 @@ class OnnxPredictor:
         providers = choose_providers(device)
         if providers[0] == CPU_EP:
             device = "cpu"
-        session = make_session(Path(path), providers, threads or default_threads())
+        threads = threads or default_threads()
+        session = make_session(Path(path), providers, threads)
         return cls(session, n_classes=n_classes, in_channels=in_channels, device=device, max_batch=max_batch,
-                   source=str(path))
+                   source=str(path), model=Path(path), threads=threads)
+
+    def model_sha256(self) -> str:
+        """SHA-256 of the model this session was built from (keys its recorded memory cost)."""
+        if not hasattr(self, "_sha"):
+            src = self.model_source
+            data = src if isinstance(src, bytes) else Path(str(src)).read_bytes()
+            self._sha = hashlib.sha256(data).hexdigest()
+        return self._sha
 
     # -- inference ----------------------------------------------------------------------------------
     def _run(self, x: np.ndarray) -> np.ndarray:

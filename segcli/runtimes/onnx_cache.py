@@ -198,3 +198,37 @@ def status(bundle: Any, role: str, setting: str | None = None) -> str:
     if rec is not None:
         return f"torch fp32 (export refused: {rec.get('reason')})"
     return "onnxruntime fp32 (exported on first use)"
+
+
+def _memory_path(digest: str, setting: str | None = None) -> Path | None:
+    root = cache_root(setting)
+    return None if root is None else root / f"memory-{digest[:40]}.json"
+
+
+def memory_record(digest: str, size: int, setting: str | None = None) -> dict[int, int] | None:
+    """The measured ``{batch: bytes}`` of the export whose SHA-256 is ``digest`` at input size ``size``
+    (:func:`segcli.memplan.measure_onnx`), kept beside the cached exports; None when not measured yet."""
+    path = _memory_path(digest, setting)
+    doc = _read_record(path) if path is not None else None
+    table = (doc or {}).get("sizes", {}).get(str(int(size)))
+    if not isinstance(table, dict) or not table:
+        return None
+    try:
+        return {int(b): int(v) for b, v in table.items()}
+    except (TypeError, ValueError):
+        return None
+
+
+def save_memory_record(digest: str, size: int, table: dict[int, int], setting: str | None = None) -> None:
+    """Record a measured cost table (atomic; a cache that cannot be written only means measuring again)."""
+    path = _memory_path(digest, setting)
+    if path is None:
+        return
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        doc = _read_record(path) or {"sha256": digest, "sizes": {}}
+        doc.setdefault("sizes", {})[str(int(size))] = {str(b): int(v) for b, v in sorted(table.items())}
+        doc["measured"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+        _write_atomic(path, json.dumps(doc, indent=1).encode())
+    except OSError as exc:
+        log.info("cannot record the network's memory cost in %s: %s", path, exc)

@@ -1,0 +1,213 @@
+"""One memory plan per run: the budget split, before any work, between everything that holds memory.
+
+``--max-memory`` is a contract with a cluster's job limit (SLURM ``--mem``, Kubernetes limits), which
+kills a job the moment it goes over. What holds memory in a run, and who gets how much:
+
+* the interpreter, libraries and loaded networks: measured (the process's RSS once the networks are up);
+* each network's working memory at a batch size: measured once per export (a fresh ONNX Runtime session
+  runs a batch of zeros; its RSS growth is the cost) and recorded beside the cached export
+  (:func:`segcli.runtimes.onnx_cache.memory_record`), so later runs only read it;
+* the crops of one batch and the one prefetched after it (known sizes);
+* a bounded route's working set (rough grid, writer buffers, allocator slack): :data:`ROUTE_WORKSET`,
+  measured by ``benchmarks/bench_memory.py --sweep``;
+* the region cache of a slide reader and the fusion store's tile cache: what is left, up to a cap
+  past which they stopped paying (the sweep).
+
+The fine batch is the largest that fits, up to :data:`FAST_BATCH`: on this CPU per-item time stopped
+falling past 8 while ONNX Runtime's arena doubled (``benchmarks/README.md``). When even batch 1 with the
+smallest caches does not fit, the run is refused before any work with one line naming the minimum.
+"""
+
+from __future__ import annotations
+
+import gc
+import resource
+import sys
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+
+from segcli.errors import UsageError
+from segcli.memory import human
+
+MB = 10**6
+MIB = 2**20
+#: RSS a route holds beyond the networks, batches and planned caches (bytes; measured, see the docstring).
+ROUTE_WORKSET = {"slide": 140 * MB, "2d": 16 * MB, "volume": 16 * MB}
+#: (smallest, largest useful) region cache of a slide reader, and of the fusion store's tile cache.
+REGION_CACHE = (8 * MIB, 64 * MIB)
+FUSE_CACHE = (4 * MIB, 32 * MIB)
+#: Default fine-batch cap on the CPU: the fastest measured (per-item time flat past 8, memory doubling).
+FAST_BATCH = 8
+#: Batch sizes whose network cost is measured (others are interpolated).
+MEASURED_BATCHES = (1, 2, 4, 8)
+
+
+class BudgetError(UsageError):
+    """The budget is below the smallest plan: refused before any work (exit 2)."""
+
+
+@dataclass(frozen=True)
+class MemoryPlan:
+    """Who gets which share of the budget in this run (recorded in the ``--json`` report)."""
+
+    budget: int
+    kind: str
+    base: int  # RSS with the interpreter, libraries and networks loaded (measured)
+    workset: int  # the route's own working set (ROUTE_WORKSET)
+    batch: int  # the fine (or only) network's batch
+    rough_batch: int  # the coarse network's batch (stts rough pass)
+    batch_bytes: int  # networks at their batches (measured) + one batch of crops and the prefetched next one
+    region_cache: int
+    fuse_cache: int
+    prefetch: int  # batches of crops decoded ahead of the network
+    workers: int
+    minimum: int  # the smallest plan: batch 1, smallest caches
+    network_cost: str  # "measured" (recorded per export) or "estimated" (torch, custom predictors)
+    ort: dict[str, bool]
+
+    @property
+    def total(self) -> int:
+        return self.base + self.workset + self.batch_bytes + self.region_cache + self.fuse_cache
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        for k in ("budget", "base", "workset", "batch_bytes", "region_cache", "fuse_cache", "minimum"):
+            d[f"{k}_mb"] = round(d.pop(k) / MB, 1)
+        d["planned_peak_mb"] = round(self.total / MB, 1)
+        return d
+
+
+def rss_now() -> int:
+    """This process's resident set size now (bytes)."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * resource.getpagesize()
+    except OSError:
+        import psutil
+
+        return int(psutil.Process().memory_info().rss)
+
+
+def peak_rss() -> dict[str, float]:
+    """Peak RSS of this process and of its largest finished child (worker), in MB (``ru_maxrss``)."""
+    scale = 1 if sys.platform == "darwin" else 1024  # bytes on macOS, KiB on Linux
+    own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
+    kids = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * scale
+    return {"peak_rss_mb": round(own / MB, 1), "peak_rss_children_mb": round(kids / MB, 1)}
+
+
+def measure_onnx(model: bytes | Any, threads: int, size: int, in_channels: int,
+                 batches: tuple[int, ...] = MEASURED_BATCHES) -> dict[int, int]:
+    """RSS growth of a fresh CPU session running one batch of each size (bytes), arena as segcli runs it.
+
+    A fresh session per size: an arena reused across sizes keeps the larger size's blocks and fragments.
+    """
+    from segcli.runtimes.onnx_backend import CPU_EP, make_session
+
+    out: dict[int, int] = {}
+    for b in batches:
+        x = np.zeros((b, in_channels, size, size), np.float32)
+        gc.collect()
+        sess = make_session(model, [CPU_EP], threads)
+        before = rss_now()
+        res = sess.run(None, {sess.get_inputs()[0].name: x})
+        out[b] = max(0, rss_now() - before)
+        del res, sess, x
+    gc.collect()
+    return out
+
+
+def network_cost(pred: Any, size: int) -> tuple[dict[int, int], str]:
+    """``{batch: bytes}`` of one predictor at input size ``size``: measured (and recorded) for ONNX Runtime
+    on the CPU, else an estimate from the activations of a U-Net-sized network."""
+    model = getattr(pred, "model_source", None)
+    if getattr(pred, "backend", "") == "onnx" and model is not None and pred.provider == "CPUExecutionProvider":
+        from segcli.runtimes import onnx_cache
+
+        digest = pred.model_sha256()
+        rec = onnx_cache.memory_record(digest, size)
+        if rec is None:
+            rec = measure_onnx(model, pred.threads, size, pred.in_channels)
+            onnx_cache.save_memory_record(digest, size, rec)
+        return rec, "measured"
+    per_item = 4 * size * size * (pred.in_channels + 2 * pred.n_classes) * 12  # ~12 full-size activation maps
+    return {b: b * per_item for b in MEASURED_BATCHES}, "estimated"
+
+
+def cost_at(table: dict[int, int], b: int) -> int:
+    """The recorded cost at batch ``b``: linear between measured sizes, extrapolated past the largest."""
+    keys = sorted(table)
+    if b in table:
+        return table[b]
+    lo = max([k for k in keys if k < b], default=keys[0])
+    hi = min([k for k in keys if k > b], default=None)
+    if hi is None:  # past the largest measured: per-item slope of the last two sizes
+        k0 = keys[-2] if len(keys) > 1 else 0
+        slope = (table[keys[-1]] - table.get(k0, 0)) / max(1, keys[-1] - k0)
+        return int(table[keys[-1]] + slope * (b - keys[-1]))
+    return int(table[lo] + (table[hi] - table[lo]) * (b - lo) / (hi - lo))
+
+
+def crop_bytes(b: int, size: int, channels: int, n_classes: int, zoom: float, prefetch: int) -> int:
+    """Engine-side buffers of ``b`` crops: float inputs (plus the prefetched batch), probabilities, zoomed reads."""
+    per = 4 * size * size * (channels * (1 + prefetch) + 2 * n_classes) + 4 * channels * int(size * zoom) ** 2
+    return b * per
+
+
+def _share(free: int, lo: int, hi: int) -> int:
+    return int(max(lo, min(hi, lo + free)))
+
+
+def efficient_batch(table: dict[int, int], wanted: int, slack: float = 1.25) -> int:
+    """Largest batch ≤ ``wanted`` whose measured cost per item stays within ``slack`` of the cheapest one.
+
+    ONNX Runtime's arena grows by doubling: nuclei-he's fp32 coarse network cost 21 MB per item at batch 2
+    and 30 at batch 8 (238 MB), for no speed gain; its int8 fine network 7 MB per item at 4 and 8.
+    """
+    per = {b: table[b] / b for b in table if b <= max(1, wanted)}
+    if not per:
+        return 1
+    best = min(per.values())
+    ok = [b for b, c in per.items() if c <= slack * best]
+    return max(1, min(wanted, max(ok)) if ok else 1)
+
+
+def make_plan(*, budget: int, kind: str, name: str, base: int, costs: dict[str, dict[int, int]], how: str,
+              size: int, channels: int, n_classes: int, zoom: float, wanted: int, workers: int = 1,
+              user_budget: bool = True) -> MemoryPlan:
+    """Split ``budget`` (see the module docstring); :class:`BudgetError` when batch 1 does not fit.
+
+    ``costs``: each network role's measured ``{batch: bytes}``; every role keeps its arena, so they add up.
+    The coarse network (stts rough pass) gets its own batch.
+    """
+    slide = kind == "slide"
+    prefetch = 1 if slide else 0
+    workset = ROUTE_WORKSET.get(kind, ROUTE_WORKSET["2d"])
+    caches = (REGION_CACHE[0] + FUSE_CACHE[0]) if slide else 0
+    coarse = costs.get("coarse") if len(costs) > 1 else None
+    others = [t for r, t in costs.items() if not (coarse is not None and r == "coarse")]
+
+    def batch_bytes(b: int, rb: int) -> int:
+        nets = sum(cost_at(t, b) for t in others) + (cost_at(coarse, rb) if coarse is not None else 0)
+        return nets + crop_bytes(b, size, channels, n_classes, zoom, prefetch)
+
+    minimum = base + workset + caches + batch_bytes(1, 1)
+    if budget < minimum:
+        what = f"--max-memory is {human(budget)}" if user_budget else f"the memory available allows {human(budget)}"
+        per = f" per worker (--workers {workers})" if workers > 1 else ""
+        raise BudgetError(f"{name} needs at least {human(minimum)}{per} at batch 1; {what}")
+    room = budget - (budget - minimum) // 4  # a quarter of what is above the minimum stays slack
+    cap = min([efficient_batch(t, wanted) for t in others] or [wanted]) if how == "measured" else wanted
+    rcap = efficient_batch(coarse, wanted) if coarse is not None and how == "measured" else cap
+    batch = max([b for b in range(1, cap + 1) if base + workset + caches + batch_bytes(b, 1) <= room], default=1)
+    rough = max([r for r in range(1, rcap + 1) if base + workset + caches + batch_bytes(batch, r) <= room],
+                default=1)
+    free = budget - (base + workset + caches + batch_bytes(batch, rough))
+    region = _share(free // 2, *REGION_CACHE) if slide else 0
+    fuse = _share(free // 4, *FUSE_CACHE) if slide else 0
+    return MemoryPlan(budget=budget, kind=kind, base=base, workset=workset, batch=batch, rough_batch=rough,
+                      batch_bytes=batch_bytes(batch, rough), region_cache=region, fuse_cache=fuse, prefetch=prefetch,
+                      workers=workers, minimum=minimum, network_cost=how,
+                      ort={"cpu_mem_arena": True, "mem_pattern": False})
