@@ -107,6 +107,11 @@ def measure_onnx(model: bytes | Any, threads: int, size: int, in_channels: int,
     from segcli.runtimes.onnx_backend import CPU_EP, make_session
 
     out: dict[int, int] = {}
+    probe = make_session(model, [CPU_EP], threads)
+    dim0 = probe.get_inputs()[0].shape[0]
+    del probe
+    if isinstance(dim0, int) and dim0 > 0:  # an imported graph with a fixed batch runs only that batch
+        batches = (dim0,)
     for b in batches:
         x = np.zeros((b, in_channels, size, size), np.float32)
         gc.collect()
