@@ -139,7 +139,7 @@ class Segmenter:
     # -- arrays ---------------------------------------------------------------------------------
     def prepare(self, array: np.ndarray, bundle: Bundle, path: Any = None) -> np.ndarray:
         """Channel conversion and normalisation: channel-last input → channel-first float32."""
-        return prepare(array, bundle, self.options.channels, path)
+        return prepare(array, bundle, self.options.channels, path, self.options.window)
 
     def segment_array(
         self,
@@ -158,7 +158,8 @@ class Segmenter:
             from segcli.io.volstream import ArrayVolume
 
             return self.segment_volume(ArrayVolume(array), spacing=spacing, return_probs=return_probs,
-                                       progress=progress, path=path)
+                                       progress=progress, path=path,
+                                       kind=kind if kind.startswith("volume") else "volume")
         staged = self.stage_2d(array, kind=kind, spacing=spacing, path=path)
         return self.run_staged(staged, return_probs=return_probs, progress=progress), staged.bundle
 
@@ -210,6 +211,7 @@ class Segmenter:
         path: Any = None,
         labels_out: np.ndarray | None = None,
         probs_out: Any = None,
+        kind: str = "volume",
     ) -> tuple[Result, Bundle]:
         """Segment a canonical ``(Z, Y, X, C)`` volume served by a VolumeSource, one slab at a time.
 
@@ -225,7 +227,7 @@ class Segmenter:
         from segcli.io.volstream import SlabCache
         from segcli.normalize import convert_channels
 
-        bundle = self.bundle_for("volume")
+        bundle = self.bundle_for(kind)
         p = self.plan_for(bundle)
         axis = slice_axis(spacing)
         mode = self.options.channels

@@ -121,7 +121,8 @@ def predict(
     onnx_cache: Annotated[str | None, typer.Option(help="Folder for first-use ONNX exports, or off [default: $SEGCLI_ONNX_CACHE, else ~/.cache/segcli/onnx]", rich_help_panel="Performance")] = None,
     device: Annotated[str, typer.Option(help="auto | cpu | cuda | cuda:N", rich_help_panel="Performance")] = "auto",
     threads: Annotated[int | None, typer.Option(help="Intra-op threads (default: the cores really available) [1–1024].", rich_help_panel="Performance")] = None,
-    channels: Annotated[str, typer.Option(help="keep | grey | rgb: explicit channel conversion when the image and model differ.", rich_help_panel="Model and method")] = "keep",
+    channels: Annotated[str, typer.Option(help="keep | grey | rgb: channel conversion when the image and model differ (keep: a grey image given to an RGB model is repeated into 3 channels, with a note).", rich_help_panel="Model and method")] = "keep",
+    window: Annotated[str | None, typer.Option(help="C,W: the CT window (centre, width in HU) an 8-bit PNG/JPEG export of CT was made with, e.g. -600,1500; its 0-255 values are mapped back to HU. Implies a CT model when no --model is given. Default: none (the pixels are taken as they are).", rich_help_panel="Model and method")] = None,
     size: Annotated[int | None, typer.Option(help="Network input size S (default: the bundle's) [8–8192].", rich_help_panel="Model and method")] = None,
     pad: Annotated[int | None, typer.Option(help="stts: crop padding k in full-resolution px (default S//8) [≥ 0].", rich_help_panel="Method parameters")] = None,
     threshold: Annotated[float | None, typer.Option(help="Foreground probability threshold (binary models) [0–1]. Default: the bundle's, else 0.5.", rich_help_panel="Method parameters")] = None,
@@ -183,7 +184,7 @@ def predict(
     try:
         options = PredictOptions(
             model=model, method=method, backend=backend, precision=precision, onnx_cache=onnx_cache, device=device, threads=threads, channels=channels,
-            half=half, size=size, max_memory=max_memory, pyramid=pyramid, mpp=mpp, max_downscale=max_downscale,
+            window=window, half=half, size=size, max_memory=max_memory, pyramid=pyramid, mpp=mpp, max_downscale=max_downscale,
             max_zoom=max_zoom, tile_size=tile_size, probabilities=probabilities, skip_existing=skip_existing,
             output_type="dicom-seg" if output is not None and output.name.lower().endswith(".dcm") else output_type,
             stats=stats is not None, lock=lock, preview=preview, allow_unhashed=allow_unhashed,
@@ -198,7 +199,10 @@ def predict(
         check_range("prefetch", prefetch, 0, 64)
         seg = Segmenter(options=options)
         if model is not None:
-            seg.warm_up("2d")  # a bad --model is a usage error, reported once, not per file
+            bundle = seg.warm_up("2d")  # a bad --model is a usage error, reported once, not per file
+            if options.window is not None and bundle.normalization.get("kind") != "ct_window":
+                raise _fail(f"--window maps an 8-bit CT export to HU, but model {bundle.name} does not take CT in HU",
+                            EXIT_USAGE)
         found = expand_inputs(inputs, output, sys.stdin if any(str(p) == "-" for p in inputs) else ())
         items = found.items
     except BundleError as exc:
@@ -224,6 +228,12 @@ def predict(
                             "write NIfTI (the default) for other inputs", EXIT_USAGE)
     if len(items) > 1 and output is not None and output.suffix and not output.is_dir():
         raise _fail(f"-o {output} looks like a file but there are {len(items)} inputs; give a folder", EXIT_USAGE)
+    if output is not None and output.exists() and not output.is_dir() and any(root for _, root in items):
+        raise _fail(f"-o {output} is an existing file but the input is a folder; give a folder for -o", EXIT_USAGE)
+    try:
+        _check_output_kinds(items, options, output)
+    except SegcliError as exc:
+        raise _fail(str(exc), exc.exit_code) from None
     try:
         if shard is None and (from_env := shard_from_env()) is not None:
             shard = from_env[0]
@@ -311,6 +321,29 @@ def predict(
         raise typer.Exit(EXIT_FAILED)
 
 
+def _check_output_kinds(items, options, output: Path | None) -> None:
+    """Options that cannot apply to these inputs are refused before work (exit 2), never ignored in silence."""
+    from segcli import io
+    from segcli.errors import UsageError
+
+    if options.output_type == "dicom-seg" and output is not None and output.suffix \
+            and not output.name.lower().endswith(".dcm") and not output.is_dir():
+        raise UsageError(f"-o {output} with --output-type dicom-seg: a DICOM SEG is written as NAME.dcm; "
+                         "give -o NAME.dcm or a folder")
+    if not options.geojson:
+        return
+    for path, _ in items:
+        if io.is_dicom_series(path):
+            volume = True
+        else:
+            content = io.sniff_input(path)
+            head = io.header_size(path, content) if content in ("nifti", "nifti-gz", "nrrd", "metaimage") else None
+            volume = head is not None and len(head[0]) == 3 and min(head[0]) > 1
+        if volume:
+            raise UsageError(f"{path}: --geojson writes polygons for 2D images and slides, and this input is a "
+                             "volume; drop --geojson for volumes")
+
+
 def _summary_line(s: dict[str, Any]) -> None:
     """One closing line for a human or a SLURM log: counts, time and throughput."""
     done = s["ok"] + s["empty"]
@@ -327,12 +360,13 @@ def _extras(seg, rep, preview: bool, arsm_dir: Path | None) -> None:
 
     if rep.status not in ("ok", "empty"):
         return
-    if preview:
+    if preview and "preview" not in rep.info and rep.output:  # images read whole got theirs in the writer thread
         try:
             p = viz.write_preview_for(rep, segmenter=seg)
             rep.info["preview"] = str(p)
-        except (SegcliError, ValueError, OSError) as exc:
-            rep.warnings.append(f"no preview: {exc}")
+        except (SegcliError, ValueError, OSError, MemoryError) as exc:  # a missing preview fails the file: exit 1
+            rep.status = "failed"
+            rep.error = f"{rep.input}: preview not written: {exc}"
     if arsm_dir is not None:
         try:
             rep.info["arsm_maps"] = [str(p) for p in viz.write_arsm_maps_for(seg, Path(rep.input), arsm_dir)]
@@ -358,18 +392,31 @@ def _progress(console, quiet: bool):
                     console=console, transient=True)
 
 
+_NOTES_SHOWN: set[str] = set()
+
+
 def _report_line(console, rep) -> None:
+    """One line per input. A failure reaches stderr even under --quiet (exit 1 must never come silent);
+    a note (the model chosen for the user, a conversion) is printed once per batch, the JSON keeps it per file."""
     if rep.status == "failed":
-        console.print(f"[red]failed[/red]  {rep.error}", markup=True, soft_wrap=True)
+        if console.quiet:
+            print(f"failed  {rep.error}", file=sys.stderr)
+        else:
+            console.print(f"[red]failed[/red]  {rep.error}", markup=True, soft_wrap=True)
         return
+    for n in rep.notes:
+        if n not in _NOTES_SHOWN:
+            _NOTES_SHOWN.add(n)
+            console.print(f"note    {n}", markup=False, soft_wrap=True)
     for w in rep.warnings:
         console.print(f"[yellow]warning[/yellow] {rep.input}: {w}", markup=True, soft_wrap=True)
     if rep.status == "skipped":
         console.print(f"skipped {rep.input} (exists: {rep.output})", soft_wrap=True)
         return
     found = ", ".join(f"{k} {v}" for k, v in rep.voxel_counts.items() if v) or "nothing found"
-    console.print(f"ok      {rep.input} -> {rep.output}  ({rep.seconds.get('total', 0):.2f} s; {found})",
-                  soft_wrap=True, markup=False)
+    target = rep.output if rep.output is not None else "no mask written"
+    console.print(f"ok      {rep.input} -> {target}  ({rep.model or 'no model'}; {rep.seconds.get('total', 0):.2f} s; "
+                  f"{found})", soft_wrap=True, markup=False)
 
 
 @app.command("models", epilog=("Examples:\n\n" + "\n\n".join(['  segcli models', '  segcli models --verify', '  segcli models --archs', "  segcli models --json | jq '.[].name'"])))
@@ -457,6 +504,23 @@ def info(
         raise typer.Exit(EXIT_FAILED)
 
 
+def _summary_shape_problem(doc: Any) -> str | None:
+    """What makes ``doc`` not a ``predict --json`` summary (an object with a "files" list of objects and a
+    "summary" object of numbers), or None."""
+    if not isinstance(doc, dict):
+        return f"the top level is a JSON {type(doc).__name__}, not an object"
+    files, summary = doc.get("files"), doc.get("summary")
+    if not isinstance(files, list) or not all(isinstance(f, dict) for f in files):
+        return '"files" is not a list of objects'
+    if not isinstance(summary, dict):
+        return '"summary" is not an object'
+    for k in ("total", "ok", "empty", "skipped", "failed", "seconds"):
+        v = summary.get(k, 0)
+        if isinstance(v, bool) or not isinstance(v, (int, float)):
+            return f'"summary.{k}" is not a number'
+    return None
+
+
 @app.command("merge-summaries", epilog=("Examples:\n\n" + "\n\n".join(['  segcli merge-summaries shard-*.json -o all.json', '  segcli merge-summaries shard-0.json shard-1.json | jq .summary'])))
 def merge_summaries_cmd(
     summaries: Annotated[list[Path], typer.Argument(help="--json summaries written by the shards of one batch.")],
@@ -468,9 +532,12 @@ def merge_summaries_cmd(
     docs = []
     for p in summaries:
         try:
-            docs.append(json.loads(p.read_text()))
-        except (OSError, ValueError) as exc:
+            doc = json.loads(p.read_text())
+        except (OSError, ValueError, RecursionError) as exc:
             raise _fail(f"{p}: not a segcli --json summary ({exc})", EXIT_FAILED) from None
+        if problem := _summary_shape_problem(doc):
+            raise _fail(f"{p}: not a segcli --json summary ({problem})", EXIT_FAILED)
+        docs.append(doc)
     merged = merge_summaries(docs)
     text = json.dumps(merged, indent=2, default=str) + "\n"
     if output is None:
