@@ -54,6 +54,36 @@ app = typer.Typer(
 log = logging.getLogger("segcli")
 
 
+def _plain_help_types() -> None:
+    """Typer >= 0.26 prints a type column (``<bool>`` on flags and on --help, ``<list[Path]>`` on
+    variadic arguments) that says nothing a user needs; flags show no type and arguments show their metavar.
+    Older typer (the dependency range starts at 0.12) has no such column and is left as it is."""
+    from typer import core
+
+    opt, arg = getattr(core, "TyperOption", None), getattr(core, "TyperArgument", None)
+    if opt is not None and hasattr(opt, "display_type_rich") and not getattr(opt, "_segcli_plain", False):
+        shown = opt.display_type_rich
+
+        def option_type(self, ctx):
+            if getattr(self, "is_flag", False):
+                return None
+            text = shown(self, ctx)  # a repeatable option: its element type ("repeatable" is in its help)
+            return f"<{text[6:-2]}>" if isinstance(text, str) and text.startswith("<list[") and text.endswith("]>") \
+                else text
+
+        opt.display_type_rich, opt._segcli_plain = option_type, True
+    if arg is not None and hasattr(arg, "display_type_rich") and not getattr(arg, "_segcli_plain", False):
+        arg_shown = arg.display_type_rich
+
+        def argument_type(self, ctx):
+            return None if self.metavar or self.nargs != 1 else arg_shown(self, ctx)
+
+        arg.display_type_rich, arg._segcli_plain = argument_type, True
+
+
+_plain_help_types()
+
+
 def _stderr_console(quiet: bool = False):
     from rich.console import Console
 
