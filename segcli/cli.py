@@ -36,8 +36,31 @@ class Terminated(KeyboardInterrupt):
     """SIGTERM (SLURM, Kubernetes, ``timeout``), handled like Ctrl-C but exiting 143 (128 + 15)."""
 
 
-def _on_sigterm(signum: int, frame: Any) -> None:
-    raise Terminated()
+#: The first SIGINT/SIGTERM received. Later ones are ignored, so a second Ctrl-C cannot break the clean-up
+#: (locks, temporary files) into a KeyboardInterrupt traceback; the exit code follows the first signal,
+#: even when a library (the ONNX export) turned the exception into another on its way up.
+_SIGNALLED: list[int] = []
+
+
+def _on_signal(signum: int, frame: Any) -> None:
+    import signal
+
+    if _SIGNALLED:
+        return
+    _SIGNALLED.append(signum)
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, signal.SIG_IGN)
+    raise Terminated() if signum == signal.SIGTERM else KeyboardInterrupt()
+
+
+def _interrupt_exit(exc: BaseException | None = None, resume_hint: bool = False) -> typer.Exit:
+    """The one line and exit code for an interrupted run: 143 for SIGTERM, 130 for Ctrl-C."""
+    import signal
+
+    terminated = isinstance(exc, Terminated) or (bool(_SIGNALLED) and _SIGNALLED[0] == signal.SIGTERM)
+    what = "terminated" if terminated else "interrupted"
+    print(f"segcli: {what}" + ("; rerun with --skip-existing to resume" if resume_hint else ""), file=sys.stderr)
+    return typer.Exit(EXIT_TERMINATED if terminated else EXIT_INTERRUPTED)
 
 app = typer.Typer(
     name="segcli",
@@ -317,9 +340,7 @@ def predict(
                     prog.advance(overall)
                 _report_line(console, rep)
         except KeyboardInterrupt as exc:
-            what = "terminated" if isinstance(exc, Terminated) else "interrupted"
-            print(f"segcli: {what}; rerun with --skip-existing to resume", file=sys.stderr)
-            raise typer.Exit(EXIT_TERMINATED if isinstance(exc, Terminated) else EXIT_INTERRUPTED) from None
+            raise _interrupt_exit(exc, resume_hint=True) from None
     if stats is not None:
         from segcli.stats import write_stats_csv
 
@@ -700,15 +721,18 @@ def main() -> None:
     """Entry point: usage errors exit 2 (click's convention), bugs exit 3 with a log path."""
     import signal
 
-    signal.signal(signal.SIGTERM, _on_sigterm)
+    signal.signal(signal.SIGTERM, _on_signal)
+    signal.signal(signal.SIGINT, _on_signal)
     try:
         app()
     except KeyboardInterrupt as exc:
-        terminated = isinstance(exc, Terminated)
-        print(f"segcli: {'terminated' if terminated else 'interrupted'}", file=sys.stderr)
-        sys.exit(EXIT_TERMINATED if terminated else EXIT_INTERRUPTED)
-    except SystemExit:
+        sys.exit(_interrupt_exit(exc).exit_code)
+    except SystemExit as exc:
+        if _SIGNALLED and exc.code not in (EXIT_INTERRUPTED, EXIT_TERMINATED):
+            sys.exit(_interrupt_exit().exit_code)  # a signal turned into another error on its way up
         raise
     except Exception as exc:
+        if _SIGNALLED:
+            sys.exit(_interrupt_exit().exit_code)
         _bug(exc)
         sys.exit(EXIT_BUG)

@@ -168,3 +168,31 @@ def test_volume_probabilities_into_a_new_folder(grey_bundle: Path, tmp_path: Pat
 def test_quiet_keeps_a_missing_input_visible(rgb_bundle: Path, tmp_path: Path) -> None:
     r = _predict(tmp_path / "nope.png", "-o", tmp_path / "m.png", "--model", rgb_bundle, "-q")
     assert r.returncode == 1 and "nope.png" in r.stderr
+
+
+@pytest.mark.parametrize(("sig", "code", "word"), [("INT", 130, "interrupted"), ("TERM", 143, "terminated")])
+def test_two_signals_in_a_row_give_one_line_and_no_traceback(rgb_bundle: Path, tmp_path: Path, sig, code,
+                                                            word) -> None:
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    folder = tmp_path / "in"
+    folder.mkdir()
+    for i in range(40):
+        _png(folder / f"{i:02d}.png", i, (96, 96, 3))
+    proc = subprocess.Popen([sys.executable, "-m", "segcli", "predict", str(folder), "-o", str(tmp_path / "out"),
+                             "--model", str(rgb_bundle), "--threads", "1"], stderr=subprocess.PIPE,
+                            env={**os.environ, "NO_COLOR": "1"}, encoding="utf-8", errors="replace")
+    assert proc.stderr is not None
+    first = proc.stderr.readline()  # the first file's line (or its warning): the batch is under way
+    assert first.startswith(("ok", "warning")), first
+    for _ in range(2):
+        proc.send_signal(getattr(signal, f"SIG{sig}"))
+        time.sleep(0.01)
+    rest = proc.stderr.read()
+    assert proc.wait(timeout=60) == code
+    assert "Traceback" not in rest and "KeyboardInterrupt" not in rest, rest
+    assert rest.count(f"segcli: {word}") == 1, rest
+    assert not list((tmp_path / "out").glob(".*partial*")) and not list((tmp_path / "out").glob(".*.lock"))
