@@ -194,6 +194,11 @@ def register(app: typer.Typer) -> None:
             sp = [float(v) for v in spacing.split(",")] if spacing else None
         except ValueError:
             raise _fail(f"--spacing {spacing!r}: comma-separated numbers in mm", 2) from None
+        if preview is not None:
+            for what, folder in (("predictions", predictions), ("ground-truth", ground_truth)):
+                if folder.is_dir() and (preview.resolve() == folder.resolve() or folder.resolve() in preview.resolve().parents):
+                    raise _fail(f"--preview {preview} is inside the {what} folder {folder}: the error maps would "
+                                "be read as masks by every later evaluate; give another folder", 2)
         try:
             result = evaluate(predictions, ground_truth, fov_dir=fov, spacing=sp, hd95=hd95, csv_path=csv_out,
                               json_path=json_file, log=warn)

@@ -356,14 +356,18 @@ def write_error_previews(result: dict[str, Any], out_dir: str | Path, *, images:
     classes = [classes_map[k] for k in sorted(classes_map, key=int)] if classes_map else None
     out_dir = Path(out_dir)
     written = []
+    unfound: list[str] = []
+    folders: list[Any] = []
     for case in result.get("cases", []):
         name = case["case"]
         try:
             pred_img = io.open_image(case["prediction"])
             truth_img = io.open_image(case["ground_truth"])
-            gt_dir = Path(case["ground_truth"]).parent
-            folders = [images] if images is not None else [gt_dir.parent, Path(case["prediction"]).parent]
+            folders = [images] if images is not None else source_folders(Path(case["prediction"]).parent,
+                                                                           Path(case["ground_truth"]).parent)
             src = find_source_image(name, folders)
+            if src is None:
+                unfound.append(name)
             image = io.open_image(src) if src is not None else None
             if image is not None and image.spatial_shape != truth_img.spatial_shape:
                 image = None
@@ -380,7 +384,22 @@ def write_error_previews(result: dict[str, Any], out_dir: str | Path, *, images:
         except (SegcliError, ValueError, OSError) as exc:
             if log:
                 log(f"case {name}: no error preview: {exc}")
+    if unfound and log:
+        where = ", ".join(str(f) for f in folders) if images is None else str(images)
+        log(f"{len(unfound)} error map(s) drawn over grey: no source image named like case {unfound[0]!r} in {where}; "
+            "pass --images FOLDER")
     return written
+
+
+def source_folders(pred_dir: Path, gt_dir: Path) -> list[Path]:
+    """Where an error map's source image may be when --images is not given: ``images/`` beside the
+    prediction or ground-truth folder (the layout of nnU-Net, MONAI and segcli's own examples), the
+    predictions folder itself (``segcli predict`` writes NAME_seg.png beside NAME.png), then the parents."""
+    out: list[Path] = []
+    for d in (pred_dir.parent / "images", gt_dir.parent / "images", pred_dir, gt_dir.parent, pred_dir.parent):
+        if d not in out and d.resolve() != gt_dir.resolve():
+            out.append(d)
+    return out
 
 
 # ------------------------------------------------------------------------------------------- ARSM maps

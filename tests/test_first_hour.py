@@ -213,3 +213,42 @@ def test_he_detector_on_synthetic_colours() -> None:
     assert choose.content_kind(np.clip(mucosa, 0, 255).astype(np.uint8), "2d") == "2d"
     grey = np.repeat(rng.integers(60, 200, (80, 80, 1)), 3, axis=-1).astype(np.uint8)
     assert choose.content_kind(grey, "2d") == "grey"
+
+
+def _eval_layout(root: Path, with_images: bool = True) -> tuple[Path, Path]:
+    masks, gt = root / "masks", root / "gt"
+    for d in (masks, gt, root / "images"):
+        d.mkdir(parents=True, exist_ok=True)
+    truth = np.zeros((40, 50), np.uint8)
+    truth[10:30, 10:30] = 1
+    pred = np.zeros_like(truth)
+    pred[12:32, 12:34] = 1
+    Image.fromarray(truth).save(gt / "a.png")
+    Image.fromarray(pred).save(masks / "a_seg.png")
+    if with_images:
+        Image.fromarray(np.full((40, 50, 3), 200, np.uint8)).save(root / "images" / "a.png")
+    return masks, gt
+
+
+def test_evaluate_swapped_files_and_preview_folders(tmp_path: Path) -> None:
+    masks, gt = _eval_layout(tmp_path)
+    r = run_cli("evaluate", gt, masks)
+    assert r.returncode == 2 and r.stderr.count("\n") == 1, r.stderr
+    assert "everything would with the folders swapped: predictions come first" in r.stderr
+    r = run_cli("evaluate", masks / "a_seg.png", gt / "a.png")
+    assert r.returncode == 2 and "predictions must be a folder, and this is a file" in r.stderr
+    for inside in (gt, masks, gt / "sub"):
+        r = run_cli("evaluate", masks, gt, "--preview", inside)
+        assert r.returncode == 2 and "--preview" in r.stderr and "is inside the" in r.stderr
+    assert sorted(p.name for p in gt.iterdir()) == ["a.png"]
+
+
+def test_evaluate_error_maps_find_images_or_say_where(tmp_path: Path) -> None:
+    masks, gt = _eval_layout(tmp_path / "found")
+    r = run_cli("evaluate", masks, gt, "--preview", tmp_path / "maps", "-q")
+    assert r.returncode == 0, r.stderr
+    assert (tmp_path / "maps" / "a_errors.png").is_file() and "over grey" not in r.stderr
+    masks, gt = _eval_layout(tmp_path / "lost", with_images=False)
+    r = run_cli("evaluate", masks, gt, "--preview", tmp_path / "maps2", "--summary")
+    assert r.returncode == 0
+    assert "1 error map(s) drawn over grey" in r.stderr and "pass --images FOLDER" in r.stderr
