@@ -19,6 +19,17 @@ from typing import Annotated, Any
 import typer
 
 from segcli import __version__
+from segcli.cli_report import (
+    check_output_kinds,
+    interrupt_exit,
+    on_signal,
+    plain_help_types,
+    progress_display,
+    report_line,
+    signalled,
+    summary_line,
+    summary_shape_problem,
+)
 from segcli.methods import METHODS
 
 # Before torch or ONNX Runtime load: OpenMP threads that spin while waiting get descheduled on a
@@ -30,37 +41,6 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_BUG, EXIT_INTERRUPTED, EXIT_TERMINATED = 0, 1, 2, 3, 130, 143
-
-
-class Terminated(KeyboardInterrupt):
-    """SIGTERM (SLURM, Kubernetes, ``timeout``), handled like Ctrl-C but exiting 143 (128 + 15)."""
-
-
-#: The first SIGINT/SIGTERM received. Later ones are ignored, so a second Ctrl-C cannot break the clean-up
-#: (locks, temporary files) into a KeyboardInterrupt traceback; the exit code follows the first signal,
-#: even when a library (the ONNX export) turned the exception into another on its way up.
-_SIGNALLED: list[int] = []
-
-
-def _on_signal(signum: int, frame: Any) -> None:
-    import signal
-
-    if _SIGNALLED:
-        return
-    _SIGNALLED.append(signum)
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, signal.SIG_IGN)
-    raise Terminated() if signum == signal.SIGTERM else KeyboardInterrupt()
-
-
-def _interrupt_exit(exc: BaseException | None = None, resume_hint: bool = False) -> typer.Exit:
-    """The one line and exit code for an interrupted run: 143 for SIGTERM, 130 for Ctrl-C."""
-    import signal
-
-    terminated = isinstance(exc, Terminated) or (bool(_SIGNALLED) and _SIGNALLED[0] == signal.SIGTERM)
-    what = "terminated" if terminated else "interrupted"
-    print(f"segcli: {what}" + ("; rerun with --skip-existing to resume" if resume_hint else ""), file=sys.stderr)
-    return typer.Exit(EXIT_TERMINATED if terminated else EXIT_INTERRUPTED)
 
 app = typer.Typer(
     name="segcli",
@@ -75,36 +55,7 @@ app = typer.Typer(
 )
 
 log = logging.getLogger("segcli")
-
-
-def _plain_help_types() -> None:
-    """Typer >= 0.26 prints a type column (``<bool>`` on flags and on --help, ``<list[Path]>`` on
-    variadic arguments) that says nothing a user needs; flags show no type and arguments show their metavar.
-    Older typer (the dependency range starts at 0.12) has no such column and is left as it is."""
-    from typer import core
-
-    opt, arg = getattr(core, "TyperOption", None), getattr(core, "TyperArgument", None)
-    if opt is not None and hasattr(opt, "display_type_rich") and not getattr(opt, "_segcli_plain", False):
-        shown = opt.display_type_rich
-
-        def option_type(self, ctx):
-            if getattr(self, "is_flag", False):
-                return None
-            text = shown(self, ctx)  # a repeatable option: its element type ("repeatable" is in its help)
-            return f"<{text[6:-2]}>" if isinstance(text, str) and text.startswith("<list[") and text.endswith("]>") \
-                else text
-
-        opt.display_type_rich, opt._segcli_plain = option_type, True
-    if arg is not None and hasattr(arg, "display_type_rich") and not getattr(arg, "_segcli_plain", False):
-        arg_shown = arg.display_type_rich
-
-        def argument_type(self, ctx):
-            return None if self.metavar or self.nargs != 1 else arg_shown(self, ctx)
-
-        arg.display_type_rich, arg._segcli_plain = argument_type, True
-
-
-_plain_help_types()
+plain_help_types()
 
 
 def _stderr_console(quiet: bool = False):
@@ -284,7 +235,7 @@ def predict(
     if output is not None and output.exists() and not output.is_dir() and any(root for _, root in items):
         raise _fail(f"-o {output} is an existing file but the input is a folder; give a folder for -o", EXIT_USAGE)
     try:
-        _check_output_kinds(items, options, output)
+        check_output_kinds(items, options, output)
     except SegcliError as exc:
         raise _fail(str(exc), exc.exit_code) from None
     try:
@@ -312,9 +263,9 @@ def predict(
 
     reports = list(clashes)
     for rep in clashes:
-        _report_line(console, rep)
+        report_line(console, rep)
     t_start = time.perf_counter()
-    with _progress(console, quiet) as prog:
+    with progress_display(console, quiet) as prog:
         overall = prog.add_task("files", total=len(items)) if prog else None
         stage = {"task": None}
 
@@ -338,9 +289,9 @@ def predict(
                 log.debug("file %s: %s", rep.input, json.dumps(rep.to_dict(), default=str))
                 if prog is not None:
                     prog.advance(overall)
-                _report_line(console, rep)
+                report_line(console, rep)
         except KeyboardInterrupt as exc:
-            raise _interrupt_exit(exc, resume_hint=True) from None
+            raise interrupt_exit(exc, resume_hint=True) from None
     if stats is not None:
         from segcli.stats import write_stats_csv
 
@@ -363,45 +314,13 @@ def predict(
     if json_out:
         sys.stdout.write(json.dumps(summary, indent=2, default=str) + "\n")
     if not quiet and len(reports) > 1:
-        _summary_line(summary["summary"])
+        summary_line(summary["summary"])
     if failed:
         if len(reports) > 1:  # a recap at the end of a long batch log; one input's error was printed once already
             print(f"segcli: {len(failed)} of {len(reports)} input(s) failed:", file=sys.stderr)
             for r in failed:
                 print(f"  {r.error}", file=sys.stderr)
         raise typer.Exit(EXIT_FAILED)
-
-
-def _check_output_kinds(items, options, output: Path | None) -> None:
-    """Options that cannot apply to these inputs are refused before work (exit 2), never ignored in silence."""
-    from segcli import io
-    from segcli.errors import UsageError
-
-    if options.output_type == "dicom-seg" and output is not None and output.suffix \
-            and not output.name.lower().endswith(".dcm") and not output.is_dir():
-        raise UsageError(f"-o {output} with --output-type dicom-seg: a DICOM SEG is written as NAME.dcm; "
-                         "give -o NAME.dcm or a folder")
-    if not options.geojson:
-        return
-    for path, _ in items:
-        if io.is_dicom_series(path):
-            volume = True
-        else:
-            content = io.sniff_input(path)
-            head = io.header_size(path, content) if content in ("nifti", "nifti-gz", "nrrd", "metaimage") else None
-            volume = head is not None and len(head[0]) == 3 and min(head[0]) > 1
-        if volume:
-            raise UsageError(f"{path}: --geojson writes polygons for 2D images and slides, and this input is a "
-                             "volume; drop --geojson for volumes")
-
-
-def _summary_line(s: dict[str, Any]) -> None:
-    """One closing line for a human or a SLURM log: counts, time and throughput."""
-    done = s["ok"] + s["empty"]
-    rate = f", {done / s['seconds']:.2f} files/s" if s["seconds"] > 0 and done else ""
-    left = f", {s['earlier_outputs_left_out']} earlier outputs left out" if s.get("earlier_outputs_left_out") else ""
-    print(f"segcli: {s['total']} input(s): {s['ok']} ok, {s['empty']} empty, {s['skipped']} skipped, "
-          f"{s['failed']} failed in {s['seconds']:.1f} s{rate}{left}", file=sys.stderr)
 
 
 def _extras(seg, rep, preview: bool, arsm_dir: Path | None) -> None:
@@ -423,51 +342,6 @@ def _extras(seg, rep, preview: bool, arsm_dir: Path | None) -> None:
             rep.info["arsm_maps"] = [str(p) for p in viz.write_arsm_maps_for(seg, Path(rep.input), arsm_dir)]
         except (SegcliError, ValueError, OSError) as exc:
             rep.warnings.append(f"no ARSM maps: {exc}")
-
-
-class _NoProgress:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *a):
-        return False
-
-
-def _progress(console, quiet: bool):
-    """A rich progress display on a TTY; nothing at all when stderr is piped or --quiet."""
-    if quiet or not console.is_terminal:
-        return _NoProgress()
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                    console=console, transient=True)
-
-
-_NOTES_SHOWN: set[str] = set()
-
-
-def _report_line(console, rep) -> None:
-    """One line per input. A failure reaches stderr even under --quiet (exit 1 must never come silent);
-    a note (the model chosen for the user, a conversion) is printed once per batch, the JSON keeps it per file."""
-    if rep.status == "failed":
-        if console.quiet:
-            print(f"failed  {rep.error}", file=sys.stderr)
-        else:
-            console.print(f"[red]failed[/red]  {rep.error}", markup=True, soft_wrap=True)
-        return
-    for n in rep.notes:
-        if n not in _NOTES_SHOWN:
-            _NOTES_SHOWN.add(n)
-            console.print(f"note    {n}", markup=False, soft_wrap=True)
-    for w in rep.warnings:
-        console.print(f"[yellow]warning[/yellow] {rep.input}: {w}", markup=True, soft_wrap=True)
-    if rep.status == "skipped":
-        console.print(f"skipped {rep.input} (exists: {rep.output})", soft_wrap=True)
-        return
-    found = ", ".join(f"{k} {v}" for k, v in rep.voxel_counts.items() if v) or "nothing found"
-    target = rep.output if rep.output is not None else "no mask written"
-    console.print(f"ok      {rep.input} -> {target}  ({rep.model or 'no model'}; {rep.seconds.get('total', 0):.2f} s; "
-                  f"{found})", soft_wrap=True, markup=False)
 
 
 @app.command("models", epilog=("Examples:\n\n" + "\n\n".join(['  segcli models', '  segcli models --verify', '  segcli models --archs', "  segcli models --json | jq '.[].name'"])))
@@ -555,23 +429,6 @@ def info(
         raise typer.Exit(EXIT_FAILED)
 
 
-def _summary_shape_problem(doc: Any) -> str | None:
-    """What makes ``doc`` not a ``predict --json`` summary (an object with a "files" list of objects and a
-    "summary" object of numbers), or None."""
-    if not isinstance(doc, dict):
-        return f"the top level is a JSON {type(doc).__name__}, not an object"
-    files, summary = doc.get("files"), doc.get("summary")
-    if not isinstance(files, list) or not all(isinstance(f, dict) for f in files):
-        return '"files" is not a list of objects'
-    if not isinstance(summary, dict):
-        return '"summary" is not an object'
-    for k in ("total", "ok", "empty", "skipped", "failed", "seconds"):
-        v = summary.get(k, 0)
-        if isinstance(v, bool) or not isinstance(v, (int, float)):
-            return f'"summary.{k}" is not a number'
-    return None
-
-
 @app.command("merge-summaries", epilog=("Examples:\n\n" + "\n\n".join(['  segcli merge-summaries shard-*.json -o all.json', '  segcli merge-summaries shard-0.json shard-1.json | jq .summary'])))
 def merge_summaries_cmd(
     summaries: Annotated[list[Path], typer.Argument(help="--json summaries written by the shards of one batch.")],
@@ -586,7 +443,7 @@ def merge_summaries_cmd(
             doc = json.loads(p.read_text())
         except (OSError, ValueError, RecursionError) as exc:
             raise _fail(f"{p}: not a segcli --json summary ({exc})", EXIT_FAILED) from None
-        if problem := _summary_shape_problem(doc):
+        if problem := summary_shape_problem(doc):
             raise _fail(f"{p}: not a segcli --json summary ({problem})", EXIT_FAILED)
         docs.append(doc)
     merged = merge_summaries(docs)
@@ -721,18 +578,18 @@ def main() -> None:
     """Entry point: usage errors exit 2 (click's convention), bugs exit 3 with a log path."""
     import signal
 
-    signal.signal(signal.SIGTERM, _on_signal)
-    signal.signal(signal.SIGINT, _on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
     try:
         app()
     except KeyboardInterrupt as exc:
-        sys.exit(_interrupt_exit(exc).exit_code)
+        sys.exit(interrupt_exit(exc).exit_code)
     except SystemExit as exc:
-        if _SIGNALLED and exc.code not in (EXIT_INTERRUPTED, EXIT_TERMINATED):
-            sys.exit(_interrupt_exit().exit_code)  # a signal turned into another error on its way up
+        if signalled() and exc.code not in (EXIT_INTERRUPTED, EXIT_TERMINATED):
+            sys.exit(interrupt_exit().exit_code)  # a signal turned into another error on its way up
         raise
     except Exception as exc:
-        if _SIGNALLED:
-            sys.exit(_interrupt_exit().exit_code)
+        if signalled():
+            sys.exit(interrupt_exit().exit_code)
         _bug(exc)
         sys.exit(EXIT_BUG)

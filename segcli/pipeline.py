@@ -30,16 +30,16 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
+from segcli import input_facts as facts
 from segcli import io, memory
-from segcli.choose import content_kind, volume_kind
 from segcli.engines.base import ProgressFn, Result
-from segcli.errors import EmptyImageError, InputError, SegcliError, UsageError, bug_message
+from segcli.errors import EmptyImageError, SegcliError, UsageError, bug_message
 from segcli.geometry import slice_axis
 from segcli.io.atomic import OutputLock, os_error_words
-from segcli.io.naming import geojson_path, preview_path, probabilities_path
+from segcli.io.naming import geojson_path, probabilities_path
 from segcli.outputs import detection_classes, plan_output, planned_outputs, write_dicom_seg
 from segcli.plan import Staged2D
-from segcli.prepare import describe, implausible_result, intensity, mismatch_warnings
+from segcli.prepare import implausible_result, mismatch_warnings
 from segcli.report import FileReport, count_labels, fill_counts, fill_run
 
 if TYPE_CHECKING:
@@ -211,24 +211,7 @@ class InMemoryRoute:
         if seg.options.probabilities and self.res.probs is not None:
             io.write_probabilities(self.res.probs, self.img, probabilities_path(job.out))
         if seg.options.preview:
-            self._preview(seg, job)
-
-    def _preview(self, seg: Segmenter, job: Job) -> None:
-        """``--preview`` here, in the writer thread, from the pixels and mask already in memory (no second
-        decode), drawn small; a failure fails the file (its outputs removed), never a silent exit 0."""
-        from segcli import viz
-
-        assert self.res is not None and job.out is not None
-        bundle = seg.bundle_for(self.kind)
-        t = time.perf_counter()
-        title = f"{job.path.name} · {bundle.name} ({job.rep.method})"
-        try:
-            target = viz.preview(self.img, self.res.labels, preview_path(job.out), classes=bundle.classes,
-                                 normalization=bundle.normalization, title=title, compact=True)
-        except (ValueError, MemoryError) as exc:
-            raise SegcliError(f"preview not written: {exc}", job.path) from None
-        job.rep.info["preview"] = str(target)
-        job.rep.seconds["preview"] = time.perf_counter() - t
+            job.rep.info["preview"] = str(facts.write_preview(seg, job, self.img, self.res.labels, self.kind))
 
     def close(self) -> None:
         self.res = None
@@ -240,7 +223,7 @@ class StreamedVolumeRoute:
 
     def __init__(self, vol: Any, choose: bool = False) -> None:
         self.vol = vol
-        self.kind = _streamed_kind(vol) if choose else "volume"
+        self.kind = facts.streamed_kind(vol) if choose else "volume"
         self.spacing = vol.spacing
         self.spatial_shape = vol.spatial_shape
         self.dtype = vol.dtype
@@ -308,17 +291,6 @@ class StreamedVolumeRoute:
         self.res = None
         self.buf = None
         self.vol.close()  # a streamed volume's temporary decompressed copy
-
-
-def _streamed_kind(vol: Any, samples: int = 3) -> str:
-    """The content kind of a streamed volume from a few slices (CT in HU or not): segcli.choose.volume_kind."""
-    n = int(vol.spatial_shape[0])
-    lows = []
-    for z in sorted({int(n * (k + 1) / (samples + 1)) for k in range(samples)}):
-        block = vol.block(0, min(z, n - 1), min(z, n - 1) + 1)
-        if block.size and block.dtype.kind in "uif":
-            lows.append(float(np.nanmin(block)) if block.dtype.kind == "f" else float(block.min()))
-    return volume_kind(min(lows) if lows else -1000.0)
 
 
 class TiledTiffRoute:
@@ -490,11 +462,7 @@ def open_route(seg: Segmenter, path: Path, out: Path, content: str | None) -> Ro
         if len(shape) in (2, 3):
             check_in_memory(seg, "volume" if len(shape) == 3 else kind, shape, channels, itemsize, path)
     img = io.open_image(path, content=content)
-    if seg.options.model is None:  # no --model: the input's own content picks the shipped bundle
-        kind = content_kind(img.array, "volume" if img.ndim == 3 else kind)
-        if seg.options.window is not None and kind in ("grey", "fluorescence"):
-            kind = "ct-slice"  # --window says these 8-bit grey pixels are a CT export
-    return InMemoryRoute(img, kind)
+    return InMemoryRoute(img, facts.chosen_kind(seg.options, img, kind))
 
 
 def _wants_tiles(seg: Segmenter, path: Path, out: Path, kind: str, head: tuple) -> bool:
@@ -547,26 +515,12 @@ def _check_volume_fits(seg: Segmenter, est: int, shape: tuple[int, ...], path: P
 # -- one file, many files ----------------------------------------------------------------------------------
 
 
-def _refuse_special(path: Path) -> None:
-    """A FIFO, socket or device as input: refused at once (reading a FIFO with no writer waits forever)."""
-    import stat
-
-    try:
-        mode = path.stat().st_mode
-    except OSError:
-        return  # missing or unreadable: the reader's own message names it
-    if stat.S_ISFIFO(mode) or stat.S_ISSOCK(mode) or stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
-        what = "FIFO (named pipe)" if stat.S_ISFIFO(mode) else "socket" if stat.S_ISSOCK(mode) else "device"
-        raise InputError(f"is a {what}, not a regular file; segcli reads images from files and folders "
-                         "(save the stream to a file first)", path)
-
-
 def read(seg: Segmenter, path: Path, output: str | Path | None, *, input_root: Path | None) -> Job:
     """Plan the output, take the lock, honour --skip-existing, and open the input on its route."""
     job = Job(path=path, rep=FileReport(input=str(path)), t0=time.perf_counter())
     opts = seg.options
     try:
-        _refuse_special(path)
+        facts.refuse_special(path)
         content = io.sniff_input(path)
         out = plan_output(opts, path, output, input_root, content)
         job.out = out
@@ -587,16 +541,11 @@ def read(seg: Segmenter, path: Path, output: str | Path | None, *, input_root: P
         job.rep.warnings.extend(job.route.warnings)
         ndim = len(job.route.spatial_shape)
         dtype = getattr(job.route, "dtype", None)
-        if seg.options.model is None:
-            from segcli.bundle import model_index
-            from segcli.choose import guess_note
-
-            if note := guess_note(job.route.kind, seg.bundle_for(job.route.kind).name, model_index()):
-                job.rep.notes.append(note)
+        facts.model_choice_note(seg, job)
         if dtype is not None:
             bundle = seg.bundle_for(job.route.kind)
             job.rep.warnings.extend(mismatch_warnings(bundle, dtype, job.route.spacing, ndim, opts.window))
-            _intensity_notes(seg, job, bundle, dtype)
+            facts.intensity_notes(seg, job, bundle, dtype, isinstance(job.route, InMemoryRoute) and job.route.img.ndim == 2)
         job.rep.shape = list(job.route.spatial_shape)
         job.rep.spacing = list(job.route.spacing) if job.route.spacing else None
         if isinstance(job.route, InMemoryRoute):
@@ -606,17 +555,6 @@ def read(seg: Segmenter, path: Path, output: str | Path | None, *, input_root: P
     except Exception as exc:  # one bad file must not stop the batch
         job.fail_from(exc)
     return job
-
-
-def _intensity_notes(seg: Segmenter, job: Job, bundle: Bundle, dtype: Any) -> None:
-    """The normalisation that runs (``info["normalization"]``) and the conversions made for the user (notes)."""
-    route = job.route
-    if isinstance(route, InMemoryRoute) and route.img.ndim == 2:
-        plan = intensity(bundle, dtype, route.img.channels, seg.options.channels, seg.options.window, job.path)
-        job.rep.notes.extend(plan.notes)
-        job.rep.info["normalization"] = plan.description
-    else:
-        job.rep.info["normalization"] = describe(bundle.normalization)
 
 
 def compute(seg: Segmenter, job: Job, progress: ProgressFn | None) -> None:
