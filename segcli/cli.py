@@ -27,6 +27,7 @@ from segcli.cli_report import (
     progress_display,
     report_line,
     signalled,
+    spacing_text,
     summary_line,
     summary_shape_problem,
 )
@@ -419,7 +420,7 @@ def info(
                 print(f"{p}")
                 for k, v in d.items():
                     if k != "path":
-                        print(f"  {k:<14} {v}")
+                        print(f"  {k:<14} {spacing_text(v) if k == 'spacing' else v}")
         except SegcliError as exc:
             failed += 1
             print(f"segcli: error: {exc}", file=sys.stderr)

@@ -166,3 +166,14 @@ def summary_shape_problem(doc: Any) -> str | None:
         if isinstance(v, bool) or not isinstance(v, (int, float)):
             return f'"summary.{k}" is not a number'
     return None
+
+
+def spacing_text(spacing: Any) -> str:
+    """A spacing (mm, array order) with its unit: micrometres for microscopy-scale pixels (under 0.01 mm),
+    so a slide's 0.00025 is read as 0.25 µm, never as a bare number taken for mm."""
+    if not spacing:
+        return "unknown (pixels)"
+    values = [float(v) for v in spacing]
+    if max(values) < 0.01:
+        return " x ".join(f"{v * 1000:.4g}" for v in values) + " µm"
+    return " x ".join(f"{v:.4g}" for v in values) + " mm"

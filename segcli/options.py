@@ -9,6 +9,7 @@ is loaded or any file read (exit code 2 on the command line).
 from __future__ import annotations
 
 import dataclasses
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -81,6 +82,9 @@ class PredictOptions:
         if self.onnx_cache is not None and self.onnx_cache.strip().lower() not in ("off", "0", "none", "false", "no") \
                 and Path(self.onnx_cache).expanduser().is_file():
             raise UsageError(f"--onnx-cache {self.onnx_cache} is a file, not a folder (give a folder, or off)")
+        if self.onnx_cache is None and (env := os.environ.get("SEGCLI_ONNX_CACHE", "").strip()) \
+                and env.lower() not in ("off", "0", "none", "false", "no") and Path(env).expanduser().is_file():
+            raise UsageError(f"SEGCLI_ONNX_CACHE={env} is a file, not a folder (set a folder, or off)")
         if self.window is not None:
             set_(self, "window", parse_window(self.window))
         if self.channels not in CHANNEL_MODES:

@@ -252,3 +252,15 @@ def test_evaluate_error_maps_find_images_or_say_where(tmp_path: Path) -> None:
     r = run_cli("evaluate", masks, gt, "--preview", tmp_path / "maps2", "--summary")
     assert r.returncode == 0
     assert "1 error map(s) drawn over grey" in r.stderr and "pass --images FOLDER" in r.stderr
+
+
+def test_info_prints_spacing_with_its_unit(tmp_path: Path) -> None:
+    import tifffile
+
+    slide = tmp_path / "tile.tif"
+    tifffile.imwrite(slide, np.zeros((32, 32, 3), np.uint8) + 200, resolution=(40000.0, 40000.0),
+                     resolutionunit="CENTIMETER")  # 0.25 µm/px
+    r = run_cli("info", slide)
+    assert r.returncode == 0, r.stderr
+    line = next(ln for ln in r.stdout.splitlines() if ln.strip().startswith("spacing"))
+    assert line.split(None, 1)[1] == "0.25 x 0.25 µm"
