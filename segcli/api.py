@@ -56,6 +56,7 @@ class Segmenter:
         self.budget_share = 1  # > 1 in a read-ahead batch: ``budget`` is one file's share (see predict_many)
         self._bundles: dict[Path, Bundle] = {}
         self._predictors: dict[tuple[Path, str], Any] = {}
+        self.load_seconds: dict[str, float] = {}  # shared with siblings (_with): time spent building predictors
 
     # Read-only views of the options that callers (viz, benchmarks) use.
     @property
@@ -98,11 +99,14 @@ class Segmenter:
 
         key = (bundle.path.resolve(), role)
         if key not in self._predictors:
+            t = time.perf_counter()
             self._predictors[key] = make_predictor(
                 bundle, role, backend=self.options.backend, device=self.device,
                 max_batch=int(self.param(bundle, "batch_size")), half=self.options.half,
                 onnx_cache=self.options.onnx_cache, precision=self.options.precision,
             )
+            # model loading, and the ONNX export on first use: a stage of the file that needed it (pipeline)
+            self.load_seconds["total"] = self.load_seconds.get("total", 0.0) + time.perf_counter() - t
         return self._predictors[key]
 
     def set_predictor(self, bundle: Bundle, role: str, predictor: Any) -> None:

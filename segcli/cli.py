@@ -275,7 +275,7 @@ def predict(
                 return None
             if stage["task"] is not None:
                 prog.remove_task(stage["task"])
-            stage["task"] = prog.add_task(f"  {path.name}", total=None)
+            stage["task"] = prog.add_task(f"  {path.name}: reading, rough pass", total=None)
 
             def on_progress(name: str, done: int, total: int, _t=stage["task"], _n=path.name) -> None:
                 prog.update(_t, description=f"  {_n}: {name}", completed=done, total=total)
@@ -310,6 +310,8 @@ def predict(
             "failed": len(failed),
             "earlier_outputs_left_out": len(found.earlier_outputs),
             "seconds": round(time.perf_counter() - t_start, 3),
+            # loading the models, with their ONNX export on first use (before the batch when --model is given)
+            "model_load_seconds": round(seg.load_seconds.get("total", 0.0), 3),
         },
     }
     if json_out:

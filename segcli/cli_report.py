@@ -118,9 +118,23 @@ def progress_display(console, quiet: bool):
     """A rich progress display on a TTY; nothing at all when stderr is piped or --quiet."""
     if quiet or not console.is_terminal:
         return _NoProgress()
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+    from rich.progress import BarColumn, Progress, ProgressColumn, TextColumn, TimeElapsedColumn
+    from rich.text import Text
 
-    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+    class Count(ProgressColumn):
+        """done/total where the total is known; nothing (not "0/?") while a stage cannot count."""
+
+        def render(self, task):  # type: ignore[no-untyped-def]
+            return Text("" if task.total is None else f"{int(task.completed)}/{int(task.total)}")
+
+    class Eta(ProgressColumn):
+        """The time left, once rich can estimate it from the steps done so far."""
+
+        def render(self, task):  # type: ignore[no-untyped-def]
+            left = task.time_remaining if task.total is not None and not task.finished else None
+            return Text("" if left is None else f"ETA {int(left) // 60}:{int(left) % 60:02d}")
+
+    return Progress(TextColumn("{task.description}"), BarColumn(), Count(), TimeElapsedColumn(), Eta(),
                     console=console, transient=True)
 
 

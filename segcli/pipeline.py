@@ -24,7 +24,6 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -33,10 +32,11 @@ import numpy as np
 from segcli import input_facts as facts
 from segcli import io, memory
 from segcli.engines.base import ProgressFn, Result
-from segcli.errors import EmptyImageError, SegcliError, UsageError, bug_message
+from segcli.errors import EmptyImageError, UsageError
 from segcli.geometry import slice_axis
-from segcli.io.atomic import OutputLock, os_error_words
+from segcli.io.atomic import OutputLock
 from segcli.io.naming import geojson_path, probabilities_path
+from segcli.job import Job
 from segcli.outputs import detection_classes, plan_output, planned_outputs, write_dicom_seg
 from segcli.plan import Staged2D
 from segcli.prepare import implausible_result, mismatch_warnings
@@ -62,56 +62,6 @@ class Route(Protocol):
     def write(self, seg: Segmenter, job: Job) -> None: ...
 
     def close(self) -> None: ...
-
-
-@dataclass
-class Job:
-    """One file moving through read → compute → write."""
-
-    path: Path
-    rep: FileReport
-    t0: float
-    out: Path | None = None
-    route: Any = None  # a Route once the input is open
-    lock: OutputLock | None = None
-
-    def fail_from(self, exc: BaseException, writing: bool = False) -> None:
-        """Record ``exc`` as this file's failure: a SegcliError as itself, an operating-system failure (disk
-        full, permission, read-only...) in the user's words naming the user's file, anything else as a bug."""
-        self.rep.status = "failed"
-        self.close_route()
-        words = os_error_words(exc)
-        if words is not None:
-            self.rep.error = f"{self._user_path(getattr(exc, 'filename', None), writing)}: {words}"
-        elif not isinstance(exc, SegcliError):
-            self.rep.error = bug_message(exc, self.path)
-        elif exc.path is not None:
-            self.rep.error = str(exc)
-        else:
-            self.rep.error = f"{self.path}: {exc}"
-
-    def _user_path(self, name: Any, writing: bool) -> Path:
-        """The path the user knows for an OS error's file: the output for its hidden temporary names."""
-        if name is None:
-            return self.out if writing and self.out is not None else self.path
-        p = Path(str(name))
-        if self.out is not None and p.name.startswith(".") and (".partial-" in p.name or p.name.endswith(".lock")):
-            return self.out
-        return p
-
-    def close_route(self) -> None:
-        if self.route is not None:
-            self.route.close()
-            self.route = None
-
-    def finish(self) -> FileReport:
-        """Release the lock and the route's resources; stamp the total time."""
-        if self.lock is not None:
-            self.lock.release()
-            self.lock = None
-        self.close_route()
-        self.rep.seconds["total"] = time.perf_counter() - self.t0
-        return self.rep
 
 
 # -- routes ----------------------------------------------------------------------------------------
@@ -516,6 +466,13 @@ def _check_volume_fits(seg: Segmenter, est: int, shape: tuple[int, ...], path: P
 
 
 def read(seg: Segmenter, path: Path, output: str | Path | None, *, input_root: Path | None) -> Job:
+    """:func:`_read`, its time counted as the file's own work."""
+    job = _read(seg, path, output, input_root=input_root)
+    job.busy += time.perf_counter() - job.t0
+    return job
+
+
+def _read(seg: Segmenter, path: Path, output: str | Path | None, *, input_root: Path | None) -> Job:
     """Plan the output, take the lock, honour --skip-existing, and open the input on its route."""
     job = Job(path=path, rep=FileReport(input=str(path)), t0=time.perf_counter())
     opts = seg.options
@@ -561,15 +518,21 @@ def compute(seg: Segmenter, job: Job, progress: ProgressFn | None) -> None:
     """Run the route's engine; a failure is recorded on the job, never raised."""
     if job.route is None or job.rep.status != "ok":
         return
+    t, loading = time.perf_counter(), seg.load_seconds.get("total", 0.0)
     try:
         job.route.compute(seg, job, progress)
     except Exception as exc:  # one bad file must not stop the batch
         job.fail_from(exc)
+    finally:
+        job.busy += time.perf_counter() - t
+        if (load := seg.load_seconds.get("total", 0.0) - loading) > 0.001:
+            job.rep.seconds["model_load"] = load  # first use: the ONNX export or the weights, its own stage
 
 
 def write(seg: Segmenter, job: Job) -> FileReport:
     """Write the mask (and what else was asked for), then release everything the job held."""
     new: list[Path] = []
+    t = time.perf_counter()
     try:
         if job.route is not None and job.out is not None and job.rep.status in ("ok", "empty"):
             new = [p for _, p in planned_outputs(seg.options, job.out) if not p.exists()]
@@ -581,6 +544,7 @@ def write(seg: Segmenter, job: Job) -> FileReport:
         for p in new:  # a failed input leaves none of its new outputs (a mask without its probabilities)
             with contextlib.suppress(OSError):
                 p.unlink()
+    job.busy += time.perf_counter() - t
     return job.finish()
 
 

@@ -264,3 +264,45 @@ def test_info_prints_spacing_with_its_unit(tmp_path: Path) -> None:
     assert r.returncode == 0, r.stderr
     line = next(ln for ln in r.stdout.splitlines() if ln.strip().startswith("spacing"))
     assert line.split(None, 1)[1] == "0.25 x 0.25 µm"
+
+
+def test_timings_are_own_work_and_model_load_is_a_stage(models: Path, tmp_path: Path) -> None:
+    for i in range(3):
+        Image.fromarray(np.random.default_rng(i).integers(0, 255, (60, 70, 3)).astype(np.uint8)).save(
+            tmp_path / f"{i}.png")
+    r, doc = _predict(models, *(tmp_path / f"{i}.png" for i in range(3)), "-o", tmp_path / "out", "--json",
+                      env={"SEGCLI_ONNX_CACHE": str(tmp_path / "cache")})
+    assert r.returncode == 0, r.stderr
+    first = doc["files"][0]["seconds"]
+    assert first.get("model_load", 0) > 0  # the first file built the predictors (an ONNX export): its own stage
+    for f in doc["files"]:
+        s = f["seconds"]
+        stages = sum(v for k, v in s.items() if k not in ("total", "queued"))
+        assert stages <= s["total"] * 1.05 + 0.01 and s["total"] - stages < 0.25 * s["total"] + 0.05, s
+    assert doc["summary"]["model_load_seconds"] >= first["model_load"] - 0.001
+
+
+def test_progress_columns_count_and_eta() -> None:
+    import io
+    import re
+    import time
+
+    from rich.console import Console
+
+    from segcli.cli_report import progress_display
+
+    con = Console(file=io.StringIO(), force_terminal=True, width=120)
+    with progress_display(con, False) as prog:
+        files = prog.add_task("files", total=10)
+        stage = prog.add_task("  a.png: reading, rough pass", total=None)
+        for _ in range(3):
+            prog.advance(files)
+            time.sleep(0.05)
+        prog.refresh()
+    text = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", con.file.getvalue())
+    assert "0/?" not in text and "a.png: reading, rough pass" in text and "3/10" in text
+    assert re.search(r"3/10 .*ETA \d+:\d\d", text), text
+    assert stage is not None
+    piped = Console(file=io.StringIO(), force_terminal=False)
+    with progress_display(piped, False) as none:
+        assert none is None  # not a terminal: no progress display at all
