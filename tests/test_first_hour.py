@@ -306,3 +306,27 @@ def test_progress_columns_count_and_eta() -> None:
     piped = Console(file=io.StringIO(), force_terminal=False)
     with progress_display(piped, False) as none:
         assert none is None  # not a terminal: no progress display at all
+
+
+def test_train_resume_example_parses_as_written(tmp_path: Path) -> None:
+    """The `--resume ... --time-limit 30m` example of `train --help`, run as written on a folder with no run in it:
+    the answer is about the missing checkpoint, never a usage error about the command line itself."""
+    from segcli.cli import app
+
+    epilog = typer_command("train").epilog
+    line = next(ln.strip() for ln in epilog.splitlines() if "--resume" in ln)
+    args = line.split("#")[0].split()[2:]  # after "segcli train"
+    args = [str(tmp_path / "mine") if a == "models/mine" else a for a in args]
+    from typer.testing import CliRunner
+
+    r = CliRunner().invoke(app, ["train", *args])
+    assert r.exit_code == 2, r.output
+    assert "checkpoint" in r.output and "unexpected extra argument" not in r.output.lower(), r.output
+
+
+def typer_command(name: str):
+    import typer
+
+    from segcli.cli import app
+
+    return typer.main.get_command(app).commands[name]  # type: ignore[attr-defined]
