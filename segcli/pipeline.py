@@ -32,7 +32,7 @@ import numpy as np
 from segcli import input_facts as facts
 from segcli import io, memory
 from segcli.engines.base import ProgressFn, Result
-from segcli.errors import EmptyImageError, UsageError
+from segcli.errors import EmptyImageError, InputError, UsageError
 from segcli.geometry import slice_axis
 from segcli.io.atomic import OutputLock
 from segcli.io.naming import geojson_path, probabilities_path
@@ -390,6 +390,8 @@ def open_route(seg: Segmenter, path: Path, out: Path, content: str | None) -> Ro
         from segcli.io.bigtiff import tiff_header
 
         head = None if vendor else tiff_header(path)
+        if head is not None and min(head[0]) < 2:  # the same refusal whichever route would read it
+            raise InputError(f"image is too small ({head[0][0]}x{head[0][1]}); need at least 2 pixels per side", path)
         kind = "slide" if vendor or (head is not None and head[1] in (3, 4)) else "2d"
         if vendor and not out.name.lower().endswith((".tif", ".tiff")):
             raise UsageError(f"a {path.suffix} slide is read by region, so its mask is written as a tiled .tif, "

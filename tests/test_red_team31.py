@@ -196,3 +196,31 @@ def test_two_signals_in_a_row_give_one_line_and_no_traceback(rgb_bundle: Path, t
     assert "Traceback" not in rest and "KeyboardInterrupt" not in rest, rest
     assert rest.count(f"segcli: {word}") == 1, rest
     assert not list((tmp_path / "out").glob(".*partial*")) and not list((tmp_path / "out").glob(".*.lock"))
+
+
+def test_one_pixel_high_tiff_refused_on_both_routes(rgb_bundle: Path, tmp_path: Path) -> None:
+    import tifffile
+
+    thin = tmp_path / "thin.tif"
+    tifffile.imwrite(thin, np.random.default_rng(0).integers(0, 255, (1, 500, 3)).astype(np.uint8))
+    for extra in ((), ("--max-memory", "64MB")):  # in memory, and the bounded (tiled) route
+        r = _predict(thin, "-o", tmp_path / "m.tif", "--model", rgb_bundle, *extra)
+        assert r.returncode == 1, (extra, r.stderr)
+        assert "thin.tif: image is too small (1x500); need at least 2 pixels per side" in r.stderr
+        assert not (tmp_path / "m.tif").exists()
+
+
+def test_report_line_without_an_output_says_so() -> None:
+    """An empty DICOM SEG writes no file: its line says so instead of '-> None'."""
+    import io
+
+    from rich.console import Console
+
+    from segcli.cli_report import report_line
+    from segcli.report import FileReport
+
+    con = Console(file=io.StringIO(), width=200)
+    rep = FileReport(input="series/", output=None, model="covid-ct", voxel_counts={"ground_glass": 0})
+    report_line(con, rep)
+    line = con.file.getvalue()
+    assert line.startswith("ok      series/ -> no mask written  (covid-ct;") and "None" not in line
