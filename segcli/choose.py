@@ -24,7 +24,7 @@ KIND_WORDS = {
     "slide": "an RGB TIFF slide",
     "grey": "a grey image (CT slice, electron micrograph or photo?)",
     "fluorescence": "a grey image with a dark background and bright objects (fluorescence microscopy)",
-    "ct-slice": "a CT slice exported to 8 bits (--window given)",
+    "ct-slice": "a CT slice (in HU, or exported to 8 bits with --window)",
     "volume": "a CT volume",
     "volume-not-ct": "a volume without Hounsfield units (MR or another modality)",
 }
@@ -83,6 +83,8 @@ def content_kind(array: np.ndarray, kind: str) -> str:
     if kind == "slide":
         return "slide"
     if is_grey(array):
+        if array.dtype.kind in "if" and float(np.nanmin(_sample(array))) < -200:
+            return "ct-slice"  # a 2D slice in Hounsfield units (air near -1000): no photo or micrograph is negative
         return "fluorescence" if looks_fluorescent(array) else "grey"
     return "he" if he_score(array) >= HE_GREEN_SHARE else "2d"
 

@@ -330,3 +330,15 @@ def typer_command(name: str):
     from segcli.cli import app
 
     return typer.main.get_command(app).commands[name]  # type: ignore[attr-defined]
+
+
+def test_two_d_slice_in_hu_goes_to_the_ct_model(models: Path, tmp_path: Path) -> None:
+    import SimpleITK as sitk
+
+    a = np.full((48, 48), -1000, np.int16)
+    a[10:40, 10:40] = 40
+    src = tmp_path / "slice.nii.gz"
+    sitk.WriteImage(sitk.GetImageFromArray(a), str(src))
+    r, doc = _predict(models, src, "-o", tmp_path / "out.nii.gz", "--json")
+    assert r.returncode == 0, r.stderr
+    assert doc["files"][0]["model"] == "covid-ct"
