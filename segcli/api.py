@@ -58,6 +58,7 @@ class Segmenter:
         self._predictors: dict[tuple[Path, str], Any] = {}
         self._plans: dict[tuple[str, int, bool], Any] = {}  # segcli.memplan.MemoryPlan per (kind, budget)
         self.workers = 1  # > 1: this process is one of W workers and its budget is already its 1/W share
+        self.load_seconds: dict[str, float] = {}  # shared with siblings (_with): time spent building predictors
 
     # Read-only views of the options that callers (viz, benchmarks) use.
     @property
@@ -100,11 +101,14 @@ class Segmenter:
 
         key = (bundle.path.resolve(), role)
         if key not in self._predictors:
+            t = time.perf_counter()
             self._predictors[key] = make_predictor(
                 bundle, role, backend=self.options.backend, device=self.device,
                 max_batch=int(self.param(bundle, "batch_size")), half=self.options.half,
                 onnx_cache=self.options.onnx_cache, precision=self.options.precision,
             )
+            # model loading, and the ONNX export on first use: a stage of the file that needed it (pipeline)
+            self.load_seconds["total"] = self.load_seconds.get("total", 0.0) + time.perf_counter() - t
         return self._predictors[key]
 
     def set_predictor(self, bundle: Bundle, role: str, predictor: Any) -> None:
@@ -174,7 +178,7 @@ class Segmenter:
     # -- arrays ---------------------------------------------------------------------------------
     def prepare(self, array: np.ndarray, bundle: Bundle, path: Any = None) -> np.ndarray:
         """Channel conversion and normalisation: channel-last input → channel-first float32."""
-        return prepare(array, bundle, self.options.channels, path)
+        return prepare(array, bundle, self.options.channels, path, self.options.window)
 
     def segment_array(
         self,
@@ -193,7 +197,8 @@ class Segmenter:
             from segcli.io.volstream import ArrayVolume
 
             return self.segment_volume(ArrayVolume(array), spacing=spacing, return_probs=return_probs,
-                                       progress=progress, path=path)
+                                       progress=progress, path=path,
+                                       kind=kind if kind.startswith("volume") else "volume")
         staged = self.stage_2d(array, kind=kind, spacing=spacing, path=path)
         return self.run_staged(staged, return_probs=return_probs, progress=progress), staged.bundle
 
@@ -247,6 +252,7 @@ class Segmenter:
         path: Any = None,
         labels_out: np.ndarray | None = None,
         probs_out: Any = None,
+        kind: str = "volume",
     ) -> tuple[Result, Bundle]:
         """Segment a canonical ``(Z, Y, X, C)`` volume served by a VolumeSource, one slab at a time.
 
@@ -262,7 +268,7 @@ class Segmenter:
         from segcli.io.volstream import SlabCache
         from segcli.normalize import convert_channels
 
-        bundle = self.bundle_for("volume")
+        bundle = self.bundle_for(kind)
         p = self.plan_for(bundle)
         axis = slice_axis(spacing)
         mode = self.options.channels

@@ -41,15 +41,22 @@ def expand_inputs(inputs: list[Path], output: Path | None, stdin: Iterable[str] 
     from segcli.io.dicomseries import may_hold_dicom
 
     found = Inputs()
-    for p in inputs:
+    given: list[Path] = []
+    for p in inputs:  # a path read from stdin is taken exactly as one given on the command line (a folder is walked)
         if str(p) == "-":
-            found.items.extend((Path(line.rstrip("\n")), None) for line in stdin if line.strip())
-        elif p.is_dir() and not io.is_image_path(p):
+            given.extend(Path(line.rstrip("\n")) for line in stdin if line.strip())
+        else:
+            given.append(p)
+    for p in given:
+        if p.is_dir() and not io.is_image_path(p):
+            # files under -o are earlier outputs, unless -o is this folder or holds it (outputs then go beside
+            # the inputs, told apart by their *_seg/*_probs/*_preview names)
+            skip_out = output is not None and not _is_within(p, output)
             images = io.list_images(p)
             if not images and may_hold_dicom(p):  # DICOM but no image series (SR, PR...): the reader says why
                 found.items.append((p, None))
             for q in images:
-                if output is not None and _is_within(q, output):
+                if skip_out and _is_within(q, output):  # type: ignore[arg-type]
                     continue
                 if q.name.split(".")[0].endswith(OUTPUT_SUFFIXES):
                     found.earlier_outputs.append(q)  # our own outputs from an earlier run beside the inputs
@@ -74,6 +81,10 @@ def _identity(p: Path) -> tuple[int, int] | None:
     except OSError:
         return None
     return st.st_dev, st.st_ino
+
+
+#: The longest file name (bytes) of ext4, XFS, APFS and NTFS: an output named longer cannot be written.
+NAME_MAX = 255
 
 
 def check_no_overwrite(items: list[tuple[Path, Path | None]], options: PredictOptions, output: Path | None, *,
@@ -111,6 +122,9 @@ def check_no_overwrite(items: list[tuple[Path, Path | None]], options: PredictOp
         except (OSError, ValueError):
             continue  # the per-file run reports bad names
         for what, target in planned_outputs(options, out):
+            if len(os.fsencode(target.name)) > NAME_MAX:
+                raise UsageError(f"{path}: its {what} name {target.name[:40]}... is {len(os.fsencode(target.name))} "
+                                 f"bytes, over the {NAME_MAX}-byte limit of file names; rename the input or give -o")
             owner = clash(target)
             if owner is not None:
                 same = "itself" if owner == path else f"the input {owner}"

@@ -304,12 +304,33 @@ def _check_shape(raw: dict[str, Any], where: Path) -> None:
             raise BundleError(f"malformed bundle: network {role!r} names hold NUL characters", where)
 
 
+def _check_params(params: dict[str, Any], where: Path) -> None:
+    """The bundle's method parameters, typed and in range, checked once at load: a bad one is one refusal
+    naming segcli.json, not a failure per file. Keys segcli does not know as method parameters (the
+    bundle's own facts: mpp, training_mpp, max_zoom...) are left alone."""
+    from segcli.errors import UsageError
+    from segcli.params import SPECS, check_param
+
+    for key, value in params.items():
+        if key not in SPECS or value is None:
+            continue
+        if SPECS[key].kind in (int, float) and (isinstance(value, bool) or not isinstance(value, (int, float))):
+            raise BundleError(f"malformed bundle: params.{key} must be a number, not {value!r}", where)
+        if SPECS[key].kind is bool and not isinstance(value, bool):
+            raise BundleError(f"malformed bundle: params.{key} must be true or false, not {value!r}", where)
+        try:
+            check_param(key, value)
+        except UsageError as exc:
+            raise BundleError(f"malformed bundle: params.{key}: {exc}", where) from None
+
+
 def resolve_model(model: str | os.PathLike[str] | None, kind: str = "2d") -> Path:
-    """A bundle folder from a path, a shipped bundle name, or None for the default of ``kind``."""
+    """A bundle folder from a path, a shipped bundle name, or None for the default of ``kind`` (a content
+    kind of :mod:`segcli.choose`); a kind the index maps to no model is refused with the shipped list."""
     if model is None:
         name = default_model_name(kind)
         if name is None:
-            raise BundleError(f"no default model for {kind} inputs in {models_dir()}; pass --model")
+            raise BundleError(no_model_message(kind))
         return models_dir() / name
     p = Path(model)
     if p.is_dir() or p.name == BUNDLE_FILE:
@@ -326,16 +347,36 @@ def resolve_model(model: str | os.PathLike[str] | None, kind: str = "2d") -> Pat
                       f"shipped: {', '.join(names) or 'none'}")
 
 
-def default_model_name(kind: str) -> str | None:
-    """The default named in ``models/index.json`` for ``kind`` ("2d", "slide" or "volume")."""
-    index = models_dir() / "index.json"
+def model_index() -> dict[str, Any]:
+    """``models/index.json``: the default per content kind, the guesses and the refusal hints."""
     try:
-        data = json.loads(index.read_text())
+        data = json.loads((models_dir() / "index.json").read_text())
     except (OSError, ValueError):
-        return None
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def no_model_message(kind: str) -> str:
+    """The refusal for a content kind no shipped model fits: what the input is and the list to pick from."""
+    from segcli.choose import KIND_WORDS
+
+    data = model_index()
+    hint = (data.get("refuse_hints") or {}).get(kind)
+    names = ", ".join(b.name for b in list_models()) or "none"
+    what = KIND_WORDS.get(kind, f"{kind} inputs")
+    return (f"no shipped model fits {what}; pass --model NAME" + (f" ({hint})" if hint else "")
+            + f"; shipped: {names}")
+
+
+def default_model_name(kind: str) -> str | None:
+    """The default named in ``models/index.json`` for ``kind`` ("2d", "slide", "volume" or a content kind of
+    segcli.choose); None when the index maps the kind to no model."""
+    data = model_index()
     by_kind = data.get("default_by_kind") or {}
+    if kind in by_kind:
+        return by_kind[kind]
     # a slide (RGB TIFF) falls back to the 2D default when the index names no slide model
-    return by_kind.get(kind) or (by_kind.get("2d") if kind == "slide" else None) or data.get("default")
+    return (by_kind.get("2d") if kind == "slide" else None) or data.get("default")
 
 
 def load_bundle(model: str | os.PathLike[str] | None = None, kind: str = "2d") -> Bundle:
@@ -385,6 +426,7 @@ def load_bundle(model: str | os.PathLike[str] | None = None, kind: str = "2d") -
     except (KeyError, TypeError, ValueError, AttributeError) as exc:
         raise BundleError(f"malformed bundle: missing or bad field {exc}", cfg_path) from None
     bundle.codes = parse_codes(raw.get("codes"), bundle.classes, cfg_path)
+    _check_params(bundle.params, cfg_path)
     if bundle.method not in METHODS:
         raise BundleError(f"unknown method {bundle.method!r}", cfg_path)
     if bundle.n_classes < 2:

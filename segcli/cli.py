@@ -19,6 +19,18 @@ from typing import Annotated, Any
 import typer
 
 from segcli import __version__
+from segcli.cli_report import (
+    check_output_kinds,
+    interrupt_exit,
+    on_signal,
+    plain_help_types,
+    progress_display,
+    report_line,
+    signalled,
+    spacing_text,
+    summary_line,
+    summary_shape_problem,
+)
 from segcli.methods import METHODS
 
 # Before torch or ONNX Runtime load: OpenMP threads that spin while waiting get descheduled on a
@@ -30,14 +42,6 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_BUG, EXIT_INTERRUPTED, EXIT_TERMINATED = 0, 1, 2, 3, 130, 143
-
-
-class Terminated(KeyboardInterrupt):
-    """SIGTERM (SLURM, Kubernetes, ``timeout``), handled like Ctrl-C but exiting 143 (128 + 15)."""
-
-
-def _on_sigterm(signum: int, frame: Any) -> None:
-    raise Terminated()
 
 app = typer.Typer(
     name="segcli",
@@ -52,6 +56,7 @@ app = typer.Typer(
 )
 
 log = logging.getLogger("segcli")
+plain_help_types()
 
 
 def _stderr_console(quiet: bool = False):
@@ -121,7 +126,8 @@ def predict(
     onnx_cache: Annotated[str | None, typer.Option(help="Folder for first-use ONNX exports, or off [default: $SEGCLI_ONNX_CACHE, else ~/.cache/segcli/onnx]", rich_help_panel="Performance")] = None,
     device: Annotated[str, typer.Option(help="auto | cpu | cuda | cuda:N", rich_help_panel="Performance")] = "auto",
     threads: Annotated[int | None, typer.Option(help="Intra-op threads (default: the cores really available) [1–1024].", rich_help_panel="Performance")] = None,
-    channels: Annotated[str, typer.Option(help="keep | grey | rgb: explicit channel conversion when the image and model differ.", rich_help_panel="Model and method")] = "keep",
+    channels: Annotated[str, typer.Option(help="keep | grey | rgb: channel conversion when the image and model differ (keep: a grey image given to an RGB model is repeated into 3 channels, with a note).", rich_help_panel="Model and method")] = "keep",
+    window: Annotated[str | None, typer.Option(help="C,W: the CT window (centre, width in HU) an 8-bit PNG/JPEG export of CT was made with, e.g. -600,1500; its 0-255 values are mapped back to HU. Implies a CT model when no --model is given. Default: none (the pixels are taken as they are).", rich_help_panel="Model and method")] = None,
     size: Annotated[int | None, typer.Option(help="Network input size S (default: the bundle's) [8–8192].", rich_help_panel="Model and method")] = None,
     pad: Annotated[int | None, typer.Option(help="stts: crop padding k in full-resolution px (default S//8) [≥ 0].", rich_help_panel="Method parameters")] = None,
     threshold: Annotated[float | None, typer.Option(help="Foreground probability threshold (binary models) [0–1]. Default: the bundle's, else 0.5.", rich_help_panel="Method parameters")] = None,
@@ -185,7 +191,7 @@ def predict(
     try:
         options = PredictOptions(
             model=model, method=method, backend=backend, precision=precision, onnx_cache=onnx_cache, device=device, threads=threads, channels=channels,
-            half=half, size=size, max_memory=max_memory, pyramid=pyramid, mpp=mpp, max_downscale=max_downscale,
+            window=window, half=half, size=size, max_memory=max_memory, pyramid=pyramid, mpp=mpp, max_downscale=max_downscale,
             max_zoom=max_zoom, tile_size=tile_size, probabilities=probabilities, skip_existing=skip_existing,
             output_type="dicom-seg" if output is not None and output.name.lower().endswith(".dcm") else output_type,
             stats=stats is not None, lock=lock, preview=preview, allow_unhashed=allow_unhashed, volume=volume,
@@ -200,7 +206,10 @@ def predict(
         check_range("prefetch", prefetch, 0, 64)
         seg = Segmenter(options=options)
         if model is not None:
-            seg.warm_up("2d")  # a bad --model is a usage error, reported once, not per file
+            bundle = seg.warm_up("2d")  # a bad --model is a usage error, reported once, not per file
+            if options.window is not None and bundle.normalization.get("kind") != "ct_window":
+                raise _fail(f"--window maps an 8-bit CT export to HU, but model {bundle.name} does not take CT in HU",
+                            EXIT_USAGE)
         found = expand_inputs(inputs, output, sys.stdin if any(str(p) == "-" for p in inputs) else ())
         items = found.items
     except BundleError as exc:
@@ -235,6 +244,12 @@ def predict(
                 raise _fail(f"{path}: --output-type dicom-seg: {why}", EXIT_USAGE)
     if len(items) > 1 and output is not None and output.suffix and not output.is_dir():
         raise _fail(f"-o {output} looks like a file but there are {len(items)} inputs; give a folder", EXIT_USAGE)
+    if output is not None and output.exists() and not output.is_dir() and any(root for _, root in items):
+        raise _fail(f"-o {output} is an existing file but the input is a folder; give a folder for -o", EXIT_USAGE)
+    try:
+        check_output_kinds(items, options, output)
+    except SegcliError as exc:
+        raise _fail(str(exc), exc.exit_code) from None
     try:
         if shard is None and (from_env := shard_from_env()) is not None:
             shard = from_env[0]
@@ -260,9 +275,9 @@ def predict(
 
     reports = list(clashes)
     for rep in clashes:
-        _report_line(console, rep)
+        report_line(console, rep)
     t_start = time.perf_counter()
-    with _progress(console, quiet) as prog:
+    with progress_display(console, quiet) as prog:
         overall = prog.add_task("files", total=len(items)) if prog else None
         stage = {"task": None}
 
@@ -271,7 +286,7 @@ def predict(
                 return None
             if stage["task"] is not None:
                 prog.remove_task(stage["task"])
-            stage["task"] = prog.add_task(f"  {path.name}", total=None)
+            stage["task"] = prog.add_task(f"  {path.name}: reading, rough pass", total=None)
 
             def on_progress(name: str, done: int, total: int, _t=stage["task"], _n=path.name) -> None:
                 prog.update(_t, description=f"  {_n}: {name}", completed=done, total=total)
@@ -286,11 +301,9 @@ def predict(
                 log.debug("file %s: %s", rep.input, json.dumps(rep.to_dict(), default=str))
                 if prog is not None:
                     prog.advance(overall)
-                _report_line(console, rep)
+                report_line(console, rep)
         except KeyboardInterrupt as exc:
-            what = "terminated" if isinstance(exc, Terminated) else "interrupted"
-            print(f"segcli: {what}; rerun with --skip-existing to resume", file=sys.stderr)
-            raise typer.Exit(EXIT_TERMINATED if isinstance(exc, Terminated) else EXIT_INTERRUPTED) from None
+            raise interrupt_exit(exc, resume_hint=True) from None
     if stats is not None:
         from segcli.stats import write_stats_csv
 
@@ -311,27 +324,20 @@ def predict(
             "failed": len(failed),
             "earlier_outputs_left_out": len(found.earlier_outputs),
             "seconds": round(time.perf_counter() - t_start, 3),
+            # loading the models, with their ONNX export on first use (before the batch when --model is given)
+            "model_load_seconds": round(seg.load_seconds.get("total", 0.0), 3),
         },
     }
     if json_out:
         sys.stdout.write(json.dumps(summary, indent=2, default=str) + "\n")
     if not quiet and len(reports) > 1:
-        _summary_line(summary["summary"])
+        summary_line(summary["summary"])
     if failed:
         if len(reports) > 1:  # a recap at the end of a long batch log; one input's error was printed once already
             print(f"segcli: {len(failed)} of {len(reports)} input(s) failed:", file=sys.stderr)
             for r in failed:
                 print(f"  {r.error}", file=sys.stderr)
         raise typer.Exit(EXIT_FAILED)
-
-
-def _summary_line(s: dict[str, Any]) -> None:
-    """One closing line for a human or a SLURM log: counts, time and throughput."""
-    done = s["ok"] + s["empty"]
-    rate = f", {done / s['seconds']:.2f} files/s" if s["seconds"] > 0 and done else ""
-    left = f", {s['earlier_outputs_left_out']} earlier outputs left out" if s.get("earlier_outputs_left_out") else ""
-    print(f"segcli: {s['total']} input(s): {s['ok']} ok, {s['empty']} empty, {s['skipped']} skipped, "
-          f"{s['failed']} failed in {s['seconds']:.1f} s{rate}{left}", file=sys.stderr)
 
 
 def _extras(seg, rep, preview: bool, arsm_dir: Path | None) -> None:
@@ -341,49 +347,18 @@ def _extras(seg, rep, preview: bool, arsm_dir: Path | None) -> None:
 
     if rep.status not in ("ok", "empty"):
         return
-    if preview:
+    if preview and "preview" not in rep.info and rep.output:  # images read whole got theirs in the writer thread
         try:
             p = viz.write_preview_for(rep, segmenter=seg)
             rep.info["preview"] = str(p)
-        except (SegcliError, ValueError, OSError) as exc:
-            rep.warnings.append(f"no preview: {exc}")
+        except (SegcliError, ValueError, OSError, MemoryError) as exc:  # a missing preview fails the file: exit 1
+            rep.status = "failed"
+            rep.error = f"{rep.input}: preview not written: {exc}"
     if arsm_dir is not None:
         try:
             rep.info["arsm_maps"] = [str(p) for p in viz.write_arsm_maps_for(seg, Path(rep.input), arsm_dir)]
         except (SegcliError, ValueError, OSError) as exc:
             rep.warnings.append(f"no ARSM maps: {exc}")
-
-
-class _NoProgress:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *a):
-        return False
-
-
-def _progress(console, quiet: bool):
-    """A rich progress display on a TTY; nothing at all when stderr is piped or --quiet."""
-    if quiet or not console.is_terminal:
-        return _NoProgress()
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                    console=console, transient=True)
-
-
-def _report_line(console, rep) -> None:
-    if rep.status == "failed":
-        console.print(f"[red]failed[/red]  {rep.error}", markup=True, soft_wrap=True)
-        return
-    for w in rep.warnings:
-        console.print(f"[yellow]warning[/yellow] {rep.input}: {w}", markup=True, soft_wrap=True)
-    if rep.status == "skipped":
-        console.print(f"skipped {rep.input} (exists: {rep.output})", soft_wrap=True)
-        return
-    found = ", ".join(f"{k} {v}" for k, v in rep.voxel_counts.items() if v) or "nothing found"
-    console.print(f"ok      {rep.input} -> {rep.output}  ({rep.seconds.get('total', 0):.2f} s; {found})",
-                  soft_wrap=True, markup=False)
 
 
 @app.command("models", epilog=("Examples:\n\n" + "\n\n".join(['  segcli models', '  segcli models --verify', '  segcli models --archs', "  segcli models --json | jq '.[].name'"])))
@@ -463,7 +438,7 @@ def info(
                 print(f"{p}")
                 for k, v in d.items():
                     if k != "path":
-                        print(f"  {k:<14} {v}")
+                        print(f"  {k:<14} {spacing_text(v) if k == 'spacing' else v}")
         except SegcliError as exc:
             failed += 1
             print(f"segcli: error: {exc}", file=sys.stderr)
@@ -484,9 +459,12 @@ def merge_summaries_cmd(
     docs = []
     for p in summaries:
         try:
-            docs.append(json.loads(p.read_text()))
-        except (OSError, ValueError) as exc:
+            doc = json.loads(p.read_text())
+        except (OSError, ValueError, RecursionError) as exc:
             raise _fail(f"{p}: not a segcli --json summary ({exc})", EXIT_FAILED) from None
+        if problem := summary_shape_problem(doc):
+            raise _fail(f"{p}: not a segcli --json summary ({problem})", EXIT_FAILED)
+        docs.append(doc)
     merged = merge_summaries(docs)
     text = json.dumps(merged, indent=2, default=str) + "\n"
     if output is None:
@@ -619,15 +597,18 @@ def main() -> None:
     """Entry point: usage errors exit 2 (click's convention), bugs exit 3 with a log path."""
     import signal
 
-    signal.signal(signal.SIGTERM, _on_sigterm)
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
     try:
         app()
     except KeyboardInterrupt as exc:
-        terminated = isinstance(exc, Terminated)
-        print(f"segcli: {'terminated' if terminated else 'interrupted'}", file=sys.stderr)
-        sys.exit(EXIT_TERMINATED if terminated else EXIT_INTERRUPTED)
-    except SystemExit:
+        sys.exit(interrupt_exit(exc).exit_code)
+    except SystemExit as exc:
+        if signalled() and exc.code not in (EXIT_INTERRUPTED, EXIT_TERMINATED):
+            sys.exit(interrupt_exit().exit_code)  # a signal turned into another error on its way up
         raise
     except Exception as exc:
+        if signalled():
+            sys.exit(interrupt_exit().exit_code)
         _bug(exc)
         sys.exit(EXIT_BUG)

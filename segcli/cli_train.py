@@ -80,7 +80,7 @@ def _normalization(text: str | None) -> dict[str, Any] | None:
 def register(app: typer.Typer) -> None:
     """Add ``train`` and ``evaluate`` to the segcli app."""
 
-    @app.command("train", epilog=("Examples:\n\n" + "\n\n".join(['  segcli train --method stts --arch unet --data mydataset/ -o models/mine --size 64', '  segcli train --data nnUNet_raw/Dataset001_X -o models/x --time-limit 2h', '  segcli train --data mydataset/ -o models/mine --resume --time-limit 30m', '  segcli train --method direct --arch deconvnet --data mydataset/ -o models/dc --size 128'])))
+    @app.command("train", epilog=("Examples:\n\n" + "\n\n".join(['  segcli train --method stts --arch unet --data mydataset/ -o models/mine --size 64', '  segcli train --data nnUNet_raw/Dataset001_X -o models/x --time-limit 2h', '  segcli train --resume models/mine --time-limit 30m   # continue the run in models/mine for 30 more minutes', '  segcli train --method direct --arch deconvnet --data mydataset/ -o models/dc --size 128'])))
     def train_cmd(
         data: Annotated[Path | None, typer.Option("--data", "-d", help="Dataset folder: images/ + masks/ (+ dataset.json) or nnU-Net raw imagesTr/ + labelsTr/. Required unless --resume; no default.")] = None,
         out: Annotated[Path | None, typer.Option("-o", "--out", help="Output folder; becomes a complete model bundle. Required unless --resume; no default.")] = None,
@@ -191,6 +191,11 @@ def register(app: typer.Typer) -> None:
             sp = [float(v) for v in spacing.split(",")] if spacing else None
         except ValueError:
             raise _fail(f"--spacing {spacing!r}: comma-separated numbers in mm", 2) from None
+        if preview is not None:
+            for what, folder in (("predictions", predictions), ("ground-truth", ground_truth)):
+                if folder.is_dir() and (preview.resolve() == folder.resolve() or folder.resolve() in preview.resolve().parents):
+                    raise _fail(f"--preview {preview} is inside the {what} folder {folder}: the error maps would "
+                                "be read as masks by every later evaluate; give another folder", 2)
         try:
             result = evaluate(predictions, ground_truth, fov_dir=fov, spacing=sp, hd95=hd95, csv_path=csv_out,
                               json_path=json_file, log=warn)

@@ -174,6 +174,12 @@ def _block_mean(img: np.ndarray, f: int, band: int = 64) -> np.ndarray:
         return img
     h, w, c = img.shape
     bh, bw = math.ceil(h / f), math.ceil(w / f)
+    if img.dtype == np.uint8 and c in (1, 3):  # Pillow's box reduce in C: 10x faster than the float means below
+        from PIL import Image
+
+        src = Image.fromarray(np.ascontiguousarray(img[..., 0] if c == 1 else img))
+        small = np.asarray(src.reduce(f), dtype=np.float32)
+        return small[..., None] if c == 1 else small
     out = np.empty((bh, bw, c), np.float32)
     for b0 in range(0, bh, band):
         b1 = min(bh, b0 + band)
@@ -192,6 +198,17 @@ def _block_labels(labels: np.ndarray, f: int, band: int = 64) -> np.ndarray:
     bh, bw = math.ceil(h / f), math.ceil(w / f)
     present = [c for c in np.flatnonzero(label_counts(labels)) if c > 0]
     out = np.zeros((bh, bw), np.uint8)
+    if labels.ndim == 2 and labels.size <= 64 << 20:  # Pillow's box reduce of each class's 0/255 mask: ~10x faster
+        from PIL import Image
+
+        best = np.zeros((bh, bw), np.float32)
+        for c in present:
+            share = np.asarray(Image.fromarray(np.where(labels == c, 255, 0).astype(np.uint8)).reduce(f),
+                               np.float32)[:bh, :bw]
+            win = (share > best) & (share >= 255 / 4)  # at least a quarter of the block
+            out[win] = c
+            best = np.where(win, share, best)
+        return out
     for b0 in range(0, bh, band):
         b1 = min(bh, b0 + band)
         part = labels[b0 * f: b1 * f]
@@ -218,9 +235,13 @@ def _nearest(a: np.ndarray, oh: int, ow: int) -> np.ndarray:
 def label_counts(labels: np.ndarray) -> np.ndarray:
     """Pixels per class id, without materialising an int64 copy of a large mask."""
     counts = np.zeros(256, np.int64)
-    flat = np.asarray(labels).reshape(labels.shape[0], -1) if labels.ndim > 1 else labels[None]
-    for part in flat:
-        counts += np.bincount(np.clip(part, 0, 255).astype(np.uint8), minlength=256)[:256]
+    flat = np.asarray(labels).reshape(-1)
+    step = 1 << 22  # bincount's int64 copy of 4 M pixels at a time (32 MB); per row was 3 ms a photo
+    for i in range(0, flat.size, step):
+        part = flat[i:i + step]
+        if part.dtype != np.uint8:
+            part = np.clip(part, 0, 255).astype(np.uint8)
+        counts += np.bincount(part, minlength=256)[:256]
     return counts
 
 
@@ -274,7 +295,10 @@ def draw_plane(img: np.ndarray, labels: np.ndarray, spacing: Sequence[float] | N
     else:
         rgb = to_rgb8(arr, win)
     lab = _block_labels(np.asarray(labels), f) if f > 1 else np.asarray(labels)
-    return np.ascontiguousarray(_nearest(rgb, oh, ow)), _nearest(lab, oh, ow)
+    out = _nearest(rgb, oh, ow)
+    if np.shares_memory(out, arr) or not out.flags.writeable or not out.flags.c_contiguous:
+        out = np.array(out, order="C")  # painted next: never the caller's (maybe read-only) pixels
+    return out, _nearest(lab, oh, ow)
 
 
 def _font(size: int):

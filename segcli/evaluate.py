@@ -24,11 +24,13 @@ from typing import Any
 import numpy as np
 
 from segcli import metrics
-from segcli.errors import InputError, SegcliError
+from segcli.errors import InputError, SegcliError, UsageError
 from segcli.io.atomic import split_extension
 
 PRED_SUFFIXES = ("_seg", "_mask", "_pred", "_prediction", "_segmentation", "_label", "_labels", "-seg", "-mask")
 MASK_EXTS = (".png", ".bmp", ".tif", ".tiff", ".nii", ".nii.gz", ".mha", ".mhd", ".nrrd", ".jpg", ".jpeg", ".dcm")
+#: Unpaired files named one per line before the rest are counted.
+MAX_LOGGED = 10
 
 
 def _mask_files(folder: Path) -> dict[str, Path]:
@@ -201,6 +203,8 @@ def evaluate(
     fov = Path(fov_dir) if fov_dir is not None else None
 
     seg_classes = classes or (_class_names(gt_dir, 0, None) or None)
+    if classes is None and seg_classes is None:  # no dataset.json: the bundle a DICOM SEG prediction names
+        classes = seg_classes = _classes_from_predictions(pairs)
 
     def work(item: tuple[str, Path, Path]) -> dict[str, Any]:
         return _measure_case(item, fov, spacing, seg_classes, hd95)
@@ -240,16 +244,44 @@ def evaluate(
 def _paired(pred_dir: str | os.PathLike[str], gt_dir: Path,
             log: Callable[[str], None] | None) -> tuple[list[tuple[str, Path, Path]], list[Path], list[Path]]:
     """The prediction/truth pairs, each file without a counterpart logged; InputError when nothing pairs."""
+    for what, folder in (("predictions", Path(pred_dir)), ("ground truth", gt_dir)):
+        if folder.is_file():
+            raise UsageError(f"{folder}: {what} must be a folder, and this is a file; evaluate compares a folder of "
+                             "predictions with a folder of ground truths (segcli evaluate PREDICTIONS/ GROUND_TRUTH/)")
+        if not folder.exists():
+            raise UsageError(f"{folder}: {what} folder not found")
     pairs, unpaired_pred, unpaired_gt = pair_files(pred_dir, gt_dir)
-    if log:
-        for p in unpaired_pred:
-            log(f"no ground truth for prediction {p.name} (looked for the same stem in {gt_dir})")
-        for p in unpaired_gt:
-            log(f"no prediction for ground truth {p.name}")
+    if not pairs and pair_files(gt_dir, pred_dir)[0]:
+        raise UsageError(f"nothing pairs as given, but everything would with the folders swapped: predictions come "
+                         f"first (segcli evaluate {gt_dir} {pred_dir})")
+    if log and pairs:  # with no pair at all, the one error below says it; no line per file before it
+        lines = [f"no ground truth for prediction {p.name} (looked for the same stem in {gt_dir})" for p in unpaired_pred]
+        lines += [f"no prediction for ground truth {p.name}" for p in unpaired_gt]
+        for line in lines[:MAX_LOGGED]:
+            log(line)
+        if len(lines) > MAX_LOGGED:
+            log(f"... and {len(lines) - MAX_LOGGED} more unpaired file(s) (all listed under 'unpaired' in --json)")
     if not pairs:
         raise InputError(f"no prediction pairs with a ground-truth file by name ({len(unpaired_pred)} prediction(s), "
                          f"{len(unpaired_gt)} ground truth(s)); predictions x.png or x_seg.png pair with x.png", pred_dir)
     return pairs, unpaired_pred, unpaired_gt
+
+
+def _classes_from_predictions(pairs: list[tuple[str, Path, Path]]) -> list[str] | None:
+    """Class names from the bundle a DICOM SEG prediction names as its algorithm (segcli writes it), if any."""
+    from segcli.bundle import load_bundle, resolve_model
+    from segcli.errors import SegcliError
+    from segcli.io.dicomseg import algorithm_name
+
+    for _, pred, _ in pairs:
+        if not pred.name.lower().endswith(".dcm"):
+            continue
+        try:
+            name = algorithm_name(pred)
+            return list(load_bundle(resolve_model(name, "volume")).classes) if name else None
+        except (SegcliError, OSError, ValueError):
+            return None
+    return None
 
 
 def _measure_case(item: tuple[str, Path, Path], fov: Path | None, spacing: Sequence[float] | None,

@@ -71,6 +71,10 @@ def normalize(x: np.ndarray, spec: dict[str, Any], stats: dict[str, float] | Non
     kind = spec["kind"]
     src_dtype = x.dtype
     y = np.asarray(x, dtype=np.float32)
+    if kind == "percentile" and spec.get("per_channel") and y.ndim >= 3 and stats is None:
+        lo_hi = [image_stats(x[..., c], spec) for c in range(x.shape[-1])]
+        stats = {"lo": np.array([s["lo"] for s in lo_hi], np.float32),  # type: ignore[dict-item]
+                 "hi": np.array([s["hi"] for s in lo_hi], np.float32)}
     if stats is None and kind in ("percentile", "minmax", "zscore"):
         stats = image_stats(x, spec)
     if kind == "dtype":
@@ -90,8 +94,8 @@ def normalize(x: np.ndarray, spec: dict[str, Any], stats: dict[str, float] | Non
         c, w = float(spec["center"]), float(spec["width"])
         y = np.clip((y - (c - w / 2.0)) / w, 0.0, 1.0)
     elif kind in ("percentile", "minmax"):
-        lo, hi = stats["lo"], stats["hi"]
-        y = np.clip((y - lo) / (hi - lo if hi > lo else 1.0), 0.0, 1.0)
+        lo, hi = np.asarray(stats["lo"], np.float32), np.asarray(stats["hi"], np.float32)
+        y = np.clip((y - lo) / np.where(hi > lo, hi - lo, np.float32(1.0)), 0.0, 1.0)
     elif kind == "zscore":
         y = (y - stats["mean"]) / (stats["std"] if stats["std"] > 0 else 1.0)
     else:  # pragma: no cover - validate() guards this

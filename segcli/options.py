@@ -9,6 +9,7 @@ is loaded or any file read (exit code 2 on the command line).
 from __future__ import annotations
 
 import dataclasses
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -43,6 +44,7 @@ class PredictOptions:
     device: str = "auto"
     threads: int | None = None
     channels: str = "keep"
+    window: tuple[float, float] | None = None  # --window C,W: how an 8-bit CT export maps to HU
     half: bool = False
     size: int | None = None
     params: dict[str, Any] = field(default_factory=dict)
@@ -81,6 +83,11 @@ class PredictOptions:
         if self.onnx_cache is not None and self.onnx_cache.strip().lower() not in ("off", "0", "none", "false", "no") \
                 and Path(self.onnx_cache).expanduser().is_file():
             raise UsageError(f"--onnx-cache {self.onnx_cache} is a file, not a folder (give a folder, or off)")
+        if self.onnx_cache is None and (env := os.environ.get("SEGCLI_ONNX_CACHE", "").strip()) \
+                and env.lower() not in ("off", "0", "none", "false", "no") and Path(env).expanduser().is_file():
+            raise UsageError(f"SEGCLI_ONNX_CACHE={env} is a file, not a folder (set a folder, or off)")
+        if self.window is not None:
+            set_(self, "window", parse_window(self.window))
         if self.channels not in CHANNEL_MODES:
             raise UsageError(f"--channels must be keep, grey or rgb, not {self.channels!r}")
         set_(self, "params", {k: check_param(k, v) for k, v in dict(self.params or {}).items() if v is not None})
@@ -118,3 +125,17 @@ class PredictOptions:
             raise TypeError(f"unknown option(s): {', '.join(sorted(unknown))}")
         params = {**(overrides or {}), **kwargs.pop("params", {})}
         return cls(model=str(model) if model is not None else None, params=params, **kwargs)
+
+
+def parse_window(value: Any) -> tuple[float, float]:
+    """``--window C,W`` (centre and width in HU, as DICOM's Window Center/Width) → (C, W); W must be > 0."""
+    parts = value.replace(" ", "").split(",") if isinstance(value, str) else list(value)
+    try:
+        if len(parts) != 2:
+            raise ValueError
+        c, w = float(parts[0]), float(parts[1])
+    except (TypeError, ValueError):
+        raise UsageError(f"--window takes CENTRE,WIDTH in HU (e.g. -600,1500), not {value!r}") from None
+    if not (w > 0 and abs(c) < 1e5 and w < 1e5):
+        raise UsageError(f"--window width must be > 0 and both values plausible HU, not {value!r}")
+    return c, w

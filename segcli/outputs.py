@@ -75,7 +75,7 @@ def write_dicom_seg(seg: Segmenter, job: Job, file_order_labels: np.ndarray, met
     files = meta.get("files")
     if meta.get("source") != "dicom" or not files:
         raise SegcliError("DICOM SEG output needs a DICOM series as input", job.path)
-    bundle = seg.bundle_for("volume")
+    bundle = seg.bundle_for(getattr(job.route, "kind", "volume"))
     coarse = bundle.networks.get("coarse") or next(iter(bundle.networks.values()))
     version = str(bundle.raw.get("version") or (coarse.sha256 or "unknown")[:12])
     assert job.out is not None

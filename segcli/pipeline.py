@@ -24,18 +24,19 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
+from segcli import input_facts as facts
 from segcli import io, memory
 from segcli.engines.base import ProgressFn, Result
-from segcli.errors import EmptyImageError, InputError, SegcliError, UsageError, bug_message
+from segcli.errors import EmptyImageError, InputError, UsageError
 from segcli.geometry import slice_axis
-from segcli.io.atomic import OutputLock, os_error_words
+from segcli.io.atomic import OutputLock
 from segcli.io.naming import geojson_path, probabilities_path
+from segcli.job import Job
 from segcli.outputs import detection_classes, plan_output, planned_outputs, write_dicom_seg
 from segcli.plan import Staged2D
 from segcli.prepare import implausible_result, mismatch_warnings
@@ -61,56 +62,6 @@ class Route(Protocol):
     def write(self, seg: Segmenter, job: Job) -> None: ...
 
     def close(self) -> None: ...
-
-
-@dataclass
-class Job:
-    """One file moving through read → compute → write."""
-
-    path: Path
-    rep: FileReport
-    t0: float
-    out: Path | None = None
-    route: Any = None  # a Route once the input is open
-    lock: OutputLock | None = None
-
-    def fail_from(self, exc: BaseException, writing: bool = False) -> None:
-        """Record ``exc`` as this file's failure: a SegcliError as itself, an operating-system failure (disk
-        full, permission, read-only...) in the user's words naming the user's file, anything else as a bug."""
-        self.rep.status = "failed"
-        self.close_route()
-        words = os_error_words(exc)
-        if words is not None:
-            self.rep.error = f"{self._user_path(getattr(exc, 'filename', None), writing)}: {words}"
-        elif not isinstance(exc, SegcliError):
-            self.rep.error = bug_message(exc, self.path)
-        elif exc.path is not None:
-            self.rep.error = str(exc)
-        else:
-            self.rep.error = f"{self.path}: {exc}"
-
-    def _user_path(self, name: Any, writing: bool) -> Path:
-        """The path the user knows for an OS error's file: the output for its hidden temporary names."""
-        if name is None:
-            return self.out if writing and self.out is not None else self.path
-        p = Path(str(name))
-        if self.out is not None and p.name.startswith(".") and (".partial-" in p.name or p.name.endswith(".lock")):
-            return self.out
-        return p
-
-    def close_route(self) -> None:
-        if self.route is not None:
-            self.route.close()
-            self.route = None
-
-    def finish(self) -> FileReport:
-        """Release the lock and the route's resources; stamp the total time (once: cleanup may call it again)."""
-        if self.lock is not None:
-            self.lock.release()
-            self.lock = None
-        self.close_route()
-        self.rep.seconds.setdefault("total", time.perf_counter() - self.t0)
-        return self.rep
 
 
 # -- routes ----------------------------------------------------------------------------------------
@@ -141,7 +92,8 @@ class InMemoryRoute:
 
     def __init__(self, img: io.LoadedImage, kind: str = "2d") -> None:
         self.img = img
-        self.kind = "volume" if img.ndim == 3 else kind  # "2d", "slide" (an RGB TIFF) or "volume"
+        # "2d", "slide" (an RGB TIFF), "volume" or a content kind of segcli.choose ("he", "grey", ...)
+        self.kind = kind if img.ndim != 3 or kind.startswith("volume") else "volume"
         self.spacing = img.spacing
         self.spatial_shape = img.spatial_shape
         self.dtype = img.array.dtype
@@ -209,6 +161,8 @@ class InMemoryRoute:
                                                         detection_classes=detection_classes(bundle))
         if seg.options.probabilities and self.res.probs is not None:
             io.write_probabilities(self.res.probs, self.img, probabilities_path(job.out))
+        if seg.options.preview:
+            job.rep.info["preview"] = str(facts.write_preview(seg, job, self.img, self.res.labels, self.kind))
 
     def close(self) -> None:
         self.res = None
@@ -218,10 +172,9 @@ class InMemoryRoute:
 class StreamedVolumeRoute:
     """A volume decoded slab by slab (:class:`segcli.io.volstream.StreamedVolume`)."""
 
-    kind = "volume"
-
-    def __init__(self, vol: Any) -> None:
+    def __init__(self, vol: Any, choose: bool = False) -> None:
         self.vol = vol
+        self.kind = facts.streamed_kind(vol) if choose else "volume"
         self.spacing = vol.spacing
         self.spatial_shape = vol.spatial_shape
         self.dtype = vol.dtype
@@ -234,7 +187,7 @@ class StreamedVolumeRoute:
         from segcli.io.niftistream import SpilledProbs, streamable_probs
 
         vol, opts = self.vol, seg.options
-        bundle = seg.bundle_for("volume")
+        bundle = seg.bundle_for(self.kind)
         axis = slice_axis(vol.spacing)
         spilled = bool(opts.probabilities and job.out is not None
                        and streamable_probs(vol.meta, axis, probabilities_path(job.out)))
@@ -251,7 +204,7 @@ class StreamedVolumeRoute:
         self.buf = file_order_buffer(vol.meta)
         try:
             res, bundle = seg.segment_volume(vol, spacing=vol.spacing, return_probs=opts.probabilities,
-                                             progress=progress, path=job.path,
+                                             progress=progress, path=job.path, kind=self.kind,
                                              labels_out=canonical_view(self.buf, vol.meta), probs_out=spill)
             res.info["probabilities_streamed"] = spill is not None
         except EmptyImageError as exc:
@@ -447,6 +400,8 @@ def open_route(seg: Segmenter, path: Path, out: Path, content: str | None) -> Ro
         from segcli.io.bigtiff import tiff_header
 
         head = None if vendor else tiff_header(path)
+        if head is not None and min(head[0]) < 2:  # the same refusal whichever route would read it
+            raise InputError(f"image is too small ({head[0][0]}x{head[0][1]}); need at least 2 pixels per side", path)
         kind = "slide" if vendor or (head is not None and head[1] in (3, 4)) else "2d"
         if vendor and not out.name.lower().endswith((".tif", ".tiff")):
             raise UsageError(f"a {path.suffix} slide is read by region, so its mask is written as a tiled .tif, "
@@ -466,12 +421,13 @@ def open_route(seg: Segmenter, path: Path, out: Path, content: str | None) -> Ro
         if vol is not None:
             if seg.options.volume not in (None, 1):
                 raise InputError(f"--volume {seg.options.volume}: this input holds one volume", path)
-            return StreamedVolumeRoute(vol)
+            return StreamedVolumeRoute(vol, choose=seg.options.model is None)
     if content in ("nrrd", "metaimage", "nifti", "nifti-gz") and (head := io.header_size(path, content)):
         shape, channels, itemsize = head  # read whole: refuse from the header, before decoding, if it won't fit
         if len(shape) in (2, 3):
             check_in_memory(seg, "volume" if len(shape) == 3 else kind, shape, channels, itemsize, path)
-    return InMemoryRoute(io.open_image(path, content=content, volume=seg.options.volume), kind)
+    img = io.open_image(path, content=content, volume=seg.options.volume)
+    return InMemoryRoute(img, facts.chosen_kind(seg.options, img, kind))
 
 
 def _wants_tiles(seg: Segmenter, path: Path, out: Path, kind: str, head: tuple) -> bool:
@@ -524,7 +480,7 @@ def check_in_memory(seg: Segmenter, kind: str, shape: tuple[int, ...], channels:
     """Refuse, with the estimate, an in-memory run that would exceed the budget."""
     bundle = seg.bundle_for(kind)
     probabilities = seg.options.probabilities
-    if kind == "volume":
+    if kind.startswith("volume"):
         est = memory.estimate_volume(shape, channels, itemsize, model_channels=bundle.in_channels,
                                      n_classes=bundle.n_classes, return_probs=probabilities)
         _check_volume_fits(seg, est, shape, path)
@@ -547,10 +503,18 @@ def _check_volume_fits(seg: Segmenter, est: int, shape: tuple[int, ...], path: P
 
 
 def read(seg: Segmenter, path: Path, output: str | Path | None, *, input_root: Path | None) -> Job:
+    """:func:`_read`, its time counted as the file's own work."""
+    job = _read(seg, path, output, input_root=input_root)
+    job.busy += time.perf_counter() - job.t0
+    return job
+
+
+def _read(seg: Segmenter, path: Path, output: str | Path | None, *, input_root: Path | None) -> Job:
     """Plan the output, take the lock, honour --skip-existing, and open the input on its route."""
     job = Job(path=path, rep=FileReport(input=str(path)), t0=time.perf_counter())
     opts = seg.options
     try:
+        facts.refuse_special(path)
         content = io.sniff_input(path)
         out = plan_output(opts, path, output, input_root, content)
         job.out = out
@@ -571,9 +535,11 @@ def read(seg: Segmenter, path: Path, output: str | Path | None, *, input_root: P
         job.rep.warnings.extend(job.route.warnings)
         ndim = len(job.route.spatial_shape)
         dtype = getattr(job.route, "dtype", None)
+        facts.model_choice_note(seg, job)
         if dtype is not None:
             bundle = seg.bundle_for(job.route.kind)
-            job.rep.warnings.extend(mismatch_warnings(bundle, dtype, job.route.spacing, ndim))
+            job.rep.warnings.extend(mismatch_warnings(bundle, dtype, job.route.spacing, ndim, opts.window))
+            facts.intensity_notes(seg, job, bundle, dtype, isinstance(job.route, InMemoryRoute) and job.route.img.ndim == 2)
         job.rep.shape = list(job.route.spatial_shape)
         job.rep.spacing = list(job.route.spacing) if job.route.spacing else None
         if isinstance(job.route, InMemoryRoute):
@@ -589,15 +555,21 @@ def compute(seg: Segmenter, job: Job, progress: ProgressFn | None) -> None:
     """Run the route's engine; a failure is recorded on the job, never raised."""
     if job.route is None or job.rep.status != "ok":
         return
+    t, loading = time.perf_counter(), seg.load_seconds.get("total", 0.0)
     try:
         job.route.compute(seg, job, progress)
     except Exception as exc:  # one bad file must not stop the batch
         job.fail_from(exc)
+    finally:
+        job.busy += time.perf_counter() - t
+        if (load := seg.load_seconds.get("total", 0.0) - loading) > 0.001:
+            job.rep.seconds["model_load"] = load  # first use: the ONNX export or the weights, its own stage
 
 
 def write(seg: Segmenter, job: Job) -> FileReport:
     """Write the mask (and what else was asked for), then release everything the job held."""
     new: list[Path] = []
+    t = time.perf_counter()
     try:
         if job.route is not None and job.out is not None and job.rep.status in ("ok", "empty"):
             new = [p for _, p in planned_outputs(seg.options, job.out) if not p.exists()]
@@ -609,6 +581,7 @@ def write(seg: Segmenter, job: Job) -> FileReport:
         for p in new:  # a failed input leaves none of its new outputs (a mask without its probabilities)
             with contextlib.suppress(OSError):
                 p.unlink()
+    job.busy += time.perf_counter() - t
     return job.finish()
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -18,11 +19,78 @@ from segcli import normalize as norm
 from segcli.bundle import Bundle
 from segcli.errors import EmptyImageError, InputError
 
+#: Percentiles of the normalisation of 16-bit and float images given to a model trained on 8-bit ones
+#: (per channel, as cellpose and StarDist normalise microscopy).
+MICROSCOPY_PERCENTILES = (1.0, 99.8)
 
-def prepare(array: np.ndarray, bundle: Bundle, channels: str = "keep", path: Any = None) -> np.ndarray:
+
+@dataclass(frozen=True)
+class Intensity:
+    """How an input's pixels reach the network: the channel mode and normalisation that actually run,
+    and the notes that tell the user (``FileReport.notes``, ``info["normalization"]``)."""
+
+    channels: str
+    spec: dict[str, Any]
+    window: tuple[float, float] | None
+    description: str
+    notes: tuple[str, ...] = ()
+
+
+def intensity(bundle: Bundle, dtype: Any, have: int, channels: str = "keep",
+              window: tuple[float, float] | None = None, path: Any = None) -> Intensity:
+    """Decide channel conversion and normalisation for an input of ``dtype`` with ``have`` channels.
+
+    * one grey channel (or grey + alpha) to an RGB model converts by itself, with a note;
+    * ``window`` (``--window C,W``): an 8-bit export of CT is mapped back to HU before the bundle's CT window;
+    * 16-bit, 32-bit and float images given to a model trained on 8-bit ones ("dtype" normalisation, not CT)
+      get percentile normalisation per channel instead of a division by their type's range.
+    """
+    dtype = np.dtype(dtype)
+    spec = dict(bundle.normalization)
+    notes: list[str] = []
+    if channels == "keep" and have in (1, 2) and bundle.in_channels == 3:
+        channels = "rgb"
+        notes.append(f"grey image repeated into the 3 channels model {bundle.name} takes")
+    if window is not None:
+        if spec.get("kind") != "ct_window":
+            raise InputError(f"--window maps an 8-bit CT export to HU, but model {bundle.name} does not take CT "
+                             f"in HU (its normalisation is {spec.get('kind')})", path)
+        if dtype.itemsize != 1:
+            raise InputError(f"--window declares how an 8-bit export maps to HU, but this image is {dtype} "
+                             "(its values may already be HU); drop --window", path)
+        c, w = window
+        desc = f"8-bit values mapped to HU by --window {c:g},{w:g}, then the CT window {spec['center']:g}/{spec['width']:g}"
+        return Intensity(channels, spec, window, desc, tuple(notes))
+    if spec.get("kind") == "dtype" and (dtype.kind == "f" or dtype.itemsize > 1) and dtype != np.bool_:
+        lo, hi = MICROSCOPY_PERCENTILES
+        spec = {"kind": "percentile", "lower": lo, "upper": hi, "per_channel": True}
+        desc = f"percentile {lo:g}-{hi:g} % per channel ({dtype} input; model trained on 8-bit images)"
+        notes.append(f"{dtype} image normalised by percentiles {lo:g}-{hi:g} % per channel for model {bundle.name}")
+        return Intensity(channels, spec, None, desc, tuple(notes))
+    return Intensity(channels, spec, None, describe(spec), tuple(notes))
+
+
+def describe(spec: dict[str, Any]) -> str:
+    """A bundle's normalisation in words, for the report."""
+    kind = spec.get("kind")
+    if kind == "ct_window":
+        return f"CT window {spec['center']:g}/{spec['width']:g} HU"
+    if kind == "percentile":
+        return f"percentile {spec.get('lower', 0.5):g}-{spec.get('upper', 99.5):g} %"
+    if kind == "dtype":
+        return "value / type range"
+    return str(kind)
+
+
+def prepare(array: np.ndarray, bundle: Bundle, channels: str = "keep", path: Any = None,
+            window: tuple[float, float] | None = None) -> np.ndarray:
     """Channel conversion, checks and normalisation: channel-last input → channel-first float32."""
-    a = checked(array, bundle, channels, path)
-    x = norm.normalize(a, bundle.normalization)
+    plan = intensity(bundle, array.dtype, int(array.shape[-1]), channels, window, path)
+    a = checked(array, bundle, plan.channels, path)
+    if plan.window is not None:
+        c, w = plan.window
+        a = (c - w / 2.0) + a.astype(np.float32) * (w / 255.0)  # the HU each 8-bit level stood for
+    x = norm.normalize(a, plan.spec)
     return np.moveaxis(x, -1, -3 if x.ndim == 3 else 1)  # (C,H,W) or (Z,C,Y,X)
 
 
@@ -114,7 +182,8 @@ def slice_normalizer(a: np.ndarray, bundle: Bundle) -> Callable[[np.ndarray], np
 IMPLAUSIBLE_FOREGROUND = 0.95
 
 
-def mismatch_warnings(bundle: Bundle, dtype: np.dtype, spacing: tuple[float, ...] | None, ndim: int) -> list[str]:
+def mismatch_warnings(bundle: Bundle, dtype: np.dtype, spacing: tuple[float, ...] | None, ndim: int,
+                      window: tuple[float, float] | None = None) -> list[str]:
     """What can be told, from the bundle and the input's header alone, about a model fed the wrong kind of image.
 
     A CT-window model given an 8-bit picture (a PNG or JPEG export of a slice) sees values 0-255 where it
@@ -125,11 +194,11 @@ def mismatch_warnings(bundle: Bundle, dtype: np.dtype, spacing: tuple[float, ...
     """
     out = []
     kind = bundle.normalization.get("kind")
-    if kind == "ct_window" and np.dtype(dtype).itemsize == 1:
+    if kind == "ct_window" and np.dtype(dtype).itemsize == 1 and not window:
         c, w = bundle.normalization.get("center"), bundle.normalization.get("width")
         out.append(f"model {bundle.name} expects CT in Hounsfield units (window {c}/{w}) but this image is 8-bit; "
-                   "segment the original CT (NIfTI/DICOM), not a screenshot or PNG export")
-    elif kind == "dtype" and np.dtype(dtype).kind == "f" or kind == "dtype" and np.dtype(dtype).itemsize > 2:
+                   "declare the export's window with --window C,W, or segment the original CT (NIfTI/DICOM)")
+    elif kind == "dtype" and ndim == 3 and (np.dtype(dtype).kind == "f" or np.dtype(dtype).itemsize > 2):
         out.append(f"model {bundle.name} was trained on 8/16-bit images scaled by their type range, but this image "
                    f"is {np.dtype(dtype)}")
     modality = str(bundle.info.get("modality") or "")

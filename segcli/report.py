@@ -24,6 +24,7 @@ class FileReport:
     status: str = "ok"  # ok | failed | skipped | empty
     error: str | None = None
     warnings: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)  # what segcli decided for the user (model choice, conversions)
     model: str | None = None
     method: str | None = None
     backend: str | None = None

@@ -70,7 +70,10 @@ def shard_from_env(env: dict[str, str] | None = None) -> tuple[str, str] | None:
     """
     e = os.environ if env is None else env
     try:
-        if "SLURM_ARRAY_TASK_ID" in e and "SLURM_ARRAY_TASK_COUNT" in e:
+        if "SLURM_ARRAY_TASK_ID" in e:
+            if "SLURM_ARRAY_TASK_COUNT" not in e:  # every task would process every file: refuse, never duplicate
+                raise UsageError("SLURM_ARRAY_TASK_ID is set but SLURM_ARRAY_TASK_COUNT is not, so the number of "
+                                 "shards is unknown; give --shard K/N (or run under sbatch --array)")
             task, count = int(e["SLURM_ARRAY_TASK_ID"]), int(e["SLURM_ARRAY_TASK_COUNT"])
             first = int(e.get("SLURM_ARRAY_TASK_MIN", "0"))
             step = int(e.get("SLURM_ARRAY_TASK_STEP", "1"))
@@ -78,9 +81,19 @@ def shard_from_env(env: dict[str, str] | None = None) -> tuple[str, str] | None:
                 raise UsageError(f"SLURM array step {step}: use --array=A-B without a step, or give --shard K/N")
             return f"{task - first}/{count}", "SLURM_ARRAY_TASK_ID"
         if e.get("SGE_TASK_ID", "undefined") != "undefined" and "SGE_TASK_LAST" in e:
-            task, first = int(e["SGE_TASK_ID"]), int(e.get("SGE_TASK_FIRST", "1"))
-            last, step = int(e["SGE_TASK_LAST"]), int(e.get("SGE_TASK_STEPSIZE", "1"))
-            return f"{(task - first) // step}/{(last - first) // step + 1}", "SGE_TASK_ID"
+            return _sge_shard(e), "SGE_TASK_ID"
     except ValueError:
         raise UsageError("the job array's task variables are not numbers; give --shard K/N") from None
     return None
+
+
+def _sge_shard(e) -> str:
+    """Grid Engine's ``-t FIRST-LAST:STEP``: task ids FIRST, FIRST+STEP, ... (a task off that grid is refused)."""
+    task, first = int(e["SGE_TASK_ID"]), int(e.get("SGE_TASK_FIRST", "1"))
+    last, step = int(e["SGE_TASK_LAST"]), int(e.get("SGE_TASK_STEPSIZE", "1"))
+    if step < 1:
+        raise UsageError(f"SGE_TASK_STEPSIZE={step}: a Grid Engine step is at least 1; give --shard K/N")
+    if not first <= task <= last or (task - first) % step:
+        raise UsageError(f"SGE_TASK_ID={task} is not on the array's grid {first}-{last}:{step}, so its shard "
+                         "would be another task's; give --shard K/N")
+    return f"{(task - first) // step}/{(last - first) // step + 1}"

@@ -69,3 +69,20 @@ def test_json_means_stdout_everywhere():
         for opt in _options(name):
             if "--json" in opt.opts:
                 assert opt.is_flag, f"segcli {name} --json takes a value"
+
+
+def test_no_type_noise_on_any_line_of_any_help():
+    """Issue 31: every line of every command's help, not a few chosen ones: no ``<bool>`` (flags, --help),
+    no ``<list[...]>`` (variadic arguments, repeatable options), whatever the typer version installed."""
+    from typer.testing import CliRunner
+
+    runner = CliRunner()
+    bad = []
+    for name in [None, *COMMANDS]:
+        args = ["--help"] if name is None else [name, "--help"]
+        r = runner.invoke(app, args, env={"COLUMNS": "220", "NO_COLOR": "1", "TERM": "dumb"})
+        assert r.exit_code == 0, (name, r.output)
+        lines = r.output.splitlines()
+        assert len(lines) > 5, name
+        bad += [f"{name}: {ln.strip()}" for ln in lines if "<bool>" in ln or "<list[" in ln]
+    assert not bad, "\n".join(bad)

@@ -75,8 +75,15 @@ def test_every_bundle_is_pinned():
 def test_index_defaults_exist():
     index = json.loads((MODELS / "index.json").read_text())
     assert index["default"] == "polyp"
+    refused = set()
     for kind, name in index.get("default_by_kind", {}).items():
+        if name is None:  # no shipped model fits this content kind: refused, with a hint
+            refused.add(kind)
+            continue
         assert (MODELS / name / "segcli.json").is_file(), (kind, name)
+    assert refused == set(index.get("refuse_hints", {})), "every refused kind says what to pass instead"
+    for kind, alternatives in index.get("guesses", {}).items():
+        assert kind in index["default_by_kind"] and alternatives, kind
 
 
 @pytest.mark.parametrize("name", BUNDLES)

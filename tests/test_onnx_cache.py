@@ -87,8 +87,59 @@ def test_tampered_cache_file_is_rebuilt(bundle: Path, tmp_path: Path, caplog) ->
     onnx_file.write_bytes(bytes(data))
     with caplog.at_level("WARNING", logger="segcli"):
         p = make_predictor(load_bundle(bundle), "fine", backend="auto", onnx_cache=str(cache))
-    assert "does not match its record; rebuilding it" in caplog.text
+    assert "does not match its record or the bundle's weights; exporting again" in caplog.text
     np.testing.assert_allclose(p(_x()), make_predictor(b, "fine", backend="torch")(_x()), atol=1e-4)
+
+
+def test_replaced_export_with_edited_record_is_caught(bundle: Path, tmp_path: Path, caplog) -> None:
+    """Issue 31: another network put in the cache, its record edited to the new file's hash, is caught by the
+    binding (the export embeds its weights' hash); a symlinked entry is never used either."""
+    import hashlib
+    import json
+
+    cache = tmp_path / "cache"
+    b = load_bundle(bundle)
+    make_predictor(b, "fine", backend="auto", onnx_cache=str(cache))
+    make_predictor(b, "coarse", backend="auto", onnx_cache=str(cache))
+    fine_onnx, fine_rec = oc.cache_paths(cache, b, "fine")
+    coarse_onnx, _ = oc.cache_paths(cache, b, "coarse")
+    other = coarse_onnx.read_bytes()  # a different network: the coarse one, in the fine one's place
+    fine_onnx.write_bytes(other)
+    rec = json.loads(fine_rec.read_text())
+    rec["sha256"] = hashlib.sha256(other).hexdigest()
+    fine_rec.write_text(json.dumps(rec))
+    with caplog.at_level("WARNING", logger="segcli"):
+        p = make_predictor(load_bundle(bundle), "fine", backend="auto", onnx_cache=str(cache))
+    assert "does not match its record or the bundle's weights" in caplog.text
+    np.testing.assert_allclose(p(_x()), make_predictor(b, "fine", backend="torch")(_x()), atol=1e-4)
+    target = tmp_path / "elsewhere.onnx"
+    target.write_bytes(fine_onnx.read_bytes())
+    fine_onnx.unlink()
+    fine_onnx.symlink_to(target)
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="segcli"):
+        make_predictor(load_bundle(bundle), "fine", backend="auto", onnx_cache=str(cache))
+    assert "is a symbolic link" in caplog.text and not fine_onnx.is_symlink()
+
+
+def test_partials_of_dead_exporters_are_removed(bundle: Path, tmp_path: Path) -> None:
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    stale = cache / ".abc.onnx.partial-999999999"
+    stale.write_bytes(b"half an export")
+    make_predictor(load_bundle(bundle), "fine", backend="auto", onnx_cache=str(cache))
+    assert not stale.exists() and not list(cache.glob(".*.partial-*"))
+
+
+def test_cache_variable_naming_a_file_is_refused_by_predict_and_doctor(bundle: Path, tmp_path: Path) -> None:
+    from tests.conftest import run_cli
+
+    f = tmp_path / "not-a-folder"
+    f.write_text("x")
+    r = run_cli("predict", tmp_path, "--model", bundle, env={"SEGCLI_ONNX_CACHE": str(f)})
+    assert r.returncode == 2 and f"SEGCLI_ONNX_CACHE={f} is a file, not a folder" in r.stderr
+    d = run_cli("doctor", env={"SEGCLI_ONNX_CACHE": str(f)})
+    assert d.returncode == 0 and "is a file, not a folder (predict stops with exit 2)" in d.stdout
 
 
 def test_tampered_weights_are_refused_even_with_a_cached_export(bundle: Path, tmp_path: Path) -> None:

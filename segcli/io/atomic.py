@@ -44,7 +44,7 @@ def partial_name(final: Path) -> str:
     stem, ext = split_extension(final.name)
     tag = f".partial-{os.getpid()}-{secrets.token_hex(4)}{ext}"
     room = NAME_MAX - 1 - len(tag.encode())
-    while len(stem.encode()) > room:
+    while len(os.fsencode(stem)) > room:  # the file system's bytes: a non-UTF-8 name holds surrogates
         stem = stem[:-1]
     return f".{stem}{tag}"
 
@@ -89,7 +89,7 @@ def write_failure_reason(final: Path) -> str | None:
         return OS_ERRORS[errno.EACCES]
     if st.f_bavail == 0:
         return OS_ERRORS[errno.ENOSPC]
-    if len(Path(final).name.encode()) > NAME_MAX:
+    if len(os.fsencode(Path(final).name)) > NAME_MAX:
         return OS_ERRORS[errno.ENAMETOOLONG]
     return None
 

@@ -92,8 +92,11 @@ class SpilledProbs:
     """
 
     def __init__(self, classes: int, n: int, hw: tuple[int, int], directory: Path | None = None) -> None:
+        self._fd: int | None = None  # set first: close() and __del__ must work if mkstemp fails
         self.shape = (classes, n, int(hw[0]), int(hw[1]))
         self._plane = int(hw[0]) * int(hw[1]) * 4
+        if directory is not None:  # the output's folder, which -o may name before it exists
+            Path(directory).mkdir(parents=True, exist_ok=True)
         fd, name = tempfile.mkstemp(prefix=".segcli-probs-", dir=directory)
         self._fd: int | None = fd
         self._name = name

@@ -84,8 +84,32 @@ def _exclusive(lock_path: Path) -> Iterator[None]:
 
 def _write_atomic(path: Path, data: bytes) -> None:
     tmp = path.with_name(f".{path.name}.partial-{os.getpid()}")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
+    try:
+        tmp.write_bytes(data)
+        os.replace(tmp, path)
+    except BaseException:  # a full disk, a signal: no partial file is left to pile up
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
+
+
+def _remove_stale_partials(root: Path) -> None:
+    """Partial files of exporters that are gone (killed before their clean-up ran)."""
+    for p in root.glob(".*.partial-*"):
+        pid = p.name.rsplit("-", 1)[-1]
+        if pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
+            with contextlib.suppress(OSError):
+                p.unlink()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True
+    return True
 
 
 def _read_record(path: Path) -> dict[str, Any] | None:
@@ -99,6 +123,12 @@ def _read_record(path: Path) -> dict[str, Any] | None:
 def lookup(root: Path, bundle: Any, role: str) -> tuple[bytes | None, dict[str, Any] | None]:
     """The verified cached export's bytes and record, ``(None, record)`` for a recorded refusal, or ``(None, None)``."""
     onnx_path, rec_path = cache_paths(root, bundle, role)
+    if onnx_path.is_symlink() or rec_path.is_symlink():  # a cache entry is a file segcli wrote, never a link
+        log.warning("cached ONNX export %s is a symbolic link; removing it and exporting again", onnx_path)
+        for p in (onnx_path, rec_path):
+            with contextlib.suppress(OSError):
+                p.unlink()
+        return None, None
     rec = _read_record(rec_path)
     if rec is None:
         return None, None
@@ -108,8 +138,16 @@ def lookup(root: Path, bundle: Any, role: str) -> tuple[bytes | None, dict[str, 
         data = onnx_path.read_bytes()
     except OSError:
         return None, None
-    if hashlib.sha256(data).hexdigest() != rec.get("sha256") or rec.get("weights_sha256") != bundle.network(role).sha256:
-        log.warning("cached ONNX export %s does not match its record; rebuilding it", onnx_path)
+    weights = bundle.network(role).sha256 or ""
+    # The binding: the export embeds the weights' hash in its own metadata (segcli.export.onnx_metadata), so
+    # another network put in its place, with its record edited to match, is still caught on every load.
+    if hashlib.sha256(data).hexdigest() != rec.get("sha256") or rec.get("weights_sha256") != weights \
+            or not weights or weights.encode() not in data:
+        log.warning("cached ONNX export %s does not match its record or the bundle's weights; exporting again",
+                    onnx_path)
+        for p in (onnx_path, rec_path):
+            with contextlib.suppress(OSError):
+                p.unlink()
         return None, None
     return data, rec
 
@@ -118,6 +156,7 @@ def build(root: Path, bundle: Any, role: str) -> tuple[bytes | None, dict[str, A
     """Export ``role`` into the cache (under the lock; another process may have done it meanwhile)."""
     root.mkdir(parents=True, exist_ok=True)
     onnx_path, rec_path = cache_paths(root, bundle, role)
+    _remove_stale_partials(root)
     with _exclusive(root / f"{onnx_path.stem}.lock"):
         data, rec = lookup(root, bundle, role)
         if data is not None or rec is not None:
@@ -187,11 +226,17 @@ def verify_weights(bundle: Any, role: str) -> None:
 
 def status(bundle: Any, role: str, setting: str | None = None) -> str:
     """What ``--backend auto`` will run for ``role`` on the CPU, without exporting anything (``segcli doctor``)."""
+    from segcli.runtimes import int8_ok
+
+    if int8_ok(bundle, role):  # what --precision auto runs on the CPU
+        return "onnxruntime int8 (the bundle's checked int8 export; --precision fp32 for fp32)"
     if bundle.network(role).onnx:
         return "onnxruntime fp32 (the bundle's export)"
     root = cache_root(setting)
     if root is None:
         return "torch fp32 (ONNX cache off)"
+    if root.exists() and not root.is_dir():
+        return f"refused: the ONNX cache {root} is a file, not a folder (predict stops with exit 2)"
     data, rec = lookup(root, bundle, role)
     if data is not None:
         return "onnxruntime fp32 (cached export)"

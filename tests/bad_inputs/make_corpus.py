@@ -280,9 +280,9 @@ def make_corpus(root: Path | str) -> list[Entry]:
     add(
         p,
         "rgb",
-        "16-bit grey PNG, RGB model",
-        "failed",
-        "--channels rgb",
+        "16-bit grey PNG, RGB model (repeated into 3 channels by itself, with a note: issue 31)",
+        "ok",
+        None,
         "grey16-for-rgb-model_seg.png",
         (30, 34),
         rgb_hint=True,
