@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from segcli.runtimes.predictor import FunctionPredictor, Predictor, logits_to_probs
+from segcli.runtimes.predictor import FunctionPredictor, Predictor, int8_ok, logits_to_probs
 
 __all__ = ["BACKENDS", "PRECISIONS", "FunctionPredictor", "Predictor", "cpu_has_bf16", "int8_ok", "logits_to_probs",
            "make_predictor"]
@@ -29,12 +29,6 @@ def cpu_has_bf16() -> bool:
     except OSError:
         return False
     return "avx512_bf16" in flags or "amx_bf16" in flags
-
-
-def int8_ok(bundle, role: str) -> bool:
-    """The bundle carries an int8 export of ``role`` whose recorded check against fp32 passed."""
-    check = (bundle.raw.get("precision_checks") or {}).get("int8") or {}
-    return bool(bundle.network(role).int8) and bool(check.get("passed"))
 
 
 def make_predictor(bundle, role: str, *, backend: str = "torch", device: str = "cpu", max_batch: int = 16,

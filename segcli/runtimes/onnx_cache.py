@@ -226,7 +226,7 @@ def verify_weights(bundle: Any, role: str) -> None:
 
 def status(bundle: Any, role: str, setting: str | None = None) -> str:
     """What ``--backend auto`` will run for ``role`` on the CPU, without exporting anything (``segcli doctor``)."""
-    from segcli.runtimes import int8_ok
+    from segcli.runtimes.predictor import int8_ok
 
     if int8_ok(bundle, role):  # what --precision auto runs on the CPU
         return "onnxruntime int8 (the bundle's checked int8 export; --precision fp32 for fp32)"

@@ -53,3 +53,9 @@ class FunctionPredictor:
         if out.shape[0] != batch.shape[0] or out.shape[2:] != batch.shape[2:]:
             raise ValueError(f"predictor returned {out.shape} for a batch of {batch.shape}")
         return out
+
+
+def int8_ok(bundle, role: str) -> bool:
+    """The bundle carries an int8 export of ``role`` whose recorded check against fp32 passed."""
+    check = (bundle.raw.get("precision_checks") or {}).get("int8") or {}
+    return bool(bundle.network(role).int8) and bool(check.get("passed"))
