@@ -172,6 +172,7 @@ def register(app: typer.Typer) -> None:
         summary: Annotated[bool, typer.Option("--summary", help="Print only the mean rows.")] = False,
         preview: Annotated[Path | None, typer.Option("--preview", help="Write CASE_errors.png per case into this folder: false positives magenta, false negatives cyan. Default: none.")] = None,
         images: Annotated[Path | None, typer.Option("--images", help="Source images for --preview (default: beside the ground-truth folder, then the predictions folder).")] = None,
+        instances: Annotated[bool, typer.Option("--instances", help="Ground truth holds instance labels (each non-zero id one object; predictions: instance labels or binary masks, whose connected components are the objects). Adds AJI (Kumar et al., IEEE TMI 2017), PQ = SQ x DQ (Kirillov et al., CVPR 2019) and F1 at IoU 0.5, per case and pooled; a merged blob counts as one match, not many.", metavar=" ")] = False,
         quiet: Annotated[bool, typer.Option("-q", "--quiet", help="Print nothing but errors.")] = False,
     ) -> None:
         """Dice, IoU, precision, recall, HD95 and object-level recall per case and class, and their means.
@@ -198,7 +199,7 @@ def register(app: typer.Typer) -> None:
                                 "be read as masks by every later evaluate; give another folder", 2)
         try:
             result = evaluate(predictions, ground_truth, fov_dir=fov, spacing=sp, hd95=hd95, csv_path=csv_out,
-                              json_path=json_file, log=warn)
+                              json_path=json_file, log=warn, instances=instances)
         except SegcliError as exc:
             raise _fail(str(exc), exc.exit_code) from None
         if preview is not None:
@@ -234,6 +235,11 @@ def register(app: typer.Typer) -> None:
         for r in mean_rows:
             sizes = ", ".join(f"{b} {_fmt(v)}" for b, v in zip(("small", "medium", "large"), r[len(CSV_COLUMNS) - 3:], strict=True))
             print(f"object recall by size ({r[1]}): {sizes}  (bins: <0.1 %, 0.1-1 %, >=1 % of the image)")
+        if "instances" in result:
+            m, p = result["instances"]["mean_over_cases"], result["instances"]["pooled"]
+            print(f"instances: AJI {_fmt(m['aji'])}, PQ {_fmt(m['pq'])} (SQ {_fmt(m['sq'])}, DQ {_fmt(m['dq'])}), "
+                  f"F1@0.5 {_fmt(m['f1_iou50'])} (mean over cases); pooled AJI {_fmt(p['aji'] or float('nan'))}, "
+                  f"{p['matched']} of {p['objects_true']} objects matched, {p['objects_pred']} predicted")
         if result["failed"]:
             raise typer.Exit(1)
 

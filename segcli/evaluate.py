@@ -188,12 +188,18 @@ def evaluate(
     json_path: str | os.PathLike[str] | None = None,
     workers: int | None = None,
     log: Callable[[str], None] | None = None,
+    instances: bool = False,
 ) -> dict[str, Any]:
     """Per-case and mean metrics for every foreground class; optionally written as CSV and JSON.
 
     HD95 is in mm when the ground truth carries a spacing (NIfTI, DICOM...) or ``spacing`` is
     given, else in pixels (``units`` says which). Files with no counterpart are listed under
     ``unpaired``; raises InputError only if nothing pairs at all.
+
+    ``instances``: the ground truth holds instance labels (every non-zero id one object); predictions are
+    instance labels too, or binary masks whose connected components are taken as the objects. Dice and
+    the rest score foreground against foreground, and AJI, PQ and F1 (:mod:`segcli.instance_metrics`) are
+    added per case and pooled over the cases.
     """
     gt_dir = Path(gt_dir)
     pairs, unpaired_pred, unpaired_gt = _paired(pred_dir, gt_dir, log)
@@ -207,7 +213,7 @@ def evaluate(
         classes = seg_classes = _classes_from_predictions(pairs)
 
     def work(item: tuple[str, Path, Path]) -> dict[str, Any]:
-        return _measure_case(item, fov, spacing, seg_classes, hd95)
+        return _measure_case(item, fov, spacing, seg_classes, hd95, instances)
 
     with ThreadPoolExecutor(max_workers=n_workers) as ex:
         recs = list(ex.map(work, pairs))
@@ -234,6 +240,8 @@ def evaluate(
         "unpaired": {"predictions": [str(p) for p in unpaired_pred], "ground_truth": [str(p) for p in unpaired_gt]},
         "failed": [{"case": r["case"], "error": r["error"]} for r in failed],
     }
+    if instances:
+        _add_instance_scores(result, good)
     if json_path is not None:
         Path(json_path).write_text(to_json(result) + "\n")
     if csv_path is not None:
@@ -285,11 +293,15 @@ def _classes_from_predictions(pairs: list[tuple[str, Path, Path]]) -> list[str] 
 
 
 def _measure_case(item: tuple[str, Path, Path], fov: Path | None, spacing: Sequence[float] | None,
-                  seg_classes: Sequence[str] | None, hd95: bool) -> dict[str, Any]:
+                  seg_classes: Sequence[str] | None, hd95: bool, instances: bool = False) -> dict[str, Any]:
     """One pair read and scored (a worker's job); the masks are dropped once measured."""
     from segcli import metrics_stream
 
     case, pred_path, gt_path = item
+    if instances and metrics_stream.wants_streaming(pred_path, gt_path):
+        return {"case": case, "prediction": str(pred_path), "ground_truth": str(gt_path),
+                "error": f"{pred_path}: --instances scores pairs of up to {metrics_stream.STREAM_PIXELS // 10**6} "
+                         "MPixel held in memory; this pair is larger (score its tiles instead)"}
     if metrics_stream.wants_streaming(pred_path, gt_path):  # a big 2D pair: band by band, never held whole
         head = {"case": case, "prediction": str(pred_path), "ground_truth": str(gt_path)}
         try:
@@ -302,6 +314,8 @@ def _measure_case(item: tuple[str, Path, Path], fov: Path | None, spacing: Seque
     rec = _score_case(item, fov, spacing, seg_classes)
     if "error" in rec:
         return rec
+    if instances:
+        rec["instance_counts"] = _instance_counts(rec)
     k = int(max(rec["gt"].max(initial=0), rec["pred"].max(initial=0))) + 1
     rec["n_labels"] = k
     rec["metrics"] = metrics.case_metrics(rec["pred"], rec["gt"], range(1, max(k, 2)), spacing=rec["spacing"],
@@ -417,3 +431,37 @@ def write_csv(result: dict[str, Any], path: str | os.PathLike[str]) -> None:
         for row in table_rows(result):
             w.writerow(["" if isinstance(v, float) and not math.isfinite(v) else (round(v, 6) if isinstance(v, float) else v)
                         for v in row])
+
+
+def _instance_counts(rec: dict[str, Any]) -> Any:
+    """AJI/PQ counts of one case; its masks become foreground masks for the semantic scores."""
+    from scipy import ndimage as ndi
+
+    from segcli.instance_metrics import instance_counts
+
+    gt, pred = rec["gt"], rec["pred"]
+    if pred.max(initial=0) <= 1:  # a binary mask: its connected components are the objects
+        pred = ndi.label(pred > 0, structure=np.ones((3,) * pred.ndim, bool))[0]
+    if rec["fov"] is not None:
+        gt, pred = gt * rec["fov"], pred * rec["fov"]
+    counts = instance_counts(gt, pred)
+    rec["gt"], rec["pred"] = (rec["gt"] > 0).astype(np.int64), (rec["pred"] > 0).astype(np.int64)
+    return counts
+
+
+def _add_instance_scores(result: dict[str, Any], good: list[dict[str, Any]]) -> None:
+    """Per-case AJI, PQ, SQ, DQ and F1, their means over cases and the scores pooled over every object."""
+    from segcli.instance_metrics import InstanceCounts
+
+    pooled = InstanceCounts()
+    by_case = {r["case"]: r["instance_counts"] for r in good}
+    for cs in result["cases"]:
+        c = by_case[cs["case"]]
+        pooled = pooled + c
+        cs["instances"] = c.scores()
+    per = [cs["instances"] for cs in result["cases"]]
+    mean = {k: _nanmean([float("nan") if p[k] is None else p[k] for p in per]) for k in ("aji", "pq", "sq", "dq", "f1_iou50")}
+    result["instances"] = {"mean_over_cases": mean, "pooled": pooled.scores(),
+                           "definitions": "AJI: Kumar et al., IEEE TMI 2017; PQ = SQ x DQ: Kirillov et al., CVPR 2019; "
+                                          "F1 at IoU 0.5 equals DQ"}
+

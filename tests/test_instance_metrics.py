@@ -109,3 +109,27 @@ def test_watershed_splits_two_touching_discs_and_keeps_one_disc_whole():
     tiny = np.zeros((10, 10), bool)
     tiny[4, 4] = True
     assert split_touching(tiny).max() == 1  # a one-pixel object still gets its id
+
+
+def test_evaluate_instances_through_the_cli(tmp_path):
+    """A merged blob scored as a user would: one match at most, AJI 0.5, and Dice still 1 on the foreground."""
+    import json
+
+    from PIL import Image
+
+    from tests.conftest import run_cli
+
+    gt_dir, pred_dir = tmp_path / "gt", tmp_path / "pred"
+    gt_dir.mkdir()
+    pred_dir.mkdir()
+    t = _two_touching()
+    Image.fromarray(t.astype(np.uint16)).save(gt_dir / "a.png")
+    Image.fromarray((t > 0).astype(np.uint8)).save(pred_dir / "a.png")  # binary: its component is one object
+    r = run_cli("evaluate", pred_dir, gt_dir, "--instances", "--json", "--no-hd95")
+    assert r.returncode == 0, r.stderr
+    res = json.loads(r.stdout)
+    assert res["cases"][0]["instances"]["aji"] == pytest.approx(0.5)
+    assert res["instances"]["pooled"]["matched"] == 0 and res["instances"]["pooled"]["objects_true"] == 2
+    assert res["mean"][next(iter(res["mean"]))]["dice"] == pytest.approx(1.0)
+    r = run_cli("evaluate", pred_dir, gt_dir, "--instances", "--no-hd95")
+    assert r.returncode == 0 and "instances: AJI 0.5000, PQ 0.0000" in r.stdout, r.stdout + r.stderr
