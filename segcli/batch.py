@@ -24,7 +24,7 @@ _WORKER: dict[str, Any] = {}
 
 
 #: Name endings of segcli's own outputs: a folder walk leaves such files out (they are earlier results).
-OUTPUT_SUFFIXES = ("_seg", "_probs", "_preview")
+OUTPUT_SUFFIXES = ("_seg", "_probs", "_preview", "_instances")
 
 
 @dataclass

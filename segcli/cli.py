@@ -155,6 +155,7 @@ def predict(
     tile_size: Annotated[int, typer.Option(help="Tile size of big TIFF masks [16–4096, a multiple of 16].", rich_help_panel="Memory and big images")] = 512,
     volume: Annotated[int | None, typer.Option(help="4D DICOM (echoes, phases, diffusion directions, time points): segment volume N (1-based); refused without it. Default: none.", rich_help_panel="Input and output")] = None,
     output_type: Annotated[str, typer.Option("--output-type", help="auto (the format follows -o's extension, else the input's family) | dicom-seg (a DICOM Segmentation referencing the input series; DICOM series inputs only; implied by -o NAME.dcm).", rich_help_panel="Input and output")] = "auto",
+    instances: Annotated[bool, typer.Option("--instances", help="Also write NAME_seg_instances.tif: uint32 object ids, touching objects split by a seeded watershed on the distance map (2D images held in memory; score with `segcli evaluate --instances`).", rich_help_panel="Input and output", metavar=" ")] = False,
     geojson: Annotated[bool, typer.Option("--geojson", help="Also write NAME_seg.geojson: one polygon per object in level-0 pixels, for QuPath (2D images and slides; built tile by tile). -o NAME.geojson implies it.", rich_help_panel="Input and output", metavar=" ")] = False,
     preview: Annotated[bool, typer.Option("--preview", help="Also write NAME_seg_preview.png: the mask over the image (a few slices for a volume).", rich_help_panel="Input and output", metavar=" ")] = False,
     arsm_maps: Annotated[Path | None, typer.Option(help="ARSM models: write per-class PNGs of the resolution the gate chose into this folder. Default: none.", rich_help_panel="Input and output")] = None,
@@ -195,7 +196,7 @@ def predict(
             max_zoom=max_zoom, tile_size=tile_size, probabilities=probabilities, skip_existing=skip_existing,
             output_type="dicom-seg" if output is not None and output.name.lower().endswith(".dcm") else output_type,
             stats=stats is not None, lock=lock, preview=preview, allow_unhashed=allow_unhashed, volume=volume,
-            geojson=geojson or (output is not None and output.name.lower().endswith(".geojson")),
+            geojson=geojson or (output is not None and output.name.lower().endswith(".geojson")), instances=instances,
             params={
                 "pad": pad, "threshold": threshold, "keep_coarse": keep_coarse, "keep_aspect": False if square_resize else None,
                 "patches": patches, "criterion": criterion, "refine_threshold": refine_threshold, "patch_size": patch_size, "min_patch_std": min_patch_std,

@@ -63,6 +63,7 @@ class PredictOptions:
     output_type: str = "auto"
     probabilities: bool = False
     geojson: bool = False  # NAME_seg.geojson: one polygon per object, for QuPath (2D inputs)
+    instances: bool = False  # NAME_seg_instances.tif: uint32 object ids, touching objects split (2D, in memory)
     preview: bool = False  # NAME_seg_preview.png (drawn by the caller after the mask; counted by skip_existing)
     skip_existing: bool = False
     stats: bool = False

@@ -14,7 +14,7 @@ import numpy as np
 from segcli import io
 from segcli.errors import SegcliError
 from segcli.io.atomic import split_extension
-from segcli.io.naming import geojson_path, preview_path, probabilities_path, with_extension
+from segcli.io.naming import geojson_path, instances_path, preview_path, probabilities_path, with_extension
 
 if TYPE_CHECKING:
     from segcli.bundle import Bundle
@@ -47,6 +47,8 @@ def planned_outputs(options: Any, out: Path) -> list[tuple[str, Path]]:
         files.append(("GeoJSON", geojson_path(out)))
     if options.probabilities:
         files.append(("probabilities", probabilities_path(out)))
+    if getattr(options, "instances", False):
+        files.append(("instances", instances_path(out)))
     if options.preview:
         files.append(("preview", preview_path(out)))
     return files
@@ -91,3 +93,16 @@ def write_dicom_seg(seg: Segmenter, job: Job, file_order_labels: np.ndarray, met
     if not result.get("written"):
         job.rep.output = None
         job.rep.warnings.append("no foreground: no DICOM SEG written")
+
+
+def write_instances(job: Job, labels: np.ndarray, like: Any) -> None:
+    """``NAME_instances.tif``: uint32 object ids of every foreground class, touching objects split by the
+    seeded watershed (:mod:`segcli.instances`), with the input's resolution tags; the count goes in the report."""
+    from segcli.instances import split_touching
+    from segcli.io.tiff import write_pages
+
+    inst = split_touching(labels > 0)
+    path = instances_path(job.out)
+    write_pages(inst, like, path)
+    job.rep.info["instances"] = {"path": str(path), "objects": int(inst.max(initial=0)), "split": "watershed"}
+

@@ -37,7 +37,7 @@ from segcli.geometry import slice_axis
 from segcli.io.atomic import OutputLock
 from segcli.io.naming import geojson_path, probabilities_path
 from segcli.job import Job
-from segcli.outputs import detection_classes, plan_output, planned_outputs, write_dicom_seg
+from segcli.outputs import detection_classes, plan_output, planned_outputs, write_dicom_seg, write_instances
 from segcli.plan import Staged2D
 from segcli.prepare import implausible_result, mismatch_warnings
 from segcli.report import FileReport, count_labels, fill_counts, fill_run
@@ -149,6 +149,8 @@ class InMemoryRoute:
             write_dicom_seg(seg, job, to_original_axes(self.res.labels, self.img.meta), self.img.meta)
         else:
             io.write_mask(self.res.labels, self.img, job.out)
+        if seg.options.instances:
+            write_instances(job, self.res.labels, self.img)
         if seg.options.geojson:
             if self.img.ndim != 2:
                 job.rep.warnings.append("GeoJSON is written for 2D images only; none for this volume")
@@ -540,6 +542,9 @@ def _read(seg: Segmenter, path: Path, output: str | Path | None, *, input_root: 
             bundle = seg.bundle_for(job.route.kind)
             job.rep.warnings.extend(mismatch_warnings(bundle, dtype, job.route.spacing, ndim, opts.window))
             facts.intensity_notes(seg, job, bundle, dtype, isinstance(job.route, InMemoryRoute) and job.route.img.ndim == 2)
+        if seg.options.instances and not (isinstance(job.route, InMemoryRoute) and job.route.img.ndim == 2):
+            raise InputError("--instances is written for 2D images held in memory (photos, tiles); this input "
+                             "is a volume or a slide read by region", path)
         job.rep.shape = list(job.route.spatial_shape)
         job.rep.spacing = list(job.route.spacing) if job.route.spacing else None
         if isinstance(job.route, InMemoryRoute):

@@ -133,3 +133,41 @@ def test_evaluate_instances_through_the_cli(tmp_path):
     assert res["mean"][next(iter(res["mean"]))]["dice"] == pytest.approx(1.0)
     r = run_cli("evaluate", pred_dir, gt_dir, "--instances", "--no-hd95")
     assert r.returncode == 0 and "instances: AJI 0.5000, PQ 0.0000" in r.stdout, r.stdout + r.stderr
+
+
+def test_predict_instances_writes_the_split_label_image(tmp_path, grey_bundle):
+    """--instances beside the mask: uint32 ids exactly on the mask's foreground, equal to the library's split;
+    a volume is refused with one line naming it, and the input is left as it was."""
+    import json
+
+    import tifffile
+    from PIL import Image
+
+    from segcli.instances import split_touching
+    from tests.conftest import run_cli
+
+    rng = np.random.default_rng(0)
+    img = (rng.random((96, 128)) * 255).astype(np.uint8)
+    img[20:60, 20:60] = 250
+    src = tmp_path / "cells.png"
+    Image.fromarray(img).save(src)
+    before = src.read_bytes()
+    out = tmp_path / "out"
+    r = run_cli("predict", src, "-o", out, "--model", grey_bundle, "--instances", "--json")
+    assert r.returncode == 0, r.stderr
+    mask = np.asarray(Image.open(out / "cells_seg.png"))
+    inst = tifffile.imread(out / "cells_seg_instances.tif")
+    assert inst.dtype == np.uint32 and inst.shape == mask.shape
+    assert np.array_equal(inst > 0, mask > 0)
+    assert np.array_equal(inst, split_touching(mask > 0))
+    rep = json.loads(r.stdout)["files"][0]
+    assert rep["info"]["instances"]["objects"] == int(inst.max())
+    assert src.read_bytes() == before
+
+    import nibabel as nib
+
+    vol = tmp_path / "v.nii.gz"
+    nib.save(nib.Nifti1Image(rng.random((16, 16, 4)).astype(np.float32), np.eye(4)), vol)
+    r = run_cli("predict", vol, "-o", tmp_path / "vout", "--model", grey_bundle, "--instances")
+    assert r.returncode == 1
+    assert "--instances is written for 2D images held in memory" in r.stderr and str(vol) in r.stderr

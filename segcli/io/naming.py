@@ -36,6 +36,12 @@ def geojson_path(mask_path: Path) -> Path:
     return with_extension(mask_path, ".geojson")
 
 
+def instances_path(mask_path: Path) -> Path:
+    """``NAME_instances.tif`` beside the mask ``NAME.EXT`` (uint32 object ids; PNG cannot hold uint32)."""
+    mask_path = Path(mask_path)
+    return mask_path.with_name(f"{split_extension(mask_path.name)[0]}_instances.tif")
+
+
 def preview_path(mask_path: Path) -> Path:
     """``NAME_preview.png`` beside the mask ``NAME.EXT``."""
     mask_path = Path(mask_path)
