@@ -149,7 +149,8 @@ class Segmenter:
             # A bounded route runs a sliding bundle as stts over tissue windows: both networks hold arenas.
             roles = plan.Plan("stts", p.size, p.params).roles if bounded and p.method == "sliding" else p.roles
             for role in roles:
-                table, how = memplan.network_cost(self.predictor(bundle, role), p.size)
+                table, how = memplan.network_cost(self.predictor(bundle, role), p.size, bundle.in_channels,
+                                                  bundle.n_classes)
                 costs[role] = table
                 hows.add(how)
             wanted = int(p["batch_size"])

@@ -138,6 +138,31 @@ def fine_batch(limit: int, channels: int, size: int, n_classes: int, zoom: float
     return max(1, min(wanted, (limit // 4) // max(per_item, 1)))
 
 
+def check_in_memory(seg: Any, kind: str, shape: tuple[int, ...], channels: int, itemsize: int,
+                    path: Any) -> None:
+    """Refuse, with the estimate, an in-memory run that would exceed the budget."""
+    bundle = seg.bundle_for(kind)
+    probabilities = seg.options.probabilities
+    if kind == "volume":
+        est = estimate_volume(shape, channels, itemsize, model_channels=bundle.in_channels,
+                              n_classes=bundle.n_classes, return_probs=probabilities)
+        check_volume_fits(seg, est, shape, path)
+        return
+    p = seg.plan_for(bundle)
+    est = estimate_2d(shape, channels, itemsize, model_channels=bundle.in_channels,  # type: ignore[arg-type]
+                      n_classes=bundle.n_classes, method=p.method, size=p.size, return_probs=probabilities)
+    hint = "use --method stts on a .tif input, which is read by region" if p.method != "stts" \
+        else "save the image as a tiled TIFF so it can be read by region"
+    check_fits(est, seg.budget, path, f"--method {p.method} on this {shape[0]}x{shape[1]} image", hint, share=seg.budget_share)
+
+
+def check_volume_fits(seg: Any, est: int, shape: tuple[int, ...], path: Any) -> None:
+    """Refuse a volume whose estimate exceeds the budget, with the way out that fits its options."""
+    hint = ("drop --probabilities or write a .nii.gz (probabilities are then streamed to disk)"
+            if seg.options.probabilities else "raise --max-memory or crop the volume")
+    check_fits(est, seg.budget, path, f"this {'x'.join(map(str, shape))} volume", hint, share=seg.budget_share)
+
+
 def env_budget() -> str | None:
     """``SEGCLI_MAX_MEMORY`` from the environment (the CLI flag wins)."""
     return os.environ.get("SEGCLI_MAX_MEMORY") or None

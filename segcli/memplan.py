@@ -124,20 +124,21 @@ def measure_onnx(model: bytes | Any, threads: int, size: int, in_channels: int,
     return out
 
 
-def network_cost(pred: Any, size: int) -> tuple[dict[int, int], str]:
+def network_cost(pred: Any, size: int, in_channels: int, n_classes: int) -> tuple[dict[int, int], str]:
     """``{batch: bytes}`` of one predictor at input size ``size``: measured (and recorded) for ONNX Runtime
-    on the CPU, else an estimate from the activations of a U-Net-sized network."""
+    on the CPU, else an estimate from the activations of a U-Net-sized network (torch, wrappers)."""
     model = getattr(pred, "model_source", None)
-    if getattr(pred, "backend", "") == "onnx" and model is not None and pred.provider == "CPUExecutionProvider":
+    if getattr(pred, "backend", "") == "onnx" and model is not None and \
+            getattr(pred, "provider", "") == "CPUExecutionProvider":
         from segcli.runtimes import onnx_cache
 
         digest = pred.model_sha256()
         rec = onnx_cache.memory_record(digest, size)
         if rec is None:
-            rec = measure_onnx(model, pred.threads, size, pred.in_channels)
+            rec = measure_onnx(model, pred.threads, size, in_channels)
             onnx_cache.save_memory_record(digest, size, rec)
         return rec, "measured"
-    per_item = 4 * size * size * (pred.in_channels + 2 * pred.n_classes) * 12  # ~12 full-size activation maps
+    per_item = 4 * size * size * (in_channels + 2 * n_classes) * 12  # ~12 full-size activation maps
     return {b: b * per_item for b in MEASURED_BATCHES}, "estimated"
 
 

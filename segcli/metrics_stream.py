@@ -50,9 +50,11 @@ class _Objects:
         self.parent.extend(range(base, base + n))
         self.size.extend(int(s) for s in sizes)
         self.hit.extend(bool(h) for h in hits)
-        glob = np.where(labels > 0, labels + base - 1, -1)
+        def ids(row: np.ndarray) -> np.ndarray:  # global ids of one row (only edge rows are ever joined)
+            return np.where(row > 0, row.astype(np.int64) + base - 1, -1)
+
         if self.prev_row is not None and n:
-            top, bot = self.prev_row, glob[0]
+            top, bot = self.prev_row, ids(labels[0])
             for dx in (-1, 0, 1):
                 a = top[max(0, -dx) : len(top) - max(0, dx)]
                 b = bot[max(0, dx) : len(bot) - max(0, -dx)]
@@ -61,7 +63,7 @@ class _Objects:
                     ri, rj = self._find(i), self._find(j)
                     if ri != rj:
                         self.parent[rj] = ri
-        self.prev_row = glob[-1] if len(glob) else self.prev_row
+        self.prev_row = ids(labels[-1]) if len(labels) else self.prev_row
 
     def recall(self, area: int) -> dict[str, Any]:
         size: dict[int, int] = {}
@@ -286,7 +288,7 @@ def wants_streaming(pred: Any, gt: Any) -> bool:
 
 
 def score_streamed(pred_path: Any, gt_path: Any, fov_path: Any, spacing: Sequence[float] | None, hd95: bool,
-                   band: int = 1024) -> dict[str, Any]:
+                   band: int = 512) -> dict[str, Any]:
     """One big 2D pair scored band by band: what ``segcli.evaluate`` records per case."""
     from segcli.errors import InputError
 

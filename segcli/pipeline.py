@@ -35,10 +35,11 @@ from segcli.engines.base import ProgressFn, Result
 from segcli.errors import EmptyImageError, InputError, UsageError
 from segcli.geometry import slice_axis
 from segcli.io.atomic import OutputLock
+from segcli.io.bigtiff import tiff_spacing
 from segcli.io.naming import geojson_path, probabilities_path
 from segcli.job import Job
 from segcli.outputs import detection_classes, plan_output, planned_outputs, write_dicom_seg, write_instances
-from segcli.plan import Staged2D
+from segcli.plan import Staged2D, physical_factor
 from segcli.prepare import implausible_result, mismatch_warnings
 from segcli.report import FileReport, count_labels, fill_counts, fill_run
 
@@ -107,7 +108,7 @@ class InMemoryRoute:
         """In the reader thread: the memory check, then normalisation and the rough pass's downscaled view
         of a 2D image, so they overlap the networks of the image before."""
         img = self.img
-        check_in_memory(seg, self.kind, img.spatial_shape, img.channels, img.array.dtype.itemsize, job.path)
+        memory.check_in_memory(seg, self.kind, img.spatial_shape, img.channels, img.array.dtype.itemsize, job.path)
         self.checked = True
         if img.ndim != 2:
             return
@@ -196,7 +197,7 @@ class StreamedVolumeRoute:
         est = memory.estimate_volume(vol.spatial_shape, vol.channels, vol.dtype.itemsize,
                                      model_channels=bundle.in_channels, n_classes=bundle.n_classes,
                                      return_probs=opts.probabilities and not spilled, streamed=True)
-        _check_volume_fits(seg, est, vol.spatial_shape, job.path)
+        memory.check_volume_fits(seg, est, vol.spatial_shape, job.path)
         spill = None
         if spilled:  # probabilities bound for NIfTI go to a temporary file slice by slice
             assert job.out is not None
@@ -382,9 +383,8 @@ GRID_ROUGH_PIXELS = 2048 * 2048
 #: Methods the bounded (tiled TIFF) route runs: stts, and sliding as windows over the rough pass's tissue.
 BOUNDED_METHODS = ("stts", "sliding")
 
-#: An RGB TIFF with more pixels than this, as the networks see it (after the mpp rule's resampling), takes
-#: the bounded route: an 8000² slide slid in memory over all 1,764 windows took 37 s and 2.29 GB where
-#: its 324 tissue windows were the only ones with anything to find (issue 28).
+#: An RGB TIFF with more pixels than this as the networks see it (after the mpp rule) takes the bounded route:
+#: an 8000² slide slid in memory over all 1,764 windows took 37 s and 2.29 GB; 324 held tissue (issue 28).
 SLIDE_PIXELS = 16 * 2**20
 
 
@@ -427,7 +427,7 @@ def open_route(seg: Segmenter, path: Path, out: Path, content: str | None) -> Ro
     if content in ("nrrd", "metaimage", "nifti", "nifti-gz") and (head := io.header_size(path, content)):
         shape, channels, itemsize = head  # read whole: refuse from the header, before decoding, if it won't fit
         if len(shape) in (2, 3):
-            check_in_memory(seg, "volume" if len(shape) == 3 else kind, shape, channels, itemsize, path)
+            memory.check_in_memory(seg, "volume" if len(shape) == 3 else kind, shape, channels, itemsize, path)
     img = io.open_image(path, content=content, volume=seg.options.volume)
     return InMemoryRoute(img, facts.chosen_kind(seg.options, img, kind))
 
@@ -440,9 +440,7 @@ def _wants_tiles(seg: Segmenter, path: Path, out: Path, kind: str, head: tuple) 
     (H, W), channels, itemsize = head
     bundle = seg.bundle_for(kind)
     p = seg.plan_for(bundle)
-    from segcli.plan import physical_factor
-
-    scale = physical_factor(bundle, _tiff_spacing(path)) if kind == "slide" else None
+    scale = physical_factor(bundle, tiff_spacing(path)) if kind == "slide" else None
     if scale is not None:  # the networks see the slide resampled to the bundle's pixel size: count those pixels
         H, W = max(1, round(H / scale[0])), max(1, round(W / scale[0]))
     est = memory.estimate_2d((H, W), channels, itemsize, model_channels=bundle.in_channels,
@@ -461,44 +459,6 @@ def _wants_tiles(seg: Segmenter, path: Path, out: Path, kind: str, head: tuple) 
     memory.check_fits(est, seg.budget, path, f"writing this {H}x{W} mask as {out.suffix}",
                       "write it as .tif (streamed, tiled) instead", share=seg.budget_share)
     return False
-
-
-def _tiff_spacing(path: Path) -> tuple[float, ...] | None:
-    """The (y, x) pixel size in mm a TIFF's own metadata gives (tags, OME, Aperio), without decoding pixels."""
-    import tifffile
-
-    from segcli.io import tiff as tiffio
-
-    try:
-        with tifffile.TiffFile(path) as tif:
-            page0 = tif.series[0].levels[0].pages[0]
-            return tiffio.physical_size(tif, page0, tiffio.resolution_of(page0), tiffio.ome_pixels(tif))["spacing"]
-    except Exception:  # unreadable metadata: the reader reports it; here it only means "no pixel size"
-        return None
-
-
-def check_in_memory(seg: Segmenter, kind: str, shape: tuple[int, ...], channels: int, itemsize: int,
-                    path: Path) -> None:
-    """Refuse, with the estimate, an in-memory run that would exceed the budget."""
-    bundle = seg.bundle_for(kind)
-    probabilities = seg.options.probabilities
-    if kind.startswith("volume"):
-        est = memory.estimate_volume(shape, channels, itemsize, model_channels=bundle.in_channels,
-                                     n_classes=bundle.n_classes, return_probs=probabilities)
-        _check_volume_fits(seg, est, shape, path)
-        return
-    p = seg.plan_for(bundle)
-    est = memory.estimate_2d(shape, channels, itemsize, model_channels=bundle.in_channels,  # type: ignore[arg-type]
-                             n_classes=bundle.n_classes, method=p.method, size=p.size, return_probs=probabilities)
-    hint = "use --method stts on a .tif input, which is read by region" if p.method != "stts" \
-        else "save the image as a tiled TIFF so it can be read by region"
-    memory.check_fits(est, seg.budget, path, f"--method {p.method} on this {shape[0]}x{shape[1]} image", hint, share=seg.budget_share)
-
-
-def _check_volume_fits(seg: Segmenter, est: int, shape: tuple[int, ...], path: Path) -> None:
-    hint = ("drop --probabilities or write a .nii.gz (probabilities are then streamed to disk)"
-            if seg.options.probabilities else "raise --max-memory or crop the volume")
-    memory.check_fits(est, seg.budget, path, f"this {'x'.join(map(str, shape))} volume", hint, share=seg.budget_share)
 
 
 # -- one file, many files ----------------------------------------------------------------------------------

@@ -252,13 +252,13 @@ def test_volume_sliced_along_a_non_first_axis(tmp_path, grey_bundle, method):
 
 
 def test_big_tiff_bounded_path_through_the_cli(tmp_path, grey_bundle):
-    """Under a small --max-memory a TIFF goes through the lazy path: tiled BigTIFF out, pyramid, tags kept."""
+    """Under a --max-memory too small for the whole image a TIFF goes through the lazy path: tiled BigTIFF out, pyramid, tags kept."""
     a = np.random.default_rng(0).integers(0, 40, (1536, 1536), dtype=np.uint8)
     a[300:420, 500:640] = 230
     src = tmp_path / "slide.tif"
     tifffile.imwrite(src, a, tile=(256, 256), compression="zlib", resolution=(40000.0, 40000.0),
                      resolutionunit="CENTIMETER")
-    r = run_cli("predict", src, "--model", grey_bundle, "--max-memory", "40MB", "--pyramid", "--json",
+    r = run_cli("predict", src, "--model", grey_bundle, "--max-memory", "300MB", "--pyramid", "--json",
                 "--stats", tmp_path / "stats.csv", "--tile-size", "128")
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout)["files"][0]["info"]["bounded_memory"]
@@ -276,7 +276,7 @@ def test_big_tiff_bounded_path_through_the_cli(tmp_path, grey_bundle):
     assert int(row["voxels"]) == want["voxels"] and int(row["components"]) == want["components"]
     if want["bbox"]:
         assert list(map(int, row["bbox"].split())) == want["bbox"]
-    r = run_cli("predict", src, "--model", grey_bundle, "--max-memory", "40MB", "--method", "direct",
+    r = run_cli("predict", src, "--model", grey_bundle, "--max-memory", "300MB", "--method", "direct",
                 "-o", tmp_path / "d.tif")
     assert r.returncode == 1 and "stts" in r.stderr and "slide.tif" in r.stderr
     assert not (tmp_path / "d.tif").exists()

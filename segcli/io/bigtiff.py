@@ -79,6 +79,20 @@ def tiff_header(path: Path | str) -> tuple[tuple[int, int], int, int] | None:
         return None
 
 
+def tiff_spacing(path: Path | str) -> tuple[float, ...] | None:
+    """The (y, x) pixel size in mm a TIFF's own metadata gives (tags, OME, Aperio), without decoding pixels."""
+    import tifffile
+
+    from segcli.io import tiff as tiffio
+
+    try:
+        with tifffile.TiffFile(path) as tif:
+            page0 = tif.series[0].levels[0].pages[0]
+            return tiffio.physical_size(tif, page0, tiffio.resolution_of(page0), tiffio.ome_pixels(tif))["spacing"]
+    except Exception:  # unreadable metadata: the reader reports it; here it only means "no pixel size"
+        return None
+
+
 class _Level:
     """One resolution level: its pages (one per channel group) and its segment geometry."""
 
