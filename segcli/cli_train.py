@@ -236,10 +236,7 @@ def register(app: typer.Typer) -> None:
             sizes = ", ".join(f"{b} {_fmt(v)}" for b, v in zip(("small", "medium", "large"), r[len(CSV_COLUMNS) - 3:], strict=True))
             print(f"object recall by size ({r[1]}): {sizes}  (bins: <0.1 %, 0.1-1 %, >=1 % of the image)")
         if "instances" in result:
-            m, p = result["instances"]["mean_over_cases"], result["instances"]["pooled"]
-            print(f"instances: AJI {_fmt(m['aji'])}, PQ {_fmt(m['pq'])} (SQ {_fmt(m['sq'])}, DQ {_fmt(m['dq'])}), "
-                  f"F1@0.5 {_fmt(m['f1_iou50'])} (mean over cases); pooled AJI {_fmt(p['aji'] or float('nan'))}, "
-                  f"{p['matched']} of {p['objects_true']} objects matched, {p['objects_pred']} predicted")
+            print(_instance_line(result["instances"]))
         if result["failed"]:
             raise typer.Exit(1)
 
@@ -260,6 +257,13 @@ def _train_pair(data: Path | None, out: Path | None, pair: str, options: dict[st
     if data is None or out is None:
         raise UsageError("--pair needs --data (images, masks optional) and -o OUTPUT")
     return train_pair(data, out, pair, **{k: v for k, v in options.items() if k not in ("method", "size", "command")})
+
+
+def _instance_line(inst: dict[str, Any]) -> str:
+    m, p = inst["mean_over_cases"], inst["pooled"]
+    return (f"instances: AJI {_fmt(m['aji'])}, PQ {_fmt(m['pq'])} (SQ {_fmt(m['sq'])}, DQ {_fmt(m['dq'])}), "
+            f"F1@0.5 {_fmt(m['f1_iou50'])} (mean over cases); pooled AJI {_fmt(p['aji'] or float('nan'))}, "
+            f"{p['matched']} of {p['objects_true']} objects matched, {p['objects_pred']} predicted")
 
 
 def _fmt(v: Any) -> str:

@@ -465,10 +465,20 @@ def _wants_tiles(seg: Segmenter, path: Path, out: Path, kind: str, head: tuple) 
 
 
 def read(seg: Segmenter, path: Path, output: str | Path | None, *, input_root: Path | None) -> Job:
-    """:func:`_read`, its time counted as the file's own work."""
+    """:func:`_read`, its time counted as the file's own work (model loading for the memory plan apart)."""
+    loading = seg.load_seconds.get("total", 0.0)
     job = _read(seg, path, output, input_root=input_root)
     job.busy += time.perf_counter() - job.t0
+    _count_load(seg, job, loading)
     return job
+
+
+def _count_load(seg: Segmenter, job: Job, before: float) -> None:
+    """First use loads the networks (the ONNX export or the weights): its own stage, not the one it fell in."""
+    if (load := seg.load_seconds.get("total", 0.0) - before) > 0.001:
+        job.rep.seconds["model_load"] = job.rep.seconds.get("model_load", 0.0) + load
+        if "prepare" in job.rep.seconds:
+            job.rep.seconds["prepare"] = max(0.0, job.rep.seconds["prepare"] - load)
 
 
 def _read(seg: Segmenter, path: Path, output: str | Path | None, *, input_root: Path | None) -> Job:
@@ -527,8 +537,7 @@ def compute(seg: Segmenter, job: Job, progress: ProgressFn | None) -> None:
         job.fail_from(exc)
     finally:
         job.busy += time.perf_counter() - t
-        if (load := seg.load_seconds.get("total", 0.0) - loading) > 0.001:
-            job.rep.seconds["model_load"] = load  # first use: the ONNX export or the weights, its own stage
+        _count_load(seg, job, loading)
 
 
 def write(seg: Segmenter, job: Job) -> FileReport:
