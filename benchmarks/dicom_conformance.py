@@ -285,13 +285,33 @@ def table(rows: list[dict]) -> str:
     return " | ".join(f"{counts[k]}" for k in kinds)
 
 
+def markdown(results: dict[str, list[dict]]) -> str:
+    """One table row per repository, for benchmarks/README.md."""
+    lines = ["| repository | series | OK | near | refused-4D (OK with `--volume 1`) | refused | wrong | crash | no-ref |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for name, rows in results.items():
+        n = {k: sum(r["result"] == k for r in rows) for k in ("OK", "near", "refused-4D", "refused", "wrong",
+                                                                "crash", "no-ref")}
+        v1 = sum(r.get("volume_1") == "OK" for r in rows)
+        lines.append(f"| {name} | {len(rows)} | {n['OK']} | {n['near']} | {n['refused-4D']} ({v1}) | {n['refused']} "
+                     f"| {n['wrong']} | {n['crash']} | {n['no-ref']} |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--root", type=Path, required=True)
     ap.add_argument("--repos", nargs="*", default=list(REPOS))
     ap.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "dicom_conformance.json")
     ap.add_argument("--bundle-args", default="--model covid-ct --no-lung-gate")
+    ap.add_argument("--markdown", nargs="*", type=Path, help="only print the README table of these result JSONs")
     args = ap.parse_args()
+    if args.markdown:
+        merged: dict[str, list[dict]] = {}
+        for path in args.markdown:
+            merged.update(json.loads(path.read_text()))
+        print(markdown(merged))
+        return
     sys.path.insert(0, str(REPO))
     results = {}
     with tempfile.TemporaryDirectory(prefix="segcli-conformance-") as tmp:
