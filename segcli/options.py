@@ -79,6 +79,8 @@ class PredictOptions:
             raise UsageError(f"--backend must be one of {', '.join(BACKENDS)}, not {self.backend!r}")
         if self.precision not in PRECISIONS:
             raise UsageError(f"--precision must be one of {', '.join(PRECISIONS)}, not {self.precision!r}")
+        if self.precision == "bf16":
+            _check_bf16(self.backend, self.device)
         if self.output_type not in OUTPUT_TYPES:
             raise UsageError(f"--output-type must be one of {', '.join(OUTPUT_TYPES)}, not {self.output_type!r}")
         if self.onnx_cache is not None and self.onnx_cache.strip().lower() not in ("off", "0", "none", "false", "no") \
@@ -140,3 +142,17 @@ def parse_window(value: Any) -> tuple[float, float]:
     if not (w > 0 and abs(c) < 1e5 and w < 1e5):
         raise UsageError(f"--window width must be > 0 and both values plausible HU, not {value!r}")
     return c, w
+
+
+def _check_bf16(backend: str, device: str | None) -> None:
+    """``--precision bf16`` is checked once, at parse time (exit 2), not in every file's predictor (exit 1)."""
+    from segcli.runtimes import cpu_has_bf16
+    from segcli.runtimes.device import cuda_possible
+
+    if backend == "onnx":
+        raise UsageError("--precision bf16 runs on torch (ONNX Runtime has no bf16 convolutions on the CPU); "
+                         "drop --backend onnx")
+    dev = (device or "auto").strip().lower()
+    if (dev == "cpu" or (dev == "auto" and not cuda_possible())) and not cpu_has_bf16():
+        raise UsageError("--precision bf16: this CPU has no native bf16 (AVX512-BF16 or AMX); use fp32 or int8")
+
