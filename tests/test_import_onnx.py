@@ -184,12 +184,17 @@ class Dark(torch.nn.Module):
         return self.c(x)
 
 
+def _export_dark(path: Path) -> None:
+    """The dark-pixel "tissue" network as a dynamic-size ONNX graph (shared by the slide and pairing tests)."""
+    torch.onnx.export(Dark().eval(), (torch.rand(1, 3, 64, 64),), str(path), dynamo=False,
+                      opset_version=17, input_names=["x"], output_names=["y"],
+                      dynamic_axes={"x": {0: "n", 2: "h", 3: "w"}, "y": {0: "n", 2: "h", 3: "w"}})
+
+
 def test_slide_runs_tissue_only_in_bounded_memory(tmp_path):
     import tifffile
 
-    torch.onnx.export(Dark().eval(), (torch.rand(1, 3, 64, 64),), str(tmp_path / "dark.onnx"), dynamo=False,
-                      opset_version=17, input_names=["x"], output_names=["y"],
-                      dynamic_axes={"x": {0: "n", 2: "h", 3: "w"}, "y": {0: "n", 2: "h", 3: "w"}})
+    _export_dark(tmp_path / "dark.onnx")
     spec = _spec(tmp_path / "s.json", classes=["background", "tissue"], input_size=64)
     out = import_onnx(tmp_path / "dark.onnx", spec, tmp_path / "b")
     H, W = 1500, 2000
@@ -228,9 +233,7 @@ def test_pair_distils_a_rough_network_without_labels(tmp_path):
 
     from segcli.train.pair import train_pair
 
-    torch.onnx.export(Dark().eval(), (torch.rand(1, 3, 64, 64),), str(tmp_path / "dark.onnx"), dynamo=False,
-                      opset_version=17, input_names=["x"], output_names=["y"],
-                      dynamic_axes={"x": {0: "n", 2: "h", 3: "w"}, "y": {0: "n", 2: "h", 3: "w"}})
+    _export_dark(tmp_path / "dark.onnx")
     spec = _spec(tmp_path / "s.json", classes=["background", "tissue"], input_size=64)
     fine = import_onnx(tmp_path / "dark.onnx", spec, tmp_path / "fine")
     rng = np.random.default_rng(0)
