@@ -224,3 +224,19 @@ def test_report_line_without_an_output_says_so() -> None:
     report_line(con, rep)
     line = con.file.getvalue()
     assert line.startswith("ok      series/ -> no mask written  (covid-ct;") and "None" not in line
+
+
+def test_dicom_seg_with_probabilities_into_a_new_folder(tmp_path: Path) -> None:
+    import pydicom
+
+    from tests.test_dicomseg_cli import _series
+
+    _series(tmp_path / "series", "axial")
+    bundle = make_bundle(tmp_path / "b", size=32)
+    out = tmp_path / "not" / "yet"
+    r = _predict(tmp_path / "series", "--model", bundle, "--method", "direct", "--threshold", "0",
+                 "--output-type", "dicom-seg", "--probabilities", "-o", out / "")
+    assert r.returncode == 0, r.stderr
+    assert "Traceback" not in r.stderr and "_fd" not in r.stderr
+    assert pydicom.dcmread(out / "series_seg.dcm").Modality == "SEG"
+    assert not list(out.glob(".segcli-probs-*"))
