@@ -225,3 +225,39 @@ def test_report_line_without_an_output_says_so() -> None:
     report_line(con, rep)
     line = con.file.getvalue()
     assert line.startswith("ok      series/ -> no mask written  (covid-ct;") and "None" not in line
+
+
+def test_dicom_seg_with_probabilities_into_a_new_folder(tmp_path: Path) -> None:
+    import pydicom
+
+    from tests.test_dicomseg_cli import _series
+
+    _series(tmp_path / "series", "axial")
+    bundle = make_bundle(tmp_path / "b", size=32)
+    out = tmp_path / "not" / "yet"
+    r = _predict(tmp_path / "series", "--model", bundle, "--method", "direct", "--threshold", "0",
+                 "--output-type", "dicom-seg", "--probabilities", "-o", out / "")
+    assert r.returncode == 0, r.stderr
+    assert "Traceback" not in r.stderr and "_fd" not in r.stderr
+    assert pydicom.dcmread(out / "series_seg.dcm").Modality == "SEG"
+    assert not list(out.glob(".segcli-probs-*"))
+
+
+def test_evaluate_names_classes_of_a_dicom_seg_without_dataset_json(tmp_path: Path) -> None:
+    """The README's DICOM SEG example: evaluate names the classes from the bundle the SEG names, not class_1."""
+    from tests.test_dicomseg_cli import _series
+
+    _series(tmp_path / "series", "axial")
+    models = tmp_path / "models"
+    make_bundle(models / "ctb", size=32, classes=("background", "lesion"))
+    env = {"SEGCLI_MODELS": str(models)}
+    common = ("--model", "ctb", "--method", "direct", "--threshold", "0")
+    r = _predict(tmp_path / "series", *common, "--output-type", "dicom-seg", "-o", tmp_path / "out" / "", env=env)
+    assert r.returncode == 0, r.stderr
+    r = _predict(tmp_path / "series", *common, "-o", tmp_path / "gt" / "series.nii.gz", env=env)
+    assert r.returncode == 0, r.stderr
+    ev = run_cli("evaluate", tmp_path / "out", tmp_path / "gt", "--json", "--no-hd95", env=env)
+    assert ev.returncode == 0, ev.stderr
+    doc = json.loads(ev.stdout)
+    assert doc["classes"] == {"0": "background", "1": "lesion"}
+    assert doc["mean"] and "class_1" not in ev.stdout
