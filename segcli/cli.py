@@ -234,13 +234,12 @@ def predict(
             raise _fail(str(exc), exc.exit_code) from None
     if options.output_type == "dicom-seg":
         from segcli import io
+        from segcli.io.dicomseries import seg_refusal
 
         for path, _ in items:
-            if not io.is_dicom_series(path):
-                raise _fail(f"{path}: --output-type dicom-seg needs a DICOM series folder as input; "
-                            "write NIfTI (the default) for other inputs", EXIT_USAGE)
-            from segcli.io.dicomseries import seg_refusal
-
+            if not io.is_dicom_series(path) and not io.is_multiframe_dicom(path):
+                raise _fail(f"{path}: --output-type dicom-seg needs a DICOM series folder (or one enhanced "
+                            "multi-frame file) as input; write NIfTI (the default) for other inputs", EXIT_USAGE)
             if (why := seg_refusal(path)) is not None:
                 raise _fail(f"{path}: --output-type dicom-seg: {why}", EXIT_USAGE)
     if len(items) > 1 and output is not None and output.suffix and not output.is_dir():

@@ -75,8 +75,14 @@ def write_dicom_seg(seg: Segmenter, job: Job, file_order_labels: np.ndarray, met
     from segcli.io import dicomseg
 
     files = meta.get("files")
-    if meta.get("source") != "dicom" or not files:
+    if meta.get("source") not in ("dicom", "dicom-converted") or not files:
         raise SegcliError("DICOM SEG output needs a DICOM series as input", job.path)
+    if meta.get("source") == "dicom-converted":  # one enhanced multi-frame file: back onto its frames
+        from segcli.io.dicomframes import frame_planes, multiframe_seg_refusal
+
+        if (why := multiframe_seg_refusal(files)) is not None:
+            raise SegcliError(f"--output-type dicom-seg: {why}", job.path)
+        file_order_labels = frame_planes(file_order_labels, meta["geometry"], files[0])
     bundle = seg.bundle_for(getattr(job.route, "kind", "volume"))
     coarse = bundle.networks.get("coarse") or next(iter(bundle.networks.values()))
     version = str(bundle.raw.get("version") or (coarse.sha256 or "unknown")[:12])

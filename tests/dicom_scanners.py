@@ -106,6 +106,7 @@ def write_enhanced(path: Path, volumes: np.ndarray, *, row_dir, col_dir, origin,
     positions = [np.asarray(origin, float) + k * spacing[2] * normal for k in range(n)]
     order = frame_order or [(v, k) for v in range(t) for k in range(n)]
     ds = _base(ENHANCED_MR, generate_uid(), generate_uid())
+    ds.FrameOfReferenceUID = generate_uid()
     ds.Manufacturer = "Philips"
     ds.ImageType = ["ORIGINAL", "PRIMARY", "M", "NONE"]
     ds.NumberOfFrames, ds.Rows, ds.Columns = len(order), r, c

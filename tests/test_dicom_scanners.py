@@ -171,7 +171,7 @@ def test_cli_dicom_seg_refused_for_mosaic_before_work(tmp_path):
     write_mosaic(tmp_path / "mos" / "m.dcm", coded(1, 4, 6, 6)[0], row_dir=ROW, col_dir=COL, origin=(0, 0, 0))
     seg = run_cli("predict", tmp_path / "mos", "--output-type", "dicom-seg", "-o", tmp_path / "out/")
     assert seg.returncode == 2
-    assert "--output-type dicom-seg: a Siemens mosaic cannot be referenced by segcli's DICOM SEG" in seg.stderr
+    assert "--output-type dicom-seg: a Siemens mosaic packs every slice into one image, so a DICOM SEG cannot" in seg.stderr
     assert not (tmp_path / "out").exists()
 
 
@@ -181,3 +181,114 @@ def test_cli_info_names_the_fourth_dimension(tmp_path):
     assert done.returncode == 1
     assert done.stderr.strip().endswith("4D DICOM (a 4D series (3 images at each of 2 slice positions)): 3 volumes "
                                         "along echoes; segment one with --volume N (1 to 3)")
+
+
+# ------------------------------------------------------------------------------------------ localizers
+def _same_series(files, like) -> None:
+    """Rewrite ``files`` into the series (and study) of the file ``like``: one series, several planes."""
+    import pydicom
+
+    ref = pydicom.dcmread(like)
+    for f in files:
+        ds = pydicom.dcmread(f)
+        ds.SeriesInstanceUID, ds.StudyInstanceUID = ref.SeriesInstanceUID, ref.StudyInstanceUID
+        ds.save_as(f, enforce_file_format=True)
+
+
+def test_localizer_planes_split_largest_placed(tmp_path):
+    """A three-plane localizer in one series: each plane is a series of its own (as dcm2niix writes one
+    NIfTI per plane), the largest is read where its files say, and the warning names the planes."""
+    truth = coded(1, 3, 6, 5)
+    axial = write_classic(tmp_path / "loc", truth, row_dir=ROW, col_dir=COL, origin=(0, 0, 0))
+    sag = write_classic(tmp_path / "sag", coded(1, 1, 6, 5), row_dir=SAG_ROW, col_dir=SAG_COL, origin=(9, 9, 9))
+    cor = write_classic(tmp_path / "cor", coded(1, 1, 6, 5), row_dir=(1, 0, 0), col_dir=(0, 0, -1))
+    for i, f in enumerate(sag + cor):
+        f.rename(tmp_path / "loc" / f"other{i}.dcm")
+    _same_series(sorted((tmp_path / "loc").glob("other*.dcm")), axial[0])
+    from segcli.io.dicomscan import scan_folder
+
+    assert sorted(len(v) for v in scan_folder(tmp_path / "loc").series.values()) == [1, 1, 3]
+    img = io.open_image(tmp_path / "loc")
+    assert any(w.startswith("the images of series ") and " lie in 3 planes (a localizer?); using plane 1 (3 images)"
+               in w for w in img.meta["warnings"]), img.meta["warnings"]
+    assert_placed(img, truth[0], (0, 0, 0), ROW, COL, (1.0, 1.0, 2.0))
+
+
+# ------------------------------------------------------------------------------------------ no patient geometry
+def _secondary_captures(folder, truth) -> None:
+    """``truth`` (slices, rows, cols) as secondary captures without position or orientation, file names in
+    reverse of InstanceNumber (the stacking order dcm2niix uses)."""
+    import pydicom
+
+    files = write_classic(folder, truth[None])
+    for k, f in enumerate(files):
+        ds = pydicom.dcmread(f)
+        for key in ("ImagePositionPatient", "ImageOrientationPatient", "SliceThickness"):
+            delattr(ds, key)
+        ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.7"
+        ds.InstanceNumber = k + 1
+        f.unlink()
+        ds.save_as(folder / f"sc{len(files) - k:03d}.dcm", enforce_file_format=True)
+
+
+def test_secondary_captures_read_without_place_as_dcm2niix(tmp_path):
+    """No ImagePositionPatient anywhere: stacked by InstanceNumber, rows bottom-up and no spatial transform,
+    which is how dcm2niix writes them (its NIfTI: qform and sform code 0); read back with nibabel."""
+    import nibabel as nib
+
+    truth = coded(1, 4, 6, 5)[0]
+    _secondary_captures(tmp_path / "sc", truth)
+    img = io.open_image(tmp_path / "sc")
+    assert img.meta["unknown_space"] is True
+    assert any("no file of the series has an ImagePositionPatient (secondary captures): its 4 images are stacked "
+               "by InstanceNumber" in w for w in img.meta["warnings"])
+    out = tmp_path / "out"
+    done = run_cli("predict", tmp_path / "sc", "--model", "covid-ct", "--no-lung-gate", "-o", f"{out}/")
+    assert done.returncode == 0, done.stderr
+    mask = nib.load(next(out.glob("sc_seg.nii*")))
+    assert (int(mask.header["qform_code"]), int(mask.header["sform_code"])) == (0, 0)
+    assert mask.shape == (5, 6, 4) and tuple(float(v) for v in mask.header.get_zooms()) == (1.0, 1.0, 1.0)
+    values = np.transpose(to_original_axes(img.array[..., 0], img.meta), (2, 1, 0))  # NIfTI (x, y, z)
+    np.testing.assert_array_equal(values, np.transpose(truth[:, ::-1, :], (2, 1, 0)))  # rows bottom-up
+    seg = run_cli("predict", tmp_path / "sc", "--model", "covid-ct", "--output-type", "dicom-seg", "-o", f"{out}2/")
+    assert seg.returncode == 2 and "--output-type dicom-seg: no file of the series has an ImagePositionPatient" \
+        in seg.stderr
+
+
+# ------------------------------------------------------------------------------------------ SEG on multi-frame
+def test_dicom_seg_references_each_frame_of_an_enhanced_file(tmp_path):
+    """A mask on dcm2niix's grid goes back onto the frames of the shuffled sagittal file it came from: each
+    SEG frame names its source frame, and holds the mask of that frame's pixels (read with pydicom)."""
+    import pydicom
+
+    from segcli.io.dicomframes import frame_planes
+    from segcli.io.dicomseg import write_dicom_seg
+
+    truth = coded(1, 6, 7, 9)
+    order = [(0, k) for k in (3, 0, 5, 1, 4, 2)]
+    path = tmp_path / "enh" / "sag.dcm"
+    write_enhanced(path, truth, row_dir=SAG_ROW, col_dir=SAG_COL, origin=(30, -50, 60), frame_order=order)
+    img = io.open_image(path)
+    rule = lambda v: ((v % 7) < 3).astype(np.uint8)  # noqa: E731 - a pattern that differs in every frame
+    mask = rule(to_original_axes(img.array[..., 0], img.meta))
+    planes = frame_planes(mask, img.meta["geometry"], path)
+    expected = np.stack([rule(truth[0, k]) for _, k in order])
+    np.testing.assert_array_equal(planes, expected)
+    report = write_dicom_seg(tmp_path / "seg.dcm", planes, [path], classes=["background", "x"],
+                             bundle_name="t", bundle_version="1", segcli_version="0")
+    assert report["written"] and report["frames"] == 6
+    seg = pydicom.dcmread(tmp_path / "seg.dcm")
+    pixels = seg.pixel_array.reshape(6, 7, 9)
+    for f, group in enumerate(seg.PerFrameFunctionalGroupsSequence):
+        ref = group.DerivationImageSequence[0].SourceImageSequence[0]
+        assert ref.ReferencedSOPInstanceUID == pydicom.dcmread(path, stop_before_pixels=True).SOPInstanceUID
+        np.testing.assert_array_equal(pixels[f], expected[int(ref.ReferencedFrameNumber) - 1])
+
+
+def test_cli_dicom_seg_refused_for_a_4d_enhanced_file_before_work(tmp_path):
+    path = tmp_path / "enh4d" / "f.dcm"
+    write_enhanced(path, coded(2, 4, 6, 8), row_dir=ROW, col_dir=COL, origin=(0, 0, 0))
+    seg = run_cli("predict", path, "--volume", "1", "--output-type", "dicom-seg", "-o", tmp_path / "out/")
+    assert seg.returncode == 2
+    assert "--output-type dicom-seg: the multi-frame file holds 8 frames at 4 positions (4D)" in seg.stderr
+    assert not (tmp_path / "out").exists()

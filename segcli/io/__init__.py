@@ -30,6 +30,7 @@ __all__ = [
     "default_output_path",
     "describe",
     "is_dicom_series",
+    "is_multiframe_dicom",
     "is_image_path",
     "list_images",
     "open_image",
@@ -420,6 +421,21 @@ def _is_dicom_dir(folder: Path, files: list[Path] | None = None) -> bool:
     from segcli.io.dicomseries import dicom_series
 
     return bool(dicom_series(folder))
+
+
+def is_multiframe_dicom(p: Path | str) -> bool:
+    """A lone DICOM file dcm2niix places as an enhanced multi-frame image."""
+    from segcli.io.dicomscan import has_dicom_magic
+
+    path = Path(p)
+    if not path.is_file() or not (has_dicom_magic(path) or path.suffix.lower() == ".dcm"):
+        return False
+    from segcli.io.dicomseries import MULTIFRAME, converter_reason, read_header
+
+    try:
+        return converter_reason([read_header(str(path))]) == MULTIFRAME
+    except InputError:
+        return False
 
 
 def is_dicom_series(p: Path | str) -> bool:

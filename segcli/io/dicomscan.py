@@ -89,8 +89,9 @@ _KEY_TAGS = ["SeriesInstanceUID", "SOPClassUID", "Modality", "Rows", "Columns", 
              "PixelSpacing", "SeriesNumber", "PixelData"]
 
 
-def _series_key(path: str) -> tuple[str, str | None]:
-    """(series id, non-image kind) from a light header read; "" when the file names no series.
+def _series_key(path: str) -> tuple[str, str | None, np.ndarray | None]:
+    """(series id, non-image kind, ImageOrientationPatient) from a light header read; "" when the file names
+    no series.
 
     A file without SeriesInstanceUID but with an image grid gets a stand-in id built from its
     SeriesNumber, size, orientation and pixel spacing, as dcm2niix groups anonymised exports."""
@@ -100,18 +101,40 @@ def _series_key(path: str) -> tuple[str, str | None]:
     has_pixels = "PixelData" in ds
     kind = non_image_kind(str(ds.get("SOPClassUID", "") or ""), str(ds.get("Modality", "") or ""), has_pixels)
     uid = str(ds.get("SeriesInstanceUID", "") or "").strip()
+    iop = floats(ds.get("ImageOrientationPatient"), 6)
     if uid or kind:
-        return uid, kind
+        return uid, kind, iop
     rows, cols = ds.get("Rows"), ds.get("Columns")
-    iop, ps = floats(ds.get("ImageOrientationPatient"), 6), floats(ds.get("PixelSpacing"), 2)
+    ps = floats(ds.get("PixelSpacing"), 2)
     if not has_pixels or not rows or not cols or iop is None:
-        return "", None
+        return "", None, None
     spacing = "x".join(f"{v:.4g}" for v in ps) if ps is not None else "-"
     normal = "".join("+" if v > 1e-3 else "-" if v < -1e-3 else "0" for v in np.round(iop, 3))
-    return f"{NO_UID_PREFIX}{ds.get('SeriesNumber', '') or 0}-{cols}x{rows}-{spacing}mm-{normal}", None
+    return f"{NO_UID_PREFIX}{ds.get('SeriesNumber', '') or 0}-{cols}x{rows}-{spacing}mm-{normal}", None, iop
 
 
 NO_UID_PREFIX = "no-uid:series-"
+#: A series whose images lie in several planes (a localizer) is split into one series per plane, as dcm2niix
+#: writes one NIfTI per plane: ``<SeriesInstanceUID>#plane<k>``.
+PLANE_SEP = "#plane"
+PLANE_TOL = 1e-4  # direction cosines; the series check uses the same tolerance
+
+
+def _split_planes(uid: str, members: list[tuple[str, np.ndarray | None]]) -> dict[str, list[str]]:
+    """``{uid: files}``, or one entry per plane (``uid#plane1``, ...) when the orientations differ."""
+    planes: list[tuple[np.ndarray | None, list[str]]] = []
+    for path, iop in members:
+        for orientation, files in planes:
+            same = (iop is None and orientation is None) or (
+                iop is not None and orientation is not None and np.allclose(iop, orientation, atol=PLANE_TOL, rtol=0))
+            if same:
+                files.append(path)
+                break
+        else:
+            planes.append((iop, [path]))
+    if len(planes) == 1:
+        return {uid: planes[0][1]}
+    return {f"{uid}{PLANE_SEP}{k}": files for k, (_o, files) in enumerate(planes, 1)}
 
 
 @dataclass
@@ -130,18 +153,21 @@ def scan_folder(folder: Path) -> FolderScan:
     slice would silently disappear) and prints decoder messages on stderr while it scans.
     """
     scan = FolderScan({}, [], {})
+    grouped: dict[str, list[tuple[str, np.ndarray | None]]] = {}
     for path in dicom_files(folder):
         try:
-            uid, kind = _series_key(path)
+            uid, kind, iop = _series_key(path)
         except Exception:  # pydicom raises many types on damaged files
-            uid, kind = "", None
+            uid, kind, iop = "", None, None
         if kind is not None:
             if kind != "DICOMDIR":
                 scan.skipped.setdefault(kind, []).append(Path(path).name)
         elif uid:
-            scan.series.setdefault(uid, []).append(path)
+            grouped.setdefault(uid, []).append((path, iop))
         elif Path(path).name.upper() != "DICOMDIR":
             scan.orphans.append(path)
+    for uid, members in grouped.items():
+        scan.series.update(_split_planes(uid, members))
     return scan
 
 

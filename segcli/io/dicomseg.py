@@ -118,6 +118,8 @@ def _source_headers(
 ) -> tuple[list[Any], float | None]:
     """Headers of the source slices, checked to form one single-frame series with one orientation,
     and the median distance between neighbouring slices (None for one slice)."""
+    if len(source_files) == 1 and int(read_header(source_files[0]).get("NumberOfFrames", 1) or 1) > 1:
+        return _multiframe_header(source_files[0], shape), None
     headers = []
     for f in source_files:
         ds = read_header(f)
@@ -152,6 +154,20 @@ def _source_headers(
     return headers, (float(np.median(gaps)) if gaps.size else None)
 
 
+def _multiframe_header(path: str | os.PathLike[str], shape: tuple[int, ...]) -> list[Any]:
+    """The header of one enhanced multi-frame source, its frames checked against the label planes."""
+    ds = read_header(path)
+    missing = [k for k in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "FrameOfReferenceUID")
+               if k not in ds or ds[k].value in (None, "")]
+    if missing:
+        raise InputError(f"multi-frame DICOM lacks {', '.join(missing)}: cannot place a DICOM SEG on it", path)
+    frames = int(ds.NumberOfFrames)
+    if (frames, int(ds.Rows), int(ds.Columns)) != tuple(shape):
+        raise UsageError(f"labels are {shape} but the multi-frame file holds {frames} frames of "
+                         f"{ds.Rows}x{ds.Columns}", path)
+    return [ds]
+
+
 def _for_highdicom(ds: Any, slice_spacing: float | None, path: Any) -> tuple[Any, list[str], bool]:
     """A copy of a source header that highdicom accepts: absent Type 2 attributes present but empty, and
     an absent or empty SliceThickness (Type 2 in CT/MR) taken as the distance between the slices."""
@@ -162,6 +178,8 @@ def _for_highdicom(ds: Any, slice_spacing: float | None, path: Any) -> tuple[Any
             setattr(out, key, None)
             empty.append(key)
     thickness_derived = False
+    if int(out.get("NumberOfFrames", 1) or 1) > 1:  # thickness lives in each frame's PixelMeasuresSequence
+        return out, empty, thickness_derived
     try:
         ok = float(out.get("SliceThickness")) > 0
     except (TypeError, ValueError):
@@ -191,7 +209,9 @@ def write_dicom_seg(
     """Write ``labels`` as a BINARY DICOM SEG referencing the series of ``source_files``.
 
     ``labels``: integer class ids, shape ``(len(source_files), rows, cols)``; plane ``i`` lies exactly on
-    the pixel grid of ``source_files[i]`` (row, column). Files may come in any order. ``classes``: the
+    the pixel grid of ``source_files[i]`` (row, column). Files may come in any order. One enhanced
+    multi-frame source file takes ``(frames, rows, cols)``, plane ``i`` on frame ``i + 1``
+    (:func:`segcli.io.dicomframes.frame_planes`), and each SEG frame references its source frame. ``classes``: the
     bundle's class names (id -> name); ``codes``: the bundle's optional per-class codes
     (``{name: {"category": code, "type": code, "region": code}}`` with ``code = {"scheme", "value",
     "meaning"}``); a class without codes gets the generic "Tissue" code. ``compress``: ``True``
@@ -213,7 +233,7 @@ def write_dicom_seg(
         "path": None,
         "format": "dicom-seg",
         "referenced_series_instance_uid": str(headers[0].SeriesInstanceUID),
-        "source_slices": len(files),
+        "source_slices": labels.shape[0],
         "segments": [],
         "frames": 0,
     }
@@ -240,7 +260,7 @@ def write_dicom_seg(
         "path": str(out_path),
         "segments": segments,
         "frames": n_frames,
-        "slices_with_foreground": int(np.count_nonzero(labels.reshape(len(files), -1).any(axis=1))),
+        "slices_with_foreground": int(np.count_nonzero(labels.reshape(labels.shape[0], -1).any(axis=1))),
         "compression": encoding,
         "transfer_syntax": saved_ts,
         "sop_instance_uid": str(seg.SOPInstanceUID),
@@ -258,10 +278,16 @@ def _checked_labels(labels: np.ndarray, files: list[str]) -> np.ndarray:
     labels = np.asarray(labels)
     if labels.ndim == 2 and len(files) == 1:
         labels = labels[None]
+    if labels.ndim == 3 and len(files) == 1 and labels.shape[0] > 1:
+        return _integer(labels)  # the frames of one multi-frame file: checked against its header
     if labels.ndim != 3 or labels.shape[0] != len(files) or not files:
         raise UsageError(
             f"labels must be (n_files, rows, cols) with n_files = {len(files)} source files, got shape {labels.shape}"
         )
+    return _integer(labels)
+
+
+def _integer(labels: np.ndarray) -> np.ndarray:
     if labels.dtype.kind not in "ui" and labels.dtype != bool:
         raise UsageError(f"labels must hold integer class ids, got dtype {labels.dtype}")
     return labels

@@ -25,12 +25,8 @@ listed in the plan's ``notes``; :func:`read_dicom_folder` puts them in ``meta["n
 
 from __future__ import annotations
 
-import contextlib
 import os
 import re
-import sys
-import tempfile
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -38,8 +34,9 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from segcli.errors import InputError
+from segcli.io.dicompixels import captured_native_stderr, read_pixels, rescaled
 from segcli.io.dicomscan import DICOMDIR as _DICOMDIR
-from segcli.io.dicomscan import NO_UID_PREFIX, scan_folder, scan_warnings
+from segcli.io.dicomscan import NO_UID_PREFIX, PLANE_SEP, scan_folder, scan_warnings
 from segcli.io.dicomscan import dicom_files as dicom_files  # re-exported: callers import these from here
 from segcli.io.dicomscan import dicom_series as dicom_series
 from segcli.io.dicomscan import floats as _floats
@@ -52,6 +49,8 @@ if TYPE_CHECKING:
     from segcli.io.types import LoadedImage
 
 ORIENTATION_TOL = 1e-4  # direction cosines
+MULTIFRAME = "an enhanced multi-frame DICOM"  # converter reasons (the 4D one names its counts)
+MOSAIC = "a Siemens mosaic"
 DUPLICATE_MM = 1e-3  # two slices closer than this along the normal are at the same position
 SPACING_REL_TOL = 0.01
 SPACING_ABS_TOL_MM = 0.01
@@ -79,7 +78,15 @@ def choose_series(folder: Path, series: dict[str, list[str]], series_id: str | N
             )
         return series_id, warnings
     chosen = max(sorted(series), key=lambda sid: len(series[sid]))
-    if len(series) > 1:
+    base = chosen.split(PLANE_SEP)[0]
+    planes = [sid for sid in series if sid.startswith(base + PLANE_SEP)]
+    if len(planes) > 1:
+        warnings.append(
+            f"the images of series {base} lie in {len(planes)} planes (a localizer?); using plane "
+            f"{chosen.split(PLANE_SEP)[1]} ({len(series[chosen])} image{'s' if len(series[chosen]) > 1 else ''}), "
+            "as dcm2niix writes one volume per plane"
+        )
+    if len(series) > max(len(planes), 1):
         warnings.append(
             f"{len(series)} DICOM series found; using {chosen} ({len(series[chosen])} files), "
             "pass a series id to choose another"
@@ -110,6 +117,7 @@ class SliceHeader:
     series_number: str = ""
     mosaic_tiles: int = 0  # Siemens NumberOfImagesInMosaic (0019,100A), 0 when absent
     philips_float: float | None = None  # 1 / (RescaleSlope x Philips ScaleSlope (2005,100E)), when present
+    instance_number: int | None = None
 
     @property
     def name(self) -> str:
@@ -126,6 +134,7 @@ class SeriesPlan:
     transfer_syntax: dict[str, str] = field(default_factory=dict)
     convert: str | None = None  # why the series goes to the converter (mosaic, multi-frame, 4D), else None
     scale: list[float] | None = None  # per file (in ``files`` order): Philips precise-float factors, else None
+    unknown_space: bool = False  # no file has a patient position: stacked by InstanceNumber, no spatial transform
 
 
 def read_header(path: str) -> SliceHeader:
@@ -174,7 +183,15 @@ def read_header(path: str) -> SliceHeader:
         image_type="\\".join(str(v) for v in _multi(ds.get("ImageType"))).upper(),
         sop_uid=str(ds.get("SOPInstanceUID", "") or ""), series_number=str(ds.get("SeriesNumber", "") or ""),
         mosaic_tiles=_mosaic_tiles(ds), philips_float=_philips_float(ds),
+        instance_number=_int_or_none(ds.get("InstanceNumber")),
     )
+
+
+def _int_or_none(value: Any) -> int | None:
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        return None
 
 
 def _multi(value: Any) -> list[Any]:
@@ -345,11 +362,11 @@ def converter_reason(headers: list[SliceHeader]) -> str | None:
     SOP instances) is 4D: echoes, phases, diffusion directions or time points."""
     multi = [h.frames > 1 or h.sop_class in _ENHANCED for h in headers]
     if all(multi):
-        return "an enhanced multi-frame DICOM"
+        return MULTIFRAME
     if any(multi):
         return None  # a multi-frame file among single-frame slices: refused by the checks, named
     if any(is_mosaic(h) for h in headers):
-        return "a Siemens mosaic"
+        return MOSAIC
     if len(headers) < 2 or any(h.position is None or h.orientation is None for h in headers):
         return None
     first = headers[0].orientation
@@ -379,6 +396,8 @@ def check_series(folder: Path, files: list[str], orphans: list[str] = (),
         for h in headers:
             _check_pixels(h, folder)
         return SeriesPlan([h.path for h in headers], None, [], syntax, convert=reason)
+    if headers and all(h.position is None for h in headers) and all(h.frames == 1 for h in headers):
+        return _unknown_space_plan(headers, folder, syntax)
     for h in headers:
         _check_file(h, folder)
     _check_alike(headers, folder)
@@ -419,89 +438,46 @@ def check_series(folder: Path, files: list[str], orphans: list[str] = (),
     return SeriesPlan([h.path for h in headers], geometry, notes, syntax, scale=scale)
 
 
+def _unknown_space_plan(headers: list[SliceHeader], folder: Path, syntax: dict[str, str]) -> SeriesPlan:
+    """A series none of whose files has a patient position (secondary captures, screen grabs of a
+    colour map): stacked by InstanceNumber with no spatial transform, as dcm2niix does (its NIfTI says
+    qform and sform code 0). Nothing places these pixels in the patient, so the mask cannot be either."""
+    for h in headers:
+        _check_pixels(h, folder)
+    first = headers[0]
+    for h in headers[1:]:
+        if (h.rows, h.columns) != (first.rows, first.columns):
+            raise InputError(f"image size differs: {h.name} is {h.columns}x{h.rows}, {first.name} "
+                             f"{first.columns}x{first.rows}", folder)
+    numbers = [h.instance_number for h in headers]
+    if None not in numbers and len(set(numbers)) == len(numbers):
+        headers = [headers[i] for i in np.argsort(numbers, kind="stable")]
+        order = "InstanceNumber"
+    else:
+        headers = sorted(headers, key=lambda h: _natural(h.name))
+        order = "file name (no unique InstanceNumber)"
+    ps = first.pixel_spacing
+    geometry = {
+        "size": (first.columns, first.rows, len(headers)),
+        "spacing": (float(ps[1]) if ps else None, float(ps[0]) if ps else None, 1.0),
+        "origin": (0.0, 0.0, 0.0),
+        "direction": (1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0),
+    }
+    what = " (secondary captures)" if first.sop_class.startswith("1.2.840.10008.5.1.4.1.1.7") else ""
+    note = (f"no file of the series has an ImagePositionPatient{what}: its {len(headers)} image"
+            f"{'s are' if len(headers) > 1 else ' is'} stacked by {order}, and the mask has no place in the "
+            "patient (NIfTI qform and sform code 0, rows bottom-up, as dcm2niix writes it)")
+    return SeriesPlan([h.path for h in headers], geometry, [note], syntax, unknown_space=True)
+
+
+def unknown_space_nifti(spacing: tuple[float, ...]) -> dict[str, Any]:
+    """NIfTI geometry fields saying "no spatial transform" (qform and sform code 0), for ``meta["nifti_geometry"]``."""
+    return {"qform_code": 0, "sform_code": 0, "quatern": [0.0, 0.0, 0.0], "qoffset": [0.0, 0.0, 0.0],
+            "srow": [0.0] * 12, "pixdim": [1.0, *(float(v) for v in spacing[:3])], "space_units": 2, "version": 1}
+
+
 def _vec(v: np.ndarray) -> str:
     return "(" + ", ".join(f"{x:.6g}" for x in v) + ")"
-
-
-# ------------------------------------------------------------------------------------------- pixels
-@contextlib.contextmanager
-def captured_native_stderr() -> Iterator[None]:
-    """Hold back what C++ code (GDCM, OpenJPEG, CharLS) prints on file descriptor 2 while a decoder runs.
-
-    When the block raises, the text is dropped: the caller turns the failure into one line of its own.
-    When it succeeds, the text is written to stderr after all, so nothing another thread printed in the
-    meantime is lost. The redirection is process-wide, so it is held only around a decoder call.
-    """
-    with contextlib.suppress(Exception):
-        sys.stderr.flush()
-    try:
-        saved = os.dup(2)
-    except OSError:
-        yield
-        return
-    failed = False
-    with tempfile.TemporaryFile() as tmp:
-        os.dup2(tmp.fileno(), 2)
-        try:
-            yield
-        except BaseException:
-            failed = True
-            raise
-        finally:
-            os.dup2(saved, 2)
-            os.close(saved)
-            if not failed:
-                tmp.seek(0)
-                while chunk := tmp.read(1 << 16):
-                    os.write(2, chunk)
-
-
-def _syntax_name(uid: str) -> str:
-    try:
-        from pydicom.uid import UID
-
-        return UID(uid).name if uid else "unknown transfer syntax"
-    except Exception:
-        return uid
-
-
-def read_pixels(folder: Path, files: list[str], syntax: dict[str, str] | None = None) -> sitk.Image:
-    """The slices ``files`` (in that order) as one image; a decoding failure names the file at fault."""
-    import SimpleITK as sitk
-
-    from segcli.io.medical import itk_message, itk_quiet
-
-    reader = sitk.ImageSeriesReader()
-    reader.SetFileNames(files)
-    try:
-        with itk_quiet(), captured_native_stderr():
-            image = reader.Execute()
-    except RuntimeError as exc:
-        reason = itk_message(exc)
-    else:
-        if image.GetDimension() == 2:  # a lone file may read as 2D: restore the slice axis
-            image = sitk.JoinSeries(image)
-        return image
-    for f in files:  # find the file that does not decode, one by one
-        try:
-            with itk_quiet(), captured_native_stderr():
-                sitk.ReadImage(f)
-        except RuntimeError as exc:
-            ts = (syntax or {}).get(f, "")
-            raise InputError(f"cannot decode the pixel data of {Path(f).name} ({_syntax_name(ts)}): corrupt or "
-                             f"unsupported compressed data ({itk_message(exc)[:120]})", folder) from None
-    raise InputError(f"cannot read DICOM series: {reason}", folder)
-
-
-def _rescaled(image: sitk.Image, factors: list[float]) -> sitk.Image:
-    """``image`` (one plane per file) with plane k multiplied by ``factors[k]``, as float32."""
-    import SimpleITK as sitk
-
-    arr = sitk.GetArrayFromImage(image).astype(np.float32)
-    arr *= np.asarray(factors, np.float32).reshape((-1,) + (1,) * (arr.ndim - 1))
-    out = sitk.GetImageFromArray(arr, isVector=image.GetNumberOfComponentsPerPixel() > 1)
-    out.CopyInformation(image)
-    return out
 
 
 def plan_folder(folder: Path, series_id: str | None = None) -> tuple[SeriesPlan, str, list[str], int]:
@@ -533,16 +509,32 @@ def seg_refusal(folder: Path) -> str | None:
 
     A SEG's frames reference single-frame source images by SOP Instance UID; a series dcm2niix places
     (mosaic, multi-frame, 4D) or one without UIDs has no such one-to-one reference here."""
+    if folder.is_file():  # one enhanced multi-frame file
+        return convert_seg_refusal(MULTIFRAME, [str(folder)])
     try:
         plan, chosen, _warnings, _n = plan_folder(folder)
     except InputError:
         return None  # the reader names the problem when the file is processed
     if plan.convert is not None:
-        return (f"{plan.convert} cannot be referenced by segcli's DICOM SEG (single-frame series only); "
-                "write NIfTI (the default)")
+        return convert_seg_refusal(plan.convert, plan.files)
     if chosen.startswith(NO_UID_PREFIX):
         return "the DICOM files carry no SeriesInstanceUID, so a DICOM SEG cannot reference them; write NIfTI"
+    if plan.unknown_space:
+        return ("no file of the series has an ImagePositionPatient, so a DICOM SEG has no plane to put its frames "
+                "on; write NIfTI")
     return None
+
+
+def convert_seg_refusal(reason: str, files: list[str]) -> str | None:
+    """Why a DICOM SEG cannot reference a series dcm2niix places, or None (one 3D multi-frame file)."""
+    if reason == MULTIFRAME:
+        from segcli.io.dicomframes import multiframe_seg_refusal
+
+        return multiframe_seg_refusal(files)
+    if reason == MOSAIC:
+        return ("a Siemens mosaic packs every slice into one image, so a DICOM SEG cannot reference its slices; "
+                "write NIfTI (the default)")
+    return f"{reason}: a DICOM SEG of one volume cannot reference the series; write NIfTI (the default)"
 
 
 def header_reader(plan: SeriesPlan, folder: Path) -> sitk.ImageFileReader:
@@ -583,8 +575,12 @@ def read_dicom_folder(folder: Path, series_id: str | None = None, volume: int | 
     header_reader(plan, folder)
     image = read_pixels(folder, plan.files, plan.transfer_syntax)
     if plan.scale is not None:
-        image = _rescaled(image, plan.scale)
+        image = rescaled(image, plan.scale)
     geometry = plan.geometry
+    if plan.unknown_space:  # rows bottom-up, as in dcm2niix's NIfTI of it: masks overlay its conversion
+        import SimpleITK as sitk
+
+        image = sitk.Flip(image, [False, True, False])
     if geometry is not None:
         if tuple(image.GetSize()) != tuple(geometry["size"]):
             raise InputError(f"the series decodes to {image.GetSize()} voxels, its headers say "
@@ -594,4 +590,7 @@ def read_dicom_folder(folder: Path, series_id: str | None = None, volume: int | 
         image.SetDirection(geometry["direction"])
     source = {"source": "dicom", "series_id": chosen, "files": plan.files, "n_series": n_series,
               "notes": list(plan.notes)}
+    if plan.unknown_space:
+        source["nifti_geometry"] = unknown_space_nifti(image.GetSpacing())
+        source["unknown_space"] = True
     return to_loaded(image, folder, warnings, source)

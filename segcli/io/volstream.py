@@ -232,7 +232,7 @@ class StreamedVolume:
         rows or columns of the range are kept, so memory stays one run plus the block."""
         import SimpleITK as sitk
 
-        from segcli.io.dicomseries import read_pixels
+        from segcli.io.dicompixels import read_pixels
 
         syntax = self.meta.get("transfer_syntax")
         if a == 2:
@@ -332,7 +332,7 @@ def _open_dicom(folder: Path) -> StreamedVolume | None:
     if not dicomseries.may_hold_dicom(folder):
         return None
     plan, chosen, warnings, n_series = dicomseries.plan_folder(folder)
-    if plan.geometry is None or plan.convert is not None or plan.scale is not None:
+    if plan.geometry is None or plan.convert is not None or plan.scale is not None or plan.unknown_space:
         return None  # one file, a series dcm2niix places, or Philips float scaling: the whole reader
     info = dicomseries.header_reader(plan, folder)
     source = {"source": "dicom", "series_id": chosen, "files": plan.files, "n_series": n_series,
