@@ -428,6 +428,14 @@ def open_route(seg: Segmenter, path: Path, out: Path, content: str | None) -> Ro
         shape, channels, itemsize = head  # read whole: refuse from the header, before decoding, if it won't fit
         if len(shape) in (2, 3):
             memory.check_in_memory(seg, "volume" if len(shape) == 3 else kind, shape, channels, itemsize, path)
+    if content == "dicom" and seg.options.max_memory is not None and path.is_dir():
+        from segcli.io.dicomseries import decoded_size
+
+        if (size := decoded_size(path, seg.options.volume)) is not None:  # read whole: refuse before decoding
+            shape, channels, itemsize = size
+            flat = shape[0] == 1
+            memory.check_in_memory(seg, kind if flat else "volume", shape[1:] if flat else shape, channels,
+                                   itemsize, path)
     img = io.open_image(path, content=content, volume=seg.options.volume)
     return InMemoryRoute(img, facts.chosen_kind(seg.options, img, kind))
 

@@ -292,3 +292,39 @@ def test_cli_dicom_seg_refused_for_a_4d_enhanced_file_before_work(tmp_path):
     assert seg.returncode == 2
     assert "--output-type dicom-seg: the multi-frame file holds 8 frames at 4 positions (4D)" in seg.stderr
     assert not (tmp_path / "out").exists()
+
+
+# ------------------------------------------------------------------------------------------ memory, before decoding
+def test_decoded_size_from_headers_matches_the_decoded_image(tmp_path):
+    """What a whole read of each kind of series decodes, known from its headers before any pixel is."""
+    from segcli.io.dicomseries import decoded_size
+
+    write_classic(tmp_path / "plain", coded(1, 4, 6, 5))
+    write_mosaic(tmp_path / "mos" / "m.dcm", coded(1, 5, 8, 10)[0], row_dir=ROW, col_dir=COL, origin=(0, 0, 0))
+    write_enhanced(tmp_path / "enh4d" / "f.dcm", coded(2, 4, 6, 8), row_dir=ROW, col_dir=COL, origin=(0, 0, 0))
+    write_classic(tmp_path / "me", coded(3, 2, 4, 4), echo_times=(2.0, 4.0, 6.0))
+    _secondary_captures(tmp_path / "sc", coded(1, 3, 6, 5)[0])
+    for name, volume in (("plain", None), ("mos", None), ("enh4d", 2), ("me", 1), ("sc", None)):
+        shape, channels, itemsize = decoded_size(tmp_path / name, volume)
+        img = io.open_image(tmp_path / name, volume=volume)
+        assert sorted(shape) == sorted(img.spatial_shape), name
+        assert (channels, itemsize) == (1, 2), name
+
+
+def test_budget_refuses_a_whole_read_before_decoding(tmp_path, monkeypatch):
+    """A 4D series (read whole through dcm2niix) too big for --max-memory is refused from its headers: the
+    pixels are never decoded, and the message names the volume and the budget."""
+    from segcli import io as segio
+    from segcli.api import Segmenter
+    from segcli.errors import SegcliError
+    from segcli.pipeline import open_route
+
+    write_classic(tmp_path / "me", np.zeros((2, 60, 300, 300), np.uint16), echo_times=(2.0, 4.0))
+
+    def decoded(*_a, **_k):
+        raise AssertionError("pixels decoded")
+
+    monkeypatch.setattr(segio, "open_image", decoded)
+    seg = Segmenter("covid-ct", max_memory="300MB", volume=1)
+    with pytest.raises(SegcliError, match=r"this 60x300x300 volume needs about .* more than the 300\.0 MB budget"):
+        open_route(seg, tmp_path / "me", tmp_path / "out.nii.gz", "dicom")

@@ -118,6 +118,8 @@ class SliceHeader:
     mosaic_tiles: int = 0  # Siemens NumberOfImagesInMosaic (0019,100A), 0 when absent
     philips_float: float | None = None  # 1 / (RescaleSlope x Philips ScaleSlope (2005,100E)), when present
     instance_number: int | None = None
+    bits: int = 16  # BitsAllocated
+    samples: int = 1  # SamplesPerPixel
 
     @property
     def name(self) -> str:
@@ -135,6 +137,7 @@ class SeriesPlan:
     convert: str | None = None  # why the series goes to the converter (mosaic, multi-frame, 4D), else None
     scale: list[float] | None = None  # per file (in ``files`` order): Philips precise-float factors, else None
     unknown_space: bool = False  # no file has a patient position: stacked by InstanceNumber, no spatial transform
+    headers: list[SliceHeader] = field(default_factory=list, repr=False)  # in ``files`` order
 
 
 def read_header(path: str) -> SliceHeader:
@@ -184,6 +187,7 @@ def read_header(path: str) -> SliceHeader:
         sop_uid=str(ds.get("SOPInstanceUID", "") or ""), series_number=str(ds.get("SeriesNumber", "") or ""),
         mosaic_tiles=_mosaic_tiles(ds), philips_float=_philips_float(ds),
         instance_number=_int_or_none(ds.get("InstanceNumber")),
+        bits=_int_or_none(ds.get("BitsAllocated")) or 16, samples=_int_or_none(ds.get("SamplesPerPixel")) or 1,
     )
 
 
@@ -395,7 +399,7 @@ def check_series(folder: Path, files: list[str], orphans: list[str] = (),
     if reason is not None:
         for h in headers:
             _check_pixels(h, folder)
-        return SeriesPlan([h.path for h in headers], None, [], syntax, convert=reason)
+        return SeriesPlan([h.path for h in headers], None, [], syntax, convert=reason, headers=headers)
     if headers and all(h.position is None for h in headers) and all(h.frames == 1 for h in headers):
         return _unknown_space_plan(headers, folder, syntax)
     for h in headers:
@@ -403,7 +407,7 @@ def check_series(folder: Path, files: list[str], orphans: list[str] = (),
     _check_alike(headers, folder)
     first = headers[0]
     if len(headers) == 1:
-        return SeriesPlan([first.path], None, [], syntax)
+        return SeriesPlan([first.path], None, [], syntax, headers=headers)
     row, col = first.orientation[:3], first.orientation[3:]
     if not (abs(np.linalg.norm(row) - 1) < 1e-3 and abs(np.linalg.norm(col) - 1) < 1e-3 and abs(row @ col) < 1e-3):
         raise InputError(f"ImageOrientationPatient {_vec(first.orientation)} is not two orthogonal unit "
@@ -435,7 +439,7 @@ def check_series(folder: Path, files: list[str], orphans: list[str] = (),
                      "as dcm2niix does")
     else:
         scale = None
-    return SeriesPlan([h.path for h in headers], geometry, notes, syntax, scale=scale)
+    return SeriesPlan([h.path for h in headers], geometry, notes, syntax, scale=scale, headers=headers)
 
 
 def _unknown_space_plan(headers: list[SliceHeader], folder: Path, syntax: dict[str, str]) -> SeriesPlan:
@@ -467,7 +471,7 @@ def _unknown_space_plan(headers: list[SliceHeader], folder: Path, syntax: dict[s
     note = (f"no file of the series has an ImagePositionPatient{what}: its {len(headers)} image"
             f"{'s are' if len(headers) > 1 else ' is'} stacked by {order}, and the mask has no place in the "
             "patient (NIfTI qform and sform code 0, rows bottom-up, as dcm2niix writes it)")
-    return SeriesPlan([h.path for h in headers], geometry, [note], syntax, unknown_space=True)
+    return SeriesPlan([h.path for h in headers], geometry, [note], syntax, unknown_space=True, headers=headers)
 
 
 def unknown_space_nifti(spacing: tuple[float, ...]) -> dict[str, Any]:
@@ -523,6 +527,44 @@ def seg_refusal(folder: Path) -> str | None:
         return ("no file of the series has an ImagePositionPatient, so a DICOM SEG has no plane to put its frames "
                 "on; write NIfTI")
     return None
+
+
+def decoded_size(path: Path, volume: int | None) -> tuple[tuple[int, ...], int, int] | None:
+    """``(shape, channels, bytes per value)`` of what reading ``path`` (a series folder) whole decodes, from the
+    headers alone, so a memory budget is checked before any pixel is: one volume of a 4D series, the tiles of a
+    mosaic, the frames of an enhanced file at their distinct positions. None when the folder is unusable (the
+    reader then names the problem)."""
+    try:
+        plan, _chosen, _w, _n = plan_folder(path)
+    except InputError:
+        return None
+    hs = plan.headers
+    if not hs:
+        return None
+    first = hs[0]
+    itemsize = 4 if plan.scale is not None else max(1, first.bits // 8)
+    rows, cols = first.rows, first.columns
+    if plan.convert == MOSAIC:
+        tiles = max(1, first.mosaic_tiles)
+        grid = int(np.ceil(np.sqrt(tiles)))
+        return (tiles, rows // grid, cols // grid), first.samples, itemsize
+    if plan.convert == MULTIFRAME:
+        frames = sum(h.frames for h in hs)
+        if volume is not None and len(hs) == 1:
+            from segcli.io.dicomframes import SAME_POSITION_MM, frame_geometry
+
+            try:
+                geo = frame_geometry(first.path)
+                normal = np.cross(geo.orientations[0][:3], geo.orientations[0][3:])
+                frames = np.unique(np.round(geo.positions @ normal / SAME_POSITION_MM)).size
+            except InputError:
+                pass
+        return (frames, rows, cols), first.samples, itemsize
+    if plan.convert is not None:  # a 4D series: "(N images at each of M slice positions)"
+        found = re.search(r"at each of (\d+) slice positions", plan.convert)
+        depth = int(found.group(1)) if found and volume is not None else len(hs)
+        return (depth, rows, cols), first.samples, itemsize
+    return (len(hs), rows, cols), first.samples, itemsize
 
 
 def convert_seg_refusal(reason: str, files: list[str]) -> str | None:
