@@ -110,8 +110,11 @@ def _fsync_dir(path: Path) -> None:
 
 
 @contextlib.contextmanager
-def atomic_path(final: Path) -> Iterator[Path]:
-    """Yield a temporary path beside ``final``; on success move it into place, on error delete it."""
+def atomic_path(final: Path, durable: bool = True) -> Iterator[Path]:
+    """Yield a temporary path beside ``final``; on success move it into place, on error delete it.
+
+    ``durable=False`` skips the fsyncs (still all-or-nothing under its final name): for pictures that can be
+    drawn again (previews), whose flush to disk cost as much as drawing them on a busy file system."""
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = final.parent / partial_name(final)
@@ -119,13 +122,15 @@ def atomic_path(final: Path) -> Iterator[Path]:
         yield tmp
         if not tmp.exists():
             raise FileNotFoundError(f"writer produced no file at {tmp}")
-        _fsync_file(tmp)
+        if durable:
+            _fsync_file(tmp)
         os.replace(tmp, final)
     except BaseException:
         with contextlib.suppress(OSError):
             tmp.unlink()
         raise
-    _fsync_dir(final.parent)
+    if durable:
+        _fsync_dir(final.parent)
 
 
 class OutputLock:
