@@ -274,3 +274,18 @@ def test_arsm_maps(tmp_path):
     u = make_bundle(tmp_path / "unet")
     r = run_cli("predict", src, "--model", u, "--arsm-maps", tmp_path / "m2")
     assert r.returncode == 0 and "no ARSM gate" in r.stderr
+
+
+def test_contour_band_equals_scipy_erosion() -> None:
+    """The shifted-view erosion draws the same contour band as scipy's binary_erosion (border counted inside)."""
+    from scipy import ndimage
+
+    from segcli.drawing import edges
+
+    rng = np.random.default_rng(0)
+    for t in (1, 2, 3):
+        for _ in range(10):
+            m = ndimage.binary_dilation(rng.random((40, 37)) > 0.9, iterations=2)
+            m[:, :3] = True  # touching the image border: not an edge there
+            want = m & ~ndimage.binary_erosion(m, iterations=t, border_value=1)
+            np.testing.assert_array_equal(edges(m, t), want)
