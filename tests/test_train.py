@@ -22,7 +22,7 @@ from PIL import Image
 from segcli.bundle import load_bundle
 from segcli.errors import DatasetError, UsageError
 from segcli.geometry import component_boxes, crop_boxes
-from segcli.train import CHECKPOINT, METRICS, load_checkpoint, parse_duration, train
+from segcli.train import CHECKPOINT, METRICS, checkpoint_path, load_checkpoint, parse_duration, train
 from segcli.train.data import crop_candidates, discover, fine_box, load_dataset, make_split
 
 FIX = Path(__file__).parent / "fixtures"
@@ -91,7 +91,7 @@ def test_bad_dataset_stops_before_training(tmp_path: Path, breakage: str, match:
         Image.fromarray(m).save(data / "masks" / "c3.png")
     with pytest.raises(DatasetError, match=match):
         train(data, tmp_path / "out", method="direct", epochs=1, **TINY)
-    assert not (tmp_path / "out" / CHECKPOINT).exists()
+    assert not checkpoint_path(tmp_path / "out").exists() and not (tmp_path / "out" / CHECKPOINT).exists()
 
 
 def test_parse_duration() -> None:
@@ -211,6 +211,9 @@ def test_stts_two_epochs_makes_a_loadable_bundle(tmp_path: Path) -> None:
     assert (t["stages"]["coarse"]["steps"], t["stages"]["fine"]["steps"]) == (4, 12)
     recs = [json.loads(line) for line in (out / METRICS).read_text().splitlines()]
     assert [(r["stage"], r["epoch"]) for r in recs] == [("coarse", 1), ("coarse", 2), ("fine", 1)]
+    # The bundle holds what inference needs; the resume state (optimiser, best states) lives beside it.
+    assert CHECKPOINT not in {p.name for p in out.iterdir()}
+    assert checkpoint_path(out) == tmp_path / "run.resume" / CHECKPOINT and checkpoint_path(out).is_file()
 
 
 def test_refine_multiclass_nnunet(tmp_path: Path) -> None:
@@ -235,6 +238,11 @@ def test_existing_run_is_not_clobbered(tmp_path: Path) -> None:
     train(SHARED, out, method="direct", epochs=1, val_full_res=False, **TINY)
     with pytest.raises(UsageError, match="--resume"):
         train(SHARED, out, method="direct", epochs=1, **TINY)
+    # A run made before the resume state moved out of the bundle (checkpoint.pt inside) still resumes there.
+    checkpoint_path(out).rename(out / CHECKPOINT)
+    res = train(None, None, resume=out, val_full_res=False)  # a finished run: the bundle is written again
+    assert res.stages["coarse"]["epochs_run"] == 1 and (out / CHECKPOINT).is_file()
+    assert not checkpoint_path(out).exists()
 
 
 def _cli_train(out: Path, *extra: str) -> list[str]:
@@ -258,10 +266,10 @@ def test_resume_after_kill9_is_exact(tmp_path: Path) -> None:
     epochs = 12
     out = tmp_path / "killed"
     proc = subprocess.Popen(_cli_train(out, "--epochs", str(epochs)), stderr=subprocess.PIPE, text=True)
-    _wait_for(out / CHECKPOINT, proc)
+    _wait_for(checkpoint_path(out), proc)
     proc.send_signal(signal.SIGKILL)
     proc.wait(timeout=30)
-    ck = load_checkpoint(out / CHECKPOINT)
+    ck = load_checkpoint(checkpoint_path(out))
     done = int(ck["current"]["epoch"])
     assert 1 <= done < epochs, "the run finished before it could be killed"
     steps_per_epoch = 3  # 6 training images, batch 2
@@ -272,7 +280,7 @@ def test_resume_after_kill9_is_exact(tmp_path: Path) -> None:
     recs = [json.loads(line) for line in (out / METRICS).read_text().splitlines()]
     assert [x["epoch"] for x in recs] == list(range(1, epochs + 1))  # no epoch repeated, none lost
     # The optimiser state travelled: Adam's step counter covers the epochs before AND after the kill.
-    final = load_checkpoint(out / CHECKPOINT)
+    final = load_checkpoint(checkpoint_path(out))
     summary = final["finished"]["coarse"]["summary"]
     assert summary["steps"] == epochs * steps_per_epoch
     assert summary["optimizer_step"] == epochs * steps_per_epoch  # Adam's own counter, restored from the checkpoint
@@ -287,12 +295,12 @@ def test_resume_after_kill9_is_exact(tmp_path: Path) -> None:
 def test_sigint_saves_checkpoint_and_exits_130(tmp_path: Path) -> None:
     out = tmp_path / "int"
     proc = subprocess.Popen(_cli_train(out, "--epochs", "200"), stderr=subprocess.PIPE, text=True)
-    _wait_for(out / CHECKPOINT, proc)
+    _wait_for(checkpoint_path(out), proc)
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 130, err
     assert "--resume" in err
-    ck = load_checkpoint(out / CHECKPOINT)
+    ck = load_checkpoint(checkpoint_path(out))
     assert ck["current"]["stage"] == "coarse" and ck["current"]["epoch"] < 200
 
 
