@@ -242,6 +242,11 @@ def register(app: typer.Typer) -> None:
 
 
 def _report(result: Any, quiet: bool) -> None:
+    from segcli.train.loop import undertrained_note
+
+    note = undertrained_note(result.stages, result.out)
+    if note:  # shown with -q too: an undertrained model is never written in silence
+        print(f"segcli: {note}", file=sys.stderr)
     if not quiet:
         t = result.training
         score = t.get("val_score")

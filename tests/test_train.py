@@ -7,6 +7,7 @@ U-Net at S = 32, so the whole file stays well under a minute and a half on two C
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import signal
 import subprocess
@@ -360,3 +361,33 @@ def test_nnunet_rgb_images_in_one_file(tmp_path: Path) -> None:
     assert [len(c.images) for c in spec.cases] == [1] * 4
     ds = load_dataset(root, val_fraction=0.25)
     assert ds.in_channels == 3 and ds.train[0].image.shape[0] == 3
+
+
+def test_time_limit_is_checked_after_every_step(tmp_path: Path) -> None:
+    """A limit no step can fit: each stage makes exactly one optimiser step (no full epoch past the limit),
+    and the CLI says the model is undertrained, even with -q."""
+    out = tmp_path / "tl"
+    cmd = [sys.executable, "-m", "segcli", "train", "--method", "stts", "--data", str(SHARED), "-o", str(out),
+           "--size", "32", "--features", "4", "--batch-size", "1", "--threads", "1", "--no-val-full-res", "-q",
+           "--epochs", "50", "--time-limit", "0.001"]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    stages = load_bundle(out).training["stages"]
+    assert {k: (v["steps"], v["stopped"]) for k, v in stages.items()} == {"coarse": (1, "time"), "fine": (1, "time")}
+    assert re.match(r"segcli: warning: the time limit stopped training \(coarse after 1 of \d+ steps of its first "
+                    r"epoch; fine after 1 of \d+ steps", r.stderr), r.stderr
+    assert f"segcli train --resume {out} --time-limit" in r.stderr
+
+
+def test_lr_schedule_follows_whichever_runs_out_first() -> None:
+    """Under a time limit the cosine schedule reads max(step share, time share): known values at both ends."""
+    from segcli.train.loop import lr_factor
+
+    spent = [0.0]
+    f = lr_factor("cosine", 100, lambda: spent[0])
+    assert f(0) == pytest.approx(1.0) and f(50) == pytest.approx(0.505)
+    spent[0] = 0.5  # half the time gone after 10 % of the planned steps: the LR is already halfway down
+    assert f(10) == pytest.approx(0.505)
+    spent[0] = 1.7  # past the budget (the stage's last step): fully annealed, never below the floor
+    assert f(10) == pytest.approx(0.01)
+    assert lr_factor("cosine", 100)(10) == pytest.approx(0.01 + 0.99 * 0.5 * (1 + np.cos(np.pi * 0.1)))
