@@ -330,6 +330,7 @@ class _StageRun:
         self.optim = make_optimizer(opts.optimizer, self.model.parameters(), opts.lr, opts.weight_decay)
         self.total_steps = [stage.epochs * stage.steps_per_epoch]  # shortened when a time budget allows fewer epochs
         self._epoch_t0: float | None = None  # start of the running epoch (its time is not yet in self.elapsed)
+        self.elapsed = 0.0  # read by the schedule's first call, in LambdaLR's constructor
         self.sched = torch.optim.lr_scheduler.LambdaLR(
             self.optim, lr_factor(opts.schedule, self.total_steps, self._time_frac if stage.time_budget else None))
         self.use_amp = opts.amp and dev.startswith("cuda")
