@@ -419,7 +419,7 @@ def open_route(seg: Segmenter, path: Path, out: Path, content: str | None) -> Ro
     if seg.options.stream_volumes and content not in ("tiff", "png", "jpeg", "bmp"):
         from segcli.io.volstream import open_streamed
 
-        vol = open_streamed(path, content=content)
+        vol = open_streamed(path, content=content, series_id=seg.options.series)
         if vol is not None:
             if seg.options.volume not in (None, 1):
                 raise InputError(f"--volume {seg.options.volume}: this input holds one volume", path)
@@ -431,12 +431,13 @@ def open_route(seg: Segmenter, path: Path, out: Path, content: str | None) -> Ro
     if content == "dicom" and seg.options.max_memory is not None and path.is_dir():
         from segcli.io.dicomseries import decoded_size
 
-        if (size := decoded_size(path, seg.options.volume)) is not None:  # read whole: refuse before decoding
+        if (size := decoded_size(path, seg.options.volume, seg.options.series)) is not None:  # read whole: refuse before decoding
             shape, channels, itemsize = size
             flat = shape[0] == 1
             memory.check_in_memory(seg, kind if flat else "volume", shape[1:] if flat else shape, channels,
                                    itemsize, path)
-    img = io.open_image(path, content=content, volume=seg.options.volume)
+    img = io.open_image(path, seg.options.series if path.is_dir() else None, content=content,
+                        volume=seg.options.volume)
     return InMemoryRoute(img, facts.chosen_kind(seg.options, img, kind))
 
 
