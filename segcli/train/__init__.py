@@ -383,7 +383,10 @@ def _run(cfg: TrainConfig, ckpt: dict[str, Any] | None, reporter: Reporter) -> T
     stages = {r: dict(finished[r]["summary"]) for r in stage_names}
     training = _training_section(cfg, ds, stages, loss_name, device, time.perf_counter() - t_start)
     _write_bundle(out_dir, cfg, ds, models, arch_of, conf_of, training)
-    if cfg.val_full_res and ds.val:
+    spent = sum(float(st.get("time_s") or 0.0) for st in stages.values())
+    if cfg.val_full_res and ds.val and cfg.time_limit is not None and spent >= cfg.time_limit:
+        log(f"full-resolution validation skipped: the time limit ({cfg.time_limit:g} s) is spent")
+    elif cfg.val_full_res and ds.val:
         _add_full_res_validation(job, models, training, log)
     log(f"bundle written to {out_dir}; the resume state is beside it in {job.ckpt_path.parent} "
         "(delete that folder once no more training of this run is planned)")
