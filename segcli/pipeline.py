@@ -281,7 +281,8 @@ class TiledTiffRoute:
             extra: dict[str, Any] = {}
             if p.method == "sliding":  # full-resolution windows, only where the rough pass finds tissue
                 run = plan.Plan("stts", p.size, p.params)
-                extra = {"crop_mode": "grid", "overlap": p["overlap"]}
+                # Blended as the in-memory sliding window blends (Gaussian, σ = S/8): one fusion rule per method.
+                extra = {"crop_mode": "grid", "overlap": p["overlap"], "fusion": "gaussian"}
             mplan = seg.memory_plan(self.kind, bounded=True)
             kw = plan.kwargs_2d(run, bundle, seg.options, seg.budget, net_plane.shape, spacing, batch=mplan.batch,
                                 rough_batch=mplan.rough_batch)
