@@ -295,7 +295,7 @@ def predict(
 
         try:
             for rep in run_batch(items, options, output=output, workers=workers, prefetch=prefetch,
-                                 segmenter=seg if workers == 1 else None, progress_for=progress_for):
+                                 inferer=seg if workers == 1 else None, progress_for=progress_for):
                 reports.append(rep)
                 _extras(seg, rep, preview, arsm_maps)
                 log.debug("file %s: %s", rep.input, json.dumps(rep.to_dict(), default=str))

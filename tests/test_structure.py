@@ -139,6 +139,23 @@ def test_cycle_finder_finds_a_cycle():
     assert _find_cycle({"a": {"b"}, "b": set()}) is None
 
 
+def _importers(graph: dict[str, set[str]], target: str) -> set[str]:
+    return {m for m, edges in graph.items() if target in edges}
+
+
+def test_only_the_cli_imports_the_api():
+    """The API is a façade on top: nothing below it calls back up (the pipeline gets a RunContext)."""
+    assert _importers(_graph(), "segcli.api") == {"segcli.cli"}
+
+
+def test_the_inferer_sits_below_the_pipeline():
+    """The model holder knows no files: it imports neither the pipeline, the batch, nor the outputs, and the
+    pipeline's own helpers (outputs, input facts, memory checks) never import the pipeline."""
+    graph = _graph()
+    assert not graph["segcli.inferer"] & {"segcli.pipeline", "segcli.batch", "segcli.outputs", "segcli.api"}
+    assert _importers(graph, "segcli.pipeline") <= {"segcli.api", "segcli.batch"}
+
+
 # Files allowed to exceed the limits, with the reason (keep this list short and honest).
 LONG_MODULES: dict[str, str] = {}
 LONG_FUNCTIONS: dict[str, str] = {
