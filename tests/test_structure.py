@@ -156,6 +156,41 @@ def test_the_inferer_sits_below_the_pipeline():
     assert _importers(graph, "segcli.pipeline") <= {"segcli.api", "segcli.batch"}
 
 
+def _walk_modules() -> list[str]:
+    """The modules ARCHITECTURE.md's walk of ``segcli predict scan.nii.gz`` names, in its order."""
+    import re
+
+    text = (PKG.parent / "ARCHITECTURE.md").read_text(encoding="utf-8")
+    walk = text.split("## The path of `segcli predict scan.nii.gz`")[1].split("\n## ")[0]
+    return [_module_name(PKG.parent / p) for p in re.findall(r"`(segcli/[\w/]+\.py)`", walk)]
+
+
+def _reach(graph: dict[str, set[str]], start: str) -> set[str]:
+    seen: set[str] = set()
+    todo = [start]
+    while todo:
+        for m in graph.get(todo.pop(), ()):
+            if m not in seen:
+                seen.add(m)
+                todo.append(m)
+    return seen
+
+
+def test_architecture_walk_goes_down_the_imports():
+    """Each module of the walk exists, is named once, is used by ``segcli predict`` (reached from the CLI),
+    and imports none named before it: the walk reads top to bottom."""
+    names = _walk_modules()
+    graph = _graph()
+    assert len(names) >= 20 and names[0] == "segcli.cli"
+    assert not [n for n in names if n not in graph], "named in the walk but not a module"
+    assert len(set(names)) == len(names), "a module named twice"
+    below_cli = _reach(graph, "segcli.cli")
+    assert not [n for n in names[1:] if n not in below_cli]
+    upward = [f"{later} imports {earlier}" for i, earlier in enumerate(names) for later in names[i + 1:]
+              if earlier in _reach(graph, later)]
+    assert not upward, "the walk goes up: " + "; ".join(upward)
+
+
 def _is_cli_signature(fn: ast.FunctionDef | ast.AsyncFunctionDef) -> bool:
     """A typer command's signature: one line per flag, each with its help text."""
     args = [*fn.args.posonlyargs, *fn.args.args, *fn.args.kwonlyargs]
