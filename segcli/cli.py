@@ -446,14 +446,17 @@ def _main(
     """segcli: coarse-to-fine segmentation of large medical images."""
 
 
-def main() -> None:
-    """Entry point: usage errors exit 2 (click's convention), bugs exit 3 with a log path."""
+def main(argv: list[str] | None = None) -> None:
+    """Entry point: usage errors exit 2 (click's convention), bugs exit 3 with a log path.
+
+    ``argv``: the arguments after ``segcli`` (default: the command line's); the test suite runs the CLI in
+    its own process this way. Always ends with SystemExit."""
     import signal
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     try:
-        app()
+        app(args=argv, prog_name="segcli")
     except KeyboardInterrupt as exc:
         sys.exit(interrupt_exit(exc).exit_code)
     except SystemExit as exc:
