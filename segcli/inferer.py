@@ -27,6 +27,7 @@ from segcli.engines.base import ArrayPlane, ProgressFn, Result, ScaledLabels, Sc
 from segcli.errors import InputError
 from segcli.geometry import slice_axis
 from segcli.lunggate import GateParams
+from segcli.methods import BOUNDED
 from segcli.options import PredictOptions
 from segcli.plan import Staged2D
 from segcli.prepare import prepare, volume_normalizer
@@ -146,8 +147,8 @@ class Inferer:
             base = memplan.rss_now()  # before measuring: measuring sessions may leave allocator slack behind
             p = self.plan_for(bundle)
             costs, hows = {}, set()
-            # A bounded route runs a sliding bundle as stts over tissue windows: both networks hold arenas.
-            roles = plan.Plan("stts", p.size, p.params).roles if bounded and p.method == "sliding" else p.roles
+            # A bounded route runs the method table's bounded variant (sliding: stts over tissue windows).
+            roles = plan.bounded_variant(p)[0].roles if bounded and p.method in BOUNDED else p.roles
             for role in roles:
                 table, how = memplan.network_cost(self.predictor(bundle, role), p.size, bundle.in_channels,
                                                   bundle.n_classes)

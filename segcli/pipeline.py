@@ -39,6 +39,7 @@ from segcli.io.atomic import OutputLock
 from segcli.io.bigtiff import tiff_spacing
 from segcli.io.naming import geojson_path, probabilities_path
 from segcli.job import Job
+from segcli.methods import BOUNDED
 from segcli.outputs import detection_classes, plan_output, planned_outputs, write_dicom_seg, write_instances
 from segcli.plan import Staged2D, physical_factor
 from segcli.prepare import implausible_result, mismatch_warnings
@@ -276,18 +277,14 @@ class TiledTiffRoute:
 
                 net_plane = ScaledPlane(plane, scale[0])
                 spacing = (float(bundle.params["training_mpp"]) / 1000.0,) * 2
-            run = p
-            extra: dict[str, Any] = {}
-            if p.method == "sliding":  # full-resolution windows, only where the rough pass finds tissue
-                run = plan.Plan("stts", p.size, p.params)
-                extra = {"crop_mode": "grid", "overlap": p["overlap"]}
+            run, extra = plan.bounded_variant(p)  # the method table says what runs here (segcli.methods)
             mplan = ctx.inferer.memory_plan(self.kind, bounded=True)
             kw = plan.kwargs_2d(run, bundle, ctx.options, ctx.budget, net_plane.shape, spacing, batch=mplan.batch,
                                 rough_batch=mplan.rough_batch)
             kw["fuse_cache"] = mplan.fuse_cache
             rep.info["memory_plan"] = mplan.to_dict()
-            if extra:
-                kw.update(extra, max_zoom=None)
+            kw.update(extra)
+            if kw.get("crop_mode") == "grid":
                 # The rough pass only has to find tissue here: cap its grid at GRID_ROUGH_PIXELS so its dense
                 # accumulators stay small on a 40k² slide (4096² at 0.98 µm/px would hold 1.3 GB of floats).
                 H, W = net_plane.shape
@@ -379,8 +376,8 @@ class TiledTiffRoute:
 #: Largest rough grid (pixels) of a bounded sliding run, whose rough pass only selects tissue windows.
 GRID_ROUGH_PIXELS = 2048 * 2048
 
-#: Methods the bounded (tiled TIFF) route runs: stts, and sliding as windows over the rough pass's tissue.
-BOUNDED_METHODS = ("stts", "sliding")
+#: Methods the bounded (tiled TIFF) route runs (the method table's ``bounded`` column).
+BOUNDED_METHODS = BOUNDED
 
 #: An RGB TIFF with more pixels than this as the networks see it (after the mpp rule) takes the bounded route:
 #: an 8000² slide slid in memory over all 1,764 windows took 37 s and 2.29 GB; 324 held tissue (issue 28).
