@@ -1,8 +1,8 @@
 """Running a whole batch: one model load for all files, I/O overlapped with compute, optional workers.
 
 ``run_batch`` is what ``segcli predict`` calls for any number of inputs. With one worker it streams
-through :meth:`Segmenter.predict_many` (reader and writer threads around the compute). With W
-workers it starts W processes, each building its Segmenter once from the same (pickled)
+through :func:`segcli.pipeline.run_many` (reader and writer threads around the compute). With W
+workers it starts W processes, each building its Inferer once from the same (pickled)
 :class:`~segcli.options.PredictOptions` with ``cores // W`` threads, so W × threads never exceeds
 the cores actually available.
 """
@@ -15,8 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from segcli.api import Segmenter
 from segcli.errors import UsageError, bug_message
+from segcli.inferer import Inferer
 from segcli.options import PredictOptions
 from segcli.report import FileReport
 
@@ -158,7 +158,7 @@ def check_output_formats(items: list[tuple[Path, Path | None]], options: Predict
             raise UsageError(f"{path}: a volume's mask cannot be written as {out.suffix}; use .nii.gz, .mha or .nrrd")
 
 
-def check_budget(seg: Segmenter, items: list[tuple[Path, Path | None]], workers: int) -> None:
+def check_budget(seg: Inferer, items: list[tuple[Path, Path | None]], workers: int) -> None:
     """Make the memory plan of every kind of input in ``items`` now (each worker gets 1/``workers`` of the
     budget), so a budget below the smallest plan is refused before any file is read (segcli.memplan)."""
     seg.workers = max(1, workers)
@@ -212,13 +212,15 @@ def check_unique_outputs(items: list[tuple[Path, Path | None]], output: Path | N
 
 
 def _init_worker(options: PredictOptions) -> None:
-    _WORKER["seg"] = Segmenter(options=options)
+    _WORKER["seg"] = Inferer(options)
 
 
 def _run_one(args: tuple[Path, Path | None, Path | None]) -> FileReport:
     path, root, output = args
     try:
-        return _WORKER["seg"].predict_file(path, output, input_root=root)
+        from segcli import pipeline
+
+        return pipeline.run_one(_WORKER["seg"].context(), path, output, input_root=root)
     except Exception as exc:  # never let one file kill a worker
         return FileReport(input=str(path), status="failed", error=bug_message(exc, path))
 
@@ -230,13 +232,15 @@ def run_batch(
     output: Path | None = None,
     workers: int = 1,
     prefetch: int = 2,
-    segmenter: Segmenter | None = None,
+    inferer: Inferer | None = None,
     progress_for: Callable[[Path], Any] | None = None,
 ) -> Iterator[FileReport]:
-    """Yield one report per input, in input order (``segmenter``: one already built from ``options``)."""
+    """Yield one report per input, in input order (``inferer``: one already built from ``options``)."""
     if workers <= 1:
-        seg = segmenter or Segmenter(options=options)
-        yield from seg.predict_many(items, output, prefetch=prefetch, progress_for=progress_for)
+        from segcli import pipeline
+
+        yield from pipeline.run_many(inferer or Inferer(options), items, output, prefetch=prefetch,
+                                     progress_for=progress_for)
         return
     import multiprocessing as mp
     from concurrent.futures import ProcessPoolExecutor

@@ -20,15 +20,11 @@ import typer
 
 from segcli import __version__
 from segcli.cli_report import (
-    check_output_kinds,
     interrupt_exit,
     on_signal,
     plain_help_types,
-    progress_display,
-    report_line,
     signalled,
     spacing_text,
-    summary_line,
     summary_shape_problem,
 )
 from segcli.methods import METHODS
@@ -173,19 +169,10 @@ def predict(
     Method parameters left unset take the bundle's values (see segcli models), else segcli's defaults.
     """
     from segcli.api import Segmenter
-    from segcli.batch import (
-        check_budget,
-        check_no_overwrite,
-        check_output_formats,
-        check_unique_outputs,
-        expand_inputs,
-        kinds_needed,
-        run_batch,
-    )
+    from segcli.cli_predict import check_before_work, open_inputs, run_with_progress, summarize
     from segcli.errors import BundleError, SegcliError
     from segcli.options import PredictOptions
     from segcli.params import check_range
-    from segcli.shard import parse_shard, select_shard, shard_from_env
 
     _setup_logging(log_file)
     _file_option("--stats", stats)
@@ -207,159 +194,25 @@ def predict(
         check_range("workers", workers, 1, 256)
         check_range("prefetch", prefetch, 0, 64)
         seg = Segmenter(options=options)
-        if model is not None:
-            bundle = seg.warm_up("2d")  # a bad --model is a usage error, reported once, not per file
-            if options.window is not None and bundle.normalization.get("kind") != "ct_window":
-                raise _fail(f"--window maps an 8-bit CT export to HU, but model {bundle.name} does not take CT in HU",
-                            EXIT_USAGE)
-        found = expand_inputs(inputs, output, sys.stdin if any(str(p) == "-" for p in inputs) else ())
-        items = found.items
+        found = open_inputs(seg, inputs, output)
     except BundleError as exc:
         raise _fail(str(exc), EXIT_USAGE) from None
     except SegcliError as exc:
         raise _fail(str(exc), exc.exit_code) from None
-    if not items:
-        raise _fail("no input images found" + (f" ({len(found.earlier_outputs)} file(s) named *_seg/*_probs/*_preview "
-                                               "were left out as earlier outputs)" if found.earlier_outputs else ""),
-                    EXIT_USAGE)
-    if model is None and (backend != "auto" or device != "auto"):
-        try:  # a runtime the default bundles cannot serve fails once, here, not once per file
-            for kind in sorted(kinds_needed(items)):
-                seg.warm_up(kind)
-        except SegcliError as exc:
-            raise _fail(str(exc), EXIT_USAGE) from None
-    if options.max_memory is not None or workers > 1:
-        try:  # the memory plan of each kind of input, made before any work: too small a budget is refused here
-            check_budget(seg, items, workers)
-        except SegcliError as exc:
-            raise _fail(str(exc), exc.exit_code) from None
-    if options.output_type == "dicom-seg":
-        from segcli import io
-        from segcli.io.dicomseries import seg_refusal
-
-        for path, _ in items:
-            if not io.is_dicom_series(path) and not io.is_multiframe_dicom(path):
-                raise _fail(f"{path}: --output-type dicom-seg needs a DICOM series folder (or one enhanced "
-                            "multi-frame file) as input; write NIfTI (the default) for other inputs", EXIT_USAGE)
-            if (why := seg_refusal(path)) is not None:
-                raise _fail(f"{path}: --output-type dicom-seg: {why}", EXIT_USAGE)
-    if len(items) > 1 and output is not None and output.suffix and not output.is_dir():
-        raise _fail(f"-o {output} looks like a file but there are {len(items)} inputs; give a folder", EXIT_USAGE)
-    if output is not None and output.exists() and not output.is_dir() and any(root for _, root in items):
-        raise _fail(f"-o {output} is an existing file but the input is a folder; give a folder for -o", EXIT_USAGE)
     try:
-        check_output_kinds(items, options, output)
+        items, clashes = check_before_work(seg, found, output, workers=workers, prefetch=prefetch, shard=shard,
+                                           quiet=quiet, other_outputs=[("--stats", stats), ("--log-file", log_file)])
     except SegcliError as exc:
         raise _fail(str(exc), exc.exit_code) from None
-    try:
-        if shard is None and (from_env := shard_from_env()) is not None:
-            shard = from_env[0]
-            if not quiet:
-                print(f"segcli: shard {shard} (from {from_env[1]})", file=sys.stderr)
-        if shard is not None:
-            k, n = parse_shard(shard)
-            items = select_shard(items, k, n, key=lambda it: it[0])
-        check_output_formats(items, options, output)
-        check_no_overwrite(items, options, output,
-                           other_outputs=[("--stats", stats), ("--log-file", log_file)])
-    except SegcliError as exc:
-        raise _fail(str(exc), exc.exit_code) from None
-    if output is not None and (len(items) > 1 or any(root for _, root in items)):
-        output.mkdir(parents=True, exist_ok=True)
-    if found.earlier_outputs and not quiet:
-        print(f"segcli: note: left out {len(found.earlier_outputs)} file(s) named *_seg/*_probs/*_preview in the "
-              "input folders (earlier outputs)", file=sys.stderr)
-    clashes = check_unique_outputs(items, output, options)
-    clash_inputs = {c.input for c in clashes}
-    items = [it for it in items if str(it[0]) not in clash_inputs]
-    log.debug("segcli %s: %d input(s), shard %s, workers %d, prefetch %d", __version__, len(items), shard, workers, prefetch)
-
-    reports = list(clashes)
-    for rep in clashes:
-        report_line(console, rep)
     t_start = time.perf_counter()
-    with progress_display(console, quiet) as prog:
-        overall = prog.add_task("files", total=len(items)) if prog else None
-        stage = {"task": None}
-
-        def progress_for(path: Path):
-            if prog is None:
-                return None
-            if stage["task"] is not None:
-                prog.remove_task(stage["task"])
-            stage["task"] = prog.add_task(f"  {path.name}: reading, rough pass", total=None)
-
-            def on_progress(name: str, done: int, total: int, _t=stage["task"], _n=path.name) -> None:
-                prog.update(_t, description=f"  {_n}: {name}", completed=done, total=total)
-
-            return on_progress
-
-        try:
-            for rep in run_batch(items, options, output=output, workers=workers, prefetch=prefetch,
-                                 segmenter=seg if workers == 1 else None, progress_for=progress_for):
-                reports.append(rep)
-                _extras(seg, rep, preview, arsm_maps)
-                log.debug("file %s: %s", rep.input, json.dumps(rep.to_dict(), default=str))
-                if prog is not None:
-                    prog.advance(overall)
-                report_line(console, rep)
-        except KeyboardInterrupt as exc:
-            raise interrupt_exit(exc, resume_hint=True) from None
+    reports = run_with_progress(console, quiet, seg, items, clashes, output, workers=workers, prefetch=prefetch,
+                                preview=preview, arsm_maps=arsm_maps)
     if stats is not None:
         from segcli.stats import write_stats_csv
 
         write_stats_csv(stats, reports)
-
-    failed = [r for r in reports if r.status == "failed"]
-    from segcli.memplan import peak_rss
-
-    summary = {
-        "segcli": __version__,
-        "memory": {"budget_mb": round(options.budget / 1e6, 1), "workers": workers, **peak_rss()},
-        "files": [r.to_dict() for r in reports],
-        "summary": {
-            "total": len(reports),
-            "ok": sum(r.status == "ok" for r in reports),
-            "empty": sum(r.status == "empty" for r in reports),
-            "skipped": sum(r.status == "skipped" for r in reports),
-            "failed": len(failed),
-            "earlier_outputs_left_out": len(found.earlier_outputs),
-            "seconds": round(time.perf_counter() - t_start, 3),
-            # loading the models, with their ONNX export on first use (before the batch when --model is given)
-            "model_load_seconds": round(seg.load_seconds.get("total", 0.0), 3),
-        },
-    }
-    if json_out:
-        sys.stdout.write(json.dumps(summary, indent=2, default=str) + "\n")
-    if not quiet and len(reports) > 1:
-        summary_line(summary["summary"])
-    if failed:
-        if len(reports) > 1:  # a recap at the end of a long batch log; one input's error was printed once already
-            print(f"segcli: {len(failed)} of {len(reports)} input(s) failed:", file=sys.stderr)
-            for r in failed:
-                print(f"  {r.error}", file=sys.stderr)
+    if summarize(reports, seg, found, workers=workers, t_start=t_start, json_out=json_out, quiet=quiet):
         raise typer.Exit(EXIT_FAILED)
-
-
-def _extras(seg, rep, preview: bool, arsm_dir: Path | None) -> None:
-    """--preview and --arsm-maps: pictures after a file is done; a failure here is a warning, not a failed file."""
-    from segcli import viz
-    from segcli.errors import SegcliError
-
-    if rep.status not in ("ok", "empty"):
-        return
-    if preview and "preview" not in rep.info and rep.output:  # images read whole got theirs in the writer thread
-        try:
-            p = viz.write_preview_for(rep, segmenter=seg)
-            rep.info["preview"] = str(p)
-        except (SegcliError, ValueError, OSError, MemoryError) as exc:  # a missing preview fails the file: exit 1
-            rep.status = "failed"
-            rep.error = f"{rep.input}: preview not written: {exc}"
-    if arsm_dir is not None:
-        try:
-            rep.info["arsm_maps"] = [str(p) for p in viz.write_arsm_maps_for(seg, Path(rep.input), arsm_dir)]
-        except (SegcliError, ValueError, OSError) as exc:
-            rep.warnings.append(f"no ARSM maps: {exc}")
 
 
 @app.command("models", epilog=("Examples:\n\n" + "\n\n".join(['  segcli models', '  segcli models --verify', '  segcli models --archs', "  segcli models --json | jq '.[].name'"])))
@@ -595,14 +448,17 @@ def _main(
     """segcli: coarse-to-fine segmentation of large medical images."""
 
 
-def main() -> None:
-    """Entry point: usage errors exit 2 (click's convention), bugs exit 3 with a log path."""
+def main(argv: list[str] | None = None) -> None:
+    """Entry point: usage errors exit 2 (click's convention), bugs exit 3 with a log path.
+
+    ``argv``: the arguments after ``segcli`` (default: the command line's); the test suite runs the CLI in
+    its own process this way. Always ends with SystemExit."""
     import signal
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     try:
-        app()
+        app(args=argv, prog_name="segcli")
     except KeyboardInterrupt as exc:
         sys.exit(interrupt_exit(exc).exit_code)
     except SystemExit as exc:

@@ -12,7 +12,9 @@ import numpy as np
 
 from segcli.choose import content_kind, volume_kind
 from segcli.errors import InputError, SegcliError
+from segcli.inferer import RunContext
 from segcli.io.naming import preview_path
+from segcli.job import Job
 from segcli.prepare import describe, intensity
 
 if TYPE_CHECKING:
@@ -28,20 +30,20 @@ def chosen_kind(options: Any, img: Any, kind: str) -> str:
     return "ct-slice" if options.window is not None and kind in ("grey", "fluorescence") else kind
 
 
-def model_choice_note(seg: Any, job: Any) -> None:
+def model_choice_note(ctx: RunContext, job: Job) -> None:
     """No --model: the one-line note when the bundle chosen from the content is a guess (models/index.json)."""
     from segcli.bundle import model_index
     from segcli.choose import guess_note
 
-    if seg.options.model is None:
-        note = guess_note(job.route.kind, seg.bundle_for(job.route.kind).name, model_index())
+    if ctx.options.model is None:
+        note = guess_note(job.route.kind, ctx.bundle_for(job.route.kind).name, model_index())
         job.rep.notes.extend([note] if note else [])
 
 
-def intensity_notes(seg: Any, job: Any, bundle: Bundle, dtype: Any, in_memory_2d: bool) -> None:
+def intensity_notes(ctx: RunContext, job: Job, bundle: Bundle, dtype: Any, in_memory_2d: bool) -> None:
     """The normalisation that runs (``info["normalization"]``) and the conversions made for the user (notes)."""
     if in_memory_2d:
-        plan = intensity(bundle, dtype, job.route.img.channels, seg.options.channels, seg.options.window, job.path)
+        plan = intensity(bundle, dtype, job.route.img.channels, ctx.options.channels, ctx.options.window, job.path)
         job.rep.notes.extend(plan.notes)
         job.rep.info["normalization"] = plan.description
     else:
@@ -73,13 +75,13 @@ def streamed_kind(vol: Any, samples: int = 3) -> str:
     return volume_kind(min(lows) if lows else -1000.0)
 
 
-def write_preview(seg: Any, job: Any, img: Any, labels: np.ndarray, kind: str) -> Path:
+def write_preview(ctx: RunContext, job: Job, img: Any, labels: np.ndarray, kind: str) -> Path:
     """``--preview`` here, in the writer thread, from the pixels and mask already in memory (no second
     decode), drawn small; a failure fails the file (its outputs removed), never a silent exit 0."""
     from segcli import viz
 
     assert job.out is not None
-    bundle = seg.bundle_for(kind)
+    bundle = ctx.bundle_for(kind)
     t = time.perf_counter()
     title = f"{job.path.name} · {bundle.name} ({job.rep.method})"
     try:

@@ -25,6 +25,13 @@ class Method:
     volume_engine: str | None = None  # a 3D engine ("module:function"); None: the 2D engine slice by slice
     volume_params: tuple[str, ...] = ()
     rough_pass: bool = True  # starts with one pass over the whole image downscaled to S (prefetched in batches)
+    fusion: str = ""  # how window predictions become one mask, on the route that holds the image
+    # The bounded (tiled TIFF) route: the method whose engine runs there (itself, or a stand-in reading only a
+    # rough view and windows); None: the method needs the whole image, and the route refuses it up front.
+    bounded: str | None = None
+    bounded_kwargs: tuple[tuple[str, Any], ...] = ()  # fixed engine arguments of the bounded variant
+    bounded_params: tuple[str, ...] = ()  # this method's parameters handed on to the bounded variant
+    bounded_fusion: str = ""  # the bounded variant's fusion rule when it differs from ``fusion``
 
 
 TABLE: dict[str, Method] = {
@@ -34,17 +41,25 @@ TABLE: dict[str, Method] = {
                "segment-then-segment: rough pass, crops of its components, fine pass", "segcli.engines.stts:stts",
                ("pad", "keep_aspect", "min_side", "min_component", "keep_coarse", "batch_size"),
                "segcli.engines.volume:stts_volume",  # components in 3D: one crop set across slices
-               ("pad", "keep_aspect", "min_side", "min_volume", "keep_coarse", "batch_size")),
+               ("pad", "keep_aspect", "min_side", "min_volume", "keep_coarse", "batch_size"),
+               fusion="fine crops fused by max (OR for one class) into a one-byte store, spilled to disk",
+               bounded="stts"),
         Method("refine", ("coarse", "fine"), True,
                "rough pass, then the most uncertain patches at full resolution", "segcli.engines.refine:refine",
                ("patch_size", "patches", "refine_threshold", "criterion", "min_patch_std", "keep_aspect",
-                "batch_size")),
+                "batch_size"), fusion="uncertain patches overwrite the upscaled rough map"),
         Method("direct", ("coarse",), True,
                "one network on the downscaled image (the papers' baseline)", "segcli.engines.direct:direct",
-               ("keep_aspect",)),
+               ("keep_aspect",), fusion="none: one window, upscaled"),
         Method("sliding", ("fine",), False,
                "full-resolution sliding window with Gaussian blending (MONAI/nnU-Net)", "segcli.engines.direct:sliding",
-               ("overlap", "batch_size"), rough_pass=False),
+               ("overlap", "batch_size"), rough_pass=False,
+               fusion="Gaussian-weighted mean of overlapping windows (MONAI/nnU-Net)",
+               # full-resolution grid windows, only where stts' rough pass finds tissue, blended by the same
+               # Gaussian as in memory (fusion.BlendStore): one fusion rule on both routes
+               bounded="stts", bounded_kwargs=(("crop_mode", "grid"), ("max_zoom", None), ("fusion", "gaussian")),
+               bounded_params=("overlap",),
+               bounded_fusion="the same Gaussian blend, over the grid windows where the rough pass finds tissue"),
     )
 }
 
@@ -52,6 +67,8 @@ TABLE: dict[str, Method] = {
 METHODS: tuple[str, ...] = tuple(TABLE)
 #: Methods ``segcli train`` makes bundles for.
 TRAINABLE: tuple[str, ...] = tuple(m.name for m in TABLE.values() if m.trainable)
+#: Methods the bounded (tiled TIFF) route runs, itself or through a stand-in engine.
+BOUNDED: tuple[str, ...] = tuple(m.name for m in TABLE.values() if m.bounded)
 #: Network roles a bundle may hold.
 ROLES: tuple[str, ...] = ("coarse", "fine")
 

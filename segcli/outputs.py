@@ -13,16 +13,14 @@ import numpy as np
 
 from segcli import io
 from segcli.errors import SegcliError
+from segcli.inferer import RunContext
 from segcli.io.atomic import split_extension
 from segcli.io.naming import geojson_path, instances_path, preview_path, probabilities_path, with_extension
+from segcli.job import Job
 
 if TYPE_CHECKING:
     from segcli.bundle import Bundle
 
-#: segcli.api.Segmenter and segcli.pipeline.Job: both import this module, so they are not imported here,
-#: not even for type checking (segcli keeps no import cycle).
-Segmenter = Any
-Job = Any
 
 
 def plan_output(options: Any, path: Path, output: str | Path | None, input_root: Path | None,
@@ -66,7 +64,7 @@ def detection_classes(bundle: Bundle) -> set[str]:
     return {c for c in bundle.classes[1:] if c.lower() in _DETECTION_NAMES}
 
 
-def write_dicom_seg(seg: Segmenter, job: Job, file_order_labels: np.ndarray, meta: dict[str, Any]) -> None:
+def write_dicom_seg(ctx: RunContext, job: Job, file_order_labels: np.ndarray, meta: dict[str, Any]) -> None:
     """The mask as a DICOM SEG referencing the input series (file-order planes, one per source file).
 
     An empty mask writes no SEG: the report says so and the output field is cleared.
@@ -83,7 +81,7 @@ def write_dicom_seg(seg: Segmenter, job: Job, file_order_labels: np.ndarray, met
         if (why := multiframe_seg_refusal(files)) is not None:
             raise SegcliError(f"--output-type dicom-seg: {why}", job.path)
         file_order_labels = frame_planes(file_order_labels, meta["geometry"], files[0])
-    bundle = seg.bundle_for(getattr(job.route, "kind", "volume"))
+    bundle = ctx.bundle_for(getattr(job.route, "kind", "volume"))
     coarse = bundle.networks.get("coarse") or next(iter(bundle.networks.values()))
     version = str(bundle.raw.get("version") or (coarse.sha256 or "unknown")[:12])
     assert job.out is not None

@@ -34,10 +34,12 @@ from segcli import io, memory
 from segcli.engines.base import ProgressFn, Result
 from segcli.errors import EmptyImageError, InputError, UsageError
 from segcli.geometry import slice_axis
+from segcli.inferer import Inferer, RunContext
 from segcli.io.atomic import OutputLock
 from segcli.io.bigtiff import tiff_spacing
 from segcli.io.naming import geojson_path, probabilities_path
 from segcli.job import Job
+from segcli.methods import BOUNDED
 from segcli.outputs import detection_classes, plan_output, planned_outputs, write_dicom_seg, write_instances
 from segcli.plan import Staged2D, physical_factor
 from segcli.prepare import implausible_result, mismatch_warnings
@@ -45,10 +47,6 @@ from segcli.report import FileReport, count_labels, fill_counts, fill_run
 
 if TYPE_CHECKING:
     from segcli.bundle import Bundle
-
-#: The segcli.api.Segmenter driving a run. It is not imported even for type checking: api imports this
-#: module, and segcli keeps no import cycle, type-only ones included.
-Segmenter = Any
 
 
 class Route(Protocol):
@@ -58,9 +56,9 @@ class Route(Protocol):
     spatial_shape: tuple[int, ...]
     warnings: list[str]
 
-    def compute(self, seg: Segmenter, job: Job, progress: ProgressFn | None) -> None: ...
+    def compute(self, ctx: RunContext, job: Job, progress: ProgressFn | None) -> None: ...
 
-    def write(self, seg: Segmenter, job: Job) -> None: ...
+    def write(self, ctx: RunContext, job: Job) -> None: ...
 
     def close(self) -> None: ...
 
@@ -68,16 +66,16 @@ class Route(Protocol):
 # -- routes ----------------------------------------------------------------------------------------
 
 
-def _finish_compute(seg: Segmenter, job: Job, res: Result, bundle: Bundle, spacing: Any) -> None:
+def _finish_compute(ctx: RunContext, job: Job, res: Result, bundle: Bundle, spacing: Any) -> None:
     """What every route records after its engine ran: run facts, class counts, optional statistics."""
     rep = job.rep
-    fill_run(rep, res, model=bundle.name, method=seg.plan_for(bundle).method, device=seg.device,
-             providers=seg.providers(bundle) if rep.status == "ok" else None)
+    fill_run(rep, res, model=bundle.name, method=ctx.plan_for(bundle).method, device=ctx.inferer.device,
+             providers=ctx.inferer.providers(bundle) if rep.status == "ok" else None)
     counts = count_labels(res.labels, len(bundle.classes))
     fill_counts(rep, counts, bundle.classes, spacing, ndim=res.labels.ndim)
     if rep.status == "ok" and (note := implausible_result(counts, int(res.labels.size))):
         rep.warnings.append(note)
-    if seg.options.stats:
+    if ctx.options.stats:
         from segcli.stats import label_stats
 
         rep.stats = label_stats(res.labels, bundle.classes, spacing)
@@ -104,68 +102,69 @@ class InMemoryRoute:
         self.empty: EmptyImageError | None = None
         self.checked = False  # stage() ran: the memory check is done (and a 2D image prepared)
 
-    def stage(self, seg: Segmenter, job: Job) -> None:
+    def stage(self, ctx: RunContext, job: Job) -> None:
         """In the reader thread: the memory check, then normalisation and the rough pass's downscaled view
         of a 2D image, so they overlap the networks of the image before."""
         img = self.img
-        memory.check_in_memory(seg, self.kind, img.spatial_shape, img.channels, img.array.dtype.itemsize, job.path)
+        memory.check_in_memory(ctx, self.kind, img.spatial_shape, img.channels, img.array.dtype.itemsize, job.path)
         self.checked = True
         if img.ndim != 2:
             return
         try:
-            self.staged = seg.stage_2d(img.array, kind=self.kind, spacing=img.spacing, path=job.path, prime=True)
+            self.staged = ctx.inferer.stage_2d(img.array, kind=self.kind, spacing=img.spacing, path=job.path,
+                                               prime=True, budget=ctx.budget)
         except EmptyImageError as exc:  # reported as "empty" by compute
             self.empty = exc
 
-    def compute(self, seg: Segmenter, job: Job, progress: ProgressFn | None) -> None:
+    def compute(self, ctx: RunContext, job: Job, progress: ProgressFn | None) -> None:
         img = self.img
         kind = self.kind
         if not self.checked:
-            self.stage(seg, job)
+            self.stage(ctx, job)
         try:
             if self.empty is not None:
                 raise self.empty
             if self.staged is not None:
-                res, bundle = seg.run_staged(self.staged, return_probs=seg.options.probabilities,
+                res, bundle = ctx.inferer.run_staged(self.staged, return_probs=ctx.options.probabilities,
                                              progress=progress), self.staged.bundle
                 self.staged = None  # the float copy of the image goes as soon as it is used
             else:
-                res, bundle = seg.segment_array(img.array, kind=kind, spacing=img.spacing,
-                                                return_probs=seg.options.probabilities, progress=progress,
-                                                path=job.path)
+                res, bundle = ctx.inferer.segment_array(img.array, kind=kind, spacing=img.spacing,
+                                                        return_probs=ctx.options.probabilities, progress=progress,
+                                                        path=job.path, budget=ctx.budget)
         except EmptyImageError as exc:
-            bundle, res = seg.bundle_for(kind), Result(np.zeros(img.spatial_shape, np.uint8))
+            bundle, res = ctx.bundle_for(kind), Result(np.zeros(img.spatial_shape, np.uint8))
             job.rep.status = "empty"
             job.rep.warnings.append(exc.message)
-        _finish_compute(seg, job, res, bundle, img.spacing)
-        job.rep.info["memory_plan"] = seg.memory_plan(kind).to_dict()
+        _finish_compute(ctx, job, res, bundle, img.spacing)
+        job.rep.info["memory_plan"] = ctx.inferer.memory_plan(kind).to_dict()
         job.rep.info.update(_slide_facts(img.meta))
         self.res = res
 
-    def write(self, seg: Segmenter, job: Job) -> None:
+    def write(self, ctx: RunContext, job: Job) -> None:
         assert self.res is not None and job.out is not None
-        if seg.options.output_type == "dicom-seg":
+        if ctx.options.output_type == "dicom-seg":
             from segcli.io.medical import to_original_axes
 
-            write_dicom_seg(seg, job, to_original_axes(self.res.labels, self.img.meta), self.img.meta)
+            write_dicom_seg(ctx, job, to_original_axes(self.res.labels, self.img.meta), self.img.meta)
         else:
             io.write_mask(self.res.labels, self.img, job.out)
-        if seg.options.instances:
+        if ctx.options.instances:
             write_instances(job, self.res.labels, self.img)
-        if seg.options.geojson:
+        if ctx.options.geojson:
             if self.img.ndim != 2:
                 job.rep.warnings.append("GeoJSON is written for 2D images only; none for this volume")
             else:
                 from segcli.io.geojson import write_geojson
 
-                bundle = seg.bundle_for(self.kind)
+                bundle = ctx.bundle_for(self.kind)
                 job.rep.info["geojson"] = write_geojson(geojson_path(job.out), self.res.labels, bundle.classes,
                                                         spacing=self.img.spacing,
                                                         detection_classes=detection_classes(bundle))
-        if seg.options.probabilities and self.res.probs is not None:
+        if ctx.options.probabilities and self.res.probs is not None:
             io.write_probabilities(self.res.probs, self.img, probabilities_path(job.out))
-        if seg.options.preview:
-            job.rep.info["preview"] = str(facts.write_preview(seg, job, self.img, self.res.labels, self.kind))
+        if ctx.options.preview:
+            job.rep.info["preview"] = str(facts.write_preview(ctx, job, self.img, self.res.labels, self.kind))
 
     def close(self) -> None:
         self.res = None
@@ -185,19 +184,19 @@ class StreamedVolumeRoute:
         self.res: Result | None = None
         self.buf: np.ndarray | None = None  # the mask in the file's own axis order
 
-    def compute(self, seg: Segmenter, job: Job, progress: ProgressFn | None) -> None:
+    def compute(self, ctx: RunContext, job: Job, progress: ProgressFn | None) -> None:
         from segcli.io.medical import canonical_view, file_order_buffer
         from segcli.io.niftistream import SpilledProbs, streamable_probs
 
-        vol, opts = self.vol, seg.options
-        bundle = seg.bundle_for(self.kind)
+        vol, opts = self.vol, ctx.options
+        bundle = ctx.bundle_for(self.kind)
         axis = slice_axis(vol.spacing)
         spilled = bool(opts.probabilities and job.out is not None
                        and streamable_probs(vol.meta, axis, probabilities_path(job.out)))
         est = memory.estimate_volume(vol.spatial_shape, vol.channels, vol.dtype.itemsize,
                                      model_channels=bundle.in_channels, n_classes=bundle.n_classes,
                                      return_probs=opts.probabilities and not spilled, streamed=True)
-        memory.check_volume_fits(seg, est, vol.spatial_shape, job.path)
+        memory.check_volume_fits(ctx, est, vol.spatial_shape, job.path)
         spill = None
         if spilled:  # probabilities bound for NIfTI go to a temporary file slice by slice
             assert job.out is not None
@@ -206,9 +205,10 @@ class StreamedVolumeRoute:
         # The mask goes straight into the writer's file-order buffer: no reordering copy.
         self.buf = file_order_buffer(vol.meta)
         try:
-            res, bundle = seg.segment_volume(vol, spacing=vol.spacing, return_probs=opts.probabilities,
-                                             progress=progress, path=job.path, kind=self.kind,
-                                             labels_out=canonical_view(self.buf, vol.meta), probs_out=spill)
+            res, bundle = ctx.inferer.segment_volume(vol, spacing=vol.spacing, return_probs=opts.probabilities,
+                                                     progress=progress, path=job.path, kind=self.kind,
+                                                     labels_out=canonical_view(self.buf, vol.meta), probs_out=spill,
+                                                     budget=ctx.budget)
             res.info["probabilities_streamed"] = spill is not None
         except EmptyImageError as exc:
             res = Result(np.zeros(vol.spatial_shape, np.uint8))
@@ -216,21 +216,21 @@ class StreamedVolumeRoute:
             job.rep.warnings.append(exc.message)
             if spill is not None:
                 spill.close()
-        _finish_compute(seg, job, res, bundle, vol.spacing)
+        _finish_compute(ctx, job, res, bundle, vol.spacing)
         self.res = res
 
-    def write(self, seg: Segmenter, job: Job) -> None:
+    def write(self, ctx: RunContext, job: Job) -> None:
         from segcli.io import niftistream
 
         res, out = self.res, job.out
         assert res is not None and out is not None
-        if seg.options.output_type == "dicom-seg" and self.buf is not None:
-            write_dicom_seg(seg, job, self.buf, self.vol.meta)
+        if ctx.options.output_type == "dicom-seg" and self.buf is not None:
+            write_dicom_seg(ctx, job, self.buf, self.vol.meta)
         elif self.buf is not None and out.name.lower().endswith((".nii", ".nii.gz")):
             niftistream.write_mask(self.buf, self.vol.meta, out)  # plane by plane, no copy
         else:
             io.write_mask(res.labels, self.vol, out)
-        if not seg.options.probabilities or res.probs is None:
+        if not ctx.options.probabilities or res.probs is None:
             return
         if isinstance(res.probs, niftistream.SpilledProbs):
             niftistream.write_planes(probabilities_path(out), self.vol.meta, res.probs.shape[0], np.float32,
@@ -260,13 +260,13 @@ class TiledTiffRoute:
         self.warnings = [f"{plane.meta.get('format', 'tifffile')}: {n}" for n in plane.notes]
         self.res: Result | None = None
 
-    def compute(self, seg: Segmenter, job: Job, progress: ProgressFn | None) -> None:
+    def compute(self, ctx: RunContext, job: Job, progress: ProgressFn | None) -> None:
         from segcli import plan
         from segcli.fusion import FuseStore, LazyLabels
 
         rep, plane = job.rep, self.plane
-        bundle = seg.bundle_for(self.kind)
-        p = seg.plan_for(bundle)
+        bundle = ctx.bundle_for(self.kind)
+        p = ctx.plan_for(bundle)
         spill = job.out.parent if job.out is not None else None
         if spill is not None:
             spill.mkdir(parents=True, exist_ok=True)
@@ -277,25 +277,20 @@ class TiledTiffRoute:
 
                 net_plane = ScaledPlane(plane, scale[0])
                 spacing = (float(bundle.params["training_mpp"]) / 1000.0,) * 2
-            run = p
-            extra: dict[str, Any] = {}
-            if p.method == "sliding":  # full-resolution windows, only where the rough pass finds tissue
-                run = plan.Plan("stts", p.size, p.params)
-                # Blended as the in-memory sliding window blends (Gaussian, σ = S/8): one fusion rule per method.
-                extra = {"crop_mode": "grid", "overlap": p["overlap"], "fusion": "gaussian"}
-            mplan = seg.memory_plan(self.kind, bounded=True)
-            kw = plan.kwargs_2d(run, bundle, seg.options, seg.budget, net_plane.shape, spacing, batch=mplan.batch,
+            run, extra = plan.bounded_variant(p)  # the method table says what runs here (segcli.methods)
+            mplan = ctx.inferer.memory_plan(self.kind, bounded=True)
+            kw = plan.kwargs_2d(run, bundle, ctx.options, ctx.budget, net_plane.shape, spacing, batch=mplan.batch,
                                 rough_batch=mplan.rough_batch)
             kw["fuse_cache"] = mplan.fuse_cache
             rep.info["memory_plan"] = mplan.to_dict()
-            if extra:
-                kw.update(extra, max_zoom=None)
+            kw.update(extra)
+            if kw.get("crop_mode") == "grid":
                 # The rough pass only has to find tissue here: cap its grid at GRID_ROUGH_PIXELS so its dense
                 # accumulators stay small on a 40k² slide (4096² at 0.98 µm/px would hold 1.3 GB of floats).
                 H, W = net_plane.shape
                 floor = (H * W / GRID_ROUGH_PIXELS) ** 0.5
                 kw["max_downscale"] = max(kw.get("max_downscale") or 1.0, floor)
-            res = plan.run_2d(run, net_plane, seg.predictors(bundle), kw, return_probs=False, progress=progress,
+            res = plan.run_2d(run, net_plane, ctx.inferer.predictors(bundle), kw, return_probs=False, progress=progress,
                               spill_dir=spill, lazy=True, prefetch=True)
             if scale is not None:
                 from segcli.engines.base import ScaledLabels
@@ -308,8 +303,8 @@ class TiledTiffRoute:
             res = Result(LazyLabels(FuseStore(plane.shape, bundle.n_classes, 0.5), None))  # type: ignore[arg-type]
             rep.status = "empty"
             rep.warnings.append(exc.message)
-        fill_run(rep, res, model=bundle.name, method=p.method, device=seg.device,
-                 providers=seg.providers(bundle) if rep.status == "ok" else None)
+        fill_run(rep, res, model=bundle.name, method=p.method, device=ctx.inferer.device,
+                 providers=ctx.inferer.providers(bundle) if rep.status == "ok" else None)
         rep.info.update(_slide_facts(plane.meta))
         rep.info.update({"bounded_memory": True, "pyramid_levels_in": len(plane.levels),
                          "levels_read": sorted(set(plane.level_reads)),
@@ -317,12 +312,12 @@ class TiledTiffRoute:
                          "decoded_mb": round(plane.bytes_decoded / 1e6, 1)})
         self.res = res  # counts and statistics are gathered tile by tile while the mask is written
 
-    def write(self, seg: Segmenter, job: Job) -> None:
+    def write(self, ctx: RunContext, job: Job) -> None:
         from segcli.io.bigtiff import write_tiled
 
-        res, rep, plane, opts = self.res, job.rep, self.plane, seg.options
+        res, rep, plane, opts = self.res, job.rep, self.plane, ctx.options
         assert res is not None and job.out is not None
-        bundle = seg.bundle_for(self.kind)
+        bundle = ctx.bundle_for(self.kind)
         labels: Any = res.labels
         counts = np.zeros(256, np.int64)
         tile_stats = None
@@ -381,15 +376,15 @@ class TiledTiffRoute:
 #: Largest rough grid (pixels) of a bounded sliding run, whose rough pass only selects tissue windows.
 GRID_ROUGH_PIXELS = 2048 * 2048
 
-#: Methods the bounded (tiled TIFF) route runs: stts, and sliding as windows over the rough pass's tissue.
-BOUNDED_METHODS = ("stts", "sliding")
+#: Methods the bounded (tiled TIFF) route runs (the method table's ``bounded`` column).
+BOUNDED_METHODS = BOUNDED
 
 #: An RGB TIFF with more pixels than this as the networks see it (after the mpp rule) takes the bounded route:
 #: an 8000² slide slid in memory over all 1,764 windows took 37 s and 2.29 GB; 324 held tissue (issue 28).
 SLIDE_PIXELS = 16 * 2**20
 
 
-def open_route(seg: Segmenter, path: Path, out: Path, content: str | None) -> Route:
+def open_route(ctx: RunContext, path: Path, out: Path, content: str | None) -> Route:
     """Open ``path`` on the route its content, header and the memory budget call for (see the module).
 
     An RGB TIFF is a "slide": with no ``--model`` it gets the shipped default for slides (models/index.json),
@@ -409,47 +404,47 @@ def open_route(seg: Segmenter, path: Path, out: Path, content: str | None) -> Ro
         if vendor and not out.name.lower().endswith((".tif", ".tiff")):
             raise UsageError(f"a {path.suffix} slide is read by region, so its mask is written as a tiled .tif, "
                              f"not {out.suffix}", path)
-        if vendor or (head is not None and _wants_tiles(seg, path, out, kind, head)):
+        if vendor or (head is not None and _wants_tiles(ctx, path, out, kind, head)):
             from segcli.io.openslide_reader import open_plane
 
-            bundle = seg.bundle_for(kind)
-            mplan = seg.memory_plan(kind, bounded=True)
+            bundle = ctx.bundle_for(kind)
+            mplan = ctx.inferer.memory_plan(kind, bounded=True)
             return TiledTiffRoute(open_plane(path, spec=bundle.normalization, channels_want=bundle.in_channels,
-                                             channel_mode=seg.options.channels,
+                                             channel_mode=ctx.options.channels,
                                              cache_bytes=mplan.region_cache), kind)
-    if seg.options.stream_volumes and content not in ("tiff", "png", "jpeg", "bmp"):
+    if ctx.options.stream_volumes and content not in ("tiff", "png", "jpeg", "bmp"):
         from segcli.io.volstream import open_streamed
 
-        vol = open_streamed(path, content=content, series_id=seg.options.series)
+        vol = open_streamed(path, content=content, series_id=ctx.options.series)
         if vol is not None:
-            if seg.options.volume not in (None, 1):
-                raise InputError(f"--volume {seg.options.volume}: this input holds one volume", path)
-            return StreamedVolumeRoute(vol, choose=seg.options.model is None)
+            if ctx.options.volume not in (None, 1):
+                raise InputError(f"--volume {ctx.options.volume}: this input holds one volume", path)
+            return StreamedVolumeRoute(vol, choose=ctx.options.model is None)
     if content in ("nrrd", "metaimage", "nifti", "nifti-gz") and (head := io.header_size(path, content)):
         shape, channels, itemsize = head  # read whole: refuse from the header, before decoding, if it won't fit
         if len(shape) in (2, 3):
-            memory.check_in_memory(seg, "volume" if len(shape) == 3 else kind, shape, channels, itemsize, path)
-    if content == "dicom" and seg.options.max_memory is not None and path.is_dir():
+            memory.check_in_memory(ctx, "volume" if len(shape) == 3 else kind, shape, channels, itemsize, path)
+    if content == "dicom" and ctx.options.max_memory is not None and path.is_dir():
         from segcli.io.dicomseries import decoded_size
 
-        if (size := decoded_size(path, seg.options.volume, seg.options.series)) is not None:  # read whole: refuse before decoding
+        if (size := decoded_size(path, ctx.options.volume, ctx.options.series)) is not None:  # read whole: refuse first
             shape, channels, itemsize = size
             flat = shape[0] == 1
-            memory.check_in_memory(seg, kind if flat else "volume", shape[1:] if flat else shape, channels,
+            memory.check_in_memory(ctx, kind if flat else "volume", shape[1:] if flat else shape, channels,
                                    itemsize, path)
-    img = io.open_image(path, seg.options.series if path.is_dir() else None, content=content,
-                        volume=seg.options.volume)
-    return InMemoryRoute(img, facts.chosen_kind(seg.options, img, kind))
+    img = io.open_image(path, ctx.options.series if path.is_dir() else None, content=content,
+                        volume=ctx.options.volume)
+    return InMemoryRoute(img, facts.chosen_kind(ctx.options, img, kind))
 
 
-def _wants_tiles(seg: Segmenter, path: Path, out: Path, kind: str, head: tuple) -> bool:
+def _wants_tiles(ctx: RunContext, path: Path, out: Path, kind: str, head: tuple) -> bool:
     """True when this TIFF must not be decoded whole (size or budget), from its header alone.
 
     Also refuses, before decoding, a whole-image method whose in-memory peak would not fit.
     """
     (H, W), channels, itemsize = head
-    bundle = seg.bundle_for(kind)
-    p = seg.plan_for(bundle)
+    bundle = ctx.bundle_for(kind)
+    p = ctx.plan_for(bundle)
     scale = physical_factor(bundle, tiff_spacing(path)) if kind == "slide" else None
     if scale is not None:  # the networks see the slide resampled to the bundle's pixel size: count those pixels
         H, W = max(1, round(H / scale[0])), max(1, round(W / scale[0]))
@@ -458,43 +453,43 @@ def _wants_tiles(seg: Segmenter, path: Path, out: Path, kind: str, head: tuple) 
     tif_out = out.name.lower().endswith((".tif", ".tiff"))
     if kind == "slide" and p.method in BOUNDED_METHODS and H * W > SLIDE_PIXELS and tif_out:
         return True  # a slide, resampled or not: tissue windows only, never glass, in bounded memory
-    if seg.options.lazy_pixels >= H * W and est <= seg.budget:
+    if ctx.options.lazy_pixels >= H * W and est <= ctx.budget:
         return False
     if p.method not in BOUNDED_METHODS:
-        memory.check_fits(est, seg.budget, path, f"--method {p.method} on this {H}x{W} image",
-                          "use --method stts, which reads only a rough view and the crops", share=seg.budget_share)
+        memory.check_fits(est, ctx.budget, path, f"--method {p.method} on this {H}x{W} image",
+                          "use --method stts, which reads only a rough view and the crops", share=ctx.budget_share)
         return False
     if tif_out:
         return True
-    memory.check_fits(est, seg.budget, path, f"writing this {H}x{W} mask as {out.suffix}",
-                      "write it as .tif (streamed, tiled) instead", share=seg.budget_share)
+    memory.check_fits(est, ctx.budget, path, f"writing this {H}x{W} mask as {out.suffix}",
+                      "write it as .tif (streamed, tiled) instead", share=ctx.budget_share)
     return False
 
 
 # -- one file, many files ----------------------------------------------------------------------------------
 
 
-def read(seg: Segmenter, path: Path, output: str | Path | None, *, input_root: Path | None) -> Job:
+def read(ctx: RunContext, path: Path, output: str | Path | None, *, input_root: Path | None) -> Job:
     """:func:`_read`, its time counted as the file's own work (model loading for the memory plan apart)."""
-    loading = seg.load_seconds.get("total", 0.0)
-    job = _read(seg, path, output, input_root=input_root)
+    loading = ctx.inferer.load_seconds.get("total", 0.0)
+    job = _read(ctx, path, output, input_root=input_root)
     job.busy += time.perf_counter() - job.t0
-    _count_load(seg, job, loading)
+    _count_load(ctx, job, loading)
     return job
 
 
-def _count_load(seg: Segmenter, job: Job, before: float) -> None:
+def _count_load(ctx: RunContext, job: Job, before: float) -> None:
     """First use loads the networks (the ONNX export or the weights): its own stage, not the one it fell in."""
-    if (load := seg.load_seconds.get("total", 0.0) - before) > 0.001:
+    if (load := ctx.inferer.load_seconds.get("total", 0.0) - before) > 0.001:
         job.rep.seconds["model_load"] = job.rep.seconds.get("model_load", 0.0) + load
         if "prepare" in job.rep.seconds:
             job.rep.seconds["prepare"] = max(0.0, job.rep.seconds["prepare"] - load)
 
 
-def _read(seg: Segmenter, path: Path, output: str | Path | None, *, input_root: Path | None) -> Job:
+def _read(ctx: RunContext, path: Path, output: str | Path | None, *, input_root: Path | None) -> Job:
     """Plan the output, take the lock, honour --skip-existing, and open the input on its route."""
     job = Job(path=path, rep=FileReport(input=str(path)), t0=time.perf_counter())
-    opts = seg.options
+    opts = ctx.options
     try:
         facts.refuse_special(path)
         content = io.sniff_input(path)
@@ -512,53 +507,53 @@ def _read(seg: Segmenter, path: Path, output: str | Path | None, *, input_root: 
             job.rep.status = "skipped"
             return job
         t = time.perf_counter()
-        job.route = open_route(seg, path, out, content)
+        job.route = open_route(ctx, path, out, content)
         job.rep.seconds["read"] = time.perf_counter() - t
         job.rep.warnings.extend(job.route.warnings)
         ndim = len(job.route.spatial_shape)
         dtype = getattr(job.route, "dtype", None)
-        facts.model_choice_note(seg, job)
+        facts.model_choice_note(ctx, job)
         if dtype is not None:
-            bundle = seg.bundle_for(job.route.kind)
+            bundle = ctx.bundle_for(job.route.kind)
             job.rep.warnings.extend(mismatch_warnings(bundle, dtype, job.route.spacing, ndim, opts.window))
-            facts.intensity_notes(seg, job, bundle, dtype, isinstance(job.route, InMemoryRoute) and job.route.img.ndim == 2)
-        if seg.options.instances and not (isinstance(job.route, InMemoryRoute) and job.route.img.ndim == 2):
+            facts.intensity_notes(ctx, job, bundle, dtype, isinstance(job.route, InMemoryRoute) and job.route.img.ndim == 2)
+        if ctx.options.instances and not (isinstance(job.route, InMemoryRoute) and job.route.img.ndim == 2):
             raise InputError("--instances is written for 2D images held in memory (photos, tiles); this input "
                              "is a volume or a slide read by region", path)
         job.rep.shape = list(job.route.spatial_shape)
         job.rep.spacing = list(job.route.spacing) if job.route.spacing else None
         if isinstance(job.route, InMemoryRoute):
             t = time.perf_counter()
-            job.route.stage(seg, job)
+            job.route.stage(ctx, job)
             job.rep.seconds["prepare"] = time.perf_counter() - t
     except Exception as exc:  # one bad file must not stop the batch
         job.fail_from(exc)
     return job
 
 
-def compute(seg: Segmenter, job: Job, progress: ProgressFn | None) -> None:
+def compute(ctx: RunContext, job: Job, progress: ProgressFn | None) -> None:
     """Run the route's engine; a failure is recorded on the job, never raised."""
     if job.route is None or job.rep.status != "ok":
         return
-    t, loading = time.perf_counter(), seg.load_seconds.get("total", 0.0)
+    t, loading = time.perf_counter(), ctx.inferer.load_seconds.get("total", 0.0)
     try:
-        job.route.compute(seg, job, progress)
+        job.route.compute(ctx, job, progress)
     except Exception as exc:  # one bad file must not stop the batch
         job.fail_from(exc)
     finally:
         job.busy += time.perf_counter() - t
-        _count_load(seg, job, loading)
+        _count_load(ctx, job, loading)
 
 
-def write(seg: Segmenter, job: Job) -> FileReport:
+def write(ctx: RunContext, job: Job) -> FileReport:
     """Write the mask (and what else was asked for), then release everything the job held."""
     new: list[Path] = []
     t = time.perf_counter()
     try:
         if job.route is not None and job.out is not None and job.rep.status in ("ok", "empty"):
-            new = [p for _, p in planned_outputs(seg.options, job.out) if not p.exists()]
+            new = [p for _, p in planned_outputs(ctx.options, job.out) if not p.exists()]
             t = time.perf_counter()
-            job.route.write(seg, job)
+            job.route.write(ctx, job)
             job.rep.seconds["write"] = time.perf_counter() - t
     except Exception as exc:  # one bad file must not stop the batch
         job.fail_from(exc, writing=True)
@@ -569,33 +564,36 @@ def write(seg: Segmenter, job: Job) -> FileReport:
     return job.finish()
 
 
-def run_one(seg: Segmenter, path: Path, output: str | Path | None, *, input_root: Path | None = None,
+def run_one(ctx: RunContext, path: Path, output: str | Path | None, *, input_root: Path | None = None,
             progress: ProgressFn | None = None) -> FileReport:
     """Read, segment and write one input."""
-    job = read(seg, path, output, input_root=input_root)
+    job = read(ctx, path, output, input_root=input_root)
     try:
-        compute(seg, job, progress)
+        compute(ctx, job, progress)
     except BaseException:  # interrupted: release the lock and temporary files before leaving
         job.finish()
         raise
-    return write(seg, job)
+    return write(ctx, job)
 
 
-def run_many(seg: Segmenter, items: list[tuple[Path, Path | None]], output: str | Path | None, *,
-             prefetch: int = 2, progress_for: Callable[[Path], ProgressFn | None] | None = None
-             ) -> Iterator[FileReport]:
+def run_many(inferer: Inferer, items: list[tuple[Path, Path | None]], output: str | Path | None, *,
+             prefetch: int = 2, progress_for: Callable[[Path], ProgressFn | None] | None = None,
+             file_options: dict[str, Any] | None = None) -> Iterator[FileReport]:
     """Reports in input order, with reading of the next files and writing of the previous one
     overlapped with computing the current one (one reader and one writer thread).
 
     Decoding a compressed volume and writing a mask release the GIL for most of their time, so on
-    a 2-core machine they overlap with the network instead of adding to it.
+    a 2-core machine they overlap with the network instead of adding to it. Files read ahead are held
+    while one computes, so each gets its share of the budget (``file_options``: see Inferer.context).
     """
+    ctx = inferer.context(file_options, read_ahead=prefetch if prefetch > 0 and len(items) > 1 else 0)
+
     def progress(path: Path) -> ProgressFn | None:
         return progress_for(path) if progress_for else None
 
     if prefetch <= 0:
         for path, root in items:
-            yield run_one(seg, path, output, input_root=root, progress=progress(path))
+            yield run_one(ctx, path, output, input_root=root, progress=progress(path))
         return
     with ThreadPoolExecutor(1, thread_name_prefix="segcli-read") as reader, \
             ThreadPoolExecutor(1, thread_name_prefix="segcli-write") as writer:
@@ -604,7 +602,7 @@ def run_many(seg: Segmenter, items: list[tuple[Path, Path | None]], output: str 
         it = iter(items)
 
         def read_one(path: Path, root: Path | None) -> Job:
-            job = read(seg, path, output, input_root=root)
+            job = read(ctx, path, output, input_root=root)
             opened.append(job)
             return job
 
@@ -620,10 +618,10 @@ def run_many(seg: Segmenter, items: list[tuple[Path, Path | None]], output: str 
             while pending:
                 current = pending.popleft().result()
                 submit_next()
-                compute(seg, current, progress(current.path))
+                compute(ctx, current, progress(current.path))
                 if last_write is not None:
                     yield last_write.result()
-                last_write = writer.submit(write, seg, current)
+                last_write = writer.submit(write, ctx, current)
             if last_write is not None:
                 yield last_write.result()
         finally:

@@ -161,6 +161,16 @@ def run_2d(plan: Plan, plane: Plane, predictor: PredictorFor, kwargs: dict[str, 
     return engine(plan.method)(plane, *nets, **kwargs, return_probs=return_probs, progress=progress, **extra)
 
 
+def bounded_variant(plan: Plan) -> tuple[Plan, dict[str, Any]]:
+    """What the bounded (tiled TIFF) route runs for ``plan``, from the method table: the stand-in plan and the
+    engine arguments it adds (a KeyError for a method that needs the whole image)."""
+    method = TABLE[plan.method]
+    if method.bounded is None:
+        raise KeyError(f"{plan.method} has no bounded variant")
+    extra = {**dict(method.bounded_kwargs), **{k: plan[k] for k in method.bounded_params}}
+    return Plan(method.bounded, plan.size, plan.params), extra
+
+
 def run_3d(plan: Plan, planes: Sequence[Plane], predictor: PredictorFor, kwargs_for: Callable[[Plane], dict],
            *, return_probs: bool, progress: ProgressFn | None, out: Any = None, probs_out: Any = None) -> Result:
     """A volume: the method's 3D engine if the table gives one (stts), else its 2D engine slice by slice."""

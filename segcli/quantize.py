@@ -135,9 +135,10 @@ def dice_labels(a: np.ndarray, b: np.ndarray) -> float:
 
 def build_int8(bundle_dir: str | os.PathLike[str], images: list[Path], *, seed: int = 0) -> dict[str, Any]:
     """Quantise every network of a bundle, check the masks against fp32, record files and check in segcli.json."""
-    from segcli.api import Segmenter
     from segcli.bundle import BUNDLE_FILE, _inside, load_bundle, resolve_model, sha256_file, write_json_atomic
     from segcli.export import _write_atomic
+    from segcli.inferer import Inferer
+    from segcli.options import PredictOptions
     from segcli.runtimes.onnx_cache import cached_export
 
     root = resolve_model(bundle_dir)
@@ -153,21 +154,22 @@ def build_int8(bundle_dir: str | os.PathLike[str], images: list[Path], *, seed: 
             if data is None:
                 raise SegcliError(f"{role}: no faithful fp32 ONNX export to quantise ({why})")
             fp32[role] = data
-    seg = Segmenter(root, backend="onnx", precision="fp32")
+    opts = PredictOptions.from_kwargs(root, backend="onnx", precision="fp32")
+    seg = Inferer(opts)
     rng = np.random.default_rng(seed)
     recorders = {}
     for role in seg.roles(bundle):
         recorders[role] = _Recorder(seg.predictor(bundle, role), rng)
         seg.set_predictor(bundle, role, recorders[role])
     _masks(seg, calib)
-    seg_fp32 = Segmenter(root, backend="onnx", precision="fp32")
+    seg_fp32 = Inferer(opts)
     ref = _masks(seg_fp32, check)
     files: dict[str, bytes] = {}
     for role, rec in recorders.items():
         if not rec.kept:
             raise SegcliError(f"{role}: the calibration images never reached this network")
         files[role] = _quantise(fp32[role], rec.kept)
-    seg_q = Segmenter(root, backend="onnx", precision="fp32")
+    seg_q = Inferer(opts)
     from segcli.runtimes.onnx_backend import CPU_EP, OnnxPredictor, make_session
 
     for role, data in files.items():

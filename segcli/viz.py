@@ -433,7 +433,7 @@ def _bundle_info(report: Any, segmenter: Any, kind: str) -> tuple[list[str] | No
     bundle = None
     ran = getattr(report, "model", None)
     if segmenter is not None:  # the bundle that ran (the content of the input chose it), not a default by kind
-        loaded = [b for b in getattr(segmenter, "_bundles", {}).values() if b.name == ran]
+        loaded = [b for b in segmenter.bundles if b.name == ran]
         if loaded:
             bundle = loaded[0]
         elif ran is None:

@@ -131,7 +131,8 @@ def test_batch_with_one_corrupt_file(tmp_path, rgb_bundle):
         png(src / ("sub" if i % 2 else ".") / f"img{i:02d}.png", seed=i, rgb=True)
     (src / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\x00" * 40)
     out = tmp_path / "out"
-    r = run_cli("predict", src, "-o", out, "--model", rgb_bundle, "--json")
+    # a real process: its exit status, the JSON alone on its stdout, the error on its stderr
+    r = run_cli("predict", src, "-o", out, "--model", rgb_bundle, "--json", process=True)
     assert r.returncode == 1
     assert "broken.png" in r.stderr
     masks = sorted(out.rglob("*_seg.png"))

@@ -329,7 +329,7 @@ def test_budget_refuses_a_whole_read_before_decoding(tmp_path, monkeypatch):
     monkeypatch.setattr(segio, "open_image", decoded)
     seg = Segmenter("covid-ct", max_memory="300MB", volume=1)
     with pytest.raises(SegcliError, match=r"this 60x300x300 volume needs about .* more than the 300\.0 MB budget"):
-        open_route(seg, tmp_path / "me", tmp_path / "out.nii.gz", "dicom")
+        open_route(seg.context(), tmp_path / "me", tmp_path / "out.nii.gz", "dicom")
 
 
 # ------------------------------------------------------------------------------------------ several series

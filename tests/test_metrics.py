@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +13,7 @@ from PIL import Image
 from segcli import metrics
 from segcli.errors import InputError
 from segcli.evaluate import evaluate, pair_files
+from tests.conftest import run_cli
 
 
 def _half_square() -> tuple[np.ndarray, np.ndarray]:
@@ -159,17 +158,14 @@ def test_evaluate_spacing_mm(folders: tuple[Path, Path]) -> None:
 def test_evaluate_cli(folders: tuple[Path, Path], tmp_path: Path) -> None:
     pred_dir, gt_dir = folders
     out = tmp_path / "scores.json"
-    r = subprocess.run([sys.executable, "-m", "segcli", "evaluate", str(pred_dir), str(gt_dir), "--json-file", str(out)],
-                       capture_output=True, text=True, timeout=60)
+    r = run_cli("evaluate", pred_dir, gt_dir, "--json-file", out)
     assert r.returncode == 0, r.stderr
     assert "zzz.png" in r.stderr
     assert "mean" in r.stdout
     assert json.loads(out.read_text())["n_cases"] == 2
-    r = subprocess.run([sys.executable, "-m", "segcli", "evaluate", str(pred_dir), str(gt_dir), "--json"],
-                       capture_output=True, text=True, timeout=60)
+    r = run_cli("evaluate", pred_dir, gt_dir, "--json")
     assert r.returncode == 0 and json.loads(r.stdout)["n_cases"] == 2  # one --json convention: stdout
-    r = subprocess.run([sys.executable, "-m", "segcli", "evaluate", str(tmp_path / "nope"), str(gt_dir)],
-                       capture_output=True, text=True, timeout=60)
+    r = run_cli("evaluate", tmp_path / "nope", gt_dir)
     assert r.returncode != 0 and "segcli: error:" in r.stderr
 
 

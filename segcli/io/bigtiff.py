@@ -337,6 +337,49 @@ class TiffPlane(RegionPlane):
 ReadFn = Callable[[tuple[int, int, int, int]], np.ndarray]
 
 
+def _pyramid_dims(H: int, W: int, tile: int, pyramid: bool) -> list[tuple[int, int]]:
+    """``(h, w)`` of level 0 and of each halved level down to one tile (12 levels at most)."""
+    n_levels = 1
+    if pyramid:
+        while max(H, W) / 2**n_levels >= tile and n_levels < 12:
+            n_levels += 1
+    dims = [(H, W)]
+    for _ in range(1, n_levels):
+        ph, pw = dims[-1]
+        dims.append(((ph + 1) // 2, (pw + 1) // 2))
+    return dims
+
+
+def _level_tiles(h: int, w: int, src: ReadFn, *, planes: int, tile: int, dtype: np.dtype, nxt: Any,
+                 on_tile: Callable[[np.ndarray, tuple[int, int, int, int]], None] | None) -> Iterator[np.ndarray]:
+    """One level's tiles in tifffile's order (plane, row, column). Each tile is also halved (nearest) into the
+    next level's spilled store ``nxt``; ``on_tile`` sees each tile of the first plane (``planes`` = 0: a mask)."""
+    for k in range(max(1, planes)):
+        for y in range(0, h, tile):
+            for x in range(0, w, tile):
+                box = (y, x, min(y + tile, h), min(x + tile, w))
+                t = src(box)
+                t2 = t[k] if planes else t
+                if on_tile is not None and k == 0:
+                    on_tile(t, box)
+                if nxt is not None:
+                    half = t2[::2, ::2]
+                    y2 = k * ((h + 1) // 2) + y // 2
+                    nxt.maximum((y2, x // 2, y2 + half.shape[0], x // 2 + half.shape[1]), half[None])
+                yield np.ascontiguousarray(t2, dtype=dtype)
+
+
+def _store_reader(store: Any, h: int, planes: int) -> ReadFn:
+    """``read(box)`` over a level's spilled store, whose planes are stacked along its rows."""
+    def src(box: tuple[int, int, int, int]) -> np.ndarray:
+        y0, x0, y1, x1 = box
+        if not planes:
+            return store.read(box)[0]
+        return np.stack([store.read((k * h + y0, x0, k * h + y1, x1))[0] for k in range(planes)])
+
+    return src
+
+
 def write_tiled(
     path: Path | str,
     shape: tuple[int, ...],
@@ -364,85 +407,33 @@ def write_tiled(
     from segcli.io.tiff import resolution_tags
 
     path = Path(path)
-    planes = len(shape) == 3
-    K = int(shape[0]) if planes else 1
+    planes = int(shape[0]) if len(shape) == 3 else 0
+    K = max(1, planes)
     H, W = int(shape[-2]), int(shape[-1])
     dtype = np.dtype(dtype)
-    n_levels = 1
-    if pyramid:
-        while max(H, W) / 2**n_levels >= tile and n_levels < 12:
-            n_levels += 1
+    dims = _pyramid_dims(H, W, tile, pyramid)
     kw: dict[str, Any] = {"compression": "zlib", "photometric": "minisblack", "tile": (tile, tile)}
     use_ome = bool(ome and "PhysicalSizeX" in ome)
-    kw_meta: dict[str, Any] = {
-        "metadata": {"axes": "CYX" if planes else "YX", **(ome or {})} if use_ome else None
-    }
+    meta = {"axes": "CYX" if planes else "YX", **(ome or {})} if use_ome else None
     spill = spill_dir if spill_dir is not None else path.parent
+    empty = -np.inf if dtype.kind == "f" else 0
     stores: list[TileStore] = []
-
-    def level_tiles(lvl: int, h: int, w: int, src: ReadFn) -> Iterator[np.ndarray]:
-        # Each level-l tile is also halved (nearest) into the next level's spilled store.
-        nxt = stores[lvl] if lvl < len(stores) else None
-        for k in range(K):
-            for y in range(0, h, tile):
-                for x in range(0, w, tile):
-                    box = (y, x, min(y + tile, h), min(x + tile, w))
-                    t = src(box)
-                    t2 = t[k] if planes else t
-                    if lvl == 0 and on_tile is not None and k == 0:
-                        on_tile(t, box)
-                    if nxt is not None:
-                        half = t2[::2, ::2]
-                        nxt.maximum(
-                            (
-                                k * ((h + 1) // 2) + y // 2,
-                                x // 2,
-                                k * ((h + 1) // 2) + y // 2 + half.shape[0],
-                                x // 2 + half.shape[1],
-                            ),
-                            half[None],
-                        )
-                    yield np.ascontiguousarray(t2, dtype=dtype)
-
     try:
-        dims = [(H, W)]
-        for _ in range(1, n_levels):
-            ph, pw = dims[-1]
-            dims.append(((ph + 1) // 2, (pw + 1) // 2))
         for h, w in dims[1:]:
-            empty = -np.inf if dtype.kind == "f" else 0
-            stores.append(
-                TileStore((K * h, w), 1, dtype, empty, tile=tile, spill_dir=spill, cache_bytes=16 * 2**20)
-            )
+            stores.append(TileStore((K * h, w), 1, dtype, empty, tile=tile, spill_dir=spill, cache_bytes=16 * 2**20))
         with atomic_path(path) as tmp, tifffile.TiffWriter(tmp, bigtiff=True, ome=use_ome) as tw:
-            full_shape = (K, H, W) if planes else (H, W)
-            tw.write(
-                level_tiles(0, H, W, read),
-                shape=full_shape,
-                dtype=dtype,
-                subifds=n_levels - 1,
-                **kw,
-                **kw_meta,
-                **resolution_tags(resolution, spacing),
-            )
-            for lvl in range(1, n_levels):
-                h, w = dims[lvl]
-                store = stores[lvl - 1]
-
-                def src(box: tuple[int, int, int, int], store: TileStore = store, h: int = h) -> np.ndarray:
-                    y0, x0, y1, x1 = box
-                    if not planes:
-                        return store.read(box)[0]
-                    return np.stack([store.read((k * h + y0, x0, k * h + y1, x1))[0] for k in range(K)])
-
-                tw.write(
-                    level_tiles(lvl, h, w, src),
-                    shape=(K, h, w) if planes else (h, w),
-                    dtype=dtype,
-                    subfiletype=1,
-                    **kw,
-                    **resolution_tags(resolution, spacing, 2.0**lvl),
-                )
+            for lvl, (h, w) in enumerate(dims):
+                src = read if lvl == 0 else _store_reader(stores[lvl - 1], h, planes)
+                tiles = _level_tiles(h, w, src, planes=planes, tile=tile, dtype=dtype,
+                                     nxt=stores[lvl] if lvl < len(stores) else None,
+                                     on_tile=on_tile if lvl == 0 else None)
+                shape_l = (K, h, w) if planes else (h, w)
+                if lvl == 0:
+                    tw.write(tiles, shape=shape_l, dtype=dtype, subifds=len(dims) - 1, metadata=meta, **kw,
+                             **resolution_tags(resolution, spacing))
+                else:
+                    tw.write(tiles, shape=shape_l, dtype=dtype, subfiletype=1, **kw,
+                             **resolution_tags(resolution, spacing, 2.0**lvl))
     finally:
         for s in stores:
             s.close()

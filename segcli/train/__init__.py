@@ -503,12 +503,14 @@ def _write_bundle(out_dir: Path, cfg: TrainConfig, ds: Any, models: dict[str, An
 def full_res_validation(bundle_dir: Path, ds: Any, cfg: TrainConfig, device: str) -> dict[str, Any]:
     """Score the finished bundle on the val cases exactly as ``segcli predict`` would run it."""
     from segcli import metrics
-    from segcli.api import Segmenter
     from segcli.errors import EmptyImageError
+    from segcli.inferer import Inferer
+    from segcli.options import PredictOptions
     from segcli.train.data import read_case
 
     t0 = time.perf_counter()
-    seg = Segmenter(bundle_dir, backend="torch", device=device, channels=cfg.channels, threads=cfg.threads)
+    seg = Inferer(PredictOptions.from_kwargs(bundle_dir, backend="torch", device=device, channels=cfg.channels,
+                                             threads=cfg.threads))
     by_stem = {c.stem: c for c in ds.spec.cases}
     K = len(ds.classes)
     rows = []

@@ -40,14 +40,15 @@ def distill_dataset(images: Path, fine: Any, work: Path, log: Any) -> Path:
     from PIL import Image
 
     from segcli import io
-    from segcli.api import Segmenter
+    from segcli.inferer import Inferer
+    from segcli.options import PredictOptions
 
     files = sorted(p for p in images.iterdir() if p.suffix.lower() in IMAGE_EXTS and not p.name.startswith("."))
     if not files:
         raise UsageError(f"--pair: no images ({', '.join(IMAGE_EXTS)}) in {images}")
     (work / "images").mkdir(parents=True, exist_ok=True)
     (work / "masks").mkdir(parents=True, exist_ok=True)
-    seg = Segmenter(fine.path)
+    seg = Inferer(PredictOptions.from_kwargs(fine.path))
     for i, f in enumerate(files):
         img = io.open_image(f)
         labels = np.asarray(seg.segment_array(img.array, spacing=img.spacing, path=f)[0].labels, dtype=np.uint8)
