@@ -48,7 +48,7 @@ from segcli.drawing import (
 )
 
 #: ``compact`` previews (a batch's --preview): panel sides half those of a standalone preview.
-COMPACT_PAIR_SIDE, COMPACT_MAX_SIDE, COMPACT_MIN_SIDE = 320, 640, 192
+COMPACT_PAIR_SIDE, COMPACT_MAX_SIDE, COMPACT_MIN_SIDE = 320, 480, 192
 
 
 def _array_of(image: Any) -> np.ndarray:
@@ -111,7 +111,7 @@ def render_preview(image: Any, labels: np.ndarray, *, classes: Sequence[str] | N
         notes.append(f"class 0 ({classes[0]}) is not drawn")
     if labels.ndim == 2:
         h, w = labels.shape
-        if w < SIDE_BY_SIDE_WIDTH:
+        if w < SIDE_BY_SIDE_WIDTH and not compact:  # a batch's preview: the overlay alone, half the pixels
             rgb, lab = draw_plane(arr, labels, sp, pair_side, min_side, win)
             ov = rgb.copy()
             paint_labels(ov, lab)
