@@ -149,6 +149,7 @@ def predict(
     max_downscale: Annotated[float | None, typer.Option(help="Big images: the largest allowed factor between full resolution and the rough pass (default 16); beyond it the rough pass runs tiled [≥ 1].", rich_help_panel="Memory and big images")] = None,
     max_zoom: Annotated[float | None, typer.Option(help="Big images: a fine box wider than S × this is processed as tiles at this zoom (default 4) [≥ 1].", rich_help_panel="Memory and big images")] = None,
     tile_size: Annotated[int, typer.Option(help="Tile size of big TIFF masks [16–4096, a multiple of 16].", rich_help_panel="Memory and big images")] = 512,
+    series: Annotated[str | None, typer.Option(help="A DICOM folder holding several series: segment this one (its SeriesInstanceUID, as the warning and `segcli info` name them). Default: the largest, with a warning.", rich_help_panel="Input and output")] = None,
     volume: Annotated[int | None, typer.Option(help="4D DICOM (echoes, phases, diffusion directions, time points): segment volume N (1-based); refused without it. Default: none.", rich_help_panel="Input and output")] = None,
     output_type: Annotated[str, typer.Option("--output-type", help="auto (the format follows -o's extension, else the input's family) | dicom-seg (a DICOM Segmentation referencing the input series; DICOM series inputs only; implied by -o NAME.dcm).", rich_help_panel="Input and output")] = "auto",
     instances: Annotated[bool, typer.Option("--instances", help="Also write NAME_seg_instances.tif: uint32 object ids, touching objects split by a seeded watershed on the distance map (2D images held in memory; score with `segcli evaluate --instances`).", rich_help_panel="Input and output", metavar=" ")] = False,
@@ -182,7 +183,7 @@ def predict(
             window=window, half=half, size=size, max_memory=max_memory, pyramid=pyramid, mpp=mpp, max_downscale=max_downscale,
             max_zoom=max_zoom, tile_size=tile_size, probabilities=probabilities, skip_existing=skip_existing,
             output_type="dicom-seg" if output is not None and output.name.lower().endswith(".dcm") else output_type,
-            stats=stats is not None, lock=lock, preview=preview, allow_unhashed=allow_unhashed, volume=volume,
+            stats=stats is not None, lock=lock, preview=preview, allow_unhashed=allow_unhashed, volume=volume, series=series,
             geojson=geojson or (output is not None and output.name.lower().endswith(".geojson")), instances=instances,
             params={
                 "pad": pad, "threshold": threshold, "keep_coarse": keep_coarse, "keep_aspect": False if square_resize else None,
@@ -277,6 +278,7 @@ def models_cmd(
 def info(
     paths: Annotated[list[Path], typer.Argument(help="Images, volumes or DICOM folders.")],
     json_out: Annotated[bool, typer.Option("--json", help="Print JSON on stdout instead of the table.", metavar=" ")] = False,
+    series: Annotated[str | None, typer.Option(help="A DICOM folder holding several series: describe this one. Default: the largest.")] = None,
 ) -> None:
     """Size, spacing, dtype and intensity range of images."""
     from segcli import io
@@ -285,7 +287,7 @@ def info(
     results, failed = [], 0
     for p in paths:
         try:
-            d = io.describe(p)
+            d = io.describe(p, series)
             results.append(d)
             if not json_out:
                 print(f"{p}")

@@ -115,7 +115,7 @@ def register(app: typer.Typer) -> None:
         criterion: Annotated[str, typer.Option(help="refine: pixel | mean uncertainty ranking.")] = DEFAULT_PARAMS["criterion"],
         patience: Annotated[int | None, typer.Option(help="Early stopping: epochs without a better val Dice. Default: off.")] = None,
         time_limit: Annotated[str | None, typer.Option(help="Training time budget: seconds or 90s / 10m / 1h30m; split 50/50 between two stages. Default: no limit.")] = None,
-        resume: Annotated[Path | None, typer.Option(help="Continue the run in this folder from its checkpoint.pt. Default: a new run.")] = None,
+        resume: Annotated[Path | None, typer.Option(help="Continue the run whose bundle is this folder, from the resume state kept beside it (FOLDER.resume/). Default: a new run.")] = None,
         pair: Annotated[str | None, typer.Option("--pair", help="Train only the rough network for this one-network bundle (an imported model), at its window and normalisation (--method and --size come from it); without masks in --data its own predictions are the labels (distillation). Default: none.")] = None,
         init: Annotated[str | None, typer.Option("--init", help="Fine-tune this bundle (folder or shipped name): its method, networks, size and normalisation are kept, its weights are the start. Default: none (random weights).")] = None,
         device: Annotated[str | None, typer.Option(help="auto | cpu | cuda | cuda:N [default: auto]")] = None,
@@ -242,6 +242,11 @@ def register(app: typer.Typer) -> None:
 
 
 def _report(result: Any, quiet: bool) -> None:
+    from segcli.train.loop import undertrained_note
+
+    note = undertrained_note(result.stages, result.out)
+    if note:  # shown with -q too: an undertrained model is never written in silence
+        print(f"segcli: {note}", file=sys.stderr)
     if not quiet:
         t = result.training
         score = t.get("val_score")

@@ -7,7 +7,9 @@ a choice of aggregator, not engine code:
 * :class:`FuseStore`: per-class maximum (OR for binary tasks, the segment-then-segment paper's rule),
   stored only where windows reached, 1 byte per pixel for binary tasks, optionally spilled to disk;
   :class:`LazyLabels` reads it back window by window for masks too large to hold.
-* :class:`WeightedMean`: Gaussian-weighted mean of overlapping tiles (the sliding-window rule).
+* :class:`WeightedMean`: Gaussian-weighted mean of overlapping tiles (the sliding-window rule), dense;
+  :class:`BlendStore` is the same rule kept as tiles where windows reached (spillable, read lazily), which
+  a bounded sliding run over a slide's tissue uses.
 * stts's other fusion rules (:data:`FUSION_RULES`, chosen with :func:`make_fusion`, in memory):
   :class:`MeanFuse` (mean over the crops that reach a pixel), :class:`CentreFuse` (Gaussian weight
   towards each crop's centre) and :class:`OwnBoxFuse` (max, each crop writing only inside its own
@@ -188,6 +190,18 @@ class TileStore:
                 np.maximum(dst, values[:, a0 - y0 : a1 - y0, b0 - x0 : b1 - x0], out=dst)
                 self._dirty.add(key)
 
+    def add(self, box: np.ndarray | tuple[int, ...], values: np.ndarray) -> None:
+        """``store[:, box] += values`` for ``values`` of shape ``(kc, h, w)``."""
+        y0, x0, y1, x1 = (int(v) for v in box)
+        T = self.tile
+        with self._lock:
+            for key, (a0, b0, a1, b1) in self._tiles((y0, x0, y1, x1)):
+                arr = self._get(key, create=True)
+                assert arr is not None
+                arr[:, a0 - key[0] * T : a1 - key[0] * T, b0 - key[1] * T : b1 - key[1] * T] += \
+                    values[:, a0 - y0 : a1 - y0, b0 - x0 : b1 - x0]
+                self._dirty.add(key)
+
     def read(self, box: np.ndarray | tuple[int, ...]) -> np.ndarray:
         """Stored values ``(kc, h, w)`` for a box (``empty`` where nothing was written)."""
         y0, x0, y1, x1 = (int(v) for v in box)
@@ -298,7 +312,8 @@ class LazyLabels:
     ndim = 2
     dtype = np.dtype(np.uint8)
 
-    def __init__(self, store: FuseStore, fill: CoarseFill | None, probs_fill: CoarseFill | None = None) -> None:
+    def __init__(self, store: FuseStore | BlendStore, fill: CoarseFill | None,
+                 probs_fill: CoarseFill | None = None) -> None:
         self.store = store
         self.fill = fill
         self.probs_fill = probs_fill
@@ -320,9 +335,79 @@ class LazyLabels:
         return out if dtype is None else out.astype(dtype)
 
 
+class BlendStore(TileStore):
+    """The sliding window's Gaussian blending (:class:`WeightedMean`'s rule: σ = side / 8, floored at 1e-3),
+    kept as tiles only where windows reached and spillable like :class:`FuseStore`, so a bounded run over a
+    slide's tissue fuses exactly as the in-memory sliding window does over a small image.
+
+    Channels: the weighted sum of each class's probability (only the foreground's for binary tasks), then the
+    summed weight. float32, 8 bytes per touched pixel for a binary task.
+    """
+
+    def __init__(self, shape: tuple[int, int], n_classes: int, threshold: float, *, tile: int = 512,
+                 spill_dir: str | os.PathLike | None = None, cache_bytes: int = 64 * 2**20) -> None:
+        self.n_classes = n_classes
+        self.binary = n_classes == 2
+        self.threshold = threshold
+        self._weights: dict[tuple[int, int], np.ndarray] = {}
+        super().__init__(shape, (1 if self.binary else n_classes) + 1, np.float32, 0.0, tile=tile,
+                         spill_dir=spill_dir, cache_bytes=cache_bytes)
+
+    def _window_weight(self, h: int, w: int) -> np.ndarray:
+        if (h, w) not in self._weights:
+            from segcli.geometry import gaussian_weight
+
+            self._weights[(h, w)] = gaussian_weight((h, w))
+        return self._weights[(h, w)]
+
+    def aggregate(self, box: np.ndarray | tuple[int, ...], probs: np.ndarray,
+                  crop: np.ndarray | tuple[int, ...] | None = None, own: object = None) -> None:
+        """Add ``probs`` ``(K, h, w)`` for ``box``, weighted by the Gaussian of its window ``crop`` (default ``box``)."""
+        b = tuple(int(v) for v in box)
+        c = b if crop is None else tuple(int(v) for v in crop)
+        g = self._window_weight(c[2] - c[0], c[3] - c[1])[b[0] - c[0] : b[2] - c[0], b[1] - c[1] : b[3] - c[1]]
+        p = np.asarray(probs, np.float32)[1:2] if self.binary else np.asarray(probs, np.float32)
+        self.add(b, np.concatenate([p[:, : g.shape[0], : g.shape[1]] * g, g[None]]))
+
+    def covered(self, stored: np.ndarray) -> np.ndarray:
+        return stored[-1] > 0
+
+    def probs(self, box: np.ndarray | tuple[int, ...], fill: CoarseFill | None = None) -> np.ndarray:
+        """float32 ``(K, h, w)``: blended probabilities; rough ones (``fill``) or background elsewhere."""
+        v = self.read(box)
+        cov = self.covered(v)
+        mean = np.divide(v[:-1], v[-1:], out=np.zeros_like(v[:-1]), where=cov[None])
+        p = np.concatenate([1.0 - mean, mean]) if self.binary else mean
+        if not cov.all():
+            if fill is not None:
+                other = fill.probs(box)
+            else:
+                other = np.zeros_like(p)
+                other[0] = 1.0
+            p = np.where(cov[None], p, other)
+        return p.astype(np.float32)
+
+    def labels(self, box: np.ndarray | tuple[int, ...], fill: CoarseFill | None = None) -> np.ndarray:
+        """uint8 labels of a box: the blended windows where they reached, else the rough labels or background."""
+        v = self.read(box)
+        cov = self.covered(v)
+        mean = np.divide(v[:-1], v[-1:], out=np.zeros_like(v[:-1]), where=cov[None])
+        lab = (mean[0] > self.threshold).astype(np.uint8) if self.binary else mean.argmax(axis=0).astype(np.uint8)
+        if fill is not None and not cov.all():
+            lab = np.where(cov, lab, fill.labels(box)).astype(np.uint8)
+        elif not cov.all():
+            lab[~cov] = 0
+        return lab
+
+    def finalize(self, return_probs: bool, fill: CoarseFill | None = None) -> tuple[np.ndarray, np.ndarray | None]:
+        """Full-size labels (and probabilities) with ``fill`` where no window reached; closes the store."""
+        return FuseStore.finalize(self, return_probs, fill)  # type: ignore[arg-type]
+
+
 # -- alternative fusion rules for stts (issue 22 ablations; in memory, dense) ---------------------------------
 
-FUSION_RULES = ("max", "mean", "centre", "own-box")
+#: ``gaussian`` is the sliding window's blending (:class:`BlendStore`), the rule of a bounded sliding run.
+FUSION_RULES = ("max", "mean", "centre", "own-box", "gaussian")
 
 
 def centre_weight(h: int, w: int, sigma_scale: float = 0.125) -> np.ndarray:
@@ -409,7 +494,8 @@ class OwnBoxFuse(FuseStore):
 
 
 def make_fusion(rule: str, shape: tuple[int, int], n_classes: int, threshold: float, *, exact: bool = False,
-                spill_dir: str | os.PathLike | None = None, cache_bytes: int = 64 * 2**20) -> FuseStore | MeanFuse:
+                spill_dir: str | os.PathLike | None = None,
+                cache_bytes: int = 64 * 2**20) -> FuseStore | MeanFuse | BlendStore:
     """The aggregator of one stts fusion rule (:data:`FUSION_RULES`); ``max`` is :class:`FuseStore`.
 
     ``cache_bytes``: the tile cache of a spilled store (its share of the memory plan, segcli.memplan)."""
@@ -417,6 +503,8 @@ def make_fusion(rule: str, shape: tuple[int, int], n_classes: int, threshold: fl
         return FuseStore(shape, n_classes, threshold, exact=exact, spill_dir=spill_dir, cache_bytes=cache_bytes)
     if rule == "own-box":
         return OwnBoxFuse(shape, n_classes, threshold, exact=exact, spill_dir=spill_dir, cache_bytes=cache_bytes)
+    if rule == "gaussian":
+        return BlendStore(shape, n_classes, threshold, spill_dir=spill_dir, cache_bytes=cache_bytes)
     if rule == "mean":
         return MeanFuse(shape, n_classes, threshold)
     if rule == "centre":

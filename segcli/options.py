@@ -59,6 +59,7 @@ class PredictOptions:
     stream_volumes: bool = True  # NIfTI, raw MetaImage and DICOM series decoded slab by slab
     allow_unhashed: bool = False  # load weights without a recorded sha256 (refused otherwise)
     volume: int | None = None  # 1-based volume of a 4D DICOM series (echo, phase, direction, time point)
+    series: str | None = None  # which series of a DICOM folder holding several (default: the largest, with a warning)
     # Outputs and batch behaviour
     output_type: str = "auto"
     probabilities: bool = False

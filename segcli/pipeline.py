@@ -415,7 +415,7 @@ def open_route(ctx: RunContext, path: Path, out: Path, content: str | None) -> R
     if ctx.options.stream_volumes and content not in ("tiff", "png", "jpeg", "bmp"):
         from segcli.io.volstream import open_streamed
 
-        vol = open_streamed(path, content=content)
+        vol = open_streamed(path, content=content, series_id=ctx.options.series)
         if vol is not None:
             if ctx.options.volume not in (None, 1):
                 raise InputError(f"--volume {ctx.options.volume}: this input holds one volume", path)
@@ -427,12 +427,13 @@ def open_route(ctx: RunContext, path: Path, out: Path, content: str | None) -> R
     if content == "dicom" and ctx.options.max_memory is not None and path.is_dir():
         from segcli.io.dicomseries import decoded_size
 
-        if (size := decoded_size(path, ctx.options.volume)) is not None:  # read whole: refuse before decoding
+        if (size := decoded_size(path, ctx.options.volume, ctx.options.series)) is not None:  # read whole: refuse before decoding
             shape, channels, itemsize = size
             flat = shape[0] == 1
             memory.check_in_memory(ctx, kind if flat else "volume", shape[1:] if flat else shape, channels,
                                    itemsize, path)
-    img = io.open_image(path, content=content, volume=ctx.options.volume)
+    img = io.open_image(path, ctx.options.series if path.is_dir() else None, content=content,
+                        volume=ctx.options.volume)
     return InMemoryRoute(img, facts.chosen_kind(ctx.options, img, kind))
 
 

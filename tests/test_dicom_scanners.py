@@ -4,6 +4,8 @@ fixture wrote with pydicom, and nibabel's Siemens mosaic reader)."""
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 
@@ -328,3 +330,33 @@ def test_budget_refuses_a_whole_read_before_decoding(tmp_path, monkeypatch):
     seg = Segmenter("covid-ct", max_memory="300MB", volume=1)
     with pytest.raises(SegcliError, match=r"this 60x300x300 volume needs about .* more than the 300\.0 MB budget"):
         open_route(seg.context(), tmp_path / "me", tmp_path / "out.nii.gz", "dicom")
+
+
+# ------------------------------------------------------------------------------------------ several series
+def test_cli_series_picks_one_of_several(tmp_path):
+    """A folder with two series: the largest by default with a warning that names the other and --series;
+    --series picks the other (mask on its grid, checked with nibabel); an unknown id is one line, exit 1."""
+    import nibabel as nib
+    import pydicom
+
+    big = write_classic(tmp_path / "a", coded(1, 5, 8, 8), spacing=(1.0, 1.0, 2.0))
+    small = write_classic(tmp_path / "b", coded(1, 3, 6, 6), origin=(10, 20, 30), spacing=(0.5, 0.5, 3.0))
+    (tmp_path / "study").mkdir()
+    big, small = ([f.rename(tmp_path / "study" / f"{tag}{f.name}") for f in files] for tag, files in (("a", big), ("b", small)))
+    uid_big, uid_small = (str(pydicom.dcmread(f[0]).SeriesInstanceUID) for f in (big, small))
+    default = run_cli("info", tmp_path / "study", "--json")
+    assert default.returncode == 0 and json.loads(default.stdout)[0]["spatial_shape"] in ([8, 8, 5], [5, 8, 8])
+    assert f"2 DICOM series found; using {uid_big} (5 files); choose another with --series ID: {uid_small} (3 files)" \
+        in default.stdout
+    out = tmp_path / "mask.nii.gz"
+    done = run_cli("predict", tmp_path / "study", "--series", uid_small, "--model", "covid-ct", "--no-lung-gate",
+                   "-o", out, "-q")
+    assert done.returncode == 0, done.stderr
+    nii = nib.load(out)
+    assert nii.shape == (6, 6, 3)
+    assert np.allclose(nii.header.get_zooms(), (0.5, 0.5, 3.0))
+    # DICOM's (10, 20, 30) in LPS is (-10, -20, 30) in NIfTI's RAS
+    np.testing.assert_allclose(nii.affine[:3, 3], (-10, -20, 30), atol=1e-4)
+    bad = run_cli("predict", tmp_path / "study", "--series", "1.2.3", "--model", "covid-ct", "-o", tmp_path / "x/")
+    assert bad.returncode == 1
+    assert f"no DICOM series '1.2.3' here (found: {', '.join(sorted((uid_big, uid_small)))})" in bad.stderr

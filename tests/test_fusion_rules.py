@@ -13,11 +13,13 @@ from segcli.engines.base import ArrayPlane
 from segcli.engines.stts import boxes_and_own, stts
 from segcli.fusion import (
     FUSION_RULES,
+    BlendStore,
     CentreFuse,
     CoarseFill,
     FuseStore,
     MeanFuse,
     OwnBoxFuse,
+    WeightedMean,
     centre_weight,
     make_fusion,
 )
@@ -105,7 +107,7 @@ def test_uncovered_pixels_are_background_or_the_rough_map():
 
 
 def test_make_fusion_rejects_unknown_rules():
-    assert set(FUSION_RULES) == {"max", "mean", "centre", "own-box"}
+    assert set(FUSION_RULES) == {"max", "mean", "centre", "own-box", "gaussian"}
     with pytest.raises(ValueError, match="unknown fusion rule"):
         make_fusion("or", (2, 2), 2, 0.5)
 
@@ -174,3 +176,37 @@ def test_non_max_fusion_needs_the_in_memory_path():
         stts(ArrayPlane(img), *nets, size=64, fusion="mean", lazy=True)
     with pytest.raises(ValueError, match="unknown fusion"):
         stts(ArrayPlane(img), *nets, size=64, fusion="or")
+
+
+@pytest.mark.parametrize("classes", [2, 3])
+def test_blend_store_spilled_equals_the_dense_sliding_blend(tmp_path, classes):
+    """BlendStore (tiles, spilled to disk behind a 4-tile cache) gives the dense WeightedMean's probabilities and
+    labels wherever windows reached, and background elsewhere."""
+    from segcli.geometry import gaussian_weight, sliding_grid
+
+    rng = np.random.default_rng(3)
+    H, W, S = 300, 420, 64
+    windows = sliding_grid((H, W), S, 0.25)
+    probs = rng.dirichlet(np.ones(classes), size=(len(windows), S, S)).transpose(0, 3, 1, 2).astype(np.float32)
+    dense = WeightedMean((H, W), classes, 0.5, gaussian_weight((S, S)))
+    store = BlendStore((H, W), classes, 0.5, tile=64, spill_dir=tmp_path, cache_bytes=1)
+    skip = set(range(0, len(windows), 7))  # glass: windows the bounded route never runs
+    for i, box in enumerate(windows):
+        dense.aggregate(box, probs[i])
+        if i not in skip:
+            store.aggregate(box, probs[i])
+    reached = np.zeros((H, W), bool)
+    for i, (y0, x0, y1, x1) in enumerate(windows):
+        if i not in skip:
+            reached[y0:y1, x0:x1] = True
+    only = np.zeros((H, W), bool)  # pixels every covering window of which was run: equal to the dense blend
+    for i, (y0, x0, y1, x1) in enumerate(windows):
+        if i in skip:
+            only[y0:y1, x0:x1] = True
+    only = reached & ~only
+    assert only.sum() > 1000
+    ref_labels, ref_probs = dense.finalize(True)
+    labels, p = store.finalize(True)
+    np.testing.assert_allclose(p[:, only], ref_probs[:, only], atol=1e-6)
+    np.testing.assert_array_equal(labels[only], ref_labels[only])
+    assert not labels[~reached].any() and np.all(p[0, ~reached] == 1.0)

@@ -103,3 +103,33 @@ def test_sliding_on_a_slide_runs_bounded_over_tissue_only(tmp_path):
     assert 0 < kept < grid / 4  # the glass is skipped
     a, b = masks["lazy"] > 0, masks["mem"] > 0
     assert a.sum() > 0 and 2 * (a & b).sum() / (a.sum() + b.sum()) >= 0.99
+
+
+def ramp_probs(batch: np.ndarray) -> np.ndarray:
+    """Dark pixels, scaled by a ramp across the window: the answer depends on where a pixel sits in its window,
+    so max fusion and Gaussian blending give different masks."""
+    ramp = np.linspace(0.3, 1.0, batch.shape[-1], dtype=np.float32)
+    p = np.clip(1.0 - batch[:, :1], 0, 1) * ramp
+    return np.concatenate([1 - p, p], axis=1)
+
+
+def test_sliding_fuses_the_same_on_both_routes(tmp_path):
+    """One fusion rule for sliding (issue 30, 32): the bounded route over tissue blends windows with the same
+    Gaussian as the in-memory sliding window, so the two masks are identical, pixel for pixel."""
+    img = np.full((700, 900), 235, np.uint8)
+    img[100:400, 150:600] = 40  # one big dark region: many windows overlap on it
+    tifffile.imwrite(tmp_path / "slide.tif", img, tile=(128, 128), compression="zlib")
+    bundle = make_bundle(tmp_path / "b", size=64, normalization={"kind": "dtype"}, method="sliding")
+    masks = {}
+    for name, lazy in (("lazy", 0), ("mem", 10**9)):
+        seg = Segmenter(bundle, lazy_pixels=lazy, tile_size=128)
+        b = seg.bundle_for("2d")
+        seg._predictors[(b.path.resolve(), "coarse")] = FunctionPredictor(dark_probs)  # finds every dark window
+        seg._predictors[(b.path.resolve(), "fine")] = FunctionPredictor(ramp_probs)
+        rep = seg.predict_file(tmp_path / "slide.tif", tmp_path / name / "m.tif")
+        assert rep.status == "ok" and bool(rep.info.get("bounded_memory")) == (lazy == 0), rep.error
+        masks[name] = tifffile.imread(tmp_path / name / "m.tif")
+    dark = img < 128
+    # The ramp puts some dark pixels under the threshold after blending: the test can tell the rules apart.
+    assert 0 < (masks["mem"][dark] == 1).mean() < 1
+    np.testing.assert_array_equal(masks["lazy"], masks["mem"])

@@ -7,6 +7,7 @@ U-Net at S = 32, so the whole file stays well under a minute and a half on two C
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import signal
 import subprocess
@@ -22,7 +23,7 @@ from PIL import Image
 from segcli.bundle import load_bundle
 from segcli.errors import DatasetError, UsageError
 from segcli.geometry import component_boxes, crop_boxes
-from segcli.train import CHECKPOINT, METRICS, load_checkpoint, parse_duration, train
+from segcli.train import CHECKPOINT, METRICS, checkpoint_path, load_checkpoint, parse_duration, train
 from segcli.train.data import crop_candidates, discover, fine_box, load_dataset, make_split
 
 FIX = Path(__file__).parent / "fixtures"
@@ -91,7 +92,7 @@ def test_bad_dataset_stops_before_training(tmp_path: Path, breakage: str, match:
         Image.fromarray(m).save(data / "masks" / "c3.png")
     with pytest.raises(DatasetError, match=match):
         train(data, tmp_path / "out", method="direct", epochs=1, **TINY)
-    assert not (tmp_path / "out" / CHECKPOINT).exists()
+    assert not checkpoint_path(tmp_path / "out").exists() and not (tmp_path / "out" / CHECKPOINT).exists()
 
 
 def test_parse_duration() -> None:
@@ -211,6 +212,9 @@ def test_stts_two_epochs_makes_a_loadable_bundle(tmp_path: Path) -> None:
     assert (t["stages"]["coarse"]["steps"], t["stages"]["fine"]["steps"]) == (4, 12)
     recs = [json.loads(line) for line in (out / METRICS).read_text().splitlines()]
     assert [(r["stage"], r["epoch"]) for r in recs] == [("coarse", 1), ("coarse", 2), ("fine", 1)]
+    # The bundle holds what inference needs; the resume state (optimiser, best states) lives beside it.
+    assert CHECKPOINT not in {p.name for p in out.iterdir()}
+    assert checkpoint_path(out) == tmp_path / "run.resume" / CHECKPOINT and checkpoint_path(out).is_file()
 
 
 def test_refine_multiclass_nnunet(tmp_path: Path) -> None:
@@ -235,6 +239,11 @@ def test_existing_run_is_not_clobbered(tmp_path: Path) -> None:
     train(SHARED, out, method="direct", epochs=1, val_full_res=False, **TINY)
     with pytest.raises(UsageError, match="--resume"):
         train(SHARED, out, method="direct", epochs=1, **TINY)
+    # A run made before the resume state moved out of the bundle (checkpoint.pt inside) still resumes there.
+    checkpoint_path(out).rename(out / CHECKPOINT)
+    res = train(None, None, resume=out, val_full_res=False)  # a finished run: the bundle is written again
+    assert res.stages["coarse"]["epochs_run"] == 1 and (out / CHECKPOINT).is_file()
+    assert not checkpoint_path(out).exists()
 
 
 def _cli_train(out: Path, *extra: str) -> list[str]:
@@ -258,10 +267,10 @@ def test_resume_after_kill9_is_exact(tmp_path: Path) -> None:
     epochs = 12
     out = tmp_path / "killed"
     proc = subprocess.Popen(_cli_train(out, "--epochs", str(epochs)), stderr=subprocess.PIPE, text=True)
-    _wait_for(out / CHECKPOINT, proc)
+    _wait_for(checkpoint_path(out), proc)
     proc.send_signal(signal.SIGKILL)
     proc.wait(timeout=30)
-    ck = load_checkpoint(out / CHECKPOINT)
+    ck = load_checkpoint(checkpoint_path(out))
     done = int(ck["current"]["epoch"])
     assert 1 <= done < epochs, "the run finished before it could be killed"
     steps_per_epoch = 3  # 6 training images, batch 2
@@ -272,7 +281,7 @@ def test_resume_after_kill9_is_exact(tmp_path: Path) -> None:
     recs = [json.loads(line) for line in (out / METRICS).read_text().splitlines()]
     assert [x["epoch"] for x in recs] == list(range(1, epochs + 1))  # no epoch repeated, none lost
     # The optimiser state travelled: Adam's step counter covers the epochs before AND after the kill.
-    final = load_checkpoint(out / CHECKPOINT)
+    final = load_checkpoint(checkpoint_path(out))
     summary = final["finished"]["coarse"]["summary"]
     assert summary["steps"] == epochs * steps_per_epoch
     assert summary["optimizer_step"] == epochs * steps_per_epoch  # Adam's own counter, restored from the checkpoint
@@ -287,12 +296,12 @@ def test_resume_after_kill9_is_exact(tmp_path: Path) -> None:
 def test_sigint_saves_checkpoint_and_exits_130(tmp_path: Path) -> None:
     out = tmp_path / "int"
     proc = subprocess.Popen(_cli_train(out, "--epochs", "200"), stderr=subprocess.PIPE, text=True)
-    _wait_for(out / CHECKPOINT, proc)
+    _wait_for(checkpoint_path(out), proc)
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 130, err
     assert "--resume" in err
-    ck = load_checkpoint(out / CHECKPOINT)
+    ck = load_checkpoint(checkpoint_path(out))
     assert ck["current"]["stage"] == "coarse" and ck["current"]["epoch"] < 200
 
 
@@ -352,3 +361,33 @@ def test_nnunet_rgb_images_in_one_file(tmp_path: Path) -> None:
     assert [len(c.images) for c in spec.cases] == [1] * 4
     ds = load_dataset(root, val_fraction=0.25)
     assert ds.in_channels == 3 and ds.train[0].image.shape[0] == 3
+
+
+def test_time_limit_is_checked_after_every_step(tmp_path: Path) -> None:
+    """A limit no step can fit: each stage makes exactly one optimiser step (no full epoch past the limit),
+    and the CLI says the model is undertrained, even with -q."""
+    out = tmp_path / "tl"
+    cmd = [sys.executable, "-m", "segcli", "train", "--method", "stts", "--data", str(SHARED), "-o", str(out),
+           "--size", "32", "--features", "4", "--batch-size", "1", "--threads", "1", "--no-val-full-res", "-q",
+           "--epochs", "50", "--time-limit", "0.001"]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    stages = load_bundle(out).training["stages"]
+    assert {k: (v["steps"], v["stopped"]) for k, v in stages.items()} == {"coarse": (1, "time"), "fine": (1, "time")}
+    assert re.match(r"segcli: warning: the time limit stopped training \(coarse after 1 of \d+ steps of its first "
+                    r"epoch; fine after 1 of \d+ steps", r.stderr), r.stderr
+    assert f"segcli train --resume {out} --time-limit" in r.stderr
+
+
+def test_lr_schedule_follows_whichever_runs_out_first() -> None:
+    """Under a time limit the cosine schedule reads max(step share, time share): known values at both ends."""
+    from segcli.train.loop import lr_factor
+
+    spent = [0.0]
+    f = lr_factor("cosine", 100, lambda: spent[0])
+    assert f(0) == pytest.approx(1.0) and f(50) == pytest.approx(0.505)
+    spent[0] = 0.5  # half the time gone after 10 % of the planned steps: the LR is already halfway down
+    assert f(10) == pytest.approx(0.505)
+    spent[0] = 1.7  # past the budget (the stage's last step): fully annealed, never below the floor
+    assert f(10) == pytest.approx(0.01)
+    assert lr_factor("cosine", 100)(10) == pytest.approx(0.01 + 0.99 * 0.5 * (1 + np.cos(np.pi * 0.1)))

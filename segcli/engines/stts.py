@@ -38,7 +38,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 
 from segcli.engines.base import ArrayPlane, Plane, ProgressFn, Result, Timer, batched, rough_input
-from segcli.fusion import FUSION_RULES, CoarseFill, FuseStore, LazyLabels, foreground, make_fusion
+from segcli.fusion import FUSION_RULES, BlendStore, CoarseFill, FuseStore, LazyLabels, foreground, make_fusion
 from segcli.geometry import (
     component_boxes,
     crop_boxes,
@@ -253,7 +253,7 @@ def _check_fusion(fusion: str, lazy: bool) -> None:
     """A known fusion rule, and one the chosen path can hold (only ``max`` streams to a spilled store)."""
     if fusion not in FUSION_RULES:
         raise ValueError(f"unknown fusion rule {fusion!r}; expected one of {', '.join(FUSION_RULES)}")
-    if lazy and fusion != "max":
+    if lazy and fusion not in ("max", "gaussian"):
         raise ValueError(f"fusion {fusion!r} needs the in-memory path (lazy=False)")
 
 
@@ -335,7 +335,7 @@ def fine_pass(
                                "boxes_tiled": int(n_tiled), "fused_tiles": int(store.touched_tiles),
                                "fine_inputs_filled": int(filled)}
     if lazy:
-        assert isinstance(store, FuseStore)
+        assert isinstance(store, FuseStore | BlendStore)
         lazy_labels = LazyLabels(store, fill if keep_coarse else None, fill if keep_coarse else None)
         return Result(lazy_labels, None, timer.t, info)  # type: ignore[arg-type]
     with timer.stage("fuse"):

@@ -87,9 +87,11 @@ def choose_series(folder: Path, series: dict[str, list[str]], series_id: str | N
             "as dcm2niix writes one volume per plane"
         )
     if len(series) > max(len(planes), 1):
+        others = [f"{sid} ({len(series[sid])} file{'s' if len(series[sid]) > 1 else ''})"
+                  for sid in sorted(series, key=lambda s: -len(series[s])) if sid != chosen]
         warnings.append(
-            f"{len(series)} DICOM series found; using {chosen} ({len(series[chosen])} files), "
-            "pass a series id to choose another"
+            f"{len(series)} DICOM series found; using {chosen} ({len(series[chosen])} files); choose another "
+            f"with --series ID: {', '.join(others[:5])}{', ...' if len(others) > 5 else ''}"
         )
     return chosen, warnings
 
@@ -529,13 +531,13 @@ def seg_refusal(folder: Path) -> str | None:
     return None
 
 
-def decoded_size(path: Path, volume: int | None) -> tuple[tuple[int, ...], int, int] | None:
+def decoded_size(path: Path, volume: int | None, series_id: str | None = None) -> tuple[tuple[int, ...], int, int] | None:
     """``(shape, channels, bytes per value)`` of what reading ``path`` (a series folder) whole decodes, from the
     headers alone, so a memory budget is checked before any pixel is: one volume of a 4D series, the tiles of a
     mosaic, the frames of an enhanced file at their distinct positions. None when the folder is unusable (the
     reader then names the problem)."""
     try:
-        plan, _chosen, _w, _n = plan_folder(path)
+        plan, _chosen, _w, _n = plan_folder(path, series_id)
     except InputError:
         return None
     hs = plan.headers

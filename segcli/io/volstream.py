@@ -288,7 +288,7 @@ class StreamedVolume:
         return arr
 
 
-def open_streamed(path: Path, content: str | None = None) -> StreamedVolume | None:
+def open_streamed(path: Path, content: str | None = None, series_id: str | None = None) -> StreamedVolume | None:
     """A :class:`StreamedVolume` for a 3D NIfTI, raw MetaImage or DICOM series, else None (read it whole).
 
     ``content``: the kind :func:`segcli.io.sniff` already found for a file.
@@ -296,7 +296,7 @@ def open_streamed(path: Path, content: str | None = None) -> StreamedVolume | No
     from segcli import io
 
     if path.is_dir():
-        return _open_dicom(path)
+        return _open_dicom(path, series_id)
     if not path.is_file():
         return None
     if content is None:
@@ -319,7 +319,7 @@ def open_streamed(path: Path, content: str | None = None) -> StreamedVolume | No
     return vol
 
 
-def _open_dicom(folder: Path) -> StreamedVolume | None:
+def _open_dicom(folder: Path, series_id: str | None = None) -> StreamedVolume | None:
     """A DICOM series streamed file run by file run, when the engine slices along its slice axis.
 
     The whole series is checked first (:func:`segcli.io.dicomseries.check_series`: an irregular
@@ -331,7 +331,7 @@ def _open_dicom(folder: Path) -> StreamedVolume | None:
 
     if not dicomseries.may_hold_dicom(folder):
         return None
-    plan, chosen, warnings, n_series = dicomseries.plan_folder(folder)
+    plan, chosen, warnings, n_series = dicomseries.plan_folder(folder, series_id)
     if plan.geometry is None or plan.convert is not None or plan.scale is not None or plan.unknown_space:
         return None  # one file, a series dcm2niix places, or Philips float scaling: the whole reader
     info = dicomseries.header_reader(plan, folder)

@@ -61,10 +61,25 @@ from segcli.train.stages import (
     stts_fine_stage,
 )
 
-__all__ = ["TrainConfig", "TrainResult", "TrainingInterrupted", "parse_duration", "train", "CHECKPOINT", "METRICS"]
+__all__ = ["TrainConfig", "TrainResult", "TrainingInterrupted", "parse_duration", "train", "CHECKPOINT", "METRICS",
+           "checkpoint_path"]
 
 CHECKPOINT = "checkpoint.pt"
 METRICS = "metrics.jsonl"
+RESUME_SUFFIX = ".resume"
+
+
+def checkpoint_path(out_dir: Path | str) -> Path:
+    """Where a run's resume state lives: BESIDE the bundle (``models/mine.resume/checkpoint.pt``), so the
+    bundle folder holds only what inference needs and can be copied or shipped as it is."""
+    out = Path(out_dir)
+    return out.parent / f"{out.name or out.resolve().name}{RESUME_SUFFIX}" / CHECKPOINT
+
+
+def _find_checkpoint(run_dir: Path) -> Path:
+    """The resume state of the run in ``run_dir``; runs made before 0.9 kept it inside the bundle folder."""
+    beside = checkpoint_path(run_dir)
+    return beside if beside.exists() or not (run_dir / CHECKPOINT).exists() else run_dir / CHECKPOINT
 
 
 def _build_net(arch: str, conf: dict[str, Any], in_ch: int, out_ch: int, seed: int) -> Any:
@@ -85,6 +100,7 @@ def save_checkpoint(path: Path, doc: dict[str, Any]) -> None:
     """Atomic ``torch.save``: a kill at any moment leaves the previous checkpoint intact."""
     import torch
 
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.partial-{os.getpid()}")
     torch.save(doc, tmp)
     os.replace(tmp, path)
@@ -95,7 +111,7 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
     import torch
 
     if not path.is_file():
-        raise UsageError(f"no {CHECKPOINT} to resume from", path.parent)
+        raise UsageError(f"no training run to resume here (its state would be {path})", path.parent)
     try:
         doc = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
@@ -147,7 +163,7 @@ def train(
     ckpt: dict[str, Any] | None = None
     if resume is not None:
         rdir = Path(resume)
-        ckpt = load_checkpoint(rdir / CHECKPOINT)
+        ckpt = load_checkpoint(_find_checkpoint(rdir))
         saved = dict(ckpt["config"])
         cfg = TrainConfig(**{k: v for k, v in saved.items() if k in names})
         ignored = []
@@ -178,7 +194,7 @@ def train(
     if ignored:
         log(f"resume: keeping the checkpoint's {', '.join(sorted(ignored))} (only {', '.join(sorted(RESUME_OVERRIDES))} may change)")
     out_dir = Path(cfg.out)
-    if ckpt is None and (out_dir / CHECKPOINT).exists():
+    if ckpt is None and (checkpoint_path(out_dir).exists() or (out_dir / CHECKPOINT).exists()):
         raise UsageError(f"{out_dir} already holds a training run; continue it with --resume {out_dir} or pick a new folder")
     return _run(cfg, ckpt, reporter)
 
@@ -215,8 +231,8 @@ class _Job:
 
     @property
     def ckpt_path(self) -> Path:
-        """Where the checkpoint is written after every epoch."""
-        return self.out_dir / CHECKPOINT
+        """Where the checkpoint is written after every epoch: beside the bundle, or where an older run kept it."""
+        return _find_checkpoint(self.out_dir)
 
     @property
     def metrics_path(self) -> Path:
@@ -367,9 +383,13 @@ def _run(cfg: TrainConfig, ckpt: dict[str, Any] | None, reporter: Reporter) -> T
     stages = {r: dict(finished[r]["summary"]) for r in stage_names}
     training = _training_section(cfg, ds, stages, loss_name, device, time.perf_counter() - t_start)
     _write_bundle(out_dir, cfg, ds, models, arch_of, conf_of, training)
-    if cfg.val_full_res and ds.val:
+    spent = sum(float(st.get("time_s") or 0.0) for st in stages.values())
+    if cfg.val_full_res and ds.val and cfg.time_limit is not None and spent >= cfg.time_limit:
+        log(f"full-resolution validation skipped: the time limit ({cfg.time_limit:g} s) is spent")
+    elif cfg.val_full_res and ds.val:
         _add_full_res_validation(job, models, training, log)
-    log(f"bundle written to {out_dir}")
+    log(f"bundle written to {out_dir}; the resume state is beside it in {job.ckpt_path.parent} "
+        "(delete that folder once no more training of this run is planned)")
     return TrainResult(out_dir, training, stages)
 
 

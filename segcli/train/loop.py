@@ -168,17 +168,21 @@ def make_optimizer(name: str, params: Any, lr: float, weight_decay: float) -> to
     raise SegcliError(f"unknown optimizer {name!r}; use adam, adamw or sgd")
 
 
-def lr_factor(schedule: str, total_steps: int | list[int]) -> Callable[[int], float]:
+def lr_factor(schedule: str, total_steps: int | list[int],
+              time_frac: Callable[[], float] | None = None) -> Callable[[int], float]:
     """Per-step LR multiplier: cosine to 1 % of the base, poly (nnU-Net, power 0.9), or constant.
 
     ``total_steps`` may be a one-element list, read at every step, so that a time-limited run can
-    shorten its schedule once it knows how many epochs fit (the LR then still anneals to the end).
+    shorten its schedule once it knows how many epochs fit. ``time_frac`` (the share of the time budget
+    spent) makes the schedule follow whichever runs out first, steps or time: an estimate from the first
+    epochs that turns out optimistic (a machine that gets busier) still ends the run annealed.
     """
     holder = total_steps if isinstance(total_steps, list) else [total_steps]
 
     def frac(step: int) -> float:
         total = max(1, holder[0])
-        return min(step, total) / total
+        by_time = min(max(time_frac(), 0.0), 1.0) if time_frac is not None else 0.0
+        return max(min(step, total) / total, by_time)
 
     def cosine(step: int) -> float:
         return 0.01 + 0.99 * 0.5 * (1.0 + math.cos(math.pi * frac(step)))
@@ -295,6 +299,18 @@ class Reporter:
             self._progress = None
 
 
+def undertrained_note(stages: dict[str, dict[str, Any]], out: Any) -> str | None:
+    """One line when the time limit stopped a stage before it finished its first epoch: such a model is
+    written (the user asked for the limit) but never in silence."""
+    short = [f"{name} after {s.get('steps', 0)} of {s['steps_per_epoch']} steps of its first epoch"
+             for name, s in stages.items()
+             if s.get("stopped") == "time" and int(s.get("steps") or 0) < int(s.get("steps_per_epoch") or 0)]
+    if not short:
+        return None
+    return (f"warning: the time limit stopped training ({'; '.join(short)}); the model is undertrained. "
+            f"Continue it with: segcli train --resume {out} --time-limit 30m")
+
+
 def _fmt_eta(s: float) -> str:
     s = max(0, int(round(s)))
     return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
@@ -313,7 +329,10 @@ class _StageRun:
             self.model = self.model.to(memory_format=torch.channels_last)
         self.optim = make_optimizer(opts.optimizer, self.model.parameters(), opts.lr, opts.weight_decay)
         self.total_steps = [stage.epochs * stage.steps_per_epoch]  # shortened when a time budget allows fewer epochs
-        self.sched = torch.optim.lr_scheduler.LambdaLR(self.optim, lr_factor(opts.schedule, self.total_steps))
+        self._epoch_t0: float | None = None  # start of the running epoch (its time is not yet in self.elapsed)
+        self.elapsed = 0.0  # read by the schedule's first call, in LambdaLR's constructor
+        self.sched = torch.optim.lr_scheduler.LambdaLR(
+            self.optim, lr_factor(opts.schedule, self.total_steps, self._time_frac if stage.time_budget else None))
         self.use_amp = opts.amp and dev.startswith("cuda")
         self.use_bf16 = opts.cpu_bf16 and dev == "cpu"
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.use_amp)
@@ -324,6 +343,11 @@ class _StageRun:
         self.best_val: dict[str, float] = {}
         self.steps_done = 0
         self.epoch_times: list[float] = []
+
+    def _time_frac(self) -> float:
+        """The share of the stage's time budget spent so far, the running epoch included."""
+        running = time.perf_counter() - self._epoch_t0 if self._epoch_t0 is not None else 0.0
+        return (self.elapsed + running) / max(float(self.stage.time_budget or 0.0), 1e-9)
 
     def restore(self, resume: dict[str, Any]) -> None:
         """Continue from a saved stage state: weights, optimiser, schedule, scaler, counters and RNGs."""
@@ -359,12 +383,13 @@ class _StageRun:
             return torch.autocast(device_type="cuda", dtype=torch.float16)
         return torch.autocast(device_type="cpu", dtype=torch.bfloat16, enabled=self.use_bf16)
 
-    def train_epoch(self, epoch: int, t0: float, starved: bool, stop: StopFlag, reporter: Reporter) -> tuple[list[float], bool]:
+    def train_epoch(self, epoch: int, t0: float, stop: StopFlag, reporter: Reporter) -> tuple[list[float], bool]:
         """One epoch's optimiser steps; stops early on Ctrl-C or the time budget. Returns (losses, out of time)."""
         stage, opts, dev, model = self.stage, self.opts, self.dev, self.model
         self.model.train()
         losses: list[float] = []
         out_of_time = False
+        self._epoch_t0 = t0
         batches = Prefetch(stage.batches(self.np_rng))
         try:
             for xb, yb in batches:
@@ -391,10 +416,12 @@ class _StageRun:
                 reporter.step(stage.name, epoch, stage.epochs, len(losses), stage.steps_per_epoch, float(np.mean(losses)))
                 if stop.requested:
                     break
-                if stage.time_budget is not None and not starved and self.elapsed + time.perf_counter() - t0 >= stage.time_budget:
+                # Checked after every step, in every stage: a stage whose budget is already spent makes one step.
+                if stage.time_budget is not None and self.elapsed + time.perf_counter() - t0 >= stage.time_budget:
                     out_of_time = True
                     break
         finally:
+            self._epoch_t0 = None  # the caller adds the epoch to self.elapsed
             batches.close()  # the producer is stopped before any RNG state is read
         return losses, out_of_time
 
@@ -451,6 +478,7 @@ class _StageRun:
             "stopped": stopped,
             "time_s": round(self.elapsed, 1),
             "steps": self.steps_done,
+            "steps_per_epoch": self.stage.steps_per_epoch,
             "mean_epoch_s": round(float(np.mean(self.epoch_times)), 3) if self.epoch_times else None,
             "optimizer_step": _optimizer_step(self.optim),
         }
@@ -479,15 +507,15 @@ def fit(
     last_save: float | None = None
     reporter.stage_start(stage.name, stage.epochs, stage.steps_per_epoch, run.start_epoch)
     try:
-        # A stage whose budget the previous stage used up still trains one full epoch: a network
-        # that never saw a batch is worse than a budget overrun of one epoch.
+        # A stage whose budget the previous stage used up still makes ONE optimiser step (then validates once):
+        # a limit is a limit, and the run says the model is undertrained (see undertrained_note).
         starved = stage.time_budget is not None and stage.time_budget - run.elapsed <= 0 and run.start_epoch == 0
         for epoch in range(run.start_epoch, stage.epochs):
             if stage.time_budget is not None and run.elapsed >= stage.time_budget and not (starved and epoch == 0):
                 stopped = "time"
                 break
             t0 = time.perf_counter()
-            losses, out_of_time = run.train_epoch(epoch, t0, starved, stop, reporter)
+            losses, out_of_time = run.train_epoch(epoch, t0, stop, reporter)
             if stop.requested:
                 run.elapsed += time.perf_counter() - t0
                 # Keep the partial epoch's progress; resuming repeats this epoch's index.
