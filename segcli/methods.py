@@ -25,12 +25,13 @@ class Method:
     volume_engine: str | None = None  # a 3D engine ("module:function"); None: the 2D engine slice by slice
     volume_params: tuple[str, ...] = ()
     rough_pass: bool = True  # starts with one pass over the whole image downscaled to S (prefetched in batches)
-    fusion: str = ""  # how window predictions become one mask: one rule per method, on both routes
+    fusion: str = ""  # how window predictions become one mask, on the route that holds the image
     # The bounded (tiled TIFF) route: the method whose engine runs there (itself, or a stand-in reading only a
     # rough view and windows); None: the method needs the whole image, and the route refuses it up front.
     bounded: str | None = None
     bounded_kwargs: tuple[tuple[str, Any], ...] = ()  # fixed engine arguments of the bounded variant
     bounded_params: tuple[str, ...] = ()  # this method's parameters handed on to the bounded variant
+    bounded_fusion: str = ""  # the bounded variant's fusion rule when it differs from ``fusion``
 
 
 TABLE: dict[str, Method] = {
@@ -53,10 +54,12 @@ TABLE: dict[str, Method] = {
         Method("sliding", ("fine",), False,
                "full-resolution sliding window with Gaussian blending (MONAI/nnU-Net)", "segcli.engines.direct:sliding",
                ("overlap", "batch_size"), rough_pass=False,
-               fusion="Gaussian-weighted mean of overlapping windows, sigma = S/8 (MONAI/nnU-Net)",
-               # full-resolution grid windows, only where stts' rough pass finds tissue, blended with the same Gaussian
+               fusion="Gaussian-weighted mean of overlapping windows (MONAI/nnU-Net)",
+               # full-resolution grid windows, only where stts' rough pass finds tissue, blended by the same
+               # Gaussian as in memory (fusion.BlendStore): one fusion rule on both routes
                bounded="stts", bounded_kwargs=(("crop_mode", "grid"), ("max_zoom", None), ("fusion", "gaussian")),
-               bounded_params=("overlap",)),
+               bounded_params=("overlap",),
+               bounded_fusion="the same Gaussian blend, over the grid windows where the rough pass finds tissue"),
     )
 }
 

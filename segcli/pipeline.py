@@ -427,7 +427,7 @@ def open_route(ctx: RunContext, path: Path, out: Path, content: str | None) -> R
     if content == "dicom" and ctx.options.max_memory is not None and path.is_dir():
         from segcli.io.dicomseries import decoded_size
 
-        if (size := decoded_size(path, ctx.options.volume, ctx.options.series)) is not None:  # read whole: refuse before decoding
+        if (size := decoded_size(path, ctx.options.volume, ctx.options.series)) is not None:  # read whole: refuse first
             shape, channels, itemsize = size
             flat = shape[0] == 1
             memory.check_in_memory(ctx, kind if flat else "volume", shape[1:] if flat else shape, channels,

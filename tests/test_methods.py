@@ -36,8 +36,8 @@ def test_every_method_has_a_fusion_rule_and_a_known_bounded_variant():
         assert m.fusion, m.name
         assert m.bounded is None or m.bounded in TABLE, m.name
         assert m.bounded_params == tuple(p for p in m.bounded_params if p in m.params), m.name
-        if m.bounded not in (None, m.name):  # a stand-in engine fuses by the method's own rule
-            assert dict(m.bounded_kwargs).get("fusion"), m.name
+        if m.bounded not in (None, m.name):  # a stand-in says how its fusion differs
+            assert m.bounded_fusion, m.name
     assert BOUNDED == ("stts", "sliding")
 
 
@@ -84,13 +84,12 @@ def test_bounded_route_equals_in_memory_route_engine_level(method, tmp_path):
     lazy.labels.store.close()
 
 
-@pytest.mark.parametrize("method", [m for m in METHODS if TABLE[m].bounded in (None, m)])
+@pytest.mark.parametrize("method", METHODS)
 def test_bounded_route_equals_in_memory_route(method, tmp_path):
     """Through the pipeline, on a TIFF that fits both routes: asking for the bounded route (``lazy_pixels=0``)
-    gives the in-memory mask. stts runs its own engine there; a method that needs the whole image never
-    takes that route. (sliding runs a stand-in there, stts over tissue windows with sliding's Gaussian: its
-    routes are compared pixel for pixel in test_geojson_pipeline.py::test_sliding_fuses_the_same_on_both_routes,
-    where the rough network is made to find every dark window, and variant against variant above.)"""
+    gives the in-memory mask, for every method. stts runs its own engine there; sliding runs its windows over
+    the tissue the rough pass finds, blended by the same Gaussian; a method that needs the whole image never
+    takes that route."""
     bundle = make_bundle(tmp_path / "b", size=32, normalization=DTYPE, method=method)
     tifffile.imwrite(tmp_path / "m.tif", mosaic(400, 480), tile=(128, 128), compression="zlib")
     common = {"method": method, "max_downscale": 8, "max_zoom": 4, "overrides": {"patches": 2}}
