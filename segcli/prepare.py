@@ -40,7 +40,8 @@ def intensity(bundle: Bundle, dtype: Any, have: int, channels: str = "keep",
               window: tuple[float, float] | None = None, path: Any = None) -> Intensity:
     """Decide channel conversion and normalisation for an input of ``dtype`` with ``have`` channels.
 
-    * one grey channel (or grey + alpha) to an RGB model converts by itself, with a note;
+    * one grey channel (or grey + alpha) to an RGB model converts by itself, with a note; so does RGBA (the
+      alpha channel is dropped: the colours are what the network reads);
     * ``window`` (``--window C,W``): an 8-bit export of CT is mapped back to HU before the bundle's CT window;
     * 16-bit, 32-bit and float images given to a model trained on 8-bit ones ("dtype" normalisation, not CT)
       get percentile normalisation per channel instead of a division by their type's range.
@@ -51,6 +52,9 @@ def intensity(bundle: Bundle, dtype: Any, have: int, channels: str = "keep",
     if channels == "keep" and have in (1, 2) and bundle.in_channels == 3:
         channels = "rgb"
         notes.append(f"grey image repeated into the 3 channels model {bundle.name} takes")
+    elif channels == "keep" and have == 4 and bundle.in_channels == 3:  # RGBA exports (QuPath, screenshots)
+        channels = "rgb"
+        notes.append(f"alpha channel dropped: model {bundle.name} takes the 3 colour channels")
     if window is not None:
         if spec.get("kind") != "ct_window":
             raise InputError(f"--window maps an 8-bit CT export to HU, but model {bundle.name} does not take CT "

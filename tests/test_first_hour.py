@@ -344,3 +344,19 @@ def test_two_d_slice_in_hu_goes_to_the_ct_model(models: Path, tmp_path: Path) ->
     r, doc = _predict(models, src, "-o", tmp_path / "out.nii.gz", "--json")
     assert r.returncode == 0, r.stderr
     assert doc["files"][0]["model"] == "covid-ct"
+
+
+def test_rgba_he_tile_goes_to_the_he_model_alpha_dropped(models: Path, tmp_path: Path) -> None:
+    """An RGBA export of an H&E tile: the H&E model is chosen, the alpha channel is dropped with a note, and the
+    mask equals the one of the same tile saved as RGB."""
+    rgba, rgb = tmp_path / "tile_rgba.png", tmp_path / "tile.png"
+    shutil.copy(HE, rgb)
+    Image.open(HE).convert("RGBA").save(rgba)
+    r, doc = _predict(models, rgba, rgb, "-o", tmp_path / "out", "--json")
+    assert r.returncode == 0, r.stderr
+    by_name = {Path(f["input"]).name: f for f in doc["files"]}
+    assert by_name["tile_rgba.png"]["model"] == by_name["tile.png"]["model"] == "nuclei-he"
+    assert "alpha channel dropped: model nuclei-he takes the 3 colour channels" in by_name["tile_rgba.png"]["notes"]
+    a = np.asarray(Image.open(tmp_path / "out" / "tile_rgba_seg.png"))
+    b = np.asarray(Image.open(tmp_path / "out" / "tile_seg.png"))
+    assert a.any() and np.array_equal(a, b)
