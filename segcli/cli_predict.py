@@ -25,7 +25,14 @@ from segcli.batch import (
     kinds_needed,
     run_batch,
 )
-from segcli.cli_report import check_output_kinds, interrupt_exit, progress_display, report_line, summary_line
+from segcli.cli_report import (
+    check_output_kinds,
+    interrupt_exit,
+    new_batch,
+    progress_display,
+    report_line,
+    summary_line,
+)
 from segcli.errors import BundleError, SegcliError, UsageError
 from segcli.inferer import Inferer
 from segcli.report import FileReport
@@ -118,6 +125,7 @@ def run_with_progress(console: Any, quiet: bool, seg: Inferer, items: list[tuple
                       clashes: list[FileReport], output: Path | None, *, workers: int, prefetch: int,
                       preview: bool, arsm_maps: Path | None) -> list[FileReport]:
     """The batch, one report line per file as it finishes, under a progress display on stderr."""
+    new_batch()  # each note once per batch, not once per process (a library caller runs several batches)
     reports = list(clashes)
     for rep in clashes:
         report_line(console, rep)

@@ -141,6 +141,11 @@ def progress_display(console, quiet: bool):
 _NOTES_SHOWN: set[str] = set()
 
 
+def new_batch() -> None:
+    """Forget the notes shown: each batch says its notes once."""
+    _NOTES_SHOWN.clear()
+
+
 def report_line(console, rep) -> None:
     """One line per input. A failure reaches stderr even under --quiet (exit 1 must never come silent);
     a note (the model chosen for the user, a conversion) is printed once per batch, the JSON keeps it per file."""
