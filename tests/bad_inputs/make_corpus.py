@@ -265,7 +265,8 @@ def make_corpus(root: Path | str) -> list[Entry]:
     rgba = _textured((36, 40, 4), 10)
     rgba[..., 3] = 255
     _png(p, rgba)
-    add(p, "rgb", "RGBA PNG, RGB model", "failed", "--channels rgb", "rgba_seg.png", (36, 40), rgb_hint=True)
+    add(p, "rgb", "RGBA PNG, RGB model (alpha dropped by itself, with a note: issue 31)", "ok", None, "rgba_seg.png",
+        (36, 40), rgb_hint=True)
     p = rgb / "constant-rgb.png"
     _png(p, np.full((24, 28, 3), 128, np.uint8))  # grey-valued: every pixel and channel the same
     add(p, "rgb", "all-constant RGB image", "empty", "image is constant", "constant-rgb_seg.png", (24, 28))
