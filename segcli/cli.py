@@ -295,7 +295,8 @@ def predict(
 
         try:
             for rep in run_batch(items, options, output=output, workers=workers, prefetch=prefetch,
-                                 segmenter=seg if workers == 1 else None, progress_for=progress_for):
+                                 segmenter=seg if workers == 1 else None, progress_for=progress_for,
+                                 parent_bytes=seg.parent_bytes if workers > 1 else None):
                 reports.append(rep)
                 _extras(seg, rep, preview, arsm_maps)
                 log.debug("file %s: %s", rep.input, json.dumps(rep.to_dict(), default=str))
@@ -314,7 +315,9 @@ def predict(
 
     summary = {
         "segcli": __version__,
-        "memory": {"budget_mb": round(options.budget / 1e6, 1), "workers": workers, **peak_rss()},
+        "memory": {"budget_mb": round(options.budget / 1e6, 1), "workers": workers, **peak_rss(),
+                   **({"parent_mb": round(seg.parent_bytes / 1e6, 1), "worker_budget_mb": round(seg.budget / 1e6, 1)}
+                      if workers > 1 else {})},
         "files": [r.to_dict() for r in reports],
         "summary": {
             "total": len(reports),
