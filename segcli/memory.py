@@ -104,8 +104,10 @@ def estimate_2d(shape: tuple[int, int], channels: int, itemsize: int, *, model_c
 
 def estimate_volume(shape: tuple[int, ...], channels: int, itemsize: int, *, model_channels: int, n_classes: int,
                     return_probs: bool, streamed: bool = False) -> int:
-    """Peak bytes of a volume: the decoded array (or one slab when streamed), the uint8 mask, its
-    reoriented copy for the writer and (optionally) probabilities.
+    """Peak bytes a volume brings: the decoded array and the uint8 mask with its reoriented copy for the
+    writer, or, streamed, three slabs (ITK's buffer, the reoriented copy, the next one) and the mask once
+    (written straight into the writer's file-order buffer, then plane by plane: no copy); and
+    (optionally) probabilities.
 
     Slices are normalised one at a time (see :class:`segcli.engines.volume.SlicePlane`), so no float
     copy of the volume is counted.
@@ -113,8 +115,10 @@ def estimate_volume(shape: tuple[int, ...], channels: int, itemsize: int, *, mod
     vox = 1
     for s in shape:
         vox *= int(s)
-    decoded = 3 * SLAB_BYTES if streamed else vox * channels * itemsize
-    total = decoded + 2 * vox
+    if streamed:
+        total = 3 * min(SLAB_BYTES, vox * channels * itemsize) + vox
+    else:
+        total = vox * channels * itemsize + 2 * vox
     if return_probs:
         total += 2 * vox * n_classes * 4  # stacked per-slice probabilities + the writer's copy
     return total

@@ -122,3 +122,33 @@ def test_workers_run_on_their_share_and_a_budget_below_it_is_refused(tmp_path: P
     assert mem["workers"] == 2 and abs(2 * mem["worker_budget_mb"] + mem["parent_mb"] - budget) < 1
     for f in doc["files"]:  # each worker planned for its share, not the whole budget
         assert f["status"] == "ok" and f["info"]["memory_plan"]["budget_mb"] <= mem["worker_budget_mb"] + 0.1
+
+
+def test_a_streamed_volume_counts_its_mask_once() -> None:
+    """Streamed, the mask goes straight into the writer's buffer and out plane by plane: counted once (a
+    512²x1000 CT needed 960 MB when it was counted twice)."""
+    shape = (1000, 512, 512)
+    vox = 1000 * 512 * 512
+    streamed = memory.estimate_volume(shape, 1, 2, model_channels=1, n_classes=2, return_probs=False, streamed=True)
+    assert streamed == 3 * memory.SLAB_BYTES + vox
+    whole = memory.estimate_volume(shape, 1, 2, model_channels=1, n_classes=2, return_probs=False)
+    assert whole == 2 * vox + 2 * vox  # int16 decoded, the mask and its reoriented copy
+    small = memory.estimate_volume((8, 64, 64), 1, 2, model_channels=1, n_classes=2, return_probs=False,
+                                   streamed=True)
+    assert small == 3 * 8 * 64 * 64 * 2 + 8 * 64 * 64  # slabs never larger than the volume
+
+
+def test_a_streamed_nifti_is_refused_up_front_with_its_minimum(tmp_path: Path, grey_bundle) -> None:
+    import SimpleITK as sitk
+
+    shape = (400, 256, 256)
+    img = sitk.GetImageFromArray(np.zeros(shape, np.uint8))
+    sitk.WriteImage(img, str(tmp_path / "v.nii"))  # uncompressed NIfTI: streamed slab by slab
+    base = ("predict", tmp_path / "v.nii", "--model", grey_bundle, "-o", tmp_path / "m.nii.gz")
+    minimum = _cli_minimum(*base)
+    r = run_cli(*base, "--max-memory", f"{minimum + 50:.0f}MB")
+    assert r.returncode == 2 and not (tmp_path / "m.nii.gz").exists(), r.stderr
+    assert r.stderr.startswith(f"segcli: error: {tmp_path / 'v.nii'}: this 400x256x256 volume needs at least ")
+    need = float(re.search(r"needs at least ([0-9.]+) MB", r.stderr).group(1))  # type: ignore[union-attr]
+    vox = 400 * 256 * 256
+    assert abs(need - (minimum + (3 * vox + vox) / MB)) < 2  # three slabs (the whole 26 MB) + the mask once
