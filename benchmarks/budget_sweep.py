@@ -207,26 +207,66 @@ def plot(rows: list[dict], png: Path) -> None:
     ax.plot(b, b, "k--", label="budget")
     ax.plot(b, [1.05 * v for v in b], "k:", label="budget +5 %")
     ax.set_xlabel("--max-memory (MB)")
-    ax.set_ylabel("peak RSS, /usr/bin/time -v (MB); x = refused up front")
+    ax.set_ylabel("peak RSS of the process tree (MB); x = refused up front")
     ax.set_title("segcli peak memory against its budget")
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(png, dpi=110)
 
 
+def merge(old: list[dict], new: list[dict]) -> list[dict]:
+    """Cells of ``old`` and ``new``, one per (case, budget): a newer run of a cell replaces the older one."""
+    cells = {(r["case"], r["budget_mb"]): r for r in old}
+    cells.update({(r["case"], r["budget_mb"]): r for r in new})
+    return list(cells.values())
+
+
+def _cell_text(r: dict | None) -> str:
+    if r is None:
+        return "not run"
+    if r["verdict"] == "refused up front":
+        m = re.search(r"needs at least ([0-9.]+ [MG]B)", r.get("message", ""))
+        return f"refused, needs {m.group(1) if m else '?'} (exit 2)"
+    plan = r.get("plan") or {}
+    batch = f" (batch {plan['batch']}/{plan['rough_batch']})" if plan.get("batch") else ""
+    return f"{r['peak_rss_mb']:.0f} MB {'ok' if r['verdict'] == 'ok' else '**FAIL**'}{batch}"
+
+
+def table(rows: list[dict]) -> str:
+    """The sweep as a Markdown table: one row per input, one column per budget."""
+    budgets = sorted({r["budget_mb"] for r in rows})
+    cases = list(dict.fromkeys(r["case"] for r in rows))
+    cell = {(r["case"], r["budget_mb"]): r for r in rows}
+    out = ["| input | " + " | ".join(f"{b} MB" for b in budgets) + " |", "|---|" + "---:|" * len(budgets)]
+    out += [f"| {c} | " + " | ".join(_cell_text(cell.get((c, b))) for b in budgets) + " |" for c in cases]
+    return "\n".join(out)
+
+
+def report(results: Path, extra: list[Path]) -> None:
+    """Merge JSON-lines cell files into ``results/bench_memory_sweep.json``, redraw the plot, print the table."""
+    path = results / "bench_memory_sweep.json"
+    doc = json.loads(path.read_text()) if path.exists() else {"cells": []}
+    new = [json.loads(line) for f in extra for line in f.read_text().splitlines() if line.strip()]
+    doc["cells"] = merge(doc["cells"], new)
+    path.write_text(json.dumps(doc, indent=1))
+    plot(doc["cells"], results / "bench_memory_sweep.png")
+    print(table(doc["cells"]))
+
+
 def sweep(args) -> None:
-    """Run the (case x budget) cells; results JSON + PNG in ``args.results``."""
+    """Run the (case x budget) cells; results merged into ``args.results``/bench_memory_sweep.json (+ PNG)."""
     sys.path.insert(0, str(REPO / "benchmarks"))
     work = args.workdir or Path("/tmp/segcli-budget-sweep")
     work.mkdir(parents=True, exist_ok=True)
-    rows: list[dict] = []
     args.results.mkdir(parents=True, exist_ok=True)
     out = args.results / "bench_memory_sweep.json"
+    doc = json.loads(out.read_text()) if out.exists() else {"cells": []}
     for name in args.cases:
         cmd, label = make_case(work, name, args.data, args.kvasir)
         for b in args.budgets:
             row = {"case": label, **run_cell(cmd, b, args.timeout)}
-            rows.append(row)
+            doc["cells"] = merge(doc["cells"], [row])
             print(json.dumps(row), flush=True)
-            out.write_text(json.dumps({"cells": rows, "cases": args.cases, "budgets": args.budgets}, indent=1))
-    plot(rows, args.results / "bench_memory_sweep.png")
+            out.write_text(json.dumps(doc, indent=1))
+    plot(doc["cells"], args.results / "bench_memory_sweep.png")
+    print(table(doc["cells"]))
