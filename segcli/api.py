@@ -302,7 +302,8 @@ class Segmenter:
         own = memory.image_bytes(self, kind, tuple(source.shape[:3]), int(source.shape[3]), source.dtype.itemsize,
                                  streamed=not isinstance(source, ArrayVolume),
                                  return_probs=return_probs and probs_out is None)
-        batch = self.memory_plan(kind, reserve=own * self.budget_share).batch
+        mplan = self.memory_plan(kind, reserve=own * self.budget_share)
+        batch = mplan.batch
         res = plan.run_3d(p, planes, self.predictors(bundle),  # type: ignore[arg-type]
                           lambda pl: plan.kwargs_2d(p, bundle, self.options, self.budget, pl.shape, None,
                                                     batch=batch),
@@ -319,6 +320,7 @@ class Segmenter:
             res.timings["lung_gate"] = time.perf_counter() - t
         res.info["slice_axis"] = axis
         res.info["slabs_read"] = cache.slabs_read
+        res.info["memory_plan"] = mplan.to_dict()
         return res, bundle
 
     # -- files ----------------------------------------------------------------------------------
