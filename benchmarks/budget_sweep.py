@@ -195,21 +195,25 @@ def plot(rows: list[dict], png: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(8, 5))
-    cases = sorted({r["case"] for r in rows})
+    fig, ax = plt.subplots(figsize=(11, 5.5))
+    seen = {r["case"] for r in rows}
+    cases = [c for c in LABELS if c in seen] + sorted(seen - set(LABELS))
+    colors = plt.get_cmap("tab20").colors
     for i, case in enumerate(cases):
-        rs = [r for r in rows if r["case"] == case]
+        style = {"color": colors[i % 20], "marker": "osD^v<>"[i % 7]}
+        rs = sorted((r for r in rows if r["case"] == case), key=lambda r: r["budget_mb"])
         ok = [r for r in rs if r["verdict"] != "refused up front"]
-        ax.plot([r["budget_mb"] for r in ok], [r["peak_rss_mb"] for r in ok], "o-", label=case, color=f"C{i}")
+        ax.plot([r["budget_mb"] for r in ok], [r["peak_rss_mb"] for r in ok], "-", label=LABELS.get(case, case),
+                **style)
         ref = [r for r in rs if r["verdict"] == "refused up front"]
-        ax.plot([r["budget_mb"] for r in ref], [r["budget_mb"] * 0.1 for r in ref], "x", color=f"C{i}", ms=10)
+        ax.plot([r["budget_mb"] for r in ref], [40 + 15 * i for _ in ref], "x", ms=11, mew=2, color=style["color"])
     b = sorted({r["budget_mb"] for r in rows})
     ax.plot(b, b, "k--", label="budget")
     ax.plot(b, [1.05 * v for v in b], "k:", label="budget +5 %")
     ax.set_xlabel("--max-memory (MB)")
     ax.set_ylabel("peak RSS of the process tree (MB); x = refused up front")
     ax.set_title("segcli peak memory against its budget")
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
     fig.tight_layout()
     fig.savefig(png, dpi=110)
 
@@ -232,13 +236,22 @@ def _cell_text(r: dict | None) -> str:
     return f"{r['peak_rss_mb']:.0f} MB {'ok' if r['verdict'] == 'ok' else '**FAIL**'}{batch}"
 
 
+#: How the table names each case, in its order.
+LABELS = {f"{kind}{k}k": f"{k}000² {what}" for k in (16, 40) for kind, what in (
+    ("svs", "SVS-like JPEG pyramid"), ("tiled", "zlib TIFF, tiled, pyramid"), ("flat", "zlib TIFF, tiled, no pyramid"),
+    ("striped", "zlib TIFF, striped"), ("svs20x", "SVS at 20× (resampled ×2 by the mpp rule)"))}
+LABELS.update({"CT 512²x1000": "CT 512²×1000 (.nii.gz, streamed)", "100 photos, --workers 2": "100 Kvasir photos, --workers 2",
+               "evaluate 12000² pair": "`segcli evaluate`, 12000² pair (no budget option: peak vs budget)"})
+
+
 def table(rows: list[dict]) -> str:
     """The sweep as a Markdown table: one row per input, one column per budget."""
     budgets = sorted({r["budget_mb"] for r in rows})
-    cases = list(dict.fromkeys(r["case"] for r in rows))
+    seen = {r["case"] for r in rows}
+    cases = list(LABELS) + sorted(seen - set(LABELS))  # every input the issue asks for, run or not
     cell = {(r["case"], r["budget_mb"]): r for r in rows}
     out = ["| input | " + " | ".join(f"{b} MB" for b in budgets) + " |", "|---|" + "---:|" * len(budgets)]
-    out += [f"| {c} | " + " | ".join(_cell_text(cell.get((c, b))) for b in budgets) + " |" for c in cases]
+    out += [f"| {LABELS.get(c, c)} | " + " | ".join(_cell_text(cell.get((c, b))) for b in budgets) + " |" for c in cases]
     return "\n".join(out)
 
 

@@ -57,7 +57,7 @@ class Segmenter:
         self._bundles: dict[Path, Bundle] = {}
         self._predictors: dict[tuple[Path, str], Any] = {}
         self._plans: dict[tuple[str, int, bool], Any] = {}  # segcli.memplan.MemoryPlan per (kind, budget)
-        self.workers = 1  # > 1: this process is one of W workers and its budget is already its 1/W share
+        self.workers = 1  # > 1: one of W workers, whose budget is already its share (segcli.batch.check_budget)
         self.parent_bytes = 0  # with workers: the RSS of the parent that started them (segcli.batch)
         self.run_budget = self.budget  # the whole run's budget (all workers and their parent), for refusals
         self._plan_facts: dict[tuple[str, bool], dict[str, Any]] = {}  # what memory plans are made from
