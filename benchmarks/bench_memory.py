@@ -215,7 +215,15 @@ def main() -> None:
     ap.add_argument("--kvasir", type=Path, default=REPO.parent / "shared/data/kvasir-seg")
     ap.add_argument("--workdir", type=Path, default=None, help="sweep inputs are made and kept here")
     ap.add_argument("--timeout", type=float, default=3600)
+    ap.add_argument("--report", type=Path, nargs="*", default=None,
+                    help="merge these JSON-lines cell files into results/bench_memory_sweep.json, redraw its plot "
+                         "and print the sweep's table (no runs)")
     args = ap.parse_args()
+    if args.report is not None:
+        from budget_sweep import report
+
+        report(args.results, args.report)
+        return
     if args.sweep:
         from budget_sweep import sweep
 

@@ -20,6 +20,7 @@ Inputs (``--cases``; made in ``--workdir`` and kept there, so a later call reuse
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -125,20 +126,56 @@ def make_case(work: Path, name: str, data: Path, kvasir: Path) -> tuple[list[str
     return ["predict", str(_slide_case(work, name, data)), "-o", str(out / f"{name}_seg.tif")], name
 
 
+def tree_rss(pid: int) -> int:
+    """RSS of a process and all its descendants now, from /proc (bytes; shared pages counted in each)."""
+    parent: dict[int, int] = {}
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            with contextlib.suppress(OSError, IndexError, ValueError):
+                parent[int(d.name)] = int((d / "stat").read_text().rsplit(")", 1)[1].split()[1])
+    tree, todo = set(), [pid]
+    while todo:
+        p = todo.pop()
+        tree.add(p)
+        todo.extend(c for c, pp in parent.items() if pp == p and c not in tree)
+    total = 0
+    for p in tree:
+        with contextlib.suppress(OSError, IndexError, ValueError):
+            total += int(Path(f"/proc/{p}/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    return total
+
+
 def run_cell(args: list[str], budget_mb: int, timeout: float) -> dict:
+    """One cell: the peak is the larger of ``/usr/bin/time -v``'s (one process) and the sum of the RSS of
+    the whole process tree sampled every 0.1 s (the parent and its ``--workers`` children)."""
+    import threading
+
     # segcli evaluate has no budget option: its streamed peak is compared with the budget as it is
     budget = [] if args[0] == "evaluate" else ["--max-memory", f"{budget_mb}MB"]
     cmd = ["/usr/bin/time", "-v", sys.executable, "-m", "segcli", *args, *budget, "--json"]
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     t0 = time.perf_counter()
-    r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout, cwd=REPO)
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=REPO)
+    tree = [0]
+
+    def sample() -> None:
+        while proc.poll() is None:
+            tree[0] = max(tree[0], tree_rss(proc.pid))
+            time.sleep(0.1)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    out, err = proc.communicate(timeout=timeout)
+    sampler.join()
+    r = subprocess.CompletedProcess(cmd, proc.returncode, out, err)
     wall = time.perf_counter() - t0
     peak_kb = int(next((x.split(":")[1] for x in r.stderr.splitlines() if "Maximum resident" in x), "0"))
     errors = [x for x in r.stderr.splitlines() if x.startswith("segcli: error:")]
     refused = r.returncode == 2 and bool(errors) and "needs at least" in errors[0]
-    peak = peak_kb * 1024 / MB
+    peak = max(peak_kb * 1024, tree[0]) / MB
     verdict = "refused up front" if refused else ("ok" if r.returncode == 0 and peak <= 1.05 * budget_mb else "FAIL")
-    row = {"budget_mb": budget_mb, "peak_rss_mb": round(peak, 1), "exit": r.returncode, "seconds": round(wall, 1),
+    row = {"budget_mb": budget_mb, "peak_rss_mb": round(peak, 1), "peak_tree_sampled_mb": round(tree[0] / MB, 1),
+           "exit": r.returncode, "seconds": round(wall, 1),
            "verdict": verdict, "load": os.getloadavg()[0]}
     if errors:
         row["message"] = errors[0]
@@ -158,38 +195,91 @@ def plot(rows: list[dict], png: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(8, 5))
-    cases = sorted({r["case"] for r in rows})
+    fig, ax = plt.subplots(figsize=(11, 5.5))
+    seen = {r["case"] for r in rows}
+    cases = [c for c in LABELS if c in seen] + sorted(seen - set(LABELS))
+    colors = plt.get_cmap("tab20").colors
     for i, case in enumerate(cases):
-        rs = [r for r in rows if r["case"] == case]
+        style = {"color": colors[i % 20], "marker": "osD^v<>"[i % 7]}
+        rs = sorted((r for r in rows if r["case"] == case), key=lambda r: r["budget_mb"])
         ok = [r for r in rs if r["verdict"] != "refused up front"]
-        ax.plot([r["budget_mb"] for r in ok], [r["peak_rss_mb"] for r in ok], "o-", label=case, color=f"C{i}")
+        ax.plot([r["budget_mb"] for r in ok], [r["peak_rss_mb"] for r in ok], "-", label=LABELS.get(case, case),
+                **style)
         ref = [r for r in rs if r["verdict"] == "refused up front"]
-        ax.plot([r["budget_mb"] for r in ref], [r["budget_mb"] * 0.1 for r in ref], "x", color=f"C{i}", ms=10)
+        ax.plot([r["budget_mb"] for r in ref], [40 + 15 * i for _ in ref], "x", ms=11, mew=2, color=style["color"])
     b = sorted({r["budget_mb"] for r in rows})
     ax.plot(b, b, "k--", label="budget")
     ax.plot(b, [1.05 * v for v in b], "k:", label="budget +5 %")
     ax.set_xlabel("--max-memory (MB)")
-    ax.set_ylabel("peak RSS, /usr/bin/time -v (MB); x = refused up front")
+    ax.set_ylabel("peak RSS of the process tree (MB); x = refused up front")
     ax.set_title("segcli peak memory against its budget")
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
     fig.tight_layout()
     fig.savefig(png, dpi=110)
 
 
+def merge(old: list[dict], new: list[dict]) -> list[dict]:
+    """Cells of ``old`` and ``new``, one per (case, budget): a newer run of a cell replaces the older one."""
+    cells = {(r["case"], r["budget_mb"]): r for r in old}
+    cells.update({(r["case"], r["budget_mb"]): r for r in new})
+    return list(cells.values())
+
+
+def _cell_text(r: dict | None) -> str:
+    if r is None:
+        return "not run"
+    if r["verdict"] == "refused up front":
+        m = re.search(r"needs at least ([0-9.]+ [MG]B)", r.get("message", ""))
+        return f"refused, needs {m.group(1) if m else '?'} (exit 2)"
+    plan = r.get("plan") or {}
+    batch = f" (batch {plan['batch']}/{plan['rough_batch']})" if plan.get("batch") else ""
+    return f"{r['peak_rss_mb']:.0f} MB {'ok' if r['verdict'] == 'ok' else '**FAIL**'}{batch}"
+
+
+#: How the table names each case, in its order.
+LABELS = {f"{kind}{k}k": f"{k}000² {what}" for k in (16, 40) for kind, what in (
+    ("svs", "SVS-like JPEG pyramid"), ("tiled", "zlib TIFF, tiled, pyramid"), ("flat", "zlib TIFF, tiled, no pyramid"),
+    ("striped", "zlib TIFF, striped"), ("svs20x", "SVS at 20× (resampled ×2 by the mpp rule)"))}
+LABELS.update({"CT 512²x1000": "CT 512²×1000 (.nii.gz, streamed)", "100 photos, --workers 2": "100 Kvasir photos, --workers 2",
+               "evaluate 12000² pair": "`segcli evaluate`, 12000² pair (no budget option: peak vs budget)"})
+
+
+def table(rows: list[dict]) -> str:
+    """The sweep as a Markdown table: one row per input, one column per budget."""
+    budgets = sorted({r["budget_mb"] for r in rows})
+    seen = {r["case"] for r in rows}
+    cases = list(LABELS) + sorted(seen - set(LABELS))  # every input the issue asks for, run or not
+    cell = {(r["case"], r["budget_mb"]): r for r in rows}
+    out = ["| input | " + " | ".join(f"{b} MB" for b in budgets) + " |", "|---|" + "---:|" * len(budgets)]
+    out += [f"| {LABELS.get(c, c)} | " + " | ".join(_cell_text(cell.get((c, b))) for b in budgets) + " |" for c in cases]
+    return "\n".join(out)
+
+
+def report(results: Path, extra: list[Path]) -> None:
+    """Merge JSON-lines cell files into ``results/bench_memory_sweep.json``, redraw the plot, print the table."""
+    path = results / "bench_memory_sweep.json"
+    doc = json.loads(path.read_text()) if path.exists() else {"cells": []}
+    new = [json.loads(line) for f in extra for line in f.read_text().splitlines() if line.strip()]
+    doc["cells"] = merge(doc["cells"], new)
+    path.write_text(json.dumps(doc, indent=1))
+    plot(doc["cells"], results / "bench_memory_sweep.png")
+    print(table(doc["cells"]))
+
+
 def sweep(args) -> None:
-    """Run the (case x budget) cells; results JSON + PNG in ``args.results``."""
+    """Run the (case x budget) cells; results merged into ``args.results``/bench_memory_sweep.json (+ PNG)."""
     sys.path.insert(0, str(REPO / "benchmarks"))
     work = args.workdir or Path("/tmp/segcli-budget-sweep")
     work.mkdir(parents=True, exist_ok=True)
-    rows: list[dict] = []
     args.results.mkdir(parents=True, exist_ok=True)
     out = args.results / "bench_memory_sweep.json"
+    doc = json.loads(out.read_text()) if out.exists() else {"cells": []}
     for name in args.cases:
         cmd, label = make_case(work, name, args.data, args.kvasir)
         for b in args.budgets:
             row = {"case": label, **run_cell(cmd, b, args.timeout)}
-            rows.append(row)
+            doc["cells"] = merge(doc["cells"], [row])
             print(json.dumps(row), flush=True)
-            out.write_text(json.dumps({"cells": rows, "cases": args.cases, "budgets": args.budgets}, indent=1))
-    plot(rows, args.results / "bench_memory_sweep.png")
+            out.write_text(json.dumps(doc, indent=1))
+    plot(doc["cells"], args.results / "bench_memory_sweep.png")
+    print(table(doc["cells"]))

@@ -159,12 +159,74 @@ def check_output_formats(items: list[tuple[Path, Path | None]], options: Predict
 
 
 def check_budget(seg: Inferer, items: list[tuple[Path, Path | None]], workers: int) -> None:
-    """Make the memory plan of every kind of input in ``items`` now (each worker gets 1/``workers`` of the
-    budget), so a budget below the smallest plan is refused before any file is read (segcli.memplan)."""
+    """Make the memory plan of every kind of input in ``items`` now, so a budget below the smallest plan is
+    refused before any file is read (segcli.memplan), and refuse the run (exit 2) when no file fits.
+
+    With ``workers`` > 1 the parent measures, then releases its networks (each worker loads its own), and
+    every worker gets (budget − the parent's RSS) / ``workers``.
+    """
+    kinds = sorted(kinds_needed(items))
     seg.workers = max(1, workers)
-    seg.budget = seg.options.budget // seg.workers
-    for kind in sorted(kinds_needed(items)):
+    seg.run_budget = seg.options.budget
+    if seg.workers > 1:
+        for kind in kinds:
+            seg.plan_minimum(kind)  # measured now, with the networks loaded, and kept when they go
+        seg.parent_bytes = seg.release_networks()
+        seg.budget = max(0, seg.run_budget - seg.parent_bytes) // seg.workers
+        seg._plans.clear()
+    for kind in kinds:
         seg.memory_plan(kind)
+    check_some_file_fits(seg, items)
+
+
+def check_some_file_fits(seg: Inferer, items: list[tuple[Path, Path | None]]) -> None:
+    """UsageError (exit 2, before any work) when no input's header leaves it room in the budget.
+
+    Only what a header tells cheaply is counted (photos, volumes); a run with any other input, or one file
+    that fits, goes on, and each file that does not fit is refused alone when it is read (segcli.memory).
+    """
+    from segcli import memory
+
+    worst = None
+    for path, _ in items:
+        need = header_need(seg, path)
+        if need is None or memory.fits(seg, need[0], need[1]):
+            return
+        total = memory.file_need(seg, need[0], need[1])
+        if worst is None or total < worst[0]:
+            worst = (total, path, need[2])
+    if worst is None:
+        return
+    more = f" (and so does every other of the {len(items)} inputs)" if len(items) > 1 else ""
+    with_w = f" with --workers {seg.workers}" if seg.workers > 1 else ""
+    raise UsageError(f"{worst[1]}: {worst[2]} needs at least {memory.human(worst[0])}{with_w}{more}; "
+                     f"{memory.budget_words(seg.run_budget, seg.options.max_memory is not None)}")
+
+
+def header_need(seg: Inferer, path: Path) -> tuple[str, int, str] | None:
+    """(kind, bytes the file itself brings, what it is) from a photo's or a volume's header, or None."""
+    from segcli import io, memory
+    from segcli.io.volstream import streamable
+
+    content = None if path.is_dir() else io.sniff_input(path)
+    if content in ("png", "jpeg", "bmp"):
+        from PIL import Image, UnidentifiedImageError
+
+        try:
+            with Image.open(path) as im:
+                w, h, bands, mode = im.width, im.height, len(im.getbands()), im.mode
+        except (OSError, UnidentifiedImageError, ValueError):
+            return None
+        itemsize = 2 if mode.startswith("I;16") else (4 if mode in ("I", "F") else 1)
+        return "2d", memory.image_bytes(seg, "2d", (h, w), bands, itemsize), f"this {h}x{w} image"
+    if content in ("nrrd", "metaimage", "nifti", "nifti-gz") and (head := io.header_size(path, content)):
+        shape, channels, itemsize = head
+        if len(shape) != 3 or min(shape) < 2:
+            return None
+        streamed = seg.options.stream_volumes and streamable(path, content)
+        own = memory.image_bytes(seg, "volume", shape, channels, itemsize, streamed=streamed)
+        return "volume", own, f"this {'x'.join(map(str, shape))} volume"
+    return None
 
 
 def kinds_needed(items: list[tuple[Path, Path | None]]) -> set[str]:
@@ -211,8 +273,10 @@ def check_unique_outputs(items: list[tuple[Path, Path | None]], output: Path | N
     return clashes
 
 
-def _init_worker(options: PredictOptions) -> None:
-    _WORKER["seg"] = Inferer(options)
+def _init_worker(options: PredictOptions, workers: int = 1, parent_bytes: int = 0, run_budget: int = 0) -> None:
+    seg = Inferer(options)
+    seg.workers, seg.parent_bytes, seg.run_budget = workers, parent_bytes, run_budget or seg.budget
+    _WORKER["seg"] = seg
 
 
 def _run_one(args: tuple[Path, Path | None, Path | None]) -> FileReport:
@@ -234,8 +298,13 @@ def run_batch(
     prefetch: int = 2,
     inferer: Inferer | None = None,
     progress_for: Callable[[Path], Any] | None = None,
+    parent_bytes: int | None = None,
 ) -> Iterator[FileReport]:
-    """Yield one report per input, in input order (``inferer``: one already built from ``options``)."""
+    """Yield one report per input, in input order (``inferer``: one already built from ``options``).
+
+    With ``workers`` > 1, each worker gets (budget − ``parent_bytes``) / ``workers``: ``parent_bytes`` is
+    this process's RSS once it released its networks (:func:`check_budget`), measured here if not given.
+    """
     if workers <= 1:
         from segcli import pipeline
 
@@ -245,13 +314,21 @@ def run_batch(
     import multiprocessing as mp
     from concurrent.futures import ProcessPoolExecutor
 
+    from segcli.memplan import give_back, rss_now
     from segcli.runtimes.device import available_cores
 
-    # Each worker is a process with its own interpreter, networks and caches: it plans for its share.
+    # Each worker is a process with its own interpreter, networks and caches: it plans for its share of
+    # what the parent leaves (the parent's networks are released before the workers start).
+    if parent_bytes is None:
+        if inferer is not None:
+            inferer.release_networks()
+        give_back()
+        parent_bytes = rss_now()
+    share = max(1, (options.budget - parent_bytes) // workers)
     per_worker = options.replace(threads=max(1, (options.threads or available_cores()) // workers),
-                                 max_memory=options.budget // workers)
+                                 max_memory=share)
     with ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn"), initializer=_init_worker,
-                             initargs=(per_worker,)) as pool:
+                             initargs=(per_worker, workers, parent_bytes, options.budget)) as pool:
         yield from pool.map(_run_one, [(p, r, output) for p, r in items], chunksize=1)
 
 

@@ -147,7 +147,8 @@ def run_with_progress(console: Any, quiet: bool, seg: Inferer, items: list[tuple
 
         try:
             for rep in run_batch(items, seg.options, output=output, workers=workers, prefetch=prefetch,
-                                 inferer=seg if workers == 1 else None, progress_for=progress_for):
+                                 inferer=seg if workers == 1 else None, progress_for=progress_for,
+                                 parent_bytes=seg.parent_bytes if workers > 1 else None):
                 reports.append(rep)
                 _extras(seg, rep, preview, arsm_maps)
                 log.debug("file %s: %s", rep.input, json.dumps(rep.to_dict(), default=str))
@@ -188,7 +189,9 @@ def summarize(reports: list[FileReport], seg: Inferer, found: Inputs, *, workers
     failed = [r for r in reports if r.status == "failed"]
     summary = {
         "segcli": __version__,
-        "memory": {"budget_mb": round(seg.options.budget / 1e6, 1), "workers": workers, **peak_rss()},
+        "memory": {"budget_mb": round(seg.options.budget / 1e6, 1), "workers": workers, **peak_rss(),
+                   **({"parent_mb": round(seg.parent_bytes / 1e6, 1), "worker_budget_mb": round(seg.budget / 1e6, 1)}
+                      if workers > 1 else {})},
         "files": [r.to_dict() for r in reports],
         "summary": {
             "total": len(reports),

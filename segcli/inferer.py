@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from segcli import lunggate, plan
+from segcli import lunggate, memory, plan
 from segcli.bundle import Bundle, load_bundle, resolve_model
 from segcli.engines.base import ArrayPlane, ProgressFn, Result, ScaledLabels, ScaledPlane
 from segcli.errors import InputError
@@ -43,7 +43,10 @@ class Inferer:
         self.device = resolve_device(options.device)
         self.threads = set_threads(options.threads)
         self.budget = options.budget  # this process's budget: options.budget // workers (segcli.batch)
-        self.workers = 1  # > 1: this process is one of W workers and its budget is already its 1/W share
+        self.workers = 1  # > 1: one of W workers, whose budget is already its share (segcli.batch.check_budget)
+        self.parent_bytes = 0  # with workers: the RSS of the parent that started them (segcli.batch)
+        self.run_budget = self.budget  # the whole run's budget (all workers and their parent), for refusals
+        self._plan_facts: dict[tuple[str, bool], dict[str, Any]] = {}  # what memory plans are made from
         self._bundles: dict[Path, Bundle] = {}
         self._predictors: dict[tuple[Path, str], Any] = {}
         self._plans: dict[tuple[str, int, bool], Any] = {}  # segcli.memplan.MemoryPlan per (kind, budget)
@@ -130,19 +133,47 @@ class Inferer:
             self.predictor(bundle, role)
         return bundle
 
-    def memory_plan(self, kind: str, bounded: bool | None = None) -> Any:
+    #: The inferer checks a file alone; a read-ahead run's files share the budget through :class:`RunContext`.
+    budget_share = 1
+
+    def memory_plan(self, kind: str, bounded: bool | None = None, reserve: int = 0) -> Any:
         """The run's :class:`segcli.memplan.MemoryPlan` for inputs of ``kind``, made once before work.
 
         Raises :class:`segcli.memplan.BudgetError` (a usage error) when even batch 1 does not fit. The
         networks and the interpreter are held once per process, so a read-ahead sibling plans with the
-        whole process budget (its images are checked against their share: :class:`RunContext`).
+        whole process budget; ``reserve`` (bytes) is kept for the images themselves (their buffers for all
+        files held at once, segcli.memory.check_in_memory), so a big image gets smaller batches.
         """
         from segcli import memplan
 
-        budget = self.budget
         bounded = kind == "slide" if bounded is None else bounded
+        budget = self.budget
+        if reserve > 0:  # in 4 MiB steps (few distinct plans); never a refusal the budget alone would not give
+            reserve = -(-int(reserve) // (4 * 2**20)) * 4 * 2**20
+            budget = max(budget - reserve, min(budget, self.plan_minimum(kind, bounded)))
         key = (kind, budget, bounded)
         if key not in self._plans:
+            self._plans[key] = memplan.make_plan(budget=budget, **self._plan_inputs(kind, bounded),
+                                                 workers=self.workers, parent=self.parent_bytes,
+                                                 run_budget=self.run_budget,
+                                                 user_budget=self.options.max_memory is not None)
+        return self._plans[key]
+
+    def plan_minimum(self, kind: str, bounded: bool | None = None) -> int:
+        """Bytes this process needs at batch 1 for inputs of ``kind``, images apart (segcli.memplan)."""
+        from segcli import memplan
+
+        bounded = kind == "slide" if bounded is None else bounded
+        return memplan.make_plan(budget=2**62, **self._plan_inputs(kind, bounded)).minimum
+
+    def _plan_inputs(self, kind: str, bounded: bool) -> dict[str, Any]:
+        """What a memory plan is made from, measured once per (kind, route) and kept when the networks are
+        released (:meth:`release_networks`): a parent plans its workers without them. The RSS with the
+        networks loaded and each network's cost per batch (segcli.memplan.network_cost), as
+        :func:`segcli.memplan.make_plan` takes them."""
+        from segcli import memplan
+
+        if (kind, bounded) not in self._plan_facts:
             bundle = self.warm_up(kind)
             base = memplan.rss_now()  # before measuring: measuring sessions may leave allocator slack behind
             p = self.plan_for(bundle)
@@ -157,12 +188,24 @@ class Inferer:
             wanted = int(p["batch_size"])
             if "batch_size" not in self.options.params and not self.device.startswith("cuda"):
                 wanted = min(wanted, memplan.FAST_BATCH)
-            self._plans[key] = memplan.make_plan(
-                budget=budget, kind="slide" if bounded else kind, name=bundle.name, base=base, costs=costs,
-                how="estimated" if "estimated" in hows else "measured", size=p.size,
-                channels=bundle.in_channels, n_classes=bundle.n_classes, zoom=float(self.options.max_zoom or bundle.params.get("max_zoom") or 1.0),
-                wanted=wanted, workers=self.workers, user_budget=self.options.max_memory is not None)
-        return self._plans[key]
+            zoom = float(self.options.max_zoom or bundle.params.get("max_zoom") or 1.0)
+            self._plan_facts[(kind, bounded)] = {
+                "kind": "slide" if bounded else kind, "name": bundle.name, "base": base, "costs": costs,
+                "how": "estimated" if "estimated" in hows else "measured", "size": p.size,
+                "channels": bundle.in_channels, "n_classes": bundle.n_classes, "zoom": zoom, "wanted": wanted}
+        return self._plan_facts[(kind, bounded)]
+
+    def release_networks(self) -> int:
+        """Drop every loaded runtime (their arenas go with them) and return this process's RSS after.
+
+        A parent does this before starting workers: each worker loads its own, and the budget left to
+        them is the run's minus what the parent still holds. What the plans were made from is kept.
+        """
+        from segcli import memplan
+
+        self._predictors.clear()
+        memplan.give_back()
+        return memplan.rss_now()
 
     def providers(self, bundle: Bundle) -> dict[str, str]:
         """The runtime actually serving each role (e.g. CPUExecutionProvider, torch-cpu)."""
@@ -220,7 +263,9 @@ class Inferer:
         if scale is not None:  # seen at the bundle's training pixel size (segcli.plan.physical_factor)
             plane = ScaledPlane(plane, scale[0])
             spacing = (*spacing[:-2], *(float(bundle.params["training_mpp"]) / 1000.0,) * 2)  # type: ignore[index]
-        mplan = self.memory_plan(kind)
+        own = memory.image_bytes(self, kind, array.shape[:2], array.shape[2], array.dtype.itemsize)
+        held = max(1, self.budget // budget) if budget else 1  # files a read-ahead batch holds at once
+        mplan = self.memory_plan(kind, reserve=own * held)  # batches shrink for a big image
         kw = plan.kwargs_2d(p, bundle, self.options, self.budget if budget is None else budget, plane.shape,
                             spacing, batch=mplan.batch,
                             rough_batch=mplan.rough_batch)
@@ -271,7 +316,7 @@ class Inferer:
         are then not returned as an array.
         """
         from segcli.engines.volume import SlicePlane
-        from segcli.io.volstream import SlabCache
+        from segcli.io.volstream import ArrayVolume, SlabCache
         from segcli.normalize import convert_channels
 
         bundle = self.bundle_for(kind)
@@ -283,10 +328,16 @@ class Inferer:
         shape = tuple(s for i, s in enumerate(source.shape[:3]) if i != axis)
         planes = [SlicePlane(cache, i, shape, fn, bundle.in_channels) for i in range(source.shape[axis])]  # type: ignore[arg-type]
         out = None if labels_out is None else np.moveaxis(labels_out, axis, 0)
+        held = max(1, self.budget // budget) if budget else 1  # files a read-ahead batch holds at once
         budget = self.budget if budget is None else budget
+        own = memory.image_bytes(self, kind, tuple(source.shape[:3]), int(source.shape[3]), source.dtype.itemsize,
+                                 streamed=not isinstance(source, ArrayVolume),
+                                 return_probs=return_probs and probs_out is None)
+        mplan = self.memory_plan(kind, reserve=own * held)
+        batch = mplan.batch
         res = plan.run_3d(p, planes, self.predictors(bundle),  # type: ignore[arg-type]
                           lambda pl: plan.kwargs_2d(p, bundle, self.options, budget, pl.shape, None,
-                                                    batch=self.memory_plan("volume").batch),
+                                                    batch=batch),
                           return_probs=return_probs, progress=progress, out=out, probs_out=probs_out)
         res.labels = np.moveaxis(res.labels, 0, axis)
         if isinstance(res.probs, np.ndarray):
@@ -300,6 +351,7 @@ class Inferer:
             res.timings["lung_gate"] = time.perf_counter() - t
         res.info["slice_axis"] = axis
         res.info["slabs_read"] = cache.slabs_read
+        res.info["memory_plan"] = mplan.to_dict()
         return res, bundle
 
 
@@ -317,6 +369,22 @@ class RunContext:
     def budget(self) -> int:
         """One file's share of the memory budget, in bytes."""
         return self.inferer.budget // self.budget_share
+
+    # What segcli.memory reads of a run (the whole run's budget, workers, the plan's minimum).
+    @property
+    def workers(self) -> int:
+        return self.inferer.workers
+
+    @property
+    def parent_bytes(self) -> int:
+        return self.inferer.parent_bytes
+
+    @property
+    def run_budget(self) -> int:
+        return self.inferer.run_budget
+
+    def plan_minimum(self, kind: str, bounded: bool | None = None) -> int:
+        return self.inferer.plan_minimum(kind, bounded)
 
     def bundle_for(self, kind: str) -> Bundle:
         return self.inferer.bundle_for(kind)

@@ -5,9 +5,10 @@ Users of nnU-Net/TotalSegmentator/tiatoolbox lose hours to the OOM killer on big
 channels) and, when it would not fit, either takes the bounded path (segment-then-segment over a lazy
 TIFF) or stops with a one-line message naming the file, the estimate and the way out.
 
-Estimates are deliberately simple sums of the big arrays (the interpreter, the networks and small
-buffers are covered by a fixed overhead); they only need to be right within a factor that the
-budget's headroom absorbs.
+Estimates here are deliberately simple sums of the big arrays an image brings (decoded, normalised,
+mask, accumulators); the interpreter, the networks at batch 1 and a route's working set come from the
+run's measured memory plan (:mod:`segcli.memplan`). A file fits when the plan's minimum plus its own
+buffers (times the files held at once) fit the budget.
 """
 
 from __future__ import annotations
@@ -20,8 +21,6 @@ from segcli.errors import InputError, UsageError
 
 _UNITS = {"": 1, "b": 1, "k": 1e3, "kb": 1e3, "m": 1e6, "mb": 1e6, "g": 1e9, "gb": 1e9, "t": 1e12, "tb": 1e12,
           "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
-# Interpreter + torch + networks + small buffers, not counted in the per-array estimates.
-OVERHEAD = 600 * 10**6
 # Above this many pixels a TIFF goes through the lazy (bounded-memory) path whatever the budget.
 LAZY_PIXELS = 64 * 10**6
 # Decoded bytes per slab of a streamed volume; the ITK buffer and the reoriented copy double it.
@@ -83,7 +82,8 @@ def human(n: float) -> str:
 
 def estimate_2d(shape: tuple[int, int], channels: int, itemsize: int, *, model_channels: int, n_classes: int,
                 method: str, size: int, return_probs: bool) -> int:
-    """Peak bytes of the in-memory 2D path: decoded image, normalised copy, engine buffers, outputs."""
+    """Peak bytes an image brings to the in-memory 2D path: decoded image, normalised copies, engine
+    buffers, outputs (the networks and the interpreter are the memory plan's, segcli.memplan)."""
     H, W = (int(v) for v in shape)
     px = H * W
     total = px * channels * itemsize  # decoded image
@@ -99,13 +99,15 @@ def estimate_2d(shape: tuple[int, int], channels: int, itemsize: int, *, model_c
         total += px * (k_fuse * 4 if return_probs or n_classes > 2 else 1)  # fusion store
     if return_probs:
         total += px * n_classes * 4
-    return total + OVERHEAD
+    return total
 
 
 def estimate_volume(shape: tuple[int, ...], channels: int, itemsize: int, *, model_channels: int, n_classes: int,
                     return_probs: bool, streamed: bool = False) -> int:
-    """Peak bytes of a volume: the decoded array (or one slab when streamed), the uint8 mask, its
-    reoriented copy for the writer and (optionally) probabilities.
+    """Peak bytes a volume brings: the decoded array and the uint8 mask with its reoriented copy for the
+    writer, or, streamed, three slabs (ITK's buffer, the reoriented copy, the next one) and the mask once
+    (written straight into the writer's file-order buffer, then plane by plane: no copy); and
+    (optionally) probabilities.
 
     Slices are normalised one at a time (see :class:`segcli.engines.volume.SlicePlane`), so no float
     copy of the volume is counted.
@@ -113,23 +115,51 @@ def estimate_volume(shape: tuple[int, ...], channels: int, itemsize: int, *, mod
     vox = 1
     for s in shape:
         vox *= int(s)
-    decoded = 3 * SLAB_BYTES if streamed else vox * channels * itemsize
-    total = decoded + 2 * vox + OVERHEAD
+    if streamed:
+        total = 3 * min(SLAB_BYTES, vox * channels * itemsize) + vox
+    else:
+        total = vox * channels * itemsize + 2 * vox
     if return_probs:
         total += 2 * vox * n_classes * 4  # stacked per-slice probabilities + the writer's copy
     return total
 
 
-def check_fits(estimate: int, limit: int, path: Any, what: str, hint: str, share: int = 1) -> None:
-    """Raise a one-line InputError when ``estimate`` exceeds ``limit``, before anything is allocated.
+def run_need(per_process: int, workers: int = 1, parent: int = 0) -> int:
+    """What the whole run needs when each of ``workers`` processes needs ``per_process`` bytes and the
+    parent that started them holds ``parent`` (its RSS once it released its networks)."""
+    return per_process * max(1, workers) + (parent if workers > 1 else 0)
 
-    ``share`` > 1: ``limit`` is one file's share of the budget while ``share - 1`` more are read ahead.
+
+def budget_words(budget: int, user_budget: bool) -> str:
+    """How a refusal names the run's budget."""
+    return f"--max-memory is {human(budget)}" if user_budget else f"the memory available allows {human(budget)}"
+
+
+def file_need(seg: Any, kind: str, own: int) -> int:
+    """Bytes the whole run needs for one file: the memory plan's minimum (interpreter, networks at batch 1,
+    the route's working set) plus the file's own buffers for every file held at once, per worker."""
+    per = seg.plan_minimum(kind) + own * seg.budget_share
+    return run_need(per, seg.workers, seg.parent_bytes)
+
+
+def check_file(seg: Any, kind: str, own: int, path: Any, what: str, hint: str) -> None:
+    """Refuse one file, before it is decoded, with one line naming it and the minimum it needs.
+
+    ``own``: what the file itself brings (:func:`estimate_2d`, :func:`estimate_volume`). Read-ahead
+    files (``seg.budget_share``) and workers (``seg.workers``) are counted as they will be held.
     """
-    if estimate > limit:
-        whose = (f"its 1/{share} share of the {human(limit * share)} budget (--max-memory) while {share - 1} "
-                 "more file(s) are read ahead; --prefetch 0 gives one file all of it" if share > 1
-                 else f"the {human(limit)} budget (--max-memory)")
-        raise InputError(f"{what} needs about {human(estimate)} of memory, more than {whose}; {hint}", path)
+    need = file_need(seg, kind, own)
+    if need > seg.run_budget:
+        held = [f"{seg.budget_share} files held at once (--prefetch 0 holds one)"] if seg.budget_share > 1 else []
+        held += [f"--workers {seg.workers}"] if seg.workers > 1 else []
+        how = f" with {' and '.join(held)}" if held else ""
+        raise InputError(f"{what} needs at least {human(need)}{how}; "
+                         f"{budget_words(seg.run_budget, seg.options.max_memory is not None)}; {hint}", path)
+
+
+def fits(seg: Any, kind: str, own: int) -> bool:
+    """True when a file bringing ``own`` bytes fits the run's budget (see :func:`check_file`)."""
+    return file_need(seg, kind, own) <= seg.run_budget
 
 
 def fine_batch(limit: int, channels: int, size: int, n_classes: int, zoom: float, wanted: int) -> int:
@@ -138,29 +168,37 @@ def fine_batch(limit: int, channels: int, size: int, n_classes: int, zoom: float
     return max(1, min(wanted, (limit // 4) // max(per_item, 1)))
 
 
+def image_bytes(seg: Any, kind: str, shape: tuple[int, ...], channels: int, itemsize: int,
+                streamed: bool = False, return_probs: bool | None = None) -> int:
+    """What one image of ``shape`` brings on the in-memory route of ``kind`` (or a streamed volume)."""
+    bundle = seg.bundle_for(kind)
+    probs = seg.options.probabilities if return_probs is None else return_probs
+    if len(shape) == 3:
+        return estimate_volume(shape, channels, itemsize, model_channels=bundle.in_channels,
+                               n_classes=bundle.n_classes, return_probs=probs, streamed=streamed)
+    p = seg.plan_for(bundle)
+    return estimate_2d(shape, channels, itemsize, model_channels=bundle.in_channels,  # type: ignore[arg-type]
+                       n_classes=bundle.n_classes, method=p.method, size=p.size, return_probs=probs)
+
+
 def check_in_memory(seg: Any, kind: str, shape: tuple[int, ...], channels: int, itemsize: int,
                     path: Any) -> None:
-    """Refuse, with the estimate, an in-memory run that would exceed the budget."""
-    bundle = seg.bundle_for(kind)
-    probabilities = seg.options.probabilities
-    if kind == "volume":
-        est = estimate_volume(shape, channels, itemsize, model_channels=bundle.in_channels,
-                              n_classes=bundle.n_classes, return_probs=probabilities)
-        check_volume_fits(seg, est, shape, path)
+    """Refuse, with the minimum it needs, a file whose in-memory run would exceed the budget."""
+    est = image_bytes(seg, kind, shape, channels, itemsize)
+    if len(shape) == 3:
+        check_volume_fits(seg, est, shape, path, kind)
         return
-    p = seg.plan_for(bundle)
-    est = estimate_2d(shape, channels, itemsize, model_channels=bundle.in_channels,  # type: ignore[arg-type]
-                      n_classes=bundle.n_classes, method=p.method, size=p.size, return_probs=probabilities)
+    p = seg.plan_for(seg.bundle_for(kind))
     hint = "use --method stts on a .tif input, which is read by region" if p.method != "stts" \
         else "save the image as a tiled TIFF so it can be read by region"
-    check_fits(est, seg.budget, path, f"--method {p.method} on this {shape[0]}x{shape[1]} image", hint, share=seg.budget_share)
+    check_file(seg, kind, est, path, f"--method {p.method} on this {shape[0]}x{shape[1]} image", hint)
 
 
-def check_volume_fits(seg: Any, est: int, shape: tuple[int, ...], path: Any) -> None:
-    """Refuse a volume whose estimate exceeds the budget, with the way out that fits its options."""
+def check_volume_fits(seg: Any, est: int, shape: tuple[int, ...], path: Any, kind: str = "volume") -> None:
+    """Refuse a volume whose buffers and the plan's minimum exceed the budget, with the way out that fits."""
     hint = ("drop --probabilities or write a .nii.gz (probabilities are then streamed to disk)"
             if seg.options.probabilities else "raise --max-memory or crop the volume")
-    check_fits(est, seg.budget, path, f"this {'x'.join(map(str, shape))} volume", hint, share=seg.budget_share)
+    check_file(seg, kind, est, path, f"this {'x'.join(map(str, shape))} volume", hint)
 
 
 def env_budget() -> str | None:

@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 
 from segcli.errors import UsageError
-from segcli.memory import human
+from segcli.memory import budget_words, human, run_need
 
 MB = 10**6
 MIB = 2**20
@@ -103,6 +103,8 @@ def measure_onnx(model: bytes | Any, threads: int, size: int, in_channels: int,
     """RSS growth of a fresh CPU session running one batch of each size (bytes), arena as segcli runs it.
 
     A fresh session per size: an arena reused across sizes keeps the larger size's blocks and fragments.
+    The record is kept with :data:`segcli.runtimes.onnx_cache.MEMORY_RECORD_VERSION`: records of an older
+    measurement are measured again.
     """
     from segcli.runtimes.onnx_backend import CPU_EP, make_session
 
@@ -114,8 +116,10 @@ def measure_onnx(model: bytes | Any, threads: int, size: int, in_channels: int,
         batches = (dim0,)
     for b in batches:
         x = np.zeros((b, in_channels, size, size), np.float32)
-        gc.collect()
         sess = make_session(model, [CPU_EP], threads)
+        # Freed heap from the sessions before would be reused unseen (a batch-1 cost of 0.2 MB against 14):
+        # hand it back to the OS first, so the growth is what this session really takes.
+        give_back()
         before = rss_now()
         res = sess.run(None, {sess.get_inputs()[0].name: x})
         out[b] = max(0, rss_now() - before)
@@ -180,13 +184,29 @@ def efficient_batch(table: dict[int, int], wanted: int, slack: float = 1.25) -> 
     return max(1, min(wanted, max(ok)) if ok else 1)
 
 
+def refusal(name: str, minimum: int, budget: int, *, workers: int = 1, parent: int = 0,
+            run_budget: int | None = None, user_budget: bool = True) -> str:
+    """The one line refusing a run whose smallest plan (``minimum`` per process) exceeds ``budget``.
+
+    With workers, the minimum and the budget named are the whole run's: W workers and the parent.
+    """
+    if workers <= 1:
+        return f"{name} needs at least {human(minimum)} at batch 1; {budget_words(budget, user_budget)}"
+    total = run_budget if run_budget is not None else run_need(budget, workers, parent)
+    return (f"{name} needs at least {human(run_need(minimum, workers, parent))} at batch 1 ({human(minimum)} "
+            f"per worker (--workers {workers}) and {human(parent)} for the parent); "
+            f"{budget_words(total, user_budget)}")
+
+
 def make_plan(*, budget: int, kind: str, name: str, base: int, costs: dict[str, dict[int, int]], how: str,
               size: int, channels: int, n_classes: int, zoom: float, wanted: int, workers: int = 1,
-              user_budget: bool = True) -> MemoryPlan:
+              user_budget: bool = True, parent: int = 0, run_budget: int | None = None) -> MemoryPlan:
     """Split ``budget`` (see the module docstring); :class:`BudgetError` when batch 1 does not fit.
 
     ``costs``: each network role's measured ``{batch: bytes}``; every role keeps its arena, so they add up.
-    The coarse network (stts rough pass) gets its own batch.
+    The coarse network (stts rough pass) gets its own batch. With ``workers`` > 1, ``budget`` is one
+    worker's share, ``parent`` the RSS of the process that started them and ``run_budget`` the whole
+    run's (for the refusal's words).
     """
     slide = kind == "slide"
     prefetch = 1 if slide else 0
@@ -201,9 +221,8 @@ def make_plan(*, budget: int, kind: str, name: str, base: int, costs: dict[str, 
 
     minimum = base + workset + caches + batch_bytes(1, 1)
     if budget < minimum:
-        what = f"--max-memory is {human(budget)}" if user_budget else f"the memory available allows {human(budget)}"
-        per = f" per worker (--workers {workers})" if workers > 1 else ""
-        raise BudgetError(f"{name} needs at least {human(minimum)}{per} at batch 1; {what}")
+        raise BudgetError(refusal(name, minimum, budget, workers=workers, parent=parent, run_budget=run_budget,
+                                  user_budget=user_budget))
     room = budget - (budget - minimum) // 4  # a quarter of what is above the minimum stays slack
     cap = min([efficient_batch(t, wanted) for t in others] or [wanted]) if how == "measured" else wanted
     rcap = efficient_batch(coarse, wanted) if coarse is not None and how == "measured" else cap
@@ -217,3 +236,15 @@ def make_plan(*, budget: int, kind: str, name: str, base: int, costs: dict[str, 
                       batch_bytes=batch_bytes(batch, rough), region_cache=region, fuse_cache=fuse, prefetch=prefetch,
                       workers=workers, minimum=minimum, network_cost=how,
                       ort={"cpu_mem_arena": True, "mem_pattern": False})
+
+
+def give_back() -> None:
+    """Collect garbage and hand freed heap pages back to the OS (glibc's ``malloc_trim``), so the RSS that
+    follows measures what is still held (a parent before it starts its workers)."""
+    gc.collect()
+    if sys.platform.startswith("linux"):
+        import contextlib
+        import ctypes
+
+        with contextlib.suppress(OSError, AttributeError):  # musl and others: RSS then stays as it is
+            ctypes.CDLL("libc.so.6").malloc_trim(0)

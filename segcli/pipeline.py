@@ -193,10 +193,9 @@ class StreamedVolumeRoute:
         axis = slice_axis(vol.spacing)
         spilled = bool(opts.probabilities and job.out is not None
                        and streamable_probs(vol.meta, axis, probabilities_path(job.out)))
-        est = memory.estimate_volume(vol.spatial_shape, vol.channels, vol.dtype.itemsize,
-                                     model_channels=bundle.in_channels, n_classes=bundle.n_classes,
-                                     return_probs=opts.probabilities and not spilled, streamed=True)
-        memory.check_volume_fits(ctx, est, vol.spatial_shape, job.path)
+        est = memory.image_bytes(ctx, self.kind, vol.spatial_shape, vol.channels, vol.dtype.itemsize, streamed=True,
+                                 return_probs=opts.probabilities and not spilled)
+        memory.check_volume_fits(ctx, est, vol.spatial_shape, job.path, self.kind)
         spill = None
         if spilled:  # probabilities bound for NIfTI go to a temporary file slice by slice
             assert job.out is not None
@@ -448,21 +447,20 @@ def _wants_tiles(ctx: RunContext, path: Path, out: Path, kind: str, head: tuple)
     scale = physical_factor(bundle, tiff_spacing(path)) if kind == "slide" else None
     if scale is not None:  # the networks see the slide resampled to the bundle's pixel size: count those pixels
         H, W = max(1, round(H / scale[0])), max(1, round(W / scale[0]))
-    est = memory.estimate_2d((H, W), channels, itemsize, model_channels=bundle.in_channels,
-                             n_classes=bundle.n_classes, method=p.method, size=p.size, return_probs=False)
     tif_out = out.name.lower().endswith((".tif", ".tiff"))
     if kind == "slide" and p.method in BOUNDED_METHODS and H * W > SLIDE_PIXELS and tif_out:
         return True  # a slide, resampled or not: tissue windows only, never glass, in bounded memory
-    if ctx.options.lazy_pixels >= H * W and est <= ctx.budget:
+    est = memory.image_bytes(ctx, kind, (H, W), channels, itemsize, return_probs=False)
+    if ctx.options.lazy_pixels >= H * W and memory.fits(ctx, kind, est):
         return False
     if p.method not in BOUNDED_METHODS:
-        memory.check_fits(est, ctx.budget, path, f"--method {p.method} on this {H}x{W} image",
-                          "use --method stts, which reads only a rough view and the crops", share=ctx.budget_share)
+        memory.check_file(ctx, kind, est, path, f"--method {p.method} on this {H}x{W} image",
+                          "use --method stts, which reads only a rough view and the crops")
         return False
     if tif_out:
         return True
-    memory.check_fits(est, ctx.budget, path, f"writing this {H}x{W} mask as {out.suffix}",
-                      "write it as .tif (streamed, tiled) instead", share=ctx.budget_share)
+    memory.check_file(ctx, kind, est, path, f"writing this {H}x{W} mask as {out.suffix}",
+                      "write it as .tif (streamed, tiled) instead")
     return False
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 import signal
 import subprocess
 import sys
@@ -254,18 +255,22 @@ def test_volume_sliced_along_a_non_first_axis(tmp_path, grey_bundle, method):
 
 def test_big_tiff_bounded_path_through_the_cli(tmp_path, grey_bundle):
     """Under a --max-memory too small for the whole image a TIFF goes through the lazy path: tiled BigTIFF out, pyramid, tags kept."""
-    a = np.random.default_rng(0).integers(0, 40, (1536, 1536), dtype=np.uint8)
+    n = 3600  # in memory it brings ~194 MB of its own (segcli.memory.estimate_2d); read by region, ~140 MB
+    a = np.random.default_rng(0).integers(0, 40, (n, n), dtype=np.uint8)
     a[300:420, 500:640] = 230
     src = tmp_path / "slide.tif"
     tifffile.imwrite(src, a, tile=(256, 256), compression="zlib", resolution=(40000.0, 40000.0),
                      resolutionunit="CENTIMETER")
-    r = run_cli("predict", src, "--model", grey_bundle, "--max-memory", "300MB", "--pyramid", "--json",
+    refused = run_cli("predict", src, "--model", grey_bundle, "--max-memory", "1MB")
+    minimum = float(re.search(r"needs at least ([0-9.]+) MB at batch 1", refused.stderr).group(1))  # type: ignore[union-attr]
+    budget = f"{minimum + 165:.0f}MB"  # the plan's minimum + less than the whole image's own buffers
+    r = run_cli("predict", src, "--model", grey_bundle, "--max-memory", budget, "--pyramid", "--json",
                 "--stats", tmp_path / "stats.csv", "--tile-size", "128")
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout)["files"][0]["info"]["bounded_memory"]
     with tifffile.TiffFile(tmp_path / "slide_seg.tif") as t:
         page = t.pages[0]
-        assert page.shape == (1536, 1536) and page.is_tiled and page.dtype == np.uint8
+        assert page.shape == (n, n) and page.is_tiled and page.dtype == np.uint8
         assert page.tags["XResolution"].value == (40000, 1)
         assert len(page.pages or page.subifds or []) >= 1  # pyramid levels
         mask = page.asarray()
@@ -277,7 +282,7 @@ def test_big_tiff_bounded_path_through_the_cli(tmp_path, grey_bundle):
     assert int(row["voxels"]) == want["voxels"] and int(row["components"]) == want["components"]
     if want["bbox"]:
         assert list(map(int, row["bbox"].split())) == want["bbox"]
-    r = run_cli("predict", src, "--model", grey_bundle, "--max-memory", "300MB", "--method", "direct",
+    r = run_cli("predict", src, "--model", grey_bundle, "--max-memory", budget, "--method", "direct",
                 "-o", tmp_path / "d.tif")
     assert r.returncode == 1 and "stts" in r.stderr and "slide.tif" in r.stderr
     assert not (tmp_path / "d.tif").exists()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import resource
 import signal
 import subprocess
@@ -227,32 +228,43 @@ def test_compressed_volume_over_budget_is_refused_from_its_header(tmp_path, grey
     # memory plan counts what the process holds, so export here, as a user's earlier run would have.
     Segmenter(grey_bundle).warm_up("volume")
     cmd = [sys.executable, "-m", "segcli", "predict", str(tmp_path / "v.nrrd"), "--model", str(grey_bundle),
-           "--max-memory", "400MB", "-o", str(tmp_path / "m.nrrd")]
+           "--max-memory", "300MB", "-o", str(tmp_path / "m.nrrd")]
     r = subprocess.run(["/usr/bin/time", "-v", *cmd], capture_output=True, text=True, cwd=REPO, timeout=300)
-    assert r.returncode == 1
-    assert f"{tmp_path / 'v.nrrd'}: this 320x320x320 volume needs about" in r.stderr
-    assert "more than the 400.0 MB budget" in r.stderr
+    assert r.returncode == 2, r.stderr  # the run's only file cannot fit: refused up front
+    assert f"segcli: error: {tmp_path / 'v.nrrd'}: this 320x320x320 volume needs at least" in r.stderr
+    assert "; --max-memory is 300.0 MB" in r.stderr
     peak_kb = int(next(line.split(":")[1] for line in r.stderr.splitlines() if "Maximum resident" in line))
     sitk.WriteImage(sitk.GetImageFromArray(np.zeros((4, 4, 4), np.float32)), str(tmp_path / "tiny.nrrd"),
-                    useCompression=True)  # the same refusal for a tiny volume: the same libraries loaded
-    baseline = subprocess.run(["/usr/bin/time", "-v", *cmd[:4], str(tmp_path / "tiny.nrrd"), *cmd[5:]],
-                              capture_output=True, text=True, cwd=REPO, timeout=300)
+                    useCompression=True)  # a tiny volume refused by the plan itself: the same libraries loaded
+    baseline = subprocess.run(["/usr/bin/time", "-v", *cmd[:4], str(tmp_path / "tiny.nrrd"), *cmd[5:8], "1MB",
+                               *cmd[9:]], capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert baseline.returncode == 2 and "needs at least" in baseline.stderr, baseline.stderr
     base_kb = int(next(line.split(":")[1] for line in baseline.stderr.splitlines() if "Maximum resident" in line))
     assert peak_kb - base_kb < 40_000, (peak_kb, base_kb)  # the 131 MB of voxels were never decoded
     assert not (tmp_path / "m.nrrd").exists()
 
 
 def test_read_ahead_files_share_the_budget(tmp_path, grey_bundle):
+    """Files read ahead are held at once: a budget one such volume fits but three do not refuses each
+    file, naming how many are held; --prefetch 0 holds one and fits."""
     import SimpleITK as sitk
 
+    from segcli import memory
+
+    shape = (96, 256, 256)  # compressed NRRD, read whole: 6 bytes per voxel of its own (float32 + masks)
     for i in range(2):
-        sitk.WriteImage(sitk.GetImageFromArray(np.random.default_rng(i).normal(size=(8, 64, 64)).astype(np.float32)),
-                        str(tmp_path / f"v{i}.nii.gz"))
-    r = run_cli("predict", tmp_path / "v0.nii.gz", tmp_path / "v1.nii.gz", "--model", grey_bundle,
-                "--max-memory", "900MB", "-o", tmp_path / "o")
-    assert r.returncode == 1 and "its 1/3 share of the 900.0 MB budget" in r.stderr, r.stderr
-    r = run_cli("predict", tmp_path / "v0.nii.gz", tmp_path / "v1.nii.gz", "--model", grey_bundle,
-                "--max-memory", "900MB", "-o", tmp_path / "o", "--prefetch", "0")
+        sitk.WriteImage(sitk.GetImageFromArray(np.full(shape, i + 1, np.float32)), str(tmp_path / f"v{i}.nrrd"),
+                        useCompression=True)
+    args = ("predict", tmp_path / "v0.nrrd", tmp_path / "v1.nrrd", "--model", grey_bundle, "-o", tmp_path / "o")
+    r = run_cli(*args, "--max-memory", "1MB")  # the CLI's own minimum (its interpreter, the networks at batch 1)
+    minimum = float(re.search(r"needs at least ([0-9.]+) MB at batch 1", r.stderr).group(1)) * 10**6  # type: ignore[union-attr]
+    own = memory.estimate_volume(shape, 1, 4, model_channels=1, n_classes=2, return_probs=False)
+    budget = int(minimum + 2 * own) // 10**6  # one file's need < budget < three files' need
+    args = (*args, "--max-memory", f"{budget}MB")
+    r = run_cli(*args)
+    assert r.returncode == 1 and "with 3 files held at once (--prefetch 0 holds one)" in r.stderr, r.stderr
+    assert f"{tmp_path / 'v0.nrrd'}: this 96x256x256 volume needs at least" in r.stderr
+    r = run_cli(*args, "--prefetch", "0")
     assert r.returncode == 0, r.stderr
 
 

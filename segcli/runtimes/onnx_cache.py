@@ -272,6 +272,11 @@ def status(bundle: Any, role: str, setting: str | None = None) -> str:
     return "onnxruntime fp32 (exported on first use)"
 
 
+#: Bumped when the way network costs are measured changes (2: freed heap handed back before each
+#: measurement; version-1 records could read a batch-1 cost near zero), so older records are measured again.
+MEMORY_RECORD_VERSION = 2
+
+
 def _memory_path(digest: str, setting: str | None = None) -> Path | None:
     root = cache_root(setting)
     return None if root is None else root / f"memory-{digest[:40]}.json"
@@ -282,6 +287,8 @@ def memory_record(digest: str, size: int, setting: str | None = None) -> dict[in
     (:func:`segcli.memplan.measure_onnx`), kept beside the cached exports; None when not measured yet."""
     path = _memory_path(digest, setting)
     doc = _read_record(path) if path is not None else None
+    if (doc or {}).get("version") != MEMORY_RECORD_VERSION:
+        return None
     table = (doc or {}).get("sizes", {}).get(str(int(size)))
     if not isinstance(table, dict) or not table:
         return None
@@ -298,7 +305,9 @@ def save_memory_record(digest: str, size: int, table: dict[int, int], setting: s
         return
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        doc = _read_record(path) or {"sha256": digest, "sizes": {}}
+        doc = _read_record(path) or {}
+        if doc.get("version") != MEMORY_RECORD_VERSION:
+            doc = {"sha256": digest, "version": MEMORY_RECORD_VERSION, "sizes": {}}
         doc.setdefault("sizes", {})[str(int(size))] = {str(b): int(v) for b, v in sorted(table.items())}
         doc["measured"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
         _write_atomic(path, json.dumps(doc, indent=1).encode())
