@@ -150,9 +150,9 @@ class InMemoryRoute:
             write_dicom_seg(seg, job, to_original_axes(self.res.labels, self.img.meta), self.img.meta)
         else:
             io.write_mask(self.res.labels, self.img, job.out)
-        if seg.options.instances:
-            write_instances(job, self.res.labels, self.img)
-        if seg.options.geojson:
+        if seg.options.instances:  # with --geojson / --stats: one detection / CSV row per instance
+            write_instances(seg, job, self.res.labels, self.img, self.kind)
+        if seg.options.geojson and not seg.options.instances:
             if self.img.ndim != 2:
                 job.rep.warnings.append("GeoJSON is written for 2D images only; none for this volume")
             else:
