@@ -15,9 +15,9 @@ The mask is never held whole. Each output tile (its *core*) is answered from a *
   of these tiles is reported (``summary["cut_components"]``); none is expected for nuclei.
 
 Within a window the split equals the whole-image split of :func:`~segcli.instances.split_touching` except
-where its smoothing (about 4 px) reaches a neighbouring component that the window cuts, so the counts of a
-tiled and an in-memory run agree (tested on generated slides); ids are numbered in raster order of the
-owning tiles rather than by the whole-image flood.
+where its smoothing (about 4 px) reaches a neighbouring component that the window cuts, or the flood breaks a
+tie in another order: on a 4000² mosaic of nuclei-he masks of MoNuSeg, 7,322 objects both ways and 24 of 2.9 M
+foreground pixels on another object. Ids are numbered in raster order of the owning tiles.
 
 Memory: one window of class ids, distances and labels (≈ 20 bytes per window pixel), plus the pending pixels
 of whole objects that reach into later tiles (one row of tiles deep).
@@ -33,8 +33,9 @@ from scipy import ndimage as ndi
 
 from segcli.instances import split_touching
 
-#: Default margin around each tile (level-0 px): every nucleus and most clusters of touching nuclei fit in it.
-MARGIN = 64
+#: Default margin around each tile (level-0 px). On a 4000² mosaic of nuclei-he masks of MoNuSeg (18 % nuclei),
+#: 64 px re-read 33 of 64 tiles at the reach and cost 30 s of CPU, 128 px 11 tiles and 17 s (whole image: 10 s).
+MARGIN = 128
 #: Default reach: components up to this extent (px) get one id per object across tiles.
 REACH = 512
 
@@ -98,6 +99,9 @@ class TiledInstances:
             win = self._window(box, self.reach)
             cls, comp, touching, slices, cut = self._components(box, win)
         wy0, wx0 = win[0], win[1]
+        out = np.zeros((y1 - y0, x1 - x0), np.uint32)
+        if not len(touching):  # glass, or only objects of earlier tiles: their pixels are pending
+            return self._paint_pending(out, me, y0, x0)
         ext = np.array([[s.stop - s.start for s in slices[k - 1]] for k in touching.tolist()], np.int64).reshape(-1, 2)
         whole = (ext <= self.reach).all(axis=1) & ~cut
         # the owner of a whole component: the first tile (raster order) that holds one of its pixels
@@ -109,7 +113,6 @@ class TiledInstances:
         mine = touching[whole & (owner == me)]
         large = touching[~whole]
         self.cut_components += int(len(large))
-        out = np.zeros((y1 - y0, x1 - x0), np.uint32)
         if len(mine) or len(large):
             inst = split_touching(cls > 0, self.min_distance)
             lut = np.zeros(int(comp.max()) + 1, np.int8)
@@ -127,6 +130,9 @@ class TiledInstances:
             self._defer(glob, (which == 1) & ~in_core, key, wy0, wx0)
             if self.on_objects is not None and len(new):
                 self._describe(glob, cls, new, win)
+        return self._paint_pending(out, me, y0, x0)
+
+    def _paint_pending(self, out: np.ndarray, me: int, y0: int, x0: int) -> np.ndarray:
         for py, px, pid in self.pending.pop(me, []):
             out[py - y0, px - x0] = pid
         return out
