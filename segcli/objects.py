@@ -6,7 +6,8 @@ Measurements (``measure``), per instance id of a uint32 label image:
 - perimeter: scikit-image's ``regionprops`` estimate (boundary pixels weighted by their 4-neighbour pattern,
   closer to the true outline than the staircase length of the pixel-edge polygon), in µm where known;
 - circularity ``4π·area / perimeter²`` (1 for a disc, clipped to 1 for the smallest objects whose
-  estimated perimeter runs short) and solidity (area / area of the convex hull, in pixels);
+  estimated perimeter runs short) and solidity (area / area of the convex hull of its pixel squares, as QuPath
+  computes it on an outline);
 - for H&E, the mean haematoxylin and eosin optical density: OD = −log10(I / 255) per channel (I ≥ 1),
   unmixed with Ruifrok and Johnston's stain vectors (Anal. Quant. Cytol. Histol. 23:291, 2001), the matrix
   of ``skimage.color.rgb2hed``, but kept in OD units as QuPath reports them (rgb2hed rescales by ln 10⁻⁶).
@@ -22,7 +23,6 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
-from scipy import ndimage as ndi
 
 #: Columns of the per-object CSV (``--stats`` with ``--instances``), in order.
 CSV_FIELDS = ["input", "id", "class", "centroid_x", "centroid_y", "area_px", "area_um2", "bbox_x0", "bbox_y0",
@@ -36,16 +36,44 @@ def is_he(bundle: Any, kind: str, channels: int) -> bool:
     return channels == 3 and (kind == "he" or "H&E" in modality)
 
 
+#: −log10(I / 255) of every 8-bit intensity (I = 0 counts as 1): optical density by lookup.
+_OD = -np.log10(np.clip(np.arange(256, dtype=np.float64), 1.0, 255.0) / 255.0).astype(np.float32)
+
+
 def stain_od(rgb: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Haematoxylin and eosin optical density of an RGB image (``(H, W, 3)``, 8-bit scale), float32 each."""
+    """Haematoxylin and eosin optical density of RGB pixels (``(..., 3)``, 8-bit scale), float32 each."""
     from skimage.color import hed_from_rgb
 
-    x = np.asarray(rgb)[..., :3].astype(np.float32)
-    if x.dtype != np.uint8 and x.max(initial=0) <= 1.0:
-        x = x * 255.0
-    od = -np.log10(np.clip(x, 1.0, 255.0) / 255.0)
-    hed = od.reshape(-1, 3) @ hed_from_rgb.astype(np.float32)
-    return hed[:, 0].reshape(od.shape[:2]), hed[:, 1].reshape(od.shape[:2])
+    x = np.asarray(rgb)[..., :3]
+    if x.dtype == np.uint8:
+        od = _OD[x]
+    else:
+        x = x.astype(np.float32)
+        if x.max(initial=0) <= 1.0:
+            x = x * 255.0
+        od = -np.log10(np.clip(x, 1.0, 255.0) / 255.0)
+    hed = od.reshape(-1, 3) @ hed_from_rgb[:, :2].astype(np.float32)
+    return hed[:, 0].reshape(od.shape[:-1]), hed[:, 1].reshape(od.shape[:-1])
+
+
+def _mean_od(inst: np.ndarray, rgb: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Mean H and E optical density of each instance in ``labels``, from its pixels only."""
+    fg = inst > 0
+    ids = inst[fg].astype(np.int64)
+    h, e = stain_od(np.asarray(rgb)[fg])
+    n = int(max(ids.max(initial=0), labels.max(initial=0))) + 1
+    count = np.maximum(np.bincount(ids, minlength=n), 1)
+    return (np.bincount(ids, h, minlength=n)[labels] / count[labels],
+            np.bincount(ids, e, minlength=n)[labels] / count[labels])
+
+
+def _solidity(coords: np.ndarray, area: int) -> float:
+    """Area over the area of the convex hull of the object's pixel squares (QuPath's ROI definition)."""
+    import cv2
+
+    corners = (coords[:, None, ::-1] + np.array([[0, 0], [0, 1], [1, 0], [1, 1]])).reshape(-1, 2)
+    hull = cv2.convexHull(corners.astype(np.float32))
+    return min(1.0, area / max(float(cv2.contourArea(hull)), 1.0))
 
 
 def measure(inst: np.ndarray, *, ids: np.ndarray | None = None, classes: np.ndarray | None = None,
@@ -72,8 +100,7 @@ def measure(inst: np.ndarray, *, ids: np.ndarray | None = None, classes: np.ndar
     um = (sy * sx) ** 0.5 * 1e3 if sy is not None else None
     h_od = e_od = None
     if rgb is not None:
-        h, e = stain_od(rgb)
-        h_od, e_od = ndi.mean(h, inst, labels), ndi.mean(e, inst, labels)
+        h_od, e_od = _mean_od(inst, rgb, labels)
     oy, ox = (int(v) for v in offset)
     rows = []
     for k, p in enumerate(props):
@@ -91,7 +118,7 @@ def measure(inst: np.ndarray, *, ids: np.ndarray | None = None, classes: np.ndar
             "bbox_x0": x0 + ox, "bbox_y0": y0 + oy, "bbox_x1": x1 + ox, "bbox_y1": y1 + oy,
             "perimeter": round(perim * um if um is not None else perim, 4),
             "perimeter_unit": "um" if um is not None else "px",
-            "circularity": round(circ, 4), "solidity": round(float(p.solidity), 4),
+            "circularity": round(circ, 4), "solidity": round(_solidity(p.coords, area), 4),
             "hematoxylin_od_mean": round(float(h_od[k]), 4) if h_od is not None else None,
             "eosin_od_mean": round(float(e_od[k]), 4) if e_od is not None else None,
         })

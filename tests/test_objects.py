@@ -73,11 +73,14 @@ def test_measurements_of_a_disc_and_a_square_have_known_answers():
     assert disc["area_px"] == int((inst == 1).sum()) and disc["area_um2"] is None and disc["perimeter_unit"] == "px"
     assert (disc["centroid_x"], disc["centroid_y"]) == (1020.5, 120.5)  # QuPath's frame: pixel centres at +0.5
     assert (disc["bbox_x0"], disc["bbox_y0"], disc["bbox_x1"], disc["bbox_y1"]) == (1010, 110, 1031, 131)
-    assert disc["circularity"] > 0.9 and 0.9 < disc["solidity"] < 1.0  # a digital disc is not quite convex
+    assert disc["circularity"] > 0.9 and 0.9 < disc["solidity"] < 1.0  # a digital disc's staircase is not convex
     assert sq["area_px"] == 400 and sq["solidity"] == 1.0
     assert sq["perimeter"] == pytest.approx(80, abs=4)  # regionprops' estimate of a 20-px square's outline
     assert sq["circularity"] == pytest.approx(4 * np.pi * 400 / sq["perimeter"] ** 2, abs=1e-3)
     assert sq["hematoxylin_od_mean"] is None
+    ell = np.zeros((4, 4), np.uint32)
+    ell[1, 1] = ell[1, 2] = ell[2, 1] = 5  # three pixel squares: hull 2 x 2 less half a pixel
+    assert measure(ell)[0]["solidity"] == pytest.approx(3 / 3.5, abs=1e-4)
 
 
 def test_stain_od_follows_ruifrok_johnston():
@@ -90,6 +93,8 @@ def test_stain_od_follows_ruifrok_johnston():
     assert float(h[0, 0]) == pytest.approx(0.8, abs=1e-3) and abs(float(e[0, 0])) < 1e-3
     white = np.full((1, 1, 3), 255, np.uint8)
     assert float(stain_od(white)[0][0, 0]) == 0.0
+    as_bytes = np.rint(rgb).astype(np.uint8).reshape(1, 1, 3)  # the 8-bit lookup path agrees
+    assert float(stain_od(as_bytes)[0][0, 0]) == pytest.approx(0.8, abs=0.01)
 
 
 def test_an_instance_of_corner_joined_parts_is_one_multipolygon():
