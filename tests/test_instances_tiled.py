@@ -85,14 +85,16 @@ def _spans(inst: np.ndarray, tile: int) -> int:
                for i in range(1, int(inst.max()) + 1))
 
 
-def test_slide_read_by_region_writes_one_id_per_object(tmp_path):
+def test_slide_read_by_region_writes_one_id_per_object(tmp_path, monkeypatch):
     """The bounded route (lazy_pixels=0) with 64-px tiles, on the shipped H&E bundle: a tiled uint32 BigTIFF
     whose objects are those of the whole-image split of the same run's mask, as many as the in-memory run
     finds; one GeoJSON detection and one CSV row per instance, objects across tile edges with one id."""
     import csv
 
+    import segcli.instances_tiled
     from segcli.api import Segmenter
 
+    monkeypatch.setattr(segcli.instances_tiled, "INSTANCE_TILE", 64)  # 64-px tiles: many seams on a small slide
     path = _slide(tmp_path)
     seg = Segmenter(str(NUCLEI_HE), lazy_pixels=0, instances=True, geojson=True, stats=True, tile_size=64)
     rep = seg.predict_file(path, tmp_path / "out" / "slide_seg.tif")
@@ -102,6 +104,7 @@ def test_slide_read_by_region_writes_one_id_per_object(tmp_path):
     with tifffile.TiffFile(tmp_path / "out" / "slide_seg_instances.tif") as tif:
         page = tif.pages[0]
         assert tif.is_bigtiff and page.is_tiled and page.dtype == np.uint32 and page.shape == mask.shape
+        assert page.tilewidth == 64
         inst = page.asarray()
     info = rep.info["instances"]
     assert info["tiled"] and info["cut_components"] == 0 and info["objects"] == int(inst.max()) > 30
