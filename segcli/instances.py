@@ -39,8 +39,7 @@ def split_touching(mask: np.ndarray, min_distance: float = 3.0, smooth: float = 
     seeded[np.unique(comps[seeds > 0])] = True
     missing = np.flatnonzero(~seeded[1:]) + 1
     if missing.size:
-        where = ndi.maximum_position(dist, comps, missing)
-        for i, (y, x) in enumerate(where):
+        for i, (y, x) in enumerate(_deepest(dist, comps, missing)):
             seeds[y, x] = n_seeds + 1 + i
         n_seeds += missing.size
     # scikit-image's compact priority-flood watershed over the inverted distance, restricted to the mask.
@@ -49,9 +48,28 @@ def split_touching(mask: np.ndarray, min_distance: float = 3.0, smooth: float = 
     from skimage.segmentation import watershed
 
     out = watershed(-dist, markers=seeds, mask=fg, connectivity=2).astype(np.uint32)
-    # consecutive ids (a seed the flood never left can vanish under the mask)
-    _, inverse = np.unique(out, return_inverse=True)  # 0 is always present: components are not the whole image
-    return inverse.reshape(out.shape).astype(np.uint32) if (out == 0).any() else out
+    # consecutive ids (a seed the flood never left can vanish under the mask), by a lookup table rather than
+    # np.unique's sort of every pixel (a third of the split's time on 768² windows)
+    present = np.bincount(out.ravel(), minlength=n_seeds + 1) > 0
+    present[0] = True
+    if present.all():
+        return out
+    lut = (np.cumsum(present) - 1).astype(np.uint32)
+    return lut[out]
+
+
+def _deepest(dist: np.ndarray, comps: np.ndarray, which: np.ndarray) -> list[tuple[int, int]]:
+    """For each component in ``which``: its first pixel (raster order) of largest ``dist``, as
+    ``ndi.maximum_position`` gives it, found with one sort of those components' pixels only."""
+    want = np.zeros(int(comps.max()) + 1, bool)
+    want[which] = True
+    flat = np.flatnonzero(want[comps.ravel()])
+    lab, val = comps.ravel()[flat], dist.ravel()[flat]
+    order = np.lexsort((flat, -val, lab))
+    first = np.r_[True, lab[order][1:] != lab[order][:-1]]
+    best = dict(zip(lab[order][first].tolist(), flat[order][first].tolist(), strict=True))
+    w = comps.shape[1]
+    return [(best[k] // w, best[k] % w) for k in which.tolist()]
 
 
 def components(mask: np.ndarray) -> np.ndarray:

@@ -15,7 +15,14 @@ from segcli import io
 from segcli.errors import SegcliError
 from segcli.inferer import RunContext
 from segcli.io.atomic import split_extension
-from segcli.io.naming import geojson_path, instances_path, preview_path, probabilities_path, with_extension
+from segcli.io.naming import (
+    geojson_path,
+    instances_path,
+    objects_path,
+    preview_path,
+    probabilities_path,
+    with_extension,
+)
 from segcli.job import Job
 
 if TYPE_CHECKING:
@@ -47,6 +54,8 @@ def planned_outputs(options: Any, out: Path) -> list[tuple[str, Path]]:
         files.append(("probabilities", probabilities_path(out)))
     if getattr(options, "instances", False):
         files.append(("instances", instances_path(out)))
+        if options.stats:
+            files.append(("objects", objects_path(out)))
     if options.preview:
         files.append(("preview", preview_path(out)))
     return files
@@ -99,14 +108,28 @@ def write_dicom_seg(ctx: RunContext, job: Job, file_order_labels: np.ndarray, me
         job.rep.warnings.append("no foreground: no DICOM SEG written")
 
 
-def write_instances(job: Job, labels: np.ndarray, like: Any) -> None:
+def write_instances(ctx: RunContext, job: Job, labels: np.ndarray, img: Any, kind: str) -> None:
     """``NAME_instances.tif``: uint32 object ids of every foreground class, touching objects split by the
-    seeded watershed (:mod:`segcli.instances`), with the input's resolution tags; the count goes in the report."""
+    seeded watershed (:mod:`segcli.instances`), with the input's resolution tags; the count goes in the report.
+    With ``--geojson`` the GeoJSON holds one detection per instance, with ``--stats`` ``NAME_objects.csv``
+    one row per instance (:mod:`segcli.objects`)."""
     from segcli.instances import split_touching
     from segcli.io.tiff import write_pages
+    from segcli.objects import ObjectSink, describe, is_he
 
     inst = split_touching(labels > 0)
     path = instances_path(job.out)
-    write_pages(inst, like, path)
+    write_pages(inst, img, path)
     job.rep.info["instances"] = {"path": str(path), "objects": int(inst.max(initial=0)), "split": "watershed"}
-
+    bundle = ctx.bundle_for(kind)
+    sink = ObjectSink(bundle.classes, geojson_path(job.out) if ctx.options.geojson else None,
+                      objects_path(job.out) if ctx.options.stats else None, input_name=str(job.rep.input))
+    if not sink.wanted:
+        return
+    try:
+        rgb = img.array if is_he(bundle, kind, img.channels) else None
+        sink.add(describe(inst, labels, rgb=rgb, spacing=img.spacing, want_outlines=sink.geo is not None))
+    except BaseException:
+        sink.abort()
+        raise
+    job.rep.info.update(sink.close())

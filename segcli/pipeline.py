@@ -149,9 +149,9 @@ class InMemoryRoute:
             write_dicom_seg(ctx, job, to_original_axes(self.res.labels, self.img.meta), self.img.meta)
         else:
             io.write_mask(self.res.labels, self.img, job.out)
-        if ctx.options.instances:
-            write_instances(job, self.res.labels, self.img)
-        if ctx.options.geojson:
+        if ctx.options.instances:  # with --geojson / --stats: one detection / CSV row per instance
+            write_instances(ctx, job, self.res.labels, self.img, self.kind)
+        if ctx.options.geojson and not ctx.options.instances:
             if self.img.ndim != 2:
                 job.rep.warnings.append("GeoJSON is written for 2D images only; none for this volume")
             else:
@@ -331,7 +331,7 @@ class TiledTiffRoute:
                 tile_stats.add(tile, box)
 
         geo = None
-        if opts.geojson:  # polygons built tile by tile as the mask streams out; the slide is never held whole
+        if opts.geojson and not opts.instances:  # polygons built tile by tile as the mask streams out; the slide is never held whole
             from segcli.io.geojson import GeoJSONWriter
 
             geo = GeoJSONWriter(geojson_path(job.out), bundle.classes, spacing=plane.spacing,
@@ -352,6 +352,10 @@ class TiledTiffRoute:
             raise
         if geo is not None:
             rep.info["geojson"] = geo.close()
+        if opts.instances:  # one id per object across tiles (segcli.instances_tiled)
+            from segcli.instances_tiled import write_slide_instances
+
+            write_slide_instances(job.out, rep, labels, plane, bundle, self.kind, opts, ome)
         if opts.probabilities and rep.status == "ok":
             write_tiled(probabilities_path(job.out), (bundle.n_classes, *plane.shape), labels.read_probs,
                         dtype=np.float32, tile=opts.tile_size, resolution=plane.resolution, spacing=plane.spacing,
@@ -515,9 +519,9 @@ def _read(ctx: RunContext, path: Path, output: str | Path | None, *, input_root:
             bundle = ctx.bundle_for(job.route.kind)
             job.rep.warnings.extend(mismatch_warnings(bundle, dtype, job.route.spacing, ndim, opts.window))
             facts.intensity_notes(ctx, job, bundle, dtype, isinstance(job.route, InMemoryRoute) and job.route.img.ndim == 2)
-        if ctx.options.instances and not (isinstance(job.route, InMemoryRoute) and job.route.img.ndim == 2):
-            raise InputError("--instances is written for 2D images held in memory (photos, tiles); this input "
-                             "is a volume or a slide read by region", path)
+        if ctx.options.instances and len(job.route.spatial_shape) != 2:
+            raise InputError("--instances is written for 2D images (photos, tiles, slides); this input is a "
+                             "volume", path)
         job.rep.shape = list(job.route.spatial_shape)
         job.rep.spacing = list(job.route.spacing) if job.route.spacing else None
         if isinstance(job.route, InMemoryRoute):

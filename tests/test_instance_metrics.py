@@ -170,4 +170,4 @@ def test_predict_instances_writes_the_split_label_image(tmp_path, grey_bundle):
     nib.save(nib.Nifti1Image(rng.random((16, 16, 4)).astype(np.float32), np.eye(4)), vol)
     r = run_cli("predict", vol, "-o", tmp_path / "vout", "--model", grey_bundle, "--instances")
     assert r.returncode == 1
-    assert "--instances is written for 2D images held in memory" in r.stderr and str(vol) in r.stderr
+    assert "--instances is written for 2D images" in r.stderr and str(vol) in r.stderr

@@ -42,6 +42,12 @@ def instances_path(mask_path: Path) -> Path:
     return mask_path.with_name(f"{split_extension(mask_path.name)[0]}_instances.tif")
 
 
+def objects_path(mask_path: Path) -> Path:
+    """``NAME_objects.csv`` beside the mask ``NAME.EXT`` (one row of measurements per instance)."""
+    mask_path = Path(mask_path)
+    return mask_path.with_name(f"{split_extension(mask_path.name)[0]}_objects.csv")
+
+
 def preview_path(mask_path: Path) -> Path:
     """``NAME_preview.png`` beside the mask ``NAME.EXT``."""
     mask_path = Path(mask_path)

@@ -1,0 +1,243 @@
+"""Instances as objects: one outline and one row of measurements per object, as QuPath's detections carry.
+
+Measurements (``measure``), per instance id of a uint32 label image:
+
+- area in pixels, and in µm² where the pixel size is known;
+- perimeter: scikit-image's ``regionprops`` estimate (boundary pixels weighted by their 4-neighbour pattern,
+  closer to the true outline than the staircase length of the pixel-edge polygon), in µm where known;
+- circularity ``4π·area / perimeter²`` (1 for a disc, clipped to 1 for the smallest objects whose
+  estimated perimeter runs short) and solidity (area / area of the convex hull of its pixel squares, as QuPath
+  computes it on an outline);
+- for H&E, the mean haematoxylin and eosin optical density: OD = −log10(I / 255) per channel (I ≥ 1),
+  unmixed with Ruifrok and Johnston's stain vectors (Anal. Quant. Cytol. Histol. 23:291, 2001), the matrix
+  of ``skimage.color.rgb2hed``, but kept in OD units as QuPath reports them (rgb2hed rescales by ln 10⁻⁶).
+
+Outlines (``outlines``): each instance's pixels as exact pixel-edge rings (:mod:`segcli.io.contours`). Two
+instances that touch share edges, so the 4-connected regions of one id are traced in layers in which no two
+regions touch, not even at a corner (a greedy colouring of their contact graph); an instance made of several
+such regions (pixels joined only at corners by the watershed) becomes one MultiPolygon.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+#: Columns of the per-object CSV (``--stats`` with ``--instances``), in order.
+CSV_FIELDS = ["input", "id", "class", "centroid_x", "centroid_y", "area_px", "area_um2", "bbox_x0", "bbox_y0",
+              "bbox_x1", "bbox_y1", "perimeter", "perimeter_unit", "circularity", "solidity",
+              "hematoxylin_od_mean", "eosin_od_mean"]
+
+
+def is_he(bundle: Any, kind: str, channels: int) -> bool:
+    """H&E optical densities apply: an RGB image that a content check called H&E, or a bundle made for H&E."""
+    modality = str(getattr(bundle, "info", {}).get("modality", ""))
+    return channels == 3 and (kind == "he" or "H&E" in modality)
+
+
+#: −log10(I / 255) of every 8-bit intensity (I = 0 counts as 1): optical density by lookup.
+_OD = -np.log10(np.clip(np.arange(256, dtype=np.float64), 1.0, 255.0) / 255.0).astype(np.float32)
+
+
+def stain_od(rgb: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Haematoxylin and eosin optical density of RGB pixels (``(..., 3)``, 8-bit scale), float32 each."""
+    from skimage.color import hed_from_rgb
+
+    x = np.asarray(rgb)[..., :3]
+    if x.dtype == np.uint8:
+        od = _OD[x]
+    else:
+        x = x.astype(np.float32)
+        if x.max(initial=0) <= 1.0:
+            x = x * 255.0
+        od = -np.log10(np.clip(x, 1.0, 255.0) / 255.0)
+    hed = od.reshape(-1, 3) @ hed_from_rgb[:, :2].astype(np.float32)
+    return hed[:, 0].reshape(od.shape[:-1]), hed[:, 1].reshape(od.shape[:-1])
+
+
+def _mean_od(inst: np.ndarray, rgb: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Mean H and E optical density of each instance in ``labels``, from its pixels only."""
+    fg = inst > 0
+    ids = inst[fg].astype(np.int64)
+    h, e = stain_od(np.asarray(rgb)[fg])
+    n = int(max(ids.max(initial=0), labels.max(initial=0))) + 1
+    count = np.maximum(np.bincount(ids, minlength=n), 1)
+    return (np.bincount(ids, h, minlength=n)[labels] / count[labels],
+            np.bincount(ids, e, minlength=n)[labels] / count[labels])
+
+
+def _solidity(coords: np.ndarray, area: int) -> float:
+    """Area over the area of the convex hull of the object's pixel squares (QuPath's ROI definition)."""
+    import cv2
+
+    corners = (coords[:, None, ::-1] + np.array([[0, 0], [0, 1], [1, 0], [1, 1]])).reshape(-1, 2)
+    hull = cv2.convexHull(corners.astype(np.float32))
+    return min(1.0, area / max(float(cv2.contourArea(hull)), 1.0))
+
+
+def measure(inst: np.ndarray, *, ids: np.ndarray | None = None, classes: np.ndarray | None = None,
+            rgb: np.ndarray | None = None, spacing: tuple[float, ...] | None = None,
+            offset: tuple[int, int] = (0, 0)) -> list[dict[str, Any]]:
+    """One dict per instance (``ids``, default all) of the label image ``inst``, in the CSV's columns.
+
+    ``classes`` is a class-id map of the same shape (the semantic mask): an object's class is that of its
+    first pixel. ``rgb`` (same height and width) gives the H&E optical densities. ``spacing`` is the pixel
+    size ``(sy, sx)`` in mm. ``offset`` ``(y, x)`` places ``inst`` in the image (a tile of a slide): centroids
+    and boxes are in the image's level-0 pixels; centroids in QuPath's frame, where pixel ``(i, j)`` spans
+    ``[j, j + 1] × [i, i + 1]`` (so its centre is ``(j + 0.5, i + 0.5)``).
+    """
+    from skimage.measure import regionprops
+
+    inst = np.asarray(inst)
+    want = None if ids is None else {int(i) for i in np.asarray(ids).ravel()}
+    props = [p for p in regionprops(inst) if want is None or p.label in want]
+    if not props:
+        return []
+    labels = np.array([p.label for p in props], np.int64)
+    sy, sx = (float(spacing[-2]), float(spacing[-1])) if spacing is not None else (None, None)
+    um2 = sy * sx * 1e6 if sy is not None else None
+    um = (sy * sx) ** 0.5 * 1e3 if sy is not None else None
+    h_od = e_od = None
+    if rgb is not None:
+        h_od, e_od = _mean_od(inst, rgb, labels)
+    oy, ox = (int(v) for v in offset)
+    rows = []
+    for k, p in enumerate(props):
+        area = int(p.area)
+        y0, x0, y1, x1 = (int(v) for v in p.bbox)
+        cy, cx = p.centroid
+        perim = float(p.perimeter)
+        circ = min(1.0, 4.0 * np.pi * area / perim**2) if perim > 0 else 1.0
+        first = p.coords[0]
+        rows.append({
+            "id": int(p.label),
+            "class": int(classes[first[0], first[1]]) if classes is not None else 1,
+            "centroid_x": round(cx + ox + 0.5, 3), "centroid_y": round(cy + oy + 0.5, 3),
+            "area_px": area, "area_um2": round(area * um2, 4) if um2 is not None else None,
+            "bbox_x0": x0 + ox, "bbox_y0": y0 + oy, "bbox_x1": x1 + ox, "bbox_y1": y1 + oy,
+            "perimeter": round(perim * um if um is not None else perim, 4),
+            "perimeter_unit": "um" if um is not None else "px",
+            "circularity": round(circ, 4), "solidity": round(_solidity(p.coords, area), 4),
+            "hematoxylin_od_mean": round(float(h_od[k]), 4) if h_od is not None else None,
+            "eosin_od_mean": round(float(e_od[k]), 4) if e_od is not None else None,
+        })
+    return rows
+
+
+def qupath_measurements(row: dict[str, Any]) -> dict[str, float]:
+    """A :func:`measure` row as QuPath's ``measurements`` map (names in QuPath's own words and units)."""
+    m: dict[str, float] = {"Area px": row["area_px"]}
+    if row["area_um2"] is not None:
+        m["Area \u00b5m^2"] = row["area_um2"]
+    m["Perimeter \u00b5m" if row["perimeter_unit"] == "um" else "Perimeter px"] = row["perimeter"]
+    m["Circularity"] = row["circularity"]
+    m["Solidity"] = row["solidity"]
+    if row["hematoxylin_od_mean"] is not None:
+        m["Hematoxylin OD mean"] = row["hematoxylin_od_mean"]
+        m["Eosin OD mean"] = row["eosin_od_mean"]
+    return m
+
+
+def _colour_layers(reg: np.ndarray, n: int) -> list[np.ndarray]:
+    """Masks of the regions ``reg`` (1..n) in which no two regions touch at an edge or a corner."""
+    pairs = []
+    for a, b in ((reg[:, :-1], reg[:, 1:]), (reg[:-1, :], reg[1:, :]), (reg[:-1, :-1], reg[1:, 1:]),
+                 (reg[:-1, 1:], reg[1:, :-1])):
+        hit = (a != b) & (a > 0) & (b > 0)
+        if hit.any():
+            pairs.append(np.column_stack([a[hit], b[hit]]))
+    fg = reg > 0
+    if not pairs:
+        return [fg]
+    pr = np.unique(np.sort(np.concatenate(pairs).astype(np.int64), axis=1), axis=0)
+    adj: dict[int, list[int]] = {}
+    for a, b in pr.tolist():
+        adj.setdefault(a, []).append(b)
+        adj.setdefault(b, []).append(a)
+    colour = np.zeros(n + 1, np.int64)
+    for k in sorted(adj):
+        used = {colour[m] for m in adj[k] if m < k}
+        c = 0
+        while c in used:
+            c += 1
+        colour[k] = c
+    per_pixel = colour[reg]
+    return [fg & (per_pixel == c) for c in range(int(colour.max()) + 1)]
+
+
+def outlines(inst: np.ndarray, shift: tuple[int, int] = (0, 0), ids: np.ndarray | None = None,
+             ) -> dict[int, tuple[str, str]]:
+    """Instance id → (GeoJSON geometry type, its ``coordinates`` as JSON text), pixel-exact.
+
+    ``shift`` ``(x, y)`` is added to every coordinate; ``ids`` restricts the result to those instances.
+    """
+    from skimage.measure import label as label_regions
+
+    from segcli.io.contours import trace_all
+
+    inst = np.asarray(inst)
+    if ids is not None:
+        inst = np.where(np.isin(inst, np.asarray(ids)), inst, 0)
+    reg, n = label_regions(inst, background=0, connectivity=1, return_num=True)
+    parts: dict[int, list[str]] = {}
+    for layer in _colour_layers(reg, n):
+        traced = trace_all(layer, shift)
+        if traced is None:
+            continue
+        for y, x, rings in zip(traced.first_y.tolist(), traced.first_x.tolist(), traced.rings, strict=True):
+            parts.setdefault(int(inst[y, x]), []).append(traced.coordinates(rings))
+    out = {}
+    for i, polys in parts.items():
+        out[i] = ("Polygon", polys[0]) if len(polys) == 1 else ("MultiPolygon", "[" + ",".join(polys) + "]")
+    return out
+
+
+def describe(inst: np.ndarray, labels: np.ndarray, *, ids: np.ndarray | None = None, rgb: np.ndarray | None = None,
+             spacing: tuple[float, ...] | None = None, offset: tuple[int, int] = (0, 0),
+             want_outlines: bool = True) -> list[tuple[dict[str, Any], tuple[str, str] | None]]:
+    """Measurements and outline of each instance (``ids``, default all) of ``inst`` placed at ``offset``."""
+    rows = measure(inst, ids=ids, classes=labels, rgb=rgb, spacing=spacing, offset=offset)
+    geoms = outlines(inst, (int(offset[1]), int(offset[0])), ids=ids) if want_outlines and rows else {}
+    return [(r, geoms.get(r["id"])) for r in rows]
+
+
+class ObjectSink:
+    """Where finished objects go: the instance GeoJSON and the per-object CSV, either or both (or neither)."""
+
+    def __init__(self, classes: list[str], geojson: Any = None, csv_path: Any = None, input_name: str = "") -> None:
+        from segcli.io.objects_io import ObjectsCSV, ObjectsGeoJSON
+
+        self.classes = classes
+        self.geo = ObjectsGeoJSON(geojson, classes) if geojson is not None else None
+        try:
+            self.csv = ObjectsCSV(csv_path, CSV_FIELDS, input_name) if csv_path is not None else None
+        except BaseException:
+            if self.geo is not None:
+                self.geo.abort()
+            raise
+
+    @property
+    def wanted(self) -> bool:
+        return self.geo is not None or self.csv is not None
+
+    def add(self, objects: list[tuple[dict[str, Any], tuple[str, str] | None]]) -> None:
+        for row, geom in objects:
+            c = row["class"]
+            if self.geo is not None and geom is not None:
+                self.geo.add(row["id"], c, geom, qupath_measurements(row))
+            if self.csv is not None:
+                self.csv.add(row, self.classes[c] if 0 <= c < len(self.classes) else f"class {c}")
+
+    def close(self) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        if self.geo is not None:
+            out["geojson"] = self.geo.close()
+        if self.csv is not None:
+            out["objects_csv"] = self.csv.close()
+        return out
+
+    def abort(self) -> None:
+        for w in (self.geo, self.csv):
+            if w is not None:
+                w.abort()
