@@ -26,6 +26,7 @@ import threading
 from collections import OrderedDict
 from collections.abc import Iterator
 from contextlib import suppress
+from typing import Any
 
 import numpy as np
 
@@ -178,8 +179,8 @@ class TileStore:
     def touched_tiles(self) -> int:
         return len(set(self._slots) | set(self._cache))
 
-    def maximum(self, box: np.ndarray | tuple[int, ...], values: np.ndarray) -> None:
-        """``store[:, box] = max(store[:, box], values)`` for ``values`` of shape ``(kc, h, w)``."""
+    def _combine(self, box: np.ndarray | tuple[int, ...], values: np.ndarray, op: Any) -> None:
+        """``op(store[:, box], values, out=store[:, box])`` tile by tile, for ``values`` of shape ``(kc, h, w)``."""
         y0, x0, y1, x1 = (int(v) for v in box)
         T = self.tile
         with self._lock:
@@ -187,20 +188,16 @@ class TileStore:
                 arr = self._get(key, create=True)
                 assert arr is not None
                 dst = arr[:, a0 - key[0] * T : a1 - key[0] * T, b0 - key[1] * T : b1 - key[1] * T]
-                np.maximum(dst, values[:, a0 - y0 : a1 - y0, b0 - x0 : b1 - x0], out=dst)
+                op(dst, values[:, a0 - y0 : a1 - y0, b0 - x0 : b1 - x0], out=dst)
                 self._dirty.add(key)
+
+    def maximum(self, box: np.ndarray | tuple[int, ...], values: np.ndarray) -> None:
+        """``store[:, box] = max(store[:, box], values)`` for ``values`` of shape ``(kc, h, w)``."""
+        self._combine(box, values, np.maximum)
 
     def add(self, box: np.ndarray | tuple[int, ...], values: np.ndarray) -> None:
         """``store[:, box] += values`` for ``values`` of shape ``(kc, h, w)``."""
-        y0, x0, y1, x1 = (int(v) for v in box)
-        T = self.tile
-        with self._lock:
-            for key, (a0, b0, a1, b1) in self._tiles((y0, x0, y1, x1)):
-                arr = self._get(key, create=True)
-                assert arr is not None
-                arr[:, a0 - key[0] * T : a1 - key[0] * T, b0 - key[1] * T : b1 - key[1] * T] += \
-                    values[:, a0 - y0 : a1 - y0, b0 - x0 : b1 - x0]
-                self._dirty.add(key)
+        self._combine(box, values, np.add)
 
     def read(self, box: np.ndarray | tuple[int, ...]) -> np.ndarray:
         """Stored values ``(kc, h, w)`` for a box (``empty`` where nothing was written)."""
