@@ -264,7 +264,7 @@ def _wait_for(path: Path, proc: subprocess.Popen, timeout: float = 60.0) -> None
 
 def test_resume_after_kill9_is_exact(tmp_path: Path) -> None:
     """kill -9 after the first checkpoint, --resume: epochs continue and the result equals an unbroken run."""
-    epochs = 12
+    epochs = 6
     out = tmp_path / "killed"
     proc = subprocess.Popen(_cli_train(out, "--epochs", str(epochs)), stderr=subprocess.PIPE, text=True)
     _wait_for(checkpoint_path(out), proc)
