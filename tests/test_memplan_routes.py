@@ -157,3 +157,16 @@ def test_a_streamed_nifti_is_refused_up_front_with_its_minimum(tmp_path: Path, g
     need = float(re.search(r"needs at least ([0-9.]+) MB", r.stderr).group(1))  # type: ignore[union-attr]
     vox = 400 * 256 * 256
     assert abs(need - (minimum + (3 * vox + vox) / MB)) < 2  # three slabs (the whole 26 MB) + the mask once
+
+
+def test_a_first_use_export_under_a_budget_is_said(tmp_path: Path, rgb_bundle) -> None:
+    """The first-use ONNX export runs before the memory plan exists: under --max-memory the run says so (the
+    budget is never exceeded in silence); once the export is cached, nothing is said."""
+    src = _png(tmp_path / "a.png", 48)
+    env = {"SEGCLI_ONNX_CACHE": str(tmp_path / "cache")}
+    args = ("predict", src, "--model", rgb_bundle, "--max-memory", "3GB", "-q")
+    first = run_cli(*args, "-o", tmp_path / "o1.png", env=env)
+    assert first.returncode == 0, first.stderr
+    assert first.stderr.startswith("segcli: note: first use of model ") and "outside --max-memory" in first.stderr
+    again = run_cli(*args, "-o", tmp_path / "o2.png", env=env)
+    assert again.returncode == 0 and again.stderr == "", again.stderr
