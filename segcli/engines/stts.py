@@ -102,8 +102,11 @@ def rough_pass(
     low = plane.overview_plane(hw) if hasattr(plane, "overview_plane") else ArrayPlane(plane.downscaled(hw))
     try:
         # bare glass (segcli.tissue) is not shown to the coarse network: found on a quarter of the overview,
-        # grown by one of its pixels (4 overview pixels) so a pale tissue edge is not lost
-        where, ginfo = content_mask(low.downscaled((max(1, hw[0] // 4), max(1, hw[1] // 4))), margin=1)
+        # grown by one of its pixels (4 overview pixels) so a pale tissue edge is not lost; read from a
+        # coarser pyramid level when the slide has one (after the overview, whose pass set the statistics)
+        q = (max(1, hw[0] // 4), max(1, hw[1] // 4))
+        coarser = hasattr(plane, "choose_level") and plane.choose_level(q) > plane.choose_level(hw)
+        where, ginfo = content_mask(plane.downscaled(q) if coarser else low.downscaled(q), margin=1)
         res = sliding(low, coarse, size=size, overlap=overlap, batch_size=batch_size, return_probs=True,
                       where=where)
     finally:
