@@ -376,6 +376,14 @@ def summarise(doc: dict) -> None:
                 out[v]["peer_wall_over_this"] = round(pw / out[v]["seconds_median"], 3)
                 out[v]["peer_cpu_over_this"] = round(pc / out[v]["cpu_s_median"], 3) if out[v]["cpu_s_median"] else None
                 out[v]["dice_minus_peer"] = round(out[v]["dice"] - out["monai-tissue"]["dice"], 4)
+                # round by round (the two ran back to back, under the same load): peer / this
+                pairs = [(p, r) for p in rows if p["variant"] == "monai-tissue" for r in rows
+                         if r["variant"] == v and r.get("round") == p.get("round")]
+                out[v]["peer_over_this_by_round"] = [
+                    {"round": p.get("round"), "wall": round(p["wall_s"] / r["wall_s"], 3),
+                     "cpu": round(((p.get("user_s") or 0) + (p.get("sys_s") or 0))
+                                  / max(1e-9, (r.get("user_s") or 0) + (r.get("sys_s") or 0)), 3),
+                     "load": [p["load_before"]["loadavg"][0], r["load_before"]["loadavg"][0]]} for p, r in pairs]
         doc["summary"][kind] = out
 
 
