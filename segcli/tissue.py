@@ -110,7 +110,7 @@ def box_windows(fg_low: np.ndarray, image_shape: tuple[int, int], size: int, ove
     # specks of one patch of tissue make one part, not one grid each
     c = max(1, int(round(size / 4 * fg.shape[0] / image_shape[0])))
     h, w = -(-fg.shape[0] // c), -(-fg.shape[1] // c)
-    own = np.asarray(fg_low, bool)  # a part's box holds its own pixels, not the one-pixel growth
+    own = fg  # a part's box holds its pixels grown by one rough pixel: the rough mask's own uncertainty
     cells = np.pad(own, ((0, h * c - fg.shape[0]), (0, w * c - fg.shape[1]))).reshape(h, c, w, c).any(axis=(1, 3))
     lab, n = ndimage.label(cells, structure=np.ones((3, 3), bool))
     lab = np.repeat(np.repeat(lab, c, axis=0), c, axis=1)[: fg.shape[0], : fg.shape[1]] * own

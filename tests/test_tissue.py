@@ -66,7 +66,9 @@ def test_box_windows_covers_a_patch_with_its_own_grid():
     wins = box_windows(fg, (H, W), 256, 0.25)
     grid = sliding_grid((H, W), 256, 0.25)
     slide_wide = grid[touches(np.pad(fg, 0), grid, (H, W))]
-    assert len(wins) == 25 < len(slide_wide)  # 5 × 5 over the part's box, against 6-7 × 6-7 of the slide grid
+    # the part's box, grown by one rough pixel (the rough mask's uncertainty), is 1025 × 1024 px: 6 × 5 windows,
+    # against the 6 × 6 of the slide-wide grid that the patch straddles
+    assert len(wins) == 30 and len(slide_wide) == 36
     assert ((wins[:, 2] - wins[:, 0]) == 256).all() and ((wins[:, 3] - wins[:, 1]) == 256).all()
     cover = np.zeros((1200, 1200), bool)  # every pixel of the patch is inside some window
     for y0, x0, y1, x1 in wins.tolist():
@@ -117,3 +119,21 @@ def test_tiled_rough_pass_skips_glass_and_snaps_to_a_pyramid_level():
     assert rough.shape == (2, 200, 300)
     small = tissue[::4, ::4]
     np.testing.assert_array_equal(rough[1] > 0.5, small)
+
+
+def test_level_view_regions_equal_the_whole_overview(tmp_path):
+    from segcli.io.bigtiff import TiffPlane
+    from tests.test_slides import tissue, write_svs
+
+    path = write_svs(tmp_path / "s.svs", tissue(), factors=(4, 16))
+    with TiffPlane(path, spec={"kind": "dtype"}, channels_want=3) as plane:
+        hw = (87, 123)  # a ×8.05 view (of a 700 × 1000 slide): averaged from the ×4 level
+        view = plane.level_view(hw)
+        assert view.level == 1
+        whole = plane.downscaled(hw)
+        for box in [(0, 0, 64, 64), (17, 33, 80, 120), (hw[0] - 50, hw[1] - 70, hw[0], hw[1])]:
+            y0, x0, y1, x1 = box
+            np.testing.assert_allclose(view.region(box), whole[:, y0:y1, x0:x1], atol=1e-5)
+        assert plane.level_view(hw) is not None
+    with TiffPlane(path, spec={"kind": "zscore"}, channels_want=3) as plane:
+        assert plane.level_view(hw) is None  # statistics need the whole pass

@@ -92,21 +92,12 @@ def rough_pass(
         rough = coarse(x[None])[0][:, :h, :w]
         return rough, {"rough_factor": round(factor, 3), "rough_tiled": False, "rough_shape": [h, w]}
     from segcli.engines.direct import sliding
-    from segcli.tissue import content_mask
-
     f = float(max_downscale)
     # a pyramid level at most 5 % coarser serves as the overview itself: no finer level decoded whole for it
     f = min([v for v in getattr(plane, "factors", []) if f <= v <= f * SNAP_TO_LEVEL] or [f])
     hw = (max(1, math.ceil(H / f)), max(1, math.ceil(W / f)))
-    # A slide reader can keep the overview in a temporary file (read back by region) instead of in memory.
-    low = plane.overview_plane(hw) if hasattr(plane, "overview_plane") else ArrayPlane(plane.downscaled(hw))
+    low, where, ginfo = _overview_and_glass(plane, hw)
     try:
-        # bare glass (segcli.tissue) is not shown to the coarse network: found on a quarter of the overview,
-        # grown by one of its pixels (4 overview pixels) so a pale tissue edge is not lost; read from a
-        # coarser pyramid level when the slide has one (after the overview, whose pass set the statistics)
-        q = (max(1, hw[0] // 4), max(1, hw[1] // 4))
-        coarser = hasattr(plane, "choose_level") and plane.choose_level(q) > plane.choose_level(hw)
-        where, ginfo = content_mask(plane.downscaled(q) if coarser else low.downscaled(q), margin=1)
         res = sliding(low, coarse, size=size, overlap=overlap, batch_size=batch_size, return_probs=True,
                       where=where)
     finally:
@@ -118,6 +109,34 @@ def rough_pass(
     # A huge slide's rough map lives through the whole fine pass: half precision halves it (2500² × 2 classes:
     # 50 → 25 MB at 40k²); it only places crops and fills uncovered pixels, so 3 decimals are plenty.
     return res.probs.astype(np.float16), info
+
+
+def _overview_and_glass(plane: Plane, hw: tuple[int, int]) -> tuple[Plane, np.ndarray | None, dict]:
+    """The rough pass's overview at ``hw`` as a Plane, and where it is not bare glass (segcli.tissue).
+
+    Glass is found on a quarter of the overview (not grown: on the 16000² and 8000² test-tile slides a margin
+    of one quarter pixel changed Dice by < 0.001 and cost 28 more coarse tiles at 8000²), read from the
+    coarsest pyramid level that serves. When the slide's normalisation needs no statistics, the overview is
+    then made only where the coarse network looks (:class:`~segcli.io.lazyplane.LevelView`). Otherwise the
+    overview is made whole first (a slide reader keeps it in a temporary file, read back by region), and its
+    pass sets the statistics.
+    """
+    from segcli.tissue import content_mask
+
+    q = (max(1, hw[0] // 4), max(1, hw[1] // 4))
+    coarser = hasattr(plane, "choose_level") and plane.choose_level(q) > plane.choose_level(hw)
+    if getattr(plane, "level_view", None) is not None and getattr(plane, "_stateless", False):
+        where, info = content_mask(plane.downscaled(q), margin=0)
+        if where is not None:
+            return plane.level_view(hw), where, {**info, "overview": "by region"}
+    low = plane.overview_plane(hw) if hasattr(plane, "overview_plane") else ArrayPlane(plane.downscaled(hw))
+    try:
+        where, info = content_mask(plane.downscaled(q) if coarser else low.downscaled(q), margin=0)
+    except BaseException:
+        if hasattr(low, "close"):
+            low.close()
+        raise
+    return low, where, info
 
 
 def stts(
