@@ -61,7 +61,10 @@ SEGCLI_VARIANTS = {
     "refine": ["--method", "refine"],
 }
 PEERS = ("monai", "monai-tissue")
-ALL_VARIANTS = [*PEERS, *SEGCLI_VARIANTS]
+#: segcli's default run from another copy of the code (``--baseline-repo``: e.g. ``git archive`` of main)
+BASELINE = "default-baseline"
+ALL_VARIANTS = [*PEERS, *SEGCLI_VARIANTS, BASELINE]
+BASELINE_REPO: list[Path] = []
 
 
 # -- worker modes (run in subprocesses) ---------------------------------------------------------------------
@@ -248,22 +251,24 @@ def run_variant(name: str, inp: Path, kind: str, out: Path, sw_batch: int, timeo
     if out.exists():
         shutil.rmtree(out)
     out.mkdir(parents=True)
-    env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    code = BASELINE_REPO[0] if name == BASELINE else REPO
+    env = {**os.environ, "PYTHONPATH": str(code) + os.pathsep + os.environ.get("PYTHONPATH", "")}
     if name in PEERS:
         mask = out / (inp.stem + ("_seg.tif" if kind == "slide" else "_seg.png"))
         cmd = ["/usr/bin/time", "-v", sys.executable, str(Path(__file__).resolve()), f"--worker-{name}", str(inp),
                str(mask), "--sw-batch", str(sw_batch)]
     else:
         cmd = ["/usr/bin/time", "-v", sys.executable, "-m", "segcli", "predict", str(inp), "-o", str(out) + "/",
-               "--model", MODEL, "--json", *SEGCLI_VARIANTS[name]]
+               "--model", MODEL, "--json", *SEGCLI_VARIANTS.get(name, [])]
     before = bs.load()
     print(f"  [{name}] $ {' '.join(cmd[2:])}   [load {before['loadavg']}]", flush=True)
-    proc, wall = bs.run_timed(cmd, env, timeout, "bench_monai")
+    proc, wall = bs.run_timed(cmd, env, timeout, "bench_monai", cwd=code)
     stdout, stderr = proc.stdout, proc.stderr
     after = bs.load()
     shown = [f"monai.inferers.sliding_window_inference (this script's --worker-{name})", *cmd[4:]] \
         if name in PEERS else ["segcli", *cmd[5:]]
-    row: dict = {"variant": name, "input": kind, "command": " ".join(shown), "returncode": proc.returncode,
+    row: dict = {"variant": name, "input": kind, "command": " ".join(shown), "code": str(code),
+                 "returncode": proc.returncode,
                  "wall_s": round(wall, 2), **bs.time_v(stderr), "load_before": before, "load_after": after}
     if proc.returncode != 0:
         row["stderr_tail"] = stderr[-3000:]
@@ -329,7 +334,7 @@ def summarise(doc: dict) -> None:
         for b, t in f["throughput"].items():
             if "flops_per_s" in t:
                 best[b] = max(best.get(b, 0), t["flops_per_s"])
-    backend_of = {"monai": "torch-fp32", "monai-tissue": "torch-fp32", "sliding-torch-fp32": "torch-fp32", "default": "ort-int8",
+    backend_of = {"monai": "torch-fp32", "monai-tissue": "torch-fp32", BASELINE: "ort-int8", "sliding-torch-fp32": "torch-fp32", "default": "ort-int8",
                   "stts-torch-fp32": "torch-fp32", "stts-ort-fp32": "ort-fp32", "stts-int8": "ort-int8",
                   "stts-auto": "ort-int8", "stts-bf16": "torch-bf16", "refine": "ort-int8"}
     doc["summary"] = {}
@@ -406,6 +411,8 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=1, help="rounds of the segcli variants and monai-tissue, "
                     "alternating order (MONAI whole-image runs once)")
     ap.add_argument("--stop-at", default=None, help="HH:MM (UTC): start no run after this time")
+    ap.add_argument("--baseline-repo", type=Path, default=None,
+                    help=f"a copy of segcli (with models/) whose default run is the variant {BASELINE}")
     ap.add_argument("--workdir", type=Path, default=None)
     ap.add_argument("--timeout", type=float, default=1800)
     ap.add_argument("--sw-batch", type=int, default=None, help="skip the 8/16/32 pick and use this")
@@ -447,6 +454,8 @@ def main() -> None:
 
     if args.quick:
         args.slide_size, args.mosaic = 8000, 2
+    if args.baseline_repo is not None:
+        BASELINE_REPO.append(args.baseline_repo.resolve())
     stop = None
     if args.stop_at:
         hh, mm = map(int, args.stop_at.split(":"))
