@@ -42,6 +42,7 @@ import numpy as np
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 import bench_slide as bs  # noqa: E402  (load_tiles, place, write_slide, score, time_v, report_of, load)
+import peer_tissue  # noqa: E402  (MONAI over the tissue only: Otsu boxes, sliding_window_inference per box)
 
 REPO = HERE.parent
 MODEL = "nuclei-he"
@@ -59,7 +60,11 @@ SEGCLI_VARIANTS = {
     "stts-bf16": ["--method", "stts", "--precision", "bf16"],
     "refine": ["--method", "refine"],
 }
-ALL_VARIANTS = ["monai", *SEGCLI_VARIANTS]
+PEERS = ("monai", "monai-tissue")
+#: segcli's default run from another copy of the code (``--baseline-repo``: e.g. ``git archive`` of main)
+BASELINE = "default-baseline"
+ALL_VARIANTS = [*PEERS, *SEGCLI_VARIANTS, BASELINE]
+BASELINE_REPO: list[Path] = []
 
 
 # -- worker modes (run in subprocesses) ---------------------------------------------------------------------
@@ -246,28 +251,30 @@ def run_variant(name: str, inp: Path, kind: str, out: Path, sw_batch: int, timeo
     if out.exists():
         shutil.rmtree(out)
     out.mkdir(parents=True)
-    env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    if name == "monai":
+    code = BASELINE_REPO[0] if name == BASELINE else REPO
+    env = {**os.environ, "PYTHONPATH": str(code) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    if name in PEERS:
         mask = out / (inp.stem + ("_seg.tif" if kind == "slide" else "_seg.png"))
-        cmd = ["/usr/bin/time", "-v", sys.executable, str(Path(__file__).resolve()), "--worker-monai", str(inp),
+        cmd = ["/usr/bin/time", "-v", sys.executable, str(Path(__file__).resolve()), f"--worker-{name}", str(inp),
                str(mask), "--sw-batch", str(sw_batch)]
     else:
         cmd = ["/usr/bin/time", "-v", sys.executable, "-m", "segcli", "predict", str(inp), "-o", str(out) + "/",
-               "--model", MODEL, "--json", *SEGCLI_VARIANTS[name]]
+               "--model", MODEL, "--json", *SEGCLI_VARIANTS.get(name, [])]
     before = bs.load()
     print(f"  [{name}] $ {' '.join(cmd[2:])}   [load {before['loadavg']}]", flush=True)
-    proc, wall = bs.run_timed(cmd, env, timeout, "bench_monai")
+    proc, wall = bs.run_timed(cmd, env, timeout, "bench_monai", cwd=code)
     stdout, stderr = proc.stdout, proc.stderr
     after = bs.load()
-    shown = ["monai.inferers.sliding_window_inference (this script's --worker-monai)", *cmd[4:]] if name == "monai" \
-        else ["segcli", *cmd[5:]]
-    row: dict = {"variant": name, "input": kind, "command": " ".join(shown), "returncode": proc.returncode,
+    shown = [f"monai.inferers.sliding_window_inference (this script's --worker-{name})", *cmd[4:]] \
+        if name in PEERS else ["segcli", *cmd[5:]]
+    row: dict = {"variant": name, "input": kind, "command": " ".join(shown), "code": str(code),
+                 "returncode": proc.returncode,
                  "wall_s": round(wall, 2), **bs.time_v(stderr), "load_before": before, "load_after": after}
     if proc.returncode != 0:
         row["stderr_tail"] = stderr[-3000:]
         print(f"  FAILED rc={proc.returncode}\n{stderr[-2000:]}", flush=True)
         return row
-    if name == "monai":
+    if name in PEERS:
         rep = json.loads(stdout.strip().splitlines()[-1])
         row["report"] = rep
         row["inputs"] = rep["windows"]
@@ -327,7 +334,7 @@ def summarise(doc: dict) -> None:
         for b, t in f["throughput"].items():
             if "flops_per_s" in t:
                 best[b] = max(best.get(b, 0), t["flops_per_s"])
-    backend_of = {"monai": "torch-fp32", "sliding-torch-fp32": "torch-fp32", "default": "ort-int8",
+    backend_of = {"monai": "torch-fp32", "monai-tissue": "torch-fp32", BASELINE: "ort-int8", "sliding-torch-fp32": "torch-fp32", "default": "ort-int8",
                   "stts-torch-fp32": "torch-fp32", "stts-ort-fp32": "ort-fp32", "stts-int8": "ort-int8",
                   "stts-auto": "ort-int8", "stts-bf16": "torch-bf16", "refine": "ort-int8"}
     doc["summary"] = {}
@@ -368,6 +375,20 @@ def summarise(doc: dict) -> None:
             out["ratios"] = {f"{v} vs monai (speed)": out[v]["mpix_per_s_vs_monai"] for v in ALL_VARIANTS if v in out}
             out["ratios_cpu_time"] = {f"{v} vs monai (monai CPU s / this CPU s)": out[v]["cpu_s_monai_over_this"]
                                       for v in ALL_VARIANTS if v in out}
+        if "monai-tissue" in out:  # the fair peer (issue 30): its median wall / CPU over this variant's
+            pw, pc = out["monai-tissue"]["seconds_median"], out["monai-tissue"]["cpu_s_median"]
+            for v in [v for v in ALL_VARIANTS if v in out]:
+                out[v]["peer_wall_over_this"] = round(pw / out[v]["seconds_median"], 3)
+                out[v]["peer_cpu_over_this"] = round(pc / out[v]["cpu_s_median"], 3) if out[v]["cpu_s_median"] else None
+                out[v]["dice_minus_peer"] = round(out[v]["dice"] - out["monai-tissue"]["dice"], 4)
+                # round by round (the two ran back to back, under the same load): peer / this
+                pairs = [(p, r) for p in rows if p["variant"] == "monai-tissue" for r in rows
+                         if r["variant"] == v and r.get("round") == p.get("round")]
+                out[v]["peer_over_this_by_round"] = [
+                    {"round": p.get("round"), "wall": round(p["wall_s"] / r["wall_s"], 3),
+                     "cpu": round(((p.get("user_s") or 0) + (p.get("sys_s") or 0))
+                                  / max(1e-9, (r.get("user_s") or 0) + (r.get("sys_s") or 0)), 3),
+                     "load": [p["load_before"]["loadavg"][0], r["load_before"]["loadavg"][0]]} for p, r in pairs]
         doc["summary"][kind] = out
 
 
@@ -377,26 +398,38 @@ def main() -> None:
     ap.add_argument("--results", type=Path, default=REPO / "benchmarks/results/monai",
                     help="prefix: writes PREFIX-slide.json, PREFIX-mosaic.json and PREFIX.png")
     ap.add_argument("--slide-size", type=int, default=16000)
+    ap.add_argument("--coverage", type=float, default=0.05, help="fraction of the slide covered by tiles")
+    ap.add_argument("--each-tile-once", action="store_true",
+                    help="place every tile of --data once (coverage = tiles' area / slide area), e.g. the 14 "
+                         "MoNuSeg test tiles: 5.5 %% of 16000², 22 %% of 8000²")
     ap.add_argument("--mosaic", type=int, default=4, help="mosaic of N×N 1000² tiles (default 4: 4000²)")
     ap.add_argument("--quick", action="store_true", help="8000² slide and a 2000² mosaic")
     ap.add_argument("--inputs", nargs="+", default=["mosaic", "slide"], choices=["mosaic", "slide"])
     ap.add_argument("--variants", nargs="+", default=ALL_VARIANTS, choices=ALL_VARIANTS)
     ap.add_argument("--slide-variants", nargs="+", default=None, choices=ALL_VARIANTS,
                     help="variants on the slide (default: --variants)")
-    ap.add_argument("--repeat", type=int, default=1, help="rounds of the segcli variants (MONAI runs once)")
+    ap.add_argument("--repeat", type=int, default=1, help="rounds of the segcli variants and monai-tissue, "
+                    "alternating order (MONAI whole-image runs once)")
     ap.add_argument("--stop-at", default=None, help="HH:MM (UTC): start no run after this time")
+    ap.add_argument("--baseline-repo", type=Path, default=None,
+                    help=f"a copy of segcli (with models/) whose default run is the variant {BASELINE}")
     ap.add_argument("--workdir", type=Path, default=None)
     ap.add_argument("--timeout", type=float, default=1800)
     ap.add_argument("--sw-batch", type=int, default=None, help="skip the 8/16/32 pick and use this")
     ap.add_argument("--no-flops", action="store_true", help="skip the FLOP/s measurements (runs to be merged)")
     ap.add_argument("--replot", action="store_true", help="only redraw PREFIX.png from PREFIX-slide/-mosaic.json")
     ap.add_argument("--worker-monai", nargs=2, type=Path, metavar=("INPUT", "MASK"), help=argparse.SUPPRESS)
+    ap.add_argument("--worker-monai-tissue", nargs=2, type=Path, metavar=("INPUT", "MASK"), help=argparse.SUPPRESS)
     ap.add_argument("--worker-pick", type=Path, help=argparse.SUPPRESS)
     ap.add_argument("--worker-flops", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
 
     if args.worker_monai:
         print(json.dumps(worker_monai(*args.worker_monai, args.sw_batch or 16)))
+        return
+    if args.worker_monai_tissue:
+        print(json.dumps(peer_tissue.worker_monai_tissue(*args.worker_monai_tissue, args.sw_batch or 16, _torch_setup,
+                                                         bs.read_region, ROI, OVERLAP)))
         return
     if args.worker_pick:
         print(json.dumps(worker_pick(args.worker_pick)))
@@ -421,6 +454,8 @@ def main() -> None:
 
     if args.quick:
         args.slide_size, args.mosaic = 8000, 2
+    if args.baseline_repo is not None:
+        BASELINE_REPO.append(args.baseline_repo.resolve())
     stop = None
     if args.stop_at:
         hh, mm = map(int, args.stop_at.split(":"))
@@ -469,14 +504,21 @@ def main() -> None:
                                        "format": "RGB PNG, no metadata"}
         if "slide" in args.inputs:
             size = args.slide_size
-            placed = bs.place(size, src, 0.05, 0)
-            p = work / f"slide{size}.svs"
+            th, tw = src[0][1].shape[:2]
+            coverage = len(src) * th * tw / size**2 if args.each_tile_once else args.coverage
+            placed = bs.place(size, src, coverage, 0)
+            p = work / f"slide{size}-{args.data.name}-{coverage:.4f}.svs"
             print(f"slide {size}²: {len(placed)} tiles -> {p}", flush=True)
-            meta = bs.write_slide(p, size, placed, 0)
+            if p.is_file() and args.workdir is not None:  # same tiles, coverage and seed: the same slide
+                meta = {"path": str(p), "bytes": p.stat().st_size, "reused": True}
+            else:
+                meta = bs.write_slide(p, size, placed, 0)
             prepared["slide"] = (p, placed)
             doc["inputs"]["slide"] = {**meta, "shape": [size, size], "mpixels": size * size / 1e6,
                                       "tiles_placed": len(placed), "gt_fg_px": int(sum(int(t["mask"].sum()) for t in placed)),
-                                      "format": "bench_slide.py SVS-like JPEG pyramid, 0.25 um/px, seed 0, 5 % tissue"}
+                                      "tissue_fraction": round(len(placed) * th * tw / size**2, 4),
+                                      "data": str(args.data), "tile_names": [t["name"] for t in placed],
+                                      "format": "bench_slide.py SVS-like JPEG pyramid, 0.25 um/px, seed 0"}
         if not args.no_flops:
             print("FLOPs and FLOP/s ...", flush=True)
             doc["flops"].append(sub("--worker-flops"))
@@ -485,7 +527,10 @@ def main() -> None:
             sw = args.sw_batch
             doc["sw_batch_pick"] = {"chosen": sw, "given": True}
         else:
-            tile = sorted((args.data / "images").glob("*.png"))[0]
+            tile = work / "pick-tile.png"
+            from PIL import Image
+
+            Image.fromarray(src[0][1]).save(tile)
             doc["sw_batch_pick"] = sub("--worker-pick", str(tile))
             sw = doc["sw_batch_pick"]["chosen"]
         print(f"sw_batch_size {sw}: {doc['sw_batch_pick']}", flush=True)
@@ -496,7 +541,7 @@ def main() -> None:
             for rnd in range(args.repeat):
                 order = variants if rnd % 2 == 0 else variants[::-1]
                 for v in order:
-                    if v == "monai" and rnd > 0:
+                    if (v == "monai" and rnd > 0) or (v == "monai-tissue" and kind != "slide"):
                         continue
                     if stop is not None and time.time() > stop:
                         doc.setdefault("skipped", []).append({"input": kind, "variant": v, "round": rnd,
@@ -510,7 +555,7 @@ def main() -> None:
                         t1 = time.perf_counter()
                         row["score"] = bs.score(masks[0], args.slide_size, gt) if kind == "slide" \
                             else score_full(masks[0], gt)
-                        row["score"].pop("per_tile", None)
+                        row["score"]["per_tile_dice"] = [t["dice"] for t in row["score"].pop("per_tile", [])]
                         row["score_seconds"] = round(time.perf_counter() - t1, 1)
                         print(f"    wall {row['wall_s']} s, RSS {row.get('peak_rss_mb')} MB, inputs {row.get('inputs')}, "
                               f"Dice {row['score']['dice']} (P {row['score']['precision']}, R {row['score']['recall']})"

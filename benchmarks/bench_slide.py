@@ -52,11 +52,38 @@ APERIO = "Aperio Image Library v12.0.15 \r\n"
 
 # -- the slide ---------------------------------------------------------------------------------------------
 
+def xml_mask(xml: Path, shape: tuple[int, int]) -> np.ndarray:
+    """0/1 mask from MoNuSeg's XML polygons (one ``Region`` of ``Vertex X= Y=`` per nucleus; pixels whose centre
+    lies inside a polygon, ``skimage.draw.polygon``)."""
+    import xml.etree.ElementTree as ET
+
+    from skimage.draw import polygon
+
+    out = np.zeros(shape, np.uint8)
+    for region in ET.parse(xml).getroot().iter("Region"):
+        pts = [(float(v.get("X")), float(v.get("Y"))) for v in region.iter("Vertex")]
+        if len(pts) >= 3:
+            xs, ys = np.array(pts).T
+            out[polygon(ys, xs, shape)] = 1
+    return out
+
+
 def load_tiles(data: Path) -> list[tuple[str, np.ndarray, np.ndarray]]:
-    """(name, RGB image, 0/1 mask) for every MoNuSeg training tile."""
+    """(name, RGB image, 0/1 mask) for every tile of ``data``: ``images/*.png`` with ``masks/*.png`` (the MoNuSeg
+    training set in shared/data), or ``NAME.tif`` with ``NAME.xml`` (the official MoNuSeg test set's layout,
+    ``datasets/MoNuSegTestData`` of github.com/ykrmm/monuseg; the XML polygons rasterised by ``xml_mask``)."""
     from PIL import Image
 
     out = []
+    if not (data / "images").is_dir():
+        import tifffile
+
+        for x in sorted(data.glob("*.xml")):
+            img = tifffile.imread(x.with_suffix(".tif"))[..., :3]
+            out.append((x.stem, np.ascontiguousarray(img), xml_mask(x, img.shape[:2])))
+        if not out:
+            raise SystemExit(f"no images/*.png nor NAME.tif + NAME.xml under {data}")
+        return out
     for f in sorted((data / "images").glob("*.png")):
         img = np.asarray(Image.open(f).convert("RGB"))
         mask = (np.asarray(Image.open(data / "masks" / f.name)) > 0).astype(np.uint8)
@@ -498,7 +525,8 @@ def run_one(slide: Path, size: int, tiles: list[dict], model: str, out: Path, ex
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--data", type=Path, required=True, help="monuseg folder (images/*.png, masks/*.png)")
+    ap.add_argument("--data", type=Path, required=True,
+                    help="monuseg folder (images/*.png, masks/*.png) or MoNuSeg test tiles (NAME.tif, NAME.xml)")
     ap.add_argument("--sizes", type=int, nargs="+", default=[16000, 40000])
     ap.add_argument("--model", nargs="+", default=["nuclei"], help="bundle name(s) or path(s); each is run per size")
     ap.add_argument("--results", type=Path, required=True, help="JSON file to write")

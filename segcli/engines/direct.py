@@ -46,11 +46,24 @@ def sliding(
     batch_size: int = D["batch_size"],
     return_probs: bool = False,
     progress: ProgressFn | None = None,
+    where: np.ndarray | None = None,
 ) -> Result:
-    """Full-resolution sliding window with Gaussian blending (the nnU-Net/MONAI way)."""
+    """Full-resolution sliding window with Gaussian blending (the nnU-Net/MONAI way).
+
+    ``where`` (a boolean mask on any coarser grid of the plane) limits the tiles to its True parts, each
+    covered by its own grid (:func:`segcli.tissue.box_windows`); pixels no tile covers are background
+    (probability 1 for class 0).
+    """
+    from segcli.tissue import box_windows
+
     timer = Timer()
     H, W = plane.shape
     tiles = sliding_grid((H, W), size, overlap)
+    n_grid = len(tiles)
+    if where is not None:
+        tiles = box_windows(where, (H, W), size, overlap)
+        if not len(tiles):  # one network call at least: it says how many classes there are
+            tiles = sliding_grid((H, W), size, overlap)[:1]
     g = gaussian_weight((size, size))
     acc: WeightedMean | None = None
     done = 0
@@ -69,5 +82,9 @@ def sliding(
             progress("tiles", done, len(tiles))
     assert acc is not None  # a plane always has at least one tile
     with timer.stage("fuse"):
+        if where is not None:
+            empty = acc.weight == 0
+            acc.acc[0][empty] = 1.0
+            acc.weight[empty] = 1.0
         labels, probs = acc.finalize(return_probs)
-    return Result(labels, probs, timer.t, {"tiles": int(len(tiles))})
+    return Result(labels, probs, timer.t, {"tiles": int(len(tiles)), "tiles_skipped": int(n_grid - len(tiles))})

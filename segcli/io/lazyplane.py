@@ -272,6 +272,11 @@ class RegionPlane(abc.ABC):
         self._overviews = {out_hw: out}
         return out.copy()
 
+    def level_view(self, out_hw: tuple[int, int]) -> LevelView | None:
+        """The view :meth:`downscaled` would return, computed region by region on demand (:class:`LevelView`);
+        None when the normalisation needs a whole pass's statistics."""
+        return LevelView(self, (int(out_hw[0]), int(out_hw[1]))) if self._stateless else None
+
     def overview_plane(self, out_hw: tuple[int, int], spill_dir: Path | str | None = None) -> SpilledOverview:
         """The view :meth:`downscaled` would return, as a Plane kept in a temporary file (read back by
         region), so a huge slide's rough pass never holds its whole overview in memory. Close it."""
@@ -329,6 +334,45 @@ class SpilledOverview:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+class LevelView:
+    """A :class:`RegionPlane`'s area-averaged view at ``out_hw``, region by region: ``region(box)`` decodes
+    only the pyramid level's pixels under the box and averages them with the whole view's own weights, so it
+    equals ``plane.downscaled(out_hw)[:, y0:y1, x0:x1]`` (up to float rounding) without the whole view ever
+    being made: a rough pass that looks at a few parts of a slide decodes only those. Stateless
+    normalisations only (:meth:`RegionPlane.level_view`)."""
+
+    def __init__(self, plane: RegionPlane, out_hw: tuple[int, int]) -> None:
+        from segcli.resize import resize_weights
+
+        self.plane = plane
+        self.shape = out_hw
+        self.channels = plane.channels
+        self.level = plane.choose_level(out_hw)
+        lv = plane.levels[self.level]
+        self._ry = resize_weights(lv.height, out_hw[0], "area").tocsr()
+        self._rx = resize_weights(lv.width, out_hw[1], "area").tocsr()
+        plane.level_reads.append(self.level)
+
+    def region(self, box: np.ndarray | tuple[int, int, int, int]) -> np.ndarray:
+        y0, x0, y1, x1 = (int(v) for v in box)
+        ry, rx = self._ry[y0:y1], self._rx[x0:x1]
+        ly0, ly1 = int(ry.indices.min()), int(ry.indices.max()) + 1
+        lx0, lx1 = int(rx.indices.min()), int(rx.indices.max()) + 1
+        p = self.plane
+        a = norm.normalize(p._convert(p.read_raw((ly0, lx0, ly1, lx1), self.level)), p.spec)
+        wy, wx = ry[:, ly0:ly1], rx[:, lx0:lx1]
+        out = np.empty((self.channels, y1 - y0, x1 - x0), np.float32)
+        for c in range(self.channels):
+            out[c] = np.asarray(wy @ np.asarray(wx @ np.asarray(a[..., c], np.float32).T).T, np.float32)
+        return out
+
+    def downscaled(self, out_hw: tuple[int, int]) -> np.ndarray:
+        return self.plane.downscaled(out_hw)
+
+    def close(self) -> None:
+        pass
 
 
 # Bytes of float32 work per overview piece (a run of tiles of one tile row).

@@ -125,6 +125,17 @@ def external_locations(model: Any) -> list[str]:
     return locs
 
 
+def _meta_and_external(data: bytes, rel: str, where: Any) -> tuple[dict[str, str], list[str]]:
+    """Metadata and external-data locations of a serialised ONNX model, read with the onnx package."""
+    import onnx
+
+    try:
+        model = onnx.load_model_from_string(data)  # external data, if any, is not read here
+    except Exception as exc:
+        raise BundleError(f"{rel} is not a readable ONNX model: {exc}", where) from None
+    return {p.key: p.value for p in model.metadata_props}, external_locations(model)
+
+
 class OnnxPredictor:
     """Runs an ONNX model under ORT on batches, halving the batch on out-of-memory errors."""
 
@@ -172,8 +183,6 @@ class OnnxPredictor:
     def from_bundle(cls, bundle: Any, role: str, *, device: str = "cpu", max_batch: int = 16, half: bool = False,
                     threads: int | None = None, variant: str = "fp32") -> OnnxPredictor:
         """The bundle's verified ONNX export of ``role`` (``variant="int8"``: its quantised one); none is a usage error."""
-        import onnx
-
         from segcli.bundle import _inside
 
         spec = bundle.network(role)
@@ -189,22 +198,26 @@ class OnnxPredictor:
         data = path.read_bytes()
         if hashlib.sha256(data).hexdigest() != digest:
             raise BundleError(f"{rel} does not match its recorded SHA-256 (corrupted or tampered); refused", bundle.path)
-        try:
-            model = onnx.load_model_from_string(data)  # external data, if any, is not read here
-        except Exception as exc:
-            raise BundleError(f"{rel} is not a readable ONNX model: {exc}", bundle.path) from None
-        meta = {p.key: p.value for p in model.metadata_props}
+        threads = threads or default_threads()
+        providers = choose_providers(device)
+        session = None
+        if b"location" not in data:  # no external data can be named: ORT reads the bytes and the metadata
+            try:  # (importing the onnx package costs 0.6 s a process, mostly ml_dtypes; issue 30)
+                session = make_session(data, providers, threads)
+            except Exception as exc:
+                raise BundleError(f"{rel} is not a readable ONNX model: {exc}", bundle.path) from None
+            meta = dict(session.get_modelmeta().custom_metadata_map)
+            locs: list[str] = []
+        else:
+            meta, locs = _meta_and_external(data, rel, bundle.path)
         if meta.get("weights_sha256") and spec.sha256 and meta["weights_sha256"] != spec.sha256:
             raise BundleError(f"{rel} was exported from other weights than {spec.weights} (stale export); "
                               f"run `{how}`", bundle.path)
-        locs = external_locations(model)
         rel_dir = Path(rel).parent
         for loc in locs:
             target = _inside(bundle.path, (rel_dir / loc).as_posix() if loc else "", "ONNX external data")
             if not target.is_file():
                 raise BundleError(f"{rel} names external data {loc!r}, which is missing", bundle.path)
-        del model
-        providers = choose_providers(device)
         if providers[0] == CPU_EP:
             device, half = "cpu", False  # like torch: --half only means something on CUDA
         if meta.get("precision") == "fp16" and providers[0] == CPU_EP:
@@ -214,8 +227,8 @@ class OnnxPredictor:
             log.warning("--half with --backend onnx needs an fp16 export (`segcli export --fp16`); running fp32")
         # With external data ORT must read from the folder, so it gets the path (already checked).
         source = path if locs else data
-        threads = threads or default_threads()
-        session = make_session(source, providers, threads)
+        if session is None:
+            session = make_session(source, providers, threads)
         return cls(session, n_classes=bundle.n_classes, in_channels=bundle.in_channels, device=device,
                    max_batch=max_batch, metadata=meta, source=str(path), output=spec.config.get("output", "logits"),
                    model=source, threads=threads)
