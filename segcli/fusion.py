@@ -115,6 +115,19 @@ class Quantizer:
         return np.where(q >= 128, t + (q - 127.5) / 128.0 * (1.0 - t), (q - 0.5) / 127.0 * t).astype(np.float32)
 
 
+def _fill_uncovered(p: np.ndarray, cov: np.ndarray, fill: CoarseFill | None,
+                    box: np.ndarray | tuple[int, ...]) -> np.ndarray:
+    """``p`` where a window reached (``cov``), else the rough map's probabilities (``fill``) or background."""
+    if cov.all():
+        return p
+    if fill is not None:
+        other = fill.probs(box)
+    else:
+        other = np.zeros_like(p)
+        other[0] = 1.0
+    return np.where(cov[None], p, other).astype(np.float32)
+
+
 class TileStore:
     """A ``(kc, H, W)`` array kept as ``tile``² tiles, created on first write, optionally spilled to disk.
 
@@ -289,14 +302,7 @@ class FuseStore(TileStore):
             p = np.stack([1.0 - p1, p1]).astype(np.float32)
         else:
             p = v.astype(np.float32)
-        if not cov.all():
-            if fill is not None:
-                other = fill.probs(box)
-            else:
-                other = np.zeros_like(p)
-                other[0] = 1.0
-            p = np.where(cov[None], p, other).astype(np.float32)
-        return p
+        return _fill_uncovered(p, cov, fill, box)
 
 
 class LazyLabels:
@@ -369,31 +375,24 @@ class BlendStore(TileStore):
     def covered(self, stored: np.ndarray) -> np.ndarray:
         return stored[-1] > 0
 
-    def probs(self, box: np.ndarray | tuple[int, ...], fill: CoarseFill | None = None) -> np.ndarray:
-        """float32 ``(K, h, w)``: blended probabilities; rough ones (``fill``) or background elsewhere."""
+    def _mean(self, box: np.ndarray | tuple[int, ...]) -> tuple[np.ndarray, np.ndarray]:
+        """The weighted mean of the stored channels over a box (0 where no window reached) and that coverage."""
         v = self.read(box)
         cov = self.covered(v)
-        mean = np.divide(v[:-1], v[-1:], out=np.zeros_like(v[:-1]), where=cov[None])
+        return np.divide(v[:-1], v[-1:], out=np.zeros_like(v[:-1]), where=cov[None]), cov
+
+    def probs(self, box: np.ndarray | tuple[int, ...], fill: CoarseFill | None = None) -> np.ndarray:
+        """float32 ``(K, h, w)``: blended probabilities; rough ones (``fill``) or background elsewhere."""
+        mean, cov = self._mean(box)
         p = np.concatenate([1.0 - mean, mean]) if self.binary else mean
-        if not cov.all():
-            if fill is not None:
-                other = fill.probs(box)
-            else:
-                other = np.zeros_like(p)
-                other[0] = 1.0
-            p = np.where(cov[None], p, other)
-        return p.astype(np.float32)
+        return _fill_uncovered(p.astype(np.float32), cov, fill, box)
 
     def labels(self, box: np.ndarray | tuple[int, ...], fill: CoarseFill | None = None) -> np.ndarray:
         """uint8 labels of a box: the blended windows where they reached, else the rough labels or background."""
-        v = self.read(box)
-        cov = self.covered(v)
-        mean = np.divide(v[:-1], v[-1:], out=np.zeros_like(v[:-1]), where=cov[None])
+        mean, cov = self._mean(box)  # 0 where no window reached: background
         lab = (mean[0] > self.threshold).astype(np.uint8) if self.binary else mean.argmax(axis=0).astype(np.uint8)
         if fill is not None and not cov.all():
             lab = np.where(cov, lab, fill.labels(box)).astype(np.uint8)
-        elif not cov.all():
-            lab[~cov] = 0
         return lab
 
     def finalize(self, return_probs: bool, fill: CoarseFill | None = None) -> tuple[np.ndarray, np.ndarray | None]:
@@ -452,13 +451,7 @@ class MeanFuse:
         cov = self.weight > 0
         probs = self.acc
         np.divide(probs, self.weight[None], out=probs, where=cov[None])
-        if not cov.all():
-            if fill is not None:
-                other = fill.probs((0, 0, *self.shape))
-            else:
-                other = np.zeros_like(probs)
-                other[0] = 1.0
-            probs = np.where(cov[None], probs, other).astype(np.float32)
+        probs = _fill_uncovered(probs, cov, fill, (0, 0, *self.shape))
         return labels_from_probs(probs, self.threshold), (probs if return_probs else None)
 
 

@@ -175,3 +175,49 @@ class OutputLock:
 
     def __exit__(self, *exc: object) -> None:
         self.release()
+
+
+class StreamedText:
+    """A text file written under a hidden partial name beside ``path``, renamed into place (fsynced) by
+    :meth:`_finish`; :meth:`abort` deletes it. The base of the streamed GeoJSON and CSV writers."""
+
+    def __init__(self, path: Path | str, newline: str = "") -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._tmp = self.path.parent / partial_name(self.path)
+        self._fh: Any = open(self._tmp, "w", encoding="utf-8", newline=newline, buffering=1 << 20)  # noqa: SIM115
+        self._closed = False
+
+    def _finish(self, tail: str = "") -> None:
+        if self._closed:
+            raise ValueError(f"{self.path.name} is already closed")
+        try:
+            self._fh.write(tail)
+            self._fh.flush()
+            os.fsync(self._fh.fileno())
+            self._fh.close()
+            os.replace(self._tmp, self.path)
+        except BaseException:
+            self.abort()
+            raise
+        self._closed = True
+
+    def abort(self) -> None:
+        """Drop the partial file (after an error); the final path is left untouched."""
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            self._fh.close()
+        finally:
+            with contextlib.suppress(OSError):
+                self._tmp.unlink()
+
+    def __enter__(self) -> Any:
+        return self
+
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        if exc_type is None:
+            self.close()  # type: ignore[attr-defined]
+        else:
+            self.abort()

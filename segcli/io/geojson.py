@@ -39,9 +39,7 @@ The file is written to a hidden partial name beside the output and renamed when 
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
 import secrets
 import time
 from pathlib import Path
@@ -49,6 +47,7 @@ from typing import Any
 
 import numpy as np
 
+from segcli.io.atomic import StreamedText
 from segcli.io.contours import contact_layers, from_rings, polygon_texts, ring_list, trace_all
 
 __all__ = ["CONNECTIVITY", "GeoJSONWriter", "default_colours", "write_geojson"]
@@ -75,7 +74,7 @@ class _Piece:
         self.vertices = sum(len(r) for g in geoms for r in g)
 
 
-class GeoJSONWriter:
+class GeoJSONWriter(StreamedText):
     """Stream a label mask, tile by tile in raster order, into a QuPath-ready GeoJSON FeatureCollection.
 
     ``classes`` names the label values (index 0 is background and is never written). ``colours`` maps a
@@ -99,8 +98,6 @@ class GeoJSONWriter:
         spacing: tuple[float, ...] | None = None,
         offset: tuple[int, int] = (0, 0),
     ) -> None:
-        from segcli.io.atomic import partial_name
-
         self.path = Path(path)
         self.classes = list(classes)
         pal = default_colours(self.classes)
@@ -136,11 +133,8 @@ class GeoJSONWriter:
         self.max_open_objects = 0  # objects with a piece on a seam, at most, after any tile
         self.max_open_vertices = 0  # their vertices (rings kept as int32 [x, y]: 8 bytes each)
         self._open_vertices = 0
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._tmp = self.path.parent / partial_name(self.path)
-        self._fh: Any = open(self._tmp, "w", encoding="utf-8", newline="\n", buffering=1 << 20)  # noqa: SIM115
+        StreamedText.__init__(self, path, newline="\n")
         self._fh.write('{"type":"FeatureCollection","features":[\n')
-        self._closed = False
 
     # -- context manager -------------------------------------------------------------------------
     def __enter__(self) -> GeoJSONWriter:
@@ -430,15 +424,10 @@ class GeoJSONWriter:
             rest = sorted(self._open)
             for i in range(0, len(rest), 4096):
                 self._emit_roots(rest[i : i + 4096])
-            self._fh.write("\n]}\n")
-            self._fh.flush()
-            os.fsync(self._fh.fileno())
-            self._fh.close()
-            os.replace(self._tmp, self.path)
         except BaseException:
             self.abort()
             raise
-        self._closed = True
+        self._finish("\n]}\n")
         self._busy += time.perf_counter() - t0
         self.summary = {
             "path": str(self.path),
@@ -450,17 +439,6 @@ class GeoJSONWriter:
             "max_open_vertices": self.max_open_vertices,
         }
         return self.summary
-
-    def abort(self) -> None:
-        """Drop the partial file (after an error); the final path is left untouched."""
-        if self._closed:
-            return
-        self._closed = True
-        try:
-            self._fh.close()
-        finally:
-            with contextlib.suppress(OSError):
-                self._tmp.unlink()
 
 
 def write_geojson(

@@ -10,63 +10,16 @@ as :mod:`segcli.io.geojson` writes them. The file is written under a hidden part
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import json
-import os
 import secrets
 from pathlib import Path
 from typing import Any
 
-
-class _Streamed:
-    """A text file written under a hidden partial name beside ``path``, renamed into place on close."""
-
-    def __init__(self, path: Path | str) -> None:
-        from segcli.io.atomic import partial_name
-
-        self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._tmp = self.path.parent / partial_name(self.path)
-        self._fh: Any = open(self._tmp, "w", encoding="utf-8", newline="", buffering=1 << 20)  # noqa: SIM115
-        self._closed = False
-
-    def _finish(self, tail: str = "") -> None:
-        if self._closed:
-            raise ValueError(f"{self.path.name} is already closed")
-        try:
-            self._fh.write(tail)
-            self._fh.flush()
-            os.fsync(self._fh.fileno())
-            self._fh.close()
-            os.replace(self._tmp, self.path)
-        except BaseException:
-            self.abort()
-            raise
-        self._closed = True
-
-    def abort(self) -> None:
-        """Drop the partial file (after an error); the final path is left untouched."""
-        if self._closed:
-            return
-        self._closed = True
-        try:
-            self._fh.close()
-        finally:
-            with contextlib.suppress(OSError):
-                self._tmp.unlink()
-
-    def __enter__(self) -> Any:
-        return self
-
-    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
-        if exc_type is None:
-            self.close()  # type: ignore[attr-defined]
-        else:
-            self.abort()
+from segcli.io.atomic import StreamedText
 
 
-class ObjectsGeoJSON(_Streamed):
+class ObjectsGeoJSON(StreamedText):
     """A FeatureCollection of instance detections, one :meth:`add` per object."""
 
     def __init__(self, path: Path | str, classes: list[str]) -> None:
@@ -100,7 +53,7 @@ class ObjectsGeoJSON(_Streamed):
         return {"path": str(self.path), "features": self.n, "objects": "instances"}
 
 
-class ObjectsCSV(_Streamed):
+class ObjectsCSV(StreamedText):
     """The per-object CSV: one row per instance (columns: :data:`segcli.objects.CSV_FIELDS`)."""
 
     def __init__(self, path: Path | str, fields: list[str], input_name: str) -> None:
