@@ -65,7 +65,7 @@ class PredictOptions:
     probabilities: bool = False
     geojson: bool = False  # NAME_seg.geojson: one polygon per object, for QuPath (2D inputs)
     instances: bool = False  # NAME_seg_instances.tif: uint32 object ids, touching objects split (2D, in memory)
-    preview: bool = False  # NAME_seg_preview.png (drawn by the caller after the mask; counted by skip_existing)
+    preview: bool = False  # NAME_seg_preview.jpg (drawn by the caller after the mask; counted by skip_existing)
     skip_existing: bool = False
     stats: bool = False
     lock: bool = False

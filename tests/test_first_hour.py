@@ -200,7 +200,7 @@ def test_long_name_refused_before_work(models: Path, tmp_path: Path) -> None:
     r, _ = _predict(models, src, "--preview")
     assert r.returncode == 2
     assert "over the 255-byte limit of file names" in r.stderr
-    assert not any(p.name.endswith("_preview.png") for p in tmp_path.iterdir())
+    assert not any(p.name.endswith("_preview.jpg") for p in tmp_path.iterdir())
 
 
 def test_he_detector_on_synthetic_colours() -> None:

@@ -56,7 +56,7 @@ def test_outputs_never_overwrite_inputs(tmp_path, rgb_bundle, case):
         args = [a, b, "--model", rgb_bundle, "--probabilities"]
         want += f"{a}: its probabilities {b} would overwrite the input {b}"
     elif case == "preview":
-        b = _png(d / "a_seg_preview.png", 2)
+        b = _png(d / "a_seg_preview.jpg", 2)
         args = [a, b, "--model", rgb_bundle, "--preview"]
         want += f"{a}: its preview {b} would overwrite the input {b}"
     elif case == "stats":

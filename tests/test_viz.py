@@ -240,7 +240,7 @@ def test_write_preview_for_names_output_with_split_extension(tmp_path):
     rep = SimpleNamespace(status="ok", input=str(tmp_path / "x.v2.png"), output=str(tmp_path / "x.v2_seg.png"),
                           model="not-a-shipped-model", method="stts", voxel_counts={"liver": 500, "tumour": 600})
     out = viz.write_preview_for(rep)
-    assert out == tmp_path / "x.v2_seg_preview.png" and out.is_file()
+    assert out == tmp_path / "x.v2_seg_preview.jpg" and out.is_file()
     assert viz.write_preview_for(SimpleNamespace(status="failed", output=None)) is None
 
 
@@ -255,8 +255,8 @@ def test_preview_png_for_image_and_volume(tmp_path, grey_bundle):
         p = f["info"]["preview"]
         pic = np.asarray(Image.open(p))
         assert pic.ndim == 3 and pic.shape[2] == 3 and pic.dtype == np.uint8
-    assert files[0]["info"]["preview"].endswith("a_seg_preview.png")
-    assert files[1]["info"]["preview"].endswith("v_seg_preview.png")
+    assert files[0]["info"]["preview"].endswith("a_seg_preview.jpg")
+    assert files[1]["info"]["preview"].endswith("v_seg_preview.jpg")
     assert np.asarray(Image.open(files[0]["info"]["preview"])).shape[1] >= 2 * 80  # image | overlay
 
 
@@ -289,3 +289,20 @@ def test_contour_band_equals_scipy_erosion() -> None:
             m[:, :3] = True  # touching the image border: not an edge there
             want = m & ~ndimage.binary_erosion(m, iterations=t, border_value=1)
             np.testing.assert_array_equal(edges(m, t), want)
+
+
+def test_jpeg_preview_keeps_contour_colours(tmp_path):
+    """``--preview`` is JPEG without chroma subsampling: a contour a few pixels wide keeps its class colour
+    within a few levels, and the file is the picture render_preview drew."""
+    img, lab = two_class_case()
+    out = viz.preview(img, lab, tmp_path / "a_seg_preview.jpg", classes=CLASSES, normalization={"kind": "dtype"},
+                      title="case", compact=True)
+    assert out.read_bytes()[:3] == b"\xff\xd8\xff"  # a JPEG, whatever the name said
+    pv = viz.render_preview(img, lab, classes=CLASSES, normalization={"kind": "dtype"}, title="case", compact=True)
+    back = np.asarray(Image.open(out).convert("RGB")).astype(int)
+    assert back.shape == pv.pixels.shape
+    assert np.abs(back - pv.pixels).mean() < 2.0
+    for c in (1, 2):
+        on_contour = (pv.pixels == np.array(drawing.class_colour(c))).all(-1)
+        assert on_contour.sum() > 20
+        assert np.median(np.abs(back[on_contour] - np.array(drawing.class_colour(c))).max(-1)) <= 12

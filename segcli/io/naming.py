@@ -49,6 +49,7 @@ def objects_path(mask_path: Path) -> Path:
 
 
 def preview_path(mask_path: Path) -> Path:
-    """``NAME_preview.png`` beside the mask ``NAME.EXT``."""
+    """``NAME_preview.jpg`` beside the mask ``NAME.EXT`` (JPEG: a preview is looked at, not measured, and
+    PNG's encoder cost a batch of photos 7 ms of its 34 ms a photo)."""
     mask_path = Path(mask_path)
-    return mask_path.with_name(f"{split_extension(mask_path.name)[0]}_preview.png")
+    return mask_path.with_name(f"{split_extension(mask_path.name)[0]}_preview.jpg")
