@@ -38,6 +38,39 @@ def _export_int8(model: str, images: Path | None, json_out: bool) -> None:
         raise typer.Exit(1)
 
 
+def _shipped(model: str, custom: bool) -> bool:
+    """A shipped bundle is never written into; ``--fp16``/``--opset``/``--no-validate`` would have to."""
+    from segcli.errors import BundleError
+    from segcli.export import is_shipped
+
+    try:
+        shipped = is_shipped(model)
+    except BundleError:
+        return False  # export_bundle_detailed names the problem
+    if shipped and custom:
+        print(f"segcli: error: {model} is a shipped bundle, which segcli does not modify; --fp16, --opset, --no-validate "
+              "and --precision int8 write into the bundle: copy its folder and export the copy", file=sys.stderr)
+        raise typer.Exit(EXIT_USAGE)
+    return shipped
+
+
+def _export_shipped(model: str, json_out: bool) -> None:
+    """``segcli export NAME`` of a shipped bundle: fill the ONNX cache its first use would fill."""
+    from segcli.errors import SegcliError
+    from segcli.export import export_to_cache
+
+    try:
+        where = export_to_cache(model)
+    except SegcliError as exc:
+        print(f"segcli: error: {exc}", file=sys.stderr)
+        raise typer.Exit(exc.exit_code) from None
+    if json_out:
+        sys.stdout.write(json.dumps([{"role": r, "path": p, "cache": True} for r, p in where.items()], indent=2) + "\n")
+        return
+    for role, path in where.items():
+        print(f"{role:<7} -> {path}  (ONNX cache; the shipped bundle is left as installed)", file=sys.stderr)
+
+
 def register(app: typer.Typer) -> None:
     """Add the runtime commands to the main app (called from segcli.cli)."""
 
@@ -58,6 +91,9 @@ def register(app: typer.Typer) -> None:
         if precision not in ("fp32", "int8"):
             print(f"segcli: error: --precision must be fp32 or int8, not {precision!r}", file=sys.stderr)
             raise typer.Exit(EXIT_USAGE)
+        if _shipped(model, fp16 or opset != 17 or no_validate or precision == "int8"):
+            _export_shipped(model, json_out)
+            return
         if precision == "int8":
             _export_int8(model, images, json_out)
             return

@@ -234,3 +234,26 @@ def test_doctor_says_which_runtime_each_shipped_bundle_uses(tmp_path: Path) -> N
                                             "fine": "onnxruntime fp32 (exported on first use)"}
     r = run_cli("doctor", env={"SEGCLI_ONNX_CACHE": "off"})
     assert "  polyp/fine           torch fp32 (ONNX cache off)" in r.stdout
+
+
+def test_export_of_a_shipped_bundle_fills_the_cache_and_leaves_the_bundle(tmp_path: Path) -> None:
+    """Shipped bundles belong to the installation: `segcli export NAME` fills the ONNX cache that a first use
+    would fill, and options that would write into the bundle are refused (exit 2)."""
+    shipped = tmp_path / "models"
+    make_bundle(shipped / "tiny", seed=5)
+    before = {p.name: p.read_bytes() for p in (shipped / "tiny").iterdir() if p.is_file()}
+    cache = tmp_path / "cache"
+    env = {"SEGCLI_MODELS": str(shipped), "SEGCLI_ONNX_CACHE": str(cache)}
+    r = run_cli("export", "tiny", env=env)
+    assert r.returncode == 0, r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert [ln.split()[0] for ln in lines] == ["coarse", "fine"]
+    assert all("(ONNX cache; the shipped bundle is left as installed)" in ln for ln in lines)
+    assert len(list(cache.glob("*.onnx"))) == 2
+    assert {p.name: p.read_bytes() for p in (shipped / "tiny").iterdir() if p.is_file()} == before
+    for flag in (["--fp16"], ["--precision", "int8", "--images", str(tmp_path)]):
+        r = run_cli("export", "tiny", *flag, env=env)
+        assert r.returncode == 2 and r.stderr.startswith("segcli: error: tiny is a shipped bundle, which segcli does not modify")
+    assert {p.name: p.read_bytes() for p in (shipped / "tiny").iterdir() if p.is_file()} == before
+    r = run_cli("export", str(shipped / "tiny"), env=env)  # a folder the user names is exported into, as before
+    assert r.returncode == 0 and (shipped / "tiny" / "coarse.onnx").is_file()
