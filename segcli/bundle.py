@@ -347,6 +347,11 @@ def resolve_model(model: str | os.PathLike[str] | None, kind: str = "2d") -> Pat
                       f"shipped: {', '.join(names) or 'none'}")
 
 
+def is_shipped(model: str | os.PathLike[str]) -> bool:
+    """Whether ``model`` names a bundle shipped with segcli (by name, not a folder the user gave)."""
+    return not Path(model).is_dir() and resolve_model(model).resolve().parent == models_dir().resolve()
+
+
 def model_index() -> dict[str, Any]:
     """``models/index.json``: the default per content kind, the guesses and the refusal hints."""
     try:

@@ -40,8 +40,8 @@ def _export_int8(model: str, images: Path | None, json_out: bool) -> None:
 
 def _shipped(model: str, custom: bool) -> bool:
     """A shipped bundle is never written into; ``--fp16``/``--opset``/``--no-validate`` would have to."""
+    from segcli.bundle import is_shipped
     from segcli.errors import BundleError
-    from segcli.export import is_shipped
 
     try:
         shipped = is_shipped(model)
@@ -57,7 +57,7 @@ def _shipped(model: str, custom: bool) -> bool:
 def _export_shipped(model: str, json_out: bool) -> None:
     """``segcli export NAME`` of a shipped bundle: fill the ONNX cache its first use would fill."""
     from segcli.errors import SegcliError
-    from segcli.export import export_to_cache
+    from segcli.runtimes.onnx_cache import export_to_cache
 
     try:
         where = export_to_cache(model)

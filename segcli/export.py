@@ -262,32 +262,6 @@ def export_bundle_detailed(bundle_dir: str | os.PathLike[str], *, fp16: bool = F
     return results
 
 
-def is_shipped(model: str | os.PathLike[str]) -> bool:
-    """Whether ``model`` names a bundle shipped with segcli (by name, not a folder the user gave)."""
-    from segcli.bundle import models_dir
-
-    return not Path(model).is_dir() and resolve_model(model).resolve().parent == models_dir().resolve()
-
-
-def export_to_cache(model: str | os.PathLike[str]) -> dict[str, str]:
-    """Fill the ONNX cache for a shipped bundle, as its first use would, without writing into the bundle:
-    shipped bundles belong to the installation (read-only for a cluster's users, replaced by an upgrade).
-    Returns where each network's export is, or raises with the reason an export was refused."""
-    from segcli.runtimes.onnx_cache import cache_root, cached_export
-
-    if cache_root() is None:
-        raise UsageError("the ONNX cache is off (SEGCLI_ONNX_CACHE); a shipped bundle is exported into the cache, "
-                         "never into the installation")
-    bundle = load_bundle(resolve_model(model))
-    where: dict[str, str] = {}
-    for role in bundle.networks:
-        data, info = cached_export(bundle, role)
-        if data is None:
-            raise SegcliError(f"{bundle.name}/{role}: no ONNX export ({info})")
-        where[role] = info
-    return where
-
-
 def _record(root: Path, results: dict[str, ExportResult]) -> None:
     """Rewrite segcli.json atomically with the new paths and hashes; every other field kept as is."""
     cfg = root / BUNDLE_FILE

@@ -313,3 +313,23 @@ def save_memory_record(digest: str, size: int, table: dict[int, int], setting: s
         _write_atomic(path, json.dumps(doc, indent=1).encode())
     except OSError as exc:
         log.info("cannot record the network's memory cost in %s: %s", path, exc)
+
+
+def export_to_cache(model: str | os.PathLike[str]) -> dict[str, str]:
+    """Fill the cache for a shipped bundle, as its first use would, without writing into the bundle: shipped
+    bundles belong to the installation (read-only for a cluster's users, replaced by an upgrade). Returns
+    where each network's export is, or raises with the reason an export was refused."""
+    from segcli.bundle import load_bundle, resolve_model
+    from segcli.errors import SegcliError, UsageError
+
+    if cache_root() is None:
+        raise UsageError("the ONNX cache is off (SEGCLI_ONNX_CACHE); a shipped bundle is exported into the cache, "
+                         "never into the installation")
+    bundle = load_bundle(resolve_model(model))
+    where: dict[str, str] = {}
+    for role in bundle.networks:
+        data, info = cached_export(bundle, role)
+        if data is None:
+            raise SegcliError(f"{bundle.name}/{role}: no ONNX export ({info})")
+        where[role] = info
+    return where
