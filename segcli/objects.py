@@ -8,7 +8,7 @@ Measurements (``measure``), per instance id of a uint32 label image:
 - circularity ``4π·area / perimeter²`` (1 for a disc, clipped to 1 for the smallest objects whose
   estimated perimeter runs short) and solidity (area / area of the convex hull of its pixel squares, as QuPath
   computes it on an outline);
-- for H&E, the mean haematoxylin and eosin optical density: OD = −log10(I / 255) per channel (I ≥ 1),
+- for H&E, the mean haematoxylin and eosin optical density: OD = −log10(I / white) per channel (I ≥ 1),
   unmixed with Ruifrok and Johnston's stain vectors (Anal. Quant. Cytol. Histol. 23:291, 2001), the matrix
   of ``skimage.color.rgb2hed``, but kept in OD units as QuPath reports them (rgb2hed rescales by ln 10⁻⁶).
 
@@ -23,6 +23,8 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
+
+from segcli.errors import SegcliError
 
 #: Columns of the per-object CSV (``--stats`` with ``--instances``), in order.
 CSV_FIELDS = ["input", "id", "class", "centroid_x", "centroid_y", "area_px", "area_um2", "bbox_x0", "bbox_y0",
@@ -40,18 +42,32 @@ def is_he(bundle: Any, kind: str, channels: int) -> bool:
 _OD = -np.log10(np.clip(np.arange(256, dtype=np.float64), 1.0, 255.0) / 255.0).astype(np.float32)
 
 
+def white_level(x: np.ndarray) -> float:
+    """The intensity of unstained glass: the integer type's full scale (a 16-bit slide's white is 65535, not
+    255: read on the 8-bit scale, every pixel above 255 had an optical density of 0), 1 for 0-1 floats,
+    255 for floats on the 8-bit scale; other floats are refused rather than measured against a guess."""
+    if x.dtype.kind in "ui":
+        return float(np.iinfo(x.dtype).max)
+    top = float(np.nanmax(x, initial=0.0))
+    if top <= 1.0:
+        return 1.0
+    if top <= 255.0:
+        return 255.0
+    raise SegcliError(f"optical density of float pixels up to {top:g}: their white level is unknown "
+                      "(measure 8-bit, 16-bit or 0-1 images)")
+
+
 def stain_od(rgb: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Haematoxylin and eosin optical density of RGB pixels (``(..., 3)``, 8-bit scale), float32 each."""
+    """Haematoxylin and eosin optical density of RGB pixels (``(..., 3)``, any integer type at its full scale,
+    or 0-1 / 0-255 floats), float32 each."""
     from skimage.color import hed_from_rgb
 
     x = np.asarray(rgb)[..., :3]
     if x.dtype == np.uint8:
         od = _OD[x]
     else:
-        x = x.astype(np.float32)
-        if x.max(initial=0) <= 1.0:
-            x = x * 255.0
-        od = -np.log10(np.clip(x, 1.0, 255.0) / 255.0)
+        white = white_level(x)
+        od = -np.log10(np.clip(x.astype(np.float32) * np.float32(255.0 / white), 1.0, 255.0) / 255.0)
     hed = od.reshape(-1, 3) @ hed_from_rgb[:, :2].astype(np.float32)
     return hed[:, 0].reshape(od.shape[:-1]), hed[:, 1].reshape(od.shape[:-1])
 

@@ -8,6 +8,7 @@ import json
 import numpy as np
 import pytest
 
+from segcli.errors import SegcliError
 from segcli.instances import split_touching
 from segcli.objects import describe, measure, outlines, stain_od
 
@@ -95,6 +96,13 @@ def test_stain_od_follows_ruifrok_johnston():
     assert float(stain_od(white)[0][0, 0]) == 0.0
     as_bytes = np.rint(rgb).astype(np.uint8).reshape(1, 1, 3)  # the 8-bit lookup path agrees
     assert float(stain_od(as_bytes)[0][0, 0]) == pytest.approx(0.8, abs=0.01)
+    # A 16-bit slide is measured against its own white (65535), not the 8-bit scale (OD 0 above 255 before).
+    as_words = np.rint(rgb * 257).astype(np.uint16).reshape(1, 1, 3)
+    assert float(stain_od(as_words)[0][0, 0]) == pytest.approx(0.8, abs=1e-3)
+    assert float(stain_od(np.full((1, 1, 3), 65535, np.uint16))[0][0, 0]) == pytest.approx(0.0, abs=1e-6)
+    assert float(stain_od((rgb / 255).reshape(1, 1, 3))[0][0, 0]) == pytest.approx(0.8, abs=1e-3)  # 0-1 floats
+    with pytest.raises(SegcliError, match="white level is unknown"):
+        stain_od(np.full((1, 1, 3), 4000.0))
 
 
 def test_an_instance_of_corner_joined_parts_is_one_multipolygon():
