@@ -33,6 +33,7 @@ class Inputs:
 
     items: list[tuple[Path, Path | None]] = field(default_factory=list)
     earlier_outputs: list[Path] = field(default_factory=list)  # *_seg.* etc. found in walked folders
+    repeated: list[Path] = field(default_factory=list)  # a file named a second time (a, ./a, /abs/a, or a and its folder)
 
 
 def expand_inputs(inputs: list[Path], output: Path | None, stdin: Iterable[str] = ()) -> Inputs:
@@ -64,6 +65,16 @@ def expand_inputs(inputs: list[Path], output: Path | None, stdin: Iterable[str] 
                 found.items.append((q, p))
         else:
             found.items.append((p, None))
+    seen: set[str] = set()
+    kept: list[tuple[Path, Path | None]] = []
+    for q, root in found.items:  # the same file twice would be segmented twice into one mask (or refused as a clash)
+        key = os.path.normcase(os.path.abspath(q))
+        if key in seen:
+            found.repeated.append(q)
+            continue
+        seen.add(key)
+        kept.append((q, root))
+    found.items = kept
     return found
 
 

@@ -139,6 +139,9 @@ def check_before_work(seg: Inferer, found: Inputs, output: Path | None, *, worke
     if found.earlier_outputs and not quiet:
         print(f"segcli: note: left out {len(found.earlier_outputs)} file(s) named *_seg/*_probs/*_preview in the "
               "input folders (earlier outputs)", file=sys.stderr)
+    if found.repeated and not quiet:
+        print(f"segcli: note: {len(found.repeated)} input(s) named more than once are segmented once "
+              f"(e.g. {found.repeated[0]})", file=sys.stderr)
     clashes = check_unique_outputs(items, output, options)
     clash_inputs = {c.input for c in clashes}
     items = [it for it in items if str(it[0]) not in clash_inputs]

@@ -261,3 +261,20 @@ def test_evaluate_names_classes_of_a_dicom_seg_without_dataset_json(tmp_path: Pa
     doc = json.loads(ev.stdout)
     assert doc["classes"] == {"0": "background", "1": "lesion"}
     assert doc["mean"] and "class_1" not in ev.stdout
+
+
+def test_a_file_named_twice_is_segmented_once(tmp_path, rgb_bundle):
+    """`a.png ./a.png /abs/a.png` and a file plus its folder: one mask each, a note, no clash refusal."""
+    d = tmp_path / "in"
+    d.mkdir()
+    a = _png(d / "a.png")
+    _png(d / "b.png", 1)
+    out = tmp_path / "out"
+    r = run_cli("predict", a, d / "." / "a.png", str(a.resolve()), "-o", out, "--model", rgb_bundle, "--json")
+    assert r.returncode == 0, r.stderr
+    assert "segcli: note: 2 input(s) named more than once are segmented once" in r.stderr
+    assert [Path(f["input"]).name for f in json.loads(r.stdout)["files"]] == ["a.png"]
+    assert sorted(p.name for p in out.iterdir()) == ["a_seg.png"]
+    r = run_cli("predict", d, a, "-o", tmp_path / "out2", "--model", rgb_bundle, "--json")
+    assert r.returncode == 0, r.stderr
+    assert sorted(Path(f["input"]).name for f in json.loads(r.stdout)["files"]) == ["a.png", "b.png"]
