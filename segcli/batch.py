@@ -151,11 +151,30 @@ _VOLUME_CONTENT = ("nifti", "nifti-gz", "nrrd", "metaimage", "dicom")
 _FLAT_OUTPUTS = (".png", ".bmp", ".jpg", ".jpeg")
 
 
+#: File extensions of pictures no mask is written as: -o NAME.webp had made a folder named NAME.webp.
+_PICTURE_ONLY = (".jpg", ".jpeg", ".webp", ".gif", ".jp2", ".j2k", ".heic", ".avif", ".svs", ".ndpi", ".mrxs",
+                 ".scn", ".czi", ".bif", ".vsi")
+
+
+def _check_picture_output(output: Path | None) -> None:
+    """``-o`` naming a picture file that cannot hold a mask: refused before work, not taken for a folder."""
+    if output is None or str(output).endswith(("/", os.sep)) or output.is_dir():
+        return
+    ext = output.suffix.lower()
+    if ext in (".jpg", ".jpeg"):
+        raise UsageError(f"-o {output}: masks are never written as JPEG (lossy compression corrupts labels); "
+                         "use .png, .tif, .nii.gz, .mha, .nrrd or a folder")
+    if ext in _PICTURE_ONLY:
+        raise UsageError(f"-o {output}: a mask cannot be written as {ext}; use .png, .tif, .nii.gz, .mha, .nrrd "
+                         "or a folder (a folder of that name must exist already)")
+
+
 def check_output_formats(items: list[tuple[Path, Path | None]], options: PredictOptions, output: Path | None) -> None:
     """Refuse (exit 2, before any work) an output format that cannot hold the result: a volume's mask as PNG."""
     from segcli import io
     from segcli.outputs import plan_output
 
+    _check_picture_output(output)
     if output is None or output.suffix.lower() not in _FLAT_OUTPUTS:
         return
     for path, root in items:

@@ -278,3 +278,17 @@ def test_a_file_named_twice_is_segmented_once(tmp_path, rgb_bundle):
     r = run_cli("predict", d, a, "-o", tmp_path / "out2", "--model", rgb_bundle, "--json")
     assert r.returncode == 0, r.stderr
     assert sorted(Path(f["input"]).name for f in json.loads(r.stdout)["files"]) == ["a.png", "b.png"]
+
+
+@pytest.mark.parametrize("name, words", [("m.jpg", "masks are never written as JPEG"),
+                                         ("m.webp", "a mask cannot be written as .webp")])
+def test_output_named_as_a_picture_is_refused_before_work(tmp_path, rgb_bundle, name, words):
+    """-o m.webp had made a folder named m.webp; -o m.jpg failed each file with exit 1 after its work."""
+    a = _png(tmp_path / "a.png")
+    r = run_cli("predict", a, "-o", tmp_path / name, "--model", rgb_bundle)
+    assert r.returncode == 2
+    assert r.stderr.startswith(f"segcli: error: -o {tmp_path / name}: {words}"), r.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.png"]
+    (tmp_path / name).mkdir()  # an existing folder of that name is a folder
+    assert run_cli("predict", a, "-o", tmp_path / name, "--model", rgb_bundle).returncode == 0
+    assert (tmp_path / name / "a_seg.png").is_file()
