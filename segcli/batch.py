@@ -45,7 +45,8 @@ def expand_inputs(inputs: list[Path], output: Path | None, stdin: Iterable[str] 
     given: list[Path] = []
     for p in inputs:  # a path read from stdin is taken exactly as one given on the command line (a folder is walked)
         if str(p) == "-":
-            given.extend(Path(line.rstrip("\n")) for line in stdin if line.strip())
+            # a list written on Windows ends its lines in \r\n: the \r is no part of a file name
+            given.extend(Path(line.rstrip("\r\n")) for line in stdin if line.strip())
         else:
             given.append(p)
     for p in given:

@@ -292,3 +292,13 @@ def test_output_named_as_a_picture_is_refused_before_work(tmp_path, rgb_bundle, 
     (tmp_path / name).mkdir()  # an existing folder of that name is a folder
     assert run_cli("predict", a, "-o", tmp_path / name, "--model", rgb_bundle).returncode == 0
     assert (tmp_path / name / "a_seg.png").is_file()
+
+
+def test_stdin_list_with_windows_line_ends(tmp_path, rgb_bundle):
+    """A file list saved on Windows (CRLF): each name is found, not 'a.png\\r: file not found'."""
+    _png(tmp_path / "a.png")
+    _png(tmp_path / "b.png", 1)
+    r = run_cli("predict", "-", "-o", tmp_path / "out", "--model", rgb_bundle, "-q",
+                stdin=f"{tmp_path / 'a.png'}\r\n{tmp_path / 'b.png'}\r\n")
+    assert r.returncode == 0, r.stderr
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["a_seg.png", "b_seg.png"]
