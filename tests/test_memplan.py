@@ -45,7 +45,7 @@ def test_a_budget_below_the_smallest_plan_is_refused_with_the_minimum() -> None:
 
 
 def test_the_plan_fits_its_budget_and_grows_batches_and_caches_with_it() -> None:
-    plans = [_plan(b * MB) for b in (420, 600, 1200, 16000)]
+    plans = [_plan(b * MB) for b in (370, 600, 1200, 16000)]
     for p in plans:
         assert p.total <= p.budget
     assert [p.batch for p in plans] == sorted(p.batch for p in plans)
@@ -53,6 +53,7 @@ def test_the_plan_fits_its_budget_and_grows_batches_and_caches_with_it() -> None
     # the coarse network's arena doubles past batch 2 for no gain per item: it stays at 2
     assert plans[-1].rough_batch == 2
     assert plans[-1].region_cache == memplan.REGION_CACHE[1] and plans[0].region_cache < plans[-1].region_cache
+    assert plans[-1].fuse_cache == memplan.FUSE_CACHE[1] and plans[0].fuse_cache < plans[-1].fuse_cache
 
 
 def test_batches_are_chosen_from_measured_cost_per_item() -> None:
