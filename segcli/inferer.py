@@ -110,6 +110,7 @@ class Inferer:
                 bundle, role, backend=self.options.backend, device=self.device,
                 max_batch=int(self.param(bundle, "batch_size")), half=self.options.half,
                 onnx_cache=self.options.onnx_cache, precision=self.options.precision,
+                export_budget=self.run_budget if self.options.max_memory is not None else None,
             )
             # model loading, and the ONNX export on first use: a stage of the file that needed it (pipeline)
             self.load_seconds["total"] = self.load_seconds.get("total", 0.0) + time.perf_counter() - t
