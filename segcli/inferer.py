@@ -130,9 +130,27 @@ class Inferer:
     def warm_up(self, kind: str = "2d") -> Bundle:
         """Load the bundle and build its predictors now, so a bad model fails once, up front."""
         bundle = self.bundle_for(kind)
+        self._export_first(bundle)
         for role in self.roles(bundle):
             self.predictor(bundle, role)
         return bundle
+
+    def _export_first(self, bundle: Bundle) -> None:
+        """The bundle's first-use ONNX exports, one after the other before any runtime loads here: each runs in
+        a child beside this process, whose RSS a loaded runtime and session would raise (polyp: +62 MB
+        between its two exports), and under --max-memory each is checked against the budget before it starts
+        (segcli.runtimes.onnx_cache.check_export_budget)."""
+        from segcli.runtimes import onnx_cache
+
+        if self.options.backend not in ("auto", "onnx") or self.device.startswith("cuda"):
+            return
+        budget = self.run_budget if self.options.max_memory is not None else None
+        todo = [r for r in self.roles(bundle) if (bundle.path.resolve(), r) not in self._predictors and
+                onnx_cache.status(bundle, r, self.options.onnx_cache).endswith("(exported on first use)")]
+        if todo and budget is not None:  # one refusal naming what the whole first use needs
+            onnx_cache.check_export_budget(bundle, todo, budget)
+        for role in todo:
+            onnx_cache.cached_export(bundle, role, self.options.onnx_cache, budget)
 
     #: The inferer checks a file alone; a read-ahead run's files share the budget through :class:`RunContext`.
     budget_share = 1

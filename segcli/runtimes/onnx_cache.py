@@ -48,10 +48,9 @@ MB = 10**6
 EXPORT_BASE = 380 * MB
 EXPORT_PER_PARAM = 24  # the weights held about six times as float32 (module, trace, proto, bytes, session)
 EXPORT_PER_PIXEL = 800  # activations of the traced and the parity batch, per pixel of 2 x S x S
-#: What this process grows by between one network's export and the next's when ONNX Runtime is not loaded yet:
-#: its import (20 MB) and the first network's session (measured: 32 MB between a test bundle's two exports).
-#: The first export's check counts it, so its refusal names what the whole first use needs.
-ORT_LOAD = 40 * MB
+#: What this process grows by from one export to the next, run back to back before any runtime loads
+#: (segcli.inferer.Inferer.warm_up): the process pool's bookkeeping, measured 3-9 MB.
+EXPORT_SLACK = 16 * MB
 #: Exports this process ran: the parent's RSS when the child started, the child's measured peak, the need
 #: predicted (MB); the ``--json`` report's memory section carries them.
 EXPORTS: list[dict[str, Any]] = []
@@ -264,23 +263,20 @@ def _rss() -> int:
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
 
 
-def check_export_budget(bundle: Any, role: str, budget: int) -> int:
-    """Refuse (exit 2, before any work) a first-use export that would not fit ``budget`` (``--max-memory``)
-    with this process as it is now: a cgroup counts the child and its parent together. Returns this
-    process's RSS (bytes)."""
-    import sys
-
+def check_export_budget(bundle: Any, roles: list[str] | tuple[str, ...], budget: int,
+                        slack: int = EXPORT_SLACK) -> int:
+    """Refuse (exit 2, before any work) first-use exports of ``roles`` that would not fit ``budget``
+    (``--max-memory``) beside this process as it is now (+ ``slack``, what it grows by until the last of
+    them starts): a cgroup counts the child and its parent together. Returns this process's RSS (bytes)."""
     from segcli.errors import UsageError
     from segcli.memory import human
 
     here = _rss()
-    need = here + export_need(bundle, role)
-    if "onnxruntime" not in sys.modules:  # the later networks' exports start beside a loaded runtime
-        need += ORT_LOAD + sum(2 * _weights_bytes(bundle, r) for r in bundle.networks if r != role)
+    need = here + slack + max(export_need(bundle, r) for r in roles)
     if need > budget:
-        raise UsageError(f"first use of model {bundle.name} needs about {human(need)} to export its ONNX graph "
-                         f"({role} network); --max-memory is {human(budget)} (run it once without --max-memory "
-                         "first: the export is cached)")
+        raise UsageError(f"first use of model {bundle.name} needs about {human(need)} to export its ONNX graph; "
+                         f"--max-memory is {human(budget)} (run it once without --max-memory first: the export "
+                         "is cached)")
     return here
 
 
@@ -298,7 +294,7 @@ def cached_export(bundle: Any, role: str, setting: str | None = None,
     verify_weights(bundle, role)
     data, rec = lookup(root, bundle, role)
     if data is None and rec is None:
-        here = check_export_budget(bundle, role, budget) if budget is not None else _rss()
+        here = check_export_budget(bundle, [role], budget, slack=0) if budget is not None else _rss()
         try:
             data, rec = _build_isolated(root, bundle, role)
             _said(bundle, role, here, rec or {}, budget)
@@ -315,7 +311,8 @@ def _said(bundle: Any, role: str, here: int, rec: dict[str, Any], budget: int | 
     """Keep what the export took (:data:`EXPORTS`); say so when it went over the budget after all."""
     peak = int(rec.get("export_peak_bytes") or 0)
     EXPORTS.append({"bundle": bundle.name, "role": role, "parent_mb": round(here / MB, 1),
-                    "child_peak_mb": round(peak / MB, 1), "need_mb": round((here + export_need(bundle, role)) / MB, 1)})
+                    "child_peak_mb": round(peak / MB, 1),
+                    "need_mb": round((here + export_need(bundle, role)) / MB, 1)})
     if budget is not None and here + peak > budget:
         log.warning("the ONNX export of %s/%s took %.1f MB with this process (%.1f MB), over --max-memory "
                     "%.1f MB", bundle.name, role, peak / MB, here / MB, budget / MB)
