@@ -54,7 +54,8 @@ def open_inputs(seg: Inferer, inputs: list[Path], output: Path | None) -> Inputs
     return expand_inputs(inputs, output, sys.stdin if any(str(p) == "-" for p in inputs) else ())
 
 
-def _check_runtime_and_budget(seg: Inferer, items: list[tuple[Path, Path | None]], workers: int) -> None:
+def _check_runtime_and_budget(seg: Inferer, items: list[tuple[Path, Path | None]], workers: int,
+                              output: Path | None) -> None:
     options = seg.options
     if options.model is None and (options.backend != "auto" or options.device != "auto"):
         try:  # a runtime the default bundles cannot serve fails once, here, not once per file
@@ -64,7 +65,7 @@ def _check_runtime_and_budget(seg: Inferer, items: list[tuple[Path, Path | None]
             raise UsageError(str(exc)) from None
     if options.max_memory is not None or workers > 1:
         # the memory plan of each kind of input, made before any work: too small a budget is refused here
-        check_budget(seg, items, workers)
+        check_budget(seg, items, workers, output)
 
 
 def _check_output_place(items: list[tuple[Path, Path | None]], options: Any, output: Path | None) -> None:
@@ -97,7 +98,7 @@ def check_before_work(seg: Inferer, found: Inputs, output: Path | None, *, worke
         raise UsageError("no input images found" + (f" ({len(found.earlier_outputs)} file(s) named *_seg/*_probs/"
                                                     "*_preview were left out as earlier outputs)"
                                                     if found.earlier_outputs else ""))
-    _check_runtime_and_budget(seg, items, workers)
+    _check_runtime_and_budget(seg, items, workers, output)
     _check_output_place(items, options, output)
     if shard is None and (from_env := shard_from_env()) is not None:
         shard = from_env[0]

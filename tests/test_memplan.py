@@ -143,7 +143,7 @@ def _dark(batch: np.ndarray) -> np.ndarray:
 def test_a_resampled_20x_slide_stays_a_slide_and_glass_is_never_computed(tmp_path: Path, monkeypatch) -> None:
     """The mpp rule doubles a 20x slide: counted at the networks' size it takes the bounded route, whose
     sliding windows cover only what the rough pass finds (never the glass)."""
-    from segcli import pipeline
+    from segcli import header_needs
     from segcli.runtimes import FunctionPredictor
     from tests.conftest import make_bundle
 
@@ -153,7 +153,7 @@ def test_a_resampled_20x_slide_stays_a_slide_and_glass_is_never_computed(tmp_pat
     (bundle / "segcli.json").write_text(json.dumps(doc))
     img = np.full((640, 640, 3), 235, np.uint8)
     img[100:180, 200:300] = 40  # one patch of "tissue" on glass
-    monkeypatch.setattr(pipeline, "SLIDE_PIXELS", 10**6)  # 640² is 0.4 MPix, 1280² once resampled: 1.6 MPix
+    monkeypatch.setattr(header_needs, "SLIDE_PIXELS", 10**6)  # 640² is 0.4 MPix, 1280² once resampled: 1.6 MPix
     reports = {}
     for mpp in (0.5, 0.25):
         src = tmp_path / f"s{mpp}.tif"
