@@ -211,7 +211,9 @@ class Inferer:
             self._plan_facts[(kind, bounded)] = {
                 "kind": "slide" if bounded else kind, "name": bundle.name, "base": base, "costs": costs,
                 "how": "estimated" if "estimated" in hows else "measured", "size": p.size,
-                "channels": bundle.in_channels, "n_classes": bundle.n_classes, "zoom": zoom, "wanted": wanted}
+                "channels": bundle.in_channels, "n_classes": bundle.n_classes, "zoom": zoom, "wanted": wanted,
+                # the instance split of a slide read by region, window by window (segcli.instances_tiled)
+                "extra": memplan.instance_windows(self.options.tile_size) if bounded and self.options.instances else 0}
         return self._plan_facts[(kind, bounded)]
 
     def release_networks(self) -> int:

@@ -204,10 +204,23 @@ def refusal(name: str, minimum: int, budget: int, *, workers: int = 1, parent: i
             f"{budget_words(total, user_budget)}")
 
 
+def instance_windows(tile: int) -> int:
+    """What the tiled instance split (``--instances`` on a slide read by region) holds at once: one window
+    at the reach (segcli.instances_tiled) at :data:`segcli.memory.INSTANCE_PER_PIXEL` bytes a pixel."""
+    from segcli.instances_tiled import INSTANCE_TILE, REACH
+    from segcli.memory import INSTANCE_PER_PIXEL
+
+    side = max(int(tile), INSTANCE_TILE) + 2 * REACH
+    return side * side * INSTANCE_PER_PIXEL
+
+
 def make_plan(*, budget: int, kind: str, name: str, base: int, costs: dict[str, dict[int, int]], how: str,
               size: int, channels: int, n_classes: int, zoom: float, wanted: int, workers: int = 1,
-              user_budget: bool = True, parent: int = 0, run_budget: int | None = None) -> MemoryPlan:
+              user_budget: bool = True, parent: int = 0, run_budget: int | None = None,
+              extra: int = 0) -> MemoryPlan:
     """Split ``budget`` (see the module docstring); :class:`BudgetError` when batch 1 does not fit.
+
+    ``extra``: what the route holds beyond its measured working set (the instance split's windows).
 
     ``costs``: each network role's measured ``{batch: bytes}``; every role keeps its arena, so they add up.
     The coarse network (stts rough pass) gets its own batch. With ``workers`` > 1, ``budget`` is one
@@ -216,7 +229,7 @@ def make_plan(*, budget: int, kind: str, name: str, base: int, costs: dict[str, 
     """
     slide = kind == "slide"
     prefetch = 1 if slide else 0
-    workset = ROUTE_WORKSET.get(kind, ROUTE_WORKSET["2d"])
+    workset = ROUTE_WORKSET.get(kind, ROUTE_WORKSET["2d"]) + int(extra)
     caches = (REGION_CACHE[0] + FUSE_CACHE[0]) if slide else 0
     coarse = costs.get("coarse") if len(costs) > 1 else None
     others = [t for r, t in costs.items() if not (coarse is not None and r == "coarse")]
