@@ -189,7 +189,8 @@ def check_output_formats(items: list[tuple[Path, Path | None]], options: Predict
             raise UsageError(f"{path}: a volume's mask cannot be written as {out.suffix}; use .nii.gz, .mha or .nrrd")
 
 
-def check_budget(seg: Inferer, items: list[tuple[Path, Path | None]], workers: int) -> None:
+def check_budget(seg: Inferer, items: list[tuple[Path, Path | None]], workers: int,
+                 output: Path | None = None) -> None:
     """Make the memory plan of every kind of input in ``items`` now, so a budget below the smallest plan is
     refused before any file is read (segcli.memplan), and refuse the run (exit 2) when no file fits.
 
@@ -207,20 +208,27 @@ def check_budget(seg: Inferer, items: list[tuple[Path, Path | None]], workers: i
         seg._plans.clear()
     for kind in kinds:
         seg.memory_plan(kind)
-    check_some_file_fits(seg, items)
+    check_some_file_fits(seg, items, output)
 
 
-def check_some_file_fits(seg: Inferer, items: list[tuple[Path, Path | None]]) -> None:
+def check_some_file_fits(seg: Inferer, items: list[tuple[Path, Path | None]], output: Path | None = None) -> None:
     """UsageError (exit 2, before any work) when no input's header leaves it room in the budget.
 
-    Only what a header tells cheaply is counted (photos, volumes); a run with any other input, or one file
-    that fits, goes on, and each file that does not fit is refused alone when it is read (segcli.memory).
+    Only what a header tells is counted (segcli.header_needs: photos, volumes, TIFF and OpenSlide slides, DICOM
+    series); a run with any other input, or one file that fits, goes on, and each file that does not fit is
+    refused alone when it is read (segcli.memory). ``output``: the -o of the run (a TIFF's route depends on it).
     """
     from segcli import memory
+    from segcli.header_needs import header_need
+    from segcli.outputs import plan_output
 
     worst = None
-    for path, _ in items:
-        need = header_need(seg, path)
+    for path, root in items:
+        try:
+            out = plan_output(seg.options, path, output, root)
+        except (OSError, ValueError):
+            out = None
+        need = header_need(seg, path, out)
         if need is None or memory.fits(seg, need[0], need[1]):
             return
         total = memory.file_need(seg, need[0], need[1])
@@ -232,32 +240,6 @@ def check_some_file_fits(seg: Inferer, items: list[tuple[Path, Path | None]]) ->
     with_w = f" with --workers {seg.workers}" if seg.workers > 1 else ""
     raise UsageError(f"{worst[1]}: {worst[2]} needs at least {memory.human(worst[0])}{with_w}{more}; "
                      f"{memory.budget_words(seg.run_budget, seg.options.max_memory is not None)}")
-
-
-def header_need(seg: Inferer, path: Path) -> tuple[str, int, str] | None:
-    """(kind, bytes the file itself brings, what it is) from a photo's or a volume's header, or None."""
-    from segcli import io, memory
-    from segcli.io.volstream import streamable
-
-    content = None if path.is_dir() else io.sniff_input(path)
-    if content in ("png", "jpeg", "bmp"):
-        from PIL import Image, UnidentifiedImageError
-
-        try:
-            with Image.open(path) as im:
-                w, h, bands, mode = im.width, im.height, len(im.getbands()), im.mode
-        except (OSError, UnidentifiedImageError, ValueError):
-            return None
-        itemsize = 2 if mode.startswith("I;16") else (4 if mode in ("I", "F") else 1)
-        return "2d", memory.image_bytes(seg, "2d", (h, w), bands, itemsize), f"this {h}x{w} image"
-    if content in ("nrrd", "metaimage", "nifti", "nifti-gz") and (head := io.header_size(path, content)):
-        shape, channels, itemsize = head
-        if len(shape) != 3 or min(shape) < 2:
-            return None
-        streamed = seg.options.stream_volumes and streamable(path, content)
-        own = memory.image_bytes(seg, "volume", shape, channels, itemsize, streamed=streamed)
-        return "volume", own, f"this {'x'.join(map(str, shape))} volume"
-    return None
 
 
 def kinds_needed(items: list[tuple[Path, Path | None]]) -> set[str]:

@@ -45,9 +45,7 @@ def open_inputs(seg: Inferer, inputs: list[Path], output: Path | None) -> Inputs
     expanded (folders walked, '-' read from stdin)."""
     options = seg.options
     if options.model is not None:
-        try:
-            if options.max_memory is not None:
-                _first_use_note(seg, ["2d"])
+        try:  # a first-use ONNX export that would not fit --max-memory is refused here (exit 2)
             bundle = seg.warm_up("2d")
         except BundleError as exc:
             raise UsageError(str(exc)) from None
@@ -56,7 +54,8 @@ def open_inputs(seg: Inferer, inputs: list[Path], output: Path | None) -> Inputs
     return expand_inputs(inputs, output, sys.stdin if any(str(p) == "-" for p in inputs) else ())
 
 
-def _check_runtime_and_budget(seg: Inferer, items: list[tuple[Path, Path | None]], workers: int) -> None:
+def _check_runtime_and_budget(seg: Inferer, items: list[tuple[Path, Path | None]], workers: int,
+                              output: Path | None) -> None:
     options = seg.options
     if options.model is None and (options.backend != "auto" or options.device != "auto"):
         try:  # a runtime the default bundles cannot serve fails once, here, not once per file
@@ -64,33 +63,9 @@ def _check_runtime_and_budget(seg: Inferer, items: list[tuple[Path, Path | None]
                 seg.warm_up(kind)
         except SegcliError as exc:
             raise UsageError(str(exc)) from None
-    if options.max_memory is not None and options.model is None:
-        _first_use_note(seg, sorted(kinds_needed(items)))
     if options.max_memory is not None or workers > 1:
         # the memory plan of each kind of input, made before any work: too small a budget is refused here
-        check_budget(seg, items, workers)
-
-
-def _first_use_note(seg: Inferer, kinds: list[str]) -> None:
-    """Say so when a network is exported to ONNX on first use under --max-memory: the export runs in a child
-    process before the memory plan exists, so that one run is not bounded by the budget (later runs are)."""
-    from segcli.runtimes.onnx_cache import status
-
-    if seg.options.backend not in ("auto", "onnx"):
-        return
-    names = []
-    for kind in kinds:
-        try:
-            bundle = seg.bundle_for(kind)
-            if any(status(bundle, role, seg.options.onnx_cache).endswith("(exported on first use)")
-                   for role in seg.roles(bundle)):
-                names.append(bundle.name)
-        except SegcliError:
-            continue  # the plan that follows says what is wrong with the model
-    for name in dict.fromkeys(names):
-        print(f"segcli: note: first use of model {name} here: its ONNX export runs in a child process before the "
-              "memory plan, outside --max-memory (later runs are bounded; `segcli export` or one run without "
-              "--max-memory does it beforehand)", file=sys.stderr)
+        check_budget(seg, items, workers, output)
 
 
 def _check_output_place(items: list[tuple[Path, Path | None]], options: Any, output: Path | None) -> None:
@@ -123,7 +98,7 @@ def check_before_work(seg: Inferer, found: Inputs, output: Path | None, *, worke
         raise UsageError("no input images found" + (f" ({len(found.earlier_outputs)} file(s) named *_seg/*_probs/"
                                                     "*_preview were left out as earlier outputs)"
                                                     if found.earlier_outputs else ""))
-    _check_runtime_and_budget(seg, items, workers)
+    _check_runtime_and_budget(seg, items, workers, output)
     _check_output_place(items, options, output)
     if shard is None and (from_env := shard_from_env()) is not None:
         shard = from_env[0]
@@ -214,13 +189,16 @@ def summarize(reports: list[FileReport], seg: Inferer, found: Inputs, *, workers
     """The ``--json`` summary on stdout, the summary line and the recap of failures on stderr; returns the
     number of failed inputs."""
     from segcli.memplan import peak_rss
+    from segcli.runtimes.onnx_cache import EXPORTS
 
     failed = [r for r in reports if r.status == "failed"]
     summary = {
         "segcli": __version__,
         "memory": {"budget_mb": round(seg.options.budget / 1e6, 1), "workers": workers, **peak_rss(),
                    **({"parent_mb": round(seg.parent_bytes / 1e6, 1), "worker_budget_mb": round(seg.budget / 1e6, 1)}
-                      if workers > 1 else {})},
+                      if workers > 1 else {}),
+                   # first-use ONNX exports: the parent's RSS then, the child's peak, the need predicted (MB)
+                   **({"onnx_exports": list(EXPORTS)} if EXPORTS else {})},
         "files": [r.to_dict() for r in reports],
         "summary": {
             "total": len(reports),

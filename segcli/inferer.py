@@ -110,6 +110,7 @@ class Inferer:
                 bundle, role, backend=self.options.backend, device=self.device,
                 max_batch=int(self.param(bundle, "batch_size")), half=self.options.half,
                 onnx_cache=self.options.onnx_cache, precision=self.options.precision,
+                export_budget=self.run_budget if self.options.max_memory is not None else None,
             )
             # model loading, and the ONNX export on first use: a stage of the file that needed it (pipeline)
             self.load_seconds["total"] = self.load_seconds.get("total", 0.0) + time.perf_counter() - t
@@ -129,9 +130,27 @@ class Inferer:
     def warm_up(self, kind: str = "2d") -> Bundle:
         """Load the bundle and build its predictors now, so a bad model fails once, up front."""
         bundle = self.bundle_for(kind)
+        self._export_first(bundle)
         for role in self.roles(bundle):
             self.predictor(bundle, role)
         return bundle
+
+    def _export_first(self, bundle: Bundle) -> None:
+        """The bundle's first-use ONNX exports, one after the other before any runtime loads here: each runs in
+        a child beside this process, whose RSS a loaded runtime and session would raise (polyp: +62 MB
+        between its two exports), and under --max-memory each is checked against the budget before it starts
+        (segcli.runtimes.onnx_cache.check_export_budget)."""
+        from segcli.runtimes import onnx_cache
+
+        if self.options.backend not in ("auto", "onnx") or self.device.startswith("cuda"):
+            return
+        budget = self.run_budget if self.options.max_memory is not None else None
+        todo = [r for r in self.roles(bundle) if (bundle.path.resolve(), r) not in self._predictors and
+                onnx_cache.status(bundle, r, self.options.onnx_cache).endswith("(exported on first use)")]
+        if todo and budget is not None:  # one refusal naming what the whole first use needs
+            onnx_cache.check_export_budget(bundle, todo, budget)
+        for role in todo:
+            onnx_cache.cached_export(bundle, role, self.options.onnx_cache, budget)
 
     #: The inferer checks a file alone; a read-ahead run's files share the budget through :class:`RunContext`.
     budget_share = 1
@@ -192,7 +211,9 @@ class Inferer:
             self._plan_facts[(kind, bounded)] = {
                 "kind": "slide" if bounded else kind, "name": bundle.name, "base": base, "costs": costs,
                 "how": "estimated" if "estimated" in hows else "measured", "size": p.size,
-                "channels": bundle.in_channels, "n_classes": bundle.n_classes, "zoom": zoom, "wanted": wanted}
+                "channels": bundle.in_channels, "n_classes": bundle.n_classes, "zoom": zoom, "wanted": wanted,
+                # the instance split of a slide read by region, window by window (segcli.instances_tiled)
+                "extra": memplan.instance_windows(self.options.tile_size) if bounded and self.options.instances else 0}
         return self._plan_facts[(kind, bounded)]
 
     def release_networks(self) -> int:

@@ -33,10 +33,16 @@ from segcli.memory import budget_words, human, run_need
 
 MB = 10**6
 MIB = 2**20
+#: What the rough pass of a slide without a usable pyramid level holds while it reads one coarse window from
+#: level 0 (:class:`segcli.io.lazyplane.LevelView`): a band of whole tile rows (512 rows x 2000 columns, raw
+#: and float32) and the window's row sums. Read whole, the window took 12 MB raw + 2 x 48 MB float32 + per
+#: channel copies: what a 16000² TIFF without a pyramid peaked above the plan by (issue 28).
+ROUGH_BAND = 24 * MB
 #: RSS a route holds beyond the networks, batches and planned caches (bytes; measured, see the docstring).
-ROUTE_WORKSET = {"slide": 140 * MB, "2d": 16 * MB, "volume": 16 * MB}
-#: (smallest, largest useful) region cache of a slide reader, and of the fusion store's tile cache.
-REGION_CACHE = (8 * MIB, 64 * MIB)
+ROUTE_WORKSET = {"slide": 140 * MB + ROUGH_BAND, "2d": 16 * MB, "volume": 16 * MB}
+#: (smallest, largest useful) region cache of a slide reader, and of the fusion store's tile cache. Past
+#: 16 MiB the slide reader's cache saved 31 of 1379 tile decodes on a 16000² slide and cost 90 MB of RSS.
+REGION_CACHE = (8 * MIB, 16 * MIB)
 FUSE_CACHE = (4 * MIB, 32 * MIB)
 #: Default fine-batch cap on the CPU: the fastest measured (per-item time flat past 8, memory doubling).
 FAST_BATCH = 8
@@ -198,10 +204,23 @@ def refusal(name: str, minimum: int, budget: int, *, workers: int = 1, parent: i
             f"{budget_words(total, user_budget)}")
 
 
+def instance_windows(tile: int) -> int:
+    """What the tiled instance split (``--instances`` on a slide read by region) holds at once: one window
+    at the reach (segcli.instances_tiled) at :data:`segcli.memory.INSTANCE_PER_PIXEL` bytes a pixel."""
+    from segcli.instances_tiled import INSTANCE_TILE, REACH
+    from segcli.memory import INSTANCE_PER_PIXEL
+
+    side = max(int(tile), INSTANCE_TILE) + 2 * REACH
+    return side * side * INSTANCE_PER_PIXEL
+
+
 def make_plan(*, budget: int, kind: str, name: str, base: int, costs: dict[str, dict[int, int]], how: str,
               size: int, channels: int, n_classes: int, zoom: float, wanted: int, workers: int = 1,
-              user_budget: bool = True, parent: int = 0, run_budget: int | None = None) -> MemoryPlan:
+              user_budget: bool = True, parent: int = 0, run_budget: int | None = None,
+              extra: int = 0) -> MemoryPlan:
     """Split ``budget`` (see the module docstring); :class:`BudgetError` when batch 1 does not fit.
+
+    ``extra``: what the route holds beyond its measured working set (the instance split's windows).
 
     ``costs``: each network role's measured ``{batch: bytes}``; every role keeps its arena, so they add up.
     The coarse network (stts rough pass) gets its own batch. With ``workers`` > 1, ``budget`` is one
@@ -210,7 +229,7 @@ def make_plan(*, budget: int, kind: str, name: str, base: int, costs: dict[str, 
     """
     slide = kind == "slide"
     prefetch = 1 if slide else 0
-    workset = ROUTE_WORKSET.get(kind, ROUTE_WORKSET["2d"])
+    workset = ROUTE_WORKSET.get(kind, ROUTE_WORKSET["2d"]) + int(extra)
     caches = (REGION_CACHE[0] + FUSE_CACHE[0]) if slide else 0
     coarse = costs.get("coarse") if len(costs) > 1 else None
     others = [t for r, t in costs.items() if not (coarse is not None and r == "coarse")]

@@ -80,7 +80,10 @@ def normalize(x: np.ndarray, spec: dict[str, Any], stats: dict[str, float] | Non
     if kind == "dtype":
         if np.issubdtype(src_dtype, np.integer):
             info = np.iinfo(src_dtype)
-            y = (y - info.min) / float(info.max - info.min) if info.min < 0 else y / float(info.max)
+            # y is a new float32 copy of integer input: divided in place (a slide's regions, one copy fewer)
+            if info.min < 0:
+                y -= info.min
+            y /= float(info.max - info.min) if info.min < 0 else float(info.max)
         elif np.issubdtype(src_dtype, np.bool_):
             pass
         else:  # floats: assume already in [0, 1] only if they look like it, else min-max

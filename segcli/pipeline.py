@@ -29,19 +29,18 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
+from segcli import header_needs, io, memory
 from segcli import input_facts as facts
-from segcli import io, memory
 from segcli.engines.base import ProgressFn, Result
 from segcli.errors import EmptyImageError, InputError, UsageError
 from segcli.geometry import slice_axis
 from segcli.inferer import Inferer, RunContext
 from segcli.io.atomic import OutputLock
-from segcli.io.bigtiff import tiff_spacing
 from segcli.io.naming import geojson_path, probabilities_path
 from segcli.job import Job
 from segcli.methods import BOUNDED
 from segcli.outputs import detection_classes, plan_output, planned_outputs, write_dicom_seg, write_instances
-from segcli.plan import Staged2D, physical_factor
+from segcli.plan import Staged2D
 from segcli.prepare import implausible_result, mismatch_warnings
 from segcli.report import FileReport, count_labels, fill_counts, fill_run
 
@@ -286,9 +285,7 @@ class TiledTiffRoute:
             if kw.get("crop_mode") == "grid":
                 # The rough pass only has to find tissue here: cap its grid at GRID_ROUGH_PIXELS so its dense
                 # accumulators stay small on a 40k² slide (4096² at 0.98 µm/px would hold 1.3 GB of floats).
-                H, W = net_plane.shape
-                floor = (H * W / GRID_ROUGH_PIXELS) ** 0.5
-                kw["max_downscale"] = max(kw.get("max_downscale") or 1.0, floor)
+                kw["max_downscale"] = max(kw.get("max_downscale") or 1.0, header_needs.rough_floor(net_plane.shape))
             res = plan.run_2d(run, net_plane, ctx.inferer.predictors(bundle), kw, return_probs=False, progress=progress,
                               spill_dir=spill, lazy=True, prefetch=True)
             if scale is not None:
@@ -376,15 +373,8 @@ class TiledTiffRoute:
 # -- choosing a route and checking memory ------------------------------------------------------------
 
 
-#: Largest rough grid (pixels) of a bounded sliding run, whose rough pass only selects tissue windows.
-GRID_ROUGH_PIXELS = 2048 * 2048
-
 #: Methods the bounded (tiled TIFF) route runs (the method table's ``bounded`` column).
 BOUNDED_METHODS = BOUNDED
-
-#: An RGB TIFF with more pixels than this as the networks see it (after the mpp rule) takes the bounded route:
-#: an 8000² slide slid in memory over all 1,764 windows took 37 s and 2.29 GB; 324 held tissue (issue 28).
-SLIDE_PIXELS = 16 * 2**20
 
 
 def open_route(ctx: RunContext, path: Path, out: Path, content: str | None) -> Route:
@@ -407,14 +397,19 @@ def open_route(ctx: RunContext, path: Path, out: Path, content: str | None) -> R
         if vendor and not out.name.lower().endswith((".tif", ".tiff")):
             raise UsageError(f"a {path.suffix} slide is read by region, so its mask is written as a tiled .tif, "
                              f"not {out.suffix}", path)
-        if vendor or (head is not None and _wants_tiles(ctx, path, out, kind, head)):
+        if vendor or (head is not None and header_needs.wants_tiles(ctx, path, out, kind, head)):
             from segcli.io.openslide_reader import open_plane
 
             bundle = ctx.bundle_for(kind)
             mplan = ctx.inferer.memory_plan(kind, bounded=True)
-            return TiledTiffRoute(open_plane(path, spec=bundle.normalization, channels_want=bundle.in_channels,
-                                             channel_mode=ctx.options.channels,
-                                             cache_bytes=mplan.region_cache), kind)
+            plane = open_plane(path, spec=bundle.normalization, channels_want=bundle.in_channels,
+                               channel_mode=ctx.options.channels, cache_bytes=mplan.region_cache)
+            try:  # the rough map of a huge slide, from its header: refused before its rough pass
+                header_needs.check_bounded(ctx, kind, plane.shape, plane.spacing, path)
+            except BaseException:
+                plane.close()
+                raise
+            return TiledTiffRoute(plane, kind)
     if ctx.options.stream_volumes and content not in ("tiff", "png", "jpeg", "bmp"):
         from segcli.io.volstream import open_streamed
 
@@ -438,34 +433,6 @@ def open_route(ctx: RunContext, path: Path, out: Path, content: str | None) -> R
     img = io.open_image(path, ctx.options.series if path.is_dir() else None, content=content,
                         volume=ctx.options.volume)
     return InMemoryRoute(img, facts.chosen_kind(ctx.options, img, kind))
-
-
-def _wants_tiles(ctx: RunContext, path: Path, out: Path, kind: str, head: tuple) -> bool:
-    """True when this TIFF must not be decoded whole (size or budget), from its header alone.
-
-    Also refuses, before decoding, a whole-image method whose in-memory peak would not fit.
-    """
-    (H, W), channels, itemsize = head
-    bundle = ctx.bundle_for(kind)
-    p = ctx.plan_for(bundle)
-    scale = physical_factor(bundle, tiff_spacing(path)) if kind == "slide" else None
-    if scale is not None:  # the networks see the slide resampled to the bundle's pixel size: count those pixels
-        H, W = max(1, round(H / scale[0])), max(1, round(W / scale[0]))
-    tif_out = out.name.lower().endswith((".tif", ".tiff"))
-    if kind == "slide" and p.method in BOUNDED_METHODS and H * W > SLIDE_PIXELS and tif_out:
-        return True  # a slide, resampled or not: tissue windows only, never glass, in bounded memory
-    est = memory.image_bytes(ctx, kind, (H, W), channels, itemsize, return_probs=False)
-    if ctx.options.lazy_pixels >= H * W and memory.fits(ctx, kind, est):
-        return False
-    if p.method not in BOUNDED_METHODS:
-        memory.check_file(ctx, kind, est, path, f"--method {p.method} on this {H}x{W} image",
-                          "use --method stts, which reads only a rough view and the crops")
-        return False
-    if tif_out:
-        return True
-    memory.check_file(ctx, kind, est, path, f"writing this {H}x{W} mask as {out.suffix}",
-                      "write it as .tif (streamed, tiled) instead")
-    return False
 
 
 # -- one file, many files ----------------------------------------------------------------------------------

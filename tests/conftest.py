@@ -104,15 +104,24 @@ def make_bundle(path: Path, *, in_channels: int = 1, classes=("background", "obj
                        networks=nets, info={"task": "test bundle"})
 
 
+def _exported(path: Path) -> Path:
+    """The bundle with its ONNX exports in the session's cache, as after a user's first run: a first use under a
+    small --max-memory is refused for the export's own need (segcli.runtimes.onnx_cache.check_export_budget)."""
+    from segcli.api import Segmenter
+
+    Segmenter(path).warm_up("2d")
+    return path
+
+
 @pytest.fixture(scope="session")
 def grey_bundle(tmp_path_factory) -> Path:
-    return make_bundle(tmp_path_factory.mktemp("bundles") / "grey")
+    return _exported(make_bundle(tmp_path_factory.mktemp("bundles") / "grey"))
 
 
 @pytest.fixture(scope="session")
 def rgb_bundle(tmp_path_factory) -> Path:
-    return make_bundle(tmp_path_factory.mktemp("bundles") / "rgb", in_channels=3,
-                       normalization={"kind": "dtype"})
+    return _exported(make_bundle(tmp_path_factory.mktemp("bundles") / "rgb", in_channels=3,
+                                 normalization={"kind": "dtype"}))
 
 
 def run_cli(*args: str, stdin: str | None = None, env: dict | None = None, timeout: int = 300,

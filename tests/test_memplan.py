@@ -45,7 +45,7 @@ def test_a_budget_below_the_smallest_plan_is_refused_with_the_minimum() -> None:
 
 
 def test_the_plan_fits_its_budget_and_grows_batches_and_caches_with_it() -> None:
-    plans = [_plan(b * MB) for b in (420, 600, 1200, 16000)]
+    plans = [_plan(b * MB) for b in (370, 600, 1200, 16000)]
     for p in plans:
         assert p.total <= p.budget
     assert [p.batch for p in plans] == sorted(p.batch for p in plans)
@@ -53,6 +53,7 @@ def test_the_plan_fits_its_budget_and_grows_batches_and_caches_with_it() -> None
     # the coarse network's arena doubles past batch 2 for no gain per item: it stays at 2
     assert plans[-1].rough_batch == 2
     assert plans[-1].region_cache == memplan.REGION_CACHE[1] and plans[0].region_cache < plans[-1].region_cache
+    assert plans[-1].fuse_cache == memplan.FUSE_CACHE[1] and plans[0].fuse_cache < plans[-1].fuse_cache
 
 
 def test_batches_are_chosen_from_measured_cost_per_item() -> None:
@@ -142,7 +143,7 @@ def _dark(batch: np.ndarray) -> np.ndarray:
 def test_a_resampled_20x_slide_stays_a_slide_and_glass_is_never_computed(tmp_path: Path, monkeypatch) -> None:
     """The mpp rule doubles a 20x slide: counted at the networks' size it takes the bounded route, whose
     sliding windows cover only what the rough pass finds (never the glass)."""
-    from segcli import pipeline
+    from segcli import header_needs
     from segcli.runtimes import FunctionPredictor
     from tests.conftest import make_bundle
 
@@ -152,7 +153,7 @@ def test_a_resampled_20x_slide_stays_a_slide_and_glass_is_never_computed(tmp_pat
     (bundle / "segcli.json").write_text(json.dumps(doc))
     img = np.full((640, 640, 3), 235, np.uint8)
     img[100:180, 200:300] = 40  # one patch of "tissue" on glass
-    monkeypatch.setattr(pipeline, "SLIDE_PIXELS", 10**6)  # 640² is 0.4 MPix, 1280² once resampled: 1.6 MPix
+    monkeypatch.setattr(header_needs, "SLIDE_PIXELS", 10**6)  # 640² is 0.4 MPix, 1280² once resampled: 1.6 MPix
     reports = {}
     for mpp in (0.5, 0.25):
         src = tmp_path / f"s{mpp}.tif"
@@ -169,3 +170,19 @@ def test_a_resampled_20x_slide_stays_a_slide_and_glass_is_never_computed(tmp_pat
     assert "bounded_memory" not in reports[0.25].info  # 0.4 MPix at its own pixel size: in memory
     mask = tifffile.imread(tmp_path / "o0.5.tif")
     assert mask.shape == (640, 640) and mask[110:170, 210:290].all() and not mask[400:, 400:].any()
+
+
+def test_the_instance_split_is_in_the_plan_when_asked_for(rgb_bundle) -> None:
+    """--instances: a slide's plan holds one instance window at the reach (1536² at 64 bytes a pixel: 151 MB,
+    measured 161 MB on a 16000² nuclei-he mask), and an image split whole brings 64 bytes a pixel more."""
+    from segcli import memory
+
+    plain = Segmenter(rgb_bundle, max_memory="8GB")
+    split = Segmenter(rgb_bundle, max_memory="8GB", instances=True)
+    windows = memplan.instance_windows(split.options.tile_size)
+    assert windows == 1536 * 1536 * memory.INSTANCE_PER_PIXEL
+    a, b = plain.memory_plan("slide"), split.memory_plan("slide")
+    assert b.workset == a.workset + windows and b.minimum - b.base == a.minimum - a.base + windows
+    assert split.memory_plan("2d").workset == plain.memory_plan("2d").workset  # split whole: the image's own
+    own = memory.image_bytes(split, "2d", (1000, 1000), 3, 1) - memory.image_bytes(plain, "2d", (1000, 1000), 3, 1)
+    assert own == 1000 * 1000 * memory.INSTANCE_PER_PIXEL

@@ -159,14 +159,24 @@ def test_a_streamed_nifti_is_refused_up_front_with_its_minimum(tmp_path: Path, g
     assert abs(need - (minimum + (3 * vox + vox) / MB)) < 2  # three slabs (the whole 26 MB) + the mask once
 
 
-def test_a_first_use_export_under_a_budget_is_said(tmp_path: Path, rgb_bundle) -> None:
-    """The first-use ONNX export runs before the memory plan exists: under --max-memory the run says so (the
-    budget is never exceeded in silence); once the export is cached, nothing is said."""
+def test_a_first_use_export_is_refused_below_its_need_and_runs_within_it(tmp_path: Path, rgb_bundle) -> None:
+    """The first-use ONNX export (a child process that loads torch) counts against --max-memory: below what it
+    needs with this process, the run is refused before any work naming the need; at that need it runs, and
+    the parent's RSS then plus the child's measured peak stay under the budget."""
     src = _png(tmp_path / "a.png", 48)
-    env = {"SEGCLI_ONNX_CACHE": str(tmp_path / "cache")}
-    args = ("predict", src, "--model", rgb_bundle, "--max-memory", "3GB", "-q")
-    first = run_cli(*args, "-o", tmp_path / "o1.png", env=env)
-    assert first.returncode == 0, first.stderr
-    assert first.stderr.startswith("segcli: note: first use of model ") and "outside --max-memory" in first.stderr
-    again = run_cli(*args, "-o", tmp_path / "o2.png", env=env)
-    assert again.returncode == 0 and again.stderr == "", again.stderr
+    cache = tmp_path / "cache"
+    args = ("predict", src, "--model", rgb_bundle, "-q", "--json")
+    small = run_cli(*args, "-o", tmp_path / "o1.png", "--max-memory", "200MB", env={"SEGCLI_ONNX_CACHE": str(cache)})
+    assert small.returncode == 2, small.stderr
+    m = re.match(r"segcli: error: first use of model rgb needs about ([0-9.]+) MB to export its ONNX graph; "
+                 r"--max-memory is 200\.0 MB \(run it once without --max-memory first", small.stderr)
+    assert m, small.stderr
+    assert not (tmp_path / "o1.png").exists() and not list(cache.glob("*.onnx"))
+    budget = float(m.group(1)) + 1
+    ok = run_cli(*args, "-o", tmp_path / "o2.png", "--max-memory", f"{budget:.0f}MB",
+                 env={"SEGCLI_ONNX_CACHE": str(cache)})
+    assert ok.returncode == 0, ok.stderr
+    exports = json.loads(ok.stdout)["memory"]["onnx_exports"]
+    assert [e["role"] for e in exports] == ["coarse", "fine"]
+    for e in exports:  # the prediction held, and with it the budget
+        assert 0 < e["parent_mb"] + e["child_peak_mb"] <= e["need_mb"] <= budget, e

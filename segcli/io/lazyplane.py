@@ -214,10 +214,8 @@ class RegionPlane(abc.ABC):
                     )
                     del a
                     wx, q0, q1 = _window(rx, c0, c1)
-                    y2 = np.moveaxis(y, -1, 0).reshape(self.channels * (r1 - r0), c1 - c0)
-                    t = np.asarray((wx @ y2.T).T).reshape(self.channels, r1 - r0, q1 - q0)  # columns first
-                    for c in range(self.channels):
-                        window[c, o0 - start : o1 - start, q0:q1] += np.asarray(wy @ t[c], dtype=np.float32)
+                    window[:, o0 - start : o1 - start, q0:q1] += _average(y, wy, wx)
+                    del y
                 done = int(np.searchsorted(last_in, r1, side="left"))  # rows whose inputs are all read
                 if done > start:
                     yield start, window[:, : done - start]
@@ -351,22 +349,26 @@ class LevelView:
         self.channels = plane.channels
         self.level = plane.choose_level(out_hw)
         lv = plane.levels[self.level]
-        self._ry = resize_weights(lv.height, out_hw[0], "area").tocsr()
-        self._rx = resize_weights(lv.width, out_hw[1], "area").tocsr()
+        self._ry = resize_weights(lv.height, out_hw[0], "area").astype(np.float32).tocsr()
+        self._rx = resize_weights(lv.width, out_hw[1], "area").astype(np.float32).tocsr()
         plane.level_reads.append(self.level)
 
     def region(self, box: np.ndarray | tuple[int, int, int, int]) -> np.ndarray:
+        """The view's ``box``, from the level read in bands of whole segment rows (:func:`band_rows`): a
+        rough window of a slide without a pyramid covers 2000² level pixels, 48 MB as float32 at once."""
         y0, x0, y1, x1 = (int(v) for v in box)
         ry, rx = self._ry[y0:y1], self._rx[x0:x1]
         ly0, ly1 = int(ry.indices.min()), int(ry.indices.max()) + 1
         lx0, lx1 = int(rx.indices.min()), int(rx.indices.max()) + 1
         p = self.plane
-        a = norm.normalize(p._convert(p.read_raw((ly0, lx0, ly1, lx1), self.level)), p.spec)
-        wy, wx = ry[:, ly0:ly1], rx[:, lx0:lx1]
-        out = np.empty((self.channels, y1 - y0, x1 - x0), np.float32)
-        for c in range(self.channels):
-            out[c] = np.asarray(wy @ np.asarray(wx @ np.asarray(a[..., c], np.float32).T).T, np.float32)
-        return out
+        wy, wx = ry[:, ly0:ly1].tocsc(), rx[:, lx0:lx1]
+        rows = np.zeros((y1 - y0, lx1 - lx0, self.channels), np.float32)
+        seg_h = p.levels[self.level].seg[0]
+        for b0, b1 in band_rows(ly0, ly1, seg_h, (lx1 - lx0) * self.channels * 4):
+            a = norm.normalize(p._convert(p.read_raw((b0, lx0, b1, lx1), self.level)), p.spec)
+            rows += _rows(a, wy[:, b0 - ly0 : b1 - ly0])
+            del a
+        return _columns(rows, wx)
 
     def downscaled(self, out_hw: tuple[int, int]) -> np.ndarray:
         return self.plane.downscaled(out_hw)
@@ -379,6 +381,41 @@ class LevelView:
 _CHUNK = 16 * 2**20
 # Overviews up to this size are kept for a repeated request (statistics, then the rough pass).
 _KEEP_OVERVIEW = 16 * 2**20
+
+
+#: Bytes of float32 a :class:`LevelView` region holds per band of level rows.
+_BAND = 4 * 2**20
+
+
+def band_rows(r0: int, r1: int, seg_h: int, row_bytes: int) -> Iterator[tuple[int, int]]:
+    """Rows ``r0:r1`` in bands of about :data:`_BAND` bytes (``row_bytes`` each), cut on segment rows
+    (``seg_h``), so no tile or strip is decoded twice for one region."""
+    step = max(seg_h, (_BAND // max(row_bytes, 1)) // seg_h * seg_h)
+    b0 = r0
+    while b0 < r1:
+        b1 = min(r1, (b0 // seg_h) * seg_h + step)
+        yield b0, b1
+        b0 = b1
+
+
+def _rows(a: np.ndarray, wy: Any) -> np.ndarray:
+    """Channel-last ``(r, c, C)`` pixels averaged over rows by ``wy`` (o × r): ``(o, c, C)`` float32. Rows
+    first: the product reads ``a`` in its own order, and the rest of the work is ``o / r`` as big."""
+    r, c, C = a.shape
+    out = wy @ np.ascontiguousarray(a, np.float32).reshape(r, c * C)
+    return np.asarray(out, np.float32).reshape(-1, c, C)
+
+
+def _columns(rows: np.ndarray, wx: Any) -> np.ndarray:
+    """``(o, c, C)`` averaged over columns by ``wx`` (q × c): ``(C, o, q)`` float32."""
+    o, c, C = rows.shape
+    t = wx @ np.ascontiguousarray(rows.transpose(1, 0, 2)).reshape(c, o * C)
+    return np.ascontiguousarray(np.asarray(t, np.float32).reshape(-1, o, C).transpose(2, 1, 0))
+
+
+def _average(a: np.ndarray, wy: Any, wx: Any) -> np.ndarray:
+    """Channel-last ``(r, c, C)`` pixels → their ``(C, o, q)`` area average by ``wy`` (o × r) and ``wx`` (q × c)."""
+    return _columns(_rows(a, wy), wx)
 
 
 def _window(weights: Any, i0: int, i1: int) -> tuple[Any, int, int]:

@@ -32,12 +32,14 @@ def cpu_has_bf16() -> bool:
 
 
 def make_predictor(bundle, role: str, *, backend: str = "torch", device: str = "cpu", max_batch: int = 16,
-                   half: bool = False, onnx_cache: str | None = None, precision: str = "fp32"):
+                   half: bool = False, onnx_cache: str | None = None, precision: str = "fp32",
+                   export_budget: int | None = None):
     """Build the predictor for one network of a bundle on the chosen backend, device and precision.
 
     ``auto`` backend: the bundle's own ONNX export when it has one; on the CPU otherwise a first-use
     export from the per-user cache (:mod:`segcli.runtimes.onnx_cache`; ``onnx_cache`` is
-    ``--onnx-cache``); torch when neither is possible (the reason is logged).
+    ``--onnx-cache``); torch when neither is possible (the reason is logged). ``export_budget``
+    (``--max-memory``): a first-use export that would not fit it is refused before it starts.
     """
     import importlib.util
     import logging
@@ -71,7 +73,7 @@ def make_predictor(bundle, role: str, *, backend: str = "torch", device: str = "
         elif cpu and importlib.util.find_spec("onnxruntime") is not None:
             from segcli.runtimes.onnx_cache import cached_export
 
-            data, where = cached_export(bundle, role, onnx_cache)
+            data, where = cached_export(bundle, role, onnx_cache, export_budget)
             if data is not None:
                 from segcli.runtimes.onnx_backend import OnnxPredictor
 
@@ -95,7 +97,7 @@ def make_predictor(bundle, role: str, *, backend: str = "torch", device: str = "
         if not bundle.network(role).onnx:
             from segcli.runtimes.onnx_cache import cached_export
 
-            data, where = cached_export(bundle, role, onnx_cache)
+            data, where = cached_export(bundle, role, onnx_cache, export_budget)
             if data is None:
                 raise UsageError(f"bundle {bundle.path} has no ONNX export and none could be made ({where}); "
                                  f"run `segcli export {bundle.path}` or use --backend torch")

@@ -40,6 +40,21 @@ OFF = ("off", "0", "none", "false", "no")
 EXPORT_VERSION = 1
 OPSET = 17
 
+MB = 10**6
+#: What an export holds at its peak, in the child process that imports torch and onnx, traces the network and
+#: checks it on ONNX Runtime (parity on a batch of 2 at S x S). Measured with ``ru_maxrss`` of the child for
+#: the shipped bundles: U-Net f16 (975 k parameters) 392 MB at S = 64, 404-412 at 128, 452-475 at 256; ARSM
+#: (209 k) 378 MB at 128. ``export_need`` = base + per parameter + per pixel of the parity batch, above each.
+EXPORT_BASE = 380 * MB
+EXPORT_PER_PARAM = 24  # the weights held about six times as float32 (module, trace, proto, bytes, session)
+EXPORT_PER_PIXEL = 800  # activations of the traced and the parity batch, per pixel of 2 x S x S
+#: What this process grows by from one export to the next, run back to back before any runtime loads
+#: (segcli.inferer.Inferer.warm_up): the process pool's bookkeeping, measured 3-9 MB.
+EXPORT_SLACK = 16 * MB
+#: Exports this process ran: the parent's RSS when the child started, the child's measured peak, the need
+#: predicted (MB); the ``--json`` report's memory section carries them.
+EXPORTS: list[dict[str, Any]] = []
+
 
 def cache_root(setting: str | None = None) -> Path | None:
     """The cache folder: ``setting`` (``--onnx-cache``), else the environment, else the per-user default; None when off."""
@@ -193,11 +208,15 @@ def build(root: Path, bundle: Any, role: str) -> tuple[bytes | None, dict[str, A
 
 
 def _build_in_child(root: str, bundle_path: str, allow_unhashed: bool, role: str) -> tuple[bytes | None, dict]:
+    import resource
+
     from segcli.bundle import load_bundle
 
     bundle = load_bundle(Path(bundle_path))
     bundle.allow_unhashed = allow_unhashed
-    return build(Path(root), bundle, role)
+    data, rec = build(Path(root), bundle, role)
+    # this child's own peak (ru_maxrss: KiB on Linux), for the parent's account of the budget
+    return data, {**rec, "export_peak_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
 
 
 def _build_isolated(root: Path, bundle: Any, role: str) -> tuple[bytes | None, dict[str, Any]]:
@@ -219,8 +238,54 @@ def _build_isolated(root: Path, bundle: Any, role: str) -> tuple[bytes | None, d
                            role).result()
 
 
-def cached_export(bundle: Any, role: str, setting: str | None = None) -> tuple[bytes | None, str]:
-    """The network's faithful ONNX export from the cache, building it on first use; ``(None, why)`` when none."""
+def export_need(bundle: Any, role: str) -> int:
+    """Bytes the export of ``role`` holds at its peak, beside the process that asked for it (see
+    :data:`EXPORT_BASE`): from the weights' size and the bundle's input size, before anything is exported."""
+    side = int(bundle.input_size)
+    return EXPORT_BASE + EXPORT_PER_PARAM * (_weights_bytes(bundle, role) // 4) + EXPORT_PER_PIXEL * 2 * side * side
+
+
+def _weights_bytes(bundle: Any, role: str) -> int:
+    try:
+        return int(bundle.weights_path(role).stat().st_size)
+    except OSError:
+        return 0
+
+
+def _rss() -> int:
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError):  # no /proc (macOS): the peak so far stands in for it
+        import resource
+        import sys
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
+
+
+def check_export_budget(bundle: Any, roles: list[str] | tuple[str, ...], budget: int,
+                        slack: int = EXPORT_SLACK) -> int:
+    """Refuse (exit 2, before any work) first-use exports of ``roles`` that would not fit ``budget``
+    (``--max-memory``) beside this process as it is now (+ ``slack``, what it grows by until the last of
+    them starts): a cgroup counts the child and its parent together. Returns this process's RSS (bytes)."""
+    from segcli.errors import UsageError
+    from segcli.memory import human
+
+    here = _rss()
+    need = here + slack + max(export_need(bundle, r) for r in roles)
+    if need > budget:
+        raise UsageError(f"first use of model {bundle.name} needs about {human(need)} to export its ONNX graph; "
+                         f"--max-memory is {human(budget)} (run it once without --max-memory first: the export "
+                         "is cached)")
+    return here
+
+
+def cached_export(bundle: Any, role: str, setting: str | None = None,
+                  budget: int | None = None) -> tuple[bytes | None, str]:
+    """The network's faithful ONNX export from the cache, building it on first use; ``(None, why)`` when none.
+
+    ``budget`` (``--max-memory``, bytes): a first-use export that would not fit it is refused before it starts
+    (:func:`check_export_budget`), and one that went over it after all is said."""
     root = cache_root(setting)
     if root is None:
         return None, "the ONNX cache is off"
@@ -229,8 +294,10 @@ def cached_export(bundle: Any, role: str, setting: str | None = None) -> tuple[b
     verify_weights(bundle, role)
     data, rec = lookup(root, bundle, role)
     if data is None and rec is None:
+        here = check_export_budget(bundle, [role], budget, slack=0) if budget is not None else _rss()
         try:
             data, rec = _build_isolated(root, bundle, role)
+            _said(bundle, role, here, rec or {}, budget)
         except ImportError as exc:
             return None, f"exporting needs torch and onnx ({exc.name} is missing)"
         except OSError as exc:
@@ -238,6 +305,17 @@ def cached_export(bundle: Any, role: str, setting: str | None = None) -> tuple[b
     if data is None:
         return None, str((rec or {}).get("reason", "no export"))
     return data, str(cache_paths(root, bundle, role)[0])
+
+
+def _said(bundle: Any, role: str, here: int, rec: dict[str, Any], budget: int | None) -> None:
+    """Keep what the export took (:data:`EXPORTS`); say so when it went over the budget after all."""
+    peak = int(rec.get("export_peak_bytes") or 0)
+    EXPORTS.append({"bundle": bundle.name, "role": role, "parent_mb": round(here / MB, 1),
+                    "child_peak_mb": round(peak / MB, 1),
+                    "need_mb": round((here + export_need(bundle, role)) / MB, 1)})
+    if budget is not None and here + peak > budget:
+        log.warning("the ONNX export of %s/%s took %.1f MB with this process (%.1f MB), over --max-memory "
+                    "%.1f MB", bundle.name, role, peak / MB, here / MB, budget / MB)
 
 
 def verify_weights(bundle: Any, role: str) -> None:
