@@ -136,13 +136,15 @@ def test_stain_jitter_is_opt_in_and_only_recolours() -> None:
 
 def test_stain_jitter_trains_and_is_recorded(tmp_path: Path) -> None:
     out = tmp_path / "he"
-    train(SHARED, out, method="direct", epochs=1, val_full_res=False, stain_jitter=0.1, **TINY)
+    train(SHARED, out, method="direct", epochs=1, val_full_res=False, stain_jitter=0.1, endoscopy_jitter=0.3, **TINY)
     b = load_bundle(out)
-    assert b.training["stain_jitter"] == 0.1
+    assert b.training["stain_jitter"] == 0.1 and b.training["endoscopy_jitter"] == 0.3
     with pytest.raises(UsageError, match="stain-jitter"):
         train(SHARED, tmp_path / "bad", method="direct", epochs=1, stain_jitter=1.5, **TINY)
     with pytest.raises(UsageError, match="stain-jitter"):
         train(NNUNET, tmp_path / "grey", method="direct", epochs=1, stain_jitter=0.1, **TINY)
+    with pytest.raises(UsageError, match="endoscopy-jitter needs RGB"):
+        train(NNUNET, tmp_path / "grey2", method="direct", epochs=1, endoscopy_jitter=0.1, **TINY)
 
 
 def test_crop_jitter_bounds() -> None:

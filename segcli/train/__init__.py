@@ -264,6 +264,8 @@ def _load_checked_dataset(cfg: TrainConfig, ckpt: dict[str, Any] | None, log: An
         cfg.normalization = ds.normalization  # recorded, so a resume normalises identically
     if cfg.stain_jitter and cfg.augment and (ds.in_channels != 3 or (cfg.normalization or {}).get("kind") != "dtype"):
         raise UsageError("--stain-jitter needs RGB images with the dtype normalisation (8-bit H&E; try --channels rgb)")
+    if cfg.endoscopy_jitter and cfg.augment and (ds.in_channels != 3 or (cfg.normalization or {}).get("kind") != "dtype"):
+        raise UsageError("--endoscopy-jitter needs RGB images with the dtype normalisation (8-bit frames; try --channels rgb)")
     return ds
 
 
@@ -372,7 +374,7 @@ def _run(cfg: TrainConfig, ckpt: dict[str, Any] | None, reporter: Reporter) -> T
     opts = FitOptions(lr=cfg.lr, weight_decay=cfg.weight_decay, optimizer=cfg.optimizer, schedule=cfg.schedule,
                       patience=cfg.patience, device=device, amp=cfg.amp,
                       cpu_bf16=cfg.amp and device == "cpu" and cpu_has_bf16(), channels_last=device == "cpu",
-                      augment=AugmentConfig(stain=cfg.stain_jitter) if cfg.augment else None, seed=cfg.seed)
+                      augment=AugmentConfig(stain=cfg.stain_jitter, endoscopy=cfg.endoscopy_jitter) if cfg.augment else None, seed=cfg.seed)
     stage_names = roles(cfg.method)
     arch_of = {"coarse": cfg.arch, "fine": cfg.fine_arch or cfg.arch}
     conf_of = role_configs(cfg) or {r: net_config(cfg, arch_of[r]) for r in stage_names}
@@ -464,6 +466,7 @@ def _training_section(cfg: TrainConfig, ds: Any, stages: dict[str, dict[str, Any
         "batch_size": cfg.batch_size,
         "augment": cfg.augment,
         "stain_jitter": cfg.stain_jitter,
+        "endoscopy_jitter": cfg.endoscopy_jitter,
         "jitter": cfg.jitter if cfg.method == "stts" else None,
         "fine_init": cfg.fine_init if cfg.method != "direct" else None,
         "sampling": cfg.sampling if cfg.method == "refine" else None,

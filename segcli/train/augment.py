@@ -1,5 +1,6 @@
 """Batch augmentation on tensors: flips, 90° rotations, a small affine warp, intensity jitter, and
-(opt-in, RGB H&E only) stain jitter in HED optical-density space.
+(opt-in, RGB H&E only) stain jitter in HED optical-density space, and (opt-in, RGB endoscopy)
+colour/blur/zoom/highlight jitter (:mod:`segcli.train.endoscopy`).
 
 Everything runs on the whole batch at once (on the training device) with per-sample parameters
 drawn from an explicit ``torch.Generator``, so a seed reproduces the run and resuming restores the
@@ -35,6 +36,9 @@ class AugmentConfig:
     # deconvolution) are scaled by U(1-s, 1+s) and shifted by U(-s, s). Its random numbers are drawn
     # only when s > 0, so runs without it keep their exact random stream.
     stain: float = 0.0
+    # Endoscopy jitter strength in [0, 1] (segcli.train.endoscopy; 0 = off): colour, blur, zoom and
+    # specular highlights. Drawn after the stain numbers and only when > 0, as the stain jitter is.
+    endoscopy: float = 0.0
 
 
 # Ruifrok & Johnston (2001) stain vectors, rows = haematoxylin, eosin, DAB, in optical density.
@@ -90,6 +94,10 @@ def augment(
             raise ValueError(f"stain jitter needs RGB inputs, got {x.shape[1]} channel(s)")
         s_scale = _u(n * 3, 1.0 - cfg.stain, 1.0 + cfg.stain, g).view(n, 3)
         s_shift = _u(n * 3, -cfg.stain, cfg.stain, g).view(n, 3)
+    if cfg.endoscopy > 0:
+        from segcli.train.endoscopy import draw, endoscopy_jitter
+
+        endo = draw(n, cfg.endoscopy, g)
 
     x = x.clone()
     y = y.clone()
@@ -120,6 +128,8 @@ def augment(
         y[idx] = F.grid_sample(y[idx].float(), grid, mode="bilinear", padding_mode="border", align_corners=False).to(y.dtype)
     if cfg.stain > 0:
         x = stain_jitter(x, s_scale, s_shift)
+    if cfg.endoscopy > 0:
+        x, y = endoscopy_jitter(x, y, endo)
     if cfg.intensity > 0 and do_int.any():
         sel = do_int.to(dev)
         xi = x[sel]

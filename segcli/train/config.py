@@ -63,6 +63,7 @@ class TrainConfig:
     amp: bool = True
     augment: bool = True
     stain_jitter: float = 0.0  # HED stain jitter amplitude (RGB H&E; 0 = off), see train.augment
+    endoscopy_jitter: float = 0.0  # colour/blur/zoom/highlight strength (RGB endoscopy; 0 = off), see train.endoscopy
     cache_gb: float = 4.0
     workers: int = 2
     # Torch intra-op threads (None: the cores available). On a machine shared with other jobs, 1 is
@@ -117,6 +118,8 @@ def check_config(cfg: TrainConfig) -> None:
         raise UsageError("--batch-size must be at least 1")
     if not 0.0 <= cfg.stain_jitter < 1.0:
         raise UsageError(f"--stain-jitter must be in [0, 1), got {cfg.stain_jitter}")
+    if not 0.0 <= cfg.endoscopy_jitter <= 1.0:
+        raise UsageError(f"--endoscopy-jitter must be in [0, 1], got {cfg.endoscopy_jitter}")
     if cfg.fine_init not in ("random", "coarse"):
         raise UsageError(f"--fine-init must be random or coarse, not {cfg.fine_init!r}")
     if cfg.sampling not in ("uncertain", "uniform"):
