@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import shutil
 import subprocess
 import sys
@@ -30,6 +29,8 @@ import zlib
 from pathlib import Path
 
 import numpy as np
+
+from segcli.memory import peak_rss_bytes
 
 REPO = Path(__file__).resolve().parent.parent
 TILE = 512
@@ -170,7 +171,7 @@ def child(args: argparse.Namespace) -> None:
     seg = Segmenter(args.bundle, method=args.method, threads=2, **kw)
     rep = seg.predict_file(args.input, args.output)
     wall = time.perf_counter() - t
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    rss = peak_rss_bytes()  # own peak: ru_maxrss would carry the driver's
     print(json.dumps({"status": rep.status, "error": rep.error, "wall_s": wall, "peak_rss": rss,
                       "info": rep.info, "seconds": rep.seconds}))
 

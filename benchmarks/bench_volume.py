@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import resource
 import shutil
 import subprocess
 import sys
@@ -25,6 +24,8 @@ import time
 from pathlib import Path
 
 import numpy as np
+
+from segcli.memory import peak_rss_bytes
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -53,7 +54,7 @@ def child(args: argparse.Namespace) -> None:
                     overrides={"lung_gate": False} if args.no_gate else None)
     rep = seg.predict_file(args.input, args.output, probabilities=args.probabilities)
     wall = time.perf_counter() - t
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    rss = peak_rss_bytes()  # own peak: ru_maxrss would carry the driver's
     print(json.dumps({"status": rep.status, "error": rep.error, "wall_s": wall, "peak_rss": rss,
                       "seconds": rep.seconds, "info": rep.info, "voxel_counts": rep.voxel_counts}))
 

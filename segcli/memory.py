@@ -32,6 +32,26 @@ SLAB_BYTES = 64 * 2**20
 INSTANCE_PER_PIXEL = 64
 
 
+def peak_rss_bytes() -> int:
+    """This process's own peak resident set (bytes): ``VmHWM``, the high-water mark of its own address space.
+
+    Not ``ru_maxrss``: on Linux a process started by fork and exec carries its parent's peak into its own
+    ``ru_maxrss``, so a segcli run (or its ONNX export child) started from a large Python process (a test
+    session, a batch script) reported that process's peak as its own.
+    """
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    import resource
+    import sys
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
+
+
 def parse_size(value: str | int | float | None) -> int | None:
     """``"2GB"``, ``"1.5G"``, ``"512MiB"``, ``2_000_000_000`` → bytes; ``None``/``"auto"`` → None."""
     if value is None:

@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 
 from segcli.errors import UsageError
-from segcli.memory import budget_words, human, run_need
+from segcli.memory import budget_words, human, peak_rss_bytes, run_need
 
 MB = 10**6
 MIB = 2**20
@@ -97,9 +97,11 @@ def rss_now() -> int:
 
 
 def peak_rss() -> dict[str, float]:
-    """Peak RSS of this process and of its largest finished child (worker), in MB (``ru_maxrss``)."""
+    """Peak RSS of this process (its own high-water mark, :func:`segcli.memory.peak_rss_bytes`) and of its
+    largest finished child (worker), in MB. The children's figure is ``ru_maxrss``, which on Linux includes
+    this process's peak when the child started: an overstatement, never an understatement."""
     scale = 1 if sys.platform == "darwin" else 1024  # bytes on macOS, KiB on Linux
-    own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
+    own = peak_rss_bytes()
     kids = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * scale
     return {"peak_rss_mb": round(own / MB, 1), "peak_rss_children_mb": round(kids / MB, 1)}
 

@@ -42,7 +42,7 @@ OPSET = 17
 
 MB = 10**6
 #: What an export holds at its peak, in the child process that imports torch and onnx, traces the network and
-#: checks it on ONNX Runtime (parity on a batch of 2 at S x S). Measured with ``ru_maxrss`` of the child for
+#: checks it on ONNX Runtime (parity on a batch of 2 at S x S). Measured as the child's own peak (VmHWM) for
 #: the shipped bundles: U-Net f16 (975 k parameters) 392 MB at S = 64, 404-412 at 128, 452-475 at 256; ARSM
 #: (209 k) 378 MB at 128. ``export_need`` = base + per parameter + per pixel of the parity batch, above each.
 EXPORT_BASE = 380 * MB
@@ -208,15 +208,14 @@ def build(root: Path, bundle: Any, role: str) -> tuple[bytes | None, dict[str, A
 
 
 def _build_in_child(root: str, bundle_path: str, allow_unhashed: bool, role: str) -> tuple[bytes | None, dict]:
-    import resource
-
     from segcli.bundle import load_bundle
+    from segcli.memory import peak_rss_bytes
 
     bundle = load_bundle(Path(bundle_path))
     bundle.allow_unhashed = allow_unhashed
     data, rec = build(Path(root), bundle, role)
-    # this child's own peak (ru_maxrss: KiB on Linux), for the parent's account of the budget
-    return data, {**rec, "export_peak_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
+    # this child's own peak (not ru_maxrss, which carries the parent's), for the parent's account of the budget
+    return data, {**rec, "export_peak_bytes": peak_rss_bytes()}
 
 
 def _build_isolated(root: Path, bundle: Any, role: str) -> tuple[bytes | None, dict[str, Any]]:
