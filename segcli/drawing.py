@@ -170,7 +170,8 @@ def _display_size(h: int, w: int, spacing: Sequence[float] | None, max_side: int
 
 
 def _block_mean(img: np.ndarray, f: int, band: int = 64) -> np.ndarray:
-    """(H, W, C) → (ceil(H/f), ceil(W/f), C) box-filter means, row band by row band."""
+    """(H, W, C) → (ceil(H/f), ceil(W/f), C) box-filter means, row band by row band (uint8 stays uint8:
+    Pillow's reduce has already rounded, and :func:`to_rgb8` then passes a 0-255 window through untouched)."""
     if f == 1:
         return img
     h, w, c = img.shape
@@ -179,7 +180,7 @@ def _block_mean(img: np.ndarray, f: int, band: int = 64) -> np.ndarray:
         from PIL import Image
 
         src = Image.fromarray(np.ascontiguousarray(img[..., 0] if c == 1 else img))
-        small = np.asarray(src.reduce(f), dtype=np.float32)
+        small = np.asarray(src.reduce(f))
         return small[..., None] if c == 1 else small
     out = np.empty((bh, bw, c), np.float32)
     for b0 in range(0, bh, band):
@@ -297,7 +298,8 @@ def blend(rgb: np.ndarray, mask: np.ndarray, colour: Sequence[int], alpha: float
 def paint_labels(rgb: np.ndarray, lab: np.ndarray, alpha: float = FILL_ALPHA) -> None:
     """Fill each class lightly and trace its contour at full opacity, in place, on display-sized arrays."""
     t = contour_width(*lab.shape)
-    for c in np.unique(lab):
+    present = np.flatnonzero(label_counts(lab)) if lab.dtype == np.uint8 else np.unique(lab)
+    for c in present:  # label_counts: a few count_nonzero passes where np.unique sorted the plane
         if c == 0:
             continue
         m = lab == c
@@ -363,11 +365,17 @@ def _sup_font(font):
     return _font(max(8, int(size * 0.62))) if size else font
 
 
+@functools.lru_cache(maxsize=4096)
+def _run_w(run: str, font) -> int:
+    """Width of one run in ``font`` (the fonts are cached per size, so they key this cache): a preview asks
+    for the same legend and note widths again and again, a batch of previews more so."""
+    return int(font.getlength(run))
+
+
 def _text_w(draw, text: str, font) -> int:
     w = 0
     for run, sup in _segments(text):
-        f = _sup_font(font) if sup else font
-        w += int(draw.textlength(run, font=f))
+        w += _run_w(run, _sup_font(font) if sup else font)
     return w
 
 
@@ -377,7 +385,7 @@ def _draw_text(draw, xy: tuple[int, int], text: str, font, fill) -> None:
     for run, sup in _segments(text):
         f = _sup_font(font) if sup else font
         draw.text((x, y - (2 if sup else 0)), run, fill=fill, font=f)
-        x += int(draw.textlength(run, font=f))
+        x += _run_w(run, f)
 
 
 def _fit_text(draw, text: str, font, width: int) -> str:
