@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from segcli import pipeline
+from segcli import io, pipeline
 from segcli.engines.base import ProgressFn
 from segcli.geometry import slice_axis
 from segcli.inferer import Inferer
@@ -84,7 +84,6 @@ def segment(
     if isinstance(image, np.ndarray):
         arr = image[..., None] if image.ndim == 2 else image
         return seg.segment_array(arr)[0].labels
-    from segcli import io
 
     img = io.open_image(image)
     return seg.segment_array(img.array, kind="volume" if img.ndim == 3 else "2d", spacing=img.spacing,

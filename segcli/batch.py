@@ -15,10 +15,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from segcli import io, memory, pipeline
 from segcli.errors import UsageError, bug_message
+from segcli.header_needs import header_need
 from segcli.inferer import Inferer
+from segcli.io.bigtiff import tiff_header
+from segcli.io.dicomseries import may_hold_dicom
+from segcli.memplan import give_back, rss_now
 from segcli.options import PredictOptions
+from segcli.outputs import plan_output, planned_outputs
 from segcli.report import FileReport
+from segcli.runtimes.device import available_cores
 
 _WORKER: dict[str, Any] = {}
 
@@ -38,9 +45,6 @@ class Inputs:
 
 def expand_inputs(inputs: list[Path], output: Path | None, stdin: Iterable[str] = ()) -> Inputs:
     """Files as given, folders walked recursively (the root kept to mirror the layout), '-' from ``stdin``."""
-    from segcli import io
-    from segcli.io.dicomseries import may_hold_dicom
-
     found = Inputs()
     given: list[Path] = []
     for p in inputs:  # a path read from stdin is taken exactly as one given on the command line (a folder is walked)
@@ -107,8 +111,6 @@ def check_no_overwrite(items: list[tuple[Path, Path | None]], options: PredictOp
     compared with every input by resolved path (symlinks followed) and by file identity (hard links),
     including the files of DICOM series folders.
     """
-    from segcli.outputs import plan_output, planned_outputs
-
     by_path: dict[Path, Path] = {}
     by_id: dict[tuple[int, int], Path] = {}
 
@@ -172,9 +174,6 @@ def _check_picture_output(output: Path | None) -> None:
 
 def check_output_formats(items: list[tuple[Path, Path | None]], options: PredictOptions, output: Path | None) -> None:
     """Refuse (exit 2, before any work) an output format that cannot hold the result: a volume's mask as PNG."""
-    from segcli import io
-    from segcli.outputs import plan_output
-
     _check_picture_output(output)
     if output is None or output.suffix.lower() not in _FLAT_OUTPUTS:
         return
@@ -218,10 +217,6 @@ def check_some_file_fits(seg: Inferer, items: list[tuple[Path, Path | None]], ou
     series); a run with any other input, or one file that fits, goes on, and each file that does not fit is
     refused alone when it is read (segcli.memory). ``output``: the -o of the run (a TIFF's route depends on it).
     """
-    from segcli import memory
-    from segcli.header_needs import header_need
-    from segcli.outputs import plan_output
-
     worst = None
     for path, root in items:
         try:
@@ -244,9 +239,6 @@ def check_some_file_fits(seg: Inferer, items: list[tuple[Path, Path | None]], ou
 
 def kinds_needed(items: list[tuple[Path, Path | None]]) -> set[str]:
     """Which default bundles a batch will load ("2d", "slide", "volume"), from each input's header."""
-    from segcli import io
-    from segcli.io.bigtiff import tiff_header
-
     kinds: set[str] = set()
     for path, _ in items:
         content = "dicom" if io.is_dicom_series(path) else io.sniff_input(path)
@@ -268,8 +260,6 @@ def check_unique_outputs(items: list[tuple[Path, Path | None]], output: Path | N
     Such a pair is refused up front; otherwise two workers, or one worker twice, would write the
     same file.
     """
-    from segcli.outputs import plan_output
-
     seen: dict[Path, Path] = {}
     clashes = []
     for path, root in items:
@@ -319,16 +309,11 @@ def run_batch(
     this process's RSS once it released its networks (:func:`check_budget`), measured here if not given.
     """
     if workers <= 1:
-        from segcli import pipeline
-
         yield from pipeline.run_many(inferer or Inferer(options), items, output, prefetch=prefetch,
                                      progress_for=progress_for)
         return
     import multiprocessing as mp
     from concurrent.futures import ProcessPoolExecutor
-
-    from segcli.memplan import give_back, rss_now
-    from segcli.runtimes.device import available_cores
 
     # Each worker is a process with its own interpreter, networks and caches: it plans for its share of
     # what the parent leaves (the parent's networks are released before the workers start).

@@ -16,9 +16,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from segcli.errors import BundleError
+from segcli import normalize
+from segcli.choose import KIND_WORDS
+from segcli.errors import BundleError, UsageError
 from segcli.methods import METHODS, ROLES
-from segcli.params import lookup
+from segcli.nets import build
+from segcli.params import SPECS, check_param, lookup
 
 SCHEMA_VERSION = 1
 BUNDLE_FILE = "segcli.json"
@@ -120,8 +123,6 @@ class Bundle:
 
     def load_module(self, role: str, verify: bool = True):
         """Build the role's network and load its weights (safely)."""
-        from segcli.nets import build
-
         spec = self.network(role)
         if spec.arch == "onnx":  # an imported graph (segcli.importers): there is no torch network to build
             raise BundleError(f"the {role} network is an imported ONNX model; it runs on ONNX Runtime only "
@@ -308,9 +309,6 @@ def _check_params(params: dict[str, Any], where: Path) -> None:
     """The bundle's method parameters, typed and in range, checked once at load: a bad one is one refusal
     naming segcli.json, not a failure per file. Keys segcli does not know as method parameters (the
     bundle's own facts: mpp, training_mpp, max_zoom...) are left alone."""
-    from segcli.errors import UsageError
-    from segcli.params import SPECS, check_param
-
     for key, value in params.items():
         if key not in SPECS or value is None:
             continue
@@ -363,8 +361,6 @@ def model_index() -> dict[str, Any]:
 
 def no_model_message(kind: str) -> str:
     """The refusal for a content kind no shipped model fits: what the input is and the list to pick from."""
-    from segcli.choose import KIND_WORDS
-
     data = model_index()
     hint = (data.get("refuse_hints") or {}).get(kind)
     names = ", ".join(b.name for b in list_models()) or "none"
@@ -440,7 +436,6 @@ def load_bundle(model: str | os.PathLike[str] | None = None, kind: str = "2d") -
         raise BundleError(f"networks must be among {ROLES}, got {sorted(nets)}", cfg_path)
     if bundle.input_size < 8:
         raise BundleError(f"input_size {bundle.input_size} is too small", cfg_path)
-    from segcli import normalize
 
     try:
         normalize.validate(bundle.normalization)

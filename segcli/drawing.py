@@ -15,6 +15,8 @@ from typing import Any
 
 import numpy as np
 
+from segcli.normalize import _sample
+
 # Okabe & Ito (2008), a palette distinguishable under the common colour-vision deficiencies; black is left
 # out because it vanishes on dark images. Row 0 (background) is never drawn; classes beyond 7 cycle.
 PALETTE = np.array(
@@ -105,8 +107,6 @@ def window_for(arr: np.ndarray, normalization: dict[str, Any] | None = None) -> 
     A CT window shows that window; ``percentile`` its own percentiles; ``minmax`` the range; 8-bit photos
     (``dtype``, or no spec) their native 0-255; anything else the 1st-99th percentile.
     """
-    from segcli.normalize import _sample
-
     spec = normalization or {}
     kind = spec.get("kind")
     if kind == "ct_window":

@@ -23,9 +23,15 @@ from typing import Any
 
 import numpy as np
 
-from segcli import metrics
-from segcli.errors import InputError, SegcliError, UsageError
+from segcli import metrics, metrics_stream
+from segcli.bundle import load_bundle, resolve_model
+from segcli.errors import BundleError, InputError, SegcliError, UsageError
+from segcli.instance_metrics import InstanceCounts, instance_counts
+from segcli.io import open_image
 from segcli.io.atomic import split_extension
+from segcli.io.dicomseg import algorithm_name, dicom_seg_on_grid
+from segcli.report import tidy
+from segcli.runtimes.device import available_cores
 
 PRED_SUFFIXES = ("_seg", "_mask", "_pred", "_prediction", "_segmentation", "_label", "_labels", "-seg", "-mask")
 MASK_EXTS = (".png", ".bmp", ".tif", ".tiff", ".nii", ".nii.gz", ".mha", ".mhd", ".nrrd", ".jpg", ".jpeg", ".dcm")
@@ -76,8 +82,6 @@ def pair_files(pred_dir: str | os.PathLike[str], gt_dir: str | os.PathLike[str])
 
 
 def _read_labels(path: Path) -> tuple[np.ndarray, tuple[float, ...] | None]:
-    from segcli.io import open_image
-
     img = open_image(path)
     a = img.array
     if a.shape[-1] > 1 and not all(np.array_equal(a[..., 0], a[..., i]) for i in range(1, a.shape[-1])):
@@ -122,12 +126,7 @@ def _read_seg_pair(pred_path: Path, gt_path: Path, classes: Sequence[str] | None
     """
     import SimpleITK as sitk
 
-    from segcli.io.dicomseg import algorithm_name, dicom_seg_on_grid
-
     if classes is None and (name := algorithm_name(pred_path)):
-        from segcli.bundle import load_bundle, resolve_model
-        from segcli.errors import BundleError
-
         try:
             classes = load_bundle(resolve_model(name, "volume")).classes
         except BundleError:
@@ -203,7 +202,6 @@ def evaluate(
     """
     gt_dir = Path(gt_dir)
     pairs, unpaired_pred, unpaired_gt = _paired(pred_dir, gt_dir, log)
-    from segcli.runtimes.device import available_cores
 
     n_workers = workers or min(4, available_cores())
     fov = Path(fov_dir) if fov_dir is not None else None
@@ -277,9 +275,7 @@ def _paired(pred_dir: str | os.PathLike[str], gt_dir: Path,
 
 def _classes_from_predictions(pairs: list[tuple[str, Path, Path]]) -> list[str] | None:
     """Class names from the bundle a DICOM SEG prediction names as its algorithm (segcli writes it), if any."""
-    from segcli.bundle import load_bundle, resolve_model
     from segcli.errors import SegcliError
-    from segcli.io.dicomseg import algorithm_name
 
     for _, pred, _ in pairs:
         if not pred.name.lower().endswith(".dcm"):
@@ -295,8 +291,6 @@ def _classes_from_predictions(pairs: list[tuple[str, Path, Path]]) -> list[str] 
 def _measure_case(item: tuple[str, Path, Path], fov: Path | None, spacing: Sequence[float] | None,
                   seg_classes: Sequence[str] | None, hd95: bool, instances: bool = False) -> dict[str, Any]:
     """One pair read and scored (a worker's job); the masks are dropped once measured."""
-    from segcli import metrics_stream
-
     case, pred_path, gt_path = item
     if instances and metrics_stream.wants_streaming(pred_path, gt_path):
         return {"case": case, "prediction": str(pred_path), "ground_truth": str(gt_path),
@@ -379,8 +373,6 @@ def _aggregate(rows: list[dict[str, Any]]) -> dict[str, Any]:
 
 def to_json(result: dict[str, Any]) -> str:
     """The result as JSON text: NaN (a class not scored) as null, floats to 6 significant digits."""
-    from segcli.report import tidy
-
     return json.dumps(tidy(_clean(result)), indent=2)
 
 
@@ -437,8 +429,6 @@ def _instance_counts(rec: dict[str, Any]) -> Any:
     """AJI/PQ counts of one case; its masks become foreground masks for the semantic scores."""
     from scipy import ndimage as ndi
 
-    from segcli.instance_metrics import instance_counts
-
     gt, pred = rec["gt"], rec["pred"]
     if pred.max(initial=0) <= 1:  # a binary mask: its connected components are the objects
         pred = ndi.label(pred > 0, structure=np.ones((3,) * pred.ndim, bool))[0]
@@ -451,8 +441,6 @@ def _instance_counts(rec: dict[str, Any]) -> Any:
 
 def _add_instance_scores(result: dict[str, Any], good: list[dict[str, Any]]) -> None:
     """Per-case AJI, PQ, SQ, DQ and F1, their means over cases and the scores pooled over every object."""
-    from segcli.instance_metrics import InstanceCounts
-
     pooled = InstanceCounts()
     by_case = {r["case"]: r["instance_counts"] for r in good}
     for cs in result["cases"]:

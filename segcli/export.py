@@ -32,6 +32,8 @@ from segcli.bundle import (
     write_json_atomic,
 )
 from segcli.errors import BundleError, SegcliError, UsageError
+from segcli.runtimes.device import available_cores
+from segcli.runtimes.predictor import logits_to_probs
 
 log = logging.getLogger("segcli")
 
@@ -177,8 +179,6 @@ def _toposort(graph: Any) -> None:
 def _session(model_bytes: bytes) -> Any:
     import onnxruntime as ort
 
-    from segcli.runtimes.device import available_cores
-
     so = ort.SessionOptions()
     so.intra_op_num_threads = available_cores()
     so.log_severity_level = 3
@@ -210,8 +210,6 @@ def parity(module: Any, model_bytes: bytes, inputs: list[np.ndarray]) -> float:
 
 
 def _fp16_gap(fp32: bytes, fp16: bytes, inputs: list[np.ndarray]) -> float:
-    from segcli.runtimes.predictor import logits_to_probs
-
     a, b = _session(fp32), _session(fp16)
     return max(float(np.abs(logits_to_probs(a.run(None, {INPUT_NAME: x})[0])
                              - logits_to_probs(b.run(None, {INPUT_NAME: x})[0])).max()) for x in inputs)

@@ -18,7 +18,12 @@ import math
 from pathlib import Path
 from typing import Any
 
-from segcli import memory, plan
+from segcli import io, memory, plan
+from segcli.errors import SegcliError
+from segcli.io.bigtiff import tiff_header, tiff_spacing
+from segcli.io.dicomseries import decoded_size
+from segcli.io.openslide_reader import open_plane, wants_openslide
+from segcli.io.volstream import open_streamed, streamable
 from segcli.methods import BOUNDED
 
 #: Largest rough grid (pixels) of a bounded sliding run, whose rough pass only selects tissue windows.
@@ -79,8 +84,6 @@ def wants_tiles(ctx: Any, path: Path, out: Path, kind: str, head: tuple) -> bool
 
     Also refuses, before decoding, a whole-image method whose in-memory peak would not fit.
     """
-    from segcli.io.bigtiff import tiff_spacing
-
     (H, W), channels, itemsize = head
     p = ctx.plan_for(ctx.bundle_for(kind))
     (H, W), _ = network_shape(ctx, kind, (H, W), tiff_spacing(path))
@@ -103,12 +106,7 @@ def wants_tiles(ctx: Any, path: Path, out: Path, kind: str, head: tuple) -> bool
 
 def _slide_need(seg: Any, path: Path, out: Path, vendor: bool) -> tuple[str, int, str] | None:
     """A TIFF's or an OpenSlide slide's need, on the route :func:`wants_tiles` (or OpenSlide) would take."""
-    from segcli.errors import SegcliError
-    from segcli.io.bigtiff import tiff_header, tiff_spacing
-
     if vendor:
-        from segcli.io.openslide_reader import open_plane
-
         try:  # OpenSlide reads its headers only when it opens a slide
             with open_plane(path, spec={"kind": "dtype"}) as plane:
                 head, spacing = (plane.shape, 3, 1), plane.spacing
@@ -134,10 +132,6 @@ def _slide_need(seg: Any, path: Path, out: Path, vendor: bool) -> tuple[str, int
 
 def _dicom_need(seg: Any, path: Path) -> tuple[str, int, str] | None:
     """A DICOM series' need from its files' headers: streamed when it can be (segcli.io.volstream), else whole."""
-    from segcli.errors import SegcliError
-    from segcli.io.dicomseries import decoded_size
-    from segcli.io.volstream import open_streamed
-
     try:
         vol = open_streamed(path, "dicom", seg.options.series) if seg.options.stream_volumes else None
         if vol is not None:
@@ -159,10 +153,6 @@ def header_need(seg: Any, path: Path, out: Path | None = None) -> tuple[str, int
 
     ``out``: where its mask goes (a TIFF's route depends on it; default: a tiled .tif beside it).
     """
-    from segcli import io
-    from segcli.io.openslide_reader import wants_openslide
-    from segcli.io.volstream import streamable
-
     if path.is_dir():
         return _dicom_need(seg, path) if io.is_dicom_series(path) else None
     vendor = wants_openslide(path)

@@ -21,16 +21,21 @@ from typing import Any
 
 import numpy as np
 
-from segcli import lunggate, memory, plan
+from segcli import lunggate, memory, memplan, plan
 from segcli.bundle import Bundle, load_bundle, resolve_model
 from segcli.engines.base import ArrayPlane, ProgressFn, Result, ScaledLabels, ScaledPlane
+from segcli.engines.volume import SlicePlane
 from segcli.errors import InputError
 from segcli.geometry import slice_axis
+from segcli.io.volstream import ArrayVolume, SlabCache
 from segcli.lunggate import GateParams
 from segcli.methods import BOUNDED
+from segcli.normalize import convert_channels
 from segcli.options import PredictOptions
 from segcli.plan import Staged2D
 from segcli.prepare import prepare, volume_normalizer
+from segcli.resize import resize
+from segcli.runtimes import make_predictor, onnx_cache
 
 
 class Inferer:
@@ -101,8 +106,6 @@ class Inferer:
 
     def predictor(self, bundle: Bundle, role: str) -> Any:
         """The runtime serving ``role`` of ``bundle`` (built once: torch or ONNX Runtime)."""
-        from segcli.runtimes import make_predictor
-
         key = (bundle.path.resolve(), role)
         if key not in self._predictors:
             t = time.perf_counter()
@@ -140,8 +143,6 @@ class Inferer:
         a child beside this process, whose RSS a loaded runtime and session would raise (polyp: +62 MB
         between its two exports), and under --max-memory each is checked against the budget before it starts
         (segcli.runtimes.onnx_cache.check_export_budget)."""
-        from segcli.runtimes import onnx_cache
-
         if self.options.backend not in ("auto", "onnx") or self.device.startswith("cuda"):
             return
         budget = self.run_budget if self.options.max_memory is not None else None
@@ -163,8 +164,6 @@ class Inferer:
         whole process budget; ``reserve`` (bytes) is kept for the images themselves (their buffers for all
         files held at once, segcli.memory.check_in_memory), so a big image gets smaller batches.
         """
-        from segcli import memplan
-
         bounded = kind == "slide" if bounded is None else bounded
         budget = self.budget
         if reserve > 0:  # in 4 MiB steps (few distinct plans); never a refusal the budget alone would not give
@@ -180,8 +179,6 @@ class Inferer:
 
     def plan_minimum(self, kind: str, bounded: bool | None = None) -> int:
         """Bytes this process needs at batch 1 for inputs of ``kind``, images apart (segcli.memplan)."""
-        from segcli import memplan
-
         bounded = kind == "slide" if bounded is None else bounded
         return memplan.make_plan(budget=2**62, **self._plan_inputs(kind, bounded)).minimum
 
@@ -190,8 +187,6 @@ class Inferer:
         released (:meth:`release_networks`): a parent plans its workers without them. The RSS with the
         networks loaded and each network's cost per batch (segcli.memplan.network_cost), as
         :func:`segcli.memplan.make_plan` takes them."""
-        from segcli import memplan
-
         if (kind, bounded) not in self._plan_facts:
             bundle = self.warm_up(kind)
             base = memplan.rss_now()  # before measuring: measuring sessions may leave allocator slack behind
@@ -222,8 +217,6 @@ class Inferer:
         A parent does this before starting workers: each worker loads its own, and the budget left to
         them is the run's minus what the parent still holds. What the plans were made from is kept.
         """
-        from segcli import memplan
-
         self._predictors.clear()
         memplan.give_back()
         return memplan.rss_now()
@@ -261,8 +254,6 @@ class Inferer:
         if array.ndim not in (3, 4):
             raise InputError(f"expected (H, W, C) or (Z, Y, X, C), got shape {array.shape}", path)
         if array.ndim == 4:
-            from segcli.io.volstream import ArrayVolume
-
             return self.segment_volume(ArrayVolume(array), spacing=spacing, return_probs=return_probs,
                                        progress=progress, path=path, budget=budget,
                                        kind=kind if kind.startswith("volume") else "volume")
@@ -305,8 +296,6 @@ class Inferer:
             full = staged.full_shape
             res.labels = np.asarray(ScaledLabels(res.labels, scale[0], full))
             if res.probs is not None:
-                from segcli.resize import resize
-
                 res.probs = resize(res.probs, full, "bilinear")
             res.info["resampled"] = {"image_mpp": round(scale[1], 4),
                                      "training_mpp": float(bundle.params["training_mpp"]),
@@ -336,10 +325,6 @@ class Inferer:
         (``put(i, (K, H, W))`` per slice ``i`` along the slicing axis) receives the probabilities, which
         are then not returned as an array.
         """
-        from segcli.engines.volume import SlicePlane
-        from segcli.io.volstream import ArrayVolume, SlabCache
-        from segcli.normalize import convert_channels
-
         bundle = self.bundle_for(kind)
         p = self.plan_for(bundle)
         axis = slice_axis(spacing)

@@ -10,7 +10,9 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from segcli.choose import content_kind, volume_kind
+from segcli import viz
+from segcli.bundle import model_index
+from segcli.choose import content_kind, guess_note, volume_kind
 from segcli.errors import InputError, SegcliError
 from segcli.inferer import RunContext
 from segcli.io.naming import preview_path
@@ -32,9 +34,6 @@ def chosen_kind(options: Any, img: Any, kind: str) -> str:
 
 def model_choice_note(ctx: RunContext, job: Job) -> None:
     """No --model: the one-line note when the bundle chosen from the content is a guess (models/index.json)."""
-    from segcli.bundle import model_index
-    from segcli.choose import guess_note
-
     if ctx.options.model is None:
         note = guess_note(job.route.kind, ctx.bundle_for(job.route.kind).name, model_index())
         job.rep.notes.extend([note] if note else [])
@@ -78,8 +77,6 @@ def streamed_kind(vol: Any, samples: int = 3) -> str:
 def write_preview(ctx: RunContext, job: Job, img: Any, labels: np.ndarray, kind: str) -> Path:
     """``--preview`` here, in the writer thread, from the pixels and mask already in memory (no second
     decode), drawn small; a failure fails the file (its outputs removed), never a silent exit 0."""
-    from segcli import viz
-
     assert job.out is not None
     bundle = ctx.bundle_for(kind)
     t = time.perf_counter()

@@ -32,6 +32,9 @@ import numpy as np
 from scipy import ndimage as ndi
 
 from segcli.instances import split_touching
+from segcli.io.bigtiff import write_tiled
+from segcli.io.naming import geojson_path, instances_path, objects_path
+from segcli.objects import ObjectSink, describe, is_he
 
 #: Default margin around each tile (level-0 px). On a 4000² mosaic of nuclei-he masks of MoNuSeg (18 % nuclei),
 #: 64 px re-read 33 of 64 tiles at the reach, 128 px 11 tiles, at about half the CPU time.
@@ -171,8 +174,6 @@ class TiledInstances:
             self.pending.setdefault(int(k[a]), []).append((ys[a:b] + wy0, xs[a:b] + wx0, ids[a:b]))
 
     def _describe(self, glob: np.ndarray, cls: np.ndarray, ids: np.ndarray, win: Box) -> None:
-        from segcli.objects import describe
-
         rgb = self.read_rgb(win) if self.read_rgb is not None else None
         assert self.on_objects is not None
         self.on_objects(describe(glob, cls, ids=ids, rgb=rgb, spacing=self.spacing, offset=(win[0], win[1]),
@@ -188,10 +189,6 @@ def write_slide_instances(out: Any, rep: Any, labels: Any, plane: Any, bundle: A
                           ome: dict[str, Any] | None = None) -> None:
     """``NAME_instances.tif`` of a slide read by region (a tiled uint32 BigTIFF, like the mask), and with
     ``--geojson`` / ``--stats`` one QuPath detection / CSV row per instance; the summary goes in the report."""
-    from segcli.io.bigtiff import write_tiled
-    from segcli.io.naming import geojson_path, instances_path, objects_path
-    from segcli.objects import ObjectSink, is_he
-
     sink = ObjectSink(bundle.classes, geojson_path(out) if options.geojson else None,
                       objects_path(out) if options.stats else None, input_name=str(rep.input))
     he = is_he(bundle, kind, int(getattr(plane, "raw_channels", getattr(plane, "channels", 0))))

@@ -29,7 +29,9 @@ from typing import Any
 import numpy as np
 
 from segcli.errors import UsageError
-from segcli.memory import budget_words, human, peak_rss_bytes, run_need
+from segcli.memory import INSTANCE_PER_PIXEL, budget_words, human, peak_rss_bytes, run_need
+from segcli.runtimes import onnx_cache
+from segcli.runtimes.onnx_backend import CPU_EP, make_session
 
 MB = 10**6
 MIB = 2**20
@@ -114,8 +116,6 @@ def measure_onnx(model: bytes | Any, threads: int, size: int, in_channels: int,
     The record is kept with :data:`segcli.runtimes.onnx_cache.MEMORY_RECORD_VERSION`: records of an older
     measurement are measured again.
     """
-    from segcli.runtimes.onnx_backend import CPU_EP, make_session
-
     out: dict[int, int] = {}
     probe = make_session(model, [CPU_EP], threads)
     dim0 = probe.get_inputs()[0].shape[0]
@@ -142,8 +142,6 @@ def network_cost(pred: Any, size: int, in_channels: int, n_classes: int) -> tupl
     model = getattr(pred, "model_source", None)
     if getattr(pred, "backend", "") == "onnx" and model is not None and \
             getattr(pred, "provider", "") == "CPUExecutionProvider":
-        from segcli.runtimes import onnx_cache
-
         digest = pred.model_sha256()
         rec = onnx_cache.memory_record(digest, size)
         if rec is None:
@@ -210,7 +208,6 @@ def instance_windows(tile: int) -> int:
     """What the tiled instance split (``--instances`` on a slide read by region) holds at once: one window
     at the reach (segcli.instances_tiled) at :data:`segcli.memory.INSTANCE_PER_PIXEL` bytes a pixel."""
     from segcli.instances_tiled import INSTANCE_TILE, REACH
-    from segcli.memory import INSTANCE_PER_PIXEL
 
     side = max(int(tile), INSTANCE_TILE) + 2 * REACH
     return side * side * INSTANCE_PER_PIXEL

@@ -22,6 +22,9 @@ from typing import Any
 import numpy as np
 from scipy import ndimage
 
+from segcli.errors import InputError
+from segcli.io import open_image
+from segcli.io.bigtiff import TiffPlane, tiff_header
 from segcli.metrics import SIZE_BINS, _ratio
 
 ReadRows = Callable[[int, int], np.ndarray]  # (y0, y1) -> (y1 - y0, W) label rows
@@ -218,9 +221,6 @@ class RowSource:
     def __init__(self, path: Any) -> None:
         from pathlib import Path
 
-        from segcli.errors import InputError
-        from segcli.io.bigtiff import TiffPlane, tiff_header
-
         self.path = Path(path)
         self.plane: Any = None
         self.array: np.ndarray | None = None
@@ -230,8 +230,6 @@ class RowSource:
             self.shape = tuple(self.plane.shape0)
             self.spacing = tuple(self.plane.spacing) if self.plane.spacing else None
         else:
-            from segcli.io import open_image
-
             img = open_image(self.path)
             if img.ndim != 2:
                 raise InputError("expected a 2D mask", self.path)
@@ -240,8 +238,6 @@ class RowSource:
         self.map255 = False
 
     def raw(self, y0: int, y1: int) -> np.ndarray:
-        from segcli.errors import InputError
-
         a = self.plane.read_raw((y0, 0, y1, self.shape[1])) if self.plane is not None else self.array[y0:y1]  # type: ignore[index]
         if a.ndim == 3:
             if a.shape[-1] > 1 and not all(np.array_equal(a[..., 0], a[..., i]) for i in range(1, a.shape[-1])):
@@ -270,8 +266,6 @@ class RowSource:
 
 def wants_streaming(pred: Any, gt: Any) -> bool:
     """A 2D pair big enough to score band by band (from the headers: a TIFF or PNG mask decodes nothing here)."""
-    from segcli.io.bigtiff import tiff_header
-
     for p in (pred, gt):
         head = tiff_header(p)
         if head is None:
@@ -290,8 +284,6 @@ def wants_streaming(pred: Any, gt: Any) -> bool:
 def score_streamed(pred_path: Any, gt_path: Any, fov_path: Any, spacing: Sequence[float] | None, hd95: bool,
                    band: int = 512) -> dict[str, Any]:
     """One big 2D pair scored band by band: what ``segcli.evaluate`` records per case."""
-    from segcli.errors import InputError
-
     srcs = [RowSource(p) for p in (pred_path, gt_path)] + ([RowSource(fov_path)] if fov_path is not None else [])
     try:
         pred, gt = srcs[0], srcs[1]

@@ -25,6 +25,8 @@ from typing import Any
 import numpy as np
 
 from segcli.errors import SegcliError
+from segcli.io.contours import trace_all
+from segcli.io.objects_io import ObjectsCSV, ObjectsGeoJSON
 
 #: Columns of the per-object CSV (``--stats`` with ``--instances``), in order.
 CSV_FIELDS = ["input", "id", "class", "centroid_x", "centroid_y", "area_px", "area_um2", "bbox_x0", "bbox_y0",
@@ -190,8 +192,6 @@ def outlines(inst: np.ndarray, shift: tuple[int, int] = (0, 0), ids: np.ndarray 
     """
     from skimage.measure import label as label_regions
 
-    from segcli.io.contours import trace_all
-
     inst = np.asarray(inst)
     if ids is not None:
         inst = np.where(np.isin(inst, np.asarray(ids)), inst, 0)
@@ -222,8 +222,6 @@ class ObjectSink:
     """Where finished objects go: the instance GeoJSON and the per-object CSV, either or both (or neither)."""
 
     def __init__(self, classes: list[str], geojson: Any = None, csv_path: Any = None, input_name: str = "") -> None:
-        from segcli.io.objects_io import ObjectsCSV, ObjectsGeoJSON
-
         self.classes = classes
         self.geo = ObjectsGeoJSON(geojson, classes) if geojson is not None else None
         try:

@@ -18,7 +18,8 @@ from segcli import memory
 from segcli.errors import UsageError
 from segcli.methods import METHODS
 from segcli.params import TILE_SIZE, check_param, check_range
-from segcli.runtimes import PRECISIONS
+from segcli.runtimes import PRECISIONS, cpu_has_bf16
+from segcli.runtimes.device import cuda_possible
 
 BACKENDS = ("auto", "torch", "onnx")
 #: ``auto``: the mask format follows ``-o``'s extension, else the input's family (segcli.io);
@@ -147,9 +148,6 @@ def parse_window(value: Any) -> tuple[float, float]:
 
 def _check_bf16(backend: str, device: str | None) -> None:
     """``--precision bf16`` is checked once, at parse time (exit 2), not in every file's predictor (exit 1)."""
-    from segcli.runtimes import cpu_has_bf16
-    from segcli.runtimes.device import cuda_possible
-
     if backend == "onnx":
         raise UsageError("--precision bf16 runs on torch (ONNX Runtime has no bf16 convolutions on the CPU); "
                          "drop --backend onnx")

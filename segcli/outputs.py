@@ -11,10 +11,13 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from segcli import io
+from segcli import __version__, io
 from segcli.errors import SegcliError
 from segcli.inferer import RunContext
+from segcli.instances import split_touching
+from segcli.io import dicomseg
 from segcli.io.atomic import split_extension
+from segcli.io.dicomframes import frame_planes, multiframe_seg_refusal
 from segcli.io.naming import (
     geojson_path,
     instances_path,
@@ -23,7 +26,9 @@ from segcli.io.naming import (
     probabilities_path,
     with_extension,
 )
+from segcli.io.tiff import write_pages
 from segcli.job import Job
+from segcli.objects import ObjectSink, describe, is_he
 
 if TYPE_CHECKING:
     from segcli.bundle import Bundle
@@ -78,14 +83,10 @@ def write_dicom_seg(ctx: RunContext, job: Job, file_order_labels: np.ndarray, me
 
     An empty mask writes no SEG: the report says so and the output field is cleared.
     """
-    from segcli import __version__
-    from segcli.io import dicomseg
-
     files = meta.get("files")
     if meta.get("source") not in ("dicom", "dicom-converted") or not files:
         raise SegcliError("DICOM SEG output needs a DICOM series as input", job.path)
     if meta.get("source") == "dicom-converted":  # one enhanced multi-frame file: back onto its frames
-        from segcli.io.dicomframes import frame_planes, multiframe_seg_refusal
 
         if (why := multiframe_seg_refusal(files)) is not None:
             raise SegcliError(f"--output-type dicom-seg: {why}", job.path)
@@ -113,10 +114,6 @@ def write_instances(ctx: RunContext, job: Job, labels: np.ndarray, img: Any, kin
     seeded watershed (:mod:`segcli.instances`), with the input's resolution tags; the count goes in the report.
     With ``--geojson`` the GeoJSON holds one detection per instance, with ``--stats`` ``NAME_objects.csv``
     one row per instance (:mod:`segcli.objects`)."""
-    from segcli.instances import split_touching
-    from segcli.io.tiff import write_pages
-    from segcli.objects import ObjectSink, describe, is_he
-
     inst = split_touching(labels > 0)
     path = instances_path(job.out)
     write_pages(inst, img, path)

@@ -29,20 +29,30 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
-from segcli import header_needs, io, memory
+from segcli import header_needs, io, memory, plan
 from segcli import input_facts as facts
-from segcli.engines.base import ProgressFn, Result
+from segcli.engines.base import ProgressFn, Result, ScaledLabels, ScaledPlane
 from segcli.errors import EmptyImageError, InputError, UsageError
+from segcli.fusion import FuseStore, LazyLabels
 from segcli.geometry import slice_axis
 from segcli.inferer import Inferer, RunContext
+from segcli.io import niftistream
 from segcli.io.atomic import OutputLock
+from segcli.io.bigtiff import tiff_header, write_tiled
+from segcli.io.dicomseries import decoded_size
+from segcli.io.geojson import GeoJSONWriter, write_geojson
+from segcli.io.medical import canonical_view, file_order_buffer
 from segcli.io.naming import geojson_path, probabilities_path
+from segcli.io.niftistream import SpilledProbs, streamable_probs
+from segcli.io.openslide_reader import open_plane, wants_openslide
+from segcli.io.volstream import open_streamed
 from segcli.job import Job
 from segcli.methods import BOUNDED
 from segcli.outputs import detection_classes, plan_output, planned_outputs, write_dicom_seg, write_instances
 from segcli.plan import Staged2D
 from segcli.prepare import implausible_result, mismatch_warnings
 from segcli.report import FileReport, count_labels, fill_counts, fill_run
+from segcli.stats import TileStats, label_stats
 
 if TYPE_CHECKING:
     from segcli.bundle import Bundle
@@ -75,8 +85,6 @@ def _finish_compute(ctx: RunContext, job: Job, res: Result, bundle: Bundle, spac
     if rep.status == "ok" and (note := implausible_result(counts, int(res.labels.size))):
         rep.warnings.append(note)
     if ctx.options.stats:
-        from segcli.stats import label_stats
-
         rep.stats = label_stats(res.labels, bundle.classes, spacing)
 
 
@@ -154,8 +162,6 @@ class InMemoryRoute:
             if self.img.ndim != 2:
                 job.rep.warnings.append("GeoJSON is written for 2D images only; none for this volume")
             else:
-                from segcli.io.geojson import write_geojson
-
                 bundle = ctx.bundle_for(self.kind)
                 job.rep.info["geojson"] = write_geojson(geojson_path(job.out), self.res.labels, bundle.classes,
                                                         spacing=self.img.spacing,
@@ -184,9 +190,6 @@ class StreamedVolumeRoute:
         self.buf: np.ndarray | None = None  # the mask in the file's own axis order
 
     def compute(self, ctx: RunContext, job: Job, progress: ProgressFn | None) -> None:
-        from segcli.io.medical import canonical_view, file_order_buffer
-        from segcli.io.niftistream import SpilledProbs, streamable_probs
-
         vol, opts = self.vol, ctx.options
         bundle = ctx.bundle_for(self.kind)
         axis = slice_axis(vol.spacing)
@@ -218,8 +221,6 @@ class StreamedVolumeRoute:
         self.res = res
 
     def write(self, ctx: RunContext, job: Job) -> None:
-        from segcli.io import niftistream
-
         res, out = self.res, job.out
         assert res is not None and out is not None
         if ctx.options.output_type == "dicom-seg" and self.buf is not None:
@@ -259,9 +260,6 @@ class TiledTiffRoute:
         self.res: Result | None = None
 
     def compute(self, ctx: RunContext, job: Job, progress: ProgressFn | None) -> None:
-        from segcli import plan
-        from segcli.fusion import FuseStore, LazyLabels
-
         rep, plane = job.rep, self.plane
         bundle = ctx.bundle_for(self.kind)
         p = ctx.plan_for(bundle)
@@ -271,7 +269,6 @@ class TiledTiffRoute:
         try:
             net_plane, spacing, scale = plane, plane.spacing, plan.physical_factor(bundle, plane.spacing)
             if scale is not None:  # the slide seen at the bundle's training pixel size (segcli.plan)
-                from segcli.engines.base import ScaledPlane
 
                 net_plane = ScaledPlane(plane, scale[0])
                 spacing = (float(bundle.params["training_mpp"]) / 1000.0,) * 2
@@ -289,8 +286,6 @@ class TiledTiffRoute:
             res = plan.run_2d(run, net_plane, ctx.inferer.predictors(bundle), kw, return_probs=False, progress=progress,
                               spill_dir=spill, lazy=True, prefetch=True)
             if scale is not None:
-                from segcli.engines.base import ScaledLabels
-
                 res.labels = ScaledLabels(res.labels, scale[0], plane.shape)  # type: ignore[assignment]
                 res.info["resampled"] = {"image_mpp": round(scale[1], 4),
                                          "training_mpp": float(bundle.params["training_mpp"]),
@@ -309,8 +304,6 @@ class TiledTiffRoute:
         self.res = res  # counts and statistics are gathered tile by tile while the mask is written
 
     def write(self, ctx: RunContext, job: Job) -> None:
-        from segcli.io.bigtiff import write_tiled
-
         res, rep, plane, opts = self.res, job.rep, self.plane, ctx.options
         assert res is not None and job.out is not None
         bundle = ctx.bundle_for(self.kind)
@@ -318,8 +311,6 @@ class TiledTiffRoute:
         counts = np.zeros(256, np.int64)
         tile_stats = None
         if opts.stats and rep.status == "ok":
-            from segcli.stats import TileStats
-
             tile_stats = TileStats(bundle.classes, plane.spacing, plane.shape[1])
 
         def count(tile: np.ndarray, box: tuple[int, int, int, int]) -> None:
@@ -329,7 +320,6 @@ class TiledTiffRoute:
 
         geo = None
         if opts.geojson and not opts.instances:  # polygons built tile by tile as the mask streams out; the slide is never held whole
-            from segcli.io.geojson import GeoJSONWriter
 
             geo = GeoJSONWriter(geojson_path(job.out), bundle.classes, spacing=plane.spacing,
                                 detection_classes=detection_classes(bundle))
@@ -383,13 +373,9 @@ def open_route(ctx: RunContext, path: Path, out: Path, content: str | None) -> R
     An RGB TIFF is a "slide": with no ``--model`` it gets the shipped default for slides (models/index.json),
     while photos (PNG, JPEG) get the default for 2D images.
     """
-    from segcli.io.openslide_reader import wants_openslide
-
     kind = "2d"
     vendor = wants_openslide(path)  # MIRAX, Leica, Ventana...: only OpenSlide reads them, always by region
     if content == "tiff" or vendor:
-        from segcli.io.bigtiff import tiff_header
-
         head = None if vendor else tiff_header(path)
         if head is not None and min(head[0]) < 2:  # the same refusal whichever route would read it
             raise InputError(f"image is too small ({head[0][0]}x{head[0][1]}); need at least 2 pixels per side", path)
@@ -398,8 +384,6 @@ def open_route(ctx: RunContext, path: Path, out: Path, content: str | None) -> R
             raise UsageError(f"a {path.suffix} slide is read by region, so its mask is written as a tiled .tif, "
                              f"not {out.suffix}", path)
         if vendor or (head is not None and header_needs.wants_tiles(ctx, path, out, kind, head)):
-            from segcli.io.openslide_reader import open_plane
-
             bundle = ctx.bundle_for(kind)
             mplan = ctx.inferer.memory_plan(kind, bounded=True)
             plane = open_plane(path, spec=bundle.normalization, channels_want=bundle.in_channels,
@@ -411,8 +395,6 @@ def open_route(ctx: RunContext, path: Path, out: Path, content: str | None) -> R
                 raise
             return TiledTiffRoute(plane, kind)
     if ctx.options.stream_volumes and content not in ("tiff", "png", "jpeg", "bmp"):
-        from segcli.io.volstream import open_streamed
-
         vol = open_streamed(path, content=content, series_id=ctx.options.series)
         if vol is not None:
             if ctx.options.volume not in (None, 1):
@@ -422,14 +404,12 @@ def open_route(ctx: RunContext, path: Path, out: Path, content: str | None) -> R
         shape, channels, itemsize = head  # read whole: refuse from the header, before decoding, if it won't fit
         if len(shape) in (2, 3):
             memory.check_in_memory(ctx, "volume" if len(shape) == 3 else kind, shape, channels, itemsize, path)
-    if content == "dicom" and ctx.options.max_memory is not None and path.is_dir():
-        from segcli.io.dicomseries import decoded_size
-
-        if (size := decoded_size(path, ctx.options.volume, ctx.options.series)) is not None:  # read whole: refuse first
-            shape, channels, itemsize = size
-            flat = shape[0] == 1
-            memory.check_in_memory(ctx, kind if flat else "volume", shape[1:] if flat else shape, channels,
-                                   itemsize, path)
+    if (content == "dicom" and ctx.options.max_memory is not None and path.is_dir()
+            and (size := decoded_size(path, ctx.options.volume, ctx.options.series)) is not None):  # refuse first
+        shape, channels, itemsize = size
+        flat = shape[0] == 1
+        memory.check_in_memory(ctx, kind if flat else "volume", shape[1:] if flat else shape, channels,
+                               itemsize, path)
     img = io.open_image(path, ctx.options.series if path.is_dir() else None, content=content,
                         volume=ctx.options.volume)
     return InMemoryRoute(img, facts.chosen_kind(ctx.options, img, kind))

@@ -15,6 +15,7 @@ from typing import Any
 from segcli import memory
 from segcli.bundle import Bundle
 from segcli.engines.base import Plane, ProgressFn, Result, rough_shape
+from segcli.engines.volume import per_slice
 from segcli.methods import TABLE, engine
 from segcli.options import PredictOptions
 from segcli.params import HUGE_MAX_DOWNSCALE, HUGE_MAX_ZOOM, SPECS, default_pad
@@ -174,8 +175,6 @@ def bounded_variant(plan: Plan) -> tuple[Plan, dict[str, Any]]:
 def run_3d(plan: Plan, planes: Sequence[Plane], predictor: PredictorFor, kwargs_for: Callable[[Plane], dict],
            *, return_probs: bool, progress: ProgressFn | None, out: Any = None, probs_out: Any = None) -> Result:
     """A volume: the method's 3D engine if the table gives one (stts), else its 2D engine slice by slice."""
-    from segcli.engines.volume import per_slice
-
     method = TABLE[plan.method]
     if method.volume_engine is not None:
         nets = [predictor(role) for role in plan.roles]

@@ -18,6 +18,7 @@ import numpy as np
 from segcli import normalize as norm
 from segcli.bundle import Bundle
 from segcli.errors import EmptyImageError, InputError
+from segcli.io.volstream import ArrayVolume, SlabCache
 
 #: Percentiles of the normalisation of 16-bit and float images given to a model trained on 8-bit ones
 #: (per channel, as cellpose and StarDist normalise microscopy).
@@ -177,8 +178,6 @@ def _varies(flat: np.ndarray, samples: int = 4096) -> bool:
 
 def slice_normalizer(a: np.ndarray, bundle: Bundle) -> Callable[[np.ndarray], np.ndarray]:
     """A function normalising any part of the in-memory volume ``a`` as ``normalize(a)`` would."""
-    from segcli.io.volstream import ArrayVolume, SlabCache
-
     return volume_normalizer(SlabCache(ArrayVolume(a), 0), bundle)
 
 

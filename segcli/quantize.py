@@ -32,7 +32,13 @@ from typing import Any
 
 import numpy as np
 
+from segcli.bundle import BUNDLE_FILE, _inside, load_bundle, resolve_model, sha256_file, write_json_atomic
 from segcli.errors import SegcliError, UsageError
+from segcli.export import _write_atomic
+from segcli.io import open_image
+from segcli.options import PredictOptions
+from segcli.runtimes.onnx_backend import CPU_EP, OnnxPredictor, make_session
+from segcli.runtimes.onnx_cache import cached_export
 
 #: Mean Dice of the int8 masks against the fp32 masks a variant must reach.
 MIN_DICE = 0.99
@@ -67,8 +73,6 @@ def split_images(paths: list[Path]) -> tuple[list[Path], list[Path]]:
 
 def _masks(seg: Any, paths: list[Path]) -> list[np.ndarray]:
     """Each image's mask as ``segcli predict`` computes it (2D images and volumes alike)."""
-    from segcli.io import open_image
-
     out = []
     for p in paths:
         img = open_image(p)
@@ -135,11 +139,7 @@ def dice_labels(a: np.ndarray, b: np.ndarray) -> float:
 
 def build_int8(bundle_dir: str | os.PathLike[str], images: list[Path], *, seed: int = 0) -> dict[str, Any]:
     """Quantise every network of a bundle, check the masks against fp32, record files and check in segcli.json."""
-    from segcli.bundle import BUNDLE_FILE, _inside, load_bundle, resolve_model, sha256_file, write_json_atomic
-    from segcli.export import _write_atomic
     from segcli.inferer import Inferer
-    from segcli.options import PredictOptions
-    from segcli.runtimes.onnx_cache import cached_export
 
     root = resolve_model(bundle_dir)
     calib, check = split_images(images)
@@ -170,7 +170,6 @@ def build_int8(bundle_dir: str | os.PathLike[str], images: list[Path], *, seed: 
             raise SegcliError(f"{role}: the calibration images never reached this network")
         files[role] = _quantise(fp32[role], rec.kept)
     seg_q = Inferer(opts)
-    from segcli.runtimes.onnx_backend import CPU_EP, OnnxPredictor, make_session
 
     for role, data in files.items():
         seg_q.set_predictor(bundle, role, OnnxPredictor(make_session(data, [CPU_EP], 1), n_classes=bundle.n_classes,

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from segcli.geometry import sliding_grid
+from segcli.geometry import scale_boxes, sliding_grid
 
 #: The background must cover at least this fraction of the overview for glass to be skipped.
 MIN_GLASS_FRACTION = 0.5
@@ -98,8 +98,6 @@ def box_windows(fg_low: np.ndarray, image_shape: tuple[int, int], size: int, ove
     The mask is grown by one rough pixel first, so a window that an object only grazes is kept.
     """
     from scipy import ndimage
-
-    from segcli.geometry import scale_boxes
 
     grid = sliding_grid(image_shape, size, overlap)
     if not fg_low.any():

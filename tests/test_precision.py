@@ -156,15 +156,15 @@ def test_int8_where_the_bundle_has_it_fp32_elsewhere(bundle: Path, tmp_path: Pat
 
 def test_bf16_is_checked_once_at_parse_time(monkeypatch, tmp_path: Path) -> None:
     """A CPU without native bf16, or --backend onnx, stops the run before any work (exit 2), not per file."""
-    import segcli.runtimes as runtimes
+    import segcli.options as options
     from segcli.options import PredictOptions
 
-    monkeypatch.setattr(runtimes, "cpu_has_bf16", lambda: False)
+    monkeypatch.setattr(options, "cpu_has_bf16", lambda: False)
     with pytest.raises(UsageError, match="^--precision bf16: this CPU has no native bf16"):
         PredictOptions(precision="bf16", device="cpu")
     with pytest.raises(UsageError, match="^--precision bf16 runs on torch"):
         PredictOptions(precision="bf16", backend="onnx")
-    monkeypatch.setattr(runtimes, "cpu_has_bf16", lambda: True)
+    monkeypatch.setattr(options, "cpu_has_bf16", lambda: True)
     assert PredictOptions(precision="bf16", device="cpu").precision == "bf16"
     from tests.conftest import run_cli
 

@@ -14,6 +14,7 @@ from segcli.geometry import gaussian_weight, sliding_grid
 from segcli.params import DEFAULT_PARAMS as D
 from segcli.resize import letterbox
 from segcli.runtimes.predictor import Predictor
+from segcli.tissue import box_windows
 
 
 def direct(
@@ -54,8 +55,6 @@ def sliding(
     covered by its own grid (:func:`segcli.tissue.box_windows`); pixels no tile covers are background
     (probability 1 for class 0).
     """
-    from segcli.tissue import box_windows
-
     timer = Timer()
     H, W = plane.shape
     tiles = sliding_grid((H, W), size, overlap)

@@ -38,6 +38,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 
 from segcli.engines.base import ArrayPlane, Plane, ProgressFn, Result, Timer, batched, rough_input
+from segcli.engines.direct import sliding
 from segcli.fusion import FUSION_RULES, BlendStore, CoarseFill, FuseStore, LazyLabels, foreground, make_fusion
 from segcli.geometry import (
     component_boxes,
@@ -51,6 +52,7 @@ from segcli.params import DEFAULT_PARAMS as D
 from segcli.params import default_pad
 from segcli.resize import letterbox, resize
 from segcli.runtimes.predictor import Predictor
+from segcli.tissue import box_windows, content_mask
 
 
 def fine_inputs(plane: Plane, boxes: np.ndarray, size: int) -> np.ndarray:
@@ -91,7 +93,6 @@ def rough_pass(
         x, (h, w) = rough_input(plane, size, keep_aspect)
         rough = coarse(x[None])[0][:, :h, :w]
         return rough, {"rough_factor": round(factor, 3), "rough_tiled": False, "rough_shape": [h, w]}
-    from segcli.engines.direct import sliding
     f = float(max_downscale)
     # a pyramid level at most 5 % coarser serves as the overview itself: no finer level decoded whole for it
     f = min([v for v in getattr(plane, "factors", []) if f <= v <= f * SNAP_TO_LEVEL] or [f])
@@ -121,8 +122,6 @@ def _overview_and_glass(plane: Plane, hw: tuple[int, int]) -> tuple[Plane, np.nd
     overview is made whole first (a slide reader keeps it in a temporary file, read back by region), and its
     pass sets the statistics.
     """
-    from segcli.tissue import content_mask
-
     q = (max(1, hw[0] // 4), max(1, hw[1] // 4))
     coarser = hasattr(plane, "choose_level") and plane.choose_level(q) > plane.choose_level(hw)
     if getattr(plane, "level_view", None) is not None and getattr(plane, "_stateless", False):
@@ -209,8 +208,6 @@ def stts(
 def tissue_windows(fg_low: np.ndarray, image_shape: tuple[int, int], size: int, overlap: float) -> np.ndarray:
     """The windows (side ``size``) over the rough mask's foreground: a grid per part
     (:func:`segcli.tissue.box_windows`), or the slide-wide grid's windows that touch it when fewer."""
-    from segcli.tissue import box_windows
-
     return box_windows(fg_low, image_shape, size, overlap)
 
 

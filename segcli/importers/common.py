@@ -19,8 +19,10 @@ from typing import Any
 
 import numpy as np
 
-from segcli import __version__
+from segcli import __version__, normalize
+from segcli.bundle import BUNDLE_FILE, SCHEMA_VERSION, load_bundle, write_json_atomic
 from segcli.errors import BundleError, UsageError
+from segcli.runtimes.onnx_backend import CPU_EP, make_session
 
 ONNX_ARCH = "onnx"
 OUTPUTS = ("logits", "probabilities")
@@ -45,8 +47,6 @@ class ImportFacts:
 
 def check_facts(facts: ImportFacts, where: Path) -> ImportFacts:
     """One-line refusals for facts that cannot describe a segmentation network segcli can run."""
-    from segcli import normalize
-
     if len(facts.classes) < 2 or len(set(facts.classes)) != len(facts.classes):
         raise BundleError("classes must list at least 2 distinct names, background first", where)
     if not all(isinstance(c, str) and c.strip() for c in facts.classes):
@@ -68,8 +68,6 @@ def check_facts(facts: ImportFacts, where: Path) -> ImportFacts:
 
 def ort_session(data: bytes, where: Path) -> Any:
     """A CPU session of ``data``; a graph ORT cannot load is the user's file problem, said in one line."""
-    from segcli.runtimes.onnx_backend import CPU_EP, make_session
-
     try:
         return make_session(data, [CPU_EP], 1)
     except Exception as exc:
@@ -150,8 +148,6 @@ def prepare_out(out: Path, force: bool) -> None:
 def write_onnx_bundle(out: Path, data: bytes, facts: ImportFacts, source: dict[str, Any], *,
                       force: bool = False, extra_files: dict[str, bytes] | None = None) -> Path:
     """Write ``fine.onnx`` (the bytes given), ``segcli.json`` (last, atomically) and ``MODEL_CARD.md``."""
-    from segcli.bundle import BUNDLE_FILE, SCHEMA_VERSION, load_bundle, write_json_atomic
-
     prepare_out(out, force)
     digest = hashlib.sha256(data).hexdigest()
     tmp = out / f".{FILE}.partial-{os.getpid()}"

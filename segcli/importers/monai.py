@@ -22,6 +22,7 @@ from segcli.importers.common import (
     read_json,
     write_onnx_bundle,
 )
+from segcli.importers.onnx import module_to_onnx
 
 #: Pre-processing transforms that do not change intensities (reading, layout, dtype): skipped.
 NEUTRAL = {"LoadImage", "EnsureChannelFirst", "EnsureType", "ToTensor", "AsChannelFirst", "AddChannel", "CastToType",
@@ -234,8 +235,6 @@ def class_names(root: Path, out_channels: int, notes: list[str]) -> list[str]:
 
 def import_monai(src: Path, out: Path, *, pixel_size_um: float | None = None, force: bool = False) -> Path:
     """Import the MONAI bundle folder ``src`` into the segcli bundle ``out``."""
-    from segcli.importers.onnx import module_to_onnx
-
     cfg_path = src / "configs" / "inference.json"
     cfg = read_json(cfg_path, "MONAI bundle config")
     if not isinstance(cfg, dict):

@@ -24,6 +24,7 @@ from segcli.importers.common import (
     read_json,
     write_onnx_bundle,
 )
+from segcli.importers.onnx import module_to_onnx
 
 PLAIN = "PlainConvUNet"
 NORMS = {"InstanceNorm2d", "BatchNorm2d"}
@@ -164,7 +165,6 @@ def load_nets(ckpts: list[Path], in_ch: int, n_classes: int, kw: dict[str, Any])
 def import_nnunet(src: Path, out: Path, *, folds: list[str] | None = None, mirror: bool = False,
                   pixel_size_um: float | None = None, force: bool = False) -> Path:
     """Import the nnU-Net v2 results folder ``src`` (``TRAINER__PLANS__CONFIG``) into the bundle ``out``."""
-    from segcli.importers.onnx import module_to_onnx
     from segcli.importers.plainconv import Ensemble
 
     plans_path, ds_path = src / "plans.json", src / "dataset.json"

@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 
 from segcli.errors import BundleError
+from segcli.export import check
 from segcli.importers.common import (
     ImportFacts,
     check_facts,
@@ -28,6 +29,7 @@ from segcli.importers.common import (
     read_json,
     write_onnx_bundle,
 )
+from segcli.runtimes.onnx_backend import CPU_EP, external_locations, make_session
 
 #: Spec keys: required ones, then optional ones.
 REQUIRED = ("classes", "channels", "normalization", "input_size", "output", "pixel_size_um")
@@ -68,8 +70,6 @@ def load_onnx_bytes(path: Path) -> bytes:
     """The file's bytes, after checking it is a self-contained ONNX model (no external data files)."""
     import onnx
 
-    from segcli.runtimes.onnx_backend import external_locations
-
     try:
         data = path.read_bytes()
     except OSError as exc:
@@ -108,9 +108,6 @@ def module_to_onnx(module: Any, facts: ImportFacts, where: Path) -> bytes:
 
     import onnx
     import torch
-
-    from segcli.export import check
-    from segcli.runtimes.onnx_backend import CPU_EP, make_session
 
     module = module.eval()
     s, c = facts.input_size, facts.in_channels

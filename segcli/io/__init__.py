@@ -23,6 +23,21 @@ import numpy as np
 
 from segcli.errors import InputError, UsageError
 from segcli.io.atomic import split_extension
+from segcli.io.dicomconvert import read_converted
+from segcli.io.dicomscan import has_dicom_magic
+from segcli.io.dicomseg import describe_dicom_seg, is_dicom_seg
+from segcli.io.dicomseries import (
+    MULTIFRAME,
+    check_one_volume,
+    check_single_file,
+    converter_reason,
+    dicom_series,
+    read_dicom_folder,
+    read_header,
+)
+from segcli.io.medical import data_file_size, describe_geometry
+from segcli.io.raster import read_raster
+from segcli.io.tiff import read_tiff
 from segcli.io.types import LoadedImage
 
 __all__ = [
@@ -191,12 +206,9 @@ def open_image(path: Path | str, series_id: str | None = None, content: str | No
     (1-based) picks one volume of a 4D DICOM series; for any other input only 1 is accepted.
     """
     from segcli.io import medical
-    from segcli.io.dicomseries import check_one_volume
 
     path = Path(path)
     if path.is_dir():
-        from segcli.io.dicomseries import read_dicom_folder
-
         return read_dicom_folder(path, series_id, volume)
     if not path.exists():
         raise InputError("file not found", path)
@@ -221,20 +233,13 @@ def open_image(path: Path | str, series_id: str | None = None, content: str | No
         # Warnings carry no path: the CLI and `segcli info` print them under the input's name.
         warnings.append(f"extension {ext} does not match the content ({content}); read as {content}")
     if content == "tiff":
-        from segcli.io.tiff import read_tiff
-
         return _checked(read_tiff(path, warnings))
     if content in ("png", "jpeg", "bmp"):
-        from segcli.io.raster import read_raster
-
         return _checked(read_raster(path, warnings))
     if content == "dicom":  # a lone file: mosaic or multi-frame to dcm2niix; short pixel data named
-        from segcli.io.dicomseries import check_single_file, converter_reason, read_header
 
         reason = converter_reason([read_header(str(path))])
         if reason is not None:
-            from segcli.io.dicomconvert import read_converted
-
             return _checked(read_converted(path, [str(path)], reason, volume, warnings))
         check_single_file(path)
     check_one_volume(volume, path)
@@ -418,19 +423,15 @@ def _is_dicom_dir(folder: Path, files: list[Path] | None = None) -> bool:
     candidates = [p for p in files if _extension(p) not in _EXT_KIND]
     if not any(_is_dicom_file(p) for p in candidates[:8]):
         return False
-    from segcli.io.dicomseries import dicom_series
 
     return bool(dicom_series(folder))
 
 
 def is_multiframe_dicom(p: Path | str) -> bool:
     """A lone DICOM file dcm2niix places as an enhanced multi-frame image."""
-    from segcli.io.dicomscan import has_dicom_magic
-
     path = Path(p)
     if not path.is_file() or not (has_dicom_magic(path) or path.suffix.lower() == ".dcm"):
         return False
-    from segcli.io.dicomseries import MULTIFRAME, converter_reason, read_header
 
     try:
         return converter_reason([read_header(str(path))]) == MULTIFRAME
@@ -514,7 +515,6 @@ def _intensity(array: np.ndarray) -> dict[str, float | int | None]:
 def describe(path: Path | str, series_id: str | None = None) -> dict[str, Any]:
     """Facts for ``segcli info``: geometry, dtype, intensity range and container details."""
     path = Path(path)
-    from segcli.io.dicomseg import describe_dicom_seg, is_dicom_seg
 
     if is_dicom_seg(path):
         return describe_dicom_seg(path)
@@ -531,8 +531,6 @@ def describe(path: Path | str, series_id: str | None = None) -> dict[str, Any]:
         "warnings": list(image.meta.get("warnings", [])),
     }
     if image.meta.get("format") == "sitk":
-        from segcli.io.medical import data_file_size, describe_geometry
-
         info.update(describe_geometry(image))
         files = image.meta.get("files") or [path]
         info["file_size"] = sum(data_file_size(Path(f)) for f in files)

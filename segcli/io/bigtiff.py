@@ -40,7 +40,11 @@ from typing import Any
 import numpy as np
 
 from segcli.errors import InputError
+from segcli.fusion import TileStore
+from segcli.io import tiff as tiffio
+from segcli.io.atomic import atomic_path
 from segcli.io.lazyplane import RegionPlane
+from segcli.io.tiff import resolution_tags
 
 
 def is_tiff(path: Path | str) -> bool:
@@ -82,8 +86,6 @@ def tiff_header(path: Path | str) -> tuple[tuple[int, int], int, int] | None:
 def tiff_spacing(path: Path | str) -> tuple[float, ...] | None:
     """The (y, x) pixel size in mm a TIFF's own metadata gives (tags, OME, Aperio), without decoding pixels."""
     import tifffile
-
-    from segcli.io import tiff as tiffio
 
     try:
         with tifffile.TiffFile(path) as tif:
@@ -182,8 +184,6 @@ class TiffPlane(RegionPlane):
         cache_bytes: int = 128 * 2**20,
     ) -> None:
         import tifffile
-
-        from segcli.io import tiff as tiffio
 
         self.path = Path(path)
         self.notes: list[str] = []
@@ -401,10 +401,6 @@ def write_tiled(
     labels or gather statistics).
     """
     import tifffile
-
-    from segcli.fusion import TileStore
-    from segcli.io.atomic import atomic_path
-    from segcli.io.tiff import resolution_tags
 
     path = Path(path)
     planes = int(shape[0]) if len(shape) == 3 else 0

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from segcli.errors import InputError
+from segcli.io import medical
 
 if TYPE_CHECKING:
     from segcli.io.types import LoadedImage
@@ -120,8 +121,6 @@ def _extract(nii: Path, k: int, dest: Path) -> Path:
 def read_converted(source: Path, files: list[str], reason: str, volume: int | None,
                    warnings: list[str], extra: dict[str, Any] | None = None) -> LoadedImage:
     """The series ``files`` converted by dcm2niix, as a LoadedImage named after ``source``."""
-    from segcli.io import medical
-
     with tempfile.TemporaryDirectory(prefix="segcli-dcm2niix-") as tmp:
         written = _run(source, files, Path(tmp))
         volumes = _volumes(written)

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from segcli.errors import InputError
+from segcli.io.medical import itk_message, itk_quiet
 
 if TYPE_CHECKING:
     import SimpleITK as sitk
@@ -65,8 +66,6 @@ def _syntax_name(uid: str) -> str:
 def read_pixels(folder: Path, files: list[str], syntax: dict[str, str] | None = None) -> sitk.Image:
     """The slices ``files`` (in that order) as one image; a decoding failure names the file at fault."""
     import SimpleITK as sitk
-
-    from segcli.io.medical import itk_message, itk_quiet
 
     reader = sitk.ImageSeriesReader()
     reader.SetFileNames(files)

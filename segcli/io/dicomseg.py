@@ -30,6 +30,7 @@ from typing import Any
 import numpy as np
 
 from segcli.errors import InputError, UsageError
+from segcli.io.atomic import atomic_path
 from segcli.io.dicomseg_read import (  # noqa: F401  (the reading side, importable from here as before)
     LABELMAP_SEG_SOP_CLASS_UID,
     POSITION_TOL_MM,
@@ -378,8 +379,6 @@ def _highdicom_sources(headers: list[Any], files: list[str],
 
 def _save_seg(seg: Any, out_path: Path) -> None:
     """Save atomically (no partial file on a failure); an OS failure is a UsageError naming the output."""
-    from segcli.io.atomic import atomic_path
-
     try:
         with atomic_path(out_path) as tmp:
             seg.save_as(tmp, enforce_file_format=True)

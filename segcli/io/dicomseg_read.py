@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 
 from segcli.errors import InputError, UsageError
+from segcli.io.dicomseries import has_dicom_magic
 from segcli.io.messages import log_reader_failure, one_line
 
 SEG_SOP_CLASS_UID = "1.2.840.10008.5.1.4.1.1.66.4"
@@ -36,8 +37,6 @@ def load_pydicom():
 
 def is_dicom_seg(path: str | os.PathLike[str]) -> bool:
     """True for a readable DICOM file whose SOP Class is Segmentation (or Label Map Segmentation)."""
-    from segcli.io.dicomseries import has_dicom_magic
-
     p = Path(path)
     if not p.is_file() or not has_dicom_magic(p):
         return False

@@ -34,6 +34,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from segcli.errors import InputError
+from segcli.io.dicomconvert import read_converted
+from segcli.io.dicomframes import SAME_POSITION_MM, frame_geometry, multiframe_seg_refusal
 from segcli.io.dicompixels import captured_native_stderr, read_pixels, rescaled
 from segcli.io.dicomscan import DICOMDIR as _DICOMDIR
 from segcli.io.dicomscan import NO_UID_PREFIX, PLANE_SEP, scan_folder, scan_warnings
@@ -42,6 +44,7 @@ from segcli.io.dicomscan import dicom_series as dicom_series
 from segcli.io.dicomscan import floats as _floats
 from segcli.io.dicomscan import has_dicom_magic as has_dicom_magic
 from segcli.io.dicomscan import may_hold_dicom as may_hold_dicom
+from segcli.io.medical import check_header, itk_message, itk_quiet, to_loaded
 
 if TYPE_CHECKING:
     import SimpleITK as sitk
@@ -553,8 +556,6 @@ def decoded_size(path: Path, volume: int | None, series_id: str | None = None) -
     if plan.convert == MULTIFRAME:
         frames = sum(h.frames for h in hs)
         if volume is not None and len(hs) == 1:
-            from segcli.io.dicomframes import SAME_POSITION_MM, frame_geometry
-
             try:
                 geo = frame_geometry(first.path)
                 normal = np.cross(geo.orientations[0][:3], geo.orientations[0][3:])
@@ -572,8 +573,6 @@ def decoded_size(path: Path, volume: int | None, series_id: str | None = None) -
 def convert_seg_refusal(reason: str, files: list[str]) -> str | None:
     """Why a DICOM SEG cannot reference a series dcm2niix places, or None (one 3D multi-frame file)."""
     if reason == MULTIFRAME:
-        from segcli.io.dicomframes import multiframe_seg_refusal
-
         return multiframe_seg_refusal(files)
     if reason == MOSAIC:
         return ("a Siemens mosaic packs every slice into one image, so a DICOM SEG cannot reference its slices; "
@@ -584,8 +583,6 @@ def convert_seg_refusal(reason: str, files: list[str]) -> str | None:
 def header_reader(plan: SeriesPlan, folder: Path) -> sitk.ImageFileReader:
     """An ImageFileReader with the first slice's header read (pixel type, components), checked."""
     import SimpleITK as sitk
-
-    from segcli.io.medical import check_header, itk_message, itk_quiet
 
     info = sitk.ImageFileReader()
     info.SetFileName(plan.files[0])
@@ -607,12 +604,8 @@ def read_dicom_folder(folder: Path, series_id: str | None = None, volume: int | 
 
     Mosaics, enhanced multi-frame files and 4D series go to dcm2niix (:mod:`segcli.io.dicomconvert`);
     ``volume`` (1-based) picks one volume of a 4D series."""
-    from segcli.io.medical import to_loaded
-
     plan, chosen, warnings, n_series = plan_folder(folder, series_id)
     if plan.convert is not None:
-        from segcli.io.dicomconvert import read_converted
-
         return read_converted(folder, plan.files, plan.convert, volume, warnings,
                               {"series_id": chosen, "n_series": n_series})
     check_one_volume(volume, folder)

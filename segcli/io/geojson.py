@@ -47,6 +47,7 @@ from typing import Any
 
 import numpy as np
 
+from segcli.drawing import class_colour
 from segcli.io.atomic import StreamedText
 from segcli.io.contours import contact_layers, from_rings, polygon_texts, ring_list, trace_all
 
@@ -58,8 +59,6 @@ _CHUNK = 256  # the pieces of a growing object are merged (among themselves) onc
 
 def default_colours(classes: list[str]) -> dict[str, list[int]]:
     """The colours segcli's previews draw each class in (``segcli.drawing.class_colour``)."""
-    from segcli.drawing import class_colour
-
     return {name: list(class_colour(i)) for i, name in enumerate(classes) if i > 0}
 
 

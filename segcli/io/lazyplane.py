@@ -19,6 +19,7 @@ import numpy as np
 
 from segcli import normalize as norm
 from segcli.errors import EmptyImageError, InputError
+from segcli.resize import resize_weights
 
 # Kinds whose normalisation needs no per-image statistics: they can run on each decoded band.
 _STATELESS = ("scale", "ct_window")
@@ -178,8 +179,6 @@ class RegionPlane(abc.ABC):
         rows are raw averages, and the statistics of this pass are set (``_finish_stats``) when it ends,
         for :meth:`_normalize_view`. Memory: one piece and a few output rows, whatever the slide's size.
         """
-        from segcli.resize import resize_weights
-
         li = self.choose_level(out_hw)
         self.level_reads.append(li)
         lv = self.levels[li]
@@ -342,8 +341,6 @@ class LevelView:
     normalisations only (:meth:`RegionPlane.level_view`)."""
 
     def __init__(self, plane: RegionPlane, out_hw: tuple[int, int]) -> None:
-        from segcli.resize import resize_weights
-
         self.plane = plane
         self.shape = out_hw
         self.channels = plane.channels

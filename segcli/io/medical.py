@@ -22,6 +22,9 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from segcli.errors import InputError, OutputError, UsageError
+from segcli.io import niftihdr
+from segcli.io.atomic import atomic_path, write_failure_reason
+from segcli.io.types import LoadedImage
 
 if TYPE_CHECKING:
     import SimpleITK as sitk
@@ -130,8 +133,6 @@ def check_nifti_header(path: Path, warnings: list[str] | None = None) -> None:
     qform or pixdim defines the geometry: ITK silently takes 1 mm. On an axis of one voxel that is
     harmless and only noted; otherwise refused. Differing qform and sform are noted in ``warnings``.
     """
-    from segcli.io import niftihdr
-
     fields = niftihdr.parse(niftihdr.read_raw(path))
     if fields is None:
         return  # not NIfTI, or too short: the reader reports it
@@ -238,8 +239,6 @@ def check_gzip_complete(path: Path) -> None:
     A complete single-member stream whose size field (ISIZE) equals the header's promise is accepted
     without decompressing it; otherwise the stream is decompressed once and its length compared.
     """
-    from segcli.io import niftihdr
-
     with open(path, "rb") as fh:
         head = gzip.GzipFile(fileobj=fh)
         try:
@@ -266,8 +265,6 @@ def check_gzip_complete(path: Path) -> None:
 
 def check_nifti_complete(path: Path) -> None:
     """Fail on a truncated uncompressed .nii: ITK reads it without complaint."""
-    from segcli.io import niftihdr
-
     with open(path, "rb") as fh:
         fields = niftihdr.parse(fh.read(540))
     offset = niftihdr.vox_offset(fields) if fields else None
@@ -371,8 +368,6 @@ def to_loaded(image: sitk.Image, path: Path, warnings: list[str], source: dict[s
     """Canonicalise a SimpleITK image into a LoadedImage whose meta can restore the original geometry."""
     import SimpleITK as sitk
 
-    from segcli.io.types import LoadedImage
-
     dim = image.GetDimension()
     geometry = {
         "size": tuple(image.GetSize()),
@@ -449,12 +444,9 @@ def open_reader(path: Path, read_as: Path, warnings: list[str] | None = None) ->
         with itk_quiet():
             reader.ReadImageInformation()
     except RuntimeError as exc:
-        if name.endswith((".nii", ".nii.gz")):
-            from segcli.io import niftihdr
-
-            if (niftihdr.parse(niftihdr.read_raw(path)) or {}).get("version") == 2:
-                raise InputError("NIfTI-2 files cannot be read by the SimpleITK in use; save it as NIfTI-1 "
-                                 "(nibabel: nib.Nifti1Image.from_image)", path) from None
+        if name.endswith((".nii", ".nii.gz")) and (niftihdr.parse(niftihdr.read_raw(path)) or {}).get("version") == 2:
+            raise InputError("NIfTI-2 files cannot be read by the SimpleITK in use; save it as NIfTI-1 "
+                             "(nibabel: nib.Nifti1Image.from_image)", path) from None
         raise InputError(f"cannot read image header: {itk_message(exc)}", path) from None
     check_header(reader, path, file_bytes=data_file_size(read_as.resolve()))
     if name.endswith(".nii.gz"):
@@ -470,8 +462,6 @@ def source_fields(path: Path, read_as: Path) -> dict[str, Any]:
     """``meta`` entries of a file source: for NIfTI, the header geometry the writers copy back."""
     source: dict[str, Any] = {"source": "file"}
     if read_as.name.lower().endswith((".nii", ".nii.gz")):
-        from segcli.io import niftihdr
-
         geometry = niftihdr.geometry_fields(path)
         if geometry is not None:
             source["nifti_geometry"] = geometry
@@ -571,8 +561,6 @@ def write_image(image: sitk.Image, path: Path, nifti_geometry: dict[str, Any] | 
     """
     import SimpleITK as sitk
 
-    from segcli.io.atomic import atomic_path
-
     try:
         if path.suffix.lower() == ".mhd":
             _write_mhd(image, path)
@@ -585,7 +573,6 @@ def write_image(image: sitk.Image, path: Path, nifti_geometry: dict[str, Any] | 
 
                 niftihdr.patch_file(tmp, nifti_geometry)
     except RuntimeError as exc:  # ITK hides the errno: say what the folder's state explains, if anything
-        from segcli.io.atomic import write_failure_reason
 
         reason = write_failure_reason(path)
         if reason is not None:

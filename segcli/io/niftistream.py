@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 
 from segcli.io.atomic import atomic_path
+from segcli.io.medical import to_original_axes
 
 
 def nifti_header(meta: dict[str, Any], components: int, dtype: np.dtype) -> bytes:
@@ -127,8 +128,6 @@ def file_order_planes(probs: SpilledProbs, meta: dict[str, Any], axis: int) -> I
 
     Needs the slicing ``axis`` to be the file's slice axis (see :func:`streamable_probs`).
     """
-    from segcli.io.medical import to_original_axes
-
     perm = np.array(meta["signed_perm"])
     flipped = perm[2, 2 - axis] < 0  # file sitk axis 2 feeds canonical sitk axis 2 - axis
     n = probs.shape[1]

@@ -17,14 +17,13 @@ from pathlib import Path
 from typing import Any
 
 from segcli.io.atomic import StreamedText
+from segcli.io.geojson import default_colours
 
 
 class ObjectsGeoJSON(StreamedText):
     """A FeatureCollection of instance detections, one :meth:`add` per object."""
 
     def __init__(self, path: Path | str, classes: list[str]) -> None:
-        from segcli.io.geojson import default_colours
-
         super().__init__(path)
         self.classes = list(classes)
         colours = default_colours(self.classes)

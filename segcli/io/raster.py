@@ -14,7 +14,9 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from segcli.errors import InputError, UsageError
+from segcli.io.atomic import atomic_path
 from segcli.io.messages import log_reader_failure, one_line
+from segcli.io.types import LoadedImage
 
 if TYPE_CHECKING:
     from segcli.io.types import LoadedImage
@@ -54,8 +56,6 @@ def _dpi(value: Any) -> tuple[float, float] | None:
 def read_raster(path: Path, warnings: list[str]) -> LoadedImage:
     """Decode a PNG/JPEG/BMP fully, turning Pillow's bomb and truncation errors into InputError."""
     from PIL import Image, ImageOps
-
-    from segcli.io.types import LoadedImage
 
     try:
         with _warnings.catch_warnings():
@@ -100,8 +100,6 @@ def read_raster(path: Path, warnings: list[str]) -> LoadedImage:
 def write_mask(mask: np.ndarray, like: LoadedImage, path: Path) -> None:
     """A 2D uint8 mask as PNG/BMP, with the input's DPI when it had one (or one derived from spacing)."""
     from PIL import Image
-
-    from segcli.io.atomic import atomic_path
 
     if mask.ndim != 2:
         raise UsageError(f"a {mask.ndim}D mask cannot be written as {path.suffix}; use .nii.gz or .tif", path)

@@ -21,7 +21,9 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from segcli.errors import InputError
+from segcli.io.atomic import atomic_path
 from segcli.io.messages import log_reader_failure, one_line
+from segcli.io.types import LoadedImage
 
 if TYPE_CHECKING:
     import tifffile
@@ -283,8 +285,6 @@ def consistent_resolution(
 
 def read_tiff(path: Path, warnings: list[str]) -> LoadedImage:
     """Series 0, level 0 of a TIFF as (H, W, C) with resolution metadata."""
-    from segcli.io.types import LoadedImage
-
     notes: list[str] = []
     try:
         with collect_log(notes), _open(path) as tif:
@@ -378,8 +378,6 @@ def _resolution_kwargs(like: LoadedImage) -> dict[str, Any]:
 def write_pages(data: np.ndarray, like: LoadedImage, path: Path) -> None:
     """Write ``data`` (..., H, W) zlib-compressed, tiled when large, BigTIFF when needed, atomically."""
     import tifffile
-
-    from segcli.io.atomic import atomic_path
 
     height, width = data.shape[-2:]
     kwargs: dict[str, Any] = {

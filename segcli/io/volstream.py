@@ -19,7 +19,11 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from segcli import io
 from segcli.errors import InputError
+from segcli.io import dicomseries, medical
+from segcli.io.dicompixels import read_pixels
+from segcli.io.medical import metaimage_compressed, metaimage_fields
 from segcli.memory import SLAB_BYTES
 
 
@@ -112,8 +116,6 @@ def streamable(path: Path, content: str) -> bool:
     if content == "nifti-gz":
         return name.endswith(".nii.gz")
     if content == "metaimage" and name.endswith((".mha", ".mhd")):
-        from segcli.io.medical import metaimage_compressed, metaimage_fields
-
         source = metaimage_fields(path)[1].get("elementdatafile", "").upper()
         return not metaimage_compressed(path) and not source.startswith("LIST") and "%" not in source
     return False
@@ -134,8 +136,6 @@ class StreamedVolume:
         """``reader``: an ImageFileReader with its header read. DICOM series pass the series ``geometry``
         and their sorted slice ``files`` (a slab is then a run of files)."""
         import SimpleITK as sitk
-
-        from segcli.io import medical
 
         self.path = path
         self.reader = reader
@@ -192,8 +192,6 @@ class StreamedVolume:
         import shutil
         import tempfile
 
-        from segcli.io import medical
-
         fd, name = tempfile.mkstemp(prefix=".segcli-", suffix=".nii")
         try:
             with os.fdopen(fd, "wb") as out, gzip.open(self.path, "rb") as src:
@@ -220,8 +218,6 @@ class StreamedVolume:
 
     def no_finite_values(self) -> bool:
         """ITK's NIfTI reader turns NaN/Inf into 0: an all-zero float NIfTI may really be all NaN."""
-        from segcli.io import medical
-
         return self.path.name.lower().endswith((".nii", ".nii.gz")) and medical.nifti_no_finite(self.path)
 
     def _dicom_block(self, a: int, lo: int, hi: int) -> Any:
@@ -231,8 +227,6 @@ class StreamedVolume:
         engine slices another way) every file is decoded, a run of files at a time, and only the
         rows or columns of the range are kept, so memory stays one run plus the block."""
         import SimpleITK as sitk
-
-        from segcli.io.dicompixels import read_pixels
 
         syntax = self.meta.get("transfer_syntax")
         if a == 2:
@@ -252,8 +246,6 @@ class StreamedVolume:
     def block(self, axis: int, i0: int, i1: int) -> np.ndarray:
         """Decode canonical slices ``i0:i1`` along numpy ``axis`` and return them canonical, channel-last."""
         import SimpleITK as sitk
-
-        from segcli.io import medical
 
         b = 2 - axis  # canonical sitk axis
         a = self._feed[b]
@@ -293,8 +285,6 @@ def open_streamed(path: Path, content: str | None = None, series_id: str | None 
 
     ``content``: the kind :func:`segcli.io.sniff` already found for a file.
     """
-    from segcli import io
-
     if path.is_dir():
         return _open_dicom(path, series_id)
     if not path.is_file():
@@ -307,7 +297,6 @@ def open_streamed(path: Path, content: str | None = None, series_id: str | None 
     if content is None or not streamable(path, content):
         return None
     from segcli.geometry import slice_axis
-    from segcli.io import medical
 
     warnings: list[str] = []
     reader = medical.open_reader(path, path, warnings)  # every header refusal of the whole reader
@@ -327,7 +316,6 @@ def _open_dicom(folder: Path, series_id: str | None = None) -> StreamedVolume | 
     file's position. A single file goes to the whole reader.
     """
     from segcli.geometry import slice_axis
-    from segcli.io import dicomseries
 
     if not dicomseries.may_hold_dicom(folder):
         return None

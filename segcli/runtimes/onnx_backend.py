@@ -18,7 +18,9 @@ from typing import Any
 
 import numpy as np
 
+from segcli.bundle import _inside
 from segcli.errors import BundleError, DeviceError, SegcliError, UsageError
+from segcli.runtimes.device import chosen_threads
 from segcli.runtimes.predictor import logits_to_probs
 
 log = logging.getLogger("segcli")
@@ -66,8 +68,6 @@ def choose_providers(device: str) -> list[Any]:
 
 def default_threads() -> int:
     """``--threads`` as the Segmenter chose it (segcli.runtimes.device.set_threads), else the cores available."""
-    from segcli.runtimes.device import chosen_threads
-
     return max(1, chosen_threads())
 
 
@@ -183,8 +183,6 @@ class OnnxPredictor:
     def from_bundle(cls, bundle: Any, role: str, *, device: str = "cpu", max_batch: int = 16, half: bool = False,
                     threads: int | None = None, variant: str = "fp32") -> OnnxPredictor:
         """The bundle's verified ONNX export of ``role`` (``variant="int8"``: its quantised one); none is a usage error."""
-        from segcli.bundle import _inside
-
         spec = bundle.network(role)
         rel, digest = (spec.int8, spec.int8_sha256) if variant == "int8" else (spec.onnx, spec.onnx_sha256)
         how = f"segcli export {bundle.path}" + (" --precision int8 --images DIR" if variant == "int8" else "")

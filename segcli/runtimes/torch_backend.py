@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from segcli.runtimes.device import apply_threads
+
 
 class TorchPredictor:
     """Runs a torch module on batches; chunking keeps memory bounded by ``max_batch``."""
@@ -14,8 +16,6 @@ class TorchPredictor:
     def __init__(self, module, n_classes: int, in_channels: int, device: str = "cpu", max_batch: int = 16,
                  half: bool = False, channels_last: bool = False, bf16: bool = False) -> None:
         import torch
-
-        from segcli.runtimes.device import apply_threads
 
         apply_threads()
         self.torch = torch

@@ -39,9 +39,16 @@ from typing import Any
 
 import numpy as np
 
-from segcli.errors import BundleError, DatasetError, UsageError
+from segcli import metrics
+from segcli.bundle import save_bundle
+from segcli.errors import BundleError, DatasetError, EmptyImageError, UsageError
 from segcli.methods import roles
+from segcli.nets import build
+from segcli.options import PredictOptions
 from segcli.params import DEFAULT_PARAMS, default_pad
+from segcli.runtimes import cpu_has_bf16
+from segcli.runtimes.device import apply_threads, resolve_device, set_threads
+from segcli.train.augment import AugmentConfig
 from segcli.train.config import (
     METHODS,  # noqa: F401  (importable from segcli.train as before the split)
     RESUME_OVERRIDES,
@@ -52,7 +59,9 @@ from segcli.train.config import (
     net_config,
     parse_duration,
 )
-from segcli.train.loop import Reporter, TrainingInterrupted
+from segcli.train.init_from import check_dataset, role_configs
+from segcli.train.loop import FitOptions, Reporter, StopFlag, TrainingInterrupted, fit
+from segcli.train.losses import default_loss, make_loss
 from segcli.train.stages import (
     coarse_stage,
     refine_fine_stage,
@@ -85,8 +94,6 @@ def _find_checkpoint(run_dir: Path) -> Path:
 def _build_net(arch: str, conf: dict[str, Any], in_ch: int, out_ch: int, seed: int) -> Any:
     """A fresh network whose initial weights depend on the seed and the stage only."""
     import torch
-
-    from segcli.nets import build
 
     torch.manual_seed(seed)  # the initial weights depend on the seed and the stage only
     try:
@@ -271,8 +278,6 @@ def _load_checked_dataset(cfg: TrainConfig, ckpt: dict[str, Any] | None, log: An
 
 def _loss(cfg: TrainConfig, n_out: int) -> tuple[str, Any]:
     """The loss's name (the method's default unless --loss) and the loss function; a bad one is a usage error."""
-    from segcli.train.losses import default_loss, make_loss
-
     loss_name = cfg.loss or default_loss(cfg.method, n_out)
     try:
         return loss_name, make_loss(loss_name, n_out, cfg.class_weights)
@@ -313,8 +318,6 @@ def _make_stage(job: _Job, idx: int, role: str, model: Any, models: dict[str, An
 
 def _train_stages(job: _Job, reporter: Reporter) -> dict[str, Any]:
     """Train every stage not yet finished (resuming the running one); returns the trained networks."""
-    from segcli.train.loop import StopFlag, fit
-
     cfg, log, current = job.cfg, reporter.log, job.current
     hint = f"; continue with --resume {job.out_dir}"
     models: dict[str, Any] = {}
@@ -350,11 +353,6 @@ def _train_stages(job: _Job, reporter: Reporter) -> dict[str, Any]:
 
 def _run(cfg: TrainConfig, ckpt: dict[str, Any] | None, reporter: Reporter) -> TrainResult:
     """One training run from a checked config: data, stages, bundle, then the full-resolution score."""
-    from segcli.runtimes import cpu_has_bf16
-    from segcli.runtimes.device import apply_threads, resolve_device, set_threads
-    from segcli.train.augment import AugmentConfig
-    from segcli.train.loop import FitOptions
-
     log = reporter.log
     device = resolve_device(cfg.device)
     threads = set_threads(cfg.threads)
@@ -362,7 +360,6 @@ def _run(cfg: TrainConfig, ckpt: dict[str, Any] | None, reporter: Reporter) -> T
     _setup_determinism(cfg.seed, device)
     t_start = time.perf_counter()
     ds = _load_checked_dataset(cfg, ckpt, log)
-    from segcli.train.init_from import check_dataset, role_configs
 
     check_dataset(cfg, ds)
     out_dir = Path(cfg.out)
@@ -415,8 +412,6 @@ def _add_full_res_validation(job: _Job, models: dict[str, Any], training: dict[s
 
 def _train_precision(cfg: TrainConfig, device: str) -> str:
     """How the training steps computed (validation and the recorded scores are always fp32)."""
-    from segcli.runtimes import cpu_has_bf16
-
     if cfg.amp and device.startswith("cuda"):
         return "fp16 autocast (CUDA)"
     if cfg.amp and device == "cpu" and cpu_has_bf16():
@@ -484,8 +479,6 @@ def _training_section(cfg: TrainConfig, ds: Any, stages: dict[str, dict[str, Any
 
 def _write_bundle(out_dir: Path, cfg: TrainConfig, ds: Any, models: dict[str, Any], arch_of: dict[str, str],
                   conf_of: dict[str, dict[str, Any]], training: dict[str, Any]) -> None:
-    from segcli.bundle import save_bundle
-
     S = cfg.size
     params: dict[str, Any] = {"threshold": DEFAULT_PARAMS["threshold"], "keep_aspect": DEFAULT_PARAMS["keep_aspect"]}
     if cfg.method == "stts":
@@ -505,10 +498,7 @@ def _write_bundle(out_dir: Path, cfg: TrainConfig, ds: Any, models: dict[str, An
 
 def full_res_validation(bundle_dir: Path, ds: Any, cfg: TrainConfig, device: str) -> dict[str, Any]:
     """Score the finished bundle on the val cases exactly as ``segcli predict`` would run it."""
-    from segcli import metrics
-    from segcli.errors import EmptyImageError
     from segcli.inferer import Inferer
-    from segcli.options import PredictOptions
     from segcli.train.data import read_case
 
     t0 = time.perf_counter()

@@ -13,6 +13,7 @@ from typing import Any
 
 from segcli.errors import UsageError
 from segcli.methods import TRAINABLE
+from segcli.nets import available
 from segcli.params import CRITERIA, DEFAULT_PARAMS
 
 METHODS = TRAINABLE  # the methods segcli.methods marks trainable
@@ -138,7 +139,6 @@ def check_config(cfg: TrainConfig) -> None:
         raise UsageError("--fine-init coarse needs a two-stage method (stts or refine)")
     if cfg.fine_init == "coarse" and (cfg.fine_arch or cfg.arch) != cfg.arch:
         raise UsageError("--fine-init coarse needs the same architecture for both stages")
-    from segcli.nets import available
 
     archs = available()
     for a in {cfg.arch, cfg.fine_arch or cfg.arch}:
@@ -148,8 +148,6 @@ def check_config(cfg: TrainConfig) -> None:
 
 def net_config(cfg: TrainConfig, arch: str) -> dict[str, Any]:
     """The arch config stored in the bundle: ``--arch-config`` plus ``--features`` where it applies."""
-    from segcli.nets import available
-
     conf = dict(cfg.arch_config)
     if cfg.features is not None:
         params = inspect.signature(available()[arch].factory).parameters

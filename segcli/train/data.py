@@ -23,6 +23,7 @@ from typing import Any
 
 import numpy as np
 
+from segcli import normalize as norm
 from segcli.errors import DatasetError, InputError, SegcliError, UsageError
 from segcli.geometry import (
     component_boxes,
@@ -32,6 +33,8 @@ from segcli.geometry import (
     square_pad_shift,
     valid_boxes,
 )
+from segcli.io import open_image
+from segcli.normalize import convert_channels
 from segcli.resize import letterbox, resize
 from segcli.train.discover import (  # noqa: F401  (IMAGE_EXTS, parse_labels: importable here as before)
     IMAGE_EXTS,
@@ -107,8 +110,6 @@ def make_split(
 # --------------------------------------------------------------------------------------------- reading
 def read_array(path: Path) -> tuple[np.ndarray, tuple[float, ...] | None, bool]:
     """Channel-last pixels, spacing and whether it is a volume, through ``segcli.io``."""
-    from segcli.io import open_image
-
     img = open_image(path)
     return img.array, (tuple(img.spacing) if img.spacing else None), img.kind == "volume"
 
@@ -370,8 +371,6 @@ def _converted(order: list[Case], raw: list[Raw], want: int, channels: str) -> l
 def _normalization(normalization: dict[str, Any] | None, spec: DatasetSpec, raw: list[Raw],
                    n_train: int) -> tuple[dict[str, Any], bool]:
     """The normalisation (given, or chosen from the training cases), checked; and whether uint8 stays uint8."""
-    from segcli import normalize as norm
-
     dtypes = {img.dtype for img, _, _, _ in raw}
     if normalization is None:
         all8 = dtypes <= {np.dtype(np.uint8)}
@@ -398,8 +397,6 @@ class _SampleCache:
 
     def add_case(self, case: Case, img: np.ndarray, m: np.ndarray, sp: tuple[float, ...] | None, vol: bool) -> None:
         """Normalise one case and append its samples."""
-        from segcli import normalize as norm
-
         if not self.keep_uint8:
             # Whole image (whole volume) at once: per-image statistics as inference computes them.
             img = norm.normalize(img, self.normalization)
@@ -428,8 +425,6 @@ class _SampleCache:
 
 def convert(img: np.ndarray, want: int, mode: str, path: Path) -> np.ndarray:
     """Channel conversion as inference does it (``normalize.convert_channels``), keeping uint8 as uint8."""
-    from segcli.normalize import convert_channels
-
     if img.shape[-1] == want:
         return img
     try:
@@ -447,8 +442,6 @@ def convert(img: np.ndarray, want: int, mode: str, path: Path) -> np.ndarray:
 def _make_loader(case: Case, z: int | None, axis: int | None, want: int, channels: str,
                  normalization: dict[str, Any], keep_uint8: bool) -> Callable[[], np.ndarray]:
     def load() -> np.ndarray:
-        from segcli import normalize as norm
-
         img, _, _, _ = read_case(case)
         img = convert(img, want, channels, case.images[0])
         if not keep_uint8:

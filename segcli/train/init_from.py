@@ -10,15 +10,13 @@ from __future__ import annotations
 
 from typing import Any
 
-from segcli.errors import UsageError
+from segcli.bundle import load_bundle
+from segcli.errors import BundleError, UsageError
+from segcli.methods import TRAINABLE, roles
 
 
 def apply_init(cfg: Any) -> Any:
     """Take the bundle's method, architectures, size and normalisation into ``cfg``; returns the bundle."""
-    from segcli.bundle import load_bundle
-    from segcli.errors import BundleError
-    from segcli.methods import TRAINABLE, roles
-
     try:
         b = load_bundle(cfg.init)
     except BundleError as exc:
@@ -42,8 +40,6 @@ def role_configs(cfg: Any) -> dict[str, dict[str, Any]] | None:
     """The bundle's architecture config per role (None without ``--init``)."""
     if not cfg.init:
         return None
-    from segcli.bundle import load_bundle
-    from segcli.methods import roles
 
     b = load_bundle(cfg.init)
     return {r: dict(b.network(r).config) for r in roles(b.method)}
@@ -53,7 +49,6 @@ def check_dataset(cfg: Any, ds: Any) -> None:
     """The dataset must match the bundle's input channels and classes (names may differ, the count may not)."""
     if not cfg.init:
         return
-    from segcli.bundle import load_bundle
 
     b = load_bundle(cfg.init)
     if ds.in_channels != b.in_channels:
@@ -66,6 +61,4 @@ def check_dataset(cfg: Any, ds: Any) -> None:
 
 def load_init_weights(model: Any, cfg: Any, role: str) -> None:
     """Copy the bundle's (hash-checked) weights of ``role`` into the freshly built network."""
-    from segcli.bundle import load_bundle
-
     model.load_state_dict(load_bundle(cfg.init).load_module(role).state_dict(), strict=True)

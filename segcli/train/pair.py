@@ -15,15 +15,16 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from segcli.errors import UsageError
+from segcli import io
+from segcli.bundle import BUNDLE_FILE, load_bundle, write_json_atomic
+from segcli.errors import BundleError, UsageError
+from segcli.options import PredictOptions
+from segcli.train import Reporter, train
 
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
 
 
 def _pair_bundle(pair: str) -> Any:
-    from segcli.bundle import load_bundle
-    from segcli.errors import BundleError
-
     try:
         b = load_bundle(pair)
     except BundleError as exc:
@@ -39,9 +40,7 @@ def distill_dataset(images: Path, fine: Any, work: Path, log: Any) -> Path:
     import numpy as np
     from PIL import Image
 
-    from segcli import io
     from segcli.inferer import Inferer
-    from segcli.options import PredictOptions
 
     files = sorted(p for p in images.iterdir() if p.suffix.lower() in IMAGE_EXTS and not p.name.startswith("."))
     if not files:
@@ -64,9 +63,6 @@ def distill_dataset(images: Path, fine: Any, work: Path, log: Any) -> Path:
 def train_pair(data: str | os.PathLike[str], out: str | os.PathLike[str], pair: str, *, distill: bool | None = None,
                **options: Any) -> Any:
     """Train the rough network for ``pair`` on ``data`` and write ``out``: the pair bundle plus ``coarse``."""
-    from segcli.bundle import BUNDLE_FILE, load_bundle, write_json_atomic
-    from segcli.train import Reporter, train
-
     fine = _pair_bundle(pair)
     options = {k: v for k, v in options.items() if v is not None}  # the CLI passes every option, unset ones as None
     data, out = Path(data), Path(out)

@@ -11,8 +11,22 @@ from typing import Any
 
 import numpy as np
 
+from segcli.geometry import patch_grid, scale_boxes, select_patches, uncertainty_scores
 from segcli.params import default_pad
+from segcli.runtimes.predictor import logits_to_probs
 from segcli.train.config import TrainConfig
+from segcli.train.data import (
+    CoarseCache,
+    coarse_input,
+    crop_to_input,
+    crop_to_target,
+    patch_region,
+    patch_to_input,
+    patch_to_target,
+    to_float,
+)
+from segcli.train.loop import Stage, predict_logits
+from segcli.train.stts_crops import CropSampler, rough_maps, stts_validation
 
 
 def _chunks(order: np.ndarray, bs: int) -> list[np.ndarray]:
@@ -72,9 +86,6 @@ def score_batch(logits: np.ndarray, target: np.ndarray, valid: np.ndarray | None
 # --------------------------------------------------------------------------------------------- stages
 def coarse_stage(ds: Any, cfg: TrainConfig, model: Any, loss_fn: Any, index: int, device: str, log: Callable[[str], None]) -> Any:
     """The coarse network on whole images at S (refine S1: random S crops of a 1.05·S image)."""
-    from segcli.train.data import CoarseCache, to_float
-    from segcli.train.loop import Stage, predict_logits
-
     S = cfg.size
     train_side = int(round(1.05 * S)) if cfg.method == "refine" else S
     t0 = time.perf_counter()
@@ -111,11 +122,6 @@ def stts_fine_stage(ds: Any, cfg: TrainConfig, model: Any, loss_fn: Any, index: 
     components or (``gt_share`` of them) from the ground truth's; validated by the stts engine at
     full resolution on the val images, so the kept checkpoint is the best full pipeline.
     """
-    from segcli.runtimes.predictor import logits_to_probs
-    from segcli.train.data import crop_to_input, crop_to_target
-    from segcli.train.loop import Stage, predict_logits
-    from segcli.train.stts_crops import CropSampler, rough_maps, stts_validation
-
     S = cfg.size
     pad = cfg.pad if cfg.pad is not None else default_pad(S)
     k = max(1, cfg.crops_per_image)
@@ -151,11 +157,6 @@ def stts_fine_stage(ds: Any, cfg: TrainConfig, model: Any, loss_fn: Any, index: 
 def rough_scores(model: Any, samples: list[Any], size: int, patch: int, criterion: str, device: str,
                  batch_size: int = 32) -> list[tuple[np.ndarray, np.ndarray]]:
     """Per sample: the full-res patch grid and S1's uncertainty score per patch (the refine engine's ranking)."""
-    from segcli.geometry import patch_grid, scale_boxes, uncertainty_scores
-    from segcli.runtimes.predictor import logits_to_probs
-    from segcli.train.data import coarse_input
-    from segcli.train.loop import predict_logits
-
     out = []
     for i in range(0, len(samples), batch_size):
         chunk = samples[i : i + batch_size]
@@ -173,10 +174,6 @@ def rough_scores(model: Any, samples: list[Any], size: int, patch: int, criterio
 def refine_fine_stage(ds: Any, cfg: TrainConfig, model: Any, loss_fn: Any, index: int, device: str,
                        log: Callable[[str], None], s1: Any) -> Any:
     """refine's S2 on full-res patches, most of them where the trained S1 is least certain."""
-    from segcli.geometry import select_patches
-    from segcli.train.data import patch_region, patch_to_input, patch_to_target
-    from segcli.train.loop import Stage, predict_logits
-
     S = cfg.size
     P = cfg.patch_size or S
     k = max(1, cfg.patches)

@@ -27,9 +27,14 @@ from typing import Any
 
 import numpy as np
 
+from segcli.engines.base import ArrayPlane, Timer
+from segcli.engines.stts import fine_pass
 from segcli.fusion import foreground
-from segcli.geometry import component_boxes, scale_boxes
+from segcli.geometry import component_boxes, crop_boxes, scale_boxes
 from segcli.params import DEFAULT_PARAMS as D
+from segcli.runtimes.predictor import logits_to_probs
+from segcli.train.data import coarse_input, crop_candidates, to_float
+from segcli.train.loop import predict_logits
 
 
 @dataclass
@@ -43,10 +48,6 @@ class RoughMap:
 def rough_maps(model: Any, samples: list[Any], size: int, device: str, threshold: float = D["threshold"],
                min_component: int = D["min_component"], batch_size: int = 32) -> list[RoughMap]:
     """The frozen coarse network's rough pass on each sample, as the stts engine runs it (no tiling)."""
-    from segcli.runtimes.predictor import logits_to_probs
-    from segcli.train.data import coarse_input
-    from segcli.train.loop import predict_logits
-
     out: list[RoughMap] = []
     for i in range(0, len(samples), batch_size):
         chunk = samples[i : i + batch_size]
@@ -67,8 +68,6 @@ class CropSampler:
         self.pad, self.jitter, self.gt_share, self.min_side = pad, jitter, gt_share, min_side
 
     def box(self, sample: Any, rough_boxes: np.ndarray | None, rng: np.random.Generator) -> np.ndarray:
-        from segcli.train.data import crop_candidates
-
         use_gt = rough_boxes is None or len(rough_boxes) == 0 or rng.random() < self.gt_share
         source = sample.boxes if use_gt else rough_boxes
         if len(source) == 0 and not use_gt:
@@ -103,11 +102,6 @@ def stts_validation(samples: list[Any], maps: list[RoughMap], size: int, pad: in
     The crops are the engine's own (``crop_boxes`` on each rough mask, computed once), so the number
     reported is the one ``segcli predict`` would score with these two networks.
     """
-    from segcli.engines.base import ArrayPlane, Timer
-    from segcli.engines.stts import fine_pass
-    from segcli.geometry import crop_boxes
-    from segcli.train.data import to_float
-
     boxes = [crop_boxes(foreground(m.probs, D["threshold"]), s.shape, pad, min_size=D["min_component"],
                         min_side=D["min_side"]) for s, m in zip(samples, maps, strict=True)]
 
