@@ -9,6 +9,9 @@ from typing import Annotated
 
 import typer
 
+# Lazy on purpose: segcli.cli loads this module at startup, so segcli's own modules are imported inside
+# the commands that need them: `segcli --help` and usage errors (exit 2) answer without numpy and the engines.
+
 FORMATS = ("onnx", "monai", "nnunet")
 EXAMPLES = [
     "  segcli import onnx model.onnx --spec spec.json -o models/mine",

@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from segcli import __version__
+from segcli import __version__, io, viz
 from segcli.batch import (
     Inputs,
     check_budget,
@@ -35,7 +35,11 @@ from segcli.cli_report import (
 )
 from segcli.errors import BundleError, SegcliError, UsageError
 from segcli.inferer import Inferer
+from segcli.io.dicomseries import seg_refusal
+from segcli.memplan import peak_rss
 from segcli.report import FileReport
+from segcli.runtimes.onnx_cache import EXPORTS
+from segcli.shard import parse_shard, select_shard, shard_from_env
 
 log = logging.getLogger("segcli")
 
@@ -70,9 +74,6 @@ def _check_runtime_and_budget(seg: Inferer, items: list[tuple[Path, Path | None]
 
 def _check_output_place(items: list[tuple[Path, Path | None]], options: Any, output: Path | None) -> None:
     if options.output_type == "dicom-seg":
-        from segcli import io
-        from segcli.io.dicomseries import seg_refusal
-
         for path, _ in items:
             if not io.is_dicom_series(path) and not io.is_multiframe_dicom(path):
                 raise UsageError(f"{path}: --output-type dicom-seg needs a DICOM series folder (or one enhanced "
@@ -91,8 +92,6 @@ def check_before_work(seg: Inferer, found: Inputs, output: Path | None, *, worke
                       ) -> tuple[list[tuple[Path, Path | None]], list[FileReport]]:
     """Everything checked before the first file is read; returns this shard's items and the inputs left out
     because their masks would clash (as failed reports)."""
-    from segcli.shard import parse_shard, select_shard, shard_from_env
-
     options, items = seg.options, found.items
     if not items:
         raise UsageError("no input images found" + (f" ({len(found.earlier_outputs)} file(s) named *_seg/*_probs/"
@@ -166,8 +165,6 @@ def run_with_progress(console: Any, quiet: bool, seg: Inferer, items: list[tuple
 
 def _extras(seg: Inferer, rep: FileReport, preview: bool, arsm_dir: Path | None) -> None:
     """--preview and --arsm-maps: pictures after a file is done; a failure here is a warning, not a failed file."""
-    from segcli import viz
-
     if rep.status not in ("ok", "empty"):
         return
     if preview and "preview" not in rep.info and rep.output:  # images read whole got theirs in the writer thread
@@ -188,9 +185,6 @@ def summarize(reports: list[FileReport], seg: Inferer, found: Inputs, *, workers
               json_out: bool, quiet: bool) -> int:
     """The ``--json`` summary on stdout, the summary line and the recap of failures on stderr; returns the
     number of failed inputs."""
-    from segcli.memplan import peak_rss
-    from segcli.runtimes.onnx_cache import EXPORTS
-
     failed = [r for r in reports if r.status == "failed"]
     summary = {
         "segcli": __version__,

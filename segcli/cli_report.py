@@ -9,6 +9,9 @@ from typing import Any
 
 import typer
 
+# Lazy on purpose: segcli.cli loads this module at startup, so segcli's own modules are imported inside
+# the commands that need them: `segcli --help` and usage errors (exit 2) answer without numpy and the engines.
+
 EXIT_INTERRUPTED, EXIT_TERMINATED = 130, 143
 
 

@@ -19,6 +19,9 @@ import typer
 from segcli.methods import TRAINABLE
 from segcli.params import DEFAULT_PARAMS
 
+# Lazy on purpose: segcli.cli loads this module at startup, so segcli's own modules are imported inside
+# the commands that need them: `segcli --help` and usage errors (exit 2) answer without numpy and the engines.
+
 
 def _fail(message: str, code: int) -> typer.Exit:
     print(f"segcli: error: {message}", file=sys.stderr)

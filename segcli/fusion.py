@@ -358,6 +358,7 @@ class BlendStore(TileStore):
 
     def _window_weight(self, h: int, w: int) -> np.ndarray:
         if (h, w) not in self._weights:
+            # lazy: brings scipy
             from segcli.geometry import gaussian_weight
 
             self._weights[(h, w)] = gaussian_weight((h, w))

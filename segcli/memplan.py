@@ -207,6 +207,7 @@ def refusal(name: str, minimum: int, budget: int, *, workers: int = 1, parent: i
 def instance_windows(tile: int) -> int:
     """What the tiled instance split (``--instances`` on a slide read by region) holds at once: one window
     at the reach (segcli.instances_tiled) at :data:`segcli.memory.INSTANCE_PER_PIXEL` bytes a pixel."""
+    # lazy: brings scipy
     from segcli.instances_tiled import INSTANCE_TILE, REACH
 
     side = max(int(tile), INSTANCE_TILE) + 2 * REACH

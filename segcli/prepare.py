@@ -209,6 +209,7 @@ def mismatch_warnings(bundle: Bundle, dtype: np.dtype, spacing: tuple[float, ...
         out.append(f"model {bundle.name} was trained on 2D {modality} images; this input is a volume")
     train = bundle.params.get("training_mpp")
     if train and ndim == 2:
+        # lazy: brings scipy
         from segcli.plan import MPP_RANGE
 
         image_mpp = float(spacing[-1]) * 1000.0 if spacing else 0.0

@@ -139,6 +139,7 @@ def dice_labels(a: np.ndarray, b: np.ndarray) -> float:
 
 def build_int8(bundle_dir: str | os.PathLike[str], images: list[Path], *, seed: int = 0) -> dict[str, Any]:
     """Quantise every network of a bundle, check the masks against fp32, record files and check in segcli.json."""
+    # lazy: brings scipy
     from segcli.inferer import Inferer
 
     root = resolve_model(bundle_dir)

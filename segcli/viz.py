@@ -491,6 +491,7 @@ def write_arsm_maps_for(segmenter: Any, path: Path, out_dir: Path) -> list[Path]
 
     Volumes use their middle slice along the slicing axis.
     """
+    # lazy: brings scipy
     from segcli.engines.base import ArrayPlane, rough_input
     from segcli.geometry import slice_axis
 

@@ -144,6 +144,7 @@ def find_folds(src: Path, folds: list[str] | None) -> list[Path]:
 
 def load_nets(ckpts: list[Path], in_ch: int, n_classes: int, kw: dict[str, Any]) -> tuple[list[Any], tuple[int, ...]]:
     """One PlainConvUNet per checkpoint, weights loaded strictly; and the mirror axes every fold allows."""
+    # lazy: brings torch
     from segcli.importers.plainconv import PlainConvUNet
 
     nets, axes = [], None
@@ -165,6 +166,7 @@ def load_nets(ckpts: list[Path], in_ch: int, n_classes: int, kw: dict[str, Any])
 def import_nnunet(src: Path, out: Path, *, folds: list[str] | None = None, mirror: bool = False,
                   pixel_size_um: float | None = None, force: bool = False) -> Path:
     """Import the nnU-Net v2 results folder ``src`` (``TRAINER__PLANS__CONFIG``) into the bundle ``out``."""
+    # lazy: brings torch
     from segcli.importers.plainconv import Ensemble
 
     plans_path, ds_path = src / "plans.json", src / "dataset.json"

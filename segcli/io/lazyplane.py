@@ -124,6 +124,7 @@ class RegionPlane(abc.ABC):
         if self._stateless:
             return norm.normalize(a, self.spec)
         if self._spec_eff is None:
+            # lazy: brings scipy
             from segcli.geometry import fit_aspect
 
             self.downscaled(fit_aspect(self.shape, 1024))  # statistics from an (ideally pyramid) overview
@@ -315,6 +316,7 @@ class SpilledOverview:
         return self.plane._normalize_view(np.ascontiguousarray(np.moveaxis(rows, -1, 0)))
 
     def downscaled(self, out_hw: tuple[int, int]) -> np.ndarray:
+        # lazy: brings scipy
         from segcli.engines.base import ArrayPlane
 
         return ArrayPlane(self.region((0, 0, *self.shape))).downscaled(out_hw)

@@ -296,6 +296,7 @@ def open_streamed(path: Path, content: str | None = None, series_id: str | None 
             return None  # the whole reader gives the precise error
     if content is None or not streamable(path, content):
         return None
+    # lazy: brings scipy
     from segcli.geometry import slice_axis
 
     warnings: list[str] = []
@@ -315,6 +316,7 @@ def _open_dicom(folder: Path, series_id: str | None = None) -> StreamedVolume | 
     series is refused here, with the same message as the whole reader) and its grid comes from every
     file's position. A single file goes to the whole reader.
     """
+    # lazy: brings scipy
     from segcli.geometry import slice_axis
 
     if not dicomseries.may_hold_dicom(folder):
