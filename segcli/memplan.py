@@ -48,6 +48,13 @@ REGION_CACHE = (8 * MIB, 16 * MIB)
 FUSE_CACHE = (4 * MIB, 32 * MIB)
 #: Default fine-batch cap on the CPU: the fastest measured (per-item time flat past 8, memory doubling).
 FAST_BATCH = 8
+#: The coarse network's rough batch in an ``--instances`` slide run without ``--max-memory`` (the budget is then
+#: 70 % of what is available): the coarse arena is held for the whole run, the instance split's window on top.
+#: nuclei-he's fp32 coarse network grew 126 MB at batch 4 against 55 MB at batch 2, and at batch 4 a default
+#: ``--instances`` run on a 16000² SVS-like slide peaked at 582-616 MB (plan 702), at batch 2 512-581 MB (plan
+#: 631). Plain default runs keep batch 4 (at batch 2, 1.08-1.14x the time on two of three slides in interleaved
+#: runs, the rough pass itself no slower), and a user's budget plans the rough batch from its measured cost.
+DEFAULT_ROUGH_BATCH = 2
 #: Batch sizes whose network cost is measured (others are interpolated).
 MEASURED_BATCHES = (1, 2, 4, 8)
 
@@ -223,9 +230,10 @@ def make_plan(*, budget: int, kind: str, name: str, base: int, costs: dict[str, 
     ``extra``: what the route holds beyond its measured working set (the instance split's windows).
 
     ``costs``: each network role's measured ``{batch: bytes}``; every role keeps its arena, so they add up.
-    The coarse network (stts rough pass) gets its own batch. With ``workers`` > 1, ``budget`` is one
-    worker's share, ``parent`` the RSS of the process that started them and ``run_budget`` the whole
-    run's (for the refusal's words).
+    The coarse network (stts rough pass) gets its own batch, at most :data:`DEFAULT_ROUGH_BATCH` when
+    ``user_budget`` is False (no ``--max-memory``) and ``extra`` is held on top (``--instances``). With
+    ``workers`` > 1, ``budget`` is one worker's share, ``parent`` the RSS of the process that started them
+    and ``run_budget`` the whole run's (for the refusal's words).
     """
     slide = kind == "slide"
     prefetch = 1 if slide else 0
@@ -245,6 +253,8 @@ def make_plan(*, budget: int, kind: str, name: str, base: int, costs: dict[str, 
     room = budget - (budget - minimum) // 4  # a quarter of what is above the minimum stays slack
     cap = min([efficient_batch(t, wanted) for t in others] or [wanted]) if how == "measured" else wanted
     rcap = efficient_batch(coarse, wanted) if coarse is not None and how == "measured" else cap
+    if not user_budget and extra > 0:  # default budget, instance split held on top of the coarse arena
+        rcap = min(rcap, DEFAULT_ROUGH_BATCH)
     batch = max([b for b in range(1, cap + 1) if base + workset + caches + batch_bytes(b, 1) <= room], default=1)
     rough = max([r for r in range(1, rcap + 1) if base + workset + caches + batch_bytes(batch, r) <= room],
                 default=1)
