@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from segcli import normalize
 from segcli.choose import KIND_WORDS
 from segcli.errors import BundleError, UsageError
@@ -82,10 +84,31 @@ class Bundle:
     allow_unhashed: bool = False
     #: optional DICOM codes per class name (see :func:`parse_codes`); a class without gets a generic code
     codes: dict[str, dict[str, dict[str, str]]] = field(default_factory=dict)
+    #: a class the networks output only to separate touching objects (``"instances": {"boundary": NAME,
+    #: "object": NAME}``): its index and the index of the object class it belongs to (see :meth:`fold`)
+    boundary: tuple[int, int] | None = None
 
     @property
     def n_classes(self) -> int:
+        """Classes the networks output (a boundary class included)."""
         return len(self.classes)
+
+    @property
+    def output_classes(self) -> list[str]:
+        """Classes of the written mask: the boundary class, if any, is part of its object there."""
+        if self.boundary is None:
+            return self.classes
+        return [c for i, c in enumerate(self.classes) if i != self.boundary[0]]
+
+    def fold(self) -> np.ndarray | None:
+        """uint8 table from network labels to mask labels (None when they are the same): the boundary class
+        becomes its object's class and the classes after it move down by one."""
+        if self.boundary is None:
+            return None
+        b, obj = self.boundary
+        lut = np.array([i if i < b else i - 1 for i in range(self.n_classes)], np.uint8)
+        lut[b] = obj if obj < b else obj - 1
+        return lut
 
     def param(self, key: str) -> Any:
         """The bundle's value for a method parameter, else the default (segcli.params)."""
@@ -268,6 +291,22 @@ def parse_codes(value: Any, classes: list[str], where: Path) -> dict[str, dict[s
     return out
 
 
+def _parse_boundary(value: Any, classes: list[str], where: Path) -> tuple[int, int] | None:
+    """``"instances": {"boundary": "boundary", "object": "nucleus"}``: the class that marks the edge of an
+    object (trained to separate touching ones) and the class it is folded into in the mask."""
+    if value is None:
+        return None
+    if not isinstance(value, dict) or not all(isinstance(value.get(k), str) for k in ("boundary", "object")):
+        raise BundleError("malformed bundle: 'instances' must be {\"boundary\": CLASS, \"object\": CLASS}", where)
+    b, obj = value["boundary"], value["object"]
+    for name in (b, obj):
+        if name not in classes:
+            raise BundleError(f"instances: {name!r} is not a class of this bundle ({classes})", where)
+    if b == obj or classes.index(b) == 0 or classes.index(obj) == 0:
+        raise BundleError("instances: the boundary and object classes must differ and not be the background", where)
+    return classes.index(b), classes.index(obj)
+
+
 #: The JSON types of segcli.json's fields (required ones first), checked before anything is read from them.
 _FIELDS: dict[str, tuple[type | tuple[type, ...], str, bool]] = {
     "method": (str, "a string", True),
@@ -427,6 +466,7 @@ def load_bundle(model: str | os.PathLike[str] | None = None, kind: str = "2d") -
     except (KeyError, TypeError, ValueError, AttributeError) as exc:
         raise BundleError(f"malformed bundle: missing or bad field {exc}", cfg_path) from None
     bundle.codes = parse_codes(raw.get("codes"), bundle.classes, cfg_path)
+    bundle.boundary = _parse_boundary(raw.get("instances"), bundle.classes, cfg_path)
     _check_params(bundle.params, cfg_path)
     if bundle.method not in METHODS:
         raise BundleError(f"unknown method {bundle.method!r}", cfg_path)

@@ -128,7 +128,7 @@ def _read_seg_pair(pred_path: Path, gt_path: Path, classes: Sequence[str] | None
 
     if classes is None and (name := algorithm_name(pred_path)):
         try:
-            classes = load_bundle(resolve_model(name, "volume")).classes
+            classes = load_bundle(resolve_model(name, "volume")).output_classes
         except BundleError:
             classes = None
 
@@ -282,7 +282,7 @@ def _classes_from_predictions(pairs: list[tuple[str, Path, Path]]) -> list[str] 
             continue
         try:
             name = algorithm_name(pred)
-            return list(load_bundle(resolve_model(name, "volume")).classes) if name else None
+            return list(load_bundle(resolve_model(name, "volume")).output_classes) if name else None
         except (SegcliError, OSError, ValueError):
             return None
     return None

@@ -26,6 +26,7 @@ from segcli.bundle import Bundle, load_bundle, resolve_model
 from segcli.engines.base import ArrayPlane, ProgressFn, Result, ScaledLabels, ScaledPlane
 from segcli.engines.volume import SlicePlane
 from segcli.errors import InputError
+from segcli.fusion import fold_boundary
 from segcli.geometry import slice_axis
 from segcli.io.volstream import ArrayVolume, SlabCache
 from segcli.lunggate import GateParams
@@ -300,6 +301,7 @@ class Inferer:
             res.info["resampled"] = {"image_mpp": round(scale[1], 4),
                                      "training_mpp": float(bundle.params["training_mpp"]),
                                      "network_shape": list(staged.plane.shape)}
+        fold_boundary(res, bundle.fold(), bundle.boundary)  # a boundary class is part of its object in the mask
         return res
 
     def segment_volume(
@@ -348,6 +350,7 @@ class Inferer:
         res.labels = np.moveaxis(res.labels, 0, axis)
         if isinstance(res.probs, np.ndarray):
             res.probs = np.moveaxis(res.probs, 1, axis + 1)
+        fold_boundary(res, bundle.fold(), bundle.boundary, keep_parts=False)  # no instances of volumes
         gate = GateParams.from_param(p["lung_gate"])
         if gate is not None:  # anatomy check after the network (segcli.lunggate): one more pass over the slabs
             t = time.perf_counter()

@@ -82,7 +82,7 @@ def write_preview(ctx: RunContext, job: Job, img: Any, labels: np.ndarray, kind:
     t = time.perf_counter()
     title = f"{job.path.name} · {bundle.name} ({job.rep.method})"
     try:
-        target = viz.preview(img, labels, preview_path(job.out), classes=bundle.classes,
+        target = viz.preview(img, labels, preview_path(job.out), classes=bundle.output_classes,
                              normalization=bundle.normalization, title=title, compact=True)
     except (ValueError, MemoryError) as exc:
         raise SegcliError(f"preview not written: {exc}", job.path) from None

@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 from scipy import ndimage as ndi
 
-from segcli.instances import split_touching
+from segcli.instances import split_labels
 from segcli.io.bigtiff import write_tiled
 from segcli.io.naming import geojson_path, instances_path, objects_path
 from segcli.objects import ObjectSink, describe, is_he
@@ -63,8 +63,11 @@ class TiledInstances:
                  margin: int = MARGIN, reach: int = REACH, min_distance: float = 3.0,
                  on_objects: Callable[[list[Any]], None] | None = None,
                  read_rgb: Callable[[Box], np.ndarray] | None = None, spacing: tuple[float, ...] | None = None,
-                 want_outlines: bool = True) -> None:
+                 want_outlines: bool = True, boundary: tuple[int, int] | None = None,
+                 fold: np.ndarray | None = None) -> None:
         self.read_labels, self.tile = read_labels, int(tile)
+        # a network with a boundary class: its labels split at the boundary, its mask's classes for measuring
+        self.boundary, self.fold = boundary, fold
         self.H, self.W = (int(v) for v in shape)
         self.margin, self.reach = int(margin), max(int(reach), int(margin))
         self.min_distance = float(min_distance)
@@ -122,7 +125,7 @@ class TiledInstances:
         large = touching[~whole]
         self.cut_components += int(len(large))
         if len(mine) or len(large):
-            inst = split_touching(cls > 0, self.min_distance)
+            inst = split_labels(cls, self.boundary, self.min_distance)
             lut = np.zeros(int(comp.max()) + 1, np.int8)
             lut[mine], lut[large] = 1, 2
             which = lut[comp]
@@ -137,7 +140,7 @@ class TiledInstances:
             out[:] = glob[y0 - wy0 : y1 - wy0, x0 - wx0 : x1 - wx0]
             self._defer(glob, (which == 1) & ~in_core, wy0, wx0)
             if self.on_objects is not None and len(new):
-                self._describe(glob, cls, new, win)
+                self._describe(glob, cls if self.fold is None else self.fold[cls], new, win)
         return self._paint_pending(out, me, y0, x0)
 
     def _paint_pending(self, out: np.ndarray, me: int, y0: int, x0: int) -> np.ndarray:
@@ -181,7 +184,7 @@ class TiledInstances:
 
     @property
     def summary(self) -> dict[str, Any]:
-        return {"objects": self.next_id, "split": "watershed", "tiled": True, "margin": self.margin,
+        return {"objects": self.next_id, "split": "watershed" if self.boundary is None else "boundary", "tiled": True, "margin": self.margin,
                 "reach": self.reach, "cut_components": self.cut_components, "rereads": self.rereads}
 
 
@@ -189,14 +192,14 @@ def write_slide_instances(out: Any, rep: Any, labels: Any, plane: Any, bundle: A
                           ome: dict[str, Any] | None = None) -> None:
     """``NAME_instances.tif`` of a slide read by region (a tiled uint32 BigTIFF, like the mask), and with
     ``--geojson`` / ``--stats`` one QuPath detection / CSV row per instance; the summary goes in the report."""
-    sink = ObjectSink(bundle.classes, geojson_path(out) if options.geojson else None,
+    sink = ObjectSink(bundle.output_classes, geojson_path(out) if options.geojson else None,
                       objects_path(out) if options.stats else None, input_name=str(rep.input))
     he = is_he(bundle, kind, int(getattr(plane, "raw_channels", getattr(plane, "channels", 0))))
     tile = max(options.tile_size, INSTANCE_TILE)
     tiled = TiledInstances(labels.read, plane.shape, tile,
                            on_objects=sink.add if sink.wanted else None,
                            read_rgb=(lambda b: plane.read_raw(b, 0)) if he else None, spacing=plane.spacing,
-                           want_outlines=sink.geo is not None)
+                           want_outlines=sink.geo is not None, boundary=bundle.boundary, fold=bundle.fold())
     path = instances_path(out)
     try:
         write_tiled(path, plane.shape, tiled.read, dtype=np.uint32, tile=tile,

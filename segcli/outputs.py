@@ -14,7 +14,7 @@ import numpy as np
 from segcli import __version__, io
 from segcli.errors import SegcliError
 from segcli.inferer import RunContext
-from segcli.instances import split_touching
+from segcli.instances import split_instances
 from segcli.io import dicomseg
 from segcli.io.atomic import split_extension
 from segcli.io.dicomframes import frame_planes, multiframe_seg_refusal
@@ -74,8 +74,8 @@ def detection_classes(bundle: Bundle) -> set[str]:
     """Classes written as QuPath detections: the bundle's ``geojson_detections`` param, else cell-like names."""
     named = bundle.params.get("geojson_detections")
     if named is not None:
-        return set(named) & set(bundle.classes)
-    return {c for c in bundle.classes[1:] if c.lower() in _DETECTION_NAMES}
+        return set(named) & set(bundle.output_classes)
+    return {c for c in bundle.output_classes[1:] if c.lower() in _DETECTION_NAMES}
 
 
 def write_dicom_seg(ctx: RunContext, job: Job, file_order_labels: np.ndarray, meta: dict[str, Any]) -> None:
@@ -97,7 +97,7 @@ def write_dicom_seg(ctx: RunContext, job: Job, file_order_labels: np.ndarray, me
     assert job.out is not None
     with warnings.catch_warnings(record=True) as caught:  # highdicom's remarks become one-line report warnings
         warnings.simplefilter("always")
-        result = dicomseg.write_dicom_seg(job.out, file_order_labels, files, classes=bundle.classes,
+        result = dicomseg.write_dicom_seg(job.out, file_order_labels, files, classes=bundle.output_classes,
                                           codes=bundle.codes, bundle_name=bundle.name, bundle_version=version,
                                           segcli_version=__version__)
     job.rep.warnings.extend(sorted({f"DICOM SEG: {str(w.message).split('.')[0]}" for w in caught}))
@@ -109,17 +109,19 @@ def write_dicom_seg(ctx: RunContext, job: Job, file_order_labels: np.ndarray, me
         job.rep.warnings.append("no foreground: no DICOM SEG written")
 
 
-def write_instances(ctx: RunContext, job: Job, labels: np.ndarray, img: Any, kind: str) -> None:
+def write_instances(ctx: RunContext, job: Job, labels: np.ndarray, img: Any, kind: str,
+                    parts: np.ndarray | None = None) -> None:
     """``NAME_instances.tif``: uint32 object ids of every foreground class, touching objects split by the
     seeded watershed (:mod:`segcli.instances`), with the input's resolution tags; the count goes in the report.
+    ``parts``: the network's labels of a bundle with a boundary class, whose object cores seed the split.
     With ``--geojson`` the GeoJSON holds one detection per instance, with ``--stats`` ``NAME_objects.csv``
     one row per instance (:mod:`segcli.objects`)."""
-    inst = split_touching(labels > 0)
+    bundle = ctx.bundle_for(kind)
+    inst, how = split_instances(labels, parts, bundle)
     path = instances_path(job.out)
     write_pages(inst, img, path)
-    job.rep.info["instances"] = {"path": str(path), "objects": int(inst.max(initial=0)), "split": "watershed"}
-    bundle = ctx.bundle_for(kind)
-    sink = ObjectSink(bundle.classes, geojson_path(job.out) if ctx.options.geojson else None,
+    job.rep.info["instances"] = {"path": str(path), "objects": int(inst.max(initial=0)), "split": how}
+    sink = ObjectSink(bundle.output_classes, geojson_path(job.out) if ctx.options.geojson else None,
                       objects_path(job.out) if ctx.options.stats else None, input_name=str(job.rep.input))
     if not sink.wanted:
         return

@@ -33,7 +33,7 @@ from segcli import header_needs, io, memory, plan
 from segcli import input_facts as facts
 from segcli.engines.base import ProgressFn, Result, ScaledLabels, ScaledPlane
 from segcli.errors import EmptyImageError, InputError, UsageError
-from segcli.fusion import FuseStore, LazyLabels
+from segcli.fusion import FuseStore, LazyLabels, fold_probs
 from segcli.geometry import slice_axis
 from segcli.inferer import Inferer, RunContext
 from segcli.io import niftistream
@@ -80,12 +80,13 @@ def _finish_compute(ctx: RunContext, job: Job, res: Result, bundle: Bundle, spac
     rep = job.rep
     fill_run(rep, res, model=bundle.name, method=ctx.plan_for(bundle).method, device=ctx.inferer.device,
              providers=ctx.inferer.providers(bundle) if rep.status == "ok" else None)
-    counts = count_labels(res.labels, len(bundle.classes))
-    fill_counts(rep, counts, bundle.classes, spacing, ndim=res.labels.ndim)
+    classes = bundle.output_classes
+    counts = count_labels(res.labels, len(classes))
+    fill_counts(rep, counts, classes, spacing, ndim=res.labels.ndim)
     if rep.status == "ok" and (note := implausible_result(counts, int(res.labels.size))):
         rep.warnings.append(note)
     if ctx.options.stats:
-        rep.stats = label_stats(res.labels, bundle.classes, spacing)
+        rep.stats = label_stats(res.labels, classes, spacing)
 
 
 def _slide_facts(meta: dict[str, Any]) -> dict[str, Any]:
@@ -157,13 +158,13 @@ class InMemoryRoute:
         else:
             io.write_mask(self.res.labels, self.img, job.out)
         if ctx.options.instances:  # with --geojson / --stats: one detection / CSV row per instance
-            write_instances(ctx, job, self.res.labels, self.img, self.kind)
+            write_instances(ctx, job, self.res.labels, self.img, self.kind, parts=self.res.parts)
         if ctx.options.geojson and not ctx.options.instances:
             if self.img.ndim != 2:
                 job.rep.warnings.append("GeoJSON is written for 2D images only; none for this volume")
             else:
                 bundle = ctx.bundle_for(self.kind)
-                job.rep.info["geojson"] = write_geojson(geojson_path(job.out), self.res.labels, bundle.classes,
+                job.rep.info["geojson"] = write_geojson(geojson_path(job.out), self.res.labels, bundle.output_classes,
                                                         spacing=self.img.spacing,
                                                         detection_classes=detection_classes(bundle))
         if ctx.options.probabilities and self.res.probs is not None:
@@ -307,21 +308,23 @@ class TiledTiffRoute:
         res, rep, plane, opts = self.res, job.rep, self.plane, ctx.options
         assert res is not None and job.out is not None
         bundle = ctx.bundle_for(self.kind)
-        labels: Any = res.labels
+        labels: Any = res.labels  # the network's labels; the mask's are folded (a boundary class, if any)
+        classes, lut = bundle.output_classes, bundle.fold()
+        read = labels.read if lut is None else (lambda box: lut[labels.read(box)])
         counts = np.zeros(256, np.int64)
         tile_stats = None
         if opts.stats and rep.status == "ok":
-            tile_stats = TileStats(bundle.classes, plane.spacing, plane.shape[1])
+            tile_stats = TileStats(classes, plane.spacing, plane.shape[1])
 
         def count(tile: np.ndarray, box: tuple[int, int, int, int]) -> None:
-            counts[:] += count_labels(tile, len(bundle.classes))
+            counts[:] += count_labels(tile, len(classes))
             if tile_stats is not None:
                 tile_stats.add(tile, box)
 
         geo = None
         if opts.geojson and not opts.instances:  # polygons built tile by tile as the mask streams out; the slide is never held whole
 
-            geo = GeoJSONWriter(geojson_path(job.out), bundle.classes, spacing=plane.spacing,
+            geo = GeoJSONWriter(geojson_path(job.out), classes, spacing=plane.spacing,
                                 detection_classes=detection_classes(bundle))
 
         def on_tile(tile: np.ndarray, box: tuple[int, int, int, int]) -> None:
@@ -331,7 +334,7 @@ class TiledTiffRoute:
 
         ome = plane.ome if plane.meta.get("is_ome") else None
         try:
-            write_tiled(job.out, plane.shape, labels.read, tile=opts.tile_size, resolution=plane.resolution,
+            write_tiled(job.out, plane.shape, read, tile=opts.tile_size, resolution=plane.resolution,
                         spacing=plane.spacing, ome=ome, pyramid=opts.pyramid, on_tile=on_tile)
         except BaseException:
             if geo is not None:
@@ -344,12 +347,13 @@ class TiledTiffRoute:
 
             write_slide_instances(job.out, rep, labels, plane, bundle, self.kind, opts, ome)
         if opts.probabilities and rep.status == "ok":
-            write_tiled(probabilities_path(job.out), (bundle.n_classes, *plane.shape), labels.read_probs,
+            read_probs = labels.read_probs if lut is None else (lambda box: fold_probs(labels.read_probs(box), bundle.boundary))
+            write_tiled(probabilities_path(job.out), (len(classes), *plane.shape), read_probs,
                         dtype=np.float32, tile=opts.tile_size, resolution=plane.resolution, spacing=plane.spacing,
                         ome=ome, pyramid=False)
             rep.warnings.append("probabilities of a bounded-memory run are stored with ~1/127 precision "
                                 "(labels are exact)")
-        fill_counts(rep, counts, bundle.classes, plane.spacing, ndim=2)
+        fill_counts(rep, counts, classes, plane.spacing, ndim=2)
         if tile_stats is not None:
             rep.stats = tile_stats.rows()
 

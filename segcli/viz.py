@@ -455,11 +455,11 @@ def _bundle_info(report: Any, segmenter: Any, kind: str) -> tuple[list[str] | No
             from segcli.bundle import load_bundle
 
             b = load_bundle(report.model)
-            bundle = b if b.classes[1:] == names else None
+            bundle = b if b.output_classes[1:] == names else None
         except Exception:  # noqa: BLE001
             bundle = None
     if bundle is not None:
-        return list(bundle.classes), dict(bundle.normalization)
+        return list(bundle.output_classes), dict(bundle.normalization)
     return (["background", *names] if names else None), None
 
 

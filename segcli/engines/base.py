@@ -155,6 +155,8 @@ class Result:
     probs: np.ndarray | None = None
     timings: dict[str, float] = field(default_factory=dict)
     info: dict[str, object] = field(default_factory=dict)
+    #: the network's labels before a boundary class was folded into its object (segcli.bundle.Bundle.fold)
+    parts: np.ndarray | None = None
 
 
 class Timer:
