@@ -66,6 +66,7 @@ def main() -> None:
         print(f"{name}: {sources[name]}, {int(inst.max())} nuclei, boundary {np.mean(lab == 2):.3f}")
     spec = json.loads((args.data / "dataset.json").read_text())
     spec["labels"] = {"background": 0, "nucleus": 1, "boundary": 2}
+    spec["instances"] = {"boundary": "boundary", "object": "nucleus"}  # the trained bundle folds and splits by it
     spec["note"] = (f"three classes made by benchmarks/make_monuseg_boundary.py (width {args.width}): instances from "
                     "the XML polygons where present, else the binary mask split by segcli's watershed")
     (args.out / "dataset.json").write_text(json.dumps(spec, indent=1))

@@ -516,6 +516,7 @@ def save_bundle(
     training: dict[str, Any] | None = None,
     half: bool = False,
     codes: dict[str, Any] | None = None,
+    instances: dict[str, str] | None = None,
 ) -> Path:
     """Write a bundle: ``networks`` maps role → (arch, config, module). ``half`` stores fp16 weights.
 
@@ -555,6 +556,9 @@ def save_bundle(
     }
     if codes:
         doc["codes"] = codes  # DICOM SEG segment descriptions (see parse_codes)
+    if instances:
+        _parse_boundary(instances, list(classes), root / BUNDLE_FILE)  # refused here, not at the first load
+        doc["instances"] = dict(instances)  # a boundary class folded into its object (see _parse_boundary)
     write_json_atomic(root / BUNDLE_FILE, doc)
     return root
 
@@ -585,4 +589,5 @@ def pack_bundle(src: str | os.PathLike[str], dst: str | os.PathLike[str], *, nam
         dst, name=name or b.name, method=b.method, classes=b.classes, in_channels=b.in_channels,
         input_size=b.input_size, normalization=b.normalization, networks=nets, params=b.params,
         info={**b.info, **(info or {})}, training=b.training, half=half, codes=b.codes,
+        instances=b.raw.get("instances"),
     )

@@ -106,7 +106,7 @@ def human(n: float) -> str:
 
 
 def estimate_2d(shape: tuple[int, int], channels: int, itemsize: int, *, model_channels: int, n_classes: int,
-                method: str, size: int, return_probs: bool, instances: bool = False) -> int:
+                method: str, size: int, return_probs: bool, instances: bool = False, boundary: bool = False) -> int:
     """Peak bytes an image brings to the in-memory 2D path: decoded image, normalised copies, engine
     buffers, outputs (the networks and the interpreter are the memory plan's, segcli.memplan)."""
     H, W = (int(v) for v in shape)
@@ -116,7 +116,7 @@ def estimate_2d(shape: tuple[int, int], channels: int, itemsize: int, *, model_c
     # channel-first copy, the engine's plane): a 9000² RGB refine run peaked at 3.6 GB where one copy
     # predicted 1.9 GB (benchmarks/README.md, bench_slide findings).
     total += px * model_channels * 4 * 3
-    total += px  # uint8 labels
+    total += px * (2 if boundary else 1)  # uint8 labels (and the network's own, a boundary class kept apart)
     k_fuse = 1 if n_classes == 2 else n_classes
     if method == "sliding":
         total += px * (n_classes + 1) * 4  # float accumulator + weights
@@ -206,7 +206,8 @@ def image_bytes(seg: Any, kind: str, shape: tuple[int, ...], channels: int, item
     p = seg.plan_for(bundle)
     return estimate_2d(shape, channels, itemsize, model_channels=bundle.in_channels,  # type: ignore[arg-type]
                        n_classes=bundle.n_classes, method=p.method, size=p.size, return_probs=probs,
-                       instances=bool(getattr(seg.options, "instances", False)))
+                       instances=bool(getattr(seg.options, "instances", False)),
+                       boundary=getattr(bundle, "boundary", None) is not None)
 
 
 def check_in_memory(seg: Any, kind: str, shape: tuple[int, ...], channels: int, itemsize: int,

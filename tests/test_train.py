@@ -393,3 +393,36 @@ def test_lr_schedule_follows_whichever_runs_out_first() -> None:
     spent[0] = 1.7  # past the budget (the stage's last step): fully annealed, never below the floor
     assert f(10) == pytest.approx(0.01)
     assert lr_factor("cosine", 100)(10) == pytest.approx(0.01 + 0.99 * 0.5 * (1 + np.cos(np.pi * 0.1)))
+
+
+def _boundary_dataset(root: Path, instances: object) -> Path:
+    """The tiny dataset with each blob's outer ring as a third class, and dataset.json naming it."""
+    from scipy import ndimage as ndi
+
+    shutil.copytree(SHARED, root)
+    for p in (root / "masks").glob("*.png"):
+        m = np.array(Image.open(p)) > 0
+        ring = m & ~ndi.binary_erosion(m)
+        Image.fromarray(np.where(ring, 2, m).astype(np.uint8)).save(p)
+    meta = json.loads((root / "dataset.json").read_text())
+    meta["labels"] = {"background": 0, "blob": 1, "edge": 2}
+    meta["instances"] = instances
+    (root / "dataset.json").write_text(json.dumps(meta))
+    return root
+
+
+def test_a_dataset_naming_a_boundary_class_trains_a_bundle_that_folds_it(tmp_path: Path) -> None:
+    data = _boundary_dataset(tmp_path / "d", {"boundary": "edge", "object": "blob"})
+    train(data, tmp_path / "out", method="direct", epochs=1, val_full_res=False, **TINY)
+    b = load_bundle(tmp_path / "out")
+    assert b.classes == ["background", "blob", "edge"] and b.boundary == (2, 1)
+    assert b.output_classes == ["background", "blob"]
+
+
+@pytest.mark.parametrize("bad", [{"boundary": "edge", "object": "edge"}, {"boundary": "rim", "object": "blob"},
+                                 ["edge", "blob"], {"boundary": "background", "object": "blob"}])
+def test_a_bad_boundary_declaration_stops_before_training(tmp_path: Path, bad: object) -> None:
+    data = _boundary_dataset(tmp_path / "d", bad)
+    with pytest.raises(DatasetError, match='"instances" must name two different foreground classes'):
+        train(data, tmp_path / "out", method="direct", epochs=1, **TINY)
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())

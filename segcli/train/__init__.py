@@ -493,7 +493,8 @@ def _write_bundle(out_dir: Path, cfg: TrainConfig, ds: Any, models: dict[str, An
     nets = {r: (arch_of[r], conf_of[r], models[r].cpu()) for r in models}
     save_bundle(out_dir, name=cfg.name or out_dir.resolve().name, method=cfg.method, classes=ds.classes,
                 in_channels=ds.in_channels, input_size=S, normalization=ds.normalization, networks=nets,
-                params=params, info=_jsonable(info), training=_jsonable(training))
+                params=params, info=_jsonable(info), training=_jsonable(training),
+                instances=ds.spec.meta.get("instances"))  # dataset.json's boundary class, if it names one
 
 
 def full_res_validation(bundle_dir: Path, ds: Any, cfg: TrainConfig, device: str) -> dict[str, Any]:
@@ -515,7 +516,8 @@ def full_res_validation(bundle_dir: Path, ds: Any, cfg: TrainConfig, device: str
             res, _ = seg.segment_array(img, kind="volume" if vol else "2d", spacing=sp, path=case.images[0])
         except EmptyImageError:
             res = None
-        labels = np.zeros(mask.shape, np.uint8) if res is None else res.labels
+        # a boundary class is scored as trained, apart from its object (res.parts: the labels before folding)
+        labels = np.zeros(mask.shape, np.uint8) if res is None else res.labels if res.parts is None else res.parts
         m = metrics.case_metrics(labels, mask, range(1, K), spacing=sp, with_hd95=False)
         rows.append([[m[c][k] for k in ("dice", "iou", "precision", "recall")] for c in range(1, K)])
         hits += sum(m[c]["hit"] for c in range(1, K))
