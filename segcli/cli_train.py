@@ -125,6 +125,7 @@ def register(app: typer.Typer) -> None:
         amp: Annotated[bool, typer.Option("--amp/--no-amp", help="Mixed precision: fp16 on CUDA, bf16 on a CPU with native bf16 (AVX512-BF16/AMX); validation stays fp32.")] = True,
         augment: Annotated[bool, typer.Option("--augment/--no-augment", help="Flips, 90° rotations, small affine, intensity jitter.")] = True,
         stain_jitter: Annotated[float, typer.Option(help="HED stain jitter amplitude for RGB H&E (e.g. 0.1; 0 = off): stain amounts × U(1±s) + U(±s).")] = 0.0,
+        boundary: Annotated[int, typer.Option(help="Learn to separate touching objects: targets background / object / boundary (this width in px) made from instances/ (one id per object), for --instances at predict time; 0 = off.")] = 0,
         endoscopy_jitter: Annotated[float, typer.Option(help="Endoscopy jitter strength in [0, 1] for RGB frames (e.g. 0.5; 0 = off): colour, blur, zoom and specular highlights (segcli.train.endoscopy).")] = 0.0,
         cache_gb: Annotated[float | None, typer.Option(help="Memory for full-resolution images (fine crops) [default: 4].")] = None,
         threads: Annotated[int | None, typer.Option(help="Torch intra-op threads (default: the cores available).")] = None,
@@ -147,7 +148,7 @@ def register(app: typer.Typer) -> None:
                 "channels": channels, "normalization": _normalization(normalization), "jitter": jitter, "pad": pad,
                 "fine_init": fine_init, "fine_crops": fine_crops, "crops_per_image": crops_per_image, "patches": patches, "patch_size": patch_size, "sampling": sampling,
                 "criterion": criterion, "patience": patience, "time_limit": time_limit, "device": device,
-                "amp": amp, "augment": augment, "stain_jitter": stain_jitter,
+                "amp": amp, "augment": augment, "stain_jitter": stain_jitter, "boundary": boundary,
                 "endoscopy_jitter": endoscopy_jitter, "cache_gb": cache_gb, "threads": threads, "name": name,
                 "val_full_res": val_full_res, "quiet": quiet, "init": init,
                 "command": shlex.join(["segcli", *sys.argv[1:]])}

@@ -426,3 +426,34 @@ def test_a_bad_boundary_declaration_stops_before_training(tmp_path: Path, bad: o
     with pytest.raises(DatasetError, match='"instances" must name two different foreground classes'):
         train(data, tmp_path / "out", method="direct", epochs=1, **TINY)
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+
+
+def _with_instances(root: Path) -> Path:
+    """The tiny dataset plus instances/: each blob's connected component as one object id."""
+    from scipy import ndimage as ndi
+
+    shutil.copytree(SHARED, root)
+    (root / "instances").mkdir()
+    for p in (root / "masks").glob("*.png"):
+        ids, _ = ndi.label(np.array(Image.open(p)) > 0)
+        Image.fromarray(ids.astype(np.uint16)).save(root / "instances" / p.name)
+    return root
+
+
+def test_boundary_training_learns_from_instance_ids(tmp_path: Path) -> None:
+    data = _with_instances(tmp_path / "d")
+    ds = load_dataset(data, boundary=1)
+    assert ds.classes == ["background", "blob", "boundary"] and ds.spec.meta["instances"]["object"] == "blob"
+    m = np.array(Image.open(data / "masks" / "c0.png")) > 0
+    target = next(s for s in ds.train + ds.val if s.case == "c0").mask
+    assert set(np.unique(target).tolist()) == {0, 1, 2} and np.array_equal(target > 0, m)
+    train(data, tmp_path / "out", method="direct", epochs=1, boundary=1, val_full_res=False, **TINY)
+    b = load_bundle(tmp_path / "out")
+    assert b.classes == ["background", "blob", "boundary"] and b.boundary == (2, 1)
+
+
+def test_boundary_training_without_instances_stops_before_training(tmp_path: Path) -> None:
+    data = _with_instances(tmp_path / "d")
+    (data / "instances" / "c3.png").unlink()
+    with pytest.raises(DatasetError, match=r"case 'c3': --boundary needs its object ids in instances/"):
+        train(data, tmp_path / "out", method="direct", epochs=1, boundary=1, **TINY)

@@ -264,7 +264,7 @@ def _load_checked_dataset(cfg: TrainConfig, ckpt: dict[str, Any] | None, log: An
 
     ds = load_dataset(cfg.data, seed=cfg.seed, val_fraction=cfg.val_fraction, splits_file=cfg.splits,
                       channels=cfg.channels, normalization=cfg.normalization, cache_gb=cfg.cache_gb,
-                      workers=cfg.workers, log=log)
+                      workers=cfg.workers, log=log, boundary=cfg.boundary)
     if ckpt is not None and (list(ckpt["split"]["train"]) != ds.split.train or list(ckpt["split"]["val"]) != ds.split.val):
         raise DatasetError("the dataset's cases changed since the checkpoint was written; cannot resume", cfg.data)
     if cfg.normalization is None:

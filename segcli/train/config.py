@@ -64,6 +64,7 @@ class TrainConfig:
     amp: bool = True
     augment: bool = True
     stain_jitter: float = 0.0  # HED stain jitter amplitude (RGB H&E; 0 = off), see train.augment
+    boundary: int = 0  # > 0: targets background / object / boundary of this width from instances/ (see train.data)
     endoscopy_jitter: float = 0.0  # colour/blur/zoom/highlight strength (RGB endoscopy; 0 = off), see train.endoscopy
     cache_gb: float = 4.0
     workers: int = 2
@@ -117,6 +118,8 @@ def check_config(cfg: TrainConfig) -> None:
         raise UsageError("--epochs must be at least 1")
     if cfg.batch_size < 1:
         raise UsageError("--batch-size must be at least 1")
+    if not 0 <= cfg.boundary <= 16:
+        raise UsageError(f"--boundary must be a width in px from 1 to 16 (0 = off), got {cfg.boundary}")
     if not 0.0 <= cfg.stain_jitter < 1.0:
         raise UsageError(f"--stain-jitter must be in [0, 1), got {cfg.stain_jitter}")
     if not 0.0 <= cfg.endoscopy_jitter <= 1.0:

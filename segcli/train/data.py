@@ -33,6 +33,7 @@ from segcli.geometry import (
     square_pad_shift,
     valid_boxes,
 )
+from segcli.instances import boundary_targets
 from segcli.io import open_image
 from segcli.normalize import convert_channels
 from segcli.resize import letterbox, resize
@@ -286,11 +287,13 @@ def load_dataset(
     cache_gb: float = 4.0,
     workers: int = 2,
     log: Callable[[str], None] | None = None,
+    boundary: int = 0,
 ) -> LoadedDataset:
     """Discover, check, split, read and normalise a dataset; raises DatasetError naming the case.
 
     Reading is done by ``workers`` threads (image decoders release the GIL); results keep the
-    case order, so the dataset is the same whatever the thread count.
+    case order, so the dataset is the same whatever the thread count. ``boundary`` > 0: the targets are
+    made from each case's object ids in ``instances/`` (:func:`boundary_case`).
     """
     import time
 
@@ -312,6 +315,8 @@ def load_dataset(
 
     want = {"grey": 1, "rgb": 3}.get(channels, raw[0][0].shape[-1])
     classes = _checked_classes(spec, order, raw)
+    if boundary:
+        raw, classes = _boundary_targets(spec, order, raw, classes, boundary)
     raw = _converted(order, raw, want, channels)
     normalization, keep_uint8 = _normalization(normalization, spec, raw, n_train)
     cache = _SampleCache(int(cache_gb * (1 << 30)), want, channels, normalization, keep_uint8)
@@ -338,6 +343,32 @@ def load_dataset(
 
 
 Raw = tuple[np.ndarray, np.ndarray, tuple[float, ...] | None, bool]
+
+
+def _boundary_targets(spec: DatasetSpec, order: list[Case], raw: list[Raw], classes: list[str],
+                      width: int) -> tuple[list[Raw], list[str]]:
+    """``--boundary W``: each case's target becomes background / object / boundary made from its object ids
+    (``instances/STEM``, segcli.instances.boundary_targets), so the network learns to mark where touching
+    objects meet; the bundle then records the boundary class (``"instances"`` in segcli.json)."""
+    if len(classes) != 2:
+        raise DatasetError(f"--boundary needs one foreground class; the dataset has {len(classes) - 1} "
+                           f"({', '.join(classes[1:])})", spec.root)
+    out = []
+    for case, (img, _, sp, vol) in zip(order, raw, strict=True):
+        if case.instances is None:
+            raise DatasetError(f"case {case.stem!r}: --boundary needs its object ids in instances/ (one id per "
+                               "object, 0 = background)", spec.root)
+        try:
+            inst = read_array(case.instances)[0][..., 0]
+        except SegcliError as exc:
+            raise DatasetError(f"case {case.stem!r}: {exc}", case.instances) from None
+        if inst.shape != img.shape[:-1] or inst.dtype.kind not in "ui":
+            raise DatasetError(f"case {case.stem!r}: instances must be integer ids of the image's size "
+                               f"({inst.dtype}, {inst.shape[::-1]} against {img.shape[:-1][::-1]})", case.instances)
+        out.append((img, boundary_targets(inst, width), sp, vol))
+    name = "boundary" if classes[1] != "boundary" else "object boundary"
+    spec.meta["instances"] = {"boundary": name, "object": classes[1]}
+    return out, [*classes, name]
 
 
 def _checked_classes(spec: DatasetSpec, order: list[Case], raw: list[Raw]) -> list[str]:

@@ -30,6 +30,7 @@ class Case:
     images: list[Path]
     mask: Path
     fov: Path | None = None
+    instances: Path | None = None  # instances/STEM: object ids (for --boundary)
 
 
 @dataclass
@@ -130,13 +131,14 @@ def _discover_shared(root: Path) -> list[Case]:
         raise DatasetError("has images/ but no masks/ folder", root)
     masks = _files(masks_dir)
     fovs = _files(root / "fov") if (root / "fov").is_dir() else {}
+    inst = _files(root / "instances") if (root / "instances").is_dir() else {}
     for stem in images:
         if stem not in masks:
             raise DatasetError(f"case {stem!r}: no mask in masks/ for image {images[stem].name}", root)
     for stem in masks:
         if stem not in images:
             raise DatasetError(f"case {stem!r}: mask {masks[stem].name} has no image in images/", root)
-    return [Case(s, [images[s]], masks[s], fovs.get(s)) for s in sorted(images)]
+    return [Case(s, [images[s]], masks[s], fovs.get(s), inst.get(s)) for s in sorted(images)]
 
 
 def _rgb_channels(names: Any) -> bool:
