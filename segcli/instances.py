@@ -94,14 +94,18 @@ def components(mask: np.ndarray) -> np.ndarray:
     return lab.astype(np.uint32)
 
 
-def split_by_boundary(labels: np.ndarray, interior: int = 1, boundary: int = 2, min_seed: int = 8) -> np.ndarray:
+def split_by_boundary(labels: np.ndarray, interior: int = 1, boundary: int = 2, min_seed: int = 8,
+                      grow: str = "geodesic") -> np.ndarray:
     """uint32 instance ids from a three-class map (background / object interior / object boundary).
 
     A network trained with a boundary class marks the neck between two touching nuclei, so each connected
-    interior region is one object's core: the cores seed a watershed over the inverted distance map that
-    gives every boundary pixel to the core beside it. Cores under ``min_seed`` px are noise on a boundary
-    and seed nothing; a foreground region with no core left is split as a binary mask would be
-    (:func:`split_touching`), so no foreground pixel is lost.
+    interior region is one object's core. The cores then take the boundary pixels around them: ``geodesic``
+    grows every core by one pixel (8-neighbours, inside the foreground) at a time, so a boundary band
+    between two cores is cut in its middle; ``watershed`` floods the inverted distance map instead (the
+    cut then follows the narrowest neck, at the cost of a distance transform: on MoNuSeg tiles the two
+    scored within 0.001 AJI, and the growth is several times cheaper). Cores under ``min_seed`` px are
+    noise on a boundary and seed nothing; a foreground region no core reaches (a small nucleus seen only
+    as rim) is one object, so no foreground pixel is lost.
     """
     lab = np.asarray(labels)
     if lab.ndim != 2:
@@ -114,28 +118,63 @@ def split_by_boundary(labels: np.ndarray, interior: int = 1, boundary: int = 2, 
         sizes = np.bincount(cores.ravel(), minlength=n + 1)
         keep = sizes >= min_seed
         keep[0] = False
-        lut = np.zeros(n + 1, np.int64)
+        lut = np.zeros(n + 1, np.int32)
         lut[keep] = np.arange(1, int(keep.sum()) + 1)
         cores, n = lut[cores], int(keep.sum())
-    comps, n_comp = ndi.label(fg, structure=np.ones((3, 3), bool))
-    seeded = np.zeros(n_comp + 1, bool)
-    seeded[np.unique(comps[cores > 0])] = True
-    seeded[0] = True
-    if not seeded.all():  # regions without a core: the distance-map split
-        rest = ~seeded[comps]
-        extra = split_touching(rest)
-        cores = np.where(extra > 0, extra.astype(np.int64) + n, cores)
-        n += int(extra.max())
-    from skimage.segmentation import watershed
-
-    dist = ndi.distance_transform_edt(fg).astype(np.float32)
-    out = watershed(-dist, markers=cores, mask=fg, connectivity=2).astype(np.uint32)
+    if grow == "watershed":
+        out = _flood(cores, fg)
+    elif grow == "geodesic":
+        out = _grow(cores, fg)
+    else:
+        raise ValueError(f"grow must be geodesic or watershed, not {grow!r}")
+    rest = fg & (out == 0)
+    if rest.any():  # regions without a core (a small nucleus seen only as rim): one object each
+        extra, k = ndi.label(rest, structure=np.ones((3, 3), bool))
+        out[rest] = extra[rest].astype(np.uint32) + n
+        n += k
     present = np.bincount(out.ravel(), minlength=n + 1) > 0
     present[0] = True
     if present.all():
         return out
     lut2 = (np.cumsum(present) - 1).astype(np.uint32)
     return lut2[out]
+
+
+def _grow(cores: np.ndarray, fg: np.ndarray) -> np.ndarray:
+    """Cores grown one 8-neighbour ring at a time inside their own foreground regions until those are full
+    (where two fronts meet on the same step the larger id takes the pixel); regions without a core stay 0.
+
+    OpenCV's 3×3 dilation of float32 ids (exact below 2²⁴) does a step in well under a millisecond on a
+    768² window, where scipy's maximum filter of uint32 ids took 8 ms and a distance transform 50-80 ms."""
+    import cv2  # lazy: OpenCV costs 0.1 s at start-up and only instance runs need it here
+
+    comps, n_comp = ndi.label(fg, structure=np.ones((3, 3), bool))
+    seeded = np.zeros(n_comp + 1, bool)
+    seeded[np.unique(comps[cores > 0])] = True
+    seeded[0] = False
+    ids = cores.astype(np.float32)
+    todo = seeded[comps] & (cores == 0)
+    kernel = np.ones((3, 3), np.uint8)
+    while todo.any():
+        grown = cv2.dilate(ids, kernel)
+        take = todo & (grown > 0)
+        if not take.any():  # pragma: no cover - every pixel of a seeded 8-connected region is reached
+            break
+        ids[take] = grown[take]
+        todo &= ~take
+    return ids.astype(np.uint32)
+
+
+def _flood(cores: np.ndarray, fg: np.ndarray) -> np.ndarray:
+    """Cores flooded over the inverted distance map inside ``fg`` (pixels of core-less regions stay 0)."""
+    from skimage.segmentation import watershed
+
+    comps, n_comp = ndi.label(fg, structure=np.ones((3, 3), bool))
+    seeded = np.zeros(n_comp + 1, bool)
+    seeded[np.unique(comps[cores > 0])] = True
+    seeded[0] = False
+    dist = ndi.distance_transform_edt(fg).astype(np.float32)
+    return watershed(-dist, markers=cores, mask=fg & seeded[comps], connectivity=2).astype(np.uint32)
 
 
 def split_labels(labels: np.ndarray, boundary: tuple[int, int] | None = None, min_distance: float = 3.0) -> np.ndarray:

@@ -46,12 +46,27 @@ def test_a_neck_the_network_marks_splits_what_the_distance_map_cannot():
     assert split_touching(labels > 0).max() == 1  # the binary mask's split merges them
 
 
-def test_a_region_with_no_core_is_kept_and_split_by_distance():
+def test_a_region_with_no_core_is_kept_as_one_object():
     labels = np.zeros((40, 40), np.uint8)
     labels[5:9, 5:30] = 2  # a thin boundary-only sliver: no interior pixel
-    labels[20:35, 20:35] = 1
-    out = split_by_boundary(labels)
-    assert np.array_equal(out > 0, labels > 0) and out.max() == 2
+    labels[20:35, 20:35] = 2
+    labels[22:33, 22:33] = 1  # a nucleus with its rim
+    labels[24:26, 5:8] = 1  # a 6-px core: under min_seed, noise
+    labels[23:27, 4:9] = np.where(labels[23:27, 4:9] == 1, 1, 2)
+    out = split_by_boundary(labels, min_seed=8)
+    assert np.array_equal(out > 0, labels > 0) and out.max() == 3
+    assert len(np.unique(out[5:9, 5:30])) == 1 and len(np.unique(out[20:35, 20:35])) == 1
+
+
+@pytest.mark.parametrize("grow", ["geodesic", "watershed"])
+def test_both_growth_rules_give_every_rim_pixel_to_the_core_beside_it(grow):
+    inst = np.zeros((60, 80), np.uint32)
+    inst[10:30, 10:30] = 1
+    inst[10:30, 30:50] = 2  # touching along a vertical line
+    inst[35:55, 20:40] = 3  # a third one 5 px below the touching pair
+    out = split_by_boundary(_three_class(inst, width=2), grow=grow)
+    pairs = np.unique(np.column_stack([inst[inst > 0], out[inst > 0]]), axis=0)
+    assert len(pairs) == 3 and np.array_equal(out > 0, inst > 0)  # each nucleus exactly one object
 
 
 @pytest.mark.parametrize("tile", [32, 48])
