@@ -285,8 +285,6 @@ def _init_worker(options: PredictOptions, workers: int = 1, parent_bytes: int = 
 def _run_one(args: tuple[Path, Path | None, Path | None]) -> FileReport:
     path, root, output = args
     try:
-        from segcli import pipeline
-
         return pipeline.run_one(_WORKER["seg"].context(), path, output, input_root=root)
     except Exception as exc:  # never let one file kill a worker
         return FileReport(input=str(path), status="failed", error=bug_message(exc, path))

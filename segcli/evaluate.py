@@ -29,7 +29,7 @@ from segcli.errors import BundleError, InputError, SegcliError, UsageError
 from segcli.instance_metrics import InstanceCounts, instance_counts
 from segcli.io import open_image
 from segcli.io.atomic import split_extension
-from segcli.io.dicomseg import algorithm_name, dicom_seg_on_grid
+from segcli.io.dicomseg import algorithm_name, dicom_seg_on_grid, is_dicom_seg
 from segcli.report import tidy
 from segcli.runtimes.device import available_cores
 
@@ -147,8 +147,6 @@ def _score_case(item: tuple[str, Path, Path], fov_dir: Path | None, spacing: Seq
                 classes: Sequence[str] | None = None) -> dict[str, Any]:
     case, pred_path, gt_path = item
     try:
-        from segcli.io.dicomseg import is_dicom_seg
-
         if is_dicom_seg(pred_path):
             pred, gt, gt_spacing = _read_seg_pair(pred_path, gt_path, classes)
         else:
@@ -275,8 +273,6 @@ def _paired(pred_dir: str | os.PathLike[str], gt_dir: Path,
 
 def _classes_from_predictions(pairs: list[tuple[str, Path, Path]]) -> list[str] | None:
     """Class names from the bundle a DICOM SEG prediction names as its algorithm (segcli writes it), if any."""
-    from segcli.errors import SegcliError
-
     for _, pred, _ in pairs:
         if not pred.name.lower().endswith(".dcm"):
             continue

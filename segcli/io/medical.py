@@ -569,8 +569,6 @@ def write_image(image: sitk.Image, path: Path, nifti_geometry: dict[str, Any] | 
             with itk_quiet():
                 sitk.WriteImage(image, str(tmp), useCompression=True)
             if nifti_geometry is not None and path.name.lower().endswith((".nii", ".nii.gz")):
-                from segcli.io import niftihdr
-
                 niftihdr.patch_file(tmp, nifti_geometry)
     except RuntimeError as exc:  # ITK hides the errno: say what the folder's state explains, if anything
 

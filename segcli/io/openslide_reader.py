@@ -25,6 +25,7 @@ import numpy as np
 from segcli.errors import InputError
 from segcli.io.bigtiff import TiffPlane, is_tiff
 from segcli.io.lazyplane import RegionPlane
+from segcli.io.tiff import consistent_resolution
 
 # Formats whose pixels live outside a plain TIFF layout (several files, overlapping tiles, or several
 # images per file): tifffile would read the wrong thing or nothing.
@@ -156,8 +157,6 @@ class OpenSlidePlane(RegionPlane):
             self.mpp = (my, mx) if mx and my else None
             self.magnification = _float(props, "openslide.objective-power")
             self.spacing = (self.mpp[0] / 1000.0, self.mpp[1] / 1000.0) if self.mpp else None
-            from segcli.io.tiff import consistent_resolution
-
             self.resolution = consistent_resolution({}, self.spacing)
             self.ome: dict[str, Any] = {}
             self.meta = {
