@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 
 from segcli import io
+from segcli.bundle import load_bundle
 from segcli.drawing import (
     ERROR_ALPHA,
     FN_COLOUR,
@@ -452,8 +453,6 @@ def _bundle_info(report: Any, segmenter: Any, kind: str) -> tuple[list[str] | No
                 bundle = None
     if bundle is None and getattr(report, "model", None):
         try:
-            from segcli.bundle import load_bundle
-
             b = load_bundle(report.model)
             bundle = b if b.classes[1:] == names else None
         except Exception:  # noqa: BLE001

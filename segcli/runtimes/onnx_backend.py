@@ -20,7 +20,7 @@ import numpy as np
 
 from segcli.bundle import _inside
 from segcli.errors import BundleError, DeviceError, SegcliError, UsageError
-from segcli.runtimes.device import chosen_threads
+from segcli.runtimes.device import chosen_threads, torch_cuda_available
 from segcli.runtimes.predictor import logits_to_probs
 
 log = logging.getLogger("segcli")
@@ -42,8 +42,6 @@ def is_oom(exc: BaseException) -> bool:
 
 def _torch_cuda() -> bool:
     try:
-        from segcli.runtimes.device import torch_cuda_available
-
         return torch_cuda_available()
     except Exception:  # torch missing or broken: then CUDA is not usable either
         return False

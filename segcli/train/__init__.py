@@ -42,6 +42,7 @@ import numpy as np
 from segcli import metrics
 from segcli.bundle import save_bundle
 from segcli.errors import BundleError, DatasetError, EmptyImageError, UsageError
+from segcli.inferer import Inferer
 from segcli.methods import roles
 from segcli.nets import build
 from segcli.options import PredictOptions
@@ -59,7 +60,8 @@ from segcli.train.config import (
     net_config,
     parse_duration,
 )
-from segcli.train.init_from import check_dataset, role_configs
+from segcli.train.data import load_dataset, read_case
+from segcli.train.init_from import apply_init, check_dataset, load_init_weights, role_configs
 from segcli.train.loop import FitOptions, Reporter, StopFlag, TrainingInterrupted, fit
 from segcli.train.losses import default_loss, make_loss
 from segcli.train.stages import (
@@ -192,8 +194,6 @@ def train(
     if given.get("command"):
         cfg.command = given["command"]
     if cfg.init and ckpt is None:
-        from segcli.train.init_from import apply_init
-
         apply_init(cfg)  # the bundle's method, networks, size and normalisation
     check_config(cfg)
     reporter = reporter or Reporter(cfg.quiet)
@@ -260,8 +260,6 @@ class _Job:
 
 def _load_checked_dataset(cfg: TrainConfig, ckpt: dict[str, Any] | None, log: Any) -> Any:
     """Read the dataset; on resume refuse one whose split changed, and record the normalisation chosen."""
-    from segcli.train.data import load_dataset
-
     ds = load_dataset(cfg.data, seed=cfg.seed, val_fraction=cfg.val_fraction, splits_file=cfg.splits,
                       channels=cfg.channels, normalization=cfg.normalization, cache_gb=cfg.cache_gb,
                       workers=cfg.workers, log=log)
@@ -329,8 +327,6 @@ def _train_stages(job: _Job, reporter: Reporter) -> dict[str, Any]:
                 models[role] = model.to(job.device)
                 continue
             if cfg.init and not (current and current["stage"] == role):
-                from segcli.train.init_from import load_init_weights
-
                 load_init_weights(model, cfg, role)
             elif role == "fine" and cfg.fine_init == "coarse" and not (current and current["stage"] == "fine"):
                 model.load_state_dict(job.finished["coarse"]["state"])
@@ -498,9 +494,6 @@ def _write_bundle(out_dir: Path, cfg: TrainConfig, ds: Any, models: dict[str, An
 
 def full_res_validation(bundle_dir: Path, ds: Any, cfg: TrainConfig, device: str) -> dict[str, Any]:
     """Score the finished bundle on the val cases exactly as ``segcli predict`` would run it."""
-    from segcli.inferer import Inferer
-    from segcli.train.data import read_case
-
     t0 = time.perf_counter()
     seg = Inferer(PredictOptions.from_kwargs(bundle_dir, backend="torch", device=device, channels=cfg.channels,
                                              threads=cfg.threads))
