@@ -9,8 +9,10 @@ the cores actually available.
 
 from __future__ import annotations
 
+import multiprocessing as mp
 import os
 from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -310,8 +312,6 @@ def run_batch(
         yield from pipeline.run_many(inferer or Inferer(options), items, output, prefetch=prefetch,
                                      progress_for=progress_for)
         return
-    import multiprocessing as mp
-    from concurrent.futures import ProcessPoolExecutor
 
     # Each worker is a process with its own interpreter, networks and caches: it plans for its share of
     # what the parent leaves (the parent's networks are released before the workers start).

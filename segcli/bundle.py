@@ -9,6 +9,7 @@ its SHA-256 is verified before use.
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 import json
 import os
@@ -337,7 +338,6 @@ def resolve_model(model: str | os.PathLike[str] | None, kind: str = "2d") -> Pat
     if "/" not in str(model) and candidate.is_dir():
         return candidate
     names = [b.name for b in list_models()]
-    import difflib
 
     close = difflib.get_close_matches(str(model), names, n=1, cutoff=0.6)
     hint = f"did you mean {close[0]!r}? " if close else ""

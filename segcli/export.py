@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import tempfile
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -102,8 +103,6 @@ def _torch_export(module: Any, f: Path, in_channels: int, shape: tuple[int, int]
 def export_module(module: Any, *, in_channels: int, input_size: int, opset: int = 17,
                   metadata: dict[str, str] | None = None) -> Any:
     """Trace ``module`` to an ``onnx.ModelProto`` with dynamic N/H/W, metadata set and checked."""
-    import tempfile
-
     import onnx
     import torch
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 import re
+import sys
 from typing import Any
 
 from segcli.errors import InputError, UsageError
@@ -47,7 +48,6 @@ def peak_rss_bytes() -> int:
     except OSError:
         pass
     import resource
-    import sys
 
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
 

@@ -20,6 +20,8 @@ smallest caches does not fit, the run is refused before any work with one line n
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import gc
 import resource
 import sys
@@ -272,8 +274,5 @@ def give_back() -> None:
     follows measures what is still held (a parent before it starts its workers)."""
     gc.collect()
     if sys.platform.startswith("linux"):
-        import contextlib
-        import ctypes
-
         with contextlib.suppress(OSError, AttributeError):  # musl and others: RSS then stays as it is
             ctypes.CDLL("libc.so.6").malloc_trim(0)

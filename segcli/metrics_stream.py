@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -219,8 +220,6 @@ class RowSource:
     other format decoded once, kept in its own integer type (never an int64 copy)."""
 
     def __init__(self, path: Any) -> None:
-        from pathlib import Path
-
         self.path = Path(path)
         self.plane: Any = None
         self.array: np.ndarray | None = None

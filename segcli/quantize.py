@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import os
 import tempfile
 import time
@@ -186,7 +187,6 @@ def build_int8(bundle_dir: str | os.PathLike[str], images: list[Path], *, seed: 
               "method": "QDQ static, per-channel int8 weights, uint8 activations, MinMax calibration",
               "seconds": 0.0}
     cfg = root / BUNDLE_FILE
-    import json
 
     doc = json.loads(cfg.read_text())
     for role, data in files.items():

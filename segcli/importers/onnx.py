@@ -14,6 +14,8 @@ arbitrary pickled Python — and converted to ONNX once, with its outputs checke
 from __future__ import annotations
 
 import hashlib
+import tempfile
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -103,9 +105,6 @@ def module_to_onnx(module: Any, facts: ImportFacts, where: Path) -> bytes:
     """Trace a torch module to ONNX at its window (fixed H, W; any batch) and refuse the result unless
     ONNX Runtime reproduces torch's output. The window is fixed because tracing freezes size-dependent
     branches, and segcli only ever feeds an imported network full windows."""
-    import tempfile
-    import warnings
-
     import onnx
     import torch
 

@@ -12,6 +12,7 @@ import contextlib
 import gzip
 import os
 import shutil
+import stat
 import struct
 import tempfile
 import zlib
@@ -148,8 +149,6 @@ def sniff_input(path: Path) -> str | None:
 
 def sniff(path: Path) -> str | None:
     """Content kind from magic bytes, or None when no supported reader recognises it."""
-    import stat
-
     if not stat.S_ISREG(os.stat(path).st_mode):  # a FIFO would block this open until a writer came
         raise InputError("is not a regular file (a FIFO, socket or device)", path)
     with open(path, "rb") as fh:

@@ -26,6 +26,8 @@ import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
+
 from segcli.errors import InputError
 from segcli.io import medical
 
@@ -107,7 +109,6 @@ def _extract(nii: Path, k: int, dest: Path) -> Path:
     The scaling (scl_slope/scl_inter, e.g. Philips precise-float values) is applied here: nibabel
     would write unscaled values with a reset scaling, which lost it (measured on dcm_qa_philips)."""
     import nibabel as nib
-    import numpy as np
 
     img = nib.load(str(nii))
     data = np.asarray(img.dataobj[..., k], dtype=np.float32)

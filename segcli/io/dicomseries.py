@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import os
 import re
+import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -223,8 +224,6 @@ def _philips_float(ds: Any) -> float | None:
             return None
         value = element.value
         if isinstance(value, bytes):
-            import struct
-
             value = struct.unpack("<f", value[:4])[0]
         scale = float(value[0] if isinstance(value, (list, tuple)) else value)
         slope = float(ds.get("RescaleSlope", 1) or 1)

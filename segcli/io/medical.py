@@ -13,7 +13,9 @@ import gzip
 import math
 import os
 import re
+import shutil
 import struct
+import tempfile
 import zlib
 from collections.abc import Iterator
 from pathlib import Path
@@ -580,9 +582,6 @@ def write_image(image: sitk.Image, path: Path, nifti_geometry: dict[str, Any] | 
 
 def _write_mhd(image: sitk.Image, path: Path) -> None:
     """A .mhd header names its data file, so write into a hidden folder under the final names, then move."""
-    import shutil
-    import tempfile
-
     import SimpleITK as sitk
 
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -12,8 +12,11 @@ normalisation pre-pass have one code path for both.
 
 from __future__ import annotations
 
+import gzip
 import math
 import os
+import shutil
+import tempfile
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -188,10 +191,6 @@ class StreamedVolume:
         quadratic in the number of slabs, times the engine's passes. The temporary file holds the raw
         voxels (the volume's size on disk, never in memory) and is deleted by :meth:`close`.
         """
-        import gzip
-        import shutil
-        import tempfile
-
         fd, name = tempfile.mkstemp(prefix=".segcli-", suffix=".nii")
         try:
             with os.fdopen(fd, "wb") as out, gzip.open(self.path, "rb") as src:

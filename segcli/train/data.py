@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -292,8 +293,6 @@ def load_dataset(
     Reading is done by ``workers`` threads (image decoders release the GIL); results keep the
     case order, so the dataset is the same whatever the thread count.
     """
-    import time
-
     t0 = time.perf_counter()
     spec = discover(root)
     if splits_file is None and (spec.root / "splits.json").is_file():
