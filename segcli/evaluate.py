@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from scipy import ndimage as ndi
 
 from segcli import metrics, metrics_stream
 from segcli.bundle import load_bundle, resolve_model
@@ -423,8 +424,6 @@ def write_csv(result: dict[str, Any], path: str | os.PathLike[str]) -> None:
 
 def _instance_counts(rec: dict[str, Any]) -> Any:
     """AJI/PQ counts of one case; its masks become foreground masks for the semantic scores."""
-    from scipy import ndimage as ndi
-
     gt, pred = rec["gt"], rec["pred"]
     if pred.max(initial=0) <= 1:  # a binary mask: its connected components are the objects
         pred = ndi.label(pred > 0, structure=np.ones((3,) * pred.ndim, bool))[0]

@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
 from segcli import metrics
 from segcli.bundle import save_bundle
@@ -95,8 +96,6 @@ def _find_checkpoint(run_dir: Path) -> Path:
 
 def _build_net(arch: str, conf: dict[str, Any], in_ch: int, out_ch: int, seed: int) -> Any:
     """A fresh network whose initial weights depend on the seed and the stage only."""
-    import torch
-
     torch.manual_seed(seed)  # the initial weights depend on the seed and the stage only
     try:
         return build(arch, in_channels=in_ch, out_channels=out_ch, **conf)
@@ -107,8 +106,6 @@ def _build_net(arch: str, conf: dict[str, Any], in_ch: int, out_ch: int, seed: i
 # --------------------------------------------------------------------------------------------- checkpoint
 def save_checkpoint(path: Path, doc: dict[str, Any]) -> None:
     """Atomic ``torch.save``: a kill at any moment leaves the previous checkpoint intact."""
-    import torch
-
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.partial-{os.getpid()}")
     torch.save(doc, tmp)
@@ -117,8 +114,6 @@ def save_checkpoint(path: Path, doc: dict[str, Any]) -> None:
 
 def load_checkpoint(path: Path) -> dict[str, Any]:
     """Load with ``weights_only=True``: a checkpoint is tensors and plain containers, never code."""
-    import torch
-
     if not path.is_file():
         raise UsageError(f"no training run to resume here (its state would be {path})", path.parent)
     try:
@@ -208,8 +203,6 @@ def train(
 
 def _setup_determinism(seed: int, device: str) -> None:
     """Seed every generator and ask torch for deterministic kernels, so a seeded run repeats exactly."""
-    import torch
-
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
@@ -429,8 +422,6 @@ def _jsonable(v: Any) -> Any:
 
 def _training_section(cfg: TrainConfig, ds: Any, stages: dict[str, dict[str, Any]], loss_name: str, device: str,
                       seconds: float) -> dict[str, Any]:
-    import torch
-
     last_role = list(stages)[-1]
     last = stages[last_role]
     kind = {"coarse": "whole images", "fine": "GT crops" if cfg.method == "stts" else "S1's most uncertain patches"}[last_role]
