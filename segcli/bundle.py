@@ -185,11 +185,13 @@ def _out_channels(n_classes: int) -> int:
 
 def load_state_dict(path: Path) -> dict[str, Any]:
     """Read weights without ever unpickling untrusted data."""
+    # lazy: torch costs ~1.3 s to import
     import torch
 
     suffix = path.suffix.lower()
     try:
         if suffix == ".safetensors":
+            # lazy: only .safetensors weights need it
             from safetensors.torch import load_file
 
             state = load_file(str(path))
@@ -481,6 +483,7 @@ def save_bundle(
 
     The JSON is written last and atomically, so a folder with a ``segcli.json`` is always complete.
     """
+    # lazy: safetensors.torch brings torch (~1.3 s to import)
     from safetensors.torch import save_file
 
     root = Path(path)

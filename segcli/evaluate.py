@@ -125,6 +125,7 @@ def _read_seg_pair(pred_path: Path, gt_path: Path, classes: Sequence[str] | None
     dataset.json beside the ground truth), else from the bundle the SEG names as its algorithm (segcli
     writes it there), else the SEG's segment order numbers them.
     """
+    # lazy: SimpleITK costs ~0.2 s to import
     import SimpleITK as sitk
 
     if classes is None and (name := algorithm_name(pred_path)):

@@ -102,6 +102,7 @@ def rss_now() -> int:
         with open("/proc/self/statm") as f:
             return int(f.read().split()[1]) * resource.getpagesize()
     except OSError:
+        # lazy: psutil is optional (segcli[bench])
         import psutil
 
         return int(psutil.Process().memory_info().rss)

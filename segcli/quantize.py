@@ -83,6 +83,7 @@ def _masks(seg: Any, paths: list[Path]) -> list[np.ndarray]:
 
 
 def _quantise(fp32: bytes, inputs: list[np.ndarray]) -> bytes:
+    # lazy: ONNX Runtime's tools bring onnx (~1 s to import)
     from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
@@ -118,6 +119,7 @@ def _working_dir(path: str) -> Iterator[None]:
 
 def _with_metadata(q: bytes, fp32: bytes) -> bytes:
     """The fp32 export's metadata (bundle, role, weights hash) on the quantised model, precision int8."""
+    # lazy: onnx costs ~1 s to import
     import onnx
 
     src, m = onnx.load_model_from_string(fp32), onnx.load_model_from_string(q)

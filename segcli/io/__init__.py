@@ -251,6 +251,7 @@ def header_size(path: Path, content: str) -> tuple[tuple[int, ...], int, int] | 
     Lets the caller refuse, with an estimate, a compressed NRRD or MetaImage too big for the memory budget
     before a single voxel is decoded (those are read whole).
     """
+    # lazy: SimpleITK costs ~0.2 s to import
     import SimpleITK as sitk
 
     if content not in _SITK_ALIAS or path.is_dir():

@@ -148,6 +148,7 @@ class SeriesPlan:
 
 def read_header(path: str) -> SliceHeader:
     """One file's header (pixel data located, never loaded); InputError naming the file when unreadable."""
+    # lazy: pydicom costs ~0.25 s to import; only DICOM needs it
     import pydicom
 
     try:
@@ -581,6 +582,7 @@ def convert_seg_refusal(reason: str, files: list[str]) -> str | None:
 
 def header_reader(plan: SeriesPlan, folder: Path) -> sitk.ImageFileReader:
     """An ImageFileReader with the first slice's header read (pixel type, components), checked."""
+    # lazy: SimpleITK costs ~0.2 s to import
     import SimpleITK as sitk
 
     info = sitk.ImageFileReader()
@@ -614,6 +616,7 @@ def read_dicom_folder(folder: Path, series_id: str | None = None, volume: int | 
         image = rescaled(image, plan.scale)
     geometry = plan.geometry
     if plan.unknown_space:  # rows bottom-up, as in dcm2niix's NIfTI of it: masks overlay its conversion
+        # lazy: SimpleITK costs ~0.2 s to import
         import SimpleITK as sitk
 
         image = sitk.Flip(image, [False, True, False])

@@ -30,6 +30,7 @@ from segcli.io.medical import to_original_axes
 
 def nifti_header(meta: dict[str, Any], components: int, dtype: np.dtype) -> bytes:
     """Header bytes (through vox_offset) of a NIfTI-1 file with ``meta``'s geometry, from ITK."""
+    # lazy: SimpleITK costs ~0.2 s to import
     import SimpleITK as sitk
 
     geometry = meta["geometry"]

@@ -40,6 +40,7 @@ def missing_message() -> str:
 
 def _import_openslide(path: Path) -> Any:
     try:
+        # lazy: OpenSlide is optional (segcli[slides]) and needs its C library
         import openslide
     except (ImportError, OSError):  # OSError: the Python package without its shared library
         raise InputError(missing_message(), path) from None
@@ -50,6 +51,7 @@ def vendor(path: Path | str) -> str | None:
     """OpenSlide's name for the file's format (``aperio``, ``mirax``, ``generic-tiff``, …), or None when
     OpenSlide is missing or does not know the file."""
     try:
+        # lazy: OpenSlide is optional (segcli[slides]) and needs its C library
         import openslide
     except (ImportError, OSError):
         return None
@@ -77,6 +79,7 @@ def is_slide(path: Path | str) -> bool:
 def slide_header(path: Path | str) -> tuple[tuple[int, int], int, int] | None:
     """``((H, W), 3, 1)`` of an OpenSlide slide's level 0 (RGB uint8) without reading pixels, else None."""
     try:
+        # lazy: OpenSlide is optional (segcli[slides]) and needs its C library
         import openslide
 
         with openslide.OpenSlide(str(path)) as slide:
