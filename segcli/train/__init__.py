@@ -44,7 +44,7 @@ from segcli import metrics
 from segcli.bundle import save_bundle
 from segcli.errors import BundleError, DatasetError, EmptyImageError, UsageError
 from segcli.inferer import Inferer
-from segcli.methods import roles
+from segcli.methods import TABLE, fine_stage, roles
 from segcli.nets import build
 from segcli.options import PredictOptions
 from segcli.params import DEFAULT_PARAMS, default_pad
@@ -67,10 +67,10 @@ from segcli.train.loop import FitOptions, Reporter, StopFlag, TrainingInterrupte
 from segcli.train.losses import default_loss, make_loss
 from segcli.train.stages import (
     coarse_stage,
-    refine_fine_stage,
+    refine_fine_stage,  # noqa: F401  (the method table names the fine stages: segcli.methods)
     rough_scores,  # noqa: F401  (importable from segcli.train as before the split)
     score_batch,  # noqa: F401
-    stts_fine_stage,
+    stts_fine_stage,  # noqa: F401
 )
 
 __all__ = ["TrainConfig", "TrainResult", "TrainingInterrupted", "parse_duration", "train", "CHECKPOINT", "METRICS",
@@ -296,10 +296,8 @@ def _make_stage(job: _Job, idx: int, role: str, model: Any, models: dict[str, An
     cfg, finished, stage_names = job.cfg, job.finished, roles(job.cfg.method)
     if role == "coarse":
         stage = coarse_stage(job.ds, cfg, model, job.loss_fn, idx, job.device, log)
-    elif cfg.method == "stts":
-        stage = stts_fine_stage(job.ds, cfg, model, job.loss_fn, idx, job.device, log, models["coarse"])
     else:
-        stage = refine_fine_stage(job.ds, cfg, model, job.loss_fn, idx, job.device, log, models["coarse"])
+        stage = fine_stage(cfg.method)(job.ds, cfg, model, job.loss_fn, idx, job.device, log, models["coarse"])
     if cfg.time_limit is not None:
         spent = sum(float(v["summary"]["time_s"]) for v in finished.values())
         share = cfg.stage_split if (len(stage_names) == 2 and idx == 0) else 1.0
@@ -424,7 +422,13 @@ def _training_section(cfg: TrainConfig, ds: Any, stages: dict[str, dict[str, Any
                       seconds: float) -> dict[str, Any]:
     last_role = list(stages)[-1]
     last = stages[last_role]
-    kind = {"coarse": "whole images", "fine": "GT crops" if cfg.method == "stts" else "S1's most uncertain patches"}[last_role]
+    method = TABLE[cfg.method]
+    two_stage = len(method.roles) == 2
+
+    def only(option: str) -> Any:  # a setting the method reads, None for one that ignores it
+        return getattr(cfg, option) if option in method.train_options else None
+
+    kind = {"coarse": "whole images", "fine": method.fine_val_kind}[last_role]
     return _jsonable({
         "command": cfg.command,
         "dataset": ds.spec.name,
@@ -437,7 +441,7 @@ def _training_section(cfg: TrainConfig, ds: Any, stages: dict[str, dict[str, Any
         "train_samples": len(ds.train),
         "val_samples": len(ds.val),
         "epochs": cfg.epochs,
-        "fine_epochs": cfg.fine_epochs or cfg.epochs if cfg.method != "direct" else None,
+        "fine_epochs": cfg.fine_epochs or cfg.epochs if two_stage else None,
         "stages": stages,
         "val_score": last.get("val_dice"),
         "val_score_kind": f"{last_role}-stage Dice at S on the val split ({kind})",
@@ -449,30 +453,35 @@ def _training_section(cfg: TrainConfig, ds: Any, stages: dict[str, dict[str, Any
         "augment": cfg.augment,
         "stain_jitter": cfg.stain_jitter,
         "endoscopy_jitter": cfg.endoscopy_jitter,
-        "jitter": cfg.jitter if cfg.method == "stts" else None,
-        "fine_init": cfg.fine_init if cfg.method != "direct" else None,
-        "sampling": cfg.sampling if cfg.method == "refine" else None,
+        "jitter": only("jitter"),
+        "fine_init": cfg.fine_init if two_stage else None,
+        "sampling": only("sampling"),
         "seed": cfg.seed,
         "channels": cfg.channels,
         "device": device,
         "train_precision": _train_precision(cfg, device),
-        "fine_crops": cfg.fine_crops if cfg.method == "stts" else None,
-        "crops_per_image": cfg.crops_per_image if cfg.method == "stts" else None,
+        "fine_crops": only("fine_crops"),
+        "crops_per_image": only("crops_per_image"),
         "torch": torch.__version__,
         "seconds": round(seconds, 1),
         "config": cfg.to_dict(),
     })
 
 
+def _trained_param(name: str, cfg: TrainConfig, S: int) -> Any:
+    """A method parameter as a trained bundle records it: the training's own setting, else its default at S."""
+    if name == "pad":
+        return cfg.pad if cfg.pad is not None else default_pad(S)
+    if name == "patch_size":
+        return cfg.patch_size or S
+    return getattr(cfg, name) if hasattr(cfg, name) else DEFAULT_PARAMS[name]
+
+
 def _write_bundle(out_dir: Path, cfg: TrainConfig, ds: Any, models: dict[str, Any], arch_of: dict[str, str],
                   conf_of: dict[str, dict[str, Any]], training: dict[str, Any]) -> None:
     S = cfg.size
     params: dict[str, Any] = {"threshold": DEFAULT_PARAMS["threshold"], "keep_aspect": DEFAULT_PARAMS["keep_aspect"]}
-    if cfg.method == "stts":
-        params.update(pad=cfg.pad if cfg.pad is not None else default_pad(S), min_side=DEFAULT_PARAMS["min_side"],
-                      min_component=DEFAULT_PARAMS["min_component"])
-    elif cfg.method == "refine":
-        params.update(patches=cfg.patches, patch_size=cfg.patch_size or S, criterion=cfg.criterion)
+    params.update({name: _trained_param(name, cfg, S) for name in TABLE[cfg.method].train_params})
     fg = ", ".join(ds.classes[1:])
     info = {"task": f"{fg} segmentation ({ds.spec.modality or 'images'})", "dataset": ds.spec.name,
             "licence": ds.spec.licence, "modality": ds.spec.modality,
