@@ -9,8 +9,10 @@ the cores actually available.
 
 from __future__ import annotations
 
+import multiprocessing as mp
 import os
 from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -285,8 +287,6 @@ def _init_worker(options: PredictOptions, workers: int = 1, parent_bytes: int = 
 def _run_one(args: tuple[Path, Path | None, Path | None]) -> FileReport:
     path, root, output = args
     try:
-        from segcli import pipeline
-
         return pipeline.run_one(_WORKER["seg"].context(), path, output, input_root=root)
     except Exception as exc:  # never let one file kill a worker
         return FileReport(input=str(path), status="failed", error=bug_message(exc, path))
@@ -312,8 +312,6 @@ def run_batch(
         yield from pipeline.run_many(inferer or Inferer(options), items, output, prefetch=prefetch,
                                      progress_for=progress_for)
         return
-    import multiprocessing as mp
-    from concurrent.futures import ProcessPoolExecutor
 
     # Each worker is a process with its own interpreter, networks and caches: it plans for its share of
     # what the parent leaves (the parent's networks are released before the workers start).

@@ -9,6 +9,7 @@ its SHA-256 is verified before use.
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 import json
 import os
@@ -207,11 +208,13 @@ def _out_channels(n_classes: int) -> int:
 
 def load_state_dict(path: Path) -> dict[str, Any]:
     """Read weights without ever unpickling untrusted data."""
+    # lazy: torch costs ~1.3 s to import
     import torch
 
     suffix = path.suffix.lower()
     try:
         if suffix == ".safetensors":
+            # lazy: only .safetensors weights need it
             from safetensors.torch import load_file
 
             state = load_file(str(path))
@@ -376,7 +379,6 @@ def resolve_model(model: str | os.PathLike[str] | None, kind: str = "2d") -> Pat
     if "/" not in str(model) and candidate.is_dir():
         return candidate
     names = [b.name for b in list_models()]
-    import difflib
 
     close = difflib.get_close_matches(str(model), names, n=1, cutoff=0.6)
     hint = f"did you mean {close[0]!r}? " if close else ""
@@ -522,6 +524,7 @@ def save_bundle(
 
     The JSON is written last and atomically, so a folder with a ``segcli.json`` is always complete.
     """
+    # lazy: safetensors.torch brings torch (~1.3 s to import)
     from safetensors.torch import save_file
 
     root = Path(path)

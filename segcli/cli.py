@@ -8,9 +8,12 @@ stdout carries data (``--json``); stderr carries messages and progress. Exit cod
 from __future__ import annotations
 
 import contextlib
+import importlib
+import importlib.util
 import json
 import logging
 import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -27,10 +30,13 @@ from segcli.cli_report import (
     spacing_text,
     summary_shape_problem,
 )
+from segcli.errors import BundleError, SegcliError, bug_message
 from segcli.methods import METHODS
+from segcli.params import check_range
 
-# Lazy on purpose: segcli's own modules are imported inside the commands that need them, so that
-# `segcli --help` and usage errors (exit 2) answer without numpy and the engines (50 ms against 200).
+# Lazy on purpose: segcli's modules beyond errors, methods and params are imported inside the commands that
+# need them, so that `segcli --help` and usage errors (exit 2) answer without numpy and the engines (50 ms
+# against 200). Each such import says what it brings.
 
 # Before torch or ONNX Runtime load: OpenMP threads that spin while waiting get descheduled on a
 # machine shared with other jobs (a batch node, CI), which made steps 5-10x slower here; passive
@@ -59,6 +65,7 @@ plain_help_types()
 
 
 def _stderr_console(quiet: bool = False):
+    # lazy: rich costs ~40 ms to import; only the output that uses it loads it
     from rich.console import Console
 
     return Console(stderr=True, quiet=quiet, no_color=bool(os.environ.get("NO_COLOR")), highlight=False)
@@ -74,6 +81,7 @@ def _file_option(flag: str, path: Path | None) -> None:
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
+        # lazy: brings numpy; `segcli --help` runs without it
         from segcli.io.atomic import os_error_words
 
         raise _fail(f"{flag} {path}: cannot create its folder ({os_error_words(exc) or exc})", EXIT_USAGE) from None
@@ -98,8 +106,6 @@ def _setup_logging(log_file: Path | None) -> Path | None:
 
 def _bug(exc: BaseException) -> None:
     """A segcli bug: one short line on stderr, the traceback in the log file or a temporary file."""
-    from segcli.errors import bug_message
-
     print(f"segcli: {bug_message(exc)}", file=sys.stderr)
 
 
@@ -171,11 +177,10 @@ def predict(
 
     Method parameters left unset take the bundle's values (see segcli models), else segcli's defaults.
     """
+    # lazy: brings numpy and scipy; `segcli --help` runs without them
     from segcli.api import Segmenter
     from segcli.cli_predict import check_before_work, open_inputs, run_with_progress, summarize
-    from segcli.errors import BundleError, SegcliError
     from segcli.options import PredictOptions
-    from segcli.params import check_range
 
     _setup_logging(log_file)
     _file_option("--stats", stats)
@@ -211,6 +216,7 @@ def predict(
     reports = run_with_progress(console, quiet, seg, items, clashes, output, workers=workers, prefetch=prefetch,
                                 preview=preview, arsm_maps=arsm_maps)
     if stats is not None:
+        # lazy: brings numpy and scipy; `segcli --help` runs without them
         from segcli.stats import write_stats_csv
 
         write_stats_csv(stats, reports)
@@ -225,12 +231,11 @@ def models_cmd(
     json_out: Annotated[bool, typer.Option("--json", help="Print JSON on stdout instead of the table.", metavar=" ")] = False,
 ) -> None:
     """List the shipped model bundles (or the architectures), one line each."""
-    from segcli.bundle import BUNDLE_FILE, load_bundle, models_dir
-    from segcli.errors import SegcliError
+    # lazy: brings numpy; `segcli --help` runs without it
+    from segcli.bundle import BUNDLE_FILE, default_model_name, load_bundle, models_dir
+    from segcli.nets import available
 
     if archs:
-        from segcli.nets import available
-
         rows = [{"name": n, "description": s.description, "defaults": s.defaults} for n, s in sorted(available().items())]
         if json_out:
             print(json.dumps(rows, indent=2))
@@ -257,8 +262,6 @@ def models_cmd(
     if json_out:
         print(json.dumps(rows, indent=2, default=str))
     else:
-        from segcli.bundle import default_model_name
-
         defaults = {default_model_name("2d"): "default (photos)", default_model_name("volume"): "default (volumes)"}
         slide = default_model_name("slide")
         defaults[slide] = "default (slides)" if slide != default_model_name("2d") else "default (photos, slides)"
@@ -284,8 +287,8 @@ def info(
     series: Annotated[str | None, typer.Option(help="A DICOM folder holding several series: describe this one. Default: the largest.")] = None,
 ) -> None:
     """Size, spacing, dtype and intensity range of images."""
+    # lazy: brings numpy; `segcli --help` runs without it
     from segcli import io
-    from segcli.errors import SegcliError
 
     results, failed = [], 0
     for p in paths:
@@ -312,6 +315,7 @@ def merge_summaries_cmd(
     output: Annotated[Path | None, typer.Option("-o", "--output", help="Write the merged JSON here (default: stdout).")] = None,
 ) -> None:
     """Combine the --json summaries of several shards (exit 1 if any file failed or was processed twice)."""
+    # lazy: brings numpy and scipy; `segcli --help` runs without them
     from segcli.batch import merge_summaries
 
     docs = []
@@ -341,10 +345,12 @@ def merge_summaries_cmd(
 @app.command(epilog=("Examples:\n\n" + "\n\n".join(['  segcli doctor', '  segcli doctor --json'])))
 def doctor(json_out: Annotated[bool, typer.Option("--json", help="Print JSON on stdout instead of the table.", metavar=" ")] = False) -> None:
     """Versions, devices and runtimes actually usable here, and why not."""
+    # lazy: brings numpy; `segcli --help` runs without it
     from segcli.runtimes.device import available_cores
 
     report: dict[str, Any] = {"segcli": __version__, "python": sys.version.split()[0], "cores_available": available_cores()}
     try:
+        # lazy: torch costs ~1.3 s to import
         import torch
 
         report["torch"] = torch.__version__
@@ -356,6 +362,7 @@ def doctor(json_out: Annotated[bool, typer.Option("--json", help="Print JSON on 
         report["torch_cuda_why_not"] = "no CUDA device visible to torch (CPU-only build or no driver)" \
             if "+cpu" not in str(report.get("torch", "")) else "this torch build is CPU-only"
     try:
+        # lazy: onnxruntime costs ~0.2 s to import
         import onnxruntime as ort
 
         report["onnxruntime"] = ort.__version__
@@ -402,6 +409,7 @@ def doctor(json_out: Annotated[bool, typer.Option("--json", help="Print JSON on 
 
 def _ort_dists() -> list[str]:
     """The ONNX Runtime distributions pip installed (two at once is the classic broken-CUDA setup)."""
+    # lazy: only `segcli doctor` needs importlib.metadata
     from importlib import metadata
 
     found = []
@@ -413,6 +421,7 @@ def _ort_dists() -> list[str]:
 
 def _bundle_runtimes(report: dict[str, Any]) -> dict[str, Any]:
     """What ``--backend auto`` runs for each shipped bundle here: runtime, precision and why (doctor)."""
+    # lazy: brings numpy; `segcli --help` runs without it
     from segcli.bundle import list_models
     from segcli.runtimes.onnx_cache import ENV, cache_root, status
 
@@ -427,9 +436,6 @@ def _bundle_runtimes(report: dict[str, Any]) -> dict[str, Any]:
 
 
 def _register_optional() -> None:
-    import importlib
-    import importlib.util
-
     for name in ("segcli.cli_train", "segcli.cli_runtime", "segcli.cli_import"):
         if importlib.util.find_spec(name) is not None:
             importlib.import_module(name).register(app)
@@ -456,8 +462,6 @@ def main(argv: list[str] | None = None) -> None:
 
     ``argv``: the arguments after ``segcli`` (default: the command line's); the test suite runs the CLI in
     its own process this way. Always ends with SystemExit."""
-    import signal
-
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     try:

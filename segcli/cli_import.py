@@ -9,8 +9,11 @@ from typing import Annotated
 
 import typer
 
-# Lazy on purpose: segcli.cli loads this module at startup, so segcli's own modules are imported inside
-# the commands that need them: `segcli --help` and usage errors (exit 2) answer without numpy and the engines.
+from segcli.errors import SegcliError, UsageError
+
+# Lazy on purpose: segcli.cli loads this module at startup, so segcli's modules beyond errors, methods and
+# params are imported inside the commands that need them: `segcli --help` and usage errors (exit 2)
+# answer without numpy and the engines. Each such import says what it brings.
 
 FORMATS = ("onnx", "monai", "nnunet")
 EXAMPLES = [
@@ -36,8 +39,8 @@ def register(app: typer.Typer) -> None:
         json_out: Annotated[bool, typer.Option("--json", help="Print the new bundle's summary as JSON on stdout.")] = False,
     ) -> None:
         """Turn a foreign model (ONNX, MONAI bundle, nnU-Net v2) into a segcli bundle with hashed weights."""
+        # lazy: brings numpy; `segcli --help` runs without it
         from segcli.bundle import load_bundle
-        from segcli.errors import SegcliError, UsageError
 
         try:
             if fmt not in FORMATS:
@@ -46,14 +49,17 @@ def register(app: typer.Typer) -> None:
                 if spec is None:
                     raise UsageError("import onnx needs --spec JSON (classes, channels, normalization, input_size, "
                                      "output, pixel_size_um)")
+                # lazy: brings numpy; `segcli --help` runs without it
                 from segcli.importers.onnx import import_onnx
 
                 path = import_onnx(source, spec, out, force=force)
             elif fmt == "monai":
+                # lazy: brings numpy; `segcli --help` runs without it
                 from segcli.importers.monai import import_monai
 
                 path = import_monai(source, out, pixel_size_um=pixel_size_um, force=force)
             else:
+                # lazy: brings numpy; `segcli --help` runs without it
                 from segcli.importers.nnunet import import_nnunet
 
                 path = import_nnunet(source, out, folds=fold, mirror=mirror, pixel_size_um=pixel_size_um, force=force)

@@ -3,14 +3,19 @@ up-front option checks. Split from :mod:`segcli.cli` to keep both short; nothing
 
 from __future__ import annotations
 
+import signal
 import sys
 from pathlib import Path
 from typing import Any
 
 import typer
+from typer import core
 
-# Lazy on purpose: segcli.cli loads this module at startup, so segcli's own modules are imported inside
-# the commands that need them: `segcli --help` and usage errors (exit 2) answer without numpy and the engines.
+from segcli.errors import UsageError
+
+# Lazy on purpose: segcli.cli loads this module at startup, so segcli's modules beyond errors, methods and
+# params are imported inside the commands that need them: `segcli --help` and usage errors (exit 2)
+# answer without numpy and the engines. Each such import says what it brings.
 
 EXIT_INTERRUPTED, EXIT_TERMINATED = 130, 143
 
@@ -26,8 +31,6 @@ _SIGNALLED: list[int] = []
 
 
 def on_signal(signum: int, frame: Any) -> None:
-    import signal
-
     if _SIGNALLED:
         return
     _SIGNALLED.append(signum)
@@ -43,8 +46,6 @@ def signalled() -> bool:
 
 def interrupt_exit(exc: BaseException | None = None, resume_hint: bool = False) -> typer.Exit:
     """The one line and exit code for an interrupted run: 143 for SIGTERM, 130 for Ctrl-C."""
-    import signal
-
     terminated = isinstance(exc, Terminated) or (bool(_SIGNALLED) and _SIGNALLED[0] == signal.SIGTERM)
     what = "terminated" if terminated else "interrupted"
     print(f"segcli: {what}" + ("; rerun with --skip-existing to resume" if resume_hint else ""), file=sys.stderr)
@@ -54,8 +55,6 @@ def plain_help_types() -> None:
     """Typer >= 0.26 prints a type column (``<bool>`` on flags and on --help, ``<list[Path]>`` on
     variadic arguments) that says nothing a user needs; flags show no type and arguments show their metavar.
     Older typer (the dependency range starts at 0.12) has no such column and is left as it is."""
-    from typer import core
-
     opt, arg = getattr(core, "TyperOption", None), getattr(core, "TyperArgument", None)
     if opt is not None and hasattr(opt, "display_type_rich") and not getattr(opt, "_segcli_plain", False):
         shown = opt.display_type_rich
@@ -79,8 +78,8 @@ def plain_help_types() -> None:
 
 def check_output_kinds(items, options, output: Path | None) -> None:
     """Options that cannot apply to these inputs are refused before work (exit 2), never ignored in silence."""
+    # lazy: brings numpy; `segcli --help` runs without it
     from segcli import io
-    from segcli.errors import UsageError
 
     if options.output_type == "dicom-seg" and output is not None and output.suffix \
             and not output.name.lower().endswith(".dcm") and not output.is_dir():
@@ -121,6 +120,7 @@ def progress_display(console, quiet: bool):
     """A rich progress display on a TTY; nothing at all when stderr is piped or --quiet."""
     if quiet or not console.is_terminal:
         return _NoProgress()
+    # lazy: rich costs ~40 ms to import; only the output that uses it loads it
     from rich.progress import BarColumn, Progress, ProgressColumn, TextColumn, TimeElapsedColumn
     from rich.text import Text
 

@@ -9,16 +9,19 @@ from typing import Annotated
 
 import typer
 
-# Lazy on purpose: segcli.cli loads this module at startup, so segcli's own modules are imported inside
-# the commands that need them: `segcli --help` and usage errors (exit 2) answer without numpy and the engines.
+from segcli.errors import BundleError, SegcliError
+
+# Lazy on purpose: segcli.cli loads this module at startup, so segcli's modules beyond errors, methods and
+# params are imported inside the commands that need them: `segcli --help` and usage errors (exit 2)
+# answer without numpy and the engines. Each such import says what it brings.
 
 EXIT_FAILED, EXIT_USAGE = 1, 2
 
 
 def _export_int8(model: str, images: Path | None, json_out: bool) -> None:
     """``segcli export --precision int8``: build, check and record the int8 variant (segcli.quantize)."""
+    # lazy: brings numpy and scipy; `segcli --help` runs without them
     from segcli.batch import expand_inputs
-    from segcli.errors import BundleError, SegcliError
     from segcli.quantize import build_int8
 
     try:
@@ -43,8 +46,8 @@ def _export_int8(model: str, images: Path | None, json_out: bool) -> None:
 
 def _shipped(model: str, custom: bool) -> bool:
     """A shipped bundle is never written into; ``--fp16``/``--opset``/``--no-validate`` would have to."""
+    # lazy: brings numpy; `segcli --help` runs without it
     from segcli.bundle import is_shipped
-    from segcli.errors import BundleError
 
     try:
         shipped = is_shipped(model)
@@ -59,7 +62,7 @@ def _shipped(model: str, custom: bool) -> bool:
 
 def _export_shipped(model: str, json_out: bool) -> None:
     """``segcli export NAME`` of a shipped bundle: fill the ONNX cache its first use would fill."""
-    from segcli.errors import SegcliError
+    # lazy: brings numpy; `segcli --help` runs without it
     from segcli.runtimes.onnx_cache import export_to_cache
 
     try:
@@ -88,7 +91,7 @@ def register(app: typer.Typer) -> None:
         json_out: Annotated[bool, typer.Option("--json", help="Print what was written as JSON on stdout.")] = False,
     ) -> None:
         """Export a bundle's networks to ONNX (one ROLE.onnx each) and record them in segcli.json."""
-        from segcli.errors import BundleError, SegcliError
+        # lazy: brings numpy; `segcli --help` runs without it
         from segcli.export import export_bundle_detailed
 
         if precision not in ("fp32", "int8"):

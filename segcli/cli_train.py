@@ -16,11 +16,13 @@ from typing import Annotated, Any
 
 import typer
 
+from segcli.errors import SegcliError, UsageError
 from segcli.methods import TRAINABLE
 from segcli.params import DEFAULT_PARAMS
 
-# Lazy on purpose: segcli.cli loads this module at startup, so segcli's own modules are imported inside
-# the commands that need them: `segcli --help` and usage errors (exit 2) answer without numpy and the engines.
+# Lazy on purpose: segcli.cli loads this module at startup, so segcli's modules beyond errors, methods and
+# params are imported inside the commands that need them: `segcli --help` and usage errors (exit 2)
+# answer without numpy and the engines. Each such import says what it brings.
 
 
 def _fail(message: str, code: int) -> typer.Exit:
@@ -40,8 +42,6 @@ def _parse_value(text: str) -> Any:
 
 
 def parse_arch_config(items: list[str] | None) -> dict[str, Any]:
-    from segcli.errors import UsageError
-
     out: dict[str, Any] = {}
     for item in items or []:
         # Split "a=1,b=[2,3]" on the commas that start a new key, not inside list values.
@@ -57,8 +57,6 @@ def parse_arch_config(items: list[str] | None) -> dict[str, Any]:
 
 def _normalization(text: str | None) -> dict[str, Any] | None:
     """``dtype`` | ``percentile`` | ``zscore`` | ``minmax`` | ``ct:CENTER,WIDTH`` | a JSON object."""
-    from segcli.errors import UsageError
-
     if text is None:
         return None
     t = text.strip()
@@ -134,7 +132,7 @@ def register(app: typer.Typer) -> None:
         quiet: Annotated[bool, typer.Option("-q", "--quiet", help="Only errors on stderr.")] = False,
     ) -> None:
         """Train a coarse-to-fine model; the output folder is a bundle `segcli predict --model` loads."""
-        from segcli.errors import SegcliError
+        # lazy: brings torch; `segcli --help` runs without it
         from segcli.train import TrainingInterrupted, train
 
         try:
@@ -187,8 +185,8 @@ def register(app: typer.Typer) -> None:
         shown as '-') and is left out of the means, as nnU-Net's evaluation and MONAI's ignore_empty do;
         `cases_scored` in the JSON says how many cases each class mean covers.
         """
-        from segcli.errors import SegcliError
-        from segcli.evaluate import CSV_COLUMNS, evaluate, table_rows
+        # lazy: brings numpy and scipy; `segcli --help` runs without them
+        from segcli.evaluate import CSV_COLUMNS, evaluate, table_rows, to_json
 
         def warn(msg: str) -> None:
             if not quiet:
@@ -209,16 +207,16 @@ def register(app: typer.Typer) -> None:
         except SegcliError as exc:
             raise _fail(str(exc), exc.exit_code) from None
         if preview is not None:
+            # lazy: brings numpy; `segcli --help` runs without it
             from segcli import viz
 
             viz.write_error_previews(result, preview, images=images, log=warn)
         if json_out:
-            from segcli.evaluate import to_json
-
             sys.stdout.write(to_json(result) + "\n")
             return
         if quiet:
             return
+        # lazy: rich costs ~40 ms to import; only the output that uses it loads it
         from rich.console import Console
         from rich.table import Table
 
@@ -248,6 +246,7 @@ def register(app: typer.Typer) -> None:
 
 
 def _report(result: Any, quiet: bool) -> None:
+    # lazy: brings torch; `segcli --help` runs without it
     from segcli.train.loop import undertrained_note
 
     note = undertrained_note(result.stages, result.out)
@@ -262,7 +261,7 @@ def _report(result: Any, quiet: bool) -> None:
 
 def _train_pair(data: Path | None, out: Path | None, pair: str, options: dict[str, Any]) -> Any:
     """``--pair``: the rough network for a one-network bundle (segcli.train.pair)."""
-    from segcli.errors import UsageError
+    # lazy: brings torch; `segcli --help` runs without it
     from segcli.train.pair import train_pair
 
     if data is None or out is None:

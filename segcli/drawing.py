@@ -182,6 +182,7 @@ def _block_mean(img: np.ndarray, f: int, band: int = 64) -> np.ndarray:
     h, w, c = img.shape
     bh, bw = math.ceil(h / f), math.ceil(w / f)
     if img.dtype == np.uint8 and c in (1, 3):  # Pillow's box reduce in C: 10x faster than the float means below
+        # lazy: Pillow loads only where a picture is read or written
         from PIL import Image
 
         src = Image.fromarray(np.ascontiguousarray(img[..., 0] if c == 1 else img))
@@ -206,6 +207,7 @@ def _block_labels(labels: np.ndarray, f: int, band: int = 64) -> np.ndarray:
     present = [c for c in np.flatnonzero(label_counts(labels)) if c > 0]
     out = np.zeros((bh, bw), np.uint8)
     if labels.ndim == 2 and labels.size <= 64 << 20:  # Pillow's box reduce of each class's 0/255 mask: ~10x faster
+        # lazy: Pillow loads only where a picture is read or written
         from PIL import Image
 
         best = np.zeros((bh, bw), np.float32)
@@ -339,6 +341,7 @@ def draw_plane(img: np.ndarray, labels: np.ndarray, spacing: Sequence[float] | N
 def _font(size: int):
     """Pillow's bundled font at ``size`` (loaded once per size: a FreeType load is ~2 ms, a preview draws
     a dozen strings)."""
+    # lazy: Pillow loads only where a picture is read or written
     from PIL import ImageFont
 
     try:
@@ -389,6 +392,7 @@ def _run_mask(run: str, font) -> tuple[Any, tuple[int, int]]:
     """``run`` rendered once as a coverage mask ('L') and the offset of its corner from the text anchor: a
     batch's previews draw the same notes, banners and class names again and again, and FreeType's
     rendering was a third of a compact preview's CPU time."""
+    # lazy: Pillow loads only where a picture is drawn
     from PIL import Image, ImageDraw
 
     left, top, right, bottom = font.getbbox(run)
@@ -463,6 +467,7 @@ def compose(panels: list[tuple[np.ndarray, str, str, tuple[int, int], int | None
     ``panels`` are (rgb, kind, caption, source_shape, z). ``banner`` is written centred on the panels whose
     indices are in ``banner_on`` (e.g. "nothing found").
     """
+    # lazy: Pillow loads only where a picture is read or written
     from PIL import Image, ImageDraw
 
     width = sum(p[0].shape[1] for p in panels) + GAP * (len(panels) + 1)

@@ -56,6 +56,7 @@ def crash_log(exc: BaseException) -> str:
     Returns the words that end the user's one-line message ("this is a bug, traceback in PATH"); the
     CLI, the pipeline and batch workers all report bugs through this one function.
     """
+    # lazy: only a crash needs them, and segcli.errors loads with `segcli --help`
     import logging
     import os
     import tempfile

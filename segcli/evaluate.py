@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from scipy import ndimage as ndi
 
 from segcli import metrics, metrics_stream
 from segcli.bundle import load_bundle, resolve_model
@@ -29,7 +30,7 @@ from segcli.errors import BundleError, InputError, SegcliError, UsageError
 from segcli.instance_metrics import InstanceCounts, instance_counts
 from segcli.io import open_image
 from segcli.io.atomic import split_extension
-from segcli.io.dicomseg import algorithm_name, dicom_seg_on_grid
+from segcli.io.dicomseg import algorithm_name, dicom_seg_on_grid, is_dicom_seg
 from segcli.report import tidy
 from segcli.runtimes.device import available_cores
 
@@ -124,6 +125,7 @@ def _read_seg_pair(pred_path: Path, gt_path: Path, classes: Sequence[str] | None
     dataset.json beside the ground truth), else from the bundle the SEG names as its algorithm (segcli
     writes it there), else the SEG's segment order numbers them.
     """
+    # lazy: SimpleITK costs ~0.2 s to import
     import SimpleITK as sitk
 
     if classes is None and (name := algorithm_name(pred_path)):
@@ -147,8 +149,6 @@ def _score_case(item: tuple[str, Path, Path], fov_dir: Path | None, spacing: Seq
                 classes: Sequence[str] | None = None) -> dict[str, Any]:
     case, pred_path, gt_path = item
     try:
-        from segcli.io.dicomseg import is_dicom_seg
-
         if is_dicom_seg(pred_path):
             pred, gt, gt_spacing = _read_seg_pair(pred_path, gt_path, classes)
         else:
@@ -275,8 +275,6 @@ def _paired(pred_dir: str | os.PathLike[str], gt_dir: Path,
 
 def _classes_from_predictions(pairs: list[tuple[str, Path, Path]]) -> list[str] | None:
     """Class names from the bundle a DICOM SEG prediction names as its algorithm (segcli writes it), if any."""
-    from segcli.errors import SegcliError
-
     for _, pred, _ in pairs:
         if not pred.name.lower().endswith(".dcm"):
             continue
@@ -427,8 +425,6 @@ def write_csv(result: dict[str, Any], path: str | os.PathLike[str]) -> None:
 
 def _instance_counts(rec: dict[str, Any]) -> Any:
     """AJI/PQ counts of one case; its masks become foreground masks for the semantic scores."""
-    from scipy import ndimage as ndi
-
     gt, pred = rec["gt"], rec["pred"]
     if pred.max(initial=0) <= 1:  # a binary mask: its connected components are the objects
         pred = ndi.label(pred > 0, structure=np.ones((3,) * pred.ndim, bool))[0]

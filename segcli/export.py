@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import tempfile
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -86,6 +87,7 @@ def onnx_metadata(bundle: Bundle, role: str, precision: str = "fp32") -> dict[st
 
 
 def _torch_export(module: Any, f: Path, in_channels: int, shape: tuple[int, int], opset: int) -> None:
+    # lazy: torch costs ~1.3 s to import
     import torch
 
     sample = torch.rand(1, in_channels, *shape)
@@ -102,8 +104,7 @@ def _torch_export(module: Any, f: Path, in_channels: int, shape: tuple[int, int]
 def export_module(module: Any, *, in_channels: int, input_size: int, opset: int = 17,
                   metadata: dict[str, str] | None = None) -> Any:
     """Trace ``module`` to an ``onnx.ModelProto`` with dynamic N/H/W, metadata set and checked."""
-    import tempfile
-
+    # lazy: onnx and torch cost ~2.3 s to import
     import onnx
     import torch
 
@@ -125,6 +126,7 @@ def export_module(module: Any, *, in_channels: int, input_size: int, opset: int 
 
 def check(model: Any) -> None:
     """``onnx.checker`` with shape inference; a failure is an export bug, reported in one line."""
+    # lazy: onnx costs ~1 s to import
     import onnx
 
     try:
@@ -136,6 +138,7 @@ def check(model: Any) -> None:
 def to_fp16(model: Any) -> Any:
     """fp16 weights and compute with float32 inputs/outputs kept, so callers never change dtype."""
     try:
+        # lazy: ONNX Runtime's tools bring onnx (~1 s to import)
         from onnxruntime.transformers.float16 import convert_float_to_float16
         from onnxruntime.transformers.onnx_model import OnnxModel
     except ImportError:
@@ -177,6 +180,7 @@ def _toposort(graph: Any) -> None:
 
 
 def _session(model_bytes: bytes) -> Any:
+    # lazy: onnxruntime costs ~0.2 s to import
     import onnxruntime as ort
 
     so = ort.SessionOptions()
@@ -195,6 +199,7 @@ def validation_inputs(in_channels: int, input_size: int, seed: int = 0) -> list[
 
 def parity(module: Any, model_bytes: bytes, inputs: list[np.ndarray]) -> float:
     """Max abs logit difference torch vs ORT CPU over ``inputs``, relative to max(1, max|logit|)."""
+    # lazy: torch costs ~1.3 s to import
     import torch
 
     sess = _session(model_bytes)

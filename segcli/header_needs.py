@@ -160,6 +160,7 @@ def header_need(seg: Any, path: Path, out: Path | None = None) -> tuple[str, int
     if vendor or content == "tiff":
         return _slide_need(seg, path, out or path.with_name(f"{path.stem}_seg.tif"), vendor)
     if content in ("png", "jpeg", "bmp"):
+        # lazy: Pillow loads only where a picture is read or written
         from PIL import Image, UnidentifiedImageError
 
         try:

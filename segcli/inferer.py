@@ -37,14 +37,13 @@ from segcli.plan import Staged2D
 from segcli.prepare import prepare, volume_normalizer
 from segcli.resize import resize
 from segcli.runtimes import make_predictor, onnx_cache
+from segcli.runtimes.device import resolve_device, set_threads
 
 
 class Inferer:
     """A model (or the shipped default per input kind), a method, a runtime and a device, built once."""
 
     def __init__(self, options: PredictOptions) -> None:
-        from segcli.runtimes.device import resolve_device, set_threads  # torch: imported on first use
-
         self.options = options
         self.device = resolve_device(options.device)
         self.threads = set_threads(options.threads)

@@ -4,6 +4,7 @@ normalisation and conversions that will run (reported as notes), inputs that are
 
 from __future__ import annotations
 
+import stat
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -51,8 +52,6 @@ def intensity_notes(ctx: RunContext, job: Job, bundle: Bundle, dtype: Any, in_me
 
 def refuse_special(path: Path) -> None:
     """A FIFO, socket or device as input: refused at once (reading a FIFO with no writer waits forever)."""
-    import stat
-
     try:
         mode = path.stat().st_mode
     except OSError:

@@ -167,6 +167,7 @@ def _grow(cores: np.ndarray, fg: np.ndarray) -> np.ndarray:
 
 def _flood(cores: np.ndarray, fg: np.ndarray) -> np.ndarray:
     """Cores flooded over the inverted distance map inside ``fg`` (pixels of core-less regions stay 0)."""
+    # lazy: scikit-image's segmentation module costs ~0.3 s to import, and only this rule needs it
     from skimage.segmentation import watershed
 
     comps, n_comp = ndi.label(fg, structure=np.ones((3, 3), bool))

@@ -114,6 +114,7 @@ def lung_mask(hu: np.ndarray, spacing: tuple[float, float, float], params: GateP
 def lung_from_stats(air: np.ndarray, gas_share: np.ndarray, spacing: tuple[float, float, float],
                     params: GateParams = GateParams(), chunk: int = 64) -> tuple[np.ndarray, dict[str, Any]]:
     """:func:`lung_mask` from the air mask and the per-voxel (or per-cell) share of pure gas."""
+    # lazy: scipy costs ~0.4 s to import
     from scipy import ndimage as ndi
 
     voxel_ml = float(np.prod(spacing)) / 1000.0
@@ -137,6 +138,7 @@ def lung_from_stats(air: np.ndarray, gas_share: np.ndarray, spacing: tuple[float
 
 def lung_region(lung: np.ndarray, spacing: tuple[float, float, float], margin_mm: float) -> np.ndarray:
     """Lung with holes filled per axial slice, dilated by ``margin_mm`` (an ellipsoid in voxels)."""
+    # lazy: scipy costs ~0.4 s to import
     from scipy import ndimage as ndi
 
     filled = np.stack([ndi.binary_fill_holes(s) for s in lung]) if lung.size else lung
@@ -157,6 +159,7 @@ def gate_components(lesion: np.ndarray, region: np.ndarray, min_inside: float) -
 
     Returns ``(component labels, keep flag per label (index 0 = background, False), info)``.
     """
+    # lazy: scipy costs ~0.4 s to import
     from scipy import ndimage as ndi
 
     lab, n = ndi.label(lesion)
@@ -201,6 +204,7 @@ def apply(labels: np.ndarray, blocks: Iterable[tuple[int, np.ndarray]], spacing:
     comp, keep, ginfo = gate_components(lesion, region, params.min_inside)
     removed = 0
     if ginfo["removed_components"]:
+        # lazy: scipy costs ~0.4 s to import
         from scipy import ndimage as ndi
 
         # Only the boxes of removed components are touched at full resolution, ``chunk`` slices at a time.

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 import re
+import sys
 from typing import Any
 
 from segcli.errors import InputError, UsageError
@@ -46,8 +47,8 @@ def peak_rss_bytes() -> int:
                     return int(line.split()[1]) * 1024
     except OSError:
         pass
+    # lazy: Unix-only; the fallback where /proc is missing
     import resource
-    import sys
 
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
 
@@ -75,6 +76,7 @@ def parse_size(value: str | int | float | None) -> int | None:
 def available_memory() -> int:
     """Bytes the OS could give us now (MemAvailable, or psutil), with a conservative fallback."""
     try:
+        # lazy: psutil is optional (segcli[bench])
         import psutil
 
         return int(psutil.virtual_memory().available)

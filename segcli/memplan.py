@@ -20,6 +20,8 @@ smallest caches does not fit, the run is refused before any work with one line n
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import gc
 import resource
 import sys
@@ -100,6 +102,7 @@ def rss_now() -> int:
         with open("/proc/self/statm") as f:
             return int(f.read().split()[1]) * resource.getpagesize()
     except OSError:
+        # lazy: psutil is optional (segcli[bench])
         import psutil
 
         return int(psutil.Process().memory_info().rss)
@@ -272,8 +275,5 @@ def give_back() -> None:
     follows measures what is still held (a parent before it starts its workers)."""
     gc.collect()
     if sys.platform.startswith("linux"):
-        import contextlib
-        import ctypes
-
         with contextlib.suppress(OSError, AttributeError):  # musl and others: RSS then stays as it is
             ctypes.CDLL("libc.so.6").malloc_trim(0)

@@ -32,6 +32,13 @@ class Method:
     bounded_kwargs: tuple[tuple[str, Any], ...] = ()  # fixed engine arguments of the bounded variant
     bounded_params: tuple[str, ...] = ()  # this method's parameters handed on to the bounded variant
     bounded_fusion: str = ""  # the bounded variant's fusion rule when it differs from ``fusion``
+    # Training (``segcli train``, trainable methods only):
+    fine_stage: str | None = None  # "module:function" building the fine network's stage; None: one stage
+    coarse_train_scale: float = 1.0  # the coarse stage trains on random S crops of images this much larger
+    train_loss: str | None = None  # the default loss; None: Dice + BCE (one output channel) or Dice + CE
+    train_params: tuple[str, ...] = ()  # method parameters a trained bundle records besides threshold, keep_aspect
+    train_options: tuple[str, ...] = ()  # training settings only this method reads (recorded in its training record)
+    fine_val_kind: str = ""  # what the fine stage's validation Dice is measured on
 
 
 TABLE: dict[str, Method] = {
@@ -43,11 +50,16 @@ TABLE: dict[str, Method] = {
                "segcli.engines.volume:stts_volume",  # components in 3D: one crop set across slices
                ("pad", "keep_aspect", "min_side", "min_volume", "keep_coarse", "batch_size"),
                fusion="fine crops fused by max (OR for one class) into a one-byte store, spilled to disk",
-               bounded="stts"),
+               bounded="stts", fine_stage="segcli.train.stages:stts_fine_stage",
+               train_params=("pad", "min_side", "min_component"),
+               train_options=("jitter", "fine_crops", "crops_per_image"), fine_val_kind="GT crops"),
         Method("refine", ("coarse", "fine"), True,
                "rough pass, then the most uncertain patches at full resolution", "segcli.engines.refine:refine",
                ("patch_size", "patches", "refine_threshold", "criterion", "min_patch_std", "keep_aspect",
-                "batch_size"), fusion="uncertain patches overwrite the upscaled rough map"),
+                "batch_size"), fusion="uncertain patches overwrite the upscaled rough map",
+               fine_stage="segcli.train.stages:refine_fine_stage", coarse_train_scale=1.05, train_loss="focal+dice",
+               train_params=("patches", "patch_size", "criterion"), train_options=("sampling",),
+               fine_val_kind="S1's most uncertain patches"),
         Method("direct", ("coarse",), True,
                "one network on the downscaled image (the papers' baseline)", "segcli.engines.direct:direct",
                ("keep_aspect",), fusion="none: one window, upscaled"),
@@ -78,10 +90,22 @@ def roles(method: str) -> tuple[str, ...]:
     return TABLE[method].roles
 
 
+def _load(spec: str) -> Callable[..., Any]:
+    module, func = spec.split(":")
+    return getattr(importlib.import_module(module), func)
+
+
 def engine(method: str, volume: bool = False) -> Callable[..., Any]:
     """The 2D engine function of ``method``, or its 3D one with ``volume`` (a KeyError if it has none)."""
     spec = TABLE[method].volume_engine if volume else TABLE[method].engine
     if spec is None:
         raise KeyError(f"{method} has no volume engine")
-    module, func = spec.split(":")
-    return getattr(importlib.import_module(module), func)
+    return _load(spec)
+
+
+def fine_stage(method: str) -> Callable[..., Any]:
+    """The function that builds the fine network's training stage of ``method`` (a KeyError if it has none)."""
+    spec = TABLE[method].fine_stage
+    if spec is None:
+        raise KeyError(f"{method} trains no fine network")
+    return _load(spec)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -128,6 +129,7 @@ def _edt(img: np.ndarray, sampling: tuple[float, float]) -> tuple[np.ndarray, fl
     feature transform took 46 of the 107 s of a 12000² pair; SciPy's for anisotropic pixels.
     """
     if sampling[0] == sampling[1]:
+        # lazy: OpenCV costs ~0.15 s to import
         import cv2
 
         return cv2.distanceTransform(img, cv2.DIST_L2, cv2.DIST_MASK_PRECISE), sampling[0]
@@ -219,8 +221,6 @@ class RowSource:
     other format decoded once, kept in its own integer type (never an int64 copy)."""
 
     def __init__(self, path: Any) -> None:
-        from pathlib import Path
-
         self.path = Path(path)
         self.plane: Any = None
         self.array: np.ndarray | None = None
@@ -270,6 +270,7 @@ def wants_streaming(pred: Any, gt: Any) -> bool:
         head = tiff_header(p)
         if head is None:
             try:
+                # lazy: Pillow loads only where a picture is read or written
                 from PIL import Image
 
                 with Image.open(p) as im:

@@ -62,6 +62,7 @@ def white_level(x: np.ndarray) -> float:
 def stain_od(rgb: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Haematoxylin and eosin optical density of RGB pixels (``(..., 3)``, any integer type at its full scale,
     or 0-1 / 0-255 floats), float32 each."""
+    # lazy: scikit-image brings scipy (~0.4 s to import)
     from skimage.color import hed_from_rgb
 
     x = np.asarray(rgb)[..., :3]
@@ -87,6 +88,7 @@ def _mean_od(inst: np.ndarray, rgb: np.ndarray, labels: np.ndarray) -> tuple[np.
 
 def _solidity(coords: np.ndarray, area: int) -> float:
     """Area over the area of the convex hull of the object's pixel squares (QuPath's ROI definition)."""
+    # lazy: OpenCV costs ~0.15 s to import
     import cv2
 
     corners = (coords[:, None, ::-1] + np.array([[0, 0], [0, 1], [1, 0], [1, 1]])).reshape(-1, 2)
@@ -105,6 +107,7 @@ def measure(inst: np.ndarray, *, ids: np.ndarray | None = None, classes: np.ndar
     and boxes are in the image's level-0 pixels; centroids in QuPath's frame, where pixel ``(i, j)`` spans
     ``[j, j + 1] × [i, i + 1]`` (so its centre is ``(j + 0.5, i + 0.5)``).
     """
+    # lazy: scikit-image brings scipy (~0.4 s to import)
     from skimage.measure import regionprops
 
     inst = np.asarray(inst)
@@ -190,6 +193,7 @@ def outlines(inst: np.ndarray, shift: tuple[int, int] = (0, 0), ids: np.ndarray 
 
     ``shift`` ``(x, y)`` is added to every coordinate; ``ids`` restricts the result to those instances.
     """
+    # lazy: scikit-image brings scipy (~0.4 s to import)
     from skimage.measure import label as label_regions
 
     inst = np.asarray(inst)

@@ -36,12 +36,13 @@ from segcli.errors import EmptyImageError, InputError, UsageError
 from segcli.fusion import FuseStore, LazyLabels, fold_probs
 from segcli.geometry import slice_axis
 from segcli.inferer import Inferer, RunContext
+from segcli.instances_tiled import write_slide_instances
 from segcli.io import niftistream
 from segcli.io.atomic import OutputLock
 from segcli.io.bigtiff import tiff_header, write_tiled
 from segcli.io.dicomseries import decoded_size
 from segcli.io.geojson import GeoJSONWriter, write_geojson
-from segcli.io.medical import canonical_view, file_order_buffer
+from segcli.io.medical import canonical_view, file_order_buffer, to_original_axes
 from segcli.io.naming import geojson_path, probabilities_path
 from segcli.io.niftistream import SpilledProbs, streamable_probs
 from segcli.io.openslide_reader import open_plane, wants_openslide
@@ -152,8 +153,6 @@ class InMemoryRoute:
     def write(self, ctx: RunContext, job: Job) -> None:
         assert self.res is not None and job.out is not None
         if ctx.options.output_type == "dicom-seg":
-            from segcli.io.medical import to_original_axes
-
             write_dicom_seg(ctx, job, to_original_axes(self.res.labels, self.img.meta), self.img.meta)
         else:
             io.write_mask(self.res.labels, self.img, job.out)
@@ -343,7 +342,6 @@ class TiledTiffRoute:
         if geo is not None:
             rep.info["geojson"] = geo.close()
         if opts.instances:  # one id per object across tiles (segcli.instances_tiled)
-            from segcli.instances_tiled import write_slide_instances
 
             write_slide_instances(job.out, rep, labels, plane, bundle, self.kind, opts, ome)
         if opts.probabilities and rep.status == "ok":

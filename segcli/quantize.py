@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import os
 import tempfile
 import time
@@ -82,6 +83,7 @@ def _masks(seg: Any, paths: list[Path]) -> list[np.ndarray]:
 
 
 def _quantise(fp32: bytes, inputs: list[np.ndarray]) -> bytes:
+    # lazy: ONNX Runtime's tools bring onnx (~1 s to import)
     from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
@@ -117,6 +119,7 @@ def _working_dir(path: str) -> Iterator[None]:
 
 def _with_metadata(q: bytes, fp32: bytes) -> bytes:
     """The fp32 export's metadata (bundle, role, weights hash) on the quantised model, precision int8."""
+    # lazy: onnx costs ~1 s to import
     import onnx
 
     src, m = onnx.load_model_from_string(fp32), onnx.load_model_from_string(q)
@@ -186,7 +189,6 @@ def build_int8(bundle_dir: str | os.PathLike[str], images: list[Path], *, seed: 
               "method": "QDQ static, per-channel int8 weights, uint8 activations, MinMax calibration",
               "seconds": 0.0}
     cfg = root / BUNDLE_FILE
-    import json
 
     doc = json.loads(cfg.read_text())
     for role, data in files.items():

@@ -103,6 +103,7 @@ def resize_weights(n_in: int, n_out: int, mode: str = "bilinear") -> sparse.csr_
     ``resize_matrix(2500, 40000)`` is 400 MB dense; a 40k-pixel slide needs its rows and columns
     only a window at a time, and the band of non-zeros is 2 (bilinear) or ⌈n_in/n_out⌉+1 (area) wide.
     """
+    # lazy: scipy.sparse costs ~0.3 s to import
     from scipy import sparse
 
     scale = n_in / n_out

@@ -15,6 +15,7 @@
 from __future__ import annotations
 
 import numpy as np
+from scipy import ndimage
 
 from segcli.geometry import scale_boxes, sliding_grid
 
@@ -43,8 +44,6 @@ def otsu(values: np.ndarray, bins: int = 256) -> float:
 def content_mask(overview: np.ndarray, margin: int) -> tuple[np.ndarray | None, dict]:
     """Pixels of a ``(C, h, w)`` overview that are not bare glass, grown by ``margin`` pixels; ``None`` when
     the overview is not a brightfield slide that is mostly glass (then everything is looked at)."""
-    from scipy import ndimage
-
     info: dict = {"glass_skip": False}
     if overview.ndim != 3 or overview.shape[0] < 3 or overview.size == 0:
         return None, info
@@ -97,8 +96,6 @@ def box_windows(fg_low: np.ndarray, image_shape: tuple[int, int], size: int, ove
 
     The mask is grown by one rough pixel first, so a window that an object only grazes is kept.
     """
-    from scipy import ndimage
-
     grid = sliding_grid(image_shape, size, overlap)
     if not fg_low.any():
         return grid[:0]

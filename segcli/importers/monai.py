@@ -54,9 +54,11 @@ def _literal(value: Any, top: dict[str, Any], where: Path, key: str) -> Any:
 
 def build_network(cfg: dict[str, Any], where: Path) -> tuple[Any, dict[str, Any]]:
     """The network of ``network_def``: a class of ``monai.networks.nets`` with literal arguments."""
+    # lazy: torch costs ~1.3 s to import
     import torch
 
     try:
+        # lazy: MONAI is optional (segcli[monai]) and costs ~3 s to import
         from monai.networks import nets
     except ModuleNotFoundError:
         raise UsageError("segcli import monai needs MONAI while importing: pip install 'segcli[monai]'") from None
@@ -84,6 +86,7 @@ def build_network(cfg: dict[str, Any], where: Path) -> tuple[Any, dict[str, Any]
 
 def load_weights(root: Path, module: Any, where: Path) -> tuple[Any, Path]:
     """``models/model.pt`` (a state dict, read with weights_only) into ``module``, else ``models/model.ts``."""
+    # lazy: torch costs ~1.3 s to import
     import torch
 
     pt, ts = root / "models" / "model.pt", root / "models" / "model.ts"

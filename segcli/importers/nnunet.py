@@ -15,6 +15,8 @@ import hashlib
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from segcli.errors import BundleError
 from segcli.importers.common import (
     ImportFacts,
@@ -104,7 +106,7 @@ def class_names(dataset: dict[str, Any], where: Path) -> list[str]:
 
 def read_checkpoint(path: Path) -> dict[str, Any]:
     """``checkpoint_final.pth`` with weights_only: numpy scalars and dtypes are the only extra classes allowed."""
-    import numpy as np
+    # lazy: torch costs ~1.3 s to import
     import torch
 
     allowed: list[Any] = [np.dtype, np.core.multiarray.scalar] if hasattr(np, "core") else [np.dtype]

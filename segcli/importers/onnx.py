@@ -14,6 +14,8 @@ arbitrary pickled Python — and converted to ONNX once, with its outputs checke
 from __future__ import annotations
 
 import hashlib
+import tempfile
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -68,6 +70,7 @@ def read_spec(path: Path) -> ImportFacts:
 
 def load_onnx_bytes(path: Path) -> bytes:
     """The file's bytes, after checking it is a self-contained ONNX model (no external data files)."""
+    # lazy: onnx costs ~1 s to import
     import onnx
 
     try:
@@ -90,6 +93,7 @@ def load_onnx_bytes(path: Path) -> bytes:
 
 def torchscript_to_onnx(path: Path, facts: ImportFacts) -> bytes:
     """A TorchScript archive converted to ONNX (dynamic N/H/W) and checked against torch on one window."""
+    # lazy: torch costs ~1.3 s to import
     import torch
 
     try:
@@ -103,9 +107,7 @@ def module_to_onnx(module: Any, facts: ImportFacts, where: Path) -> bytes:
     """Trace a torch module to ONNX at its window (fixed H, W; any batch) and refuse the result unless
     ONNX Runtime reproduces torch's output. The window is fixed because tracing freezes size-dependent
     branches, and segcli only ever feeds an imported network full windows."""
-    import tempfile
-    import warnings
-
+    # lazy: onnx and torch cost ~2.3 s to import
     import onnx
     import torch
 

@@ -12,6 +12,7 @@ import contextlib
 import gzip
 import os
 import shutil
+import stat
 import struct
 import tempfile
 import zlib
@@ -22,6 +23,7 @@ from typing import Any
 import numpy as np
 
 from segcli.errors import InputError, UsageError
+from segcli.io import medical, raster
 from segcli.io.atomic import split_extension
 from segcli.io.dicomconvert import read_converted
 from segcli.io.dicomscan import has_dicom_magic
@@ -37,7 +39,7 @@ from segcli.io.dicomseries import (
 )
 from segcli.io.medical import data_file_size, describe_geometry
 from segcli.io.raster import read_raster
-from segcli.io.tiff import read_tiff
+from segcli.io.tiff import read_tiff, write_pages
 from segcli.io.types import LoadedImage
 
 __all__ = [
@@ -147,8 +149,6 @@ def sniff_input(path: Path) -> str | None:
 
 def sniff(path: Path) -> str | None:
     """Content kind from magic bytes, or None when no supported reader recognises it."""
-    import stat
-
     if not stat.S_ISREG(os.stat(path).st_mode):  # a FIFO would block this open until a writer came
         raise InputError("is not a regular file (a FIFO, socket or device)", path)
     with open(path, "rb") as fh:
@@ -205,8 +205,6 @@ def open_image(path: Path | str, series_id: str | None = None, content: str | No
     ``content``: the kind :func:`sniff` already found, so the file is not sniffed twice. ``volume``
     (1-based) picks one volume of a 4D DICOM series; for any other input only 1 is accepted.
     """
-    from segcli.io import medical
-
     path = Path(path)
     if path.is_dir():
         return read_dicom_folder(path, series_id, volume)
@@ -253,9 +251,8 @@ def header_size(path: Path, content: str) -> tuple[tuple[int, ...], int, int] | 
     Lets the caller refuse, with an estimate, a compressed NRRD or MetaImage too big for the memory budget
     before a single voxel is decoded (those are read whole).
     """
+    # lazy: SimpleITK costs ~0.2 s to import
     import SimpleITK as sitk
-
-    from segcli.io import medical
 
     if content not in _SITK_ALIAS or path.is_dir():
         return None
@@ -302,16 +299,10 @@ def write_mask(mask: np.ndarray, like: LoadedImage, path: Path | str) -> Path:
     _check_array(mask, like)
     ext = _extension(path)
     if ext in _SITK_OUT:
-        from segcli.io import medical
-
         medical.write_mask(mask, like, path)
     elif ext in _TIFF_OUT:
-        from segcli.io.tiff import write_pages
-
         write_pages(mask, like, path)
     elif ext in _RASTER_OUT:
-        from segcli.io import raster
-
         raster.write_mask(mask, like, path)
     elif ext in (".jpg", ".jpeg"):
         raise UsageError(
@@ -329,12 +320,8 @@ def write_probabilities(probs: np.ndarray, like: LoadedImage, path: Path | str) 
     _check_array(probs, like, leading=1)
     ext = _extension(path)
     if ext in _SITK_OUT:
-        from segcli.io import medical
-
         medical.write_probabilities(probs, like, path)
     elif ext in _TIFF_OUT:
-        from segcli.io.tiff import write_pages
-
         write_pages(probs, like, path)
     else:
         raise UsageError(

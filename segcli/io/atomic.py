@@ -145,6 +145,7 @@ class OutputLock:
         self._fh: Any = None
 
     def acquire(self) -> bool:
+        # lazy: Unix-only
         import fcntl
 
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -160,6 +161,7 @@ class OutputLock:
     def release(self) -> None:
         if self._fh is None:
             return
+        # lazy: Unix-only
         import fcntl
 
         try:

@@ -72,6 +72,7 @@ def tiff_header(path: Path | str) -> tuple[tuple[int, int], int, int] | None:
 
     Decodes no pixels; None also for an unreadable file (the regular reader then gives the precise error).
     """
+    # lazy: tifffile costs ~0.15 s to import; only TIFF files need it
     import tifffile
 
     try:
@@ -85,6 +86,7 @@ def tiff_header(path: Path | str) -> tuple[tuple[int, int], int, int] | None:
 
 def tiff_spacing(path: Path | str) -> tuple[float, ...] | None:
     """The (y, x) pixel size in mm a TIFF's own metadata gives (tags, OME, Aperio), without decoding pixels."""
+    # lazy: tifffile costs ~0.15 s to import; only TIFF files need it
     import tifffile
 
     try:
@@ -183,6 +185,7 @@ class TiffPlane(RegionPlane):
         channel_mode: str = "keep",
         cache_bytes: int = 128 * 2**20,
     ) -> None:
+        # lazy: tifffile costs ~0.15 s to import; only TIFF files need it
         import tifffile
 
         self.path = Path(path)
@@ -400,6 +403,7 @@ def write_tiled(
     ``(K, h, w)``). ``on_tile(tile, box)`` sees every level-0 tile once, in raster order (e.g. to count
     labels or gather statistics).
     """
+    # lazy: tifffile costs ~0.15 s to import; only TIFF files need it
     import tifffile
 
     path = Path(path)

@@ -20,6 +20,7 @@ _K3 = None  # the 3x3 dilation kernel, made when OpenCV is first needed
 def _cv2() -> Any:
     global _K3
     try:
+        # lazy: OpenCV costs ~0.15 s to import
         import cv2
     except ImportError as exc:  # pragma: no cover - a core dependency
         raise ImportError("GeoJSON output needs OpenCV: pip install opencv-python-headless") from exc
@@ -265,6 +266,7 @@ def ring_list(coords: Any) -> list[list[int]]:
 
 def from_rings(polys: list[list[np.ndarray]]) -> np.ndarray:
     """Polygons given as lists of closed rings (exterior first) → an array of shapely Polygons, in one call."""
+    # lazy: shapely costs ~0.15 s to import
     import shapely
 
     rings = [r for p in polys for r in p]

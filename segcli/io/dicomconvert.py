@@ -26,6 +26,8 @@ import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
+
 from segcli.errors import InputError
 from segcli.io import medical
 
@@ -38,6 +40,7 @@ CONVERT_TIMEOUT_S = 900
 def dcm2niix_binary(source: Path) -> str:
     """The dcm2niix executable of the ``dcm2niix`` package (a base dependency)."""
     try:
+        # lazy: only mosaic, multi-frame and 4D DICOM need dcm2niix
         import dcm2niix
     except ImportError:
         raise InputError("this DICOM needs dcm2niix to be placed (mosaic, multi-frame or 4D); "
@@ -89,6 +92,7 @@ def fourth_dimension(written: list[Path]) -> str:
 
 def _volumes(written: list[Path]) -> list[tuple[Path, int | None]]:
     """(file, index along its 4th axis or None for a 3D file) of every 3D volume, in file-name order."""
+    # lazy: nibabel costs ~0.3 s to import; only dcm2niix's conversions need it
     import nibabel as nib
 
     out: list[tuple[Path, int | None]] = []
@@ -106,8 +110,8 @@ def _extract(nii: Path, k: int, dest: Path) -> Path:
 
     The scaling (scl_slope/scl_inter, e.g. Philips precise-float values) is applied here: nibabel
     would write unscaled values with a reset scaling, which lost it (measured on dcm_qa_philips)."""
+    # lazy: nibabel costs ~0.3 s to import; only dcm2niix's conversions need it
     import nibabel as nib
-    import numpy as np
 
     img = nib.load(str(nii))
     data = np.asarray(img.dataobj[..., k], dtype=np.float32)

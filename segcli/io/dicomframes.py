@@ -57,6 +57,7 @@ def _group_value(groups: list[Any], seq: str, key: str, n: int) -> np.ndarray | 
 def frame_geometry(path: str | Path) -> FrameGeometry:
     """Each frame's position, orientation and pixel spacing from the functional groups (per-frame first,
     then shared); InputError naming the first frame without them."""
+    # lazy: pydicom costs ~0.25 s to import; only DICOM needs it
     import pydicom
 
     try:

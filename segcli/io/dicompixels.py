@@ -56,6 +56,7 @@ def captured_native_stderr() -> Iterator[None]:
 
 def _syntax_name(uid: str) -> str:
     try:
+        # lazy: pydicom costs ~0.25 s to import; only DICOM needs it
         from pydicom.uid import UID
 
         return UID(uid).name if uid else "unknown transfer syntax"
@@ -65,6 +66,7 @@ def _syntax_name(uid: str) -> str:
 
 def read_pixels(folder: Path, files: list[str], syntax: dict[str, str] | None = None) -> sitk.Image:
     """The slices ``files`` (in that order) as one image; a decoding failure names the file at fault."""
+    # lazy: SimpleITK costs ~0.2 s to import
     import SimpleITK as sitk
 
     reader = sitk.ImageSeriesReader()
@@ -91,6 +93,7 @@ def read_pixels(folder: Path, files: list[str], syntax: dict[str, str] | None = 
 
 def rescaled(image: sitk.Image, factors: list[float]) -> sitk.Image:
     """``image`` (one plane per file) with plane k multiplied by ``factors[k]``, as float32."""
+    # lazy: SimpleITK costs ~0.2 s to import
     import SimpleITK as sitk
 
     arr = sitk.GetArrayFromImage(image).astype(np.float32)

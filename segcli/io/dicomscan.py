@@ -95,6 +95,7 @@ def _series_key(path: str) -> tuple[str, str | None, np.ndarray | None]:
 
     A file without SeriesInstanceUID but with an image grid gets a stand-in id built from its
     SeriesNumber, size, orientation and pixel spacing, as dcm2niix groups anonymised exports."""
+    # lazy: pydicom costs ~0.25 s to import; only DICOM needs it
     import pydicom
 
     ds = pydicom.dcmread(path, stop_before_pixels=False, force=True, specific_tags=_KEY_TAGS, defer_size=64)

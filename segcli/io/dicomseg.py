@@ -76,6 +76,7 @@ _REQUIRED = ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "SOPClas
 def _highdicom():
     """highdicom, or a UsageError saying how to install it."""
     try:
+        # lazy: highdicom costs ~0.4 s to import; only DICOM SEG output needs it
         import highdicom
     except ImportError:  # pragma: no cover - a declared dependency
         raise UsageError("DICOM SEG output needs highdicom: pip install highdicom") from None
@@ -84,6 +85,7 @@ def _highdicom():
 
 def _code(spec: Mapping[str, str] | None):
     """A pydicom Code from a bundle's code spec (the generic Tissue code when none)."""
+    # lazy: pydicom costs ~0.25 s to import; only DICOM needs it
     from pydicom.sr.coding import Code
 
     spec = spec or GENERIC_CODE
@@ -299,6 +301,7 @@ def _segments(hd: Any, labels: np.ndarray, present: list[int], classes: Sequence
               bundle_version: str) -> tuple[list[Any], list[dict[str, Any]], np.ndarray]:
     """One segment per class present (numbered 1.. in class order): highdicom descriptions, the report's
     entries, and the labels renumbered to segment numbers."""
+    # lazy: pydicom costs ~0.25 s to import; only DICOM needs it
     from pydicom.sr.codedict import codes as dcm_codes
 
     algorithm = hd.AlgorithmIdentificationSequence(

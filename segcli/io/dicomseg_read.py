@@ -29,6 +29,7 @@ POSITION_TOL_MM = 1e-3  # DS values carry 16 characters; positions matched close
 def load_pydicom():
     """pydicom, or a UsageError saying how to install it."""
     try:
+        # lazy: pydicom costs ~0.25 s to import; only DICOM needs it
         import pydicom
     except ImportError:  # pragma: no cover - a declared dependency
         raise UsageError("DICOM SEG needs pydicom and highdicom: pip install highdicom") from None
@@ -280,6 +281,7 @@ def _seg_meta(ds: Any, path: Path, names: list[str], mapping: dict[int, int], ge
 
 def to_sitk_image(labels: np.ndarray, meta: Mapping[str, Any]):
     """A SimpleITK image of :func:`read_dicom_seg`'s volume with its geometry (for resampling or NIfTI)."""
+    # lazy: SimpleITK costs ~0.2 s to import
     import SimpleITK as sitk
 
     image = sitk.GetImageFromArray(np.ascontiguousarray(labels))
@@ -296,6 +298,7 @@ def dicom_seg_on_grid(path: str | os.PathLike[str], reference, classes: Sequence
     reference's numpy order (``sitk.GetArrayFromImage`` layout); voxels outside the SEG's frames
     are background. On the source series' own lattice the values are exact, not interpolated.
     """
+    # lazy: SimpleITK costs ~0.2 s to import
     import SimpleITK as sitk
 
     labels, meta = read_dicom_seg(path, classes)

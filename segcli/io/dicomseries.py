@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import os
 import re
+import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -147,6 +148,7 @@ class SeriesPlan:
 
 def read_header(path: str) -> SliceHeader:
     """One file's header (pixel data located, never loaded); InputError naming the file when unreadable."""
+    # lazy: pydicom costs ~0.25 s to import; only DICOM needs it
     import pydicom
 
     try:
@@ -223,8 +225,6 @@ def _philips_float(ds: Any) -> float | None:
             return None
         value = element.value
         if isinstance(value, bytes):
-            import struct
-
             value = struct.unpack("<f", value[:4])[0]
         scale = float(value[0] if isinstance(value, (list, tuple)) else value)
         slope = float(ds.get("RescaleSlope", 1) or 1)
@@ -582,6 +582,7 @@ def convert_seg_refusal(reason: str, files: list[str]) -> str | None:
 
 def header_reader(plan: SeriesPlan, folder: Path) -> sitk.ImageFileReader:
     """An ImageFileReader with the first slice's header read (pixel type, components), checked."""
+    # lazy: SimpleITK costs ~0.2 s to import
     import SimpleITK as sitk
 
     info = sitk.ImageFileReader()
@@ -615,6 +616,7 @@ def read_dicom_folder(folder: Path, series_id: str | None = None, volume: int | 
         image = rescaled(image, plan.scale)
     geometry = plan.geometry
     if plan.unknown_space:  # rows bottom-up, as in dcm2niix's NIfTI of it: masks overlay its conversion
+        # lazy: SimpleITK costs ~0.2 s to import
         import SimpleITK as sitk
 
         image = sitk.Flip(image, [False, True, False])

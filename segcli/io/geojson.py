@@ -176,6 +176,7 @@ class GeoJSONWriter(StreamedText):
     def _emit_roots(self, roots: list[int]) -> None:
         """Write the objects of these union-find roots, now complete: one piece as it is, two pieces merged
         with one vectorised ``shapely.union`` over all such pairs, more with ``union_all`` each."""
+        # lazy: shapely costs ~0.15 s to import
         import shapely
 
         pieces = []
@@ -214,12 +215,14 @@ class GeoJSONWriter(StreamedText):
 
     @staticmethod
     def _merge(geoms: list[Any], chunks: list[Any]) -> Any:
+        # lazy: shapely costs ~0.15 s to import
         import shapely
 
         polys = chunks + (list(from_rings(geoms)) if geoms else [])
         return polys[0] if len(polys) == 1 else shapely.union_all(polys)
 
     def _shapely_coords(self, geom: Any) -> tuple[str, str]:
+        # lazy: shapely costs ~0.15 s to import
         import shapely
 
         geom = shapely.orient_polygons(geom)
@@ -379,6 +382,7 @@ class GeoJSONWriter(StreamedText):
 
     def _pieces_of_class(self, t: np.ndarray, c: int, y0: int, x0: int,
                          edges: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray], new: list[int]) -> None:
+        # lazy: scipy costs ~0.4 s to import
         from scipy import ndimage
 
         lab, n = ndimage.label(t == c)  # the default structure is the 4-neighbour cross

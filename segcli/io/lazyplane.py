@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import abc
 import math
+import os
+import tempfile
 import threading
 from collections import OrderedDict
 from collections.abc import Iterator
@@ -288,9 +290,6 @@ class SpilledOverview:
     ``plane.downscaled(shape)[:, y0:y1, x0:x1]``."""
 
     def __init__(self, plane: RegionPlane, out_hw: tuple[int, int], spill_dir: Path | str | None = None) -> None:
-        import os
-        import tempfile
-
         self.plane = plane
         self.shape = out_hw
         self.channels = plane.channels
@@ -307,8 +306,6 @@ class SpilledOverview:
             raise
 
     def region(self, box: np.ndarray | tuple[int, int, int, int]) -> np.ndarray:
-        import os
-
         y0, x0, y1, x1 = (int(v) for v in box)
         n = (y1 - y0) * self._row_bytes
         raw = os.pread(self._fd, n, y0 * self._row_bytes)
@@ -322,8 +319,6 @@ class SpilledOverview:
         return ArrayPlane(self.region((0, 0, *self.shape))).downscaled(out_hw)
 
     def close(self) -> None:
-        import os
-
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1

@@ -13,7 +13,9 @@ import gzip
 import math
 import os
 import re
+import shutil
 import struct
+import tempfile
 import zlib
 from collections.abc import Iterator
 from pathlib import Path
@@ -97,6 +99,7 @@ def check_header(
             f"header declares {voxels:.3g} voxels, more than the {MAX_VOXELS:.0e} supported", path
         )
     if file_bytes is not None:
+        # lazy: SimpleITK costs ~0.2 s to import
         import SimpleITK as sitk
 
         pixel_bytes = sitk.Image([1, 1], reader.GetPixelID()).GetSizeOfPixelComponent()
@@ -337,6 +340,7 @@ def nifti_no_finite(path: Path) -> bool:
 
 def orientation_code(direction: tuple[float, ...]) -> str:
     """Three-letter orientation code (e.g. ``LPS``, ``RAS``) of a 3x3 direction matrix, as ITK names it."""
+    # lazy: SimpleITK costs ~0.2 s to import
     import SimpleITK as sitk
 
     return sitk.DICOMOrientImageFilter.GetOrientationFromDirectionCosines(direction)
@@ -366,6 +370,7 @@ def signed_permutation(original: tuple[float, ...], canonical: tuple[float, ...]
 
 def to_loaded(image: sitk.Image, path: Path, warnings: list[str], source: dict[str, Any]) -> LoadedImage:
     """Canonicalise a SimpleITK image into a LoadedImage whose meta can restore the original geometry."""
+    # lazy: SimpleITK costs ~0.2 s to import
     import SimpleITK as sitk
 
     dim = image.GetDimension()
@@ -414,6 +419,7 @@ def to_original_axes(array: np.ndarray, meta: dict[str, Any]) -> np.ndarray:
 @contextlib.contextmanager
 def itk_quiet() -> Iterator[None]:
     """ITK's warning blocks off while a reader runs (segcli says what matters in its own words)."""
+    # lazy: SimpleITK costs ~0.2 s to import
     import SimpleITK as sitk
 
     previous = sitk.ProcessObject.GetGlobalWarningDisplay()
@@ -430,6 +436,7 @@ def open_reader(path: Path, read_as: Path, warnings: list[str] | None = None) ->
     ``path`` is the user's file (named in every message); ``read_as`` the name ITK opens (an alias
     with the right extension, or a decompressed copy).
     """
+    # lazy: SimpleITK costs ~0.2 s to import
     import SimpleITK as sitk
 
     name = read_as.name.lower()
@@ -504,6 +511,7 @@ def canonical_view(buffer: np.ndarray, meta: dict[str, Any]) -> np.ndarray:
 
 def read_file(path: Path, read_as: Path, warnings: list[str]) -> LoadedImage:
     """Read one SimpleITK-readable file; ``read_as`` may be a correctly named alias of a misnamed file."""
+    # lazy: SimpleITK costs ~0.2 s to import
     import SimpleITK as sitk
 
     reader = open_reader(path, read_as, warnings)
@@ -532,6 +540,7 @@ def read_file(path: Path, read_as: Path, warnings: list[str]) -> LoadedImage:
 
 def _geometry_image(array: np.ndarray, like: LoadedImage, vector: bool) -> sitk.Image:
     """A SimpleITK image of ``array`` (spatial axes in like's layout) with like's original geometry."""
+    # lazy: SimpleITK costs ~0.2 s to import
     import SimpleITK as sitk
 
     meta = like.meta
@@ -559,6 +568,7 @@ def write_image(image: sitk.Image, path: Path, nifti_geometry: dict[str, Any] | 
     ``nifti_geometry`` (a NIfTI input's header fields) is written into a NIfTI output's header, so the
     output keeps the input's qform and sform exactly (ITK would set both from one of them).
     """
+    # lazy: SimpleITK costs ~0.2 s to import
     import SimpleITK as sitk
 
     try:
@@ -569,8 +579,6 @@ def write_image(image: sitk.Image, path: Path, nifti_geometry: dict[str, Any] | 
             with itk_quiet():
                 sitk.WriteImage(image, str(tmp), useCompression=True)
             if nifti_geometry is not None and path.name.lower().endswith((".nii", ".nii.gz")):
-                from segcli.io import niftihdr
-
                 niftihdr.patch_file(tmp, nifti_geometry)
     except RuntimeError as exc:  # ITK hides the errno: say what the folder's state explains, if anything
 
@@ -582,9 +590,7 @@ def write_image(image: sitk.Image, path: Path, nifti_geometry: dict[str, Any] | 
 
 def _write_mhd(image: sitk.Image, path: Path) -> None:
     """A .mhd header names its data file, so write into a hidden folder under the final names, then move."""
-    import shutil
-    import tempfile
-
+    # lazy: SimpleITK costs ~0.2 s to import
     import SimpleITK as sitk
 
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -23,12 +23,14 @@ from typing import Any
 
 import numpy as np
 
+from segcli.io import niftihdr
 from segcli.io.atomic import atomic_path
 from segcli.io.medical import to_original_axes
 
 
 def nifti_header(meta: dict[str, Any], components: int, dtype: np.dtype) -> bytes:
     """Header bytes (through vox_offset) of a NIfTI-1 file with ``meta``'s geometry, from ITK."""
+    # lazy: SimpleITK costs ~0.2 s to import
     import SimpleITK as sitk
 
     geometry = meta["geometry"]
@@ -49,8 +51,6 @@ def nifti_header(meta: dict[str, Any], components: int, dtype: np.dtype) -> byte
         raise RuntimeError("unexpected NIfTI header from ITK (dim[3] of a one-slice image is not 1)")
     head[46:48] = struct.pack(endian + "h", int(size[2]))
     if meta.get("nifti_geometry") is not None:
-        from segcli.io import niftihdr
-
         niftihdr.patch_header(head, meta["nifti_geometry"])
     return bytes(head)
 

@@ -25,6 +25,7 @@ import numpy as np
 from segcli.errors import InputError
 from segcli.io.bigtiff import TiffPlane, is_tiff
 from segcli.io.lazyplane import RegionPlane
+from segcli.io.tiff import consistent_resolution
 
 # Formats whose pixels live outside a plain TIFF layout (several files, overlapping tiles, or several
 # images per file): tifffile would read the wrong thing or nothing.
@@ -39,6 +40,7 @@ def missing_message() -> str:
 
 def _import_openslide(path: Path) -> Any:
     try:
+        # lazy: OpenSlide is optional (segcli[slides]) and needs its C library
         import openslide
     except (ImportError, OSError):  # OSError: the Python package without its shared library
         raise InputError(missing_message(), path) from None
@@ -49,6 +51,7 @@ def vendor(path: Path | str) -> str | None:
     """OpenSlide's name for the file's format (``aperio``, ``mirax``, ``generic-tiff``, …), or None when
     OpenSlide is missing or does not know the file."""
     try:
+        # lazy: OpenSlide is optional (segcli[slides]) and needs its C library
         import openslide
     except (ImportError, OSError):
         return None
@@ -76,6 +79,7 @@ def is_slide(path: Path | str) -> bool:
 def slide_header(path: Path | str) -> tuple[tuple[int, int], int, int] | None:
     """``((H, W), 3, 1)`` of an OpenSlide slide's level 0 (RGB uint8) without reading pixels, else None."""
     try:
+        # lazy: OpenSlide is optional (segcli[slides]) and needs its C library
         import openslide
 
         with openslide.OpenSlide(str(path)) as slide:
@@ -156,8 +160,6 @@ class OpenSlidePlane(RegionPlane):
             self.mpp = (my, mx) if mx and my else None
             self.magnification = _float(props, "openslide.objective-power")
             self.spacing = (self.mpp[0] / 1000.0, self.mpp[1] / 1000.0) if self.mpp else None
-            from segcli.io.tiff import consistent_resolution
-
             self.resolution = consistent_resolution({}, self.spacing)
             self.ome: dict[str, Any] = {}
             self.meta = {

@@ -55,6 +55,7 @@ def _dpi(value: Any) -> tuple[float, float] | None:
 
 def read_raster(path: Path, warnings: list[str]) -> LoadedImage:
     """Decode a PNG/JPEG/BMP fully, turning Pillow's bomb and truncation errors into InputError."""
+    # lazy: Pillow loads only where a picture is read or written
     from PIL import Image, ImageOps
 
     try:
@@ -99,6 +100,7 @@ def read_raster(path: Path, warnings: list[str]) -> LoadedImage:
 
 def write_mask(mask: np.ndarray, like: LoadedImage, path: Path) -> None:
     """A 2D uint8 mask as PNG/BMP, with the input's DPI when it had one (or one derived from spacing)."""
+    # lazy: Pillow loads only where a picture is read or written
     from PIL import Image
 
     if mask.ndim != 2:

@@ -81,6 +81,7 @@ def collect_log(sink: list[str]) -> Iterator[None]:
 
 
 def _open(path: Path) -> tifffile.TiffFile:
+    # lazy: tifffile costs ~0.15 s to import; only TIFF files need it
     import tifffile
 
     try:
@@ -134,6 +135,7 @@ def _read_level(tif: tifffile.TiffFile, path: Path) -> tuple[np.ndarray, str, An
 
 def _to_hwc(data: np.ndarray, axes: str, page: Any, path: Path) -> np.ndarray:
     """(H, W, C) from tifffile's squeezed axes; stacks of planes are refused for now."""
+    # lazy: tifffile costs ~0.15 s to import; only TIFF files need it
     import tifffile
 
     if page.photometric == tifffile.PHOTOMETRIC.PALETTE and page.colormap is not None and axes == "YX":
@@ -377,6 +379,7 @@ def _resolution_kwargs(like: LoadedImage) -> dict[str, Any]:
 
 def write_pages(data: np.ndarray, like: LoadedImage, path: Path) -> None:
     """Write ``data`` (..., H, W) zlib-compressed, tiled when large, BigTIFF when needed, atomically."""
+    # lazy: tifffile costs ~0.15 s to import; only TIFF files need it
     import tifffile
 
     height, width = data.shape[-2:]

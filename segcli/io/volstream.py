@@ -12,8 +12,11 @@ normalisation pre-pass have one code path for both.
 
 from __future__ import annotations
 
+import gzip
 import math
 import os
+import shutil
+import tempfile
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -135,6 +138,7 @@ class StreamedVolume:
                  files: list[str] | None = None, source: dict[str, Any] | None = None) -> None:
         """``reader``: an ImageFileReader with its header read. DICOM series pass the series ``geometry``
         and their sorted slice ``files`` (a slab is then a run of files)."""
+        # lazy: SimpleITK costs ~0.2 s to import
         import SimpleITK as sitk
 
         self.path = path
@@ -188,10 +192,6 @@ class StreamedVolume:
         quadratic in the number of slabs, times the engine's passes. The temporary file holds the raw
         voxels (the volume's size on disk, never in memory) and is deleted by :meth:`close`.
         """
-        import gzip
-        import shutil
-        import tempfile
-
         fd, name = tempfile.mkstemp(prefix=".segcli-", suffix=".nii")
         try:
             with os.fdopen(fd, "wb") as out, gzip.open(self.path, "rb") as src:
@@ -226,6 +226,7 @@ class StreamedVolume:
         Along the slice axis that is a run of files. Across it (a sagittal or coronal series whose
         engine slices another way) every file is decoded, a run of files at a time, and only the
         rows or columns of the range are kept, so memory stays one run plus the block."""
+        # lazy: SimpleITK costs ~0.2 s to import
         import SimpleITK as sitk
 
         syntax = self.meta.get("transfer_syntax")
@@ -245,6 +246,7 @@ class StreamedVolume:
 
     def block(self, axis: int, i0: int, i1: int) -> np.ndarray:
         """Decode canonical slices ``i0:i1`` along numpy ``axis`` and return them canonical, channel-last."""
+        # lazy: SimpleITK costs ~0.2 s to import
         import SimpleITK as sitk
 
         b = 2 - axis  # canonical sitk axis

@@ -9,9 +9,15 @@ same thing whatever the backend and never import torch or onnxruntime themselves
 
 from __future__ import annotations
 
+import importlib.util
+import logging
 from pathlib import Path
 
+from segcli.errors import UsageError
+from segcli.runtimes.onnx_backend import OnnxPredictor
+from segcli.runtimes.onnx_cache import cached_export
 from segcli.runtimes.predictor import FunctionPredictor, Predictor, int8_ok, logits_to_probs
+from segcli.runtimes.torch_backend import TorchPredictor
 
 __all__ = ["BACKENDS", "PRECISIONS", "FunctionPredictor", "Predictor", "cpu_has_bf16", "int8_ok", "logits_to_probs",
            "make_predictor"]
@@ -41,11 +47,6 @@ def make_predictor(bundle, role: str, *, backend: str = "torch", device: str = "
     ``--onnx-cache``); torch when neither is possible (the reason is logged). ``export_budget``
     (``--max-memory``): a first-use export that would not fit it is refused before it starts.
     """
-    import importlib.util
-    import logging
-
-    from segcli.errors import UsageError
-
     cpu = not device.startswith("cuda")
     if precision == "auto":
         precision = "int8" if cpu and backend != "torch" and int8_ok(bundle, role) else "fp32"
@@ -57,8 +58,6 @@ def make_predictor(bundle, role: str, *, backend: str = "torch", device: str = "
     if precision == "int8":
         if not cpu or backend == "torch":
             raise UsageError("--precision int8 runs on ONNX Runtime on the CPU (not with --backend torch or --device cuda)")
-        from segcli.runtimes.onnx_backend import OnnxPredictor
-
         return OnnxPredictor.from_bundle(bundle, role, device="cpu", max_batch=max_batch, variant="int8")
     if precision == "bf16":
         if backend == "onnx":
@@ -71,32 +70,20 @@ def make_predictor(bundle, role: str, *, backend: str = "torch", device: str = "
         if bundle.network(role).onnx:
             backend = "onnx"
         elif cpu and importlib.util.find_spec("onnxruntime") is not None:
-            from segcli.runtimes.onnx_cache import cached_export
-
             data, where = cached_export(bundle, role, onnx_cache, export_budget)
             if data is not None:
-                from segcli.runtimes.onnx_backend import OnnxPredictor
-
                 return OnnxPredictor.from_cache(bundle, role, data, where, max_batch=max_batch)
             logging.getLogger("segcli").info("%s/%s runs on torch: %s", bundle.name, role, where)
             backend = "torch"
         else:
             backend = "torch"
     if backend == "torch":
-        from segcli.runtimes.torch_backend import TorchPredictor
-
         module = bundle.load_module(role)
         # channels_last was faster than contiguous at every size on CPU (benchmarks/bench_runtimes.py).
         return TorchPredictor(module, n_classes=bundle.n_classes, in_channels=bundle.in_channels, device=device,
                               max_batch=max_batch, half=half, channels_last=device == "cpu", bf16=precision == "bf16")
     if backend == "onnx":
-        try:
-            from segcli.runtimes.onnx_backend import OnnxPredictor
-        except ModuleNotFoundError:
-            raise UsageError("--backend onnx is not available in this build") from None
         if not bundle.network(role).onnx:
-            from segcli.runtimes.onnx_cache import cached_export
-
             data, where = cached_export(bundle, role, onnx_cache, export_budget)
             if data is None:
                 raise UsageError(f"bundle {bundle.path} has no ONNX export and none could be made ({where}); "

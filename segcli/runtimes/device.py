@@ -42,6 +42,7 @@ def cuda_possible() -> bool:
 def torch_cuda_available() -> bool:
     if not cuda_possible():
         return False
+    # lazy: torch costs ~1.3 s to import
     import torch
 
     return bool(torch.cuda.is_available())
@@ -58,6 +59,7 @@ def resolve_device(device: str = "auto") -> str:
         if not torch_cuda_available():
             raise DeviceError(f"--device {device} was asked for, but no CUDA device is usable on this machine")
         if ":" in device:
+            # lazy: torch costs ~1.3 s to import
             import torch
 
             idx = device.split(":", 1)[1]
@@ -90,6 +92,7 @@ def chosen_threads() -> int:
 
 def apply_threads() -> None:
     """Give torch the chosen thread count (called as a torch predictor is built)."""
+    # lazy: torch costs ~1.3 s to import
     import torch
 
     if _THREADS and torch.get_num_threads() != _THREADS[0]:

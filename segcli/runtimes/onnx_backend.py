@@ -20,7 +20,7 @@ import numpy as np
 
 from segcli.bundle import _inside
 from segcli.errors import BundleError, DeviceError, SegcliError, UsageError
-from segcli.runtimes.device import chosen_threads
+from segcli.runtimes.device import chosen_threads, torch_cuda_available
 from segcli.runtimes.predictor import logits_to_probs
 
 log = logging.getLogger("segcli")
@@ -42,8 +42,6 @@ def is_oom(exc: BaseException) -> bool:
 
 def _torch_cuda() -> bool:
     try:
-        from segcli.runtimes.device import torch_cuda_available
-
         return torch_cuda_available()
     except Exception:  # torch missing or broken: then CUDA is not usable either
         return False
@@ -51,6 +49,7 @@ def _torch_cuda() -> bool:
 
 def choose_providers(device: str) -> list[Any]:
     """ORT providers for ``device``: CUDA (then CPU for unsupported nodes) only when really usable."""
+    # lazy: onnxruntime costs ~0.2 s to import
     import onnxruntime as ort
 
     if device.startswith("cuda"):
@@ -78,6 +77,7 @@ def make_session(model: bytes | Path, providers: list[Any], threads: int) -> Any
     the per-item memory (batch 8: 129 MB against 58 MB) with no measurable speed gain, while dropping the
     arena cost both memory (146 MB) and time (benchmarks/README.md, memory plan).
     """
+    # lazy: onnxruntime costs ~0.2 s to import
     import onnxruntime as ort
 
     so = ort.SessionOptions()
@@ -115,6 +115,7 @@ def _tensors(graph: Any):
 
 def external_locations(model: Any) -> list[str]:
     """The ``location`` of every external-data tensor of an ``onnx.ModelProto`` (loaded without them)."""
+    # lazy: onnx costs ~1 s to import
     import onnx
 
     locs = []
@@ -127,6 +128,7 @@ def external_locations(model: Any) -> list[str]:
 
 def _meta_and_external(data: bytes, rel: str, where: Any) -> tuple[dict[str, str], list[str]]:
     """Metadata and external-data locations of a serialised ONNX model, read with the onnx package."""
+    # lazy: onnx costs ~1 s to import
     import onnx
 
     try:

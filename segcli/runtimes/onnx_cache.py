@@ -26,11 +26,20 @@ import contextlib
 import hashlib
 import json
 import logging
+import multiprocessing as mp
 import os
+import sys
 import time
 from collections.abc import Iterator
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
+
+from segcli import __version__, export
+from segcli.bundle import load_bundle, resolve_model, sha256_file
+from segcli.errors import BundleError, SegcliError, UsageError
+from segcli.memory import human, peak_rss_bytes
+from segcli.runtimes.predictor import int8_ok
 
 log = logging.getLogger("segcli")
 
@@ -87,7 +96,7 @@ def cache_paths(root: Path, bundle: Any, role: str) -> tuple[Path, Path]:
 def _exclusive(lock_path: Path) -> Iterator[None]:
     """An exclusive lock on ``lock_path`` (waits for another exporter); a no-op where fcntl is missing."""
     try:
-        import fcntl
+        import fcntl  # lazy: Unix-only; Windows takes the branch below
     except ImportError:  # pragma: no cover - Windows: the atomic rename alone keeps the cache consistent
         yield
         return
@@ -178,25 +187,21 @@ def build(root: Path, bundle: Any, role: str) -> tuple[bytes | None, dict[str, A
         data, rec = lookup(root, bundle, role)
         if data is not None or rec is not None:
             return data, rec or {}
-        from segcli import __version__
-        from segcli.errors import SegcliError
-        from segcli.export import PARITY_TOL, export_module, onnx_metadata, parity, validation_inputs
-
         t0 = time.perf_counter()
         module = bundle.load_module(role)  # verifies the weights' SHA-256
         rec = {"bundle": bundle.name, "role": role, "weights_sha256": bundle.network(role).sha256,
                "segcli": __version__, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
         try:
-            model = export_module(module, in_channels=bundle.in_channels, input_size=bundle.input_size, opset=OPSET,
-                                  metadata=onnx_metadata(bundle, role))
+            model = export.export_module(module, in_channels=bundle.in_channels, input_size=bundle.input_size, opset=OPSET,
+                                  metadata=export.onnx_metadata(bundle, role))
             data = model.SerializeToString()
-            diff = parity(module, data, validation_inputs(bundle.in_channels, bundle.input_size))
+            diff = export.parity(module, data, export.validation_inputs(bundle.in_channels, bundle.input_size))
         except SegcliError as exc:
             rec.update(ok=False, reason=str(exc))
             _write_atomic(rec_path, json.dumps(rec, indent=1).encode())
             return None, rec
         rec["max_rel_logit_diff"] = diff
-        if diff > PARITY_TOL:
+        if diff > export.PARITY_TOL:
             rec.update(ok=False, reason=f"ONNX Runtime disagrees with torch (max relative logit difference {diff:.2e})")
             _write_atomic(rec_path, json.dumps(rec, indent=1).encode())
             return None, rec
@@ -210,9 +215,6 @@ def build(root: Path, bundle: Any, role: str) -> tuple[bytes | None, dict[str, A
 
 
 def _build_in_child(root: str, bundle_path: str, allow_unhashed: bool, role: str) -> tuple[bytes | None, dict]:
-    from segcli.bundle import load_bundle
-    from segcli.memory import peak_rss_bytes
-
     bundle = load_bundle(Path(bundle_path))
     bundle.allow_unhashed = allow_unhashed
     data, rec = build(Path(root), bundle, role)
@@ -227,13 +229,8 @@ def _build_isolated(root: Path, bundle: Any, role: str) -> tuple[bytes | None, d
     networks on ONNX Runtime it made a first run need 385 MB where the next ones need 130 (segcli.memplan
     counts what the process holds). Where torch is already loaded, the export runs here.
     """
-    import sys
-
     if "torch" in sys.modules:
         return build(root, bundle, role)
-    import multiprocessing as mp
-    from concurrent.futures import ProcessPoolExecutor
-
     with ProcessPoolExecutor(1, mp_context=mp.get_context("spawn")) as pool:
         return pool.submit(_build_in_child, str(root), str(bundle.path), bool(getattr(bundle, "allow_unhashed", False)),
                            role).result()
@@ -258,8 +255,7 @@ def _rss() -> int:
         with open("/proc/self/statm") as f:
             return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
     except (OSError, ValueError):  # no /proc (macOS): the peak so far stands in for it
-        import resource
-        import sys
+        import resource  # lazy: Unix-only (this branch is the no-/proc fallback)
 
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
 
@@ -269,9 +265,6 @@ def check_export_budget(bundle: Any, roles: list[str] | tuple[str, ...], budget:
     """Refuse (exit 2, before any work) first-use exports of ``roles`` that would not fit ``budget``
     (``--max-memory``) beside this process as it is now (+ ``slack``, what it grows by until the last of
     them starts): a cgroup counts the child and its parent together. Returns this process's RSS (bytes)."""
-    from segcli.errors import UsageError
-    from segcli.memory import human
-
     here = _rss()
     need = here + slack + max(export_need(bundle, r) for r in roles)
     if need > budget:
@@ -321,9 +314,6 @@ def _said(bundle: Any, role: str, here: int, rec: dict[str, Any], budget: int | 
 
 def verify_weights(bundle: Any, role: str) -> None:
     """The weights file must still match segcli.json, as the torch path requires (a cache never hides tampering)."""
-    from segcli.bundle import sha256_file
-    from segcli.errors import BundleError
-
     spec = bundle.network(role)
     path = bundle.weights_path(role)
     if sha256_file(path) != spec.sha256:
@@ -332,8 +322,6 @@ def verify_weights(bundle: Any, role: str) -> None:
 
 def status(bundle: Any, role: str, setting: str | None = None) -> str:
     """What ``--backend auto`` will run for ``role`` on the CPU, without exporting anything (``segcli doctor``)."""
-    from segcli.runtimes.predictor import int8_ok
-
     if int8_ok(bundle, role):  # what --precision auto runs on the CPU
         return "onnxruntime int8 (the bundle's checked int8 export; --precision fp32 for fp32)"
     if bundle.network(role).onnx:
@@ -398,9 +386,6 @@ def export_to_cache(model: str | os.PathLike[str]) -> dict[str, str]:
     """Fill the cache for a shipped bundle, as its first use would, without writing into the bundle: shipped
     bundles belong to the installation (read-only for a cluster's users, replaced by an upgrade). Returns
     where each network's export is, or raises with the reason an export was refused."""
-    from segcli.bundle import load_bundle, resolve_model
-    from segcli.errors import SegcliError, UsageError
-
     if cache_root() is None:
         raise UsageError("the ONNX cache is off (SEGCLI_ONNX_CACHE); a shipped bundle is exported into the cache, "
                          "never into the installation")

@@ -15,6 +15,7 @@ class TorchPredictor:
 
     def __init__(self, module, n_classes: int, in_channels: int, device: str = "cpu", max_batch: int = 16,
                  half: bool = False, channels_last: bool = False, bf16: bool = False) -> None:
+        # lazy: torch costs ~1.3 s to import
         import torch
 
         apply_threads()

@@ -38,11 +38,13 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
 from segcli import metrics
 from segcli.bundle import save_bundle
 from segcli.errors import BundleError, DatasetError, EmptyImageError, UsageError
-from segcli.methods import roles
+from segcli.inferer import Inferer
+from segcli.methods import TABLE, fine_stage, roles
 from segcli.nets import build
 from segcli.options import PredictOptions
 from segcli.params import DEFAULT_PARAMS, default_pad
@@ -59,15 +61,16 @@ from segcli.train.config import (
     net_config,
     parse_duration,
 )
-from segcli.train.init_from import check_dataset, role_configs
+from segcli.train.data import load_dataset, read_case
+from segcli.train.init_from import apply_init, check_dataset, load_init_weights, role_configs
 from segcli.train.loop import FitOptions, Reporter, StopFlag, TrainingInterrupted, fit
 from segcli.train.losses import default_loss, make_loss
 from segcli.train.stages import (
     coarse_stage,
-    refine_fine_stage,
+    refine_fine_stage,  # noqa: F401  (the method table names the fine stages: segcli.methods)
     rough_scores,  # noqa: F401  (importable from segcli.train as before the split)
     score_batch,  # noqa: F401
-    stts_fine_stage,
+    stts_fine_stage,  # noqa: F401
 )
 
 __all__ = ["TrainConfig", "TrainResult", "TrainingInterrupted", "parse_duration", "train", "CHECKPOINT", "METRICS",
@@ -93,8 +96,6 @@ def _find_checkpoint(run_dir: Path) -> Path:
 
 def _build_net(arch: str, conf: dict[str, Any], in_ch: int, out_ch: int, seed: int) -> Any:
     """A fresh network whose initial weights depend on the seed and the stage only."""
-    import torch
-
     torch.manual_seed(seed)  # the initial weights depend on the seed and the stage only
     try:
         return build(arch, in_channels=in_ch, out_channels=out_ch, **conf)
@@ -105,8 +106,6 @@ def _build_net(arch: str, conf: dict[str, Any], in_ch: int, out_ch: int, seed: i
 # --------------------------------------------------------------------------------------------- checkpoint
 def save_checkpoint(path: Path, doc: dict[str, Any]) -> None:
     """Atomic ``torch.save``: a kill at any moment leaves the previous checkpoint intact."""
-    import torch
-
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.partial-{os.getpid()}")
     torch.save(doc, tmp)
@@ -115,8 +114,6 @@ def save_checkpoint(path: Path, doc: dict[str, Any]) -> None:
 
 def load_checkpoint(path: Path) -> dict[str, Any]:
     """Load with ``weights_only=True``: a checkpoint is tensors and plain containers, never code."""
-    import torch
-
     if not path.is_file():
         raise UsageError(f"no training run to resume here (its state would be {path})", path.parent)
     try:
@@ -192,8 +189,6 @@ def train(
     if given.get("command"):
         cfg.command = given["command"]
     if cfg.init and ckpt is None:
-        from segcli.train.init_from import apply_init
-
         apply_init(cfg)  # the bundle's method, networks, size and normalisation
     check_config(cfg)
     reporter = reporter or Reporter(cfg.quiet)
@@ -208,8 +203,6 @@ def train(
 
 def _setup_determinism(seed: int, device: str) -> None:
     """Seed every generator and ask torch for deterministic kernels, so a seeded run repeats exactly."""
-    import torch
-
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
@@ -260,8 +253,6 @@ class _Job:
 
 def _load_checked_dataset(cfg: TrainConfig, ckpt: dict[str, Any] | None, log: Any) -> Any:
     """Read the dataset; on resume refuse one whose split changed, and record the normalisation chosen."""
-    from segcli.train.data import load_dataset
-
     ds = load_dataset(cfg.data, seed=cfg.seed, val_fraction=cfg.val_fraction, splits_file=cfg.splits,
                       channels=cfg.channels, normalization=cfg.normalization, cache_gb=cfg.cache_gb,
                       workers=cfg.workers, log=log, boundary=cfg.boundary)
@@ -305,10 +296,8 @@ def _make_stage(job: _Job, idx: int, role: str, model: Any, models: dict[str, An
     cfg, finished, stage_names = job.cfg, job.finished, roles(job.cfg.method)
     if role == "coarse":
         stage = coarse_stage(job.ds, cfg, model, job.loss_fn, idx, job.device, log)
-    elif cfg.method == "stts":
-        stage = stts_fine_stage(job.ds, cfg, model, job.loss_fn, idx, job.device, log, models["coarse"])
     else:
-        stage = refine_fine_stage(job.ds, cfg, model, job.loss_fn, idx, job.device, log, models["coarse"])
+        stage = fine_stage(cfg.method)(job.ds, cfg, model, job.loss_fn, idx, job.device, log, models["coarse"])
     if cfg.time_limit is not None:
         spent = sum(float(v["summary"]["time_s"]) for v in finished.values())
         share = cfg.stage_split if (len(stage_names) == 2 and idx == 0) else 1.0
@@ -329,8 +318,6 @@ def _train_stages(job: _Job, reporter: Reporter) -> dict[str, Any]:
                 models[role] = model.to(job.device)
                 continue
             if cfg.init and not (current and current["stage"] == role):
-                from segcli.train.init_from import load_init_weights
-
                 load_init_weights(model, cfg, role)
             elif role == "fine" and cfg.fine_init == "coarse" and not (current and current["stage"] == "fine"):
                 model.load_state_dict(job.finished["coarse"]["state"])
@@ -433,11 +420,15 @@ def _jsonable(v: Any) -> Any:
 
 def _training_section(cfg: TrainConfig, ds: Any, stages: dict[str, dict[str, Any]], loss_name: str, device: str,
                       seconds: float) -> dict[str, Any]:
-    import torch
-
     last_role = list(stages)[-1]
     last = stages[last_role]
-    kind = {"coarse": "whole images", "fine": "GT crops" if cfg.method == "stts" else "S1's most uncertain patches"}[last_role]
+    method = TABLE[cfg.method]
+    two_stage = len(method.roles) == 2
+
+    def only(option: str) -> Any:  # a setting the method reads, None for one that ignores it
+        return getattr(cfg, option) if option in method.train_options else None
+
+    kind = {"coarse": "whole images", "fine": method.fine_val_kind}[last_role]
     return _jsonable({
         "command": cfg.command,
         "dataset": ds.spec.name,
@@ -450,7 +441,7 @@ def _training_section(cfg: TrainConfig, ds: Any, stages: dict[str, dict[str, Any
         "train_samples": len(ds.train),
         "val_samples": len(ds.val),
         "epochs": cfg.epochs,
-        "fine_epochs": cfg.fine_epochs or cfg.epochs if cfg.method != "direct" else None,
+        "fine_epochs": cfg.fine_epochs or cfg.epochs if two_stage else None,
         "stages": stages,
         "val_score": last.get("val_dice"),
         "val_score_kind": f"{last_role}-stage Dice at S on the val split ({kind})",
@@ -462,30 +453,35 @@ def _training_section(cfg: TrainConfig, ds: Any, stages: dict[str, dict[str, Any
         "augment": cfg.augment,
         "stain_jitter": cfg.stain_jitter,
         "endoscopy_jitter": cfg.endoscopy_jitter,
-        "jitter": cfg.jitter if cfg.method == "stts" else None,
-        "fine_init": cfg.fine_init if cfg.method != "direct" else None,
-        "sampling": cfg.sampling if cfg.method == "refine" else None,
+        "jitter": only("jitter"),
+        "fine_init": cfg.fine_init if two_stage else None,
+        "sampling": only("sampling"),
         "seed": cfg.seed,
         "channels": cfg.channels,
         "device": device,
         "train_precision": _train_precision(cfg, device),
-        "fine_crops": cfg.fine_crops if cfg.method == "stts" else None,
-        "crops_per_image": cfg.crops_per_image if cfg.method == "stts" else None,
+        "fine_crops": only("fine_crops"),
+        "crops_per_image": only("crops_per_image"),
         "torch": torch.__version__,
         "seconds": round(seconds, 1),
         "config": cfg.to_dict(),
     })
 
 
+def _trained_param(name: str, cfg: TrainConfig, S: int) -> Any:
+    """A method parameter as a trained bundle records it: the training's own setting, else its default at S."""
+    if name == "pad":
+        return cfg.pad if cfg.pad is not None else default_pad(S)
+    if name == "patch_size":
+        return cfg.patch_size or S
+    return getattr(cfg, name) if hasattr(cfg, name) else DEFAULT_PARAMS[name]
+
+
 def _write_bundle(out_dir: Path, cfg: TrainConfig, ds: Any, models: dict[str, Any], arch_of: dict[str, str],
                   conf_of: dict[str, dict[str, Any]], training: dict[str, Any]) -> None:
     S = cfg.size
     params: dict[str, Any] = {"threshold": DEFAULT_PARAMS["threshold"], "keep_aspect": DEFAULT_PARAMS["keep_aspect"]}
-    if cfg.method == "stts":
-        params.update(pad=cfg.pad if cfg.pad is not None else default_pad(S), min_side=DEFAULT_PARAMS["min_side"],
-                      min_component=DEFAULT_PARAMS["min_component"])
-    elif cfg.method == "refine":
-        params.update(patches=cfg.patches, patch_size=cfg.patch_size or S, criterion=cfg.criterion)
+    params.update({name: _trained_param(name, cfg, S) for name in TABLE[cfg.method].train_params})
     fg = ", ".join(ds.classes[1:])
     info = {"task": f"{fg} segmentation ({ds.spec.modality or 'images'})", "dataset": ds.spec.name,
             "licence": ds.spec.licence, "modality": ds.spec.modality,
@@ -499,9 +495,6 @@ def _write_bundle(out_dir: Path, cfg: TrainConfig, ds: Any, models: dict[str, An
 
 def full_res_validation(bundle_dir: Path, ds: Any, cfg: TrainConfig, device: str) -> dict[str, Any]:
     """Score the finished bundle on the val cases exactly as ``segcli predict`` would run it."""
-    from segcli.inferer import Inferer
-    from segcli.train.data import read_case
-
     t0 = time.perf_counter()
     seg = Inferer(PredictOptions.from_kwargs(bundle_dir, backend="torch", device=device, channels=cfg.channels,
                                              threads=cfg.threads))

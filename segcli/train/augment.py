@@ -17,6 +17,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from segcli.train.endoscopy import draw, endoscopy_jitter
+
 
 @dataclass
 class AugmentConfig:
@@ -95,8 +97,6 @@ def augment(
         s_scale = _u(n * 3, 1.0 - cfg.stain, 1.0 + cfg.stain, g).view(n, 3)
         s_shift = _u(n * 3, -cfg.stain, cfg.stain, g).view(n, 3)
     if cfg.endoscopy > 0:
-        from segcli.train.endoscopy import draw, endoscopy_jitter
-
         endo = draw(n, cfg.endoscopy, g)
 
     x = x.clone()

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from segcli.errors import UsageError
-from segcli.methods import TRAINABLE
+from segcli.methods import TRAINABLE, roles
 from segcli.nets import available
 from segcli.params import CRITERIA, DEFAULT_PARAMS
 
@@ -138,7 +138,7 @@ def check_config(cfg: TrainConfig) -> None:
         raise UsageError("--jitter must be >= 0")
     if not 0.0 < cfg.stage_split < 1.0:
         raise UsageError("stage_split must be in (0, 1)")
-    if cfg.fine_init == "coarse" and cfg.method == "direct":
+    if cfg.fine_init == "coarse" and len(roles(cfg.method)) < 2:
         raise UsageError("--fine-init coarse needs a two-stage method (stts or refine)")
     if cfg.fine_init == "coarse" and (cfg.fine_arch or cfg.arch) != cfg.arch:
         raise UsageError("--fine-init coarse needs the same architecture for both stages")

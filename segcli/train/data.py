@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -295,8 +296,6 @@ def load_dataset(
     case order, so the dataset is the same whatever the thread count. ``boundary`` > 0: the targets are
     made from each case's object ids in ``instances/`` (:func:`boundary_case`).
     """
-    import time
-
     t0 = time.perf_counter()
     spec = discover(root)
     if splits_file is None and (spec.root / "splits.json").is_file():

@@ -263,6 +263,7 @@ class Reporter:
     def stage_start(self, name: str, epochs: int, steps: int, start_epoch: int) -> None:
         if not self.live:
             return
+        # lazy: rich.progress costs ~50 ms to import; only a shown progress bar needs it
         from rich.console import Console
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 

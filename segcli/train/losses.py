@@ -13,6 +13,8 @@ from collections.abc import Callable, Sequence
 import torch
 import torch.nn.functional as F
 
+from segcli.methods import TABLE
+
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 NAMES = ("dice", "bce", "ce", "focal", "dice+bce", "dice+ce", "focal+dice")
@@ -20,9 +22,7 @@ NAMES = ("dice", "bce", "ce", "focal", "dice+bce", "dice+ce", "focal+dice")
 
 def default_loss(method: str, out_channels: int) -> str:
     """Per-method defaults: Dice plus BCE/CE for stts and direct, focal + Dice for refine (Cruz et al.)."""
-    if method == "refine":
-        return "focal+dice"
-    return "dice+bce" if out_channels == 1 else "dice+ce"
+    return TABLE[method].train_loss or ("dice+bce" if out_channels == 1 else "dice+ce")
 
 
 def _probs(logits: torch.Tensor) -> torch.Tensor:

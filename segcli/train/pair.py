@@ -15,9 +15,12 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from segcli import io
 from segcli.bundle import BUNDLE_FILE, load_bundle, write_json_atomic
 from segcli.errors import BundleError, UsageError
+from segcli.inferer import Inferer
 from segcli.options import PredictOptions
 from segcli.train import Reporter, train
 
@@ -37,10 +40,7 @@ def _pair_bundle(pair: str) -> Any:
 
 def distill_dataset(images: Path, fine: Any, work: Path, log: Any) -> Path:
     """A ``shared``-layout dataset of ``images`` with the fine bundle's own masks as the labels."""
-    import numpy as np
-    from PIL import Image
-
-    from segcli.inferer import Inferer
+    from PIL import Image  # lazy: Pillow is only needed when a pair is distilled from images
 
     files = sorted(p for p in images.iterdir() if p.suffix.lower() in IMAGE_EXTS and not p.name.startswith("."))
     if not files:

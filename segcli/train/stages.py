@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 
 from segcli.geometry import patch_grid, scale_boxes, select_patches, uncertainty_scores
+from segcli.methods import TABLE
 from segcli.params import default_pad
 from segcli.runtimes.predictor import logits_to_probs
 from segcli.train.config import TrainConfig
@@ -87,7 +88,7 @@ def score_batch(logits: np.ndarray, target: np.ndarray, valid: np.ndarray | None
 def coarse_stage(ds: Any, cfg: TrainConfig, model: Any, loss_fn: Any, index: int, device: str, log: Callable[[str], None]) -> Any:
     """The coarse network on whole images at S (refine S1: random S crops of a 1.05·S image)."""
     S = cfg.size
-    train_side = int(round(1.05 * S)) if cfg.method == "refine" else S
+    train_side = int(round(TABLE[cfg.method].coarse_train_scale * S))
     t0 = time.perf_counter()
     train_cache = CoarseCache.build(ds.train, train_side, ds.n_out, ds.uint8)
     val_cache = CoarseCache.build(ds.val, S, ds.n_out, ds.uint8)
