@@ -307,3 +307,22 @@ def test_stats_on_the_bounded_path_equal_whole_mask_stats(tmp_path: Path) -> Non
     mask = tifffile.imread(tmp_path / "m.tif")
     want = label_stats(mask, b.classes, None)
     assert rep.stats == want and want[0]["components"] >= 3 and want[0]["voxels"] > 0
+
+
+@pytest.mark.parametrize("dtype", [np.uint8, np.uint32])
+def test_mask_tiles_encoded_by_segcli_read_back_with_libtiff(tmp_path, dtype):
+    """write_tiled encodes a mask's tiles itself (an empty tile once, edge tiles padded): tifffile and
+    OpenSlide (libtiff) read back the exact labels, glass tiles, edge tiles and the pyramid included."""
+    import openslide  # a test dependency (pyproject's test extra)
+
+    H, W = 1100, 1300
+    a = np.zeros((H, W), dtype)
+    a[600:, 700:] = (np.arange(500 * 600).reshape(500, 600) % (250 if dtype == np.uint8 else 70000)) + 1
+    path = write_tiled(tmp_path / "m.tif", (H, W), lambda b: a[b[0] : b[2], b[1] : b[3]], dtype=dtype, tile=512,
+                       pyramid=True)
+    with tifffile.TiffFile(path) as tif:
+        assert np.array_equal(tif.pages[0].asarray(), a)
+        assert np.array_equal(tif.series[0].levels[1].asarray(), a[::2, ::2])
+    if dtype == np.uint8:
+        s = openslide.OpenSlide(str(path))
+        assert np.array_equal(np.asarray(s.read_region((0, 0), 0, (W, H)))[..., 0], a)

@@ -143,3 +143,23 @@ def test_predict_instances_geojson_and_stats_agree_with_the_label_image(tmp_path
     assert all(int(r["area_px"]) == int((inst == int(r["id"])).sum()) for r in rows)
     rep = json.loads(r.stdout)["files"][0]
     assert rep["info"]["objects_csv"]["rows"] == len(rows)
+
+
+def test_whole_image_measurements_equal_scikit_image_regionprops():
+    """measure() computes area, box, centroid and perimeter of all objects in whole-image passes: they equal
+    skimage.measure.regionprops' per-object values, touching objects and image edges included."""
+    from skimage.measure import regionprops
+
+    rng = np.random.default_rng(5)
+    inst = np.zeros((120, 150), np.uint32)
+    for k in range(1, 40):  # overlapping discs: later ids cut into earlier ones, some reach the edges
+        inst[_disc(inst.shape, *rng.uniform((0, 0), inst.shape), rng.uniform(3, 14))] = k
+    rows = {r["id"]: r for r in measure(inst)}
+    props = regionprops(inst)
+    assert sorted(rows) == [p.label for p in props]
+    for p in props:
+        r = rows[p.label]
+        assert r["area_px"] == p.area
+        assert (r["bbox_y0"], r["bbox_x0"], r["bbox_y1"], r["bbox_x1"]) == tuple(p.bbox)
+        assert r["perimeter"] == round(p.perimeter, 4)
+        assert (r["centroid_y"], r["centroid_x"]) == pytest.approx((p.centroid[0] + 0.5, p.centroid[1] + 0.5), abs=1e-3)

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import zlib
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -372,6 +373,29 @@ def _level_tiles(h: int, w: int, src: ReadFn, *, planes: int, tile: int, dtype: 
                 yield np.ascontiguousarray(t2, dtype=dtype)
 
 
+#: zlib level of a mask's tiles: level 1 encoded a 512² uint8 nuclei tile in 1.4 ms against 4.9 ms at tifffile's
+#: default (6), a uint32 instance tile in 2.9 ms against 7.2 ms, for about 1.9× the bytes of those tiles.
+MASK_ZLIB_LEVEL = 1
+
+
+def _encoded(tiles: Iterator[np.ndarray], tile: int, dtype: np.dtype) -> Iterator[bytes]:
+    """A mask's tiles zlib-encoded as the TIFF stores them (padded to the full tile with zeros, as tifffile
+    pads them), an all-zero tile once per file: on a slide most tiles are glass, and zlib spent 3.5 ms on
+    every empty 512² uint32 tile (0.9 ms for uint8)."""
+    empty: bytes | None = None
+    for t in tiles:
+        if not t.any():
+            if empty is None:
+                empty = zlib.compress(np.zeros((tile, tile), dtype).tobytes(), MASK_ZLIB_LEVEL)
+            yield empty
+            continue
+        if t.shape != (tile, tile):
+            full = np.zeros((tile, tile), dtype)
+            full[: t.shape[0], : t.shape[1]] = t
+            t = full
+        yield zlib.compress(np.ascontiguousarray(t, dtype).tobytes(), MASK_ZLIB_LEVEL)
+
+
 def _store_reader(store: Any, h: int, planes: int) -> ReadFn:
     """``read(box)`` over a level's spilled store, whose planes are stacked along its rows."""
     def src(box: tuple[int, int, int, int]) -> np.ndarray:
@@ -428,6 +452,8 @@ def write_tiled(
                                      nxt=stores[lvl] if lvl < len(stores) else None,
                                      on_tile=on_tile if lvl == 0 else None)
                 shape_l = (K, h, w) if planes else (h, w)
+                if not planes:  # a mask: tiles encoded here (segcli's own zlib level, empty tiles once)
+                    tiles = _encoded(tiles, tile, dtype)  # type: ignore[assignment]
                 if lvl == 0:
                     tw.write(tiles, shape=shape_l, dtype=dtype, subifds=len(dims) - 1, metadata=meta, **kw,
                              **resolution_tags(resolution, spacing))
