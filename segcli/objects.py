@@ -222,9 +222,10 @@ def _colour_layers(reg: np.ndarray, n: int) -> list[np.ndarray]:
     fg = reg > 0
     if not pairs:
         return [fg]
-    pr = np.unique(np.sort(np.concatenate(pairs).astype(np.int64), axis=1), axis=0)
+    both = np.sort(np.concatenate(pairs).astype(np.int64), axis=1)
+    codes = np.unique(both[:, 0] * (n + 1) + both[:, 1])  # one int per pair: a 1-D unique, not a row-wise one
     adj: dict[int, list[int]] = {}
-    for a, b in pr.tolist():
+    for a, b in zip((codes // (n + 1)).tolist(), (codes % (n + 1)).tolist(), strict=True):
         adj.setdefault(a, []).append(b)
         adj.setdefault(b, []).append(a)
     colour = np.zeros(n + 1, np.int64)
