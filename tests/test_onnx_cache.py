@@ -257,3 +257,22 @@ def test_export_of_a_shipped_bundle_fills_the_cache_and_leaves_the_bundle(tmp_pa
     assert {p.name: p.read_bytes() for p in (shipped / "tiny").iterdir() if p.is_file()} == before
     r = run_cli("export", str(shipped / "tiny"), env=env)  # a folder the user names is exported into, as before
     assert r.returncode == 0 and (shipped / "tiny" / "coarse.onnx").is_file()
+
+
+def test_a_script_without_a_main_guard_exports_on_first_use(bundle: Path, tmp_path: Path) -> None:
+    """The first-use export runs in a child interpreter, not a multiprocessing child: spawning one re-runs the
+    caller's main script, so a plain script (no ``if __name__ == "__main__"``) failed with BrokenProcessPool."""
+    import os
+
+    img = _image(tmp_path / "a.png")
+    script = tmp_path / "plain.py"
+    script.write_text("import sys\nfrom segcli.api import Segmenter\n"
+                      "assert 'torch' not in sys.modules  # so the export goes to a child\n"
+                      f"rep = Segmenter({str(bundle)!r}).predict_file({str(img)!r}, {str(tmp_path / 'o' / 'a_seg.png')!r})\n"
+                      "print(rep.status, rep.error, sorted(set(rep.providers.values())))\n")
+    env = {**os.environ, "SEGCLI_ONNX_CACHE": str(tmp_path / "cache"), "NO_COLOR": "1"}
+    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=env, cwd=tmp_path,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split() == ["ok", "None", "['onnx:CPUExecutionProvider']"]
+    assert len(list((tmp_path / "cache").glob("*.onnx"))) == 2

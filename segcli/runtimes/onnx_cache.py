@@ -26,12 +26,11 @@ import contextlib
 import hashlib
 import json
 import logging
-import multiprocessing as mp
 import os
+import subprocess
 import sys
 import time
 from collections.abc import Iterator
-from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -214,26 +213,46 @@ def build(root: Path, bundle: Any, role: str) -> tuple[bytes | None, dict[str, A
         return data, rec
 
 
-def _build_in_child(root: str, bundle_path: str, allow_unhashed: bool, role: str) -> tuple[bytes | None, dict]:
+def child_main(argv: list[str]) -> int:
+    """The export child (:func:`_build_isolated`): build ``role`` of the bundle into the cache, then print its own
+    peak (not ru_maxrss, which carries the parent's) as the last line of stdout, for the parent's account of
+    the budget."""
+    root, bundle_path, allow_unhashed, role = argv
     bundle = load_bundle(Path(bundle_path))
-    bundle.allow_unhashed = allow_unhashed
-    data, rec = build(Path(root), bundle, role)
-    # this child's own peak (not ru_maxrss, which carries the parent's), for the parent's account of the budget
-    return data, {**rec, "export_peak_bytes": peak_rss_bytes()}
+    bundle.allow_unhashed = allow_unhashed == "1"
+    build(Path(root), bundle, role)
+    print(json.dumps({"export_peak_bytes": peak_rss_bytes()}))
+    return 0
 
 
 def _build_isolated(root: Path, bundle: Any, role: str) -> tuple[bytes | None, dict[str, Any]]:
-    """:func:`build` in a short-lived child process when torch is not loaded here yet.
+    """:func:`build` in a short-lived child interpreter when torch is not loaded here yet.
 
     Exporting imports torch (about 300 MB of RSS that never goes back): in the process that then runs the
     networks on ONNX Runtime it made a first run need 385 MB where the next ones need 130 (segcli.memplan
-    counts what the process holds). Where torch is already loaded, the export runs here.
+    counts what the process holds). Where torch is already loaded, the export runs here. The child is a
+    fresh ``python -c`` with this process's import path, not a multiprocessing child: spawning one re-runs
+    the caller's main script, so a user's script without an ``if __name__ == "__main__"`` guard failed its
+    first prediction with "BrokenProcessPool".
     """
     if "torch" in sys.modules:
         return build(root, bundle, role)
-    with ProcessPoolExecutor(1, mp_context=mp.get_context("spawn")) as pool:
-        return pool.submit(_build_in_child, str(root), str(bundle.path), bool(getattr(bundle, "allow_unhashed", False)),
-                           role).result()
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
+    code = "import sys; from segcli.runtimes.onnx_cache import child_main; sys.exit(child_main(sys.argv[1:]))"
+    proc = subprocess.run([sys.executable, "-c", code, str(root), str(bundle.path),
+                           "1" if getattr(bundle, "allow_unhashed", False) else "0", role],
+                          capture_output=True, text=True, env=env, check=False)
+    if proc.returncode != 0:  # (a Ctrl-C reaches this process too, and stops it in subprocess.run)
+        lines = [ln for ln in proc.stderr.strip().splitlines() if ln.strip()]
+        why = (f"killed by signal {-proc.returncode}" + (" (out of memory?)" if proc.returncode == -9 else "")
+               if proc.returncode < 0 else lines[-1] if lines else f"exit status {proc.returncode}")
+        raise SegcliError(f"the ONNX export of the {role} network failed: {why}", bundle.path)
+    data, rec = lookup(root, bundle, role)
+    try:
+        extra = json.loads(proc.stdout.strip().splitlines()[-1])
+    except (IndexError, ValueError):
+        extra = {}
+    return data, {**(rec or {}), **extra}
 
 
 def export_need(bundle: Any, role: str) -> int:
