@@ -44,11 +44,18 @@ def split_touching(mask: np.ndarray, min_distance: float = 3.0, smooth: float = 
     comps, n = ndi.label(fg, structure=np.ones((3, 3), bool))
     if n == 0:
         return np.zeros(fg.shape, np.uint32)
-    dist = ndi.distance_transform_edt(fg).astype(np.float32)
+    # lazy: OpenCV costs ~0.15 s at start-up and only instance runs need it. Its exact Euclidean distance,
+    # Gaussian and dilation give scipy's distance_transform_edt, gaussian_filter (truncate 4, mirrored
+    # borders) and maximum_filter to float32 rounding, at a third of the cost on 768² windows.
+    import cv2
+
+    dist = cv2.distanceTransform(fg.astype(np.uint8), cv2.DIST_L2, cv2.DIST_MASK_PRECISE)
     if smooth > 0:
-        dist = ndi.gaussian_filter(dist, smooth) * fg
+        k = 2 * int(4.0 * smooth + 0.5) + 1
+        dist = cv2.GaussianBlur(dist, (k, k), smooth, borderType=cv2.BORDER_REFLECT) * fg
     size = max(3, int(2 * round(min_distance) + 1))
-    peaks = (dist >= ndi.maximum_filter(dist, size=size)) & (dist >= min(min_distance, 1.0)) & fg
+    top = cv2.dilate(dist, np.ones((size, size), np.uint8))
+    peaks = (dist >= top) & (dist >= min(min_distance, 1.0)) & fg
     seeds, n_seeds = ndi.label(peaks, structure=np.ones((3, 3), bool))
     # a component without a seed (too small or flat) gets one at its deepest pixel
     seeded = np.zeros(n + 1, bool)
