@@ -127,7 +127,7 @@ def predict(
     model: Annotated[str | None, typer.Option("-m", "--model", help="Bundle folder or shipped model name (see `segcli models`). Default: models/index.json.", rich_help_panel="Model and method")] = None,
     method: Annotated[str | None, typer.Option(help=f"{' | '.join(METHODS)} (default: the bundle's).", rich_help_panel="Model and method")] = None,
     backend: Annotated[str, typer.Option(help="auto (ONNX Runtime on the CPU: the bundle's export, else one made on first use and cached; torch on CUDA) | torch | onnx", rich_help_panel="Performance")] = "auto",
-    precision: Annotated[str, typer.Option(help="auto (int8 where the bundle carries a checked int8 export, on the CPU; else fp32) | fp32 | bf16 (torch, CPUs with native bf16) | int8", rich_help_panel="Performance")] = "auto",
+    precision: Annotated[str, typer.Option(help="auto (int8 where the bundle carries a checked int8 export, on the CPU; else fp32) | fp32 | fp16 (CUDA) | bf16 (torch, CPUs with native bf16) | int8", rich_help_panel="Performance")] = "auto",
     onnx_cache: Annotated[str | None, typer.Option(help="Folder for first-use ONNX exports, or off [default: $SEGCLI_ONNX_CACHE, else ~/.cache/segcli/onnx]", rich_help_panel="Performance")] = None,
     device: Annotated[str, typer.Option(help="auto | cpu | cuda | cuda:N", rich_help_panel="Performance")] = "auto",
     threads: Annotated[int | None, typer.Option(help="Intra-op threads (default: the cores really available) [1–1024].", rich_help_panel="Performance")] = None,
@@ -167,7 +167,7 @@ def predict(
     arsm_maps: Annotated[Path | None, typer.Option(help="ARSM models: write per-class PNGs of the resolution the gate chose into this folder. Default: none.", rich_help_panel="Input and output")] = None,
     probabilities: Annotated[bool, typer.Option("--probabilities", help="Also write float32 class probabilities (NAME_seg_probs.EXT).", rich_help_panel="Input and output", metavar=" ")] = False,
     skip_existing: Annotated[bool, typer.Option("--skip-existing", help="Skip inputs whose mask already exists (resume a batch).", rich_help_panel="Input and output", metavar=" ")] = False,
-    half: Annotated[bool, typer.Option("--half", help="fp16 autocast on CUDA.", rich_help_panel="Performance", metavar=" ")] = False,
+    half: Annotated[bool, typer.Option("--half", help="Deprecated: the same as --precision fp16.", rich_help_panel="Performance", metavar=" ")] = False,
     allow_unhashed: Annotated[bool, typer.Option("--allow-unhashed", help="Load weights that have no sha256 in segcli.json (refused otherwise; only for bundles you made yourself).", rich_help_panel="Model and method", metavar=" ")] = False,
     quiet: Annotated[bool, typer.Option("-q", "--quiet", help="Only errors on stderr.", rich_help_panel="Reporting", metavar=" ")] = False,
     json_out: Annotated[bool, typer.Option("--json", help="Print a machine-readable summary on stdout.", rich_help_panel="Reporting", metavar=" ")] = False,
@@ -185,6 +185,8 @@ def predict(
     _setup_logging(log_file)
     _file_option("--stats", stats)
     console = _stderr_console(quiet)
+    if half and not quiet:
+        console.print("note: --half is deprecated; it is --precision fp16", highlight=False)
     try:
         options = PredictOptions(
             model=model, method=method, backend=backend, precision=precision, onnx_cache=onnx_cache, device=device, threads=threads, channels=channels,

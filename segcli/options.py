@@ -81,6 +81,13 @@ class PredictOptions:
             raise UsageError(f"--backend must be one of {', '.join(BACKENDS)}, not {self.backend!r}")
         if self.precision not in PRECISIONS:
             raise UsageError(f"--precision must be one of {', '.join(PRECISIONS)}, not {self.precision!r}")
+        if self.half:  # the deprecated spelling of --precision fp16
+            if self.precision not in ("auto", "fp16"):
+                raise UsageError(f"--half is --precision fp16; it cannot go with --precision {self.precision}")
+            set_(self, "precision", "fp16")
+        if self.precision == "fp16":
+            _check_fp16(self.device)
+            set_(self, "half", True)
         if self.precision == "bf16":
             _check_bf16(self.backend, self.device)
         if self.output_type not in OUTPUT_TYPES:
@@ -144,6 +151,13 @@ def parse_window(value: Any) -> tuple[float, float]:
     if not (w > 0 and abs(c) < 1e5 and w < 1e5):
         raise UsageError(f"--window width must be > 0 and both values plausible HU, not {value!r}")
     return c, w
+
+
+def _check_fp16(device: str | None) -> None:
+    """``--precision fp16`` (``--half``) runs on CUDA only; on the CPU it was ignored in silence before."""
+    dev = (device or "auto").strip().lower()
+    if dev == "cpu" or (dev == "auto" and not cuda_possible()):
+        raise UsageError("--precision fp16 runs on CUDA only, and this run is on the CPU; use fp32, bf16 or int8")
 
 
 def _check_bf16(backend: str, device: str | None) -> None:

@@ -117,7 +117,7 @@ def test_cli_int8_needs_images_and_int8_needs_the_variant(bundle: Path, tmp_path
     r = run_cli("predict", img, "-o", tmp_path / "o/", "--model", copy, "--precision", "int8")
     assert r.returncode == 2 and "has no int8 export" in r.stderr
     r = run_cli("predict", img, "-o", tmp_path / "o/", "--model", copy, "--precision", "fp8")
-    assert r.returncode == 2 and r.stderr.startswith("segcli: error: --precision must be one of auto, fp32, bf16, int8")
+    assert r.returncode == 2 and r.stderr.startswith("segcli: error: --precision must be one of auto, fp32, fp16, bf16, int8")
 
 
 def test_bf16_runs_where_the_cpu_has_it_and_is_refused_elsewhere(bundle: Path) -> None:
@@ -170,3 +170,24 @@ def test_bf16_is_checked_once_at_parse_time(monkeypatch, tmp_path: Path) -> None
 
     r = run_cli("predict", tmp_path / "missing.png", "--precision", "bf16", "--backend", "onnx")
     assert r.returncode == 2 and "--precision bf16 runs on torch" in r.stderr
+
+
+def test_half_is_precision_fp16_and_fp16_needs_cuda(monkeypatch, tmp_path: Path) -> None:
+    """--half is the deprecated spelling of --precision fp16; both are refused before work on the CPU (before,
+    --half was ignored there in silence), and --half with another precision is a contradiction."""
+    import segcli.options as options
+    from segcli.options import PredictOptions
+
+    img = tmp_path / "a.png"
+    Image.fromarray(np.zeros((20, 20), np.uint8)).save(img)
+    for args in (["--precision", "fp16"], ["--half"]):
+        r = run_cli("predict", img, "--device", "cpu", *args)
+        assert r.returncode == 2 and "--precision fp16 runs on CUDA only" in r.stderr, r.stderr
+        assert ("--half is deprecated" in r.stderr) == (args == ["--half"])
+    r = run_cli("predict", img, "--half", "--precision", "int8")
+    assert r.returncode == 2 and "--half is --precision fp16; it cannot go with --precision int8" in r.stderr
+    assert not list(tmp_path.glob("a_seg*"))  # nothing was written
+    monkeypatch.setattr(options, "cuda_possible", lambda: True)
+    o = PredictOptions(half=True)
+    assert (o.precision, o.half) == ("fp16", True)
+    assert PredictOptions(precision="fp16", device="cuda").half

@@ -25,7 +25,7 @@ __all__ = ["BACKENDS", "PRECISIONS", "FunctionPredictor", "Predictor", "cpu_has_
 BACKENDS = ("auto", "torch", "onnx")
 #: ``fp32``; ``bf16`` (torch autocast, CPUs with native bf16); ``int8`` (the bundle's checked QDQ export on
 #: ONNX Runtime); ``auto``: int8 where the bundle records a passing check and the device is the CPU, else fp32.
-PRECISIONS = ("auto", "fp32", "bf16", "int8")
+PRECISIONS = ("auto", "fp32", "fp16", "bf16", "int8")
 
 
 def cpu_has_bf16() -> bool:
@@ -48,6 +48,8 @@ def make_predictor(bundle, role: str, *, backend: str = "torch", device: str = "
     (``--max-memory``): a first-use export that would not fit it is refused before it starts.
     """
     cpu = not device.startswith("cuda")
+    if precision == "fp16":  # CUDA only (checked when the options were made): torch autocast / an fp16 export
+        half, precision = True, "fp32"
     if precision == "auto":
         precision = "int8" if cpu and backend != "torch" and int8_ok(bundle, role) else "fp32"
     if precision == "int8" and not bundle.network(role).int8 and any(n.int8 for n in bundle.networks.values()):
