@@ -210,3 +210,13 @@ def test_blend_store_spilled_equals_the_dense_sliding_blend(tmp_path, classes):
     np.testing.assert_allclose(p[:, only], ref_probs[:, only], atol=1e-6)
     np.testing.assert_array_equal(labels[only], ref_labels[only])
     assert not labels[~reached].any() and np.all(p[0, ~reached] == 1.0)
+
+
+def test_class_argmax_is_numpys_argmax_ties_included():
+    from segcli.fusion import class_argmax
+
+    rng = np.random.default_rng(2)
+    p = rng.random((4, 33, 47)).astype(np.float32)
+    p[:, :5, :5] = 0.25  # a four-way tie: the first class, as numpy's argmax
+    p[2, 10:12, :] = p[1, 10:12, :]  # two-way ties
+    assert np.array_equal(class_argmax(p), p.argmax(axis=0)) and class_argmax(p).dtype == np.uint8
