@@ -13,7 +13,7 @@ import difflib
 import hashlib
 import json
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -88,6 +88,8 @@ class Bundle:
     #: a class the networks output only to separate touching objects (``"instances": {"boundary": NAME,
     #: "object": NAME}``): its index and the index of the object class it belongs to (see :meth:`fold`)
     boundary: tuple[int, int] | None = None
+    #: for a view made by :meth:`folded`: the bundle whose networks (with the boundary class) serve it
+    networks_of: Bundle | None = None
 
     @property
     def n_classes(self) -> int:
@@ -100,6 +102,14 @@ class Bundle:
         if self.boundary is None:
             return self.classes
         return [c for i, c in enumerate(self.classes) if i != self.boundary[0]]
+
+    def folded(self) -> Bundle:
+        """This bundle as the engines of a run without instances see it: the mask's classes only, the networks'
+        boundary probability added to its object's before any fusion (``segcli.inferer``), so such a run
+        fuses and stores what a bundle without a boundary class would (one channel for one object class)."""
+        if self.boundary is None:
+            return self
+        return replace(self, classes=self.output_classes, boundary=None, networks_of=self)
 
     def fold(self) -> np.ndarray | None:
         """uint8 table from network labels to mask labels (None when they are the same): the boundary class

@@ -534,11 +534,13 @@ def fold_boundary(res: Any, lut: np.ndarray | None, boundary: tuple[int, int] | 
         res.probs = fold_probs(res.probs, boundary)
 
 
-def fold_probs(probs: np.ndarray, boundary: tuple[int, int] | None) -> np.ndarray:
-    """``(K, ...)`` network probabilities to the mask's classes: the boundary class's added to its object's."""
+def fold_probs(probs: np.ndarray, boundary: tuple[int, int] | None, axis: int = 0) -> np.ndarray:
+    """Network probabilities (classes along ``axis``) to the mask's classes: the boundary class's added to its
+    object's."""
     if boundary is None:
         return probs
     b, obj = boundary
-    out = np.delete(probs, b, axis=0)
-    out[obj if obj < b else obj - 1] += probs[b]
+    out = np.delete(probs, b, axis=axis)
+    keep = obj if obj < b else obj - 1
+    np.moveaxis(out, axis, 0)[keep] += np.moveaxis(probs, axis, 0)[b]
     return out

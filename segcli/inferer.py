@@ -26,7 +26,7 @@ from segcli.bundle import Bundle, load_bundle, resolve_model
 from segcli.engines.base import ArrayPlane, ProgressFn, Result, ScaledLabels, ScaledPlane
 from segcli.engines.volume import SlicePlane
 from segcli.errors import InputError
-from segcli.fusion import fold_boundary
+from segcli.fusion import fold_boundary, fold_probs
 from segcli.geometry import slice_axis
 from segcli.io.volstream import ArrayVolume, SlabCache
 from segcli.lunggate import GateParams
@@ -97,7 +97,9 @@ class Inferer:
         if root not in self._bundles:
             bundle = load_bundle(root)
             bundle.allow_unhashed = self.options.allow_unhashed
-            self._bundles[root] = bundle
+            # a boundary class serves only the instance split: without --instances it is folded into its
+            # object before fusion (segcli.bundle.Bundle.folded), so the run costs what a binary one does
+            self._bundles[root] = bundle if self.options.instances else bundle.folded()
         return self._bundles[root]
 
     def plan_for(self, bundle: Bundle) -> plan.Plan:
@@ -109,12 +111,14 @@ class Inferer:
         key = (bundle.path.resolve(), role)
         if key not in self._predictors:
             t = time.perf_counter()
-            self._predictors[key] = make_predictor(
-                bundle, role, backend=self.options.backend, device=self.device,
+            nets = bundle.networks_of or bundle
+            pred = make_predictor(
+                nets, role, backend=self.options.backend, device=self.device,
                 max_batch=int(self.param(bundle, "batch_size")), half=self.options.half,
                 onnx_cache=self.options.onnx_cache, precision=self.options.precision,
                 export_budget=self.run_budget if self.options.max_memory is not None else None,
             )
+            self._predictors[key] = pred if nets is bundle else FoldedPredictor(pred, nets.boundary)
             # model loading, and the ONNX export on first use: a stage of the file that needed it (pipeline)
             self.load_seconds["total"] = self.load_seconds.get("total", 0.0) + time.perf_counter() - t
         return self._predictors[key]
@@ -145,6 +149,7 @@ class Inferer:
         (segcli.runtimes.onnx_cache.check_export_budget)."""
         if self.options.backend not in ("auto", "onnx") or self.device.startswith("cuda"):
             return
+        bundle = bundle.networks_of or bundle  # the networks' own bundle: their classes are the export's
         budget = self.run_budget if self.options.max_memory is not None else None
         todo = [r for r in self.roles(bundle) if (bundle.path.resolve(), r) not in self._predictors and
                 onnx_cache.status(bundle, r, self.options.onnx_cache).endswith("(exported on first use)")]
@@ -361,6 +366,22 @@ class Inferer:
         res.info["slabs_read"] = cache.slabs_read
         res.info["memory_plan"] = mplan.to_dict()
         return res, bundle
+
+
+class FoldedPredictor:
+    """A network with a boundary class seen as one without: the boundary's probability is added to its object's
+    (``segcli.fusion.fold_probs``), for runs that need no instances (:meth:`segcli.bundle.Bundle.folded`)."""
+
+    def __init__(self, inner: Any, boundary: tuple[int, int] | None) -> None:
+        self.inner, self.boundary = inner, boundary
+        self.n_classes = int(inner.n_classes) - 1
+        self.in_channels, self.backend, self.device = inner.in_channels, inner.backend, inner.device
+
+    def __call__(self, batch: np.ndarray) -> np.ndarray:
+        return fold_probs(self.inner(batch), self.boundary, axis=1)
+
+    def __getattr__(self, name: str) -> Any:  # batch sizes, sessions, precision: the network's own
+        return getattr(self.inner, name)
 
 
 @dataclass(frozen=True)

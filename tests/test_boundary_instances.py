@@ -179,14 +179,22 @@ def test_a_run_writes_the_folded_mask_and_splits_at_the_boundary(tmp_path, bound
         assert np.array_equal(inst, whole)
 
 
-def test_probabilities_are_those_of_the_mask_classes(tmp_path, boundary_bundle):
+def test_without_instances_the_boundary_is_folded_before_fusion(tmp_path, boundary_bundle):
+    """A run without --instances fuses one object probability (the boundary's added to the nucleus's per window),
+    as a binary bundle would: its mask is that probability over the threshold, and it equals the three-class
+    run's blended nucleus probability (blending is linear) over the threshold."""
     from segcli.api import Segmenter
 
     img = _png(_image(tmp_path, False))
-    res, _ = Segmenter(str(boundary_bundle)).segment_array(img, kind="2d", return_probs=True)
-    assert res.probs is not None and res.probs.shape == (2, *img.shape[:2])
-    assert np.allclose(res.probs.sum(axis=0), 1.0, atol=1e-4)
-    assert res.parts is not None and np.all(res.probs[1][res.parts == 2] > 0)  # the boundary counts as nucleus
+    plain, _ = Segmenter(str(boundary_bundle)).segment_array(img, kind="2d", return_probs=True)
+    inst, _ = Segmenter(str(boundary_bundle), instances=True).segment_array(img, kind="2d", return_probs=True)
+    for res in (plain, inst):
+        assert res.probs is not None and res.probs.shape == (2, *img.shape[:2])
+        assert np.allclose(res.probs.sum(axis=0), 1.0, atol=1e-4)
+    assert plain.parts is None and inst.parts is not None
+    assert np.array_equal(plain.labels, (plain.probs[1] > 0.5).astype(np.uint8))
+    assert np.allclose(plain.probs, inst.probs, atol=1e-4)
+    assert np.all(inst.probs[1][inst.parts == 2] > 0)  # the boundary counts as nucleus
 
 
 def _png(path: Path) -> np.ndarray:
