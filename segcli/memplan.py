@@ -256,7 +256,7 @@ def make_plan(*, budget: int, kind: str, name: str, base: int, costs: dict[str, 
     room = budget - (budget - minimum) // 4  # a quarter of what is above the minimum stays slack
     cap = min([efficient_batch(t, wanted) for t in others] or [wanted]) if how == "measured" else wanted
     rcap = efficient_batch(coarse, wanted) if coarse is not None and how == "measured" else cap
-    if not user_budget and extra > 0:  # default budget, instance split held on top of the coarse arena
+    if not user_budget:  # default budget: the coarse arena is held for the whole run (see DEFAULT_ROUGH_BATCH)
         rcap = min(rcap, DEFAULT_ROUGH_BATCH)
     batch = max([b for b in range(1, cap + 1) if base + workset + caches + batch_bytes(b, 1) <= room], default=1)
     rough = max([r for r in range(1, rcap + 1) if base + workset + caches + batch_bytes(batch, r) <= room],

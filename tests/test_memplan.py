@@ -56,11 +56,11 @@ def test_the_plan_fits_its_budget_and_grows_batches_and_caches_with_it() -> None
     assert plans[-1].fuse_cache == memplan.FUSE_CACHE[1] and plans[0].fuse_cache < plans[-1].fuse_cache
 
 
-def test_the_default_budget_caps_the_rough_batch_under_the_instance_split() -> None:
-    """--instances without --max-memory: the coarse network's rough batch is at most 2 (its arena is held for the
-    whole run, the instance window on top; batch 4 had a default --instances run on a 16000² slide peak above
-    600 MB), while a user's budget, and a default run without the split, still plan it from the measured cost
-    per item (31.5 MB at 4, within 1.25x of 27.3 at 2: batch 4)."""
+def test_the_default_budget_caps_the_rough_batch() -> None:
+    """Without --max-memory the coarse network's rough batch is at most 2: its arena is held for the whole run
+    (with --instances the instance window on top). Batch 4 had a default --instances run on a 16000² slide peak
+    above 600 MB, and the measured costs of another machine planned batch 8 for a plain run (621 MB). A user's
+    budget still plans it from the measured cost per item (31.5 MB at 4, within 1.25x of 27.3 at 2: batch 4)."""
     coarse = {1: 33_100_000, 2: 54_600_000, 4: 126_000_000, 8: 285_500_000}  # nuclei-he, re-measured
     extra = memplan.instance_windows(1024)
     user = _plan(16000 * MB, costs={"coarse": coarse, "fine": FINE}, extra=extra)
@@ -70,7 +70,7 @@ def test_the_default_budget_caps_the_rough_batch_under_the_instance_split() -> N
     assert user.total - default.total == coarse[4] - coarse[2]
     assert default.minimum == user.minimum
     plain = _plan(16000 * MB, costs={"coarse": coarse, "fine": FINE}, user_budget=False)
-    assert plain.rough_batch == 4  # no instance split: the default run keeps its rough batch
+    assert plain.rough_batch == 2  # no instance split: the same cap
     # a small default budget still plans below the cap when that is all that fits
     tight = _plan(default.minimum, costs={"coarse": coarse, "fine": FINE}, extra=extra, user_budget=False)
     assert tight.rough_batch == 1 and tight.total <= tight.budget

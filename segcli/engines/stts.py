@@ -105,11 +105,30 @@ def rough_pass(
         if hasattr(low, "close"):
             low.close()
     assert res.probs is not None
+    if where is not None:
+        _glass_is_background(res.probs, where)
     info = {"rough_factor": round(max(H / hw[0], W / hw[1]), 3), "rough_tiled": True, "rough_shape": list(hw),
             "rough_tiles": res.info.get("tiles", 0), "rough_tiles_glass": res.info.get("tiles_skipped", 0), **ginfo}
     # A huge slide's rough map lives through the whole fine pass: half precision halves it (2500² × 2 classes:
     # 50 → 25 MB at 40k²); it only places crops and fills uncovered pixels, so 3 decimals are plenty.
     return res.probs.astype(np.float16), info
+
+
+def _glass_is_background(probs: np.ndarray, where: np.ndarray) -> None:
+    """Set the rough map to background on bare glass (``where`` False, grown by one of its pixels, a quarter
+    overview pixel, so tissue edges keep their windows): the coarse network's specks on the glass around a piece
+    of tissue placed fine windows there. On a 16000² slide of 13 MoNuSeg tiles nuclei-he's boundary network's
+    rough map put 548 windows, 429 with this (Dice 0.8224 → 0.8216); the binary network's 350 became 351."""
+    keep = np.pad(where, 1)  # grown by one pixel (8-neighbours), in numpy: the engines need no scipy
+    keep = np.logical_or.reduce([keep[1 + dy : keep.shape[0] - 1 + dy, 1 + dx : keep.shape[1] - 1 + dx]
+                                 for dy in (-1, 0, 1) for dx in (-1, 0, 1)])
+    h, w = probs.shape[1:]  # each rough pixel looks up the quarter-grid pixel that holds its centre
+    ry = np.minimum(((np.arange(h) + 0.5) * keep.shape[0] / h).astype(np.int64), keep.shape[0] - 1)
+    rx = np.minimum(((np.arange(w) + 0.5) * keep.shape[1] / w).astype(np.int64), keep.shape[1] - 1)
+    up = keep[ry[:, None], rx[None, :]]
+    glass = ~up
+    probs[0][glass] = 1
+    probs[1:, glass] = 0
 
 
 def _overview_and_glass(plane: Plane, hw: tuple[int, int]) -> tuple[Plane, np.ndarray | None, dict]:
