@@ -77,7 +77,28 @@ def _torch_setup():
 
     bundle = load_bundle(MODEL)
     net = bundle.load_module("fine").eval()
+    if bundle.boundary is not None:  # a boundary class: the peers threshold one object logit, as for a binary net
+        net = _ObjectLogit(torch, net, bundle.boundary)
     return torch, bundle, net
+
+
+def _ObjectLogit(torch, net, boundary):  # noqa: N802  (a torch module built where torch is imported)
+    """The logit of P(object or its boundary) = logsumexp(z_obj, z_boundary) - logsumexp(other classes): blended
+    and thresholded at 0 by the peers exactly as a binary network's single logit is."""
+    b, obj = boundary
+
+    class ObjectLogit(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = net
+
+        def forward(self, x):
+            z = self.net(x)
+            fg = torch.zeros(z.shape[1], dtype=torch.bool)
+            fg[[b, obj]] = True
+            return torch.logsumexp(z[:, fg], 1, keepdim=True) - torch.logsumexp(z[:, ~fg], 1, keepdim=True)
+
+    return ObjectLogit().eval()
 
 
 def _read_rgb(path: Path) -> np.ndarray:
