@@ -270,7 +270,8 @@ def models_cmd(
         for r in rows:
             mark = defaults.get(r["name"], "")
             print(f"{r['name']:<16} {r['method']:<7} S={r['input_size']:<4} {r['size_bytes'] / 1e6:5.1f} MB  "
-                  f"{'/'.join(r['classes'])}  {mark}".rstrip())
+                  f"{'/'.join(r['classes'])}{' (+' + r['boundary_class'] + ', --instances)' if r.get('boundary_class') else ''}"
+                  f"  {mark}".rstrip())
             print(f"{'':16} {r['val_score_means']}; {r['task']}")
             if r.get("reproduce"):
                 print(f"{'':16} reproduce: {r['reproduce']}")
