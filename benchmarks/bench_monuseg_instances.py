@@ -26,7 +26,7 @@ import tifffile
 
 from segcli.api import Segmenter
 from segcli.instance_metrics import InstanceCounts, instance_counts
-from segcli.instances import components, split_by_boundary, split_touching
+from segcli.instances import components, split_touching
 
 
 def rasterise(xml: Path, shape: tuple[int, int]) -> np.ndarray:
@@ -63,16 +63,12 @@ def main() -> None:
     ap.add_argument("--images", type=Path, help="folder of NAME.png for XMLs without a .tif beside them")
     ap.add_argument("--names", nargs="+", help="only these tiles")
     ap.add_argument("--min-distance", type=float, nargs="*", default=[], help="extra seed distances to score")
-    ap.add_argument("--boundary", action="store_true",
-                    help="also score the three-class split (segcli.instances.split_by_boundary) of a bundle "
-                         "whose classes are background, nucleus, boundary")
     ap.add_argument("--method", help="override the bundle's method")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
     names = args.names or sorted(p.stem for p in args.xml.glob("*.xml"))
     seg = Segmenter(args.model, instances=True, **({"method": args.method} if args.method else {}))
     variants = ["components", "instances"] + [f"watershed-{d:g}" for d in args.min_distance]
-    variants += ["boundary"] if args.boundary else []
     pooled = {v: InstanceCounts() for v in variants}
     inter = total = 0
     rows = []
@@ -83,8 +79,7 @@ def main() -> None:
             rep = seg.predict_file(src, Path(tmp) / f"{name}_seg.tif")
             if rep.status != "ok":
                 raise SystemExit(f"{name}: {rep.status} {rep.error}")
-            labels = tifffile.imread(Path(tmp) / f"{name}_seg.tif")
-            mask = labels > 0
+            mask = tifffile.imread(Path(tmp) / f"{name}_seg.tif") > 0
             inst = tifffile.imread(Path(tmp) / f"{name}_seg_instances.tif")
             truth = rasterise(args.xml / f"{name}.xml", mask.shape)
             tf = truth > 0
@@ -93,7 +88,6 @@ def main() -> None:
             row: dict = {"image": name, "dice": round(2 * i / s, 4), "objects_true": int(truth.max())}
             for v in variants:
                 pred = (components(mask) if v == "components" else inst if v == "instances"
-                        else split_by_boundary(labels) if v == "boundary"
                         else split_touching(mask, float(v.split("-")[1])))
                 c = instance_counts(truth, pred)
                 pooled[v] = pooled[v] + c

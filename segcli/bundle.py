@@ -305,20 +305,28 @@ def parse_codes(value: Any, classes: list[str], where: Path) -> dict[str, dict[s
     return out
 
 
-def _parse_boundary(value: Any, classes: list[str], where: Path) -> tuple[int, int] | None:
-    """``"instances": {"boundary": "boundary", "object": "nucleus"}``: the class that marks the edge of an
-    object (trained to separate touching ones) and the class it is folded into in the mask."""
+def boundary_of(value: Any, classes: list[str]) -> tuple[int, int] | None:
+    """``"instances": {"boundary": "boundary", "object": "nucleus"}`` (a bundle's segcli.json, a dataset's
+    dataset.json): the indices of the class that marks an object's edge (trained to separate touching ones)
+    and of the class it is folded into in the mask; ValueError naming what is wrong."""
     if value is None:
         return None
     if not isinstance(value, dict) or not all(isinstance(value.get(k), str) for k in ("boundary", "object")):
-        raise BundleError("malformed bundle: 'instances' must be {\"boundary\": CLASS, \"object\": CLASS}", where)
+        raise ValueError('"instances" must be {"boundary": CLASS, "object": CLASS}')
     b, obj = value["boundary"], value["object"]
     for name in (b, obj):
         if name not in classes:
-            raise BundleError(f"instances: {name!r} is not a class of this bundle ({classes})", where)
+            raise ValueError(f'"instances": {name!r} is not one of the classes ({", ".join(classes)})')
     if b == obj or classes.index(b) == 0 or classes.index(obj) == 0:
-        raise BundleError("instances: the boundary and object classes must differ and not be the background", where)
+        raise ValueError('"instances": the boundary and object classes must be two different foreground classes')
     return classes.index(b), classes.index(obj)
+
+
+def _parse_boundary(value: Any, classes: list[str], where: Path) -> tuple[int, int] | None:
+    try:
+        return boundary_of(value, classes)
+    except ValueError as exc:
+        raise BundleError(f"malformed bundle: {exc}", where) from None
 
 
 #: The JSON types of segcli.json's fields (required ones first), checked before anything is read from them.

@@ -515,22 +515,14 @@ def make_fusion(rule: str, shape: tuple[int, int], n_classes: int, threshold: fl
     raise ValueError(f"unknown fusion rule {rule!r}; expected one of {', '.join(FUSION_RULES)}")
 
 
-def fold_boundary(res: Any, lut: np.ndarray | None, boundary: tuple[int, int] | None, keep_parts: bool = True) -> None:
-    """A network with a boundary class (``segcli.bundle.Bundle.fold``, ``.boundary``): the result's mask and
-    probabilities get the boundary as part of its object. With ``keep_parts`` the network's own labels stay
-    in ``res.parts`` for the instance split; without, the labels are folded in place (a volume's mask buffer,
-    which may be a view in any axis order, plane by plane)."""
+def fold_boundary(res: Any, lut: np.ndarray | None, boundary: tuple[int, int] | None) -> None:
+    """A 2D result of a network with a boundary class, run for an instance split (``segcli.bundle.Bundle.fold``,
+    ``.boundary``): the mask and probabilities get the boundary as part of its object, and the network's own
+    labels stay in ``res.parts`` for the split. (Every other run folds before fusion: ``Bundle.folded``.)"""
     if lut is None or boundary is None or res.parts is not None:
         return
-    n = len(lut)
-    if keep_parts or not res.labels.flags.writeable:
-        res.parts, res.labels = res.labels, lut[res.labels]
-    elif res.labels.ndim == 2:
-        res.labels[...] = lut[res.labels]
-    else:
-        for z in range(res.labels.shape[0]):
-            res.labels[z] = lut[res.labels[z]]
-    if isinstance(res.probs, np.ndarray) and res.probs.shape[0] == n:
+    res.parts, res.labels = res.labels, lut[res.labels]
+    if isinstance(res.probs, np.ndarray) and res.probs.shape[0] == len(lut):
         res.probs = fold_probs(res.probs, boundary)
 
 

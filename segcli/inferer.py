@@ -53,6 +53,7 @@ class Inferer:
         self.run_budget = self.budget  # the whole run's budget (all workers and their parent), for refusals
         self._plan_facts: dict[tuple[str, bool], dict[str, Any]] = {}  # what memory plans are made from
         self._bundles: dict[Path, Bundle] = {}
+        self._folded: dict[Path, Bundle] = {}  # the same bundles as runs without an instance split see them
         self._predictors: dict[tuple[Path, str], Any] = {}
         self._plans: dict[tuple[str, int, bool], Any] = {}  # segcli.memplan.MemoryPlan per (kind, budget)
         self.load_seconds: dict[str, float] = {}  # time spent building predictors (the pipeline's model_load)
@@ -94,13 +95,15 @@ class Inferer:
     def bundle_for(self, kind: str) -> Bundle:
         """The bundle serving inputs of ``kind`` ("2d", "slide" or "volume"), loaded once."""
         root = resolve_model(self.options.model, kind).resolve()
+        # a boundary class serves only the instance split (2D): elsewhere it is folded into its object before
+        # fusion (segcli.bundle.Bundle.folded), so the run costs what a binary one does
+        split = bool(self.options.instances) and not kind.startswith("volume")
         if root not in self._bundles:
             bundle = load_bundle(root)
             bundle.allow_unhashed = self.options.allow_unhashed
-            # a boundary class serves only the instance split: without --instances it is folded into its
-            # object before fusion (segcli.bundle.Bundle.folded), so the run costs what a binary one does
-            self._bundles[root] = bundle if self.options.instances else bundle.folded()
-        return self._bundles[root]
+            self._bundles[root] = bundle
+        bundle = self._bundles[root]
+        return bundle if split else self._folded.setdefault(root, bundle.folded())
 
     def plan_for(self, bundle: Bundle) -> plan.Plan:
         """The resolved method and parameters for ``bundle`` (see segcli.plan)."""
@@ -108,7 +111,7 @@ class Inferer:
 
     def predictor(self, bundle: Bundle, role: str) -> Any:
         """The runtime serving ``role`` of ``bundle`` (built once: torch or ONNX Runtime)."""
-        key = (bundle.path.resolve(), role)
+        key = _key(bundle, role)
         if key not in self._predictors:
             t = time.perf_counter()
             nets = bundle.networks_of or bundle
@@ -125,7 +128,7 @@ class Inferer:
 
     def set_predictor(self, bundle: Bundle, role: str, predictor: Any) -> None:
         """Serve ``role`` of ``bundle`` with ``predictor`` (a wrapper, a quantised model: segcli.quantize)."""
-        self._predictors[(bundle.path.resolve(), role)] = predictor
+        self._predictors[_key(bundle, role)] = predictor
 
     def predictors(self, bundle: Bundle) -> Callable[[str], Any]:
         """``role → predictor`` for ``bundle``, as the planner's engines ask for them."""
@@ -149,9 +152,9 @@ class Inferer:
         (segcli.runtimes.onnx_cache.check_export_budget)."""
         if self.options.backend not in ("auto", "onnx") or self.device.startswith("cuda"):
             return
-        bundle = bundle.networks_of or bundle  # the networks' own bundle: their classes are the export's
+        view, bundle = bundle, bundle.networks_of or bundle  # the networks' own bundle: their classes are the export's
         budget = self.run_budget if self.options.max_memory is not None else None
-        todo = [r for r in self.roles(bundle) if (bundle.path.resolve(), r) not in self._predictors and
+        todo = [r for r in self.roles(bundle) if _key(view, r) not in self._predictors and
                 onnx_cache.status(bundle, r, self.options.onnx_cache).endswith("(exported on first use)")]
         if todo and budget is not None:  # one refusal naming what the whole first use needs
             onnx_cache.check_export_budget(bundle, todo, budget)
@@ -354,7 +357,6 @@ class Inferer:
         res.labels = np.moveaxis(res.labels, 0, axis)
         if isinstance(res.probs, np.ndarray):
             res.probs = np.moveaxis(res.probs, 1, axis + 1)
-        fold_boundary(res, bundle.fold(), bundle.boundary, keep_parts=False)  # no instances of volumes
         gate = GateParams.from_param(p["lung_gate"])
         if gate is not None:  # anatomy check after the network (segcli.lunggate): one more pass over the slabs
             t = time.perf_counter()
@@ -366,6 +368,11 @@ class Inferer:
         res.info["slabs_read"] = cache.slabs_read
         res.info["memory_plan"] = mplan.to_dict()
         return res, bundle
+
+
+def _key(bundle: Bundle, role: str) -> tuple[Any, ...]:
+    """A predictor's cache key: a bundle's folded view (``Bundle.folded``) is served by its own wrapper."""
+    return (bundle.path.resolve(), role) if bundle.networks_of is None else (bundle.path.resolve(), role, "folded")
 
 
 class FoldedPredictor:

@@ -301,7 +301,7 @@ def test_stats_on_the_bounded_path_equal_whole_mask_stats(tmp_path: Path) -> Non
     seg = Segmenter(bundle, lazy_pixels=0, tile_size=128)
     b = seg.bundle_for("2d")
     for role in ("coarse", "fine"):
-        seg._predictors[(b.path.resolve(), role)] = FunctionPredictor(identity_probs)
+        seg.set_predictor(b, role, FunctionPredictor(identity_probs))
     rep = seg.predict_file(src, tmp_path / "m.tif", stats=True)
     assert rep.status == "ok" and rep.info["bounded_memory"]
     mask = tifffile.imread(tmp_path / "m.tif")

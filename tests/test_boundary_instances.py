@@ -10,11 +10,10 @@ import numpy as np
 import pytest
 import tifffile
 from conftest import make_bundle
-from scipy import ndimage as ndi
 
 from segcli.bundle import load_bundle
 from segcli.errors import BundleError
-from segcli.instances import split_by_boundary, split_labels, split_touching
+from segcli.instances import boundary_targets, split_by_boundary, split_labels, split_touching
 from segcli.instances_tiled import TiledInstances
 
 
@@ -24,12 +23,8 @@ def _disc(shape: tuple[int, int], cy: float, cx: float, r: float) -> np.ndarray:
 
 
 def _three_class(inst: np.ndarray, width: int = 1) -> np.ndarray:
-    """0 / 1 interior / 2 boundary from instance ids, as benchmarks/make_monuseg_boundary.py makes targets."""
-    size = 2 * width + 1
-    edge = (ndi.maximum_filter(inst, size=size) != inst) | (ndi.minimum_filter(inst, size=size) != inst)
-    out = (inst > 0).astype(np.uint8)
-    out[(inst > 0) & edge] = 2
-    return out
+    """0 / 1 interior / 2 boundary from instance ids: the targets ``segcli train --boundary`` trains on."""
+    return boundary_targets(inst, width)
 
 
 def test_a_neck_the_network_marks_splits_what_the_distance_map_cannot():
@@ -210,3 +205,15 @@ def _png(path: Path) -> np.ndarray:
     from PIL import Image
 
     return np.asarray(Image.open(path))
+
+
+def test_boundary_targets_known_answer():
+    """Width 1: a nucleus's rim and the line where two nuclei touch are boundary, the rest interior."""
+    inst = np.zeros((7, 10), np.uint32)
+    inst[1:6, 1:5] = 1
+    inst[1:6, 5:9] = 2
+    want = np.zeros((7, 10), np.uint8)
+    want[1:6, 1:9] = 2
+    want[2:5, 2:4] = 1  # interior of 1: not on its rim, not next to nucleus 2
+    want[2:5, 6:8] = 1
+    assert np.array_equal(boundary_targets(inst, 1), want)

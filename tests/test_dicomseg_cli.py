@@ -50,7 +50,7 @@ def _segmenter(bundle: Path) -> Segmenter:
     seg = Segmenter(bundle, method="direct")
     b = seg.bundle_for("volume")
     for role in ("coarse", "fine"):
-        seg._predictors[(b.path.resolve(), role)] = FunctionPredictor(bright_probs)
+        seg.set_predictor(b, role, FunctionPredictor(bright_probs))
     return seg
 
 

@@ -50,7 +50,7 @@ def test_bounded_and_in_memory_geojson_agree(tmp_path):
         seg = Segmenter(bundle, lazy_pixels=lazy, tile_size=128, geojson=True)
         b = seg.bundle_for("2d")
         for role in ("coarse", "fine"):
-            seg._predictors[(b.path.resolve(), role)] = FunctionPredictor(dark_probs)
+            seg.set_predictor(b, role, FunctionPredictor(dark_probs))
         rep = seg.predict_file(tmp_path / "slide.tif", tmp_path / name / "m.tif")
         assert rep.status == "ok", rep.error
         assert bool(rep.info.get("bounded_memory")) == (lazy == 0)
@@ -94,7 +94,7 @@ def test_sliding_on_a_slide_runs_bounded_over_tissue_only(tmp_path):
         seg = Segmenter(bundle, lazy_pixels=lazy, tile_size=128)
         b = seg.bundle_for("2d")
         for role in ("coarse", "fine"):
-            seg._predictors[(b.path.resolve(), role)] = FunctionPredictor(dark_probs)
+            seg.set_predictor(b, role, FunctionPredictor(dark_probs))
         rep = seg.predict_file(tmp_path / "slide.tif", tmp_path / name / "m.tif")
         assert rep.status == "ok" and rep.method == "sliding", rep.error
         masks[name], infos[name] = tifffile.imread(tmp_path / name / "m.tif"), rep.info
@@ -124,8 +124,8 @@ def test_sliding_fuses_the_same_on_both_routes(tmp_path):
     for name, lazy in (("lazy", 0), ("mem", 10**9)):
         seg = Segmenter(bundle, lazy_pixels=lazy, tile_size=128)
         b = seg.bundle_for("2d")
-        seg._predictors[(b.path.resolve(), "coarse")] = FunctionPredictor(dark_probs)  # finds every dark window
-        seg._predictors[(b.path.resolve(), "fine")] = FunctionPredictor(ramp_probs)
+        seg.set_predictor(b, "coarse", FunctionPredictor(dark_probs))  # finds every dark window
+        seg.set_predictor(b, "fine", FunctionPredictor(ramp_probs))
         rep = seg.predict_file(tmp_path / "slide.tif", tmp_path / name / "m.tif")
         assert rep.status == "ok" and bool(rep.info.get("bounded_memory")) == (lazy == 0), rep.error
         masks[name] = tifffile.imread(tmp_path / name / "m.tif")

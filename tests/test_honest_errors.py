@@ -322,8 +322,8 @@ def test_every_crop_filled_is_flagged(tmp_path):
     for fine, flagged in ((dark, False), (everything, True)):
         seg = Segmenter(bundle, method="stts")
         b = seg.bundle_for("2d")
-        seg._predictors[(b.path.resolve(), "coarse")] = FunctionPredictor(dark)
-        seg._predictors[(b.path.resolve(), "fine")] = FunctionPredictor(fine)
+        seg.set_predictor(b, "coarse", FunctionPredictor(dark))
+        seg.set_predictor(b, "fine", FunctionPredictor(fine))
         rep = seg.predict_file(tmp_path / "a.png", tmp_path / f"m{flagged}.png")
         assert rep.status == "ok" and rep.info["crops"] >= 3
         assert any("came out foreground from edge to edge" in w for w in rep.warnings) == flagged, rep.warnings

@@ -53,7 +53,7 @@ def _segment(bundle: Path, src: Path, out: Path, lazy: bool, method: str = "slid
     seg = Segmenter(bundle, method=method, lazy_pixels=0 if lazy else 10**9, tile_size=64)
     b = seg.bundle_for("2d")
     for role in ("coarse", "fine"):
-        seg._predictors[(b.path.resolve(), role)] = FunctionPredictor(net)
+        seg.set_predictor(b, role, FunctionPredictor(net))
     rep = seg.predict_file(src, out)
     assert rep.status == "ok", rep.error
     return tifffile.imread(out), rep.info

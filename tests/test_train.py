@@ -423,7 +423,7 @@ def test_a_dataset_naming_a_boundary_class_trains_a_bundle_that_folds_it(tmp_pat
                                  ["edge", "blob"], {"boundary": "background", "object": "blob"}])
 def test_a_bad_boundary_declaration_stops_before_training(tmp_path: Path, bad: object) -> None:
     data = _boundary_dataset(tmp_path / "d", bad)
-    with pytest.raises(DatasetError, match='"instances" must name two different foreground classes'):
+    with pytest.raises(DatasetError, match='^.*dataset.json: "instances"'):
         train(data, tmp_path / "out", method="direct", epochs=1, **TINY)
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
 

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from segcli.bundle import boundary_of
 from segcli.errors import DatasetError
 from segcli.io.atomic import split_extension
 
@@ -93,12 +94,10 @@ def discover(root: str | os.PathLike[str]) -> DatasetSpec:
             raise DatasetError("dataset.json must hold a JSON object", js)
     classes = parse_labels(meta["labels"], js) if "labels" in meta else None
     if "instances" in meta:  # a boundary class (segcli.bundle): checked now, not when the trained bundle is saved
-        inst = meta["instances"]
-        names = classes or []
-        if not isinstance(inst, dict) or any(not isinstance(inst.get(k), str) or inst.get(k) not in names[1:]
-                                             for k in ("boundary", "object")) or inst["boundary"] == inst["object"]:
-            raise DatasetError('"instances" must name two different foreground classes of "labels", e.g. '
-                               '{"boundary": "boundary", "object": "nucleus"}', js)
+        try:
+            boundary_of(meta["instances"], classes or [])
+        except ValueError as exc:
+            raise DatasetError(str(exc), js) from None
     if (root / "imagesTr").is_dir():
         layout = "nnunet"
         cases = _discover_nnunet(root, meta)
