@@ -8,6 +8,7 @@ stdout carries data (``--json``); stderr carries messages and progress. Exit cod
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib
 import importlib.util
 import json
@@ -460,6 +461,13 @@ def _main(
     """segcli: coarse-to-fine segmentation of large medical images."""
 
 
+@functools.cache
+def _command() -> Any:
+    """The click command typer builds from ``app`` (what ``app()`` builds on every call): built once, so a
+    process that runs the CLI many times (the test suite) reads the signatures once."""
+    return typer.main.get_command(app)
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point: usage errors exit 2 (click's convention), bugs exit 3 with a log path.
 
@@ -468,7 +476,7 @@ def main(argv: list[str] | None = None) -> None:
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     try:
-        app(args=argv, prog_name="segcli")
+        _command()(args=argv, prog_name="segcli")
     except KeyboardInterrupt as exc:
         sys.exit(interrupt_exit(exc).exit_code)
     except SystemExit as exc:

@@ -516,9 +516,10 @@ def make_fusion(rule: str, shape: tuple[int, int], n_classes: int, threshold: fl
 
 
 def fold_boundary(res: Any, lut: np.ndarray | None, boundary: tuple[int, int] | None) -> None:
-    """A 2D result of a network with a boundary class, run for an instance split (``segcli.bundle.Bundle.fold``,
-    ``.boundary``): the mask and probabilities get the boundary as part of its object, and the network's own
-    labels stay in ``res.parts`` for the split. (Every other run folds before fusion: ``Bundle.folded``.)"""
+    """A 2D result of a network with a boundary class run unfolded, a photo or a slide for its instance split
+    (``segcli.bundle.Bundle.fold``, ``.boundary``): the mask and probabilities get the boundary as part of its
+    object, and the network's own labels stay in ``res.parts`` for the split. (Slides without an instance split
+    and volumes fold before fusion: ``Bundle.folded``.)"""
     if lut is None or boundary is None or res.parts is not None:
         return
     res.parts, res.labels = res.labels, lut[res.labels]

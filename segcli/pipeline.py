@@ -36,7 +36,7 @@ from segcli.errors import EmptyImageError, InputError, UsageError
 from segcli.fusion import FuseStore, LazyLabels, fold_probs
 from segcli.geometry import slice_axis
 from segcli.inferer import Inferer, RunContext
-from segcli.instances_tiled import write_slide_instances
+from segcli.instances_tiled import SlideInstances
 from segcli.io import niftistream
 from segcli.io.atomic import OutputLock
 from segcli.io.bigtiff import tiff_header, write_tiled
@@ -332,18 +332,21 @@ class TiledTiffRoute:
                 geo.add_tile(tile, box)
 
         ome = plane.ome if plane.meta.get("is_ome") else None
+        # one id per object across tiles (segcli.instances_tiled), split in a thread of its own beside the mask
+        inst = SlideInstances(job.out, rep, labels, plane, bundle, self.kind, opts, ome) if opts.instances else None
         try:
             write_tiled(job.out, plane.shape, read, tile=opts.tile_size, resolution=plane.resolution,
                         spacing=plane.spacing, ome=ome, pyramid=opts.pyramid, on_tile=on_tile)
         except BaseException:
             if geo is not None:
                 geo.abort()
+            if inst is not None:
+                inst.cancel()
             raise
         if geo is not None:
             rep.info["geojson"] = geo.close()
-        if opts.instances:  # one id per object across tiles (segcli.instances_tiled)
-
-            write_slide_instances(job.out, rep, labels, plane, bundle, self.kind, opts, ome)
+        if inst is not None:
+            inst.join()
         if opts.probabilities and rep.status == "ok":
             read_probs = labels.read_probs if lut is None else (lambda box: fold_probs(labels.read_probs(box), bundle.boundary))
             write_tiled(probabilities_path(job.out), (len(classes), *plane.shape), read_probs,

@@ -183,21 +183,25 @@ def test_a_run_writes_the_folded_mask_and_splits_at_the_boundary(tmp_path, bound
         assert np.array_equal(inst, whole)
 
 
-def test_without_instances_the_boundary_is_folded_before_fusion(tmp_path, boundary_bundle):
-    """A run without --instances fuses one object probability (the boundary's added to the nucleus's per window),
-    as a binary bundle would: its mask is that probability over the threshold, and it equals the three-class
-    run's blended nucleus probability (blending is linear) over the threshold."""
+def test_a_photo_folds_the_boundary_after_fusion_so_instances_leave_its_mask_alone(tmp_path, boundary_bundle):
+    """A photo's mask is the three-class labels with the boundary folded into the nucleus, with or without
+    --instances (stts scored better so); a slide without --instances folds the boundary before fusion instead
+    (the boundary's probability added to the nucleus's per window, as a binary bundle would fuse), and its
+    probabilities equal the three-class run's folded ones, since blending is linear."""
     from segcli.api import Segmenter
 
     img = _png(_image(tmp_path, False))
     plain, _ = Segmenter(str(boundary_bundle)).segment_array(img, kind="2d", return_probs=True)
     inst, _ = Segmenter(str(boundary_bundle), instances=True).segment_array(img, kind="2d", return_probs=True)
-    for res in (plain, inst):
+    slide, _ = Segmenter(str(boundary_bundle)).segment_array(img, kind="slide", return_probs=True)
+    for res in (plain, inst, slide):
         assert res.probs is not None and res.probs.shape == (2, *img.shape[:2])
         assert np.allclose(res.probs.sum(axis=0), 1.0, atol=1e-4)
-    assert plain.parts is None and inst.parts is not None
-    assert np.array_equal(plain.labels, (plain.probs[1] > 0.5).astype(np.uint8))
-    assert np.allclose(plain.probs, inst.probs, atol=1e-4)
+    assert plain.parts is not None and inst.parts is not None and slide.parts is None
+    assert np.array_equal(plain.labels, inst.labels) and np.array_equal(plain.parts, inst.parts)
+    assert np.array_equal(plain.labels, (plain.parts > 0).astype(np.uint8))
+    assert np.array_equal(slide.labels, (slide.probs[1] > 0.5).astype(np.uint8))
+    assert np.allclose(slide.probs, inst.probs, atol=1e-4)
     assert np.all(inst.probs[1][inst.parts == 2] > 0)  # the boundary counts as nucleus
 
 

@@ -4,6 +4,7 @@ size a reader can hold, and each fact (defaults, method lists) written once."""
 from __future__ import annotations
 
 import ast
+import functools
 from pathlib import Path
 
 import pytest
@@ -76,7 +77,9 @@ def _imports(path: Path, name: str, known: set[str], handed: dict[str, dict[str,
     return out
 
 
+@functools.cache
 def _graph() -> dict[str, set[str]]:
+    """The import graph of the checkout as it is now (built once: parsing every module is the slow part)."""
     mods = _modules()
     known = set(mods)
     handed = _handed_on(mods)

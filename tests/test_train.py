@@ -25,6 +25,7 @@ from segcli.errors import DatasetError, UsageError
 from segcli.geometry import component_boxes, crop_boxes
 from segcli.train import CHECKPOINT, METRICS, checkpoint_path, load_checkpoint, parse_duration, train
 from segcli.train.data import crop_candidates, discover, fine_box, load_dataset, make_split
+from tests.conftest import run_cli
 
 FIX = Path(__file__).parent / "fixtures"
 SHARED = FIX / "shared"
@@ -277,8 +278,8 @@ def test_resume_after_kill9_is_exact(tmp_path: Path) -> None:
     assert 1 <= done < epochs, "the run finished before it could be killed"
     steps_per_epoch = 3  # 6 training images, batch 2
 
-    r = subprocess.run(_cli_train(out, "--epochs", str(epochs), "--resume", str(out)), capture_output=True,
-                       text=True, timeout=120)
+    # the resumed and the reference runs need no process of their own (the kill did)
+    r = run_cli(*_cli_train(out, "--epochs", str(epochs), "--resume", str(out))[3:])
     assert r.returncode == 0, r.stderr
     recs = [json.loads(line) for line in (out / METRICS).read_text().splitlines()]
     assert [x["epoch"] for x in recs] == list(range(1, epochs + 1))  # no epoch repeated, none lost
@@ -290,7 +291,7 @@ def test_resume_after_kill9_is_exact(tmp_path: Path) -> None:
     assert final["current"] is None
     # Same weights as a run that was never interrupted (same seed, same thread count).
     ref = tmp_path / "ref"
-    subprocess.run(_cli_train(ref, "--epochs", str(epochs)), check=True, capture_output=True, timeout=120)
+    assert run_cli(*_cli_train(ref, "--epochs", str(epochs))[3:]).returncode == 0
     wa, wb = _weights(out), _weights(ref)
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
 
@@ -369,10 +370,9 @@ def test_time_limit_is_checked_after_every_step(tmp_path: Path) -> None:
     """A limit no step can fit: each stage makes exactly one optimiser step (no full epoch past the limit),
     and the CLI says the model is undertrained, even with -q."""
     out = tmp_path / "tl"
-    cmd = [sys.executable, "-m", "segcli", "train", "--method", "stts", "--data", str(SHARED), "-o", str(out),
-           "--size", "32", "--features", "4", "--batch-size", "1", "--threads", "1", "--no-val-full-res", "-q",
-           "--epochs", "50", "--time-limit", "0.001"]
-    r = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    r = run_cli("train", "--method", "stts", "--data", SHARED, "-o", out, "--size", "32", "--features", "4",
+                "--batch-size", "1", "--threads", "1", "--no-val-full-res", "-q", "--epochs", "50", "--time-limit",
+                "0.001")
     assert r.returncode == 0, r.stderr
     stages = load_bundle(out).training["stages"]
     assert {k: (v["steps"], v["stopped"]) for k, v in stages.items()} == {"coarse": (1, "time"), "fine": (1, "time")}
