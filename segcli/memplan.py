@@ -216,12 +216,13 @@ def refusal(name: str, minimum: int, budget: int, *, workers: int = 1, parent: i
 
 def instance_windows(tile: int) -> int:
     """What the tiled instance split (``--instances`` on a slide read by region) holds at once: one window
-    at the reach (segcli.instances_tiled) at :data:`segcli.memory.INSTANCE_PER_PIXEL` bytes a pixel."""
+    at the reach (segcli.instances_tiled) at :data:`segcli.memory.INSTANCE_PER_PIXEL` bytes a pixel, and the
+    class ids of the tiles its windows read (a bounded cache)."""
     # lazy: brings scipy
-    from segcli.instances_tiled import INSTANCE_TILE, REACH
+    from segcli.instances_tiled import INSTANCE_TILE, LABEL_CACHE_BYTES, REACH
 
     side = max(int(tile), INSTANCE_TILE) + 2 * REACH
-    return side * side * INSTANCE_PER_PIXEL
+    return side * side * INSTANCE_PER_PIXEL + LABEL_CACHE_BYTES
 
 
 def make_plan(*, budget: int, kind: str, name: str, base: int, costs: dict[str, dict[int, int]], how: str,

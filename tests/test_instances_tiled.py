@@ -10,7 +10,7 @@ import pytest
 import tifffile
 
 from segcli.instances import split_touching
-from segcli.instances_tiled import TiledInstances
+from segcli.instances_tiled import TiledInstances, TileLabels
 
 
 def _discs(shape: tuple[int, int], seed: int = 0, n: int = 60) -> np.ndarray:
@@ -42,6 +42,30 @@ def _tiled(labels: np.ndarray, tile: int, **kw) -> tuple[np.ndarray, TiledInstan
             box = (y, x, min(y + tile, H), min(x + tile, W))
             out[box[0] : box[2], box[1] : box[3]] = t.read(box)
     return out, t
+
+
+def test_tile_labels_read_each_tile_once_and_keep_at_most_their_limit():
+    """Any box is the source's pixels; each grid tile is read once while it stays cached, background tiles cost
+    no bytes, and the least recently used tiles go first when the limit is reached."""
+    rng = np.random.default_rng(1)
+    src = (rng.random((100, 130)) > 0.7).astype(np.uint8)
+    src[:40, :40] = 0  # tile (0, 0) at 40 px is background
+    asked: list[tuple[int, int, int, int]] = []
+
+    def read(b):
+        asked.append(tuple(b))
+        return src[b[0] : b[2], b[1] : b[3]]
+
+    cache = TileLabels(read, src.shape, 40)
+    for box in [(0, 0, 100, 130), (5, 7, 63, 99), (30, 30, 31, 31), (90, 120, 100, 130)]:
+        assert np.array_equal(cache.read(box), src[box[0] : box[2], box[1] : box[3]])
+    assert len(asked) == len(set(asked)) == 12  # 3 x 4 tiles, each read once
+    assert cache._bytes == src.size - 40 * 40  # every tile but the background one
+    small = TileLabels(read, src.shape, 40, limit=2 * 40 * 40)
+    asked.clear()
+    small.read((0, 40, 40, 130))  # three tiles with objects: the first read goes when the third comes
+    small.read((0, 40, 40, 80))
+    assert asked[-1] == (0, 40, 40, 80) and small._bytes <= 2 * 40 * 40
 
 
 @pytest.mark.parametrize("tile", [32, 48, 64])
@@ -123,3 +147,21 @@ def test_slide_read_by_region_writes_one_id_per_object(tmp_path, monkeypatch):
     assert len(rows) == int(inst.max())
     assert all(int(r["area_px"]) == int((inst == int(r["id"])).sum()) for r in rows)
     assert all(float(r["area_um2"]) == pytest.approx(int(r["area_px"]) * 0.25, rel=1e-3) for r in rows)  # 0.5 µm
+
+
+def test_a_failing_instance_split_fails_the_file_and_leaves_no_instance_outputs(tmp_path, monkeypatch):
+    """The split runs in a thread of its own beside the mask: what it raises reaches the file's report, and
+    neither its label image nor its GeoJSON is left behind half written."""
+    import segcli.instances_tiled
+    from segcli.api import Segmenter
+
+    def broken(self, box):
+        raise RuntimeError("split broke")
+
+    monkeypatch.setattr(segcli.instances_tiled.TiledInstances, "read", broken)
+    seg = Segmenter(str(NUCLEI_HE), lazy_pixels=0, instances=True, geojson=True, tile_size=64)
+    rep = seg.predict_file(_slide(tmp_path), tmp_path / "out" / "slide_seg.tif")
+    assert rep.status == "failed" and "split broke" in str(rep.error)
+    assert not (tmp_path / "out" / "slide_seg_instances.tif").exists()
+    assert not (tmp_path / "out" / "slide_seg.geojson").exists()
+    assert not [p for p in (tmp_path / "out").iterdir() if p.name.startswith(".")]  # no temporary left
