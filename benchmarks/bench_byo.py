@@ -9,12 +9,21 @@ shared. Steps (each reads what the earlier ones wrote in ``--work``; run them in
     V=/work/nnunet-venv; W=/work/byo
     python3 -m venv $V && $V/bin/pip install "torch==2.13.*" && $V/bin/pip install nnunetv2
     python benchmarks/bench_byo.py dataset --work $W     # 40 Kvasir-SEG frames at 256² as Dataset501_KvasirByo
-    python benchmarks/bench_byo.py plan --work $W        # nnUNetv2_plan_and_preprocess -d 501 -c 2d
-    python benchmarks/bench_byo.py train --work $W       # nnUNetv2_train 501 2d 0 -tr nnUNetTrainer_5epochs -device cpu
+    python benchmarks/bench_byo.py plan --work $W        # nnUNetv2_plan_and_preprocess -d 501 -c 2d, then
+                                                         # nnUNetPlans_small.json: the 2d plans, features / 4
+    python benchmarks/bench_byo.py train --work $W       # nnUNetv2_train 501 2d 0 -p nnUNetPlans_small
+                                                         #   -tr nnUNetTrainer_5epochs -device cpu
     python benchmarks/bench_byo.py parity --work $W      # import, then segcli predict vs nnUNetv2_predict on fold 0's
                                                          # validation images: Dice per image and pooled
     python benchmarks/bench_byo.py big --work $W --sizes 2000 4000 8000 40000
                                                          # mosaics of the frames: time and peak RSS side by side
+
+Why smaller plans: nnU-Net's default 2D plans for 256² frames are a 33.5 M-parameter PlainConvUNet that
+takes about 0.4-0.8 s per 256² window on one core, so 5 epochs (1,250 steps) or a 4000² image (961 windows)
+would take most of an hour each. ``nnUNetPlans_small`` is the planner's own output with every stage's
+features divided by 4 (nnU-Net's documented way: edit a copy of the plans, give it a new plans name; the
+preprocessed data is shared, so ``data_identifier`` stays). Everything else (7 stages, kernels, strides,
+instance norm, leaky ReLU, patch 256², batch 2, rgb_to_0_1) is what nnU-Net planned.
 
 Figures go to ``--results`` (JSON). The load average is stored next to each timing: another training job
 ran on the other core while these were taken.
@@ -41,6 +50,8 @@ DATASET = f"Dataset{DATASET_ID}_KvasirByo"
 FRAME = 256
 N_IMAGES = 40
 TRAINER = "nnUNetTrainer_5epochs"
+PLANS = "nnUNetPlans_small"
+FEATURE_DIVISOR = 4
 RESULTS = "nnUNet_results"
 
 
@@ -73,7 +84,7 @@ def run_logged(cmd: list[str], env: dict[str, str], log: Path, timeout: float = 
 
 def make_dataset(data: Path, work: Path) -> dict:
     """The first 40 Kvasir-SEG frames (sorted by name), squashed to 256², as an nnU-Net raw dataset (RGB PNG,
-    ``rgb_to_0_1`` channels, masks thresholded at 128)."""
+    ``rgb_to_0_1`` channels)."""
     from PIL import Image
 
     raw = work / "nnUNet_raw" / DATASET
@@ -83,7 +94,8 @@ def make_dataset(data: Path, work: Path) -> dict:
     for i, name in enumerate(names):
         img = Image.open(data / "images" / f"{name}.jpg").convert("RGB").resize((FRAME, FRAME), Image.BILINEAR)
         m = np.asarray(Image.open(next((data / "masks").glob(f"{name}.*"))).convert("L"))
-        m = np.asarray(Image.fromarray(((m >= 128) * 255).astype(np.uint8)).resize((FRAME, FRAME), Image.NEAREST))
+        m = m > (127 if m.max() > 1 else 0)  # 0/1 PNG masks here; JPEG masks thresholded at 128
+        m = np.asarray(Image.fromarray(m.astype(np.uint8) * 255).resize((FRAME, FRAME), Image.NEAREST))
         img.save(raw / "imagesTr" / f"kv_{i:03d}_0000.png")
         Image.fromarray((m > 127).astype(np.uint8)).save(raw / "labelsTr" / f"kv_{i:03d}.png")
     ds = {"channel_names": {"0": "rgb_to_0_1", "1": "rgb_to_0_1", "2": "rgb_to_0_1"},
@@ -94,8 +106,21 @@ def make_dataset(data: Path, work: Path) -> dict:
     return {"images": len(names), "raw": str(raw)}
 
 
+def small_plans(work: Path) -> dict:
+    """``nnUNetPlans_small.json``: nnU-Net's own 2d plans with every stage's features divided by 4."""
+    pre = work / "nnUNet_preprocessed" / DATASET
+    plans = json.loads((pre / "nnUNetPlans.json").read_text())
+    plans["plans_name"] = PLANS
+    arch = plans["configurations"]["2d"]["architecture"]["arch_kwargs"]
+    arch["features_per_stage"] = [max(4, f // FEATURE_DIVISOR) for f in arch["features_per_stage"]]
+    plans["configurations"] = {"2d": plans["configurations"]["2d"]}
+    (pre / f"{PLANS}.json").write_text(json.dumps(plans, indent=1))
+    return {"features_per_stage": arch["features_per_stage"], "patch_size": plans["configurations"]["2d"]["patch_size"],
+            "batch_size": plans["configurations"]["2d"]["batch_size"]}
+
+
 def results_folder(work: Path) -> Path:
-    return work / RESULTS / DATASET / f"{TRAINER}__nnUNetPlans__2d"
+    return work / RESULTS / DATASET / f"{TRAINER}__{PLANS}__2d"
 
 
 def val_cases(work: Path) -> list[str]:
@@ -114,6 +139,16 @@ def main() -> None:
     ap.add_argument("--results", type=Path, default=HERE / "results" / "byo-nnunet.json")
     ap.add_argument("--sizes", type=int, nargs="+", default=[2000, 4000, 8000, 40000])
     ap.add_argument("--cap-gb", type=float, default=10.0, help="address-space cap for nnU-Net's big runs")
+    ap.add_argument("--nn-max", type=int, default=8000, help="the largest mosaic nnU-Net is run on")
+    ap.add_argument("--coverage", type=float, default=0.05, help="fraction of a mosaic the frames cover")
+    ap.add_argument("--max-memory", default="1GB", help="segcli's budget in the --max-memory runs")
+    ap.add_argument("--distil-images", type=int, default=16, help="label-free mosaics the rough network learns from")
+    ap.add_argument("--distil-size", type=int, default=2048)
+    ap.add_argument("--distil-coverage", type=float, default=0.25)
+    ap.add_argument("--distil-epochs", type=int, default=40)
+    ap.add_argument("--rough-downscale", default="8", help="--max-downscale of the distil step's runs: the rough "
+                    "network sees the slide at the scale it learnt (distil-size / window)")
+    ap.add_argument("--stts-args", default="", help="extra segcli options for the stts run (e.g. '--pad 64')")
     args = ap.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
     env = nn_env(args.work, args.core)
@@ -125,9 +160,10 @@ def main() -> None:
         doc["plan"] = run_logged(nn_cmd(args.nnunet_venv, args.core, "nnUNetv2_plan_and_preprocess", "-d",
                                         str(DATASET_ID), "-c", "2d", "-np", "1", "--verify_dataset_integrity"),
                                  env, args.work / "plan.log")
+        doc["plan"]["small"] = small_plans(args.work)
     elif args.step == "train":
         doc["train"] = run_logged(nn_cmd(args.nnunet_venv, args.core, "nnUNetv2_train", str(DATASET_ID), "2d", "0",
-                                         "-tr", TRAINER, "-device", "cpu"), env, args.work / "train.log")
+                                         "-p", PLANS, "-tr", TRAINER, "-device", "cpu"), env, args.work / "train.log")
     else:
         import bench_byo_steps as steps  # the steps that compare segcli with nnU-Net
 
