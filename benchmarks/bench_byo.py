@@ -131,7 +131,7 @@ def val_cases(work: Path) -> list[str]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("step", choices=["dataset", "plan", "train", "parity", "big", "distil"])
+    ap.add_argument("step", choices=["dataset", "plan", "train", "parity", "big", "blend", "distil", "rescore"])
     ap.add_argument("--work", type=Path, default=Path("/work/byo"))
     ap.add_argument("--data", type=Path, default=REPO.parent / "shared" / "data" / "kvasir-seg")
     ap.add_argument("--nnunet-venv", type=Path, default=Path("/work/nnunet-venv"))
@@ -139,7 +139,7 @@ def main() -> None:
     ap.add_argument("--results", type=Path, default=HERE / "results" / "byo-nnunet.json")
     ap.add_argument("--sizes", type=int, nargs="+", default=[2000, 4000, 8000, 40000])
     ap.add_argument("--cap-gb", type=float, default=10.0, help="address-space cap for nnU-Net's big runs")
-    ap.add_argument("--nn-max", type=int, default=8000, help="the largest mosaic nnU-Net is run on")
+    ap.add_argument("--nn-max", type=int, default=40000, help="the largest mosaic nnU-Net is tried on (under --cap-gb)")
     ap.add_argument("--coverage", type=float, default=0.05, help="fraction of a mosaic the frames cover")
     ap.add_argument("--max-memory", default="1GB", help="segcli's budget in the --max-memory runs")
     ap.add_argument("--distil-images", type=int, default=16, help="label-free mosaics the rough network learns from")
@@ -164,14 +164,19 @@ def main() -> None:
     elif args.step == "train":
         doc["train"] = run_logged(nn_cmd(args.nnunet_venv, args.core, "nnUNetv2_train", str(DATASET_ID), "2d", "0",
                                          "-p", PLANS, "-tr", TRAINER, "-device", "cpu"), env, args.work / "train.log")
+    elif args.step == "rescore":
+        import bench_byo_steps as steps
+
+        doc["big"] = steps.rescore(args, env, doc.get("big", {}))
     else:
         import bench_byo_steps as steps  # the steps that compare segcli with nnU-Net
 
-        doc[args.step] = getattr(steps, args.step)(args, env)
+        res = getattr(steps, args.step)(args, env)
+        doc[args.step] = {**doc.get(args.step, {}), **res} if args.step == "big" else res  # sizes add up
     doc.setdefault("seconds", {})[args.step] = round(time.perf_counter() - t0, 1)
     args.results.parent.mkdir(parents=True, exist_ok=True)
     args.results.write_text(json.dumps(doc, indent=1))
-    print(json.dumps(doc[args.step], indent=1)[:4000])
+    print(json.dumps(doc.get(args.step, doc.get("big")), indent=1)[:4000])
 
 
 if __name__ == "__main__":

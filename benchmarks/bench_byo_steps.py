@@ -124,15 +124,17 @@ def frames(work: Path) -> list[tuple[str, np.ndarray, np.ndarray]]:
 
 
 def compose(y0: int, x0: int, h: int, w: int, placed: list[dict], key: str = "img") -> np.ndarray:
-    """The region (y0, x0, h, w) of the mosaic: the background with the placed frames (or their masks)."""
+    """The region (y0, x0, h, w) of the mosaic: the background with the placed frames (or their masks, or
+    ``footprint``: 1 where a frame lies)."""
     out = np.empty((h, w, 3), np.uint8) if key == "img" else np.zeros((h, w), np.uint8)
     if key == "img":
         out[:] = BG
     for t in placed:
-        th, tw = t[key].shape[:2]
+        th, tw = t["mask"].shape[:2]
         a0, a1, b0, b1 = max(y0, t["y"]), min(y0 + h, t["y"] + th), max(x0, t["x"]), min(x0 + w, t["x"] + tw)
         if a0 < a1 and b0 < b1:
-            out[a0 - y0 : a1 - y0, b0 - x0 : b1 - x0] = t[key][a0 - t["y"] : a1 - t["y"], b0 - t["x"] : b1 - t["x"]]
+            out[a0 - y0 : a1 - y0, b0 - x0 : b1 - x0] = (
+                1 if key == "footprint" else t[key][a0 - t["y"] : a1 - t["y"], b0 - t["x"] : b1 - t["x"]])
     return out
 
 
@@ -199,7 +201,7 @@ def big_mask(path: Path) -> np.ndarray:
 def compare(a: Any, b: Any, placed: list[dict] | None = None, band: int = 2048,
             names: tuple[str, str] = ("a", "b")) -> dict:
     """Dice between two masks (arrays or memmaps), band by band; and each against the mosaic's ground truth."""
-    inter = tot = 0
+    inter = tot = f_inter = f_tot = 0
     gt_i = [0, 0]
     gt_t = [0, 0]
     for y in range(0, a.shape[0], band):
@@ -207,21 +209,24 @@ def compare(a: Any, b: Any, placed: list[dict] | None = None, band: int = 2048,
         inter, tot = inter + int((pa & pb).sum()), tot + int(pa.sum()) + int(pb.sum())
         if placed is not None:
             g = compose(y, 0, pa.shape[0], pa.shape[1], placed, key="mask") > 0
+            f = compose(y, 0, pa.shape[0], pa.shape[1], placed, key="footprint") > 0
+            f_inter, f_tot = f_inter + int((pa & pb & f).sum()), f_tot + int((pa & f).sum()) + int((pb & f).sum())
             for k, p in enumerate((pa, pb)):
                 gt_i[k] += int((p & g).sum())
                 gt_t[k] += int(p.sum()) + int(g.sum())
     na, nb = names
     out = {f"dice_{na}_vs_{nb}": round(2 * inter / max(1, tot), 5)}
     if placed is not None:
-        out.update({f"dice_{na}_vs_gt": round(2 * gt_i[0] / max(1, gt_t[0]), 4),
+        out.update({f"dice_{na}_vs_{nb}_in_frames": round(2 * f_inter / max(1, f_tot), 5),
+                    f"dice_{na}_vs_gt": round(2 * gt_i[0] / max(1, gt_t[0]), 4),
                     f"dice_{nb}_vs_gt": round(2 * gt_i[1] / max(1, gt_t[1]), 4)})
     return out
 
 
 def segcli_run(args: Any, src: Path, model: Path, out: Path, tag: str, *extra: Any) -> dict:
     """``segcli predict`` under /usr/bin/time -v, one thread, with its --json report's route facts."""
-    cmd = segcli(args.core, "predict", src, "-o", out, "--model", model, "--threads", "1", "--json", "--overwrite",
-                 *extra)
+    out.unlink(missing_ok=True)
+    cmd = segcli(args.core, "predict", src, "-o", out, "--model", model, "--threads", "1", "--json", *extra)
     r = bb.run_logged(cmd, segcli_env(), args.work / f"{tag}.log")
     log = (args.work / f"{tag}.log").read_text()
     try:
@@ -302,3 +307,59 @@ def distil(args: Any, env: dict) -> dict:
     if plain.is_file():  # the unpaired import's sliding run of the `big` step (its own network picks the windows)
         runs["stts_vs_unpaired_sliding"] = compare(b, big_mask(plain), placed, names=("stts", "unpaired_sliding"))
     return runs
+
+
+def blend(args: Any, env: dict) -> dict:
+    """Why segcli's mask and nnU-Net's differ on a mosaic: the smallest mosaic re-blended four ways from the same
+    window outputs of the imported graph (logits or probabilities; segcli's or nnU-Net's Gaussian), each
+    against nnUNetv2_predict's mask."""
+    import onnxruntime as ort
+    from PIL import Image
+    from scipy.ndimage import gaussian_filter
+
+    from segcli.geometry import gaussian_weight, sliding_grid
+
+    size = min(args.sizes)
+    _, png, _ = mosaic(args.work, size, args.coverage)
+    ref = read_mask(args.work / "big" / f"nn-out-{size}" / f"mosaic_{size}.png")
+    img = np.asarray(Image.open(png).convert("RGB")).astype(np.float32).transpose(2, 0, 1) / 255
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = 1
+    sess = ort.InferenceSession(str(args.work / "bundles" / "nnunet" / "fine.onnx"), so)
+    name = sess.get_inputs()[0].name
+    win = 256
+    delta = np.zeros((win, win), np.float32)
+    delta[win // 2, win // 2] = 1
+    g_nn = gaussian_filter(delta, win / 8, 0, mode="constant", cval=0)
+    g_nn = g_nn / g_nn.max() * 10
+    g_nn[g_nn == 0] = g_nn[g_nn > 0].min()
+    weights = {"segcli_gauss": gaussian_weight((win, win)), "nnunet_gauss": g_nn.astype(np.float32)}
+    acc = {(w, k): np.zeros((2, size, size), np.float32) for w in weights for k in ("logits", "probs")}
+    norm = {w: np.zeros((size, size), np.float32) for w in weights}
+    for y0, x0, y1, x1 in sliding_grid((size, size), win, 0.5).tolist():
+        z = sess.run(None, {name: img[None, :, y0:y1, x0:x1]})[0][0]
+        p = np.exp(z - z.max(0)) / np.exp(z - z.max(0)).sum(0)
+        for w, g in weights.items():
+            acc[(w, "logits")][:, y0:y1, x0:x1] += z * g
+            acc[(w, "probs")][:, y0:y1, x0:x1] += p * g
+            norm[w][y0:y1, x0:x1] += g
+    out = {}
+    for (w, k), a in acc.items():
+        m = (a / norm[w])[1] > (a / norm[w])[0]
+        out[f"{k}+{w}"] = {"dice_vs_nnunet": round(dice(m, ref), 5), "differing_px": int((m ^ ref).sum())}
+    return out
+
+
+def rescore(args: Any, env: dict, big_doc: dict) -> dict:
+    """The ``big`` step's mask comparisons again (no run repeated), e.g. after ``compare`` learnt a new figure."""
+    for size in args.sizes:
+        row = big_doc.get(str(size))
+        ref = args.work / "big" / f"nn-out-{size}" / f"mosaic_{size}.png"
+        if row is None or not ref.is_file():
+            continue
+        _, _, placed = mosaic(args.work, size, args.coverage)
+        for tag in ("segcli", "segcli-maxmem"):
+            out = args.work / "big" / f"{tag}-{size}.tif"
+            if out.is_file():
+                row[tag]["vs_nnunet"] = compare(big_mask(out), read_mask(ref), placed, names=("segcli", "nnunet"))
+    return big_doc
