@@ -131,7 +131,7 @@ def val_cases(work: Path) -> list[str]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("step", choices=["dataset", "plan", "train", "parity", "big", "blend", "distil", "rescore"])
+    ap.add_argument("step", choices=["dataset", "plan", "train", "parity", "big", "blend", "distil", "sttsmem", "rescore"])
     ap.add_argument("--work", type=Path, default=Path("/work/byo"))
     ap.add_argument("--data", type=Path, default=REPO.parent / "shared" / "data" / "kvasir-seg")
     ap.add_argument("--nnunet-venv", type=Path, default=Path("/work/nnunet-venv"))

@@ -363,3 +363,21 @@ def rescore(args: Any, env: dict, big_doc: dict) -> dict:
             if out.is_file():
                 row[tag]["vs_nnunet"] = compare(big_mask(out), read_mask(ref), placed, names=("segcli", "nnunet"))
     return big_doc
+
+
+def sttsmem(args: Any, env: dict) -> dict:
+    """stts of the paired bundle against the imported model's full sliding window, both in memory (the mosaic as
+    a PNG, a photo to segcli): every window of the grid against the rough network's crops; time and Dice."""
+    runs: dict[str, Any] = {}
+    for size in args.sizes:
+        _, png, placed = mosaic(args.work, size, args.coverage)
+        masks = {}
+        for tag, model, extra in (("sliding", "nnunet", ["--method", "sliding"]),
+                                  ("stts", "nnunet-paired", ["--method", "stts", "--max-downscale", args.rough_downscale,
+                                                             *args.stts_args.split()])):
+            out = args.work / "big" / f"mem-{tag}-{size}.png"
+            runs[f"{tag}-{size}"] = segcli_run(args, png, args.work / "bundles" / model, out, f"mem-{tag}-{size}", *extra)
+            masks[tag] = out
+        runs[f"stts_vs_sliding-{size}"] = compare(read_mask(masks["stts"]), read_mask(masks["sliding"]), placed,
+                                                   names=("stts", "sliding"))
+    return runs
