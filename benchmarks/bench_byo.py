@@ -17,6 +17,10 @@ shared. Steps (each reads what the earlier ones wrote in ``--work``; run them in
                                                          # validation images: Dice per image and pooled
     python benchmarks/bench_byo.py big --work $W --sizes 2000 4000 8000 40000
                                                          # mosaics of the frames: time and peak RSS side by side
+    python benchmarks/bench_byo.py blend --work $W --sizes 2000     # why the mosaics' masks differ
+    python benchmarks/bench_byo.py distil --work $W --sizes 40000   # segcli train --stage coarse --pair, stts
+    python benchmarks/bench_byo.py sttsmem --work $W --sizes 8000   # stts against the full sliding window
+    python benchmarks/bench_byo.py rescore --work $W --sizes 4000 8000  # the big step's comparisons again
 
 Why smaller plans: nnU-Net's default 2D plans for 256² frames are a 33.5 M-parameter PlainConvUNet that
 takes about 0.4-0.8 s per 256² window on one core, so 5 epochs (1,250 steps) or a 4000² image (961 windows)

@@ -202,8 +202,7 @@ def compare(a: Any, b: Any, placed: list[dict] | None = None, band: int = 2048,
             names: tuple[str, str] = ("a", "b")) -> dict:
     """Dice between two masks (arrays or memmaps), band by band; and each against the mosaic's ground truth."""
     inter = tot = f_inter = f_tot = 0
-    gt_i = [0, 0]
-    gt_t = [0, 0]
+    gt_i, gt_t, in_i, in_t = [0, 0], [0, 0], [0, 0], [0, 0]
     for y in range(0, a.shape[0], band):
         pa, pb = np.asarray(a[y : y + band]) > 0, np.asarray(b[y : y + band]) > 0
         inter, tot = inter + int((pa & pb).sum()), tot + int(pa.sum()) + int(pb.sum())
@@ -214,12 +213,16 @@ def compare(a: Any, b: Any, placed: list[dict] | None = None, band: int = 2048,
             for k, p in enumerate((pa, pb)):
                 gt_i[k] += int((p & g).sum())
                 gt_t[k] += int(p.sum()) + int(g.sum())
+                in_t[k] += int((p & f).sum()) + int(g.sum())  # the truth lies inside the frames
+                in_i[k] += int((p & g).sum())
     na, nb = names
     out = {f"dice_{na}_vs_{nb}": round(2 * inter / max(1, tot), 5)}
     if placed is not None:
         out.update({f"dice_{na}_vs_{nb}_in_frames": round(2 * f_inter / max(1, f_tot), 5),
                     f"dice_{na}_vs_gt": round(2 * gt_i[0] / max(1, gt_t[0]), 4),
-                    f"dice_{nb}_vs_gt": round(2 * gt_i[1] / max(1, gt_t[1]), 4)})
+                    f"dice_{nb}_vs_gt": round(2 * gt_i[1] / max(1, gt_t[1]), 4),
+                    f"dice_{na}_vs_gt_in_frames": round(2 * in_i[0] / max(1, in_t[0]), 4),
+                    f"dice_{nb}_vs_gt_in_frames": round(2 * in_i[1] / max(1, in_t[1]), 4)})
     return out
 
 
@@ -372,12 +375,16 @@ def sttsmem(args: Any, env: dict) -> dict:
     for size in args.sizes:
         _, png, placed = mosaic(args.work, size, args.coverage)
         masks = {}
+        stts = ["--method", "stts", "--max-downscale", args.rough_downscale]
         for tag, model, extra in (("sliding", "nnunet", ["--method", "sliding"]),
-                                  ("stts", "nnunet-paired", ["--method", "stts", "--max-downscale", args.rough_downscale,
-                                                             *args.stts_args.split()])):
+                                  ("stts", "nnunet-paired", stts),
+                                  # every fine input at the network's own scale: boxes padded by S/2 are at least
+                                  # S a side, and tiled at S instead of shrunk
+                                  ("stts-native", "nnunet-paired", [*stts, "--pad", "128", "--max-zoom", "1"])):
             out = args.work / "big" / f"mem-{tag}-{size}.png"
             runs[f"{tag}-{size}"] = segcli_run(args, png, args.work / "bundles" / model, out, f"mem-{tag}-{size}", *extra)
             masks[tag] = out
-        runs[f"stts_vs_sliding-{size}"] = compare(read_mask(masks["stts"]), read_mask(masks["sliding"]), placed,
-                                                   names=("stts", "sliding"))
+        for tag in ("stts", "stts-native"):
+            runs[f"{tag}_vs_sliding-{size}"] = compare(read_mask(masks[tag]), read_mask(masks["sliding"]), placed,
+                                                        names=(tag.replace("-", "_"), "sliding"))
     return runs
