@@ -20,6 +20,7 @@ shared. Steps (each reads what the earlier ones wrote in ``--work``; run them in
     python benchmarks/bench_byo.py blend --work $W --sizes 2000     # why the mosaics' masks differ
     python benchmarks/bench_byo.py distil --work $W --sizes 40000   # segcli train --stage coarse --pair, stts
     python benchmarks/bench_byo.py sttsmem --work $W --sizes 8000   # stts against the full sliding window
+    python benchmarks/bench_byo.py nnapi --work $W --sizes 40000    # nnU-Net's Python API there, under the cap
     python benchmarks/bench_byo.py rescore --work $W --sizes 4000 8000  # the big step's comparisons again
 
 Why smaller plans: nnU-Net's default 2D plans for 256² frames are a 33.5 M-parameter PlainConvUNet that
@@ -135,7 +136,7 @@ def val_cases(work: Path) -> list[str]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("step", choices=["dataset", "plan", "train", "parity", "big", "blend", "distil", "sttsmem", "rescore"])
+    ap.add_argument("step", choices=["dataset", "plan", "train", "parity", "big", "blend", "distil", "sttsmem", "nnapi", "rescore"])
     ap.add_argument("--work", type=Path, default=Path("/work/byo"))
     ap.add_argument("--data", type=Path, default=REPO.parent / "shared" / "data" / "kvasir-seg")
     ap.add_argument("--nnunet-venv", type=Path, default=Path("/work/nnunet-venv"))

@@ -388,3 +388,37 @@ def sttsmem(args: Any, env: dict) -> dict:
             runs[f"{tag}_vs_sliding-{size}"] = compare(read_mask(masks[tag]), read_mask(masks["sliding"]), placed,
                                                         names=(tag.replace("-", "_"), "sliding"))
     return runs
+
+
+NN_API = """
+import sys, time, traceback, torch
+from PIL import Image
+Image.MAX_IMAGE_PIXELS = None  # what a user would do once the reader refuses the slide
+from nnunetv2.imageio.natural_image_reader_writer import NaturalImage2DIO
+from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
+t0 = time.time()
+try:
+    img, props = NaturalImage2DIO().read_images([sys.argv[2]])
+    print('read', img.shape, img.dtype, round(time.time() - t0, 1), 's', flush=True)
+    p = nnUNetPredictor(tile_step_size=0.5, use_gaussian=True, use_mirroring=False, device=torch.device('cpu'),
+                        perform_everything_on_device=False)
+    p.initialize_from_trained_model_folder(sys.argv[1], use_folds=(0,), checkpoint_name='checkpoint_final.pth')
+    p.predict_single_npy_array(img, props, None, None, False)
+except BaseException:
+    print('FAILED after', round(time.time() - t0, 1), 's:', traceback.format_exc().strip().splitlines()[-1])
+    sys.exit(1)
+"""
+
+
+def nnapi(args: Any, env: dict) -> dict:
+    """nnU-Net's own Python API on the biggest mosaic, with PIL's pixel limit lifted (its command line refuses
+    the PNG there), under the address-space cap: where it stops."""
+    size = max(args.sizes)
+    _, png, _ = mosaic(args.work, size, args.coverage)
+    cmd = ["prlimit", f"--as={int(args.cap_gb * 2**30)}", "--", *bb.nn_cmd(args.nnunet_venv, args.core, "python", "-c",
+                                                                         NN_API, str(bb.results_folder(args.work)),
+                                                                         str(png))]
+    r = bb.run_logged(cmd, env, args.work / f"nnapi-{size}.log")
+    r["said"] = [ln for ln in (args.work / f"nnapi-{size}.log").read_text().splitlines()
+                 if ln.startswith(("read", "FAILED"))]
+    return {str(size): r, "cap_gb": args.cap_gb}
