@@ -81,7 +81,7 @@ def _normalization(text: str | None) -> dict[str, Any] | None:
 def register(app: typer.Typer) -> None:
     """Add ``train`` and ``evaluate`` to the segcli app."""
 
-    @app.command("train", epilog=("Examples:\n\n" + "\n\n".join(['  segcli train --method stts --arch unet --data mydataset/ -o models/mine --size 64', '  segcli train --data nnUNet_raw/Dataset001_X -o models/x --time-limit 2h', '  segcli train --resume models/mine --time-limit 30m   # continue the run in models/mine for 30 more minutes', '  segcli train --method direct --arch deconvnet --data mydataset/ -o models/dc --size 128'])))
+    @app.command("train", epilog=("Examples:\n\n" + "\n\n".join(['  segcli train --method stts --arch unet --data mydataset/ -o models/mine --size 64', '  segcli train --data nnUNet_raw/Dataset001_X -o models/x --time-limit 2h', '  segcli train --resume models/mine --time-limit 30m   # continue the run in models/mine for 30 more minutes', '  segcli train --method direct --arch deconvnet --data mydataset/ -o models/dc --size 128', '  segcli train --stage coarse --pair models/imported --data slide_tiles/ -o models/imported-paired   # distilled, no labels needed'])))
     def train_cmd(
         data: Annotated[Path | None, typer.Option("--data", "-d", help="Dataset folder: images/ + masks/ (+ dataset.json) or nnU-Net raw imagesTr/ + labelsTr/. Required unless --resume; no default.")] = None,
         out: Annotated[Path | None, typer.Option("-o", "--out", help="Output folder; becomes a complete model bundle. Required unless --resume; no default.")] = None,
@@ -118,6 +118,7 @@ def register(app: typer.Typer) -> None:
         time_limit: Annotated[str | None, typer.Option(help="Training time budget: seconds or 90s / 10m / 1h30m; split 50/50 between two stages. Default: no limit.")] = None,
         resume: Annotated[Path | None, typer.Option(help="Continue the run whose bundle is this folder, from the resume state kept beside it (FOLDER.resume/). Default: a new run.")] = None,
         pair: Annotated[str | None, typer.Option("--pair", help="Train only the rough network for this one-network bundle (an imported model), at its window and normalisation (--method and --size come from it); without masks in --data its own predictions are the labels (distillation). Default: none.")] = None,
+        stage: Annotated[str | None, typer.Option("--stage", help="coarse: train only the rough network (the stage --pair trains; needs --pair). Default: every stage the method has.")] = None,
         init: Annotated[str | None, typer.Option("--init", help="Fine-tune this bundle (folder or shipped name): its method, networks, size and normalisation are kept, its weights are the start. Default: none (random weights).")] = None,
         device: Annotated[str | None, typer.Option(help="auto | cpu | cuda | cuda:N [default: auto]")] = None,
         amp: Annotated[bool, typer.Option("--amp/--no-amp", help="Mixed precision: fp16 on CUDA, bf16 on a CPU with native bf16 (AVX512-BF16/AMX); validation stays fp32.")] = True,
@@ -132,6 +133,10 @@ def register(app: typer.Typer) -> None:
         quiet: Annotated[bool, typer.Option("-q", "--quiet", help="Only errors on stderr.")] = False,
     ) -> None:
         """Train a coarse-to-fine model; the output folder is a bundle `segcli predict --model` loads."""
+        try:
+            check_stage(stage, pair)
+        except UsageError as exc:
+            raise _fail(str(exc), 2) from None
         # lazy: brings torch; `segcli --help` runs without it
         from segcli.train import TrainingInterrupted, train
 
@@ -257,6 +262,20 @@ def _report(result: Any, quiet: bool) -> None:
         score = t.get("val_score")
         print(f"model written to {result.out} (val score {score:.4f}: {t.get('val_score_kind')})" if isinstance(score, float)
               else f"model written to {result.out}", file=sys.stderr)
+
+
+STAGES = ("coarse",)
+
+
+def check_stage(stage: str | None, pair: str | None) -> None:
+    """``--stage``, before any work: only ``coarse`` exists, and only with ``--pair`` (the issue's spelling
+    of "train just the rough network for this bundle"); ``--pair`` alone means the same."""
+    if stage is None:
+        return
+    if stage not in STAGES:
+        raise UsageError(f"--stage {stage!r}: only 'coarse' can be trained alone (with --pair BUNDLE)")
+    if pair is None:
+        raise UsageError("--stage coarse trains the rough network for a bundle you have: add --pair BUNDLE")
 
 
 def _train_pair(data: Path | None, out: Path | None, pair: str, options: dict[str, Any]) -> Any:

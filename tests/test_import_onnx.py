@@ -240,14 +240,26 @@ def test_pair_distils_a_rough_network_without_labels(tmp_path):
     (tmp_path / "imgs").mkdir()
     for i in range(8):
         Image.fromarray(_blobs(rng, 128, 160)).save(tmp_path / "imgs" / f"i{i}.png")
-    train_pair(tmp_path / "imgs", tmp_path / "pair", str(fine), epochs=3, features=4, batch_size=4, quiet=True,
-               threads=1, val_full_res=False)
+    # through the CLI, as the issue spells it: --stage coarse --pair BUNDLE (masks come from the bundle itself)
+    r = run_cli("train", "--stage", "coarse", "--pair", fine, "--data", tmp_path / "imgs", "-o", tmp_path / "pair",
+                "--epochs", "3", "--features", "4", "--batch-size", "4", "--threads", "1", "--no-val-full-res", "-q")
+    assert r.returncode == 0, r.stderr
     b = load_bundle(tmp_path / "pair")
     assert set(b.networks) == {"coarse", "fine"} and b.method == "sliding" and not b.verify()
     assert b.networks["fine"].sha256 == load_bundle(fine).networks["fine"].sha256
     assert b.training["distilled"] is True and b.network("coarse").arch == "unet"
     with pytest.raises(UsageError, match="drop that option"):
         train_pair(tmp_path / "imgs", tmp_path / "p2", str(fine), size=32)
+
     with pytest.raises(UsageError, match="one-network sliding bundle"):
         train_pair(tmp_path / "imgs", tmp_path / "p3", str(tmp_path / "pair"))
 
+
+
+@pytest.mark.parametrize(("args", "says"), [
+    (["--stage", "fine", "--pair", "x"], "only 'coarse' can be trained alone"),
+    (["--stage", "coarse"], "add --pair BUNDLE"),
+])
+def test_stage_is_checked_before_any_work(tmp_path, args, says):
+    r = run_cli("train", *args, "--data", tmp_path / "nothing-here", "-o", tmp_path / "out")
+    assert r.returncode == 2 and says in r.stderr and not (tmp_path / "out").exists()
