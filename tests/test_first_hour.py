@@ -365,7 +365,7 @@ def test_rgba_he_tile_goes_to_the_he_model_alpha_dropped(models: Path, tmp_path:
 def test_nuclei_bundles_own_grey_sample_goes_to_nuclei(models: Path, tmp_path: Path) -> None:
     """The grey DSB sample shipped with `nuclei` (dense nuclei: 59 % dark pixels, which the first fluorescence
     rule missed) is chosen for `nuclei` without --model, as a guess said in one line."""
-    sample = REPO / "models" / "nuclei" / "sample" / "dsb_432f367a.png"
+    sample = REPO / "models" / "nuclei" / "sample" / "dsb_53df5150.png"
     r, doc = _predict(models, sample, "-o", tmp_path / "out", "--json")
     assert r.returncode == 0, r.stderr
     assert doc["files"][0]["model"] == "nuclei"
