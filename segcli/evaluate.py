@@ -99,6 +99,10 @@ def _fix_255(a: np.ndarray, other: np.ndarray) -> np.ndarray:
     return a
 
 
+#: More unnamed label values than this in a ground truth are more likely object ids than classes.
+MANY_LABELS = 32
+
+
 def _class_names(gt_dir: Path, n: int, classes: Sequence[str] | None) -> list[str]:
     if classes is not None:
         names = list(classes)
@@ -224,6 +228,9 @@ def evaluate(
         raise InputError(f"no case could be scored (first problem: {failed[0]['error']})", pred_dir)
     n_classes = max(2, max(r["n_labels"] for r in good), len(classes) if classes else 0)
     names = _class_names(gt_dir, n_classes, classes)
+    if not instances and log and n_classes > MANY_LABELS and all(n.startswith("class_") for n in names[1:]):
+        log(f"warning: the ground truth holds {n_classes - 1} unnamed label values, scored as classes; if they "
+            "are object ids, pass --instances (or name the classes in a dataset.json)")
     fg = list(range(1, n_classes))
     cases = [_case_entry(r, fg, names) for r in good]
     units = {("mm" if r["spacing"] else "px") for r in good}

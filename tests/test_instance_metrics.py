@@ -171,3 +171,28 @@ def test_predict_instances_writes_the_split_label_image(tmp_path, grey_bundle):
     r = run_cli("predict", vol, "-o", tmp_path / "vout", "--model", grey_bundle, "--instances")
     assert r.returncode == 1
     assert "--instances is written for 2D images" in r.stderr and str(vol) in r.stderr
+
+
+def test_object_ids_scored_as_classes_get_a_warning(tmp_path):
+    """Forty unnamed label values in the ground truth and no --instances: scored as classes as asked, with one
+    warning naming --instances; a few unnamed classes, or --instances, get none."""
+    from PIL import Image
+
+    from tests.conftest import run_cli
+
+    gt_dir, pred_dir = tmp_path / "gt", tmp_path / "pred"
+    gt_dir.mkdir()
+    pred_dir.mkdir()
+    ids = np.zeros((64, 80), np.uint16)
+    for k in range(40):
+        ids[(k // 8) * 12 : (k // 8) * 12 + 8, (k % 8) * 10 : (k % 8) * 10 + 8] = k + 1
+    Image.fromarray(ids).save(gt_dir / "a.png")
+    Image.fromarray((ids > 0).astype(np.uint8)).save(pred_dir / "a.png")
+    r = run_cli("evaluate", pred_dir, gt_dir, "--no-hd95")
+    assert r.returncode == 0, r.stderr
+    assert "warning: the ground truth holds 40 unnamed label values, scored as classes" in r.stderr
+    r = run_cli("evaluate", pred_dir, gt_dir, "--no-hd95", "--instances")
+    assert r.returncode == 0 and "unnamed label values" not in r.stderr, r.stderr
+    Image.fromarray(np.minimum(ids, 3).astype(np.uint8)).save(gt_dir / "a.png")
+    r = run_cli("evaluate", pred_dir, gt_dir, "--no-hd95")
+    assert r.returncode == 0 and "unnamed label values" not in r.stderr, r.stderr
