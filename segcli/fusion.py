@@ -402,8 +402,15 @@ class BlendStore(TileStore):
 
     def labels(self, box: np.ndarray | tuple[int, ...], fill: CoarseFill | None = None) -> np.ndarray:
         """uint8 labels of a box: the blended windows where they reached, else the rough labels or background."""
-        mean, cov = self._mean(box)  # 0 where no window reached: background
-        lab = (mean[0] > self.threshold).astype(np.uint8) if self.binary else class_argmax(mean)
+        # The weighted sums give the labels without dividing by the weight (> 0 where a window reached): the
+        # mean exceeds t where the sum exceeds t·weight, and a class's sum is largest where its mean is.
+        v = self.read(box)
+        cov = self.covered(v)
+        if self.binary:
+            lab = (v[0] > self.threshold * v[-1]).astype(np.uint8)
+        else:
+            lab = class_argmax(v[:-1])
+            lab[~cov] = 0  # no window reached: background
         if fill is not None and not cov.all():
             lab = np.where(cov, lab, fill.labels(box)).astype(np.uint8)
         return lab

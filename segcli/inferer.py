@@ -291,6 +291,7 @@ class Inferer:
         kw = plan.kwargs_2d(p, bundle, self.options, self.budget if budget is None else budget, plane.shape,
                             spacing, batch=mplan.batch,
                             rough_batch=mplan.rough_batch)
+        kw.update(plan.rough_fold(p, bundle, kind))
         if prime:
             plan.prime_2d(p, plane, kw)
         return Staged2D(bundle=bundle, plan=p, plane=plane, kwargs=kw, full_shape=tuple(array.shape[:2]),

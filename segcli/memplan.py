@@ -216,13 +216,21 @@ def refusal(name: str, minimum: int, budget: int, *, workers: int = 1, parent: i
 
 def instance_windows(tile: int) -> int:
     """What the tiled instance split (``--instances`` on a slide read by region) holds at once: one window
-    at the reach (segcli.instances_tiled) at :data:`segcli.memory.INSTANCE_PER_PIXEL` bytes a pixel, and the
-    class ids of the tiles its windows read (a bounded cache)."""
+    at the reach (segcli.instances_tiled) at :data:`segcli.memory.INSTANCE_PER_PIXEL` bytes a pixel, the crops
+    of that size whose objects are measured beside it (the one being measured and those queued), and the class
+    ids of the tiles its windows read (a bounded cache)."""
     # lazy: brings scipy
-    from segcli.instances_tiled import INSTANCE_TILE, LABEL_CACHE_BYTES, REACH
+    from segcli.instances_tiled import (
+        DESCRIBE_AHEAD,
+        DESCRIBE_PER_PIXEL,
+        INSTANCE_TILE,
+        LABEL_CACHE_BYTES,
+        REACH,
+    )
 
     side = max(int(tile), INSTANCE_TILE) + 2 * REACH
-    return side * side * INSTANCE_PER_PIXEL + LABEL_CACHE_BYTES
+    measured = DESCRIBE_PER_PIXEL + (DESCRIBE_AHEAD + 1) * 5  # uint32 ids and uint8 classes of each crop
+    return side * side * (INSTANCE_PER_PIXEL + measured) + LABEL_CACHE_BYTES
 
 
 def make_plan(*, budget: int, kind: str, name: str, base: int, costs: dict[str, dict[int, int]], how: str,

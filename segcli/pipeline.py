@@ -277,6 +277,7 @@ class TiledTiffRoute:
             kw = plan.kwargs_2d(run, bundle, ctx.options, ctx.budget, net_plane.shape, spacing, batch=mplan.batch,
                                 rough_batch=mplan.rough_batch)
             kw["fuse_cache"] = mplan.fuse_cache
+            kw.update(plan.rough_fold(run, bundle, self.kind))
             rep.info["memory_plan"] = mplan.to_dict()
             kw.update(extra)
             if kw.get("crop_mode") == "grid":
@@ -309,7 +310,6 @@ class TiledTiffRoute:
         bundle = ctx.bundle_for(self.kind)
         labels: Any = res.labels  # the network's labels; the mask's are folded (a boundary class, if any)
         classes, lut = bundle.output_classes, bundle.fold()
-        read = labels.read if lut is None else (lambda box: lut[labels.read(box)])
         counts = np.zeros(256, np.int64)
         tile_stats = None
         if opts.stats and rep.status == "ok":
@@ -334,6 +334,9 @@ class TiledTiffRoute:
         ome = plane.ome if plane.meta.get("is_ome") else None
         # one id per object across tiles (segcli.instances_tiled), split in a thread of its own beside the mask
         inst = SlideInstances(job.out, rep, labels, plane, bundle, self.kind, opts, ome) if opts.instances else None
+        # with instances, the mask reads the class ids through their cache: each tile's are computed once
+        labels_read = inst.labels.read if inst is not None else labels.read
+        read = labels_read if lut is None else (lambda box: lut[labels_read(box)])
         try:
             write_tiled(job.out, plane.shape, read, tile=opts.tile_size, resolution=plane.resolution,
                         spacing=plane.spacing, ome=ome, pyramid=opts.pyramid, on_tile=on_tile)

@@ -127,6 +127,14 @@ def kwargs_2d(plan: Plan, bundle: Bundle, options: PredictOptions, budget: int, 
     return kw
 
 
+def rough_fold(plan: Plan, bundle: Bundle, kind: str) -> dict[str, Any]:
+    """The stts argument that makes a slide's or a volume's ``--instances`` run (its bundle keeps the boundary
+    class) look where a run without instances looks (its networks are folded); photos keep one bundle for both."""
+    if plan.method != "stts" or kind == "2d" or bundle.boundary is None:
+        return {}
+    return {"fold_boundary": tuple(bundle.boundary)}
+
+
 @dataclass
 class Staged2D:
     """One 2D image made ready for the networks (``Segmenter.stage_2d``): the prepared plane, the

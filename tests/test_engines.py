@@ -83,6 +83,23 @@ def test_stts_multiclass_per_class_max():
     assert res.labels[20, 20] == 1 and res.labels[75, 75] == 2 and res.labels[50, 50] == 0
 
 
+def test_stts_with_a_boundary_class_looks_where_the_folded_network_finds_objects():
+    """Background 0.4, nucleus 0.35, boundary 0.25 over a square: argmax says background, the folded network
+    (nucleus + boundary = 0.6 > 0.5) says object. A slide's --instances run (fold_boundary) must look where a
+    run without instances looks, so it crops the square; without the rule it finds nothing."""
+    img, _ = scene()
+
+    def three(batch: np.ndarray) -> np.ndarray:
+        on = (batch[:, :1] > 0.5).astype(np.float32)
+        return np.concatenate([1 - 0.6 * on, 0.35 * on, 0.25 * on], axis=1)
+
+    plain = stts(ArrayPlane(img), FunctionPredictor(three), FunctionPredictor(three), size=64)
+    assert plain.info["crops"] == 0
+    folded = stts(ArrayPlane(img), FunctionPredictor(three), FunctionPredictor(three), size=64,
+                  fold_boundary=(2, 1))
+    assert folded.info["crops"] == 3
+
+
 def test_refine_picks_uncertain_patches_and_all_patches_give_exact_result():
     img, truth = scene(256, 256)
     coarse = FunctionPredictor(identity_probs)

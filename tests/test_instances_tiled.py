@@ -103,6 +103,30 @@ def _slide(tmp_path: Path) -> Path:
 NUCLEI_HE = Path(__file__).resolve().parents[1] / "models" / "nuclei-he"
 
 
+def test_tile_labels_shared_by_two_threads_compute_each_tile_once():
+    """The mask writer and the instance split read through one cache from two threads: a tile asked by both at
+    once is computed by one of them while the other waits, and both get its pixels."""
+    import threading
+    import time
+
+    src = np.arange(80 * 80, dtype=np.uint32).reshape(80, 80) % 7
+    asked: list[tuple[int, int, int, int]] = []
+
+    def slow(b):
+        asked.append(tuple(b))
+        time.sleep(0.05)  # long enough for the second thread to ask while the first computes
+        return src[b[0] : b[2], b[1] : b[3]]
+
+    cache = TileLabels(slow, src.shape, 40)
+    got: list[np.ndarray] = []
+    threads = [threading.Thread(target=lambda: got.append(cache.read((0, 0, 80, 80)))) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(got) == 2 and all(np.array_equal(g, src) for g in got)
+    assert sorted(asked) == sorted(set(asked)) and len(asked) == 4 and cache.computed == 4
+
 def _spans(inst: np.ndarray, tile: int) -> int:
     """The most tiles any one object's pixels lie in."""
     return max(len({(y // tile, x // tile) for y, x in zip(*np.nonzero(inst == i), strict=True)})
@@ -119,6 +143,11 @@ def test_slide_read_by_region_writes_one_id_per_object(tmp_path, monkeypatch):
     from segcli.api import Segmenter
 
     monkeypatch.setattr(segcli.instances_tiled, "INSTANCE_TILE", 64)  # 64-px tiles: many seams on a small slide
+    import segcli.engines.stts
+
+    folds: list = []
+    fold = segcli.engines.stts.fold_probs
+    monkeypatch.setattr(segcli.engines.stts, "fold_probs", lambda p, b: folds.append(b) or fold(p, b))
     path = _slide(tmp_path)
     seg = Segmenter(str(NUCLEI_HE), lazy_pixels=0, instances=True, geojson=True, stats=True, tile_size=64)
     rep = seg.predict_file(path, tmp_path / "out" / "slide_seg.tif")
@@ -133,6 +162,8 @@ def test_slide_read_by_region_writes_one_id_per_object(tmp_path, monkeypatch):
     info = rep.info["instances"]
     assert info["tiled"] and info["cut_components"] == 0 and info["objects"] == int(inst.max()) > 30
     assert _spans(inst, 64) >= 2  # some object crosses a tile edge and kept one id
+    # where to look is decided on the folded rough probabilities, as a run without instances decides it
+    assert folds == [(2, 1)]
     mem = Segmenter(str(NUCLEI_HE), instances=True).predict_file(path, tmp_path / "mem" / "slide_seg.tif")
     assert not mem.info.get("bounded_memory") and mem.info["instances"]["objects"] == info["objects"]
     assert mem.info["instances"]["split"] == info["split"]  # the bundle's rule (its boundary class) on both routes
@@ -149,16 +180,17 @@ def test_slide_read_by_region_writes_one_id_per_object(tmp_path, monkeypatch):
     assert all(float(r["area_um2"]) == pytest.approx(int(r["area_px"]) * 0.25, rel=1e-3) for r in rows)  # 0.5 µm
 
 
-def test_a_failing_instance_split_fails_the_file_and_leaves_no_instance_outputs(tmp_path, monkeypatch):
-    """The split runs in a thread of its own beside the mask: what it raises reaches the file's report, and
-    neither its label image nor its GeoJSON is left behind half written."""
+@pytest.mark.parametrize("where", ["read", "_describe_now"])
+def test_a_failing_instance_split_fails_the_file_and_leaves_no_instance_outputs(tmp_path, monkeypatch, where):
+    """The split runs in a thread of its own beside the mask, and the objects are measured in another: what
+    either raises reaches the file's report, and neither the label image nor the GeoJSON is left half written."""
     import segcli.instances_tiled
     from segcli.api import Segmenter
 
-    def broken(self, box):
+    def broken(self, *args):
         raise RuntimeError("split broke")
 
-    monkeypatch.setattr(segcli.instances_tiled.TiledInstances, "read", broken)
+    monkeypatch.setattr(segcli.instances_tiled.TiledInstances, where, broken)
     seg = Segmenter(str(NUCLEI_HE), lazy_pixels=0, instances=True, geojson=True, tile_size=64)
     rep = seg.predict_file(_slide(tmp_path), tmp_path / "out" / "slide_seg.tif")
     assert rep.status == "failed" and "split broke" in str(rep.error)

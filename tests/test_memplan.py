@@ -194,14 +194,15 @@ def test_a_resampled_20x_slide_stays_a_slide_and_glass_is_never_computed(tmp_pat
 
 def test_the_instance_split_is_in_the_plan_when_asked_for(rgb_bundle) -> None:
     """--instances: a slide's plan holds one instance window at the reach (1536² at 64 bytes a pixel: 151 MB,
-    measured 161 MB on a 16000² nuclei-he mask) and the tile cache of class ids (32 MiB), and an image split
-    whole brings 64 bytes a pixel more."""
+    measured 161 MB on a 16000² nuclei-he mask), the crops whose objects are measured beside it, and the tile
+    cache of class ids (32 MiB), and an image split whole brings 64 bytes a pixel more."""
     from segcli import memory
 
     plain = Segmenter(rgb_bundle, max_memory="8GB")
     split = Segmenter(rgb_bundle, max_memory="8GB", instances=True)
     windows = memplan.instance_windows(split.options.tile_size)
-    assert windows == 1536 * 1536 * memory.INSTANCE_PER_PIXEL + 32 * 2**20
+    # the split's window, the crops measured beside it (32 bytes a pixel, and two crops of ids and classes)
+    assert windows == 1536 * 1536 * (memory.INSTANCE_PER_PIXEL + 32 + 2 * 5) + 32 * 2**20
     a, b = plain.memory_plan("slide"), split.memory_plan("slide")
     assert b.workset == a.workset + windows and b.minimum - b.base == a.minimum - a.base + windows
     assert split.memory_plan("2d").workset == plain.memory_plan("2d").workset  # split whole: the image's own

@@ -39,7 +39,16 @@ import numpy as np
 
 from segcli.engines.base import ArrayPlane, Plane, ProgressFn, Result, Timer, batched, rough_input
 from segcli.engines.direct import sliding
-from segcli.fusion import FUSION_RULES, BlendStore, CoarseFill, FuseStore, LazyLabels, foreground, make_fusion
+from segcli.fusion import (
+    FUSION_RULES,
+    BlendStore,
+    CoarseFill,
+    FuseStore,
+    LazyLabels,
+    fold_probs,
+    foreground,
+    make_fusion,
+)
 from segcli.geometry import (
     component_boxes,
     crop_boxes,
@@ -183,6 +192,7 @@ def stts(
     overlap: float = D["overlap"],
     fuse_cache: int = 64 * 2**20,
     rough_batch: int | None = None,
+    fold_boundary: tuple[int, int] | None = None,
 ) -> Result:
     """Segment one 2D image with segment-then-segment; see the module docstring.
 
@@ -197,6 +207,10 @@ def stts(
     (default, the paper's OR), ``mean``, ``centre`` (Gaussian-weighted mean) or ``own-box`` (each crop
     writes only inside its object's unpadded box grown by ``own_margin`` px, default pad // 2, max
     among those). Rules other than ``max`` hold dense arrays and need ``lazy=False``.
+
+    ``fold_boundary`` (a network's (boundary class, object class)): where to look is decided on the rough
+    probabilities with the boundary added to its object, as a run without instances sees them (its networks are
+    folded, segcli.bundle.Bundle.folded), so a slide's ``--instances`` run looks at the same windows.
     """
     timer = Timer()
     H, W = plane.shape
@@ -206,14 +220,14 @@ def stts(
                                   batch_size=rough_batch or batch_size)
     own = None
     with timer.stage("components"):
+        fg = foreground(fold_probs(rough, fold_boundary), threshold)
         if crop_mode == "grid":
-            boxes = tissue_windows(foreground(rough, threshold), (H, W), size, overlap)
+            boxes = tissue_windows(fg, (H, W), size, overlap)
         elif fusion == "own-box":
             margin = pad // 2 if own_margin is None else int(own_margin)
-            boxes, own = boxes_and_own(foreground(rough, threshold), (H, W), pad, margin,
-                                       min_size=min_component, min_side=min_side)
+            boxes, own = boxes_and_own(fg, (H, W), pad, margin, min_size=min_component, min_side=min_side)
         else:
-            boxes = crop_boxes(foreground(rough, threshold), (H, W), pad, min_size=min_component, min_side=min_side)
+            boxes = crop_boxes(fg, (H, W), pad, min_size=min_component, min_side=min_side)
     res = fine_pass(plane, fine, boxes, rough, size=size, threshold=threshold, keep_coarse=keep_coarse,
                     batch_size=batch_size, return_probs=return_probs, timer=timer, progress=progress,
                     max_zoom=max_zoom, spill_dir=spill_dir, lazy=lazy, prefetch=prefetch, fusion=fusion,
