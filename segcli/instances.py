@@ -63,7 +63,7 @@ def split_touching(mask: np.ndarray, min_distance: float = 3.0, smooth: float = 
     seeds, n_seeds = ndi.label(peaks, structure=np.ones((3, 3), bool))
     # a component without a seed (too small or flat) gets one at its deepest pixel
     seeded = np.zeros(n + 1, bool)
-    seeded[np.unique(comps[seeds > 0])] = True
+    seeded[comps[seeds > 0]] = True
     missing = np.flatnonzero(~seeded[1:]) + 1
     if missing.size:
         for i, (y, x) in enumerate(_deepest(dist, comps, missing)):
@@ -151,7 +151,7 @@ def _grow(cores: np.ndarray, fg: np.ndarray) -> np.ndarray:
 
     comps, n_comp = ndi.label(fg, structure=np.ones((3, 3), bool))
     seeded = np.zeros(n_comp + 1, bool)
-    seeded[np.unique(comps[cores > 0])] = True
+    seeded[comps[cores > 0]] = True
     seeded[0] = False
     ids = cores.astype(np.float32)
     todo = seeded[comps] & (cores == 0)

