@@ -149,8 +149,8 @@ def _grow(cores: np.ndarray, fg: np.ndarray) -> np.ndarray:
     768² window, where scipy's maximum filter of uint32 ids took 8 ms and a distance transform 50-80 ms."""
     import cv2  # lazy: OpenCV costs 0.1 s at start-up and only instance runs need it here
 
-    comps, n_comp = ndi.label(fg, structure=np.ones((3, 3), bool))
-    seeded = np.zeros(n_comp + 1, bool)
+    n_comp, comps = regions_8(fg)
+    seeded = np.zeros(n_comp, bool)
     seeded[comps[cores > 0]] = True
     seeded[0] = False
     ids = cores.astype(np.float32)
@@ -161,9 +161,20 @@ def _grow(cores: np.ndarray, fg: np.ndarray) -> np.ndarray:
         take = todo & (grown > 0)
         if not take.any():  # pragma: no cover - every pixel of a seeded 8-connected region is reached
             break
-        ids[take] = grown[take]
+        np.copyto(ids, grown, where=take)  # one pass, where boolean indexing gathered and scattered
         todo &= ~take
     return ids.astype(np.uint32)
+
+
+def regions_8(mask: np.ndarray) -> tuple[int, np.ndarray]:
+    """``(count + 1, int32 ids)`` of the 8-connected regions of a 2D boolean mask, by OpenCV (2.5× scipy's
+    ``ndimage.label`` on a 768² window of nuclei). The regions are scipy's; their numbering may differ, so only
+    callers that use the ids as names, not as an order, take them from here."""
+    import cv2  # lazy: OpenCV costs 0.1 s at start-up and only instance runs need it here
+
+    m = np.ascontiguousarray(mask, dtype=bool).view(np.uint8)
+    n, ids = cv2.connectedComponents(m, connectivity=8, ltype=cv2.CV_32S)
+    return int(n), ids
 
 
 def split_labels(labels: np.ndarray, boundary: tuple[int, int] | None = None, min_distance: float = 3.0) -> np.ndarray:

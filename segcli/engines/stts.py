@@ -317,6 +317,12 @@ def _parents(boxes: np.ndarray, size: int, max_zoom: float | None) -> np.ndarray
     return np.repeat(np.arange(len(counts)), counts)
 
 
+def _filled(p: np.ndarray, threshold: float) -> bool:
+    """Whether a window's output is foreground from edge to edge, looked at one pixel in 64 first: nearly every
+    window has background, and the whole argmax of a three-class window cost 1.7 s of a 40000² slide's run."""
+    return bool(foreground(p[:, ::8, ::8], threshold).all()) and bool(foreground(p, threshold).all())
+
+
 def fine_pass(
     plane: Plane,
     fine: Predictor,
@@ -372,7 +378,7 @@ def fine_pass(
                     cy0, cx0 = int(crops[i][0]), int(crops[i][1])
                     wy0, wx0, wy1, wx1 = (int(v) for v in writes[i])
                     p = paste_back(pb[j], crops[i])[:, wy0 - cy0 : wy1 - cy0, wx0 - cx0 : wx1 - cx0]
-                    filled += bool(foreground(p, threshold).all())
+                    filled += _filled(p, threshold)
                     if fusion == "max":
                         store.aggregate(writes[i], p)
                     else:
