@@ -26,10 +26,12 @@ measured in a thread of their own (:data:`DESCRIBE_AHEAD`); ``segcli.memplan.ins
 
 from __future__ import annotations
 
+import os
 import threading
 from collections import OrderedDict, deque
 from collections.abc import Callable
 from concurrent.futures import Executor, Future, ThreadPoolExecutor
+from contextlib import suppress
 from typing import Any
 
 import numpy as np
@@ -325,6 +327,43 @@ class TiledInstances:
                 "label_tiles_computed": self.labels.computed}
 
 
+class FusedRows:
+    """The rows of a slide's labels that the fine pass has finished (no window left to run writes there), for
+    readers that work beside it: :meth:`read` waits until every row of its box is final. The fine pass calls
+    :meth:`advance` (segcli.engines.stts ``on_fused``); :meth:`fail` releases the readers with an error."""
+
+    def __init__(self, labels: Any, height: int) -> None:
+        self.labels, self.height = labels, int(height)
+        self._y = 0
+        self._failed = False
+        self._cond = threading.Condition()
+
+    def advance(self, y: int) -> None:
+        with self._cond:
+            self._y = max(self._y, int(y))
+            self._cond.notify_all()
+
+    def fail(self) -> None:
+        with self._cond:
+            self._failed = True
+            self._cond.notify_all()
+
+    def read(self, box: Box) -> np.ndarray:
+        need = min(int(box[2]), self.height)
+        with self._cond:
+            self._cond.wait_for(lambda: self._y >= need or self._failed)
+            if self._failed:
+                raise InterruptedError("the fine pass stopped before these rows were fused")
+        return self.labels.read(box)
+
+
+def _background() -> None:
+    """Lower the calling thread's priority (Linux: per-thread nice 10): the instance split and the measuring run
+    beside the fine pass on the CPU time its network leaves idle, without stalling the network's threads."""
+    with suppress(OSError, AttributeError):
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 10)
+
+
 class SlideInstances:
     """``NAME_instances.tif`` of a slide read by region (a tiled uint32 BigTIFF, like the mask), and with
     ``--geojson`` / ``--stats`` one QuPath detection / CSV row per instance; the summary goes in the report.
@@ -338,8 +377,11 @@ class SlideInstances:
     """
 
     def __init__(self, out: Any, rep: Any, labels: Any, plane: Any, bundle: Any, kind: str, options: Any,
-                 ome: dict[str, Any] | None = None) -> None:
+                 ome: dict[str, Any] | None = None, background: bool = False) -> None:
         self.rep = rep
+        self.background = background  # started beside the fine pass: its threads yield the CPU to the network
+        self.info: dict[str, Any] = {}  # what goes in the report, added by join() in the caller's thread
+        self.warnings: list[str] = []
         #: the class ids of the slide, tile by tile: read the mask through it, and each tile is computed once
         self.labels = TileLabels(labels.read, plane.shape, self.tile_of(options), LABEL_CACHE_BYTES)
         self._stop = threading.Event()
@@ -353,6 +395,8 @@ class SlideInstances:
 
     def _run(self, out: Any, labels: Any, plane: Any, bundle: Any, kind: str, options: Any,
              ome: dict[str, Any] | None) -> None:
+        if self.background:
+            _background()
         try:
             self._write(out, labels, plane, bundle, kind, options, ome)
         except BaseException as exc:  # handed to join(), in the thread that waits
@@ -385,7 +429,8 @@ class SlideInstances:
         he = is_he(bundle, kind, int(getattr(plane, "raw_channels", getattr(plane, "channels", 0))))
         tile = self.tile_of(options)
         # the objects of a tile are measured in a thread of their own while the next tile is split
-        pool = ThreadPoolExecutor(1, thread_name_prefix="segcli-objects") if sink.wanted else None
+        pool = ThreadPoolExecutor(1, thread_name_prefix="segcli-objects", initializer=_background if self.background
+                                  else None) if sink.wanted else None
         tiled = TiledInstances(labels.read, plane.shape, tile,
                                on_objects=sink.add if sink.wanted else None,
                                read_rgb=(lambda b: plane.read_raw(b, 0)) if he else None, spacing=plane.spacing,
@@ -411,10 +456,10 @@ class SlideInstances:
         finally:
             if pool is not None:
                 pool.shutdown(wait=True)
-        rep.info["instances"] = {"path": str(path), **tiled.summary}
-        rep.info.update(sink.close())
+        self.info["instances"] = {"path": str(path), **tiled.summary}
+        self.info.update(sink.close())
         if tiled.cut_components:
-            rep.warnings.append(f"instances: {tiled.cut_components} tile(s) held a connected region wider than "
+            self.warnings.append(f"instances: {tiled.cut_components} tile(s) held a connected region wider than "
                                 f"{tiled.reach} px, split at tile edges")
 
     @staticmethod
@@ -428,6 +473,9 @@ class SlideInstances:
         self._thread.join()
 
     def join(self) -> None:
+        """Wait for the split; its summary and warnings go in the report here, in the caller's thread."""
         self._thread.join()
         if self._error is not None:
             raise self._error
+        self.rep.info.update(self.info)
+        self.rep.warnings.extend(self.warnings)

@@ -36,7 +36,7 @@ from segcli.errors import EmptyImageError, InputError, UsageError
 from segcli.fusion import FuseStore, LazyLabels, fold_probs
 from segcli.geometry import slice_axis
 from segcli.inferer import Inferer, RunContext
-from segcli.instances_tiled import SlideInstances
+from segcli.instances_tiled import FusedRows, SlideInstances
 from segcli.io import niftistream
 from segcli.io.atomic import OutputLock
 from segcli.io.bigtiff import tiff_header, write_tiled
@@ -264,6 +264,31 @@ class TiledTiffRoute:
         self.dtype = getattr(plane, "dtype", None)
         self.warnings = [f"{plane.meta.get('format', 'tifffile')}: {n}" for n in plane.notes]
         self.res: Result | None = None
+        self.inst: SlideInstances | None = None
+        self._rows: FusedRows | None = None
+
+    def _split_beside(self, ctx: RunContext, job: Job, bundle: Bundle) -> Callable[[Any, int], None]:
+        """The fine pass's ``on_fused``: the instance split starts with the first call and reads each row of
+        tiles once the fine pass has finished it, so it runs beside the network instead of after it."""
+
+        def on_fused(labels: Any, y: int) -> None:
+            if self._rows is None:
+                self._rows = FusedRows(labels, self.plane.shape[0])
+                self.inst = SlideInstances(job.out, job.rep, self._rows, self.plane, bundle, self.kind, ctx.options,
+                                           self._ome(), background=True)
+            self._rows.advance(y)
+
+        return on_fused
+
+    def _stop_split(self) -> None:
+        if self.inst is not None:
+            assert self._rows is not None
+            self._rows.fail()
+            self.inst.cancel()
+            self.inst = None
+
+    def _ome(self) -> dict[str, Any] | None:
+        return self.plane.ome if self.plane.meta.get("is_ome") else None
 
     def compute(self, ctx: RunContext, job: Job, progress: ProgressFn | None) -> None:
         rep, plane = job.rep, self.plane
@@ -286,12 +311,18 @@ class TiledTiffRoute:
             kw.update(plan.rough_fold(run, bundle, self.kind))
             rep.info["memory_plan"] = mplan.to_dict()
             kw.update(extra)
+            if ctx.options.instances and scale is None and job.out is not None:
+                kw["on_fused"] = self._split_beside(ctx, job, bundle)
             if kw.get("crop_mode") == "grid":
                 # The rough pass only has to find tissue here: cap its grid at GRID_ROUGH_PIXELS so its dense
                 # accumulators stay small on a 40k² slide (4096² at 0.98 µm/px would hold 1.3 GB of floats).
                 kw["max_downscale"] = max(kw.get("max_downscale") or 1.0, header_needs.rough_floor(net_plane.shape))
-            res = plan.run_2d(run, net_plane, ctx.inferer.predictors(bundle), kw, return_probs=False, progress=progress,
-                              spill_dir=spill, lazy=True, prefetch=True)
+            try:
+                res = plan.run_2d(run, net_plane, ctx.inferer.predictors(bundle), kw, return_probs=False,
+                                  progress=progress, spill_dir=spill, lazy=True, prefetch=True)
+            except BaseException:
+                self._stop_split()
+                raise
             if scale is not None:
                 res.labels = ScaledLabels(res.labels, scale[0], plane.shape)  # type: ignore[assignment]
                 res.info["resampled"] = {"image_mpp": round(scale[1], 4),
@@ -337,9 +368,13 @@ class TiledTiffRoute:
             if geo is not None:
                 geo.add_tile(tile, box)
 
-        ome = plane.ome if plane.meta.get("is_ome") else None
-        # one id per object across tiles (segcli.instances_tiled), split in a thread of its own beside the mask
-        inst = SlideInstances(job.out, rep, labels, plane, bundle, self.kind, opts, ome) if opts.instances else None
+        ome = self._ome()
+        # one id per object across tiles (segcli.instances_tiled), split in a thread of its own beside the mask:
+        # started beside the fine pass (compute) where the slide is segmented at its own pixel size
+        inst = self.inst
+        if inst is None and opts.instances:
+            inst = SlideInstances(job.out, rep, labels, plane, bundle, self.kind, opts, ome)
+        self.inst = None
         # with instances, the mask reads the class ids through their cache: each tile's are computed once
         labels_read = inst.read_mask if inst is not None else labels.read
         read = labels_read if lut is None else (lambda box: _folded(lut, labels_read(box)))
@@ -368,6 +403,7 @@ class TiledTiffRoute:
             rep.stats = tile_stats.rows()
 
     def close(self) -> None:
+        self._stop_split()  # a split started beside the fine pass whose file was never written
         if self.res is not None and hasattr(self.res.labels, "store"):
             self.res.labels.store.close()  # type: ignore[union-attr]
         self.res = None

@@ -100,6 +100,29 @@ def test_stts_with_a_boundary_class_looks_where_the_folded_network_finds_objects
     assert folded.info["crops"] == 3
 
 
+def test_the_fine_pass_says_which_rows_are_final_as_it_goes():
+    """A reader beside the fine pass (a slide's instance split) reads rows once on_fused says they are final:
+    the labels it would read there then are the labels of the finished run, the row only goes down the image,
+    starts at 0 before any window ran, and ends at the image's height."""
+    img = np.zeros((1, 600, 300), np.float32)
+    for y0 in range(20, 560, 90):  # squares all the way down, so windows run in many rows
+        img[0, y0 : y0 + 30, 40 + y0 % 200 : 70 + y0 % 200] = 1.0
+    net = FunctionPredictor(identity_probs)
+    seen: list[tuple[int, np.ndarray]] = []
+
+    def on_fused(labels, y: int) -> None:
+        seen.append((y, labels.read((0, 0, y, 300)) if y else None))
+
+    res = stts(ArrayPlane(img), net, net, size=64, crop_mode="grid", fusion="gaussian", lazy=True, batch_size=2,
+               on_fused=on_fused)
+    rows = [y for y, _ in seen]
+    assert rows[0] == 0 and rows[-1] == 600 and rows == sorted(rows) and len(set(rows)) > 3
+    final = res.labels.read((0, 0, 600, 300))
+    assert final.any()
+    for y, early in seen[1:]:
+        np.testing.assert_array_equal(early, final[:y])
+
+
 def test_refine_picks_uncertain_patches_and_all_patches_give_exact_result():
     img, truth = scene(256, 256)
     coarse = FunctionPredictor(identity_probs)

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -193,6 +194,7 @@ def stts(
     fuse_cache: int = 64 * 2**20,
     rough_batch: int | None = None,
     fold_boundary: tuple[int, int] | None = None,
+    on_fused: Callable[[LazyLabels, int], None] | None = None,
 ) -> Result:
     """Segment one 2D image with segment-then-segment; see the module docstring.
 
@@ -211,6 +213,10 @@ def stts(
     ``fold_boundary`` (a network's (boundary class, object class)): where to look is decided on the rough
     probabilities with the boundary added to its object, as a run without instances sees them (its networks are
     folded, segcli.bundle.Bundle.folded), so a slide's ``--instances`` run looks at the same windows.
+
+    ``on_fused(labels, y)`` (with ``lazy``): called as the fine pass goes with the lazy labels it will return and
+    the row above which they are final (no window left to run writes there), last with the image's height, so
+    a reader of finished rows (a slide's instance split) can work beside the fine pass.
     """
     timer = Timer()
     H, W = plane.shape
@@ -231,7 +237,7 @@ def stts(
     res = fine_pass(plane, fine, boxes, rough, size=size, threshold=threshold, keep_coarse=keep_coarse,
                     batch_size=batch_size, return_probs=return_probs, timer=timer, progress=progress,
                     max_zoom=max_zoom, spill_dir=spill_dir, lazy=lazy, prefetch=prefetch, fusion=fusion,
-                    own_boxes=own, fuse_cache=fuse_cache)
+                    own_boxes=own, fuse_cache=fuse_cache, on_fused=on_fused)
     res.info.update(rinfo)
     if crop_mode == "grid":
         res.info["windows"] = {"kept": int(len(boxes)), "grid": int(len(sliding_grid((H, W), size, overlap)))}
@@ -317,6 +323,34 @@ def _parents(boxes: np.ndarray, size: int, max_zoom: float | None) -> np.ndarray
     return np.repeat(np.arange(len(counts)), counts)
 
 
+def _final_rows(writes: np.ndarray, chunks: list[tuple[int, ...]], height: int) -> list[int]:
+    """For each chunk of windows, in order: the row above which the labels are final once it is fused (the
+    lowest top edge of the windows still to run; ``height`` after the last)."""
+    order = [i for c in chunks for i in c]
+    tops = [int(writes[i][0]) for i in order] + [int(height)]
+    for k in range(len(tops) - 2, -1, -1):
+        tops[k] = min(tops[k], tops[k + 1])
+    return [tops[e] for e in np.cumsum([len(c) for c in chunks]).tolist()]
+
+
+def _lazy_labels(store: object, fill: CoarseFill | None) -> LazyLabels:
+    """The labels of a bounded run, read window by window from its store (fill: the rough map's where no window
+    reached, with ``keep_coarse``)."""
+    assert isinstance(store, FuseStore | BlendStore)
+    return LazyLabels(store, fill, fill)
+
+
+def _notifier(on_fused: Callable[[LazyLabels, int], None] | None, labels: LazyLabels | None, writes: np.ndarray,
+              chunks: list[tuple[int, ...]], height: int) -> Callable[[int | None], None]:
+    """``fused_rows(c)`` after chunk ``c`` (None: all done) tells ``on_fused`` which rows are final; called once
+    here with row 0, so a reader can start before the first window runs."""
+    if on_fused is None or labels is None:
+        return lambda c: None
+    final = _final_rows(writes, chunks, height)
+    on_fused(labels, 0)
+    return lambda c: on_fused(labels, height if c is None else final[c])
+
+
 def _filled(p: np.ndarray, threshold: float) -> bool:
     """Whether a window's output is foreground from edge to edge, looked at one pixel in 64 first: nearly every
     window has background, and the whole argmax of a three-class window cost 1.7 s of a 40000² slide's run."""
@@ -343,6 +377,7 @@ def fine_pass(
     fusion: str = "max",
     own_boxes: np.ndarray | None = None,
     fuse_cache: int = 64 * 2**20,
+    on_fused: Callable[[LazyLabels, int], None] | None = None,
 ) -> Result:
     """Run the fine network on ``boxes`` in batches and fuse by per-class maximum (OR for binary).
 
@@ -351,15 +386,16 @@ def fine_pass(
     :func:`stts`); ``own_boxes`` (one per box) are the write regions of ``own-box`` fusion.
     """
     _check_fusion(fusion, lazy)
-    H, W = plane.shape
-    K = rough.shape[0]
+    (H, W), K = plane.shape, rough.shape[0]
     crops, writes, n_tiled = zoom_tiles(boxes, size, max_zoom)
     parents = _parents(boxes, size, max_zoom) if fusion == "own-box" and own_boxes is not None else None
     # Exact float probabilities when the caller will get a full probability array.
     store = make_fusion(fusion, (H, W), K, threshold, exact=return_probs and not lazy, spill_dir=spill_dir,
                         cache_bytes=fuse_cache)
-    order = list(range(len(crops)))
-    chunks = list(batched(order, batch_size))
+    chunks = list(batched(list(range(len(crops))), batch_size))
+    fill = CoarseFill(rough, (H, W), threshold)
+    lazy_labels = _lazy_labels(store, fill if keep_coarse else None) if lazy else None
+    fused_rows = _notifier(on_fused, lazy_labels, writes, chunks, H)
     pool = ThreadPoolExecutor(1, thread_name_prefix="segcli-crops") if prefetch and len(chunks) > 1 else None
     try:
         nxt = pool.submit(fine_inputs, plane, crops[chunks[0]], size) if pool and chunks else None
@@ -385,18 +421,17 @@ def fine_pass(
                         own = own_boxes[parents[i]] if parents is not None and own_boxes is not None else None
                         store.aggregate(writes[i], p, crop=crops[i], own=own)  # type: ignore[call-arg]
             done += len(chunk)
+            fused_rows(ci)
             if progress:
                 progress("fine", done, len(crops))
     finally:
         if pool is not None:
             pool.shutdown(wait=True)
-    fill = CoarseFill(rough, (H, W), threshold)
     info: dict[str, object] = {"crops": int(len(boxes)), "boxes": boxes.tolist(), "fine_inputs": int(len(crops)),
                                "boxes_tiled": int(n_tiled), "fused_tiles": int(store.touched_tiles),
                                "fine_inputs_filled": int(filled)}
-    if lazy:
-        assert isinstance(store, FuseStore | BlendStore)
-        lazy_labels = LazyLabels(store, fill if keep_coarse else None, fill if keep_coarse else None)
+    if lazy_labels is not None:
+        fused_rows(None)
         return Result(lazy_labels, None, timer.t, info)  # type: ignore[arg-type]
     with timer.stage("fuse"):
         labels, probs = store.finalize(return_probs, fill if keep_coarse else None)
