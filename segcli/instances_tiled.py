@@ -369,11 +369,13 @@ class SlideInstances:
     ``--geojson`` / ``--stats`` one QuPath detection / CSV row per instance; the summary goes in the report.
 
     It is written by a thread of its own, started here, while the caller writes the mask: both read the class
-    ids through :attr:`labels`, so each tile's are computed once, and the instance split, the larger of the two,
-    no longer waits for the mask. The objects of each tile are measured and outlined in a third thread while the
-    next tile is split. On a 16000² slide (bench_slide.py) this took the write stage of an ``--instances
-    --geojson`` run from 6.6-7.2 s to 4.2-5.4 s. :meth:`join` waits and raises what the threads raised;
-    :meth:`cancel` stops the split at its next tile.
+    ids through :attr:`labels`, and the instance split, the larger of the two, no longer waits for the mask. The
+    objects of each tile are measured and outlined in a third thread while the next tile is split. With
+    ``background`` (the pipeline starts it beside the fine pass, ``labels`` a :class:`FusedRows`) both threads
+    run at a lower priority on the CPU the network leaves idle: on the 40000² slide of bench_slide.py an
+    ``--instances --geojson`` run went from 1.30-1.33× the plain run's time to 1.02-1.24×
+    (benchmarks/bench_instance_cost.py). :meth:`join` waits, raises what the threads raised and adds the
+    summary to the report; :meth:`cancel` stops the split at its next tile.
     """
 
     def __init__(self, out: Any, rep: Any, labels: Any, plane: Any, bundle: Any, kind: str, options: Any,
@@ -414,8 +416,10 @@ class SlideInstances:
 
         The mask writer has little to do per tile, so unheld it raced rows ahead of the split and the shared
         cache dropped tiles the split still needed: on a 40000² slide 11,689 tiles were computed for 6,241
-        (each about twice). Kept level with the split, the two read each tile's class ids from one
-        computation while they are cached (three tile rows: the split's windows reach one row up and down)."""
+        (each about twice). Kept level with a split that starts with it, the two read each tile's class ids
+        from one computation while they are cached (three tile rows: the split's windows reach one row up and
+        down). A split started beside the fine pass is rows ahead when the writer starts, and the writer then
+        computes again the rows the cache has dropped (11,997 computations on that slide), after the fine pass."""
         last = (int(box[2]) - 1) // self._tile
         with self._progress:
             self._progress.wait_for(lambda: self._row >= last)
