@@ -59,12 +59,37 @@ def labels_from_probs(probs: np.ndarray, threshold: float) -> np.ndarray:
     return class_argmax(probs)
 
 
+def folded_labels(v: np.ndarray, boundary: tuple[int, int], threshold: float,
+                  weight: np.ndarray | None = None) -> np.ndarray:
+    """uint8 network labels of ``(K, ...)`` probabilities (or their weighted sums, with ``weight``) of a network
+    with a boundary class, whose folded labels are those of the network folded before fusion.
+
+    The mask decides first with the boundary added to its object, as a run without instances does (p_obj +
+    p_bnd > t for a binary fold, the argmax of the folded classes otherwise); only inside that object is a pixel
+    boundary or interior, whichever of the two is larger. So a slide's mask is the same with or without
+    ``--instances``; the argmax of the three classes (background 0.4, nucleus 0.35, boundary 0.25 is
+    background) gave 2.2 % fewer nucleus pixels on a 16000² slide."""
+    b, obj = boundary
+    folded = fold_probs(v, boundary)
+    if folded.shape[0] == 2:
+        t = threshold if weight is None else threshold * weight
+        flab = (folded[1] > t).astype(np.uint8)
+    else:
+        flab = class_argmax(folded)
+    back = np.array([k if k < b else k + 1 for k in range(folded.shape[0])], np.uint8)  # folded -> network ids
+    lab = back[flab]
+    lab[(lab == obj) & (v[b] > v[obj])] = b
+    return lab
+
+
 class WeightedMean:
     """Weighted mean of overlapping windows (Gaussian importance in sliding windows), dense in memory."""
 
-    def __init__(self, shape: tuple[int, int], n_classes: int, threshold: float, weight: np.ndarray) -> None:
+    def __init__(self, shape: tuple[int, int], n_classes: int, threshold: float, weight: np.ndarray,
+                 nested: tuple[int, int] | None = None) -> None:
         self.shape = (int(shape[0]), int(shape[1]))
         self.threshold = threshold
+        self.nested = nested  # a boundary class: labels by folded_labels
         self.window_weight = np.asarray(weight, dtype=np.float32)
         self.acc = np.zeros((n_classes, *self.shape), dtype=np.float32)
         self.weight = np.zeros(self.shape, dtype=np.float32)
@@ -77,6 +102,8 @@ class WeightedMean:
 
     def finalize(self, return_probs: bool) -> tuple[np.ndarray, np.ndarray | None]:
         self.acc /= self.weight[None]
+        if self.nested is not None:
+            return folded_labels(self.acc, self.nested, self.threshold), (self.acc if return_probs else None)
         return labels_from_probs(self.acc, self.threshold), (self.acc if return_probs else None)
 
 
@@ -376,10 +403,12 @@ class BlendStore(TileStore):
     """
 
     def __init__(self, shape: tuple[int, int], n_classes: int, threshold: float, *, tile: int = 512,
-                 spill_dir: str | os.PathLike | None = None, cache_bytes: int = 64 * 2**20) -> None:
+                 spill_dir: str | os.PathLike | None = None, cache_bytes: int = 64 * 2**20,
+                 nested: tuple[int, int] | None = None) -> None:
         self.n_classes = n_classes
         self.binary = n_classes == 2
         self.threshold = threshold
+        self.nested = nested if not self.binary else None  # a boundary class: labels by folded_labels
         self._weights: dict[tuple[int, int], np.ndarray] = {}
         super().__init__(shape, (1 if self.binary else n_classes) + 1, np.float32, 0.0, tile=tile,
                          spill_dir=spill_dir, cache_bytes=cache_bytes)
@@ -440,7 +469,8 @@ class BlendStore(TileStore):
         if self.binary:
             lab = (v[0] > self.threshold * v[-1]).astype(np.uint8)
         else:
-            lab = class_argmax(v[:-1])
+            lab = class_argmax(v[:-1]) if self.nested is None else folded_labels(v[:-1], self.nested,
+                                                                                  self.threshold, v[-1])
             lab[~cov] = 0  # no window reached: background
         if fill is not None and not cov.all():
             lab = np.where(cov, lab, fill.labels(box)).astype(np.uint8)
@@ -535,17 +565,19 @@ class OwnBoxFuse(FuseStore):
 
 
 def make_fusion(rule: str, shape: tuple[int, int], n_classes: int, threshold: float, *, exact: bool = False,
-                spill_dir: str | os.PathLike | None = None,
-                cache_bytes: int = 64 * 2**20) -> FuseStore | MeanFuse | BlendStore:
+                spill_dir: str | os.PathLike | None = None, cache_bytes: int = 64 * 2**20,
+                nested: tuple[int, int] | None = None) -> FuseStore | MeanFuse | BlendStore:
     """The aggregator of one stts fusion rule (:data:`FUSION_RULES`); ``max`` is :class:`FuseStore`.
 
-    ``cache_bytes``: the tile cache of a spilled store (its share of the memory plan, segcli.memplan)."""
+    ``cache_bytes``: the tile cache of a spilled store (its share of the memory plan, segcli.memplan).
+    ``nested`` (a boundary class): the Gaussian blend labels by :func:`folded_labels`; the per-class maxima of
+    ``max`` cannot give the folded network's maximum, so that rule keeps the argmax."""
     if rule == "max":
         return FuseStore(shape, n_classes, threshold, exact=exact, spill_dir=spill_dir, cache_bytes=cache_bytes)
     if rule == "own-box":
         return OwnBoxFuse(shape, n_classes, threshold, exact=exact, spill_dir=spill_dir, cache_bytes=cache_bytes)
     if rule == "gaussian":
-        return BlendStore(shape, n_classes, threshold, spill_dir=spill_dir, cache_bytes=cache_bytes)
+        return BlendStore(shape, n_classes, threshold, spill_dir=spill_dir, cache_bytes=cache_bytes, nested=nested)
     if rule == "mean":
         return MeanFuse(shape, n_classes, threshold)
     if rule == "centre":

@@ -128,9 +128,10 @@ def kwargs_2d(plan: Plan, bundle: Bundle, options: PredictOptions, budget: int, 
 
 
 def rough_fold(plan: Plan, bundle: Bundle, kind: str) -> dict[str, Any]:
-    """The stts argument that makes a slide's or a volume's ``--instances`` run (its bundle keeps the boundary
-    class) look where a run without instances looks (its networks are folded); photos keep one bundle for both."""
-    if plan.method != "stts" or kind == "2d" or bundle.boundary is None:
+    """The engine argument that makes a slide's ``--instances`` run (its bundle keeps the boundary class) look
+    where a run without instances looks (its networks are folded: stts's rough pass) and, where windows are
+    blended (sliding, stts's Gaussian fusion), give the same mask; photos keep one bundle for both."""
+    if plan.method not in ("stts", "sliding") or kind == "2d" or bundle.boundary is None:
         return {}
     return {"fold_boundary": tuple(bundle.boundary)}
 

@@ -213,6 +213,9 @@ def test_slide_read_by_region_writes_one_id_per_object(tmp_path, monkeypatch):
     assert info["label_tiles_computed"] == 5 * 6  # 300 x 340 px: each 64-px tile's class ids computed once
     # where to look is decided on the folded rough probabilities, as a run without instances decides it
     assert folds == [(2, 1)]
+    # the mask is the one a run without --instances writes (its network folded before fusion), on both routes
+    Segmenter(str(NUCLEI_HE), lazy_pixels=0, tile_size=64).predict_file(path, tmp_path / "plain" / "slide_seg.tif")
+    assert np.array_equal(tifffile.imread(tmp_path / "plain" / "slide_seg.tif"), mask)
     mem = Segmenter(str(NUCLEI_HE), instances=True).predict_file(path, tmp_path / "mem" / "slide_seg.tif")
     assert not mem.info.get("bounded_memory") and mem.info["instances"]["objects"] == info["objects"]
     assert mem.info["instances"]["split"] == info["split"]  # the bundle's rule (its boundary class) on both routes
@@ -307,3 +310,16 @@ def test_fused_rows_are_read_only_once_final():
     rows.fail()
     with pytest.raises(InterruptedError):
         rows.read((90, 0, 100, 10))
+
+
+def test_folded_labels_decide_the_object_first_then_boundary_or_interior():
+    """Background 0.4, nucleus 0.35, boundary 0.25: the argmax says background, the folded network (0.6 > 0.5)
+    says nucleus, and so does this rule; with nucleus and boundary swapped the pixel is boundary; weighted sums
+    (a blend store's channels with its weight) give the same labels as the means."""
+    from segcli.fusion import folded_labels
+
+    p = np.array([[0.4, 0.4, 0.6, 0.1], [0.35, 0.25, 0.2, 0.3], [0.25, 0.35, 0.2, 0.6]], np.float32)[:, None, :]
+    want = np.array([[1, 2, 0, 2]], np.uint8)
+    assert np.array_equal(folded_labels(p, (2, 1), 0.5), want)
+    w = np.array([[2.0, 0.5, 3.0, 1.5]], np.float32)
+    assert np.array_equal(folded_labels(p * w, (2, 1), 0.5, w), want)

@@ -48,8 +48,12 @@ def sliding(
     return_probs: bool = False,
     progress: ProgressFn | None = None,
     where: np.ndarray | None = None,
+    fold_boundary: tuple[int, int] | None = None,
 ) -> Result:
     """Full-resolution sliding window with Gaussian blending (the nnU-Net/MONAI way).
+
+    ``fold_boundary`` (a network's (boundary class, object class), a slide's ``--instances`` run): labels by
+    :func:`segcli.fusion.folded_labels`, so the mask is that of the folded network a run without instances uses.
 
     ``where`` (a boolean mask on any coarser grid of the plane) limits the tiles to its True parts, each
     covered by its own grid (:func:`segcli.tissue.box_windows`); pixels no tile covers are background
@@ -73,7 +77,7 @@ def sliding(
             pb = net(xb)
         with timer.stage("fuse"):
             if acc is None:
-                acc = WeightedMean((H, W), pb.shape[1], threshold, g)
+                acc = WeightedMean((H, W), pb.shape[1], threshold, g, nested=fold_boundary)
             for j, i in enumerate(chunk):
                 acc.aggregate(tiles[i], pb[j])
         done += len(chunk)

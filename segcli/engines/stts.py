@@ -237,7 +237,7 @@ def stts(
     res = fine_pass(plane, fine, boxes, rough, size=size, threshold=threshold, keep_coarse=keep_coarse,
                     batch_size=batch_size, return_probs=return_probs, timer=timer, progress=progress,
                     max_zoom=max_zoom, spill_dir=spill_dir, lazy=lazy, prefetch=prefetch, fusion=fusion,
-                    own_boxes=own, fuse_cache=fuse_cache, on_fused=on_fused)
+                    own_boxes=own, fuse_cache=fuse_cache, on_fused=on_fused, nested=fold_boundary)
     res.info.update(rinfo)
     if crop_mode == "grid":
         res.info["windows"] = {"kept": int(len(boxes)), "grid": int(len(sliding_grid((H, W), size, overlap)))}
@@ -377,7 +377,7 @@ def fine_pass(
     fusion: str = "max",
     own_boxes: np.ndarray | None = None,
     fuse_cache: int = 64 * 2**20,
-    on_fused: Callable[[LazyLabels, int], None] | None = None,
+    on_fused: Callable[[LazyLabels, int], None] | None = None, nested: tuple[int, int] | None = None,
 ) -> Result:
     """Run the fine network on ``boxes`` in batches and fuse by per-class maximum (OR for binary).
 
@@ -391,7 +391,7 @@ def fine_pass(
     parents = _parents(boxes, size, max_zoom) if fusion == "own-box" and own_boxes is not None else None
     # Exact float probabilities when the caller will get a full probability array.
     store = make_fusion(fusion, (H, W), K, threshold, exact=return_probs and not lazy, spill_dir=spill_dir,
-                        cache_bytes=fuse_cache)
+                        cache_bytes=fuse_cache, nested=nested)
     chunks = list(batched(list(range(len(crops))), batch_size))
     fill = CoarseFill(rough, (H, W), threshold)
     lazy_labels = _lazy_labels(store, fill if keep_coarse else None) if lazy else None
