@@ -46,6 +46,7 @@ def run(slide: Path, model: str, out: Path, instances: bool) -> dict:
             "cpu_s": round(usage.ru_utime + usage.ru_stime, 2), "peak_rss_mb": round(usage.ru_maxrss / 1024, 1),
             "stages": {k: round(f["seconds"].get(k, 0.0), 2) for k in STAGES},
             "windows": info.get("crops"), "features": info.get("geojson", {}).get("features"),
+            "voxel_counts": f.get("voxel_counts"),
             "instances_info": info.get("instances")}
 
 
@@ -68,7 +69,9 @@ def main() -> None:
                 print(f"round {r + 1} {'inst ' if p['instances'] else 'plain'} load {p['load']:.2f} wall "
                       f"{p['wall_s']:.1f} s cpu {p['cpu_s']:.1f} s rss {p['peak_rss_mb']:.0f} MB | {st} | "
                       f"features {p['features']}", flush=True)
-            print(f"round {r + 1} ratio wall {ratio['wall']:.2f} cpu {ratio['cpu']:.2f}", flush=True)
+            same = pair[0]["voxel_counts"] == pair[1]["voxel_counts"]
+            print(f"round {r + 1} ratio wall {ratio['wall']:.2f} cpu {ratio['cpu']:.2f}; mask class counts "
+                  f"{'the same' if same else 'DIFFER'} with and without --instances", flush=True)
     med = {k: statistics.median(row["ratio"][k] for row in rows) for k in ("wall", "cpu")}
     print(f"median ratio over {len(rows)} rounds: wall {med['wall']:.2f}, cpu {med['cpu']:.2f}")
     if args.json:

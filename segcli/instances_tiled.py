@@ -373,7 +373,7 @@ class SlideInstances:
     objects of each tile are measured and outlined in a third thread while the next tile is split. With
     ``background`` (the pipeline starts it beside the fine pass, ``labels`` a :class:`FusedRows`) both threads
     run at a lower priority on the CPU the network leaves idle: on the 40000² slide of bench_slide.py an
-    ``--instances --geojson`` run went from 1.30-1.33× the plain run's time to 1.02-1.24×
+    ``--instances --geojson`` run went from 1.30-1.33× the plain run's time to 1.03-1.18×
     (benchmarks/bench_instance_cost.py). :meth:`join` waits, raises what the threads raised and adds the
     summary to the report; :meth:`cancel` stops the split at its next tile.
     """
