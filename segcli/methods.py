@@ -26,6 +26,9 @@ class Method:
     volume_params: tuple[str, ...] = ()
     rough_pass: bool = True  # starts with one pass over the whole image downscaled to S (prefetched in batches)
     fusion: str = ""  # how window predictions become one mask, on the route that holds the image
+    # its engine takes ``fold_boundary``: a slide's --instances run (the network keeps its boundary class) then
+    # decides where to look, and its blended mask, as the folded network of a run without instances does
+    folds_boundary: bool = False
     # The bounded (tiled TIFF) route: the method whose engine runs there (itself, or a stand-in reading only a
     # rough view and windows); None: the method needs the whole image, and the route refuses it up front.
     bounded: str | None = None
@@ -50,7 +53,7 @@ TABLE: dict[str, Method] = {
                "segcli.engines.volume:stts_volume",  # components in 3D: one crop set across slices
                ("pad", "keep_aspect", "min_side", "min_volume", "keep_coarse", "batch_size"),
                fusion="fine crops fused by max (OR for one class) into a one-byte store, spilled to disk",
-               bounded="stts", fine_stage="segcli.train.stages:stts_fine_stage",
+               bounded="stts", folds_boundary=True, fine_stage="segcli.train.stages:stts_fine_stage",
                train_params=("pad", "min_side", "min_component"),
                train_options=("jitter", "fine_crops", "crops_per_image"), fine_val_kind="GT crops"),
         Method("refine", ("coarse", "fine"), True,
@@ -69,7 +72,8 @@ TABLE: dict[str, Method] = {
                fusion="Gaussian-weighted mean of overlapping windows (MONAI/nnU-Net)",
                # full-resolution grid windows, only where stts' rough pass finds tissue, blended by the same
                # Gaussian as in memory (fusion.BlendStore): one fusion rule on both routes
-               bounded="stts", bounded_kwargs=(("crop_mode", "grid"), ("max_zoom", None), ("fusion", "gaussian")),
+               bounded="stts", folds_boundary=True,
+               bounded_kwargs=(("crop_mode", "grid"), ("max_zoom", None), ("fusion", "gaussian")),
                bounded_params=("overlap",),
                bounded_fusion="the same Gaussian blend, over the grid windows where the rough pass finds tissue"),
     )

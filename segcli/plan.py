@@ -131,7 +131,7 @@ def rough_fold(plan: Plan, bundle: Bundle, kind: str) -> dict[str, Any]:
     """The engine argument that makes a slide's ``--instances`` run (its bundle keeps the boundary class) look
     where a run without instances looks (its networks are folded: stts's rough pass) and, where windows are
     blended (sliding, stts's Gaussian fusion), give the same mask; photos keep one bundle for both."""
-    if plan.method not in ("stts", "sliding") or kind == "2d" or bundle.boundary is None:
+    if not TABLE[plan.method].folds_boundary or kind == "2d" or bundle.boundary is None:
         return {}
     return {"fold_boundary": tuple(bundle.boundary)}
 

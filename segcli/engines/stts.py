@@ -327,10 +327,9 @@ def _final_rows(writes: np.ndarray, chunks: list[tuple[int, ...]], height: int) 
     """For each chunk of windows, in order: the row above which the labels are final once it is fused (the
     lowest top edge of the windows still to run; ``height`` after the last)."""
     order = [i for c in chunks for i in c]
-    tops = [int(writes[i][0]) for i in order] + [int(height)]
-    for k in range(len(tops) - 2, -1, -1):
-        tops[k] = min(tops[k], tops[k + 1])
-    return [tops[e] for e in np.cumsum([len(c) for c in chunks]).tolist()]
+    tops = np.r_[np.asarray(writes, np.int64)[order, 0] if order else [], height].astype(np.int64)
+    below = np.minimum.accumulate(tops[::-1])[::-1]  # the lowest top edge from each window on
+    return below[np.cumsum([len(c) for c in chunks], dtype=np.int64)].tolist()
 
 
 def _lazy_labels(store: object, fill: CoarseFill | None) -> LazyLabels:
