@@ -357,7 +357,7 @@ class FusedRows:
         return self.labels.read(box)
 
 
-def _background() -> None:
+def background_priority() -> None:
     """Lower the calling thread's priority (Linux: per-thread nice 10): the instance split and the measuring run
     beside the fine pass on the CPU time its network leaves idle, without stalling the network's threads."""
     with suppress(OSError, AttributeError):
@@ -398,7 +398,7 @@ class SlideInstances:
     def _run(self, out: Any, labels: Any, plane: Any, bundle: Any, kind: str, options: Any,
              ome: dict[str, Any] | None) -> None:
         if self.background:
-            _background()
+            background_priority()
         try:
             self._write(out, labels, plane, bundle, kind, options, ome)
         except BaseException as exc:  # handed to join(), in the thread that waits
@@ -433,7 +433,7 @@ class SlideInstances:
         he = is_he(bundle, kind, int(getattr(plane, "raw_channels", getattr(plane, "channels", 0))))
         tile = self.tile_of(options)
         # the objects of a tile are measured in a thread of their own while the next tile is split
-        pool = ThreadPoolExecutor(1, thread_name_prefix="segcli-objects", initializer=_background if self.background
+        pool = ThreadPoolExecutor(1, thread_name_prefix="segcli-objects", initializer=background_priority if self.background
                                   else None) if sink.wanted else None
         tiled = TiledInstances(labels.read, plane.shape, tile,
                                on_objects=sink.add if sink.wanted else None,

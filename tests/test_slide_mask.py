@@ -1,0 +1,121 @@
+"""A slide's mask written beside the fine pass: the same files as written after it, and nothing left when the
+file fails."""
+
+from __future__ import annotations
+
+import errno
+import json
+import threading
+from pathlib import Path
+
+import numpy as np
+import tifffile
+
+NUCLEI_HE = Path(__file__).resolve().parents[1] / "models" / "nuclei-he"
+
+
+def _slide(tmp_path: Path) -> Path:
+    """A slide-like tiled RGB TIFF: purple discs on pale pink, with resolution tags (0.5 µm/px)."""
+    rng = np.random.default_rng(5)
+    yy, xx = np.mgrid[:300, :340]
+    fg = np.zeros((300, 340), bool)
+    for _ in range(60):
+        cy, cx, r = rng.uniform(0, 300), rng.uniform(0, 340), rng.uniform(5, 11)
+        fg |= (yy - cy) ** 2 + (xx - cx) ** 2 <= r * r
+    img = (rng.random((300, 340, 3)) * 20 + np.array([225, 200, 215])).astype(np.uint8)
+    img[fg] = (90, 50, 150)
+    path = tmp_path / "slide.tif"
+    tifffile.imwrite(path, img, tile=(64, 64), photometric="rgb", resolution=(20000, 20000), resolutionunit=3)
+    return path
+
+
+def _after_the_fine_pass(monkeypatch) -> None:
+    """Run the tiled route as it ran before: no ``on_fused``, so the mask is written in the write stage."""
+    import segcli.pipeline
+
+    monkeypatch.setattr(segcli.pipeline.TiledTiffRoute, "_write_beside", lambda self, ctx, job, bundle: None)
+    run = segcli.pipeline.plan.run_2d
+
+    def without_beside(method, plane, predictors, kw, **k):
+        kw = {key: v for key, v in kw.items() if not (key == "on_fused" and v is None)}
+        return run(method, plane, predictors, kw, **k)
+
+    monkeypatch.setattr(segcli.pipeline.plan, "run_2d", without_beside)
+
+
+def _no_leftovers(folder: Path) -> None:
+    assert not [p for p in folder.iterdir() if p.name.startswith(".")]  # no temporary left
+    assert not any(t.name == "segcli-mask" for t in threading.enumerate())
+
+
+def test_the_mask_written_beside_the_fine_pass_is_the_one_written_after_it(tmp_path, monkeypatch):
+    """Mask, GeoJSON, class counts and statistics rows are the same whether the mask is written beside the
+    network (the default on the tiled route) or after it."""
+    from segcli.api import Segmenter
+
+    path = _slide(tmp_path)
+
+    def run(name: str) -> tuple[object, Path]:
+        seg = Segmenter(str(NUCLEI_HE), lazy_pixels=0, geojson=True, stats=tmp_path / f"{name}.csv", tile_size=64)
+        out = tmp_path / name / "slide_seg.tif"
+        rep = seg.predict_file(path, out)
+        assert rep.status == "ok", rep.error
+        assert rep.info.get("bounded_memory")
+        return rep, out
+
+    beside, out_b = run("beside")
+    with monkeypatch.context() as m:
+        _after_the_fine_pass(m)
+        after, out_a = run("after")
+    assert beside.info.get("mask_written_beside_fine_pass") is True
+    assert "mask_written_beside_fine_pass" not in after.info
+    mask = tifffile.imread(out_b)
+    assert np.array_equal(mask, tifffile.imread(out_a)) and mask.any()
+    assert beside.voxel_counts == after.voxel_counts and beside.area_mm2 == after.area_mm2
+    assert beside.stats == after.stats and beside.stats
+    geo_b, geo_a = (json.loads(p.with_suffix(".geojson").read_text()) for p in (out_b, out_a))
+    assert [f["geometry"] for f in geo_b["features"]] == [f["geometry"] for f in geo_a["features"]]
+    assert len(geo_b["features"]) == beside.info["geojson"]["features"] > 5
+    _no_leftovers(out_b.parent)
+
+
+def test_a_fine_pass_that_fails_leaves_no_mask_written_beside_it(tmp_path, monkeypatch):
+    """The mask starts with the first fused rows: when the network fails midway, the file fails with the
+    network's error, the mask's thread is gone, and neither the mask nor its GeoJSON is left."""
+    import segcli.engines.stts
+    from segcli.api import Segmenter
+
+    calls: list[int] = []
+    paste = segcli.engines.stts.paste_back
+
+    def breaks_later(*args):
+        calls.append(1)
+        if len(calls) > 1:
+            raise RuntimeError("network broke")
+        return paste(*args)
+
+    monkeypatch.setattr(segcli.engines.stts, "paste_back", breaks_later)
+    seg = Segmenter(str(NUCLEI_HE), lazy_pixels=0, geojson=True, tile_size=64)
+    rep = seg.predict_file(_slide(tmp_path), tmp_path / "out" / "slide_seg.tif")
+    assert len(calls) == 2
+    assert rep.status == "failed" and "network broke" in str(rep.error)
+    assert not (tmp_path / "out" / "slide_seg.tif").exists()
+    assert not (tmp_path / "out" / "slide_seg.geojson").exists()
+    _no_leftovers(tmp_path / "out")
+
+
+def test_a_file_that_fails_after_its_mask_was_written_beside_leaves_no_mask(tmp_path, monkeypatch):
+    """The mask is complete when the fine pass ends; if the probabilities written next fail (a full disk), the
+    file fails naming the output and the mask written beside goes too: no mask without its probabilities."""
+    import segcli.pipeline
+    from segcli.api import Segmenter
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "out" / "slide_seg_probs.tif"))
+
+    monkeypatch.setattr(segcli.pipeline, "write_tiled", full)  # the probabilities' writer (the mask has its own)
+    seg = Segmenter(str(NUCLEI_HE), lazy_pixels=0, probabilities=True, tile_size=64)
+    rep = seg.predict_file(_slide(tmp_path), tmp_path / "out" / "slide_seg.tif")
+    assert rep.status == "failed" and str(rep.error).endswith("slide_seg_probs.tif: no space left on the device")
+    assert not (tmp_path / "out" / "slide_seg.tif").exists()
+    _no_leftovers(tmp_path / "out")
