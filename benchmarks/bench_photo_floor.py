@@ -7,7 +7,8 @@ does per frame, with none of segcli's structure around it:
 * decode the JPEG with Pillow; normalise as the bundle says (``dtype``: value / 255, channel-first float32);
 * rough pass: area-resize to the aspect-kept grid of long side S, edge-pad to S x S, the coarse network,
   sigmoid, ``p > threshold``;
-* components (scipy.ndimage.label, 8-connected), boxes scaled to full resolution (floor / ceil), squared on
+* components (OpenCV's connectedComponentsWithStats, 8-connected: 0.03 s to import where scipy.ndimage takes
+  0.3-0.4 s; segcli labels photos with it too), boxes scaled to full resolution (floor / ceil), squared on
   the long side, padded by the bundle's ``pad``, shifted inside, clamped, ``min_side`` filter
   (segcli.geometry.crop_boxes);
 * fine pass on all crops of the frame in one ``session.run``: each crop edge-padded to a square,
@@ -72,10 +73,10 @@ def loop_main(args: argparse.Namespace) -> int:
     t_imp = time.perf_counter()
     from functools import lru_cache
 
+    import cv2
     import numpy as np
     import onnxruntime as ort
     from PIL import Image
-    from scipy import ndimage
 
     t_imports = time.perf_counter() - t_imp
 
@@ -131,7 +132,6 @@ def loop_main(args: argparse.Namespace) -> int:
     t_sessions = time.perf_counter() - t_ses
 
     S, pad = args.size, args.pad
-    struct = ndimage.generate_binary_structure(2, 2)
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
     stages = dict.fromkeys(("decode", "normalise", "downscale", "rough", "components", "crops", "fine", "fuse",
@@ -166,12 +166,12 @@ def loop_main(args: argparse.Namespace) -> int:
         t = clock()
         rough = fg(coarse.run(None, {cin: low[None]})[0][0, 0, :h, :w])
         t = add("rough", t)
-        labels, n = ndimage.label(rough, structure=struct)
+        n, _, cstats, _ = cv2.connectedComponentsWithStats(rough.view(np.uint8), connectivity=8)
         boxes = []
-        for sl in ndimage.find_objects(labels) if n else []:
-            y0, x0 = int(np.floor(sl[0].start * H / h)), int(np.floor(sl[1].start * W / w))
-            y1 = min(H, int(np.ceil(sl[0].stop * H / h - 1e-9)))
-            x1 = min(W, int(np.ceil(sl[1].stop * W / w - 1e-9)))
+        for cx, cy, cw, ch, _area in cstats[1:n]:
+            y0, x0 = int(np.floor(cy * H / h)), int(np.floor(cx * W / w))
+            y1 = min(H, int(np.ceil((cy + ch) * H / h - 1e-9)))
+            x1 = min(W, int(np.ceil((cx + cw) * W / w - 1e-9)))
             bh, bw = y1 - y0, x1 - x0
             side = max(bh, bw) + 2 * pad
             x0 -= (bh - bw) // 2 if bw < bh else 0

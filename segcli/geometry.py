@@ -9,7 +9,6 @@ at inference exactly what it saw in training (segment-then-segment, Benčević e
 from __future__ import annotations
 
 import numpy as np
-from scipy import ndimage
 
 EMPTY2 = np.zeros((0, 4), dtype=np.int64)
 EMPTY3 = np.zeros((0, 6), dtype=np.int64)
@@ -26,10 +25,15 @@ def component_boxes(mask: np.ndarray, connectivity: int | None = None, min_size:
     nd = mask.ndim
     if nd not in (2, 3):
         raise ValueError(f"component_boxes expects a 2D or 3D mask, got {mask.ndim}D")
+    if nd == 2:
+        return _component_boxes_2d(mask, 8 if connectivity in (None, 2) else 4, min_size)
+    # lazy: scipy.ndimage costs 0.3-0.4 s at start-up, and photos and slides label in 2D (OpenCV)
+    from scipy import ndimage
+
     structure = ndimage.generate_binary_structure(nd, connectivity if connectivity is not None else nd)
     labels, n = ndimage.label(mask, structure=structure)
     if n == 0:
-        return (EMPTY2 if nd == 2 else EMPTY3).copy()
+        return EMPTY3.copy()
     slices = ndimage.find_objects(labels)
     if min_size > 1:
         sizes = np.bincount(labels.ravel(), minlength=n + 1)[1:]
@@ -39,8 +43,31 @@ def component_boxes(mask: np.ndarray, connectivity: int | None = None, min_size:
             continue
         boxes.append([s.start for s in sl] + [s.stop for s in sl])
     if not boxes:
-        return (EMPTY2 if nd == 2 else EMPTY3).copy()
+        return EMPTY3.copy()
     return np.asarray(boxes, dtype=np.int64)
+
+
+def _component_boxes_2d(mask: np.ndarray, connectivity: int, min_size: int) -> np.ndarray:
+    """OpenCV's labelling and its statistics, the boxes put in scipy's order (raster order of each component's
+    first pixel): the same boxes as ``ndimage.label`` + ``find_objects``, in the same order, without scipy."""
+    import cv2  # lazy: 0.03 s, only runs that label components need it
+
+    if mask.size == 0 or not mask.any():
+        return EMPTY2.copy()
+    n, labels, stats, _ = cv2.connectedComponentsWithStats(mask.view(np.uint8), connectivity=connectivity,
+                                                          ltype=cv2.CV_32S)
+    st = stats[1:n].astype(np.int64)
+    x, y, w, h, area = (st[:, k] for k in (cv2.CC_STAT_LEFT, cv2.CC_STAT_TOP, cv2.CC_STAT_WIDTH,
+                                           cv2.CC_STAT_HEIGHT, cv2.CC_STAT_AREA))
+    # OpenCV numbers components block by block; scipy by the first pixel met scanning rows
+    first = np.fromiter((x[i] + int(np.argmax(labels[y[i], x[i]: x[i] + w[i]] == i + 1)) for i in range(n - 1)),
+                        np.int64, n - 1)
+    order = np.argsort(y * mask.shape[1] + first, kind="stable")
+    if min_size > 1:
+        order = order[area[order] >= min_size]
+    if not len(order):
+        return EMPTY2.copy()
+    return np.stack([y[order], x[order], (y + h)[order], (x + w)[order]], axis=1)
 
 
 def scale_boxes(boxes: np.ndarray, from_shape: tuple[int, int], to_shape: tuple[int, int]) -> np.ndarray:

@@ -16,7 +16,6 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
-from scipy import ndimage as ndi
 
 
 def boundary_targets(instances: np.ndarray, width: int = 2) -> np.ndarray:
@@ -25,6 +24,9 @@ def boundary_targets(instances: np.ndarray, width: int = 2) -> np.ndarray:
     A pixel is boundary when a (2·width+1)² neighbourhood holds another id (background or a touching
     object), so the class marks every object's rim and, where two objects touch, the line between them:
     the cue :func:`split_by_boundary` separates them by."""
+    # lazy: scipy.ndimage costs 0.3-0.4 s at start-up; runs that never get here skip it
+    from scipy import ndimage as ndi
+
     inst = np.asarray(instances)
     size = 2 * int(width) + 1
     edge = (ndi.maximum_filter(inst, size=size) != inst) | (ndi.minimum_filter(inst, size=size) != inst)
@@ -42,6 +44,9 @@ def split_touching(mask: np.ndarray, min_distance: float = 3.0, smooth: float = 
 
     ``min_distance``: seeds closer than this to a higher seed merge (px at the image's own scale).
     """
+    # lazy: scipy.ndimage costs 0.3-0.4 s at start-up; runs that never get here skip it
+    from scipy import ndimage as ndi
+
     fg = np.asarray(mask) > 0
     if fg.ndim != 2:
         raise ValueError(f"split_touching takes a 2D mask, not shape {fg.shape}")
@@ -105,6 +110,9 @@ def _deepest(dist: np.ndarray, comps: np.ndarray, which: np.ndarray) -> list[tup
 
 def components(mask: np.ndarray) -> np.ndarray:
     """uint32 ids of 8-connected components: the instances a semantic mask gives without splitting."""
+    # lazy: scipy.ndimage costs 0.3-0.4 s at start-up; runs that never get here skip it
+    from scipy import ndimage as ndi
+
     lab, _ = ndi.label(np.asarray(mask) > 0, structure=np.ones((3, 3), bool))
     return lab.astype(np.uint32)
 
@@ -124,6 +132,9 @@ def split_by_boundary(labels: np.ndarray, interior: int = 1, boundary: int = 2,
     scored AJI 0.552-0.555 (min_distance 7-11) against 0.524 for the interior regions as seeds and 0.545 for
     the distance split of the whole mask (benchmarks/bench_monuseg_instances.py).
     """
+    # lazy: scipy.ndimage costs 0.3-0.4 s at start-up; runs that never get here skip it
+    from scipy import ndimage as ndi
+
     lab = np.asarray(labels)
     if lab.ndim != 2:
         raise ValueError(f"split_by_boundary takes a 2D label map, not shape {lab.shape}")

@@ -35,7 +35,6 @@ from contextlib import suppress
 from typing import Any
 
 import numpy as np
-from scipy import ndimage as ndi
 
 from segcli.instances import regions_8, split_labels
 from segcli.io.bigtiff import write_tiled
@@ -183,6 +182,9 @@ class TiledInstances:
     def _components(self, box: Box, win: Box) -> tuple[np.ndarray, np.ndarray, np.ndarray, Any, np.ndarray]:
         """The window's class ids, its 8-connected components, the ids of those that touch the core, their
         slices, and whether each is cut by a window edge that is not the image's edge."""
+        # lazy: scipy.ndimage costs 0.3-0.4 s at start-up; runs that never get here skip it
+        from scipy import ndimage as ndi
+
         cls = np.asarray(self.read_labels(win))
         n, comp = regions_8(cls > 0)  # ids as names only: the output does not depend on their order
         n -= 1

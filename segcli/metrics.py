@@ -23,7 +23,6 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
-from scipy import ndimage
 
 #: Object size bins as fractions of the image area: [lower, upper).
 SIZE_BINS: dict[str, tuple[float, float]] = {"small": (0.0, 0.001), "medium": (0.001, 0.01), "large": (0.01, np.inf)}
@@ -69,6 +68,9 @@ def iou(pred: np.ndarray, gt: np.ndarray) -> float:
 
 
 def _surface(mask: np.ndarray) -> np.ndarray:
+    # lazy: scipy.ndimage costs 0.3-0.4 s at start-up; runs that never get here skip it
+    from scipy import ndimage
+
     if not mask.any():
         return mask
     structure = ndimage.generate_binary_structure(mask.ndim, 1)
@@ -79,6 +81,9 @@ def surface_distances(
     a: np.ndarray, b: np.ndarray, spacing: Sequence[float] | None = None
 ) -> tuple[np.ndarray, np.ndarray]:
     """Distances from each surface point of ``a`` to the surface of ``b`` and back (mm or px)."""
+    # lazy: scipy.ndimage costs 0.3-0.4 s at start-up; runs that never get here skip it
+    from scipy import ndimage
+
     a = np.asarray(a, dtype=bool)
     b = np.asarray(b, dtype=bool)
     sampling = None if spacing is None else [float(s) for s in spacing]
@@ -108,6 +113,9 @@ def hd95(pred: np.ndarray, gt: np.ndarray, spacing: Sequence[float] | None = Non
 
 def object_recall(pred: np.ndarray, gt: np.ndarray) -> dict[str, Any]:
     """Ground-truth objects hit by the prediction, overall and by size bin (counts and fractions)."""
+    # lazy: scipy.ndimage costs 0.3-0.4 s at start-up; runs that never get here skip it
+    from scipy import ndimage
+
     p = np.asarray(pred, dtype=bool)
     g = np.asarray(gt, dtype=bool)
     structure = ndimage.generate_binary_structure(g.ndim, g.ndim)

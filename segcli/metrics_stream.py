@@ -21,7 +21,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from scipy import ndimage
 
 from segcli.errors import InputError
 from segcli.io import open_image
@@ -47,6 +46,9 @@ class _Objects:
         return i
 
     def add_band(self, g: np.ndarray, hit_mask: np.ndarray) -> None:
+        # lazy: scipy.ndimage costs 0.3-0.4 s at start-up; runs that never get here skip it
+        from scipy import ndimage
+
         labels, n = ndimage.label(g, structure=np.ones((3, 3), bool))
         base = len(self.parent)
         sizes = np.bincount(labels.ravel(), minlength=n + 1)[1:]
@@ -89,6 +91,9 @@ class _Objects:
 
 def _surface_band(ext: np.ndarray, top: int, rows: int) -> np.ndarray:
     """Surface (mask minus its face-connected erosion) of ``rows`` rows starting at ``top`` of a haloed band."""
+    # lazy: scipy.ndimage costs 0.3-0.4 s at start-up; runs that never get here skip it
+    from scipy import ndimage
+
     er = ndimage.binary_erosion(ext, structure=ndimage.generate_binary_structure(2, 1), border_value=0)
     return (ext & ~er)[top : top + rows]
 
@@ -128,6 +133,9 @@ def _edt(img: np.ndarray, sampling: tuple[float, float]) -> tuple[np.ndarray, fl
     OpenCV's precise L2 transform (exact, float32) where pixels are square: 5x faster than SciPy's, whose
     feature transform took 46 of the 107 s of a 12000² pair; SciPy's for anisotropic pixels.
     """
+    # lazy: scipy.ndimage costs 0.3-0.4 s at start-up; runs that never get here skip it
+    from scipy import ndimage
+
     if sampling[0] == sampling[1]:
         # lazy: OpenCV costs ~0.15 s to import
         import cv2

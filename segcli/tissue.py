@@ -15,7 +15,6 @@
 from __future__ import annotations
 
 import numpy as np
-from scipy import ndimage
 
 from segcli.geometry import scale_boxes, sliding_grid
 
@@ -44,6 +43,9 @@ def otsu(values: np.ndarray, bins: int = 256) -> float:
 def content_mask(overview: np.ndarray, margin: int) -> tuple[np.ndarray | None, dict]:
     """Pixels of a ``(C, h, w)`` overview that are not bare glass, grown by ``margin`` pixels; ``None`` when
     the overview is not a brightfield slide that is mostly glass (then everything is looked at)."""
+    # lazy: scipy.ndimage costs 0.3-0.4 s at start-up; runs that never get here skip it
+    from scipy import ndimage
+
     info: dict = {"glass_skip": False}
     if overview.ndim != 3 or overview.shape[0] < 3 or overview.size == 0:
         return None, info
@@ -96,6 +98,9 @@ def box_windows(fg_low: np.ndarray, image_shape: tuple[int, int], size: int, ove
 
     The mask is grown by one rough pixel first, so a window that an object only grazes is kept.
     """
+    # lazy: scipy.ndimage costs 0.3-0.4 s at start-up; runs that never get here skip it
+    from scipy import ndimage
+
     grid = sliding_grid(image_shape, size, overlap)
     if not fg_low.any():
         return grid[:0]
