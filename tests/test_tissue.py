@@ -137,3 +137,23 @@ def test_level_view_regions_equal_the_whole_overview(tmp_path):
         assert plane.level_view(hw) is not None
     with TiffPlane(path, spec={"kind": "zscore"}, channels_want=3) as plane:
         assert plane.level_view(hw) is None  # statistics need the whole pass
+
+
+def test_grow_and_label_boxes_are_scipys():
+    """The tissue rules dilate and box with OpenCV (scipy.ndimage took 0.3-0.4 s of every slide run's start):
+    the same pixels as ``binary_dilation(iterations=k)`` (cross, empty outside) and the same boxes as
+    ``find_objects``, labels without pixels left out."""
+    from scipy import ndimage
+
+    from segcli.tissue import grow, label_boxes
+
+    rng = np.random.default_rng(11)
+    for _ in range(40):
+        h, w = (int(v) for v in rng.integers(1, 60, 2))
+        m = rng.random((h, w)) < rng.uniform(0.01, 0.3)
+        for k in (1, 2, 5):
+            assert np.array_equal(grow(m, k), ndimage.binary_dilation(m, iterations=k))
+        lab, n = ndimage.label(m, structure=np.ones((3, 3), bool))
+        lab[lab == 2] = 0  # a label with no pixels: find_objects gives None
+        want = [[s.start for s in sl] + [s.stop for s in sl] for sl in ndimage.find_objects(lab, n) if sl is not None]
+        assert label_boxes(lab, n).tolist() == want
