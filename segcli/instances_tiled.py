@@ -336,6 +336,7 @@ class FusedRows:
 
     def __init__(self, labels: Any, height: int) -> None:
         self.labels, self.height = labels, int(height)
+        self.shape = tuple(getattr(labels, "shape", (height,)))  # read through ScaledLabels on a resampled slide
         self._y = 0
         self._failed = False
         self._cond = threading.Condition()

@@ -263,19 +263,22 @@ class TiledTiffRoute:
         self.mask: SlideMask | None = None
         self._rows: FusedRows | None = None
 
-    def _write_beside(self, ctx: RunContext, job: Job, bundle: Bundle) -> Callable[[Any, int], None]:
+    def _write_beside(self, ctx: RunContext, job: Job, bundle: Bundle, net_height: int, factor: float | None
+                      ) -> Callable[[Any, int], None]:
         """The fine pass's ``on_fused``: with the first call the mask (and the instance split) start in threads
         of their own, reading each row of tiles once the fine pass has finished it, so the write stage runs
-        beside the network instead of after it."""
+        beside the network instead of after it. On a resampled slide (``factor``) they read the network's rows
+        on the slide's own grid (``ScaledLabels``)."""
 
         def on_fused(labels: Any, y: int) -> None:
             if self._rows is None:
                 assert job.out is not None
-                self._rows = FusedRows(labels, self.plane.shape[0])
+                self._rows = FusedRows(labels, net_height)
+                view: Any = self._rows if factor is None else ScaledLabels(self._rows, factor, self.plane.shape)
                 if ctx.options.instances:
-                    self.inst = SlideInstances(job.out, job.rep, self._rows, self.plane, bundle, self.kind,
+                    self.inst = SlideInstances(job.out, job.rep, view, self.plane, bundle, self.kind,
                                                ctx.options, self._ome(), background=True)
-                self.mask = self._slide_mask(ctx, job, bundle, self._rows.read)
+                self.mask = self._slide_mask(ctx, job, bundle, view.read)
                 self.mask.start()
             self._rows.advance(y)
 
@@ -323,8 +326,9 @@ class TiledTiffRoute:
             kw.update(plan.rough_fold(run, bundle, self.kind))
             rep.info["memory_plan"] = mplan.to_dict()
             kw.update(extra)
-            if scale is None and job.out is not None:
-                kw["on_fused"] = self._write_beside(ctx, job, bundle)
+            if job.out is not None:
+                kw["on_fused"] = self._write_beside(ctx, job, bundle, net_plane.shape[0],
+                                                    None if scale is None else scale[0])
             if kw.get("crop_mode") == "grid":
                 # The rough pass only has to find tissue here: cap its grid at GRID_ROUGH_PIXELS so its dense
                 # accumulators stay small on a 40k² slide (4096² at 0.98 µm/px would hold 1.3 GB of floats).
@@ -365,7 +369,7 @@ class TiledTiffRoute:
                 rep.info["mask_written_beside_fine_pass"] = True
             else:
                 # one id per object across tiles (segcli.instances_tiled), split in a thread of its own beside
-                # the mask (a resampled slide: after the fine pass)
+                # the mask (a run whose fine pass reported no rows: an empty slide)
                 if inst is None and opts.instances:
                     inst = self.inst = SlideInstances(job.out, rep, labels, plane, bundle, self.kind, opts,
                                                       self._ome())

@@ -9,13 +9,15 @@ import threading
 from pathlib import Path
 
 import numpy as np
+import pytest
 import tifffile
 
 NUCLEI_HE = Path(__file__).resolve().parents[1] / "models" / "nuclei-he"
 
 
-def _slide(tmp_path: Path) -> Path:
-    """A slide-like tiled RGB TIFF: purple discs on pale pink, with resolution tags (0.5 µm/px)."""
+def _slide(tmp_path: Path, mpp: float = 0.5) -> Path:
+    """A slide-like tiled RGB TIFF: purple discs on pale pink, with resolution tags (0.5 µm/px: nuclei-he, trained
+    at 0.25, reads it at twice its size; at 0.25 it is segmented on its own grid)."""
     rng = np.random.default_rng(5)
     yy, xx = np.mgrid[:300, :340]
     fg = np.zeros((300, 340), bool)
@@ -25,7 +27,8 @@ def _slide(tmp_path: Path) -> Path:
     img = (rng.random((300, 340, 3)) * 20 + np.array([225, 200, 215])).astype(np.uint8)
     img[fg] = (90, 50, 150)
     path = tmp_path / "slide.tif"
-    tifffile.imwrite(path, img, tile=(64, 64), photometric="rgb", resolution=(20000, 20000), resolutionunit=3)
+    px_per_cm = 1e4 / mpp
+    tifffile.imwrite(path, img, tile=(64, 64), photometric="rgb", resolution=(px_per_cm, px_per_cm), resolutionunit=3)
     return path
 
 
@@ -33,7 +36,7 @@ def _after_the_fine_pass(monkeypatch) -> None:
     """Run the tiled route as it ran before: no ``on_fused``, so the mask is written in the write stage."""
     import segcli.pipeline
 
-    monkeypatch.setattr(segcli.pipeline.TiledTiffRoute, "_write_beside", lambda self, ctx, job, bundle: None)
+    monkeypatch.setattr(segcli.pipeline.TiledTiffRoute, "_write_beside", lambda self, *args: None)
     run = segcli.pipeline.plan.run_2d
 
     def without_beside(method, plane, predictors, kw, **k):
@@ -48,12 +51,14 @@ def _no_leftovers(folder: Path) -> None:
     assert not any(t.name == "segcli-mask" for t in threading.enumerate())
 
 
-def test_the_mask_written_beside_the_fine_pass_is_the_one_written_after_it(tmp_path, monkeypatch):
+@pytest.mark.parametrize("mpp", [0.5, 0.25])
+def test_the_mask_written_beside_the_fine_pass_is_the_one_written_after_it(tmp_path, monkeypatch, mpp):
     """Mask, GeoJSON, class counts and statistics rows are the same whether the mask is written beside the
-    network (the default on the tiled route) or after it."""
+    network (the default on the tiled route) or after it, on a slide resampled by the pixel-size rule and on
+    one segmented on its own grid."""
     from segcli.api import Segmenter
 
-    path = _slide(tmp_path)
+    path = _slide(tmp_path, mpp)
 
     def run(name: str) -> tuple[object, Path]:
         seg = Segmenter(str(NUCLEI_HE), lazy_pixels=0, geojson=True, stats=tmp_path / f"{name}.csv", tile_size=64)
@@ -61,6 +66,7 @@ def test_the_mask_written_beside_the_fine_pass_is_the_one_written_after_it(tmp_p
         rep = seg.predict_file(path, out)
         assert rep.status == "ok", rep.error
         assert rep.info.get("bounded_memory")
+        assert ("resampled" in rep.info) == (mpp == 0.5)
         return rep, out
 
     beside, out_b = run("beside")
