@@ -9,8 +9,8 @@ from __future__ import annotations
 import numpy as np
 
 from segcli.engines.base import Plane, ProgressFn, Result, Timer, batched, rough_input, upsample_labels
-from segcli.fusion import WeightedMean
-from segcli.geometry import gaussian_weight, sliding_grid
+from segcli.fusion import WeightedMean, window_weight
+from segcli.geometry import sliding_grid
 from segcli.params import DEFAULT_PARAMS as D
 from segcli.resize import letterbox
 from segcli.runtimes.predictor import Predictor
@@ -49,8 +49,12 @@ def sliding(
     progress: ProgressFn | None = None,
     where: np.ndarray | None = None,
     fold_boundary: tuple[int, int] | None = None,
+    blend: str = D["blend"],
 ) -> Result:
     """Full-resolution sliding window with Gaussian blending (the nnU-Net/MONAI way).
+
+    ``blend`` (segcli.params.BLENDS): ``probs`` averages probabilities under segcli's Gaussian; ``nnunet``
+    averages logits under nnU-Net's discretised Gaussian and takes the softmax, as nnUNetv2_predict does.
 
     ``fold_boundary`` (a network's (boundary class, object class), a slide's ``--instances`` run): labels by
     :func:`segcli.fusion.folded_labels`, so the mask is that of the folded network a run without instances uses.
@@ -67,7 +71,7 @@ def sliding(
         tiles = box_windows(where, (H, W), size, overlap)
         if not len(tiles):  # one network call at least: it says how many classes there are
             tiles = sliding_grid((H, W), size, overlap)[:1]
-    g = gaussian_weight((size, size))
+    g = window_weight((size, size), blend)
     acc: WeightedMean | None = None
     done = 0
     for chunk in batched(list(range(len(tiles))), batch_size):
@@ -77,7 +81,7 @@ def sliding(
             pb = net(xb)
         with timer.stage("fuse"):
             if acc is None:
-                acc = WeightedMean((H, W), pb.shape[1], threshold, g, nested=fold_boundary)
+                acc = WeightedMean((H, W), pb.shape[1], threshold, g, nested=fold_boundary, logits=blend == "nnunet")
             for j, i in enumerate(chunk):
                 acc.aggregate(tiles[i], pb[j])
         done += len(chunk)
@@ -85,9 +89,6 @@ def sliding(
             progress("tiles", done, len(tiles))
     assert acc is not None  # a plane always has at least one tile
     with timer.stage("fuse"):
-        if where is not None:
-            empty = acc.weight == 0
-            acc.acc[0][empty] = 1.0
-            acc.weight[empty] = 1.0
-        labels, probs = acc.finalize(return_probs)
-    return Result(labels, probs, timer.t, {"tiles": int(len(tiles)), "tiles_skipped": int(n_grid - len(tiles))})
+        labels, probs = acc.finalize(return_probs, uncovered_background=where is not None)
+    return Result(labels, probs, timer.t, {"tiles": int(len(tiles)), "tiles_skipped": int(n_grid - len(tiles)),
+                                           "blend": blend})

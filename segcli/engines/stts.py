@@ -195,6 +195,7 @@ def stts(
     rough_batch: int | None = None,
     fold_boundary: tuple[int, int] | None = None,
     on_fused: Callable[[LazyLabels, int], None] | None = None,
+    blend: str = D["blend"],
 ) -> Result:
     """Segment one 2D image with segment-then-segment; see the module docstring.
 
@@ -217,6 +218,8 @@ def stts(
     ``on_fused(labels, y)`` (with ``lazy``): called as the fine pass goes with the lazy labels it will return and
     the row above which they are final (no window left to run writes there), last with the image's height, so
     a reader of finished rows (a slide's instance split) can work beside the fine pass.
+
+    ``blend`` (segcli.params.BLENDS): what the ``gaussian`` fusion averages (a bounded sliding run's windows).
     """
     timer = Timer()
     H, W = plane.shape
@@ -237,7 +240,7 @@ def stts(
     res = fine_pass(plane, fine, boxes, rough, size=size, threshold=threshold, keep_coarse=keep_coarse,
                     batch_size=batch_size, return_probs=return_probs, timer=timer, progress=progress,
                     max_zoom=max_zoom, spill_dir=spill_dir, lazy=lazy, prefetch=prefetch, fusion=fusion,
-                    own_boxes=own, fuse_cache=fuse_cache, on_fused=on_fused, nested=fold_boundary)
+                    own_boxes=own, fuse_cache=fuse_cache, on_fused=on_fused, nested=fold_boundary, blend=blend)
     res.info.update(rinfo)
     if crop_mode == "grid":
         res.info["windows"] = {"kept": int(len(boxes)), "grid": int(len(sliding_grid((H, W), size, overlap)))}
@@ -377,6 +380,7 @@ def fine_pass(
     own_boxes: np.ndarray | None = None,
     fuse_cache: int = 64 * 2**20,
     on_fused: Callable[[LazyLabels, int], None] | None = None, nested: tuple[int, int] | None = None,
+    blend: str = D["blend"],
 ) -> Result:
     """Run the fine network on ``boxes`` in batches and fuse by per-class maximum (OR for binary).
 
@@ -390,7 +394,7 @@ def fine_pass(
     parents = _parents(boxes, size, max_zoom) if fusion == "own-box" and own_boxes is not None else None
     # Exact float probabilities when the caller will get a full probability array.
     store = make_fusion(fusion, (H, W), K, threshold, exact=return_probs and not lazy, spill_dir=spill_dir,
-                        cache_bytes=fuse_cache, nested=nested)
+                        cache_bytes=fuse_cache, nested=nested, blend=blend)
     chunks = list(batched(list(range(len(crops))), batch_size))
     fill = CoarseFill(rough, (H, W), threshold)
     lazy_labels = _lazy_labels(store, fill if keep_coarse else None) if lazy else None
@@ -429,6 +433,8 @@ def fine_pass(
     info: dict[str, object] = {"crops": int(len(boxes)), "boxes": boxes.tolist(), "fine_inputs": int(len(crops)),
                                "boxes_tiled": int(n_tiled), "fused_tiles": int(store.touched_tiles),
                                "fine_inputs_filled": int(filled)}
+    if fusion == "gaussian":
+        info["blend"] = blend
     if lazy_labels is not None:
         fused_rows(None)
         return Result(lazy_labels, None, timer.t, info)  # type: ignore[arg-type]

@@ -5,6 +5,8 @@ dynamic_network_architectures import), loads ``checkpoint_final.pth`` with ``wei
 (numpy's scalar and dtype classes allowed, nothing else), averages the chosen folds' logits (and
 optionally the mirrorings, nnU-Net's test-time augmentation) inside one graph, and converts that to
 ONNX. The patch size becomes the window and the normalisation scheme the bundle's normalisation;
+overlapping windows are blended as nnU-Net blends them (params ``overlap`` 0.5, ``blend`` ``nnunet``: logits
+averaged under its discretised Gaussian, segcli.fusion);
 what segcli cannot reproduce (CT normalisation, per-channel z-score, masks for normalisation,
 region-based labels, residual encoders, 3D) is refused by name.
 """
@@ -29,6 +31,8 @@ from segcli.importers.common import (
 from segcli.importers.onnx import module_to_onnx
 
 PLAIN = "PlainConvUNet"
+#: nnUNetv2_predict's sliding window: tile step 0.5 of the patch, logits averaged under its Gaussian.
+NNUNET_PARAMS = {"overlap": 0.5, "blend": "nnunet"}
 NORMS = {"InstanceNorm2d", "BatchNorm2d"}
 NONLINS = {"LeakyReLU", "ReLU"}
 
@@ -198,7 +202,7 @@ def import_nnunet(src: Path, out: Path, *, folds: list[str] | None = None, mirro
                      "pixel size unless the import is given --pixel-size-um")
     facts = ImportFacts(classes=classes, in_channels=in_ch, input_size=max(patch), normalization=norm,
                         output="logits", pixel_size_um=pixel_size_um, name=out.name,
-                        task=f"imported nnU-Net v2 {src.parent.name} {config}", params={"overlap": 0.5},
+                        task=f"imported nnU-Net v2 {src.parent.name} {config}", params=dict(NNUNET_PARAMS),
                         notes=notes)
     check_facts(facts, plans_path)
     model = Ensemble(nets, axes if mirror else ())
