@@ -24,13 +24,14 @@ import os
 import tempfile
 import threading
 from collections import OrderedDict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import suppress
 from typing import Any
 
 import numpy as np
 
 from segcli.resize import resize_window
+from segcli.runtimes.predictor import log_probs, logit, softmax_
 
 
 def class_argmax(probs: np.ndarray) -> np.ndarray:
@@ -82,68 +83,9 @@ def folded_labels(v: np.ndarray, boundary: tuple[int, int], threshold: float,
     return lab
 
 
-def nnunet_gaussian(shape: tuple[int, int], sigma_scale: float = 0.125) -> np.ndarray:
-    """nnU-Net's importance map, from its rule: a unit impulse at ``side // 2`` of each axis smoothed by a sampled
-    Gaussian of σ = ``side × sigma_scale`` cut at 4σ (a truncated, separable kernel), scaled to a maximum of 1,
-    zeros raised to the smallest non-zero value. Unlike :func:`segcli.geometry.gaussian_weight` it is centred
-    one half pixel off (n // 2, not (n - 1) / 2) and has no 1e-3 floor: its corners weigh ~1e-7. nnU-Net also
-    multiplies by 10 so its float16 sums stay clear of underflow; segcli sums in float32, where only the ratios
-    count."""
-    axes = []
-    for n in shape:
-        sigma = max(n * sigma_scale, 1e-6)
-        off = np.arange(n, dtype=np.float64) - n // 2
-        k = np.exp(-0.5 * (off / sigma) ** 2)
-        k[np.abs(off) > int(4.0 * sigma + 0.5)] = 0.0  # the kernel's radius
-        axes.append(k)
-    g = np.outer(axes[0], axes[1])
-    g /= g.max()
-    if (g == 0).any():
-        g[g == 0] = g[g > 0].min()
-    return g.astype(np.float32)
-
-
-def window_weight(shape: tuple[int, int], blend: str) -> np.ndarray:
-    """The importance map of a window under a blend mode (segcli.params.BLENDS)."""
-    if blend == "nnunet":
-        return nnunet_gaussian(shape)
-    # lazy: brings scipy
-    from segcli.geometry import gaussian_weight
-
-    return gaussian_weight(shape)
-
-
-#: The smallest positive float32: a probability that underflowed to 0 reads as it (a logit gap of ~103).
-_TINY = float(np.finfo(np.float32).smallest_subnormal)
-
-
-def log_probs(probs: np.ndarray) -> np.ndarray:
-    """Log-probabilities of ``(K, ...)`` probabilities: each window's logits less one number per pixel (its
-    log-sum-exp), the same for every class. So a weighted sum of log-probabilities, less its per-pixel constant
-    (which softmax and argmax ignore), is the weighted sum of logits: nnU-Net's blend, from the predictor's
-    probabilities, to float32 rounding (~1e-7 in a logit)."""
-    return np.log(np.maximum(probs, _TINY, dtype=np.float32))
-
-
-def softmax_(z: np.ndarray) -> np.ndarray:
-    """Softmax over axis 0, in place (a K×H×W map's temporaries are two H×W planes)."""
-    z -= z.max(axis=0)
-    np.exp(z, out=z)
-    z /= z.sum(axis=0)
-    return z
-
-
-def logit(t: float) -> float:
-    """The logit gap whose sigmoid is ``t`` (±inf at 0 and 1)."""
-    with np.errstate(divide="ignore"):
-        return float(np.log(np.float64(t)) - np.log1p(-np.float64(t)))
-
-
 class WeightedMean:
-    """Weighted mean of overlapping windows (Gaussian importance in sliding windows), dense in memory.
-
-    ``logits`` (blend ``nnunet``): the windows' log-probabilities are averaged and the mean put through softmax,
-    so the probabilities and labels are those of nnU-Net's averaged logits (:func:`log_probs`)."""
+    """Weighted mean of overlapping windows (Gaussian importance in sliding windows), dense in memory; with
+    ``logits`` (blend ``nnunet``) of their log-probabilities, then softmax: nnU-Net's averaged logits."""
 
     def __init__(self, shape: tuple[int, int], n_classes: int, threshold: float, weight: np.ndarray,
                  nested: tuple[int, int] | None = None, logits: bool = False) -> None:
@@ -468,16 +410,18 @@ class BlendStore(TileStore):
     slide's tissue fuses exactly as the in-memory sliding window does over a small image.
 
     Channels: the weighted sum of each class's probability (only the foreground's for binary tasks), then the
-    summed weight. float32, 8 bytes per touched pixel for a binary task. ``logits`` (blend ``nnunet``, the
-    in-memory rule of :class:`WeightedMean` too): nnU-Net's Gaussian, and the sums are of log-probabilities
-    (binary: of the logit gap log p₁ − log p₀), the same bytes.
+    summed weight. float32, 8 bytes per touched pixel for a binary task. ``logits`` (blend ``nnunet``, as
+    :class:`WeightedMean`): the sums are of log-probabilities (binary: of the gap log p₁ − log p₀), the same
+    bytes; ``weight_for((h, w))`` gives a window's importance map (default: segcli's Gaussian).
     """
 
     def __init__(self, shape: tuple[int, int], n_classes: int, threshold: float, *, tile: int = 512,
                  spill_dir: str | os.PathLike | None = None, cache_bytes: int = 64 * 2**20,
-                 nested: tuple[int, int] | None = None, logits: bool = False) -> None:
+                 nested: tuple[int, int] | None = None, logits: bool = False,
+                 weight_for: Callable[[tuple[int, int]], np.ndarray] | None = None) -> None:
         self.n_classes = n_classes
         self.binary = n_classes == 2
+        self.weight_for = weight_for
         self.threshold = threshold
         self.logits = logits
         self.cut = logit(threshold)  # logits, binary: p₁ > t where the mean gap exceeds this
@@ -488,7 +432,10 @@ class BlendStore(TileStore):
 
     def _window_weight(self, h: int, w: int) -> np.ndarray:
         if (h, w) not in self._weights:
-            self._weights[(h, w)] = window_weight((h, w), "nnunet" if self.logits else "probs")
+            # lazy: brings scipy
+            from segcli.geometry import gaussian_weight
+
+            self._weights[(h, w)] = (self.weight_for or gaussian_weight)((h, w))
         return self._weights[(h, w)]
 
     def _values(self, probs: np.ndarray) -> np.ndarray:
@@ -556,17 +503,12 @@ class BlendStore(TileStore):
         if self.binary:
             with np.errstate(invalid="ignore"):  # ±inf cut (t = 0 or 1) times a zero weight: uncovered anyway
                 lab = (v[0] > (self.cut if self.logits else self.threshold) * v[-1]).astype(np.uint8)
-            lab[~cov] = 0
         elif self.nested is None:
             lab = class_argmax(v[:-1])
-            lab[~cov] = 0  # no window reached: background
-        elif self.logits:  # the fold adds probabilities: softmax first
-            mean, _ = self._mean(box)
-            lab = folded_labels(self._mean_probs(mean), self.nested, self.threshold)
-            lab[~cov] = 0
-        else:
-            lab = folded_labels(v[:-1], self.nested, self.threshold, v[-1])
-            lab[~cov] = 0
+        else:  # the fold adds probabilities: a logit blend's softmax first
+            lab = folded_labels(self._mean_probs(self._mean(box)[0]), self.nested, self.threshold) if self.logits \
+                else folded_labels(v[:-1], self.nested, self.threshold, v[-1])
+        lab[~cov] = 0  # no window reached: background
         if fill is not None and not cov.all():
             lab = np.where(cov, lab, fill.labels(box)).astype(np.uint8)
         return lab
@@ -661,20 +603,21 @@ class OwnBoxFuse(FuseStore):
 
 def make_fusion(rule: str, shape: tuple[int, int], n_classes: int, threshold: float, *, exact: bool = False,
                 spill_dir: str | os.PathLike | None = None, cache_bytes: int = 64 * 2**20,
-                nested: tuple[int, int] | None = None, blend: str = "probs") -> FuseStore | MeanFuse | BlendStore:
+                nested: tuple[int, int] | None = None, logits: bool = False,
+                weight_for: Callable[[tuple[int, int]], np.ndarray] | None = None) -> FuseStore | MeanFuse | BlendStore:
     """The aggregator of one stts fusion rule (:data:`FUSION_RULES`); ``max`` is :class:`FuseStore`.
 
     ``cache_bytes``: the tile cache of a spilled store (its share of the memory plan, segcli.memplan).
     ``nested`` (a boundary class): the Gaussian blend labels by :func:`folded_labels`; the per-class maxima of
-    ``max`` cannot give the folded network's maximum, so that rule keeps the argmax. ``blend``
-    (segcli.params.BLENDS): what the Gaussian blend averages."""
+    ``max`` cannot give the folded network's maximum, so that rule keeps the argmax. ``logits``, ``weight_for``:
+    the Gaussian blend's (:class:`BlendStore`)."""
     if rule == "max":
         return FuseStore(shape, n_classes, threshold, exact=exact, spill_dir=spill_dir, cache_bytes=cache_bytes)
     if rule == "own-box":
         return OwnBoxFuse(shape, n_classes, threshold, exact=exact, spill_dir=spill_dir, cache_bytes=cache_bytes)
     if rule == "gaussian":
         return BlendStore(shape, n_classes, threshold, spill_dir=spill_dir, cache_bytes=cache_bytes, nested=nested,
-                          logits=blend == "nnunet")
+                          logits=logits, weight_for=weight_for)
     if rule == "mean":
         return MeanFuse(shape, n_classes, threshold)
     if rule == "centre":

@@ -11,10 +11,9 @@ import pytest
 from scipy.ndimage import gaussian_filter
 
 from segcli.engines.base import ArrayPlane
-from segcli.engines.direct import sliding
+from segcli.engines.direct import nnunet_gaussian, sliding
 from segcli.engines.stts import stts
 from segcli.errors import UsageError
-from segcli.fusion import nnunet_gaussian
 from segcli.params import check_param
 from segcli.runtimes.predictor import FunctionPredictor, logits_to_probs
 

@@ -9,8 +9,8 @@ from __future__ import annotations
 import numpy as np
 
 from segcli.engines.base import Plane, ProgressFn, Result, Timer, batched, rough_input, upsample_labels
-from segcli.fusion import WeightedMean, window_weight
-from segcli.geometry import sliding_grid
+from segcli.fusion import WeightedMean
+from segcli.geometry import gaussian_weight, sliding_grid
 from segcli.params import DEFAULT_PARAMS as D
 from segcli.resize import letterbox
 from segcli.runtimes.predictor import Predictor
@@ -35,6 +35,31 @@ def direct(
     with timer.stage("upsample"):
         labels, probs = upsample_labels(rough, plane.shape, threshold, want_probs=return_probs)
     return Result(labels, probs, timer.t, {})
+
+
+def nnunet_gaussian(shape: tuple[int, int], sigma_scale: float = 0.125) -> np.ndarray:
+    """nnU-Net's importance map, from its rule: a unit impulse at ``side // 2`` of each axis smoothed by a sampled
+    Gaussian of σ = ``side × sigma_scale`` cut at 4σ (a truncated, separable kernel), scaled to a maximum of 1,
+    zeros raised to the smallest non-zero value. Unlike :func:`segcli.geometry.gaussian_weight` it is centred
+    half a pixel off (n // 2, not (n - 1) / 2) and has no 1e-3 floor: a 256² window's corners weigh 1e-7.
+    (nnU-Net also multiplies by 10 to keep its float16 sums clear of underflow; segcli sums in float32, where
+    only the ratios count.)"""
+    axes = []
+    for n in shape:
+        sigma = max(n * sigma_scale, 1e-6)
+        off = np.arange(n, dtype=np.float64) - n // 2
+        k = np.exp(-0.5 * (off / sigma) ** 2)
+        k[np.abs(off) > int(4.0 * sigma + 0.5)] = 0.0  # the kernel's radius
+        axes.append(k)
+    g = np.outer(axes[0], axes[1])
+    g /= g.max()
+    g[g == 0] = g[g > 0].min()
+    return g.astype(np.float32)
+
+
+def window_weight(shape: tuple[int, int], blend: str) -> np.ndarray:
+    """A window's importance map under a blend mode (segcli.params.BLENDS)."""
+    return nnunet_gaussian(shape) if blend == "nnunet" else gaussian_weight(shape)
 
 
 def sliding(

@@ -39,7 +39,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 
 from segcli.engines.base import ArrayPlane, Plane, ProgressFn, Result, Timer, batched, rough_input
-from segcli.engines.direct import sliding
+from segcli.engines.direct import sliding, window_weight
 from segcli.fusion import (
     FUSION_RULES,
     BlendStore,
@@ -241,7 +241,7 @@ def stts(
                     batch_size=batch_size, return_probs=return_probs, timer=timer, progress=progress,
                     max_zoom=max_zoom, spill_dir=spill_dir, lazy=lazy, prefetch=prefetch, fusion=fusion,
                     own_boxes=own, fuse_cache=fuse_cache, on_fused=on_fused, nested=fold_boundary, blend=blend)
-    res.info.update(rinfo)
+    res.info.update(rinfo, **({"blend": blend} if fusion == "gaussian" else {}))
     if crop_mode == "grid":
         res.info["windows"] = {"kept": int(len(boxes)), "grid": int(len(sliding_grid((H, W), size, overlap)))}
     return res
@@ -359,6 +359,11 @@ def _filled(p: np.ndarray, threshold: float) -> bool:
     return bool(foreground(p[:, ::8, ::8], threshold).all()) and bool(foreground(p, threshold).all())
 
 
+def _blend_rule(blend: str) -> dict[str, object]:
+    """The Gaussian fusion's arguments for a blend mode (segcli.params.BLENDS): what it sums, under which map."""
+    return {"logits": blend == "nnunet", "weight_for": lambda hw: window_weight(hw, blend)}
+
+
 def fine_pass(
     plane: Plane,
     fine: Predictor,
@@ -377,8 +382,7 @@ def fine_pass(
     lazy: bool = False,
     prefetch: bool = False,
     fusion: str = "max",
-    own_boxes: np.ndarray | None = None,
-    fuse_cache: int = 64 * 2**20,
+    own_boxes: np.ndarray | None = None, fuse_cache: int = 64 * 2**20,
     on_fused: Callable[[LazyLabels, int], None] | None = None, nested: tuple[int, int] | None = None,
     blend: str = D["blend"],
 ) -> Result:
@@ -394,7 +398,7 @@ def fine_pass(
     parents = _parents(boxes, size, max_zoom) if fusion == "own-box" and own_boxes is not None else None
     # Exact float probabilities when the caller will get a full probability array.
     store = make_fusion(fusion, (H, W), K, threshold, exact=return_probs and not lazy, spill_dir=spill_dir,
-                        cache_bytes=fuse_cache, nested=nested, blend=blend)
+                        cache_bytes=fuse_cache, nested=nested, **_blend_rule(blend))
     chunks = list(batched(list(range(len(crops))), batch_size))
     fill = CoarseFill(rough, (H, W), threshold)
     lazy_labels = _lazy_labels(store, fill if keep_coarse else None) if lazy else None
@@ -433,8 +437,6 @@ def fine_pass(
     info: dict[str, object] = {"crops": int(len(boxes)), "boxes": boxes.tolist(), "fine_inputs": int(len(crops)),
                                "boxes_tiled": int(n_tiled), "fused_tiles": int(store.touched_tiles),
                                "fine_inputs_filled": int(filled)}
-    if fusion == "gaussian":
-        info["blend"] = blend
     if lazy_labels is not None:
         fused_rows(None)
         return Result(lazy_labels, None, timer.t, info)  # type: ignore[arg-type]
