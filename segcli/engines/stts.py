@@ -60,7 +60,7 @@ from segcli.geometry import (
 )
 from segcli.params import DEFAULT_PARAMS as D
 from segcli.params import default_pad
-from segcli.resize import letterbox, resize
+from segcli.resize import letterbox, resize, resize_weights
 from segcli.runtimes.predictor import Predictor
 from segcli.tissue import box_windows, content_mask
 
@@ -145,26 +145,51 @@ def _overview_and_glass(plane: Plane, hw: tuple[int, int]) -> tuple[Plane, np.nd
     """The rough pass's overview at ``hw`` as a Plane, and where it is not bare glass (segcli.tissue).
 
     Glass is found on a quarter of the overview (not grown: on the 16000² and 8000² test-tile slides a margin
-    of one quarter pixel changed Dice by < 0.001 and cost 28 more coarse tiles at 8000²), read from the
-    coarsest pyramid level that serves. When the slide's normalisation needs no statistics, the overview is
-    then made only where the coarse network looks (:class:`~segcli.io.lazyplane.LevelView`). Otherwise the
-    overview is made whole first (a slide reader keeps it in a temporary file, read back by region), and its
-    pass sets the statistics.
+    of one quarter pixel changed Dice by < 0.001 and cost 28 more coarse tiles at 8000²). When a coarser pyramid
+    level serves that quarter and the slide's normalisation needs no statistics, the overview is then made only
+    where the coarse network looks (:class:`~segcli.io.lazyplane.LevelView`). Otherwise finding the glass decodes
+    the overview's own level whole anyway, so the overview is made in that one pass (a slide reader keeps it in a
+    temporary file, read back by region) and the glass found on it, band by band: on a 40000² slide without a
+    pyramid, a glass pass and then the view by region decoded its 6084 tiles 25106 times (19.7 GB, 4.1 passes),
+    most of a 148 s rough pass; its pass also sets the statistics of a normalisation that needs them.
     """
     q = (max(1, hw[0] // 4), max(1, hw[1] // 4))
     coarser = hasattr(plane, "choose_level") and plane.choose_level(q) > plane.choose_level(hw)
-    if getattr(plane, "level_view", None) is not None and getattr(plane, "_stateless", False):
+    if coarser and getattr(plane, "level_view", None) is not None and getattr(plane, "_stateless", False):
         where, info = content_mask(plane.downscaled(q), margin=0)
         if where is not None:
             return plane.level_view(hw), where, {**info, "overview": "by region"}
     low = plane.overview_plane(hw) if hasattr(plane, "overview_plane") else ArrayPlane(plane.downscaled(hw))
+    spilled = not isinstance(low, ArrayPlane)
     try:
-        where, info = content_mask(plane.downscaled(q) if coarser else low.downscaled(q), margin=0)
+        if coarser:
+            quarter = plane.downscaled(q)
+        else:
+            quarter = banded_downscale(low, q) if spilled else low.downscaled(q)
+        where, info = content_mask(quarter, margin=0)
     except BaseException:
         if hasattr(low, "close"):
             low.close()
         raise
-    return low, where, info
+    return low, where, ({**info, "overview": "one pass"} if spilled else info)
+
+
+def banded_downscale(plane: Plane, out_hw: tuple[int, int], band: int = 256) -> np.ndarray:
+    """``plane.downscaled(out_hw)`` (area weights) from bands of ``band`` rows, so a spilled overview is never
+    read back whole (a 5000² one is 300 MB of float32)."""
+    H, W = plane.shape
+    ry = resize_weights(H, out_hw[0], "area").tocsc()
+    rx = resize_weights(W, out_hw[1], "area")
+    out = np.zeros((plane.channels, *out_hw), np.float32)
+    for y0 in range(0, H, band):
+        y1 = min(H, y0 + band)
+        wy = ry[:, y0:y1].tocsr()
+        hit = np.flatnonzero(np.diff(wy.indptr))
+        o0, o1 = int(hit[0]), int(hit[-1]) + 1
+        a = plane.region(np.asarray((y0, 0, y1, W)))
+        for c in range(plane.channels):
+            out[c, o0:o1] += wy[o0:o1] @ (rx @ a[c].T).T
+    return out
 
 
 def stts(
