@@ -4,11 +4,10 @@ segcli builds nnU-Net's ``PlainConvUNet`` itself from ``plans.json`` (no nnU-Net
 dynamic_network_architectures import), loads ``checkpoint_final.pth`` with ``weights_only=True``
 (numpy's scalar and dtype classes allowed, nothing else), averages the chosen folds' logits (and
 optionally the mirrorings, nnU-Net's test-time augmentation) inside one graph, and converts that to
-ONNX. The patch size becomes the window and the normalisation scheme the bundle's normalisation;
-overlapping windows are blended as nnU-Net blends them (params ``overlap`` 0.5, ``blend`` ``nnunet``: logits
-averaged under its discretised Gaussian, segcli.fusion);
-what segcli cannot reproduce (CT normalisation, per-channel z-score, masks for normalisation,
-region-based labels, residual encoders, 3D) is refused by name.
+ONNX. The patch size becomes the window and the normalisation scheme the bundle's normalisation, and the
+bundle's params make the sliding window nnU-Net's (``overlap`` 0.5; ``blend`` ``nnunet``: logits averaged under
+its discretised Gaussian, segcli.engines.direct). What segcli cannot reproduce (CT normalisation, per-channel
+z-score, masks for normalisation, region-based labels, residual encoders, 3D) is refused by name.
 """
 
 from __future__ import annotations
