@@ -192,7 +192,8 @@ def import_nnunet(src: Path, out: Path, *, folds: list[str] | None = None, mirro
     nets, axes = load_nets(ckpts, in_ch, len(classes), kw)
     notes = [f"configuration {config}, folds {', '.join(p.parent.name for p in ckpts)} (logits averaged)",
              f"mirroring {'on, axes ' + str(axes) if mirror and axes else 'off'} "
-             "(nnUNetv2_predict mirrors unless --disable_tta)"]
+             "(nnUNetv2_predict mirrors unless --disable_tta)",
+             "sliding window as nnUNetv2_predict's: half-window steps, logits averaged under its Gaussian (params blend)"]
     if patch[0] != patch[1]:
         notes.append(f"patch size {patch} is not square; segcli uses {max(patch)}² windows")
     spacing = [float(v) for v in cfg.get("spacing") or []]
