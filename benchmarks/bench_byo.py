@@ -19,6 +19,8 @@ shared. Steps (each reads what the earlier ones wrote in ``--work``; run them in
                                                          # mosaics of the frames: time and peak RSS side by side
     python benchmarks/bench_byo.py blend --work $W --sizes 2000     # why the mosaics' masks differ
     python benchmarks/bench_byo.py distil --work $W --sizes 40000   # segcli train --stage coarse --pair, stts
+    python benchmarks/bench_byo.py race --work $W --sizes 40000 --rounds 2  # the distil step's two runs again,
+                                                         # interleaved, no training
     python benchmarks/bench_byo.py sttsmem --work $W --sizes 8000   # stts against the full sliding window
     python benchmarks/bench_byo.py nnapi --work $W --sizes 40000    # nnU-Net's Python API there, under the cap
     python benchmarks/bench_byo.py rescore --work $W --sizes 4000 8000  # the big step's comparisons again
@@ -136,7 +138,8 @@ def val_cases(work: Path) -> list[str]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("step", choices=["dataset", "plan", "train", "parity", "big", "blend", "distil", "sttsmem", "nnapi", "rescore"])
+    ap.add_argument("step", choices=["dataset", "plan", "train", "parity", "big", "blend", "distil", "race", "sttsmem",
+                                     "nnapi", "rescore"])
     ap.add_argument("--work", type=Path, default=Path("/work/byo"))
     ap.add_argument("--data", type=Path, default=REPO.parent / "shared" / "data" / "kvasir-seg")
     ap.add_argument("--nnunet-venv", type=Path, default=Path("/work/nnunet-venv"))
@@ -153,6 +156,7 @@ def main() -> None:
     ap.add_argument("--distil-epochs", type=int, default=40)
     ap.add_argument("--rough-downscale", default="8", help="--max-downscale of the distil step's runs: the rough "
                     "network sees the slide at the scale it learnt (distil-size / window)")
+    ap.add_argument("--rounds", type=int, default=2, help="race: interleaved rounds of sliding and stts")
     ap.add_argument("--stts-args", default="", help="extra segcli options for the stts run (e.g. '--pad 64')")
     args = ap.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)

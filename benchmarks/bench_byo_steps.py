@@ -173,15 +173,17 @@ def write_png(path: Path, size: int, placed: list[dict], band: int = 512) -> Non
         f.write(chunk(b"IDAT", z.flush()) + chunk(b"IEND", b""))
 
 
-def mosaic(work: Path, size: int, coverage: float, seed: int = 0) -> tuple[Path, Path, list[dict]]:
-    """The mosaic of ``size``², as a tiled BigTIFF (segcli) and a PNG (nnU-Net's 2D natural-image reader)."""
+def mosaic(work: Path, size: int, coverage: float, seed: int = 0, png: bool = True) -> tuple[Path, Path, list[dict]]:
+    """The mosaic of ``size``², as a tiled BigTIFF (segcli) and a PNG (nnU-Net's 2D natural-image reader; not
+    written with ``png=False``, where only segcli reads it)."""
     placed = bs.place(size, frames(work), coverage, seed, gap=32)
+    want_png = png
     d = work / "big"
     (d / f"nn-in-{size}").mkdir(parents=True, exist_ok=True)
     tif, png = d / f"mosaic_{size}.tif", d / f"nn-in-{size}" / f"mosaic_{size}_0000.png"
     if not tif.is_file():
         write_tiff(tif, size, placed)
-    if not png.is_file():
+    if want_png and not png.is_file():
         write_png(png, size, placed)
     return tif, png, placed
 
@@ -295,7 +297,7 @@ def distil(args: Any, env: dict) -> dict:
                                  "--threads", "1", "--seed", "0"),
                           segcli_env(), args.work / "distil-train.log")
     size = max(args.sizes)
-    tif, _, placed = mosaic(args.work, size, args.coverage)
+    tif, _, placed = mosaic(args.work, size, args.coverage, png=False)
     common = ["--max-downscale", args.rough_downscale]
     runs: dict[str, Any] = {"train": train}
     masks = {}
@@ -309,6 +311,33 @@ def distil(args: Any, env: dict) -> dict:
     plain = args.work / "big" / f"segcli-{size}.tif"
     if plain.is_file():  # the unpaired import's sliding run of the `big` step (its own network picks the windows)
         runs["stts_vs_unpaired_sliding"] = compare(b, big_mask(plain), placed, names=("stts", "unpaired_sliding"))
+    return runs
+
+
+def race(args: Any, env: dict) -> dict:
+    """The distil step's two runs again, without training: sliding and stts of the paired bundle on the biggest
+    mosaic, interleaved for ``--rounds`` rounds (the order swapped each round), each with the load average before
+    it; Dice of each against the truth and of stts against the sliding window."""
+    size = max(args.sizes)
+    tif, _, placed = mosaic(args.work, size, args.coverage, png=False)
+    paired = args.work / "bundles" / "nnunet-paired"
+    common = ["--max-downscale", args.rough_downscale]
+    kinds = {"sliding-paired": ["--method", "sliding"], "stts-paired": ["--method", "stts", *args.stts_args.split()]}
+    runs: dict[str, Any] = {"rounds": [], "stts_args": args.stts_args, "rough_downscale": args.rough_downscale}
+    for r in range(args.rounds):
+        row = {}
+        for tag in (list(kinds) if r % 2 == 0 else list(kinds)[::-1]):
+            load_before = os.getloadavg()[0]
+            out = args.work / "big" / f"{tag}-{size}.tif"
+            row[tag] = segcli_run(args, tif, paired, out, f"race-{tag}-{size}-{r}", *common, *kinds[tag])
+            row[tag]["load_before"] = round(load_before, 2)
+            print(tag, row[tag]["wall_s"], row[tag].get("seconds"), flush=True)
+        runs["rounds"].append(row)
+    a, b = big_mask(args.work / "big" / f"sliding-paired-{size}.tif"), big_mask(args.work / "big" / f"stts-paired-{size}.tif")
+    runs["stts_vs_sliding"] = compare(b, a, placed, names=("stts", "sliding"))
+    walls = {t: [rw[t]["wall_s"] for rw in runs["rounds"]] for t in kinds}
+    runs["wall_s"] = walls
+    runs["stts_over_sliding"] = round(sum(walls["stts-paired"]) / sum(walls["sliding-paired"]), 3)
     return runs
 
 

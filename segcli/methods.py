@@ -68,13 +68,13 @@ TABLE: dict[str, Method] = {
                ("keep_aspect",), fusion="none: one window, upscaled"),
         Method("sliding", ("fine",), False,
                "full-resolution sliding window with Gaussian blending (MONAI/nnU-Net)", "segcli.engines.direct:sliding",
-               ("overlap", "batch_size"), rough_pass=False,
+               ("overlap", "batch_size", "blend"), rough_pass=False,
                fusion="Gaussian-weighted mean of overlapping windows (MONAI/nnU-Net)",
                # full-resolution grid windows, only where stts' rough pass finds tissue, blended by the same
                # Gaussian as in memory (fusion.BlendStore): one fusion rule on both routes
                bounded="stts", folds_boundary=True,
                bounded_kwargs=(("crop_mode", "grid"), ("max_zoom", None), ("fusion", "gaussian")),
-               bounded_params=("overlap",),
+               bounded_params=("overlap", "blend"),
                bounded_fusion="the same Gaussian blend, over the grid windows where the rough pass finds tissue"),
     )
 }

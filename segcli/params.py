@@ -40,6 +40,7 @@ SPECS: dict[str, ParamSpec] = {
     "min_patch_std": ParamSpec(None, float, 0.0, None, optional=True),  # refine: skip flatter patches
     "patch_size": ParamSpec(None, int, 8, None, optional=True),  # refine: full-resolution patch side
     "overlap": ParamSpec(0.25, float, 0.0, 0.95),
+    "blend": ParamSpec("probs", str),  # sliding: what overlapping windows average (BLENDS)
     "batch_size": ParamSpec(16, int, 1, 4096),
     "min_volume": ParamSpec(1, int, 1, None),
     "lung_gate": ParamSpec(False, object),  # volumes: keep only lesions in aerated lung; true or a dict of settings
@@ -50,6 +51,11 @@ DEFAULT_PARAMS: dict[str, Any] = {k: s.default for k, s in SPECS.items()}
 
 #: Criteria the refine engine ranks patches by.
 CRITERIA = ("pixel", "mean")
+
+#: What a sliding window averages where windows overlap (segcli.fusion): ``probs``, the probabilities under
+#: segcli's analytic Gaussian; ``nnunet``, the logits under nnU-Net's discretised Gaussian, then softmax (what
+#: an imported nnU-Net bundle records, so its masks are nnUNetv2_predict's).
+BLENDS = ("probs", "nnunet")
 
 #: Rough-pass factor cap and fine-pass zoom used on images above ``lazy_pixels`` when neither the user
 #: nor the bundle sets one (see segcli.engines.stts for the rule).
@@ -104,4 +110,6 @@ def check_param(key: str, value: Any) -> Any:
         check_range(key, v, spec.lo, spec.hi)
     if key == "criterion" and v not in CRITERIA:
         raise UsageError(f"--criterion must be {' or '.join(repr(c) for c in CRITERIA)}, not {v!r}")
+    if key == "blend" and v not in BLENDS:
+        raise UsageError(f"blend must be {' or '.join(repr(c) for c in BLENDS)}, not {v!r}")
     return v

@@ -1,6 +1,6 @@
 """``segcli import nnunet`` (issue 34): a tiny results folder in nnU-Net v2's own layout and checkpoint format,
-made here without nnU-Net; the imported bundle's masks match a sliding window written out in the test with
-torch's functional ops straight from the checkpoint's weights."""
+made here without nnU-Net; the imported bundle's masks match nnU-Net's sliding window written out in the test
+with torch's functional ops straight from the checkpoint's weights (logits averaged under its Gaussian)."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from scipy.ndimage import gaussian_filter
 
 from segcli.api import Segmenter
 from segcli.bundle import load_bundle
@@ -105,14 +106,16 @@ def _forward(sd: dict, x: torch.Tensor) -> torch.Tensor:
 
 
 def _by_hand(sds: list[dict], img: np.ndarray, mirror: bool = False) -> np.ndarray:
-    """Fold- (and mirror-) averaged logits per window, softmax, Gaussian-weighted mean over a half-overlap grid."""
+    """Fold- (and mirror-) averaged logits per window, their mean over a half-overlap grid weighted by nnU-Net's
+    Gaussian (an impulse at the patch's centre smoothed with σ = patch / 8), argmax."""
     x = torch.from_numpy(((img - img.mean()) / img.std()).astype(np.float32))[None, None]
     H, W = img.shape
     ky, kx = (int(np.ceil((n - PATCH) / (PATCH / 2))) + 1 for n in (H, W))
     ys = [round(i * (H - PATCH) / (ky - 1)) for i in range(ky)]
     xs = [round(i * (W - PATCH) / (kx - 1)) for i in range(kx)]
-    c = (np.arange(PATCH) - (PATCH - 1) / 2) / (PATCH / 8)
-    g = torch.from_numpy(np.maximum(np.exp(-0.5 * (c[:, None] ** 2 + c[None] ** 2)), 1e-3)).float()
+    delta = np.zeros((PATCH, PATCH))
+    delta[PATCH // 2, PATCH // 2] = 1
+    g = torch.from_numpy(gaussian_filter(delta, PATCH / 8, 0, mode="constant", cval=0) * 1e3).float()
     acc, wsum = torch.zeros(K, H, W), torch.zeros(H, W)
     flips = [[], [2], [3], [2, 3]] if mirror else [[]]
     with torch.no_grad():
@@ -121,7 +124,7 @@ def _by_hand(sds: list[dict], img: np.ndarray, mirror: bool = False) -> np.ndarr
                 win = x[:, :, y0:y0 + PATCH, x0:x0 + PATCH]
                 logits = sum(torch.flip(_forward(sd, torch.flip(win, f) if f else win), f) if f else _forward(sd, win)
                              for sd in sds for f in flips) / (len(sds) * len(flips))
-                acc[:, y0:y0 + PATCH, x0:x0 + PATCH] += torch.softmax(logits[0], 0) * g
+                acc[:, y0:y0 + PATCH, x0:x0 + PATCH] += logits[0] * g
                 wsum[y0:y0 + PATCH, x0:x0 + PATCH] += g
     return torch.argmax(acc / wsum, 0).numpy()
 
@@ -147,6 +150,7 @@ def test_one_fold_matches_the_network_written_out_by_hand(tmp_path):
     assert (b.classes, b.in_channels, b.input_size, b.normalization) == (
         ["background", "liver", "tumour"], 1, PATCH, {"kind": "zscore"})
     assert b.info["imported_from"]["checkpoints"] == ["fold_0/checkpoint_final.pth"]
+    assert (b.params["overlap"], b.params["blend"]) == (0.5, "nnunet")  # nnUNetv2_predict's tile step and blend
     assert _agree(src, out, [_weights(0)]) > 0.999
 
 

@@ -37,6 +37,31 @@ def direct(
     return Result(labels, probs, timer.t, {})
 
 
+def nnunet_gaussian(shape: tuple[int, int], sigma_scale: float = 0.125) -> np.ndarray:
+    """nnU-Net's importance map, from its rule: a unit impulse at ``side // 2`` of each axis smoothed by a sampled
+    Gaussian of σ = ``side × sigma_scale`` cut at 4σ (a truncated, separable kernel), scaled to a maximum of 1,
+    zeros raised to the smallest non-zero value. Unlike :func:`segcli.geometry.gaussian_weight` it is centred
+    half a pixel off (n // 2, not (n - 1) / 2) and has no 1e-3 floor: a 256² window's corners weigh 1e-7.
+    (nnU-Net also multiplies by 10 to keep its float16 sums clear of underflow; segcli sums in float32, where
+    only the ratios count.)"""
+    axes = []
+    for n in shape:
+        sigma = max(n * sigma_scale, 1e-6)
+        off = np.arange(n, dtype=np.float64) - n // 2
+        k = np.exp(-0.5 * (off / sigma) ** 2)
+        k[np.abs(off) > int(4.0 * sigma + 0.5)] = 0.0  # the kernel's radius
+        axes.append(k)
+    g = np.outer(axes[0], axes[1])
+    g /= g.max()
+    g[g == 0] = g[g > 0].min()
+    return g.astype(np.float32)
+
+
+def window_weight(shape: tuple[int, int], blend: str) -> np.ndarray:
+    """A window's importance map under a blend mode (segcli.params.BLENDS)."""
+    return nnunet_gaussian(shape) if blend == "nnunet" else gaussian_weight(shape)
+
+
 def sliding(
     plane: Plane,
     net: Predictor,
@@ -49,8 +74,12 @@ def sliding(
     progress: ProgressFn | None = None,
     where: np.ndarray | None = None,
     fold_boundary: tuple[int, int] | None = None,
+    blend: str = D["blend"],
 ) -> Result:
     """Full-resolution sliding window with Gaussian blending (the nnU-Net/MONAI way).
+
+    ``blend`` (segcli.params.BLENDS): ``probs`` averages probabilities under segcli's Gaussian; ``nnunet``
+    averages logits under nnU-Net's discretised Gaussian and takes the softmax, as nnUNetv2_predict does.
 
     ``fold_boundary`` (a network's (boundary class, object class), a slide's ``--instances`` run): labels by
     :func:`segcli.fusion.folded_labels`, so the mask is that of the folded network a run without instances uses.
@@ -67,7 +96,7 @@ def sliding(
         tiles = box_windows(where, (H, W), size, overlap)
         if not len(tiles):  # one network call at least: it says how many classes there are
             tiles = sliding_grid((H, W), size, overlap)[:1]
-    g = gaussian_weight((size, size))
+    g = window_weight((size, size), blend)
     acc: WeightedMean | None = None
     done = 0
     for chunk in batched(list(range(len(tiles))), batch_size):
@@ -77,7 +106,7 @@ def sliding(
             pb = net(xb)
         with timer.stage("fuse"):
             if acc is None:
-                acc = WeightedMean((H, W), pb.shape[1], threshold, g, nested=fold_boundary)
+                acc = WeightedMean((H, W), pb.shape[1], threshold, g, nested=fold_boundary, logits=blend == "nnunet")
             for j, i in enumerate(chunk):
                 acc.aggregate(tiles[i], pb[j])
         done += len(chunk)
@@ -85,9 +114,6 @@ def sliding(
             progress("tiles", done, len(tiles))
     assert acc is not None  # a plane always has at least one tile
     with timer.stage("fuse"):
-        if where is not None:
-            empty = acc.weight == 0
-            acc.acc[0][empty] = 1.0
-            acc.weight[empty] = 1.0
-        labels, probs = acc.finalize(return_probs)
-    return Result(labels, probs, timer.t, {"tiles": int(len(tiles)), "tiles_skipped": int(n_grid - len(tiles))})
+        labels, probs = acc.finalize(return_probs, uncovered_background=where is not None)
+    return Result(labels, probs, timer.t, {"tiles": int(len(tiles)), "tiles_skipped": int(n_grid - len(tiles)),
+                                           "blend": blend})

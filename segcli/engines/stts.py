@@ -39,7 +39,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 
 from segcli.engines.base import ArrayPlane, Plane, ProgressFn, Result, Timer, batched, rough_input
-from segcli.engines.direct import sliding
+from segcli.engines.direct import sliding, window_weight
 from segcli.fusion import (
     FUSION_RULES,
     BlendStore,
@@ -60,7 +60,7 @@ from segcli.geometry import (
 )
 from segcli.params import DEFAULT_PARAMS as D
 from segcli.params import default_pad
-from segcli.resize import letterbox, resize
+from segcli.resize import letterbox, resize, resize_weights
 from segcli.runtimes.predictor import Predictor
 from segcli.tissue import box_windows, content_mask
 
@@ -145,26 +145,51 @@ def _overview_and_glass(plane: Plane, hw: tuple[int, int]) -> tuple[Plane, np.nd
     """The rough pass's overview at ``hw`` as a Plane, and where it is not bare glass (segcli.tissue).
 
     Glass is found on a quarter of the overview (not grown: on the 16000² and 8000² test-tile slides a margin
-    of one quarter pixel changed Dice by < 0.001 and cost 28 more coarse tiles at 8000²), read from the
-    coarsest pyramid level that serves. When the slide's normalisation needs no statistics, the overview is
-    then made only where the coarse network looks (:class:`~segcli.io.lazyplane.LevelView`). Otherwise the
-    overview is made whole first (a slide reader keeps it in a temporary file, read back by region), and its
-    pass sets the statistics.
+    of one quarter pixel changed Dice by < 0.001 and cost 28 more coarse tiles at 8000²). When a coarser pyramid
+    level serves that quarter and the slide's normalisation needs no statistics, the overview is then made only
+    where the coarse network looks (:class:`~segcli.io.lazyplane.LevelView`). Otherwise finding the glass decodes
+    the overview's own level whole anyway, so the overview is made in that one pass (a slide reader keeps it in a
+    temporary file, read back by region) and the glass found on it, band by band: on a 40000² slide without a
+    pyramid, a glass pass and then the view by region decoded its 6084 tiles 25106 times (19.7 GB, 4.1 passes),
+    most of a 148 s rough pass; its pass also sets the statistics of a normalisation that needs them.
     """
     q = (max(1, hw[0] // 4), max(1, hw[1] // 4))
     coarser = hasattr(plane, "choose_level") and plane.choose_level(q) > plane.choose_level(hw)
-    if getattr(plane, "level_view", None) is not None and getattr(plane, "_stateless", False):
+    if coarser and getattr(plane, "level_view", None) is not None and getattr(plane, "_stateless", False):
         where, info = content_mask(plane.downscaled(q), margin=0)
         if where is not None:
             return plane.level_view(hw), where, {**info, "overview": "by region"}
     low = plane.overview_plane(hw) if hasattr(plane, "overview_plane") else ArrayPlane(plane.downscaled(hw))
+    spilled = not isinstance(low, ArrayPlane)
     try:
-        where, info = content_mask(plane.downscaled(q) if coarser else low.downscaled(q), margin=0)
+        if coarser:
+            quarter = plane.downscaled(q)
+        else:
+            quarter = banded_downscale(low, q) if spilled else low.downscaled(q)
+        where, info = content_mask(quarter, margin=0)
     except BaseException:
         if hasattr(low, "close"):
             low.close()
         raise
-    return low, where, info
+    return low, where, ({**info, "overview": "one pass"} if spilled else info)
+
+
+def banded_downscale(plane: Plane, out_hw: tuple[int, int], band: int = 256) -> np.ndarray:
+    """``plane.downscaled(out_hw)`` (area weights) from bands of ``band`` rows, so a spilled overview is never
+    read back whole (a 5000² one is 300 MB of float32)."""
+    H, W = plane.shape
+    ry = resize_weights(H, out_hw[0], "area").tocsc()
+    rx = resize_weights(W, out_hw[1], "area")
+    out = np.zeros((plane.channels, *out_hw), np.float32)
+    for y0 in range(0, H, band):
+        y1 = min(H, y0 + band)
+        wy = ry[:, y0:y1].tocsr()
+        hit = np.flatnonzero(np.diff(wy.indptr))
+        o0, o1 = int(hit[0]), int(hit[-1]) + 1
+        a = plane.region(np.asarray((y0, 0, y1, W)))
+        for c in range(plane.channels):
+            out[c, o0:o1] += wy[o0:o1] @ (rx @ a[c].T).T
+    return out
 
 
 def stts(
@@ -195,6 +220,7 @@ def stts(
     rough_batch: int | None = None,
     fold_boundary: tuple[int, int] | None = None,
     on_fused: Callable[[LazyLabels, int], None] | None = None,
+    blend: str = D["blend"],
 ) -> Result:
     """Segment one 2D image with segment-then-segment; see the module docstring.
 
@@ -217,6 +243,8 @@ def stts(
     ``on_fused(labels, y)`` (with ``lazy``): called as the fine pass goes with the lazy labels it will return and
     the row above which they are final (no window left to run writes there), last with the image's height, so
     a reader of finished rows (a slide's instance split) can work beside the fine pass.
+
+    ``blend`` (segcli.params.BLENDS): what the ``gaussian`` fusion averages (a bounded sliding run's windows).
     """
     timer = Timer()
     H, W = plane.shape
@@ -237,8 +265,8 @@ def stts(
     res = fine_pass(plane, fine, boxes, rough, size=size, threshold=threshold, keep_coarse=keep_coarse,
                     batch_size=batch_size, return_probs=return_probs, timer=timer, progress=progress,
                     max_zoom=max_zoom, spill_dir=spill_dir, lazy=lazy, prefetch=prefetch, fusion=fusion,
-                    own_boxes=own, fuse_cache=fuse_cache, on_fused=on_fused, nested=fold_boundary)
-    res.info.update(rinfo)
+                    own_boxes=own, fuse_cache=fuse_cache, on_fused=on_fused, nested=fold_boundary, blend=blend)
+    res.info.update(rinfo, **({"blend": blend} if fusion == "gaussian" else {}))
     if crop_mode == "grid":
         res.info["windows"] = {"kept": int(len(boxes)), "grid": int(len(sliding_grid((H, W), size, overlap)))}
     return res
@@ -356,6 +384,11 @@ def _filled(p: np.ndarray, threshold: float) -> bool:
     return bool(foreground(p[:, ::8, ::8], threshold).all()) and bool(foreground(p, threshold).all())
 
 
+def _blend_rule(blend: str) -> dict[str, object]:
+    """The Gaussian fusion's arguments for a blend mode (segcli.params.BLENDS): what it sums, under which map."""
+    return {"logits": blend == "nnunet", "weight_for": lambda hw: window_weight(hw, blend)}
+
+
 def fine_pass(
     plane: Plane,
     fine: Predictor,
@@ -374,9 +407,9 @@ def fine_pass(
     lazy: bool = False,
     prefetch: bool = False,
     fusion: str = "max",
-    own_boxes: np.ndarray | None = None,
-    fuse_cache: int = 64 * 2**20,
+    own_boxes: np.ndarray | None = None, fuse_cache: int = 64 * 2**20,
     on_fused: Callable[[LazyLabels, int], None] | None = None, nested: tuple[int, int] | None = None,
+    blend: str = D["blend"],
 ) -> Result:
     """Run the fine network on ``boxes`` in batches and fuse by per-class maximum (OR for binary).
 
@@ -390,7 +423,7 @@ def fine_pass(
     parents = _parents(boxes, size, max_zoom) if fusion == "own-box" and own_boxes is not None else None
     # Exact float probabilities when the caller will get a full probability array.
     store = make_fusion(fusion, (H, W), K, threshold, exact=return_probs and not lazy, spill_dir=spill_dir,
-                        cache_bytes=fuse_cache, nested=nested)
+                        cache_bytes=fuse_cache, nested=nested, **_blend_rule(blend))
     chunks = list(batched(list(range(len(crops))), batch_size))
     fill = CoarseFill(rough, (H, W), threshold)
     lazy_labels = _lazy_labels(store, fill if keep_coarse else None) if lazy else None

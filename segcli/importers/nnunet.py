@@ -4,9 +4,10 @@ segcli builds nnU-Net's ``PlainConvUNet`` itself from ``plans.json`` (no nnU-Net
 dynamic_network_architectures import), loads ``checkpoint_final.pth`` with ``weights_only=True``
 (numpy's scalar and dtype classes allowed, nothing else), averages the chosen folds' logits (and
 optionally the mirrorings, nnU-Net's test-time augmentation) inside one graph, and converts that to
-ONNX. The patch size becomes the window and the normalisation scheme the bundle's normalisation;
-what segcli cannot reproduce (CT normalisation, per-channel z-score, masks for normalisation,
-region-based labels, residual encoders, 3D) is refused by name.
+ONNX. The patch size becomes the window and the normalisation scheme the bundle's normalisation, and the
+bundle's params make the sliding window nnU-Net's (``overlap`` 0.5; ``blend`` ``nnunet``: logits averaged under
+its discretised Gaussian, segcli.engines.direct). What segcli cannot reproduce (CT normalisation, per-channel
+z-score, masks for normalisation, region-based labels, residual encoders, 3D) is refused by name.
 """
 
 from __future__ import annotations
@@ -29,6 +30,8 @@ from segcli.importers.common import (
 from segcli.importers.onnx import module_to_onnx
 
 PLAIN = "PlainConvUNet"
+#: nnUNetv2_predict's sliding window: tile step 0.5 of the patch, logits averaged under its Gaussian.
+NNUNET_PARAMS = {"overlap": 0.5, "blend": "nnunet"}
 NORMS = {"InstanceNorm2d", "BatchNorm2d"}
 NONLINS = {"LeakyReLU", "ReLU"}
 
@@ -189,7 +192,8 @@ def import_nnunet(src: Path, out: Path, *, folds: list[str] | None = None, mirro
     nets, axes = load_nets(ckpts, in_ch, len(classes), kw)
     notes = [f"configuration {config}, folds {', '.join(p.parent.name for p in ckpts)} (logits averaged)",
              f"mirroring {'on, axes ' + str(axes) if mirror and axes else 'off'} "
-             "(nnUNetv2_predict mirrors unless --disable_tta)"]
+             "(nnUNetv2_predict mirrors unless --disable_tta)",
+             "sliding window as nnUNetv2_predict's: half-window steps, logits averaged under its Gaussian (params blend)"]
     if patch[0] != patch[1]:
         notes.append(f"patch size {patch} is not square; segcli uses {max(patch)}² windows")
     spacing = [float(v) for v in cfg.get("spacing") or []]
@@ -198,7 +202,7 @@ def import_nnunet(src: Path, out: Path, *, folds: list[str] | None = None, mirro
                      "pixel size unless the import is given --pixel-size-um")
     facts = ImportFacts(classes=classes, in_channels=in_ch, input_size=max(patch), normalization=norm,
                         output="logits", pixel_size_um=pixel_size_um, name=out.name,
-                        task=f"imported nnU-Net v2 {src.parent.name} {config}", params={"overlap": 0.5},
+                        task=f"imported nnU-Net v2 {src.parent.name} {config}", params=dict(NNUNET_PARAMS),
                         notes=notes)
     check_facts(facts, plans_path)
     model = Ensemble(nets, axes if mirror else ())

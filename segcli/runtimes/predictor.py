@@ -33,6 +33,32 @@ def logits_to_probs(logits: np.ndarray) -> np.ndarray:
     return (e / e.sum(axis=1, keepdims=True)).astype(np.float32)
 
 
+#: The smallest positive float32: a probability that underflowed to 0 reads as it (a logit gap of ~103).
+_TINY = float(np.finfo(np.float32).smallest_subnormal)
+
+
+def log_probs(probs: np.ndarray) -> np.ndarray:
+    """Log-probabilities of ``(K, ...)`` probabilities: a window's logits less one number per pixel (their
+    log-sum-exp), the same for every class. So a weighted sum of log-probabilities is the weighted sum of logits
+    less a per-pixel constant that softmax and argmax ignore: nnU-Net's logit blend from the probabilities every
+    predictor returns, to float32 rounding (~1e-7 in a logit)."""
+    return np.log(np.maximum(probs, _TINY, dtype=np.float32))
+
+
+def softmax_(z: np.ndarray) -> np.ndarray:
+    """Softmax over axis 0, in place (a K×H×W map's temporaries are two H×W planes)."""
+    z -= z.max(axis=0)
+    np.exp(z, out=z)
+    z /= z.sum(axis=0)
+    return z
+
+
+def logit(t: float) -> float:
+    """The logit gap whose sigmoid is ``t`` (±inf at 0 and 1)."""
+    with np.errstate(divide="ignore"):
+        return float(np.log(np.float64(t)) - np.log1p(-np.float64(t)))
+
+
 class FunctionPredictor:
     """Wrap any ``f(batch) -> probabilities`` as a Predictor (tests, custom pipelines)."""
 
