@@ -251,38 +251,6 @@ def test_a_failing_instance_split_fails_the_file_and_leaves_no_instance_outputs(
     assert not [p for p in (tmp_path / "out").iterdir() if p.name.startswith(".")]  # no temporary left
 
 
-def test_a_fine_pass_that_fails_stops_the_split_beside_it(tmp_path, monkeypatch):
-    """The split starts beside the fine pass (reading rows as they are finished): when the network fails midway,
-    the file fails with the network's error, the split's thread is gone and no instance output is left."""
-    import threading
-
-    import segcli.engines.stts
-    import segcli.instances_tiled
-    from segcli.api import Segmenter
-
-    started: list[int] = []
-    rows_init = segcli.instances_tiled.FusedRows.__init__
-    monkeypatch.setattr(segcli.instances_tiled.FusedRows, "__init__",
-                        lambda self, *a: started.append(1) or rows_init(self, *a))
-    calls: list[int] = []
-    paste = segcli.engines.stts.paste_back
-
-    def breaks_later(*args):
-        calls.append(1)
-        if len(calls) > 1:
-            raise RuntimeError("network broke")
-        return paste(*args)
-
-    monkeypatch.setattr(segcli.engines.stts, "paste_back", breaks_later)
-    seg = Segmenter(str(NUCLEI_HE), lazy_pixels=0, instances=True, geojson=True, tile_size=64)
-    rep = seg.predict_file(_slide(tmp_path), tmp_path / "out" / "slide_seg.tif")
-    assert started == [1]  # the split was running beside the network
-    assert rep.status == "failed" and "network broke" in str(rep.error)
-    assert not any(t.name.startswith(("segcli-instances", "segcli-objects")) for t in threading.enumerate())
-    assert not (tmp_path / "out" / "slide_seg_instances.tif").exists()
-    assert not (tmp_path / "out" / "slide_seg.geojson").exists()
-
-
 def test_fused_rows_are_read_only_once_final():
     """A reader of the fused labels waits until every row of its box is final, and a failed fine pass releases
     it with an error instead of leaving it waiting."""

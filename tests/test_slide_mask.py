@@ -85,12 +85,19 @@ def test_the_mask_written_beside_the_fine_pass_is_the_one_written_after_it(tmp_p
     _no_leftovers(out_b.parent)
 
 
-def test_a_fine_pass_that_fails_leaves_no_mask_written_beside_it(tmp_path, monkeypatch):
-    """The mask starts with the first fused rows: when the network fails midway, the file fails with the
-    network's error, the mask's thread is gone, and neither the mask nor its GeoJSON is left."""
+@pytest.mark.parametrize("instances", [False, True])
+def test_a_fine_pass_that_fails_leaves_nothing_written_beside_it(tmp_path, monkeypatch, instances):
+    """The mask (and with --instances the split) start with the first fused rows: when the network fails midway,
+    the file fails with the network's error, their threads are gone, and no mask, instance image or GeoJSON is
+    left."""
     import segcli.engines.stts
+    import segcli.instances_tiled
     from segcli.api import Segmenter
 
+    started: list[int] = []
+    rows_init = segcli.instances_tiled.FusedRows.__init__
+    monkeypatch.setattr(segcli.instances_tiled.FusedRows, "__init__",
+                        lambda self, *a: started.append(1) or rows_init(self, *a))
     calls: list[int] = []
     paste = segcli.engines.stts.paste_back
 
@@ -101,12 +108,13 @@ def test_a_fine_pass_that_fails_leaves_no_mask_written_beside_it(tmp_path, monke
         return paste(*args)
 
     monkeypatch.setattr(segcli.engines.stts, "paste_back", breaks_later)
-    seg = Segmenter(str(NUCLEI_HE), lazy_pixels=0, geojson=True, tile_size=64)
+    seg = Segmenter(str(NUCLEI_HE), lazy_pixels=0, instances=instances, geojson=True, tile_size=64)
     rep = seg.predict_file(_slide(tmp_path), tmp_path / "out" / "slide_seg.tif")
-    assert len(calls) == 2
+    assert started == [1] and len(calls) == 2  # the writers were running beside the network
     assert rep.status == "failed" and "network broke" in str(rep.error)
-    assert not (tmp_path / "out" / "slide_seg.tif").exists()
-    assert not (tmp_path / "out" / "slide_seg.geojson").exists()
+    assert not any(t.name.startswith(("segcli-instances", "segcli-objects")) for t in threading.enumerate())
+    for name in ("slide_seg.tif", "slide_seg_instances.tif", "slide_seg.geojson"):
+        assert not (tmp_path / "out" / name).exists()
     _no_leftovers(tmp_path / "out")
 
 
