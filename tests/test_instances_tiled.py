@@ -90,13 +90,14 @@ def test_a_region_wider_than_the_reach_is_reported_cut():
 
 
 def _slide(tmp_path: Path) -> Path:
-    """A slide-like tiled RGB TIFF: purple discs on pale pink, with resolution tags (0.5 µm/px)."""
+    """A slide-like tiled RGB TIFF: purple discs on pale pink, with resolution tags at nuclei-he's own 0.25 µm/px
+    (so it is segmented on its own grid; tests/test_slide_mask.py covers a slide the pixel-size rule resamples)."""
     fg = _discs((300, 340), seed=3, n=70)
     rng = np.random.default_rng(3)
     img = (rng.random((300, 340, 3)) * 20 + np.array([225, 200, 215])).astype(np.uint8)
     img[fg] = (90, 50, 150)
     path = tmp_path / "slide.tif"
-    tifffile.imwrite(path, img, tile=(64, 64), photometric="rgb", resolution=(20000, 20000), resolutionunit=3)
+    tifffile.imwrite(path, img, tile=(64, 64), photometric="rgb", resolution=(40000, 40000), resolutionunit=3)
     return path
 
 
@@ -229,7 +230,7 @@ def test_slide_read_by_region_writes_one_id_per_object(tmp_path, monkeypatch):
     rows = list(csv.DictReader((tmp_path / "out" / "slide_seg_objects.csv").open()))
     assert len(rows) == int(inst.max())
     assert all(int(r["area_px"]) == int((inst == int(r["id"])).sum()) for r in rows)
-    assert all(float(r["area_um2"]) == pytest.approx(int(r["area_px"]) * 0.25, rel=1e-3) for r in rows)  # 0.5 µm
+    assert all(float(r["area_um2"]) == pytest.approx(int(r["area_px"]) * 0.0625, rel=1e-3) for r in rows)  # 0.25 µm
 
 
 @pytest.mark.parametrize("where", ["read", "_describe_now"])
