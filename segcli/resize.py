@@ -9,7 +9,7 @@ object vanishes under nearest but survives as a faint signal under area averagin
 from __future__ import annotations
 
 from functools import lru_cache
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -149,3 +149,24 @@ def resize_window(img: np.ndarray, out_hw: tuple[int, int], box: np.ndarray | tu
     rxd = rx[:, c_lo:c_hi].toarray()
     x = np.asarray(img[..., r_lo:r_hi, c_lo:c_hi], dtype=np.float32)
     return np.matmul(np.matmul(ryd, x), rxd.T)
+
+
+def downscale_by_bands(region: Any, shape: tuple[int, int], channels: int, out_hw: tuple[int, int],
+                       band: int = 256) -> np.ndarray:
+    """``(C, *out_hw)`` area-downscale of a plane read ``band`` rows at a time through ``region(box)`` (which
+    returns ``(C, rows, W)``), so a plane kept on disk (a slide's spilled overview, 300 MB of float32 at 5000²)
+    is never read back whole. Equals :func:`resize` with ``"area"`` of the whole plane."""
+    H, W = shape
+    ry = resize_weights(H, out_hw[0], "area").tocsc()
+    rx = resize_weights(W, out_hw[1], "area")
+    out = np.zeros((channels, *out_hw), np.float32)
+    for y0 in range(0, H, band):
+        y1 = min(H, y0 + band)
+        wy = ry[:, y0:y1].tocsr()
+        hit = np.flatnonzero(np.diff(wy.indptr))
+        o0, o1 = int(hit[0]), int(hit[-1]) + 1
+        a = region(np.asarray((y0, 0, y1, W)))
+        for c in range(channels):
+            out[c, o0:o1] += wy[o0:o1] @ (rx @ a[c].T).T
+    return out
+

@@ -8,8 +8,9 @@ import numpy as np
 import tifffile
 
 from segcli.engines.base import ArrayPlane
-from segcli.engines.stts import banded_downscale, rough_pass
+from segcli.engines.stts import rough_pass
 from segcli.io.bigtiff import TiffPlane
+from segcli.resize import downscale_by_bands
 from segcli.runtimes import FunctionPredictor
 from tests.test_slides import TILE, tissue, write_svs
 
@@ -23,8 +24,8 @@ def _nuclei(batch: np.ndarray) -> np.ndarray:
 def test_banded_downscale_equals_the_whole_one():
     a = np.random.default_rng(1).random((3, 613, 459), dtype=np.float32)
     for out in [(153, 114), (61, 45), (613, 459)]:
-        np.testing.assert_allclose(banded_downscale(ArrayPlane(a), out, band=100), ArrayPlane(a).downscaled(out),
-                                   atol=1e-6)
+        banded = downscale_by_bands(ArrayPlane(a).region, a.shape[1:], 3, out, band=100)
+        np.testing.assert_allclose(banded, ArrayPlane(a).downscaled(out), atol=1e-6)
 
 
 def test_a_slide_without_a_pyramid_is_decoded_once(tmp_path):

@@ -60,7 +60,7 @@ from segcli.geometry import (
 )
 from segcli.params import DEFAULT_PARAMS as D
 from segcli.params import default_pad
-from segcli.resize import letterbox, resize, resize_weights
+from segcli.resize import letterbox, resize
 from segcli.runtimes.predictor import Predictor
 from segcli.tissue import box_windows, content_mask
 
@@ -161,35 +161,13 @@ def _overview_and_glass(plane: Plane, hw: tuple[int, int]) -> tuple[Plane, np.nd
             return plane.level_view(hw), where, {**info, "overview": "by region"}
     low = plane.overview_plane(hw) if hasattr(plane, "overview_plane") else ArrayPlane(plane.downscaled(hw))
     spilled = not isinstance(low, ArrayPlane)
-    try:
-        if coarser:
-            quarter = plane.downscaled(q)
-        else:
-            quarter = banded_downscale(low, q) if spilled else low.downscaled(q)
-        where, info = content_mask(quarter, margin=0)
+    try:  # a spilled overview downscales band by band (SpilledOverview.downscaled)
+        where, info = content_mask(plane.downscaled(q) if coarser else low.downscaled(q), margin=0)
     except BaseException:
         if hasattr(low, "close"):
             low.close()
         raise
     return low, where, ({**info, "overview": "one pass"} if spilled else info)
-
-
-def banded_downscale(plane: Plane, out_hw: tuple[int, int], band: int = 256) -> np.ndarray:
-    """``plane.downscaled(out_hw)`` (area weights) from bands of ``band`` rows, so a spilled overview is never
-    read back whole (a 5000² one is 300 MB of float32)."""
-    H, W = plane.shape
-    ry = resize_weights(H, out_hw[0], "area").tocsc()
-    rx = resize_weights(W, out_hw[1], "area")
-    out = np.zeros((plane.channels, *out_hw), np.float32)
-    for y0 in range(0, H, band):
-        y1 = min(H, y0 + band)
-        wy = ry[:, y0:y1].tocsr()
-        hit = np.flatnonzero(np.diff(wy.indptr))
-        o0, o1 = int(hit[0]), int(hit[-1]) + 1
-        a = plane.region(np.asarray((y0, 0, y1, W)))
-        for c in range(plane.channels):
-            out[c, o0:o1] += wy[o0:o1] @ (rx @ a[c].T).T
-    return out
 
 
 def stts(

@@ -21,7 +21,7 @@ import numpy as np
 
 from segcli import normalize as norm
 from segcli.errors import EmptyImageError, InputError
-from segcli.resize import resize_weights
+from segcli.resize import downscale_by_bands, resize_weights
 
 # Kinds whose normalisation needs no per-image statistics: they can run on each decoded band.
 _STATELESS = ("scale", "ct_window")
@@ -313,10 +313,9 @@ class SpilledOverview:
         return self.plane._normalize_view(np.ascontiguousarray(np.moveaxis(rows, -1, 0)))
 
     def downscaled(self, out_hw: tuple[int, int]) -> np.ndarray:
-        # lazy: brings scipy
-        from segcli.engines.base import ArrayPlane
-
-        return ArrayPlane(self.region((0, 0, *self.shape))).downscaled(out_hw)
+        """By bands of rows read back from the file: the overview is never held whole (the glass is found on a
+        quarter of it this way, segcli.engines.stts)."""
+        return downscale_by_bands(self.region, self.shape, self.channels, out_hw)
 
     def close(self) -> None:
         if self._fd >= 0:
