@@ -30,7 +30,9 @@ frames ahead, which also normalises and makes the rough pass's input) and writin
 networks, as segcli.pipeline.run_many does; it is the floor the ratio is taken against (the faster of the two
 in each round: nearly always loop-io on the loaded 2-core machine; loop-seq won the odd round by < 2 %).
 
-**Fairness.** Every run is its own process (the loop: ``python bench_photo_floor.py --loop ...``), so start-up
+**Fairness.** segcli's modules are byte-compiled before the first round, as ``pip install`` leaves them (with
+``PYTHONDONTWRITEBYTECODE=1`` a source checkout would otherwise recompile every module in every run). Every run is
+its own process (the loop: ``python bench_photo_floor.py --loop ...``), so start-up
 (imports, two sessions) counts the same way: wall time from spawn to exit, into a fresh output folder. Each
 round runs five variants in an order that rotates by round: loop-seq, loop-io and ``segcli predict`` on all
 frames, and loop-io and segcli on the first frame alone (``@1``), which splits each total into start-up and a
@@ -348,6 +350,11 @@ def main() -> int:
         return loop_main(args)
 
     g = segcli_graphs(args.model)
+    # an installed segcli runs from byte-compiled modules (pip compiles them at install); a checkout run with
+    # PYTHONDONTWRITEBYTECODE=1 (as on this machine) would otherwise compile ~80 modules in every run (0.2 s)
+    import compileall
+
+    compileall.compile_dir(Path(__file__).resolve().parent.parent / "segcli", quiet=1)
     threads = int(g["fine"]["threads"])  # type: ignore[index]
     print(f"graphs: coarse {g['coarse']['path']} ({g['coarse']['precision']}), "  # type: ignore[index]
           f"fine {g['fine']['path']} ({g['fine']['precision']}); {threads} intra-op threads")  # type: ignore[index]

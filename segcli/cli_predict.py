@@ -141,9 +141,13 @@ def run_with_progress(console: Any, quiet: bool, seg: Inferer, items: list[tuple
                 return None
             if stage["task"] is not None:
                 prog.remove_task(stage["task"])
-            stage["task"] = prog.add_task(f"  {path.name}: reading, rough pass", total=None)
+            # lazy: a progress display is rich's already; a file name's brackets are shown, never read as markup
+            from rich.markup import escape
 
-            def on_progress(name: str, done: int, total: int, _t=stage["task"], _n=path.name) -> None:
+            shown = escape(path.name)
+            stage["task"] = prog.add_task(f"  {shown}: reading, rough pass", total=None)
+
+            def on_progress(name: str, done: int, total: int, _t=stage["task"], _n=shown) -> None:
                 prog.update(_t, description=f"  {_n}: {name}", completed=done, total=total)
 
             return on_progress

@@ -70,12 +70,13 @@ TABLE: dict[str, Method] = {
                "full-resolution sliding window with Gaussian blending (MONAI/nnU-Net)", "segcli.engines.direct:sliding",
                ("overlap", "batch_size", "blend"), rough_pass=False,
                fusion="Gaussian-weighted mean of overlapping windows (MONAI/nnU-Net)",
-               # full-resolution grid windows, only where stts' rough pass finds tissue, blended by the same
-               # Gaussian as in memory (fusion.BlendStore): one fusion rule on both routes
+               # full-resolution grid windows, only over tissue (a thumbnail's, else stts' rough pass), blended by
+               # the same Gaussian as in memory (fusion.BlendStore): one fusion rule on both routes
                bounded="stts", folds_boundary=True,
-               bounded_kwargs=(("crop_mode", "grid"), ("max_zoom", None), ("fusion", "gaussian")),
+               bounded_kwargs=(("crop_mode", "grid"), ("max_zoom", None), ("fusion", "gaussian"), ("look", "tissue")),
                bounded_params=("overlap", "blend"),
-               bounded_fusion="the same Gaussian blend, over the grid windows where the rough pass finds tissue"),
+               bounded_fusion="the same Gaussian blend, over the grid windows on the tissue a thumbnail shows "
+                              "(the coarse network's rough pass where no glass is found)"),
     )
 }
 

@@ -115,17 +115,21 @@ def _part_grid(box: list[int], image_shape: tuple[int, int], size: int, overlap:
     return sliding_grid((y1 - y0, x1 - x0), size, overlap) + np.asarray([y0, x0, y0, x0], np.int64)
 
 
-def box_windows(fg_low: np.ndarray, image_shape: tuple[int, int], size: int, overlap: float) -> np.ndarray:
+def box_windows(fg_low: np.ndarray, image_shape: tuple[int, int], size: int, overlap: float,
+                margin: int | None = None) -> np.ndarray:
     """Full-resolution windows (side ``size``) over the rough foreground ``fg_low``; see the module doc.
 
-    The mask is grown by one rough pixel first, so a window that an object only grazes is kept.
+    ``margin`` None: the mask is grown by one of its pixels first, so a window that an object of the rough map
+    only grazes is kept. A number: each part's box is grown by that many full-resolution pixels instead (a
+    tissue mask, whose edge is within half a mask pixel of the tissue's: growing by a whole pixel of a ×16
+    thumbnail took a 1000² piece of tissue from 5 × 5 windows to 6 × 6).
     """
     import cv2  # lazy: 0.03 s (scipy.ndimage, which did this, took 0.3-0.4 s of every slide run's start)
 
     grid = sliding_grid(image_shape, size, overlap)
     if not fg_low.any():
         return grid[:0]
-    fg = grow(fg_low, 1)
+    fg = grow(fg_low, 1) if margin is None else fg_low
     slide_wide = grid[touches(fg, grid, image_shape)]
     # parts are found on cells of about a quarter window (any foreground in the cell), so the scattered
     # specks of one patch of tissue make one part, not one grid each
@@ -137,6 +141,9 @@ def box_windows(fg_low: np.ndarray, image_shape: tuple[int, int], size: int, ove
     lab = np.repeat(np.repeat(lab, c, axis=0), c, axis=1)[: fg.shape[0], : fg.shape[1]] * own
     parts = label_boxes(lab, n - 1)  # in OpenCV's order: the windows are sorted below
     parts = scale_boxes(parts, fg.shape, image_shape)
+    if margin:
+        parts = np.clip(parts + np.asarray([-margin, -margin, margin, margin]), 0,
+                        np.asarray([image_shape[0], image_shape[1]] * 2))
     if len(parts) > len(slide_wide):
         return slide_wide
     local = [_part_grid(b, image_shape, size, overlap) for b in parts.tolist()]

@@ -288,3 +288,33 @@ def test_big_tiff_bounded_path_through_the_cli(tmp_path, grey_bundle):
     assert r.returncode == 2, r.stderr
     assert r.stderr.startswith(f"segcli: error: {src}: --method direct on this {n}x{n} image needs at least ")
     assert not (tmp_path / "d.tif").exists()
+
+
+def test_a_run_builds_only_its_command_and_help_and_errors_read_the_same():
+    """`segcli predict` builds the click command of predict alone (start-up); help, option errors and unknown
+    commands answer as from the whole group."""
+    from segcli import cli
+
+    one = cli._command("predict")
+    assert list(one.commands) == ["predict"] and one.name == "segcli"
+    assert set(cli._command().commands) >= {"predict", "train", "evaluate", "models", "info", "doctor"}
+    r = run_cli("predict", "--help")
+    assert r.returncode == 0 and "Usage: segcli predict" in r.stdout and "--max-memory" in r.stdout
+    r = run_cli("predict", "x.png", "--no-such-option")
+    assert r.returncode == 2 and "No such option" in r.stderr
+    r = run_cli("predikt", "x.png")
+    assert r.returncode == 2 and "No such command 'predikt'" in r.stderr
+
+
+def test_a_failure_line_keeps_the_brackets_of_a_file_name(tmp_path):
+    """stderr that is not a terminal gets plain lines (no rich): segcli's own colour tags go, the user's file name
+    stays whole, "[red]" in it included (rich markup would have eaten it)."""
+    bad = tmp_path / "scan[red]01.png"
+    bad.write_bytes(b"not a png at all")
+    good = png(tmp_path / "ok.png")
+    r = run_cli("predict", str(bad), str(good), "-o", str(tmp_path / "out"), "--model", "polyp")
+    assert r.returncode == 1
+    failed = [ln for ln in r.stderr.splitlines() if ln.startswith("failed")]
+    assert len(failed) == 1 and "scan[red]01.png" in failed[0], r.stderr
+    assert any(ln.startswith("ok ") and "ok.png" in ln for ln in r.stderr.splitlines()), r.stderr
+    assert "[/red]" not in r.stderr

@@ -45,7 +45,8 @@ def test_bounded_variant_comes_from_the_table():
     p = plan.Plan("sliding", 64, dict(DEFAULT_PARAMS, overlap=0.5))
     variant, extra = plan.bounded_variant(p)
     assert (variant.method, variant.size, variant.roles) == ("stts", 64, ("coarse", "fine"))
-    assert extra == {"crop_mode": "grid", "max_zoom": None, "fusion": "gaussian", "overlap": 0.5, "blend": "probs"}
+    assert extra == {"crop_mode": "grid", "max_zoom": None, "fusion": "gaussian", "look": "tissue", "overlap": 0.5,
+                     "blend": "probs"}
     assert plan.bounded_variant(plan.Plan("stts", 64, dict(DEFAULT_PARAMS)))[1] == {}
     for name in ("refine", "direct"):
         with pytest.raises(KeyError, match=name):

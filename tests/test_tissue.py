@@ -157,3 +157,33 @@ def test_grow_and_label_boxes_are_scipys():
         lab[lab == 2] = 0  # a label with no pixels: find_objects gives None
         want = [[s.start for s in sl] + [s.stop for s in sl] for sl in ndimage.find_objects(lab, n) if sl is not None]
         assert label_boxes(lab, n).tolist() == want
+
+
+def test_sliding_on_a_slide_places_windows_on_the_thumbnails_tissue_without_the_coarse_network():
+    """The bounded sliding route (stts, grid windows, look="tissue"): windows over every tissue pixel of a
+    brightfield slide, found on a ×4 thumbnail, none on bare glass, and no coarse network run; where no glass is
+    found the coarse network's rough pass decides, as before."""
+    from segcli.engines.stts import stts
+
+    def no_coarse(batch):
+        raise AssertionError("the coarse network ran")
+
+    img, tissue = glass_slide(800, 1200)
+    fine = FunctionPredictor(fg_probs)
+    res = stts(ArrayPlane(img), FunctionPredictor(no_coarse), fine, size=64, crop_mode="grid", fusion="gaussian",
+               max_zoom=None, look="tissue")
+    assert res.info["look"] == "tissue" and res.info["tissue_shape"] == [200, 300]
+    np.testing.assert_array_equal(res.labels, tissue.astype(np.uint8))
+    boxes = np.asarray(res.info["boxes"])
+    grid = sliding_grid((800, 1200), 64, 0.25)
+    assert fine.items == len(boxes) < len(grid) // 10  # only windows over the two patches ran
+    covered = np.zeros_like(tissue)
+    for y0, x0, y1, x1 in boxes.tolist():
+        covered[y0:y1, x0:x1] = True
+    assert covered[tissue].all()
+
+    full = np.clip(img * 0 + 0.3, 0, 1)  # tissue from edge to edge: no glass, so the coarse network looks
+    coarse = FunctionPredictor(fg_probs)
+    res = stts(ArrayPlane(full), coarse, FunctionPredictor(fg_probs), size=64, crop_mode="grid", fusion="gaussian",
+               max_zoom=None, look="tissue")
+    assert coarse.items > 0 and "look" not in res.info

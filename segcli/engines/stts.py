@@ -199,6 +199,7 @@ def stts(
     fold_boundary: tuple[int, int] | None = None,
     on_fused: Callable[[LazyLabels, int], None] | None = None,
     blend: str = D["blend"],
+    look: str = "rough",
 ) -> Result:
     """Segment one 2D image with segment-then-segment; see the module docstring.
 
@@ -223,17 +224,30 @@ def stts(
     a reader of finished rows (a slide's instance split) can work beside the fine pass.
 
     ``blend`` (segcli.params.BLENDS): what the ``gaussian`` fusion averages (a bounded sliding run's windows).
+
+    ``look="tissue"`` (with ``crop_mode="grid"``): the windows go over the tissue found on a thumbnail
+    (:func:`tissue_windows_on_thumbnail`), as the tissue-masked peers place them, and the coarse network runs only
+    where no glass is found (a fluorescence slide, tissue from edge to edge).
     """
     timer = Timer()
     H, W = plane.shape
     pad = default_pad(size) if pad is None else pad
     with timer.stage("rough"):
-        rough, rinfo = rough_pass(plane, coarse, size=size, keep_aspect=keep_aspect, max_downscale=max_downscale,
-                                  batch_size=rough_batch or batch_size)
+        seen = tissue_windows_on_thumbnail(plane, size, overlap, max_downscale) \
+            if crop_mode == "grid" and look == "tissue" else None
+        if seen is None:
+            rough, rinfo = rough_pass(plane, coarse, size=size, keep_aspect=keep_aspect,
+                                      max_downscale=max_downscale, batch_size=rough_batch or batch_size)
+        else:
+            rinfo = seen[1]
+            rough = np.zeros((fine.n_classes, 1, 1), np.float32)  # background wherever no window ran
+            rough[0] = 1.0
     own = None
     with timer.stage("components"):
         fg = foreground(fold_probs(rough, fold_boundary), threshold)
-        if crop_mode == "grid":
+        if seen is not None:
+            boxes = seen[0]
+        elif crop_mode == "grid":
             boxes = tissue_windows(fg, (H, W), size, overlap)
         elif fusion == "own-box":
             margin = pad // 2 if own_margin is None else int(own_margin)
@@ -248,6 +262,26 @@ def stts(
     if crop_mode == "grid":
         res.info["windows"] = {"kept": int(len(boxes)), "grid": int(len(sliding_grid((H, W), size, overlap)))}
     return res
+
+
+def tissue_windows_on_thumbnail(plane: Plane, size: int, overlap: float,
+                                max_downscale: float | None) -> tuple[np.ndarray, dict[str, object]] | None:
+    """The grid windows over the tissue of a brightfield slide, found on a thumbnail; None when no glass is found.
+
+    The thumbnail is 1/16 of a window a pixel (×16 for S=256), or coarser where the rough grid's cap says so
+    (``max_downscale``: its memory is the rough pass's); parts' boxes are grown by half a thumbnail pixel, the
+    most by which the tissue's edge can lie beyond it. On the 8000² and 16000² slides of MoNuSeg test tiles this
+    placed 350 windows where the coarse network's map placed 370 and 468, in 0.1-0.3 s where its rough pass took
+    1.1-2.8 s (benchmarks/bench_monai.py)."""
+    H, W = plane.shape
+    f = max(size / 16.0, float(max_downscale or 1.0), 1.0)
+    q = (max(1, math.ceil(H / f)), max(1, math.ceil(W / f)))
+    where, info = content_mask(plane.downscaled(q), margin=0)
+    if where is None:
+        return None
+    margin = math.ceil(max(H / q[0], W / q[1]) / 2)
+    boxes = box_windows(where, (H, W), size, overlap, margin=margin)
+    return boxes, {"look": "tissue", "tissue_shape": list(q), "tissue_margin_px": margin, "rough_tiles": 0, **info}
 
 
 def tissue_windows(fg_low: np.ndarray, image_shape: tuple[int, int], size: int, overlap: float) -> np.ndarray:
