@@ -158,7 +158,7 @@ class Inferer:
         view, bundle = bundle, bundle.networks_of or bundle  # the networks' own bundle: their classes are the export's
         budget = self.run_budget if self.options.max_memory is not None else None
         todo = [r for r in self.roles(bundle) if _key(view, r, self._roots) not in self._predictors and
-                onnx_cache.status(bundle, r, self.options.onnx_cache).endswith("(exported on first use)")]
+                onnx_cache.first_use(bundle, r, self.options.onnx_cache)]
         if todo and budget is not None:  # one refusal naming what the whole first use needs
             onnx_cache.check_export_budget(bundle, todo, budget)
         for role in todo:

@@ -341,6 +341,19 @@ def verify_weights(bundle: Any, role: str) -> None:
         raise BundleError(f"{spec.weights} does not match its recorded SHA-256 (corrupted or tampered); refused", bundle.path)
 
 
+def first_use(bundle: Any, role: str, setting: str | None = None) -> bool:
+    """Whether ``--backend auto`` exports ``role`` on its first use here: no record in the cache yet.
+
+    Reads nothing: :func:`status` reads and hashes the cached export (10-20 ms a network), and the export's
+    own :func:`lookup` does so again before the session is made."""
+    if int8_ok(bundle, role) or bundle.network(role).onnx:
+        return False
+    root = cache_root(setting)
+    if root is None or (root.exists() and not root.is_dir()):
+        return False
+    return not cache_paths(root, bundle, role)[1].is_file()
+
+
 def status(bundle: Any, role: str, setting: str | None = None) -> str:
     """What ``--backend auto`` will run for ``role`` on the CPU, without exporting anything (``segcli doctor``)."""
     if int8_ok(bundle, role):  # what --precision auto runs on the CPU
