@@ -294,7 +294,7 @@ class OnnxPredictor:
                 log.warning("out of memory on %s with a batch of %d; retrying with %d", self.provider, len(chunk),
                             self.max_batch)
                 continue
-            outs.append(logits_to_probs(logits) if self.output == "logits" else _as_probs(logits))
+            outs.append(logits_to_probs(logits, inplace=True) if self.output == "logits" else _as_probs(logits))
             i += len(chunk)
         if not outs:
             return np.zeros((0, self.n_classes) + batch.shape[2:], np.float32)
