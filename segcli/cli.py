@@ -94,7 +94,8 @@ def _file_option(flag: str, path: Path | None) -> None:
 
 def _setup_logging(log_file: Path | None) -> Path | None:
     """segcli's debug log (``--log-file``); library warnings (numpy, torch, highdicom) go there, not to stderr."""
-    log.setLevel(logging.DEBUG)
+    # debug records only when a log takes them: without one, a batch built each file's record for nobody
+    log.setLevel(logging.DEBUG if log_file is not None else logging.WARNING)
     _file_option("--log-file", log_file)
     logging.captureWarnings(True)
     lib = logging.getLogger("py.warnings")

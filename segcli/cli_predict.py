@@ -158,7 +158,7 @@ def run_with_progress(console: Any, quiet: bool, seg: Inferer, items: list[tuple
                                  parent_bytes=seg.parent_bytes if workers > 1 else None):
                 reports.append(rep)
                 _extras(seg, rep, preview, arsm_maps)
-                if log.isEnabledFor(logging.DEBUG):  # the record is built only for a debug log (0.1 ms a photo)
+                if log.isEnabledFor(logging.DEBUG):  # the record is built only for --log-file (0.5 ms a photo)
                     log.debug("file %s: %s", rep.input, json.dumps(rep.to_dict(), default=str))
                 if prog is not None:
                     prog.advance(overall)

@@ -199,9 +199,8 @@ class TileStore:
         self._slots: dict[tuple[int, int], int] = {}
         self._lock = threading.RLock()
         self._fd: int | None = None
-        # Windows and crops arrive in row order, and one of side <= tile spans two tile rows: a cache of two tile
-        # rows never re-reads a tile. Smaller, the row's tiles cycled through it (an 8000² slide's Gaussian blend:
-        # 0.7-1.1 s of spill I/O on the fine pass's thread in a 32 MiB cache). Larger holds finished tiles.
+        # windows come in row order, each over <= 2 tile rows: two rows cached never re-read a tile (an 8000² blend
+        # cycled its rows through 32 MiB: 0.7-1.1 s of spill I/O on the fine pass's thread); more holds done tiles
         band = 2 * -(-self.shape[1] // self.tile) + 2
         self.cache_tiles = max(4, min(cache_bytes // self.tile_bytes, band)) if spill_dir is not None else None
         if spill_dir is not None:

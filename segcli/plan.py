@@ -14,7 +14,7 @@ from typing import Any
 
 from segcli import memory
 from segcli.bundle import Bundle
-from segcli.engines.base import Plane, ProgressFn, Result, rough_shape
+from segcli.engines.base import Plane, ProgressFn, Result, prime_rough_input
 from segcli.engines.volume import per_slice
 from segcli.methods import TABLE, engine
 from segcli.options import PredictOptions
@@ -161,7 +161,7 @@ def prime_2d(plan: Plan, plane: Plane, kwargs: dict[str, Any]) -> None:
     cap = kwargs.get("max_downscale")
     if cap is not None and max(plane.shape) / size > float(cap):
         return
-    plane.downscaled(rough_shape(plane.shape, size, keep_aspect))
+    prime_rough_input(plane, size, keep_aspect)
 
 
 def run_2d(plan: Plan, plane: Plane, predictor: PredictorFor, kwargs: dict[str, Any], *, return_probs: bool,
