@@ -1,21 +1,17 @@
 """Fusion: turning many overlapping window predictions into one label image, in bounded memory.
 
-Every engine hands its network outputs to an aggregator with the same two calls,
-``aggregate(box, probs)`` per window and ``finalize(return_probs)`` once, so the fusion rule is
-a choice of aggregator, not engine code:
+Every engine hands its network outputs to an aggregator with the same two calls, ``aggregate(box, probs)`` per
+window and ``finalize(return_probs)`` once, so the fusion rule is a choice of aggregator, not engine code:
 
 * :class:`FuseStore`: per-class maximum (OR for binary tasks, the segment-then-segment paper's rule),
   stored only where windows reached, 1 byte per pixel for binary tasks, optionally spilled to disk;
   :class:`LazyLabels` reads it back window by window for masks too large to hold.
-* :class:`WeightedMean`: Gaussian-weighted mean of overlapping tiles (the sliding-window rule), dense;
-  :class:`BlendStore` is the same rule kept as tiles where windows reached (spillable, read lazily), which
-  a bounded sliding run over a slide's tissue uses.
-* stts's other fusion rules (:data:`FUSION_RULES`, chosen with :func:`make_fusion`, in memory):
-  :class:`MeanFuse` (mean over the crops that reach a pixel), :class:`CentreFuse` (Gaussian weight
-  towards each crop's centre) and :class:`OwnBoxFuse` (max, each crop writing only inside its own
-  object's box plus a margin). ``benchmarks/bench_stts_ablation.py`` compares them.
-
-:class:`CoarseFill` supplies the upsampled rough map where no window reached.
+* :class:`WeightedMean`: Gaussian-weighted mean of overlapping tiles (the sliding-window rule), dense; :class:`BlendStore`
+  is the same rule kept as tiles where windows reached (spillable, read lazily), for a bounded sliding run.
+* stts's other fusion rules (:data:`FUSION_RULES`, chosen with :func:`make_fusion`, in memory): :class:`MeanFuse`
+  (mean over the crops that reach a pixel), :class:`CentreFuse` (Gaussian weight towards each crop's centre) and
+  :class:`OwnBoxFuse` (max, each crop writing only inside its own object's box plus a margin).
+  ``benchmarks/bench_stts_ablation.py`` compares them. :class:`CoarseFill` gives the rough map where none reached.
 """
 
 from __future__ import annotations
@@ -201,8 +197,8 @@ class TileStore:
         self._fd: int | None = None
         # windows come in row order, each over <= 2 tile rows: two rows cached never re-read a tile (an 8000² blend
         # cycled its rows through 32 MiB: 0.7-1.1 s of spill I/O on the fine pass's thread); more holds done tiles
-        band = 2 * -(-self.shape[1] // self.tile) + 2
-        self.cache_tiles = max(4, min(cache_bytes // self.tile_bytes, band)) if spill_dir is not None else None
+        self.cache_tiles = max(4, min(cache_bytes // self.tile_bytes, 2 * -(-self.shape[1] // self.tile) + 2)) \
+            if spill_dir is not None else None
         if spill_dir is not None:
             fd, name = tempfile.mkstemp(prefix=".segcli-tiles-", suffix=".bin", dir=spill_dir)
             os.unlink(name)  # gone from the folder at once; the space is freed when the fd closes

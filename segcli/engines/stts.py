@@ -203,31 +203,23 @@ def stts(
 ) -> Result:
     """Segment one 2D image with segment-then-segment; see the module docstring.
 
-    ``crop_mode="grid"`` replaces the component crops by the windows of a full-resolution sliding grid
-    (side S, ``overlap``) that touch the rough pass's foreground: a sliding window that skips glass, in
-    bounded memory. It is how a bundle whose method is ``sliding`` runs on a slide too big to hold.
+    ``crop_mode="grid"`` replaces the component crops by the windows of a full-resolution sliding grid (side S,
+    ``overlap``) over the rough foreground, or with ``look="tissue"`` over a thumbnail's tissue as the tissue-masked
+    peers place them (:func:`tissue_windows_on_thumbnail`; the rough pass where no glass is found): a sliding
+    window that skips glass, in bounded memory, how a ``sliding`` bundle runs on a slide too big to hold.
 
-    ``lazy=True`` returns :class:`~segcli.fusion.LazyLabels` (and no probability array:
-    ``labels.read_probs(box)`` gives them per window) instead of full-size arrays.
+    ``lazy=True`` returns :class:`~segcli.fusion.LazyLabels` (``labels.read_probs(box)``), not full-size arrays.
 
     ``fusion`` chooses how overlapping crops combine (:data:`~segcli.fusion.FUSION_RULES`): ``max``
     (default, the paper's OR), ``mean``, ``centre`` (Gaussian-weighted mean) or ``own-box`` (each crop
     writes only inside its object's unpadded box grown by ``own_margin`` px, default pad // 2, max
-    among those). Rules other than ``max`` hold dense arrays and need ``lazy=False``.
+    among those). Rules other than ``max`` hold dense arrays and need ``lazy=False``. ``blend``
+    (segcli.params.BLENDS): what the ``gaussian`` fusion averages (a bounded sliding run's windows).
 
-    ``fold_boundary`` (a network's (boundary class, object class)): where to look is decided on the rough
-    probabilities with the boundary added to its object, as a run without instances sees them (its networks are
-    folded, segcli.bundle.Bundle.folded), so a slide's ``--instances`` run looks at the same windows.
-
+    ``fold_boundary`` (a network's (boundary class, object class)): where to look is decided with the boundary
+    added to its object, as a run without instances (folded networks) sees it: an ``--instances`` run looks alike.
     ``on_fused(labels, y)`` (with ``lazy``): called as the fine pass goes with the lazy labels it will return and
-    the row above which they are final (no window left to run writes there), last with the image's height, so
-    a reader of finished rows (a slide's instance split) can work beside the fine pass.
-
-    ``blend`` (segcli.params.BLENDS): what the ``gaussian`` fusion averages (a bounded sliding run's windows).
-
-    ``look="tissue"`` (with ``crop_mode="grid"``): the windows go over the tissue found on a thumbnail
-    (:func:`tissue_windows_on_thumbnail`), as the tissue-masked peers place them, and the coarse network runs only
-    where no glass is found (a fluorescence slide, tissue from edge to edge).
+    the row above which they are final, last with the image's height (a slide's mask and instance split follow).
     """
     timer = Timer()
     H, W = plane.shape
@@ -235,13 +227,8 @@ def stts(
     with timer.stage("rough"):
         seen = tissue_windows_on_thumbnail(plane, size, overlap, max_downscale) \
             if crop_mode == "grid" and look == "tissue" else None
-        if seen is None:
-            rough, rinfo = rough_pass(plane, coarse, size=size, keep_aspect=keep_aspect,
-                                      max_downscale=max_downscale, batch_size=rough_batch or batch_size)
-        else:
-            rinfo = seen[1]
-            rough = np.zeros((fine.n_classes, 1, 1), np.float32)  # background wherever no window ran
-            rough[0] = 1.0
+        rough, rinfo = rough_pass(plane, coarse, size=size, keep_aspect=keep_aspect, max_downscale=max_downscale,
+                                  batch_size=rough_batch or batch_size) if seen is None else (_nothing(fine), seen[1])
     own = None
     with timer.stage("components"):
         fg = foreground(fold_probs(rough, fold_boundary), threshold)
@@ -262,6 +249,13 @@ def stts(
     if crop_mode == "grid":
         res.info["windows"] = {"kept": int(len(boxes)), "grid": int(len(sliding_grid((H, W), size, overlap)))}
     return res
+
+
+def _nothing(net: Predictor) -> np.ndarray:
+    """A one-pixel rough map of background, for a run whose windows were placed without a rough pass."""
+    rough = np.zeros((net.n_classes, 1, 1), np.float32)
+    rough[0] = 1.0
+    return rough
 
 
 def tissue_windows_on_thumbnail(plane: Plane, size: int, overlap: float,
