@@ -306,13 +306,13 @@ def test_a_run_builds_only_its_command_and_help_and_errors_read_the_same():
     assert r.returncode == 2 and "No such command 'predikt'" in r.stderr
 
 
-def test_a_failure_line_keeps_the_brackets_of_a_file_name(tmp_path):
+def test_a_failure_line_keeps_the_brackets_of_a_file_name(tmp_path, grey_bundle):
     """stderr that is not a terminal gets plain lines (no rich): segcli's own colour tags go, the user's file name
     stays whole, "[red]" in it included (rich markup would have eaten it)."""
     bad = tmp_path / "scan[red]01.png"
     bad.write_bytes(b"not a png at all")
     good = png(tmp_path / "ok.png")
-    r = run_cli("predict", str(bad), str(good), "-o", str(tmp_path / "out"), "--model", "polyp")
+    r = run_cli("predict", str(bad), str(good), "-o", str(tmp_path / "out"), "--model", str(grey_bundle))
     assert r.returncode == 1
     failed = [ln for ln in r.stderr.splitlines() if ln.startswith("failed")]
     assert len(failed) == 1 and "scan[red]01.png" in failed[0], r.stderr
