@@ -1,6 +1,7 @@
 """What the covid-ct lung gate removes, and what it would cost on real lesions.
 
     python benchmarks/lung_gate.py --data ../shared/data --json benchmarks/results/lung-gate.json
+    python benchmarks/lung_gate.py --data ../shared/data --model runs/<packed run> --no-proxy   # another bundle
 
 1. **Normal scans** (ct-example, Apache-2.0): ``covid-ct`` on ``abdomen_3mm`` and ``aorta_1p5mm``
    with and without the gate (the same ``Segmenter``), lesion volume in mL, and where the false
@@ -35,7 +36,7 @@ from segcli.lunggate import GateParams  # noqa: E402
 LUNG_LOBES = range(10, 15)  # TotalSegmentator v2 "total": lung_upper_lobe_left ... lung_lower_lobe_right
 
 
-def normal_scans(data: Path, tmp: Path) -> list[dict]:
+def normal_scans(data: Path, tmp: Path, model: str = "covid-ct") -> list[dict]:
     import SimpleITK as sitk
 
     from segcli.api import Segmenter
@@ -51,7 +52,7 @@ def normal_scans(data: Path, tmp: Path) -> list[dict]:
         ts = sitk.GetArrayFromImage(sitk.ReadImage(str(data / "ct-example" / "masks" / f"{stem}.nii.gz")))
         row: dict = {"scan": stem}
         for gate in (False, True):
-            seg = Segmenter("covid-ct", threads=1, overrides={"lung_gate": gate})
+            seg = Segmenter(model, threads=1, overrides={"lung_gate": gate})
             out = tmp / f"{stem}-{gate}.nii.gz"
             rep = seg.predict_file(img, out)
             pred = sitk.GetArrayFromImage(sitk.ReadImage(str(out)))
@@ -114,6 +115,8 @@ def main() -> None:
     ap.add_argument("--pixel-mm", type=float, default=0.75)
     ap.add_argument("--margins", type=float, nargs="*", default=[0.0, 5.0, 10.0])
     ap.add_argument("--json", type=Path, default=None)
+    ap.add_argument("--model", default="covid-ct", help="bundle to check (name or folder; default the shipped covid-ct)")
+    ap.add_argument("--no-proxy", action="store_true", help="normal scans only (the proxy does not depend on the model)")
     args = ap.parse_args()
     import tempfile
 
@@ -124,8 +127,9 @@ def main() -> None:
         result = {
             "machine": {"python": platform.python_version(), "torch": torch.__version__, "onnxruntime": onnxruntime.__version__,
                         "cores": len(__import__("os").sched_getaffinity(0))},
-            "params": vars(GateParams()), "normal_scans": normal_scans(args.data, Path(tmp)),
-            "proxy_covid_slices": proxy(args.data, args.pixel_mm, args.margins, GateParams().min_inside),
+            "params": vars(GateParams()), "model": args.model, "normal_scans": normal_scans(args.data, Path(tmp), args.model),
+            "proxy_covid_slices": None if args.no_proxy else proxy(args.data, args.pixel_mm, args.margins,
+                                                                   GateParams().min_inside),
             "pixel_mm": args.pixel_mm,
         }
     if args.json:
