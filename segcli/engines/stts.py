@@ -75,9 +75,15 @@ def fine_inputs(plane: Plane, boxes: np.ndarray, size: int) -> np.ndarray:
 
 
 def paste_back(probs: np.ndarray, box: np.ndarray) -> np.ndarray:
-    """Undo :func:`fine_inputs` for one crop: S×S probabilities → the box's (h, w)."""
+    """Undo :func:`fine_inputs` for one crop: S×S probabilities → the box's (h, w).
+
+    Two classes: the foreground alone is resized and the background is its complement (the resize is linear
+    and its weights sum to one), half the work of a photo's fusion."""
     h, w = int(box[2] - box[0]), int(box[3] - box[1])
     side = max(h, w)
+    if len(probs) == 2:
+        fg = resize(probs[1:2], (side, side), "bilinear")[:, :h, :w]
+        return np.concatenate([1.0 - fg, fg])
     return resize(probs, (side, side), "bilinear")[:, :h, :w]
 
 

@@ -298,7 +298,7 @@ class OnnxPredictor:
             i += len(chunk)
         if not outs:
             return np.zeros((0, self.n_classes) + batch.shape[2:], np.float32)
-        return np.concatenate(outs, axis=0)
+        return outs[0] if len(outs) == 1 else np.concatenate(outs, axis=0)  # one batch: no copy
 
 
 def _as_probs(p: np.ndarray) -> np.ndarray:
