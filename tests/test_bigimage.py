@@ -229,15 +229,25 @@ def test_quantized_fusion_gives_the_labels_of_float_fusion() -> None:
         np.testing.assert_array_equal(q.decode(codes) > t, p > np.float32(t))
         assert np.abs(q.decode(codes) - p).max() < 1 / 100
         assert np.all(np.diff(q.encode(np.sort(p)).astype(int)) >= 0)  # monotone: max commutes
-    store = FuseStore((300, 300), 2, 0.5, tile=64, spill_dir=".", cache_bytes=1)
+    # the labels-only codes (no probabilities will be read: a photo's in-memory stts) give the same labels and
+    # coverage, and refuse to pose as probabilities
+    stores = [FuseStore((300, 300), 2, 0.5, tile=64, spill_dir=".", cache_bytes=1),
+              FuseStore((300, 300), 2, 0.5, tile=64, labels_only=True)]
     ref = np.zeros((300, 300), np.float32)
+    cov = np.zeros((300, 300), bool)
     for _ in range(30):
         y, x, s = rng.integers(0, 250), rng.integers(0, 250), rng.integers(5, 50)
         p = rng.random((s, s)).astype(np.float32)
-        store.fuse((y, x, y + s, x + s), np.stack([1 - p, p]))
+        cov[y : y + s, x : x + s] = True
+        for store in stores:
+            store.fuse((y, x, y + s, x + s), np.stack([1 - p, p]))
         np.maximum(ref[y : y + s, x : x + s], p, out=ref[y : y + s, x : x + s])
-    np.testing.assert_array_equal(store.labels((0, 0, 300, 300)), (ref > 0.5).astype(np.uint8))
-    store.close()
+    for store in stores:
+        np.testing.assert_array_equal(store.labels((0, 0, 300, 300)), (ref > 0.5).astype(np.uint8))
+        np.testing.assert_array_equal(store.covered(store.read((0, 0, 300, 300))), cov)
+    with pytest.raises(RuntimeError, match="no probabilities"):
+        stores[1].probs((0, 0, 300, 300))
+    stores[0].close()
 
 
 def test_zoom_tiles_partition_big_boxes() -> None:
