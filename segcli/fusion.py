@@ -17,17 +17,14 @@ window and ``finalize(return_probs)`` once, so the fusion rule is a choice of ag
 from __future__ import annotations
 
 import os
-import tempfile
-import threading
-from collections import OrderedDict
-from collections.abc import Callable, Iterator
-from contextlib import suppress
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 
 from segcli.resize import resize_window
 from segcli.runtimes.predictor import log_probs, logit, softmax_
+from segcli.tiles import TileStore
 
 
 def class_argmax(probs: np.ndarray) -> np.ndarray:
@@ -178,131 +175,6 @@ def _fill_uncovered(p: np.ndarray, cov: np.ndarray, fill: CoarseFill | None,
         other = np.zeros_like(p)
         other[0] = 1.0
     return np.where(cov[None], p, other).astype(np.float32)
-
-
-class TileStore:
-    """A ``(kc, H, W)`` array kept as ``tile``² tiles, created on first write, optionally spilled to disk.
-
-    With ``spill_dir`` tiles live in an unlinked temporary file read and written with
-    ``pread``/``pwrite`` behind a small LRU cache: unlike ``np.memmap``, page-cache pages then never
-    count as the process's resident memory, so peak RSS stays flat however large the image.
-    """
-
-    def __init__(self, shape: tuple[int, int], kc: int, dtype: np.dtype | type, empty: float, *, tile: int = 512,
-                 spill_dir: str | os.PathLike | None = None, cache_bytes: int = 64 * 2**20) -> None:
-        self.shape = (int(shape[0]), int(shape[1]))
-        self.kc = int(kc)
-        self.dtype = np.dtype(dtype)
-        self.empty = empty
-        self.tile = int(tile)
-        self.tile_bytes = self.kc * self.tile * self.tile * self.dtype.itemsize
-        self._cache: OrderedDict[tuple[int, int], np.ndarray] = OrderedDict()
-        self._dirty: set[tuple[int, int]] = set()
-        self._slots: dict[tuple[int, int], int] = {}
-        self._lock = threading.RLock()
-        self._fd: int | None = None
-        # windows come in row order, each over <= 2 tile rows: two rows cached never re-read a tile (an 8000² blend
-        # cycled its rows through 32 MiB: 0.7-1.1 s of spill I/O on the fine pass's thread); more holds done tiles
-        self.cache_tiles = max(4, min(cache_bytes // self.tile_bytes, 2 * -(-self.shape[1] // self.tile) + 2)) \
-            if spill_dir is not None else None
-        if spill_dir is not None:
-            fd, name = tempfile.mkstemp(prefix=".segcli-tiles-", suffix=".bin", dir=spill_dir)
-            os.unlink(name)  # gone from the folder at once; the space is freed when the fd closes
-            self._fd = fd
-
-    def _tiles(self, box: tuple[int, int, int, int]) -> Iterator[tuple[tuple[int, int], tuple[int, int, int, int]]]:
-        y0, x0, y1, x1 = box
-        T = self.tile
-        for ty in range(y0 // T, (y1 - 1) // T + 1):
-            for tx in range(x0 // T, (x1 - 1) // T + 1):
-                yield (ty, tx), (max(y0, ty * T), max(x0, tx * T), min(y1, (ty + 1) * T), min(x1, (tx + 1) * T))
-
-    def _get(self, key: tuple[int, int], create: bool) -> np.ndarray | None:
-        arr = self._cache.get(key)
-        if arr is not None:
-            self._cache.move_to_end(key)
-            return arr
-        if self._fd is not None and key in self._slots:
-            arr = np.empty((self.kc, self.tile, self.tile), self.dtype)
-            if os.preadv(self._fd, [arr], self._slots[key] * self.tile_bytes) != self.tile_bytes:
-                raise OSError(f"short read of a spilled tile {key}")  # pragma: no cover - a truncated temp file
-        elif create:
-            arr = np.full((self.kc, self.tile, self.tile), self.empty, dtype=self.dtype)
-        else:
-            return None
-        self._cache[key] = arr
-        self._evict()
-        return arr
-
-    def _evict(self) -> None:
-        if self.cache_tiles is None or self._fd is None:
-            return
-        while len(self._cache) > self.cache_tiles:
-            key, arr = self._cache.popitem(last=False)
-            if key in self._dirty:
-                slot = self._slots.setdefault(key, len(self._slots))
-                os.pwrite(self._fd, arr, slot * self.tile_bytes)  # the tile's own buffer: no copy
-                self._dirty.discard(key)
-
-    @property
-    def touched_tiles(self) -> int:
-        return len(set(self._slots) | set(self._cache))
-
-    def _combine(self, box: np.ndarray | tuple[int, ...], values: np.ndarray, op: Any) -> None:
-        """``op(store[:, box], values, out=store[:, box])`` tile by tile, for ``values`` of shape ``(kc, h, w)``."""
-        y0, x0, y1, x1 = (int(v) for v in box)
-        T = self.tile
-        with self._lock:
-            for key, (a0, b0, a1, b1) in self._tiles((y0, x0, y1, x1)):
-                arr = self._get(key, create=True)
-                assert arr is not None
-                dst = arr[:, a0 - key[0] * T : a1 - key[0] * T, b0 - key[1] * T : b1 - key[1] * T]
-                op(dst, values[:, a0 - y0 : a1 - y0, b0 - x0 : b1 - x0], out=dst)
-                self._dirty.add(key)
-
-    def maximum(self, box: np.ndarray | tuple[int, ...], values: np.ndarray) -> None:
-        """``store[:, box] = max(store[:, box], values)`` for ``values`` of shape ``(kc, h, w)``."""
-        self._combine(box, values, np.maximum)
-
-    def add(self, box: np.ndarray | tuple[int, ...], values: np.ndarray) -> None:
-        """``store[:, box] += values`` for ``values`` of shape ``(kc, h, w)``."""
-        self._combine(box, values, np.add)
-
-    def touches(self, box: np.ndarray | tuple[int, ...]) -> bool:
-        """Whether anything was written to a tile of the box (glass, most of a slide, reads as ``empty``)."""
-        y0, x0, y1, x1 = (int(v) for v in box)
-        with self._lock:
-            return any(key in self._cache or key in self._slots for key, _ in self._tiles((y0, x0, y1, x1)))
-
-    def _untouched_labels(self, box: np.ndarray | tuple[int, ...], fill: CoarseFill | None) -> np.ndarray:
-        """The labels of a box no window reached: the rough map's (``fill``) or background."""
-        if fill is not None:
-            return fill.labels(box)
-        y0, x0, y1, x1 = (int(v) for v in box)
-        return np.zeros((y1 - y0, x1 - x0), np.uint8)
-
-    def read(self, box: np.ndarray | tuple[int, ...]) -> np.ndarray:
-        """Stored values ``(kc, h, w)`` for a box (``empty`` where nothing was written)."""
-        y0, x0, y1, x1 = (int(v) for v in box)
-        out = np.full((self.kc, y1 - y0, x1 - x0), self.empty, dtype=self.dtype)
-        T = self.tile
-        with self._lock:
-            for key, (a0, b0, a1, b1) in self._tiles((y0, x0, y1, x1)):
-                arr = self._get(key, create=False)
-                if arr is not None:
-                    out[:, a0 - y0 : a1 - y0, b0 - x0 : b1 - x0] = \
-                        arr[:, a0 - key[0] * T : a1 - key[0] * T, b0 - key[1] * T : b1 - key[1] * T]
-        return out
-
-    def close(self) -> None:
-        if self._fd is not None:
-            os.close(self._fd)
-            self._fd = None
-        self._cache.clear()
-
-    def __del__(self) -> None:  # pragma: no cover - best effort
-        with suppress(Exception):
-            self.close()
 
 
 class FuseStore(TileStore):

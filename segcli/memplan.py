@@ -47,7 +47,7 @@ ROUTE_WORKSET = {"slide": 140 * MB + ROUGH_BAND, "2d": 16 * MB, "volume": 16 * M
 #: (smallest, largest useful) region cache of a slide reader, and of the fusion store's tile cache. Past
 #: 16 MiB the slide reader's cache saved 31 of 1379 tile decodes on a 16000² slide and cost 90 MB of RSS.
 REGION_CACHE = (8 * MIB, 16 * MIB)
-#: The fusion store's cache is at most two rows of its tiles (segcli.fusion.TileStore): 68 MiB for an 8000²
+#: The fusion store's cache is at most two rows of its tiles (segcli.tiles.TileStore): 68 MiB for an 8000²
 #: slide's Gaussian blend (2 MiB tiles), 132 MiB at 16000²; a budget's share decides below that.
 FUSE_CACHE = (4 * MIB, 256 * MIB)
 #: Default fine-batch cap on the CPU: the fastest measured (per-item time flat past 8, memory doubling).

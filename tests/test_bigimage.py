@@ -336,3 +336,38 @@ def test_mask_tiles_encoded_by_segcli_read_back_with_libtiff(tmp_path, dtype):
     if dtype == np.uint8:
         s = openslide.OpenSlide(str(path))
         assert np.array_equal(np.asarray(s.read_region((0, 0), 0, (W, H)))[..., 0], a)
+
+
+def test_spilled_tiles_written_by_a_thread_read_back_exactly_and_a_failed_write_is_never_read_as_empty(
+        tmp_path, monkeypatch) -> None:
+    """A TileStore whose budget holds more than its two-row cache writes evicted tiles in a thread: whatever the
+    order of writes, reads and re-writes, it returns what a store held in memory returns; a write that fails
+    (a full disk) is raised by the next use of the store."""
+    import errno
+
+    import segcli.tiles as tiles
+
+    rng = np.random.default_rng(3)
+    ref = np.zeros((2, 640, 640), np.float32)
+    # 64² tiles, 10 a row: a cache of 22 tiles and 8 more for writes in flight
+    store = tiles.TileStore((640, 640), 2, np.float32, 0.0, tile=64, spill_dir=tmp_path, cache_bytes=30 * 2 * 64 * 64 * 4)
+    assert store.cache_tiles == 22 and store._spare == 8
+    for _ in range(400):  # boxes anywhere: tiles are evicted, taken back while written, written again
+        y, x, s = rng.integers(0, 600), rng.integers(0, 600), rng.integers(4, 120)
+        v = rng.random((2, min(s, 640 - y), min(s, 640 - x))).astype(np.float32)
+        store.add((y, x, y + v.shape[1], x + v.shape[2]), v)
+        ref[:, y : y + v.shape[1], x : x + v.shape[2]] += v
+    assert store._writes or store._slots  # it did spill
+    np.testing.assert_allclose(store.read((0, 0, 640, 640)), ref, rtol=1e-6)
+    store.close()
+
+    def full(*a):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    store = tiles.TileStore((640, 640), 2, np.float32, 0.0, tile=64, spill_dir=tmp_path, cache_bytes=30 * 2 * 64 * 64 * 4)
+    monkeypatch.setattr(tiles.os, "pwrite", full)
+    with pytest.raises(OSError, match="No space left"):
+        for y in range(0, 640, 64):  # row after row: tiles of the first rows are evicted and fail to write
+            store.add((y, 0, y + 64, 640), np.ones((2, 64, 640), np.float32))
+        store.read((0, 0, 640, 640))
+    store.close()

@@ -41,11 +41,11 @@ from typing import Any
 import numpy as np
 
 from segcli.errors import InputError
-from segcli.fusion import TileStore
 from segcli.io import tiff as tiffio
 from segcli.io.atomic import atomic_path
 from segcli.io.lazyplane import RegionPlane
 from segcli.io.tiff import resolution_tags
+from segcli.tiles import TileStore
 
 
 def is_tiff(path: Path | str) -> bool:
