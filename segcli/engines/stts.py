@@ -231,8 +231,7 @@ def stts(
     H, W = plane.shape
     pad = default_pad(size) if pad is None else pad
     with timer.stage("rough"):
-        seen = tissue_windows_on_thumbnail(plane, size, overlap, max_downscale) \
-            if crop_mode == "grid" and look == "tissue" else None
+        seen = tissue_windows_on_thumbnail(plane, size, overlap) if crop_mode == "grid" and look == "tissue" else None
         rough, rinfo = rough_pass(plane, coarse, size=size, keep_aspect=keep_aspect, max_downscale=max_downscale,
                                   batch_size=rough_batch or batch_size) if seen is None else (_nothing(fine), seen[1])
     own = None
@@ -264,17 +263,19 @@ def _nothing(net: Predictor) -> np.ndarray:
     return rough
 
 
-def tissue_windows_on_thumbnail(plane: Plane, size: int, overlap: float,
-                                max_downscale: float | None) -> tuple[np.ndarray, dict[str, object]] | None:
+#: The longest side of the thumbnail a bounded sliding run finds tissue on (float32 RGB: 12 MB at most).
+THUMBNAIL_SIDE = 1024
+
+
+def tissue_windows_on_thumbnail(plane: Plane, size: int, overlap: float) -> tuple[np.ndarray, dict[str, object]] | None:
     """The grid windows over the tissue of a brightfield slide, found on a thumbnail; None when no glass is found.
 
-    The thumbnail is 1/16 of a window a pixel (×16 for S=256), or coarser where the rough grid's cap says so
-    (``max_downscale``: its memory is the rough pass's); parts' boxes are grown by half a thumbnail pixel, the
-    most by which the tissue's edge can lie beyond it. On the 8000² and 16000² slides of MoNuSeg test tiles this
-    placed 350 windows where the coarse network's map placed 370 and 468, in 0.1-0.3 s where its rough pass took
-    1.1-2.8 s (benchmarks/bench_monai.py)."""
+    The thumbnail is 1/16 of a window a pixel (×16 for S=256), coarser past :data:`THUMBNAIL_SIDE`; parts' boxes
+    are grown by half a thumbnail pixel, the most by which the tissue's edge can lie beyond it. On the 8000² and
+    16000² slides of MoNuSeg test tiles this placed 350 windows where the coarse network's map placed 370 and 468,
+    in 0.2-0.3 s where its rough pass took 1.1-2.8 s (benchmarks/bench_monai.py)."""
     H, W = plane.shape
-    f = max(size / 16.0, float(max_downscale or 1.0), 1.0)
+    f = max(size / 16.0, max(H, W) / THUMBNAIL_SIDE, 1.0)
     q = (max(1, math.ceil(H / f)), max(1, math.ceil(W / f)))
     where, info = content_mask(plane.downscaled(q), margin=0)
     if where is None:
