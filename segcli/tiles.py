@@ -46,8 +46,11 @@ class TileStore:
         self._lock = threading.RLock()
         self._fd: int | None = None
         share = max(4, cache_bytes // self.tile_bytes)
-        self.cache_tiles = min(share, max(4, 2 * -(-self.shape[1] // self.tile) + 2)) if spill_dir is not None else None
-        self._spare = share - self.cache_tiles if self.cache_tiles is not None else 0  # tiles being written
+        band = 2 * -(-self.shape[1] // self.tile) + 2
+        # tiles being written, at least a quarter of the share (up to 8): a 32000² blend whose two rows took the whole
+        # share wrote every evicted tile on the fine pass's thread (fuse stage 2.0 s)
+        self._spare = max(share - band, min(8, share // 4) if share >= 8 else 0) if spill_dir is not None else 0
+        self.cache_tiles = share - self._spare if spill_dir is not None else None
         self._pending: dict[tuple[int, int], np.ndarray] = {}  # evicted, maybe not on disk yet
         self._writes: deque[tuple[tuple[int, int], np.ndarray, Future]] = deque()
         self._writer: ThreadPoolExecutor | None = None
