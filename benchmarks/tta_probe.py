@@ -1,0 +1,103 @@
+"""What test-time flips would buy a bundle (issue 33): pooled per-class IoU with 1, 4 or 8 dihedral transforms.
+
+Every network input is run under each transform (flips, and transposes for 8) and the probabilities, transformed
+back, are averaged: the cost is that many times the networks' work. segcli does not do this by default; this
+probe measures whether it pays before it becomes an option.
+
+    python benchmarks/tta_probe.py --model models/em-vnc --data /work/shared/data/drosophila-vnc \\
+        --names 02.png 03.png 11.png --classes 5 --json benchmarks/results/tta-em-vnc.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from segcli.inferer import Inferer  # noqa: E402
+from segcli.options import PredictOptions  # noqa: E402
+
+MODES = {1: ("",), 4: ("", "h", "v", "hv"), 8: ("", "h", "v", "hv", "t", "th", "tv", "thv")}
+
+
+def _apply(x: np.ndarray, m: str) -> np.ndarray:
+    if "t" in m:
+        x = np.swapaxes(x, -1, -2)
+    if "h" in m:
+        x = x[..., ::-1]
+    if "v" in m:
+        x = x[..., ::-1, :]
+    return x
+
+
+def _undo(p: np.ndarray, m: str) -> np.ndarray:
+    if "v" in m:
+        p = p[..., ::-1, :]
+    if "h" in m:
+        p = p[..., ::-1]
+    if "t" in m:
+        p = np.swapaxes(p, -1, -2)
+    return p
+
+
+class Dihedral:
+    """A predictor averaging its base's probabilities over transformed copies of each (square) input."""
+
+    def __init__(self, base: object, modes: tuple[str, ...]) -> None:
+        self.base, self.modes = base, modes
+
+    def __getattr__(self, k: str) -> object:
+        return getattr(self.base, k)
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        acc = None
+        for m in self.modes:
+            p = _undo(self.base(np.ascontiguousarray(_apply(x, m))), m)  # type: ignore[operator]
+            acc = p.astype(np.float32) if acc is None else acc + p
+        return acc / len(self.modes)
+
+
+def score(model: str, data: Path, names: list[str], k: int, n: int) -> dict:
+    inf = Inferer(PredictOptions(model=model))
+    bundle = inf.warm_up("2d")
+    for role in inf.roles(bundle):
+        inf.set_predictor(bundle, role, Dihedral(inf.predictor(bundle, role), MODES[n]))
+    inter, union = np.zeros(k), np.zeros(k)
+    t0 = time.perf_counter()
+    for name in names:
+        img = np.asarray(Image.open(data / "images" / name))
+        gt = np.asarray(Image.open(data / "masks" / name))
+        lab = np.asarray(inf.run_staged(inf.stage_2d(img if img.ndim == 3 else img[..., None])).labels)
+        for c in range(k):
+            inter[c] += ((lab == c) & (gt == c)).sum()
+            union[c] += ((lab == c) | (gt == c)).sum()
+    iou = inter / np.maximum(union, 1)
+    return {"transforms": n, "iou_pooled": [round(float(v), 4) for v in iou], "miou": round(float(iou.mean()), 4),
+            "seconds": round(time.perf_counter() - t0, 2)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", required=True)
+    ap.add_argument("--data", type=Path, required=True, help="dataset folder with images/ and masks/")
+    ap.add_argument("--names", nargs="+", required=True, help="file names under images/ and masks/ to score")
+    ap.add_argument("--classes", type=int, required=True)
+    ap.add_argument("--transforms", type=int, nargs="+", default=[1, 4, 8], choices=sorted(MODES))
+    ap.add_argument("--json", type=Path)
+    a = ap.parse_args()
+    rows = [score(a.model, a.data, a.names, a.classes, n) for n in a.transforms]
+    for r in rows:
+        print(r)
+    if a.json:
+        a.json.write_text(json.dumps({"model": a.model, "names": a.names, "rows": rows}, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()
