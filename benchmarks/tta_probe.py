@@ -70,16 +70,22 @@ def score(model: str, data: Path, names: list[str], k: int, n: int) -> dict:
     for role in inf.roles(bundle):
         inf.set_predictor(bundle, role, Dihedral(inf.predictor(bundle, role), MODES[n]))
     inter, union = np.zeros(k), np.zeros(k)
+    dice = []  # binary tasks: the foreground's Dice per image, averaged (segcli evaluate's figure)
     t0 = time.perf_counter()
     for name in names:
-        img = np.asarray(Image.open(data / "images" / name))
-        gt = np.asarray(Image.open(data / "masks" / name))
+        img = np.asarray(Image.open(data / "images" / name).convert("RGB" if k == 2 else None))
+        gt = np.asarray(Image.open(next((data / "masks").glob(Path(name).stem + ".*"))))  # masks may be .png
         lab = np.asarray(inf.run_staged(inf.stage_2d(img if img.ndim == 3 else img[..., None])).labels)
+        if k == 2:
+            gt = (gt > 0).astype(np.uint8)
+            s = int((lab == 1).sum() + (gt == 1).sum())
+            dice.append(1.0 if s == 0 else 2.0 * int(((lab == 1) & (gt == 1)).sum()) / s)
         for c in range(k):
             inter[c] += ((lab == c) & (gt == c)).sum()
             union[c] += ((lab == c) | (gt == c)).sum()
     iou = inter / np.maximum(union, 1)
     return {"transforms": n, "iou_pooled": [round(float(v), 4) for v in iou], "miou": round(float(iou.mean()), 4),
+            **({"dice_mean": round(float(np.mean(dice)), 4)} if dice else {}),
             "seconds": round(time.perf_counter() - t0, 2)}
 
 
@@ -87,11 +93,18 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", required=True)
     ap.add_argument("--data", type=Path, required=True, help="dataset folder with images/ and masks/")
-    ap.add_argument("--names", nargs="+", required=True, help="file names under images/ and masks/ to score")
+    ap.add_argument("--names", nargs="+", help="file names under images/ and masks/ to score")
+    ap.add_argument("--splits", type=Path, help="instead of --names: a splits JSON and --part of it (stems)")
+    ap.add_argument("--part", default="test")
     ap.add_argument("--classes", type=int, required=True)
     ap.add_argument("--transforms", type=int, nargs="+", default=[1, 4, 8], choices=sorted(MODES))
     ap.add_argument("--json", type=Path)
     a = ap.parse_args()
+    if a.splits is not None:
+        stems = set(json.loads(a.splits.read_text())[a.part])
+        a.names = sorted(p.name for p in (a.data / "images").iterdir() if p.stem in stems)
+    if not a.names:
+        ap.error("give --names or --splits")
     rows = [score(a.model, a.data, a.names, a.classes, n) for n in a.transforms]
     for r in rows:
         print(r)
