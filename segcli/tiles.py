@@ -119,10 +119,11 @@ class TileStore:
                 raise
 
     def _reap(self) -> None:
-        """Wait for the oldest write; its tile leaves the pending set (unless taken back since)."""
+        """Wait for the oldest write; its tile leaves the pending set unless it was taken back since, or written
+        again after it (the file holds it only once its last write is done)."""
         key, arr, fut = self._writes.popleft()
         fut.result()
-        if self._pending.get(key) is arr:
+        if self._pending.get(key) is arr and all(k != key for k, _, _ in self._writes):
             del self._pending[key]
         if self._error is not None:
             raise self._error

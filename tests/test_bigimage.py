@@ -371,3 +371,32 @@ def test_spilled_tiles_written_by_a_thread_read_back_exactly_and_a_failed_write_
             store.add((y, 0, y + 64, 640), np.ones((2, 64, 640), np.float32))
         store.read((0, 0, 640, 640))
     store.close()
+
+
+def test_a_tile_taken_back_and_written_again_is_never_read_from_its_first_write(tmp_path, monkeypatch) -> None:
+    """A tile evicted, taken back, changed and evicted again while its first write is slow: once that first write
+    is done, the tile is read from memory until its second write is, never from the file in between."""
+    import time
+
+    import segcli.tiles as tiles
+
+    real = tiles.os.pwrite
+
+    def slow(fd, data, offset):  # the bytes land at once, the call returns late
+        n = real(fd, data, offset)
+        time.sleep(0.05)
+        return n
+
+    monkeypatch.setattr(tiles.os, "pwrite", slow)
+    # 64² float32 tiles, one row of 2: two rows + 2 = 6 cached, 2 more in flight
+    store = tiles.TileStore((64, 128), 1, np.float32, 0.0, tile=64, spill_dir=tmp_path, cache_bytes=8 * 64 * 64 * 4)
+    store.cache_tiles, store._spare = 1, 2  # one tile cached: every other tile is evicted at once
+    one = np.ones((1, 64, 64), np.float32)
+    store.add((0, 0, 64, 64), one)          # tile A
+    store.add((0, 64, 64, 128), one)        # tile B: A evicted, first write of A starts (slow)
+    store.add((0, 0, 64, 64), one)          # A taken back from the pending set (2 now), B evicted
+    store.add((0, 64, 64, 128), one)        # B taken back, A evicted again: second write of A queued
+    time.sleep(0.08)                         # A's first write done (the tile as it was then); B's in flight
+    store._reap()                            # A's first write reaped: A must stay pending
+    np.testing.assert_array_equal(store.read((0, 0, 64, 64)), 2 * one)
+    store.close()
