@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 
 from segcli.resize import resize_window
-from segcli.runtimes.predictor import log_probs, logit, softmax_
+from segcli.runtimes.predictor import log_probs, logit, logits_to_probs
 from segcli.tiles import TileStore
 
 
@@ -101,8 +101,8 @@ class WeightedMean:
         """Labels (and probabilities); ``uncovered_background``: pixels no window reached are background."""
         empty = self.weight == 0
         np.divide(self.acc, self.weight[None], out=self.acc, where=~empty[None])
-        if self.logits:
-            softmax_(self.acc)
+        if self.logits:  # the averaged logits' softmax, in place: a K×H×W map's temporaries are two H×W planes
+            logits_to_probs(self.acc[None], inplace=True)
         if uncovered_background and empty.any():
             self.acc[:, empty] = 0.0
             self.acc[0][empty] = 1.0
@@ -356,10 +356,7 @@ class BlendStore(TileStore):
         """``(K, h, w)`` probabilities of the stored means."""
         if not self.logits:
             return np.concatenate([1.0 - mean, mean]) if self.binary else mean
-        if self.binary:
-            p1 = 1.0 / (1.0 + np.exp(-mean))
-            return np.concatenate([1.0 - p1, p1])
-        return softmax_(mean)
+        return logits_to_probs(mean[None], inplace=True)[0]  # binary: the gap's sigmoid; else the softmax
 
     def probs(self, box: np.ndarray | tuple[int, ...], fill: CoarseFill | None = None) -> np.ndarray:
         """float32 ``(K, h, w)``: blended probabilities; rough ones (``fill``) or background elsewhere."""

@@ -55,14 +55,6 @@ def log_probs(probs: np.ndarray) -> np.ndarray:
     return np.log(np.maximum(probs, _TINY, dtype=np.float32))
 
 
-def softmax_(z: np.ndarray) -> np.ndarray:
-    """Softmax over axis 0, in place (a K×H×W map's temporaries are two H×W planes)."""
-    z -= z.max(axis=0)
-    np.exp(z, out=z)
-    z /= z.sum(axis=0)
-    return z
-
-
 def logit(t: float) -> float:
     """The logit gap whose sigmoid is ``t`` (±inf at 0 and 1)."""
     with np.errstate(divide="ignore"):
