@@ -38,6 +38,7 @@ from segcli.prepare import prepare, volume_normalizer
 from segcli.resize import resize
 from segcli.runtimes import make_predictor, onnx_cache
 from segcli.runtimes.device import resolve_device, set_threads
+from segcli.runtimes.tta import TTA_MODES, TransformAveraged
 
 
 class Inferer:
@@ -128,7 +129,8 @@ class Inferer:
                 onnx_cache=self.options.onnx_cache, precision=self.options.precision,
                 export_budget=self.run_budget if self.options.max_memory is not None else None,
             )
-            self._predictors[key] = pred if nets is bundle else FoldedPredictor(pred, nets.boundary)
+            pred = pred if nets is bundle else FoldedPredictor(pred, nets.boundary)
+            self._predictors[key] = pred if self.options.tta == "none" else TransformAveraged(pred, self.options.tta)
             # model loading, and the ONNX export on first use: a stage of the file that needed it (pipeline)
             self.load_seconds["total"] = self.load_seconds.get("total", 0.0) + time.perf_counter() - t
         return self._predictors[key]
@@ -223,7 +225,8 @@ class Inferer:
                 "how": "estimated" if "estimated" in hows else "measured", "size": p.size,
                 "channels": bundle.in_channels, "n_classes": bundle.n_classes, "zoom": zoom, "wanted": wanted,
                 # the instance split of a slide read by region, window by window (segcli.instances_tiled)
-                "extra": memplan.instance_windows(self.options.tile_size) if bounded and self.options.instances else 0}
+                "extra": memplan.instance_windows(self.options.tile_size) if bounded and self.options.instances else 0,
+                "tta": len(TTA_MODES[self.options.tta])}
         return self._plan_facts[(kind, bounded)]
 
     def release_networks(self) -> int:
@@ -242,7 +245,8 @@ class Inferer:
         for role in self.roles(bundle):
             pred = self.predictor(bundle, role)
             prec = getattr(pred, "metadata", {}).get("precision", "fp32")
-            out[role] = f"{pred.backend}:{getattr(pred, 'provider', pred.device)}" + (f":{prec}" if prec != "fp32" else "")
+            out[role] = (f"{pred.backend}:{getattr(pred, 'provider', pred.device)}" + (f":{prec}" if prec != "fp32" else "")
+                         + (f":tta-{self.options.tta}" if self.options.tta != "none" else ""))
         return out
 
     def param(self, bundle: Bundle, key: str) -> Any:

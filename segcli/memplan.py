@@ -178,9 +178,14 @@ def cost_at(table: dict[int, int], b: int) -> int:
     return int(table[lo] + (table[hi] - table[lo]) * (b - lo) / (hi - lo))
 
 
-def crop_bytes(b: int, size: int, channels: int, n_classes: int, zoom: float, prefetch: int) -> int:
-    """Engine-side buffers of ``b`` crops: float inputs (plus the prefetched batch), probabilities, zoomed reads."""
+def crop_bytes(b: int, size: int, channels: int, n_classes: int, zoom: float, prefetch: int,
+               tta: int = 1) -> int:
+    """Engine-side buffers of ``b`` crops: float inputs (plus the prefetched batch), probabilities, zoomed reads;
+    with ``tta`` > 1 transforms, one transformed copy of the inputs and one sum of probabilities more
+    (:class:`segcli.runtimes.tta.TransformAveraged`)."""
     per = 4 * size * size * (channels * (1 + prefetch) + 2 * n_classes) + 4 * channels * int(size * zoom) ** 2
+    if tta > 1:
+        per += 4 * size * size * (channels + n_classes)
     return b * per
 
 
@@ -238,10 +243,11 @@ def instance_windows(tile: int) -> int:
 def make_plan(*, budget: int, kind: str, name: str, base: int, costs: dict[str, dict[int, int]], how: str,
               size: int, channels: int, n_classes: int, zoom: float, wanted: int, workers: int = 1,
               user_budget: bool = True, parent: int = 0, run_budget: int | None = None,
-              extra: int = 0) -> MemoryPlan:
+              extra: int = 0, tta: int = 1) -> MemoryPlan:
     """Split ``budget`` (see the module docstring); :class:`BudgetError` when batch 1 does not fit.
 
-    ``extra``: what the route holds beyond its measured working set (the instance split's windows).
+    ``extra``: what the route holds beyond its measured working set (the instance split's windows);
+    ``tta``: the transforms each network input is run under (``--tta``).
 
     ``costs``: each network role's measured ``{batch: bytes}``; every role keeps its arena, so they add up.
     The coarse network (stts rough pass) gets its own batch, at most :data:`DEFAULT_ROUGH_BATCH` when
@@ -258,7 +264,7 @@ def make_plan(*, budget: int, kind: str, name: str, base: int, costs: dict[str, 
 
     def batch_bytes(b: int, rb: int) -> int:
         nets = sum(cost_at(t, b) for t in others) + (cost_at(coarse, rb) if coarse is not None else 0)
-        return nets + crop_bytes(b, size, channels, n_classes, zoom, prefetch)
+        return nets + crop_bytes(b, size, channels, n_classes, zoom, prefetch, tta)
 
     minimum = base + workset + caches + batch_bytes(1, 1)
     if budget < minimum:

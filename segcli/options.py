@@ -20,6 +20,7 @@ from segcli.methods import METHODS
 from segcli.params import TILE_SIZE, check_param, check_range
 from segcli.runtimes import PRECISIONS, cpu_has_bf16
 from segcli.runtimes.device import cuda_possible
+from segcli.runtimes.tta import TTA_MODES
 
 BACKENDS = ("auto", "torch", "onnx")
 #: ``auto``: the mask format follows ``-o``'s extension, else the input's family (segcli.io);
@@ -47,6 +48,7 @@ class PredictOptions:
     channels: str = "keep"
     window: tuple[float, float] | None = None  # --window C,W: how an 8-bit CT export maps to HU
     half: bool = False
+    tta: str = "none"  # segcli.runtimes.tta.TTA_MODES: average each network input over flips (4x) or flips and transposes (8x)
     size: int | None = None
     params: dict[str, Any] = field(default_factory=dict)
     # Memory and big images (segcli.memory, segcli.engines.stts)
@@ -90,6 +92,8 @@ class PredictOptions:
             set_(self, "half", True)
         if self.precision == "bf16":
             _check_bf16(self.backend, self.device)
+        if self.tta not in TTA_MODES:
+            raise UsageError(f"--tta must be one of {', '.join(TTA_MODES)}, not {self.tta!r}")
         if self.output_type not in OUTPUT_TYPES:
             raise UsageError(f"--output-type must be one of {', '.join(OUTPUT_TYPES)}, not {self.output_type!r}")
         if self.onnx_cache is not None and self.onnx_cache.strip().lower() not in ("off", "0", "none", "false", "no") \

@@ -1,0 +1,93 @@
+"""Build em-vnc's test folder: slices 16-19 of the labelled ssTEM stack, which the shared copy leaves out.
+
+    python models/em-vnc/make_test.py --mirror /work/.mirror/unidesigner+groundtruth-drosophila-vnc/repo \
+        -o runs/data/vnc-test
+
+``/work/shared/data/drosophila-vnc`` holds slices 00-15 of stack 1 (train and val); the source repository
+(github.com/unidesigner/groundtruth-drosophila-vnc, ``--mirror`` is a clone, bare or not) labels all 20. The
+four it alone has were never trained on nor used to choose a checkpoint, so they are the bundle's test split.
+
+The merged label map ``stack1/labels/labelsNNNNNNNN.png`` is mapped to the shared copy's class indices:
+membrane (0, 32, 64, 96 = four orientations, 128 = junction) -> 1, glia/extracellular (159) -> 4,
+mitochondria (191) -> 2, synapse (223) -> 3, intracellular (255) -> 0. The script first checks that this rule
+reproduces the shared copy's masks of slices 00-15 exactly and that their raw slices are the shared images, so
+the test slices are built the way the training ones were.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import tifffile
+from PIL import Image
+
+COMMIT = "4a5f051466d24d8dc1e855ab55658bb1b1dcd6bf"
+TEST = ["16", "17", "18", "19"]
+LABEL_TO_CLASS = {0: 1, 32: 1, 64: 1, 96: 1, 128: 1, 159: 4, 191: 2, 223: 3, 255: 0}
+
+
+def to_classes(labels: np.ndarray, name: str) -> np.ndarray:
+    """Class indices of one merged label map; an unknown grey level stops the build."""
+    lut = np.full(256, 255, np.uint8)
+    for grey, cls in LABEL_TO_CLASS.items():
+        lut[grey] = cls
+    out = lut[labels]
+    if (out == 255).any():
+        raise SystemExit(f"{name}: grey levels {sorted(set(np.unique(labels)) - set(LABEL_TO_CLASS))} unknown")
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--mirror", type=Path, required=True, help="git dir of a clone of unidesigner/groundtruth-drosophila-vnc")
+    ap.add_argument("--commit", default=COMMIT)
+    ap.add_argument("--shared", type=Path, default=Path("../shared/data"), help="to check the mapping and disjointness")
+    ap.add_argument("-o", "--out", type=Path, required=True)
+    args = ap.parse_args()
+    git = ["git", "--git-dir", str(args.mirror)]
+
+    def show(path: str) -> bytes:
+        return subprocess.run([*git, "show", f"{args.commit}:{path}"], capture_output=True, check=True).stdout
+
+    def slice_of(name: str) -> tuple[np.ndarray, np.ndarray]:
+        raw = tifffile.imread(io.BytesIO(show(f"stack1/raw/{name}.tif")))
+        labels = np.asarray(Image.open(io.BytesIO(show(f"stack1/labels/labels000000{name}.png"))))
+        return raw, to_classes(labels, name)
+
+    shared = args.shared / "drosophila-vnc"
+    trained = sorted(p.stem for p in (shared / "images").glob("*.png"))
+    if set(trained) & set(TEST):
+        raise SystemExit(f"test slices also in the shared copy: {sorted(set(trained) & set(TEST))}")
+    for name in trained:
+        raw, cls = slice_of(name)
+        if not (np.array_equal(raw, np.asarray(Image.open(shared / "images" / f"{name}.png")))
+                and np.array_equal(cls, np.asarray(Image.open(shared / "masks" / f"{name}.png")))):
+            raise SystemExit(f"slice {name}: the mapping does not reproduce the shared copy")
+    out = args.out
+    (out / "images").mkdir(parents=True, exist_ok=True)
+    (out / "masks").mkdir(parents=True, exist_ok=True)
+    counts = np.zeros(5, np.int64)
+    for name in TEST:
+        raw, cls = slice_of(name)
+        counts += np.bincount(cls.ravel(), minlength=5)
+        Image.fromarray(raw, mode="L").save(out / "images" / f"{name}.png")
+        Image.fromarray(cls, mode="L").save(out / "masks" / f"{name}.png")
+    (out / "splits.json").write_text(json.dumps({"test": TEST}, indent=1))
+    meta = json.loads((shared / "dataset.json").read_text())
+    meta.update(name="drosophila-vnc-test",
+                source=f"{meta.get('source', '')}; slices 16-19 of github.com/unidesigner/groundtruth-drosophila-vnc "
+                       f"{args.commit}",
+                note="DERIVED COPY (models/em-vnc/make_test.py): slices 16-19 of stack 1, never used for training "
+                     "or checkpoint selection.")
+    (out / "dataset.json").write_text(json.dumps(meta, indent=1))
+    print(f"{out}: {len(TEST)} test slices (the mapping reproduces all {len(trained)} shared slices); "
+          f"pixels per class {counts.tolist()}")
+
+
+if __name__ == "__main__":
+    main()
