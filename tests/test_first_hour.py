@@ -68,6 +68,7 @@ def test_model_chosen_from_content_and_named(models: Path, tmp_path: Path) -> No
     assert by_name["tile.png"]["model"] == "nuclei-he"  # H&E saved as PNG: not the polyp network
     assert by_name["frame.jpg"]["model"] == "polyp"
     assert any("a guess" in n and "retina-vessels" in n for n in by_name["frame.jpg"]["notes"])
+    assert any("a guess" in n and "polyp" in n for n in by_name["tile.png"]["notes"])  # dermoscopy can pass as H&E
     assert by_name["slice.jpg"]["status"] == "failed" and by_name["slice.jpg"]["model"] is None
     lines = r.stderr.splitlines()
     assert any(ln.startswith("ok") and "tile.png" in ln and "(nuclei-he;" in ln for ln in lines), r.stderr
