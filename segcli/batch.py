@@ -9,10 +9,8 @@ the cores actually available.
 
 from __future__ import annotations
 
-import multiprocessing as mp
 import os
 from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -323,6 +321,10 @@ def run_batch(
     share = max(1, (options.budget - parent_bytes) // workers)
     per_worker = options.replace(threads=max(1, (options.threads or available_cores()) // workers),
                                  max_memory=share)
+    # lazy: multiprocessing and the process pool (5 ms at start-up) only where --workers asks for processes
+    import multiprocessing as mp
+    from concurrent.futures import ProcessPoolExecutor
+
     with ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn"), initializer=_init_worker,
                              initargs=(per_worker, workers, parent_bytes, options.budget)) as pool:
         yield from pool.map(_run_one, [(p, r, output) for p, r in items], chunksize=1)

@@ -53,6 +53,7 @@ class Inferer:
         self.parent_bytes = 0  # with workers: the RSS of the parent that started them (segcli.batch)
         self.run_budget = self.budget  # the whole run's budget (all workers and their parent), for refusals
         self._plan_facts: dict[tuple[str, bool], dict[str, Any]] = {}  # what memory plans are made from
+        self._minimums: dict[tuple[str, bool], int] = {}  # plan_minimum per (kind, bounded route)
         self._bundles: dict[Path, Bundle] = {}
         self._folded: dict[Path, Bundle] = {}  # the same bundles as runs without an instance split see them
         self._predictors: dict[tuple[Path, str], Any] = {}
@@ -197,7 +198,9 @@ class Inferer:
     def plan_minimum(self, kind: str, bounded: bool | None = None) -> int:
         """Bytes this process needs at batch 1 for inputs of ``kind``, images apart (segcli.memplan)."""
         bounded = kind == "slide" if bounded is None else bounded
-        return memplan.make_plan(budget=2**62, **self._plan_inputs(kind, bounded)).minimum
+        if (kind, bounded) not in self._minimums:  # asked twice a file: a photo batch made 2 plans a frame for it
+            self._minimums[(kind, bounded)] = memplan.make_plan(budget=2**62, **self._plan_inputs(kind, bounded)).minimum
+        return self._minimums[(kind, bounded)]
 
     def _plan_inputs(self, kind: str, bounded: bool) -> dict[str, Any]:
         """What a memory plan is made from, measured once per (kind, route) and kept when the networks are

@@ -383,6 +383,8 @@ def default_output_path(
     if not out_is_dir and _extension(out) in (*_SITK_OUT, *_TIFF_OUT, *_RASTER_OUT, ".jpg", ".jpeg", ".dcm"):
         return out
     if is_dir_input_root is not None:
+        if input_path.parent == Path(is_dir_input_root):  # a file at the walked root: no realpath needed
+            return out / name
         with contextlib.suppress(ValueError):
             rel = input_path.parent.resolve().relative_to(Path(is_dir_input_root).resolve())
             return out / rel / name
