@@ -61,6 +61,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--splits", type=Path, default=None, help="JSON with a --part list (e.g. a test split)")
     ap.add_argument("--part", default="test", help="which list of --splits to score (default: test)")
+    ap.add_argument("--tta", default="none", help="segcli predict --tta: none | flips | dihedral")
     args = ap.parse_args()
     if args.splits is not None:
         val = json.loads(args.splits.read_text())[args.part]
@@ -80,7 +81,7 @@ def main() -> None:
     segcli = [sys.executable, "-m", "segcli"]
     t = time.perf_counter()
     subprocess.run([*segcli, "predict", str(out / "img"), "-o", str(out / "pred"), "--model", str(args.model or args.run),
-                    "-q", "--threads", str(args.threads)], check=True)
+                    "-q", "--threads", str(args.threads), "--tta", args.tta], check=True)
     print(f"predicted {len(val)} cases in {time.perf_counter() - t:.1f} s", flush=True)
     ev = [*segcli, "evaluate", str(out / "pred"), str(out / "gt"), "--json-file", str(out / "eval.json"),
           "--csv", str(out / "eval.csv"), "--summary"]
