@@ -229,9 +229,12 @@ class OnnxPredictor:
         source = path if locs else data
         if session is None:
             session = make_session(source, providers, threads)
-        return cls(session, n_classes=bundle.n_classes, in_channels=bundle.in_channels, device=device,
+        pred = cls(session, n_classes=bundle.n_classes, in_channels=bundle.in_channels, device=device,
                    max_batch=max_batch, metadata=meta, source=str(path), output=spec.config.get("output", "logits"),
                    model=source, threads=threads)
+        if source is data:  # hashed and checked above: the memory plan's key needs no second pass over it
+            pred._sha = digest
+        return pred
 
     @classmethod
     def from_cache(cls, bundle: Any, role: str, data: bytes, source: str, *, device: str = "cpu", max_batch: int = 16,
