@@ -1,0 +1,81 @@
+"""Build retina-vessels' test folder: DRIVE's 20 official test images, which the shared copy leaves out.
+
+    python models/retina-vessels/make_test.py \
+        --mirror /work/.mirror/hamdan92+retinal-vessel-segmentation/repo -o runs/data/drive-test
+
+``/work/shared/data/drive`` holds DRIVE's 20 training images (21-40) from the repository its PROVENANCE.txt
+names (github.com/hamdan92/retinal-vessel-segmentation, ``--mirror`` a clone, bare or not); the same repository
+carries the official test set (01-19 and 20: images, the first observer's manual segmentation, the field-of-view
+masks). None of them was trained on or chose a checkpoint, so they are the bundle's test split, the set
+published DRIVE figures are reported on.
+
+Conversions are the shared copy's, and the script first checks they reproduce its 20 images exactly: the TIFF
+as an RGB PNG, ``1st_manual/NN_manual1.gif`` (0/255) as a 0/1 PNG, ``mask/NN_test_mask.gif`` (0/255) as a 0/1
+field-of-view PNG.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import subprocess
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+COMMIT = "7952b714c5a4f51f9e03871ba48de37ac991f377"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--mirror", type=Path, required=True, help="git dir of a clone of hamdan92/retinal-vessel-segmentation")
+    ap.add_argument("--commit", default=COMMIT)
+    ap.add_argument("--shared", type=Path, default=Path("../shared/data"), help="to check the conversions")
+    ap.add_argument("-o", "--out", type=Path, required=True)
+    args = ap.parse_args()
+    git = ["git", "--git-dir", str(args.mirror)]
+
+    def show(path: str) -> np.ndarray:
+        data = subprocess.run([*git, "show", f"{args.commit}:DRIVE/{path}"], capture_output=True, check=True).stdout
+        return np.asarray(Image.open(io.BytesIO(data)))
+
+    def case(part: str, n: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        image = show(f"{part}/images/{n}_{part}.tif")
+        vessels = (show(f"{part}/1st_manual/{n}_manual1.gif") > 127).astype(np.uint8)
+        fov = (show(f"{part}/mask/{n}_{part}_mask.gif") > 127).astype(np.uint8)
+        return image, vessels, fov
+
+    shared = args.shared / "drive"
+    trained = sorted(p.stem for p in (shared / "images").glob("*.png"))
+    for n in trained:
+        got = case("training", n)
+        want = [np.asarray(Image.open(shared / sub / f"{n}.png")) for sub in ("images", "masks", "fov")]
+        if not all(np.array_equal(a, b) for a, b in zip(got, want, strict=True)):
+            raise SystemExit(f"training image {n}: the conversion does not reproduce the shared copy")
+    names = [f"{i:02d}" for i in range(1, 21)]
+    if set(names) & set(trained):
+        raise SystemExit(f"test images also in the shared copy: {sorted(set(names) & set(trained))}")
+    out = args.out
+    for sub in ("images", "masks", "fov"):
+        (out / sub).mkdir(parents=True, exist_ok=True)
+    vessel_px = 0
+    for n in names:
+        image, vessels, fov = case("test", n)
+        vessel_px += int(vessels.sum())
+        Image.fromarray(image).save(out / "images" / f"{n}.png")
+        Image.fromarray(vessels, mode="L").save(out / "masks" / f"{n}.png")
+        Image.fromarray(fov, mode="L").save(out / "fov" / f"{n}.png")
+    (out / "splits.json").write_text(json.dumps({"test": names}, indent=1))
+    meta = json.loads((shared / "dataset.json").read_text())
+    meta.update(name="drive-test", note=f"DERIVED COPY (models/retina-vessels/make_test.py): DRIVE's 20 official test "
+                f"images, github.com/hamdan92/retinal-vessel-segmentation {args.commit}; fov/<case>.png is the "
+                "field of view (1 inside); never used for training or checkpoint selection.")
+    (out / "dataset.json").write_text(json.dumps(meta, indent=1))
+    print(f"{out}: {len(names)} test images (the conversion reproduces all {len(trained)} shared ones); "
+          f"{vessel_px} vessel pixels")
+
+
+if __name__ == "__main__":
+    main()
