@@ -197,8 +197,9 @@ class FuseStore(TileStore):
 
     # fusion and reads ---------------------------------------------------------------------------------
     def aggregate(self, box: np.ndarray | tuple[int, ...], probs: np.ndarray) -> None:
-        """Max-fuse ``probs`` — ``(K, h, w)`` for the box ``(y0, x0, y1, x1)`` — into the store."""
-        p = probs[1:2] if self.binary else probs
+        """Max-fuse ``probs`` — ``(K, h, w)`` for the box ``(y0, x0, y1, x1)``; a binary task's may be its
+        foreground alone, ``(1, h, w)`` — into the store."""
+        p = probs[-1:] if self.binary else probs
         self.maximum(box, self.quant.encode(p) if self.quant else np.asarray(p, dtype=np.float32))
 
     fuse = aggregate  # the paper's word for it

@@ -74,16 +74,17 @@ def fine_inputs(plane: Plane, boxes: np.ndarray, size: int) -> np.ndarray:
     return out
 
 
-def paste_back(probs: np.ndarray, box: np.ndarray) -> np.ndarray:
+def paste_back(probs: np.ndarray, box: np.ndarray, foreground_only: bool = False) -> np.ndarray:
     """Undo :func:`fine_inputs` for one crop: S×S probabilities → the box's (h, w).
 
     Two classes: the foreground alone is resized and the background is its complement (the resize is linear
-    and its weights sum to one), half the work of a photo's fusion."""
+    and its weights sum to one), half the work of a photo's fusion; ``foreground_only``: ``(1, h, w)``, the
+    foreground alone, for a store that keeps nothing else (max fusion of a binary task)."""
     h, w = int(box[2] - box[0]), int(box[3] - box[1])
     side = max(h, w)
     if len(probs) == 2:
         fg = resize(probs[1:2], (side, side), "bilinear")[:, :h, :w]
-        return np.concatenate([1.0 - fg, fg])
+        return fg if foreground_only else np.concatenate([1.0 - fg, fg])
     return resize(probs, (side, side), "bilinear")[:, :h, :w]
 
 
@@ -394,6 +395,8 @@ def _notifier(on_fused: Callable[[LazyLabels, int], None] | None, labels: LazyLa
 def _filled(p: np.ndarray, threshold: float) -> bool:
     """Whether a window's output is foreground from edge to edge, looked at one pixel in 64 first: nearly every
     window has background, and the whole argmax of a three-class window cost 1.7 s of a 40000² slide's run."""
+    if p.shape[0] == 1:  # a binary task's foreground alone (paste_back's foreground_only)
+        return bool((p[0, ::8, ::8] > threshold).all()) and bool((p[0] > threshold).all())
     return bool(foreground(p[:, ::8, ::8], threshold).all()) and bool(foreground(p, threshold).all())
 
 
@@ -438,6 +441,7 @@ def fine_pass(
     store = make_fusion(fusion, (H, W), K, threshold, exact=return_probs and not lazy, spill_dir=spill_dir, nested=nested,
                         cache_bytes=fuse_cache, labels_only=not (return_probs or lazy), **_blend_rule(blend))
     chunks = list(batched(list(range(len(crops))), batch_size))
+    fg_only = K == 2 and fusion == "max"  # FuseStore keeps a binary task's foreground alone
     fill = CoarseFill(rough, (H, W), threshold)
     lazy_labels = _lazy_labels(store, fill if keep_coarse else None) if lazy else None
     fused_rows = _notifier(on_fused, lazy_labels, writes, chunks, H)
@@ -458,7 +462,7 @@ def fine_pass(
                 for j, i in enumerate(chunk):
                     cy0, cx0 = int(crops[i][0]), int(crops[i][1])
                     wy0, wx0, wy1, wx1 = (int(v) for v in writes[i])
-                    p = paste_back(pb[j], crops[i])[:, wy0 - cy0 : wy1 - cy0, wx0 - cx0 : wx1 - cx0]
+                    p = paste_back(pb[j], crops[i], fg_only)[:, wy0 - cy0 : wy1 - cy0, wx0 - cx0 : wx1 - cx0]
                     filled += _filled(p, threshold)
                     if fusion == "max":
                         store.aggregate(writes[i], p)
