@@ -1,8 +1,8 @@
 """What test-time flips would buy a bundle (issue 33): pooled per-class IoU with 1, 4 or 8 dihedral transforms.
 
 Every network input is run under each transform (flips, and transposes for 8) and the probabilities, transformed
-back, are averaged: the cost is that many times the networks' work. segcli does not do this by default; this
-probe measures whether it pays before it becomes an option.
+back, are averaged: the cost is that many times the networks' work. It runs what ``segcli predict --tta
+none|flips|dihedral`` runs (segcli.runtimes.tta), scoring in-process.
 
     python benchmarks/tta_probe.py --model models/em-vnc --data /work/shared/data/drosophila-vnc \\
         --names 02.png 03.png 11.png --classes 5 --json benchmarks/results/tta-em-vnc.json
@@ -24,51 +24,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from segcli.inferer import Inferer  # noqa: E402
 from segcli.options import PredictOptions  # noqa: E402
 
-MODES = {1: ("",), 4: ("", "h", "v", "hv"), 8: ("", "h", "v", "hv", "t", "th", "tv", "thv")}
-
-
-def _apply(x: np.ndarray, m: str) -> np.ndarray:
-    if "t" in m:
-        x = np.swapaxes(x, -1, -2)
-    if "h" in m:
-        x = x[..., ::-1]
-    if "v" in m:
-        x = x[..., ::-1, :]
-    return x
-
-
-def _undo(p: np.ndarray, m: str) -> np.ndarray:
-    if "v" in m:
-        p = p[..., ::-1, :]
-    if "h" in m:
-        p = p[..., ::-1]
-    if "t" in m:
-        p = np.swapaxes(p, -1, -2)
-    return p
-
-
-class Dihedral:
-    """A predictor averaging its base's probabilities over transformed copies of each (square) input."""
-
-    def __init__(self, base: object, modes: tuple[str, ...]) -> None:
-        self.base, self.modes = base, modes
-
-    def __getattr__(self, k: str) -> object:
-        return getattr(self.base, k)
-
-    def __call__(self, x: np.ndarray) -> np.ndarray:
-        acc = None
-        for m in self.modes:
-            p = _undo(self.base(np.ascontiguousarray(_apply(x, m))), m)  # type: ignore[operator]
-            acc = p.astype(np.float32) if acc is None else acc + p
-        return acc / len(self.modes)
+#: --transforms N as segcli predict --tta names it (segcli.runtimes.tta.TTA_MODES)
+MODES = {1: "none", 4: "flips", 8: "dihedral"}
 
 
 def score(model: str, data: Path, names: list[str], k: int, n: int) -> dict:
-    inf = Inferer(PredictOptions(model=model))
-    bundle = inf.warm_up("2d")
-    for role in inf.roles(bundle):
-        inf.set_predictor(bundle, role, Dihedral(inf.predictor(bundle, role), MODES[n]))
+    inf = Inferer(PredictOptions(model=model, tta=MODES[n]))  # what segcli predict --tta runs
+    inf.warm_up("2d")
     inter, union = np.zeros(k), np.zeros(k)
     dice = []  # binary tasks: the foreground's Dice per image, averaged (segcli evaluate's figure)
     t0 = time.perf_counter()
