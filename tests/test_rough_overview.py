@@ -5,10 +5,12 @@ mosaic's were decoded 4.1 times); the rough map is the one of the in-memory roug
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import tifffile
 
 from segcli.engines.base import ArrayPlane
 from segcli.engines.stts import rough_pass
+from segcli.io import lazyplane
 from segcli.io.bigtiff import TiffPlane
 from segcli.resize import downscale_by_bands
 from segcli.runtimes import FunctionPredictor
@@ -49,3 +51,21 @@ def test_a_pyramid_level_still_finds_the_glass_and_the_view_reads_by_region(tmp_
     with TiffPlane(path, spec={"kind": "scale", "factor": 1 / 255}, channels_want=3) as plane:
         _, info = rough_pass(plane, FunctionPredictor(_nuclei), size=64, max_downscale=3.9)
     assert info["overview"] == "by region"
+
+
+def test_a_level_of_the_views_size_is_the_view(tmp_path, monkeypatch):
+    """The thumbnail of a slide whose pyramid has a level of that size is the level's pixels, read without
+    resize weights (a 16000² SVS's ×16 level for its 1000² tissue thumbnail); a view one pixel smaller goes
+    through the weights and stays the area average of the same level."""
+    path = write_svs(tmp_path / "s.svs", tissue(), factors=(4, 16))
+    with tifffile.TiffFile(path) as tf:  # the ×4 level: the first tiled page after the stripped thumbnail
+        level = next(p for p in tf.pages[1:] if p.is_tiled).asarray()
+    assert level.shape[:2] == tissue()[::4, ::4].shape[:2]
+    want = np.moveaxis(level, -1, 0).astype(np.float32) * np.float32(1 / 255)
+    with TiffPlane(path, spec={"kind": "scale", "factor": 1 / 255}, channels_want=3) as plane:
+        assert plane.choose_level(level.shape[:2]) == 1
+        with monkeypatch.context() as m:  # no weights built, so no scipy.sparse imported for it
+            m.setattr(lazyplane, "resize_weights", lambda *a, **k: pytest.fail("weights built for the identity"))
+            np.testing.assert_allclose(plane.downscaled(level.shape[:2]), want, rtol=0, atol=1e-7)
+        smaller = (level.shape[0] - 1, level.shape[1] - 1)
+        np.testing.assert_allclose(plane.downscaled(smaller), ArrayPlane(want).downscaled(smaller), atol=1e-5)
