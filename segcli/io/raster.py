@@ -56,7 +56,7 @@ def _dpi(value: Any) -> tuple[float, float] | None:
 def read_raster(path: Path, warnings: list[str]) -> LoadedImage:
     """Decode a PNG/JPEG/BMP fully, turning Pillow's bomb and truncation errors into InputError."""
     # lazy: Pillow loads only where a picture is read or written
-    from PIL import Image, ImageOps
+    from PIL import Image
 
     try:
         with _warnings.catch_warnings():
@@ -65,7 +65,12 @@ def read_raster(path: Path, warnings: list[str]) -> LoadedImage:
                 img.load()
                 frames = int(getattr(img, "n_frames", 1) or 1)
                 orientation = int(img.getexif().get(0x0112, 1) or 1)
-                shown = ImageOps.exif_transpose(img) if orientation in range(2, 9) else img
+                if orientation in range(2, 9):
+                    from PIL import ImageOps  # lazy: 2-8 ms at start, for the few photos a camera rotated
+
+                    shown = ImageOps.exif_transpose(img)
+                else:
+                    shown = img
                 array = _pixels(shown)
                 info = dict(img.info)
                 fmt = img.format
