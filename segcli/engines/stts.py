@@ -435,13 +435,12 @@ def fine_pass(
     """
     _check_fusion(fusion, lazy)
     (H, W), K = plane.shape, rough.shape[0]
+    fg_only = K == 2 and fusion == "max"  # FuseStore keeps a binary task's foreground alone
     crops, writes, n_tiled = zoom_tiles(boxes, size, max_zoom)
     parents = _parents(boxes, size, max_zoom) if fusion == "own-box" and own_boxes is not None else None
-    # Exact float probabilities when the caller will get a full probability array.
     store = make_fusion(fusion, (H, W), K, threshold, exact=return_probs and not lazy, spill_dir=spill_dir, nested=nested,
                         cache_bytes=fuse_cache, labels_only=not (return_probs or lazy), **_blend_rule(blend))
     chunks = list(batched(list(range(len(crops))), batch_size))
-    fg_only = K == 2 and fusion == "max"  # FuseStore keeps a binary task's foreground alone
     fill = CoarseFill(rough, (H, W), threshold)
     lazy_labels = _lazy_labels(store, fill if keep_coarse else None) if lazy else None
     fused_rows = _notifier(on_fused, lazy_labels, writes, chunks, H)
