@@ -53,10 +53,11 @@ def test_a_pyramid_level_still_finds_the_glass_and_the_view_reads_by_region(tmp_
     assert info["overview"] == "by region"
 
 
-def test_a_level_of_the_views_size_is_the_view(tmp_path, monkeypatch):
-    """The thumbnail of a slide whose pyramid has a level of that size is the level's pixels, read without
-    resize weights (a 16000² SVS's ×16 level for its 1000² tissue thumbnail); a view one pixel smaller goes
-    through the weights and stays the area average of the same level."""
+def test_a_level_a_whole_factor_from_the_view_needs_no_weights(tmp_path, monkeypatch):
+    """The thumbnail of a slide whose pyramid has a level of that size is the level's pixels (a 16000² SVS's ×16
+    level for its 1000² tissue thumbnail), and one a whole factor smaller is its block means, both read without
+    resize weights (and scipy.sparse); a view one pixel smaller goes through the weights. All three are the area
+    average of the same level."""
     path = write_svs(tmp_path / "s.svs", tissue(), factors=(4, 16))
     with tifffile.TiffFile(path) as tf:  # the ×4 level: the first tiled page after the stripped thumbnail
         level = next(p for p in tf.pages[1:] if p.is_tiled).asarray()
@@ -67,5 +68,8 @@ def test_a_level_of_the_views_size_is_the_view(tmp_path, monkeypatch):
         with monkeypatch.context() as m:  # no weights built, so no scipy.sparse imported for it
             m.setattr(lazyplane, "resize_weights", lambda *a, **k: pytest.fail("weights built for the identity"))
             np.testing.assert_allclose(plane.downscaled(level.shape[:2]), want, rtol=0, atol=1e-7)
+            halved = (level.shape[0], level.shape[1] // 2)  # 175 x 125: factor 1 down, 2 across
+            assert plane.choose_level(halved) == 1 and level.shape[1] % 2 == 0
+            np.testing.assert_allclose(plane.downscaled(halved), ArrayPlane(want).downscaled(halved), atol=1e-6)
         smaller = (level.shape[0] - 1, level.shape[1] - 1)
         np.testing.assert_allclose(plane.downscaled(smaller), ArrayPlane(want).downscaled(smaller), atol=1e-5)

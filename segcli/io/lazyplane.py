@@ -185,12 +185,9 @@ class RegionPlane(abc.ABC):
         li = self.choose_level(out_hw)
         self.level_reads.append(li)
         lv = self.levels[li]
-        # A level of the view's own size (a 16000² SVS's ×16 level for its 1000² thumbnail) is the view: no
-        # weights to build, and no scipy.sparse to import (0.06-0.1 s of a slide run's start).
-        ry = None if lv.height == out_hw[0] else resize_weights(lv.height, out_hw[0], "area").tocsc()
-        rx = None if lv.width == out_hw[1] else resize_weights(lv.width, out_hw[1], "area").tocsc()
-        if ry is None:
-            last_in = np.arange(out_hw[0])
+        ry, rx = _area_weights(lv.height, out_hw[0]), _area_weights(lv.width, out_hw[1])
+        if isinstance(ry, Block):
+            last_in = np.minimum((np.arange(out_hw[0]) + 1) * ry.k, lv.height) - 1
         else:
             ryr = ry.tocsr()
             last_in = np.maximum.reduceat(ryr.indices, ryr.indptr[:-1])  # last input row of each output row
@@ -396,20 +393,45 @@ def band_rows(r0: int, r1: int, seg_h: int, row_bytes: int) -> Iterator[tuple[in
         b0 = b1
 
 
+class Block:
+    """The area weights of a reduction by a whole factor ``k`` (1: the identity), rows ``i0:i1`` of the input once
+    cut by :func:`_window`: each output pixel is the mean of ``k`` inputs, so no matrix is built and scipy.sparse
+    is not imported (0.06-0.1 s of a slide run's start): a 16000² SVS's ×16 level is its 1000² tissue
+    thumbnail, an 8000² one's ×4 level four times it."""
+
+    def __init__(self, k: int, i0: int = 0, i1: int = 0) -> None:
+        self.k, self.i0, self.i1 = int(k), int(i0), int(i1)
+
+    def reduce(self, a: np.ndarray, axis: int) -> np.ndarray:
+        """float32 ``a`` (inputs ``i0:i1`` along ``axis``) averaged into its outputs (partial at the ends: the
+        caller sums the pieces of an output, as it does the sparse products)."""
+        a = np.asarray(a, np.float32)
+        if self.k == 1:
+            return a
+        out = np.arange(self.i0, self.i1) // self.k
+        starts = np.flatnonzero(np.concatenate([[True], out[1:] != out[:-1]]))
+        return np.add.reduceat(a, starts, axis=axis) * np.float32(1.0 / self.k)
+
+
+def _area_weights(n_in: int, n_out: int) -> Any:
+    """A :class:`Block` for a whole factor, else the sparse area weights (CSC) of :func:`resize_weights`."""
+    return Block(n_in // n_out) if n_in % n_out == 0 else resize_weights(n_in, n_out, "area").tocsc()
+
+
 def _rows(a: np.ndarray, wy: Any) -> np.ndarray:
-    """Channel-last ``(r, c, C)`` pixels averaged over rows by ``wy`` (o × r; None: the identity): ``(o, c, C)``
+    """Channel-last ``(r, c, C)`` pixels averaged over rows by ``wy`` (o × r, or a :class:`Block`): ``(o, c, C)``
     float32. Rows first: the product reads ``a`` in its own order, and the rest of the work is ``o / r`` as big."""
-    if wy is None:
-        return np.asarray(a, np.float32)
+    if isinstance(wy, Block):
+        return wy.reduce(a, 0)
     r, c, C = a.shape
     out = wy @ np.ascontiguousarray(a, np.float32).reshape(r, c * C)
     return np.asarray(out, np.float32).reshape(-1, c, C)
 
 
 def _columns(rows: np.ndarray, wx: Any) -> np.ndarray:
-    """``(o, c, C)`` averaged over columns by ``wx`` (q × c; None: the identity): ``(C, o, q)`` float32."""
-    if wx is None:
-        return np.ascontiguousarray(np.asarray(rows, np.float32).transpose(2, 0, 1))
+    """``(o, c, C)`` averaged over columns by ``wx`` (q × c, or a :class:`Block`): ``(C, o, q)`` float32."""
+    if isinstance(wx, Block):
+        return np.ascontiguousarray(wx.reduce(rows, 1).transpose(2, 0, 1))
     o, c, C = rows.shape
     t = wx @ np.ascontiguousarray(rows.transpose(1, 0, 2)).reshape(c, o * C)
     return np.ascontiguousarray(np.asarray(t, np.float32).reshape(-1, o, C).transpose(2, 1, 0))
@@ -421,10 +443,10 @@ def _average(a: np.ndarray, wy: Any, wx: Any) -> np.ndarray:
 
 
 def _window(weights: Any, i0: int, i1: int) -> tuple[Any, int, int]:
-    """Columns ``i0:i1`` of a CSC weight matrix cut to the output rows they touch: (block, o0, o1); None (the
-    identity) touches rows ``i0:i1``."""
-    if weights is None:
-        return None, i0, i1
+    """Columns ``i0:i1`` of a CSC weight matrix (or a :class:`Block`) cut to the output rows they touch:
+    (block, o0, o1)."""
+    if isinstance(weights, Block):
+        return Block(weights.k, i0, i1), i0 // weights.k, -(-i1 // weights.k)
     block = weights[:, i0:i1]
     if block.nnz == 0:
         return block[:0], 0, 0
