@@ -3,6 +3,7 @@ under a hard address-space limit at a budget the plan says is enough."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -18,7 +19,7 @@ import tifffile
 from segcli import memplan
 from segcli.api import Segmenter
 from segcli.memplan import BudgetError, cost_at, efficient_batch, make_plan
-from segcli.runtimes import onnx_cache
+from segcli.runtimes import onnx_backend, onnx_cache
 from tests.conftest import REPO
 
 MB = 10**6
@@ -100,6 +101,19 @@ def test_measured_costs_are_recorded_beside_the_cached_exports(rgb_bundle) -> No
         assert all(v >= 0 for v in table.values())
         doc = json.loads((cache / f"memory-{pred.model_sha256()[:40]}.json").read_text())
         assert doc["sha256"] == pred.model_sha256() and "32" in doc["sizes"]
+
+
+def test_the_memory_key_is_the_digest_the_cache_checked(rgb_bundle, monkeypatch) -> None:
+    """A predictor built from a cached export keys its memory record by the SHA-256 the cache lookup verified,
+    without hashing the model again (16 MB of a photo run's start for polyp's two networks)."""
+    seg = Segmenter(rgb_bundle)
+    bundle = seg.bundle_for("2d")
+    for role in ("coarse", "fine"):
+        pred = seg.predictor(bundle, role)
+        want = hashlib.sha256(pred.model_source).hexdigest()
+        with monkeypatch.context() as m:
+            m.setattr(onnx_backend.hashlib, "sha256", lambda *a: pytest.fail("the model was hashed again"))
+            assert pred.model_sha256() == want
 
 
 def _slide(path: Path) -> Path:

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from segcli.errors import UsageError
 from segcli.runtimes.onnx_backend import OnnxPredictor
-from segcli.runtimes.onnx_cache import cached_export
+from segcli.runtimes.onnx_cache import VERIFIED, cached_export
 from segcli.runtimes.predictor import FunctionPredictor, Predictor, int8_ok, logits_to_probs
 from segcli.runtimes.torch_backend import TorchPredictor
 
@@ -74,7 +74,8 @@ def make_predictor(bundle, role: str, *, backend: str = "torch", device: str = "
         elif cpu and importlib.util.find_spec("onnxruntime") is not None:
             data, where = cached_export(bundle, role, onnx_cache, export_budget)
             if data is not None:
-                return OnnxPredictor.from_cache(bundle, role, data, where, max_batch=max_batch)
+                return OnnxPredictor.from_cache(bundle, role, data, where, max_batch=max_batch,
+                                                sha256=VERIFIED.get(where))
             logging.getLogger("segcli").info("%s/%s runs on torch: %s", bundle.name, role, where)
             backend = "torch"
         else:
@@ -90,6 +91,7 @@ def make_predictor(bundle, role: str, *, backend: str = "torch", device: str = "
             if data is None:
                 raise UsageError(f"bundle {bundle.path} has no ONNX export and none could be made ({where}); "
                                  f"run `segcli export {bundle.path}` or use --backend torch")
-            return OnnxPredictor.from_cache(bundle, role, data, where, device=device, max_batch=max_batch)
+            return OnnxPredictor.from_cache(bundle, role, data, where, device=device, max_batch=max_batch,
+                                            sha256=VERIFIED.get(where))
         return OnnxPredictor.from_bundle(bundle, role, device=device, max_batch=max_batch, half=half)
     raise UsageError(f"unknown backend {backend!r}; use one of {', '.join(BACKENDS)}")

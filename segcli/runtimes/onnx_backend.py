@@ -238,14 +238,17 @@ class OnnxPredictor:
 
     @classmethod
     def from_cache(cls, bundle: Any, role: str, data: bytes, source: str, *, device: str = "cpu", max_batch: int = 16,
-                   threads: int | None = None) -> OnnxPredictor:
-        """A verified fp32 export from :mod:`segcli.runtimes.onnx_cache`."""
+                   threads: int | None = None, sha256: str | None = None) -> OnnxPredictor:
+        """A verified fp32 export from :mod:`segcli.runtimes.onnx_cache` (``sha256``: the digest it checked)."""
         providers = choose_providers(device)
         threads = threads or default_threads()
         session = make_session(data, providers, threads)
-        return cls(session, n_classes=bundle.n_classes, in_channels=bundle.in_channels,
+        pred = cls(session, n_classes=bundle.n_classes, in_channels=bundle.in_channels,
                    device=device if providers[0] != CPU_EP else "cpu", max_batch=max_batch,
                    metadata={"precision": "fp32"}, source=source, model=data, threads=threads)
+        if sha256:
+            pred._sha = sha256
+        return pred
 
     @classmethod
     def from_file(cls, path: str | Path, *, n_classes: int, in_channels: int, device: str = "cpu", max_batch: int = 16,

@@ -147,6 +147,11 @@ def _read_record(path: Path) -> dict[str, Any] | None:
     return doc if isinstance(doc, dict) else None
 
 
+#: The SHA-256 :func:`lookup` verified for the bytes it returned, by the export's path: a predictor built from
+#: them keys its memory record by it (segcli.memplan) without hashing the model again.
+VERIFIED: dict[str, str] = {}
+
+
 def lookup(root: Path, bundle: Any, role: str) -> tuple[bytes | None, dict[str, Any] | None]:
     """The verified cached export's bytes and record, ``(None, record)`` for a recorded refusal, or ``(None, None)``."""
     onnx_path, rec_path = cache_paths(root, bundle, role)
@@ -176,6 +181,7 @@ def lookup(root: Path, bundle: Any, role: str) -> tuple[bytes | None, dict[str, 
             with contextlib.suppress(OSError):
                 p.unlink()
         return None, None
+    VERIFIED[str(onnx_path)] = str(rec["sha256"])
     return data, rec
 
 
