@@ -330,9 +330,9 @@ def write_probabilities(probs: np.ndarray, like: LoadedImage, path: Path | str) 
     return path
 
 
-def _output_extension(input_path: Path, content: str | None = None) -> str:
+def _output_extension(input_path: Path, content: str | None = None, is_dir: bool = False) -> str:
     """Mask extension for an input: same family, but never JPEG and never a detached .mhd/.raw pair."""
-    if input_path.is_dir():
+    if is_dir:
         return ".nii.gz"
     ext = _extension(input_path)
     mapped = {
@@ -373,8 +373,9 @@ def default_output_path(
 ) -> Path:
     """Where the mask for ``input_path`` goes: beside it, inside ``out`` (mirroring a walked tree), or ``out``."""
     input_path = Path(input_path)
-    ext = _output_extension(input_path, content)
-    stem = input_path.name if input_path.is_dir() else split_extension(input_path.name)[0]
+    is_dir = input_path.is_dir()
+    ext = _output_extension(input_path, content, is_dir)
+    stem = input_path.name if is_dir else split_extension(input_path.name)[0]
     name = f"{stem}{suffix}{ext}"
     if out is None:
         return input_path.parent / name
