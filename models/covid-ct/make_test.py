@@ -16,15 +16,15 @@ that GT agrees with GT-1/GT-2 and that no slice name is one of the training slic
 
 from __future__ import annotations
 
-import argparse
-import io
-import json
-import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
 import tifffile
 from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
+from held_out import Source, arguments, finish, test_folder  # noqa: E402
 
 WINDOW_LO, WINDOW_WIDTH = -1350.0, 1500.0
 COMMIT = "e9adc05b59095aac077d6376629698e9091e1bb7"
@@ -32,38 +32,24 @@ FOLDER = "Dataset/TestingSet/MultiClassInfection-Test"
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--mirror", type=Path, required=True, help="git dir of a clone of DengPingFan/Inf-Net")
-    ap.add_argument("--commit", default=COMMIT)
-    ap.add_argument("--shared", type=Path, default=Path("../shared/data"), help="to check train/test are disjoint")
-    ap.add_argument("-o", "--out", type=Path, required=True)
-    args = ap.parse_args()
-    git = ["git", "--git-dir", str(args.mirror)]
-
-    def show(path: str) -> bytes:
-        return subprocess.run([*git, "show", f"{args.commit}:{path}"], capture_output=True, check=True).stdout
-
-    listing = subprocess.run([*git, "ls-tree", "--name-only", args.commit, f"{FOLDER}/Imgs/"],
-                             capture_output=True, check=True, text=True).stdout.split()
-    names = sorted((Path(p).stem for p in listing if p.endswith(".jpg")), key=int)
+    args = arguments(__doc__.split("\n")[0], "DengPingFan/Inf-Net", COMMIT)
+    src = Source(args.mirror, args.commit)
+    names = sorted((Path(p).stem for p in src.names(f"{FOLDER}/Imgs") if p.endswith(".jpg")), key=int)
     train = {p.stem for p in (args.shared / "covid19-ct-slices" / "images").glob("*.jpg")}
     if train & set(names):
         raise SystemExit(f"test slices also in the training folder: {sorted(train & set(names))}")
-    out = args.out
-    (out / "images").mkdir(parents=True, exist_ok=True)
-    (out / "masks").mkdir(parents=True, exist_ok=True)
+    out = test_folder(args.out)
     counts = np.zeros(3, np.int64)
     for name in names:
-        p = np.asarray(Image.open(io.BytesIO(show(f"{FOLDER}/Imgs/{name}.jpg"))).convert("L"), np.float32)
-        gt = np.asarray(Image.open(io.BytesIO(show(f"{FOLDER}/GT/{name}.png"))))  # palette indices
-        ggo = np.asarray(Image.open(io.BytesIO(show(f"{FOLDER}/GT-1/{name}.png")))) > 0
-        con = np.asarray(Image.open(io.BytesIO(show(f"{FOLDER}/GT-2/{name}.png")))) > 0
+        p = np.asarray(Image.fromarray(src.image(f"{FOLDER}/Imgs/{name}.jpg")).convert("L"), np.float32)
+        gt = src.image(f"{FOLDER}/GT/{name}.png")  # palette indices
+        ggo = src.image(f"{FOLDER}/GT-1/{name}.png") > 0
+        con = src.image(f"{FOLDER}/GT-2/{name}.png") > 0
         if gt.shape != p.shape or gt.max() > 2 or not ((gt == 1) == ggo).all() or not ((gt == 2) == con).all():
             raise SystemExit(f"{name}: GT does not match the image or GT-1/GT-2")
         counts += np.bincount(gt.ravel(), minlength=3)
         tifffile.imwrite(out / "images" / f"{name}.tif", p / 255.0 * WINDOW_WIDTH + WINDOW_LO)
         Image.fromarray(gt.astype(np.uint8), mode="L").save(out / "masks" / f"{name}.png")
-    (out / "splits.json").write_text(json.dumps({"test": names}, indent=1))
     meta = {"name": "covid19-ct-slices-hu-test", "modality": "CT",
             "labels": {"background": 0, "ground_glass": 1, "consolidation": 2},
             "source": "MedSeg COVID-19 CT segmentation dataset, test part of Inf-Net's COVID-SemiSeg split "
@@ -71,7 +57,7 @@ def main() -> None:
             "licence": "MedSeg terms; repo code MIT",
             "note": "DERIVED COPY (models/covid-ct/make_test.py): each 8-bit slice p mapped to HU as p/255*1500-1350; "
                     "never used for training or checkpoint selection."}
-    (out / "dataset.json").write_text(json.dumps(meta, indent=1))
+    finish(out, names, meta)
     print(f"{out}: {len(names)} test slices; pixels background/GGO/consolidation {counts.tolist()}")
 
 

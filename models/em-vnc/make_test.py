@@ -16,15 +16,17 @@ the test slices are built the way the training ones were.
 
 from __future__ import annotations
 
-import argparse
 import io
 import json
-import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
 import tifffile
 from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
+from held_out import Source, arguments, finish, test_folder  # noqa: E402
 
 COMMIT = "4a5f051466d24d8dc1e855ab55658bb1b1dcd6bf"
 TEST = ["16", "17", "18", "19"]
@@ -43,21 +45,12 @@ def to_classes(labels: np.ndarray, name: str) -> np.ndarray:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--mirror", type=Path, required=True, help="git dir of a clone of unidesigner/groundtruth-drosophila-vnc")
-    ap.add_argument("--commit", default=COMMIT)
-    ap.add_argument("--shared", type=Path, default=Path("../shared/data"), help="to check the mapping and disjointness")
-    ap.add_argument("-o", "--out", type=Path, required=True)
-    args = ap.parse_args()
-    git = ["git", "--git-dir", str(args.mirror)]
-
-    def show(path: str) -> bytes:
-        return subprocess.run([*git, "show", f"{args.commit}:{path}"], capture_output=True, check=True).stdout
+    args = arguments(__doc__.split("\n")[0], "unidesigner/groundtruth-drosophila-vnc", COMMIT)
+    src = Source(args.mirror, args.commit)
 
     def slice_of(name: str) -> tuple[np.ndarray, np.ndarray]:
-        raw = tifffile.imread(io.BytesIO(show(f"stack1/raw/{name}.tif")))
-        labels = np.asarray(Image.open(io.BytesIO(show(f"stack1/labels/labels000000{name}.png"))))
-        return raw, to_classes(labels, name)
+        raw = tifffile.imread(io.BytesIO(src.bytes(f"stack1/raw/{name}.tif")))
+        return raw, to_classes(src.image(f"stack1/labels/labels000000{name}.png"), name)
 
     shared = args.shared / "drosophila-vnc"
     trained = sorted(p.stem for p in (shared / "images").glob("*.png"))
@@ -68,23 +61,20 @@ def main() -> None:
         if not (np.array_equal(raw, np.asarray(Image.open(shared / "images" / f"{name}.png")))
                 and np.array_equal(cls, np.asarray(Image.open(shared / "masks" / f"{name}.png")))):
             raise SystemExit(f"slice {name}: the mapping does not reproduce the shared copy")
-    out = args.out
-    (out / "images").mkdir(parents=True, exist_ok=True)
-    (out / "masks").mkdir(parents=True, exist_ok=True)
+    out = test_folder(args.out)
     counts = np.zeros(5, np.int64)
     for name in TEST:
         raw, cls = slice_of(name)
         counts += np.bincount(cls.ravel(), minlength=5)
         Image.fromarray(raw, mode="L").save(out / "images" / f"{name}.png")
         Image.fromarray(cls, mode="L").save(out / "masks" / f"{name}.png")
-    (out / "splits.json").write_text(json.dumps({"test": TEST}, indent=1))
     meta = json.loads((shared / "dataset.json").read_text())
     meta.update(name="drosophila-vnc-test",
                 source=f"{meta.get('source', '')}; slices 16-19 of github.com/unidesigner/groundtruth-drosophila-vnc "
                        f"{args.commit}",
                 note="DERIVED COPY (models/em-vnc/make_test.py): slices 16-19 of stack 1, never used for training "
                      "or checkpoint selection.")
-    (out / "dataset.json").write_text(json.dumps(meta, indent=1))
+    finish(out, TEST, meta)
     print(f"{out}: {len(TEST)} test slices (the mapping reproduces all {len(trained)} shared slices); "
           f"pixels per class {counts.tolist()}")
 

@@ -16,35 +16,27 @@ field-of-view PNG.
 
 from __future__ import annotations
 
-import argparse
-import io
 import json
-import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
+from held_out import Source, arguments, finish, test_folder  # noqa: E402
+
 COMMIT = "7952b714c5a4f51f9e03871ba48de37ac991f377"
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--mirror", type=Path, required=True, help="git dir of a clone of hamdan92/retinal-vessel-segmentation")
-    ap.add_argument("--commit", default=COMMIT)
-    ap.add_argument("--shared", type=Path, default=Path("../shared/data"), help="to check the conversions")
-    ap.add_argument("-o", "--out", type=Path, required=True)
-    args = ap.parse_args()
-    git = ["git", "--git-dir", str(args.mirror)]
-
-    def show(path: str) -> np.ndarray:
-        data = subprocess.run([*git, "show", f"{args.commit}:DRIVE/{path}"], capture_output=True, check=True).stdout
-        return np.asarray(Image.open(io.BytesIO(data)))
+    args = arguments(__doc__.split("\n")[0], "hamdan92/retinal-vessel-segmentation", COMMIT)
+    src = Source(args.mirror, args.commit)
 
     def case(part: str, n: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        image = show(f"{part}/images/{n}_{part}.tif")
-        vessels = (show(f"{part}/1st_manual/{n}_manual1.gif") > 127).astype(np.uint8)
-        fov = (show(f"{part}/mask/{n}_{part}_mask.gif") > 127).astype(np.uint8)
+        image = src.image(f"DRIVE/{part}/images/{n}_{part}.tif")
+        vessels = (src.image(f"DRIVE/{part}/1st_manual/{n}_manual1.gif") > 127).astype(np.uint8)
+        fov = (src.image(f"DRIVE/{part}/mask/{n}_{part}_mask.gif") > 127).astype(np.uint8)
         return image, vessels, fov
 
     shared = args.shared / "drive"
@@ -57,9 +49,7 @@ def main() -> None:
     names = [f"{i:02d}" for i in range(1, 21)]
     if set(names) & set(trained):
         raise SystemExit(f"test images also in the shared copy: {sorted(set(names) & set(trained))}")
-    out = args.out
-    for sub in ("images", "masks", "fov"):
-        (out / sub).mkdir(parents=True, exist_ok=True)
+    out = test_folder(args.out, ("images", "masks", "fov"))
     vessel_px = 0
     for n in names:
         image, vessels, fov = case("test", n)
@@ -67,12 +57,11 @@ def main() -> None:
         Image.fromarray(image).save(out / "images" / f"{n}.png")
         Image.fromarray(vessels, mode="L").save(out / "masks" / f"{n}.png")
         Image.fromarray(fov, mode="L").save(out / "fov" / f"{n}.png")
-    (out / "splits.json").write_text(json.dumps({"test": names}, indent=1))
     meta = json.loads((shared / "dataset.json").read_text())
     meta.update(name="drive-test", note=f"DERIVED COPY (models/retina-vessels/make_test.py): DRIVE's 20 official test "
                 f"images, github.com/hamdan92/retinal-vessel-segmentation {args.commit}; fov/<case>.png is the "
                 "field of view (1 inside); never used for training or checkpoint selection.")
-    (out / "dataset.json").write_text(json.dumps(meta, indent=1))
+    finish(out, names, meta)
     print(f"{out}: {len(names)} test images (the conversion reproduces all {len(trained)} shared ones); "
           f"{vessel_px} vessel pixels")
 
