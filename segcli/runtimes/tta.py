@@ -2,8 +2,8 @@
 
 Engines see one more :class:`~segcli.runtimes.predictor.Predictor`, so every method and route gets it the same
 way and the memory plan counts its buffers (:func:`segcli.memplan.crop_bytes`). It pays where the network's
-errors are not flip-equivariant: em-vnc's synapse IoU on its 4 test slices rose 0.482 → 0.523 with ``flips`` and
-0.524 with ``dihedral``; polyp's Dice on 180 Kvasir frames did not move (``benchmarks/tta_probe.py``).
+errors are not flip-equivariant: em-vnc's synapse IoU on its 4 test slices rose 0.596 → 0.631 with ``flips`` and
+0.633 with ``dihedral``; polyp's Dice on 180 Kvasir frames did not move (``benchmarks/tta_probe.py``).
 """
 
 from __future__ import annotations
