@@ -34,6 +34,7 @@ import platform
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -60,7 +61,9 @@ SEGCLI_VARIANTS = {
     "stts-bf16": ["--method", "stts", "--precision", "bf16"],
     "refine": ["--method", "refine"],
 }
-PEERS = ("monai", "monai-tissue")
+PEERS = ("monai", "monai-tissue", "tiatoolbox")
+#: tiatoolbox's own Python (``--tia-python``): it pins its own torch and numpy, so it runs apart (peer_tiatoolbox.py)
+TIA: dict[str, Path] = {}
 #: segcli's default run from another copy of the code (``--baseline-repo``: e.g. ``git archive`` of main)
 BASELINE = "default-baseline"
 ALL_VARIANTS = [*PEERS, *SEGCLI_VARIANTS, BASELINE]
@@ -80,6 +83,16 @@ def _torch_setup():
     if bundle.boundary is not None:  # a boundary class: the peers threshold one object logit, as for a binary net
         net = _ObjectLogit(torch, net, bundle.boundary)
     return torch, bundle, net
+
+
+def _torchscript_peer_net() -> dict:
+    """The peers' network (object logit) traced to TorchScript for tiatoolbox's environment, and its threshold."""
+    torch, bundle, net = _torch_setup()
+    path = Path(tempfile.gettempdir()) / f"bench_monai-peer-{os.getpid()}.pt"
+    with torch.inference_mode():
+        torch.jit.trace(net.eval(), torch.rand(1, 3, ROI, ROI)).save(str(path))
+    threshold = float(bundle.params.get("threshold", 0.5)) if isinstance(bundle.params, dict) else 0.5
+    return {"model": path, "threshold": threshold}
 
 
 def _ObjectLogit(torch, net, boundary):  # noqa: N802  (a torch module built where torch is imported)
@@ -274,7 +287,11 @@ def run_variant(name: str, inp: Path, kind: str, out: Path, sw_batch: int, timeo
     out.mkdir(parents=True)
     code = BASELINE_REPO[0] if name == BASELINE else REPO
     env = {**os.environ, "PYTHONPATH": str(code) + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    if name in PEERS:
+    if name == "tiatoolbox":
+        mask = out / (inp.stem + "_seg.tif")
+        cmd = ["/usr/bin/time", "-v", str(TIA["python"]), str(HERE / "peer_tiatoolbox.py"), str(inp), str(mask),
+               "--model", str(TIA["model"]), "--threshold", str(TIA["threshold"]), "--threads", str(THREADS)]
+    elif name in PEERS:
         mask = out / (inp.stem + ("_seg.tif" if kind == "slide" else "_seg.png"))
         cmd = ["/usr/bin/time", "-v", sys.executable, str(Path(__file__).resolve()), f"--worker-{name}", str(inp),
                str(mask), "--sw-batch", str(sw_batch)]
@@ -286,8 +303,9 @@ def run_variant(name: str, inp: Path, kind: str, out: Path, sw_batch: int, timeo
     proc, wall = bs.run_timed(cmd, env, timeout, "bench_monai", cwd=code)
     stdout, stderr = proc.stdout, proc.stderr
     after = bs.load()
-    shown = [f"monai.inferers.sliding_window_inference (this script's --worker-{name})", *cmd[4:]] \
-        if name in PEERS else ["segcli", *cmd[5:]]
+    shown = (["tiatoolbox SemanticSegmentor (peer_tiatoolbox.py)", *cmd[4:]] if name == "tiatoolbox" else
+             [f"monai.inferers.sliding_window_inference (this script's --worker-{name})", *cmd[4:]] if name in PEERS
+             else ["segcli", *cmd[5:]])
     row: dict = {"variant": name, "input": kind, "command": " ".join(shown), "code": str(code),
                  "returncode": proc.returncode,
                  "wall_s": round(wall, 2), **bs.time_v(stderr), "load_before": before, "load_after": after}
@@ -355,7 +373,7 @@ def summarise(doc: dict) -> None:
         for b, t in f["throughput"].items():
             if "flops_per_s" in t:
                 best[b] = max(best.get(b, 0), t["flops_per_s"])
-    backend_of = {"monai": "torch-fp32", "monai-tissue": "torch-fp32", BASELINE: "ort-int8", "sliding-torch-fp32": "torch-fp32", "default": "ort-int8",
+    backend_of = {"monai": "torch-fp32", "monai-tissue": "torch-fp32", "tiatoolbox": "torch-fp32", BASELINE: "ort-int8", "sliding-torch-fp32": "torch-fp32", "default": "ort-int8",
                   "stts-torch-fp32": "torch-fp32", "stts-ort-fp32": "ort-fp32", "stts-int8": "ort-int8",
                   "stts-auto": "ort-int8", "stts-bf16": "torch-bf16", "refine": "ort-int8"}
     doc["summary"] = {}
@@ -432,6 +450,8 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=1, help="rounds of the segcli variants and monai-tissue, "
                     "alternating order (MONAI whole-image runs once)")
     ap.add_argument("--stop-at", default=None, help="HH:MM (UTC): start no run after this time")
+    ap.add_argument("--tia-python", type=Path, default=None,
+                    help="the Python of an environment with tiatoolbox (variant tiatoolbox; see peer_tiatoolbox.py)")
     ap.add_argument("--baseline-repo", type=Path, default=None,
                     help=f"a copy of segcli (with models/) whose default run is the variant {BASELINE}")
     ap.add_argument("--workdir", type=Path, default=None)
@@ -477,6 +497,10 @@ def main() -> None:
         args.slide_size, args.mosaic = 8000, 2
     if args.baseline_repo is not None:
         BASELINE_REPO.append(args.baseline_repo.resolve())
+    if "tiatoolbox" in (args.slide_variants or args.variants):
+        if args.tia_python is None:
+            ap.error("variant tiatoolbox needs --tia-python (tiatoolbox's own environment)")
+        TIA.update(python=args.tia_python, **_torchscript_peer_net())
     # An installed segcli runs from byte-compiled modules (pip compiles them at install, as it did MONAI's); a
     # checkout run with PYTHONDONTWRITEBYTECODE=1 (as on this machine) would compile ~80 modules in every run
     # (0.2 s), for segcli and the baseline alike (bench_photo_floor.py does the same)
@@ -569,7 +593,7 @@ def main() -> None:
             for rnd in range(args.repeat):
                 order = variants if rnd % 2 == 0 else variants[::-1]
                 for v in order:
-                    if (v == "monai" and rnd > 0) or (v == "monai-tissue" and kind != "slide"):
+                    if (v == "monai" and rnd > 0) or (v in ("monai-tissue", "tiatoolbox") and kind != "slide"):
                         continue
                     if stop is not None and time.time() > stop:
                         doc.setdefault("skipped", []).append({"input": kind, "variant": v, "round": rnd,
