@@ -50,7 +50,15 @@ def test_folder(out: Path, subdirs: tuple[str, ...] = ("images", "masks")) -> Pa
     return out
 
 
-def finish(out: Path, names: list[str], meta: dict[str, Any]) -> None:
-    """``splits.json`` (every case is test) and ``dataset.json``."""
+def derived(shared: Path, **changes: str) -> dict[str, Any]:
+    """The shared copy's ``dataset.json`` (labels, licence) with the test folder's ``changes`` (name, note, ...)."""
+    meta = json.loads((shared / "dataset.json").read_text())
+    meta.update(changes)
+    return meta
+
+
+def finish(out: Path, names: list[str], meta: dict[str, Any], summary: str) -> None:
+    """``splits.json`` (every case is test) and ``dataset.json``; ``summary`` printed after ``out``."""
     (out / "splits.json").write_text(json.dumps({"test": names}, indent=1))
     (out / "dataset.json").write_text(json.dumps(meta, indent=1))
+    print(f"{out}: {summary}")

@@ -57,8 +57,7 @@ def main() -> None:
             "licence": "MedSeg terms; repo code MIT",
             "note": "DERIVED COPY (models/covid-ct/make_test.py): each 8-bit slice p mapped to HU as p/255*1500-1350; "
                     "never used for training or checkpoint selection."}
-    finish(out, names, meta)
-    print(f"{out}: {len(names)} test slices; pixels background/GGO/consolidation {counts.tolist()}")
+    finish(out, names, meta, f"{len(names)} test slices; pixels background/GGO/consolidation {counts.tolist()}")
 
 
 if __name__ == "__main__":

@@ -26,7 +26,7 @@ import tifffile
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
-from held_out import Source, arguments, finish, test_folder  # noqa: E402
+from held_out import Source, arguments, derived, finish, test_folder  # noqa: E402
 
 COMMIT = "4a5f051466d24d8dc1e855ab55658bb1b1dcd6bf"
 TEST = ["16", "17", "18", "19"]
@@ -68,15 +68,13 @@ def main() -> None:
         counts += np.bincount(cls.ravel(), minlength=5)
         Image.fromarray(raw, mode="L").save(out / "images" / f"{name}.png")
         Image.fromarray(cls, mode="L").save(out / "masks" / f"{name}.png")
-    meta = json.loads((shared / "dataset.json").read_text())
-    meta.update(name="drosophila-vnc-test",
-                source=f"{meta.get('source', '')}; slices 16-19 of github.com/unidesigner/groundtruth-drosophila-vnc "
-                       f"{args.commit}",
-                note="DERIVED COPY (models/em-vnc/make_test.py): slices 16-19 of stack 1, never used for training "
-                     "or checkpoint selection.")
-    finish(out, TEST, meta)
-    print(f"{out}: {len(TEST)} test slices (the mapping reproduces all {len(trained)} shared slices); "
-          f"pixels per class {counts.tolist()}")
+    source = json.loads((shared / "dataset.json").read_text()).get("source", "")
+    meta = derived(shared, name="drosophila-vnc-test",
+                   source=f"{source}; slices 16-19 of github.com/unidesigner/groundtruth-drosophila-vnc {args.commit}",
+                   note="DERIVED COPY (models/em-vnc/make_test.py): slices 16-19 of stack 1, never used for training "
+                        "or checkpoint selection.")
+    finish(out, TEST, meta, f"{len(TEST)} test slices (the mapping reproduces all {len(trained)} shared slices); "
+                            f"pixels per class {counts.tolist()}")
 
 
 if __name__ == "__main__":

@@ -16,7 +16,6 @@ field-of-view PNG.
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 
@@ -24,7 +23,7 @@ import numpy as np
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
-from held_out import Source, arguments, finish, test_folder  # noqa: E402
+from held_out import Source, arguments, derived, finish, test_folder  # noqa: E402
 
 COMMIT = "7952b714c5a4f51f9e03871ba48de37ac991f377"
 
@@ -57,13 +56,11 @@ def main() -> None:
         Image.fromarray(image).save(out / "images" / f"{n}.png")
         Image.fromarray(vessels, mode="L").save(out / "masks" / f"{n}.png")
         Image.fromarray(fov, mode="L").save(out / "fov" / f"{n}.png")
-    meta = json.loads((shared / "dataset.json").read_text())
-    meta.update(name="drive-test", note=f"DERIVED COPY (models/retina-vessels/make_test.py): DRIVE's 20 official test "
-                f"images, github.com/hamdan92/retinal-vessel-segmentation {args.commit}; fov/<case>.png is the "
-                "field of view (1 inside); never used for training or checkpoint selection.")
-    finish(out, names, meta)
-    print(f"{out}: {len(names)} test images (the conversion reproduces all {len(trained)} shared ones); "
-          f"{vessel_px} vessel pixels")
+    meta = derived(shared, name="drive-test", note=f"DERIVED COPY (models/retina-vessels/make_test.py): DRIVE's 20 "
+                   f"official test images, github.com/hamdan92/retinal-vessel-segmentation {args.commit}; "
+                   "fov/<case>.png is the field of view (1 inside); never used for training or checkpoint selection.")
+    finish(out, names, meta, f"{len(names)} test images (the conversion reproduces all {len(trained)} shared ones); "
+                             f"{vessel_px} vessel pixels")
 
 
 if __name__ == "__main__":
